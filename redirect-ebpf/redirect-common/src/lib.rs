@@ -1,0 +1,272 @@
+//! What the eBPF programs and user space must agree on: the layout of every
+//! map key and value, the counter indices, and the capture decision itself.
+//!
+//! The decision ([`decide_connect`]) is a pure function so that it can be
+//! unit-tested on the host; the `cgroup/connect4` program only copies the
+//! context fields in and applies the verdict.
+//!
+//! Byte order: IPv4 addresses are kept as the kernel hands them to eBPF
+//! programs, in network byte order inside a `u32` (build one with
+//! `u32::from_ne_bytes(addr.octets())`). Ports are always host byte order here;
+//! the programs convert at the context boundary.
+
+#![cfg_attr(not(test), no_std)]
+
+/// How many proxy UIDs (and, separately, GIDs) the config can hold.
+pub const MAX_OWNERS: usize = 8;
+
+/// Version of the map layouts below. A reinstall reuses pinned maps only when
+/// the pinned config carries the same version.
+pub const ABI_VERSION: u32 = 1;
+
+/// `SOCK_STREAM`, as in `bpf_sock_addr.type`.
+pub const SOCK_STREAM: u32 = 1;
+
+/// The capture configuration, one entry in the `RDR_CONFIG` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RedirectConfig {
+    /// [`ABI_VERSION`] of the loader that wrote this entry; 0 = not configured.
+    pub abi_version: u32,
+    /// Port the proxy listens on for outbound traffic (Istio `-p`, 15001).
+    pub proxy_port: u16,
+    pub _pad: u16,
+    /// Destinations inside this network are never captured (Istio's
+    /// `-d 127.0.0.1/32 -j RETURN`). Network byte order.
+    pub loopback_addr: u32,
+    /// Netmask of `loopback_addr`, network byte order.
+    pub loopback_mask: u32,
+    /// Number of valid entries in `proxy_uids`.
+    pub uid_count: u32,
+    /// Number of valid entries in `proxy_gids`.
+    pub gid_count: u32,
+    /// Sockets of these UIDs are the proxy's own and are never captured.
+    pub proxy_uids: [u32; MAX_OWNERS],
+    /// Sockets of these GIDs are the proxy's own and are never captured.
+    pub proxy_gids: [u32; MAX_OWNERS],
+}
+
+/// Where a redirected connection was going. Value of both original-destination maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct OrigDst {
+    /// Original destination address, network byte order.
+    pub ip: u32,
+    /// Original destination port, host byte order.
+    pub port: u16,
+    /// `ORIG_FLAG_*` bits.
+    pub flags: u16,
+}
+
+/// Set on a tuple entry once the proxy's accepted socket for it was seen in
+/// the cgroup: its close then removes the entry (see `sockops`).
+pub const ORIG_FLAG_PROXY_SEEN: u16 = 1;
+
+/// A TCP connection as seen from its client (the app's socket): key of the
+/// original-destination-by-tuple map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ConnTuple {
+    /// Client (app) address, network byte order.
+    pub client_ip: u32,
+    /// Server (proxy) address, network byte order.
+    pub server_ip: u32,
+    /// Client port, host byte order.
+    pub client_port: u16,
+    /// Server port, host byte order.
+    pub server_port: u16,
+}
+
+/// Indices of the per-CPU decision counters (`RDR_STATS`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect() rewritten to the proxy port.
+    Redirected = 0,
+    /// The caller's UID is a proxy UID.
+    BypassUid = 1,
+    /// The caller's GID is a proxy GID.
+    BypassGid = 2,
+    /// The destination is in the loopback bypass network.
+    BypassLoopback = 3,
+    /// Not a TCP (SOCK_STREAM) socket.
+    NotTcp = 4,
+    /// The redirect record could not be stored; the connect was left alone.
+    RecordFailed = 5,
+    /// sockops moved a record from the cookie map to the tuple map.
+    TupleRecorded = 6,
+    /// A tuple record was removed because its connection closed.
+    TupleReleased = 7,
+    /// A cookie record was removed because its connect never completed.
+    ConnectAborted = 8,
+}
+
+impl Counter {
+    pub const ALL: [Self; COUNTER_COUNT as usize] = [
+        Self::Redirected,
+        Self::BypassUid,
+        Self::BypassGid,
+        Self::BypassLoopback,
+        Self::NotTcp,
+        Self::RecordFailed,
+        Self::TupleRecorded,
+        Self::TupleReleased,
+        Self::ConnectAborted,
+    ];
+
+    /// Stable name used in `redirect status` and its JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Redirected => "redirected",
+            Self::BypassUid => "bypass_uid",
+            Self::BypassGid => "bypass_gid",
+            Self::BypassLoopback => "bypass_loopback",
+            Self::NotTcp => "not_tcp",
+            Self::RecordFailed => "record_failed",
+            Self::TupleRecorded => "tuple_recorded",
+            Self::TupleReleased => "tuple_released",
+            Self::ConnectAborted => "connect_aborted",
+        }
+    }
+}
+
+/// Number of entries in the counter array.
+pub const COUNTER_COUNT: u32 = 9;
+
+/// The facts about one `connect()` that the decision depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectInput {
+    /// `bpf_sock_addr.type` (`SOCK_STREAM`, `SOCK_DGRAM`, ...).
+    pub sock_type: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Destination address, network byte order.
+    pub dst_ip: u32,
+}
+
+/// What to do with one `connect()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Rewrite the destination to `127.0.0.1:port` and remember the original.
+    Redirect { port: u16 },
+    /// Leave the connect alone; the counter says which rule let it through.
+    Bypass(Counter),
+}
+
+/// 127.0.0.1 in network byte order: where redirected connects are sent.
+pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// Decides one outbound `connect()`, in the order of Istio's `ISTIO_OUTPUT`
+/// chain for the rules this config covers:
+///
+/// ```text
+/// -A OUTPUT -p tcp -j ISTIO_OUTPUT                      (not_tcp otherwise)
+/// -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN   (bypass_uid)
+/// -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN   (bypass_gid)
+/// -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN             (bypass_loopback)
+/// -A ISTIO_OUTPUT -j ISTIO_REDIRECT                     (redirected)
+/// -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+/// ```
+#[inline(always)]
+pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig) -> Verdict {
+    if input.sock_type != SOCK_STREAM {
+        return Verdict::Bypass(Counter::NotTcp);
+    }
+    if contains(&cfg.proxy_uids, cfg.uid_count, input.uid) {
+        return Verdict::Bypass(Counter::BypassUid);
+    }
+    if contains(&cfg.proxy_gids, cfg.gid_count, input.gid) {
+        return Verdict::Bypass(Counter::BypassGid);
+    }
+    if input.dst_ip & cfg.loopback_mask == cfg.loopback_addr & cfg.loopback_mask {
+        return Verdict::Bypass(Counter::BypassLoopback);
+    }
+    Verdict::Redirect {
+        port: cfg.proxy_port,
+    }
+}
+
+/// Whether `id` is among the first `count` entries of `set` (a bounded loop
+/// the verifier accepts on every supported kernel).
+#[inline(always)]
+fn contains(set: &[u32; MAX_OWNERS], count: u32, id: u32) -> bool {
+    let mut i = 0;
+    while i < MAX_OWNERS {
+        if (i as u32) < count && set[i] == id {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The client-side tuple of a connection given the tuple of the socket asking
+/// (local, remote), for a socket that is the *server* side (the proxy's
+/// accepted socket): its remote end is the client.
+#[inline(always)]
+pub const fn tuple_from_server_side(
+    local_ip: u32,
+    local_port: u16,
+    remote_ip: u32,
+    remote_port: u16,
+) -> ConnTuple {
+    ConnTuple {
+        client_ip: remote_ip,
+        server_ip: local_ip,
+        client_port: remote_port,
+        server_port: local_port,
+    }
+}
+
+/// The tuple of a client-side socket (the app's connected socket).
+#[inline(always)]
+pub const fn tuple_from_client_side(
+    local_ip: u32,
+    local_port: u16,
+    remote_ip: u32,
+    remote_port: u16,
+) -> ConnTuple {
+    ConnTuple {
+        client_ip: local_ip,
+        server_ip: remote_ip,
+        client_port: local_port,
+        server_port: remote_port,
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all three are #[repr(C)] plain integers without padding
+    // (bytemuck::Pod's derive checks this at compile time).
+    unsafe impl aya::Pod for super::RedirectConfig {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ConnTuple {}
+    unsafe impl aya::Pod for super::InstanceMeta {}
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Longest cgroup path (relative to the cgroup2 mount) an instance records.
+pub const META_PATH_MAX: usize = 1024;
+
+/// What `redirect status` needs to know about an installed instance and that
+/// must survive the loader's exit: one entry in the pinned `RDR_META` array.
+/// Only user space reads or writes it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct InstanceMeta {
+    /// Inode number of the cgroup directory (the kernel's cgroup id).
+    pub cgroup_id: u64,
+    /// Seconds since the Unix epoch of the last install.
+    pub installed_at: u64,
+    /// Number of valid bytes in `cgroup_path`.
+    pub cgroup_path_len: u32,
+    pub _pad: u32,
+    /// Absolute path of the cgroup directory, UTF-8.
+    pub cgroup_path: [u8; META_PATH_MAX],
+}

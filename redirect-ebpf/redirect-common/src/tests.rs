@@ -1,0 +1,171 @@
+//! Host tests of the capture decision, one per rule of Istio's default
+//! `ISTIO_OUTPUT` chain that the decision mirrors.
+
+use super::*;
+
+fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
+    u32::from_ne_bytes([a, b, c, d])
+}
+
+/// Istio's defaults: `-p 15001 -u 1337 -g 1337`, loopback 127.0.0.1/32.
+fn istio_default() -> RedirectConfig {
+    let mut cfg = RedirectConfig {
+        abi_version: ABI_VERSION,
+        proxy_port: 15001,
+        _pad: 0,
+        loopback_addr: ip(127, 0, 0, 1),
+        loopback_mask: ip(255, 255, 255, 255),
+        uid_count: 1,
+        gid_count: 1,
+        proxy_uids: [0; MAX_OWNERS],
+        proxy_gids: [0; MAX_OWNERS],
+    };
+    cfg.proxy_uids[0] = 1337;
+    cfg.proxy_gids[0] = 1337;
+    cfg
+}
+
+fn app(dst_ip: u32) -> ConnectInput {
+    ConnectInput {
+        sock_type: SOCK_STREAM,
+        uid: 1000,
+        gid: 1000,
+        dst_ip,
+    }
+}
+
+#[test]
+fn app_traffic_is_redirected_to_the_proxy_port() {
+    assert_eq!(
+        decide_connect(&app(ip(10, 0, 0, 2)), &istio_default()),
+        Verdict::Redirect { port: 15001 }
+    );
+}
+
+#[test]
+fn proxy_uid_escapes_the_loop() {
+    let input = ConnectInput {
+        uid: 1337,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(
+        decide_connect(&input, &istio_default()),
+        Verdict::Bypass(Counter::BypassUid)
+    );
+}
+
+#[test]
+fn proxy_gid_escapes_the_loop_with_any_uid() {
+    let input = ConnectInput {
+        uid: 4242,
+        gid: 1337,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(
+        decide_connect(&input, &istio_default()),
+        Verdict::Bypass(Counter::BypassGid)
+    );
+}
+
+#[test]
+fn uid_rule_is_checked_before_gid_rule() {
+    let input = ConnectInput {
+        uid: 1337,
+        gid: 1337,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(
+        decide_connect(&input, &istio_default()),
+        Verdict::Bypass(Counter::BypassUid)
+    );
+}
+
+#[test]
+fn loopback_destination_is_not_captured() {
+    assert_eq!(
+        decide_connect(&app(ip(127, 0, 0, 1)), &istio_default()),
+        Verdict::Bypass(Counter::BypassLoopback)
+    );
+    // Only 127.0.0.1/32 by default, like Istio: other loopback addresses are captured.
+    assert_eq!(
+        decide_connect(&app(ip(127, 0, 0, 6)), &istio_default()),
+        Verdict::Redirect { port: 15001 }
+    );
+}
+
+#[test]
+fn wider_loopback_cidr_covers_the_whole_network() {
+    let mut cfg = istio_default();
+    cfg.loopback_addr = ip(127, 0, 0, 0);
+    cfg.loopback_mask = ip(255, 0, 0, 0);
+    assert_eq!(
+        decide_connect(&app(ip(127, 1, 2, 3)), &cfg),
+        Verdict::Bypass(Counter::BypassLoopback)
+    );
+}
+
+#[test]
+fn non_tcp_sockets_are_never_captured() {
+    let input = ConnectInput {
+        sock_type: 2, // SOCK_DGRAM
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(
+        decide_connect(&input, &istio_default()),
+        Verdict::Bypass(Counter::NotTcp)
+    );
+}
+
+#[test]
+fn only_the_first_count_owner_entries_are_consulted() {
+    let mut cfg = istio_default();
+    cfg.proxy_uids = [1337, 0, 0, 0, 0, 0, 0, 77];
+    cfg.uid_count = 1;
+    let root = ConnectInput {
+        uid: 0,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(
+        decide_connect(&root, &cfg),
+        Verdict::Redirect { port: 15001 }
+    );
+    cfg.uid_count = 8;
+    let last = ConnectInput {
+        uid: 77,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(
+        decide_connect(&last, &cfg),
+        Verdict::Bypass(Counter::BypassUid)
+    );
+}
+
+#[test]
+fn empty_owner_sets_exempt_nobody() {
+    let mut cfg = istio_default();
+    cfg.uid_count = 0;
+    cfg.gid_count = 0;
+    let input = ConnectInput {
+        uid: 1337,
+        gid: 1337,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(
+        decide_connect(&input, &cfg),
+        Verdict::Redirect { port: 15001 }
+    );
+}
+
+#[test]
+fn tuples_from_both_sides_of_a_connection_agree() {
+    let app_side = tuple_from_client_side(ip(127, 0, 0, 1), 40000, ip(127, 0, 0, 1), 15001);
+    let proxy_side = tuple_from_server_side(ip(127, 0, 0, 1), 15001, ip(127, 0, 0, 1), 40000);
+    assert_eq!(app_side, proxy_side);
+}
+
+#[test]
+fn counter_table_is_complete_and_ordered() {
+    for (i, c) in Counter::ALL.iter().enumerate() {
+        assert_eq!(*c as usize, i, "{} is out of order", c.name());
+    }
+}

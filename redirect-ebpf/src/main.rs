@@ -1,0 +1,257 @@
+//! The kernel side of `redirect`: the eBPF programs that replace Istio's nat
+//! `OUTPUT` capture.
+//!
+//! - [`redirect_connect4`] (`cgroup/connect4`) decides every outbound IPv4
+//!   `connect()` of the pod's cgroup and rewrites captured ones to
+//!   `127.0.0.1:<proxy port>`, recording the original destination by socket
+//!   cookie.
+//! - [`redirect_sockops`] (`sockops`) moves that record to a map keyed by the
+//!   connection's 4-tuple once the connection is established (the proxy's
+//!   accepted socket can find it there), and removes it when the connection
+//!   closes, so long-running nodes do not fill the maps.
+//!
+//! Configuration comes from the `RDR_CONFIG` map that user space fills; every
+//! decision increments a per-CPU counter in `RDR_STATS`.
+
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_current_uid_gid, generated::bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::debug;
+use redirect_common::{
+    COUNTER_COUNT, ConnTuple, ConnectInput, Counter, InstanceMeta, LOCALHOST, ORIG_FLAG_PROXY_SEEN,
+    OrigDst, RedirectConfig, Verdict, decide_connect, tuple_from_client_side,
+    tuple_from_server_side,
+};
+
+/// Largest number of connections whose original destination is tracked at once.
+const MAX_TRACKED: u32 = 65536;
+
+/// Return value of a cgroup sock_addr program that lets the syscall proceed.
+const ALLOW: i32 = 1;
+const AF_INET: u32 = 2;
+
+// Every map is pinned by name in the instance's bpffs directory, so that a
+// reinstall reuses them and the programs it loads share state with the old ones.
+
+/// The capture configuration (one entry), written by user space.
+#[map]
+static RDR_CONFIG: Array<RedirectConfig> = Array::pinned(1, 0);
+
+/// Decision counters, indexed by [`Counter`].
+#[map]
+static RDR_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+
+/// Original destination of a redirected socket between connect() and the
+/// end of its handshake, keyed by socket cookie.
+#[map]
+static RDR_ORIG_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED, 0);
+
+/// Original destination of an established redirected connection, keyed by
+/// its tuple as seen from the app (client) side.
+#[map]
+static RDR_ORIG_TUPLE: LruHashMap<ConnTuple, OrigDst> = LruHashMap::pinned(MAX_TRACKED, 0);
+
+/// Which cgroup this instance belongs to (user space only; see `InstanceMeta`).
+#[map]
+static RDR_META: Array<InstanceMeta> = Array::pinned(1, 0);
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = RDR_STATS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Mirrors Istio's outbound capture:
+///
+/// ```text
+/// -A OUTPUT -p tcp -j ISTIO_OUTPUT
+/// -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+/// -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+/// -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+/// -A ISTIO_OUTPUT -j ISTIO_REDIRECT
+/// -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+/// ```
+///
+/// The decision itself is [`decide_connect`]. Always allows the connect: a
+/// capture failure must never break the app's connection.
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/connect4 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    let Some(cfg) = RDR_CONFIG.get(0) else {
+        return ALLOW;
+    };
+    if cfg.abi_version == 0 {
+        return ALLOW;
+    }
+    let uid_gid = bpf_get_current_uid_gid();
+    let input = ConnectInput {
+        sock_type: addr.type_,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        dst_ip: addr.user_ip4,
+    };
+    match decide_connect(&input, cfg) {
+        Verdict::Bypass(counter) => count(counter),
+        Verdict::Redirect { port } => {
+            // user_port carries the __be16 port in its low 16 bits.
+            let orig = OrigDst {
+                ip: addr.user_ip4,
+                port: u16::from_be(addr.user_port as u16),
+                flags: 0,
+            };
+            // SAFETY: bpf_get_socket_cookie accepts a sock_addr context (>= 4.19).
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            if RDR_ORIG_COOKIE.insert(cookie, orig, 0).is_err() {
+                // Without a record the proxy could not learn the original
+                // destination: leave the connect alone rather than break it.
+                count(Counter::RecordFailed);
+                return ALLOW;
+            }
+            addr.user_ip4 = LOCALHOST;
+            addr.user_port = u32::from(port.to_be());
+            count(Counter::Redirected);
+            debug!(
+                &ctx,
+                "redirect uid={} {:i}:{} -> 127.0.0.1:{}",
+                input.uid,
+                u32::from_be(orig.ip),
+                orig.port,
+                port
+            );
+        }
+    }
+    ALLOW
+}
+
+/// Keeps the original-destination records of redirected connections (Istio
+/// relies on conntrack for this; there is no iptables rule to mirror):
+/// moves a socket's record from cookie to 4-tuple when its handshake
+/// completes, and removes records when connections close.
+#[sock_ops]
+pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.family() != AF_INET {
+        return 1;
+    }
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: bpf_get_socket_cookie accepts a sock_ops context (>= 4.19).
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// `remote_port` holds the __be16 port in its upper 16 bits; `local_port` is host order.
+#[inline(always)]
+fn remote_port(ctx: &SockOpsContext) -> u16 {
+    u16::from_be((ctx.remote_port() >> 16) as u16)
+}
+
+/// Asks for a callback on every state change of this socket, so its close is seen.
+#[inline(always)]
+fn watch_close(ctx: &SockOpsContext) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// A redirected socket is about to send its SYN: watch it, so that a connect
+/// that never completes still has its cookie record removed.
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    // SAFETY: the value is not kept past this call.
+    if unsafe { RDR_ORIG_COOKIE.get(cookie(ctx)) }.is_some() {
+        watch_close(ctx);
+    }
+}
+
+/// The app's redirected connection is established: its local port is now
+/// known, so file the record under the connection's tuple.
+#[inline(always)]
+fn on_active_established(ctx: &SockOpsContext) {
+    let cookie = cookie(ctx);
+    // SAFETY: copied out before the map is modified.
+    let Some(orig) = (unsafe { RDR_ORIG_COOKIE.get(cookie) }).copied() else {
+        return;
+    };
+    let tuple = tuple_from_client_side(
+        ctx.local_ip4(),
+        ctx.local_port() as u16,
+        ctx.remote_ip4(),
+        remote_port(ctx),
+    );
+    if RDR_ORIG_TUPLE.insert(tuple, orig, 0).is_ok() {
+        count(Counter::TupleRecorded);
+    }
+    let _ = RDR_ORIG_COOKIE.remove(cookie);
+    watch_close(ctx);
+}
+
+/// The proxy's side of a redirected connection is established (it runs in
+/// this cgroup): from now on the proxy side's close removes the record.
+#[inline(always)]
+fn on_passive_established(ctx: &SockOpsContext) {
+    let tuple = tuple_from_server_side(
+        ctx.local_ip4(),
+        ctx.local_port() as u16,
+        ctx.remote_ip4(),
+        remote_port(ctx),
+    );
+    if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(tuple) {
+        // SAFETY: valid map value pointer; a racing update of one u16 is benign.
+        unsafe { (*orig).flags |= ORIG_FLAG_PROXY_SEEN };
+        watch_close(ctx);
+    }
+}
+
+/// A watched socket closed. Its record goes away when the proxy's side
+/// closes, or with the app's side when the proxy is not in this cgroup (its
+/// close is never seen). A connect that never completed drops its cookie record.
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    if RDR_ORIG_COOKIE.remove(cookie(ctx)).is_ok() {
+        count(Counter::ConnectAborted);
+        return;
+    }
+    let (local_ip, local_port) = (ctx.local_ip4(), ctx.local_port() as u16);
+    let (remote_ip, remote_port) = (ctx.remote_ip4(), remote_port(ctx));
+    let as_proxy = tuple_from_server_side(local_ip, local_port, remote_ip, remote_port);
+    if RDR_ORIG_TUPLE.remove(as_proxy).is_ok() {
+        count(Counter::TupleReleased);
+        return;
+    }
+    let as_app = tuple_from_client_side(local_ip, local_port, remote_ip, remote_port);
+    // SAFETY: flags copied out before the map is modified.
+    let proxy_seen = unsafe { RDR_ORIG_TUPLE.get(as_app) }
+        .is_some_and(|orig| orig.flags & ORIG_FLAG_PROXY_SEEN != 0);
+    if !proxy_seen && RDR_ORIG_TUPLE.remove(as_app).is_ok() {
+        count(Counter::TupleReleased);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program that could reach a panic.
+    unsafe { core::hint::unreachable_unchecked() }
+}

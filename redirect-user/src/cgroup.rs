@@ -1,0 +1,201 @@
+//! Finding and checking the cgroup to capture.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
+
+/// A cgroup v2 directory that programs can be attached to.
+#[derive(Clone, Debug)]
+pub struct Cgroup {
+    /// Absolute path of the directory.
+    pub path: PathBuf,
+    /// Path relative to the cgroup2 mount ("" for the root).
+    pub relative: String,
+    /// The kernel's cgroup id (the directory's inode number).
+    pub id: u64,
+}
+
+/// Mount points of every cgroup2 hierarchy, from /proc/mounts.
+pub fn cgroup2_mounts() -> Result<Vec<PathBuf>> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    Ok(mounts
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+            (kind == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .collect())
+}
+
+fn first_cgroup2_mount() -> Result<PathBuf> {
+    cgroup2_mounts()?.into_iter().next().context(
+        "no cgroup v2 hierarchy is mounted: redirect attaches to cgroup v2; \
+         mount it with `mount -t cgroup2 none /sys/fs/cgroup` (or /sys/fs/cgroup/unified on a hybrid host)",
+    )
+}
+
+/// Resolves `--cgroup`: a directory path, or `self-parent` (the parent of
+/// this process's own cgroup: the pod cgroup, when run from an init container).
+pub fn resolve(arg: &str) -> Result<Cgroup> {
+    if arg == "self-parent" {
+        return self_parent();
+    }
+    let path = Path::new(arg);
+    if !path.exists() {
+        bail!(
+            "cgroup {arg} does not exist: pass an existing cgroup v2 directory (or `self-parent`)"
+        );
+    }
+    let path = path
+        .canonicalize()
+        .with_context(|| format!("resolving cgroup path {arg}"))?;
+    check_v2(&path)?;
+    let mount = cgroup2_mounts()?
+        .into_iter()
+        .filter(|m| path.starts_with(m))
+        .max_by_key(|m| m.as_os_str().len())
+        .with_context(|| format!("{} is not under any cgroup2 mount", path.display()))?;
+    from_path(&mount, &path)
+}
+
+fn self_parent() -> Result<Cgroup> {
+    let own = fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("this process has no cgroup v2 membership (no `0::` line in /proc/self/cgroup)")?;
+    let parent = Path::new(own.trim()).parent().with_context(|| {
+        format!("--cgroup self-parent: this process is in the root cgroup ({own}), which has no parent; pass --cgroup PATH")
+    })?;
+    let mount = first_cgroup2_mount()?;
+    let path = mount.join(parent.strip_prefix("/").unwrap_or(parent));
+    if !path.is_dir() {
+        bail!(
+            "--cgroup self-parent resolved to {}, which is not visible here: mount the host's cgroup2 hierarchy into this container",
+            path.display()
+        );
+    }
+    from_path(&mount, &path)
+}
+
+fn from_path(mount: &Path, path: &Path) -> Result<Cgroup> {
+    let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let relative = path
+        .strip_prefix(mount)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Cgroup {
+        path: path.to_path_buf(),
+        relative,
+        id: meta.ino(),
+    })
+}
+
+fn check_v2(path: &Path) -> Result<()> {
+    let magic = fs_magic(path)?;
+    if magic == CGROUP2_SUPER_MAGIC {
+        return Ok(());
+    }
+    let hint = match first_cgroup2_mount() {
+        Ok(m) => format!("use a directory under {}", m.display()),
+        Err(_) => "mount cgroup2 and use a directory under it".to_owned(),
+    };
+    if magic == CGROUP_SUPER_MAGIC {
+        bail!(
+            "{} is a cgroup v1 directory; eBPF capture needs cgroup v2: {hint}",
+            path.display()
+        );
+    }
+    bail!("{} is not a cgroup directory: {hint}", path.display())
+}
+
+/// The filesystem type (`f_type` of statfs) of `path`.
+pub fn fs_magic(path: &Path) -> Result<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: valid NUL-terminated path and a buffer of the right type.
+    if unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    // SAFETY: statfs succeeded and filled the buffer.
+    Ok(unsafe { st.assume_init() }.f_type)
+}
+
+/// The instance name derived from a cgroup: its path below the cgroup2
+/// mount with `/` turned into `-` ("root" for the root cgroup).
+pub fn default_instance(cg: &Cgroup) -> String {
+    let name: String = cg
+        .relative
+        .trim_matches('/')
+        .chars()
+        .map(|c| match c {
+            '/' => '-',
+            c if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') => c,
+            _ => '_',
+        })
+        .collect();
+    if name.is_empty() {
+        "root".to_owned()
+    } else if name.len() > 200 {
+        format!("cg-{}", cg.id)
+    } else {
+        name
+    }
+}
+
+/// Checks a user-given `--instance` name.
+pub fn validate_instance(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{name}' is not a valid instance name (1-200 characters of A-Z a-z 0-9 . _ -)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cg(relative: &str) -> Cgroup {
+        Cgroup {
+            path: PathBuf::from("/sys/fs/cgroup").join(relative),
+            relative: relative.to_owned(),
+            id: 42,
+        }
+    }
+
+    #[test]
+    fn instance_names_follow_the_cgroup_path() {
+        assert_eq!(default_instance(&cg("kubepods/pod1")), "kubepods-pod1");
+        assert_eq!(default_instance(&cg("")), "root");
+        assert_eq!(default_instance(&cg("a b")), "a_b");
+        assert_eq!(default_instance(&cg(&"x".repeat(300))), "cg-42");
+    }
+
+    #[test]
+    fn instance_names_are_checked() {
+        assert!(validate_instance("pod-1.a_b").is_ok());
+        assert!(validate_instance("..").is_err());
+        assert!(validate_instance("a/b").is_err());
+        assert!(validate_instance("").is_err());
+    }
+}

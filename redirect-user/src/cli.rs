@@ -1,0 +1,223 @@
+//! The command line, parsed with clap into raw arguments, then resolved
+//! into a validated [`Config`] and target before anything else sees them.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    cgroup,
+    config::{self, Config},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "redirect",
+    version,
+    about = "Capture a pod's outbound TCP for its sidecar proxy with eBPF, without iptables",
+    long_about = "Capture a pod's outbound TCP for its sidecar proxy with eBPF, without iptables.\n\n\
+        redirect attaches a cgroup/connect4 program to the pod's cgroup: every outbound IPv4 TCP \
+        connect of the pod is rewritten to 127.0.0.1:<proxy port>, except connects made by the \
+        proxy's own UIDs/GIDs and connects to the loopback address, exactly like Istio's nat \
+        rules (OUTPUT -> ISTIO_OUTPUT -> ISTIO_REDIRECT). A sockops program remembers each \
+        redirected connection's original destination. The programs are pinned under \
+        /sys/fs/bpf/redirect/<instance>/ and keep working after redirect exits.\n\n\
+        Exit codes: 0 success, 1 failure, 2 bad command line.",
+    after_help = "Run `redirect <command> --help` for a command's options."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Attach the capture to a cgroup, pin it, and exit (what a sidecar init step runs)
+    #[command(long_about = "Attach the capture to a cgroup, pin it under \
+        /sys/fs/bpf/redirect/<instance>/, and exit: capture persists after this process ends.\n\n\
+        Installing again with the same instance replaces the configuration and the programs in \
+        place, without a moment where connections escape capture. Install is all-or-nothing: \
+        on any error nothing stays attached or pinned.")]
+    Install(InstallArgs),
+    /// Detach and unpin an installed instance
+    Uninstall(UninstallArgs),
+    /// Show installed instances, their config and decision counters
+    Status(StatusArgs),
+    /// Like install, but stay in the foreground and detach on SIGINT/SIGTERM
+    Run(RunArgs),
+    /// Show the capture working in a throw-away pod (network namespace + cgroup)
+    Demo,
+    /// Internal: the sandbox agent used by `demo` and the tests
+    #[command(hide = true)]
+    SandboxAgent {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct TargetArgs {
+    /// cgroup v2 directory of the pod, or `self-parent` (the parent of this
+    /// process's own cgroup: the pod cgroup when run from an init container)
+    #[arg(long, value_name = "PATH|self-parent")]
+    pub cgroup: String,
+
+    /// Name of the pin directory /sys/fs/bpf/redirect/<NAME>/ [default: the
+    /// cgroup's path below the cgroup2 mount, with '/' turned into '-']
+    #[arg(long, value_name = "NAME", value_parser = parse_instance)]
+    pub instance: Option<String>,
+}
+
+#[derive(Args)]
+pub struct CaptureArgs {
+    /// Port the proxy listens on for captured outbound connections (Istio -p)
+    #[arg(short = 'p', long, value_name = "PORT", default_value = "15001", value_parser = config::parse_port)]
+    pub proxy_port: u16,
+
+    /// The proxy's UIDs, comma-separated, at most 8: their connections are
+    /// never captured (Istio -u)
+    #[arg(short = 'u', long, value_name = "UID[,UID...]", default_value = "1337", value_parser = parse_ids)]
+    pub proxy_uid: IdList,
+
+    /// The proxy's GIDs, comma-separated, at most 8: their connections are
+    /// never captured (Istio -g)
+    #[arg(short = 'g', long, value_name = "GID[,GID...]", default_value = "1337", value_parser = parse_ids)]
+    pub proxy_gid: IdList,
+}
+
+impl CaptureArgs {
+    pub fn to_config(&self) -> Config {
+        Config {
+            proxy_port: self.proxy_port,
+            proxy_uids: self.proxy_uid.0.clone(),
+            proxy_gids: self.proxy_gid.0.clone(),
+            ..Config::default()
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+pub struct UninstallArgs {
+    /// Remove every instance installed on this cgroup
+    #[arg(long, value_name = "PATH|self-parent")]
+    pub cgroup: Option<String>,
+    /// Remove the instance with this name
+    #[arg(long, value_name = "NAME", value_parser = parse_instance)]
+    pub instance: Option<String>,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+    /// Only this instance
+    #[arg(long, value_name = "NAME", value_parser = parse_instance)]
+    pub instance: Option<String>,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+    /// Log each decision of the eBPF programs at this level (debug shows
+    /// every redirect); off costs nothing per connection
+    #[arg(long, value_enum, default_value = "off")]
+    pub log: LogLevel,
+    /// Leave the capture installed when stopped
+    #[arg(long)]
+    pub persist: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// The value of aya-log's `AYA_LOG_LEVEL` global for this level.
+    pub fn ebpf_level(self) -> u8 {
+        self as u8
+    }
+}
+
+fn parse_instance(s: &str) -> Result<String, String> {
+    cgroup::validate_instance(s).map(|()| s.to_owned())
+}
+
+/// A comma-separated id list given as one flag value (`-u 1337,1338`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdList(pub Vec<u32>);
+
+fn parse_ids(s: &str) -> Result<IdList, String> {
+    config::parse_ids(s).map(IdList)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_istios() {
+        let cli = Cli::try_parse_from(["redirect", "install", "--cgroup", "/x"]).unwrap();
+        let Command::Install(args) = cli.command else {
+            panic!("not install")
+        };
+        assert_eq!(args.capture.to_config(), Config::default());
+    }
+
+    #[test]
+    fn id_lists_parse_from_one_flag() {
+        let cli = Cli::try_parse_from([
+            "redirect",
+            "install",
+            "--cgroup",
+            "/x",
+            "-u",
+            "1337,1338",
+            "-g",
+            "7",
+        ])
+        .unwrap();
+        let Command::Install(args) = cli.command else {
+            panic!("not install")
+        };
+        assert_eq!(args.capture.proxy_uid.0, vec![1337, 1338]);
+        assert_eq!(args.capture.proxy_gid.0, vec![7]);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["redirect", "install", "--cgroup", "/x", "-p", "0"][..],
+            &["redirect", "install", "--cgroup", "/x", "-p", "70000"],
+            &["redirect", "install", "--cgroup", "/x", "-u", "envoy"],
+            &["redirect", "install", "--cgroup", "/x", "--instance", "a/b"],
+            &["redirect", "uninstall"],
+        ] {
+            let err = Cli::try_parse_from(args).err().expect("should fail");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+}

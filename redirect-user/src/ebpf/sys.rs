@@ -1,0 +1,145 @@
+//! The few `bpf()` commands aya 0.14 does not expose for what redirect
+//! needs: opening a pinned link as a descriptor, replacing a link's program
+//! in place (`BPF_LINK_UPDATE`, the no-gap reinstall), force-detaching a link
+//! (`BPF_LINK_DETACH`) and reading a cgroup link's target.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result};
+
+const BPF_OBJ_GET: u32 = 7;
+const BPF_PROG_GET_FD_BY_ID: u32 = 13;
+const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+const BPF_LINK_UPDATE: u32 = 29;
+const BPF_LINK_DETACH: u32 = 34;
+
+fn bpf<T>(cmd: u32, attr: &mut T) -> std::io::Result<i64> {
+    // SAFETY: attr is an initialised prefix of `union bpf_attr` for `cmd`,
+    // and the size passed is its size.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<T>() as u32,
+        )
+    };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn owned(fd: i64) -> OwnedFd {
+    // SAFETY: the kernel just returned this new descriptor.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Opens a pinned object (`BPF_OBJ_GET`).
+pub fn obj_get(path: &Path) -> Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd =
+        bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
+    Ok(owned(fd))
+}
+
+/// Replaces the program of a link in one step: the hook never runs without
+/// a program (`BPF_LINK_UPDATE`, kernel >= 5.7).
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> Result<()> {
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = Attr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).context("BPF_LINK_UPDATE")?;
+    Ok(())
+}
+
+/// Detaches a link now, even if other descriptors of it are still open
+/// (`BPF_LINK_DETACH`, kernel >= 5.9; older kernels detach on last close).
+pub fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+    }
+    let mut attr = Attr {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
+
+/// A descriptor of a loaded program, by id.
+pub fn prog_fd_by_id(id: u32) -> Result<OwnedFd> {
+    #[repr(C)]
+    struct Attr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = Attr {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    Ok(owned(
+        bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).with_context(|| format!("opening program {id}"))?,
+    ))
+}
+
+/// What the kernel reports about a cgroup link.
+#[derive(Clone, Copy, Debug)]
+pub struct CgroupLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// 0 once the cgroup is gone (the link is then defunct).
+    pub cgroup_id: u64,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a cgroup link.
+pub fn link_info(link: BorrowedFd<'_>) -> Result<CgroupLinkInfo> {
+    // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
+    // whose cgroup member starts with cgroup_id.
+    let mut info = [0u64; 16];
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = Attr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD on a link")?;
+    Ok(CgroupLinkInfo {
+        link_id: (info[0] >> 32) as u32,
+        prog_id: info[1] as u32,
+        cgroup_id: info[2],
+    })
+}

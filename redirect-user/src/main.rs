@@ -1,0 +1,113 @@
+//! `redirect`: capture a pod's outbound TCP for its sidecar proxy with eBPF.
+//!
+//! Module map: [`cli`] parses the command line into a validated
+//! [`config::Config`] and a [`cgroup::Cgroup`]; [`ebpf::loader`] installs and
+//! removes instances; [`status`] reads them back; [`run`] is the foreground
+//! mode; [`demo`] shows the whole thing in a throw-away pod.
+
+mod bpffs;
+mod cgroup;
+mod cli;
+mod config;
+mod demo;
+mod ebpf;
+mod privilege;
+mod run;
+mod status;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser as _;
+
+use crate::{
+    cli::{Cli, Command, InstallArgs, UninstallArgs},
+    ebpf::loader,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("redirect: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Install(args) => install(&args),
+        Command::Uninstall(args) => uninstall(&args),
+        Command::Status(args) => {
+            let status = status::collect(args.instance.as_deref())?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status::render(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => run::run(&args),
+        Command::Demo => demo::demo(),
+        Command::SandboxAgent { args } => {
+            let code = redirect_sandbox::agent::main(&args);
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+    }
+}
+
+fn install(args: &InstallArgs) -> Result<ExitCode> {
+    let config = args.capture.to_config();
+    let cgroup = cgroup::resolve(&args.target.cgroup)?;
+    let instance = args
+        .target
+        .instance
+        .clone()
+        .unwrap_or_else(|| cgroup::default_instance(&cgroup));
+    let installed = loader::install(&loader::Request {
+        config: &config,
+        cgroup: &cgroup,
+        instance: &instance,
+        log_level: 0,
+    })?;
+    println!(
+        "redirect: {} instance {instance} on {}: outbound TCP -> 127.0.0.1:{} (proxy uids {:?}, gids {:?})",
+        if installed.upgraded {
+            "updated"
+        } else {
+            "installed"
+        },
+        cgroup.path.display(),
+        config.proxy_port,
+        config.proxy_uids,
+        config.proxy_gids,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn uninstall(args: &UninstallArgs) -> Result<ExitCode> {
+    let names = match (&args.instance, &args.cgroup) {
+        (Some(name), _) => vec![name.clone()],
+        (None, Some(cg)) => {
+            let cg = cgroup::resolve(cg).map_err(|err| {
+                err.context("cannot find the cgroup; remove its instance with --instance NAME (see `redirect status`)")
+            })?;
+            privilege::check_ebpf()?;
+            loader::instances_on(&cg)?
+        }
+        (None, None) => anyhow::bail!("pass --cgroup PATH or --instance NAME"),
+    };
+    if names.is_empty() {
+        println!("redirect: nothing is installed on that cgroup");
+    }
+    for name in names {
+        if loader::uninstall(&name)? {
+            println!("redirect: removed instance {name}");
+        } else {
+            println!("redirect: instance {name} is not installed");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,46 @@
+//! Checks that this process may load and attach eBPF programs, so that a
+//! missing privilege is reported as such instead of as a syscall error.
+
+use std::fs;
+
+use anyhow::{Result, bail};
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// Effective capability bits of this process.
+fn effective() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Loading cgroup programs needs CAP_SYS_ADMIN, or CAP_BPF together with
+/// CAP_NET_ADMIN on kernels >= 5.8.
+pub fn check_ebpf() -> Result<()> {
+    let caps = effective();
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_NET_ADMIN)) {
+        return Ok(());
+    }
+    bail!(
+        "permission denied: loading and attaching eBPF programs needs root, or CAP_BPF and \
+         CAP_NET_ADMIN (CAP_SYS_ADMIN before kernel 5.8): run as root or grant those capabilities"
+    )
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: lift it when allowed.
+pub fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid rlimit struct; failure is harmless (5.11+ does not need it).
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}

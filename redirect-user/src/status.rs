@@ -1,0 +1,212 @@
+//! `redirect status`: what is installed, where, with which config, and what
+//! it decided, laid out like `iptables -t nat -v -L` (counters first, then
+//! the rule each one mirrors).
+
+use std::{fmt::Write as _, os::fd::AsFd as _, path::Path};
+
+use anyhow::{Context as _, Result};
+use redirect_common::Counter;
+use serde::Serialize;
+
+use crate::{
+    bpffs,
+    config::Config,
+    ebpf::{HOOKS, loader, maps, sys},
+};
+
+#[derive(Serialize)]
+pub struct Status {
+    pub instances: Vec<Instance>,
+}
+
+#[derive(Serialize)]
+pub struct Instance {
+    pub instance: String,
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    pub programs: Vec<Program>,
+    pub config: Option<ConfigView>,
+    pub counters: Vec<CounterView>,
+    /// Connections with an original-destination record.
+    pub tracked: Tracked,
+}
+
+#[derive(Serialize)]
+pub struct Program {
+    pub hook: &'static str,
+    /// `None` when the link pin is missing or unreadable.
+    pub link_id: Option<u32>,
+    pub program_id: Option<u32>,
+    /// The link is attached to the instance's cgroup.
+    pub attached: bool,
+    pub mirrors: &'static str,
+}
+
+#[derive(Serialize)]
+pub struct ConfigView {
+    pub proxy_port: u16,
+    pub proxy_uids: Vec<u32>,
+    pub proxy_gids: Vec<u32>,
+    pub loopback_cidr: String,
+}
+
+#[derive(Serialize)]
+pub struct CounterView {
+    pub name: &'static str,
+    pub value: u64,
+    pub mirrors: String,
+}
+
+#[derive(Serialize, Default)]
+pub struct Tracked {
+    /// Redirected sockets whose handshake has not completed.
+    pub connecting: u64,
+    /// Established redirected connections.
+    pub established: u64,
+}
+
+/// Collects the status of every instance (or only `only`).
+pub fn collect(only: Option<&str>) -> Result<Status> {
+    crate::privilege::check_ebpf()?;
+    let mut instances = Vec::new();
+    if bpffs::is_mounted() {
+        for name in bpffs::instances()? {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            instances.push(instance(&name).with_context(|| format!("reading instance {name}"))?);
+        }
+    }
+    Ok(Status { instances })
+}
+
+fn instance(name: &str) -> Result<Instance> {
+    let dir = bpffs::instance_dir(name);
+    let meta = maps::meta(&dir)?.get(&0, 0)?;
+    let raw = maps::config(&dir)?.get(&0, 0)?;
+    let config = (raw.abi_version != 0).then(|| Config::from_bpf(&raw));
+    let counters = maps::counters(&dir)?
+        .into_iter()
+        .map(|(c, value)| CounterView {
+            name: c.name(),
+            value,
+            mirrors: mirrors(c, config.as_ref()),
+        })
+        .collect();
+    let (connecting, established) = maps::tracked(&dir)?;
+    Ok(Instance {
+        instance: name.to_owned(),
+        cgroup: loader::meta_path(&meta),
+        cgroup_id: meta.cgroup_id,
+        programs: programs(&dir, meta.cgroup_id),
+        config: config.map(|c| ConfigView {
+            proxy_port: c.proxy_port,
+            proxy_uids: c.proxy_uids,
+            proxy_gids: c.proxy_gids,
+            loopback_cidr: c.loopback.to_string(),
+        }),
+        counters,
+        tracked: Tracked {
+            connecting,
+            established,
+        },
+    })
+}
+
+fn programs(dir: &Path, cgroup_id: u64) -> Vec<Program> {
+    HOOKS
+        .iter()
+        .map(|hook| {
+            let info = sys::obj_get(&dir.join(hook.pin_name()))
+                .and_then(|fd| sys::link_info(fd.as_fd()))
+                .ok();
+            Program {
+                hook: hook.name,
+                link_id: info.map(|i| i.link_id),
+                program_id: info.map(|i| i.prog_id),
+                attached: info.is_some_and(|i| i.cgroup_id == cgroup_id),
+                mirrors: hook.mirrors,
+            }
+        })
+        .collect()
+}
+
+/// The iptables rule (or conntrack event) a counter stands for.
+fn mirrors(counter: Counter, cfg: Option<&Config>) -> String {
+    let join = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let (uids, gids, loopback, port) = cfg.map_or_else(
+        || ("?".into(), "?".into(), "?".into(), "?".into()),
+        |c| {
+            (
+                join(&c.proxy_uids),
+                join(&c.proxy_gids),
+                c.loopback.to_string(),
+                c.proxy_port.to_string(),
+            )
+        },
+    );
+    match counter {
+        Counter::NotTcp => "-A OUTPUT -p tcp -j ISTIO_OUTPUT  (not TCP: never enters)".into(),
+        Counter::BypassUid => format!("-A ISTIO_OUTPUT -m owner --uid-owner {uids} -j RETURN"),
+        Counter::BypassGid => format!("-A ISTIO_OUTPUT -m owner --gid-owner {gids} -j RETURN"),
+        Counter::BypassLoopback => format!("-A ISTIO_OUTPUT -d {loopback} -j RETURN"),
+        Counter::Redirected => format!("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {port}"),
+        Counter::RecordFailed => "(record map full: connect left alone)".into(),
+        Counter::TupleRecorded => "(conntrack: redirected connection established)".into(),
+        Counter::TupleReleased => "(conntrack: redirected connection closed)".into(),
+        Counter::ConnectAborted => "(conntrack: redirected connect never completed)".into(),
+    }
+}
+
+/// Human-readable rendering.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    if status.instances.is_empty() {
+        out.push_str("no redirect instances are installed\n");
+        return out;
+    }
+    for (i, inst) in status.instances.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "Instance {} on cgroup {} (id {})",
+            inst.instance, inst.cgroup, inst.cgroup_id
+        );
+        for p in &inst.programs {
+            let state = match (p.attached, p.program_id, p.link_id) {
+                (true, Some(prog), Some(link)) => format!("attached, program {prog}, link {link}"),
+                (false, Some(prog), Some(link)) => {
+                    format!("NOT attached (cgroup gone?), program {prog}, link {link}")
+                }
+                _ => "NOT attached (link pin missing)".to_owned(),
+            };
+            let _ = writeln!(out, "  {:<9} {state}  [{}]", p.hook, p.mirrors);
+        }
+        match &inst.config {
+            Some(c) => {
+                let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+                let _ = writeln!(
+                    out,
+                    "  config    proxy port {}, proxy uids [{}], proxy gids [{}], loopback {}",
+                    c.proxy_port,
+                    ids(&c.proxy_uids),
+                    ids(&c.proxy_gids),
+                    c.loopback_cidr
+                );
+            }
+            None => out.push_str("  config    (not written)\n"),
+        }
+        let _ = writeln!(
+            out,
+            "  tracked   {} connecting, {} established",
+            inst.tracked.connecting, inst.tracked.established
+        );
+        let _ = writeln!(out, "  {:>10}  {:<16} mirrors", "conns", "decision");
+        for c in &inst.counters {
+            let _ = writeln!(out, "  {:>10}  {:<16} {}", c.value, c.name, c.mirrors);
+        }
+    }
+    out
+}

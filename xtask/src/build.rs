@@ -1,0 +1,35 @@
+//! `cargo xtask build`: the eBPF object and the `redirect` binary embedding it.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    sysdeps::{run_checked, workspace_root},
+    toolchain,
+};
+
+/// A `cargo` command run from the workspace root with bpf-linker on `PATH`,
+/// so that redirect-user's build script can build the eBPF object.
+pub fn cargo(args: &[&str]) -> Result<Command> {
+    let path = toolchain::ensure()?;
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(workspace_root())
+        .env("PATH", path)
+        .args(args);
+    Ok(cmd)
+}
+
+/// Builds everything and returns the path of the `redirect` binary.
+pub fn build(release: bool) -> Result<PathBuf> {
+    let mut args = vec!["build", "--package", "redirect-user"];
+    if release {
+        args.push("--release");
+    }
+    run_checked(&mut cargo(&args)?).context("building redirect failed")?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(workspace_root()
+        .join("target")
+        .join(profile)
+        .join("redirect"))
+}

@@ -1,0 +1,63 @@
+//! `cargo xtask`: the only commands a fresh machine needs.
+//!
+//! Every task first makes sure what it needs is present (the nightly
+//! toolchain with `rust-src`, a `bpf-linker` built against that nightly's own
+//! LLVM, and the Debian packages the task uses) and installs what is missing,
+//! saying what it installs.
+
+mod build;
+mod run;
+mod sysdeps;
+mod test;
+mod toolchain;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test redirect")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object and the `redirect` binary that embeds it.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `redirect demo` (or `redirect <ARGS>` when given) as root.
+    Run {
+        /// Arguments passed to `redirect` instead of `demo`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: formatting, clippy, unit tests and the end-to-end suite.
+    Test {
+        /// Only run tests whose name contains this string (passed to cargo test).
+        filter: Option<String>,
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Build { release } => build::build(release).map(|_| ()),
+        Task::Run { args } => run::run(&args),
+        Task::Test { filter, no_lint } => test::test(filter.as_deref(), !no_lint),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! `cargo xtask test`: lint, unit tests and the end-to-end suite, then a check
+//! that the suite left nothing behind on the machine.
+
+use std::{fs, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    build::cargo,
+    sysdeps::{self, SANDBOX_TOOLS, run_checked},
+};
+
+pub fn test(filter: Option<&str>, lint: bool) -> Result<()> {
+    sysdeps::ensure_tools(SANDBOX_TOOLS)?;
+    if lint {
+        run_checked(&mut cargo(&["fmt", "--all", "--", "--check"])?)
+            .context("code is not formatted: run `cargo fmt --all`")?;
+        run_checked(&mut cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])?)
+        .context("clippy found problems")?;
+    }
+    // Build the binary the end-to-end tests drive before they start.
+    run_checked(&mut cargo(&["build", "--package", "redirect-user"])?)?;
+    let mut args = vec!["test", "--workspace"];
+    if let Some(filter) = filter {
+        args.push(filter);
+    }
+    let result = run_checked(&mut cargo(&args)?).context("tests failed");
+    let leftovers = leftovers();
+    result?;
+    if !leftovers.is_empty() {
+        bail!("the tests left state behind: {}", leftovers.join("; "));
+    }
+    Ok(())
+}
+
+/// State the sandbox creates and must always remove: its cgroups and the
+/// pins of its instances.
+fn leftovers() -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(entries) = fs::read_dir("/sys/fs/bpf/redirect") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("sbx-") {
+                found.push(format!("pin directory /sys/fs/bpf/redirect/{name}"));
+            }
+        }
+    }
+    if let Ok(mounts) = fs::read_to_string("/proc/mounts") {
+        for line in mounts.lines() {
+            let mut fields = line.split_whitespace();
+            let (Some(_), Some(dir), Some("cgroup2")) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            let parent = Path::new(dir).join("redirect-sandbox");
+            if let Ok(entries) = fs::read_dir(&parent) {
+                for entry in entries.flatten() {
+                    if entry.path().is_dir() {
+                        found.push(format!("cgroup {}", entry.path().display()));
+                    }
+                }
+            }
+        }
+    }
+    found
+}
