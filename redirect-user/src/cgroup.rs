@@ -67,6 +67,7 @@ pub fn resolve(arg: &str) -> Result<Cgroup> {
 }
 
 fn self_parent() -> Result<Cgroup> {
+    let mount = first_cgroup2_mount()?;
     let own = fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
     let own = own
         .lines()
@@ -75,7 +76,6 @@ fn self_parent() -> Result<Cgroup> {
     let parent = Path::new(own.trim()).parent().with_context(|| {
         format!("--cgroup self-parent: this process is in the root cgroup ({own}), which has no parent; pass --cgroup PATH")
     })?;
-    let mount = first_cgroup2_mount()?;
     let path = mount.join(parent.strip_prefix("/").unwrap_or(parent));
     if !path.is_dir() {
         bail!(

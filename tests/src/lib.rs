@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod cli;
 pub mod netns;
 pub mod witness;
 

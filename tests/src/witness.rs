@@ -81,8 +81,19 @@ fn fd(ret: i64) -> OwnedFd {
 }
 
 impl Witness {
-    /// Attaches a witness the legacy way, as older agents do.
+    /// Attaches a witness the legacy way, as older agents do, sharing the
+    /// hook with other programs (`BPF_F_ALLOW_MULTI`).
     pub fn attach_legacy_multi(cgroup: &Path) -> Result<Self> {
+        Self::attach_legacy(cgroup, BPF_F_ALLOW_MULTI)
+    }
+
+    /// Attaches a witness the exclusive way (no flags): the kernel then
+    /// refuses any other program on this hook of the cgroup.
+    pub fn attach_exclusive(cgroup: &Path) -> Result<Self> {
+        Self::attach_legacy(cgroup, 0)
+    }
+
+    fn attach_legacy(cgroup: &Path, flags: u32) -> Result<Self> {
         let (map, prog) = load()?;
         let cg = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
         #[repr(C)]
@@ -96,7 +107,7 @@ impl Witness {
             target_fd: cg.as_raw_fd() as u32,
             prog_fd: prog.as_raw_fd() as u32,
             attach_type: BPF_CGROUP_INET4_CONNECT,
-            flags: BPF_F_ALLOW_MULTI,
+            flags,
         };
         bpf(BPF_PROG_ATTACH, &mut attr).context("BPF_PROG_ATTACH of the witness")?;
         Ok(Self {

@@ -1,0 +1,235 @@
+//! Bad input and hostile environments: each gets one clear error naming the
+//! problem and the fix, a non-zero exit, and leaves nothing installed.
+
+use std::{
+    fs, net::SocketAddrV4, os::unix::fs::PermissionsExt as _, path::PathBuf, process::Command,
+};
+
+use redirect_sandbox::{
+    APP, Group, Net, PEER_IP, PROXY, Sandbox,
+    cli::{Outcome, outcome, redirect, redirect_bin},
+    require_root,
+    witness::Witness,
+};
+
+/// The first line of stderr, which must carry the whole message.
+fn first_line(out: &Outcome) -> &str {
+    out.stderr.lines().next().unwrap_or_default()
+}
+
+fn assert_fails(out: &Outcome, code: i32, needle: &str) {
+    assert_eq!(out.code, code, "{out:?}");
+    assert!(
+        first_line(out).contains(needle),
+        "expected {needle:?} in the first stderr line: {out:?}"
+    );
+}
+
+fn install_args<'a>(sandbox: &'a Sandbox, cgroup: &'a str) -> Vec<&'a str> {
+    vec!["install", "--cgroup", cgroup, "--instance", sandbox.name()]
+}
+
+#[test]
+fn bad_flag_values_are_usage_errors() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    for (extra, needle) in [
+        (&["-p", "0"][..], "0 is not a port number (1..=65535)"),
+        (&["-p", "70000"], "70000 is not a port number"),
+        (&["-p", "http"], "'http' is not a port number"),
+        (&["-u", "envoy"], "'envoy' is not a numeric id"),
+        (&["-g", "1337,x"], "'x' is not a numeric id"),
+        (&["-u", "1,2,3,4,5,6,7,8,9"], "at most 8"),
+    ] {
+        let mut args = install_args(&sandbox, &cg);
+        args.extend_from_slice(extra);
+        let out = redirect(&args).expect("run");
+        assert_fails(&out, 2, needle);
+        assert!(!sandbox.is_pinned(), "{extra:?} left a pin");
+    }
+    let out = redirect(&["install", "--cgroup", &cg, "--instance", "a/b"]).expect("run");
+    assert_fails(&out, 2, "not a valid instance name");
+}
+
+#[test]
+fn bad_cgroup_paths_are_refused() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+
+    let missing = format!("{}/no-such-child", sandbox.pod_cgroup().display());
+    let out = redirect(&install_args(&sandbox, &missing)).expect("run");
+    assert_fails(&out, 1, "does not exist");
+
+    let plain = std::env::temp_dir().join(format!("{}-not-a-cgroup", sandbox.name()));
+    fs::create_dir_all(&plain).expect("mkdir");
+    let out = redirect(&install_args(&sandbox, &plain.to_string_lossy())).expect("run");
+    let _ = fs::remove_dir(&plain);
+    assert_fails(&out, 1, "is not a cgroup directory");
+    assert!(
+        first_line(&out).contains("use a directory under"),
+        "{out:?}"
+    );
+    assert!(!sandbox.is_pinned());
+}
+
+#[test]
+fn cgroup_v1_path_is_refused() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    // A cgroup v1 hierarchy of our own, in a private mount namespace.
+    let script = format!(
+        "dir=$(mktemp -d) && mount -t cgroup -o none,name=redirect-test-{name} cgroup \"$dir\" \
+         && exec \"$0\" install --cgroup \"$dir\" --instance {name}",
+        name = sandbox.name()
+    );
+    let out = in_private_mounts(&script);
+    if out.stderr.contains("mount:") {
+        panic!("could not mount a cgroup v1 hierarchy to test with: {out:?}");
+    }
+    assert_fails(
+        &out,
+        1,
+        "is a cgroup v1 directory; eBPF capture needs cgroup v2",
+    );
+    assert!(!sandbox.is_pinned());
+}
+
+#[test]
+fn missing_cgroup2_mount_is_explained() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let script = format!(
+        "for m in $(awk '$3 == \"cgroup2\" {{print $2}}' /proc/mounts); do umount -l \"$m\" || exit 99; done; \
+         exec \"$0\" install --cgroup self-parent --instance {}",
+        sandbox.name()
+    );
+    let out = in_private_mounts(&script);
+    assert_fails(&out, 1, "no cgroup v2 hierarchy is mounted");
+    assert!(first_line(&out).contains("mount -t cgroup2"), "{out:?}");
+    assert!(!sandbox.is_pinned());
+}
+
+#[test]
+fn missing_bpffs_is_mounted_on_demand() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let script = format!(
+        "umount -l /sys/fs/bpf 2>/dev/null; \
+         \"$0\" install --cgroup {cg} --instance {name} && \
+         awk '$2 == \"/sys/fs/bpf\" {{print \"mounted:\", $3}}' /proc/mounts && \
+         exec \"$0\" uninstall --instance {name}",
+        cg = sandbox.pod_cgroup().display(),
+        name = sandbox.name()
+    );
+    let out = in_private_mounts(&script);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("mounted: bpf"), "{out:?}");
+    assert!(out.stdout.contains("removed instance"), "{out:?}");
+}
+
+#[test]
+fn unprivileged_install_is_refused() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    // A copy the unprivileged user can execute, wherever the checkout is.
+    let dir = std::env::temp_dir().join(format!("{}-bin", sandbox.name()));
+    fs::create_dir_all(&dir).expect("mkdir");
+    let bin: PathBuf = dir.join("redirect");
+    fs::copy(redirect_bin(), &bin).expect("copy binary");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let mut cmd = sandbox.command(Net::Pod, Group::Outside, APP, &bin);
+    cmd.args(install_args(&sandbox, &cg));
+    let out = outcome(&mut cmd).expect("run");
+    let _ = fs::remove_dir_all(&dir);
+    assert_fails(&out, 1, "permission denied");
+    assert!(first_line(&out).contains("CAP_BPF"), "{out:?}");
+    assert!(!sandbox.is_pinned());
+}
+
+#[test]
+fn an_instance_name_of_another_cgroup_is_not_taken_over() {
+    require_root!();
+    let first = Sandbox::for_tests().expect("sandbox");
+    let second = Sandbox::for_tests().expect("sandbox");
+    first.install(&[]).expect("install");
+    let cg = second.pod_cgroup().to_string_lossy().into_owned();
+    let out = redirect(&["install", "--cgroup", &cg, "--instance", first.name()]).expect("run");
+    assert_fails(&out, 1, "is installed on another cgroup");
+    let status = first.status().expect("status");
+    assert_eq!(
+        status["instances"][0]["cgroup"],
+        first.pod_cgroup().to_string_lossy().as_ref()
+    );
+    first.uninstall().expect("uninstall");
+}
+
+#[test]
+fn a_failed_install_rolls_back_everything() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let upstream = SocketAddrV4::new(PEER_IP, 9080);
+    sandbox
+        .serve(Net::Peer, Group::Outside, APP, upstream, "upstream")
+        .expect("upstream");
+    sandbox
+        .serve(
+            Net::Pod,
+            Group::Proxy,
+            PROXY,
+            "127.0.0.1:15001".parse().expect("addr"),
+            "proxy",
+        )
+        .expect("proxy");
+    // An exclusive connect4 program makes the kernel refuse ours, after the
+    // sockops program was already attached and pinned.
+    let blocker = Witness::attach_exclusive(sandbox.pod_cgroup()).expect("exclusive witness");
+    let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let out = redirect(&install_args(&sandbox, &cg)).expect("run");
+    assert_fails(&out, 1, "attaching the connect4 program to the cgroup");
+    assert!(!sandbox.is_pinned(), "the sockops pin was rolled back");
+    let status = redirect(&["status", "--json", "--instance", sandbox.name()]).expect("status");
+    assert!(status.stdout.contains("\"instances\": []"), "{status:?}");
+    let tally = sandbox
+        .connect(Group::App, APP, upstream, 1)
+        .expect("connect");
+    assert_eq!(tally.get("upstream"), 1, "nothing captures: {tally:?}");
+    assert_eq!(
+        blocker.count().expect("count"),
+        1,
+        "the other program is untouched"
+    );
+}
+
+#[test]
+fn self_parent_resolves_to_the_pod_cgroup() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    // Run from the pod's `app` child cgroup, as an init container would.
+    let mut cmd = sandbox.command(Net::Pod, Group::App, redirect_sandbox::ROOT, redirect_bin());
+    cmd.args([
+        "install",
+        "--cgroup",
+        "self-parent",
+        "--instance",
+        sandbox.name(),
+    ]);
+    let out = outcome(&mut cmd).expect("run");
+    assert_eq!(out.code, 0, "{out:?}");
+    let status = sandbox.status().expect("status");
+    assert_eq!(
+        status["instances"][0]["cgroup"],
+        sandbox.pod_cgroup().to_string_lossy().as_ref()
+    );
+    sandbox.uninstall().expect("uninstall");
+}
+
+/// Runs `sh -c SCRIPT` with `$0` = the redirect binary in a private mount
+/// namespace, so that unmounting things there affects nothing else.
+fn in_private_mounts(script: &str) -> Outcome {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(redirect_bin());
+    outcome(&mut cmd).expect("unshare (util-linux)")
+}

@@ -1,0 +1,325 @@
+//! End-to-end tests of outbound capture (issue: foundation). Each test
+//! builds its own sandbox pod, drives the real `redirect` binary against the
+//! real kernel, and checks where real connections land.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    thread,
+    time::Duration,
+};
+
+use redirect_sandbox::{
+    APP, Group, Identity, Net, PEER_IP, PROXY, Sandbox,
+    cli::{counter, redirect},
+    require_root,
+    witness::Witness,
+};
+
+const UPSTREAM: &str = "upstream";
+const PROXY_REPLY: &str = "proxy";
+
+fn upstream_addr() -> SocketAddrV4 {
+    SocketAddrV4::new(PEER_IP, 9080)
+}
+
+fn local(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)
+}
+
+/// A sandbox with an upstream server on PEER_IP:9080 and a proxy on
+/// 127.0.0.1:15001 (UID 1337, in the pod's proxy cgroup).
+fn pod() -> Sandbox {
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    sandbox
+        .serve(Net::Peer, Group::Outside, APP, upstream_addr(), UPSTREAM)
+        .expect("upstream server");
+    sandbox
+        .serve(Net::Pod, Group::Proxy, PROXY, local(15001), PROXY_REPLY)
+        .expect("proxy");
+    sandbox
+}
+
+/// Where one connection from `group` as `who` to `to` lands.
+fn lands(sandbox: &Sandbox, group: Group, who: Identity, to: SocketAddrV4) -> String {
+    let tally = sandbox.connect(group, who, to, 1).expect("connect");
+    assert_eq!(tally.total(), 1, "{tally:?}");
+    tally.0.keys().next().cloned().unwrap_or_default()
+}
+
+#[test]
+fn app_connection_lands_on_the_proxy_port() {
+    require_root!();
+    let sandbox = pod();
+    assert_eq!(lands(&sandbox, Group::App, APP, upstream_addr()), UPSTREAM);
+    sandbox.install(&[]).expect("install");
+    let before = counter(&sandbox.status().expect("status"), "redirected");
+    assert_eq!(
+        lands(&sandbox, Group::App, APP, upstream_addr()),
+        PROXY_REPLY
+    );
+    let after = counter(&sandbox.status().expect("status"), "redirected");
+    assert_eq!(
+        after,
+        before + 1,
+        "the redirected counter counts each capture"
+    );
+    sandbox.uninstall().expect("uninstall");
+}
+
+#[test]
+fn proxy_uid_and_gid_reach_the_real_destination() {
+    require_root!();
+    let sandbox = pod();
+    sandbox.install(&[]).expect("install");
+    assert_eq!(
+        lands(&sandbox, Group::Proxy, PROXY, upstream_addr()),
+        UPSTREAM
+    );
+    // The proxy's UID from the app's cgroup too: the owner decides, not the cgroup child.
+    assert_eq!(
+        lands(&sandbox, Group::App, PROXY, upstream_addr()),
+        UPSTREAM
+    );
+    // GID 1337 with another UID (Istio's --gid-owner rule).
+    let gid_only = Identity {
+        uid: 4242,
+        gid: 1337,
+    };
+    assert_eq!(
+        lands(&sandbox, Group::App, gid_only, upstream_addr()),
+        UPSTREAM
+    );
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "bypass_uid"), 2);
+    assert_eq!(counter(&status, "bypass_gid"), 1);
+    assert_eq!(counter(&status, "redirected"), 0);
+    // Configured lists: another proxy UID, and GIDs are honoured too.
+    sandbox
+        .install(&["-u", "2000,3000", "-g", "5000"])
+        .expect("reinstall");
+    let other = Identity {
+        uid: 3000,
+        gid: 3000,
+    };
+    assert_eq!(
+        lands(&sandbox, Group::App, other, upstream_addr()),
+        UPSTREAM
+    );
+    assert_eq!(
+        lands(&sandbox, Group::App, PROXY, upstream_addr()),
+        PROXY_REPLY
+    );
+    sandbox.uninstall().expect("uninstall");
+}
+
+#[test]
+fn loopback_and_outside_the_cgroup_are_not_redirected() {
+    require_root!();
+    let sandbox = pod();
+    sandbox
+        .serve(Net::Pod, Group::Outside, APP, local(8081), "local app")
+        .expect("local listener");
+    sandbox.install(&[]).expect("install");
+    assert_eq!(lands(&sandbox, Group::App, APP, local(8081)), "local app");
+    assert_eq!(
+        lands(&sandbox, Group::Outside, APP, upstream_addr()),
+        UPSTREAM
+    );
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "bypass_loopback"), 1);
+    assert_eq!(counter(&status, "redirected"), 0);
+    sandbox.uninstall().expect("uninstall");
+}
+
+#[test]
+fn capture_outlives_the_installer_and_uninstall_removes_everything() {
+    require_root!();
+    let sandbox = pod();
+    // `redirect install` is a process that has exited by now.
+    sandbox.install(&[]).expect("install");
+    assert!(sandbox.is_pinned());
+    assert_eq!(
+        lands(&sandbox, Group::App, APP, upstream_addr()),
+        PROXY_REPLY
+    );
+    let status = sandbox.status().expect("status");
+    let programs = status["instances"][0]["programs"]
+        .as_array()
+        .expect("programs");
+    assert_eq!(programs.len(), 2);
+    assert!(programs.iter().all(|p| p["attached"] == true), "{status}");
+
+    let out = sandbox.uninstall().expect("uninstall");
+    assert!(out.stdout.contains("removed instance"), "{out:?}");
+    assert!(
+        !sandbox.is_pinned(),
+        "nothing stays under /sys/fs/bpf/redirect/"
+    );
+    assert_eq!(lands(&sandbox, Group::App, APP, upstream_addr()), UPSTREAM);
+
+    // Uninstalling again is not an error, and says so.
+    let again = redirect(&["uninstall", "--instance", sandbox.name()]).expect("uninstall");
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(again.stdout.contains("not installed"), "{again:?}");
+}
+
+#[test]
+fn uninstall_by_cgroup_finds_the_instance() {
+    require_root!();
+    let sandbox = pod();
+    sandbox.install(&[]).expect("install");
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let out = redirect(&["uninstall", "--cgroup", &cgroup]).expect("uninstall");
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains(sandbox.name()), "{out:?}");
+    assert!(!sandbox.is_pinned());
+    assert_eq!(lands(&sandbox, Group::App, APP, upstream_addr()), UPSTREAM);
+}
+
+#[test]
+fn reinstall_under_load_never_lets_a_connection_escape() {
+    require_root!();
+    let sandbox = pod();
+    sandbox
+        .serve(Net::Pod, Group::Proxy, PROXY, local(15002), "proxy-15002")
+        .expect("second proxy");
+    sandbox.install(&[]).expect("install");
+    let load = thread::scope(|s| {
+        let load = s.spawn(|| {
+            let mut cmd = sandbox.agent(Net::Pod, Group::App, APP);
+            cmd.args([
+                "connect",
+                "--to",
+                &upstream_addr().to_string(),
+                "--count",
+                "200000",
+                "--duration-ms",
+                "3000",
+            ]);
+            let out = cmd.output().expect("load loop");
+            redirect_sandbox::agent::Tally::parse(&String::from_utf8_lossy(&out.stdout))
+                .expect("tally")
+        });
+        thread::sleep(Duration::from_millis(1000));
+        sandbox
+            .install(&["-p", "15002"])
+            .expect("reinstall with another port");
+        load.join().expect("load thread")
+    });
+    assert!(
+        load.get(PROXY_REPLY) > 0,
+        "connections before the reinstall: {load:?}"
+    );
+    assert!(
+        load.get("proxy-15002") > 0,
+        "connections after the reinstall: {load:?}"
+    );
+    assert_eq!(
+        load.get(PROXY_REPLY) + load.get("proxy-15002"),
+        load.total(),
+        "every connection lands on the old or the new port, none escapes: {load:?}"
+    );
+    eprintln!("reinstall under load: {load:?}");
+    let status = sandbox.status().expect("status");
+    assert_eq!(status["instances"][0]["config"]["proxy_port"], 15002);
+    sandbox.uninstall().expect("uninstall");
+}
+
+#[test]
+fn other_connect4_programs_on_the_cgroup_keep_running() {
+    require_root!();
+    let sandbox = pod();
+    let before = Witness::attach_legacy_multi(sandbox.pod_cgroup()).expect("legacy witness");
+    sandbox
+        .install(&[])
+        .expect("install next to a multi-attached program");
+    let after = Witness::attach_link(sandbox.pod_cgroup()).expect("link witness");
+    assert_eq!(
+        lands(&sandbox, Group::App, APP, upstream_addr()),
+        PROXY_REPLY
+    );
+    assert_eq!(
+        before.count().expect("count"),
+        1,
+        "the earlier program still runs"
+    );
+    assert_eq!(
+        after.count().expect("count"),
+        1,
+        "the later program runs too"
+    );
+
+    sandbox.uninstall().expect("uninstall");
+    assert_eq!(lands(&sandbox, Group::App, APP, upstream_addr()), UPSTREAM);
+    assert_eq!(
+        before.count().expect("count"),
+        2,
+        "uninstall leaves others attached"
+    );
+    assert_eq!(after.count().expect("count"), 2);
+}
+
+#[test]
+fn tight_loop_is_fully_redirected_and_the_tuple_map_stays_bounded() {
+    require_root!();
+    let sandbox = pod();
+    sandbox.install(&[]).expect("install");
+    let tally = sandbox
+        .connect(Group::App, APP, upstream_addr(), 2000)
+        .expect("2000 connections");
+    assert_eq!(tally.get(PROXY_REPLY), 2000, "{tally:?}");
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "redirected"), 2000);
+    assert_eq!(counter(&status, "tuple_recorded"), 2000);
+    let tracked = &status["instances"][0]["tracked"];
+    let established = tracked["established"].as_u64().expect("established");
+    let connecting = tracked["connecting"].as_u64().expect("connecting");
+    assert!(
+        established <= 5 && connecting == 0,
+        "records of closed connections are released: {tracked}"
+    );
+    sandbox.uninstall().expect("uninstall");
+}
+
+#[test]
+fn records_are_released_when_the_proxy_runs_outside_the_cgroup() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    sandbox
+        .serve(Net::Peer, Group::Outside, APP, upstream_addr(), UPSTREAM)
+        .expect("upstream");
+    sandbox
+        .serve(Net::Pod, Group::Outside, PROXY, local(15001), PROXY_REPLY)
+        .expect("proxy outside the pod cgroup");
+    sandbox.install(&[]).expect("install");
+    let tally = sandbox
+        .connect(Group::App, APP, upstream_addr(), 300)
+        .expect("connect");
+    assert_eq!(tally.get(PROXY_REPLY), 300, "{tally:?}");
+    let status = sandbox.status().expect("status");
+    let established = status["instances"][0]["tracked"]["established"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(established <= 5, "{status}");
+    assert!(counter(&status, "tuple_released") >= 295, "{status}");
+    sandbox.uninstall().expect("uninstall");
+}
+
+#[test]
+fn connects_that_never_complete_release_their_record() {
+    require_root!();
+    // No proxy listening: the redirected connect is refused.
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    sandbox.install(&[]).expect("install");
+    let tally = sandbox
+        .connect(Group::App, APP, upstream_addr(), 20)
+        .expect("connect");
+    assert_eq!(tally.get("error: connection refused"), 20, "{tally:?}");
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "connect_aborted"), 20, "{status}");
+    assert_eq!(
+        status["instances"][0]["tracked"]["connecting"], 0,
+        "{status}"
+    );
+    sandbox.uninstall().expect("uninstall");
+}
