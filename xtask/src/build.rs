@@ -20,6 +20,19 @@ pub fn cargo(args: &[&str]) -> Result<Command> {
     Ok(cmd)
 }
 
+/// A `cargo +nightly` command (through rustup) for the eBPF crate itself.
+pub fn nightly_cargo(args: &[&str]) -> Result<Command> {
+    let path = toolchain::ensure()?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .env("PATH", path)
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .arg("+nightly")
+        .args(args);
+    Ok(cmd)
+}
+
 /// Builds everything and returns the path of the `redirect` binary.
 pub fn build(release: bool) -> Result<PathBuf> {
     let mut args = vec!["build", "--package", "redirect-user"];

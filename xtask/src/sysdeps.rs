@@ -16,11 +16,18 @@ pub struct Tool {
 }
 
 /// Tools every end-to-end test or the demo uses.
-pub const SANDBOX_TOOLS: &[Tool] = &[Tool {
-    program: "ip",
-    package: "iproute2",
-    why: "creates the sandbox pod's veth pair and addresses",
-}];
+pub const SANDBOX_TOOLS: &[Tool] = &[
+    Tool {
+        program: "ip",
+        package: "iproute2",
+        why: "creates the sandbox pod's veth pair and addresses",
+    },
+    Tool {
+        program: "unshare",
+        package: "util-linux",
+        why: "private mount namespaces for the missing-cgroup2/bpffs tests",
+    },
+];
 
 /// Installs the packages of every tool that is not on `PATH`.
 pub fn ensure_tools(tools: &[Tool]) -> Result<()> {

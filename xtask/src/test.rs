@@ -6,7 +6,7 @@ use std::{fs, path::Path};
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    build::cargo,
+    build::{self, cargo},
     sysdeps::{self, SANDBOX_TOOLS, run_checked},
 };
 
@@ -26,6 +26,20 @@ pub fn test(filter: Option<&str>, lint: bool) -> Result<()> {
             "warnings",
         ])?)
         .context("clippy found problems")?;
+        run_checked(&mut build::nightly_cargo(&[
+            "clippy",
+            "--package",
+            "redirect-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ])?)
+        .context("clippy found problems in the eBPF programs")?;
     }
     // Build the binary the end-to-end tests drive before they start.
     run_checked(&mut cargo(&["build", "--package", "redirect-user"])?)?;
