@@ -78,8 +78,7 @@ pub fn demo() -> Result<ExitCode> {
 
 /// Connects once from the pod's app cgroup as `who` and prints where it landed.
 fn show(sandbox: &Sandbox, label: &str, who: Identity, to: SocketAddrV4) -> Result<String> {
-    let tally = sandbox.connect(Group::App, who, to, 1)?;
-    let reply = tally.0.keys().next().cloned().unwrap_or_default();
+    let reply = sandbox.lands(Group::App, who, to)?;
     println!("   {label} connects to {to}: answered by \"{reply}\"");
     Ok(reply)
 }

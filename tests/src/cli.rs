@@ -1,6 +1,7 @@
 //! Driving the `redirect` binary from tests, the way an operator does.
 
 use std::{
+    net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     process::{Command, Stdio},
 };
@@ -8,7 +9,16 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::Sandbox;
+use crate::{APP, Group, Net, PEER_IP, PROXY, Sandbox};
+
+/// Where [`Sandbox::with_upstream_and_proxy`] runs its upstream server.
+pub const UPSTREAM: SocketAddrV4 = SocketAddrV4::new(PEER_IP, 9080);
+/// What that upstream server answers.
+pub const UPSTREAM_REPLY: &str = "upstream";
+/// Where it runs its stand-in proxy (Istio's outbound port).
+pub const PROXY_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001);
+/// What that proxy answers.
+pub const PROXY_REPLY: &str = "proxy";
 
 /// The `redirect` binary under test: `$REDIRECT_BIN`, or the workspace's
 /// debug build (`cargo xtask test` builds it first).
@@ -76,6 +86,16 @@ impl Sandbox {
     /// A sandbox whose agent is `redirect sandbox-agent`.
     pub fn for_tests() -> Result<Self> {
         Self::new(redirect_bin(), &["sandbox-agent"])
+    }
+
+    /// The usual test pod: [`Sandbox::for_tests`] with an upstream server
+    /// on [`UPSTREAM`] in the peer and a stand-in proxy on [`PROXY_ADDR`]
+    /// as UID 1337 in the pod's proxy cgroup.
+    pub fn with_upstream_and_proxy() -> Result<Self> {
+        let sandbox = Self::for_tests()?;
+        sandbox.serve(Net::Peer, Group::Outside, APP, UPSTREAM, UPSTREAM_REPLY)?;
+        sandbox.serve(Net::Pod, Group::Proxy, PROXY, PROXY_ADDR, PROXY_REPLY)?;
+        Ok(sandbox)
     }
 
     /// `redirect install --cgroup <pod> --instance <name> EXTRA...`; fails

@@ -345,6 +345,17 @@ impl Sandbox {
         self.start(cmd)
     }
 
+    /// What answers one connection from the pod (cgroup `group`, identity
+    /// `who`) to `to`: the reply text, or `error: <kind>`.
+    pub fn lands(&self, group: Group, who: Identity, to: SocketAddrV4) -> Result<String> {
+        let tally = self.connect(group, who, to, 1)?;
+        tally
+            .0
+            .into_keys()
+            .next()
+            .context("the agent reported no connection")
+    }
+
     /// Runs `agent connect` to `to`, `count` times, and returns the tally of
     /// replies (see [`agent::Tally`]).
     pub fn connect(

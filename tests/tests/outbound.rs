@@ -9,41 +9,27 @@ use std::{
 };
 
 use redirect_sandbox::{
-    APP, Group, Identity, Net, PEER_IP, PROXY, Sandbox,
-    cli::{counter, redirect},
+    APP, Group, Identity, Net, PROXY, Sandbox,
+    cli::{PROXY_REPLY, UPSTREAM as UPSTREAM_ADDR, UPSTREAM_REPLY as UPSTREAM, counter, redirect},
     require_root,
     witness::Witness,
 };
 
-const UPSTREAM: &str = "upstream";
-const PROXY_REPLY: &str = "proxy";
-
 fn upstream_addr() -> SocketAddrV4 {
-    SocketAddrV4::new(PEER_IP, 9080)
+    UPSTREAM_ADDR
 }
 
 fn local(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)
 }
 
-/// A sandbox with an upstream server on PEER_IP:9080 and a proxy on
-/// 127.0.0.1:15001 (UID 1337, in the pod's proxy cgroup).
 fn pod() -> Sandbox {
-    let sandbox = Sandbox::for_tests().expect("sandbox");
-    sandbox
-        .serve(Net::Peer, Group::Outside, APP, upstream_addr(), UPSTREAM)
-        .expect("upstream server");
-    sandbox
-        .serve(Net::Pod, Group::Proxy, PROXY, local(15001), PROXY_REPLY)
-        .expect("proxy");
-    sandbox
+    Sandbox::with_upstream_and_proxy().expect("sandbox pod")
 }
 
 /// Where one connection from `group` as `who` to `to` lands.
 fn lands(sandbox: &Sandbox, group: Group, who: Identity, to: SocketAddrV4) -> String {
-    let tally = sandbox.connect(group, who, to, 1).expect("connect");
-    assert_eq!(tally.total(), 1, "{tally:?}");
-    tally.0.keys().next().cloned().unwrap_or_default()
+    sandbox.lands(group, who, to).expect("connect")
 }
 
 #[test]
@@ -288,6 +274,7 @@ fn records_are_released_when_the_proxy_runs_outside_the_cgroup() {
     sandbox
         .serve(Net::Peer, Group::Outside, APP, upstream_addr(), UPSTREAM)
         .expect("upstream");
+    // The proxy outside the pod cgroup: sockops never sees its side.
     sandbox
         .serve(Net::Pod, Group::Outside, PROXY, local(15001), PROXY_REPLY)
         .expect("proxy outside the pod cgroup");
