@@ -9,6 +9,11 @@
 //!   connection's 4-tuple once the connection is established (the proxy's
 //!   accepted socket can find it there), and removes it when the connection
 //!   closes, so long-running nodes do not fill the maps.
+//! - [`redirect_getsockopt`] (`cgroup/getsockopt`) answers the proxy's
+//!   `getsockopt(SOL_IP, SO_ORIGINAL_DST)` from that record, as conntrack
+//!   does for iptables REDIRECT; every other call is left as the kernel made it.
+//! - [`redirect_getpeername4`] (`cgroup/getpeername4`) makes `getpeername()`
+//!   on the app's redirected socket return the original destination.
 //!
 //! Configuration comes from the `RDR_CONFIG` map that user space fills; every
 //! decision increments a per-CPU counter in `RDR_STATS`.
@@ -24,15 +29,15 @@ use aya_ebpf::{
         BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_current_uid_gid, generated::bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
 use redirect_common::{
     COUNTER_COUNT, ConnTuple, ConnectInput, Counter, InstanceMeta, LOCALHOST, ORIG_FLAG_PROXY_SEEN,
-    OrigDst, RedirectConfig, Verdict, decide_connect, tuple_from_client_side,
-    tuple_from_server_side,
+    OrigDst, RedirectConfig, SOCKADDR_IN_LEN, SockoptAction, Verdict, classify_getsockopt,
+    decide_connect, sockaddr_in, tuple_from_client_side, tuple_from_server_side,
 };
 
 /// Largest number of connections whose original destination is tracked at once.
@@ -247,6 +252,98 @@ fn on_close(ctx: &SockOpsContext) {
     if !proxy_seen && RDR_ORIG_TUPLE.remove(as_app).is_ok() {
         count(Counter::TupleReleased);
     }
+}
+
+/// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` for redirected
+/// connections, which with iptables is answered by conntrack for the
+/// `-j REDIRECT --to-ports 15001` rule. The asking socket is the proxy's
+/// accepted one: its remote end is the app's socket, so its tuple names the
+/// record sockops filed. Calls without a record, and every other option,
+/// come back exactly as the kernel produced them.
+#[cgroup_sockopt(getsockopt)]
+pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/getsockopt program a valid context.
+    let opt = unsafe { &mut *ctx.sockopt };
+    // SAFETY: reading the union members the kernel filled in.
+    let (optval, optval_end, sk) = unsafe {
+        (
+            opt.__bindgen_anon_2.optval as *mut u8,
+            opt.__bindgen_anon_3.optval_end as *mut u8,
+            opt.__bindgen_anon_1.sk,
+        )
+    };
+    let buf_len = optval_end as i64 - optval as i64;
+    match classify_getsockopt(opt.level, opt.optname, opt.optlen, buf_len) {
+        SockoptAction::Untouched => {}
+        SockoptAction::PassLargeBuffer => {
+            // SAFETY: optlen is a writable field of the context.
+            unsafe { core::ptr::write_volatile(&raw mut opt.optlen, 0) };
+        }
+        SockoptAction::AnswerOriginalDst => {
+            if sk.is_null() {
+                return 1;
+            }
+            // SAFETY: non-null socket pointer from the context.
+            let sk = unsafe { &*sk };
+            let tuple = tuple_from_server_side(
+                sk.src_ip4,
+                sk.src_port as u16,
+                sk.dst_ip4,
+                u16::from_be(sk.dst_port),
+            );
+            // SAFETY: copied out before use.
+            let Some(orig) = (unsafe { RDR_ORIG_TUPLE.get(tuple) }).copied() else {
+                count(Counter::OrigDstMissed);
+                return 1;
+            };
+            // The verifier needs the bound checked on the pointer itself.
+            if optval.wrapping_add(SOCKADDR_IN_LEN as usize) > optval_end {
+                return 1;
+            }
+            let bytes = sockaddr_in(&orig);
+            // SAFETY: 16 bytes fit between optval and optval_end (checked above).
+            unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), optval, bytes.len()) };
+            // Separate volatile stores: merged into one 8-byte store, these
+            // two adjacent fields are rejected by the verifier.
+            // SAFETY: optlen and retval are writable fields of the context.
+            unsafe {
+                core::ptr::write_volatile(&raw mut opt.optlen, SOCKADDR_IN_LEN);
+                core::ptr::write_volatile(&raw mut opt.retval, 0);
+            }
+            count(Counter::OrigDstAnswered);
+        }
+    }
+    1
+}
+
+/// `getpeername()` on the app's redirected socket returns the original
+/// destination instead of 127.0.0.1:<proxy port>, as it does with iptables
+/// REDIRECT (there the kernel never sees the rewrite). Other sockets,
+/// including the proxy's own, have no record and are unaffected.
+#[cgroup_sock_addr(getpeername4)]
+pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/getpeername4 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: reading the union member the kernel filled in.
+    let sk = unsafe { addr.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: non-null socket pointer from the context.
+    let local = unsafe { ((*sk).src_ip4, (*sk).src_port as u16) };
+    let tuple = tuple_from_client_side(
+        local.0,
+        local.1,
+        addr.user_ip4,
+        u16::from_be(addr.user_port as u16),
+    );
+    // SAFETY: copied out before use.
+    if let Some(orig) = (unsafe { RDR_ORIG_TUPLE.get(tuple) }).copied() {
+        addr.user_ip4 = orig.ip;
+        addr.user_port = u32::from(orig.port.to_be());
+        count(Counter::PeernameRestored);
+    }
+    ALLOW
 }
 
 #[cfg(not(test))]

@@ -39,6 +39,10 @@ pub struct Program {
     pub program_id: Option<u32>,
     /// The link is attached to the instance's cgroup.
     pub attached: bool,
+    /// The running kernel has this hook (when not, it is skipped).
+    pub available: bool,
+    /// First kernel with the hook, "major.minor".
+    pub min_kernel: String,
     pub mirrors: &'static str,
 }
 
@@ -125,6 +129,8 @@ fn programs(dir: &Path, cgroup_id: u64) -> Vec<Program> {
                 link_id: info.map(|i| i.link_id),
                 program_id: info.map(|i| i.prog_id),
                 attached: info.is_some_and(|i| i.cgroup_id == cgroup_id),
+                available: loader::available(hook),
+                min_kernel: format!("{}.{}", hook.min_kernel.0, hook.min_kernel.1),
                 mirrors: hook.mirrors,
             }
         })
@@ -155,6 +161,9 @@ fn mirrors(counter: Counter, cfg: Option<&Config>) -> String {
         Counter::TupleRecorded => "(conntrack: redirected connection established)".into(),
         Counter::TupleReleased => "(conntrack: redirected connection closed)".into(),
         Counter::ConnectAborted => "(conntrack: redirected connect never completed)".into(),
+        Counter::OrigDstAnswered => "(conntrack: SO_ORIGINAL_DST answered)".into(),
+        Counter::OrigDstMissed => "(SO_ORIGINAL_DST on a connection with no record)".into(),
+        Counter::PeernameRestored => "(getpeername() of a redirected socket restored)".into(),
     }
 }
 
@@ -180,32 +189,33 @@ pub fn render(status: &Status) -> String {
                 (false, Some(prog), Some(link)) => {
                     format!("NOT attached (cgroup gone?), program {prog}, link {link}")
                 }
+                _ if !p.available => format!("skipped: this kernel is older than {}", p.min_kernel),
                 _ => "NOT attached (link pin missing)".to_owned(),
             };
-            let _ = writeln!(out, "  {:<9} {state}  [{}]", p.hook, p.mirrors);
+            let _ = writeln!(out, "  {:<12} {state}  [{}]", p.hook, p.mirrors);
         }
         match &inst.config {
             Some(c) => {
                 let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
                 let _ = writeln!(
                     out,
-                    "  config    proxy port {}, proxy uids [{}], proxy gids [{}], loopback {}",
+                    "  config       proxy port {}, proxy uids [{}], proxy gids [{}], loopback {}",
                     c.proxy_port,
                     ids(&c.proxy_uids),
                     ids(&c.proxy_gids),
                     c.loopback_cidr
                 );
             }
-            None => out.push_str("  config    (not written)\n"),
+            None => out.push_str("  config       (not written)\n"),
         }
         let _ = writeln!(
             out,
-            "  tracked   {} connecting, {} established",
+            "  tracked      {} connecting, {} established",
             inst.tracked.connecting, inst.tracked.established
         );
-        let _ = writeln!(out, "  {:>10}  {:<16} mirrors", "conns", "decision");
+        let _ = writeln!(out, "  {:>10}  {:<18} mirrors", "conns", "decision");
         for c in &inst.counters {
-            let _ = writeln!(out, "  {:>10}  {:<16} {}", c.value, c.name, c.mirrors);
+            let _ = writeln!(out, "  {:>10}  {:<18} {}", c.value, c.name, c.mirrors);
         }
     }
     out

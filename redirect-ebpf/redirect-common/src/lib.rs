@@ -102,6 +102,12 @@ pub enum Counter {
     TupleReleased = 7,
     /// A cookie record was removed because its connect never completed.
     ConnectAborted = 8,
+    /// `getsockopt(SO_ORIGINAL_DST)` answered from a record.
+    OrigDstAnswered = 9,
+    /// `getsockopt(SO_ORIGINAL_DST)` on a socket without a record (left to the kernel).
+    OrigDstMissed = 10,
+    /// `getpeername()` of a redirected app socket answered with the original destination.
+    PeernameRestored = 11,
 }
 
 impl Counter {
@@ -115,6 +121,9 @@ impl Counter {
         Self::TupleRecorded,
         Self::TupleReleased,
         Self::ConnectAborted,
+        Self::OrigDstAnswered,
+        Self::OrigDstMissed,
+        Self::PeernameRestored,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -129,12 +138,15 @@ impl Counter {
             Self::TupleRecorded => "tuple_recorded",
             Self::TupleReleased => "tuple_released",
             Self::ConnectAborted => "connect_aborted",
+            Self::OrigDstAnswered => "orig_dst_answered",
+            Self::OrigDstMissed => "orig_dst_missed",
+            Self::PeernameRestored => "peername_restored",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 9;
+pub const COUNTER_COUNT: u32 = 12;
 
 /// The facts about one `connect()` that the decision depends on.
 #[derive(Clone, Copy, Debug)]
@@ -201,6 +213,55 @@ fn contains(set: &[u32; MAX_OWNERS], count: u32, id: u32) -> bool {
         i += 1;
     }
     false
+}
+
+/// `SOL_IP`, the level of `SO_ORIGINAL_DST`.
+pub const SOL_IP: i32 = 0;
+/// `SO_ORIGINAL_DST` (`linux/netfilter_ipv4.h`).
+pub const SO_ORIGINAL_DST: i32 = 80;
+/// Size of `struct sockaddr_in`, what `SO_ORIGINAL_DST` returns.
+pub const SOCKADDR_IN_LEN: i32 = 16;
+
+/// What the getsockopt program does with one `getsockopt()` call, decided
+/// from the call and what the kernel already produced for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockoptAction {
+    /// Not ours: return it exactly as the kernel produced it.
+    Untouched,
+    /// Not ours, and the kernel's answer is larger than the page the
+    /// program sees: set `optlen` to 0, the kernel's documented way to hand
+    /// the caller its original buffer (an untouched large `optlen` is an
+    /// EFAULT before kernel 6.6; trimming it would corrupt the answer).
+    PassLargeBuffer,
+    /// `SO_ORIGINAL_DST` with room for a `sockaddr_in`: answer it from the
+    /// record of this connection, if there is one.
+    AnswerOriginalDst,
+}
+
+/// Classifies a `getsockopt()` call. `optlen` is what the kernel returned
+/// (or the caller's length if it failed), `buf_len` the size of the buffer
+/// the program may write (`optval_end - optval`, at most a page).
+#[inline(always)]
+pub fn classify_getsockopt(level: i32, optname: i32, optlen: i32, buf_len: i64) -> SockoptAction {
+    if i64::from(optlen) > buf_len {
+        return SockoptAction::PassLargeBuffer;
+    }
+    if level == SOL_IP && optname == SO_ORIGINAL_DST && buf_len >= i64::from(SOCKADDR_IN_LEN) {
+        return SockoptAction::AnswerOriginalDst;
+    }
+    SockoptAction::Untouched
+}
+
+/// The `struct sockaddr_in` bytes that `SO_ORIGINAL_DST` returns for `orig`:
+/// family AF_INET (host order), port and address in network order, zero padding.
+#[inline(always)]
+pub fn sockaddr_in(orig: &OrigDst) -> [u8; 16] {
+    let family = 2u16.to_ne_bytes();
+    let port = orig.port.to_be_bytes();
+    let ip = orig.ip.to_ne_bytes();
+    [
+        family[0], family[1], port[0], port[1], ip[0], ip[1], ip[2], ip[3], 0, 0, 0, 0, 0, 0, 0, 0,
+    ]
 }
 
 /// The client-side tuple of a connection given the tuple of the socket asking

@@ -9,10 +9,10 @@
 //! each link's program with `BPF_LINK_UPDATE`: at no moment is the cgroup
 //! without a capture program, so no connection escapes during an upgrade.
 //!
-//! Links are attached with `CgroupAttachMode::Single`, which for a bpf_link
-//! means "no extra flags": cgroup links are multi-attach by nature and run
-//! alongside any other program on the same cgroup (the exclusive, flag-less
-//! `BPF_PROG_ATTACH` that broke earlier projects is never used).
+//! Programs are attached with bpf_links (`BPF_LINK_CREATE`, no flags):
+//! cgroup links are multi-attach by nature and run alongside any other
+//! program on the same cgroup (the exclusive, flag-less `BPF_PROG_ATTACH`
+//! that broke earlier projects is never used).
 
 use std::{
     collections::HashSet,
@@ -26,12 +26,12 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+    programs::{CgroupSockAddr, CgroupSockopt, SockOps},
     util::KernelVersion,
 };
 use redirect_common::{ABI_VERSION, InstanceMeta, META_PATH_MAX, RedirectConfig};
 
-use super::{CONNECT4, HOOKS, Hook, OBJECT, SOCKOPS, maps, sys};
+use super::{HOOKS, Hook, Kind, OBJECT, maps, sys};
 use crate::{bpffs, cgroup::Cgroup, config::Config, privilege};
 
 /// What to install where.
@@ -139,15 +139,20 @@ fn install_steps(req: &Request<'_>, dir: &Path, undo: &mut Undo) -> Result<Ebpf>
         .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
     let mut to_update = Vec::new();
     for hook in HOOKS {
+        if !available(&hook) {
+            if hook.optional {
+                continue; // reported by `redirect status`
+            }
+            let (major, minor) = hook.min_kernel;
+            bail!("the {} hook needs kernel {major}.{minor} or later", hook.name);
+        }
         load_program(&mut ebpf, hook)?;
         let pin = dir.join(hook.pin_name());
         if pin_is_live(&pin, req.cgroup.id) {
             to_update.push((hook, pin));
         } else {
             let _ = fs::remove_file(&pin); // a defunct link of a removed cgroup
-            let link = attach(&mut ebpf, hook, &cgroup)?;
-            link.pin(&pin)
-                .with_context(|| format!("pinning the {} link at {}", hook.name, pin.display()))?;
+            attach_and_pin(&ebpf, hook, &cgroup, &pin)?;
         }
     }
     for (hook, pin) in to_update {
@@ -205,40 +210,43 @@ fn write_config(ebpf: &mut Ebpf, req: &Request<'_>, undo: &mut Undo) -> Result<(
     Ok(())
 }
 
+/// Whether the running kernel has `hook` (unknown kernel versions are
+/// assumed to; the load or attach then reports what is missing).
+pub fn available(hook: &Hook) -> bool {
+    let (major, minor) = hook.min_kernel;
+    KernelVersion::current().map_or(true, |k| k >= KernelVersion::new(major, minor, 0))
+}
+
 fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
     let program = ebpf
         .program_mut(hook.program)
         .with_context(|| format!("program {} missing from the object", hook.program))?;
-    let result = if hook == CONNECT4 {
-        let p: &mut CgroupSockAddr = program.try_into()?;
-        p.load()
-    } else {
-        let p: &mut SockOps = program.try_into()?;
-        p.load()
+    let result = match hook.kind {
+        Kind::SockAddr => <&mut CgroupSockAddr>::try_from(program)?.load(),
+        Kind::SockOps => <&mut SockOps>::try_from(program)?.load(),
+        Kind::Sockopt => <&mut CgroupSockopt>::try_from(program)?.load(),
     };
     result.with_context(|| format!("loading the {} program (verifier)", hook.name))
 }
 
-fn attach(ebpf: &mut Ebpf, hook: Hook, cgroup: &File) -> Result<FdLink> {
+/// Attaches a loaded program to the cgroup with a new bpf_link and pins the
+/// link at `pin`.
+///
+/// The link is created with the raw `BPF_LINK_CREATE` rather than aya's
+/// `attach`, for every hook alike, because aya 0.14 cannot turn a
+/// `CgroupSockopt` link into an `FdLink` to pin it. A pinned link survives
+/// this process, is swapped in place by the next install (`BPF_LINK_UPDATE`
+/// on the same pin, so re-installing is idempotent) and is detached by
+/// uninstall with the other pins. The alternative, a legacy
+/// `BPF_PROG_ATTACH` with `BPF_F_ALLOW_MULTI`, cannot be pinned and would
+/// need de-duplicating on every re-install.
+fn attach_and_pin(ebpf: &Ebpf, hook: Hook, cgroup: &File, pin: &Path) -> Result<()> {
     let program = ebpf
-        .program_mut(hook.program)
+        .program(hook.program)
         .with_context(|| format!("program {} missing from the object", hook.program))?;
-    let context = || format!("attaching the {} program to the cgroup", hook.name);
-    let link = if hook == CONNECT4 {
-        let p: &mut CgroupSockAddr = program.try_into()?;
-        let id = p
-            .attach(cgroup, CgroupAttachMode::Single)
-            .with_context(context)?;
-        FdLink::try_from(p.take_link(id)?)?
-    } else {
-        debug_assert_eq!(hook, SOCKOPS);
-        let p: &mut SockOps = program.try_into()?;
-        let id = p
-            .attach(cgroup, CgroupAttachMode::Single)
-            .with_context(context)?;
-        FdLink::try_from(p.take_link(id)?)?
-    };
-    Ok(link)
+    let link = sys::link_create(program.fd()?.as_fd(), cgroup.as_fd(), hook.attach_type)
+        .with_context(|| format!("attaching the {} program to the cgroup", hook.name))?;
+    sys::obj_pin(link.as_fd(), pin).with_context(|| format!("pinning the {} link", hook.name))
 }
 
 /// Whether `pin` holds a link still attached to the cgroup with id `cgroup_id`.

@@ -7,6 +7,14 @@ pub mod sys;
 /// The compiled `redirect-ebpf` object, built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
 
+/// Which aya program type loads a hook's program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    SockAddr,
+    SockOps,
+    Sockopt,
+}
+
 /// A program of the object and the cgroup hook it is attached to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hook {
@@ -14,6 +22,13 @@ pub struct Hook {
     pub program: &'static str,
     /// Short name used in status output and in the link's pin name.
     pub name: &'static str,
+    pub kind: Kind,
+    /// `enum bpf_attach_type` value of the hook.
+    pub attach_type: u32,
+    /// First kernel (major, minor) that has the hook.
+    pub min_kernel: (u8, u8),
+    /// Whether capture works without it (it is then skipped and reported).
+    pub optional: bool,
     /// What it replaces in Istio's rule set.
     pub mirrors: &'static str,
 }
@@ -28,15 +43,44 @@ impl Hook {
 pub const CONNECT4: Hook = Hook {
     program: "redirect_connect4",
     name: "connect4",
+    kind: Kind::SockAddr,
+    attach_type: 10, // BPF_CGROUP_INET4_CONNECT
+    min_kernel: (4, 17),
+    optional: false,
     mirrors: "nat OUTPUT -> ISTIO_OUTPUT -> ISTIO_REDIRECT",
 };
 
 pub const SOCKOPS: Hook = Hook {
     program: "redirect_sockops",
     name: "sockops",
+    kind: Kind::SockOps,
+    attach_type: 3, // BPF_CGROUP_SOCK_OPS
+    min_kernel: (4, 13),
+    optional: false,
     mirrors: "conntrack entries of redirected connections",
 };
 
-/// Every hook an instance attaches, in attach order: sockops first, so that
-/// every connection connect4 redirects is already tracked.
-pub const HOOKS: [Hook; 2] = [SOCKOPS, CONNECT4];
+pub const GETSOCKOPT: Hook = Hook {
+    program: "redirect_getsockopt",
+    name: "getsockopt",
+    kind: Kind::Sockopt,
+    attach_type: 21, // BPF_CGROUP_GETSOCKOPT
+    min_kernel: (5, 3),
+    optional: false,
+    mirrors: "conntrack's SO_ORIGINAL_DST answer",
+};
+
+pub const GETPEERNAME4: Hook = Hook {
+    program: "redirect_getpeername4",
+    name: "getpeername4",
+    kind: Kind::SockAddr,
+    attach_type: 29, // BPF_CGROUP_INET4_GETPEERNAME
+    min_kernel: (5, 8),
+    optional: true,
+    mirrors: "REDIRECT leaves the app's peer address unchanged",
+};
+
+/// Every hook an instance attaches, in attach order: the ones that track
+/// and answer first, connect4 last, so that every connection it redirects
+/// is already tracked and answerable. Uninstall goes in reverse.
+pub const HOOKS: [Hook; 4] = [SOCKOPS, GETSOCKOPT, GETPEERNAME4, CONNECT4];

@@ -1,7 +1,13 @@
-//! The few `bpf()` commands aya 0.14 does not expose for what redirect
-//! needs: opening a pinned link as a descriptor, replacing a link's program
-//! in place (`BPF_LINK_UPDATE`, the no-gap reinstall), force-detaching a link
-//! (`BPF_LINK_DETACH`) and reading a cgroup link's target.
+//! The few `bpf()` commands redirect issues itself, because aya 0.14 does
+//! not expose them for every hook it needs:
+//!
+//! - `BPF_LINK_CREATE` + `BPF_OBJ_PIN`: aya cannot turn a `CgroupSockopt`
+//!   link into a pinnable `FdLink`, so every hook is attached here, one way
+//!   for all (see `loader::attach`);
+//! - `BPF_OBJ_GET`: opening a pinned link as a descriptor;
+//! - `BPF_LINK_UPDATE`: replacing a link's program in place (the no-gap reinstall);
+//! - `BPF_LINK_DETACH`: force-detaching a link;
+//! - `BPF_OBJ_GET_INFO_BY_FD`: reading a cgroup link's program and target.
 
 use std::{
     ffi::CString,
@@ -11,9 +17,11 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
+const BPF_OBJ_PIN: u32 = 6;
 const BPF_OBJ_GET: u32 = 7;
 const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+const BPF_LINK_CREATE: u32 = 28;
 const BPF_LINK_UPDATE: u32 = 29;
 const BPF_LINK_DETACH: u32 = 34;
 
@@ -38,6 +46,45 @@ fn bpf<T>(cmd: u32, attr: &mut T) -> std::io::Result<i64> {
 fn owned(fd: i64) -> OwnedFd {
     // SAFETY: the kernel just returned this new descriptor.
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Attaches a program to a cgroup with a new bpf_link (`BPF_LINK_CREATE`,
+/// kernel >= 5.7). No flags: cgroup links always share the hook with other
+/// programs, the opposite of the exclusive legacy attach.
+pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32) -> std::io::Result<OwnedFd> {
+    #[repr(C)]
+    struct Attr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    let mut attr = Attr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
+}
+
+/// Pins an object at `path` on bpffs (`BPF_OBJ_PIN`).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).with_context(|| format!("BPF_OBJ_PIN {}", path.display()))?;
+    Ok(())
 }
 
 /// Opens a pinned object (`BPF_OBJ_GET`).
