@@ -1,28 +1,43 @@
-//! The sandbox agent: the small client and server that run as processes
-//! inside a sandbox (an app that connects, a listener that tells who it is).
+//! The sandbox agent: the small clients and servers that run as processes
+//! inside a sandbox (an app that connects, a proxy that reads
+//! `SO_ORIGINAL_DST`, a listener that tells who it is).
 //!
 //! It is an executable entry point ([`main`]) so that it can run in the
 //! pod's cgroup as any UID, which a thread of the test process cannot.
 //!
 //! ```text
-//! agent [--uid U --gid G] serve --listen IP:PORT --reply TEXT
-//!     listen, print "ready", answer every connection with "TEXT\n"
-//! agent [--uid U --gid G] connect --to IP:PORT [--count N] [--duration-ms D]
+//! agent [--uid U --gid G] serve --listen IP:PORT --reply TEXT [--report original-dst|peer] [--http]
+//!     listen, print "ready", answer every connection with one line: TEXT,
+//!     or what the accepted socket reports (its SO_ORIGINAL_DST, read as a
+//!     transparent proxy does, or its peer address); --http wraps it in an
+//!     HTTP/1.1 response after reading the request head
+//! agent [...] connect --to IP:PORT [--count N] [--duration-ms D] [--peer]
 //!     connect N times in sequence (stopping after D ms), read each reply,
-//!     print one "<count>\t<reply>" line per distinct reply or error
+//!     print one "<count>\t<reply>" line per distinct reply or error;
+//!     --peer prefixes each reply with the socket's getpeername()
+//! agent [...] check --to IP:PORT[,IP:PORT...] --count N [--concurrent]
+//!     connection i goes to target i mod len and must be answered with that
+//!     target's address (a proxy reporting original-dst); prints a tally of
+//!     "ok", "mixup" (another connection's address) and errors. With
+//!     --concurrent, all N connections are open before any reply is read
+//! agent [...] sockopts --to IP:PORT
+//!     print getsockopt answers that must not depend on capture: SO_RCVBUF
+//!     and the stable head of TCP_INFO of a fresh socket, and
+//!     SO_ORIGINAL_DST of a connection to IP:PORT
 //! ```
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use socket2::{Domain, SockRef, Socket, Type};
 
 /// How long one connect or read may take before it counts as an error.
-const IO_TIMEOUT: Duration = Duration::from_secs(3);
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the agent with its arguments (without the program name); returns
 /// the process exit code.
@@ -38,27 +53,48 @@ pub fn main(args: &[String]) -> i32 {
 
 fn run(args: &[String]) -> Result<()> {
     let mut args = Args(args.iter().map(String::as_str).collect());
+    raise_nofile();
     let uid = args.opt("--uid")?;
     let gid = args.opt("--gid")?;
     if let (Some(uid), Some(gid)) = (uid, gid) {
         drop_privileges(uid.parse()?, gid.parse()?)?;
     }
-    match args.0.first().copied() {
+    let command = args.0.first().copied();
+    if command.is_some() {
+        args.0.remove(0);
+    }
+    match command {
         Some("serve") => {
-            args.0.remove(0);
             let listen: SocketAddr = args.req("--listen")?.parse()?;
-            let reply = args.req("--reply")?.to_owned();
-            serve(listen, &reply)
+            let reply = match args.opt("--report")? {
+                None => Reply::Text(args.req("--reply")?.to_owned()),
+                Some("original-dst") => Reply::OriginalDst,
+                Some("peer") => Reply::Peer,
+                Some(other) => bail!("unknown --report {other}"),
+            };
+            serve(listen, &reply, args.flag("--http"))
         }
         Some("connect") => {
-            args.0.remove(0);
             let to: SocketAddr = args.req("--to")?.parse()?;
             let count: u64 = args.opt("--count")?.unwrap_or("1").parse()?;
             let duration = args.opt("--duration-ms")?.map(str::parse).transpose()?;
-            let tally = connect(to, count, duration.map(Duration::from_millis));
+            let peer = args.flag("--peer");
+            let tally = connect(to, count, duration.map(Duration::from_millis), peer);
             print!("{}", tally.render());
             Ok(())
         }
+        Some("check") => {
+            let targets = args
+                .req("--to")?
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<SocketAddr>, _>>()?;
+            let count: usize = args.req("--count")?.parse()?;
+            let tally = check(&targets, count, args.flag("--concurrent"));
+            print!("{}", tally.render());
+            Ok(())
+        }
+        Some("sockopts") => sockopts(args.req("--to")?.parse()?),
         other => bail!("unknown agent command {other:?}"),
     }
 }
@@ -83,6 +119,15 @@ impl<'a> Args<'a> {
         self.opt(name)?
             .with_context(|| format!("{name} is required"))
     }
+
+    /// Removes a valueless `name` and says whether it was there.
+    fn flag(&mut self, name: &str) -> bool {
+        let found = self.0.iter().position(|a| *a == name);
+        if let Some(i) = found {
+            self.0.remove(i);
+        }
+        found.is_some()
+    }
 }
 
 fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
@@ -98,37 +143,182 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
     Ok(())
 }
 
-fn serve(listen: SocketAddr, reply: &str) -> Result<()> {
-    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+/// Thousands of concurrent connections need more than the default 1024
+/// descriptors: raise the soft limit to the hard one.
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit buffer; failure leaves the limit as it was.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// What a server answers.
+enum Reply {
+    Text(String),
+    /// The accepted socket's `SO_ORIGINAL_DST`, as a transparent proxy reads it.
+    OriginalDst,
+    /// The accepted socket's peer address.
+    Peer,
+}
+
+impl Reply {
+    fn for_stream(&self, stream: &TcpStream) -> String {
+        match self {
+            Self::Text(text) => text.clone(),
+            Self::OriginalDst => original_dst(stream),
+            Self::Peer => stream
+                .peer_addr()
+                .map_or_else(|e| format!("error: {}", e.kind()), |a| a.to_string()),
+        }
+    }
+}
+
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` through socket2, the way
+/// linkerd2-proxy reads it: `ip:port`, or `error: <errno>`.
+pub fn original_dst(stream: &TcpStream) -> String {
+    match SockRef::from(stream).original_dst_v4() {
+        Ok(addr) => addr.as_socket().map_or_else(
+            || "error: not an inet address".to_owned(),
+            |a| a.to_string(),
+        ),
+        Err(err) => format!("error: os {}", err.raw_os_error().unwrap_or(0)),
+    }
+}
+
+fn serve(listen: SocketAddr, reply: &Reply, http: bool) -> Result<()> {
+    let socket = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&listen.into())
+        .with_context(|| format!("binding {listen}"))?;
+    socket.listen(4096)?;
+    let listener: TcpListener = socket.into();
     println!("ready");
     std::io::stdout().flush()?;
-    let line = format!("{reply}\n");
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
-        let _ = stream.write_all(line.as_bytes());
+        let text = reply.for_stream(&stream);
+        if http {
+            let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+            let mut head = BufReader::new(&stream);
+            let mut line = String::new();
+            while head.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let body = format!("{text}\n");
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        } else {
+            let _ = writeln!(stream, "{text}");
+        }
     }
     Ok(())
 }
 
-fn connect(to: SocketAddr, count: u64, duration: Option<Duration>) -> Tally {
+fn connect(to: SocketAddr, count: u64, duration: Option<Duration>, peer: bool) -> Tally {
     let start = Instant::now();
     let mut tally = Tally::default();
     for _ in 0..count {
         if duration.is_some_and(|d| start.elapsed() >= d) {
             break;
         }
-        let outcome = once(to).unwrap_or_else(|err| format!("error: {}", err.kind()));
+        let outcome = once(to, peer).unwrap_or_else(|err| format!("error: {}", err.kind()));
         *tally.0.entry(outcome).or_default() += 1;
     }
     tally
 }
 
-fn once(to: SocketAddr) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+fn once(to: SocketAddr, peer: bool) -> std::io::Result<String> {
+    let stream = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+    let peer = if peer {
+        format!("peer={} ", stream.peer_addr()?)
+    } else {
+        String::new()
+    };
+    Ok(format!("{peer}{}", read_reply(stream)?))
+}
+
+fn read_reply(mut stream: TcpStream) -> std::io::Result<String> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
     Ok(reply.trim().to_owned())
+}
+
+fn check(targets: &[SocketAddr], count: usize, concurrent: bool) -> Tally {
+    let mut tally = Tally::default();
+    if targets.is_empty() {
+        return tally;
+    }
+    let mut judge = |target: SocketAddr, reply: std::io::Result<String>| {
+        let outcome = match reply {
+            Ok(reply) if reply == target.to_string() => "ok".to_owned(),
+            Ok(reply) if reply.parse::<SocketAddr>().is_ok() => "mixup".to_owned(),
+            Ok(reply) => reply,
+            Err(err) => format!("error: {}", err.kind()),
+        };
+        *tally.0.entry(outcome).or_default() += 1;
+    };
+    let target = |i: usize| targets[i % targets.len()];
+    if concurrent {
+        let open: Vec<_> = (0..count)
+            .map(|i| {
+                (
+                    target(i),
+                    TcpStream::connect_timeout(&target(i), IO_TIMEOUT),
+                )
+            })
+            .collect();
+        for (to, stream) in open {
+            judge(to, stream.and_then(read_reply));
+        }
+    } else {
+        for i in 0..count {
+            let to = target(i);
+            judge(
+                to,
+                TcpStream::connect_timeout(&to, IO_TIMEOUT).and_then(read_reply),
+            );
+        }
+    }
+    tally
+}
+
+fn sockopts(to: SocketAddr) -> Result<()> {
+    let fresh = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    println!("SO_RCVBUF {}", fresh.recv_buffer_size()?);
+    // struct tcp_info up to tcpi_last_data_sent (44 bytes): everything
+    // before the fields that count time since the socket's creation.
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: valid buffer and length for getsockopt.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fresh),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        bail!("TCP_INFO: {}", std::io::Error::last_os_error());
+    }
+    let head: String = info[..44].iter().map(|b| format!("{b:02x}")).collect();
+    println!("TCP_INFO len={len} head={head}");
+    let stream = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+    println!("SO_ORIGINAL_DST {}", original_dst(&stream));
+    Ok(())
 }
 
 /// How many connections got each reply (or each error, as `error: <kind>`).

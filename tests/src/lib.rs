@@ -356,6 +356,20 @@ impl Sandbox {
             .context("the agent reported no connection")
     }
 
+    /// Runs the agent with `args` in the pod and returns what it printed.
+    pub fn agent_output(&self, group: Group, who: Identity, args: &[&str]) -> Result<String> {
+        let mut cmd = self.agent(Net::Pod, group, who);
+        cmd.args(args);
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {cmd:?}"))?;
+        if !out.status.success() {
+            bail!("{cmd:?} failed: {}", out.status);
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Runs `agent connect` to `to`, `count` times, and returns the tally of
     /// replies (see [`agent::Tally`]).
     pub fn connect(
@@ -365,22 +379,9 @@ impl Sandbox {
         to: SocketAddrV4,
         count: u32,
     ) -> Result<agent::Tally> {
-        let mut cmd = self.agent(Net::Pod, group, who);
-        cmd.args([
-            "connect",
-            "--to",
-            &to.to_string(),
-            "--count",
-            &count.to_string(),
-        ]);
-        let out = cmd
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("running {cmd:?}"))?;
-        if !out.status.success() {
-            bail!("{cmd:?} failed: {}", out.status);
-        }
-        agent::Tally::parse(&String::from_utf8_lossy(&out.stdout))
+        let (to, count) = (to.to_string(), count.to_string());
+        let out = self.agent_output(group, who, &["connect", "--to", &to, "--count", &count])?;
+        agent::Tally::parse(&out)
     }
 }
 

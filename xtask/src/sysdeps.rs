@@ -29,6 +29,25 @@ pub const SANDBOX_TOOLS: &[Tool] = &[
     },
 ];
 
+/// Tools the test suite uses on top of [`SANDBOX_TOOLS`].
+pub const TEST_TOOLS: &[Tool] = &[
+    Tool {
+        program: "iptables-legacy-save",
+        package: "iptables",
+        why: "the iptables REDIRECT comparison and the large-getsockopt test",
+    },
+    Tool {
+        program: "squid",
+        package: "squid",
+        why: "a real transparent proxy that reads SO_ORIGINAL_DST",
+    },
+    Tool {
+        program: "curl",
+        package: "curl",
+        why: "a real HTTP client inside the sandbox pod",
+    },
+];
+
 /// Installs the packages of every tool that is not on `PATH`.
 pub fn ensure_tools(tools: &[Tool]) -> Result<()> {
     let missing: Vec<&Tool> = tools.iter().filter(|t| !on_path(t.program)).collect();

@@ -7,11 +7,12 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     build::{self, cargo},
-    sysdeps::{self, SANDBOX_TOOLS, run_checked},
+    sysdeps::{self, SANDBOX_TOOLS, TEST_TOOLS, run_checked},
 };
 
 pub fn test(filter: Option<&str>, lint: bool) -> Result<()> {
     sysdeps::ensure_tools(SANDBOX_TOOLS)?;
+    sysdeps::ensure_tools(TEST_TOOLS)?;
     if lint {
         run_checked(&mut cargo(&["fmt", "--all", "--", "--check"])?)
             .context("code is not formatted: run `cargo fmt --all`")?;

@@ -178,9 +178,15 @@ fn only_so_original_dst_is_answered() {
     );
     // SO_RCVBUF (SOL_SOCKET=1, 8) and TCP_INFO (SOL_TCP=6, 11) are not ours.
     assert_eq!(classify_getsockopt(1, 8, 4, 4), SockoptAction::Untouched);
-    assert_eq!(classify_getsockopt(6, 11, 232, 232), SockoptAction::Untouched);
+    assert_eq!(
+        classify_getsockopt(6, 11, 232, 232),
+        SockoptAction::Untouched
+    );
     // Same option number at another level is not SO_ORIGINAL_DST.
-    assert_eq!(classify_getsockopt(6, SO_ORIGINAL_DST, 16, 16), SockoptAction::Untouched);
+    assert_eq!(
+        classify_getsockopt(6, SO_ORIGINAL_DST, 16, 16),
+        SockoptAction::Untouched
+    );
 }
 
 #[test]
@@ -194,8 +200,14 @@ fn a_buffer_too_small_for_sockaddr_in_is_left_to_the_kernel() {
 #[test]
 fn answers_larger_than_the_program_buffer_pass_through() {
     // iptables-legacy's IPT_SO_GET_ENTRIES (SOL_IP, 65) with a 20 KiB table.
-    assert_eq!(classify_getsockopt(SOL_IP, 65, 20_000, 4096), SockoptAction::PassLargeBuffer);
-    assert_eq!(classify_getsockopt(SOL_IP, 65, 4096, 4096), SockoptAction::Untouched);
+    assert_eq!(
+        classify_getsockopt(SOL_IP, 65, 20_000, 4096),
+        SockoptAction::PassLargeBuffer
+    );
+    assert_eq!(
+        classify_getsockopt(SOL_IP, 65, 4096, 4096),
+        SockoptAction::Untouched
+    );
 }
 
 #[test]
@@ -206,7 +218,11 @@ fn sockaddr_in_layout_matches_the_kernel() {
         flags: 0,
     };
     let bytes = sockaddr_in(&orig);
-    assert_eq!(u16::from_ne_bytes([bytes[0], bytes[1]]), 2, "AF_INET in host order");
+    assert_eq!(
+        u16::from_ne_bytes([bytes[0], bytes[1]]),
+        2,
+        "AF_INET in host order"
+    );
     assert_eq!(&bytes[2..4], &[0x1f, 0x90], "port 8080 in network order");
     assert_eq!(&bytes[4..8], &[198, 18, 0, 2]);
     assert_eq!(&bytes[8..], &[0; 8]);

@@ -144,7 +144,10 @@ fn install_steps(req: &Request<'_>, dir: &Path, undo: &mut Undo) -> Result<Ebpf>
                 continue; // reported by `redirect status`
             }
             let (major, minor) = hook.min_kernel;
-            bail!("the {} hook needs kernel {major}.{minor} or later", hook.name);
+            bail!(
+                "the {} hook needs kernel {major}.{minor} or later",
+                hook.name
+            );
         }
         load_program(&mut ebpf, hook)?;
         let pin = dir.join(hook.pin_name());

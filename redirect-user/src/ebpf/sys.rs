@@ -51,7 +51,11 @@ fn owned(fd: i64) -> OwnedFd {
 /// Attaches a program to a cgroup with a new bpf_link (`BPF_LINK_CREATE`,
 /// kernel >= 5.7). No flags: cgroup links always share the hook with other
 /// programs, the opposite of the exclusive legacy attach.
-pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32) -> std::io::Result<OwnedFd> {
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> std::io::Result<OwnedFd> {
     #[repr(C)]
     struct Attr {
         prog_fd: u32,

@@ -1,0 +1,375 @@
+//! End-to-end tests of the original destination (issue: SO_ORIGINAL_DST and
+//! getpeername): a real transparent proxy (squid) and a Rust test proxy
+//! learn where each redirected connection was going, exactly as they do
+//! behind iptables REDIRECT.
+
+use std::{
+    fs,
+    net::SocketAddrV4,
+    os::unix::fs::PermissionsExt as _,
+    path::PathBuf,
+    process::Stdio,
+    thread,
+    time::{Duration, Instant},
+};
+
+use redirect_sandbox::{
+    APP, Group, Net, PEER_IP, PROXY, ROOT, Sandbox,
+    agent::Tally,
+    cli::{PROXY_ADDR, UPSTREAM, counter},
+    peer_ip, require_root,
+};
+
+/// Starts the Rust test proxy: on 127.0.0.1:15001 as UID 1337 in the pod's
+/// proxy cgroup, answering each connection with what it `report`s.
+fn start_proxy(sandbox: &Sandbox, report: &str) {
+    let mut cmd = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+    cmd.args([
+        "serve",
+        "--listen",
+        &PROXY_ADDR.to_string(),
+        "--report",
+        report,
+    ]);
+    sandbox.start(cmd).expect("test proxy");
+}
+
+/// A sandbox with the upstream server and the original-dst test proxy.
+fn pod_with_orig_dst_proxy() -> Sandbox {
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    sandbox
+        .serve(Net::Peer, Group::Outside, APP, UPSTREAM, "upstream")
+        .expect("upstream");
+    start_proxy(&sandbox, "original-dst");
+    sandbox
+}
+
+fn check(sandbox: &Sandbox, targets: &[SocketAddrV4], count: usize, concurrent: bool) -> Tally {
+    let list: Vec<String> = targets.iter().map(ToString::to_string).collect();
+    let list = list.join(",");
+    let count = count.to_string();
+    let mut args = vec!["check", "--to", &list, "--count", &count];
+    if concurrent {
+        args.push("--concurrent");
+    }
+    Tally::parse(&sandbox.agent_output(Group::App, APP, &args).expect("check")).expect("tally")
+}
+
+/// 50 distinct original destinations: different addresses and ports.
+fn fifty_destinations() -> Vec<SocketAddrV4> {
+    (1..=50u8)
+        .map(|i| SocketAddrV4::new(peer_ip(i), 8000 + u16::from(i)))
+        .collect()
+}
+
+#[test]
+fn concurrent_connections_each_learn_their_own_original_destination() {
+    require_root!();
+    let sandbox = pod_with_orig_dst_proxy();
+    sandbox.install(&[]).expect("install");
+    let tally = check(&sandbox, &fifty_destinations(), 2000, true);
+    assert_eq!(
+        tally.get("ok"),
+        2000,
+        "zero mix-ups, zero misses: {tally:?}"
+    );
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "orig_dst_answered"), 2000);
+    assert_eq!(counter(&status, "orig_dst_missed"), 0);
+    sandbox.uninstall().expect("uninstall");
+}
+
+#[test]
+fn churn_with_reused_ports_never_gets_a_stale_answer() {
+    require_root!();
+    let sandbox = pod_with_orig_dst_proxy();
+    // 100 ephemeral ports for 20,000 connections: each port is reused ~200
+    // times, each time towards another destination.
+    let mut sh = sandbox.command(Net::Pod, Group::Outside, ROOT, "sh");
+    sh.args([
+        "-c",
+        "echo '40000 40099' > /proc/sys/net/ipv4/ip_local_port_range",
+    ]);
+    assert!(sh.status().expect("sysctl").success());
+    sandbox.install(&[]).expect("install");
+    let tally = check(&sandbox, &fifty_destinations()[..7], 20_000, false);
+    assert_eq!(tally.get("ok"), 20_000, "{tally:?}");
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "tuple_recorded"), 20_000);
+    let tracked = &status["instances"][0]["tracked"];
+    assert!(
+        tracked["established"].as_u64().is_some_and(|n| n <= 5) && tracked["connecting"] == 0,
+        "the maps stay bounded: {tracked}"
+    );
+    sandbox.uninstall().expect("uninstall");
+}
+
+#[test]
+fn getpeername_shows_the_original_destination_to_the_app_only() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    sandbox
+        .serve(Net::Peer, Group::Outside, APP, UPSTREAM, "upstream")
+        .expect("upstream");
+    // The proxy reports its accepted socket's peer: the app's real address.
+    start_proxy(&sandbox, "peer");
+    sandbox.install(&[]).expect("install");
+    let to = UPSTREAM.to_string();
+    let app = sandbox
+        .agent_output(Group::App, APP, &["connect", "--to", &to, "--peer"])
+        .expect("app");
+    let app = Tally::parse(&app).expect("tally");
+    let (line, _) = app.0.iter().next().expect("one connection");
+    assert!(
+        line.starts_with(&format!("peer={UPSTREAM} 127.0.0.1:")),
+        "the app sees {UPSTREAM}; the proxy sees the app's loopback address: {line}"
+    );
+    let own = sandbox
+        .agent_output(Group::Proxy, PROXY, &["connect", "--to", &to, "--peer"])
+        .expect("proxy's own connection");
+    assert_eq!(own.trim(), format!("1\tpeer={UPSTREAM} upstream"));
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "peername_restored"), 1);
+    sandbox.uninstall().expect("uninstall");
+}
+
+#[test]
+fn unrelated_getsockopt_calls_are_untouched() {
+    require_root!();
+    let sandbox = pod_with_orig_dst_proxy();
+    // Load conntrack first, so the kernel's own SO_ORIGINAL_DST answer does
+    // not change between the runs compared below.
+    let mut nat = sandbox.command(Net::Pod, Group::Outside, ROOT, "iptables-legacy");
+    nat.args(["-t", "nat", "-S"]).stdout(Stdio::null());
+    assert!(nat.status().expect("iptables-legacy").success());
+    // A filter table far larger than a page: iptables-legacy-save reads it
+    // with getsockopt(IPT_SO_GET_ENTRIES) and a buffer of that size.
+    let rules: String = (0..300)
+        .map(|i| {
+            format!(
+                "-A INPUT -s 10.{}.{}.0/24 -p tcp --dport {} -j ACCEPT\n",
+                i / 250,
+                i % 250,
+                1000 + i
+            )
+        })
+        .collect();
+    let mut restore = sandbox.command(Net::Pod, Group::Outside, ROOT, "iptables-legacy-restore");
+    restore.stdin(Stdio::piped());
+    let mut child = restore.spawn().expect("iptables-legacy-restore");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        write!(stdin, "*filter\n{rules}COMMIT\n").expect("write rules");
+    }
+    assert!(child.wait().expect("restore").success());
+
+    sandbox.install(&[]).expect("install");
+    let save = |group: Group| {
+        let mut cmd = sandbox.command(Net::Pod, group, ROOT, "iptables-legacy-save");
+        let out = cmd.output().expect("iptables-legacy-save");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let inside = save(Group::App);
+    assert_eq!(inside.matches("-j ACCEPT").count(), 300, "{inside}");
+    assert_eq!(
+        inside,
+        save(Group::Outside),
+        "a >4 KiB getsockopt answer is unchanged"
+    );
+
+    // SO_RCVBUF, TCP_INFO, and SO_ORIGINAL_DST of a connection that was
+    // not redirected: the same inside the cgroup as outside.
+    let to = PROXY_ADDR.to_string();
+    let probe = |group| {
+        sandbox
+            .agent_output(group, APP, &["sockopts", "--to", &to])
+            .expect("sockopts")
+    };
+    let inside = probe(Group::App);
+    assert!(inside.contains("SO_ORIGINAL_DST error:"), "{inside}");
+    assert_eq!(inside, probe(Group::Outside));
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "orig_dst_answered"), 0);
+    sandbox.uninstall().expect("uninstall");
+}
+
+#[test]
+fn the_answer_survives_the_loader_and_goes_with_uninstall() {
+    require_root!();
+    let sandbox = pod_with_orig_dst_proxy();
+    sandbox.install(&[]).expect("install"); // the installer has exited
+    assert_eq!(
+        sandbox.lands(Group::App, APP, UPSTREAM).expect("connect"),
+        UPSTREAM.to_string()
+    );
+    sandbox.uninstall().expect("uninstall");
+    assert!(!sandbox.is_pinned());
+    // Not captured any more, and the proxy's own answer is the kernel's again.
+    assert_eq!(
+        sandbox.lands(Group::App, APP, UPSTREAM).expect("connect"),
+        "upstream"
+    );
+    let direct = sandbox.lands(Group::App, APP, PROXY_ADDR).expect("connect");
+    assert!(direct.starts_with("error: os "), "{direct}");
+}
+
+// ---- squid, a real transparent proxy ----------------------------------
+
+const PAGE: &str = "hello from the upstream server";
+
+/// How the pod's outbound traffic reaches squid.
+#[derive(Clone, Copy, Debug)]
+enum Capture {
+    Ebpf,
+    /// The rule istio-iptables' chains boil down to for this case.
+    IptablesRedirect,
+}
+
+/// A squid in intercept mode, as UID 1337 in the pod's proxy cgroup.
+struct Squid {
+    dir: PathBuf,
+}
+
+impl Squid {
+    fn start(sandbox: &Sandbox) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-squid", sandbox.name()));
+        fs::create_dir_all(&dir).expect("squid dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+        let d = dir.display().to_string();
+        // DNS goes to an address inside the pod where nothing listens: squid
+        // must never reach outside the sandbox.
+        let conf = format!(
+            "http_port 127.0.0.1:15001 intercept\n\
+             http_port 127.0.0.1:3129\n\
+             http_access allow all\n\
+             cache deny all\n\
+             dns_nameservers 127.0.0.53\n\
+             visible_hostname redirect-test\n\
+             pid_filename {d}/squid.pid\n\
+             access_log stdio:{d}/access.log\n\
+             cache_log {d}/cache.log\n\
+             cache_store_log none\n\
+             coredump_dir {d}\n\
+             netdb_filename none\n\
+             icp_port 0\n\
+             htcp_port 0\n\
+             shutdown_lifetime 0 seconds\n"
+        );
+        fs::write(dir.join("squid.conf"), conf).expect("squid.conf");
+        let squid = Self { dir };
+        let mut cmd = sandbox.command(Net::Pod, Group::Proxy, PROXY, "squid");
+        cmd.args(["-N", "-f"]).arg(squid.dir.join("squid.conf"));
+        // `start` waits for a first line on stdout; squid prints none, so
+        // a shell prints "ready" once squid's log says it intercepts.
+        let script = format!(
+            "\"$@\" & for i in $(seq 200); do \
+               grep -q 'Accepting NAT intercepted' {d}/cache.log 2>/dev/null && echo ready && wait; \
+               sleep 0.1; done; echo 'squid did not start'; cat {d}/cache.log; kill $!"
+        );
+        let mut sh = sandbox.command(Net::Pod, Group::Proxy, PROXY, "sh");
+        sh.arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        sandbox.start(sh).expect("squid");
+        squid
+    }
+
+    /// squid's access log once it mentions `needle` (waits up to 10 s).
+    fn access_log_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn squid_serves_the_app_through(capture: Capture) {
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let upstream = SocketAddrV4::new(PEER_IP, 8080);
+    let mut http = sandbox.agent(Net::Peer, Group::Outside, APP);
+    http.args([
+        "serve",
+        "--listen",
+        &upstream.to_string(),
+        "--reply",
+        PAGE,
+        "--http",
+    ]);
+    sandbox.start(http).expect("upstream HTTP server");
+    let squid = Squid::start(&sandbox);
+    match capture {
+        Capture::Ebpf => {
+            sandbox.install(&[]).expect("install");
+        }
+        Capture::IptablesRedirect => {
+            let mut iptables = sandbox.command(Net::Pod, Group::Outside, ROOT, "iptables");
+            iptables.args([
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-m",
+                "owner",
+                "!",
+                "--uid-owner",
+                "1337",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ]);
+            let out = iptables.output().expect("iptables");
+            assert!(out.status.success(), "{out:?}");
+        }
+    }
+    let mut curl = sandbox.command(Net::Pod, Group::App, APP, "curl");
+    curl.args(["-sS", "--max-time", "15", &format!("http://{upstream}/")]);
+    let out = curl.output().expect("curl");
+    assert!(
+        out.status.success(),
+        "curl through squid ({capture:?}): {out:?}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), PAGE);
+    let log = squid.access_log_with("ORIGINAL_DST");
+    assert!(
+        log.contains(&format!("ORIGINAL_DST/{}", upstream.ip())),
+        "squid forwarded to the original destination ({capture:?}): {log}"
+    );
+    if let Capture::Ebpf = capture {
+        let status = sandbox.status().expect("status");
+        assert!(counter(&status, "orig_dst_answered") >= 1, "{status}");
+        sandbox.uninstall().expect("uninstall");
+    }
+}
+
+#[test]
+fn squid_intercepts_the_app_through_ebpf() {
+    require_root!();
+    squid_serves_the_app_through(Capture::Ebpf);
+}
+
+#[test]
+fn squid_intercepts_the_app_through_iptables_redirect() {
+    require_root!();
+    squid_serves_the_app_through(Capture::IptablesRedirect);
+}
