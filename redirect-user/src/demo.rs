@@ -27,25 +27,36 @@ pub fn demo() -> Result<ExitCode> {
     let upstream = SocketAddrV4::new(PEER_IP, UPSTREAM_PORT);
     let proxy = SocketAddrV4::new(Ipv4Addr::LOCALHOST, config.proxy_port);
 
-    println!("redirect demo: a throw-away pod");
-    println!(
+    outln!("redirect demo: a throw-away pod");
+    outln!(
         "  pod:   netns with {POD_IP}, cgroup {}",
         sandbox.pod_cgroup().display()
     );
-    println!("  peer:  netns with {PEER_IP} (stands for the rest of the network)");
+    outln!("  peer:  netns with {PEER_IP} (stands for the rest of the network)");
     let upstream_reply = format!("upstream server {upstream}");
-    let proxy_reply = format!("proxy on {proxy}");
     sandbox.serve(Net::Peer, Group::Outside, APP, upstream, &upstream_reply)?;
-    sandbox.serve(Net::Pod, Group::Proxy, PROXY, proxy, &proxy_reply)?;
-    println!("  an upstream server listens on {upstream} in the peer,");
-    println!("  a stand-in proxy listens on {proxy} as uid 1337 in the pod\n");
+    // The stand-in proxy answers with what getsockopt(SO_ORIGINAL_DST)
+    // tells it, as a transparent proxy reads it.
+    let mut proxy_cmd = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+    proxy_cmd.args([
+        "serve",
+        "--listen",
+        &proxy.to_string(),
+        "--report",
+        "original-dst",
+    ]);
+    sandbox.start(proxy_cmd)?;
+    let proxy_reply = upstream.to_string();
+    outln!("  an upstream server listens on {upstream} in the peer,");
+    outln!("  a stand-in proxy listens on {proxy} as uid 1337 in the pod and answers");
+    outln!("  each connection with its original destination (getsockopt SO_ORIGINAL_DST)\n");
 
-    println!("1. before install");
+    outln!("1. before install");
     let first = show(&sandbox, "app   (uid 1000)", APP, upstream)?;
     expect(&first, &upstream_reply)?;
 
     let cg = cgroup::resolve(&sandbox.pod_cgroup().to_string_lossy())?;
-    println!(
+    outln!(
         "\n2. $ redirect install --cgroup {} --instance {}",
         cg.path.display(),
         sandbox.name()
@@ -60,26 +71,28 @@ pub fn demo() -> Result<ExitCode> {
     expect(&captured, &proxy_reply)?;
     let escaped = show(&sandbox, "proxy (uid 1337)", PROXY, upstream)?;
     expect(&escaped, &upstream_reply)?;
-    println!("   -> the app's connection was captured; the proxy's own traffic escapes the loop");
+    outln!(
+        "   -> the app's connection was captured and the proxy learned where it was going;\n      the proxy's own traffic escapes the loop"
+    );
 
-    println!("\n3. $ redirect status --instance {}", sandbox.name());
+    outln!("\n3. $ redirect status --instance {}", sandbox.name());
     let status = status::collect(Some(sandbox.name()))?;
     for line in status::render(&status).lines() {
-        println!("   {line}");
+        outln!("   {line}");
     }
 
-    println!("\n4. $ redirect uninstall --instance {}", sandbox.name());
+    outln!("\n4. $ redirect uninstall --instance {}", sandbox.name());
     loader::uninstall(sandbox.name())?;
     let after = show(&sandbox, "app   (uid 1000)", APP, upstream)?;
     expect(&after, &upstream_reply)?;
-    println!("\nredirect demo: done; the pod, its cgroup and every pin are removed");
+    outln!("\nredirect demo: done; the pod, its cgroup and every pin are removed");
     Ok(ExitCode::SUCCESS)
 }
 
 /// Connects once from the pod's app cgroup as `who` and prints where it landed.
 fn show(sandbox: &Sandbox, label: &str, who: Identity, to: SocketAddrV4) -> Result<String> {
     let reply = sandbox.lands(Group::App, who, to)?;
-    println!("   {label} connects to {to}: answered by \"{reply}\"");
+    outln!("   {label} connects to {to}: answered by \"{reply}\"");
     Ok(reply)
 }
 

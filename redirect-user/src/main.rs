@@ -5,6 +5,24 @@
 //! removes instances; [`status`] reads them back; [`run`] is the foreground
 //! mode; [`demo`] shows the whole thing in a throw-away pod.
 
+/// `println!` that treats a closed stdout (`redirect status | head`) as the
+/// reader having seen enough, not as an error: the command still finishes
+/// its work (and its cleanup).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` with the same rule as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod bpffs;
 mod cgroup;
 mod cli;
@@ -43,9 +61,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Status(args) => {
             let status = status::collect(args.instance.as_deref())?;
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                outln!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                print!("{}", status::render(&status));
+                out!("{}", status::render(&status));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -72,7 +90,7 @@ fn install(args: &InstallArgs) -> Result<ExitCode> {
         instance: &instance,
         log_level: 0,
     })?;
-    println!(
+    outln!(
         "redirect: {} instance {instance} on {}: outbound TCP -> 127.0.0.1:{} (proxy uids {:?}, gids {:?})",
         if installed.upgraded {
             "updated"
@@ -100,13 +118,13 @@ fn uninstall(args: &UninstallArgs) -> Result<ExitCode> {
         (None, None) => anyhow::bail!("pass --cgroup PATH or --instance NAME"),
     };
     if names.is_empty() {
-        println!("redirect: nothing is installed on that cgroup");
+        outln!("redirect: nothing is installed on that cgroup");
     }
     for name in names {
         if loader::uninstall(&name)? {
-            println!("redirect: removed instance {name}");
+            outln!("redirect: removed instance {name}");
         } else {
-            println!("redirect: instance {name} is not installed");
+            outln!("redirect: instance {name} is not installed");
         }
     }
     Ok(ExitCode::SUCCESS)

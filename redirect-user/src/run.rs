@@ -31,7 +31,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             instance: &instance,
             log_level: args.log.ebpf_level(),
         })?;
-        println!(
+        outln!(
             "redirect: capturing {} (instance {instance}) -> 127.0.0.1:{}; Ctrl-C to {}",
             cgroup.path.display(),
             config.proxy_port,
@@ -71,11 +71,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             () = logs => {},
         }
         if args.persist {
-            println!("redirect: exiting; instance {instance} stays installed");
+            outln!("redirect: exiting; instance {instance} stays installed");
         } else {
             drop(installed);
             loader::uninstall(&instance)?;
-            println!("redirect: detached instance {instance}");
+            outln!("redirect: detached instance {instance}");
         }
         Ok(ExitCode::SUCCESS)
     })
