@@ -11,8 +11,9 @@
 //!     or what the accepted socket reports (its SO_ORIGINAL_DST, read as a
 //!     transparent proxy does, or its peer address); --http wraps it in an
 //!     HTTP/1.1 response after reading the request head
-//! agent [...] connect --to IP:PORT [--count N] [--duration-ms D] [--peer]
-//!     connect N times in sequence (stopping after D ms), read each reply,
+//! agent [...] connect --to IP:PORT [--count N] [--duration-ms D] [--until-file F] [--peer]
+//!     connect N times in sequence (stopping after D ms, or once file F
+//!     exists), read each reply,
 //!     print one "<count>\t<reply>" line per distinct reply or error;
 //!     --peer prefixes each reply with the socket's getpeername()
 //! agent [...] check --to IP:PORT[,IP:PORT...] --count N [--concurrent]
@@ -78,8 +79,13 @@ fn run(args: &[String]) -> Result<()> {
             let to: SocketAddr = args.req("--to")?.parse()?;
             let count: u64 = args.opt("--count")?.unwrap_or("1").parse()?;
             let duration = args.opt("--duration-ms")?.map(str::parse).transpose()?;
+            let until = args.opt("--until-file")?.map(std::path::Path::new);
             let peer = args.flag("--peer");
-            let tally = connect(to, count, duration.map(Duration::from_millis), peer);
+            let stop = Stop {
+                after: duration.map(Duration::from_millis),
+                file: until,
+            };
+            let tally = connect(to, count, &stop, peer);
             print!("{}", tally.render());
             Ok(())
         }
@@ -225,11 +231,19 @@ fn serve(listen: SocketAddr, reply: &Reply, http: bool) -> Result<()> {
     Ok(())
 }
 
-fn connect(to: SocketAddr, count: u64, duration: Option<Duration>, peer: bool) -> Tally {
+/// When a connect loop stops early (besides its count).
+struct Stop<'a> {
+    after: Option<Duration>,
+    file: Option<&'a std::path::Path>,
+}
+
+fn connect(to: SocketAddr, count: u64, stop: &Stop<'_>, peer: bool) -> Tally {
     let start = Instant::now();
     let mut tally = Tally::default();
     for _ in 0..count {
-        if duration.is_some_and(|d| start.elapsed() >= d) {
+        if stop.after.is_some_and(|d| start.elapsed() >= d)
+            || stop.file.is_some_and(std::path::Path::exists)
+        {
             break;
         }
         let outcome = once(to, peer).unwrap_or_else(|err| format!("error: {}", err.kind()));

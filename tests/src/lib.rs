@@ -306,7 +306,8 @@ impl Sandbox {
     }
 
     /// Starts a long-running process (typically `agent serve`) and waits
-    /// until it prints its first line (`ready`). It is killed when the
+    /// until it prints its first line (`ready`); at most 60 s, which only a
+    /// broken start or a slow emulated VM comes near. It is killed when the
     /// sandbox is dropped.
     pub fn start(&self, mut cmd: Command) -> Result<()> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
@@ -318,7 +319,7 @@ impl Sandbox {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(Duration::from_secs(10));
+        let line = rx.recv_timeout(Duration::from_secs(60));
         let pid = child.id();
         self.children
             .lock()
@@ -327,7 +328,7 @@ impl Sandbox {
         match line {
             Ok(line) if line.trim() == "ready" => Ok(()),
             Ok(line) => bail!("{cmd:?} (pid {pid}) did not become ready: {line:?}"),
-            Err(_) => bail!("{cmd:?} (pid {pid}) was not ready within 10 s"),
+            Err(_) => bail!("{cmd:?} (pid {pid}) was not ready within 60 s"),
         }
     }
 

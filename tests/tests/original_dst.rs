@@ -264,13 +264,25 @@ impl Squid {
         fs::write(dir.join("squid.conf"), conf).expect("squid.conf");
         let squid = Self { dir };
         let mut cmd = sandbox.command(Net::Pod, Group::Proxy, PROXY, "squid");
-        cmd.args(["-N", "-f"]).arg(squid.dir.join("squid.conf"));
+        // A service name of its own: squid names its shared memory segments
+        // after it, and parallel tests must not share them.
+        let service: String = sandbox
+            .name()
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        cmd.args(["-N", "-n", &service, "-f"])
+            .arg(squid.dir.join("squid.conf"));
         // `start` waits for a first line on stdout; squid prints none, so
         // a shell prints "ready" once squid's log says it intercepts.
         let script = format!(
-            "\"$@\" & for i in $(seq 200); do \
-               grep -q 'Accepting NAT intercepted' {d}/cache.log 2>/dev/null && echo ready && wait; \
-               sleep 0.1; done; echo 'squid did not start'; cat {d}/cache.log; kill $!"
+            "\"$@\" & pid=$!; log={d}/cache.log; \
+             for i in $(seq 550); do \
+               grep -q 'Accepting NAT intercepted' $log 2>/dev/null && {{ echo ready; wait $pid; exit; }}; \
+               kill -0 $pid 2>/dev/null || {{ echo \"squid exited: $(tail -n 3 $log | tr '\\n' ' ')\"; exit 1; }}; \
+               sleep 0.1; \
+             done; \
+             echo \"squid did not start: $(tail -n 3 $log | tr '\\n' ' ')\"; kill $pid"
         );
         let mut sh = sandbox.command(Net::Pod, Group::Proxy, PROXY, "sh");
         sh.arg("-c")

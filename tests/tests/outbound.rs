@@ -179,6 +179,10 @@ fn reinstall_under_load_never_lets_a_connection_escape() {
         .serve(Net::Pod, Group::Proxy, PROXY, local(15002), "proxy-15002")
         .expect("second proxy");
     sandbox.install(&[]).expect("install");
+    // The loop runs until the reinstall has returned and a little longer
+    // (bounded: 60 s, 200,000 connections), however slow the machine.
+    let stop = std::env::temp_dir().join(format!("{}-stop", sandbox.name()));
+    let _ = std::fs::remove_file(&stop);
     let load = thread::scope(|s| {
         let load = s.spawn(|| {
             let mut cmd = sandbox.agent(Net::Pod, Group::App, APP);
@@ -189,18 +193,23 @@ fn reinstall_under_load_never_lets_a_connection_escape() {
                 "--count",
                 "200000",
                 "--duration-ms",
-                "3000",
+                "60000",
+                "--until-file",
+                &stop.to_string_lossy(),
             ]);
             let out = cmd.output().expect("load loop");
             redirect_sandbox::agent::Tally::parse(&String::from_utf8_lossy(&out.stdout))
                 .expect("tally")
         });
-        thread::sleep(Duration::from_millis(1000));
+        thread::sleep(Duration::from_millis(500));
         sandbox
             .install(&["-p", "15002"])
             .expect("reinstall with another port");
+        thread::sleep(Duration::from_millis(500));
+        std::fs::write(&stop, "").expect("stop file");
         load.join().expect("load thread")
     });
+    let _ = std::fs::remove_file(&stop);
     assert!(
         load.get(PROXY_REPLY) > 0,
         "connections before the reinstall: {load:?}"

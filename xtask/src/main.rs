@@ -10,6 +10,7 @@ mod run;
 mod sysdeps;
 mod test;
 mod toolchain;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -44,6 +45,18 @@ enum Task {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Boot Debian kernels under QEMU and run the end-to-end suite in each.
+    VmTest {
+        /// Kernels to test: 5.10, 6.1, 6.12, sid (repeatable; default: all).
+        #[arg(long = "kernel", value_name = "NAME")]
+        kernels: Vec<String>,
+        /// Keep each kernel's root tree and initramfs under target/vm-test/.
+        #[arg(long)]
+        keep: bool,
+        /// Time limit for one kernel's boot and suite, in minutes.
+        #[arg(long, default_value = "20")]
+        timeout_minutes: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +65,15 @@ fn main() -> ExitCode {
         Task::Build { release } => build::build(release).map(|_| ()),
         Task::Run { args } => run::run(&args),
         Task::Test { filter, no_lint } => test::test(filter.as_deref(), !no_lint),
+        Task::VmTest {
+            kernels,
+            keep,
+            timeout_minutes,
+        } => vm::vm_test(&vm::Options {
+            kernels,
+            keep,
+            timeout: std::time::Duration::from_secs(timeout_minutes * 60),
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,278 @@
+//! `cargo xtask vm-test`: boot real Debian kernels under QEMU and run the
+//! end-to-end suite inside each, then print and save the kernel x test matrix.
+
+mod initramfs;
+mod kernels;
+mod qemu;
+mod results;
+
+use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::json;
+
+use crate::{
+    build::cargo,
+    sysdeps::{self, TEST_TOOLS, Tool, workspace_root},
+};
+use results::Outcome;
+
+/// Host tools the VM test needs besides the test suite's own.
+const VM_TOOLS: &[Tool] = &[
+    Tool {
+        program: "qemu-system-x86_64",
+        package: "qemu-system-x86",
+        why: "boots each kernel of the matrix",
+    },
+    Tool {
+        program: "busybox",
+        package: "busybox-static",
+        why: "the shell and utilities inside the test VM",
+    },
+    Tool {
+        program: "strip",
+        package: "binutils",
+        why: "shrinks the binaries copied into the VM",
+    },
+    Tool {
+        program: "xz",
+        package: "xz-utils",
+        why: "decompresses .ko.xz modules",
+    },
+    Tool {
+        program: "zstd",
+        package: "zstd",
+        why: "decompresses .ko.zst modules",
+    },
+];
+
+pub struct Options {
+    /// Kernel names (`5.10`, `6.1`, `6.12`, `sid`); empty = all.
+    pub kernels: Vec<String>,
+    /// Keep each kernel's root tree and initramfs under target/vm-test/.
+    pub keep: bool,
+    /// Time limit for one kernel's boot and suite.
+    pub timeout: Duration,
+}
+
+/// One kernel's run.
+struct KernelRun {
+    name: String,
+    release: String,
+    ending: String,
+    seconds: f64,
+    notes: Vec<String>,
+    results: BTreeMap<String, Outcome>,
+}
+
+pub fn vm_test(opts: &Options) -> Result<()> {
+    sysdeps::ensure_tools(VM_TOOLS)?;
+    sysdeps::ensure_tools(TEST_TOOLS)?;
+    let specs: Vec<_> = if opts.kernels.is_empty() {
+        kernels::KERNELS.to_vec()
+    } else {
+        opts.kernels
+            .iter()
+            .map(|name| {
+                kernels::KERNELS
+                    .iter()
+                    .find(|k| k.name == name)
+                    .copied()
+                    .with_context(|| {
+                        let known: Vec<_> = kernels::KERNELS.iter().map(|k| k.name).collect();
+                        format!("unknown kernel '{name}': choose from {}", known.join(", "))
+                    })
+            })
+            .collect::<Result<_>>()?
+    };
+    let payload = payload()?;
+    let root = workspace_root().join("target/vm-test");
+    fs::create_dir_all(&root)?;
+    let mut runs = Vec::new();
+    let mut accel = qemu::Accel::detect();
+    for spec in &specs {
+        eprintln!("xtask: kernel {}: preparing", spec.name);
+        let run = match run_kernel(&root, spec, &payload, opts, &mut accel) {
+            Ok(run) => run,
+            Err(err) => KernelRun {
+                name: spec.name.to_owned(),
+                release: "?".to_owned(),
+                ending: "error".to_owned(),
+                seconds: 0.0,
+                notes: vec![format!("{err:#}")],
+                results: BTreeMap::new(),
+            },
+        };
+        eprintln!(
+            "xtask: kernel {} ({}): {} in {:.0} s",
+            run.name, run.release, run.ending, run.seconds
+        );
+        runs.push(run);
+    }
+    let table = matrix_markdown(&runs);
+    println!("{table}");
+    fs::write(root.join("matrix.md"), &table)?;
+    fs::write(
+        root.join("matrix.json"),
+        serde_json::to_string_pretty(&matrix_json(&runs))?,
+    )?;
+    eprintln!(
+        "xtask: matrix written to {}",
+        root.join("matrix.md").display()
+    );
+    let failed: Vec<String> = runs
+        .iter()
+        .filter(|r| {
+            r.ending != "completed" || r.results.values().any(|o| matches!(o, Outcome::Fail(_)))
+        })
+        .map(|r| r.name.clone())
+        .collect();
+    if !failed.is_empty() {
+        bail!("failures on kernel(s): {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn run_kernel(
+    root: &std::path::Path,
+    spec: &kernels::KernelSpec,
+    payload: &initramfs::Payload,
+    opts: &Options,
+    accel: &mut qemu::Accel,
+) -> Result<KernelRun> {
+    let kernel = kernels::prepare(root, spec)?;
+    let work = root.join("runs").join(spec.name);
+    fs::create_dir_all(&work)?;
+    let archive = initramfs::build(&kernel, payload, &work)?;
+    eprintln!("xtask: kernel {} ({}): booting", spec.name, kernel.release);
+    let boot = qemu::boot_with_fallback(
+        accel,
+        &kernel.vmlinuz,
+        &archive,
+        opts.timeout,
+        &work.join("console.log"),
+    )?;
+    if !opts.keep {
+        let _ = fs::remove_dir_all(work.join("root"));
+        let _ = fs::remove_file(&archive);
+    }
+    let mut notes: Vec<String> = boot
+        .console
+        .lines()
+        .filter(|l| l.starts_with("VMTEST module-failed"))
+        .map(str::to_owned)
+        .collect();
+    let ending = match boot.ending {
+        qemu::Ending::Completed => "completed",
+        qemu::Ending::Panic => "kernel panic",
+        qemu::Ending::Timeout => "timeout",
+        qemu::Ending::Stopped => "stopped early",
+    };
+    if boot.ending != qemu::Ending::Completed {
+        let tail: Vec<&str> = boot.console.lines().rev().take(15).collect();
+        notes.extend(tail.into_iter().rev().map(str::to_owned));
+    }
+    Ok(KernelRun {
+        name: spec.name.to_owned(),
+        release: kernel.release,
+        ending: ending.to_owned(),
+        seconds: boot.seconds,
+        notes,
+        results: results::parse(&boot.console),
+    })
+}
+
+/// Builds `redirect` and the end-to-end test binaries.
+fn payload() -> Result<initramfs::Payload> {
+    sysdeps::run_checked(&mut cargo(&["build", "--package", "redirect-user"])?)?;
+    let out = cargo(&[
+        "test",
+        "--package",
+        "redirect-sandbox",
+        "--tests",
+        "--no-run",
+        "--message-format=json",
+    ])?
+    .output()
+    .context("building the test binaries")?;
+    if !out.status.success() {
+        bail!(
+            "building the test binaries failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut tests = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|v| v == "test"));
+        if let (true, Some(exe), Some(name)) = (
+            is_test,
+            msg["executable"].as_str(),
+            msg["target"]["name"].as_str(),
+        ) {
+            tests.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    if tests.is_empty() {
+        bail!("no end-to-end test binaries were built");
+    }
+    Ok(initramfs::Payload {
+        redirect: workspace_root().join("target/debug/redirect"),
+        tests,
+    })
+}
+
+fn matrix_markdown(runs: &[KernelRun]) -> String {
+    let mut out = String::from("| test |");
+    for r in runs {
+        out.push_str(&format!(" {} ({}) |", r.name, r.release));
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(runs.len()));
+    out.push_str("\n| boot and suite |");
+    for r in runs {
+        out.push_str(&format!(" {} ({:.0} s) |", r.ending, r.seconds));
+    }
+    let tests: std::collections::BTreeSet<&String> =
+        runs.iter().flat_map(|r| r.results.keys()).collect();
+    for test in tests {
+        out.push_str(&format!("\n| {test} |"));
+        for r in runs {
+            let cell = r
+                .results
+                .get(test)
+                .map_or_else(|| "not run".to_owned(), Outcome::cell);
+            out.push_str(&format!(" {} |", cell.replace('|', "/")));
+        }
+    }
+    out.push('\n');
+    for r in runs.iter().filter(|r| !r.notes.is_empty()) {
+        out.push_str(&format!(
+            "\nNotes for {} ({}):\n\n```text\n{}\n```\n",
+            r.name,
+            r.release,
+            r.notes.join("\n")
+        ));
+    }
+    out
+}
+
+fn matrix_json(runs: &[KernelRun]) -> serde_json::Value {
+    json!({
+        "kernels": runs.iter().map(|r| json!({
+            "name": r.name,
+            "release": r.release,
+            "ending": r.ending,
+            "seconds": r.seconds,
+            "notes": r.notes,
+            "tests": r.results.iter().map(|(name, o)| (name.clone(), json!({
+                "status": o.status(),
+                "reason": match o { Outcome::Pass => String::new(), Outcome::Fail(w) | Outcome::Skip(w) => w.clone() },
+            }))).collect::<serde_json::Map<_, _>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
