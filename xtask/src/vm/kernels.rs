@@ -205,7 +205,7 @@ fn newest(apt: &Apt, spec: &KernelSpec) -> Result<(String, String)> {
         .filter(|n| n.ends_with(suffix))
         .filter(|n| {
             // trixie also carries bookworm's backported 6.12 (+deb12): keep the suite's own.
-            !(spec.name == "6.12" && !n.contains("+deb13"))
+            spec.name != "6.12" || n.contains("+deb13")
         })
         .collect();
     names.sort_by_key(|n| version_key(n));
@@ -325,13 +325,12 @@ fn index_modules(dir: &Path, index: &mut BTreeMap<String, PathBuf>) -> Result<()
         let path = entry?.path();
         if path.is_dir() {
             index_modules(&path, index)?;
-        } else if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
-            if let Some(stem) = [".ko.xz", ".ko.zst", ".ko"]
+        } else if let Some(name) = path.file_name().and_then(|n| n.to_str())
+            && let Some(stem) = [".ko.xz", ".ko.zst", ".ko"]
                 .iter()
                 .find_map(|ext| name.strip_suffix(ext))
-            {
-                index.insert(normalise(stem), path.clone());
-            }
+        {
+            index.insert(normalise(stem), path.clone());
         }
     }
     Ok(())
@@ -412,7 +411,7 @@ mod tests {
 
     #[test]
     fn versions_compare_by_number() {
-        let mut v = vec![
+        let mut v = [
             "linux-image-5.10.0-4-cloud-amd64-unsigned",
             "linux-image-5.10.0-32-cloud-amd64-unsigned",
             "linux-image-5.10.0-30-cloud-amd64-unsigned",

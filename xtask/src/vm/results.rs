@@ -60,17 +60,17 @@ pub fn parse(console: &str) -> BTreeMap<String, Outcome> {
             section = None;
             continue;
         }
-        if let Some(rest) = line.strip_prefix("test ") {
-            if let Some((name, verdict)) = rest.rsplit_once(" ... ") {
-                let key = format!("{binary}::{name}");
-                let outcome = match verdict.trim() {
-                    "ok" => Outcome::Pass,
-                    "ignored" => Outcome::Skip("ignored".to_owned()),
-                    _ => Outcome::Fail("failed".to_owned()),
-                };
-                results.insert(key, outcome);
-                continue;
-            }
+        if let Some(rest) = line.strip_prefix("test ")
+            && let Some((name, verdict)) = rest.rsplit_once(" ... ")
+        {
+            let key = format!("{binary}::{name}");
+            let outcome = match verdict.trim() {
+                "ok" => Outcome::Pass,
+                "ignored" => Outcome::Skip("ignored".to_owned()),
+                _ => Outcome::Fail("failed".to_owned()),
+            };
+            results.insert(key, outcome);
+            continue;
         }
         if let Some(name) = line
             .strip_prefix("---- ")
