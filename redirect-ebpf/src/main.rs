@@ -20,6 +20,10 @@
 
 #![no_std]
 #![no_main]
+// The BPF target's `core` has no atomic read-modify-write methods; the
+// intrinsic compiles to the BPF atomic add the counters need.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -34,9 +38,11 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use redirect_common::{
-    COUNTER_COUNT, ConnTuple, ConnectInput, Counter, InstanceMeta, LOCALHOST, ORIG_FLAG_PROXY_SEEN,
-    OrigDst, RedirectConfig, SOCKADDR_IN_LEN, SockoptAction, Verdict, classify_getsockopt,
+    COUNTER_COUNT, ConnTuple, ConnectInput, Counter, InstanceMeta, LOCALHOST, OrigDst,
+    RedirectConfig, SOCKADDR_IN_LEN, SockoptAction, Verdict, answer_optlen, classify_getsockopt,
     decide_connect, sockaddr_in, tuple_from_client_side, tuple_from_server_side,
 };
 
@@ -75,8 +81,10 @@ static RDR_META: Array<InstanceMeta> = Array::pinned(1, 0);
 #[inline(always)]
 fn count(counter: Counter) {
     if let Some(slot) = RDR_STATS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *slot += 1 };
+        // Atomic (a BPF XADD, the result unused): a sockops callback in
+        // softirq can interrupt a syscall-context increment on this CPU.
+        // SAFETY: a valid, aligned map value that lives as long as the map.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
     }
 }
 
@@ -114,11 +122,7 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
         Verdict::Bypass(counter) => count(counter),
         Verdict::Redirect { port } => {
             // user_port carries the __be16 port in its low 16 bits.
-            let orig = OrigDst {
-                ip: addr.user_ip4,
-                port: u16::from_be(addr.user_port as u16),
-                flags: 0,
-            };
+            let orig = OrigDst::new(addr.user_ip4, u16::from_be(addr.user_port as u16));
             // SAFETY: bpf_get_socket_cookie accepts a sock_addr context (>= 4.19).
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             if RDR_ORIG_COOKIE.insert(cookie, orig, 0).is_err() {
@@ -213,7 +217,7 @@ fn on_active_established(ctx: &SockOpsContext) {
 }
 
 /// The proxy's side of a redirected connection is established (it runs in
-/// this cgroup): from now on the proxy side's close removes the record.
+/// this cgroup): from now on the record waits for both sides to close.
 #[inline(always)]
 fn on_passive_established(ctx: &SockOpsContext) {
     let tuple = tuple_from_server_side(
@@ -223,15 +227,19 @@ fn on_passive_established(ctx: &SockOpsContext) {
         remote_port(ctx),
     );
     if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(tuple) {
-        // SAFETY: valid map value pointer; a racing update of one u16 is benign.
-        unsafe { (*orig).flags |= ORIG_FLAG_PROXY_SEEN };
+        set_flag(orig, OrigDst::PROXY_SEEN);
         watch_close(ctx);
     }
 }
 
-/// A watched socket closed. Its record goes away when the proxy's side
-/// closes, or with the app's side when the proxy is not in this cgroup (its
-/// close is never seen). A connect that never completed drops its cookie record.
+/// A watched socket closed. A record goes when both ends of its connection
+/// have closed (the app may still call getpeername() after the proxy closed,
+/// the proxy may still ask SO_ORIGINAL_DST after the app closed), or with
+/// the app's end alone when the proxy's end is never seen (a proxy outside
+/// this cgroup). A connect that never completed drops its cookie record.
+///
+/// Each end sets its own byte, then reads the other's; if both close at once
+/// on two CPUs and miss each other's store, the record is left to the LRU.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     if RDR_ORIG_COOKIE.remove(cookie(ctx)).is_ok() {
@@ -241,15 +249,40 @@ fn on_close(ctx: &SockOpsContext) {
     let (local_ip, local_port) = (ctx.local_ip4(), ctx.local_port() as u16);
     let (remote_ip, remote_port) = (ctx.remote_ip4(), remote_port(ctx));
     let as_proxy = tuple_from_server_side(local_ip, local_port, remote_ip, remote_port);
-    if RDR_ORIG_TUPLE.remove(as_proxy).is_ok() {
-        count(Counter::TupleReleased);
+    if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(as_proxy) {
+        set_flag(orig, OrigDst::PROXY_CLOSED);
+        if flag(orig, OrigDst::APP_CLOSED) == 1 {
+            release(&as_proxy);
+        }
         return;
     }
     let as_app = tuple_from_client_side(local_ip, local_port, remote_ip, remote_port);
-    // SAFETY: flags copied out before the map is modified.
-    let proxy_seen = unsafe { RDR_ORIG_TUPLE.get(as_app) }
-        .is_some_and(|orig| orig.flags & ORIG_FLAG_PROXY_SEEN != 0);
-    if !proxy_seen && RDR_ORIG_TUPLE.remove(as_app).is_ok() {
+    if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(as_app) {
+        set_flag(orig, OrigDst::APP_CLOSED);
+        if flag(orig, OrigDst::PROXY_SEEN) == 0 || flag(orig, OrigDst::PROXY_CLOSED) == 1 {
+            release(&as_app);
+        }
+    }
+}
+
+/// Sets one state byte of a record in place (volatile: ordered before the
+/// reads that follow it).
+#[inline(always)]
+fn set_flag(orig: *mut OrigDst, which: usize) {
+    // SAFETY: a valid map value pointer; `which` < 4 stays inside `state`.
+    unsafe { core::ptr::write_volatile((&raw mut (*orig).state).cast::<u8>().add(which), 1) };
+}
+
+/// Reads one state byte of a record in place.
+#[inline(always)]
+fn flag(orig: *mut OrigDst, which: usize) -> u8 {
+    // SAFETY: as in `set_flag`.
+    unsafe { core::ptr::read_volatile((&raw const (*orig).state).cast::<u8>().add(which)) }
+}
+
+#[inline(always)]
+fn release(tuple: &ConnTuple) {
+    if RDR_ORIG_TUPLE.remove(tuple).is_ok() {
         count(Counter::TupleReleased);
     }
 }
@@ -258,12 +291,30 @@ fn on_close(ctx: &SockOpsContext) {
 /// connections, which with iptables is answered by conntrack for the
 /// `-j REDIRECT --to-ports 15001` rule. The asking socket is the proxy's
 /// accepted one: its remote end is the app's socket, so its tuple names the
-/// record sockops filed. Calls without a record, and every other option,
-/// come back exactly as the kernel produced them.
+/// record sockops filed. Every other call, and this one without a record,
+/// comes back exactly as the kernel produced it (see [`SockoptAction`]).
+///
+/// No pointer arithmetic beyond a constant bounds check: subtracting the
+/// buffer pointers needs CAP_PERFMON, which an init container lacks.
 #[cgroup_sockopt(getsockopt)]
 pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/getsockopt program a valid context.
     let opt = unsafe { &mut *ctx.sockopt };
+    if classify_getsockopt(opt.level, opt.optname) == SockoptAction::AnswerOriginalDst
+        && answer_original_dst(opt)
+    {
+        count(Counter::OrigDstAnswered);
+    } else {
+        // SAFETY: optlen is a writable field of the context.
+        unsafe { core::ptr::write_volatile(&raw mut opt.optlen, 0) };
+    }
+    1
+}
+
+/// Writes the record's `sockaddr_in` and clears the error; `false` when
+/// there is no record (or no room), leaving the call to the kernel.
+#[inline(always)]
+fn answer_original_dst(opt: &mut aya_ebpf::bindings::bpf_sockopt) -> bool {
     // SAFETY: reading the union members the kernel filled in.
     let (optval, optval_end, sk) = unsafe {
         (
@@ -272,48 +323,34 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
             opt.__bindgen_anon_1.sk,
         )
     };
-    let buf_len = optval_end as i64 - optval as i64;
-    match classify_getsockopt(opt.level, opt.optname, opt.optlen, buf_len) {
-        SockoptAction::Untouched => {}
-        SockoptAction::PassLargeBuffer => {
-            // SAFETY: optlen is a writable field of the context.
-            unsafe { core::ptr::write_volatile(&raw mut opt.optlen, 0) };
-        }
-        SockoptAction::AnswerOriginalDst => {
-            if sk.is_null() {
-                return 1;
-            }
-            // SAFETY: non-null socket pointer from the context.
-            let sk = unsafe { &*sk };
-            let tuple = tuple_from_server_side(
-                sk.src_ip4,
-                sk.src_port as u16,
-                sk.dst_ip4,
-                u16::from_be(sk.dst_port),
-            );
-            // SAFETY: copied out before use.
-            let Some(orig) = (unsafe { RDR_ORIG_TUPLE.get(tuple) }).copied() else {
-                count(Counter::OrigDstMissed);
-                return 1;
-            };
-            // The verifier needs the bound checked on the pointer itself.
-            if optval.wrapping_add(SOCKADDR_IN_LEN as usize) > optval_end {
-                return 1;
-            }
-            let bytes = sockaddr_in(&orig);
-            // SAFETY: 16 bytes fit between optval and optval_end (checked above).
-            unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), optval, bytes.len()) };
-            // Separate volatile stores: merged into one 8-byte store, these
-            // two adjacent fields are rejected by the verifier.
-            // SAFETY: optlen and retval are writable fields of the context.
-            unsafe {
-                core::ptr::write_volatile(&raw mut opt.optlen, SOCKADDR_IN_LEN);
-                core::ptr::write_volatile(&raw mut opt.retval, 0);
-            }
-            count(Counter::OrigDstAnswered);
-        }
+    if sk.is_null() || optval.wrapping_add(SOCKADDR_IN_LEN as usize) > optval_end {
+        return false;
     }
-    1
+    // SAFETY: non-null socket pointer from the context.
+    let sk = unsafe { &*sk };
+    let tuple = tuple_from_server_side(
+        sk.src_ip4,
+        sk.src_port as u16,
+        sk.dst_ip4,
+        u16::from_be(sk.dst_port),
+    );
+    // SAFETY: copied out before use.
+    let Some(orig) = (unsafe { RDR_ORIG_TUPLE.get(tuple) }).copied() else {
+        count(Counter::OrigDstMissed);
+        return false;
+    };
+    let bytes = sockaddr_in(&orig);
+    // SAFETY: 16 bytes fit between optval and optval_end (checked above).
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), optval, bytes.len()) };
+    let optlen = answer_optlen(opt.optlen);
+    // Separate volatile stores: merged into one 8-byte store, these two
+    // adjacent fields are rejected by the verifier.
+    // SAFETY: optlen and retval are writable fields of the context.
+    unsafe {
+        core::ptr::write_volatile(&raw mut opt.optlen, optlen);
+        core::ptr::write_volatile(&raw mut opt.retval, 0);
+    }
+    true
 }
 
 /// `getpeername()` on the app's redirected socket returns the original

@@ -84,6 +84,7 @@ pub struct CaptureArgs {
 }
 
 impl CaptureArgs {
+    /// The config as given on the command line (ids as this process sees them).
     pub fn to_config(&self) -> Config {
         Config {
             proxy_port: self.proxy_port,
@@ -91,6 +92,16 @@ impl CaptureArgs {
             proxy_gids: self.proxy_gid.0.clone(),
             ..Config::default()
         }
+    }
+
+    /// The config the kernel programs get: proxy ids translated into the
+    /// initial user namespace (see [`crate::userns`]).
+    pub fn to_kernel_config(&self) -> anyhow::Result<Config> {
+        crate::userns::check_readable()?;
+        let mut config = self.to_config();
+        config.proxy_uids = crate::userns::to_host(crate::userns::Ids::User, &config.proxy_uids)?;
+        config.proxy_gids = crate::userns::to_host(crate::userns::Ids::Group, &config.proxy_gids)?;
+        Ok(config)
     }
 }
 

@@ -32,6 +32,7 @@ mod ebpf;
 mod privilege;
 mod run;
 mod status;
+mod userns;
 
 use std::process::ExitCode;
 
@@ -77,7 +78,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
 }
 
 fn install(args: &InstallArgs) -> Result<ExitCode> {
-    let config = args.capture.to_config();
+    let config = args.capture.to_kernel_config()?;
     let cgroup = cgroup::resolve(&args.target.cgroup)?;
     let instance = args
         .target

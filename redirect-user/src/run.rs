@@ -1,7 +1,7 @@
 //! `redirect run`: install, stay in the foreground (optionally printing the
 //! eBPF programs' decisions), and detach on SIGINT/SIGTERM unless `--persist`.
 
-use std::{io::Write as _, process::ExitCode};
+use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use aya_log::EbpfLogger;
@@ -13,7 +13,7 @@ use tokio::{
 use crate::{cgroup, cli::RunArgs, ebpf::loader};
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
-    let config = args.capture.to_config();
+    let config = args.capture.to_kernel_config()?;
     let cgroup = cgroup::resolve(&args.target.cgroup)?;
     let instance = args
         .target
@@ -24,6 +24,12 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    if loader::is_installed(&instance) && !args.persist {
+        anyhow::bail!(
+            "instance {instance} is already installed: `redirect run` would remove it when it stops; \
+             update it with `redirect install`, or pass --persist"
+        );
+    }
     runtime.block_on(async {
         let mut installed = loader::install(&loader::Request {
             config: &config,
@@ -31,6 +37,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             instance: &instance,
             log_level: args.log.ebpf_level(),
         })?;
+        // From here on, any way out detaches (unless --persist).
+        let guard = Detach {
+            instance: &instance,
+            armed: !args.persist,
+        };
         outln!(
             "redirect: capturing {} (instance {instance}) -> 127.0.0.1:{}; Ctrl-C to {}",
             cgroup.path.display(),
@@ -41,7 +52,6 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
                 "detach"
             }
         );
-        let _ = std::io::stdout().flush();
         let logger = if args.log.ebpf_level() > 0 {
             let logger = EbpfLogger::init_with_logger(&mut installed.ebpf, StderrLog)
                 .context("reading the eBPF log buffer")?;
@@ -53,6 +63,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         };
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
         let logs = async {
             match logger {
                 Some(mut fd) => loop {
@@ -68,17 +79,43 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         tokio::select! {
             _ = term.recv() => {},
             _ = int.recv() => {},
+            _ = hup.recv() => {},
             () = logs => {},
         }
-        if args.persist {
-            outln!("redirect: exiting; instance {instance} stays installed");
-        } else {
-            drop(installed);
-            loader::uninstall(&instance)?;
+        drop(installed);
+        guard.finish()
+    })
+}
+
+/// Uninstalls the instance when `run` ends, however it ends.
+struct Detach<'a> {
+    instance: &'a str,
+    armed: bool,
+}
+
+impl Detach<'_> {
+    /// The normal way out: detach (or keep, with --persist) and say so.
+    fn finish(mut self) -> Result<ExitCode> {
+        let instance = self.instance;
+        if self.armed {
+            self.armed = false;
+            loader::uninstall(instance)?;
             outln!("redirect: detached instance {instance}");
+        } else {
+            outln!("redirect: exiting; instance {instance} stays installed");
         }
         Ok(ExitCode::SUCCESS)
-    })
+    }
+}
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        if self.armed
+            && let Err(err) = loader::uninstall(self.instance)
+        {
+            eprintln!("redirect: detaching instance {}: {err:#}", self.instance);
+        }
+    }
 }
 
 /// Prints eBPF log records on stderr, one line each.

@@ -4,7 +4,7 @@
 
 use std::{fmt::Write as _, os::fd::AsFd as _, path::Path};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use redirect_common::Counter;
 use serde::Serialize;
 
@@ -17,6 +17,14 @@ use crate::{
 #[derive(Serialize)]
 pub struct Status {
     pub instances: Vec<Instance>,
+    /// Instances whose pins could not be read (e.g. left half-removed).
+    pub unreadable: Vec<Unreadable>,
+}
+
+#[derive(Serialize)]
+pub struct Unreadable {
+    pub instance: String,
+    pub error: String,
 }
 
 #[derive(Serialize)]
@@ -73,15 +81,25 @@ pub struct Tracked {
 pub fn collect(only: Option<&str>) -> Result<Status> {
     crate::privilege::check_ebpf()?;
     let mut instances = Vec::new();
+    let mut unreadable = Vec::new();
     if bpffs::is_mounted() {
         for name in bpffs::instances()? {
             if only.is_some_and(|o| o != name) {
                 continue;
             }
-            instances.push(instance(&name).with_context(|| format!("reading instance {name}"))?);
+            match instance(&name) {
+                Ok(found) => instances.push(found),
+                Err(err) => unreadable.push(Unreadable {
+                    instance: name,
+                    error: format!("{err:#}"),
+                }),
+            }
         }
     }
-    Ok(Status { instances })
+    Ok(Status {
+        instances,
+        unreadable,
+    })
 }
 
 fn instance(name: &str) -> Result<Instance> {
@@ -170,8 +188,17 @@ fn mirrors(counter: Counter, cfg: Option<&Config>) -> String {
 /// Human-readable rendering.
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
+    for broken in &status.unreadable {
+        let _ = writeln!(
+            out,
+            "Instance {} is unreadable ({}): remove it with `redirect uninstall --instance {}`\n",
+            broken.instance, broken.error, broken.instance
+        );
+    }
     if status.instances.is_empty() {
-        out.push_str("no redirect instances are installed\n");
+        if status.unreadable.is_empty() {
+            out.push_str("no redirect instances are installed\n");
+        }
         return out;
     }
     for (i, inst) in status.instances.iter().enumerate() {

@@ -103,16 +103,22 @@ pub fn missing_privilege() -> Option<String> {
     None
 }
 
+/// Prints why the calling test skips, or panics under `CI=true`, where a
+/// test that cannot run is a failure. The caller returns afterwards.
+pub fn skip_or_fail(reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("cannot run under CI=true: {reason}");
+    }
+    eprintln!("skipped: {reason}");
+}
+
 /// Skips the calling test with a printed reason when it cannot run here,
 /// except under `CI=true`, where not being able to run is a failure.
 #[macro_export]
 macro_rules! require_root {
     () => {
         if let Some(reason) = $crate::missing_privilege() {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("cannot run under CI=true: {reason}");
-            }
-            eprintln!("skipped: {reason}");
+            $crate::skip_or_fail(&reason);
             return;
         }
     };

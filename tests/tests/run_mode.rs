@@ -33,10 +33,19 @@ fn pod() -> Sandbox {
     sandbox
 }
 
-/// A running `redirect run`, with everything it printed so far.
+/// A running `redirect run`, with everything it printed so far. Killed on
+/// drop if a test fails before stopping it (the sandbox then removes the
+/// instance's pins).
 struct Running {
     child: Child,
     output: Arc<Mutex<String>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Running {
@@ -86,7 +95,7 @@ impl Running {
     }
 
     /// Sends `signal` and waits for the exit status (at most 10 s).
-    fn stop(mut self, signal: i32) -> (i32, String) {
+    fn stop(&mut self, signal: i32) -> (i32, String) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -118,7 +127,7 @@ fn lands(sandbox: &Sandbox) -> String {
 fn run_captures_logs_decisions_and_detaches_on_sigterm() {
     require_root!();
     let sandbox = pod();
-    let run = Running::start(&sandbox, &["--log", "debug"]);
+    let mut run = Running::start(&sandbox, &["--log", "debug"]);
     assert_eq!(lands(&sandbox), "proxy");
     run.wait_for(&format!(
         "redirect uid=1000 {} -> 127.0.0.1:15001",
@@ -135,7 +144,7 @@ fn run_captures_logs_decisions_and_detaches_on_sigterm() {
 fn run_with_persist_leaves_the_capture_installed() {
     require_root!();
     let sandbox = pod();
-    let run = Running::start(&sandbox, &["--persist"]);
+    let mut run = Running::start(&sandbox, &["--persist"]);
     let (code, output) = run.stop(libc::SIGINT);
     assert_eq!(code, 0, "{output}");
     assert!(output.contains("stays installed"), "{output}");

@@ -17,7 +17,7 @@ pub const MAX_OWNERS: usize = 8;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `SOCK_STREAM`, as in `bpf_sock_addr.type`.
 pub const SOCK_STREAM: u32 = 1;
@@ -48,21 +48,50 @@ pub struct RedirectConfig {
 }
 
 /// Where a redirected connection was going. Value of both original-destination maps.
+///
+/// Field order matters to the verifier: constructing this struct must not
+/// put zero stores next to each other, or LLVM fuses them into a `memset`
+/// call whose loop the verifier refuses without CAP_PERFMON.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct OrigDst {
     /// Original destination address, network byte order.
     pub ip: u32,
+    /// Lifetime state, one byte per writer (see [`OrigDst::PROXY_SEEN`]).
+    pub state: u32,
     /// Original destination port, host byte order.
     pub port: u16,
-    /// `ORIG_FLAG_*` bits.
-    pub flags: u16,
+    pub _pad: u16,
 }
 
-/// Set on a tuple entry once the proxy's accepted socket for it was seen in
-/// the cgroup: its close then removes the entry (see `sockops`).
-pub const ORIG_FLAG_PROXY_SEEN: u16 = 1;
+impl OrigDst {
+    /// State byte set once the proxy's accepted socket of this connection
+    /// was seen in the cgroup. A record lives until both ends of its
+    /// connection closed, or only the app's end when the proxy's end is
+    /// never seen (a proxy outside the cgroup). Each byte has one writer,
+    /// so no two sockets' callbacks write the same byte.
+    pub const PROXY_SEEN: usize = 0;
+    /// State byte set once the app's socket closed.
+    pub const APP_CLOSED: usize = 1;
+    /// State byte set once the proxy's socket closed.
+    pub const PROXY_CLOSED: usize = 2;
+
+    /// A fresh record of `ip:port` (network-order address, host-order port).
+    pub const fn new(ip: u32, port: u16) -> Self {
+        Self {
+            ip,
+            state: 0,
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// One state byte.
+    pub const fn flag(&self, which: usize) -> u8 {
+        self.state.to_ne_bytes()[which]
+    }
+}
 
 /// A TCP connection as seen from its client (the app's socket): key of the
 /// original-destination-by-tuple map.
@@ -222,34 +251,46 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 /// Size of `struct sockaddr_in`, what `SO_ORIGINAL_DST` returns.
 pub const SOCKADDR_IN_LEN: i32 = 16;
 
-/// What the getsockopt program does with one `getsockopt()` call, decided
-/// from the call and what the kernel already produced for it.
+/// Largest `optlen` the program keeps when it answers: below this, the
+/// buffer it writes is exactly the caller's length (the kernel hands the
+/// program min(caller's length, page size) bytes).
+pub const MAX_KEPT_OPTLEN: i32 = 4096;
+
+/// What the getsockopt program does with one `getsockopt()` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SockoptAction {
-    /// Not ours: return it exactly as the kernel produced it.
-    Untouched,
-    /// Not ours, and the kernel's answer is larger than the page the
-    /// program sees: set `optlen` to 0, the kernel's documented way to hand
-    /// the caller its original buffer (an untouched large `optlen` is an
-    /// EFAULT before kernel 6.6; trimming it would corrupt the answer).
-    PassLargeBuffer,
-    /// `SO_ORIGINAL_DST` with room for a `sockaddr_in`: answer it from the
-    /// record of this connection, if there is one.
+    /// Not ours: hand the caller exactly what the kernel produced, by setting
+    /// `optlen` to 0 (the kernel's documented rule, kernels >= 5.8: the
+    /// program's buffer is then ignored). Leaving `optlen` alone instead
+    /// would copy the program's page-sized copy back: an `EFAULT` for
+    /// answers larger than a page before kernel 6.6, and a zeroed buffer over
+    /// the caller's on failing calls.
+    PassThrough,
+    /// `SO_ORIGINAL_DST`: answer it from the record of this connection, if
+    /// there is one (else pass through).
     AnswerOriginalDst,
 }
 
-/// Classifies a `getsockopt()` call. `optlen` is what the kernel returned
-/// (or the caller's length if it failed), `buf_len` the size of the buffer
-/// the program may write (`optval_end - optval`, at most a page).
+/// Classifies a `getsockopt()` call by its level and option.
 #[inline(always)]
-pub fn classify_getsockopt(level: i32, optname: i32, optlen: i32, buf_len: i64) -> SockoptAction {
-    if i64::from(optlen) > buf_len {
-        return SockoptAction::PassLargeBuffer;
+pub fn classify_getsockopt(level: i32, optname: i32) -> SockoptAction {
+    if level == SOL_IP && optname == SO_ORIGINAL_DST {
+        SockoptAction::AnswerOriginalDst
+    } else {
+        SockoptAction::PassThrough
     }
-    if level == SOL_IP && optname == SO_ORIGINAL_DST && buf_len >= i64::from(SOCKADDR_IN_LEN) {
-        return SockoptAction::AnswerOriginalDst;
+}
+
+/// The `optlen` to report with an answer: the caller's, as conntrack leaves
+/// it, when it is a length the program's buffer matches; else the size of
+/// the `sockaddr_in`.
+#[inline(always)]
+pub const fn answer_optlen(optlen: i32) -> i32 {
+    if optlen >= SOCKADDR_IN_LEN && optlen <= MAX_KEPT_OPTLEN {
+        optlen
+    } else {
+        SOCKADDR_IN_LEN
     }
-    SockoptAction::Untouched
 }
 
 /// The `struct sockaddr_in` bytes that `SO_ORIGINAL_DST` returns for `orig`:

@@ -173,50 +173,36 @@ fn counter_table_is_complete_and_ordered() {
 #[test]
 fn only_so_original_dst_is_answered() {
     assert_eq!(
-        classify_getsockopt(SOL_IP, SO_ORIGINAL_DST, 16, 16),
+        classify_getsockopt(SOL_IP, SO_ORIGINAL_DST),
         SockoptAction::AnswerOriginalDst
     );
-    // SO_RCVBUF (SOL_SOCKET=1, 8) and TCP_INFO (SOL_TCP=6, 11) are not ours.
-    assert_eq!(classify_getsockopt(1, 8, 4, 4), SockoptAction::Untouched);
-    assert_eq!(
-        classify_getsockopt(6, 11, 232, 232),
-        SockoptAction::Untouched
-    );
+    // SO_RCVBUF (SOL_SOCKET=1, 8), TCP_INFO (SOL_TCP=6, 11) and
+    // iptables-legacy's IPT_SO_GET_ENTRIES (SOL_IP, 65) are not ours.
+    assert_eq!(classify_getsockopt(1, 8), SockoptAction::PassThrough);
+    assert_eq!(classify_getsockopt(6, 11), SockoptAction::PassThrough);
+    assert_eq!(classify_getsockopt(SOL_IP, 65), SockoptAction::PassThrough);
     // Same option number at another level is not SO_ORIGINAL_DST.
     assert_eq!(
-        classify_getsockopt(6, SO_ORIGINAL_DST, 16, 16),
-        SockoptAction::Untouched
+        classify_getsockopt(6, SO_ORIGINAL_DST),
+        SockoptAction::PassThrough
     );
 }
 
 #[test]
-fn a_buffer_too_small_for_sockaddr_in_is_left_to_the_kernel() {
+fn answers_keep_the_callers_length_like_conntrack() {
     assert_eq!(
-        classify_getsockopt(SOL_IP, SO_ORIGINAL_DST, 8, 8),
-        SockoptAction::Untouched
+        answer_optlen(128),
+        128,
+        "Envoy passes sizeof(sockaddr_storage)"
     );
-}
-
-#[test]
-fn answers_larger_than_the_program_buffer_pass_through() {
-    // iptables-legacy's IPT_SO_GET_ENTRIES (SOL_IP, 65) with a 20 KiB table.
-    assert_eq!(
-        classify_getsockopt(SOL_IP, 65, 20_000, 4096),
-        SockoptAction::PassLargeBuffer
-    );
-    assert_eq!(
-        classify_getsockopt(SOL_IP, 65, 4096, 4096),
-        SockoptAction::Untouched
-    );
+    assert_eq!(answer_optlen(16), 16);
+    assert_eq!(answer_optlen(9000), 16, "longer than the program's page");
+    assert_eq!(answer_optlen(8), 16);
 }
 
 #[test]
 fn sockaddr_in_layout_matches_the_kernel() {
-    let orig = OrigDst {
-        ip: ip(198, 18, 0, 2),
-        port: 8080,
-        flags: 0,
-    };
+    let orig = OrigDst::new(ip(198, 18, 0, 2), 8080);
     let bytes = sockaddr_in(&orig);
     assert_eq!(
         u16::from_ne_bytes([bytes[0], bytes[1]]),

@@ -8,6 +8,8 @@
 //! in flight keep their records), writes the new config in place, and swaps
 //! each link's program with `BPF_LINK_UPDATE`: at no moment is the cgroup
 //! without a capture program, so no connection escapes during an upgrade.
+//! If a later step fails, the links get their previous programs back (held
+//! open for exactly that) and the previous config is restored.
 //!
 //! Programs are attached with bpf_links (`BPF_LINK_CREATE`, no flags):
 //! cgroup links are multi-attach by nature and run alongside any other
@@ -17,16 +19,16 @@
 use std::{
     collections::HashSet,
     fs::{self, File},
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
-    programs::{CgroupSockAddr, CgroupSockopt, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
     util::KernelVersion,
 };
 use redirect_common::{ABI_VERSION, InstanceMeta, META_PATH_MAX, RedirectConfig};
@@ -51,9 +53,11 @@ pub struct Installed {
     pub upgraded: bool,
 }
 
-/// The first kernel with cgroup bpf_links (attach without exclusive flags,
-/// pinnable, replaceable in place).
-const MIN_KERNEL: (u8, u8) = (5, 7);
+/// The oldest kernel eBPF mode runs on: cgroup bpf_links (attach without
+/// exclusive flags, pinnable, replaceable in place) arrived in 5.7, the
+/// ring buffer of the programs' log and getpeername hooks in 5.8, and so
+/// did the getsockopt rule that `optlen` 0 passes the kernel's own answer.
+pub const MIN_KERNEL: (u8, u8) = (5, 8);
 
 /// Checks everything an install needs before anything is changed.
 fn preflight() -> Result<()> {
@@ -63,7 +67,7 @@ fn preflight() -> Result<()> {
         && kernel < KernelVersion::new(major, minor, 0)
     {
         bail!(
-            "kernel {kernel} has no cgroup bpf_link (needs {major}.{minor} or later): eBPF capture is not available on this node"
+            "kernel {kernel} is too old for eBPF capture (needs {major}.{minor} or later): use istio-iptables on this node"
         );
     }
     privilege::raise_memlock();
@@ -84,6 +88,11 @@ fn lock() -> Result<Lock> {
     Ok(Lock(dir))
 }
 
+/// Whether an instance directory exists.
+pub fn is_installed(instance: &str) -> bool {
+    bpffs::is_mounted() && bpffs::instance_dir(instance).is_dir()
+}
+
 /// Installs (or upgrades in place) an instance. On any error, everything
 /// this call changed is undone before the error is returned.
 pub fn install(req: &Request<'_>) -> Result<Installed> {
@@ -93,6 +102,12 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
     let upgraded = dir.is_dir();
     if upgraded {
         check_owner(&dir, req)?;
+        maps::check_layout(&dir).with_context(|| {
+            format!(
+                "instance '{}' was installed by an incompatible redirect: run `redirect uninstall --instance {}` first",
+                req.instance, req.instance
+            )
+        })?;
     }
     let mut undo = Undo {
         dir: dir.clone(),
@@ -104,8 +119,15 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
     match install_steps(req, &dir, &mut undo) {
         Ok(ebpf) => Ok(Installed { ebpf, upgraded }),
         Err(err) => {
-            undo.run();
-            Err(err)
+            let problems = undo.run();
+            if problems.is_empty() {
+                Err(err)
+            } else {
+                Err(anyhow!(
+                    "{err:#} (and the rollback failed: {})",
+                    problems.join("; ")
+                ))
+            }
         }
     }
 }
@@ -160,13 +182,22 @@ fn install_steps(req: &Request<'_>, dir: &Path, undo: &mut Undo) -> Result<Ebpf>
     }
     for (hook, pin) in to_update {
         let link = sys::obj_get(&pin)?;
-        let before = sys::link_info(link.as_fd())?;
+        // Keep the program being replaced alive: the link holds its last
+        // reference, and a rollback must be able to put it back.
+        let before = sys::prog_fd_by_id(sys::link_info(link.as_fd())?.prog_id)?;
         let prog = ebpf
             .program(hook.program)
             .with_context(|| format!("program {} missing from the object", hook.program))?;
         sys::link_update(link.as_fd(), prog.fd()?.as_fd())
             .with_context(|| format!("replacing the {} program in place", hook.name))?;
-        undo.updated.push((pin, before.prog_id));
+        undo.updated.push((pin, before));
+        #[cfg(debug_assertions)]
+        if std::env::var("REDIRECT_TEST_FAULT").as_deref() == Ok("after-first-link-update") {
+            bail!(
+                "injected fault after replacing the {} program (tests only)",
+                hook.name
+            );
+        }
     }
     Ok(ebpf)
 }
@@ -229,7 +260,52 @@ fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
         Kind::SockOps => <&mut SockOps>::try_from(program)?.load(),
         Kind::Sockopt => <&mut CgroupSockopt>::try_from(program)?.load(),
     };
-    result.with_context(|| format!("loading the {} program (verifier)", hook.name))
+    result.map_err(|err| rejected(hook, err))
+}
+
+/// One line for a program the kernel refused: the verifier's last words
+/// (its full log is printed with `REDIRECT_VERIFIER_LOG=1`).
+fn rejected(hook: Hook, err: ProgramError) -> anyhow::Error {
+    if let ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = &err
+    {
+        let log = verifier_log.to_string();
+        if std::env::var_os("REDIRECT_VERIFIER_LOG").is_some() {
+            eprintln!("{log}");
+        }
+        let reason = verifier_complaint(&log);
+        return anyhow!(
+            "the kernel rejected the {} program ({io_error}: {reason}); \
+             this kernel or these capabilities cannot run it (full log: REDIRECT_VERIFIER_LOG=1)",
+            hook.name
+        );
+    }
+    anyhow!(err).context(format!("loading the {} program", hook.name))
+}
+
+/// The verifier's complaint in its log: the last line that is not an
+/// instruction, a source line, register state or the closing statistics.
+fn verifier_complaint(log: &str) -> &str {
+    const NOISE: [&str; 7] = [
+        "processed ",
+        "stack depth",
+        "verification time",
+        "caller:",
+        "callee:",
+        "frame",
+        "R",
+    ];
+    let lines = || log.lines().map(str::trim);
+    lines()
+        .rfind(|l| {
+            !l.is_empty()
+                && !l.starts_with(|c: char| c.is_ascii_digit() || c == ';')
+                && !NOISE.iter().any(|p| l.starts_with(p))
+        })
+        .or_else(|| lines().rfind(|l| l.contains("prohibited") || l.contains("invalid")))
+        .unwrap_or("no verifier log")
 }
 
 /// Attaches a loaded program to the cgroup with a new bpf_link and pins the
@@ -248,7 +324,18 @@ fn attach_and_pin(ebpf: &Ebpf, hook: Hook, cgroup: &File, pin: &Path) -> Result<
         .program(hook.program)
         .with_context(|| format!("program {} missing from the object", hook.program))?;
     let link = sys::link_create(program.fd()?.as_fd(), cgroup.as_fd(), hook.attach_type)
-        .with_context(|| format!("attaching the {} program to the cgroup", hook.name))?;
+        .map_err(|err| {
+            if err.raw_os_error() == Some(libc::EPERM) {
+                anyhow!(
+                    "attaching the {} program to the cgroup: another program holds this cgroup's {} hook \
+                     exclusively (BPF_PROG_ATTACH without BPF_F_ALLOW_MULTI): detach it, or have its owner attach with multi-attach",
+                    hook.name,
+                    hook.name
+                )
+            } else {
+                anyhow!(err).context(format!("attaching the {} program to the cgroup", hook.name))
+            }
+        })?;
     sys::obj_pin(link.as_fd(), pin).with_context(|| format!("pinning the {} link", hook.name))
 }
 
@@ -279,35 +366,40 @@ struct Undo {
     pins_before: HashSet<String>,
     /// Config entry before this install overwrote it (upgrades only).
     old_config: Option<RedirectConfig>,
-    /// Links whose program was replaced, with the previous program id.
-    updated: Vec<(PathBuf, u32)>,
+    /// Links whose program was replaced, with the previous program (open).
+    updated: Vec<(PathBuf, OwnedFd)>,
 }
 
 impl Undo {
-    fn run(self) {
+    /// Rolls back; returns what could not be undone.
+    fn run(self) -> Vec<String> {
+        let mut problems = Vec::new();
         for (pin, old_prog) in self.updated.iter().rev() {
-            let reverted = sys::obj_get(pin).and_then(|link| {
-                let prog = sys::prog_fd_by_id(*old_prog)?;
-                sys::link_update(link.as_fd(), prog.as_fd())
-            });
+            let reverted =
+                sys::obj_get(pin).and_then(|link| sys::link_update(link.as_fd(), old_prog.as_fd()));
             if let Err(err) = reverted {
-                eprintln!("redirect: rollback: {err:#}");
+                problems.push(format!("restoring {}: {err:#}", pin.display()));
             }
         }
         if let Some(old) = self.old_config
             && let Err(err) = maps::config(&self.dir).and_then(|mut m| Ok(m.set(0, old, 0)?))
         {
-            eprintln!("redirect: rollback: restoring the config: {err:#}");
+            problems.push(format!("restoring the config: {err:#}"));
         }
         if self.fresh {
-            let _ = fs::remove_dir_all(&self.dir);
-            return;
+            if let Err(err) = fs::remove_dir_all(&self.dir) {
+                problems.push(format!("removing {}: {err}", self.dir.display()));
+            }
+            return problems;
         }
         for name in pin_names(&self.dir) {
-            if !self.pins_before.contains(&name) {
-                let _ = fs::remove_file(self.dir.join(name));
+            if !self.pins_before.contains(&name)
+                && let Err(err) = fs::remove_file(self.dir.join(&name))
+            {
+                problems.push(format!("removing the new pin {name}: {err}"));
             }
         }
+        problems
     }
 }
 
@@ -357,4 +449,24 @@ pub fn instances_on(cgroup: &Cgroup) -> Result<Vec<String>> {
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verifier_complaint;
+
+    #[test]
+    fn the_verifier_complaint_is_found_among_its_log() {
+        let log = "0: R1=ctx() R10=fp0\n; let addr = @ main.rs:1\n652: (0f) r5 += r4\n\
+                   R5 tried to add from different maps, paths or scalars, pointer arithmetic with it prohibited for !root\n\
+                   processed 651 insns (limit 1000000)\nstack depth 40+0\n";
+        assert_eq!(
+            verifier_complaint(log),
+            "R5 tried to add from different maps, paths or scalars, pointer arithmetic with it prohibited for !root"
+        );
+        assert_eq!(
+            verifier_complaint("invalid bpf_context access off=32 size=8\n"),
+            "invalid bpf_context access off=32 size=8"
+        );
+    }
 }

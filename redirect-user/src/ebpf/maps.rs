@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{Array, HashMap, Map, MapData, MapType, PerCpuArray};
 use redirect_common::{ConnTuple, Counter, InstanceMeta, OrigDst, RedirectConfig};
 
 pub const CONFIG: &str = "RDR_CONFIG";
@@ -11,6 +11,53 @@ pub const STATS: &str = "RDR_STATS";
 pub const ORIG_COOKIE: &str = "RDR_ORIG_COOKIE";
 pub const ORIG_TUPLE: &str = "RDR_ORIG_TUPLE";
 pub const META: &str = "RDR_META";
+
+/// Every pinned map with the type, key size and value size this build of
+/// the programs expects.
+const LAYOUT: [(&str, MapType, usize, usize); 5] = [
+    (CONFIG, MapType::Array, 4, size_of::<RedirectConfig>()),
+    (STATS, MapType::PerCpuArray, 4, size_of::<u64>()),
+    (
+        ORIG_COOKIE,
+        MapType::LruHash,
+        size_of::<u64>(),
+        size_of::<OrigDst>(),
+    ),
+    (
+        ORIG_TUPLE,
+        MapType::LruHash,
+        size_of::<ConnTuple>(),
+        size_of::<OrigDst>(),
+    ),
+    (META, MapType::Array, 4, size_of::<InstanceMeta>()),
+];
+
+/// Checks that the maps pinned in `dir` have the layouts this build uses,
+/// before a reinstall binds its programs to them (aya reuses a pinned map
+/// by name without comparing).
+pub fn check_layout(dir: &Path) -> Result<()> {
+    for (name, kind, key, value) in LAYOUT {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue; // created by this install
+        }
+        let info = open(dir, name)?.info()?;
+        let found = (
+            info.map_type()?,
+            info.key_size() as usize,
+            info.value_size() as usize,
+        );
+        if found != (kind, key, value) {
+            bail!(
+                "pinned map {name} is {:?} with {}-byte keys and {}-byte values, expected {kind:?} with {key} and {value}",
+                found.0,
+                found.1,
+                found.2
+            );
+        }
+    }
+    Ok(())
+}
 
 fn open(dir: &Path, name: &str) -> Result<MapData> {
     let path = dir.join(name);

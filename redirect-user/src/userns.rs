@@ -1,0 +1,108 @@
+//! Proxy UIDs/GIDs as the eBPF programs see them.
+//!
+//! `bpf_get_current_uid_gid()` reports ids as the *initial* user namespace
+//! sees them. Run from an init container of a pod with its own user
+//! namespace (Kubernetes `hostUsers: false`), `-u 1337` means the pod's
+//! 1337, which is some other id on the host: redirect translates the
+//! configured ids through this process's `/proc/self/{uid,gid}_map`, which
+//! describe the pod's namespace. Outside user namespaces the maps are the
+//! identity and nothing changes.
+
+use std::fs;
+
+use anyhow::{Context as _, Result, bail};
+
+/// Which id map to read.
+#[derive(Clone, Copy, Debug)]
+pub enum Ids {
+    User,
+    Group,
+}
+
+impl Ids {
+    fn path(self) -> &'static str {
+        match self {
+            Self::User => "/proc/self/uid_map",
+            Self::Group => "/proc/self/gid_map",
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Self::User => "--proxy-uid",
+            Self::Group => "--proxy-gid",
+        }
+    }
+}
+
+/// Translates ids of this process's user namespace into the initial one.
+pub fn to_host(kind: Ids, ids: &[u32]) -> Result<Vec<u32>> {
+    let map =
+        fs::read_to_string(kind.path()).with_context(|| format!("reading {}", kind.path()))?;
+    translate(&map, ids).map_err(|id| {
+        anyhow::anyhow!(
+            "{} {id} is not mapped in this user namespace ({}): give the proxy an id the pod's user namespace maps",
+            kind.flag(),
+            kind.path()
+        )
+    })
+}
+
+/// `map` is the text of an id map: lines of `inside outside count`.
+/// Returns the first id it does not cover as the error.
+fn translate(map: &str, ids: &[u32]) -> Result<Vec<u32>, u32> {
+    let ranges: Vec<(u64, u64, u64)> = map
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace().map(str::parse::<u64>);
+            Some((f.next()?.ok()?, f.next()?.ok()?, f.next()?.ok()?))
+        })
+        .collect();
+    ids.iter()
+        .map(|&id| {
+            let id64 = u64::from(id);
+            ranges
+                .iter()
+                .find(|(inside, _, count)| id64 >= *inside && id64 < inside + count)
+                .and_then(|(inside, outside, _)| u32::try_from(outside + (id64 - inside)).ok())
+                .ok_or(id)
+        })
+        .collect()
+}
+
+/// Fails when the map cannot be read at all (no /proc): a clear message
+/// beats translating nothing.
+pub fn check_readable() -> Result<()> {
+    if fs::metadata("/proc/self/uid_map").is_err() {
+        bail!("/proc is not mounted: redirect needs /proc to read its user namespace's id maps");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_initial_namespace_maps_ids_to_themselves() {
+        let identity = "         0          0 4294967295\n";
+        assert_eq!(
+            translate(identity, &[0, 1337, 65534]),
+            Ok(vec![0, 1337, 65534])
+        );
+    }
+
+    #[test]
+    fn a_pod_user_namespace_shifts_ids() {
+        // Kubernetes hostUsers: false gives each pod a 65536-id range.
+        let pod = "0 2147352576 65536\n";
+        assert_eq!(translate(pod, &[1337]), Ok(vec![2_147_352_576 + 1337]));
+        assert_eq!(translate(pod, &[70000]), Err(70000));
+    }
+
+    #[test]
+    fn several_ranges_are_searched() {
+        let map = "0 1000 1\n1 100000 65535\n";
+        assert_eq!(translate(map, &[0, 1337]), Ok(vec![1000, 100_000 + 1336]));
+    }
+}
