@@ -16,11 +16,14 @@
 //!     exists), read each reply,
 //!     print one "<count>\t<reply>" line per distinct reply or error;
 //!     --peer prefixes each reply with the socket's getpeername()
-//! agent [...] check --to IP:PORT[,IP:PORT...] --count N [--concurrent]
+//! agent [...] check --to IP:PORT[,IP:PORT...] --count N [--concurrent] [--direct IP:PORT]
 //!     connection i goes to target i mod len and must be answered with that
 //!     target's address (a proxy reporting original-dst); prints a tally of
 //!     "ok", "mixup" (another connection's address) and errors. With
-//!     --concurrent, all N connections are open before any reply is read
+//!     --concurrent, all N connections are open before any reply is read.
+//!     With --direct, every other connection goes straight to that address
+//!     (the proxy, not redirected) and must get no original destination:
+//!     "direct-ok", or "stale" when some earlier connection's record answers
 //! agent [...] sockopts --to IP:PORT
 //!     print getsockopt answers that must not depend on capture: SO_RCVBUF
 //!     and the stable head of TCP_INFO of a fresh socket, and
@@ -96,7 +99,8 @@ fn run(args: &[String]) -> Result<()> {
                 .map(str::parse)
                 .collect::<Result<Vec<SocketAddr>, _>>()?;
             let count: usize = args.req("--count")?.parse()?;
-            let tally = check(&targets, count, args.flag("--concurrent"));
+            let direct = args.opt("--direct")?.map(str::parse).transpose()?;
+            let tally = check(&targets, count, args.flag("--concurrent"), direct);
             print!("{}", tally.render());
             Ok(())
         }
@@ -269,13 +273,21 @@ fn read_reply(mut stream: TcpStream) -> std::io::Result<String> {
     Ok(reply.trim().to_owned())
 }
 
-fn check(targets: &[SocketAddr], count: usize, concurrent: bool) -> Tally {
+fn check(
+    targets: &[SocketAddr],
+    count: usize,
+    concurrent: bool,
+    direct: Option<SocketAddr>,
+) -> Tally {
     let mut tally = Tally::default();
     if targets.is_empty() {
         return tally;
     }
     let mut judge = |target: SocketAddr, reply: std::io::Result<String>| {
+        let is_direct = Some(target) == direct;
         let outcome = match reply {
+            Ok(reply) if is_direct && reply.starts_with("error: ") => "direct-ok".to_owned(),
+            Ok(reply) if is_direct && reply.parse::<SocketAddr>().is_ok() => "stale".to_owned(),
             Ok(reply) if reply == target.to_string() => "ok".to_owned(),
             Ok(reply) if reply.parse::<SocketAddr>().is_ok() => "mixup".to_owned(),
             Ok(reply) => reply,
@@ -283,7 +295,10 @@ fn check(targets: &[SocketAddr], count: usize, concurrent: bool) -> Tally {
         };
         *tally.0.entry(outcome).or_default() += 1;
     };
-    let target = |i: usize| targets[i % targets.len()];
+    let target = |i: usize| match direct {
+        Some(direct) if i % 2 == 1 => direct,
+        _ => targets[(i / if direct.is_some() { 2 } else { 1 }) % targets.len()],
+    };
     if concurrent {
         let open: Vec<_> = (0..count)
             .map(|i| {
