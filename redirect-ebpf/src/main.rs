@@ -4,7 +4,9 @@
 //! - [`redirect_connect4`] (`cgroup/connect4`) decides every outbound IPv4
 //!   `connect()` of the pod's cgroup and rewrites captured ones to
 //!   `127.0.0.1:<proxy port>`, recording the original destination by socket
-//!   cookie.
+//!   cookie. [`redirect_connect6`] does the same for dual-stack sockets
+//!   connecting to IPv4-mapped addresses (`::ffff:a.b.c.d`), which send IPv4
+//!   packets that Istio's IPv4 rules capture.
 //! - [`redirect_sockops`] (`sockops`) moves that record to a map keyed by the
 //!   connection's 4-tuple once the connection is established (the proxy's
 //!   accepted socket can find it there), and removes it when the connection
@@ -12,8 +14,9 @@
 //! - [`redirect_getsockopt`] (`cgroup/getsockopt`) answers the proxy's
 //!   `getsockopt(SOL_IP, SO_ORIGINAL_DST)` from that record, as conntrack
 //!   does for iptables REDIRECT; every other call is left as the kernel made it.
-//! - [`redirect_getpeername4`] (`cgroup/getpeername4`) makes `getpeername()`
-//!   on the app's redirected socket return the original destination.
+//! - [`redirect_getpeername4`] / [`redirect_getpeername6`]
+//!   (`cgroup/getpeername4/6`) make `getpeername()` on the app's redirected
+//!   socket return the original destination.
 //!
 //! Configuration comes from the `RDR_CONFIG` map that user space fills; every
 //! decision increments a per-CPU counter in `RDR_STATS`.
@@ -25,12 +28,14 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_TCP_CLOSE, bpf_sock, bpf_sockopt,
     },
     helpers::{bpf_get_current_uid_gid, generated::bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
@@ -38,12 +43,11 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
 use redirect_common::{
     COUNTER_COUNT, ConnTuple, ConnectInput, Counter, InstanceMeta, LOCALHOST, OrigDst,
-    RedirectConfig, SOCKADDR_IN_LEN, SockoptAction, Verdict, answer_optlen, classify_getsockopt,
-    decide_connect, sockaddr_in, tuple_from_client_side, tuple_from_server_side,
+    RedirectConfig, SOCK_STREAM, SOCKADDR_IN_LEN, SockoptAction, Verdict, answer_optlen,
+    classify_getsockopt, decide_connect, sockaddr_in, to_v4_mapped, tuple_from_client_side,
+    tuple_from_server_side, v4_mapped,
 };
 
 /// Largest number of connections whose original destination is tracked at once.
@@ -52,6 +56,7 @@ const MAX_TRACKED: u32 = 65536;
 /// Return value of a cgroup sock_addr program that lets the syscall proceed.
 const ALLOW: i32 = 1;
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 // Every map is pinned by name in the instance's bpffs directory, so that a
 // reinstall reuses them and the programs it loads share state with the old ones.
@@ -88,6 +93,22 @@ fn count(counter: Counter) {
     }
 }
 
+/// Reads an IPv6 address from a context, one 4-byte load per word (the
+/// verifier refuses wider loads of these fields on older kernels).
+#[inline(always)]
+fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
+    let w = words.cast::<u32>();
+    // SAFETY: `words` points at a readable 16-byte context field.
+    unsafe {
+        [
+            core::ptr::read_volatile(w),
+            core::ptr::read_volatile(w.add(1)),
+            core::ptr::read_volatile(w.add(2)),
+            core::ptr::read_volatile(w.add(3)),
+        ]
+    }
+}
+
 /// Mirrors Istio's outbound capture:
 ///
 /// ```text
@@ -105,46 +126,87 @@ fn count(counter: Counter) {
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/connect4 program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
-    let Some(cfg) = RDR_CONFIG.get(0) else {
+    if let Some(port) = capture(&ctx, addr.type_, addr.user_ip4, addr.user_port) {
+        addr.user_ip4 = LOCALHOST;
+        addr.user_port = u32::from(port.to_be());
+    }
+    ALLOW
+}
+
+/// The same rules as [`redirect_connect4`] for a dual-stack (AF_INET6)
+/// socket connecting to an IPv4-mapped address: its packets are IPv4, and
+/// Istio's IPv4 rules capture them. It is sent to `::ffff:127.0.0.1:<proxy
+/// port>`, which reaches the proxy's IPv4 listener. Real IPv6 destinations
+/// are left alone, as Istio leaves them without `--ipv6` rules.
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/connect6 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    let Some(dst) = v4_mapped(&read_ip6(&raw const addr.user_ip6)) else {
+        if addr.type_ == SOCK_STREAM {
+            count(Counter::NotIpv4);
+        }
         return ALLOW;
     };
+    if let Some(port) = capture(&ctx, addr.type_, dst, addr.user_port) {
+        let proxy = to_v4_mapped(LOCALHOST);
+        let w = (&raw mut addr.user_ip6).cast::<u32>();
+        // SAFETY: four 4-byte stores into the writable user_ip6 field.
+        unsafe {
+            core::ptr::write_volatile(w, proxy[0]);
+            core::ptr::write_volatile(w.add(1), proxy[1]);
+            core::ptr::write_volatile(w.add(2), proxy[2]);
+            core::ptr::write_volatile(w.add(3), proxy[3]);
+        }
+        addr.user_port = u32::from(port.to_be());
+    }
+    ALLOW
+}
+
+/// Decides one connect to `dst_ip` (network order; `user_port` as the
+/// context holds it, the __be16 in its low 16 bits) and, when it is
+/// captured, records the original destination under the socket's cookie.
+/// Returns the proxy port to rewrite to.
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, sock_type: u32, dst_ip: u32, user_port: u32) -> Option<u16> {
+    let cfg = RDR_CONFIG.get(0)?;
     if cfg.abi_version == 0 {
-        return ALLOW;
+        return None;
     }
     let uid_gid = bpf_get_current_uid_gid();
     let input = ConnectInput {
-        sock_type: addr.type_,
+        sock_type,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
-        dst_ip: addr.user_ip4,
+        dst_ip,
     };
     match decide_connect(&input, cfg) {
-        Verdict::Bypass(counter) => count(counter),
+        Verdict::Bypass(counter) => {
+            count(counter);
+            None
+        }
         Verdict::Redirect { port } => {
-            // user_port carries the __be16 port in its low 16 bits.
-            let orig = OrigDst::new(addr.user_ip4, u16::from_be(addr.user_port as u16));
+            let orig = OrigDst::new(dst_ip, u16::from_be(user_port as u16));
             // SAFETY: bpf_get_socket_cookie accepts a sock_addr context (>= 4.19).
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             if RDR_ORIG_COOKIE.insert(cookie, orig, 0).is_err() {
                 // Without a record the proxy could not learn the original
                 // destination: leave the connect alone rather than break it.
                 count(Counter::RecordFailed);
-                return ALLOW;
+                return None;
             }
-            addr.user_ip4 = LOCALHOST;
-            addr.user_port = u32::from(port.to_be());
             count(Counter::Redirected);
             debug!(
-                &ctx,
+                ctx,
                 "redirect uid={} {:i}:{} -> 127.0.0.1:{}",
                 input.uid,
                 u32::from_be(orig.ip),
                 orig.port,
                 port
             );
+            Some(port)
         }
     }
-    ALLOW
 }
 
 /// Keeps the original-destination records of redirected connections (Istio
@@ -153,29 +215,80 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
 /// completes, and removes records when connections close.
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.family() != AF_INET {
+    let Some(ends) = Ends::of(&ctx) else {
         return 1;
-    }
+    };
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx, &ends),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx, &ends),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx, &ends),
         _ => {}
     }
     1
+}
+
+/// A socket's two ends as IPv4 (network-order addresses, host-order ports),
+/// for AF_INET sockets and for AF_INET6 sockets with IPv4-mapped ends.
+struct Ends {
+    local_ip: u32,
+    local_port: u16,
+    remote_ip: u32,
+    remote_port: u16,
+}
+
+impl Ends {
+    #[inline(always)]
+    fn of(ctx: &SockOpsContext) -> Option<Self> {
+        let (local_ip, remote_ip) = match ctx.family() {
+            AF_INET => (ctx.local_ip4(), ctx.remote_ip4()),
+            AF_INET6 => {
+                // SAFETY: the kernel hands every sockops program a valid context.
+                let ops = unsafe { &*ctx.ops };
+                (
+                    v4_mapped(&read_ip6(&raw const ops.local_ip6))?,
+                    v4_mapped(&read_ip6(&raw const ops.remote_ip6))?,
+                )
+            }
+            _ => return None,
+        };
+        Some(Self {
+            local_ip,
+            // local_port is host order; remote_port holds the __be16 port
+            // in its upper 16 bits.
+            local_port: ctx.local_port() as u16,
+            remote_ip,
+            remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+        })
+    }
+
+    /// The connection's tuple when this socket is the app's (client) end.
+    #[inline(always)]
+    fn as_app(&self) -> ConnTuple {
+        tuple_from_client_side(
+            self.local_ip,
+            self.local_port,
+            self.remote_ip,
+            self.remote_port,
+        )
+    }
+
+    /// The connection's tuple when this socket is the proxy's (server) end.
+    #[inline(always)]
+    fn as_proxy(&self) -> ConnTuple {
+        tuple_from_server_side(
+            self.local_ip,
+            self.local_port,
+            self.remote_ip,
+            self.remote_port,
+        )
+    }
 }
 
 #[inline(always)]
 fn cookie(ctx: &SockOpsContext) -> u64 {
     // SAFETY: bpf_get_socket_cookie accepts a sock_ops context (>= 4.19).
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
-}
-
-/// `remote_port` holds the __be16 port in its upper 16 bits; `local_port` is host order.
-#[inline(always)]
-fn remote_port(ctx: &SockOpsContext) -> u16 {
-    u16::from_be((ctx.remote_port() >> 16) as u16)
 }
 
 /// Asks for a callback on every state change of this socket, so its close is seen.
@@ -197,19 +310,13 @@ fn on_connect(ctx: &SockOpsContext) {
 /// The app's redirected connection is established: its local port is now
 /// known, so file the record under the connection's tuple.
 #[inline(always)]
-fn on_active_established(ctx: &SockOpsContext) {
+fn on_active_established(ctx: &SockOpsContext, ends: &Ends) {
     let cookie = cookie(ctx);
     // SAFETY: copied out before the map is modified.
     let Some(orig) = (unsafe { RDR_ORIG_COOKIE.get(cookie) }).copied() else {
         return;
     };
-    let tuple = tuple_from_client_side(
-        ctx.local_ip4(),
-        ctx.local_port() as u16,
-        ctx.remote_ip4(),
-        remote_port(ctx),
-    );
-    if RDR_ORIG_TUPLE.insert(tuple, orig, 0).is_ok() {
+    if RDR_ORIG_TUPLE.insert(ends.as_app(), orig, 0).is_ok() {
         count(Counter::TupleRecorded);
     }
     let _ = RDR_ORIG_COOKIE.remove(cookie);
@@ -219,14 +326,8 @@ fn on_active_established(ctx: &SockOpsContext) {
 /// The proxy's side of a redirected connection is established (it runs in
 /// this cgroup): from now on the record waits for both sides to close.
 #[inline(always)]
-fn on_passive_established(ctx: &SockOpsContext) {
-    let tuple = tuple_from_server_side(
-        ctx.local_ip4(),
-        ctx.local_port() as u16,
-        ctx.remote_ip4(),
-        remote_port(ctx),
-    );
-    if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(tuple) {
+fn on_passive_established(ctx: &SockOpsContext, ends: &Ends) {
+    if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(ends.as_proxy()) {
         set_flag(orig, OrigDst::PROXY_SEEN);
         watch_close(ctx);
     }
@@ -241,14 +342,12 @@ fn on_passive_established(ctx: &SockOpsContext) {
 /// Each end sets its own byte, then reads the other's; if both close at once
 /// on two CPUs and miss each other's store, the record is left to the LRU.
 #[inline(always)]
-fn on_close(ctx: &SockOpsContext) {
+fn on_close(ctx: &SockOpsContext, ends: &Ends) {
     if RDR_ORIG_COOKIE.remove(cookie(ctx)).is_ok() {
         count(Counter::ConnectAborted);
         return;
     }
-    let (local_ip, local_port) = (ctx.local_ip4(), ctx.local_port() as u16);
-    let (remote_ip, remote_port) = (ctx.remote_ip4(), remote_port(ctx));
-    let as_proxy = tuple_from_server_side(local_ip, local_port, remote_ip, remote_port);
+    let as_proxy = ends.as_proxy();
     if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(as_proxy) {
         set_flag(orig, OrigDst::PROXY_CLOSED);
         if flag(orig, OrigDst::APP_CLOSED) == 1 {
@@ -256,7 +355,7 @@ fn on_close(ctx: &SockOpsContext) {
         }
         return;
     }
-    let as_app = tuple_from_client_side(local_ip, local_port, remote_ip, remote_port);
+    let as_app = ends.as_app();
     if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(as_app) {
         set_flag(orig, OrigDst::APP_CLOSED);
         if flag(orig, OrigDst::PROXY_SEEN) == 0 || flag(orig, OrigDst::PROXY_CLOSED) == 1 {
@@ -287,6 +386,27 @@ fn release(tuple: &ConnTuple) {
     }
 }
 
+/// The local and remote ends of a socket seen from a cgroup hook, as IPv4
+/// (AF_INET, or AF_INET6 with IPv4-mapped ends): (local ip, local port,
+/// remote ip, remote port) with host-order ports.
+#[inline(always)]
+fn sock_ends(sk: *const bpf_sock) -> Option<(u32, u16, u32, u16)> {
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: non-null socket pointer from the context.
+    let sk = unsafe { &*sk };
+    let (local, remote) = match sk.family {
+        AF_INET => (sk.src_ip4, sk.dst_ip4),
+        AF_INET6 => (
+            v4_mapped(&read_ip6(&raw const sk.src_ip6))?,
+            v4_mapped(&read_ip6(&raw const sk.dst_ip6))?,
+        ),
+        _ => return None,
+    };
+    Some((local, sk.src_port as u16, remote, u16::from_be(sk.dst_port)))
+}
+
 /// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` for redirected
 /// connections, which with iptables is answered by conntrack for the
 /// `-j REDIRECT --to-ports 15001` rule. The asking socket is the proxy's
@@ -314,7 +434,7 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
 /// Writes the record's `sockaddr_in` and clears the error; `false` when
 /// there is no record (or no room), leaving the call to the kernel.
 #[inline(always)]
-fn answer_original_dst(opt: &mut aya_ebpf::bindings::bpf_sockopt) -> bool {
+fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
     // SAFETY: reading the union members the kernel filled in.
     let (optval, optval_end, sk) = unsafe {
         (
@@ -323,17 +443,13 @@ fn answer_original_dst(opt: &mut aya_ebpf::bindings::bpf_sockopt) -> bool {
             opt.__bindgen_anon_1.sk,
         )
     };
-    if sk.is_null() || optval.wrapping_add(SOCKADDR_IN_LEN as usize) > optval_end {
+    if optval.wrapping_add(SOCKADDR_IN_LEN as usize) > optval_end {
         return false;
     }
-    // SAFETY: non-null socket pointer from the context.
-    let sk = unsafe { &*sk };
-    let tuple = tuple_from_server_side(
-        sk.src_ip4,
-        sk.src_port as u16,
-        sk.dst_ip4,
-        u16::from_be(sk.dst_port),
-    );
+    let Some((local_ip, local_port, remote_ip, remote_port)) = sock_ends(sk) else {
+        return false;
+    };
+    let tuple = tuple_from_server_side(local_ip, local_port, remote_ip, remote_port);
     // SAFETY: copied out before use.
     let Some(orig) = (unsafe { RDR_ORIG_TUPLE.get(tuple) }).copied() else {
         count(Counter::OrigDstMissed);
@@ -353,6 +469,20 @@ fn answer_original_dst(opt: &mut aya_ebpf::bindings::bpf_sockopt) -> bool {
     true
 }
 
+/// The record of the app's redirected socket `sk` whose peer is `peer_ip:peer_port`.
+#[inline(always)]
+fn peer_record(sk: *const bpf_sock, peer_ip: u32, user_port: u32) -> Option<OrigDst> {
+    let (local_ip, local_port, _, _) = sock_ends(sk)?;
+    let tuple = tuple_from_client_side(
+        local_ip,
+        local_port,
+        peer_ip,
+        u16::from_be(user_port as u16),
+    );
+    // SAFETY: copied out before use.
+    unsafe { RDR_ORIG_TUPLE.get(tuple) }.copied()
+}
+
 /// `getpeername()` on the app's redirected socket returns the original
 /// destination instead of 127.0.0.1:<proxy port>, as it does with iptables
 /// REDIRECT (there the kernel never sees the rewrite). Other sockets,
@@ -363,20 +493,30 @@ pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
     let addr = unsafe { &mut *ctx.sock_addr };
     // SAFETY: reading the union member the kernel filled in.
     let sk = unsafe { addr.__bindgen_anon_1.sk };
-    if sk.is_null() {
-        return ALLOW;
-    }
-    // SAFETY: non-null socket pointer from the context.
-    let local = unsafe { ((*sk).src_ip4, (*sk).src_port as u16) };
-    let tuple = tuple_from_client_side(
-        local.0,
-        local.1,
-        addr.user_ip4,
-        u16::from_be(addr.user_port as u16),
-    );
-    // SAFETY: copied out before use.
-    if let Some(orig) = (unsafe { RDR_ORIG_TUPLE.get(tuple) }).copied() {
+    if let Some(orig) = peer_record(sk, addr.user_ip4, addr.user_port) {
         addr.user_ip4 = orig.ip;
+        addr.user_port = u32::from(orig.port.to_be());
+        count(Counter::PeernameRestored);
+    }
+    ALLOW
+}
+
+/// [`redirect_getpeername4`] for dual-stack sockets redirected by
+/// [`redirect_connect6`]: the peer reads `::ffff:<original address>`.
+#[cgroup_sock_addr(getpeername6)]
+pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/getpeername6 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    let Some(peer) = v4_mapped(&read_ip6(&raw const addr.user_ip6)) else {
+        return ALLOW;
+    };
+    // SAFETY: reading the union member the kernel filled in.
+    let sk = unsafe { addr.__bindgen_anon_1.sk };
+    if let Some(orig) = peer_record(sk, peer, addr.user_port) {
+        let w = (&raw mut addr.user_ip6).cast::<u32>();
+        // SAFETY: a 4-byte store into the writable user_ip6 field; the
+        // first three words already hold the ::ffff: prefix.
+        unsafe { core::ptr::write_volatile(w.add(3), orig.ip) };
         addr.user_port = u32::from(orig.port.to_be());
         count(Counter::PeernameRestored);
     }

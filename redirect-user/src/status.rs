@@ -182,6 +182,7 @@ fn mirrors(counter: Counter, cfg: Option<&Config>) -> String {
         Counter::OrigDstAnswered => "(conntrack: SO_ORIGINAL_DST answered)".into(),
         Counter::OrigDstMissed => "(SO_ORIGINAL_DST on a connection with no record)".into(),
         Counter::PeernameRestored => "(getpeername() of a redirected socket restored)".into(),
+        Counter::NotIpv4 => "(IPv6 destination: no IPv6 rules, not captured)".into(),
     }
 }
 

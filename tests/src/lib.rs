@@ -25,7 +25,7 @@ pub mod witness;
 use std::{
     fs,
     io::{BufRead as _, BufReader},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -46,6 +46,10 @@ pub const PEER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// Prefix length of the link between pod and peer (198.18.0.0/15: the
 /// benchmarking range, which exists only inside the sandbox).
 pub const LINK_PREFIX: u8 = 15;
+/// The pod's IPv6 address (a unique-local address, inside the sandbox only).
+pub const POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 1);
+/// The peer's IPv6 address.
+pub const PEER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 2);
 
 /// The `n`-th extra peer address (`n` in 1..=250), added by
 /// [`Sandbox::add_peer_addresses`].
@@ -199,6 +203,7 @@ impl Sandbox {
             &format!(
                 "link add eth0 type veth peer name eth0 netns {peer}\n\
                  addr add {POD_IP}/{LINK_PREFIX} dev eth0\n\
+                 addr add {POD_IP6}/64 dev eth0 nodad\n\
                  link set eth0 up\n\
                  link set lo up\n"
             ),
@@ -207,6 +212,7 @@ impl Sandbox {
             Net::Peer,
             &format!(
                 "addr add {PEER_IP}/{LINK_PREFIX} dev eth0\n\
+                 addr add {PEER_IP6}/64 dev eth0 nodad\n\
                  link set eth0 up\n\
                  link set lo up\n"
             ),
@@ -344,10 +350,11 @@ impl Sandbox {
         net: Net,
         group: Group,
         who: Identity,
-        addr: SocketAddrV4,
+        addr: impl Into<SocketAddr>,
         reply: &str,
     ) -> Result<()> {
         let mut cmd = self.agent(net, group, who);
+        let addr: SocketAddr = addr.into();
         cmd.args(["serve", "--listen", &addr.to_string(), "--reply", reply]);
         self.start(cmd)
     }

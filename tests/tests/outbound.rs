@@ -3,13 +3,13 @@
 //! real kernel, and checks where real connections land.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
     thread,
     time::Duration,
 };
 
 use redirect_sandbox::{
-    APP, Group, Identity, Net, PROXY, Sandbox,
+    APP, Group, Identity, Net, PEER_IP6, PROXY, Sandbox,
     cli::{PROXY_REPLY, UPSTREAM as UPSTREAM_ADDR, UPSTREAM_REPLY as UPSTREAM, counter, redirect},
     require_root,
     witness::Witness,
@@ -136,7 +136,17 @@ fn capture_outlives_the_installer_and_uninstall_removes_everything() {
         .iter()
         .map(|p| p["hook"].as_str().unwrap_or("?"))
         .collect();
-    assert_eq!(hooks, ["sockops", "getsockopt", "getpeername4", "connect4"]);
+    assert_eq!(
+        hooks,
+        [
+            "sockops",
+            "getsockopt",
+            "getpeername4",
+            "getpeername6",
+            "connect6",
+            "connect4"
+        ]
+    );
     assert!(
         programs
             .iter()
@@ -326,5 +336,56 @@ fn connects_that_never_complete_release_their_record() {
         status["instances"][0]["tracked"]["connecting"], 0,
         "{status}"
     );
+    sandbox.uninstall().expect("uninstall");
+}
+
+#[test]
+fn dual_stack_sockets_to_v4_mapped_addresses_are_captured_like_ipv4() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    sandbox
+        .serve(Net::Peer, Group::Outside, APP, UPSTREAM_ADDR, UPSTREAM)
+        .expect("upstream");
+    let v6_upstream = SocketAddrV6::new(PEER_IP6, 9080, 0, 0);
+    sandbox
+        .serve(Net::Peer, Group::Outside, APP, v6_upstream, "upstream-v6")
+        .expect("IPv6 upstream");
+    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+    proxy.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:15001",
+        "--report",
+        "original-dst",
+    ]);
+    sandbox.start(proxy).expect("proxy");
+    sandbox.install(&[]).expect("install");
+
+    // An AF_INET6 socket to ::ffff:198.18.0.2 sends IPv4: captured, and the
+    // proxy learns the IPv4 original destination.
+    let mapped = SocketAddrV6::new(UPSTREAM_ADDR.ip().to_ipv6_mapped(), 9080, 0, 0).to_string();
+    let out = sandbox
+        .agent_output(Group::App, APP, &["connect", "--to", &mapped, "--peer"])
+        .expect("connect");
+    assert_eq!(out.trim(), format!("1\tpeer={mapped} {UPSTREAM_ADDR}"));
+    // The proxy's own dual-stack connection escapes, as with IPv4.
+    let own = sandbox
+        .agent_output(Group::App, PROXY, &["connect", "--to", &mapped])
+        .expect("connect");
+    assert_eq!(own.trim(), format!("1\t{UPSTREAM}"));
+    // Real IPv6 is not captured (no IPv6 rules, as istio-iptables without --ipv6).
+    let v6 = sandbox
+        .agent_output(
+            Group::App,
+            APP,
+            &["connect", "--to", &v6_upstream.to_string()],
+        )
+        .expect("connect");
+    assert_eq!(v6.trim(), "1\tupstream-v6");
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "redirected"), 1);
+    assert_eq!(counter(&status, "orig_dst_answered"), 1);
+    assert_eq!(counter(&status, "peername_restored"), 1);
+    assert_eq!(counter(&status, "not_ipv4"), 1);
     sandbox.uninstall().expect("uninstall");
 }

@@ -10,27 +10,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_sandbox::{APP, Group, Net, PEER_IP, PROXY, Sandbox, cli::redirect_bin, require_root};
+use redirect_sandbox::{
+    APP, Group, Sandbox,
+    cli::{UPSTREAM, redirect_bin},
+    require_root,
+};
 
 fn upstream() -> SocketAddrV4 {
-    SocketAddrV4::new(PEER_IP, 9080)
+    UPSTREAM
 }
 
 fn pod() -> Sandbox {
-    let sandbox = Sandbox::for_tests().expect("sandbox");
-    sandbox
-        .serve(Net::Peer, Group::Outside, APP, upstream(), "upstream")
-        .expect("upstream");
-    sandbox
-        .serve(
-            Net::Pod,
-            Group::Proxy,
-            PROXY,
-            "127.0.0.1:15001".parse().expect("addr"),
-            "proxy",
-        )
-        .expect("proxy");
-    sandbox
+    Sandbox::with_upstream_and_proxy().expect("sandbox pod")
 }
 
 /// A running `redirect run`, with everything it printed so far. Killed on
@@ -117,10 +108,7 @@ impl Running {
 }
 
 fn lands(sandbox: &Sandbox) -> String {
-    let tally = sandbox
-        .connect(Group::App, APP, upstream(), 1)
-        .expect("connect");
-    tally.0.keys().next().cloned().unwrap_or_default()
+    sandbox.lands(Group::App, APP, upstream()).expect("connect")
 }
 
 #[test]

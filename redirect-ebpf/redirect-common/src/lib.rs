@@ -137,6 +137,8 @@ pub enum Counter {
     OrigDstMissed = 10,
     /// `getpeername()` of a redirected app socket answered with the original destination.
     PeernameRestored = 11,
+    /// An IPv6 destination that is not IPv4-mapped: not captured (IPv4-only config).
+    NotIpv4 = 12,
 }
 
 impl Counter {
@@ -153,6 +155,7 @@ impl Counter {
         Self::OrigDstAnswered,
         Self::OrigDstMissed,
         Self::PeernameRestored,
+        Self::NotIpv4,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -170,12 +173,13 @@ impl Counter {
             Self::OrigDstAnswered => "orig_dst_answered",
             Self::OrigDstMissed => "orig_dst_missed",
             Self::PeernameRestored => "peername_restored",
+            Self::NotIpv4 => "not_ipv4",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 13;
 
 /// The facts about one `connect()` that the decision depends on.
 #[derive(Clone, Copy, Debug)]
@@ -303,6 +307,22 @@ pub fn sockaddr_in(orig: &OrigDst) -> [u8; 16] {
     [
         family[0], family[1], port[0], port[1], ip[0], ip[1], ip[2], ip[3], 0, 0, 0, 0, 0, 0, 0, 0,
     ]
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`),
+/// as the kernel's `u32[4]` of network-order words; `None` for real IPv6.
+/// A dual-stack socket connecting to such an address sends IPv4 packets,
+/// which Istio's IPv4 nat rules capture: so must connect6.
+#[inline(always)]
+pub fn v4_mapped(ip6: &[u32; 4]) -> Option<u32> {
+    (ip6[0] == 0 && ip6[1] == 0 && ip6[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]))
+        .then_some(ip6[3])
+}
+
+/// `::ffff:a.b.c.d` for a network-order IPv4 address.
+#[inline(always)]
+pub fn to_v4_mapped(ip: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip]
 }
 
 /// The client-side tuple of a connection given the tuple of the socket asking

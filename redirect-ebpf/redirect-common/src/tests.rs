@@ -213,3 +213,18 @@ fn sockaddr_in_layout_matches_the_kernel() {
     assert_eq!(&bytes[4..8], &[198, 18, 0, 2]);
     assert_eq!(&bytes[8..], &[0; 8]);
 }
+
+#[test]
+fn only_v4_mapped_ipv6_addresses_are_ipv4() {
+    let mapped = to_v4_mapped(ip(198, 18, 0, 2));
+    assert_eq!(v4_mapped(&mapped), Some(ip(198, 18, 0, 2)));
+    // ::1 and 2001:db8::1 are real IPv6.
+    assert_eq!(
+        v4_mapped(&[0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]),
+        None
+    );
+    assert_eq!(
+        v4_mapped(&[u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]), 0, 0, 1]),
+        None
+    );
+}

@@ -70,6 +70,26 @@ pub const GETSOCKOPT: Hook = Hook {
     mirrors: "conntrack's SO_ORIGINAL_DST answer",
 };
 
+pub const CONNECT6: Hook = Hook {
+    program: "redirect_connect6",
+    name: "connect6",
+    kind: Kind::SockAddr,
+    attach_type: 11, // BPF_CGROUP_INET6_CONNECT
+    min_kernel: (4, 17),
+    optional: false,
+    mirrors: "the same rules for dual-stack sockets to ::ffff:a.b.c.d",
+};
+
+pub const GETPEERNAME6: Hook = Hook {
+    program: "redirect_getpeername6",
+    name: "getpeername6",
+    kind: Kind::SockAddr,
+    attach_type: 30, // BPF_CGROUP_INET6_GETPEERNAME
+    min_kernel: (5, 8),
+    optional: true,
+    mirrors: "REDIRECT leaves the app's peer address unchanged",
+};
+
 pub const GETPEERNAME4: Hook = Hook {
     program: "redirect_getpeername4",
     name: "getpeername4",
@@ -83,4 +103,11 @@ pub const GETPEERNAME4: Hook = Hook {
 /// Every hook an instance attaches, in attach order: the ones that track
 /// and answer first, connect4 last, so that every connection it redirects
 /// is already tracked and answerable. Uninstall goes in reverse.
-pub const HOOKS: [Hook; 4] = [SOCKOPS, GETSOCKOPT, GETPEERNAME4, CONNECT4];
+pub const HOOKS: [Hook; 6] = [
+    SOCKOPS,
+    GETSOCKOPT,
+    GETPEERNAME4,
+    GETPEERNAME6,
+    CONNECT6,
+    CONNECT4,
+];
