@@ -31,6 +31,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         );
     }
     runtime.block_on(async {
+        // Handlers first: a signal that arrives while installing (or right
+        // after "capturing" is printed) must detach, not kill the process.
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
         let mut installed = loader::install(&loader::Request {
             config: &config,
             cgroup: &cgroup,
@@ -61,9 +66,6 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         } else {
             None
         };
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         let logs = async {
             match logger {
                 Some(mut fd) => loop {

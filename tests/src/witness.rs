@@ -187,6 +187,14 @@ impl Drop for Witness {
 
 /// Creates the counter map and loads the counting program.
 fn load() -> Result<(OwnedFd, OwnedFd)> {
+    // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit; failure only matters on old kernels, where
+    // the map creation below then reports it.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     #[repr(C)]
     struct MapCreate {
         map_type: u32,

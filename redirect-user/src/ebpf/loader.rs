@@ -97,6 +97,7 @@ pub fn is_installed(instance: &str) -> bool {
 /// this call changed is undone before the error is returned.
 pub fn install(req: &Request<'_>) -> Result<Installed> {
     preflight()?;
+    let _hold = privilege::HoldSignals::new();
     let _lock = lock()?;
     let dir = bpffs::instance_dir(req.instance);
     let upgraded = dir.is_dir();
@@ -409,6 +410,7 @@ pub fn uninstall(instance: &str) -> Result<bool> {
     if !bpffs::is_mounted() {
         return Ok(false);
     }
+    let _hold = privilege::HoldSignals::new();
     let _lock = lock()?;
     let dir = bpffs::instance_dir(instance);
     if !dir.is_dir() {

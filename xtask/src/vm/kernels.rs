@@ -65,6 +65,8 @@ const WANTED_MODULES: &[&str] = &[
     "nf_tables",
     "nft_compat",
     "nft_chain_nat",
+    "nft_counter", // a module before 6.x; iptables-nft counts every rule
+    "nft_redir",
     "xt_REDIRECT",
     "xt_owner",
     "xt_tcpudp",
