@@ -55,7 +55,11 @@ impl Accel {
     fn args(self) -> [&'static str; 4] {
         match self {
             Self::Kvm => ["-accel", "kvm", "-cpu", "host"],
-            Self::Tcg => ["-accel", "tcg", "-cpu", "max"],
+            // One host thread for both vCPUs: with multi-threaded TCG, a
+            // kernel patching its own code (static keys flipped when another
+            // test registers netfilter hooks) races with the other vCPU
+            // running it, and the guest oopses on a stale int3.
+            Self::Tcg => ["-accel", "tcg,thread=single", "-cpu", "max"],
         }
     }
 }
