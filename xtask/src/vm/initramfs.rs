@@ -30,6 +30,8 @@ const HOST_PROGRAMS: &[&str] = &[
     "/usr/sbin/xtables-legacy-multi",
     "/usr/sbin/squid",
     "/usr/bin/curl",
+    // util-linux's: busybox's setpriv has no --bounding-set
+    "/usr/bin/setpriv",
 ];
 
 /// Data the host programs read at run time (plugins are ELF files too).
