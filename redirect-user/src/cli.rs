@@ -45,6 +45,17 @@ pub enum Command {
     Run(RunArgs),
     /// Show the capture working in a throw-away pod (network namespace + cgroup)
     Demo,
+    /// istio-iptables' command line: the same flags, environment and exit codes
+    #[command(
+        long_about = "istio-iptables' command line, with the same flags, defaults, \
+        environment variables, \"empty means off\" rules and exit codes (0 success, 1 refused \
+        configuration, 255 bad command line).\n\n\
+        With --dry-run, prints the iptables-restore documents istio-iptables would apply for \
+        this configuration (IPv4, then IPv6 when enabled), byte for byte as istio-iptables \
+        prints them. Unlike istio-iptables, ports, CIDRs, the interception mode and owner \
+        names are checked before anything is applied."
+    )]
+    IstioIptables(Box<crate::istio::IstioArgs>),
     /// Internal: the sandbox agent used by `demo` and the tests
     #[command(hide = true)]
     SandboxAgent {

@@ -29,6 +29,8 @@ mod cli;
 mod config;
 mod demo;
 mod ebpf;
+mod iptables;
+mod istio;
 mod privilege;
 mod run;
 mod status;
@@ -45,7 +47,20 @@ use crate::{
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            // istio-iptables exits 255 on a bad command line; an init
+            // container's scripts may check for it.
+            let istio = std::env::args().nth(1).as_deref() == Some("istio-iptables");
+            return match err.exit_code() {
+                0 => ExitCode::SUCCESS,
+                _ if istio => ExitCode::from(255),
+                code => ExitCode::from(u8::try_from(code).unwrap_or(2)),
+            };
+        }
+    };
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(err) => {
@@ -70,6 +85,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Run(args) => run::run(&args),
         Command::Demo => demo::demo(),
+        Command::IstioIptables(args) => istio_iptables(&args),
         Command::SandboxAgent { args } => {
             let code = redirect_sandbox::agent::main(&args);
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
@@ -104,6 +120,28 @@ fn install(args: &InstallArgs) -> Result<ExitCode> {
         config.proxy_gids,
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `redirect istio-iptables`: istio-iptables' command line. Exit codes are
+/// istio-iptables': 1 for a configuration it refuses, 255 for a bad
+/// command line (see `main`).
+fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
+    let config = match args.resolve(&istio::RealHost) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("redirect: error: {err}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let rules = iptables::capture::rules(&config);
+    if args.dry_run {
+        out!("{}", rules.render(iptables::builder::Family::V4));
+        out!("{}", rules.render(iptables::builder::Family::V6));
+        return Ok(ExitCode::SUCCESS);
+    }
+    anyhow::bail!(
+        "applying istio-iptables rules is not available yet in this version: use --dry-run to print them"
+    )
 }
 
 fn uninstall(args: &UninstallArgs) -> Result<ExitCode> {

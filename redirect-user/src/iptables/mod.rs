@@ -1,0 +1,5 @@
+//! iptables mode: the rules istio-iptables installs, generated from the
+//! same configuration, for kernels where eBPF capture cannot run.
+
+pub mod builder;
+pub mod capture;

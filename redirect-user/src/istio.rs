@@ -1,0 +1,797 @@
+//! istio-iptables' command line: the same flags, defaults, environment
+//! variables and "empty means off" rules, resolved into one validated
+//! [`IstioConfig`].
+//!
+//! Values are kept as the text the user gave (istio-iptables pastes them
+//! into rules verbatim; the golden files depend on it), but every one is
+//! checked first: where istio-iptables would let `iptables-restore` fail
+//! halfway, redirect refuses before changing anything.
+
+use std::{fs, net::IpAddr, path::PathBuf};
+
+use clap::{Args, ValueEnum};
+
+/// The flags of `istio-iptables` (and their environment variables).
+#[derive(Args, Clone, Debug)]
+pub struct IstioArgs {
+    /// Port the proxy listens on for captured outbound traffic
+    #[arg(short = 'p', long = "envoy-port", default_value = "15001")]
+    pub envoy_port: String,
+    /// Port the proxy listens on for captured inbound traffic
+    #[arg(
+        short = 'z',
+        long = "inbound-capture-port",
+        env = "INBOUND_CAPTURE_PORT",
+        default_value = "15006"
+    )]
+    pub inbound_capture_port: String,
+    /// Inbound tunnel (HBONE) port, never captured
+    #[arg(
+        short = 'e',
+        long = "inbound-tunnel-port",
+        env = "INBOUND_TUNNEL_PORT",
+        default_value = "15008"
+    )]
+    pub inbound_tunnel_port: String,
+    /// The proxy's UIDs, comma-separated [default: the uid of $ENVOY_USER (istio-proxy), else 1337]
+    #[arg(short = 'u', long = "proxy-uid", env = "PROXY_UID", default_value = "")]
+    pub proxy_uid: String,
+    /// The proxy's GIDs, comma-separated [default: the proxy UIDs]
+    #[arg(short = 'g', long = "proxy-gid", env = "PROXY_GID", default_value = "")]
+    pub proxy_gid: String,
+    /// Inbound interception mode: REDIRECT or TPROXY
+    #[arg(
+        short = 'm',
+        long = "istio-inbound-interception-mode",
+        env = "ISTIO_INBOUND_INTERCEPTION_MODE",
+        default_value = ""
+    )]
+    pub interception_mode: String,
+    /// Mark of TPROXY-intercepted packets
+    #[arg(
+        short = 't',
+        long = "istio-inbound-tproxy-mark",
+        env = "ISTIO_INBOUND_TPROXY_MARK",
+        default_value = "1337"
+    )]
+    pub tproxy_mark: String,
+    /// Routing table of TPROXY-intercepted packets
+    #[arg(
+        short = 'r',
+        long = "istio-inbound-tproxy-route-table",
+        env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+        default_value = "133"
+    )]
+    pub tproxy_route_table: String,
+    /// Inbound ports to capture: a list, `*` for all, empty for none
+    #[arg(
+        short = 'b',
+        long = "istio-inbound-ports",
+        env = "ISTIO_INBOUND_PORTS",
+        default_value = ""
+    )]
+    pub inbound_ports: String,
+    /// Inbound ports never captured (with `-b '*'` only)
+    #[arg(
+        short = 'd',
+        long = "istio-local-exclude-ports",
+        env = "ISTIO_LOCAL_EXCLUDE_PORTS",
+        default_value = ""
+    )]
+    pub local_exclude_ports: String,
+    /// Outbound destination CIDRs to capture: a list, `*` for all, empty for none
+    #[arg(
+        short = 'i',
+        long = "istio-service-cidr",
+        env = "ISTIO_SERVICE_CIDR",
+        default_value = ""
+    )]
+    pub service_cidr: String,
+    /// Outbound destination CIDRs never captured (`*` is not allowed)
+    #[arg(
+        short = 'x',
+        long = "istio-service-exclude-cidr",
+        env = "ISTIO_SERVICE_EXCLUDE_CIDR",
+        default_value = ""
+    )]
+    pub service_exclude_cidr: String,
+    /// Outbound ports always captured
+    #[arg(
+        short = 'q',
+        long = "istio-outbound-ports",
+        env = "ISTIO_OUTBOUND_PORTS",
+        default_value = ""
+    )]
+    pub outbound_ports: String,
+    /// Outbound ports never captured
+    #[arg(
+        short = 'o',
+        long = "istio-local-outbound-ports-exclude",
+        env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
+        default_value = ""
+    )]
+    pub local_outbound_ports_exclude: String,
+    /// Interfaces whose traffic is never captured
+    #[arg(
+        short = 'c',
+        long = "istio-exclude-interfaces",
+        env = "ISTIO_EXCLUDE_INTERFACES",
+        default_value = ""
+    )]
+    pub exclude_interfaces: String,
+    /// Virtual interfaces whose inbound traffic is treated as outbound
+    #[arg(
+        short = 'k',
+        long = "kube-virt-interfaces",
+        env = "KUBE_VIRT_INTERFACES",
+        default_value = ""
+    )]
+    pub kube_virt_interfaces: String,
+    /// Print the iptables-restore documents instead of applying them
+    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN")]
+    pub dry_run: bool,
+    /// Capture DNS to the proxy's DNS port (15053) for the resolv.conf servers
+    #[arg(long = "redirect-dns", env = "REDIRECT_DNS")]
+    pub redirect_dns: bool,
+    /// With --redirect-dns: capture all DNS, not only to the resolv.conf servers
+    #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS")]
+    pub capture_all_dns: bool,
+    /// Drop packets conntrack considers invalid
+    #[arg(long = "drop-invalid", env = "DROP_INVALID")]
+    pub drop_invalid: bool,
+    /// With automatic IPv6 detection: IPv6 rules when the pod has any IPv6 address
+    #[arg(long = "dual-stack", env = "DUAL_STACK")]
+    pub dual_stack: bool,
+    /// Generate IPv6 rules: auto (from the pod's addresses, as istio-iptables), true or false
+    #[arg(long, value_enum, default_value = "auto")]
+    pub ipv6: Ipv6Mode,
+    /// Where DNS servers are read from (for --redirect-dns)
+    #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Ipv6Mode {
+    Auto,
+    True,
+    False,
+}
+
+/// A configuration istio-iptables would refuse, or one that would fail
+/// halfway through applying it: exit code 1, as istio-iptables.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn error<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// The resolved, validated istio-iptables configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IstioConfig {
+    pub envoy_port: String,
+    pub inbound_capture_port: String,
+    pub inbound_tunnel_port: String,
+    pub proxy_uids: Vec<String>,
+    pub proxy_gids: Vec<String>,
+    pub tproxy: bool,
+    pub tproxy_mark: String,
+    pub tproxy_route_table: String,
+    /// The raw `-b` value: `""` off, `"*"` all, else a list.
+    pub inbound_ports: String,
+    pub local_exclude_ports: Vec<String>,
+    pub include: Cidrs,
+    pub exclude: Cidrs,
+    /// The raw `-q` value.
+    pub outbound_ports: String,
+    /// The raw `-o` value.
+    pub local_outbound_ports_exclude: String,
+    pub exclude_interfaces: Vec<String>,
+    pub kube_virt_interfaces: Vec<String>,
+    /// DNS capture in effect (`--redirect-dns`, unless no server is known
+    /// and `--capture-all-dns` is off).
+    pub redirect_dns: bool,
+    pub capture_all_dns: bool,
+    pub drop_invalid: bool,
+    pub ipv6: bool,
+    /// DNS servers from resolv.conf, as written there.
+    pub dns_v4: Vec<String>,
+    pub dns_v6: Vec<String>,
+    pub owner_groups: OwnerGroups,
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`, as written.
+    pub loopback_v4: String,
+}
+
+/// Destination CIDRs of one flag, split by family.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Cidrs {
+    /// `*`: every destination.
+    pub wildcard: bool,
+    /// Rendered as istio-iptables does (address canonical, host bits kept).
+    pub v4: Vec<String>,
+    pub v6: Vec<String>,
+    /// Contains a loopback network (127/8, ::1).
+    pub has_loopback: bool,
+}
+
+/// Whose outbound traffic is captured, by owner group
+/// (`ISTIO_OUTBOUND_OWNER_GROUPS`, `..._EXCLUDE`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnerGroups {
+    /// Every group except these.
+    Except(Vec<String>),
+    /// Only these groups.
+    Only(Vec<String>),
+}
+
+/// Splits a comma list as istio-iptables does: no trimming, empty items dropped.
+pub fn split(s: &str) -> Vec<String> {
+    s.split(',')
+        .filter(|i| !i.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Where the resolution reads the world (the environment, files, the
+/// interfaces), so that tests can give it their own.
+pub trait Host {
+    fn env(&self, name: &str) -> Option<String>;
+    fn read(&self, path: &std::path::Path) -> std::io::Result<String>;
+    /// Addresses of the network namespace's interfaces, in kernel order.
+    fn addresses(&self) -> std::io::Result<Vec<IpAddr>>;
+}
+
+/// The real environment, files and interfaces of this process.
+pub struct RealHost;
+
+impl Host for RealHost {
+    fn env(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+
+    fn read(&self, path: &std::path::Path) -> std::io::Result<String> {
+        fs::read_to_string(path)
+    }
+
+    fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
+        interface_addresses()
+    }
+}
+
+impl IstioArgs {
+    /// Resolves and checks the flags; `host` supplies the environment,
+    /// resolv.conf, /etc/passwd and the interface addresses.
+    pub fn resolve(&self, host: &dyn Host) -> Result<IstioConfig, ConfigError> {
+        let env_bool = |names: &[&str], flag: bool| {
+            // istio-iptables' extra variables override the primary ones;
+            // a value that is not a bool is ignored.
+            names
+                .iter()
+                .filter_map(|n| host.env(n).and_then(|v| parse_bool(&v)))
+                .last()
+                .map_or(flag, |v| flag || v)
+        };
+        let redirect_dns = env_bool(&["ISTIO_META_DNS_CAPTURE"], self.redirect_dns);
+        let drop_invalid = env_bool(&["INVALID_DROP"], self.drop_invalid);
+        let dual_stack = env_bool(&["ISTIO_DUAL_STACK"], self.dual_stack);
+
+        let owner_include = host
+            .env("ISTIO_OUTBOUND_OWNER_GROUPS")
+            .unwrap_or_else(|| "*".into());
+        let owner_exclude = host
+            .env("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE")
+            .unwrap_or_default();
+        let loopback_v4 = host
+            .env("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR")
+            .unwrap_or_else(|| "127.0.0.1/32".into());
+
+        let proxy_uid = if self.proxy_uid.is_empty() {
+            let user = host
+                .env("ENVOY_USER")
+                .unwrap_or_else(|| "istio-proxy".into());
+            lookup_id(host, "/etc/passwd", &user).unwrap_or_else(|| "1337".into())
+        } else {
+            self.proxy_uid.clone()
+        };
+        let proxy_gid = if self.proxy_gid.is_empty() {
+            proxy_uid.clone()
+        } else {
+            self.proxy_gid.clone()
+        };
+
+        let ipv6 = match self.ipv6 {
+            Ipv6Mode::True => true,
+            Ipv6Mode::False => false,
+            Ipv6Mode::Auto => {
+                let addrs = host
+                    .addresses()
+                    .map_err(|e| ConfigError(format!("listing the pod's addresses: {e}")))?;
+                ipv6_from_addresses(&addrs, dual_stack)?
+            }
+        };
+
+        let (dns_v4, dns_v6) = if redirect_dns && !self.capture_all_dns {
+            let text = host.read(&self.resolv_conf).map_err(|e| {
+                ConfigError(format!(
+                    "failed to load {}: {e} (pass --resolv-conf PATH)",
+                    self.resolv_conf.display()
+                ))
+            })?;
+            nameservers(&text)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let redirect_dns =
+            redirect_dns && (self.capture_all_dns || !dns_v4.is_empty() || !dns_v6.is_empty());
+
+        // Checks, in istio-iptables' order, then redirect's own.
+        let owner_groups = if owner_include == "*" {
+            OwnerGroups::Except(split(&owner_exclude))
+        } else {
+            let only = split(&owner_include);
+            if only.len() > 64 {
+                return error(format!(
+                    "ISTIO_OUTBOUND_OWNER_GROUPS lists {} groups; at most 64 are allowed",
+                    only.len()
+                ));
+            }
+            OwnerGroups::Only(only)
+        };
+        check_loopback(&loopback_v4)?;
+        if self.service_exclude_cidr == "*" {
+            return error(
+                "-x/--istio-service-exclude-cidr cannot be '*' (it would exclude every destination): list CIDRs, or leave it empty",
+            );
+        }
+        let exclude = cidrs(
+            "-x/--istio-service-exclude-cidr",
+            &self.service_exclude_cidr,
+        )?;
+        let include = cidrs("-i/--istio-service-cidr", &self.service_cidr)?;
+        let tproxy = match self.interception_mode.as_str() {
+            "" | "REDIRECT" => false,
+            "TPROXY" => true,
+            other => {
+                return error(format!(
+                    "-m/--istio-inbound-interception-mode '{other}' is not a mode: use REDIRECT or TPROXY"
+                ));
+            }
+        };
+        for (flag, value) in [
+            ("-p/--envoy-port", &self.envoy_port),
+            ("-z/--inbound-capture-port", &self.inbound_capture_port),
+            ("-e/--inbound-tunnel-port", &self.inbound_tunnel_port),
+        ] {
+            check_port(flag, value)?;
+        }
+        for (flag, value) in [
+            ("-b/--istio-inbound-ports", &self.inbound_ports),
+            ("-d/--istio-local-exclude-ports", &self.local_exclude_ports),
+            ("-q/--istio-outbound-ports", &self.outbound_ports),
+            (
+                "-o/--istio-local-outbound-ports-exclude",
+                &self.local_outbound_ports_exclude,
+            ),
+        ] {
+            if flag.starts_with("-b") && value == "*" {
+                continue;
+            }
+            for port in split(value) {
+                check_port(flag, &port)?;
+            }
+        }
+        for (flag, value) in [
+            ("-t/--istio-inbound-tproxy-mark", &self.tproxy_mark),
+            (
+                "-r/--istio-inbound-tproxy-route-table",
+                &self.tproxy_route_table,
+            ),
+        ] {
+            if value.parse::<u32>().is_err() {
+                return error(format!("{flag} '{value}' is not a number"));
+            }
+        }
+        let proxy_uids = split(&proxy_uid);
+        let proxy_gids = split(&proxy_gid);
+
+        Ok(IstioConfig {
+            envoy_port: self.envoy_port.clone(),
+            inbound_capture_port: self.inbound_capture_port.clone(),
+            inbound_tunnel_port: self.inbound_tunnel_port.clone(),
+            proxy_uids,
+            proxy_gids,
+            tproxy,
+            tproxy_mark: self.tproxy_mark.clone(),
+            tproxy_route_table: self.tproxy_route_table.clone(),
+            inbound_ports: self.inbound_ports.clone(),
+            local_exclude_ports: split(&self.local_exclude_ports),
+            include,
+            exclude,
+            outbound_ports: self.outbound_ports.clone(),
+            local_outbound_ports_exclude: self.local_outbound_ports_exclude.clone(),
+            exclude_interfaces: split(&self.exclude_interfaces),
+            kube_virt_interfaces: split(&self.kube_virt_interfaces),
+            redirect_dns,
+            capture_all_dns: self.capture_all_dns,
+            drop_invalid,
+            ipv6,
+            dns_v4,
+            dns_v6,
+            owner_groups,
+            loopback_v4,
+        })
+    }
+}
+
+impl IstioConfig {
+    /// Checks what only matters when the rules are applied: iptables
+    /// resolves owner names then, and an unknown one would fail the restore
+    /// halfway (istio-iptables' `--dry-run` prints them unchecked).
+    #[allow(dead_code)] // called by `istio-iptables` when it applies (not yet)
+    pub fn check_owners(&self, host: &dyn Host) -> Result<(), ConfigError> {
+        for uid in &self.proxy_uids {
+            check_owner(host, "-u/--proxy-uid", "/etc/passwd", uid)?;
+        }
+        for gid in &self.proxy_gids {
+            check_owner(host, "-g/--proxy-gid", "/etc/group", gid)?;
+        }
+        let (OwnerGroups::Except(groups) | OwnerGroups::Only(groups)) = &self.owner_groups;
+        for group in groups {
+            check_owner(host, "ISTIO_OUTBOUND_OWNER_GROUPS", "/etc/group", group)?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+fn check_port(flag: &str, value: &str) -> Result<(), ConfigError> {
+    match value.parse::<u32>() {
+        Ok(1..=65535) => Ok(()),
+        _ => error(format!("{flag}: '{value}' is not a port number (1-65535)")),
+    }
+}
+
+/// The numeric id of `name` in a passwd/group file, if listed.
+fn lookup_id(host: &dyn Host, file: &str, name: &str) -> Option<String> {
+    let text = host.read(std::path::Path::new(file)).ok()?;
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then(|| fields.nth(1).map(str::to_owned))?
+    })
+}
+
+/// An owner for `-m owner`: a number, or a name the file lists (iptables
+/// resolves names when the rule is added; an unknown one would fail then).
+fn check_owner(host: &dyn Host, flag: &str, file: &str, owner: &str) -> Result<(), ConfigError> {
+    if owner.parse::<u32>().is_ok() || lookup_id(host, file, owner).is_some() {
+        return Ok(());
+    }
+    error(format!(
+        "{flag}: '{owner}' is neither a number nor a name in {file}: use a numeric id"
+    ))
+}
+
+fn check_loopback(cidr: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| {
+        error(format!(
+            "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR '{cidr}' {why}: use a network inside 127.0.0.0/8 with a prefix of 8 to 32 bits"
+        ))
+    };
+    let Ok(prefix) = parse_prefix(cidr) else {
+        return bad("is not a CIDR");
+    };
+    match prefix.0 {
+        IpAddr::V4(a) if a.is_loopback() => {}
+        _ => return bad("is not an IPv4 loopback network"),
+    }
+    if !(8..=32).contains(&prefix.1) {
+        return bad("has a prefix outside 8-32");
+    }
+    Ok(())
+}
+
+/// Parses `addr/bits` strictly (as Go's netip.ParsePrefix): no zone, bits
+/// in decimal without leading zeros, within the family's range.
+fn parse_prefix(s: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, bits) = s.rsplit_once('/').ok_or("no '/'")?;
+    if addr.contains('%') {
+        return Err("a zone is not allowed in a CIDR".into());
+    }
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("'{addr}' is not an IP address"))?;
+    if bits.is_empty()
+        || (bits.len() > 1 && bits.starts_with('0'))
+        || !bits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(format!("bad prefix length '{bits}'"));
+    }
+    let bits: u8 = bits
+        .parse()
+        .map_err(|_| format!("bad prefix length '{bits}'"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if bits > max {
+        return Err(format!("prefix length {bits} is out of range"));
+    }
+    Ok((addr, bits))
+}
+
+fn cidrs(flag: &str, value: &str) -> Result<Cidrs, ConfigError> {
+    if value == "*" {
+        return Ok(Cidrs {
+            wildcard: true,
+            ..Cidrs::default()
+        });
+    }
+    let mut out = Cidrs::default();
+    for item in split(value) {
+        let (addr, bits) = parse_prefix(&item)
+            .map_err(|why| ConfigError(format!("{flag}: '{item}' is not a CIDR ({why})")))?;
+        match addr {
+            IpAddr::V4(a) => {
+                out.has_loopback |= a.is_loopback();
+                out.v4.push(format!("{a}/{bits}"));
+            }
+            IpAddr::V6(a) => {
+                out.has_loopback |= a.is_loopback();
+                out.v6.push(format!("{a}/{bits}"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `nameserver` entries of a resolv.conf, split by family, as written.
+fn nameservers(text: &str) -> (Vec<String>, Vec<String>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        if fields.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(server) = fields.next() else {
+            continue;
+        };
+        let addr = server.split('%').next().unwrap_or(server);
+        match addr.parse::<IpAddr>() {
+            Ok(IpAddr::V4(_)) => v4.push(server.to_owned()),
+            Ok(IpAddr::V6(_)) => v6.push(server.to_owned()),
+            Err(_) => {}
+        }
+    }
+    (v4, v6)
+}
+
+/// istio-iptables' IPv6 detection: the first address that is not
+/// loopback or link-local decides; with `dual_stack`, any IPv6 one does.
+fn ipv6_from_addresses(addrs: &[IpAddr], dual_stack: bool) -> Result<bool, ConfigError> {
+    let usable = addrs.iter().map(|a| match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(*a, IpAddr::V4),
+        IpAddr::V4(_) => *a,
+    });
+    let usable: Vec<IpAddr> = usable
+        .filter(|a| match a {
+            IpAddr::V4(v4) => {
+                !(v4.is_loopback() || v4.is_link_local() || (v4.octets()[..3] == [224, 0, 0]))
+            }
+            IpAddr::V6(v6) => {
+                let seg = v6.segments();
+                !(v6.is_loopback() || (seg[0] & 0xffc0) == 0xfe80 || (seg[0] & 0xff0f) == 0xff02)
+            }
+        })
+        .collect();
+    let Some(first) = usable.first() else {
+        return error(
+            "no usable local IP address found: cannot tell whether the pod has IPv6 (pass --ipv6=true|false)",
+        );
+    };
+    Ok(if dual_stack {
+        usable.iter().any(IpAddr::is_ipv6)
+    } else {
+        first.is_ipv6()
+    })
+}
+
+/// The addresses of this network namespace's interfaces, IPv4 first (the
+/// order of the kernel's address dump).
+fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr of the family it names.
+            unsafe {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                        v4.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                        v6.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs allocated.
+    unsafe { libc::freeifaddrs(head) };
+    v4.extend(v6);
+    Ok(v4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_are_split_like_istio() {
+        assert_eq!(split("6000,7000,"), ["6000", "7000"]);
+        assert_eq!(split(""), Vec::<String>::new());
+        assert_eq!(split(","), Vec::<String>::new());
+        assert_eq!(split("4000, 5000"), ["4000", " 5000"]);
+    }
+
+    #[test]
+    fn cidrs_print_canonical_without_masking() {
+        let c = cidrs("-i", "10.1.2.3/8,2001:DB8:0:0::/32").unwrap();
+        assert_eq!(c.v4, ["10.1.2.3/8"]);
+        assert_eq!(c.v6, ["2001:db8::/32"]);
+        assert!(cidrs("-i", "10.0.0.0/08").is_err());
+        assert!(cidrs("-i", "10.0.0.0").is_err());
+        assert!(cidrs("-i", "10.0.0.0/33").is_err());
+        assert!(cidrs("-i", "::1/128").unwrap().has_loopback);
+    }
+
+    #[test]
+    fn nameservers_are_kept_as_written() {
+        let (v4, v6) = nameservers(
+            "# x\nnameserver 127.0.0.53\nnameserver ::127.0.0.53\nnameserver bogus\nsearch a\n",
+        );
+        assert_eq!(v4, ["127.0.0.53"]);
+        assert_eq!(v6, ["::127.0.0.53"]);
+    }
+
+    #[test]
+    fn ipv6_follows_the_first_usable_address() {
+        let v4: IpAddr = "10.0.0.5".parse().unwrap();
+        let v6: IpAddr = "2001:db8::5".parse().unwrap();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let ll: IpAddr = "fe80::1".parse().unwrap();
+        assert!(!ipv6_from_addresses(&[lo, v4, v6], false).unwrap());
+        assert!(ipv6_from_addresses(&[lo, v4, v6], true).unwrap());
+        assert!(ipv6_from_addresses(&[lo, ll, v6], false).unwrap());
+        assert!(ipv6_from_addresses(&[lo, ll], false).is_err());
+    }
+
+    /// A host with given files and environment, and one pod address.
+    struct FakeHost(Vec<(&'static str, &'static str)>);
+
+    impl Host for FakeHost {
+        fn env(&self, name: &str) -> Option<String> {
+            self.0
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+        fn read(&self, path: &std::path::Path) -> std::io::Result<String> {
+            self.env(&path.to_string_lossy())
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        }
+        fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
+            Ok(vec!["10.0.0.5".parse().unwrap()])
+        }
+    }
+
+    fn args(argv: &[&str]) -> IstioArgs {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: IstioArgs,
+        }
+        let mut all = vec!["istio-iptables"];
+        all.extend_from_slice(argv);
+        Cli::try_parse_from(all).unwrap().args
+    }
+
+    #[test]
+    fn owner_names_are_checked_when_applying() {
+        let host = FakeHost(vec![
+            ("/etc/passwd", "istio-proxy:x:1337:1337::/:/bin/false\n"),
+            ("/etc/group", "java:x:202:\nistio-proxy:x:1337:\n"),
+            ("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202"),
+        ]);
+        let cfg = args(&["-u", "istio-proxy"]).resolve(&host).unwrap();
+        assert!(cfg.check_owners(&host).is_ok());
+        let cfg = args(&["-g", "nosuchgroup"]).resolve(&host).unwrap();
+        let err = cfg.check_owners(&host).unwrap_err().to_string();
+        assert!(
+            err.contains("'nosuchgroup' is neither a number nor a name in /etc/group"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn defaults_resolve_like_istio() {
+        let host = FakeHost(vec![(
+            "/etc/passwd",
+            "istio-proxy:x:1337:1337::/:/bin/false\n",
+        )]);
+        let cfg = args(&[]).resolve(&host).unwrap();
+        assert_eq!(cfg.proxy_uids, ["1337"]);
+        assert_eq!(cfg.proxy_gids, ["1337"], "the gid defaults to the uid");
+        assert!(!cfg.ipv6, "an IPv4 pod");
+        assert_eq!(cfg.owner_groups, OwnerGroups::Except(vec![]));
+        // No istio-proxy user: 1337.
+        let cfg = args(&[]).resolve(&FakeHost(vec![])).unwrap();
+        assert_eq!(cfg.proxy_uids, ["1337"]);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_named() {
+        let host = FakeHost(vec![]);
+        for (argv, needle) in [
+            (
+                &["-x", "*"][..],
+                "-x/--istio-service-exclude-cidr cannot be '*'",
+            ),
+            (
+                &["-i", "10.0.0.0/33"],
+                "-i/--istio-service-cidr: '10.0.0.0/33' is not a CIDR",
+            ),
+            (&["-q", "70000"], "'70000' is not a port number"),
+            (&["-m", "NAT"], "'NAT' is not a mode"),
+            (
+                &["-p", "http"],
+                "-p/--envoy-port: 'http' is not a port number",
+            ),
+        ] {
+            let err = args(argv).resolve(&host).unwrap_err().to_string();
+            assert!(err.contains(needle), "{argv:?}: {err}");
+        }
+        // DNS capture without servers and without --capture-all-dns is off.
+        let host = FakeHost(vec![("/etc/resolv.conf", "search x\n")]);
+        assert!(
+            !args(&["--redirect-dns"])
+                .resolve(&host)
+                .unwrap()
+                .redirect_dns
+        );
+    }
+
+    #[test]
+    fn loopback_cidr_is_checked() {
+        assert!(check_loopback("127.0.0.1/32").is_ok());
+        assert!(check_loopback("127.0.0.1/8").is_ok());
+        assert!(check_loopback("10.0.0.1/32").is_err());
+        assert!(check_loopback("127.0.0.1/7").is_err());
+        assert!(check_loopback("127.0.0.1").is_err());
+    }
+}
