@@ -148,6 +148,19 @@ pub struct IstioArgs {
     /// Where DNS servers are read from (for --redirect-dns)
     #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
+    /// Remove the rules these flags install (only those), instead of installing them
+    #[arg(long = "cleanup-only", env = "CLEANUP_ONLY")]
+    pub cleanup_only: bool,
+    /// iptables implementation: legacy or nft [default: the one with rules here, else nft]
+    #[arg(
+        long = "force-iptables-binary",
+        env = "FORCE_IPTABLES_BINARY",
+        default_value = ""
+    )]
+    pub force_iptables_binary: String,
+    /// Apply in this network namespace (/proc/PID/ns/net or /run/netns/NAME)
+    #[arg(long = "netns", alias = "network-namespace", value_name = "PATH")]
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -435,7 +448,6 @@ impl IstioConfig {
     /// Checks what only matters when the rules are applied: iptables
     /// resolves owner names then, and an unknown one would fail the restore
     /// halfway (istio-iptables' `--dry-run` prints them unchecked).
-    #[allow(dead_code)] // called by `istio-iptables` when it applies (not yet)
     pub fn check_owners(&self, host: &dyn Host) -> Result<(), ConfigError> {
         for uid in &self.proxy_uids {
             check_owner(host, "-u/--proxy-uid", "/etc/passwd", uid)?;

@@ -123,9 +123,17 @@ fn install(args: &InstallArgs) -> Result<ExitCode> {
 }
 
 /// `redirect istio-iptables`: istio-iptables' command line. Exit codes are
-/// istio-iptables': 1 for a configuration it refuses, 255 for a bad
-/// command line (see `main`).
+/// istio-iptables': 1 for a configuration it refuses or a failed apply,
+/// 255 for a bad command line (see `main`).
 fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
+    use iptables::{
+        apply::{self, Applied, Backend},
+        builder::Family,
+    };
+    if let Some(netns) = &args.netns {
+        // Before anything else: IPv6 detection reads this namespace's addresses.
+        apply::enter_netns(netns)?;
+    }
     let config = match args.resolve(&istio::RealHost) {
         Ok(config) => config,
         Err(err) => {
@@ -135,13 +143,43 @@ fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
     };
     let rules = iptables::capture::rules(&config);
     if args.dry_run {
-        out!("{}", rules.render(iptables::builder::Family::V4));
-        out!("{}", rules.render(iptables::builder::Family::V6));
+        out!("{}", rules.render(Family::V4));
+        out!("{}", rules.render(Family::V6));
         return Ok(ExitCode::SUCCESS);
     }
-    anyhow::bail!(
-        "applying istio-iptables rules is not available yet in this version: use --dry-run to print them"
-    )
+    if let Err(err) = config.check_owners(&istio::RealHost) {
+        eprintln!("redirect: error: {err}");
+        return Ok(ExitCode::from(1));
+    }
+    let backend = match Backend::parse(&args.force_iptables_binary)? {
+        Some(forced) => forced,
+        None => Backend::detect()?,
+    };
+    let _hold = privilege::HoldSignals::new();
+    if args.cleanup_only {
+        let removed = apply::cleanup(backend, &rules, config.ipv6)?;
+        outln!(
+            "redirect: {} (iptables-{})",
+            if removed {
+                "removed the Istio rules"
+            } else {
+                "no Istio rules to remove"
+            },
+            backend.name()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let applied = apply::apply(backend, &rules, config.ipv6)?;
+    outln!(
+        "redirect: {} (iptables-{}, IPv6 {})",
+        match applied {
+            Applied::Installed => "applied the Istio rules",
+            Applied::AlreadyPresent => "the Istio rules are already in place; nothing changed",
+        },
+        backend.name(),
+        if config.ipv6 { "on" } else { "off" }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn uninstall(args: &UninstallArgs) -> Result<ExitCode> {

@@ -171,6 +171,17 @@ impl Sandbox {
         &self.name
     }
 
+    /// A path naming a network namespace of the sandbox, for tools that
+    /// take one (`redirect istio-iptables --netns`, `ip netns exec`-like).
+    /// Valid while the sandbox lives.
+    pub fn netns_path(&self, net: Net) -> String {
+        format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.ns(net).as_raw_fd()
+        )
+    }
+
     /// The pod cgroup: where redirect is installed.
     pub fn pod_cgroup(&self) -> &Path {
         &self.cgroup

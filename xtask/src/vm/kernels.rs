@@ -76,6 +76,22 @@ const WANTED_MODULES: &[&str] = &[
     "iptable_nat",
     "nf_conntrack",
     "nf_nat",
+    // the rest of istio-iptables' rules (iptables mode): mangle/raw tables,
+    // TPROXY, conntrack zones, marks, multiport, IPv6
+    "iptable_mangle",
+    "iptable_raw",
+    "ip6_tables",
+    "ip6table_nat",
+    "ip6table_mangle",
+    "ip6table_raw",
+    "xt_TPROXY",
+    "xt_CT",
+    "xt_conntrack",
+    "xt_mark",
+    "xt_connmark",
+    "xt_multiport",
+    "xt_MARK",
+    "xt_CONNMARK",
 ];
 
 /// A kernel ready to boot.
