@@ -26,6 +26,15 @@ use crate::{
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Treat these features as missing (tests of the fallback paths)
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        value_delimiter = ',',
+        value_name = "FEATURE,..."
+    )]
+    pub assume_missing: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -45,6 +54,13 @@ pub enum Command {
     Run(RunArgs),
     /// Show the capture working in a throw-away pod (network namespace + cgroup)
     Demo,
+    /// Show which kernel features eBPF capture needs, whether this node has
+    /// each (tested by loading, not by version), and the mode that follows
+    Probe {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
     /// istio-iptables' command line: the same flags, environment and exit codes
     #[command(
         long_about = "istio-iptables' command line, with the same flags, defaults, \

@@ -32,6 +32,7 @@ mod ebpf;
 mod iptables;
 mod istio;
 mod privilege;
+mod probe;
 mod run;
 mod status;
 mod userns;
@@ -61,6 +62,12 @@ fn main() -> ExitCode {
             };
         }
     };
+    if !cli.assume_missing.is_empty()
+        && let Err(err) = probe::assume_missing(cli.assume_missing.clone())
+    {
+        eprintln!("redirect: error: {err:#}");
+        return ExitCode::from(2);
+    }
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(err) => {
@@ -85,6 +92,15 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Run(args) => run::run(&args),
         Command::Demo => demo::demo(),
+        Command::Probe { json } => {
+            let report = probe::run();
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                out!("{}", probe::render(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::IstioIptables(args) => istio_iptables(&args),
         Command::SandboxAgent { args } => {
             let code = redirect_sandbox::agent::main(&args);

@@ -245,11 +245,10 @@ fn write_config(ebpf: &mut Ebpf, req: &Request<'_>, undo: &mut Undo) -> Result<(
     Ok(())
 }
 
-/// Whether the running kernel has `hook` (unknown kernel versions are
-/// assumed to; the load or attach then reports what is missing).
+/// Whether the running kernel has `hook`: it loads a program for it
+/// (see [`crate::probe`], which also honours `--assume-missing`).
 pub fn available(hook: &Hook) -> bool {
-    let (major, minor) = hook.min_kernel;
-    KernelVersion::current().map_or(true, |k| k >= KernelVersion::new(major, minor, 0))
+    crate::probe::hook_present(hook)
 }
 
 fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {

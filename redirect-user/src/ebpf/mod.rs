@@ -15,6 +15,17 @@ pub enum Kind {
     Sockopt,
 }
 
+impl Kind {
+    /// `enum bpf_prog_type` value.
+    pub const fn prog_type(self) -> u32 {
+        match self {
+            Self::SockAddr => 18, // BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+            Self::SockOps => 13,  // BPF_PROG_TYPE_SOCK_OPS
+            Self::Sockopt => 25,  // BPF_PROG_TYPE_CGROUP_SOCKOPT
+        }
+    }
+}
+
 /// A program of the object and the cgroup hook it is attached to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hook {

@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
+const BPF_PROG_LOAD: u32 = 5;
 const BPF_OBJ_PIN: u32 = 6;
 const BPF_OBJ_GET: u32 = 7;
 const BPF_PROG_GET_FD_BY_ID: u32 = 13;
@@ -193,4 +194,43 @@ pub fn link_info(link: BorrowedFd<'_>) -> Result<CgroupLinkInfo> {
         prog_id: info[1] as u32,
         cgroup_id: info[2],
     })
+}
+
+/// Whether the kernel loads a program of `prog_type` for the hook
+/// `attach_type` (a two-instruction program that allows everything): the
+/// exact test of "this kernel has this hook", as opposed to its version.
+pub fn probe_hook(prog_type: u32, attach_type: u32) -> std::io::Result<()> {
+    // r0 = 1; exit
+    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    #[repr(C)]
+    struct Attr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    let mut attr = Attr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: [0; 16],
+        prog_ifindex: 0,
+        expected_attach_type: attach_type,
+    };
+    bpf(BPF_PROG_LOAD, &mut attr).map(|fd| drop(owned(fd)))
 }

@@ -1,0 +1,308 @@
+//! What this node can do: each kernel feature eBPF capture needs, tested
+//! for real (a hook is present when the kernel loads a program for it, a
+//! map type when it creates one), and the mode that follows.
+//!
+//! `--assume-missing` (hidden) makes features count as absent, so that
+//! every fallback path can be exercised on a kernel that has everything.
+
+use std::sync::OnceLock;
+
+use aya::{maps::MapType, sys::is_map_supported, util::KernelVersion};
+use serde::Serialize;
+
+use crate::{
+    bpffs, cgroup,
+    ebpf::{HOOKS, Hook, loader, sys},
+    privilege,
+};
+
+static ASSUMED_MISSING: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Features to treat as absent for the rest of this process.
+pub fn assume_missing(names: Vec<String>) -> anyhow::Result<()> {
+    let known: Vec<&str> = catalogue().iter().map(|f| f.name).collect();
+    for name in &names {
+        if !known.contains(&name.as_str()) {
+            anyhow::bail!(
+                "--assume-missing: unknown feature '{name}' (known: {})",
+                known.join(", ")
+            );
+        }
+    }
+    let _ = ASSUMED_MISSING.set(names);
+    Ok(())
+}
+
+fn assumed_missing(name: &str) -> bool {
+    ASSUMED_MISSING
+        .get()
+        .is_some_and(|names| names.iter().any(|n| n == name))
+}
+
+/// One feature and whether this node has it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Feature {
+    pub name: &'static str,
+    pub needed_for: &'static str,
+    /// First mainline kernel that has it.
+    pub first_kernel: &'static str,
+    /// eBPF capture cannot run without it.
+    pub required: bool,
+    pub present: bool,
+    /// How it was found, or why it is missing.
+    pub detail: String,
+}
+
+/// The probe's findings and the mode they lead to.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub features: Vec<Feature>,
+    /// `ebpf`, or `iptables` when eBPF capture cannot run here.
+    pub mode: &'static str,
+    pub reason: String,
+}
+
+/// A feature before it is probed.
+struct Spec {
+    name: &'static str,
+    needed_for: &'static str,
+    first_kernel: &'static str,
+    required: bool,
+}
+
+fn catalogue() -> Vec<Spec> {
+    let mut specs = vec![
+        Spec {
+            name: "privileges",
+            needed_for: "loading and attaching programs (root, or CAP_BPF + CAP_NET_ADMIN)",
+            first_kernel: "-",
+            required: true,
+        },
+        Spec {
+            name: "cgroup2",
+            needed_for: "attaching to the pod's cgroup",
+            first_kernel: "4.5",
+            required: true,
+        },
+        Spec {
+            name: "bpffs",
+            needed_for: "pinning programs past the installer's exit",
+            first_kernel: "4.4",
+            required: true,
+        },
+        Spec {
+            name: "kernel",
+            needed_for: "cgroup bpf_link (5.7), log ring buffer and getsockopt passthrough (5.8)",
+            first_kernel: "5.8",
+            required: true,
+        },
+        Spec {
+            name: "map/lru_hash",
+            needed_for: "original destinations",
+            first_kernel: "4.10",
+            required: true,
+        },
+        Spec {
+            name: "map/percpu_array",
+            needed_for: "decision counters",
+            first_kernel: "4.6",
+            required: true,
+        },
+        Spec {
+            name: "map/ringbuf",
+            needed_for: "the programs' log (run --log)",
+            first_kernel: "5.8",
+            required: true,
+        },
+    ];
+    for hook in HOOKS {
+        specs.push(Spec {
+            name: hook_feature(&hook),
+            needed_for: hook.mirrors,
+            first_kernel: match hook.min_kernel {
+                (4, 13) => "4.13",
+                (4, 17) => "4.17",
+                (5, 3) => "5.3",
+                (5, 8) => "5.8",
+                _ => "?",
+            },
+            required: !hook.optional,
+        });
+    }
+    specs.push(Spec {
+        name: "iptables",
+        needed_for: "iptables mode (the fallback)",
+        first_kernel: "-",
+        required: false,
+    });
+    specs
+}
+
+/// The feature name of a hook, e.g. `cgroup/connect4`.
+pub fn hook_feature(hook: &Hook) -> &'static str {
+    match hook.name {
+        "sockops" => "sockops",
+        "getsockopt" => "cgroup/getsockopt",
+        "getpeername4" => "cgroup/getpeername4",
+        "getpeername6" => "cgroup/getpeername6",
+        "connect6" => "cgroup/connect6",
+        _ => "cgroup/connect4",
+    }
+}
+
+/// Whether this kernel has `hook` (probed once per process, and subject
+/// to `--assume-missing`).
+pub fn hook_present(hook: &Hook) -> bool {
+    !assumed_missing(hook_feature(hook))
+        && sys::probe_hook(hook.kind.prog_type(), hook.attach_type).is_ok()
+}
+
+fn detect(spec: &Spec) -> (bool, String) {
+    if assumed_missing(spec.name) {
+        return (false, "assumed missing (--assume-missing)".into());
+    }
+    let found = |ok: bool, yes: &str, no: String| {
+        if ok {
+            (true, yes.to_owned())
+        } else {
+            (false, no)
+        }
+    };
+    match spec.name {
+        "privileges" => match privilege::check_ebpf() {
+            Ok(()) => (true, "effective capabilities suffice".into()),
+            Err(err) => (false, err.to_string()),
+        },
+        "cgroup2" => match cgroup::cgroup2_mounts() {
+            Ok(m) if !m.is_empty() => (true, format!("mounted at {}", m[0].display())),
+            _ => (false, "no cgroup2 hierarchy in /proc/mounts".into()),
+        },
+        "bpffs" => found(
+            true,
+            if bpffs::is_mounted() {
+                "mounted at /sys/fs/bpf"
+            } else {
+                "not mounted; install mounts it"
+            },
+            String::new(),
+        ),
+        "kernel" => {
+            let (major, minor) = loader::MIN_KERNEL;
+            match KernelVersion::current() {
+                Ok(k) => found(
+                    k >= KernelVersion::new(major, minor, 0),
+                    "new enough",
+                    format!("{k} is older than {major}.{minor}"),
+                ),
+                Err(_) => (true, "version unknown; assumed new enough".into()),
+            }
+        }
+        "map/lru_hash" => map(MapType::LruHash),
+        "map/percpu_array" => map(MapType::PerCpuArray),
+        "map/ringbuf" => map(MapType::RingBuf),
+        "iptables" => found(
+            ["iptables-nft-restore", "iptables-legacy-restore"]
+                .iter()
+                .any(|p| on_path(p)),
+            "iptables-restore found",
+            "no iptables-restore on PATH (install iptables)".into(),
+        ),
+        name => {
+            let Some(hook) = HOOKS.iter().find(|h| hook_feature(h) == name) else {
+                return (false, "unknown feature".into());
+            };
+            match sys::probe_hook(hook.kind.prog_type(), hook.attach_type) {
+                Ok(()) => (true, "a program for it loads".into()),
+                Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
+                    (false, "cannot tell without privileges".into())
+                }
+                Err(err) => (false, format!("the kernel refuses it ({err})")),
+            }
+        }
+    }
+}
+
+fn map(kind: MapType) -> (bool, String) {
+    match is_map_supported(kind) {
+        Ok(true) => (true, "a map of this type can be created".into()),
+        Ok(false) => (false, "the kernel has no such map type".into()),
+        Err(err) => (false, format!("cannot tell ({err})")),
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| std::path::Path::new(d).join(program).is_file())
+}
+
+/// Probes everything and chooses the mode.
+pub fn run() -> Report {
+    privilege::raise_memlock();
+    let features: Vec<Feature> = catalogue()
+        .into_iter()
+        .map(|spec| {
+            let (present, detail) = detect(&spec);
+            Feature {
+                name: spec.name,
+                needed_for: spec.needed_for,
+                first_kernel: spec.first_kernel,
+                required: spec.required,
+                present,
+                detail,
+            }
+        })
+        .collect();
+    let missing: Vec<&Feature> = features
+        .iter()
+        .filter(|f| f.required && !f.present)
+        .collect();
+    let (mode, reason) = if missing.is_empty() {
+        (
+            "ebpf",
+            "every feature eBPF capture needs is present".to_owned(),
+        )
+    } else {
+        let names: Vec<String> = missing
+            .iter()
+            .map(|f| format!("{} (kernel {})", f.name, f.first_kernel))
+            .collect();
+        (
+            "iptables",
+            format!("eBPF capture needs {}, missing here", names.join(", ")),
+        )
+    };
+    Report {
+        kernel: KernelVersion::current().map_or_else(|_| "unknown".into(), |k| k.to_string()),
+        features,
+        mode,
+        reason,
+    }
+}
+
+/// The feature table as text.
+pub fn render(report: &Report) -> String {
+    let mut out = format!("kernel {}\n", report.kernel);
+    out.push_str(&format!(
+        "{:<20} {:<8} {:<8} {}\n",
+        "feature", "first", "here", "needed for"
+    ));
+    for f in &report.features {
+        let here = if f.present {
+            "yes"
+        } else if f.required {
+            "MISSING"
+        } else {
+            "no"
+        };
+        out.push_str(&format!(
+            "{:<20} {:<8} {:<8} {}  ({})\n",
+            f.name, f.first_kernel, here, f.needed_for, f.detail
+        ));
+    }
+    out.push_str(&format!("mode: {} ({})\n", report.mode, report.reason));
+    out
+}
