@@ -233,15 +233,17 @@ fn in_private_mounts(script: &str) -> Outcome {
 /// that file permissions on bpffs are not what is tested).
 fn with_caps(caps: &str, args: &[&str]) -> Outcome {
     let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--bounding-set",
-        &format!("-all,{caps}"),
-        "--inh-caps",
-        "-all",
-        "--",
-    ])
-    .arg(redirect_bin())
-    .args(args);
+    // A rejection then carries the verifier's whole log (for the kernel matrix).
+    cmd.env("REDIRECT_VERIFIER_LOG", "1")
+        .args([
+            "--bounding-set",
+            &format!("-all,{caps}"),
+            "--inh-caps",
+            "-all",
+            "--",
+        ])
+        .arg(redirect_bin())
+        .args(args);
     outcome(&mut cmd).expect("setpriv (util-linux)")
 }
 
