@@ -39,15 +39,14 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_current_uid_gid, generated::bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{Array, LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
-use aya_log_ebpf::debug;
 use redirect_common::{
-    COUNTER_COUNT, ConnTuple, ConnectInput, Counter, InstanceMeta, LOCALHOST, OrigDst,
-    RedirectConfig, SOCK_STREAM, SOCKADDR_IN_LEN, SockoptAction, Verdict, answer_optlen,
-    classify_getsockopt, decide_connect, sockaddr_in, to_v4_mapped, tuple_from_client_side,
-    tuple_from_server_side, v4_mapped,
+    COUNTER_COUNT, ConnTuple, ConnectInput, Counter, Event, InstanceMeta, LOCALHOST, LOG_DEBUG,
+    LOG_TRACE, OrigDst, RedirectConfig, SOCK_STREAM, SOCKADDR_IN_LEN, SockoptAction, Verdict,
+    answer_optlen, classify_getsockopt, decide_connect, sockaddr_in, to_v4_mapped,
+    tuple_from_client_side, tuple_from_server_side, v4_mapped,
 };
 
 /// Largest number of connections whose original destination is tracked at once.
@@ -82,6 +81,11 @@ static RDR_ORIG_TUPLE: LruHashMap<ConnTuple, OrigDst> = LruHashMap::pinned(MAX_T
 /// Which cgroup this instance belongs to (user space only; see `InstanceMeta`).
 #[map]
 static RDR_META: Array<InstanceMeta> = Array::pinned(1, 0);
+
+/// Decisions reported to `redirect run --log` (see [`Event`]); written only
+/// when the config's log level asks for them.
+#[map]
+static RDR_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -180,9 +184,25 @@ fn capture(ctx: &SockAddrContext, sock_type: u32, dst_ip: u32, user_port: u32) -
         gid: (uid_gid >> 32) as u32,
         dst_ip,
     };
-    match decide_connect(&input, cfg) {
+    let verdict = decide_connect(&input, cfg);
+    let level = cfg.log_level;
+    let report = |counter: Counter, proxy_port: u16| {
+        if level >= LOG_TRACE || (level >= LOG_DEBUG && counter == Counter::Redirected) {
+            let event = Event {
+                counter: counter as u32,
+                uid: input.uid,
+                gid: input.gid,
+                dst_ip,
+                dst_port: u16::from_be(user_port as u16),
+                proxy_port,
+            };
+            let _ = RDR_EVENTS.output::<Event>(&event, 0);
+        }
+    };
+    match verdict {
         Verdict::Bypass(counter) => {
             count(counter);
+            report(counter, 0);
             None
         }
         Verdict::Redirect { port } => {
@@ -196,14 +216,7 @@ fn capture(ctx: &SockAddrContext, sock_type: u32, dst_ip: u32, user_port: u32) -
                 return None;
             }
             count(Counter::Redirected);
-            debug!(
-                ctx,
-                "redirect uid={} {:i}:{} -> 127.0.0.1:{}",
-                input.uid,
-                u32::from_be(orig.ip),
-                orig.port,
-                port
-            );
+            report(Counter::Redirected, port);
             Some(port)
         }
     }

@@ -167,8 +167,8 @@ pub struct RunArgs {
     pub target: TargetArgs,
     #[command(flatten)]
     pub capture: CaptureArgs,
-    /// Log each decision of the eBPF programs at this level (debug shows
-    /// every redirect); off costs nothing per connection
+    /// Print the eBPF programs' decisions: debug shows every redirect,
+    /// trace every decision; off costs one branch per connect
     #[arg(long, value_enum, default_value = "off")]
     pub log: LogLevel,
     /// Leave the capture installed when stopped
@@ -187,7 +187,7 @@ pub enum LogLevel {
 }
 
 impl LogLevel {
-    /// The value of aya-log's `AYA_LOG_LEVEL` global for this level.
+    /// The config's `log_level` for this level (`redirect_common::LOG_*`).
     pub fn ebpf_level(self) -> u8 {
         self as u8
     }

@@ -42,6 +42,7 @@ impl Config {
         let mut out = RedirectConfig {
             abi_version: ABI_VERSION,
             proxy_port: self.proxy_port,
+            log_level: 0,
             _pad: 0,
             loopback_addr: u32::from_ne_bytes(self.loopback.network().octets()),
             loopback_mask: u32::from_ne_bytes(self.loopback.mask().octets()),

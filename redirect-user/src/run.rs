@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
-use aya_log::EbpfLogger;
+use aya::maps::{MapData, RingBuf};
+use redirect_common::{Counter, Event};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -57,22 +58,32 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
                 "detach"
             }
         );
-        let logger = if args.log.ebpf_level() > 0 {
-            let logger = EbpfLogger::init_with_logger(&mut installed.ebpf, StderrLog)
-                .context("reading the eBPF log buffer")?;
-            // SAFETY: the logger owns its ring buffer descriptor and keeps it
-            // open, unreplaced, for as long as the AsyncFd lives.
-            Some(unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }?)
+        let events = if args.log.ebpf_level() > 0 {
+            let map = installed
+                .ebpf
+                .take_map("RDR_EVENTS")
+                .context("the programs have no event ring buffer")?;
+            let ring: RingBuf<MapData> = RingBuf::try_from(map)?;
+            // SAFETY: the ring buffer owns its descriptor and keeps it open,
+            // unreplaced, for as long as the AsyncFd lives.
+            Some(unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }?)
         } else {
             None
         };
         let logs = async {
-            match logger {
+            match events {
                 Some(mut fd) => loop {
                     let Ok(mut guard) = fd.readable_mut().await else {
                         break;
                     };
-                    guard.get_inner_mut().flush();
+                    while let Some(item) = guard.get_inner_mut().next() {
+                        if let Some(event) = item
+                            .get(..size_of::<Event>())
+                            .and_then(|b| bytemuck::try_pod_read_unaligned::<Event>(b).ok())
+                        {
+                            eprintln!("{}", describe(&event));
+                        }
+                    }
                     guard.clear_ready();
                 },
                 None => std::future::pending::<()>().await,
@@ -120,17 +131,22 @@ impl Drop for Detach<'_> {
     }
 }
 
-/// Prints eBPF log records on stderr, one line each.
-struct StderrLog;
-
-impl log::Log for StderrLog {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
+/// One line for one decision, e.g. `[DEBUG] redirect uid=1000 198.18.0.2:9080 -> 127.0.0.1:15001`.
+fn describe(event: &Event) -> String {
+    let dst = std::net::Ipv4Addr::from(event.dst_ip.to_ne_bytes());
+    let name = Counter::ALL
+        .iter()
+        .find(|c| **c as u32 == event.counter)
+        .map_or("unknown", |c| c.name());
+    if event.counter == Counter::Redirected as u32 {
+        format!(
+            "[DEBUG] redirect uid={} {dst}:{} -> 127.0.0.1:{}",
+            event.uid, event.dst_port, event.proxy_port
+        )
+    } else {
+        format!(
+            "[TRACE] {name} uid={} gid={} {dst}:{}",
+            event.uid, event.gid, event.dst_port
+        )
     }
-
-    fn log(&self, record: &log::Record<'_>) {
-        eprintln!("[{}] {}", record.level(), record.args());
-    }
-
-    fn flush(&self) {}
 }

@@ -142,7 +142,15 @@ fn unprivileged_install_is_refused() {
     let dir = std::env::temp_dir().join(format!("{}-bin", sandbox.name()));
     fs::create_dir_all(&dir).expect("mkdir");
     let bin: PathBuf = dir.join("redirect");
-    fs::copy(redirect_bin(), &bin).expect("copy binary");
+    // Copied by `cp`: a write descriptor of ours could leak into a child
+    // another test thread forks at that moment, and exec would fail with
+    // "text file busy".
+    let copied = Command::new("cp")
+        .arg(redirect_bin())
+        .arg(&bin)
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "copying the binary");
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
     let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
     let mut cmd = sandbox.command(Net::Pod, Group::Outside, APP, &bin);

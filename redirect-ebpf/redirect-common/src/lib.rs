@@ -31,7 +31,10 @@ pub struct RedirectConfig {
     pub abi_version: u32,
     /// Port the proxy listens on for outbound traffic (Istio `-p`, 15001).
     pub proxy_port: u16,
-    pub _pad: u16,
+    /// Which decisions are reported as [`Event`]s: [`LOG_DEBUG`] redirects,
+    /// [`LOG_TRACE`] every decision, anything lower none.
+    pub log_level: u8,
+    pub _pad: u8,
     /// Destinations inside this network are never captured (Istio's
     /// `-d 127.0.0.1/32 -j RETURN`). Network byte order.
     pub loopback_addr: u32,
@@ -371,6 +374,30 @@ mod user {
 
 #[cfg(test)]
 mod tests;
+
+/// `log_level` at which redirects are reported.
+pub const LOG_DEBUG: u8 = 4;
+/// `log_level` at which every decision is reported.
+pub const LOG_TRACE: u8 = 5;
+
+/// One decision of the connect programs, reported through the `RDR_EVENTS`
+/// ring buffer when the config's log level asks for it. A fixed-size record
+/// (not a formatted log line): every verifier bounds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Event {
+    /// The [`Counter`] the decision counted in.
+    pub counter: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Destination address, network byte order.
+    pub dst_ip: u32,
+    /// Destination port, host byte order.
+    pub dst_port: u16,
+    /// Proxy port it was sent to (redirects only).
+    pub proxy_port: u16,
+}
 
 /// Longest cgroup path (relative to the cgroup2 mount) an instance records.
 pub const META_PATH_MAX: usize = 1024;

@@ -12,6 +12,7 @@ fn istio_default() -> RedirectConfig {
     let mut cfg = RedirectConfig {
         abi_version: ABI_VERSION,
         proxy_port: 15001,
+        log_level: 0,
         _pad: 0,
         loopback_addr: ip(127, 0, 0, 1),
         loopback_mask: ip(255, 255, 255, 255),

@@ -41,7 +41,8 @@ pub struct Request<'a> {
     pub config: &'a Config,
     pub cgroup: &'a Cgroup,
     pub instance: &'a str,
-    /// aya-log level compiled into the loaded programs (0 = off).
+    /// Which decisions the programs report in `RDR_EVENTS` (see
+    /// `redirect_common::LOG_DEBUG`; 0 = none).
     pub log_level: u8,
 }
 
@@ -152,7 +153,6 @@ fn install_steps(req: &Request<'_>, dir: &Path, undo: &mut Undo) -> Result<Ebpf>
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
-        .override_global("AYA_LOG_LEVEL", &req.log_level, true)
         .load(OBJECT)
         .context("loading the eBPF object (maps)")?;
 
@@ -220,9 +220,11 @@ fn write_config(ebpf: &mut Ebpf, req: &Request<'_>, undo: &mut Undo) -> Result<(
     if !undo.fresh && old.abi_version != 0 {
         undo.old_config = Some(old);
     }
-    config
-        .set(0, req.config.to_bpf(), 0)
-        .context("writing the config map")?;
+    let entry = RedirectConfig {
+        log_level: req.log_level,
+        ..req.config.to_bpf()
+    };
+    config.set(0, entry, 0).context("writing the config map")?;
 
     let map = ebpf.map_mut(maps::META).context("meta map missing")?;
     let mut meta: Array<&mut MapData, InstanceMeta> = Array::try_from(map)?;
