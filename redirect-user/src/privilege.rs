@@ -7,7 +7,15 @@ use anyhow::{Result, bail};
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
+
+/// The oldest kernel whose verifier accepts every program with CAP_BPF and
+/// CAP_NET_ADMIN alone (tested: 6.12 and 7.2). 5.10 and 6.1 refuse a
+/// partial overwrite of a stack slot that holds a spilled 4-byte scalar
+/// ("attempt to corrupt spilled pointer on stack") unless the loader also
+/// has CAP_PERFMON.
+const LEAST_PRIVILEGE_KERNEL: (u8, u8) = (6, 12);
 
 /// Effective capability bits of this process.
 fn effective() -> u64 {
@@ -21,18 +29,31 @@ fn effective() -> u64 {
         .unwrap_or(0)
 }
 
-/// Loading cgroup programs needs CAP_SYS_ADMIN, or CAP_BPF together with
-/// CAP_NET_ADMIN on kernels >= 5.8.
+/// Loading and attaching the programs needs CAP_SYS_ADMIN, or CAP_BPF
+/// with CAP_NET_ADMIN, plus CAP_PERFMON on kernels older than 6.12 (see
+/// [`LEAST_PRIVILEGE_KERNEL`]).
 pub fn check_ebpf() -> Result<()> {
     let caps = effective();
     let has = |cap: u32| caps & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_NET_ADMIN)) {
+    if has(CAP_SYS_ADMIN) {
         return Ok(());
     }
-    bail!(
-        "permission denied: loading and attaching eBPF programs needs root, or CAP_BPF and \
-         CAP_NET_ADMIN (CAP_SYS_ADMIN before kernel 5.8): run as root or grant those capabilities"
-    )
+    if !(has(CAP_BPF) && has(CAP_NET_ADMIN)) {
+        bail!(
+            "permission denied: loading and attaching eBPF programs needs root, or CAP_BPF and \
+             CAP_NET_ADMIN: run as root or grant those capabilities"
+        );
+    }
+    let (major, minor) = LEAST_PRIVILEGE_KERNEL;
+    let old = aya::util::KernelVersion::current()
+        .is_ok_and(|k| k < aya::util::KernelVersion::new(major, minor, 0));
+    if old && !has(CAP_PERFMON) {
+        bail!(
+            "permission denied: on kernels older than {major}.{minor} the verifier also needs CAP_PERFMON \
+             to accept these programs: grant CAP_PERFMON as well, or run as root"
+        );
+    }
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: lift it when allowed.

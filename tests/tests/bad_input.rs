@@ -261,8 +261,24 @@ fn cap_bpf_and_cap_net_admin_are_enough() {
     let sandbox = Sandbox::with_upstream_and_proxy().expect("sandbox pod");
     let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
     // What the README tells an init container to grant, and no more: every
-    // program must pass the verifier without CAP_PERFMON or CAP_SYS_ADMIN.
-    let caps = "+bpf,+net_admin";
+    // program must pass the verifier without CAP_SYS_ADMIN (and, from
+    // kernel 6.12 on, without CAP_PERFMON).
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut version = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let running = (version.next().unwrap_or(0), version.next().unwrap_or(0));
+    let caps = if running >= (6, 12) {
+        "+bpf,+net_admin"
+    } else {
+        "+bpf,+net_admin,+perfmon"
+    };
+    if running < (6, 12) {
+        let out = with_caps("+bpf,+net_admin", &install_args(&sandbox, &cg));
+        assert_fails(&out, 1, "also needs CAP_PERFMON");
+        assert!(!sandbox.is_pinned());
+    }
     let out = with_caps(caps, &install_args(&sandbox, &cg));
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(
