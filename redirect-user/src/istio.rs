@@ -127,30 +127,70 @@ pub struct IstioArgs {
         default_value = ""
     )]
     pub kube_virt_interfaces: String,
-    /// Print the iptables-restore documents instead of applying them
-    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN")]
-    pub dry_run: bool,
+    /// Print the iptables-restore documents instead of applying them [env DRY_RUN]
+    #[arg(short = 'n', long = "dry-run", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub dry_run: Option<bool>,
     /// Capture DNS to the proxy's DNS port (15053) for the resolv.conf servers
-    #[arg(long = "redirect-dns", env = "REDIRECT_DNS")]
-    pub redirect_dns: bool,
-    /// With --redirect-dns: capture all DNS, not only to the resolv.conf servers
-    #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS")]
-    pub capture_all_dns: bool,
-    /// Drop packets conntrack considers invalid
-    #[arg(long = "drop-invalid", env = "DROP_INVALID")]
-    pub drop_invalid: bool,
-    /// With automatic IPv6 detection: IPv6 rules when the pod has any IPv6 address
-    #[arg(long = "dual-stack", env = "DUAL_STACK")]
-    pub dual_stack: bool,
+    /// [env REDIRECT_DNS, then ISTIO_META_DNS_CAPTURE]
+    #[arg(long = "redirect-dns", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub redirect_dns: Option<bool>,
+    /// With --redirect-dns: capture all DNS, not only to the resolv.conf servers [env CAPTURE_ALL_DNS]
+    #[arg(long = "capture-all-dns", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub capture_all_dns: Option<bool>,
+    /// Drop packets conntrack considers invalid [env DROP_INVALID, then INVALID_DROP]
+    #[arg(long = "drop-invalid", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub drop_invalid: Option<bool>,
+    /// With automatic IPv6 detection: IPv6 rules when the pod has any IPv6
+    /// address [env DUAL_STACK, then ISTIO_DUAL_STACK]
+    #[arg(long = "dual-stack", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub dual_stack: Option<bool>,
+    /// Remove the Istio rules instead of installing them [env CLEANUP_ONLY]
+    #[arg(long = "cleanup-only", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub cleanup_only: Option<bool>,
+    /// Do nothing and exit 0 (istio-cni's validation mode) [env SKIP_RULE_APPLY]
+    #[arg(long = "skip-rule-apply", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub skip_rule_apply: Option<bool>,
+    /// Replace different Istio rules already in place [env RECONCILE]
+    #[arg(long = "reconcile", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub reconcile: Option<bool>,
+    /// Accepted for compatibility; redirect does not run Istio's validator [env RUN_VALIDATION]
+    #[arg(long = "run-validation", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub run_validation: Option<bool>,
+    /// Accepted for compatibility (redirect applies whenever the rules differ) [env FORCE_APPLY]
+    #[arg(long = "force-apply", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub force_apply: Option<bool>,
+    /// Accepted for compatibility (no effect) [env CNI_MODE]
+    #[arg(long = "cni-mode", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub cni_mode: Option<bool>,
+    /// Istio's native nftables mode: not supported (refused) [env NATIVE_NFTABLES]
+    #[arg(long = "native-nftables", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub native_nftables: Option<bool>,
+    /// Accepted for compatibility (used by Istio's validator only)
+    #[arg(long = "iptables-probe-port", value_name = "PORT", hide = true)]
+    pub iptables_probe_port: Option<u16>,
+    /// Accepted for compatibility (used by Istio's validator only)
+    #[arg(long = "probe-timeout", value_name = "DURATION", hide = true)]
+    pub probe_timeout: Option<String>,
+    /// istio-iptables' logging flags (pilot-agent's), accepted and ignored
+    #[arg(long = "log_output_level", hide = true)]
+    pub log_output_level: Option<String>,
+    #[arg(long = "log_as_json", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub log_as_json: Option<bool>,
+    #[arg(long = "log_caller", hide = true)]
+    pub log_caller: Option<String>,
+    #[arg(long = "log_stacktrace_level", hide = true)]
+    pub log_stacktrace_level: Option<String>,
+    #[arg(long = "log_target", hide = true)]
+    pub log_target: Vec<String>,
+    /// Extra arguments, ignored as istio-iptables ignores them
+    #[arg(hide = true)]
+    pub ignored: Vec<String>,
     /// Generate IPv6 rules: auto (from the pod's addresses, as istio-iptables), true or false
     #[arg(long, value_enum, default_value = "auto")]
     pub ipv6: Ipv6Mode,
     /// Where DNS servers are read from (for --redirect-dns)
     #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
-    /// Remove the rules these flags install (only those), instead of installing them
-    #[arg(long = "cleanup-only", env = "CLEANUP_ONLY")]
-    pub cleanup_only: bool,
     /// iptables implementation: legacy or nft [default: the one with rules here, else nft]
     #[arg(
         long = "force-iptables-binary",
@@ -283,18 +323,14 @@ impl IstioArgs {
     /// Resolves and checks the flags; `host` supplies the environment,
     /// resolv.conf, /etc/passwd and the interface addresses.
     pub fn resolve(&self, host: &dyn Host) -> Result<IstioConfig, ConfigError> {
-        let env_bool = |names: &[&str], flag: bool| {
-            // istio-iptables' extra variables override the primary ones;
-            // a value that is not a bool is ignored.
-            names
-                .iter()
-                .filter_map(|n| host.env(n).and_then(|v| parse_bool(&v)))
-                .last()
-                .map_or(flag, |v| flag || v)
-        };
-        let redirect_dns = env_bool(&["ISTIO_META_DNS_CAPTURE"], self.redirect_dns);
-        let drop_invalid = env_bool(&["INVALID_DROP"], self.drop_invalid);
-        let dual_stack = env_bool(&["ISTIO_DUAL_STACK"], self.dual_stack);
+        let redirect_dns = setting(
+            host,
+            self.redirect_dns,
+            &["REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"],
+        );
+        let drop_invalid = setting(host, self.drop_invalid, &["DROP_INVALID", "INVALID_DROP"]);
+        let dual_stack = setting(host, self.dual_stack, &["DUAL_STACK", "ISTIO_DUAL_STACK"]);
+        let capture_all_dns = setting(host, self.capture_all_dns, &["CAPTURE_ALL_DNS"]);
 
         let owner_include = host
             .env("ISTIO_OUTBOUND_OWNER_GROUPS")
@@ -331,7 +367,7 @@ impl IstioArgs {
             }
         };
 
-        let (dns_v4, dns_v6) = if redirect_dns && !self.capture_all_dns {
+        let (dns_v4, dns_v6) = if redirect_dns && !capture_all_dns {
             let text = host.read(&self.resolv_conf).map_err(|e| {
                 ConfigError(format!(
                     "failed to load {}: {e} (pass --resolv-conf PATH)",
@@ -343,7 +379,7 @@ impl IstioArgs {
             (Vec::new(), Vec::new())
         };
         let redirect_dns =
-            redirect_dns && (self.capture_all_dns || !dns_v4.is_empty() || !dns_v6.is_empty());
+            redirect_dns && (capture_all_dns || !dns_v4.is_empty() || !dns_v6.is_empty());
 
         // Checks, in istio-iptables' order, then redirect's own.
         let owner_groups = if owner_include == "*" {
@@ -433,7 +469,7 @@ impl IstioArgs {
             exclude_interfaces: split(&self.exclude_interfaces),
             kube_virt_interfaces: split(&self.kube_virt_interfaces),
             redirect_dns,
-            capture_all_dns: self.capture_all_dns,
+            capture_all_dns,
             drop_invalid,
             ipv6,
             dns_v4,
@@ -463,6 +499,48 @@ impl IstioConfig {
     }
 }
 
+/// A boolean flag's value: the command line, else the last of `envs` that
+/// holds a valid boolean (istio-iptables' secondary variables override
+/// the primary ones; an unparsable value is ignored), else false.
+fn setting(host: &dyn Host, flag: Option<bool>, envs: &[&str]) -> bool {
+    flag.or_else(|| {
+        envs.iter()
+            .filter_map(|name| host.env(name).and_then(|v| parse_bool(&v)))
+            .last()
+    })
+    .unwrap_or(false)
+}
+
+/// What the invocation asks for, besides the rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Actions {
+    pub dry_run: bool,
+    pub cleanup_only: bool,
+    pub skip_rule_apply: bool,
+    pub reconcile: bool,
+    pub run_validation: bool,
+    pub native_nftables: bool,
+}
+
+impl IstioArgs {
+    /// The actions, from flags and their environment variables.
+    pub fn actions(&self, host: &dyn Host) -> Actions {
+        Actions {
+            dry_run: setting(host, self.dry_run, &["DRY_RUN"]),
+            cleanup_only: setting(host, self.cleanup_only, &["CLEANUP_ONLY"]),
+            skip_rule_apply: setting(host, self.skip_rule_apply, &["SKIP_RULE_APPLY"]),
+            reconcile: setting(host, self.reconcile, &["RECONCILE"]),
+            run_validation: setting(host, self.run_validation, &["RUN_VALIDATION"]),
+            native_nftables: setting(host, self.native_nftables, &["NATIVE_NFTABLES"]),
+        }
+    }
+}
+
+/// Go's `strconv.ParseBool`, as istio-iptables' flags use.
+fn go_bool(v: &str) -> Result<bool, String> {
+    parse_bool(v).ok_or_else(|| format!("'{v}' is not a boolean (true/false, 1/0, t/f)"))
+}
+
 fn parse_bool(v: &str) -> Option<bool> {
     match v {
         "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
@@ -472,7 +550,9 @@ fn parse_bool(v: &str) -> Option<bool> {
 }
 
 fn check_port(flag: &str, value: &str) -> Result<(), ConfigError> {
-    match value.parse::<u32>() {
+    // Checked trimmed: istio-iptables keeps list items verbatim ("4000, 5000"
+    // renders `--dport  5000`, which iptables accepts).
+    match value.trim().parse::<u32>() {
         Ok(1..=65535) => Ok(()),
         _ => error(format!("{flag}: '{value}' is not a port number (1-65535)")),
     }

@@ -39,7 +39,7 @@ mod userns;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Parser as _;
 
 use crate::{
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
             let _ = err.print();
             // istio-iptables exits 255 on a bad command line; an init
             // container's scripts may check for it.
-            let istio = std::env::args().nth(1).as_deref() == Some("istio-iptables");
+            let istio = std::env::args().any(|a| a == "istio-iptables");
             return match err.exit_code() {
                 0 => ExitCode::SUCCESS,
                 _ if istio => ExitCode::from(255),
@@ -143,8 +143,25 @@ fn install(args: &InstallArgs) -> Result<ExitCode> {
 /// 255 for a bad command line (see `main`).
 fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
     use iptables::{
-        apply::{self, Applied, Backend},
+        apply::{self, Applied, Backend, routes},
         builder::Family,
+    };
+    let refuse = |msg: &dyn std::fmt::Display| {
+        eprintln!("redirect: error: {msg}");
+        Ok(ExitCode::from(1))
+    };
+    let actions = args.actions(&istio::RealHost);
+    if actions.skip_rule_apply {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if actions.native_nftables {
+        return refuse(
+            &"Istio's native nftables mode is not supported: drop --native-nftables to program nftables through iptables-nft",
+        );
+    }
+    let backend = match Backend::parse(&args.force_iptables_binary) {
+        Ok(backend) => backend,
+        Err(err) => return refuse(&err),
     };
     if let Some(netns) = &args.netns {
         // Before anything else: IPv6 detection reads this namespace's addresses.
@@ -152,28 +169,32 @@ fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
     }
     let config = match args.resolve(&istio::RealHost) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("redirect: error: {err}");
-            return Ok(ExitCode::from(1));
-        }
+        Err(err) => return refuse(&err),
     };
     let rules = iptables::capture::rules(&config);
-    if args.dry_run {
+    if actions.dry_run {
         out!("{}", rules.render(Family::V4));
         out!("{}", rules.render(Family::V6));
         return Ok(ExitCode::SUCCESS);
     }
     if let Err(err) = config.check_owners(&istio::RealHost) {
-        eprintln!("redirect: error: {err}");
-        return Ok(ExitCode::from(1));
+        return refuse(&err);
     }
-    let backend = match Backend::parse(&args.force_iptables_binary)? {
+    if actions.run_validation {
+        eprintln!(
+            "redirect: note: --run-validation is accepted, but redirect does not run Istio's validator"
+        );
+    }
+    let backend = match backend {
         Some(forced) => forced,
         None => Backend::detect()?,
     };
     let _hold = privilege::HoldSignals::new();
-    if args.cleanup_only {
+    if actions.cleanup_only {
         let removed = apply::cleanup(backend, &rules, config.ipv6)?;
+        if config.tproxy {
+            routes::remove(&config.tproxy_mark, &config.tproxy_route_table, config.ipv6);
+        }
         outln!(
             "redirect: {} (iptables-{})",
             if removed {
@@ -185,11 +206,16 @@ fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let applied = apply::apply(backend, &rules, config.ipv6)?;
+    let applied = apply::apply(backend, &rules, config.ipv6, actions.reconcile)?;
+    if config.tproxy {
+        routes::add(&config.tproxy_mark, &config.tproxy_route_table, config.ipv6)
+            .context("setting up TPROXY's policy routing")?;
+    }
     outln!(
         "redirect: {} (iptables-{}, IPv6 {})",
         match applied {
             Applied::Installed => "applied the Istio rules",
+            Applied::Replaced => "replaced the Istio rules that were in place",
             Applied::AlreadyPresent => "the Istio rules are already in place; nothing changed",
         },
         backend.name(),

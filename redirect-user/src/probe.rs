@@ -58,7 +58,8 @@ pub struct Feature {
 pub struct Report {
     pub kernel: String,
     pub features: Vec<Feature>,
-    /// `ebpf`, or `iptables` when eBPF capture cannot run here.
+    /// `ebpf`, `iptables` when eBPF capture cannot run here, or `unknown`
+    /// when the probe lacks the privileges to tell.
     pub mode: &'static str,
     pub reason: String,
 }
@@ -260,7 +261,13 @@ pub fn run() -> Report {
         .iter()
         .filter(|f| f.required && !f.present)
         .collect();
-    let (mode, reason) = if missing.is_empty() {
+    let unprivileged = missing.iter().any(|f| f.name == "privileges");
+    let (mode, reason) = if unprivileged {
+        (
+            "unknown",
+            "without the privileges eBPF needs, the kernel's hooks cannot be tested: run `redirect probe` as root".to_owned(),
+        )
+    } else if missing.is_empty() {
         (
             "ebpf",
             "every feature eBPF capture needs is present".to_owned(),

@@ -4,7 +4,7 @@
 //! `--cleanup-only` leaves the tables as they were, including rules that
 //! were there before.
 
-use std::{collections::BTreeSet, fs, path::PathBuf, process::Command};
+use std::{fs, path::PathBuf, process::Command};
 
 use redirect_sandbox::{
     Group, Net, ROOT, Sandbox,
@@ -48,9 +48,10 @@ fn shell_words(s: &str) -> Vec<String> {
     words
 }
 
-/// The rules and user chains of a namespace's tables (what a cleanup must
-/// restore; an emptied nft table object is not a difference).
-fn state(sandbox: &Sandbox, backend: &str, family: &str) -> BTreeSet<String> {
+/// The rules and user chains of a namespace's tables, sorted, duplicates
+/// kept (what a cleanup must restore; an emptied nft table object is not a
+/// difference).
+fn state(sandbox: &Sandbox, backend: &str, family: &str) -> Vec<String> {
     let program = format!("{family}-{backend}-save");
     let out = sandbox
         .command(Net::Pod, Group::Outside, ROOT, &program)
@@ -58,7 +59,7 @@ fn state(sandbox: &Sandbox, backend: &str, family: &str) -> BTreeSet<String> {
         .expect("iptables-save");
     assert!(out.status.success(), "{program}: {out:?}");
     let mut table = String::new();
-    String::from_utf8_lossy(&out.stdout)
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {
             if let Some(t) = l.strip_prefix('*') {
@@ -70,7 +71,9 @@ fn state(sandbox: &Sandbox, backend: &str, family: &str) -> BTreeSet<String> {
                 None
             }
         })
-        .collect()
+        .collect();
+    lines.sort();
+    lines
 }
 
 /// `redirect istio-iptables --netns <pod> ARGS` with the case's environment.
@@ -176,11 +179,16 @@ fn every_golden_configuration_applies_and_cleans_up(backend: &str) {
             out.stdout.contains("applied the Istio rules"),
             "{case}: {out:?}"
         );
-        let after = state(&sandbox, backend, "iptables");
-        assert!(
-            after.iter().any(|l| l.contains(":ISTIO_OUTPUT")),
-            "{case}: {after:?}"
-        );
+        let after: Vec<_> = families
+            .iter()
+            .map(|f| state(&sandbox, backend, f))
+            .collect();
+        for (family, rules) in families.iter().zip(&after) {
+            assert!(
+                rules.iter().any(|l| l.contains(":ISTIO_OUTPUT")),
+                "{case} {family}: {rules:?}"
+            );
+        }
 
         let again = istio_iptables(&sandbox, &env, &argv);
         assert_eq!(again.code, 0, "{case} ({backend}): re-run: {again:?}");
@@ -188,11 +196,11 @@ fn every_golden_configuration_applies_and_cleans_up(backend: &str) {
             again.stdout.contains("already in place"),
             "{case}: {again:?}"
         );
-        assert_eq!(
-            state(&sandbox, backend, "iptables"),
-            after,
-            "{case}: the re-run changed nothing"
-        );
+        let again_state: Vec<_> = families
+            .iter()
+            .map(|f| state(&sandbox, backend, f))
+            .collect();
+        assert_eq!(again_state, after, "{case}: the re-run changed nothing");
 
         let mut cleanup = argv.clone();
         cleanup.push("--cleanup-only".to_owned());
@@ -258,4 +266,125 @@ fn bad_istio_input_is_refused_with_istios_exit_codes() {
             "{args:?} changed nothing"
         );
     }
+}
+
+const ISTIO_INIT: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+    "--log_output_level=default:info",
+];
+
+#[test]
+fn istio_init_command_line_and_capabilities_are_enough() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    // istio-init runs in the pod's network namespace with NET_ADMIN and
+    // NET_RAW only.
+    let mut cmd = sandbox.command(Net::Pod, Group::Outside, ROOT, "setpriv");
+    cmd.args([
+        "--bounding-set",
+        "-all,+net_admin,+net_raw",
+        "--inh-caps",
+        "-all",
+        "--",
+    ])
+    .arg(redirect_bin())
+    .arg("istio-iptables")
+    .args(ISTIO_INIT);
+    let out = outcome(&mut cmd).expect("setpriv");
+    assert_eq!(out.code, 0, "{out:?}");
+    let rules = state(&sandbox, "nft", "iptables");
+    assert!(
+        rules.iter().any(|l| l.contains("--dport 15090 -j RETURN")),
+        "{rules:?}"
+    );
+}
+
+#[test]
+fn reruns_with_other_flags_are_refused_or_reconciled_and_cleanup_takes_everything() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let before = state(&sandbox, "nft", "iptables");
+    let with = |extra: &[&str]| -> Vec<String> {
+        ISTIO_INIT
+            .iter()
+            .chain(extra)
+            .map(|a| (*a).to_owned())
+            .collect()
+    };
+    assert_eq!(istio_iptables(&sandbox, &[], &with(&[])).code, 0);
+    // Without -d: a different configuration, not "already in place".
+    let mut other = with(&[]);
+    let d = other.iter().position(|a| a == "-d").expect("-d");
+    other.drain(d..=d + 1);
+    let out = istio_iptables(&sandbox, &[], &other);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("different Istio rules are already in place"),
+        "{out:?}"
+    );
+    other.push("--reconcile".into());
+    let out = istio_iptables(&sandbox, &[], &other);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("replaced"), "{out:?}");
+    assert!(
+        !state(&sandbox, "nft", "iptables")
+            .iter()
+            .any(|l| l.contains("15090"))
+    );
+    // Cleanup with no flags at all removes Istio's rules, whatever installed them.
+    let out = istio_iptables(&sandbox, &[], &["--cleanup-only".to_owned()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(state(&sandbox, "nft", "iptables"), before);
+}
+
+#[test]
+fn boolean_flags_and_variables_follow_istio() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let drop_rules = |env: &[(&str, &str)], args: &[&str]| {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut argv = vec!["--dry-run".to_owned(), "--ipv6=false".to_owned()];
+        argv.extend(args.iter().map(|a| (*a).to_owned()));
+        let out = istio_iptables(&sandbox, &env, &argv);
+        assert_eq!(out.code, 0, "{env:?} {args:?}: {out:?}");
+        out.stdout.contains("ISTIO_DROP")
+    };
+    assert!(
+        drop_rules(&[("DROP_INVALID", "1")], &[]),
+        "Go's ParseBool accepts 1"
+    );
+    assert!(drop_rules(&[("DROP_INVALID", "T")], &[]));
+    assert!(
+        !drop_rules(&[("DROP_INVALID", "yes")], &[]),
+        "an unparsable value is ignored"
+    );
+    assert!(
+        !drop_rules(&[("DROP_INVALID", "true"), ("INVALID_DROP", "false")], &[]),
+        "the secondary variable wins"
+    );
+    assert!(
+        !drop_rules(&[("DROP_INVALID", "true")], &["--drop-invalid=false"]),
+        "the command line wins"
+    );
+    let out = istio_iptables(&sandbox, &[], &["--drop-invalid=maybe".to_owned()]);
+    assert_eq!(out.code, 255, "a bad bool on the command line: {out:?}");
 }
