@@ -19,6 +19,8 @@ use super::kernels::Kernel;
 /// What the VM runs.
 pub struct Payload {
     pub redirect: PathBuf,
+    /// Istio's conformance data (`../shared/conformance/istio`), when present.
+    pub conformance: Option<PathBuf>,
     /// (name, executable) of each end-to-end test binary.
     pub tests: Vec<(String, PathBuf)>,
 }
@@ -48,11 +50,25 @@ const XTABLES_LINKS: &[(&str, &str)] = &[
     ("iptables", "xtables-nft-multi"),
     ("iptables-save", "xtables-nft-multi"),
     ("iptables-restore", "xtables-nft-multi"),
+    ("ip6tables", "xtables-nft-multi"),
+    ("ip6tables-save", "xtables-nft-multi"),
+    ("ip6tables-restore", "xtables-nft-multi"),
     ("iptables-nft", "xtables-nft-multi"),
+    ("iptables-nft-save", "xtables-nft-multi"),
+    ("iptables-nft-restore", "xtables-nft-multi"),
+    ("ip6tables-nft", "xtables-nft-multi"),
+    ("ip6tables-nft-save", "xtables-nft-multi"),
+    ("ip6tables-nft-restore", "xtables-nft-multi"),
     ("iptables-legacy", "xtables-legacy-multi"),
     ("iptables-legacy-save", "xtables-legacy-multi"),
     ("iptables-legacy-restore", "xtables-legacy-multi"),
+    ("ip6tables-legacy", "xtables-legacy-multi"),
+    ("ip6tables-legacy-save", "xtables-legacy-multi"),
+    ("ip6tables-legacy-restore", "xtables-legacy-multi"),
 ];
+
+/// Where the VM finds Istio's conformance data (see `REDIRECT_CONFORMANCE_DIR`).
+const CONFORMANCE: &str = "conformance";
 
 /// Marker lines `/init` prints around each test binary's output.
 pub const BEGIN: &str = "VMTEST begin ";
@@ -104,6 +120,17 @@ pub fn build(kernel: &Kernel, payload: &Payload, work: &Path) -> Result<PathBuf>
     for (link, target) in XTABLES_LINKS {
         std::os::unix::fs::symlink(target, root.join("usr/sbin").join(link))?;
     }
+    // Istio's golden files, for the conformance and iptables-mode tests.
+    if let Some(dir) = &payload.conformance {
+        let dest = root.join(CONFORMANCE);
+        fs::create_dir_all(&dest)?;
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_file() {
+                copy(&path, &dest.join(path.file_name().context("file name")?))?;
+            }
+        }
+    }
     add_libraries(&root, &elves)?;
 
     let mut names = String::new();
@@ -140,6 +167,7 @@ fn init_script(tests: &[&str]) -> String {
          /bin/busybox --install -s /bin\n\
          # real tools (iproute2, iptables) before busybox's applets\n\
          export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root REDIRECT_BIN=/usr/bin/redirect\n\
+         [ -d /conformance ] && export REDIRECT_CONFORMANCE_DIR=/conformance\n\
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev\n\

@@ -220,9 +220,11 @@ fn payload() -> Result<initramfs::Payload> {
     if tests.is_empty() {
         bail!("no end-to-end test binaries were built");
     }
+    let conformance = workspace_root().join("../shared/conformance/istio");
     Ok(initramfs::Payload {
         redirect: workspace_root().join("target/debug/redirect"),
         tests,
+        conformance: conformance.is_dir().then_some(conformance),
     })
 }
 
