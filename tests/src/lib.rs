@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod cli;
+pub mod conformance;
 pub mod netns;
 pub mod witness;
 

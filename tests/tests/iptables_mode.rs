@@ -4,49 +4,13 @@
 //! `--cleanup-only` leaves the tables as they were, including rules that
 //! were there before.
 
-use std::{fs, path::PathBuf, process::Command};
+use std::{fs, process::Command};
 
 use redirect_sandbox::{
     Group, Net, ROOT, Sandbox,
     cli::{Outcome, outcome, redirect_bin},
-    require_root,
+    conformance, require_root,
 };
-
-fn conformance_dir() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/conformance/istio"
-    ))
-}
-
-/// Single-quote-aware split of a cases.tsv argument string.
-fn shell_words(s: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let (mut quoted, mut in_word) = (false, false);
-    for c in s.chars() {
-        match c {
-            '\'' => {
-                quoted = !quoted;
-                in_word = true;
-            }
-            ' ' if !quoted => {
-                if in_word {
-                    words.push(std::mem::take(&mut word));
-                    in_word = false;
-                }
-            }
-            c => {
-                word.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        words.push(word);
-    }
-    words
-}
 
 /// The rules and user chains of a namespace's tables, sorted, duplicates
 /// kept (what a cleanup must restore; an emptied nft table object is not a
@@ -87,10 +51,9 @@ fn istio_iptables(sandbox: &Sandbox, env: &[(String, String)], args: &[String]) 
     outcome(&mut cmd).expect("run redirect")
 }
 
-fn owner_names_resolvable(env: &str) -> bool {
+fn owner_names_resolvable(env: &[(String, String)]) -> bool {
     let groups = fs::read_to_string("/etc/group").unwrap_or_default();
-    env.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
+    env.iter()
         .filter(|(k, _)| k.starts_with("ISTIO_OUTBOUND_OWNER_GROUPS"))
         .flat_map(|(_, v)| v.split(',').map(str::to_owned).collect::<Vec<_>>())
         .all(|g| {
@@ -99,9 +62,11 @@ fn owner_names_resolvable(env: &str) -> bool {
 }
 
 fn every_golden_configuration_applies_and_cleans_up(backend: &str) {
-    let dir = conformance_dir();
-    let Ok(cases) = fs::read_to_string(dir.join("cases.tsv")) else {
-        eprintln!("skipped: no Istio conformance data at {}", dir.display());
+    let Some(cases) = conformance::cases() else {
+        eprintln!(
+            "skipped: no Istio conformance data at {}",
+            conformance::dir().display()
+        );
         return;
     };
     let sandbox = Sandbox::for_tests().expect("sandbox");
@@ -127,34 +92,18 @@ fn every_golden_configuration_applies_and_cleans_up(backend: &str) {
     let scratch = std::env::temp_dir().join(format!("{}-resolv", sandbox.name()));
     fs::create_dir_all(&scratch).expect("scratch");
     let (mut applied, mut skipped) = (0, Vec::new());
-    for line in cases
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let fields: Vec<&str> = line.split('\t').collect();
-        let [case, ipv6, nameservers, env, args] = fields[..] else {
-            panic!("bad cases.tsv line: {line:?}");
-        };
-        if !owner_names_resolvable(env) {
+    for case in &cases {
+        let name = case.name.as_str();
+        if !owner_names_resolvable(&case.env) {
             // iptables resolves owner names when it adds a rule: these
             // cases name groups this machine does not have.
-            skipped.push(case);
+            skipped.push(name);
             continue;
         }
-        let resolv = scratch.join(case);
-        let servers: String = nameservers
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(|s| format!("nameserver {s}\n"))
-            .collect();
-        fs::write(&resolv, servers).expect("resolv.conf");
-        let env: Vec<(String, String)> = env
-            .split_whitespace()
-            .filter_map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            })
-            .collect();
+        let resolv = scratch.join(name);
+        fs::write(&resolv, case.resolv_conf()).expect("resolv.conf");
+        let env = case.env.clone();
+        let ipv6 = case.ipv6.as_str();
         let mut argv = vec![
             format!("--ipv6={ipv6}"),
             "--resolv-conf".to_owned(),
@@ -162,7 +111,8 @@ fn every_golden_configuration_applies_and_cleans_up(backend: &str) {
             "--force-iptables-binary".to_owned(),
             backend.to_owned(),
         ];
-        argv.extend(shell_words(args));
+        argv.extend(case.args.iter().cloned());
+        let case = name;
         let families: &[&str] = if ipv6 == "true" {
             &["iptables", "ip6tables"]
         } else {

@@ -1,0 +1,119 @@
+//! Istio's conformance data (its iptables golden files, see the README in
+//! `../shared/conformance/istio/`), read for the tests that replay it.
+
+use std::{fs, path::PathBuf};
+
+/// `$REDIRECT_CONFORMANCE_DIR` (set in the kernel matrix's VMs), else
+/// `../shared/conformance/istio` beside the project.
+pub fn dir() -> PathBuf {
+    std::env::var_os("REDIRECT_CONFORMANCE_DIR").map_or_else(
+        || {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/conformance/istio"
+            ))
+        },
+        PathBuf::from,
+    )
+}
+
+/// One row of `cases.tsv`.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub name: String,
+    /// `true` or `false`: whether IPv6 rules are generated.
+    pub ipv6: String,
+    /// DNS servers, as a resolv.conf lists them.
+    pub nameservers: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// The istio-iptables arguments.
+    pub args: Vec<String>,
+}
+
+impl Case {
+    /// The case's golden file, as written.
+    pub fn golden(&self) -> std::io::Result<String> {
+        fs::read_to_string(dir().join(format!("{}.golden", self.name)))
+    }
+
+    /// The resolv.conf text of the case.
+    pub fn resolv_conf(&self) -> String {
+        self.nameservers
+            .iter()
+            .map(|s| format!("nameserver {s}\n"))
+            .collect()
+    }
+}
+
+/// Every case, or `None` when the data is absent (the caller says so and skips).
+pub fn cases() -> Option<Vec<Case>> {
+    let text = fs::read_to_string(dir().join("cases.tsv")).ok()?;
+    Some(
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split('\t').collect();
+                let [name, ipv6, nameservers, env, args] = fields[..] else {
+                    return None;
+                };
+                Some(Case {
+                    name: name.to_owned(),
+                    ipv6: ipv6.to_owned(),
+                    nameservers: nameservers
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                    env: env
+                        .split_whitespace()
+                        .filter_map(|kv| {
+                            kv.split_once('=')
+                                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        })
+                        .collect(),
+                    args: shell_words(args),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Splits a shell-quoted argument string (single quotes only, as cases.tsv uses).
+pub fn shell_words(s: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let (mut quoted, mut in_word) = (false, false);
+    for c in s.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            ' ' if !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shell_words_follow_cases_tsv_quoting() {
+        assert_eq!(
+            super::shell_words("-b '' -i '*' -d 6000,7000,"),
+            ["-b", "", "-i", "*", "-d", "6000,7000,"]
+        );
+    }
+}
