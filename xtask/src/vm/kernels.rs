@@ -230,16 +230,23 @@ fn newest(apt: &Apt, spec: &KernelSpec) -> Result<(String, String)> {
     let package = names
         .pop()
         .with_context(|| format!("no {}*{suffix} package in {}", spec.prefix, spec.source))?;
-    let release = package
-        .strip_prefix(if spec.split {
-            "linux-binary-unsigned-"
-        } else {
-            "linux-image-"
-        })
-        .unwrap_or(&package)
-        .trim_end_matches("-unsigned")
-        .to_owned();
+    let release = release_of(spec, &package);
     Ok((package, release))
+}
+
+/// The kernel release a package carries (`linux-image-6.1.0-56-cloud-amd64-unsigned`
+/// -> `6.1.0-56-cloud-amd64`).
+fn release_of(spec: &KernelSpec, package: &str) -> String {
+    let prefix = if spec.split {
+        "linux-binary-unsigned-"
+    } else {
+        "linux-image-"
+    };
+    package
+        .strip_prefix(prefix)
+        .unwrap_or(package)
+        .trim_end_matches("-unsigned")
+        .to_owned()
 }
 
 /// Resolves, downloads and extracts one kernel under `root`.
@@ -295,15 +302,7 @@ fn offline_choice(cache: &Path, spec: &KernelSpec) -> Result<(String, String)> {
         .collect();
     names.sort_by_key(|n| version_key(n));
     let package = names.pop().context("no cached download either")?;
-    let release = package
-        .strip_prefix(if spec.split {
-            "linux-binary-unsigned-"
-        } else {
-            "linux-image-"
-        })
-        .unwrap_or(&package)
-        .trim_end_matches("-unsigned")
-        .to_owned();
+    let release = release_of(spec, &package);
     Ok((package, release))
 }
 
