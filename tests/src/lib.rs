@@ -13,8 +13,9 @@
 //! Namespaces exist only as file descriptors of this process (never named
 //! under `/run/netns`), so they vanish with it even if it is killed. The
 //! cgroups, the processes and the bpffs pins of the sandbox's redirect
-//! instance are removed when the `Sandbox` is dropped, also when a test
-//! panics. Every sandbox is independent: tests can run in parallel.
+//! instance, and scratch files named `<temp>/<sandbox name>-*`, are removed
+//! when the `Sandbox` is dropped, also when a test panics. Every sandbox is
+//! independent: tests can run in parallel.
 
 pub mod agent;
 pub mod cgroup;
@@ -422,5 +423,16 @@ impl Drop for Sandbox {
         // Detach the sandbox's redirect instance, if a test left it installed.
         let _ = fs::remove_dir_all(Path::new("/sys/fs/bpf/redirect").join(&self.name));
         cgroup::remove_pod(&self.cgroup);
+        // Scratch files tests name after the sandbox (`<temp>/<name>-*`),
+        // also when the test failed before removing them.
+        let prefix = format!("{}-", self.name);
+        if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let path = entry.path();
+                    let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+                }
+            }
+        }
     }
 }
