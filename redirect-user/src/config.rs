@@ -5,6 +5,8 @@ use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use redirect_common::{ABI_VERSION, MAX_OWNERS, RedirectConfig};
 
+use crate::istio::{IstioConfig, OwnerGroups};
+
 /// Istio's defaults (`istio-iptables -p 15001 -u 1337 -g 1337`).
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
 pub const DEFAULT_PROXY_ID: u32 = 1337;
@@ -194,5 +196,159 @@ mod tests {
         assert_eq!(back.proxy_uids, vec![1337, 0]);
         assert!(back.proxy_gids.is_empty());
         assert_eq!(back.loopback.prefix, 8);
+    }
+}
+
+impl Config {
+    /// The eBPF configuration equivalent to an istio-iptables one, or the
+    /// reasons eBPF mode cannot honour it yet (each names its flag). This
+    /// is the one translation: both backends take their decisions from the
+    /// same [`IstioConfig`].
+    pub fn from_istio(cfg: &IstioConfig) -> Result<Self, Vec<String>> {
+        let mut unsupported = Vec::new();
+        let mut need = |ok: bool, what: &str| {
+            if !ok {
+                unsupported.push(what.to_owned());
+            }
+        };
+        need(
+            cfg.include.wildcard,
+            "-i/--istio-service-cidr other than '*' (only capture of every destination)",
+        );
+        need(
+            cfg.exclude.v4.is_empty() && cfg.exclude.v6.is_empty(),
+            "-x/--istio-service-exclude-cidr",
+        );
+        need(
+            cfg.inbound_ports.is_empty(),
+            "-b/--istio-inbound-ports (inbound capture)",
+        );
+        need(cfg.outbound_ports.is_empty(), "-q/--istio-outbound-ports");
+        need(
+            cfg.local_outbound_ports_exclude.is_empty(),
+            "-o/--istio-local-outbound-ports-exclude",
+        );
+        need(
+            cfg.exclude_interfaces.is_empty(),
+            "-c/--istio-exclude-interfaces",
+        );
+        need(
+            cfg.kube_virt_interfaces.is_empty(),
+            "-k/--kube-virt-interfaces",
+        );
+        need(!cfg.redirect_dns, "--redirect-dns (DNS capture)");
+        need(!cfg.tproxy, "-m TPROXY");
+        need(!cfg.drop_invalid, "--drop-invalid");
+        need(!cfg.ipv6, "IPv6 rules (the pod has IPv6, or --ipv6=true)");
+        need(
+            cfg.owner_groups == OwnerGroups::Except(Vec::new()),
+            "ISTIO_OUTBOUND_OWNER_GROUPS / ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+        );
+        let ids = |list: &[String], what: &str, unsupported: &mut Vec<String>| -> Vec<u32> {
+            let parsed: Option<Vec<u32>> = list.iter().map(|id| id.trim().parse().ok()).collect();
+            match parsed {
+                Some(ids) if ids.len() <= MAX_OWNERS => ids,
+                Some(_) => {
+                    unsupported.push(format!("{what} with more than {MAX_OWNERS} ids"));
+                    Vec::new()
+                }
+                None => {
+                    unsupported.push(format!("{what} given by name (use numeric ids)"));
+                    Vec::new()
+                }
+            }
+        };
+        let proxy_uids = ids(&cfg.proxy_uids, "-u/--proxy-uid", &mut unsupported);
+        let proxy_gids = ids(&cfg.proxy_gids, "-g/--proxy-gid", &mut unsupported);
+        let proxy_port = cfg.envoy_port.trim().parse().unwrap_or(0);
+        let loopback = cfg.loopback_v4.parse::<Ipv4Cidr>();
+        if loopback.is_err() {
+            unsupported.push("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR".to_owned());
+        }
+        if !unsupported.is_empty() {
+            return Err(unsupported);
+        }
+        Ok(Self {
+            proxy_port,
+            proxy_uids,
+            proxy_gids,
+            loopback: loopback.unwrap_or(Self::default().loopback),
+        })
+    }
+}
+
+#[cfg(test)]
+mod istio_tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::istio::{IstioArgs, RealHost};
+
+    fn istio(argv: &[&str]) -> IstioConfig {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: IstioArgs,
+        }
+        let mut all = vec!["istio-iptables", "--ipv6=false"];
+        all.extend_from_slice(argv);
+        Cli::try_parse_from(all)
+            .unwrap()
+            .args
+            .resolve(&RealHost)
+            .unwrap()
+    }
+
+    #[test]
+    fn default_outbound_capture_translates() {
+        let cfg = Config::from_istio(&istio(&[
+            "-p",
+            "15002",
+            "-u",
+            "1337,1338",
+            "-g",
+            "7",
+            "-i",
+            "*",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.proxy_port, 15002);
+        assert_eq!(cfg.proxy_uids, vec![1337, 1338]);
+        assert_eq!(cfg.proxy_gids, vec![7]);
+        assert_eq!(cfg.loopback.to_string(), "127.0.0.1/32");
+    }
+
+    #[test]
+    fn the_sidecar_command_line_names_what_ebpf_cannot_do_yet() {
+        let why = Config::from_istio(&istio(&[
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
+        ]))
+        .unwrap_err();
+        assert_eq!(why, vec!["-b/--istio-inbound-ports (inbound capture)"]);
+        let why = Config::from_istio(&istio(&[
+            "-i",
+            "10.0.0.0/8",
+            "-x",
+            "10.1.0.0/16",
+            "-q",
+            "80",
+        ]))
+        .unwrap_err();
+        assert_eq!(why.len(), 3, "{why:?}");
     }
 }

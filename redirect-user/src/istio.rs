@@ -198,9 +198,28 @@ pub struct IstioArgs {
         default_value = ""
     )]
     pub force_iptables_binary: String,
+    /// Capture with eBPF, with iptables, or (auto) with eBPF when this node
+    /// and these flags allow it, else iptables, saying why
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: Mode,
+    /// The pod's cgroup, for eBPF mode (self-parent: the parent of this
+    /// process's cgroup, the pod's when run from an init container)
+    #[arg(long, value_name = "PATH|self-parent", default_value = "self-parent")]
+    pub cgroup: String,
+    /// eBPF mode's instance name [default: derived from the cgroup]
+    #[arg(long, value_name = "NAME")]
+    pub instance: Option<String>,
     /// Apply in this network namespace (/proc/PID/ns/net or /run/netns/NAME)
     #[arg(long = "netns", alias = "network-namespace", value_name = "PATH")]
     pub netns: Option<PathBuf>,
+}
+
+/// How the capture is programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Auto,
+    Ebpf,
+    Iptables,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

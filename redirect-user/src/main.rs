@@ -180,6 +180,13 @@ fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
     if let Err(err) = config.check_owners(&istio::RealHost) {
         return refuse(&err);
     }
+    let ebpf = match choose_mode(args, &config) {
+        Ok(choice) => choice,
+        Err(err) => return refuse(&format!("{err:#}")),
+    };
+    if let Some((ebpf_config, cgroup)) = ebpf {
+        return istio_ebpf(args, &actions, &ebpf_config, &cgroup);
+    }
     if actions.run_validation {
         eprintln!(
             "redirect: note: --run-validation is accepted, but redirect does not run Istio's validator"
@@ -220,6 +227,85 @@ fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
         },
         backend.name(),
         if config.ipv6 { "on" } else { "off" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--mode`: the eBPF configuration and pod cgroup when eBPF capture is
+/// chosen, `None` for iptables (auto mode says why on stderr). `--mode
+/// ebpf` errs with what stands in the way.
+fn choose_mode(
+    args: &istio::IstioArgs,
+    config: &istio::IstioConfig,
+) -> Result<Option<(config::Config, cgroup::Cgroup)>> {
+    use istio::Mode;
+    if args.mode == Mode::Iptables {
+        return Ok(None);
+    }
+    let why_not = || -> Result<(config::Config, cgroup::Cgroup), String> {
+        let ebpf = config::Config::from_istio(config)
+            .map_err(|flags| format!("eBPF mode cannot honour {} yet", flags.join(", ")))?;
+        let report = probe::run();
+        if report.mode != "ebpf" {
+            return Err(report.reason);
+        }
+        let cgroup = cgroup::resolve(&args.cgroup).map_err(|err| format!("{err:#}"))?;
+        Ok((ebpf, cgroup))
+    };
+    match (args.mode, why_not()) {
+        (_, Ok(choice)) => Ok(Some(choice)),
+        (Mode::Ebpf, Err(why)) => {
+            anyhow::bail!("--mode ebpf: {why}: use --mode iptables (or auto)")
+        }
+        (_, Err(why)) => {
+            eprintln!("redirect: auto mode: using iptables, because {why}");
+            Ok(None)
+        }
+    }
+}
+
+/// `istio-iptables` in eBPF mode: install (or with --cleanup-only, remove)
+/// the eBPF capture on the pod cgroup.
+fn istio_ebpf(
+    args: &istio::IstioArgs,
+    actions: &istio::Actions,
+    ebpf: &config::Config,
+    cgroup: &cgroup::Cgroup,
+) -> Result<ExitCode> {
+    let instance = args
+        .instance
+        .clone()
+        .unwrap_or_else(|| cgroup::default_instance(cgroup));
+    if actions.cleanup_only {
+        let removed = loader::uninstall(&instance)?;
+        outln!(
+            "redirect: {} (eBPF, instance {instance})",
+            if removed {
+                "removed the capture"
+            } else {
+                "no capture to remove"
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut kernel_config = ebpf.clone();
+    kernel_config.proxy_uids = userns::to_host(userns::Ids::User, &ebpf.proxy_uids)?;
+    kernel_config.proxy_gids = userns::to_host(userns::Ids::Group, &ebpf.proxy_gids)?;
+    let installed = loader::install(&loader::Request {
+        config: &kernel_config,
+        cgroup,
+        instance: &instance,
+        log_level: 0,
+    })?;
+    outln!(
+        "redirect: {} the capture with eBPF on {} (instance {instance}): outbound TCP -> 127.0.0.1:{}",
+        if installed.upgraded {
+            "updated"
+        } else {
+            "installed"
+        },
+        cgroup.path.display(),
+        ebpf.proxy_port
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -46,7 +46,13 @@ fn istio_iptables(sandbox: &Sandbox, env: &[(String, String)], args: &[String]) 
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .envs(env.iter().cloned())
-        .args(["istio-iptables", "--netns", &sandbox.netns_path(Net::Pod)])
+        .args([
+            "istio-iptables",
+            "--mode",
+            "iptables",
+            "--netns",
+            &sandbox.netns_path(Net::Pod),
+        ])
         .args(args);
     outcome(&mut cmd).expect("run redirect")
 }

@@ -1,0 +1,149 @@
+//! `redirect istio-iptables --mode`: eBPF when this node and the flags allow
+//! it, iptables otherwise (auto says why), and `--mode ebpf` refusing what
+//! eBPF mode cannot honour yet. Both backends take their decisions from the
+//! same istio-iptables configuration.
+
+use std::process::Command;
+
+use redirect_sandbox::{
+    APP, Group, Net, ROOT, Sandbox,
+    cli::{Outcome, UPSTREAM, outcome, redirect_bin},
+    require_root,
+};
+
+/// `redirect istio-iptables --netns <pod> --cgroup <pod cgroup> --instance <name> ARGS`.
+fn istio_iptables(sandbox: &Sandbox, args: &[&str]) -> Outcome {
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let mut cmd = Command::new(redirect_bin());
+    cmd.args([
+        "istio-iptables",
+        "--ipv6=false",
+        "--netns",
+        &sandbox.netns_path(Net::Pod),
+    ])
+    .args(["--cgroup", &cgroup, "--instance", sandbox.name()])
+    .args(args);
+    outcome(&mut cmd).expect("run redirect")
+}
+
+/// Whether the pod's network namespace has Istio's iptables chains.
+fn has_istio_chains(sandbox: &Sandbox) -> bool {
+    let out = sandbox
+        .command(Net::Pod, Group::Outside, ROOT, "iptables-nft-save")
+        .output()
+        .expect("iptables-nft-save");
+    String::from_utf8_lossy(&out.stdout).contains(":ISTIO_OUTPUT")
+}
+
+const SIDECAR: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+const OUTBOUND_ONLY: &[&str] = &["-p", "15001", "-u", "1337", "-i", "*"];
+
+#[test]
+fn ebpf_mode_refuses_what_it_cannot_honour_yet() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let mut args = vec!["--mode", "ebpf"];
+    args.extend_from_slice(SIDECAR);
+    let out = istio_iptables(&sandbox, &args);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("eBPF mode cannot honour -b/--istio-inbound-ports (inbound capture) yet"),
+        "{out:?}"
+    );
+    assert!(
+        !sandbox.is_pinned() && !has_istio_chains(&sandbox),
+        "nothing applied"
+    );
+}
+
+#[test]
+fn ebpf_mode_installs_from_istio_flags_and_cleans_up() {
+    require_root!();
+    let sandbox = Sandbox::with_upstream_and_proxy().expect("sandbox pod");
+    let mut args = vec!["--mode", "ebpf"];
+    args.extend_from_slice(OUTBOUND_ONLY);
+    let out = istio_iptables(&sandbox, &args);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("with eBPF"), "{out:?}");
+    assert_eq!(
+        sandbox.lands(Group::App, APP, UPSTREAM).expect("connect"),
+        "proxy"
+    );
+    assert!(
+        !has_istio_chains(&sandbox),
+        "no iptables rules in eBPF mode"
+    );
+    args.push("--cleanup-only");
+    let out = istio_iptables(&sandbox, &args);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!sandbox.is_pinned());
+    assert_eq!(
+        sandbox.lands(Group::App, APP, UPSTREAM).expect("connect"),
+        "upstream"
+    );
+}
+
+#[test]
+fn auto_mode_prefers_ebpf_and_falls_back_to_iptables_saying_why() {
+    require_root!();
+    let sandbox = Sandbox::with_upstream_and_proxy().expect("sandbox pod");
+    // Expressible in eBPF on a kernel that has everything: eBPF.
+    let out = istio_iptables(&sandbox, OUTBOUND_ONLY);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("with eBPF"), "{out:?}");
+    let mut cleanup = OUTBOUND_ONLY.to_vec();
+    cleanup.push("--cleanup-only");
+    assert_eq!(istio_iptables(&sandbox, &cleanup).code, 0);
+    assert!(!sandbox.is_pinned());
+
+    // The same flags on a kernel without cgroup/getsockopt: iptables, and why.
+    let mut args = OUTBOUND_ONLY.to_vec();
+    args.extend_from_slice(&["--assume-missing", "cgroup/getsockopt"]);
+    let out = istio_iptables(&sandbox, &args);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("auto mode: using iptables, because eBPF capture needs cgroup/getsockopt"),
+        "{out:?}"
+    );
+    assert!(has_istio_chains(&sandbox) && !sandbox.is_pinned());
+    assert_eq!(
+        sandbox.lands(Group::App, APP, UPSTREAM).expect("connect"),
+        "proxy",
+        "iptables captures too"
+    );
+    args.push("--cleanup-only");
+    assert_eq!(istio_iptables(&sandbox, &args).code, 0);
+    assert!(!has_istio_chains(&sandbox));
+
+    // Istio's sidecar flags need inbound capture: iptables, and why.
+    let out = istio_iptables(&sandbox, SIDECAR);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("because eBPF mode cannot honour -b/--istio-inbound-ports"),
+        "{out:?}"
+    );
+    assert!(has_istio_chains(&sandbox));
+    let mut cleanup = SIDECAR.to_vec();
+    cleanup.push("--cleanup-only");
+    assert_eq!(istio_iptables(&sandbox, &cleanup).code, 0);
+}
