@@ -39,14 +39,15 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_current_uid_gid, generated::bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use redirect_common::{
     COUNTER_COUNT, ConnTuple, ConnectInput, Counter, Event, InstanceMeta, LOCALHOST, LOG_DEBUG,
-    LOG_TRACE, OrigDst, RedirectConfig, SOCK_STREAM, SOCKADDR_IN_LEN, SockoptAction, Verdict,
-    answer_optlen, classify_getsockopt, decide_connect, sockaddr_in, to_v4_mapped,
-    tuple_from_client_side, tuple_from_server_side, v4_mapped,
+    LOG_TRACE, Lookups, MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_PORTS, OrigDst, RedirectConfig,
+    SOCK_STREAM, SOCKADDR_IN_LEN, SockoptAction, Verdict, answer_optlen, classify_getsockopt,
+    decide_connect, sockaddr_in, to_v4_mapped, tuple_from_client_side, tuple_from_server_side,
+    v4_mapped,
 };
 
 /// Largest number of connections whose original destination is tracked at once.
@@ -77,6 +78,50 @@ static RDR_ORIG_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKE
 /// its tuple as seen from the app (client) side.
 #[map]
 static RDR_ORIG_TUPLE: LruHashMap<ConnTuple, OrigDst> = LruHashMap::pinned(MAX_TRACKED, 0);
+
+/// `PORT_*` flags of destination ports (Istio `-o` and `-q`).
+#[map]
+static RDR_PORTS: HashMap<u16, u8> = HashMap::pinned(MAX_PORTS, 0);
+
+/// Excluded destination networks (Istio `-x`); any value means "in the set".
+#[map]
+static RDR_EXCLUDE: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_CIDRS, 0);
+
+/// Included destination networks (Istio `-i`, unless it is `*`).
+#[map]
+static RDR_INCLUDE: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_CIDRS, 0);
+
+/// The pod's own non-loopback addresses: connects to them leave through
+/// `lo`, which Istio's `-o lo` rules test.
+#[map]
+static RDR_LOCAL: HashMap<u32, u8> = HashMap::pinned(MAX_LOCAL_ADDRS, 0);
+
+/// The decision's view of the maps above.
+struct Maps;
+
+impl Lookups for Maps {
+    #[inline(always)]
+    fn port_flags(&self, port: u16) -> u8 {
+        // SAFETY: the value is copied out at once, before any update can free it.
+        unsafe { RDR_PORTS.get(port) }.copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn excluded(&self, ip: u32) -> bool {
+        RDR_EXCLUDE.get(Key::new(32, ip)).is_some()
+    }
+
+    #[inline(always)]
+    fn included(&self, ip: u32) -> bool {
+        RDR_INCLUDE.get(Key::new(32, ip)).is_some()
+    }
+
+    #[inline(always)]
+    fn pod_address(&self, ip: u32) -> bool {
+        // SAFETY: only presence is used.
+        unsafe { RDR_LOCAL.get(ip) }.is_some()
+    }
+}
 
 /// Which cgroup this instance belongs to (user space only; see `InstanceMeta`).
 #[map]
@@ -113,24 +158,31 @@ fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
     }
 }
 
-/// Mirrors Istio's outbound capture:
+/// Mirrors Istio's outbound capture, by default:
 ///
 /// ```text
 /// -A OUTPUT -p tcp -j ISTIO_OUTPUT
+/// -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
+/// -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+/// -A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
 /// -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
-/// -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+///   (the same three with --gid-owner 1337)
 /// -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
 /// -A ISTIO_OUTPUT -j ISTIO_REDIRECT
+/// -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
 /// -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 /// ```
 ///
-/// The decision itself is [`decide_connect`]. Always allows the connect: a
+/// The decision itself, with every rule istio-iptables can add, is
+/// [`decide_connect`]. Always allows the connect: a
 /// capture failure must never break the app's connection.
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/connect4 program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
-    if let Some(port) = capture(&ctx, addr.type_, addr.user_ip4, addr.user_port) {
+    // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
+    let src_ip = unsafe { (*addr.__bindgen_anon_1.sk).src_ip4 };
+    if let Some(port) = capture(&ctx, addr.type_, addr.user_ip4, addr.user_port, src_ip) {
         addr.user_ip4 = LOCALHOST;
         addr.user_port = u32::from(port.to_be());
     }
@@ -152,7 +204,10 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
         }
         return ALLOW;
     };
-    if let Some(port) = capture(&ctx, addr.type_, dst, addr.user_port) {
+    // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
+    let src = read_ip6(unsafe { &raw const (*addr.__bindgen_anon_1.sk).src_ip6 });
+    let src_ip = v4_mapped(&src).unwrap_or(0);
+    if let Some(port) = capture(&ctx, addr.type_, dst, addr.user_port, src_ip) {
         let proxy = to_v4_mapped(LOCALHOST);
         let w = (&raw mut addr.user_ip6).cast::<u32>();
         // SAFETY: four 4-byte stores into the writable user_ip6 field.
@@ -170,9 +225,16 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 /// Decides one connect to `dst_ip` (network order; `user_port` as the
 /// context holds it, the __be16 in its low 16 bits) and, when it is
 /// captured, records the original destination under the socket's cookie.
-/// Returns the proxy port to rewrite to.
+/// `src_ip` is the address the socket is bound to (0: none). Returns the
+/// proxy port to rewrite to.
 #[inline(always)]
-fn capture(ctx: &SockAddrContext, sock_type: u32, dst_ip: u32, user_port: u32) -> Option<u16> {
+fn capture(
+    ctx: &SockAddrContext,
+    sock_type: u32,
+    dst_ip: u32,
+    user_port: u32,
+    src_ip: u32,
+) -> Option<u16> {
     let cfg = RDR_CONFIG.get(0)?;
     if cfg.abi_version == 0 {
         return None;
@@ -183,17 +245,20 @@ fn capture(ctx: &SockAddrContext, sock_type: u32, dst_ip: u32, user_port: u32) -
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
         dst_ip,
+        dst_port: u16::from_be(user_port as u16),
+        src_ip,
     };
-    let verdict = decide_connect(&input, cfg);
+    let verdict = decide_connect(&input, cfg, &Maps);
     let level = cfg.log_level;
     let report = |counter: Counter, proxy_port: u16| {
-        if level >= LOG_TRACE || (level >= LOG_DEBUG && counter == Counter::Redirected) {
+        let redirect = matches!(counter, Counter::Redirected | Counter::Hairpin);
+        if level >= LOG_TRACE || (level >= LOG_DEBUG && redirect) {
             let event = Event {
                 counter: counter as u32,
                 uid: input.uid,
                 gid: input.gid,
                 dst_ip,
-                dst_port: u16::from_be(user_port as u16),
+                dst_port: input.dst_port,
                 proxy_port,
             };
             let _ = RDR_EVENTS.output::<Event>(&event, 0);
@@ -205,8 +270,8 @@ fn capture(ctx: &SockAddrContext, sock_type: u32, dst_ip: u32, user_port: u32) -
             report(counter, 0);
             None
         }
-        Verdict::Redirect { port } => {
-            let orig = OrigDst::new(dst_ip, u16::from_be(user_port as u16));
+        Verdict::Redirect { port, counter } => {
+            let orig = OrigDst::new(dst_ip, input.dst_port);
             // SAFETY: bpf_get_socket_cookie accepts a sock_addr context (>= 4.19).
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             if RDR_ORIG_COOKIE.insert(cookie, orig, 0).is_err() {
@@ -215,8 +280,8 @@ fn capture(ctx: &SockAddrContext, sock_type: u32, dst_ip: u32, user_port: u32) -
                 count(Counter::RecordFailed);
                 return None;
             }
-            count(Counter::Redirected);
-            report(Counter::Redirected, port);
+            count(counter);
+            report(counter, port);
             Some(port)
         }
     }

@@ -3,12 +3,17 @@
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
-use redirect_common::{ABI_VERSION, MAX_OWNERS, RedirectConfig};
+use redirect_common::{
+    ABI_VERSION, CFG_GROUPS_ONLY, CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, MAX_CIDRS,
+    MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORTS, RedirectConfig,
+};
 
-use crate::istio::{IstioConfig, OwnerGroups};
+use crate::istio::{Host, IstioConfig, OwnerGroups};
 
-/// Istio's defaults (`istio-iptables -p 15001 -u 1337 -g 1337`).
+/// Istio's defaults (`istio-iptables -p 15001 -z 15006 -e 15008 -u 1337 -g 1337`).
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+pub const DEFAULT_TUNNEL_PORT: u16 = 15008;
 pub const DEFAULT_PROXY_ID: u32 = 1337;
 
 /// What to capture and where to send it.
@@ -22,6 +27,30 @@ pub struct Config {
     pub proxy_gids: Vec<u32>,
     /// Destinations never captured (Istio: 127.0.0.1/32).
     pub loopback: Ipv4Cidr,
+    /// Port of the proxy's inbound listener (`-z`): the proxy's calls to
+    /// its own pod are sent there.
+    pub inbound_port: u16,
+    /// Inbound tunnel port (`-e`): the proxy's calls to it are not.
+    pub tunnel_port: u16,
+    /// `-i '*'`: capture every destination not excluded.
+    pub include_all: bool,
+    /// `-i` CIDRs (when not `*`).
+    pub include: Vec<Ipv4Cidr>,
+    /// `-i` names a loopback network: local traffic is not returned early.
+    pub include_loopback: bool,
+    /// `-x` CIDRs: never captured.
+    pub exclude: Vec<Ipv4Cidr>,
+    /// `-o`: destination ports never captured.
+    pub ports_exclude: Vec<u16>,
+    /// `-q`: destination ports always captured.
+    pub ports_include: Vec<u16>,
+    /// Whether `owner_groups` are the only groups captured (else: never captured).
+    pub groups_only: bool,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`, numeric.
+    pub owner_groups: Vec<u32>,
+    /// The pod's own IPv4 addresses outside 127/8: connects to them leave
+    /// through `lo` (Istio's `-o lo`).
+    pub local_addrs: Vec<Ipv4Addr>,
 }
 
 impl Default for Config {
@@ -34,6 +63,17 @@ impl Default for Config {
                 addr: Ipv4Addr::LOCALHOST,
                 prefix: 32,
             },
+            inbound_port: DEFAULT_INBOUND_PORT,
+            tunnel_port: DEFAULT_TUNNEL_PORT,
+            include_all: true,
+            include: Vec::new(),
+            include_loopback: false,
+            exclude: Vec::new(),
+            ports_exclude: Vec::new(),
+            ports_include: Vec::new(),
+            groups_only: false,
+            owner_groups: Vec::new(),
+            local_addrs: Vec::new(),
         }
     }
 }
@@ -52,16 +92,60 @@ impl Config {
             gid_count: self.proxy_gids.len() as u32,
             proxy_uids: [0; MAX_OWNERS],
             proxy_gids: [0; MAX_OWNERS],
+            inbound_port: self.inbound_port,
+            tunnel_port: self.tunnel_port,
+            flags: [
+                (self.include_all, CFG_INCLUDE_ALL),
+                (self.include_loopback, CFG_INCLUDE_LOOPBACK),
+                (self.groups_only, CFG_GROUPS_ONLY),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .fold(0, |flags, (_, bit)| flags | bit),
+            group_count: self.owner_groups.len() as u32,
+            owner_groups: [0; MAX_OWNERS],
         };
         out.proxy_uids[..self.proxy_uids.len()].copy_from_slice(&self.proxy_uids);
         out.proxy_gids[..self.proxy_gids.len()].copy_from_slice(&self.proxy_gids);
+        out.owner_groups[..self.owner_groups.len()].copy_from_slice(&self.owner_groups);
         out
     }
 
+    /// Checks the limits of the kernel maps (the list lengths); `to_bpf`
+    /// and the loader rely on it.
+    pub fn check_limits(&self) -> Result<(), String> {
+        let limits = [
+            ("proxy UIDs", self.proxy_uids.len(), MAX_OWNERS),
+            ("proxy GIDs", self.proxy_gids.len(), MAX_OWNERS),
+            ("owner groups", self.owner_groups.len(), MAX_OWNERS),
+            ("included CIDRs", self.include.len(), MAX_CIDRS as usize),
+            ("excluded CIDRs", self.exclude.len(), MAX_CIDRS as usize),
+            (
+                "outbound ports",
+                self.ports_include.len() + self.ports_exclude.len(),
+                MAX_PORTS as usize,
+            ),
+            (
+                "pod addresses",
+                self.local_addrs.len(),
+                MAX_LOCAL_ADDRS as usize,
+            ),
+        ];
+        for (what, n, max) in limits {
+            if n > max {
+                return Err(format!("{n} {what} given; eBPF mode holds at most {max}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads back what [`Config::to_bpf`] wrote (for `redirect status`).
+    /// The lists kept in their own maps (CIDRs, ports, pod addresses) are
+    /// left empty.
     pub fn from_bpf(raw: &RedirectConfig) -> Self {
         let uids = (raw.uid_count as usize).min(MAX_OWNERS);
         let gids = (raw.gid_count as usize).min(MAX_OWNERS);
+        let groups = (raw.group_count as usize).min(MAX_OWNERS);
         let mask = u32::from_be_bytes(raw.loopback_mask.to_ne_bytes());
         Self {
             proxy_port: raw.proxy_port,
@@ -71,6 +155,13 @@ impl Config {
                 addr: Ipv4Addr::from(raw.loopback_addr.to_ne_bytes()),
                 prefix: mask.count_ones() as u8,
             },
+            inbound_port: raw.inbound_port,
+            tunnel_port: raw.tunnel_port,
+            include_all: raw.flags & CFG_INCLUDE_ALL != 0,
+            include_loopback: raw.flags & CFG_INCLUDE_LOOPBACK != 0,
+            groups_only: raw.flags & CFG_GROUPS_ONLY != 0,
+            owner_groups: raw.owner_groups[..groups].to_vec(),
+            ..Self::default()
         }
     }
 }
@@ -190,21 +281,31 @@ mod tests {
             proxy_uids: vec![1337, 0],
             proxy_gids: vec![],
             loopback: "127.0.0.0/8".parse().unwrap(),
+            inbound_port: 15016,
+            owner_groups: vec![5],
+            groups_only: true,
+            include_all: false,
+            ..Config::default()
         };
         let back = Config::from_bpf(&cfg.to_bpf());
         assert_eq!(back.proxy_port, 15006);
         assert_eq!(back.proxy_uids, vec![1337, 0]);
         assert!(back.proxy_gids.is_empty());
         assert_eq!(back.loopback.prefix, 8);
+        assert_eq!(back.inbound_port, 15016);
+        assert_eq!(back.owner_groups, vec![5]);
+        assert!(back.groups_only && !back.include_all && !back.include_loopback);
     }
 }
 
 impl Config {
     /// The eBPF configuration equivalent to an istio-iptables one, or the
-    /// reasons eBPF mode cannot honour it yet (each names its flag). This
-    /// is the one translation: both backends take their decisions from the
-    /// same [`IstioConfig`].
-    pub fn from_istio(cfg: &IstioConfig) -> Result<Self, Vec<String>> {
+    /// reasons eBPF mode cannot honour it (each names its flag). This is
+    /// the one translation: both backends take their decisions from the
+    /// same [`IstioConfig`]. Owner names are resolved through `host`;
+    /// [`Config::local_addrs`] is left for the caller (it depends on the
+    /// network namespace the capture is for).
+    pub fn from_istio(cfg: &IstioConfig, host: &dyn Host) -> Result<Self, Vec<String>> {
         let mut unsupported = Vec::new();
         let mut need = |ok: bool, what: &str| {
             if !ok {
@@ -212,21 +313,8 @@ impl Config {
             }
         };
         need(
-            cfg.include.wildcard,
-            "-i/--istio-service-cidr other than '*' (only capture of every destination)",
-        );
-        need(
-            cfg.exclude.v4.is_empty() && cfg.exclude.v6.is_empty(),
-            "-x/--istio-service-exclude-cidr",
-        );
-        need(
             cfg.inbound_ports.is_empty(),
             "-b/--istio-inbound-ports (inbound capture)",
-        );
-        need(cfg.outbound_ports.is_empty(), "-q/--istio-outbound-ports");
-        need(
-            cfg.local_outbound_ports_exclude.is_empty(),
-            "-o/--istio-local-outbound-ports-exclude",
         );
         need(
             cfg.exclude_interfaces.is_empty(),
@@ -240,12 +328,11 @@ impl Config {
         need(!cfg.tproxy, "-m TPROXY");
         need(!cfg.drop_invalid, "--drop-invalid");
         need(!cfg.ipv6, "IPv6 rules (the pod has IPv6, or --ipv6=true)");
-        need(
-            cfg.owner_groups == OwnerGroups::Except(Vec::new()),
-            "ISTIO_OUTBOUND_OWNER_GROUPS / ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
-        );
-        let ids = |list: &[String], what: &str, unsupported: &mut Vec<String>| -> Vec<u32> {
-            let parsed: Option<Vec<u32>> = list.iter().map(|id| id.trim().parse().ok()).collect();
+        let ids = |list: &[String], what: &str, file: &str, unsupported: &mut Vec<String>| {
+            let parsed: Option<Vec<u32>> = list
+                .iter()
+                .map(|id| crate::istio::resolve_owner(host, file, id))
+                .collect();
             match parsed {
                 Some(ids) if ids.len() <= MAX_OWNERS => ids,
                 Some(_) => {
@@ -253,27 +340,108 @@ impl Config {
                     Vec::new()
                 }
                 None => {
-                    unsupported.push(format!("{what} given by name (use numeric ids)"));
+                    unsupported.push(format!("{what} naming an unknown owner"));
                     Vec::new()
                 }
             }
         };
-        let proxy_uids = ids(&cfg.proxy_uids, "-u/--proxy-uid", &mut unsupported);
-        let proxy_gids = ids(&cfg.proxy_gids, "-g/--proxy-gid", &mut unsupported);
-        let proxy_port = cfg.envoy_port.trim().parse().unwrap_or(0);
+        let proxy_uids = ids(
+            &cfg.proxy_uids,
+            "-u/--proxy-uid",
+            "/etc/passwd",
+            &mut unsupported,
+        );
+        let proxy_gids = ids(
+            &cfg.proxy_gids,
+            "-g/--proxy-gid",
+            "/etc/group",
+            &mut unsupported,
+        );
+        let (groups_only, groups) = match &cfg.owner_groups {
+            OwnerGroups::Except(groups) => (false, groups),
+            OwnerGroups::Only(groups) => (true, groups),
+        };
+        let owner_groups = ids(
+            groups,
+            "ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]",
+            "/etc/group",
+            &mut unsupported,
+        );
+        let mut ports = |raw: &str, what: &str| -> Vec<u16> {
+            crate::istio::split(raw)
+                .iter()
+                .filter_map(|p| {
+                    let port = p.parse::<u16>().ok();
+                    if port.is_none() {
+                        unsupported.push(format!("{what} '{p}' (only single port numbers)"));
+                    }
+                    port
+                })
+                .collect()
+        };
+        let ports_exclude = ports(
+            &cfg.local_outbound_ports_exclude,
+            "-o/--istio-local-outbound-ports-exclude",
+        );
+        let ports_include = ports(&cfg.outbound_ports, "-q/--istio-outbound-ports");
+        let mut cidrs = |list: &[String], what: &str| -> Vec<Ipv4Cidr> {
+            list.iter()
+                .filter_map(|c| {
+                    let cidr = c.parse::<Ipv4Cidr>().ok();
+                    if cidr.is_none() {
+                        unsupported.push(format!("{what} '{c}'"));
+                    }
+                    cidr
+                })
+                .collect()
+        };
+        let include = cidrs(&cfg.include.v4, "-i/--istio-service-cidr");
+        let exclude = cidrs(&cfg.exclude.v4, "-x/--istio-service-exclude-cidr");
+        let port = |raw: &str, what: &str, unsupported: &mut Vec<String>| {
+            raw.trim().parse::<u16>().unwrap_or_else(|_| {
+                unsupported.push(format!("{what} '{raw}'"));
+                0
+            })
+        };
+        let proxy_port = port(&cfg.envoy_port, "-p/--envoy-port", &mut unsupported);
+        let inbound_port = port(
+            &cfg.inbound_capture_port,
+            "-z/--inbound-capture-port",
+            &mut unsupported,
+        );
+        let tunnel_port = port(
+            &cfg.inbound_tunnel_port,
+            "-e/--inbound-tunnel-port",
+            &mut unsupported,
+        );
         let loopback = cfg.loopback_v4.parse::<Ipv4Cidr>();
         if loopback.is_err() {
             unsupported.push("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR".to_owned());
         }
-        if !unsupported.is_empty() {
-            return Err(unsupported);
-        }
-        Ok(Self {
+        let config = Self {
             proxy_port,
             proxy_uids,
             proxy_gids,
             loopback: loopback.unwrap_or(Self::default().loopback),
-        })
+            inbound_port,
+            tunnel_port,
+            include_all: cfg.include.wildcard,
+            include,
+            include_loopback: cfg.include.has_loopback,
+            exclude,
+            ports_exclude,
+            ports_include,
+            groups_only,
+            owner_groups,
+            local_addrs: Vec::new(),
+        };
+        if let Err(limit) = config.check_limits() {
+            unsupported.push(limit);
+        }
+        if !unsupported.is_empty() {
+            return Err(unsupported);
+        }
+        Ok(config)
     }
 }
 
@@ -301,16 +469,10 @@ mod istio_tests {
 
     #[test]
     fn default_outbound_capture_translates() {
-        let cfg = Config::from_istio(&istio(&[
-            "-p",
-            "15002",
-            "-u",
-            "1337,1338",
-            "-g",
-            "7",
-            "-i",
-            "*",
-        ]))
+        let cfg = Config::from_istio(
+            &istio(&["-p", "15002", "-u", "1337,1338", "-g", "7", "-i", "*"]),
+            &RealHost,
+        )
         .unwrap();
         assert_eq!(cfg.proxy_port, 15002);
         assert_eq!(cfg.proxy_uids, vec![1337, 1338]);
@@ -320,35 +482,55 @@ mod istio_tests {
 
     #[test]
     fn the_sidecar_command_line_names_what_ebpf_cannot_do_yet() {
-        let why = Config::from_istio(&istio(&[
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-        ]))
+        let why = Config::from_istio(
+            &istio(&[
+                "-p",
+                "15001",
+                "-z",
+                "15006",
+                "-u",
+                "1337",
+                "-m",
+                "REDIRECT",
+                "-i",
+                "*",
+                "-x",
+                "",
+                "-b",
+                "*",
+                "-d",
+                "15090,15021,15020",
+            ]),
+            &RealHost,
+        )
         .unwrap_err();
         assert_eq!(why, vec!["-b/--istio-inbound-ports (inbound capture)"]);
-        let why = Config::from_istio(&istio(&[
-            "-i",
-            "10.0.0.0/8",
-            "-x",
-            "10.1.0.0/16",
-            "-q",
-            "80",
-        ]))
-        .unwrap_err();
-        assert_eq!(why.len(), 3, "{why:?}");
+        let cfg = Config::from_istio(
+            &istio(&[
+                "-i",
+                "10.0.0.0/8",
+                "-x",
+                "10.1.0.0/16",
+                "-q",
+                "80",
+                "-o",
+                "22",
+            ]),
+            &RealHost,
+        )
+        .unwrap();
+        assert!(!cfg.include_all);
+        assert_eq!(cfg.include, vec!["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(cfg.exclude, vec!["10.1.0.0/16".parse().unwrap()]);
+        assert_eq!((cfg.ports_include, cfg.ports_exclude), (vec![80], vec![22]));
+        let why = Config::from_istio(&istio(&["-u", "nosuchuser"]), &RealHost).unwrap_err();
+        // -g defaults to -u, as in istio-iptables.
+        assert_eq!(
+            why,
+            vec![
+                "-u/--proxy-uid naming an unknown owner",
+                "-g/--proxy-gid naming an unknown owner"
+            ]
+        );
     }
 }

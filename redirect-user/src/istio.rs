@@ -586,10 +586,19 @@ fn lookup_id(host: &dyn Host, file: &str, name: &str) -> Option<String> {
     })
 }
 
+/// The numeric id of an owner for `-m owner`: a number, or a name `file`
+/// lists (as iptables resolves it when the rule is added).
+pub fn resolve_owner(host: &dyn Host, file: &str, owner: &str) -> Option<u32> {
+    owner
+        .parse::<u32>()
+        .ok()
+        .or_else(|| lookup_id(host, file, owner)?.parse().ok())
+}
+
 /// An owner for `-m owner`: a number, or a name the file lists (iptables
 /// resolves names when the rule is added; an unknown one would fail then).
 fn check_owner(host: &dyn Host, flag: &str, file: &str, owner: &str) -> Result<(), ConfigError> {
-    if owner.parse::<u32>().is_ok() || lookup_id(host, file, owner).is_some() {
+    if resolve_owner(host, file, owner).is_some() {
         return Ok(());
     }
     error(format!(

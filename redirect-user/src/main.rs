@@ -243,7 +243,7 @@ fn choose_mode(
         return Ok(None);
     }
     let why_not = || -> Result<(config::Config, cgroup::Cgroup), String> {
-        let ebpf = config::Config::from_istio(config)
+        let ebpf = config::Config::from_istio(config, &istio::RealHost)
             .map_err(|flags| format!("eBPF mode cannot honour {} yet", flags.join(", ")))?;
         let report = probe::run();
         if report.mode != "ebpf" {
@@ -291,6 +291,17 @@ fn istio_ebpf(
     let mut kernel_config = ebpf.clone();
     kernel_config.proxy_uids = userns::to_host(userns::Ids::User, &ebpf.proxy_uids)?;
     kernel_config.proxy_gids = userns::to_host(userns::Ids::Group, &ebpf.proxy_gids)?;
+    kernel_config.owner_groups = userns::to_host(userns::Ids::Group, &ebpf.owner_groups)?;
+    // `-o lo` covers the pod's own addresses: those of this network
+    // namespace (the pod's, or --netns).
+    kernel_config.local_addrs = istio::Host::addresses(&istio::RealHost)
+        .context("listing the pod's addresses")?
+        .into_iter()
+        .filter_map(|a| match a {
+            std::net::IpAddr::V4(v4) if !v4.is_loopback() => Some(v4),
+            _ => None,
+        })
+        .collect();
     let installed = loader::install(&loader::Request {
         config: &kernel_config,
         cgroup,

@@ -60,6 +60,8 @@ pub struct ConfigView {
     pub proxy_uids: Vec<u32>,
     pub proxy_gids: Vec<u32>,
     pub loopback_cidr: String,
+    pub inbound_port: u16,
+    pub tunnel_port: u16,
 }
 
 #[derive(Serialize)]
@@ -126,6 +128,8 @@ fn instance(name: &str) -> Result<Instance> {
             proxy_uids: c.proxy_uids,
             proxy_gids: c.proxy_gids,
             loopback_cidr: c.loopback.to_string(),
+            inbound_port: c.inbound_port,
+            tunnel_port: c.tunnel_port,
         }),
         counters,
         tracked: Tracked {
@@ -158,14 +162,26 @@ fn programs(dir: &Path, cgroup_id: u64) -> Vec<Program> {
 /// The iptables rule (or conntrack event) a counter stands for.
 fn mirrors(counter: Counter, cfg: Option<&Config>) -> String {
     let join = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let (uids, gids, loopback, port) = cfg.map_or_else(
-        || ("?".into(), "?".into(), "?".into(), "?".into()),
+    let (uids, gids, loopback, port, inbound, tunnel) = cfg.map_or_else(
+        || {
+            let unknown = || "?".to_owned();
+            (
+                unknown(),
+                unknown(),
+                unknown(),
+                unknown(),
+                unknown(),
+                unknown(),
+            )
+        },
         |c| {
             (
                 join(&c.proxy_uids),
                 join(&c.proxy_gids),
                 c.loopback.to_string(),
                 c.proxy_port.to_string(),
+                c.inbound_port.to_string(),
+                c.tunnel_port.to_string(),
             )
         },
     );
@@ -183,6 +199,19 @@ fn mirrors(counter: Counter, cfg: Option<&Config>) -> String {
         Counter::OrigDstMissed => "(SO_ORIGINAL_DST on a connection with no record)".into(),
         Counter::PeernameRestored => "(getpeername() of a redirected socket restored)".into(),
         Counter::NotIpv4 => "(IPv6 destination: no IPv6 rules, not captured)".into(),
+        Counter::Hairpin => format!(
+            "-A ISTIO_OUTPUT -o lo ! -d {loopback} -p tcp ! --dport {tunnel} -m owner --uid-owner {uids} -j ISTIO_IN_REDIRECT  (REDIRECT --to-ports {inbound})"
+        ),
+        Counter::BypassPort => "-A ISTIO_OUTPUT -p tcp --dport <-o port> -j RETURN".into(),
+        Counter::BypassPassthrough => "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN".into(),
+        Counter::BypassLocal => {
+            format!("-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner {uids} -j RETURN")
+        }
+        Counter::BypassGroup => {
+            "-A ISTIO_OUTPUT -m owner [!] --gid-owner <owner group> -j RETURN".into()
+        }
+        Counter::BypassCidr => "-A ISTIO_OUTPUT -d <-x cidr> -j RETURN".into(),
+        Counter::NotIncluded => "(destination in no -i CIDR and no -q port: not captured)".into(),
     }
 }
 

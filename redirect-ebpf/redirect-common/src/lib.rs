@@ -17,7 +17,14 @@ pub const MAX_OWNERS: usize = 8;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
+
+/// Capacity of the port-flags map (`-o` and `-q` ports together).
+pub const MAX_PORTS: u32 = 1024;
+/// Capacity of each CIDR set (`-x`, `-i`).
+pub const MAX_CIDRS: u32 = 1024;
+/// Capacity of the pod-address set.
+pub const MAX_LOCAL_ADDRS: u32 = 256;
 
 /// `SOCK_STREAM`, as in `bpf_sock_addr.type`.
 pub const SOCK_STREAM: u32 = 1;
@@ -48,7 +55,36 @@ pub struct RedirectConfig {
     pub proxy_uids: [u32; MAX_OWNERS],
     /// Sockets of these GIDs are the proxy's own and are never captured.
     pub proxy_gids: [u32; MAX_OWNERS],
+    /// Port of the proxy's inbound listener (Istio `-z`, 15006): where the
+    /// proxy's own calls to its pod's address go (`ISTIO_IN_REDIRECT`).
+    pub inbound_port: u16,
+    /// Inbound tunnel port (Istio `-e`, 15008), never redirected.
+    pub tunnel_port: u16,
+    /// `CFG_*` bits.
+    pub flags: u32,
+    /// Number of valid entries in `owner_groups`.
+    pub group_count: u32,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS` (with [`CFG_GROUPS_ONLY`]) or
+    /// `..._EXCLUDE` (without): numeric group ids.
+    pub owner_groups: [u32; MAX_OWNERS],
 }
+
+/// `-i '*'`: every destination not excluded is captured.
+pub const CFG_INCLUDE_ALL: u32 = 1;
+/// `-i` lists a loopback network: local traffic of other owners is not
+/// returned early (Istio drops those rules).
+pub const CFG_INCLUDE_LOOPBACK: u32 = 2;
+/// `owner_groups` lists the only groups captured (else: the groups never captured).
+pub const CFG_GROUPS_ONLY: u32 = 4;
+
+/// `-o`: an outbound port never captured.
+pub const PORT_EXCLUDE: u8 = 1;
+/// `-q`: an outbound port always captured.
+pub const PORT_INCLUDE: u8 = 2;
+
+/// 127.0.0.6 in network byte order: the source of the proxy's inbound
+/// passthrough connections (never captured).
+pub const PASSTHROUGH_SRC: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
 
 /// Where a redirected connection was going. Value of both original-destination maps.
 ///
@@ -142,6 +178,20 @@ pub enum Counter {
     PeernameRestored = 11,
     /// An IPv6 destination that is not IPv4-mapped: not captured (IPv4-only config).
     NotIpv4 = 12,
+    /// The proxy's call to its own pod's address, sent to the inbound port.
+    Hairpin = 13,
+    /// `-o`: the destination port is never captured.
+    BypassPort = 14,
+    /// The inbound passthrough source (127.0.0.6) on loopback.
+    BypassPassthrough = 15,
+    /// Local (loopback-routed) traffic of a process that is not the proxy.
+    BypassLocal = 16,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`: the caller's group is not captured.
+    BypassGroup = 17,
+    /// `-x`: the destination is in an excluded CIDR.
+    BypassCidr = 18,
+    /// The destination is in no included CIDR (`-i`) and no included port (`-q`).
+    NotIncluded = 19,
 }
 
 impl Counter {
@@ -159,6 +209,13 @@ impl Counter {
         Self::OrigDstMissed,
         Self::PeernameRestored,
         Self::NotIpv4,
+        Self::Hairpin,
+        Self::BypassPort,
+        Self::BypassPassthrough,
+        Self::BypassLocal,
+        Self::BypassGroup,
+        Self::BypassCidr,
+        Self::NotIncluded,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -177,12 +234,19 @@ impl Counter {
             Self::OrigDstMissed => "orig_dst_missed",
             Self::PeernameRestored => "peername_restored",
             Self::NotIpv4 => "not_ipv4",
+            Self::Hairpin => "hairpin",
+            Self::BypassPort => "bypass_port",
+            Self::BypassPassthrough => "bypass_passthrough",
+            Self::BypassLocal => "bypass_local",
+            Self::BypassGroup => "bypass_group",
+            Self::BypassCidr => "bypass_cidr",
+            Self::NotIncluded => "not_included",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 13;
+pub const COUNTER_COUNT: u32 = 20;
 
 /// The facts about one `connect()` that the decision depends on.
 #[derive(Clone, Copy, Debug)]
@@ -193,47 +257,163 @@ pub struct ConnectInput {
     pub gid: u32,
     /// Destination address, network byte order.
     pub dst_ip: u32,
+    /// Destination port, host byte order.
+    pub dst_port: u16,
+    /// The address the socket is bound to, network byte order (0: unbound).
+    pub src_ip: u32,
 }
 
 /// What to do with one `connect()`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Rewrite the destination to `127.0.0.1:port` and remember the original.
-    Redirect { port: u16 },
+    /// Rewrite the destination to `127.0.0.1:port` and remember the
+    /// original; the counter says which chain sent it there.
+    Redirect { port: u16, counter: Counter },
     /// Leave the connect alone; the counter says which rule let it through.
     Bypass(Counter),
+}
+
+/// The maps the decision consults: per-port flags, CIDR sets, and the
+/// pod's own addresses.
+pub trait Lookups {
+    /// `PORT_*` bits of a destination port (0: none).
+    fn port_flags(&self, port: u16) -> u8;
+    /// Whether `ip` is in an excluded CIDR (`-x`).
+    fn excluded(&self, ip: u32) -> bool;
+    /// Whether `ip` is in an included CIDR (`-i`).
+    fn included(&self, ip: u32) -> bool;
+    /// Whether `ip` is one of the pod's own (non-127/8) addresses.
+    fn pod_address(&self, ip: u32) -> bool;
 }
 
 /// 127.0.0.1 in network byte order: where redirected connects are sent.
 pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
-/// Decides one outbound `connect()`, in the order of Istio's `ISTIO_OUTPUT`
-/// chain for the rules this config covers:
+/// Decides one outbound TCP `connect()` by walking Istio's `ISTIO_OUTPUT`
+/// chain in its order (istio-iptables' rules for this configuration; the
+/// DNS, TPROXY and interface rules are not expressible here and refused
+/// before install). `-o lo` is "the destination is local": 127.0.0.0/8 or
+/// one of the pod's addresses. `LO` is the loopback CIDR, `U`/`G` each
+/// proxy UID/GID in turn:
 ///
 /// ```text
-/// -A OUTPUT -p tcp -j ISTIO_OUTPUT                      (not_tcp otherwise)
-/// -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN   (bypass_uid)
-/// -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN   (bypass_gid)
-/// -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN             (bypass_loopback)
-/// -A ISTIO_OUTPUT -j ISTIO_REDIRECT                     (redirected)
-/// -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+/// -A OUTPUT -p tcp -j ISTIO_OUTPUT                                          (not_tcp otherwise)
+/// -A ISTIO_OUTPUT -p tcp --dport P -j RETURN          for P in -o           (bypass_port)
+/// -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN                           (bypass_passthrough)
+/// -A ISTIO_OUTPUT -o lo ! -d LO -p tcp ! --dport 15008 -m owner --uid-owner U -j ISTIO_IN_REDIRECT (hairpin)
+/// -A ISTIO_OUTPUT -o lo -m owner ! --uid-owner U -j RETURN  (unless -i has loopback) (bypass_local)
+/// -A ISTIO_OUTPUT -m owner --uid-owner U -j RETURN                          (bypass_uid)
+///   ... the same three for each G with --gid-owner                         (hairpin, bypass_local, bypass_gid)
+/// -A ISTIO_OUTPUT -m owner --gid-owner X -j RETURN    owner groups          (bypass_group)
+/// -A ISTIO_OUTPUT -d LO -j RETURN                                           (bypass_loopback)
+/// -A ISTIO_OUTPUT -d C -j RETURN                      for C in -x           (bypass_cidr)
+/// -A ISTIO_OUTPUT -p tcp --dport P -j ISTIO_REDIRECT  for P in -q           (redirected)
+/// -A ISTIO_OUTPUT -j ISTIO_REDIRECT  (-i '*'), or -d C for C in -i          (redirected)
+///                                                     otherwise             (not_included)
 /// ```
 #[inline(always)]
-pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig) -> Verdict {
+pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
     if input.sock_type != SOCK_STREAM {
         return Verdict::Bypass(Counter::NotTcp);
     }
-    if contains(&cfg.proxy_uids, cfg.uid_count, input.uid) {
-        return Verdict::Bypass(Counter::BypassUid);
+    let ports = maps.port_flags(input.dst_port);
+    if ports & PORT_EXCLUDE != 0 {
+        return Verdict::Bypass(Counter::BypassPort);
     }
-    if contains(&cfg.proxy_gids, cfg.gid_count, input.gid) {
-        return Verdict::Bypass(Counter::BypassGid);
+    let dst = input.dst_ip;
+    let local = dst.to_ne_bytes()[0] == 127 || maps.pod_address(dst);
+    if local && input.src_ip == PASSTHROUGH_SRC {
+        return Verdict::Bypass(Counter::BypassPassthrough);
     }
-    if input.dst_ip & cfg.loopback_mask == cfg.loopback_addr & cfg.loopback_mask {
+    let in_loopback = dst & cfg.loopback_mask == cfg.loopback_addr & cfg.loopback_mask;
+    let lo = LoRules {
+        hairpin: local && !in_loopback && input.dst_port != cfg.tunnel_port,
+        return_others: local && cfg.flags & CFG_INCLUDE_LOOPBACK == 0,
+        inbound_port: cfg.inbound_port,
+    };
+    // Two calls rather than a loop over (ids, ...) pairs: an array of
+    // references on the stack trips the verifier without CAP_PERFMON.
+    if let Some(verdict) = lo.owner_rules(
+        &cfg.proxy_uids,
+        cfg.uid_count,
+        input.uid,
+        Counter::BypassUid,
+    ) {
+        return verdict;
+    }
+    if let Some(verdict) = lo.owner_rules(
+        &cfg.proxy_gids,
+        cfg.gid_count,
+        input.gid,
+        Counter::BypassGid,
+    ) {
+        return verdict;
+    }
+    let in_groups = contains(&cfg.owner_groups, cfg.group_count, input.gid);
+    if cfg.flags & CFG_GROUPS_ONLY != 0 {
+        if !in_groups {
+            return Verdict::Bypass(Counter::BypassGroup);
+        }
+    } else if in_groups {
+        return Verdict::Bypass(Counter::BypassGroup);
+    }
+    if in_loopback {
         return Verdict::Bypass(Counter::BypassLoopback);
     }
-    Verdict::Redirect {
-        port: cfg.proxy_port,
+    if maps.excluded(dst) {
+        return Verdict::Bypass(Counter::BypassCidr);
+    }
+    if ports & PORT_INCLUDE != 0 || cfg.flags & CFG_INCLUDE_ALL != 0 || maps.included(dst) {
+        return Verdict::Redirect {
+            port: cfg.proxy_port,
+            counter: Counter::Redirected,
+        };
+    }
+    Verdict::Bypass(Counter::NotIncluded)
+}
+
+/// What the `-o lo` owner rules need to know about one connect.
+struct LoRules {
+    /// `-o lo ! -d LO -p tcp ! --dport TUNNEL` holds.
+    hairpin: bool,
+    /// `-o lo -m owner ! --uid-owner X -j RETURN` is in the chain (and `-o lo` holds).
+    return_others: bool,
+    inbound_port: u16,
+}
+
+impl LoRules {
+    /// The three rules istio-iptables adds for each proxy UID (or GID) `X`,
+    /// in order, for each of the first `count` entries of `ids`: the
+    /// hairpin to the inbound port, the return of other owners' local
+    /// traffic, the return of the proxy's own. `None`: no rule matched.
+    #[inline(always)]
+    fn owner_rules(
+        &self,
+        ids: &[u32; MAX_OWNERS],
+        count: u32,
+        id: u32,
+        bypass: Counter,
+    ) -> Option<Verdict> {
+        let mut i = 0;
+        while i < MAX_OWNERS {
+            if (i as u32) < count {
+                let owner = ids[i] == id;
+                if owner && self.hairpin {
+                    return Some(Verdict::Redirect {
+                        port: self.inbound_port,
+                        counter: Counter::Hairpin,
+                    });
+                }
+                if !owner && self.return_others {
+                    return Some(Verdict::Bypass(Counter::BypassLocal));
+                }
+                if owner {
+                    return Some(Verdict::Bypass(bypass));
+                }
+            }
+            i += 1;
+        }
+        None
     }
 }
 
@@ -249,6 +429,24 @@ fn contains(set: &[u32; MAX_OWNERS], count: u32, id: u32) -> bool {
         i += 1;
     }
     false
+}
+
+/// The client-side tuple of a connection given the tuple of the socket asking
+/// (local, remote), for a socket that is the *server* side (the proxy's
+/// accepted socket): its remote end is the client.
+#[inline(always)]
+pub const fn tuple_from_server_side(
+    local_ip: u32,
+    local_port: u16,
+    remote_ip: u32,
+    remote_port: u16,
+) -> ConnTuple {
+    ConnTuple {
+        client_ip: remote_ip,
+        server_ip: local_ip,
+        client_port: remote_port,
+        server_port: local_port,
+    }
 }
 
 /// `SOL_IP`, the level of `SO_ORIGINAL_DST`.
@@ -326,24 +524,6 @@ pub fn v4_mapped(ip6: &[u32; 4]) -> Option<u32> {
 #[inline(always)]
 pub fn to_v4_mapped(ip: u32) -> [u32; 4] {
     [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip]
-}
-
-/// The client-side tuple of a connection given the tuple of the socket asking
-/// (local, remote), for a socket that is the *server* side (the proxy's
-/// accepted socket): its remote end is the client.
-#[inline(always)]
-pub const fn tuple_from_server_side(
-    local_ip: u32,
-    local_port: u16,
-    remote_ip: u32,
-    remote_port: u16,
-) -> ConnTuple {
-    ConnTuple {
-        client_ip: remote_ip,
-        server_ip: local_ip,
-        client_port: remote_port,
-        server_port: local_port,
-    }
 }
 
 /// The tuple of a client-side socket (the app's connected socket).

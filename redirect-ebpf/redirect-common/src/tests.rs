@@ -20,6 +20,11 @@ fn istio_default() -> RedirectConfig {
         gid_count: 1,
         proxy_uids: [0; MAX_OWNERS],
         proxy_gids: [0; MAX_OWNERS],
+        inbound_port: 15006,
+        tunnel_port: 15008,
+        flags: CFG_INCLUDE_ALL,
+        group_count: 0,
+        owner_groups: [0; MAX_OWNERS],
     };
     cfg.proxy_uids[0] = 1337;
     cfg.proxy_gids[0] = 1337;
@@ -32,15 +37,58 @@ fn app(dst_ip: u32) -> ConnectInput {
         uid: 1000,
         gid: 1000,
         dst_ip,
+        dst_port: 80,
+        src_ip: 0,
     }
 }
 
+/// Map contents: ports with flags, CIDRs as (network, prefix), pod addresses.
+#[derive(Default)]
+struct Sets {
+    ports: Vec<(u16, u8)>,
+    excluded: Vec<(u32, u32)>,
+    included: Vec<(u32, u32)>,
+    local: Vec<u32>,
+}
+
+fn in_cidrs(cidrs: &[(u32, u32)], ip: u32) -> bool {
+    cidrs.iter().any(|&(net, len)| {
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        u32::from_be(ip) & mask == u32::from_be(net) & mask
+    })
+}
+
+impl Lookups for Sets {
+    fn port_flags(&self, port: u16) -> u8 {
+        self.ports
+            .iter()
+            .filter(|(p, _)| *p == port)
+            .map(|(_, f)| *f)
+            .fold(0, |a, f| a | f)
+    }
+    fn excluded(&self, ip: u32) -> bool {
+        in_cidrs(&self.excluded, ip)
+    }
+    fn included(&self, ip: u32) -> bool {
+        in_cidrs(&self.included, ip)
+    }
+    fn pod_address(&self, ip: u32) -> bool {
+        self.local.contains(&ip)
+    }
+}
+
+fn decide(input: &ConnectInput, cfg: &RedirectConfig) -> Verdict {
+    decide_connect(input, cfg, &Sets::default())
+}
+
+const REDIRECTED: Verdict = Verdict::Redirect {
+    port: 15001,
+    counter: Counter::Redirected,
+};
+
 #[test]
 fn app_traffic_is_redirected_to_the_proxy_port() {
-    assert_eq!(
-        decide_connect(&app(ip(10, 0, 0, 2)), &istio_default()),
-        Verdict::Redirect { port: 15001 }
-    );
+    assert_eq!(decide(&app(ip(10, 0, 0, 2)), &istio_default()), REDIRECTED);
 }
 
 #[test]
@@ -50,7 +98,7 @@ fn proxy_uid_escapes_the_loop() {
         ..app(ip(10, 0, 0, 2))
     };
     assert_eq!(
-        decide_connect(&input, &istio_default()),
+        decide(&input, &istio_default()),
         Verdict::Bypass(Counter::BypassUid)
     );
 }
@@ -63,7 +111,7 @@ fn proxy_gid_escapes_the_loop_with_any_uid() {
         ..app(ip(10, 0, 0, 2))
     };
     assert_eq!(
-        decide_connect(&input, &istio_default()),
+        decide(&input, &istio_default()),
         Verdict::Bypass(Counter::BypassGid)
     );
 }
@@ -76,32 +124,177 @@ fn uid_rule_is_checked_before_gid_rule() {
         ..app(ip(10, 0, 0, 2))
     };
     assert_eq!(
-        decide_connect(&input, &istio_default()),
+        decide(&input, &istio_default()),
         Verdict::Bypass(Counter::BypassUid)
     );
 }
 
 #[test]
-fn loopback_destination_is_not_captured() {
+fn local_traffic_of_other_owners_is_not_captured() {
+    // `-o lo -m owner ! --uid-owner 1337 -j RETURN`: every loopback address,
+    // and the pod's own address, is reached through lo.
+    for dst in [ip(127, 0, 0, 1), ip(127, 0, 0, 6), ip(10, 0, 0, 5)] {
+        let sets = Sets {
+            local: vec![ip(10, 0, 0, 5)],
+            ..Sets::default()
+        };
+        assert_eq!(
+            decide_connect(&app(dst), &istio_default(), &sets),
+            Verdict::Bypass(Counter::BypassLocal)
+        );
+    }
+}
+
+#[test]
+fn loopback_destination_is_not_captured_when_loopback_is_included() {
+    let mut cfg = istio_default();
+    cfg.flags |= CFG_INCLUDE_LOOPBACK;
     assert_eq!(
-        decide_connect(&app(ip(127, 0, 0, 1)), &istio_default()),
+        decide(&app(ip(127, 0, 0, 1)), &cfg),
         Verdict::Bypass(Counter::BypassLoopback)
     );
     // Only 127.0.0.1/32 by default, like Istio: other loopback addresses are captured.
-    assert_eq!(
-        decide_connect(&app(ip(127, 0, 0, 6)), &istio_default()),
-        Verdict::Redirect { port: 15001 }
-    );
+    assert_eq!(decide(&app(ip(127, 0, 0, 6)), &cfg), REDIRECTED);
 }
 
 #[test]
 fn wider_loopback_cidr_covers_the_whole_network() {
     let mut cfg = istio_default();
+    cfg.flags |= CFG_INCLUDE_LOOPBACK;
     cfg.loopback_addr = ip(127, 0, 0, 0);
     cfg.loopback_mask = ip(255, 0, 0, 0);
     assert_eq!(
-        decide_connect(&app(ip(127, 1, 2, 3)), &cfg),
+        decide(&app(ip(127, 1, 2, 3)), &cfg),
         Verdict::Bypass(Counter::BypassLoopback)
+    );
+}
+
+#[test]
+fn proxy_calls_to_its_own_pod_go_to_the_inbound_port() {
+    let sets = Sets {
+        local: vec![ip(10, 0, 0, 5)],
+        ..Sets::default()
+    };
+    let proxy = ConnectInput {
+        uid: 1337,
+        ..app(ip(10, 0, 0, 5))
+    };
+    assert_eq!(
+        decide_connect(&proxy, &istio_default(), &sets),
+        Verdict::Redirect {
+            port: 15006,
+            counter: Counter::Hairpin
+        }
+    );
+    // Not to the tunnel port, and not to the loopback CIDR.
+    let tunnel = ConnectInput {
+        dst_port: 15008,
+        ..proxy
+    };
+    assert_eq!(
+        decide_connect(&tunnel, &istio_default(), &sets),
+        Verdict::Bypass(Counter::BypassUid)
+    );
+    let lo = ConnectInput {
+        dst_ip: ip(127, 0, 0, 1),
+        ..proxy
+    };
+    assert_eq!(
+        decide_connect(&lo, &istio_default(), &sets),
+        Verdict::Bypass(Counter::BypassUid)
+    );
+}
+
+#[test]
+fn inbound_passthrough_source_is_not_captured() {
+    let input = ConnectInput {
+        src_ip: PASSTHROUGH_SRC,
+        ..app(ip(127, 0, 0, 9))
+    };
+    assert_eq!(
+        decide(&input, &istio_default()),
+        Verdict::Bypass(Counter::BypassPassthrough)
+    );
+    // Only on lo: bound to 127.0.0.6 but leaving the pod is captured.
+    let out = ConnectInput {
+        src_ip: PASSTHROUGH_SRC,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(decide(&out, &istio_default()), REDIRECTED);
+}
+
+#[test]
+fn excluded_ports_come_first_included_ports_beat_missing_cidrs() {
+    let sets = Sets {
+        ports: vec![(22, PORT_EXCLUDE), (80, PORT_INCLUDE)],
+        ..Sets::default()
+    };
+    let proxy_ssh = ConnectInput {
+        uid: 1337,
+        dst_port: 22,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(
+        decide_connect(&proxy_ssh, &istio_default(), &sets),
+        Verdict::Bypass(Counter::BypassPort)
+    );
+    let mut cfg = istio_default();
+    cfg.flags = 0; // no -i
+    assert_eq!(
+        decide_connect(&app(ip(10, 0, 0, 2)), &cfg, &sets),
+        REDIRECTED
+    );
+    let other_port = ConnectInput {
+        dst_port: 81,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(
+        decide_connect(&other_port, &cfg, &sets),
+        Verdict::Bypass(Counter::NotIncluded)
+    );
+}
+
+#[test]
+fn excluded_cidrs_win_over_included_cidrs() {
+    let sets = Sets {
+        excluded: vec![(ip(10, 1, 0, 0), 16)],
+        included: vec![(ip(10, 0, 0, 0), 8)],
+        ..Sets::default()
+    };
+    let mut cfg = istio_default();
+    cfg.flags = 0;
+    let decide_to = |dst| decide_connect(&app(dst), &cfg, &sets);
+    assert_eq!(
+        decide_to(ip(10, 1, 2, 3)),
+        Verdict::Bypass(Counter::BypassCidr)
+    );
+    assert_eq!(decide_to(ip(10, 2, 2, 3)), REDIRECTED);
+    assert_eq!(
+        decide_to(ip(192, 168, 0, 1)),
+        Verdict::Bypass(Counter::NotIncluded)
+    );
+}
+
+#[test]
+fn owner_groups_select_or_exempt_callers() {
+    let mut cfg = istio_default();
+    cfg.group_count = 1;
+    cfg.owner_groups[0] = 1000;
+    assert_eq!(
+        decide(&app(ip(10, 0, 0, 2)), &cfg),
+        Verdict::Bypass(Counter::BypassGroup),
+        "exclude list"
+    );
+    cfg.flags |= CFG_GROUPS_ONLY;
+    assert_eq!(decide(&app(ip(10, 0, 0, 2)), &cfg), REDIRECTED);
+    let other = ConnectInput {
+        gid: 2000,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(
+        decide(&other, &cfg),
+        Verdict::Bypass(Counter::BypassGroup),
+        "include list"
     );
 }
 
@@ -112,7 +305,7 @@ fn non_tcp_sockets_are_never_captured() {
         ..app(ip(10, 0, 0, 2))
     };
     assert_eq!(
-        decide_connect(&input, &istio_default()),
+        decide(&input, &istio_default()),
         Verdict::Bypass(Counter::NotTcp)
     );
 }
@@ -126,19 +319,13 @@ fn only_the_first_count_owner_entries_are_consulted() {
         uid: 0,
         ..app(ip(10, 0, 0, 2))
     };
-    assert_eq!(
-        decide_connect(&root, &cfg),
-        Verdict::Redirect { port: 15001 }
-    );
+    assert_eq!(decide(&root, &cfg), REDIRECTED);
     cfg.uid_count = 8;
     let last = ConnectInput {
         uid: 77,
         ..app(ip(10, 0, 0, 2))
     };
-    assert_eq!(
-        decide_connect(&last, &cfg),
-        Verdict::Bypass(Counter::BypassUid)
-    );
+    assert_eq!(decide(&last, &cfg), Verdict::Bypass(Counter::BypassUid));
 }
 
 #[test]
@@ -151,10 +338,7 @@ fn empty_owner_sets_exempt_nobody() {
         gid: 1337,
         ..app(ip(10, 0, 0, 2))
     };
-    assert_eq!(
-        decide_connect(&input, &cfg),
-        Verdict::Redirect { port: 15001 }
-    );
+    assert_eq!(decide(&input, &cfg), REDIRECTED);
 }
 
 #[test]

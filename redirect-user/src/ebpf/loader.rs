@@ -116,6 +116,7 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
         fresh: !upgraded,
         pins_before: pin_names(&dir),
         old_config: None,
+        old_sets: None,
         updated: Vec::new(),
     };
     match install_steps(req, &dir, &mut undo) {
@@ -219,7 +220,12 @@ fn write_config(ebpf: &mut Ebpf, req: &Request<'_>, undo: &mut Undo) -> Result<(
     }
     if !undo.fresh && old.abi_version != 0 {
         undo.old_config = Some(old);
+        undo.old_sets = Some(maps::read_sets(&undo.dir)?);
     }
+    req.config
+        .check_limits()
+        .map_err(|limit| anyhow!("{limit}"))?;
+    maps::write_sets(&undo.dir, &maps::Sets::of(req.config))?;
     let entry = RedirectConfig {
         log_level: req.log_level,
         ..req.config.to_bpf()
@@ -368,6 +374,8 @@ struct Undo {
     pins_before: HashSet<String>,
     /// Config entry before this install overwrote it (upgrades only).
     old_config: Option<RedirectConfig>,
+    /// Set maps before this install overwrote them (upgrades only).
+    old_sets: Option<maps::Sets>,
     /// Links whose program was replaced, with the previous program (open).
     updated: Vec<(PathBuf, OwnedFd)>,
 }
@@ -387,6 +395,11 @@ impl Undo {
             && let Err(err) = maps::config(&self.dir).and_then(|mut m| Ok(m.set(0, old, 0)?))
         {
             problems.push(format!("restoring the config: {err:#}"));
+        }
+        if let Some(old) = &self.old_sets
+            && let Err(err) = maps::write_sets(&self.dir, old)
+        {
+            problems.push(format!("restoring the port and address sets: {err:#}"));
         }
         if self.fresh {
             if let Err(err) = fs::remove_dir_all(&self.dir) {

@@ -3,18 +3,29 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{Array, HashMap, Map, MapData, MapType, PerCpuArray};
-use redirect_common::{ConnTuple, Counter, InstanceMeta, OrigDst, RedirectConfig};
+use aya::maps::{
+    Array, HashMap, Map, MapData, MapType, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
+use redirect_common::{
+    ConnTuple, Counter, InstanceMeta, OrigDst, PORT_EXCLUDE, PORT_INCLUDE, RedirectConfig,
+};
+
+use crate::config::{Config, Ipv4Cidr};
 
 pub const CONFIG: &str = "RDR_CONFIG";
 pub const STATS: &str = "RDR_STATS";
 pub const ORIG_COOKIE: &str = "RDR_ORIG_COOKIE";
 pub const ORIG_TUPLE: &str = "RDR_ORIG_TUPLE";
 pub const META: &str = "RDR_META";
+pub const PORTS: &str = "RDR_PORTS";
+pub const EXCLUDE: &str = "RDR_EXCLUDE";
+pub const INCLUDE: &str = "RDR_INCLUDE";
+pub const LOCAL: &str = "RDR_LOCAL";
 
 /// Every pinned map with the type, key size and value size this build of
 /// the programs expects.
-const LAYOUT: [(&str, MapType, usize, usize); 5] = [
+const LAYOUT: [(&str, MapType, usize, usize); 9] = [
     (CONFIG, MapType::Array, 4, size_of::<RedirectConfig>()),
     (STATS, MapType::PerCpuArray, 4, size_of::<u64>()),
     (
@@ -30,6 +41,10 @@ const LAYOUT: [(&str, MapType, usize, usize); 5] = [
         size_of::<OrigDst>(),
     ),
     (META, MapType::Array, 4, size_of::<InstanceMeta>()),
+    (PORTS, MapType::Hash, 2, 1),
+    (EXCLUDE, MapType::LpmTrie, 8, 1),
+    (INCLUDE, MapType::LpmTrie, 8, 1),
+    (LOCAL, MapType::Hash, 4, 1),
 ];
 
 /// Checks that the maps pinned in `dir` have the layouts this build uses,
@@ -95,4 +110,138 @@ pub fn tracked(dir: &Path) -> Result<(u64, u64)> {
         cookies.keys().filter(Result::is_ok).count() as u64,
         tuples.keys().filter(Result::is_ok).count() as u64,
     ))
+}
+
+/// The contents of the set maps (ports, CIDRs, pod addresses), keyed as
+/// the programs look them up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sets {
+    /// Destination port -> `PORT_*` flags.
+    pub ports: Vec<(u16, u8)>,
+    /// (prefix length, network-order network address).
+    pub exclude: Vec<(u32, u32)>,
+    pub include: Vec<(u32, u32)>,
+    /// Network-order addresses.
+    pub local: Vec<u32>,
+}
+
+impl Sets {
+    /// What `config` puts in the maps.
+    pub fn of(config: &Config) -> Self {
+        let mut ports: Vec<(u16, u8)> = Vec::new();
+        for (list, flag) in [
+            (&config.ports_exclude, PORT_EXCLUDE),
+            (&config.ports_include, PORT_INCLUDE),
+        ] {
+            for port in list {
+                match ports.iter_mut().find(|(p, _)| p == port) {
+                    Some((_, flags)) => *flags |= flag,
+                    None => ports.push((*port, flag)),
+                }
+            }
+        }
+        let cidrs = |list: &[Ipv4Cidr]| {
+            let mut keys: Vec<(u32, u32)> = list
+                .iter()
+                .map(|c| {
+                    (
+                        u32::from(c.prefix),
+                        u32::from_ne_bytes(c.network().octets()),
+                    )
+                })
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            keys
+        };
+        let mut local: Vec<u32> = config
+            .local_addrs
+            .iter()
+            .map(|a| u32::from_ne_bytes(a.octets()))
+            .collect();
+        local.sort_unstable();
+        local.dedup();
+        Self {
+            ports,
+            exclude: cidrs(&config.exclude),
+            include: cidrs(&config.include),
+            local,
+        }
+    }
+}
+
+fn hash<K: aya::Pod>(dir: &Path, name: &str) -> Result<HashMap<MapData, K, u8>> {
+    Ok(HashMap::try_from(Map::HashMap(open(dir, name)?))?)
+}
+
+fn trie(dir: &Path, name: &str) -> Result<LpmTrie<MapData, u32, u8>> {
+    Ok(LpmTrie::try_from(Map::LpmTrie(open(dir, name)?))?)
+}
+
+/// Reads the set maps of the instance pinned in `dir`.
+pub fn read_sets(dir: &Path) -> Result<Sets> {
+    let ports = hash::<u16>(dir, PORTS)?;
+    let ports = ports
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the port map")?;
+    let cidrs = |name: &str| -> Result<Vec<(u32, u32)>> {
+        let keys = trie(dir, name)?
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("reading {name}"))?;
+        Ok(keys.iter().map(|k| (k.prefix_len(), k.data())).collect())
+    };
+    let local = hash::<u32>(dir, LOCAL)?
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the pod-address map")?;
+    Ok(Sets {
+        ports,
+        exclude: cidrs(EXCLUDE)?,
+        include: cidrs(INCLUDE)?,
+        local,
+    })
+}
+
+/// Makes the set maps of `dir` hold exactly `sets`: adds the new entries
+/// first, then removes the stale ones, so that an entry in both the old
+/// and the new contents is never missing.
+pub fn write_sets(dir: &Path, sets: &Sets) -> Result<()> {
+    let old = read_sets(dir)?;
+    let mut ports = hash::<u16>(dir, PORTS)?;
+    for (port, flags) in &sets.ports {
+        ports
+            .insert(port, flags, 0)
+            .with_context(|| format!("writing port {port}"))?;
+    }
+    for (port, _) in &old.ports {
+        if !sets.ports.iter().any(|(p, _)| p == port) {
+            ports.remove(port).context("removing a port")?;
+        }
+    }
+    for (name, new, old) in [
+        (EXCLUDE, &sets.exclude, &old.exclude),
+        (INCLUDE, &sets.include, &old.include),
+    ] {
+        let mut map = trie(dir, name)?;
+        for (prefix, net) in new {
+            map.insert(&Key::new(*prefix, *net), 1, 0)
+                .with_context(|| format!("writing {name}"))?;
+        }
+        for (prefix, net) in old.iter().filter(|k| !new.contains(k)) {
+            map.remove(&Key::new(*prefix, *net))
+                .with_context(|| format!("removing from {name}"))?;
+        }
+    }
+    let mut local = hash::<u32>(dir, LOCAL)?;
+    for addr in &sets.local {
+        local
+            .insert(addr, 1, 0)
+            .context("writing the pod-address map")?;
+    }
+    for addr in old.local.iter().filter(|a| !sets.local.contains(a)) {
+        local.remove(addr).context("removing a pod address")?;
+    }
+    Ok(())
 }
