@@ -24,6 +24,9 @@
 //!     With --direct, every other connection goes straight to that address
 //!     (the proxy, not redirected) and must get no original destination:
 //!     "direct-ok", or "stale" when some earlier connection's record answers
+//! agent [...] each --to IP:PORT[,IP:PORT...] [--bind IP]
+//!     one connection to each target in turn (from a socket bound to IP,
+//!     when given), printing "<target>\t<reply or error>" per target
 //! agent [...] sockopts --to IP:PORT
 //!     print getsockopt answers that must not depend on capture: SO_RCVBUF
 //!     and the stable head of TCP_INFO of a fresh socket, and
@@ -102,6 +105,20 @@ fn run(args: &[String]) -> Result<()> {
             let direct = args.opt("--direct")?.map(str::parse).transpose()?;
             let tally = check(&targets, count, args.flag("--concurrent"), direct);
             print!("{}", tally.render());
+            Ok(())
+        }
+        Some("each") => {
+            let targets = args
+                .req("--to")?
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<SocketAddr>, _>>()?;
+            let bind = args.opt("--bind")?.map(str::parse).transpose()?;
+            for target in targets {
+                let reply =
+                    bound_once(target, bind).unwrap_or_else(|err| format!("error: {}", err.kind()));
+                println!("{target}\t{reply}");
+            }
             Ok(())
         }
         Some("sockopts") => sockopts(args.req("--to")?.parse()?),
@@ -264,6 +281,17 @@ fn once(to: SocketAddr, peer: bool) -> std::io::Result<String> {
         String::new()
     };
     Ok(format!("{peer}{}", read_reply(stream)?))
+}
+
+/// One connection to `to` from a socket bound to `bind` (port 0), if given.
+fn bound_once(to: SocketAddr, bind: Option<std::net::IpAddr>) -> std::io::Result<String> {
+    let Some(bind) = bind else {
+        return once(to, false);
+    };
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(bind, 0).into())?;
+    socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
+    read_reply(socket.into())
 }
 
 fn read_reply(mut stream: TcpStream) -> std::io::Result<String> {

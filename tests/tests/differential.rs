@@ -1,0 +1,237 @@
+//! eBPF mode and iptables mode make the same decisions: for each set of
+//! istio-iptables flags below, the same connections (every identity to
+//! every destination) are made once under Istio's iptables rules and once
+//! under the eBPF programs, and where each one lands must be identical.
+//!
+//! Where a connection lands names the decision: `proxy` (the outbound
+//! listener, 15001: ISTIO_REDIRECT), `inbound` (15006: ISTIO_IN_REDIRECT),
+//! `pod` (a server of the pod itself, not captured), `peer` (the real
+//! destination outside the pod, not captured) or a connect error (nothing
+//! listens there), which must also match.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
+};
+
+use redirect_sandbox::{
+    APP, Group, Identity, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
+    cli::{Outcome, outcome, redirect_bin},
+    peer_ip, require_root,
+};
+
+/// One istio-iptables configuration: its flags and environment.
+struct Flags {
+    name: &'static str,
+    args: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+}
+
+const CONFIGS: &[Flags] = &[
+    Flags {
+        name: "default",
+        args: &[
+            "-p", "15001", "-z", "15006", "-u", "1337", "-g", "1337", "-i", "*",
+        ],
+        env: &[],
+    },
+    Flags {
+        name: "cidrs-and-ports",
+        args: &[
+            "-i",
+            "198.19.0.0/24",
+            "-x",
+            "198.19.0.2/32",
+            "-q",
+            "22",
+            "-o",
+            "81",
+        ],
+        env: &[],
+    },
+    Flags {
+        name: "owner-groups-only",
+        args: &["-i", "*"],
+        env: &[("ISTIO_OUTBOUND_OWNER_GROUPS", "3000")],
+    },
+    Flags {
+        name: "owner-groups-except-and-loopback-included",
+        args: &["-i", "127.0.0.0/8,198.19.0.0/16"],
+        env: &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "3000")],
+    },
+    Flags {
+        name: "wide-loopback-and-tunnel-81",
+        args: &["-i", "*", "-e", "81"],
+        env: &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.0/8")],
+    },
+    Flags {
+        name: "nothing-included-but-port-80",
+        args: &["-i", "", "-q", "80"],
+        env: &[],
+    },
+];
+
+/// Who connects: the app, the proxy by UID, the proxy by GID only, and a
+/// member of the owner group the configurations name.
+const IDENTITIES: [Identity; 4] = [
+    APP,
+    PROXY,
+    Identity {
+        uid: 4242,
+        gid: 1337,
+    },
+    Identity {
+        uid: 2000,
+        gid: 3000,
+    },
+];
+
+/// Ports with a server in the pod and in the peer.
+const PORTS: [u16; 4] = [80, 81, 22, 15008];
+
+fn destinations() -> Vec<SocketAddrV4> {
+    let mut out = Vec::new();
+    for ip in [
+        Ipv4Addr::LOCALHOST,
+        Ipv4Addr::new(127, 0, 0, 6),
+        Ipv4Addr::new(127, 0, 0, 9),
+        POD_IP,
+        peer_ip(1),
+        peer_ip(2),
+        PEER_IP,
+    ] {
+        for port in PORTS {
+            out.push(SocketAddrV4::new(ip, port));
+        }
+    }
+    out
+}
+
+/// Connections from a socket bound to the inbound passthrough source.
+fn passthrough_destinations() -> Vec<SocketAddrV4> {
+    [Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 9), POD_IP]
+        .into_iter()
+        .map(|ip| SocketAddrV4::new(ip, 80))
+        .collect()
+}
+
+fn istio_iptables(sandbox: &Sandbox, mode: &str, flags: &Flags, extra: &[&str]) -> Outcome {
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let mut cmd = Command::new(redirect_bin());
+    cmd.args(["istio-iptables", "--ipv6=false", "--mode", mode])
+        .args(["--netns", &sandbox.netns_path(Net::Pod)])
+        .args(["--cgroup", &cgroup, "--instance", sandbox.name()])
+        .args(flags.args)
+        .args(extra)
+        .envs(flags.env.iter().copied());
+    outcome(&mut cmd).expect("run redirect")
+}
+
+/// Where every case lands: "<uid>/<gid> [from 127.0.0.6] -> dst" -> reply.
+fn land_all(sandbox: &Sandbox) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let join = |list: &[SocketAddrV4]| {
+        list.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (all, passthrough) = (join(&destinations()), join(&passthrough_destinations()));
+    for who in IDENTITIES {
+        for (bind, targets) in [(None, &all), (Some("127.0.0.6"), &passthrough)] {
+            let mut args = vec!["each", "--to", targets.as_str()];
+            if let Some(bind) = bind {
+                args.extend(["--bind", bind]);
+            }
+            let text = sandbox
+                .agent_output(Group::App, who, &args)
+                .expect("agent each");
+            for line in text.lines() {
+                let (target, reply) = line.split_once('\t').expect("target\\treply");
+                let from = bind.map_or(String::new(), |b| format!(" from {b}"));
+                out.insert(
+                    format!("{}/{}{from} -> {target}", who.uid, who.gid),
+                    reply.to_owned(),
+                );
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn ebpf_and_iptables_capture_the_same_connections() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    sandbox.add_peer_addresses(2).expect("peer addresses");
+    for (port, reply) in [(15001, "proxy"), (15006, "inbound")] {
+        sandbox
+            .serve(
+                Net::Pod,
+                Group::Outside,
+                ROOT,
+                (Ipv4Addr::UNSPECIFIED, port),
+                reply,
+            )
+            .expect("pod listener");
+    }
+    for port in PORTS {
+        for (net, reply) in [(Net::Pod, "pod"), (Net::Peer, "peer")] {
+            sandbox
+                .serve(
+                    net,
+                    Group::Outside,
+                    ROOT,
+                    (Ipv4Addr::UNSPECIFIED, port),
+                    reply,
+                )
+                .expect("listener");
+        }
+    }
+
+    let mut compared = 0;
+    let mut seen = BTreeMap::<String, usize>::new();
+    for flags in CONFIGS {
+        let applied = istio_iptables(&sandbox, "iptables", flags, &[]);
+        assert_eq!(applied.code, 0, "{}: {applied:?}", flags.name);
+        let iptables = land_all(&sandbox);
+        let removed = istio_iptables(&sandbox, "iptables", flags, &["--cleanup-only"]);
+        assert_eq!(removed.code, 0, "{}: {removed:?}", flags.name);
+
+        let applied = istio_iptables(&sandbox, "ebpf", flags, &[]);
+        assert_eq!(applied.code, 0, "{}: {applied:?}", flags.name);
+        assert!(applied.stdout.contains("with eBPF"), "{applied:?}");
+        let ebpf = land_all(&sandbox);
+        let removed = istio_iptables(&sandbox, "ebpf", flags, &["--cleanup-only"]);
+        assert_eq!(removed.code, 0, "{}: {removed:?}", flags.name);
+        assert!(!sandbox.is_pinned());
+
+        let differ: Vec<String> = iptables
+            .iter()
+            .filter(|(case, reply)| ebpf.get(*case) != Some(*reply))
+            .map(|(case, reply)| format!("  {case}: iptables {reply}, eBPF {:?}", ebpf.get(case)))
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "{}: eBPF decides {} of {} connections differently:\n{}",
+            flags.name,
+            differ.len(),
+            iptables.len(),
+            differ.join("\n")
+        );
+        assert_eq!(iptables.len(), ebpf.len());
+        compared += iptables.len();
+        for reply in iptables.values() {
+            *seen.entry(reply.clone()).or_default() += 1;
+        }
+    }
+    println!("{compared} connections decided alike by both backends: {seen:?}");
+    // The cases exercise every decision, so agreement is not vacuous.
+    for reply in ["proxy", "inbound", "pod", "peer"] {
+        assert!(
+            seen.contains_key(reply),
+            "no case landed at {reply}: {seen:?}"
+        );
+    }
+}
