@@ -256,8 +256,10 @@ pub fn render(status: &Status) -> String {
                 let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
                 let _ = writeln!(
                     out,
-                    "  config       proxy port {}, proxy uids [{}], proxy gids [{}], loopback {}",
+                    "  config       proxy port {}, inbound port {}, tunnel port {}, proxy uids [{}], proxy gids [{}], loopback {}",
                     c.proxy_port,
+                    c.inbound_port,
+                    c.tunnel_port,
                     ids(&c.proxy_uids),
                     ids(&c.proxy_gids),
                     c.loopback_cidr
