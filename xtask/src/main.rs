@@ -45,6 +45,8 @@ enum Task {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Run the benchmarks (release build); each prints ratios measured in one run.
+    Bench,
     /// Boot Debian kernels under QEMU and run the end-to-end suite in each.
     VmTest {
         /// Kernels to test: 5.10, 6.1, 6.12, sid (repeatable; default: all).
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build::build(release).map(|_| ()),
         Task::Run { args } => run::run(&args),
         Task::Test { filter, no_lint } => test::test(filter.as_deref(), !no_lint),
+        Task::Bench => test::bench(),
         Task::VmTest {
             kernels,
             keep,

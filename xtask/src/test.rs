@@ -65,6 +65,40 @@ pub fn test(filter: Option<&str>, lint: bool) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask bench`: the benchmarks (the ignored `bench_*` tests of the
+/// end-to-end crate), one at a time so they do not disturb each other; each
+/// prints the ratios it measured.
+pub fn bench() -> Result<()> {
+    sysdeps::ensure_tools(SANDBOX_TOOLS)?;
+    run_checked(&mut cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "redirect-user",
+    ])?)?;
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/redirect");
+    let mut cmd = cargo(&[
+        "test",
+        "--release",
+        "--package",
+        "redirect-sandbox",
+        "--test",
+        "bench",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])?;
+    cmd.env("REDIRECT_BIN", bin);
+    let result = run_checked(&mut cmd).context("benchmarks failed");
+    let leftovers = leftovers();
+    result?;
+    if !leftovers.is_empty() {
+        bail!("the benchmarks left state behind: {}", leftovers.join("; "));
+    }
+    Ok(())
+}
+
 /// State the sandbox creates and must always remove: its cgroups and the
 /// pins of its instances.
 fn leftovers() -> Vec<String> {

@@ -22,7 +22,7 @@ pub const ABI_VERSION: u32 = 3;
 /// Capacity of the port-flags map (`-o` and `-q` ports together).
 pub const MAX_PORTS: u32 = 1024;
 /// Capacity of each CIDR set (`-x`, `-i`).
-pub const MAX_CIDRS: u32 = 1024;
+pub const MAX_CIDRS: u32 = 16384;
 /// Capacity of the pod-address set.
 pub const MAX_LOCAL_ADDRS: u32 = 256;
 
