@@ -108,6 +108,33 @@ pub struct CaptureArgs {
     /// never captured (Istio -g)
     #[arg(short = 'g', long, value_name = "GID[,GID...]", default_value = "1337", value_parser = parse_ids)]
     pub proxy_gid: IdList,
+
+    /// Port of the proxy's inbound listener: the proxy's own calls to its
+    /// pod (other than to the loopback CIDR) are sent there (Istio -z)
+    #[arg(short = 'z', long = "inbound-capture-port", value_name = "PORT", default_value = "15006", value_parser = config::parse_port)]
+    pub inbound_port: u16,
+
+    /// Inbound tunnel port: the proxy's calls to it are never sent to the
+    /// inbound port (Istio -e)
+    #[arg(short = 'e', long = "inbound-tunnel-port", value_name = "PORT", default_value = "15008", value_parser = config::parse_port)]
+    pub tunnel_port: u16,
+
+    /// Destinations captured: '*' (all) or comma-separated IPv4 CIDRs; empty
+    /// captures none but the -q ports (Istio -i)
+    #[arg(short = 'i', long = "istio-service-cidr", value_name = "*|CIDR[,CIDR...]", default_value = "*", value_parser = parse_include)]
+    pub include: Include,
+
+    /// Destinations never captured: comma-separated IPv4 CIDRs (Istio -x)
+    #[arg(short = 'x', long = "istio-service-exclude-cidr", value_name = "CIDR[,CIDR...]", default_value = "", value_parser = parse_exclude)]
+    pub exclude: CidrList,
+
+    /// Destination ports always captured (Istio -q)
+    #[arg(short = 'q', long = "istio-outbound-ports", value_name = "PORT[,PORT...]", default_value = "", value_parser = parse_ports)]
+    pub ports_include: PortList,
+
+    /// Destination ports never captured (Istio -o)
+    #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", value_name = "PORT[,PORT...]", default_value = "", value_parser = parse_ports)]
+    pub ports_exclude: PortList,
 }
 
 impl CaptureArgs {
@@ -117,6 +144,14 @@ impl CaptureArgs {
             proxy_port: self.proxy_port,
             proxy_uids: self.proxy_uid.0.clone(),
             proxy_gids: self.proxy_gid.0.clone(),
+            inbound_port: self.inbound_port,
+            tunnel_port: self.tunnel_port,
+            include_all: self.include.all,
+            include: self.include.cidrs.clone(),
+            include_loopback: self.include.has_loopback,
+            exclude: self.exclude.0.clone(),
+            ports_include: self.ports_include.0.clone(),
+            ports_exclude: self.ports_exclude.0.clone(),
             ..Config::default()
         }
     }
@@ -195,6 +230,66 @@ impl LogLevel {
 
 fn parse_instance(s: &str) -> Result<String, String> {
     cgroup::validate_instance(s).map(|()| s.to_owned())
+}
+
+/// `-i`: every destination, or these networks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Include {
+    pub all: bool,
+    pub cidrs: Vec<config::Ipv4Cidr>,
+    /// A listed network is a loopback one (Istio then keeps local traffic).
+    pub has_loopback: bool,
+}
+
+/// A comma-separated IPv4 CIDR list (`-x`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CidrList(pub Vec<config::Ipv4Cidr>);
+
+/// A comma-separated port list (`-q`, `-o`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortList(pub Vec<u16>);
+
+fn ipv4_cidrs(
+    flag: &str,
+    value: &str,
+) -> Result<(crate::istio::Cidrs, Vec<config::Ipv4Cidr>), String> {
+    let parsed = crate::istio::cidrs(flag, value).map_err(|e| e.to_string())?;
+    if !parsed.v6.is_empty() {
+        return Err(format!(
+            "{flag}: IPv6 networks ({}) need IPv6 rules, which eBPF capture does not have yet: use `redirect istio-iptables --mode iptables`",
+            parsed.v6.join(",")
+        ));
+    }
+    let v4 = parsed
+        .v4
+        .iter()
+        .map(|c| c.parse())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((parsed, v4))
+}
+
+fn parse_include(s: &str) -> Result<Include, String> {
+    let (parsed, cidrs) = ipv4_cidrs("-i", s)?;
+    Ok(Include {
+        all: parsed.wildcard,
+        cidrs,
+        has_loopback: parsed.has_loopback,
+    })
+}
+
+fn parse_exclude(s: &str) -> Result<CidrList, String> {
+    if s == "*" {
+        return Err("-x: '*' would exclude every destination; list CIDRs instead".to_owned());
+    }
+    ipv4_cidrs("-x", s).map(|(_, v4)| CidrList(v4))
+}
+
+fn parse_ports(s: &str) -> Result<PortList, String> {
+    crate::istio::split(s)
+        .iter()
+        .map(|p| config::parse_port(p))
+        .collect::<Result<_, _>>()
+        .map(PortList)
 }
 
 /// A comma-separated id list given as one flag value (`-u 1337,1338`).

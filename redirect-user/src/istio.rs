@@ -651,7 +651,8 @@ fn parse_prefix(s: &str) -> Result<(IpAddr, u8), String> {
     Ok((addr, bits))
 }
 
-fn cidrs(flag: &str, value: &str) -> Result<Cidrs, ConfigError> {
+/// Parses a CIDR flag's value (`*`, or a comma list) as istio-iptables does.
+pub fn cidrs(flag: &str, value: &str) -> Result<Cidrs, ConfigError> {
     if value == "*" {
         return Ok(Cidrs {
             wildcard: true,

@@ -39,6 +39,11 @@ fn bad_flag_values_are_usage_errors() {
         (&["-u", "envoy"], "'envoy' is not a numeric id"),
         (&["-g", "1337,x"], "'x' is not a numeric id"),
         (&["-u", "1,2,3,4,5,6,7,8,9"], "at most 8"),
+        (&["-x", "*"], "'*' would exclude every destination"),
+        (&["-i", "10.0.0.0/33"], "'10.0.0.0/33' is not a CIDR"),
+        (&["-x", "fd00::/8"], "IPv6 networks (fd00::/8)"),
+        (&["-q", "70000"], "70000 is not a port number"),
+        (&["-o", "22,ssh"], "'ssh' is not a port number"),
     ] {
         let mut args = install_args(&sandbox, &cg);
         args.extend_from_slice(extra);

@@ -390,3 +390,37 @@ fn dual_stack_sockets_to_v4_mapped_addresses_are_captured_like_ipv4() {
     assert_eq!(counter(&status, "not_ipv4"), 1);
     sandbox.uninstall().expect("uninstall");
 }
+
+#[test]
+fn install_takes_istio_outbound_flags() {
+    require_root!();
+    let sandbox = pod();
+    let other = SocketAddrV4::new(redirect_sandbox::PEER_IP, 9081);
+    sandbox
+        .serve(Net::Peer, Group::Outside, APP, other, "other")
+        .expect("second upstream");
+    // -x takes the upstream's address out of capture; the other port stays captured.
+    sandbox
+        .install(&["-x", "198.18.0.2/32", "-q", "9081"])
+        .expect("install");
+    assert_eq!(lands(&sandbox, Group::App, APP, upstream_addr()), UPSTREAM);
+    assert_eq!(lands(&sandbox, Group::App, APP, other), "other");
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "bypass_cidr"), 2, "-x comes before -q");
+    // Reinstall in place: nothing included but port 9081 (-i '' -q 9081).
+    sandbox
+        .install(&["-i", "", "-q", "9081"])
+        .expect("reinstall");
+    assert_eq!(lands(&sandbox, Group::App, APP, upstream_addr()), UPSTREAM);
+    assert_eq!(lands(&sandbox, Group::App, APP, other), PROXY_REPLY);
+    // -o beats everything.
+    sandbox
+        .install(&["-o", "9081,9080", "-q", "9081"])
+        .expect("reinstall");
+    assert_eq!(lands(&sandbox, Group::App, APP, upstream_addr()), UPSTREAM);
+    assert_eq!(lands(&sandbox, Group::App, APP, other), "other");
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "not_included"), 1);
+    assert_eq!(counter(&status, "bypass_port"), 2);
+    sandbox.uninstall().expect("uninstall");
+}
