@@ -135,6 +135,16 @@ pub struct CaptureArgs {
     /// Destination ports never captured (Istio -o)
     #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", value_name = "PORT[,PORT...]", default_value = "", value_parser = parse_ports)]
     pub ports_exclude: PortList,
+
+    /// Only these groups' connections are captured: '*' (every group), or
+    /// group names or GIDs, at most 8 (Istio's ISTIO_OUTBOUND_OWNER_GROUPS)
+    #[arg(long, env = "ISTIO_OUTBOUND_OWNER_GROUPS", value_name = "*|GROUP[,GROUP...]", default_value = "*", value_parser = parse_owner_groups)]
+    pub owner_groups: OwnerGroupIds,
+
+    /// These groups' connections are never captured; used when
+    /// --owner-groups is '*' (Istio's ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)
+    #[arg(long, env = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", value_name = "GROUP[,GROUP...]", default_value = "", value_parser = parse_groups)]
+    pub owner_groups_exclude: IdList,
 }
 
 impl CaptureArgs {
@@ -152,6 +162,12 @@ impl CaptureArgs {
             exclude: self.exclude.0.clone(),
             ports_include: self.ports_include.0.clone(),
             ports_exclude: self.ports_exclude.0.clone(),
+            groups_only: self.owner_groups.0.is_some(),
+            owner_groups: self
+                .owner_groups
+                .0
+                .clone()
+                .unwrap_or_else(|| self.owner_groups_exclude.0.clone()),
             ..Config::default()
         }
     }
@@ -163,6 +179,8 @@ impl CaptureArgs {
         let mut config = self.to_config();
         config.proxy_uids = crate::userns::to_host(crate::userns::Ids::User, &config.proxy_uids)?;
         config.proxy_gids = crate::userns::to_host(crate::userns::Ids::Group, &config.proxy_gids)?;
+        config.owner_groups =
+            crate::userns::to_host(crate::userns::Ids::Group, &config.owner_groups)?;
         Ok(config)
     }
 }
@@ -290,6 +308,36 @@ fn parse_ports(s: &str) -> Result<PortList, String> {
         .map(|p| config::parse_port(p))
         .collect::<Result<_, _>>()
         .map(PortList)
+}
+
+/// `--owner-groups`: `None` for '*' (every group), else the only GIDs captured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerGroupIds(pub Option<Vec<u32>>);
+
+fn parse_owner_groups(s: &str) -> Result<OwnerGroupIds, String> {
+    if s == "*" {
+        return Ok(OwnerGroupIds(None));
+    }
+    parse_groups(s).map(|ids| OwnerGroupIds(Some(ids.0)))
+}
+
+/// Group names (from /etc/group) or GIDs, comma-separated, at most 8.
+fn parse_groups(s: &str) -> Result<IdList, String> {
+    let ids = crate::istio::split(s)
+        .iter()
+        .map(|g| {
+            crate::istio::resolve_owner(&crate::istio::RealHost, "/etc/group", g)
+                .ok_or_else(|| format!("'{g}' is neither a GID nor a group in /etc/group"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.len() > redirect_common::MAX_OWNERS {
+        return Err(format!(
+            "{} groups given; at most {} are supported",
+            ids.len(),
+            redirect_common::MAX_OWNERS
+        ));
+    }
+    Ok(IdList(ids))
 }
 
 /// A comma-separated id list given as one flag value (`-u 1337,1338`).

@@ -44,6 +44,10 @@ fn bad_flag_values_are_usage_errors() {
         (&["-x", "fd00::/8"], "IPv6 networks (fd00::/8)"),
         (&["-q", "70000"], "70000 is not a port number"),
         (&["-o", "22,ssh"], "'ssh' is not a port number"),
+        (
+            &["--owner-groups", "no-such-group-xyz"],
+            "'no-such-group-xyz' is neither a GID nor a group",
+        ),
     ] {
         let mut args = install_args(&sandbox, &cg);
         args.extend_from_slice(extra);

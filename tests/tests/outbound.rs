@@ -424,3 +424,39 @@ fn install_takes_istio_outbound_flags() {
     assert_eq!(counter(&status, "bypass_port"), 2);
     sandbox.uninstall().expect("uninstall");
 }
+
+#[test]
+fn install_takes_istio_owner_groups() {
+    require_root!();
+    let sandbox = pod();
+    let member = Identity {
+        uid: 2000,
+        gid: 3000,
+    };
+    // Only group 3000 is captured.
+    sandbox
+        .install(&["--owner-groups", "3000"])
+        .expect("install");
+    assert_eq!(lands(&sandbox, Group::App, APP, upstream_addr()), UPSTREAM);
+    assert_eq!(
+        lands(&sandbox, Group::App, member, upstream_addr()),
+        PROXY_REPLY
+    );
+    // Every group but 3000.
+    sandbox
+        .install(&["--owner-groups-exclude", "3000"])
+        .expect("reinstall");
+    assert_eq!(
+        lands(&sandbox, Group::App, APP, upstream_addr()),
+        PROXY_REPLY
+    );
+    assert_eq!(
+        lands(&sandbox, Group::App, member, upstream_addr()),
+        UPSTREAM
+    );
+    assert_eq!(
+        counter(&sandbox.status().expect("status"), "bypass_group"),
+        2
+    );
+    sandbox.uninstall().expect("uninstall");
+}
