@@ -145,6 +145,108 @@ pub struct CaptureArgs {
     /// --owner-groups is '*' (Istio's ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)
     #[arg(long, env = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", value_name = "GROUP[,GROUP...]", default_value = "", value_parser = parse_groups)]
     pub owner_groups_exclude: IdList,
+
+    #[command(flatten)]
+    pub not_yet: NotYetArgs,
+}
+
+/// istio-iptables flags that eBPF capture cannot honour yet. They are
+/// accepted by name so that a copied istio-iptables command line gets a
+/// refusal that names the flag and the way out, not a parse error.
+#[derive(Args)]
+pub struct NotYetArgs {
+    #[arg(
+        short = 'b',
+        long = "istio-inbound-ports",
+        hide = true,
+        default_value = ""
+    )]
+    inbound_ports: String,
+    /// Only matter with -b (inbound capture) or TPROXY: accepted and unused.
+    #[arg(
+        short = 'd',
+        long = "istio-local-exclude-ports",
+        hide = true,
+        default_value = ""
+    )]
+    _local_exclude_ports: String,
+    #[arg(
+        short = 't',
+        long = "inbound-tproxy-mark",
+        hide = true,
+        default_value = "1337"
+    )]
+    _tproxy_mark: String,
+    #[arg(
+        short = 'r',
+        long = "inbound-tproxy-route-table",
+        hide = true,
+        default_value = "133"
+    )]
+    _tproxy_route_table: String,
+    #[arg(
+        short = 'm',
+        long = "istio-inbound-interception-mode",
+        hide = true,
+        default_value = "REDIRECT"
+    )]
+    interception_mode: String,
+    #[arg(
+        short = 'c',
+        long = "istio-exclude-interfaces",
+        hide = true,
+        default_value = ""
+    )]
+    exclude_interfaces: String,
+    #[arg(
+        short = 'k',
+        long = "kube-virt-interfaces",
+        hide = true,
+        default_value = ""
+    )]
+    kube_virt_interfaces: String,
+    #[arg(long = "redirect-dns", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = crate::istio::go_bool)]
+    redirect_dns: Option<bool>,
+    #[arg(long = "drop-invalid", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = crate::istio::go_bool)]
+    drop_invalid: Option<bool>,
+    #[arg(long = "dual-stack", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = crate::istio::go_bool)]
+    dual_stack: Option<bool>,
+}
+
+impl NotYetArgs {
+    /// The first flag given that eBPF capture cannot honour, as a refusal.
+    pub fn check(&self) -> Result<(), String> {
+        let given = [
+            (
+                !self.inbound_ports.is_empty(),
+                "-b/--istio-inbound-ports (inbound capture)",
+            ),
+            (
+                !self.interception_mode.eq_ignore_ascii_case("REDIRECT"),
+                "-m/--istio-inbound-interception-mode other than REDIRECT",
+            ),
+            (
+                !self.exclude_interfaces.is_empty(),
+                "-c/--istio-exclude-interfaces",
+            ),
+            (
+                !self.kube_virt_interfaces.is_empty(),
+                "-k/--kube-virt-interfaces",
+            ),
+            (
+                self.redirect_dns == Some(true),
+                "--redirect-dns (DNS capture)",
+            ),
+            (self.drop_invalid == Some(true), "--drop-invalid"),
+            (self.dual_stack == Some(true), "--dual-stack (IPv6 rules)"),
+        ];
+        match given.iter().find(|(on, _)| *on) {
+            Some((_, flag)) => Err(format!(
+                "eBPF capture cannot honour {flag} yet: run `redirect istio-iptables` with the same flags (its auto mode programs iptables for them)"
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 impl CaptureArgs {
@@ -175,6 +277,7 @@ impl CaptureArgs {
     /// The config the kernel programs get: proxy ids translated into the
     /// initial user namespace (see [`crate::userns`]).
     pub fn to_kernel_config(&self) -> anyhow::Result<Config> {
+        self.not_yet.check().map_err(anyhow::Error::msg)?;
         crate::userns::check_readable()?;
         let mut config = self.to_config();
         config.proxy_uids = crate::userns::to_host(crate::userns::Ids::User, &config.proxy_uids)?;

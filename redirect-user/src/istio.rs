@@ -556,7 +556,7 @@ impl IstioArgs {
 }
 
 /// Go's `strconv.ParseBool`, as istio-iptables' flags use.
-fn go_bool(v: &str) -> Result<bool, String> {
+pub(crate) fn go_bool(v: &str) -> Result<bool, String> {
     parse_bool(v).ok_or_else(|| format!("'{v}' is not a boolean (true/false, 1/0, t/f)"))
 }
 

@@ -28,6 +28,41 @@ fn install_args<'a>(sandbox: &'a Sandbox, cgroup: &'a str) -> Vec<&'a str> {
 }
 
 #[test]
+fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    for (extra, needle) in [
+        (
+            &["-b", "*", "-d", "15090,15021,15020"][..],
+            "eBPF capture cannot honour -b/--istio-inbound-ports (inbound capture) yet: run `redirect istio-iptables`",
+        ),
+        (
+            &["-m", "TPROXY"],
+            "-m/--istio-inbound-interception-mode other than REDIRECT",
+        ),
+        (&["--redirect-dns"], "--redirect-dns (DNS capture)"),
+        (&["-c", "eth1"], "-c/--istio-exclude-interfaces"),
+    ] {
+        let mut args = install_args(&sandbox, &cg);
+        args.extend_from_slice(extra);
+        assert_fails(&redirect(&args).expect("run"), 1, needle);
+        assert!(!sandbox.is_pinned(), "{extra:?} left a pin");
+    }
+    // Istio's flags that only matter for those are accepted on their own.
+    let mut args = install_args(&sandbox, &cg);
+    args.extend_from_slice(&["-m", "REDIRECT", "-d", "15090", "--redirect-dns=false"]);
+    let out = redirect(&args).expect("run");
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        redirect(&["uninstall", "--instance", sandbox.name()])
+            .expect("run")
+            .code,
+        0
+    );
+}
+
+#[test]
 fn bad_flag_values_are_usage_errors() {
     require_root!();
     let sandbox = Sandbox::for_tests().expect("sandbox");
