@@ -109,12 +109,13 @@ fn instance(name: &str) -> Result<Instance> {
     let meta = maps::meta(&dir)?.get(&0, 0)?;
     let raw = maps::config(&dir)?.get(&0, 0)?;
     let config = (raw.abi_version != 0).then(|| Config::from_bpf(&raw));
+    let sets = maps::read_sets(&dir)?;
     let counters = maps::counters(&dir)?
         .into_iter()
         .map(|(c, value)| CounterView {
             name: c.name(),
             value,
-            mirrors: mirrors(c, config.as_ref()),
+            mirrors: mirrors(c, config.as_ref(), &sets),
         })
         .collect();
     let (connecting, established) = maps::tracked(&dir)?;
@@ -160,7 +161,39 @@ fn programs(dir: &Path, cgroup_id: u64) -> Vec<Program> {
 }
 
 /// The iptables rule (or conntrack event) a counter stands for.
-fn mirrors(counter: Counter, cfg: Option<&Config>) -> String {
+fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String {
+    let ports = |flag: u8| {
+        let mut list: Vec<u16> = sets
+            .ports
+            .iter()
+            .filter(|(_, f)| f & flag != 0)
+            .map(|(p, _)| *p)
+            .collect();
+        list.sort_unstable();
+        list.iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let cidrs = |list: &[(u32, u32)]| {
+        list.iter()
+            .map(|(prefix, net)| {
+                format!("{}/{prefix}", std::net::Ipv4Addr::from(net.to_ne_bytes()))
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (groups, groups_only) = cfg.map_or_else(
+        || ("?".to_owned(), false),
+        |c| {
+            let list = c
+                .owner_groups
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>();
+            (list.join(","), c.groups_only)
+        },
+    );
     let join = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let (uids, gids, loopback, port, inbound, tunnel) = cfg.map_or_else(
         || {
@@ -202,16 +235,31 @@ fn mirrors(counter: Counter, cfg: Option<&Config>) -> String {
         Counter::Hairpin => format!(
             "-A ISTIO_OUTPUT -o lo ! -d {loopback} -p tcp ! --dport {tunnel} -m owner --uid-owner {uids} -j ISTIO_IN_REDIRECT  (REDIRECT --to-ports {inbound})"
         ),
-        Counter::BypassPort => "-A ISTIO_OUTPUT -p tcp --dport <-o port> -j RETURN".into(),
+        Counter::BypassPort => match ports(redirect_common::PORT_EXCLUDE) {
+            list if list.is_empty() => "(no -o ports: rule absent)".into(),
+            list => format!("-A ISTIO_OUTPUT -p tcp --dport {list} -j RETURN"),
+        },
         Counter::BypassPassthrough => "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN".into(),
         Counter::BypassLocal => {
             format!("-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner {uids} -j RETURN")
         }
-        Counter::BypassGroup => {
-            "-A ISTIO_OUTPUT -m owner [!] --gid-owner <owner group> -j RETURN".into()
+        Counter::BypassGroup if groups.is_empty() => "(no owner groups: rule absent)".into(),
+        Counter::BypassGroup => format!(
+            "-A ISTIO_OUTPUT -m owner {}--gid-owner {groups} -j RETURN",
+            if groups_only { "! " } else { "" }
+        ),
+        Counter::BypassCidr => match cidrs(&sets.exclude) {
+            list if list.is_empty() => "(no -x CIDRs: rule absent)".into(),
+            list => format!("-A ISTIO_OUTPUT -d {list} -j RETURN"),
+        },
+        Counter::NotIncluded if cfg.is_some_and(|c| c.include_all) => {
+            "(-i '*': every destination is included)".into()
         }
-        Counter::BypassCidr => "-A ISTIO_OUTPUT -d <-x cidr> -j RETURN".into(),
-        Counter::NotIncluded => "(destination in no -i CIDR and no -q port: not captured)".into(),
+        Counter::NotIncluded => format!(
+            "(destination in no -i CIDR ({}) and no -q port ({}): not captured)",
+            cidrs(&sets.include),
+            ports(redirect_common::PORT_INCLUDE)
+        ),
     }
 }
 

@@ -422,6 +422,11 @@ fn install_takes_istio_outbound_flags() {
     let status = sandbox.status().expect("status");
     assert_eq!(counter(&status, "not_included"), 1);
     assert_eq!(counter(&status, "bypass_port"), 2);
+    let text = status.to_string();
+    assert!(
+        text.contains("-A ISTIO_OUTPUT -p tcp --dport 9080,9081 -j RETURN"),
+        "status names the -o rule: {text}"
+    );
     sandbox.uninstall().expect("uninstall");
 }
 
