@@ -15,9 +15,10 @@ use crate::{
     about = "Capture a pod's outbound TCP for its sidecar proxy with eBPF, without iptables",
     long_about = "Capture a pod's outbound TCP for its sidecar proxy with eBPF, without iptables.\n\n\
         redirect attaches a cgroup/connect4 program to the pod's cgroup: every outbound IPv4 TCP \
-        connect of the pod is rewritten to 127.0.0.1:<proxy port>, except connects made by the \
-        proxy's own UIDs/GIDs and connects to the loopback address, exactly like Istio's nat \
-        rules (OUTPUT -> ISTIO_OUTPUT -> ISTIO_REDIRECT). A sockops program remembers each \
+        connect of the pod is rewritten to 127.0.0.1:<proxy port> or left alone by the same \
+        rules, in the same order, as Istio's nat chain (OUTPUT -> ISTIO_OUTPUT -> \
+        ISTIO_REDIRECT): the proxy's own UIDs/GIDs, loopback, excluded ports and CIDRs, owner \
+        groups, and the proxy's calls to its own pod, which go to the inbound port. A sockops program remembers each \
         redirected connection's original destination. The programs are pinned under \
         /sys/fs/bpf/redirect/<instance>/ and keep working after redirect exits.\n\n\
         Exit codes: 0 success, 1 failure, 2 bad command line.",
