@@ -66,7 +66,8 @@ pub fn parse(console: &str) -> BTreeMap<String, Outcome> {
             let key = format!("{binary}::{name}");
             let outcome = match verdict.trim() {
                 "ok" => Outcome::Pass,
-                "ignored" => Outcome::Skip("ignored".to_owned()),
+                // `#[ignore = "reason"]` prints "ignored, reason".
+                v if v == "ignored" || v.starts_with("ignored, ") => Outcome::Skip(v.to_owned()),
                 _ => Outcome::Fail("failed".to_owned()),
             };
             results.insert(key, outcome);
@@ -130,10 +131,11 @@ mod tests {
     fn passes_fails_and_skips_are_read() {
         let console = "\
 VMTEST begin outbound
-running 3 tests
+running 4 tests
 test a ... ok
 test b ... FAILED
 test c ... ok
+test d ... ignored, benchmark: run with `cargo xtask bench`
 
 successes:
 
@@ -160,6 +162,7 @@ VMTEST end outbound 101
             Outcome::Fail("assertion failed: landed == proxy".into())
         );
         assert_eq!(r["outbound::c"], Outcome::Skip("needs root".into()));
+        assert!(matches!(&r["outbound::d"], Outcome::Skip(why) if why.contains("xtask bench")));
     }
 
     #[test]
