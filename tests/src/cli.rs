@@ -20,6 +20,26 @@ pub const PROXY_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1500
 /// What that proxy answers.
 pub const PROXY_REPLY: &str = "proxy";
 
+/// The istio-iptables command line of Istio's sidecar injector (istio-init).
+pub const ISTIO_SIDECAR_ARGS: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+
 /// The `redirect` binary under test: `$REDIRECT_BIN`, or the workspace's
 /// debug build (`cargo xtask test` builds it first).
 pub fn redirect_bin() -> PathBuf {

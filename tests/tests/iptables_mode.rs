@@ -8,7 +8,7 @@ use std::{fs, process::Command};
 
 use redirect_sandbox::{
     Group, Net, ROOT, Sandbox,
-    cli::{Outcome, outcome, redirect_bin},
+    cli::{ISTIO_SIDECAR_ARGS, Outcome, outcome, redirect_bin},
     conformance, require_root,
 };
 
@@ -224,26 +224,6 @@ fn bad_istio_input_is_refused_with_istios_exit_codes() {
     }
 }
 
-const ISTIO_INIT: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--log_output_level=default:info",
-];
-
 #[test]
 fn istio_init_command_line_and_capabilities_are_enough() {
     require_root!();
@@ -260,7 +240,8 @@ fn istio_init_command_line_and_capabilities_are_enough() {
     ])
     .arg(redirect_bin())
     .arg("istio-iptables")
-    .args(ISTIO_INIT);
+    .args(ISTIO_SIDECAR_ARGS)
+    .arg("--log_output_level=default:info");
     let out = outcome(&mut cmd).expect("setpriv");
     assert_eq!(out.code, 0, "{out:?}");
     let rules = state(&sandbox, "nft", "iptables");
@@ -276,8 +257,9 @@ fn reruns_with_other_flags_are_refused_or_reconciled_and_cleanup_takes_everythin
     let sandbox = Sandbox::for_tests().expect("sandbox");
     let before = state(&sandbox, "nft", "iptables");
     let with = |extra: &[&str]| -> Vec<String> {
-        ISTIO_INIT
+        ISTIO_SIDECAR_ARGS
             .iter()
+            .chain(&["--log_output_level=default:info"])
             .chain(extra)
             .map(|a| (*a).to_owned())
             .collect()

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use redirect_sandbox::{
     APP, Group, Net, ROOT, Sandbox,
-    cli::{Outcome, UPSTREAM, outcome, redirect_bin},
+    cli::{ISTIO_SIDECAR_ARGS, Outcome, UPSTREAM, outcome, redirect_bin},
     require_root,
 };
 
@@ -35,24 +35,7 @@ fn has_istio_chains(sandbox: &Sandbox) -> bool {
     String::from_utf8_lossy(&out.stdout).contains(":ISTIO_OUTPUT")
 }
 
-const SIDECAR: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
+const SIDECAR: &[&str] = ISTIO_SIDECAR_ARGS;
 const OUTBOUND_ONLY: &[&str] = &["-p", "15001", "-u", "1337", "-i", "*"];
 
 #[test]
