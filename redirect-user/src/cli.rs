@@ -280,12 +280,7 @@ impl CaptureArgs {
     pub fn to_kernel_config(&self) -> anyhow::Result<Config> {
         self.not_yet.check().map_err(anyhow::Error::msg)?;
         crate::userns::check_readable()?;
-        let mut config = self.to_config();
-        config.proxy_uids = crate::userns::to_host(crate::userns::Ids::User, &config.proxy_uids)?;
-        config.proxy_gids = crate::userns::to_host(crate::userns::Ids::Group, &config.proxy_gids)?;
-        config.owner_groups =
-            crate::userns::to_host(crate::userns::Ids::Group, &config.owner_groups)?;
-        Ok(config)
+        crate::userns::config_to_host(&self.to_config())
     }
 }
 

@@ -288,10 +288,7 @@ fn istio_ebpf(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let mut kernel_config = ebpf.clone();
-    kernel_config.proxy_uids = userns::to_host(userns::Ids::User, &ebpf.proxy_uids)?;
-    kernel_config.proxy_gids = userns::to_host(userns::Ids::Group, &ebpf.proxy_gids)?;
-    kernel_config.owner_groups = userns::to_host(userns::Ids::Group, &ebpf.owner_groups)?;
+    let mut kernel_config = userns::config_to_host(ebpf)?;
     // `-o lo` covers the pod's own addresses: those of this network
     // namespace (the pod's, or --netns).
     kernel_config.local_addrs = istio::Host::addresses(&istio::RealHost)

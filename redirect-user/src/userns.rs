@@ -70,6 +70,16 @@ fn translate(map: &str, ids: &[u32]) -> Result<Vec<u32>, u32> {
         .collect()
 }
 
+/// `config` with its proxy UIDs, GIDs and owner groups translated into the
+/// initial user namespace, as the kernel programs compare them.
+pub fn config_to_host(config: &crate::config::Config) -> Result<crate::config::Config> {
+    let mut out = config.clone();
+    out.proxy_uids = to_host(Ids::User, &config.proxy_uids)?;
+    out.proxy_gids = to_host(Ids::Group, &config.proxy_gids)?;
+    out.owner_groups = to_host(Ids::Group, &config.owner_groups)?;
+    Ok(out)
+}
+
 /// Fails when the map cannot be read at all (no /proc): a clear message
 /// beats translating nothing.
 pub fn check_readable() -> Result<()> {
