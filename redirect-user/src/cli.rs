@@ -217,32 +217,17 @@ pub struct NotYetArgs {
 impl NotYetArgs {
     /// The first flag given that eBPF capture cannot honour, as a refusal.
     pub fn check(&self) -> Result<(), String> {
-        let given = [
-            (
-                !self.inbound_ports.is_empty(),
-                "-b/--istio-inbound-ports (inbound capture)",
-            ),
-            (
-                !self.interception_mode.eq_ignore_ascii_case("REDIRECT"),
-                "-m/--istio-inbound-interception-mode other than REDIRECT",
-            ),
-            (
-                !self.exclude_interfaces.is_empty(),
-                "-c/--istio-exclude-interfaces",
-            ),
-            (
-                !self.kube_virt_interfaces.is_empty(),
-                "-k/--kube-virt-interfaces",
-            ),
-            (
-                self.redirect_dns == Some(true),
-                "--redirect-dns (DNS capture)",
-            ),
-            (self.drop_invalid == Some(true), "--drop-invalid"),
-            (self.dual_stack == Some(true), "--dual-stack (IPv6 rules)"),
-        ];
-        match given.iter().find(|(on, _)| *on) {
-            Some((_, flag)) => Err(format!(
+        let not_yet = config::NotYet {
+            inbound: !self.inbound_ports.is_empty(),
+            tproxy: !self.interception_mode.eq_ignore_ascii_case("REDIRECT"),
+            exclude_interfaces: !self.exclude_interfaces.is_empty(),
+            kube_virt_interfaces: !self.kube_virt_interfaces.is_empty(),
+            redirect_dns: self.redirect_dns == Some(true),
+            drop_invalid: self.drop_invalid == Some(true),
+            ipv6: self.dual_stack == Some(true),
+        };
+        match not_yet.flags().first() {
+            Some(flag) => Err(format!(
                 "eBPF capture cannot honour {flag} yet: run `redirect istio-iptables` with the same flags (its auto mode programs iptables for them)"
             )),
             None => Ok(()),

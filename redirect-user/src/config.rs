@@ -211,6 +211,44 @@ impl FromStr for Ipv4Cidr {
     }
 }
 
+/// What eBPF capture cannot honour yet (later issues), as asked for by
+/// istio-iptables' flags. The one list both `redirect istio-iptables`
+/// (through [`Config::from_istio`]) and `install`/`run` refuse from.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NotYet {
+    pub inbound: bool,
+    pub tproxy: bool,
+    pub exclude_interfaces: bool,
+    pub kube_virt_interfaces: bool,
+    pub redirect_dns: bool,
+    pub drop_invalid: bool,
+    pub ipv6: bool,
+}
+
+impl NotYet {
+    /// The flags asking for it, in istio-iptables' flag order.
+    pub fn flags(&self) -> Vec<&'static str> {
+        [
+            (self.inbound, "-b/--istio-inbound-ports (inbound capture)"),
+            (
+                self.tproxy,
+                "-m/--istio-inbound-interception-mode other than REDIRECT",
+            ),
+            (self.exclude_interfaces, "-c/--istio-exclude-interfaces"),
+            (self.kube_virt_interfaces, "-k/--kube-virt-interfaces"),
+            (self.redirect_dns, "--redirect-dns (DNS capture)"),
+            (self.drop_invalid, "--drop-invalid"),
+            (
+                self.ipv6,
+                "IPv6 rules (the pod has IPv6, --ipv6=true or --dual-stack)",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(on, flag)| on.then_some(flag))
+        .collect()
+    }
+}
+
 /// Parses a proxy port: 1..=65535.
 pub fn parse_port(s: &str) -> Result<u16, String> {
     match s.trim().parse::<u32>() {
@@ -306,28 +344,16 @@ impl Config {
     /// [`Config::local_addrs`] is left for the caller (it depends on the
     /// network namespace the capture is for).
     pub fn from_istio(cfg: &IstioConfig, host: &dyn Host) -> Result<Self, Vec<String>> {
-        let mut unsupported = Vec::new();
-        let mut need = |ok: bool, what: &str| {
-            if !ok {
-                unsupported.push(what.to_owned());
-            }
+        let not_yet = NotYet {
+            inbound: !cfg.inbound_ports.is_empty(),
+            tproxy: cfg.tproxy,
+            exclude_interfaces: !cfg.exclude_interfaces.is_empty(),
+            kube_virt_interfaces: !cfg.kube_virt_interfaces.is_empty(),
+            redirect_dns: cfg.redirect_dns,
+            drop_invalid: cfg.drop_invalid,
+            ipv6: cfg.ipv6,
         };
-        need(
-            cfg.inbound_ports.is_empty(),
-            "-b/--istio-inbound-ports (inbound capture)",
-        );
-        need(
-            cfg.exclude_interfaces.is_empty(),
-            "-c/--istio-exclude-interfaces",
-        );
-        need(
-            cfg.kube_virt_interfaces.is_empty(),
-            "-k/--kube-virt-interfaces",
-        );
-        need(!cfg.redirect_dns, "--redirect-dns (DNS capture)");
-        need(!cfg.tproxy, "-m TPROXY");
-        need(!cfg.drop_invalid, "--drop-invalid");
-        need(!cfg.ipv6, "IPv6 rules (the pod has IPv6, or --ipv6=true)");
+        let mut unsupported: Vec<String> = not_yet.flags().into_iter().map(str::to_owned).collect();
         let ids = |list: &[String], what: &str, file: &str, unsupported: &mut Vec<String>| {
             let parsed: Option<Vec<u32>> = list
                 .iter()

@@ -73,42 +73,37 @@ pub fn link_create(
     bpf(BPF_LINK_CREATE, &mut attr).map(owned)
 }
 
-/// Pins an object at `path` on bpffs (`BPF_OBJ_PIN`).
-pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
+/// The `bpf_attr` of `BPF_OBJ_PIN` and `BPF_OBJ_GET`.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `BPF_OBJ_PIN` or `BPF_OBJ_GET` on `path` (`fd`: the object to pin, 0 to get).
+fn obj_call(cmd: u32, fd: u32, path: &Path) -> Result<i64> {
     use std::os::unix::ffi::OsStrExt as _;
     let c = CString::new(path.as_os_str().as_bytes())?;
-    #[repr(C)]
-    struct Attr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let mut attr = Attr {
+    let mut attr = ObjAttr {
         pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
+        bpf_fd: fd,
         file_flags: 0,
     };
-    bpf(BPF_OBJ_PIN, &mut attr).with_context(|| format!("BPF_OBJ_PIN {}", path.display()))?;
+    Ok(bpf(cmd, &mut attr)?)
+}
+
+/// Pins an object at `path` on bpffs (`BPF_OBJ_PIN`).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    obj_call(BPF_OBJ_PIN, fd.as_raw_fd() as u32, path)
+        .with_context(|| format!("BPF_OBJ_PIN {}", path.display()))?;
     Ok(())
 }
 
 /// Opens a pinned object (`BPF_OBJ_GET`).
 pub fn obj_get(path: &Path) -> Result<OwnedFd> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = CString::new(path.as_os_str().as_bytes())?;
-    #[repr(C)]
-    struct Attr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let mut attr = Attr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    let fd =
-        bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
+    let fd = obj_call(BPF_OBJ_GET, 0, path)
+        .with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
     Ok(owned(fd))
 }
 

@@ -237,57 +237,15 @@ fn owners(b: &mut Builder, cfg: &IstioConfig, lo: (&str, &str)) {
     ] {
         for id in ids {
             // The multiport DNS form is only ever used for UIDs.
-            if cfg.redirect_dns && kind == "--uid-owner" {
-                b.append_versioned(
-                    "ISTIO_OUTPUT",
-                    NAT,
-                    lo,
-                    &[
-                        "-o",
-                        "lo",
-                        "!",
-                        "-d",
-                        VERSIONED,
-                        "-p",
-                        "tcp",
-                        "-m",
-                        "multiport",
-                        "!",
-                        "--dports",
-                        &dns_and_tunnel,
-                        "-m",
-                        "owner",
-                        kind,
-                        id,
-                        "-j",
-                        "ISTIO_IN_REDIRECT",
-                    ],
-                );
+            let dports: &[&str] = if cfg.redirect_dns && kind == "--uid-owner" {
+                &["-m", "multiport", "!", "--dports", &dns_and_tunnel]
             } else {
-                b.append_versioned(
-                    "ISTIO_OUTPUT",
-                    NAT,
-                    lo,
-                    &[
-                        "-o",
-                        "lo",
-                        "!",
-                        "-d",
-                        VERSIONED,
-                        "-p",
-                        "tcp",
-                        "!",
-                        "--dport",
-                        tun,
-                        "-m",
-                        "owner",
-                        kind,
-                        id,
-                        "-j",
-                        "ISTIO_IN_REDIRECT",
-                    ],
-                );
-            }
+                &["!", "--dport", tun]
+            };
+            let mut rule = vec!["-o", "lo", "!", "-d", VERSIONED, "-p", "tcp"];
+            rule.extend_from_slice(dports);
+            rule.extend(["-m", "owner", kind, id, "-j", "ISTIO_IN_REDIRECT"]);
+            b.append_versioned("ISTIO_OUTPUT", NAT, lo, &rule);
             if !cfg.include.has_loopback {
                 if cfg.redirect_dns {
                     b.append(
