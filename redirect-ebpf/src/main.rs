@@ -17,6 +17,11 @@
 //! - [`redirect_getpeername4`] / [`redirect_getpeername6`]
 //!   (`cgroup/getpeername4/6`) make `getpeername()` on the app's redirected
 //!   socket return the original destination.
+//! - [`redirect_sk_lookup`] (`sk_lookup`, attached to the pod's network
+//!   namespace) hands inbound connections to the proxy's inbound listener,
+//!   which [`redirect_sockops`] registers in `RDR_LISTENER` when it calls
+//!   `listen()`; the accepted socket keeps the original destination as its
+//!   local address, which [`redirect_getsockopt`] reports.
 //!
 //! Configuration comes from the `RDR_CONFIG` map that user space fills; every
 //! decision increments a per-CPU counter in `RDR_STATS`.
@@ -33,21 +38,23 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, bpf_sock, bpf_sockopt,
+        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock,
+        bpf_sockopt,
+        sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_current_uid_gid, generated::bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use redirect_common::{
-    COUNTER_COUNT, ConnTuple, ConnectInput, Counter, Event, InstanceMeta, LOCALHOST, LOG_DEBUG,
-    LOG_TRACE, Lookups, MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_PORTS, OrigDst, RedirectConfig,
-    SOCK_STREAM, SOCKADDR_IN_LEN, SockoptAction, Verdict, answer_optlen, classify_getsockopt,
-    decide_connect, sockaddr_in, to_v4_mapped, tuple_from_client_side, tuple_from_server_side,
-    v4_mapped,
+    CFG_INBOUND, COUNTER_COUNT, ConnTuple, ConnectInput, Counter, Event, InboundInput,
+    InboundVerdict, InstanceMeta, LOCALHOST, LOG_DEBUG, LOG_TRACE, Lookups, MAX_CIDRS,
+    MAX_LOCAL_ADDRS, MAX_PORTS, OrigDst, RedirectConfig, SOCK_STREAM, SOCKADDR_IN_LEN,
+    SockoptAction, Verdict, answer_optlen, classify_getsockopt, decide_connect, decide_inbound,
+    sockaddr_in, to_v4_mapped, tuple_from_client_side, tuple_from_server_side, v4_mapped,
 };
 
 /// Largest number of connections whose original destination is tracked at once.
@@ -57,6 +64,7 @@ const MAX_TRACKED: u32 = 65536;
 const ALLOW: i32 = 1;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
 
 // Every map is pinned by name in the instance's bpffs directory, so that a
 // reinstall reuses them and the programs it loads share state with the old ones.
@@ -95,6 +103,17 @@ static RDR_INCLUDE: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_CIDRS, 0);
 /// `lo`, which Istio's `-o lo` rules test.
 #[map]
 static RDR_LOCAL: HashMap<u32, u8> = HashMap::pinned(MAX_LOCAL_ADDRS, 0);
+
+/// The proxy's inbound listener (key 0), put here by [`redirect_sockops`]
+/// when a socket of the cgroup listens on the inbound port (or by user
+/// space, for a listener that existed before the install).
+#[map]
+static RDR_LISTENER: SockMap = SockMap::pinned(1, 0);
+
+/// Inbound connections captured, per destination port. When every slot is
+/// taken, further ports are only counted in `inbound_captured`.
+#[map]
+static RDR_IN_HITS: HashMap<u16, u64> = HashMap::pinned(MAX_PORTS, 0);
 
 /// The decision's view of the maps above.
 struct Maps;
@@ -293,6 +312,10 @@ fn capture(
 /// completes, and removes records when connections close.
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        on_listen(&ctx);
+        return 1;
+    }
     let Some(ends) = Ends::of(&ctx) else {
         return 1;
     };
@@ -373,6 +396,26 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
 #[inline(always)]
 fn watch_close(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// A socket of the cgroup started listening: when it is on the inbound
+/// capture port (and inbound capture is on), it becomes the listener that
+/// [`redirect_sk_lookup`] hands inbound connections to. This is how the
+/// proxy's listener, which appears after the init step has exited, is
+/// found without a daemon. The newest listener wins; the kernel removes a
+/// socket from the map when it closes.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let Some(cfg) = RDR_CONFIG.get(0) else {
+        return;
+    };
+    if cfg.flags & CFG_INBOUND == 0 || ctx.local_port() != u32::from(cfg.inbound_port) {
+        return;
+    }
+    // SAFETY: the context is the listening socket's, valid for this call.
+    if unsafe { RDR_LISTENER.update(0, ctx.ops, u64::from(BPF_ANY)) }.is_ok() {
+        count(Counter::ListenerRegistered);
+    }
 }
 
 /// A redirected socket is about to send its SYN: watch it, so that a connect
@@ -498,11 +541,9 @@ fn sock_ends(sk: *const bpf_sock) -> Option<(u32, u16, u32, u16)> {
 pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/getsockopt program a valid context.
     let opt = unsafe { &mut *ctx.sockopt };
-    if classify_getsockopt(opt.level, opt.optname) == SockoptAction::AnswerOriginalDst
-        && answer_original_dst(opt)
+    if classify_getsockopt(opt.level, opt.optname) != SockoptAction::AnswerOriginalDst
+        || !answer_original_dst(opt)
     {
-        count(Counter::OrigDstAnswered);
-    } else {
         // SAFETY: optlen is a writable field of the context.
         unsafe { core::ptr::write_volatile(&raw mut opt.optlen, 0) };
     }
@@ -529,9 +570,19 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
     };
     let tuple = tuple_from_server_side(local_ip, local_port, remote_ip, remote_port);
     // SAFETY: copied out before use.
-    let Some(orig) = (unsafe { RDR_ORIG_TUPLE.get(tuple) }).copied() else {
-        count(Counter::OrigDstMissed);
-        return false;
+    let orig = match (unsafe { RDR_ORIG_TUPLE.get(tuple) }).copied() {
+        Some(orig) => {
+            count(Counter::OrigDstAnswered);
+            orig
+        }
+        None if inbound_captured(remote_ip, local_port) => {
+            count(Counter::OrigDstInbound);
+            OrigDst::new(local_ip, local_port)
+        }
+        None => {
+            count(Counter::OrigDstMissed);
+            return false;
+        }
     };
     let bytes = sockaddr_in(&orig);
     // SAFETY: 16 bytes fit between optval and optval_end (checked above).
@@ -545,6 +596,86 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
         core::ptr::write_volatile(&raw mut opt.retval, 0);
     }
     true
+}
+
+/// Whether a connection from `remote_ip` to local port `port` is one the
+/// inbound rules capture: an accepted socket of this cgroup with such ends
+/// came through [`redirect_sk_lookup`] (which refuses what it cannot hand
+/// to the listener), so its local address is the original destination.
+#[inline(always)]
+fn inbound_captured(remote_ip: u32, port: u16) -> bool {
+    let Some(cfg) = RDR_CONFIG.get(0) else {
+        return false;
+    };
+    let input = InboundInput {
+        src_ip: remote_ip,
+        dst_port: port,
+    };
+    decide_inbound(&input, cfg, &Maps) == InboundVerdict::Capture
+}
+
+/// Mirrors Istio's inbound capture, by default (`-b '*'`):
+///
+/// ```text
+/// -A PREROUTING -p tcp -j ISTIO_INBOUND
+/// -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
+/// -A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN     (each -d port)
+/// -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+/// -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+/// ```
+///
+/// (the whole decision, with `-b` lists and TPROXY, is [`decide_inbound`]).
+/// Runs when a TCP SYN finds no established socket in the pod's network
+/// namespace: a captured connection is assigned to the proxy's inbound
+/// listener and keeps its destination address and port, which is what the
+/// proxy reads back (getsockname, or SO_ORIGINAL_DST). With no listener
+/// registered the connection is refused (a reset), as REDIRECT to a port
+/// nobody listens on refuses it: captured traffic never reaches the app
+/// behind the proxy's back.
+#[sk_lookup]
+pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands every sk_lookup program a valid context.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.family != AF_INET || lookup.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let Some(cfg) = RDR_CONFIG.get(0) else {
+        return SK_PASS;
+    };
+    let input = InboundInput {
+        src_ip: lookup.remote_ip4,
+        dst_port: lookup.local_port as u16,
+    };
+    match decide_inbound(&input, cfg, &Maps) {
+        InboundVerdict::Bypass(counter) => {
+            count(counter);
+            SK_PASS
+        }
+        InboundVerdict::Capture => {
+            if RDR_LISTENER.redirect_sk_lookup(&ctx, 0, 0).is_err() {
+                count(Counter::InboundRefused);
+                return SK_DROP;
+            }
+            count(Counter::InboundCaptured);
+            count_port(input.dst_port);
+            SK_PASS
+        }
+    }
+}
+
+/// Adds one to the inbound capture count of `port`.
+#[inline(always)]
+fn count_port(port: u16) {
+    if let Some(slot) = RDR_IN_HITS.get_ptr_mut(port) {
+        // SAFETY: a valid, aligned map value (see `count`).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
+    } else if RDR_IN_HITS.insert(port, 1, u64::from(BPF_NOEXIST)).is_err()
+        && let Some(slot) = RDR_IN_HITS.get_ptr_mut(port)
+    {
+        // Another CPU created the entry first.
+        // SAFETY: as above.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
+    }
 }
 
 /// The record of the app's redirected socket `sk` whose peer is `peer_ip:peer_port`.

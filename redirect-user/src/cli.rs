@@ -92,6 +92,22 @@ pub struct TargetArgs {
     /// cgroup's path below the cgroup2 mount, with '/' turned into '-']
     #[arg(long, value_name = "NAME", value_parser = parse_instance)]
     pub instance: Option<String>,
+
+    /// The pod's network namespace (/proc/PID/ns/net or /run/netns/NAME)
+    /// [default: this process's, which is the pod's in an init container]
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<std::path::PathBuf>,
+}
+
+impl TargetArgs {
+    /// Enters `--netns`, when given: the pod's addresses and its inbound
+    /// hook are those of the namespace this thread is in.
+    pub fn enter_netns(&self) -> anyhow::Result<()> {
+        match &self.netns {
+            Some(path) => crate::iptables::apply::enter_netns(path),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -147,8 +163,38 @@ pub struct CaptureArgs {
     #[arg(long, env = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", value_name = "GROUP[,GROUP...]", default_value = "", value_parser = parse_groups)]
     pub owner_groups_exclude: IdList,
 
+    /// Inbound ports captured: '*' (every port but the -d ones), ports,
+    /// or empty for no inbound capture (Istio -b)
+    #[arg(short = 'b', long = "istio-inbound-ports", value_name = "*|PORT[,PORT...]", default_value = "", value_parser = parse_inbound_ports)]
+    pub inbound_ports: InboundPorts,
+
+    /// Inbound ports never captured, with -b '*' (Istio -d)
+    #[arg(short = 'd', long = "istio-local-exclude-ports", value_name = "PORT[,PORT...]", default_value = "", value_parser = parse_ports)]
+    pub inbound_exclude: PortList,
+
+    /// REDIRECT or TPROXY (Istio -m): eBPF serves both the same way, the
+    /// connection keeping its destination; TPROXY has no -e exception
+    #[arg(short = 'm', long = "istio-inbound-interception-mode", value_name = "REDIRECT|TPROXY", default_value = "REDIRECT", action = clap::ArgAction::Set, value_parser = config::parse_interception_mode)]
+    pub tproxy: bool,
+
     #[command(flatten)]
     pub not_yet: NotYetArgs,
+}
+
+/// `-b`: no inbound capture (empty), every port (`*`), or these ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InboundPorts {
+    Off,
+    All,
+    Only(Vec<u16>),
+}
+
+fn parse_inbound_ports(s: &str) -> Result<InboundPorts, String> {
+    match s.trim() {
+        "" => Ok(InboundPorts::Off),
+        "*" => Ok(InboundPorts::All),
+        list => parse_ports(list).map(|p| InboundPorts::Only(p.0)),
+    }
 }
 
 /// istio-iptables flags that eBPF capture cannot honour yet. They are
@@ -156,21 +202,7 @@ pub struct CaptureArgs {
 /// refusal that names the flag and the way out, not a parse error.
 #[derive(Args)]
 pub struct NotYetArgs {
-    #[arg(
-        short = 'b',
-        long = "istio-inbound-ports",
-        hide = true,
-        default_value = ""
-    )]
-    inbound_ports: String,
-    /// Only matter with -b (inbound capture) or TPROXY: accepted and unused.
-    #[arg(
-        short = 'd',
-        long = "istio-local-exclude-ports",
-        hide = true,
-        default_value = ""
-    )]
-    _local_exclude_ports: String,
+    /// TPROXY's mark and routing table: eBPF needs neither; accepted and unused.
     #[arg(
         short = 't',
         long = "inbound-tproxy-mark",
@@ -185,13 +217,6 @@ pub struct NotYetArgs {
         default_value = "133"
     )]
     _tproxy_route_table: String,
-    #[arg(
-        short = 'm',
-        long = "istio-inbound-interception-mode",
-        hide = true,
-        default_value = "REDIRECT"
-    )]
-    interception_mode: String,
     #[arg(
         short = 'c',
         long = "istio-exclude-interfaces",
@@ -218,8 +243,6 @@ impl NotYetArgs {
     /// The first flag given that eBPF capture cannot honour, as a refusal.
     pub fn check(&self) -> Result<(), String> {
         let not_yet = config::NotYet {
-            inbound: !self.inbound_ports.is_empty(),
-            tproxy: !self.interception_mode.eq_ignore_ascii_case("REDIRECT"),
             exclude_interfaces: !self.exclude_interfaces.is_empty(),
             kube_virt_interfaces: !self.kube_virt_interfaces.is_empty(),
             redirect_dns: self.redirect_dns == Some(true),
@@ -256,16 +279,32 @@ impl CaptureArgs {
                 .0
                 .clone()
                 .unwrap_or_else(|| self.owner_groups_exclude.0.clone()),
+            inbound: match &self.inbound_ports {
+                InboundPorts::Off => None,
+                ports => Some(config::Inbound {
+                    all: *ports == InboundPorts::All,
+                    ports: match ports {
+                        InboundPorts::Only(list) => list.clone(),
+                        _ => Vec::new(),
+                    },
+                    exclude: self.inbound_exclude.0.clone(),
+                    tproxy: self.tproxy,
+                }),
+            },
             ..Config::default()
         }
     }
 
     /// The config the kernel programs get: proxy ids translated into the
-    /// initial user namespace (see [`crate::userns`]).
+    /// initial user namespace (see [`crate::userns`]), and the pod's
+    /// addresses: those of the network namespace this thread is in (see
+    /// [`TargetArgs::enter_netns`]).
     pub fn to_kernel_config(&self) -> anyhow::Result<Config> {
         self.not_yet.check().map_err(anyhow::Error::msg)?;
         crate::userns::check_readable()?;
-        crate::userns::config_to_host(&self.to_config())
+        let mut config = crate::userns::config_to_host(&self.to_config())?;
+        config.local_addrs = config::pod_addresses()?;
+        Ok(config)
     }
 }
 
@@ -347,7 +386,7 @@ pub struct Include {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CidrList(pub Vec<config::Ipv4Cidr>);
 
-/// A comma-separated port list (`-q`, `-o`).
+/// A comma-separated port list (`-q`, `-o`, `-d`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortList(pub Vec<u16>);
 
@@ -479,6 +518,9 @@ mod tests {
             &["redirect", "install", "--cgroup", "/x", "-p", "70000"],
             &["redirect", "install", "--cgroup", "/x", "-u", "envoy"],
             &["redirect", "install", "--cgroup", "/x", "--instance", "a/b"],
+            &["redirect", "install", "--cgroup", "/x", "-b", "80:90"],
+            &["redirect", "install", "--cgroup", "/x", "-d", "0"],
+            &["redirect", "install", "--cgroup", "/x", "-m", "redirect"],
             &["redirect", "uninstall"],
         ] {
             let err = Cli::try_parse_from(args).err().expect("should fail");

@@ -4,8 +4,9 @@
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use redirect_common::{
-    ABI_VERSION, CFG_GROUPS_ONLY, CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, MAX_CIDRS,
-    MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORTS, RedirectConfig,
+    ABI_VERSION, CFG_GROUPS_ONLY, CFG_INBOUND, CFG_INBOUND_ALL, CFG_INCLUDE_ALL,
+    CFG_INCLUDE_LOOPBACK, CFG_TPROXY, MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORTS,
+    RedirectConfig,
 };
 
 use crate::istio::{Host, IstioConfig, OwnerGroups};
@@ -49,8 +50,79 @@ pub struct Config {
     /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`, numeric.
     pub owner_groups: Vec<u32>,
     /// The pod's own IPv4 addresses outside 127/8: connects to them leave
-    /// through `lo` (Istio's `-o lo`).
+    /// through `lo` (Istio's `-o lo`), and connections from them are not
+    /// inbound.
     pub local_addrs: Vec<Ipv4Addr>,
+    /// Inbound capture (`-b` not empty), or `None`.
+    pub inbound: Option<Inbound>,
+}
+
+/// Which inbound connections are captured (Istio `-b`, `-d`, `-m`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inbound {
+    /// `-b '*'`: every port but `exclude`.
+    pub all: bool,
+    /// `-b` ports, when not `*`.
+    pub ports: Vec<u16>,
+    /// `-d` ports: not captured. Istio uses them with `-b '*'` only.
+    pub exclude: Vec<u16>,
+    /// `-m TPROXY` (else REDIRECT). Both are served by the same eBPF path;
+    /// TPROXY's rules differ only in having no tunnel-port exception.
+    pub tproxy: bool,
+}
+
+impl Inbound {
+    /// Parses `-b`, `-d` and `-m` as istio-iptables reads them: `-b ""`
+    /// is no inbound capture, `*` every port, else a list of ports.
+    pub fn parse(ports: &str, exclude: &str, mode: &str) -> Result<Option<Self>, String> {
+        let tproxy = parse_interception_mode(mode)?;
+        let ports = ports.trim();
+        if ports.is_empty() {
+            return Ok(None);
+        }
+        let list = |raw: &str, flag: &str| -> Result<Vec<u16>, String> {
+            crate::istio::split(raw)
+                .iter()
+                .map(|p| {
+                    parse_port(p)
+                        .map_err(|why| format!("{flag}: {why} (eBPF mode takes single ports)"))
+                })
+                .collect()
+        };
+        let all = ports == "*";
+        Ok(Some(Self {
+            all,
+            ports: if all { Vec::new() } else { list(ports, "-b")? },
+            exclude: list(exclude, "-d")?,
+            tproxy,
+        }))
+    }
+}
+
+/// `-m`: `true` for TPROXY, `false` for REDIRECT (istio-iptables' two modes).
+pub fn parse_interception_mode(mode: &str) -> Result<bool, String> {
+    match mode {
+        "" | "REDIRECT" => Ok(false),
+        "TPROXY" => Ok(true),
+        other => Err(format!(
+            "-m: '{other}' is not an interception mode (REDIRECT or TPROXY)"
+        )),
+    }
+}
+
+/// The IPv4 addresses of the calling thread's network namespace outside
+/// 127/8: the pod's own addresses when run in the pod.
+pub fn pod_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
+    use anyhow::Context as _;
+    let all = crate::istio::Host::addresses(&crate::istio::RealHost)
+        .context("listing the pod's addresses")?;
+    Ok(all
+        .into_iter()
+        .filter_map(|a| match a {
+            std::net::IpAddr::V4(v4) if !v4.is_loopback() => Some(v4),
+            _ => None,
+        })
+        .collect())
 }
 
 impl Default for Config {
@@ -74,6 +146,7 @@ impl Default for Config {
             groups_only: false,
             owner_groups: Vec::new(),
             local_addrs: Vec::new(),
+            inbound: None,
         }
     }
 }
@@ -98,6 +171,12 @@ impl Config {
                 (self.include_all, CFG_INCLUDE_ALL),
                 (self.include_loopback, CFG_INCLUDE_LOOPBACK),
                 (self.groups_only, CFG_GROUPS_ONLY),
+                (self.inbound.is_some(), CFG_INBOUND),
+                (
+                    self.inbound.as_ref().is_some_and(|i| i.all),
+                    CFG_INBOUND_ALL,
+                ),
+                (self.inbound.as_ref().is_some_and(|i| i.tproxy), CFG_TPROXY),
             ]
             .iter()
             .filter(|(on, _)| *on)
@@ -121,8 +200,13 @@ impl Config {
             ("included CIDRs", self.include.len(), MAX_CIDRS as usize),
             ("excluded CIDRs", self.exclude.len(), MAX_CIDRS as usize),
             (
-                "outbound ports",
-                self.ports_include.len() + self.ports_exclude.len(),
+                "outbound and inbound ports",
+                self.ports_include.len()
+                    + self.ports_exclude.len()
+                    + self
+                        .inbound
+                        .as_ref()
+                        .map_or(0, |i| i.ports.len() + i.exclude.len()),
                 MAX_PORTS as usize,
             ),
             (
@@ -141,7 +225,7 @@ impl Config {
 
     /// Reads back what [`Config::to_bpf`] wrote (for `redirect status`).
     /// The lists kept in their own maps (CIDRs, ports, pod addresses) are
-    /// left empty.
+    /// left empty, the inbound port lists included.
     pub fn from_bpf(raw: &RedirectConfig) -> Self {
         let uids = (raw.uid_count as usize).min(MAX_OWNERS);
         let gids = (raw.gid_count as usize).min(MAX_OWNERS);
@@ -161,6 +245,11 @@ impl Config {
             include_loopback: raw.flags & CFG_INCLUDE_LOOPBACK != 0,
             groups_only: raw.flags & CFG_GROUPS_ONLY != 0,
             owner_groups: raw.owner_groups[..groups].to_vec(),
+            inbound: (raw.flags & CFG_INBOUND != 0).then(|| Inbound {
+                all: raw.flags & CFG_INBOUND_ALL != 0,
+                tproxy: raw.flags & CFG_TPROXY != 0,
+                ..Inbound::default()
+            }),
             ..Self::default()
         }
     }
@@ -216,8 +305,6 @@ impl FromStr for Ipv4Cidr {
 /// (through [`Config::from_istio`]) and `install`/`run` refuse from.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NotYet {
-    pub inbound: bool,
-    pub tproxy: bool,
     pub exclude_interfaces: bool,
     pub kube_virt_interfaces: bool,
     pub redirect_dns: bool,
@@ -229,11 +316,6 @@ impl NotYet {
     /// The flags asking for it, in istio-iptables' flag order.
     pub fn flags(&self) -> Vec<&'static str> {
         [
-            (self.inbound, "-b/--istio-inbound-ports (inbound capture)"),
-            (
-                self.tproxy,
-                "-m/--istio-inbound-interception-mode other than REDIRECT",
-            ),
             (self.exclude_interfaces, "-c/--istio-exclude-interfaces"),
             (self.kube_virt_interfaces, "-k/--kube-virt-interfaces"),
             (self.redirect_dns, "--redirect-dns (DNS capture)"),
@@ -345,8 +427,6 @@ impl Config {
     /// network namespace the capture is for).
     pub fn from_istio(cfg: &IstioConfig, host: &dyn Host) -> Result<Self, Vec<String>> {
         let not_yet = NotYet {
-            inbound: !cfg.inbound_ports.is_empty(),
-            tproxy: cfg.tproxy,
             exclude_interfaces: !cfg.exclude_interfaces.is_empty(),
             kube_virt_interfaces: !cfg.kube_virt_interfaces.is_empty(),
             redirect_dns: cfg.redirect_dns,
@@ -440,6 +520,15 @@ impl Config {
             "-e/--inbound-tunnel-port",
             &mut unsupported,
         );
+        let inbound = Inbound::parse(
+            &cfg.inbound_ports,
+            &cfg.local_exclude_ports.join(","),
+            if cfg.tproxy { "TPROXY" } else { "REDIRECT" },
+        )
+        .unwrap_or_else(|why| {
+            unsupported.push(why);
+            None
+        });
         let loopback = cfg.loopback_v4.parse::<Ipv4Cidr>();
         if loopback.is_err() {
             unsupported.push("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR".to_owned());
@@ -460,6 +549,7 @@ impl Config {
             groups_only,
             owner_groups,
             local_addrs: Vec::new(),
+            inbound,
         };
         if let Err(limit) = config.check_limits() {
             unsupported.push(limit);
@@ -508,7 +598,7 @@ mod istio_tests {
 
     #[test]
     fn the_sidecar_command_line_names_what_ebpf_cannot_do_yet() {
-        let why = Config::from_istio(
+        let cfg = Config::from_istio(
             &istio(&[
                 "-p",
                 "15001",
@@ -529,8 +619,24 @@ mod istio_tests {
             ]),
             &RealHost,
         )
+        .unwrap();
+        let inbound = cfg.inbound.expect("-b '*' is inbound capture");
+        assert!(inbound.all && !inbound.tproxy);
+        assert_eq!(inbound.exclude, vec![15090, 15021, 15020]);
+        let why = Config::from_istio(
+            &istio(&["-b", "9080", "-c", "eth1", "-k", "eth2"]),
+            &RealHost,
+        )
         .unwrap_err();
-        assert_eq!(why, vec!["-b/--istio-inbound-ports (inbound capture)"]);
+        assert_eq!(
+            why,
+            vec!["-c/--istio-exclude-interfaces", "-k/--kube-virt-interfaces"]
+        );
+        let cfg =
+            Config::from_istio(&istio(&["-b", "9080,9090", "-m", "TPROXY"]), &RealHost).unwrap();
+        let inbound = cfg.inbound.expect("-b list");
+        assert_eq!((inbound.all, inbound.tproxy), (false, true));
+        assert_eq!(inbound.ports, vec![9080, 9090]);
         let cfg = Config::from_istio(
             &istio(&[
                 "-i",

@@ -110,6 +110,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
 }
 
 fn install(args: &InstallArgs) -> Result<ExitCode> {
+    args.target.enter_netns()?;
     let config = args.capture.to_kernel_config()?;
     let cgroup = cgroup::resolve(&args.target.cgroup)?;
     let instance = args
@@ -123,8 +124,11 @@ fn install(args: &InstallArgs) -> Result<ExitCode> {
         instance: &instance,
         log_level: 0,
     })?;
+    for note in &installed.notes {
+        eprintln!("redirect: note: {note}");
+    }
     outln!(
-        "redirect: {} instance {instance} on {}: outbound TCP -> 127.0.0.1:{} (proxy uids {:?}, gids {:?})",
+        "redirect: {} instance {instance} on {}: outbound TCP -> 127.0.0.1:{}{} (proxy uids {:?}, gids {:?})",
         if installed.upgraded {
             "updated"
         } else {
@@ -132,10 +136,35 @@ fn install(args: &InstallArgs) -> Result<ExitCode> {
         },
         cgroup.path.display(),
         config.proxy_port,
+        inbound_summary(&config),
         config.proxy_uids,
         config.proxy_gids,
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// ", inbound TCP to ports ... -> the inbound listener on :15006", or
+/// nothing without inbound capture.
+fn inbound_summary(config: &config::Config) -> String {
+    let Some(inbound) = &config.inbound else {
+        return String::new();
+    };
+    let list = |ports: &[u16]| {
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let ports = match (inbound.all, inbound.exclude.is_empty()) {
+        (true, true) => "every port".to_owned(),
+        (true, false) => format!("every port but {}", list(&inbound.exclude)),
+        (false, _) => format!("ports {}", list(&inbound.ports)),
+    };
+    format!(
+        ", inbound TCP to {ports} -> the listener on :{}",
+        config.inbound_port
+    )
 }
 
 /// `redirect istio-iptables`: istio-iptables' command line. Exit codes are
@@ -249,6 +278,17 @@ fn choose_mode(
         if report.mode != "ebpf" {
             return Err(report.reason);
         }
+        if ebpf.inbound.is_some()
+            && let Some(missing) = report
+                .features
+                .iter()
+                .find(|f| f.name == "sk_lookup" && !f.present)
+        {
+            return Err(format!(
+                "inbound capture (-b) needs sk_lookup (kernel {}), missing here",
+                missing.first_kernel
+            ));
+        }
         let cgroup = cgroup::resolve(&args.cgroup).map_err(|err| format!("{err:#}"))?;
         Ok((ebpf, cgroup))
     };
@@ -291,29 +331,26 @@ fn istio_ebpf(
     let mut kernel_config = userns::config_to_host(ebpf)?;
     // `-o lo` covers the pod's own addresses: those of this network
     // namespace (the pod's, or --netns).
-    kernel_config.local_addrs = istio::Host::addresses(&istio::RealHost)
-        .context("listing the pod's addresses")?
-        .into_iter()
-        .filter_map(|a| match a {
-            std::net::IpAddr::V4(v4) if !v4.is_loopback() => Some(v4),
-            _ => None,
-        })
-        .collect();
+    kernel_config.local_addrs = config::pod_addresses()?;
     let installed = loader::install(&loader::Request {
         config: &kernel_config,
         cgroup,
         instance: &instance,
         log_level: 0,
     })?;
+    for note in &installed.notes {
+        eprintln!("redirect: note: {note}");
+    }
     outln!(
-        "redirect: {} the capture with eBPF on {} (instance {instance}): outbound TCP -> 127.0.0.1:{}",
+        "redirect: {} the capture with eBPF on {} (instance {instance}): outbound TCP -> 127.0.0.1:{}{}",
         if installed.upgraded {
             "updated"
         } else {
             "installed"
         },
         cgroup.path.display(),
-        ebpf.proxy_port
+        ebpf.proxy_port,
+        inbound_summary(ebpf)
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::{
     bpffs, cgroup,
-    ebpf::{HOOKS, Hook, loader, sys},
+    ebpf::{Hook, all_hooks, loader, sys},
     privilege,
 };
 
@@ -117,7 +117,7 @@ fn catalogue() -> Vec<Spec> {
             required: true,
         },
     ];
-    for hook in HOOKS {
+    for hook in all_hooks() {
         specs.push(Spec {
             name: hook_feature(&hook),
             needed_for: hook.mirrors,
@@ -126,6 +126,7 @@ fn catalogue() -> Vec<Spec> {
                 (4, 17) => "4.17",
                 (5, 3) => "5.3",
                 (5, 8) => "5.8",
+                (5, 9) => "5.9",
                 _ => "?",
             },
             required: !hook.optional,
@@ -148,6 +149,7 @@ pub fn hook_feature(hook: &Hook) -> &'static str {
         "getpeername4" => "cgroup/getpeername4",
         "getpeername6" => "cgroup/getpeername6",
         "connect6" => "cgroup/connect6",
+        "sk_lookup" => "sk_lookup",
         _ => "cgroup/connect4",
     }
 }
@@ -210,7 +212,7 @@ fn detect(spec: &Spec) -> (bool, String) {
             "no iptables-restore on PATH (install iptables)".into(),
         ),
         name => {
-            let Some(hook) = HOOKS.iter().find(|h| hook_feature(h) == name) else {
+            let Some(hook) = all_hooks().find(|h| hook_feature(h) == name) else {
                 return (false, "unknown feature".into());
             };
             match sys::probe_hook(hook.kind.prog_type(), hook.attach_type) {

@@ -14,6 +14,7 @@ use tokio::{
 use crate::{cgroup, cli::RunArgs, ebpf::loader};
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
+    args.target.enter_netns()?;
     let config = args.capture.to_kernel_config()?;
     let cgroup = cgroup::resolve(&args.target.cgroup)?;
     let instance = args
@@ -43,15 +44,19 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             instance: &instance,
             log_level: args.log.ebpf_level(),
         })?;
+        for note in &installed.notes {
+            eprintln!("redirect: note: {note}");
+        }
         // From here on, any way out detaches (unless --persist).
         let guard = Detach {
             instance: &instance,
             armed: !args.persist,
         };
         outln!(
-            "redirect: capturing {} (instance {instance}) -> 127.0.0.1:{}; Ctrl-C to {}",
+            "redirect: capturing {} (instance {instance}) -> 127.0.0.1:{}{}; Ctrl-C to {}",
             cgroup.path.display(),
             config.proxy_port,
+            crate::inbound_summary(&config),
             if args.persist {
                 "exit (capture stays)"
             } else {

@@ -5,13 +5,13 @@
 use std::{fmt::Write as _, os::fd::AsFd as _, path::Path};
 
 use anyhow::Result;
-use redirect_common::Counter;
+use redirect_common::{Counter, InstanceMeta, PORT_IN_EXCLUDE, PORT_IN_INCLUDE};
 use serde::Serialize;
 
 use crate::{
     bpffs,
     config::Config,
-    ebpf::{HOOKS, loader, maps, sys},
+    ebpf::{Kind, all_hooks, loader, maps, sys},
 };
 
 #[derive(Serialize)]
@@ -37,6 +37,14 @@ pub struct Instance {
     pub counters: Vec<CounterView>,
     /// Connections with an original-destination record.
     pub tracked: Tracked,
+    /// Inbound connections captured, per destination port.
+    pub inbound_captured: Vec<PortCount>,
+}
+
+#[derive(Serialize)]
+pub struct PortCount {
+    pub port: u16,
+    pub connections: u64,
 }
 
 #[derive(Serialize)]
@@ -45,7 +53,8 @@ pub struct Program {
     /// `None` when the link pin is missing or unreadable.
     pub link_id: Option<u32>,
     pub program_id: Option<u32>,
-    /// The link is attached to the instance's cgroup.
+    /// The link is attached to the instance's cgroup (sk_lookup: to the
+    /// network namespace it was installed in).
     pub attached: bool,
     /// The running kernel has this hook (when not, it is skipped).
     pub available: bool,
@@ -62,6 +71,18 @@ pub struct ConfigView {
     pub loopback_cidr: String,
     pub inbound_port: u16,
     pub tunnel_port: u16,
+    /// Inbound capture, `None` when off (`-b ''`).
+    pub inbound: Option<InboundView>,
+}
+
+#[derive(Serialize)]
+pub struct InboundView {
+    /// `*` or the captured ports (`-b`).
+    pub ports: String,
+    /// Ports never captured (`-d`).
+    pub exclude: String,
+    /// `REDIRECT` or `TPROXY` (`-m`).
+    pub mode: &'static str,
 }
 
 #[derive(Serialize)]
@@ -119,12 +140,34 @@ fn instance(name: &str) -> Result<Instance> {
         })
         .collect();
     let (connecting, established) = maps::tracked(&dir)?;
+    let port_list = |flag: u8| {
+        let mut list: Vec<u16> = sets
+            .ports
+            .iter()
+            .filter(|(_, f)| f & flag != 0)
+            .map(|(p, _)| *p)
+            .collect();
+        list.sort_unstable();
+        list.iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     Ok(Instance {
         instance: name.to_owned(),
         cgroup: loader::meta_path(&meta),
         cgroup_id: meta.cgroup_id,
-        programs: programs(&dir, meta.cgroup_id),
+        programs: programs(&dir, &meta),
         config: config.map(|c| ConfigView {
+            inbound: c.inbound.as_ref().map(|i| InboundView {
+                ports: if i.all {
+                    "*".to_owned()
+                } else {
+                    port_list(PORT_IN_INCLUDE)
+                },
+                exclude: port_list(PORT_IN_EXCLUDE),
+                mode: if i.tproxy { "TPROXY" } else { "REDIRECT" },
+            }),
             proxy_port: c.proxy_port,
             proxy_uids: c.proxy_uids,
             proxy_gids: c.proxy_gids,
@@ -137,13 +180,26 @@ fn instance(name: &str) -> Result<Instance> {
             connecting,
             established,
         },
+        inbound_captured: maps::inbound_hits(&dir)?
+            .into_iter()
+            .map(|(port, connections)| PortCount { port, connections })
+            .collect(),
     })
 }
 
-fn programs(dir: &Path, cgroup_id: u64) -> Vec<Program> {
-    HOOKS
-        .iter()
+/// The instance's hooks; sk_lookup only when inbound capture was ever
+/// installed (its pin exists, or the instance records a namespace).
+fn programs(dir: &Path, meta: &InstanceMeta) -> Vec<Program> {
+    all_hooks()
+        .filter(|hook| {
+            hook.kind != Kind::SkLookup || meta.netns_ino != 0 || dir.join(hook.pin_name()).exists()
+        })
         .map(|hook| {
+            let target = if hook.kind == Kind::SkLookup {
+                u64::from(meta.netns_ino)
+            } else {
+                meta.cgroup_id
+            };
             let info = sys::obj_get(&dir.join(hook.pin_name()))
                 .and_then(|fd| sys::link_info(fd.as_fd()))
                 .ok();
@@ -151,8 +207,8 @@ fn programs(dir: &Path, cgroup_id: u64) -> Vec<Program> {
                 hook: hook.name,
                 link_id: info.map(|i| i.link_id),
                 program_id: info.map(|i| i.prog_id),
-                attached: info.is_some_and(|i| i.cgroup_id == cgroup_id),
-                available: loader::available(hook),
+                attached: info.is_some_and(|i| i.target == target && target != 0),
+                available: loader::available(&hook),
                 min_kernel: format!("{}.{}", hook.min_kernel.0, hook.min_kernel.1),
                 mirrors: hook.mirrors,
             }
@@ -194,6 +250,7 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
             (list.join(","), c.groups_only)
         },
     );
+    let inbound_all = cfg.is_some_and(|c| c.inbound.as_ref().is_some_and(|i| i.all));
     let join = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let (uids, gids, loopback, port, inbound, tunnel) = cfg.map_or_else(
         || {
@@ -260,6 +317,34 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
             cidrs(&sets.include),
             ports(redirect_common::PORT_INCLUDE)
         ),
+        Counter::InboundCaptured => match (inbound_all, ports(PORT_IN_INCLUDE)) {
+            (true, _) => format!(
+                "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT  (REDIRECT --to-ports {inbound})"
+            ),
+            (false, list) => format!(
+                "-A ISTIO_INBOUND -p tcp --dport {list} -j ISTIO_IN_REDIRECT  (REDIRECT --to-ports {inbound})"
+            ),
+        },
+        Counter::InboundRefused => {
+            format!("(inbound capture with nothing listening on {inbound}: refused)")
+        }
+        Counter::InboundLocal => {
+            "(from the pod itself: local traffic does not traverse PREROUTING)".into()
+        }
+        Counter::InboundBypassTunnel => {
+            format!("-A ISTIO_INBOUND -p tcp --dport {tunnel} -j RETURN")
+        }
+        Counter::InboundBypassPort => match ports(PORT_IN_EXCLUDE) {
+            list if list.is_empty() || !inbound_all => "(no -d ports in use: rule absent)".into(),
+            list => format!("-A ISTIO_INBOUND -p tcp --dport {list} -j RETURN"),
+        },
+        Counter::InboundNotIncluded => "(inbound port not in -b: not captured)".into(),
+        Counter::ListenerRegistered => {
+            format!("(a listener on {inbound} registered for inbound capture)")
+        }
+        Counter::OrigDstInbound => {
+            "(conntrack: SO_ORIGINAL_DST of an inbound connection answered)".into()
+        }
     }
 }
 
@@ -314,6 +399,26 @@ pub fn render(status: &Status) -> String {
                 );
             }
             None => out.push_str("  config       (not written)\n"),
+        }
+        if let Some(i) = inst.config.as_ref().and_then(|c| c.inbound.as_ref()) {
+            let captured = inst
+                .inbound_captured
+                .iter()
+                .map(|p| format!("{}: {}", p.port, p.connections))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                out,
+                "  inbound      ports {} except [{}] ({}); captured per port: {}",
+                i.ports,
+                i.exclude,
+                i.mode,
+                if captured.is_empty() {
+                    "none yet"
+                } else {
+                    &captured
+                }
+            );
         }
         let _ = writeln!(
             out,

@@ -6,11 +6,12 @@
 //! pod's cgroup as any UID, which a thread of the test process cannot.
 //!
 //! ```text
-//! agent [--uid U --gid G] serve --listen IP:PORT --reply TEXT [--report original-dst|peer] [--http]
+//! agent [--uid U --gid G] serve --listen IP:PORT --reply TEXT [--report original-dst|peer] [--http] [--transparent]
 //!     listen, print "ready", answer every connection with one line: TEXT,
 //!     or what the accepted socket reports (its SO_ORIGINAL_DST, read as a
 //!     transparent proxy does, or its peer address); --http wraps it in an
-//!     HTTP/1.1 response after reading the request head
+//!     HTTP/1.1 response after reading the request head; --transparent sets
+//!     IP_TRANSPARENT on the listener (what a TPROXY listener needs)
 //! agent [...] connect --to IP:PORT [--count N] [--duration-ms D] [--until-file F] [--peer]
 //!     connect N times in sequence (stopping after D ms, or once file F
 //!     exists), read each reply,
@@ -27,6 +28,11 @@
 //! agent [...] each --to IP:PORT[,IP:PORT...] [--bind IP]
 //!     one connection to each target in turn (from a socket bound to IP,
 //!     when given), printing "<target>\t<reply or error>" per target
+//! agent [...] relay --listen IP:PORT [--bind IP]
+//!     a transparent proxy: for each connection, read its SO_ORIGINAL_DST,
+//!     connect there (from a socket bound to IP, e.g. Istio's inbound
+//!     passthrough source 127.0.0.6), send the client "<original dst> ",
+//!     then copy bytes both ways until a side closes
 //! agent [...] sockopts --to IP:PORT
 //!     print getsockopt answers that must not depend on capture: SO_RCVBUF
 //!     and the stable head of TCP_INFO of a fresh socket, and
@@ -79,7 +85,8 @@ fn run(args: &[String]) -> Result<()> {
                 Some("peer") => Reply::Peer,
                 Some(other) => bail!("unknown --report {other}"),
             };
-            serve(listen, &reply, args.flag("--http"))
+            let transparent = args.flag("--transparent");
+            serve(listen, &reply, args.flag("--http"), transparent)
         }
         Some("connect") => {
             let to: SocketAddr = args.req("--to")?.parse()?;
@@ -122,6 +129,11 @@ fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         Some("sockopts") => sockopts(args.req("--to")?.parse()?),
+        Some("relay") => {
+            let listen: SocketAddr = args.req("--listen")?.parse()?;
+            let bind = args.opt("--bind")?.map(str::parse).transpose()?;
+            relay(listen, bind)
+        }
         other => bail!("unknown agent command {other:?}"),
     }
 }
@@ -219,9 +231,14 @@ pub fn original_dst(stream: &TcpStream) -> String {
     }
 }
 
-fn serve(listen: SocketAddr, reply: &Reply, http: bool) -> Result<()> {
+fn serve(listen: SocketAddr, reply: &Reply, http: bool, transparent: bool) -> Result<()> {
     let socket = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if transparent {
+        socket
+            .set_ip_transparent_v4(true)
+            .context("IP_TRANSPARENT (needs CAP_NET_ADMIN)")?;
+    }
     socket
         .bind(&listen.into())
         .with_context(|| format!("binding {listen}"))?;
@@ -249,6 +266,56 @@ fn serve(listen: SocketAddr, reply: &Reply, http: bool) -> Result<()> {
             let _ = writeln!(stream, "{text}");
         }
     }
+    Ok(())
+}
+
+fn relay(listen: SocketAddr, bind: Option<std::net::IpAddr>) -> Result<()> {
+    let socket = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&listen.into())
+        .with_context(|| format!("binding {listen}"))?;
+    socket.listen(4096)?;
+    let listener: TcpListener = socket.into();
+    println!("ready");
+    std::io::stdout().flush()?;
+    for client in listener.incoming() {
+        let Ok(client) = client else { continue };
+        std::thread::spawn(move || {
+            if let Err(err) = relay_one(client, bind) {
+                eprintln!("agent relay: {err:#}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn relay_one(mut client: TcpStream, bind: Option<std::net::IpAddr>) -> Result<()> {
+    let orig = original_dst(&client);
+    let target: SocketAddr = match orig.parse() {
+        Ok(target) => target,
+        Err(_) => {
+            writeln!(client, "no original destination ({orig})")?;
+            return Ok(());
+        }
+    };
+    let upstream = match bound_stream(target, bind) {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            writeln!(client, "{orig} upstream error: {}", err.kind())?;
+            return Ok(());
+        }
+    };
+    write!(client, "{orig} ")?;
+    let (mut from_client, mut to_upstream) = (client.try_clone()?, upstream.try_clone()?);
+    let (mut from_upstream, mut to_client) = (upstream, client);
+    let up = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_client, &mut to_upstream);
+        let _ = to_upstream.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut from_upstream, &mut to_client);
+    let _ = to_client.shutdown(std::net::Shutdown::Write);
+    let _ = up.join();
     Ok(())
 }
 
@@ -285,13 +352,21 @@ fn once(to: SocketAddr, peer: bool) -> std::io::Result<String> {
 
 /// One connection to `to` from a socket bound to `bind` (port 0), if given.
 fn bound_once(to: SocketAddr, bind: Option<std::net::IpAddr>) -> std::io::Result<String> {
-    let Some(bind) = bind else {
+    if bind.is_none() {
         return once(to, false);
-    };
+    }
+    read_reply(bound_stream(to, bind)?)
+}
+
+/// A connection to `to` from a socket bound to `bind` (any port), or from
+/// an unbound one.
+fn bound_stream(to: SocketAddr, bind: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
-    socket.bind(&SocketAddr::new(bind, 0).into())?;
+    if let Some(bind) = bind {
+        socket.bind(&SocketAddr::new(bind, 0).into())?;
+    }
     socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
-    read_reply(socket.into())
+    Ok(socket.into())
 }
 
 fn read_reply(mut stream: TcpStream) -> std::io::Result<String> {

@@ -118,11 +118,20 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    /// `redirect install --cgroup <pod> --instance <name> EXTRA...`; fails
-    /// unless it succeeds.
+    /// `redirect install --cgroup <pod> --instance <name> --netns <pod>
+    /// EXTRA...`; fails unless it succeeds.
     pub fn install(&self, extra: &[&str]) -> Result<Outcome> {
         let cgroup = self.pod_cgroup().to_string_lossy().into_owned();
-        let mut args = vec!["install", "--cgroup", &cgroup, "--instance", self.name()];
+        let netns = self.netns_path(Net::Pod);
+        let mut args = vec![
+            "install",
+            "--cgroup",
+            &cgroup,
+            "--instance",
+            self.name(),
+            "--netns",
+            &netns,
+        ];
         args.extend_from_slice(extra);
         let out = redirect(&args)?;
         if !out.ok() {

@@ -385,7 +385,23 @@ impl Sandbox {
 
     /// Runs the agent with `args` in the pod and returns what it printed.
     pub fn agent_output(&self, group: Group, who: Identity, args: &[&str]) -> Result<String> {
-        let mut cmd = self.agent(Net::Pod, group, who);
+        self.agent_output_in(Net::Pod, group, who, args)
+    }
+
+    /// Runs the agent with `args` in the peer namespace (a client from the
+    /// rest of the network) and returns what it printed.
+    pub fn peer_output(&self, args: &[&str]) -> Result<String> {
+        self.agent_output_in(Net::Peer, Group::Outside, ROOT, args)
+    }
+
+    fn agent_output_in(
+        &self,
+        net: Net,
+        group: Group,
+        who: Identity,
+        args: &[&str],
+    ) -> Result<String> {
+        let mut cmd = self.agent(net, group, who);
         cmd.args(args);
         let out = cmd
             .stderr(Stdio::inherit())

@@ -34,14 +34,10 @@ fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
     let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
     for (extra, needle) in [
         (
-            &["-b", "*", "-d", "15090,15021,15020"][..],
-            "eBPF capture cannot honour -b/--istio-inbound-ports (inbound capture) yet: run `redirect istio-iptables`",
+            &["--redirect-dns"][..],
+            "eBPF capture cannot honour --redirect-dns (DNS capture) yet: run `redirect istio-iptables`",
         ),
-        (
-            &["-m", "TPROXY"],
-            "-m/--istio-inbound-interception-mode other than REDIRECT",
-        ),
-        (&["--redirect-dns"], "--redirect-dns (DNS capture)"),
+        (&["-k", "eth1"], "-k/--kube-virt-interfaces"),
         (&["-c", "eth1"], "-c/--istio-exclude-interfaces"),
     ] {
         let mut args = install_args(&sandbox, &cg);
@@ -51,7 +47,7 @@ fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
     }
     // Istio's flags that only matter for those are accepted on their own.
     let mut args = install_args(&sandbox, &cg);
-    args.extend_from_slice(&["-m", "REDIRECT", "-d", "15090", "--redirect-dns=false"]);
+    args.extend_from_slice(&["-t", "1337", "-r", "133", "--redirect-dns=false"]);
     let out = redirect(&args).expect("run");
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(
@@ -79,6 +75,12 @@ fn bad_flag_values_are_usage_errors() {
         (&["-x", "fd00::/8"], "IPv6 networks (fd00::/8)"),
         (&["-q", "70000"], "70000 is not a port number"),
         (&["-o", "22,ssh"], "'ssh' is not a port number"),
+        (&["-b", "9080:9090"], "'9080:9090' is not a port number"),
+        (&["-d", "0"], "0 is not a port number"),
+        (
+            &["-m", "tproxy"],
+            "'tproxy' is not an interception mode (REDIRECT or TPROXY)",
+        ),
         (
             &["--owner-groups", "no-such-group-xyz"],
             "'no-such-group-xyz' is neither a GID nor a group",

@@ -3,6 +3,10 @@
 //! every destination) are made once under Istio's iptables rules and once
 //! under the eBPF programs, and where each one lands must be identical.
 //!
+//! The connections come from the pod (outbound: every identity to every
+//! destination) and from the peer to the pod's address (inbound, `-b`/`-d`,
+//! REDIRECT and TPROXY).
+//!
 //! Where a connection lands names the decision: `proxy` (the outbound
 //! listener, 15001: ISTIO_REDIRECT), `inbound` (15006: ISTIO_IN_REDIRECT),
 //! `pod` (a server of the pod itself, not captured), `peer` (the real
@@ -32,7 +36,8 @@ const CONFIGS: &[Flags] = &[
     Flags {
         name: "default",
         args: &[
-            "-p", "15001", "-z", "15006", "-u", "1337", "-g", "1337", "-i", "*",
+            "-p", "15001", "-z", "15006", "-u", "1337", "-g", "1337", "-i", "*", "-b", "*", "-d",
+            "81",
         ],
         env: &[],
     },
@@ -47,12 +52,14 @@ const CONFIGS: &[Flags] = &[
             "22",
             "-o",
             "81",
+            "-b",
+            "80,22",
         ],
         env: &[],
     },
     Flags {
         name: "owner-groups-only",
-        args: &["-i", "*"],
+        args: &["-i", "*", "-b", "15008,81"],
         env: &[("ISTIO_OUTBOUND_OWNER_GROUPS", "3000")],
     },
     Flags {
@@ -68,6 +75,11 @@ const CONFIGS: &[Flags] = &[
     Flags {
         name: "nothing-included-but-port-80",
         args: &["-i", "", "-q", "80"],
+        env: &[],
+    },
+    Flags {
+        name: "tproxy-inbound",
+        args: &["-i", "*", "-b", "*", "-d", "22", "-m", "TPROXY"],
         env: &[],
     },
 ];
@@ -108,6 +120,9 @@ fn destinations() -> Vec<SocketAddrV4> {
     out
 }
 
+/// Inbound connections: from the peer to these ports of the pod's address.
+const INBOUND_PORTS: [u16; 6] = [80, 81, 22, 15008, 15001, 15006];
+
 /// Connections from a socket bound to the inbound passthrough source.
 fn passthrough_destinations() -> Vec<SocketAddrV4> {
     [Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 9), POD_IP]
@@ -138,6 +153,17 @@ fn land_all(sandbox: &Sandbox) -> BTreeMap<String, String> {
             .join(",")
     };
     let (all, passthrough) = (join(&destinations()), join(&passthrough_destinations()));
+    let inbound: Vec<SocketAddrV4> = INBOUND_PORTS
+        .iter()
+        .map(|p| SocketAddrV4::new(POD_IP, *p))
+        .collect();
+    let text = sandbox
+        .peer_output(&["each", "--to", &join(&inbound)])
+        .expect("peer each");
+    for line in text.lines() {
+        let (target, reply) = line.split_once('\t').expect("target\treply");
+        out.insert(format!("peer -> {target}"), reply.to_owned());
+    }
     for who in IDENTITIES {
         for (bind, targets) in [(None, &all), (Some("127.0.0.6"), &passthrough)] {
             let mut args = vec!["each", "--to", targets.as_str()];
@@ -166,15 +192,18 @@ fn ebpf_and_iptables_capture_the_same_connections() {
     let sandbox = Sandbox::for_tests().expect("sandbox");
     sandbox.add_peer_addresses(2).expect("peer addresses");
     for (port, reply) in [(15001, "proxy"), (15006, "inbound")] {
-        sandbox
-            .serve(
-                Net::Pod,
-                Group::Outside,
-                ROOT,
-                (Ipv4Addr::UNSPECIFIED, port),
-                reply,
-            )
-            .expect("pod listener");
+        // Transparent, as Envoy's listeners are in TPROXY mode (iptables'
+        // TPROXY target only delivers to such sockets).
+        let mut cmd = sandbox.agent(Net::Pod, Group::Outside, ROOT);
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--reply",
+            reply,
+        ])
+        .arg("--transparent");
+        sandbox.start(cmd).expect("pod listener");
     }
     for port in PORTS {
         for (net, reply) in [(Net::Pod, "pod"), (Net::Peer, "peer")] {
@@ -192,6 +221,7 @@ fn ebpf_and_iptables_capture_the_same_connections() {
 
     let mut compared = 0;
     let mut seen = BTreeMap::<String, usize>::new();
+    let mut seen_inbound = BTreeMap::<String, usize>::new();
     for flags in CONFIGS {
         let applied = istio_iptables(&sandbox, "iptables", flags, &[]);
         assert_eq!(applied.code, 0, "{}: {applied:?}", flags.name);
@@ -222,16 +252,27 @@ fn ebpf_and_iptables_capture_the_same_connections() {
         );
         assert_eq!(iptables.len(), ebpf.len());
         compared += iptables.len();
-        for reply in iptables.values() {
+        for (case, reply) in &iptables {
             *seen.entry(reply.clone()).or_default() += 1;
+            if case.starts_with("peer ") {
+                *seen_inbound.entry(reply.clone()).or_default() += 1;
+            }
         }
     }
-    println!("{compared} connections decided alike by both backends: {seen:?}");
+    println!(
+        "{compared} connections decided alike by both backends: {seen:?}, of which from the peer: {seen_inbound:?}"
+    );
     // The cases exercise every decision, so agreement is not vacuous.
     for reply in ["proxy", "inbound", "pod", "peer"] {
         assert!(
             seen.contains_key(reply),
             "no case landed at {reply}: {seen:?}"
+        );
+    }
+    for reply in ["inbound", "pod"] {
+        assert!(
+            seen_inbound.contains_key(reply),
+            "no inbound case landed at {reply}: {seen_inbound:?}"
         );
     }
 }

@@ -1,6 +1,6 @@
 //! `redirect istio-iptables --mode`: eBPF when this node and the flags allow
 //! it, iptables otherwise (auto says why), and `--mode ebpf` refusing what
-//! eBPF mode cannot honour yet. Both backends take their decisions from the
+//! eBPF mode cannot honour yet (`-c`, `-k`, DNS capture, IPv6 rules). Both backends take their decisions from the
 //! same istio-iptables configuration.
 
 use std::process::Command;
@@ -44,11 +44,12 @@ fn ebpf_mode_refuses_what_it_cannot_honour_yet() {
     let sandbox = Sandbox::for_tests().expect("sandbox");
     let mut args = vec!["--mode", "ebpf"];
     args.extend_from_slice(SIDECAR);
+    args.extend_from_slice(&["-c", "eth1"]);
     let out = istio_iptables(&sandbox, &args);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
         out.stderr
-            .contains("eBPF mode cannot honour -b/--istio-inbound-ports (inbound capture) yet"),
+            .contains("eBPF mode cannot honour -c/--istio-exclude-interfaces yet"),
         "{out:?}"
     );
     assert!(
@@ -117,16 +118,28 @@ fn auto_mode_prefers_ebpf_and_falls_back_to_iptables_saying_why() {
     assert_eq!(istio_iptables(&sandbox, &args).code, 0);
     assert!(!has_istio_chains(&sandbox));
 
-    // Istio's sidecar flags need inbound capture: iptables, and why.
-    let out = istio_iptables(&sandbox, SIDECAR);
+    // Istio's sidecar flags with DNS capture, which eBPF mode lacks:
+    // iptables, and why.
+    let mut dns = SIDECAR.to_vec();
+    dns.push("--redirect-dns");
+    let out = istio_iptables(&sandbox, &dns);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
         out.stderr
-            .contains("because eBPF mode cannot honour -b/--istio-inbound-ports"),
+            .contains("because eBPF mode cannot honour --redirect-dns (DNS capture)"),
         "{out:?}"
     );
     assert!(has_istio_chains(&sandbox));
+    dns.push("--cleanup-only");
+    assert_eq!(istio_iptables(&sandbox, &dns).code, 0);
+    assert!(!has_istio_chains(&sandbox));
+
+    // Istio's sidecar flags as they are: eBPF, inbound capture included.
+    let out = istio_iptables(&sandbox, SIDECAR);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("with eBPF"), "{out:?}");
     let mut cleanup = SIDECAR.to_vec();
     cleanup.push("--cleanup-only");
     assert_eq!(istio_iptables(&sandbox, &cleanup).code, 0);
+    assert!(!sandbox.is_pinned());
 }

@@ -17,9 +17,10 @@ pub const MAX_OWNERS: usize = 8;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
-/// Capacity of the port-flags map (`-o` and `-q` ports together).
+/// Capacity of the port-flags map (`-o`, `-q`, `-b` and `-d` ports together),
+/// and of the per-port inbound capture counters.
 pub const MAX_PORTS: u32 = 1024;
 /// Capacity of each CIDR set (`-x`, `-i`).
 pub const MAX_CIDRS: u32 = 16384;
@@ -76,11 +77,22 @@ pub const CFG_INCLUDE_ALL: u32 = 1;
 pub const CFG_INCLUDE_LOOPBACK: u32 = 2;
 /// `owner_groups` lists the only groups captured (else: the groups never captured).
 pub const CFG_GROUPS_ONLY: u32 = 4;
+/// Inbound capture is on (`-b` is not empty).
+pub const CFG_INBOUND: u32 = 8;
+/// `-b '*'`: every inbound port not excluded (`-d`) is captured; else only
+/// the ports flagged [`PORT_IN_INCLUDE`].
+pub const CFG_INBOUND_ALL: u32 = 16;
+/// `-m TPROXY`: Istio's TPROXY rules, which have no tunnel-port exception.
+pub const CFG_TPROXY: u32 = 32;
 
 /// `-o`: an outbound port never captured.
 pub const PORT_EXCLUDE: u8 = 1;
 /// `-q`: an outbound port always captured.
 pub const PORT_INCLUDE: u8 = 2;
+/// `-b` (a list): an inbound port captured.
+pub const PORT_IN_INCLUDE: u8 = 4;
+/// `-d`: an inbound port never captured (with `-b '*'`).
+pub const PORT_IN_EXCLUDE: u8 = 8;
 
 /// 127.0.0.6 in network byte order: the source of the proxy's inbound
 /// passthrough connections (never captured).
@@ -192,6 +204,25 @@ pub enum Counter {
     BypassCidr = 18,
     /// The destination is in no included CIDR (`-i`) and no included port (`-q`).
     NotIncluded = 19,
+    /// An inbound connection handed to the proxy's inbound listener.
+    InboundCaptured = 20,
+    /// An inbound connection to capture while no inbound listener exists:
+    /// refused, as REDIRECT to a port nobody listens on refuses it.
+    InboundRefused = 21,
+    /// A connection from the pod to itself: local traffic does not
+    /// traverse `PREROUTING` (its outbound rules decided it).
+    InboundLocal = 22,
+    /// `--dport 15008 -j RETURN`: the tunnel port is not captured.
+    InboundBypassTunnel = 23,
+    /// `-d`: the port is never captured.
+    InboundBypassPort = 24,
+    /// The port is not in the `-b` list.
+    InboundNotIncluded = 25,
+    /// A listener on the inbound port was registered for inbound capture.
+    ListenerRegistered = 26,
+    /// `getsockopt(SO_ORIGINAL_DST)` on an inbound-captured connection,
+    /// answered with its own local address.
+    OrigDstInbound = 27,
 }
 
 impl Counter {
@@ -216,6 +247,14 @@ impl Counter {
         Self::BypassGroup,
         Self::BypassCidr,
         Self::NotIncluded,
+        Self::InboundCaptured,
+        Self::InboundRefused,
+        Self::InboundLocal,
+        Self::InboundBypassTunnel,
+        Self::InboundBypassPort,
+        Self::InboundNotIncluded,
+        Self::ListenerRegistered,
+        Self::OrigDstInbound,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -241,12 +280,20 @@ impl Counter {
             Self::BypassGroup => "bypass_group",
             Self::BypassCidr => "bypass_cidr",
             Self::NotIncluded => "not_included",
+            Self::InboundCaptured => "inbound_captured",
+            Self::InboundRefused => "inbound_refused",
+            Self::InboundLocal => "inbound_local",
+            Self::InboundBypassTunnel => "inbound_bypass_tunnel",
+            Self::InboundBypassPort => "inbound_bypass_port",
+            Self::InboundNotIncluded => "inbound_not_included",
+            Self::ListenerRegistered => "listener_registered",
+            Self::OrigDstInbound => "orig_dst_inbound",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 20;
+pub const COUNTER_COUNT: u32 = 28;
 
 /// The facts about one `connect()` that the decision depends on.
 #[derive(Clone, Copy, Debug)]
@@ -311,8 +358,47 @@ pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// -A ISTIO_OUTPUT -j ISTIO_REDIRECT  (-i '*'), or -d C for C in -i          (redirected)
 ///                                                     otherwise             (not_included)
 /// ```
+///
+/// With `-m TPROXY` and inbound capture, Istio also marks the proxy's
+/// (UID or GID) loopback connections to anything but the loopback CIDR
+/// (`-A OUTPUT ! -d LO -p tcp -o lo -m owner --uid-owner U -j MARK
+/// --set-mark 1338`), and its mangle `ISTIO_INBOUND` sends those, unless
+/// from 127.0.0.6, through the inbound port rules to TPROXY: a connection
+/// the chain above lets through is then sent to the inbound port if those
+/// rules capture its port (hairpin).
 #[inline(always)]
 pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
+    let verdict = decide_nat(input, cfg, maps);
+    if matches!(verdict, Verdict::Bypass(_)) && tproxy_hairpin(input, cfg, maps) {
+        return Verdict::Redirect {
+            port: cfg.inbound_port,
+            counter: Counter::Hairpin,
+        };
+    }
+    verdict
+}
+
+/// Whether Istio's TPROXY rules send this connect to the inbound port (see
+/// [`decide_connect`]).
+#[inline(always)]
+fn tproxy_hairpin(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> bool {
+    let wanted = CFG_TPROXY | CFG_INBOUND;
+    if cfg.flags & wanted != wanted
+        || input.sock_type != SOCK_STREAM
+        || input.src_ip == PASSTHROUGH_SRC
+        || !is_local(input.dst_ip, maps)
+        || input.dst_ip & cfg.loopback_mask == cfg.loopback_addr & cfg.loopback_mask
+    {
+        return false;
+    }
+    let proxy = contains(&cfg.proxy_uids, cfg.uid_count, input.uid)
+        || contains(&cfg.proxy_gids, cfg.gid_count, input.gid);
+    proxy && inbound_port_rules(input.dst_port, cfg, maps) == InboundVerdict::Capture
+}
+
+/// The nat `ISTIO_OUTPUT` chain (see [`decide_connect`]).
+#[inline(always)]
+fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
     if input.sock_type != SOCK_STREAM {
         return Verdict::Bypass(Counter::NotTcp);
     }
@@ -321,7 +407,7 @@ pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lo
         return Verdict::Bypass(Counter::BypassPort);
     }
     let dst = input.dst_ip;
-    let local = dst.to_ne_bytes()[0] == 127 || maps.pod_address(dst);
+    let local = is_local(dst, maps);
     if local && input.src_ip == PASSTHROUGH_SRC {
         return Verdict::Bypass(Counter::BypassPassthrough);
     }
@@ -370,6 +456,85 @@ pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lo
         };
     }
     Verdict::Bypass(Counter::NotIncluded)
+}
+
+/// Whether `ip` is one of the pod's own addresses: 127.0.0.0/8 or an
+/// address of its interfaces (what `-o lo` tests for a destination).
+#[inline(always)]
+fn is_local(ip: u32, maps: &impl Lookups) -> bool {
+    ip.to_ne_bytes()[0] == 127 || maps.pod_address(ip)
+}
+
+/// The facts about one inbound TCP connection (its SYN) that the inbound
+/// decision depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct InboundInput {
+    /// Source address, network byte order.
+    pub src_ip: u32,
+    /// Destination (local) port, host byte order.
+    pub dst_port: u16,
+}
+
+/// What to do with one inbound connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundVerdict {
+    /// Hand it to the proxy's inbound listener (`ISTIO_IN_REDIRECT`).
+    Capture,
+    /// Leave it to the socket it was sent to; the counter says which rule.
+    Bypass(Counter),
+}
+
+/// Decides one inbound TCP connection by walking Istio's inbound chain
+/// (`-p tcp -j ISTIO_INBOUND` from `PREROUTING`) in its order:
+///
+/// ```text
+/// REDIRECT (nat):
+/// -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN                          (inbound_bypass_tunnel)
+/// -A ISTIO_INBOUND -p tcp --dport P -j RETURN         for P in -d, -b '*'  (inbound_bypass_port)
+/// -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT        -b '*'               (inbound_captured)
+/// -A ISTIO_INBOUND -p tcp --dport P -j ISTIO_IN_REDIRECT  for P in -b      (inbound_captured)
+///                                                     otherwise            (inbound_not_included)
+/// -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+/// TPROXY (mangle): the same without the tunnel-port rule, -j ISTIO_TPROXY
+/// ```
+///
+/// A connection from the pod to itself (source 127.0.0.0/8 or a pod
+/// address) is never captured here: locally generated traffic does not
+/// traverse nat `PREROUTING`, and Istio's TPROXY rules return `-i lo`
+/// traffic but the proxy's own hairpin, which connect4 already sends to the
+/// inbound port (inbound_local).
+#[inline(always)]
+pub fn decide_inbound(
+    input: &InboundInput,
+    cfg: &RedirectConfig,
+    maps: &impl Lookups,
+) -> InboundVerdict {
+    if cfg.flags & CFG_INBOUND == 0 {
+        return InboundVerdict::Bypass(Counter::InboundNotIncluded);
+    }
+    if is_local(input.src_ip, maps) {
+        return InboundVerdict::Bypass(Counter::InboundLocal);
+    }
+    inbound_port_rules(input.dst_port, cfg, maps)
+}
+
+/// The port rules of the inbound chain (after its source rules).
+#[inline(always)]
+fn inbound_port_rules(port: u16, cfg: &RedirectConfig, maps: &impl Lookups) -> InboundVerdict {
+    if cfg.flags & CFG_TPROXY == 0 && port == cfg.tunnel_port {
+        return InboundVerdict::Bypass(Counter::InboundBypassTunnel);
+    }
+    let ports = maps.port_flags(port);
+    if cfg.flags & CFG_INBOUND_ALL != 0 {
+        if ports & PORT_IN_EXCLUDE != 0 {
+            return InboundVerdict::Bypass(Counter::InboundBypassPort);
+        }
+        return InboundVerdict::Capture;
+    }
+    if ports & PORT_IN_INCLUDE != 0 {
+        return InboundVerdict::Capture;
+    }
+    InboundVerdict::Bypass(Counter::InboundNotIncluded)
 }
 
 /// What the `-o lo` owner rules need to know about one connect.
@@ -595,7 +760,9 @@ pub struct InstanceMeta {
     pub installed_at: u64,
     /// Number of valid bytes in `cgroup_path`.
     pub cgroup_path_len: u32,
-    pub _pad: u32,
+    /// Inode number of the network namespace the inbound hook is attached
+    /// to (0: none).
+    pub netns_ino: u32,
     /// Absolute path of the cgroup directory, UTF-8.
     pub cgroup_path: [u8; META_PATH_MAX],
 }

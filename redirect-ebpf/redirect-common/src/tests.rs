@@ -413,3 +413,187 @@ fn only_v4_mapped_ipv6_addresses_are_ipv4() {
         None
     );
 }
+
+/// `-b '*'` (or a list) on top of Istio's defaults, REDIRECT mode.
+fn inbound(flags: u32) -> RedirectConfig {
+    RedirectConfig {
+        flags: CFG_INCLUDE_ALL | CFG_INBOUND | flags,
+        ..istio_default()
+    }
+}
+
+fn from_peer(dst_port: u16) -> InboundInput {
+    InboundInput {
+        src_ip: ip(198, 18, 0, 2),
+        dst_port,
+    }
+}
+
+fn inbound_sets(ports: &[(u16, u8)]) -> Sets {
+    Sets {
+        ports: ports.to_vec(),
+        local: vec![ip(198, 18, 0, 1)],
+        ..Sets::default()
+    }
+}
+
+#[test]
+fn wildcard_inbound_captures_every_port_but_tunnel_and_excluded() {
+    // -b '*' -d 15090,15021
+    let cfg = inbound(CFG_INBOUND_ALL);
+    let sets = inbound_sets(&[(15090, PORT_IN_EXCLUDE), (15021, PORT_IN_EXCLUDE)]);
+    let decide = |port| decide_inbound(&from_peer(port), &cfg, &sets);
+    assert_eq!(decide(9080), InboundVerdict::Capture);
+    assert_eq!(decide(15006), InboundVerdict::Capture);
+    assert_eq!(
+        decide(15008),
+        InboundVerdict::Bypass(Counter::InboundBypassTunnel)
+    );
+    assert_eq!(
+        decide(15090),
+        InboundVerdict::Bypass(Counter::InboundBypassPort)
+    );
+    assert_eq!(
+        decide(15021),
+        InboundVerdict::Bypass(Counter::InboundBypassPort)
+    );
+}
+
+#[test]
+fn listed_inbound_ports_are_the_only_ones_captured_and_ignore_exclusions() {
+    // -b 9080,9090 -d 9090: Istio ignores -d for a list.
+    let cfg = inbound(0);
+    let sets = inbound_sets(&[
+        (9080, PORT_IN_INCLUDE),
+        (9090, PORT_IN_INCLUDE | PORT_IN_EXCLUDE),
+    ]);
+    let decide = |port| decide_inbound(&from_peer(port), &cfg, &sets);
+    assert_eq!(decide(9080), InboundVerdict::Capture);
+    assert_eq!(decide(9090), InboundVerdict::Capture);
+    assert_eq!(
+        decide(9091),
+        InboundVerdict::Bypass(Counter::InboundNotIncluded)
+    );
+    // Outbound port flags do not make an inbound port captured.
+    let sets = inbound_sets(&[(9091, PORT_INCLUDE)]);
+    assert_eq!(
+        decide_inbound(&from_peer(9091), &cfg, &sets),
+        InboundVerdict::Bypass(Counter::InboundNotIncluded)
+    );
+}
+
+#[test]
+fn the_tunnel_port_rule_wins_over_a_listed_port() {
+    let cfg = inbound(0);
+    let sets = inbound_sets(&[(15008, PORT_IN_INCLUDE)]);
+    assert_eq!(
+        decide_inbound(&from_peer(15008), &cfg, &sets),
+        InboundVerdict::Bypass(Counter::InboundBypassTunnel)
+    );
+}
+
+#[test]
+fn tproxy_mode_has_no_tunnel_port_exception() {
+    let cfg = inbound(CFG_INBOUND_ALL | CFG_TPROXY);
+    let sets = inbound_sets(&[(15090, PORT_IN_EXCLUDE)]);
+    assert_eq!(
+        decide_inbound(&from_peer(15008), &cfg, &sets),
+        InboundVerdict::Capture
+    );
+    assert_eq!(
+        decide_inbound(&from_peer(15090), &cfg, &sets),
+        InboundVerdict::Bypass(Counter::InboundBypassPort)
+    );
+}
+
+#[test]
+fn connections_from_the_pod_itself_are_not_inbound() {
+    let cfg = inbound(CFG_INBOUND_ALL);
+    let sets = inbound_sets(&[]);
+    for src in [ip(127, 0, 0, 1), ip(127, 0, 0, 6), ip(198, 18, 0, 1)] {
+        let input = InboundInput {
+            src_ip: src,
+            dst_port: 9080,
+        };
+        assert_eq!(
+            decide_inbound(&input, &cfg, &sets),
+            InboundVerdict::Bypass(Counter::InboundLocal)
+        );
+    }
+}
+
+#[test]
+fn without_inbound_capture_nothing_is_captured() {
+    let cfg = istio_default();
+    let sets = inbound_sets(&[(9080, PORT_IN_INCLUDE)]);
+    assert_eq!(
+        decide_inbound(&from_peer(9080), &cfg, &sets),
+        InboundVerdict::Bypass(Counter::InboundNotIncluded)
+    );
+}
+
+#[test]
+fn tproxy_sends_the_proxys_loopback_calls_through_the_inbound_rules() {
+    // -m TPROXY -b '*' -d 22, proxy uid 1337, gid 1337.
+    let cfg = inbound(CFG_INBOUND_ALL | CFG_TPROXY);
+    let sets = inbound_sets(&[(22, PORT_IN_EXCLUDE)]);
+    let proxy_to = |uid, gid, dst_ip, dst_port| {
+        decide_connect(
+            &ConnectInput {
+                uid,
+                gid,
+                dst_port,
+                ..app(dst_ip)
+            },
+            &cfg,
+            &sets,
+        )
+    };
+    let hairpin = Verdict::Redirect {
+        port: 15006,
+        counter: Counter::Hairpin,
+    };
+    // The tunnel port: nat returns it, TPROXY captures it.
+    assert_eq!(proxy_to(1337, 1337, ip(198, 18, 0, 1), 15008), hairpin);
+    // A GID-only proxy: nat returns (`! --uid-owner`), TPROXY captures.
+    assert_eq!(proxy_to(4242, 1337, ip(127, 0, 0, 9), 80), hairpin);
+    // -d ports and the loopback CIDR stay returned.
+    assert_eq!(
+        proxy_to(4242, 1337, ip(198, 18, 0, 1), 22),
+        Verdict::Bypass(Counter::BypassLocal)
+    );
+    assert_eq!(
+        proxy_to(4242, 1337, ip(127, 0, 0, 1), 80),
+        Verdict::Bypass(Counter::BypassLocal)
+    );
+    // Not the proxy: untouched.
+    assert_eq!(
+        proxy_to(1000, 1000, ip(198, 18, 0, 1), 15008),
+        Verdict::Bypass(Counter::BypassLocal)
+    );
+    // From the passthrough source: returned.
+    let from_passthrough = ConnectInput {
+        uid: 1337,
+        gid: 1337,
+        src_ip: PASSTHROUGH_SRC,
+        ..app(ip(198, 18, 0, 1))
+    };
+    assert_eq!(
+        decide_connect(&from_passthrough, &cfg, &sets),
+        Verdict::Bypass(Counter::BypassPassthrough)
+    );
+    // REDIRECT mode keeps nat's answer.
+    let redirect = inbound(CFG_INBOUND_ALL);
+    assert_eq!(
+        decide_connect(
+            &ConnectInput {
+                uid: 4242,
+                gid: 1337,
+                ..app(ip(127, 0, 0, 9))
+            },
+            &redirect,
+            &sets
+        ),
+        Verdict::Bypass(Counter::BypassLocal)
+    );
+}

@@ -1,7 +1,9 @@
 //! Installing an instance on a cgroup and removing it: all or nothing.
 //!
 //! An install either leaves the instance fully installed (maps pinned,
-//! config written, every program attached through a pinned bpf_link) or
+//! config written, every program attached through a pinned bpf_link: the
+//! cgroup hooks on the pod's cgroup, and with inbound capture the
+//! sk_lookup hook on the network namespace the installer runs in) or
 //! leaves the machine as it found it.
 //!
 //! Reinstalling an existing instance reuses its pinned maps (so connections
@@ -27,16 +29,19 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::SockMap,
     maps::{Array, MapData},
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps},
     util::KernelVersion,
 };
 use redirect_common::{ABI_VERSION, InstanceMeta, META_PATH_MAX, RedirectConfig};
 
-use super::{HOOKS, Hook, Kind, OBJECT, maps, sys};
+use super::{HOOKS, Hook, Kind, OBJECT, SK_LOOKUP, listener, maps, sys};
 use crate::{bpffs, cgroup::Cgroup, config::Config, privilege};
 
-/// What to install where.
+/// What to install where. The calling thread must be in the pod's network
+/// namespace: that is where inbound capture is attached and whose
+/// addresses `config.local_addrs` lists.
 pub struct Request<'a> {
     pub config: &'a Config,
     pub cgroup: &'a Cgroup,
@@ -52,6 +57,8 @@ pub struct Installed {
     pub ebpf: Ebpf,
     /// Whether an existing instance was upgraded in place.
     pub upgraded: bool,
+    /// Things the caller should tell the user (the install succeeded).
+    pub notes: Vec<String>,
 }
 
 /// The oldest kernel eBPF mode runs on: cgroup bpf_links (attach without
@@ -119,8 +126,13 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
         old_sets: None,
         updated: Vec::new(),
     };
-    match install_steps(req, &dir, &mut undo) {
-        Ok(ebpf) => Ok(Installed { ebpf, upgraded }),
+    let mut notes = Vec::new();
+    match install_steps(req, &dir, &mut undo, &mut notes) {
+        Ok(ebpf) => Ok(Installed {
+            ebpf,
+            upgraded,
+            notes,
+        }),
         Err(err) => {
             let problems = undo.run();
             if problems.is_empty() {
@@ -150,14 +162,21 @@ fn check_owner(dir: &Path, req: &Request<'_>) -> Result<()> {
     Ok(())
 }
 
-fn install_steps(req: &Request<'_>, dir: &Path, undo: &mut Undo) -> Result<Ebpf> {
+fn install_steps(
+    req: &Request<'_>,
+    dir: &Path,
+    undo: &mut Undo,
+    notes: &mut Vec<String>,
+) -> Result<Ebpf> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .load(OBJECT)
         .context("loading the eBPF object (maps)")?;
 
-    write_config(&mut ebpf, req, undo)?;
+    let netns = File::open(NETNS).with_context(|| format!("opening {NETNS}"))?;
+    let netns_ino = std::os::unix::fs::MetadataExt::ino(&netns.metadata()?);
+    write_config(&mut ebpf, req, undo, netns_ino)?;
 
     let cgroup = File::open(&req.cgroup.path)
         .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
@@ -182,6 +201,26 @@ fn install_steps(req: &Request<'_>, dir: &Path, undo: &mut Undo) -> Result<Ebpf>
             attach_and_pin(&ebpf, hook, &cgroup, &pin)?;
         }
     }
+    // Inbound last: the sockops program that registers listeners runs by now.
+    let pin = dir.join(SK_LOOKUP.pin_name());
+    if req.config.inbound.is_some() || pin.exists() {
+        if !available(&SK_LOOKUP) {
+            let (major, minor) = SK_LOOKUP.min_kernel;
+            bail!(
+                "inbound capture (-b) needs the sk_lookup hook of kernel {major}.{minor} or later:                  use `redirect istio-iptables` (its auto mode programs iptables for it) or drop -b"
+            );
+        }
+        if req.config.inbound.is_some() {
+            take_over_listener(&mut ebpf, req.config.inbound_port, notes)?;
+        }
+        load_program(&mut ebpf, SK_LOOKUP)?;
+        if pin_is_live(&pin, netns_ino) {
+            to_update.push((SK_LOOKUP, pin));
+        } else {
+            let _ = fs::remove_file(&pin); // a defunct link of a removed namespace
+            attach_and_pin(&ebpf, SK_LOOKUP, &netns, &pin)?;
+        }
+    }
     for (hook, pin) in to_update {
         let link = sys::obj_get(&pin)?;
         // Keep the program being replaced alive: the link holds its last
@@ -204,7 +243,34 @@ fn install_steps(req: &Request<'_>, dir: &Path, undo: &mut Undo) -> Result<Ebpf>
     Ok(ebpf)
 }
 
-fn write_config(ebpf: &mut Ebpf, req: &Request<'_>, undo: &mut Undo) -> Result<()> {
+/// The calling thread's network namespace: where the inbound hook goes.
+const NETNS: &str = "/proc/thread-self/ns/net";
+
+/// Puts a listener that already exists on the inbound port into the
+/// listener map (see [`listener`]); when it cannot, inbound connections
+/// are refused until the proxy listens again, which the user is told.
+fn take_over_listener(ebpf: &mut Ebpf, port: u16, notes: &mut Vec<String>) -> Result<()> {
+    let socket = match listener::take_over(port) {
+        Ok(Some(socket)) => socket,
+        Ok(None) => return Ok(()), // the proxy registers itself when it listens
+        Err(err) => {
+            notes.push(format!(
+                "{err:#}: inbound connections are refused until the proxy listens on {port} again"
+            ));
+            return Ok(());
+        }
+    };
+    let map = ebpf
+        .map_mut(maps::LISTENER)
+        .context("listener map missing")?;
+    let mut listeners: SockMap<&mut MapData> = SockMap::try_from(map)?;
+    listeners
+        .set(0, &socket.as_raw_fd(), 0)
+        .with_context(|| format!("registering the listener on port {port}"))?;
+    Ok(())
+}
+
+fn write_config(ebpf: &mut Ebpf, req: &Request<'_>, undo: &mut Undo, netns_ino: u64) -> Result<()> {
     let map = ebpf.map_mut(maps::CONFIG).context("config map missing")?;
     let mut config: Array<&mut MapData, RedirectConfig> = Array::try_from(map)?;
     let old = config.get(&0, 0).context("reading the config map")?;
@@ -245,7 +311,11 @@ fn write_config(ebpf: &mut Ebpf, req: &Request<'_>, undo: &mut Undo) -> Result<(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         cgroup_path_len: bytes.len() as u32,
-        _pad: 0,
+        netns_ino: if req.config.inbound.is_some() {
+            netns_ino as u32
+        } else {
+            0
+        },
         cgroup_path: [0; META_PATH_MAX],
     };
     entry.cgroup_path[..bytes.len()].copy_from_slice(bytes);
@@ -267,6 +337,7 @@ fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
         Kind::SockAddr => <&mut CgroupSockAddr>::try_from(program)?.load(),
         Kind::SockOps => <&mut SockOps>::try_from(program)?.load(),
         Kind::Sockopt => <&mut CgroupSockopt>::try_from(program)?.load(),
+        Kind::SkLookup => <&mut SkLookup>::try_from(program)?.load(),
     };
     result.map_err(|err| rejected(hook, err))
 }
@@ -316,8 +387,8 @@ fn verifier_complaint(log: &str) -> &str {
         .unwrap_or("no verifier log")
 }
 
-/// Attaches a loaded program to the cgroup with a new bpf_link and pins the
-/// link at `pin`.
+/// Attaches a loaded program to `target` (the cgroup, or the network
+/// namespace for sk_lookup) with a new bpf_link and pins the link at `pin`.
 ///
 /// The link is created with the raw `BPF_LINK_CREATE` rather than aya's
 /// `attach`, for every hook alike, because aya 0.14 cannot turn a
@@ -327,13 +398,15 @@ fn verifier_complaint(log: &str) -> &str {
 /// uninstall with the other pins. The alternative, a legacy
 /// `BPF_PROG_ATTACH` with `BPF_F_ALLOW_MULTI`, cannot be pinned and would
 /// need de-duplicating on every re-install.
-fn attach_and_pin(ebpf: &Ebpf, hook: Hook, cgroup: &File, pin: &Path) -> Result<()> {
+fn attach_and_pin(ebpf: &Ebpf, hook: Hook, target: &File, pin: &Path) -> Result<()> {
     let program = ebpf
         .program(hook.program)
         .with_context(|| format!("program {} missing from the object", hook.program))?;
-    let link = sys::link_create(program.fd()?.as_fd(), cgroup.as_fd(), hook.attach_type)
+    let link = sys::link_create(program.fd()?.as_fd(), target.as_fd(), hook.attach_type)
         .map_err(|err| {
-            if err.raw_os_error() == Some(libc::EPERM) {
+            if hook.kind == Kind::SkLookup {
+                anyhow!(err).context("attaching the sk_lookup program to the network namespace")
+            } else if err.raw_os_error() == Some(libc::EPERM) {
                 anyhow!(
                     "attaching the {} program to the cgroup: another program holds this cgroup's {} hook \
                      exclusively (BPF_PROG_ATTACH without BPF_F_ALLOW_MULTI): detach it, or have its owner attach with multi-attach",
@@ -347,11 +420,12 @@ fn attach_and_pin(ebpf: &Ebpf, hook: Hook, cgroup: &File, pin: &Path) -> Result<
     sys::obj_pin(link.as_fd(), pin).with_context(|| format!("pinning the {} link", hook.name))
 }
 
-/// Whether `pin` holds a link still attached to the cgroup with id `cgroup_id`.
-fn pin_is_live(pin: &Path, cgroup_id: u64) -> bool {
+/// Whether `pin` holds a link still attached to `target` (a cgroup id, or
+/// a network namespace inode).
+fn pin_is_live(pin: &Path, target: u64) -> bool {
     sys::obj_get(pin)
         .and_then(|fd| sys::link_info(fd.as_fd()))
-        .is_ok_and(|info| info.cgroup_id == cgroup_id)
+        .is_ok_and(|info| info.target == target)
 }
 
 fn pin_names(dir: &Path) -> HashSet<String> {
@@ -430,8 +504,8 @@ pub fn uninstall(instance: &str) -> Result<bool> {
     if !dir.is_dir() {
         return Ok(false);
     }
-    // connect4 first: stop redirecting before the tracking goes away.
-    for hook in HOOKS.iter().rev() {
+    // Inbound, then connect4 first: stop capturing before the tracking goes away.
+    for hook in [SK_LOOKUP].iter().chain(HOOKS.iter().rev()) {
         let pin = dir.join(hook.pin_name());
         if let Ok(link) = sys::obj_get(&pin) {
             // Detach now even if some process still holds the link open.

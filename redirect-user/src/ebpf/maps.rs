@@ -8,7 +8,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use redirect_common::{
-    ConnTuple, Counter, InstanceMeta, OrigDst, PORT_EXCLUDE, PORT_INCLUDE, RedirectConfig,
+    ConnTuple, Counter, InstanceMeta, OrigDst, PORT_EXCLUDE, PORT_IN_EXCLUDE, PORT_IN_INCLUDE,
+    PORT_INCLUDE, RedirectConfig,
 };
 
 use crate::config::{Config, Ipv4Cidr};
@@ -22,10 +23,12 @@ pub const PORTS: &str = "RDR_PORTS";
 pub const EXCLUDE: &str = "RDR_EXCLUDE";
 pub const INCLUDE: &str = "RDR_INCLUDE";
 pub const LOCAL: &str = "RDR_LOCAL";
+pub const LISTENER: &str = "RDR_LISTENER";
+pub const IN_HITS: &str = "RDR_IN_HITS";
 
 /// Every pinned map with the type, key size and value size this build of
 /// the programs expects.
-const LAYOUT: [(&str, MapType, usize, usize); 9] = [
+const LAYOUT: [(&str, MapType, usize, usize); 11] = [
     (CONFIG, MapType::Array, 4, size_of::<RedirectConfig>()),
     (STATS, MapType::PerCpuArray, 4, size_of::<u64>()),
     (
@@ -45,6 +48,8 @@ const LAYOUT: [(&str, MapType, usize, usize); 9] = [
     (EXCLUDE, MapType::LpmTrie, 8, 1),
     (INCLUDE, MapType::LpmTrie, 8, 1),
     (LOCAL, MapType::Hash, 4, 1),
+    (LISTENER, MapType::SockMap, 4, 4),
+    (IN_HITS, MapType::Hash, 2, 8),
 ];
 
 /// Checks that the maps pinned in `dir` have the layouts this build uses,
@@ -100,6 +105,17 @@ pub fn counters(dir: &Path) -> Result<Vec<(Counter, u64)>> {
         .collect()
 }
 
+/// Inbound connections captured per destination port, by port.
+pub fn inbound_hits(dir: &Path) -> Result<Vec<(u16, u64)>> {
+    let hits: HashMap<MapData, u16, u64> = HashMap::try_from(Map::HashMap(open(dir, IN_HITS)?))?;
+    let mut out = hits
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the inbound counters")?;
+    out.sort_unstable();
+    Ok(out)
+}
+
 /// Number of connections with a record: (connecting, established).
 pub fn tracked(dir: &Path) -> Result<(u64, u64)> {
     let cookies: HashMap<MapData, u64, OrigDst> =
@@ -116,7 +132,7 @@ pub fn tracked(dir: &Path) -> Result<(u64, u64)> {
 /// the programs look them up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sets {
-    /// Destination port -> `PORT_*` flags.
+    /// Destination port -> `PORT_*` flags (outbound and inbound).
     pub ports: Vec<(u16, u8)>,
     /// (prefix length, network-order network address).
     pub exclude: Vec<(u32, u32)>,
@@ -129,9 +145,16 @@ impl Sets {
     /// What `config` puts in the maps.
     pub fn of(config: &Config) -> Self {
         let mut ports: Vec<(u16, u8)> = Vec::new();
+        let no_ports = Vec::new();
+        let (in_include, in_exclude) = config
+            .inbound
+            .as_ref()
+            .map_or((&no_ports, &no_ports), |i| (&i.ports, &i.exclude));
         for (list, flag) in [
             (&config.ports_exclude, PORT_EXCLUDE),
             (&config.ports_include, PORT_INCLUDE),
+            (in_include, PORT_IN_INCLUDE),
+            (in_exclude, PORT_IN_EXCLUDE),
         ] {
             for port in list {
                 match ports.iter_mut().find(|(p, _)| p == port) {

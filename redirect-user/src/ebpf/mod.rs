@@ -1,5 +1,7 @@
-//! eBPF mode: the embedded programs, and installing them on a cgroup.
+//! eBPF mode: the embedded programs, and installing them on a cgroup and
+//! the pod's network namespace.
 
+pub mod listener;
 pub mod loader;
 pub mod maps;
 pub mod sys;
@@ -13,6 +15,7 @@ pub enum Kind {
     SockAddr,
     SockOps,
     Sockopt,
+    SkLookup,
 }
 
 impl Kind {
@@ -22,11 +25,13 @@ impl Kind {
             Self::SockAddr => 18, // BPF_PROG_TYPE_CGROUP_SOCK_ADDR
             Self::SockOps => 13,  // BPF_PROG_TYPE_SOCK_OPS
             Self::Sockopt => 25,  // BPF_PROG_TYPE_CGROUP_SOCKOPT
+            Self::SkLookup => 30, // BPF_PROG_TYPE_SK_LOOKUP
         }
     }
 }
 
-/// A program of the object and the cgroup hook it is attached to.
+/// A program of the object and the hook it is attached to: a cgroup hook
+/// (every one in [`HOOKS`]) or the network namespace's [`SK_LOOKUP`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hook {
     /// Name of the program function in `redirect-ebpf`.
@@ -111,7 +116,24 @@ pub const GETPEERNAME4: Hook = Hook {
     mirrors: "REDIRECT leaves the app's peer address unchanged",
 };
 
-/// Every hook an instance attaches, in attach order: the ones that track
+/// The inbound hook, attached to the pod's network namespace (not its
+/// cgroup) when inbound capture is configured: needed only for `-b`.
+pub const SK_LOOKUP: Hook = Hook {
+    program: "redirect_sk_lookup",
+    name: "sk_lookup",
+    kind: Kind::SkLookup,
+    attach_type: 36, // BPF_SK_LOOKUP
+    min_kernel: (5, 9),
+    optional: true,
+    mirrors: "nat PREROUTING -> ISTIO_INBOUND -> ISTIO_IN_REDIRECT",
+};
+
+/// Every hook, the cgroup ones and then the network namespace's.
+pub fn all_hooks() -> impl Iterator<Item = Hook> {
+    HOOKS.into_iter().chain([SK_LOOKUP])
+}
+
+/// Every cgroup hook an instance attaches, in attach order: the ones that track
 /// and answer first, connect4 last, so that every connection it redirects
 /// is already tracked and answerable. Uninstall goes in reverse.
 pub const HOOKS: [Hook; 6] = [

@@ -49,12 +49,13 @@ fn owned(fd: i64) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
 }
 
-/// Attaches a program to a cgroup with a new bpf_link (`BPF_LINK_CREATE`,
-/// kernel >= 5.7). No flags: cgroup links always share the hook with other
-/// programs, the opposite of the exclusive legacy attach.
+/// Attaches a program to a cgroup (kernel >= 5.7) or, for sk_lookup, a
+/// network namespace (>= 5.9) with a new bpf_link (`BPF_LINK_CREATE`). No
+/// flags: these links always share the hook with other programs, the
+/// opposite of the exclusive legacy attach.
 pub fn link_create(
     prog: BorrowedFd<'_>,
-    cgroup: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
     attach_type: u32,
 ) -> std::io::Result<OwnedFd> {
     #[repr(C)]
@@ -66,7 +67,7 @@ pub fn link_create(
     }
     let mut attr = Attr {
         prog_fd: prog.as_raw_fd() as u32,
-        target_fd: cgroup.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
         attach_type,
         flags: 0,
     };
@@ -158,19 +159,22 @@ pub fn prog_fd_by_id(id: u32) -> Result<OwnedFd> {
     ))
 }
 
-/// What the kernel reports about a cgroup link.
+/// What the kernel reports about a cgroup or network namespace link.
 #[derive(Clone, Copy, Debug)]
-pub struct CgroupLinkInfo {
+pub struct LinkInfo {
     pub link_id: u32,
     pub prog_id: u32,
-    /// 0 once the cgroup is gone (the link is then defunct).
-    pub cgroup_id: u64,
+    /// What the link is attached to: the cgroup id for a cgroup link, the
+    /// namespace's inode number for a netns link. 0 once the cgroup or
+    /// namespace is gone (the link is then defunct).
+    pub target: u64,
 }
 
-/// `BPF_OBJ_GET_INFO_BY_FD` on a cgroup link.
-pub fn link_info(link: BorrowedFd<'_>) -> Result<CgroupLinkInfo> {
+/// `BPF_OBJ_GET_INFO_BY_FD` on a cgroup or netns link.
+pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
     // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
-    // whose cgroup member starts with cgroup_id.
+    // whose cgroup member starts with the u64 cgroup_id, and whose netns
+    // member with the u32 netns_ino (then the u32 attach type).
     let mut info = [0u64; 16];
     #[repr(C)]
     struct Attr {
@@ -184,10 +188,16 @@ pub fn link_info(link: BorrowedFd<'_>) -> Result<CgroupLinkInfo> {
         info: info.as_mut_ptr() as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD on a link")?;
-    Ok(CgroupLinkInfo {
+    const BPF_LINK_TYPE_NETNS: u64 = 5;
+    let netns = info[0] & 0xffff_ffff == BPF_LINK_TYPE_NETNS;
+    Ok(LinkInfo {
         link_id: (info[0] >> 32) as u32,
         prog_id: info[1] as u32,
-        cgroup_id: info[2],
+        target: if netns {
+            info[2] & 0xffff_ffff
+        } else {
+            info[2]
+        },
     })
 }
 
