@@ -3,8 +3,9 @@
 //! Builds a sandbox pod (network namespace + cgroup, with a peer namespace
 //! as "the network"), starts an upstream server in the peer and a stand-in
 //! proxy on 127.0.0.1:15001 as UID 1337 in the pod, installs the redirect on
-//! the pod's cgroup, and shows where an app's connection and the proxy's own
-//! connection land, the status, and that uninstall restores direct traffic.
+//! the pod's cgroup and network namespace, and shows where an app's
+//! connection, the proxy's own connection and a connection from the network
+//! to the pod land, the status, and that uninstall restores direct traffic.
 //! Everything is removed at the end, also on error.
 
 use std::{
@@ -15,15 +16,31 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use redirect_sandbox::{APP, Group, Identity, Net, PEER_IP, POD_IP, PROXY, Sandbox};
 
-use crate::{cgroup, config::Config, ebpf::loader, status};
+use crate::{
+    cgroup,
+    config::{Config, Inbound},
+    ebpf::loader,
+    status,
+};
 
 const UPSTREAM_PORT: u16 = 9080;
+/// Where the pod's app listens for inbound connections.
+const APP_PORT: u16 = 8080;
 
 pub fn demo() -> Result<ExitCode> {
     crate::privilege::check_ebpf()?;
     let exe = std::env::current_exe().context("locating the redirect binary")?;
     let sandbox = Sandbox::new(exe, &["sandbox-agent"]).context("creating the demo pod")?;
-    let config = Config::default();
+    // Istio's sidecar defaults, inbound capture included (-b '*' -d ...).
+    let config = Config {
+        inbound: Some(Inbound {
+            all: true,
+            exclude: vec![15090, 15021, 15020],
+            ..Inbound::default()
+        }),
+        local_addrs: vec![POD_IP],
+        ..Config::default()
+    };
     let upstream = SocketAddrV4::new(PEER_IP, UPSTREAM_PORT);
     let proxy = SocketAddrV4::new(Ipv4Addr::LOCALHOST, config.proxy_port);
 
@@ -46,21 +63,45 @@ pub fn demo() -> Result<ExitCode> {
         "original-dst",
     ]);
     sandbox.start(proxy_cmd)?;
+    let inbound = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, config.inbound_port);
+    let mut inbound_cmd = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+    inbound_cmd.args([
+        "serve",
+        "--listen",
+        &inbound.to_string(),
+        "--report",
+        "original-dst",
+    ]);
+    sandbox.start(inbound_cmd)?;
+    let app = SocketAddrV4::new(POD_IP, APP_PORT);
+    let app_reply = format!("app {app}");
+    sandbox.serve(
+        Net::Pod,
+        Group::App,
+        APP,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP_PORT),
+        &app_reply,
+    )?;
     let proxy_reply = upstream.to_string();
-    outln!("  an upstream server listens on {upstream} in the peer,");
-    outln!("  a stand-in proxy listens on {proxy} as uid 1337 in the pod and answers");
-    outln!("  each connection with its original destination (getsockopt SO_ORIGINAL_DST)\n");
+    outln!("  an upstream server listens on {upstream} in the peer, the app on {app};");
+    outln!("  stand-in proxies listen on {proxy} (outbound) and {inbound} (inbound) as");
+    outln!("  uid 1337 in the pod and answer each connection with its original");
+    outln!("  destination (getsockopt SO_ORIGINAL_DST)\n");
 
     outln!("1. before install");
     let first = show(&sandbox, "app   (uid 1000)", APP, upstream)?;
     expect(&first, &upstream_reply)?;
+    let first = show_inbound(&sandbox, app)?;
+    expect(&first, &app_reply)?;
 
     let cg = cgroup::resolve(&sandbox.pod_cgroup().to_string_lossy())?;
     outln!(
-        "\n2. $ redirect install --cgroup {} --instance {}",
+        "\n2. $ redirect install --cgroup {} --instance {} --netns <pod> -b '*' -d 15090,15021,15020",
         cg.path.display(),
         sandbox.name()
     );
+    // The inbound hook goes to the installer's network namespace: the pod's.
+    crate::iptables::apply::enter_netns(std::path::Path::new(&sandbox.netns_path(Net::Pod)))?;
     loader::install(&loader::Request {
         config: &config,
         cgroup: &cg,
@@ -71,8 +112,10 @@ pub fn demo() -> Result<ExitCode> {
     expect(&captured, &proxy_reply)?;
     let escaped = show(&sandbox, "proxy (uid 1337)", PROXY, upstream)?;
     expect(&escaped, &upstream_reply)?;
+    let captured = show_inbound(&sandbox, app)?;
+    expect(&captured, &app.to_string())?;
     outln!(
-        "   -> the app's connection was captured and the proxy learned where it was going;\n      the proxy's own traffic escapes the loop"
+        "   -> the app's connection was captured and the proxy learned where it was going;\n      the proxy's own traffic escapes the loop; the connection from the network\n      reached the proxy's inbound listener, which learned it was for {app}"
     );
 
     outln!("\n3. $ redirect status --instance {}", sandbox.name());
@@ -85,6 +128,8 @@ pub fn demo() -> Result<ExitCode> {
     loader::uninstall(sandbox.name())?;
     let after = show(&sandbox, "app   (uid 1000)", APP, upstream)?;
     expect(&after, &upstream_reply)?;
+    let after = show_inbound(&sandbox, app)?;
+    expect(&after, &app_reply)?;
     outln!("\nredirect demo: done; the pod, its cgroup and every pin are removed");
     Ok(ExitCode::SUCCESS)
 }
@@ -93,6 +138,13 @@ pub fn demo() -> Result<ExitCode> {
 fn show(sandbox: &Sandbox, label: &str, who: Identity, to: SocketAddrV4) -> Result<String> {
     let reply = sandbox.lands(Group::App, who, to)?;
     outln!("   {label} connects to {to}: answered by \"{reply}\"");
+    Ok(reply)
+}
+
+/// Connects once from the peer to `to` (the pod's app) and prints where it landed.
+fn show_inbound(sandbox: &Sandbox, to: SocketAddrV4) -> Result<String> {
+    let reply = sandbox.lands_from_peer(to)?;
+    outln!("   a client in the peer connects to {to}: answered by \"{reply}\"");
     Ok(reply)
 }
 

@@ -425,9 +425,9 @@ pub fn render(status: &Status) -> String {
             "  tracked      {} connecting, {} established",
             inst.tracked.connecting, inst.tracked.established
         );
-        let _ = writeln!(out, "  {:>10}  {:<18} mirrors", "conns", "decision");
+        let _ = writeln!(out, "  {:>10}  {:<21} mirrors", "conns", "decision");
         for c in &inst.counters {
-            let _ = writeln!(out, "  {:>10}  {:<18} {}", c.value, c.name, c.mirrors);
+            let _ = writeln!(out, "  {:>10}  {:<21} {}", c.value, c.name, c.mirrors);
         }
     }
     out

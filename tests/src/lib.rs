@@ -383,6 +383,18 @@ impl Sandbox {
             .context("the agent reported no connection")
     }
 
+    /// What answers one connection from the peer (the rest of the network)
+    /// to `to`: the reply text, or `error: <kind>`.
+    pub fn lands_from_peer(&self, to: SocketAddrV4) -> Result<String> {
+        let out = self.peer_output(&["connect", "--to", &to.to_string()])?;
+        let tally = agent::Tally::parse(&out)?;
+        tally
+            .0
+            .into_keys()
+            .next()
+            .context("the agent reported no connection")
+    }
+
     /// Runs the agent with `args` in the pod and returns what it printed.
     pub fn agent_output(&self, group: Group, who: Identity, args: &[&str]) -> Result<String> {
         self.agent_output_in(Net::Pod, group, who, args)

@@ -1,10 +1,12 @@
 //! Bad input and hostile environments: each gets one clear error naming the
 //! problem and the fix, a non-zero exit, and leaves nothing installed.
 
-use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf, process::Command};
+use std::{
+    fs, net::SocketAddrV4, os::unix::fs::PermissionsExt as _, path::PathBuf, process::Command,
+};
 
 use redirect_sandbox::{
-    APP, Group, Net, Sandbox,
+    APP, Group, Net, POD_IP, PROXY, ROOT, Sandbox,
     cli::{Outcome, UPSTREAM, outcome, redirect, redirect_bin},
     require_root,
     witness::Witness,
@@ -284,9 +286,10 @@ fn in_private_mounts(script: &str) -> Outcome {
 }
 
 /// `redirect` under `setpriv` with only the given capabilities (as root, so
-/// that file permissions on bpffs are not what is tested).
-fn with_caps(caps: &str, args: &[&str]) -> Outcome {
-    let mut cmd = Command::new("setpriv");
+/// that file permissions on bpffs are not what is tested), in the pod's
+/// network namespace, as an init container runs.
+fn with_caps(sandbox: &Sandbox, caps: &str, args: &[&str]) -> Outcome {
+    let mut cmd = sandbox.command(Net::Pod, Group::Outside, ROOT, "setpriv");
     // A rejection then carries the verifier's whole log (for the kernel matrix).
     cmd.env("REDIRECT_VERIFIER_LOG", "1")
         .args([
@@ -299,6 +302,36 @@ fn with_caps(caps: &str, args: &[&str]) -> Outcome {
         .arg(redirect_bin())
         .args(args);
     outcome(&mut cmd).expect("setpriv (util-linux)")
+}
+
+#[test]
+fn inbound_capture_of_the_node_itself_is_refused() {
+    require_root!();
+    // Only meaningful where this test runs in the node's own namespace,
+    // known as the kernel names it (fixed inode, 6.18+) or as PID 1's.
+    let ino = |p: &str| {
+        fs::metadata(p)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok()
+    };
+    let own = ino("/proc/self/ns/net");
+    let host = own == Some(0xEFFF_FFF9)
+        || (ino("/proc/self/ns/pid") == Some(0xEFFF_FFFC) && ino("/proc/1/ns/net") == own);
+    if !host {
+        redirect_sandbox::skip_or_fail("this test does not run in the node's network namespace");
+        return;
+    }
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let mut args = install_args(&sandbox, &cg);
+    args.extend(["-b", "*"]);
+    let out = redirect(&args).expect("run");
+    assert_fails(
+        &out,
+        1,
+        "inbound capture (-b) would apply to the node's own network namespace",
+    );
+    assert!(!sandbox.is_pinned(), "nothing stays installed");
 }
 
 #[test]
@@ -320,24 +353,45 @@ fn cap_bpf_and_cap_net_admin_are_enough() {
     } else {
         "+bpf,+net_admin,+perfmon"
     };
+    // Istio's sidecar flags: outbound and inbound programs alike.
+    let mut install = install_args(&sandbox, &cg);
+    install.extend(["-b", "*", "-d", "15090,15021,15020"]);
     if running < (6, 12) {
-        let out = with_caps("+bpf,+net_admin", &install_args(&sandbox, &cg));
+        let out = with_caps(&sandbox, "+bpf,+net_admin", &install);
         assert_fails(&out, 1, "also needs CAP_PERFMON");
         assert!(!sandbox.is_pinned());
     }
-    let out = with_caps(caps, &install_args(&sandbox, &cg));
+    let out = with_caps(&sandbox, caps, &install);
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(
         sandbox.lands(Group::App, APP, UPSTREAM).expect("connect"),
         "proxy"
     );
-    let status = with_caps(caps, &["status", "--json", "--instance", sandbox.name()]);
+    let mut inbound = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+    inbound.args([
+        "serve",
+        "--listen",
+        "0.0.0.0:15006",
+        "--report",
+        "original-dst",
+    ]);
+    sandbox.start(inbound).expect("inbound listener");
+    let app = SocketAddrV4::new(POD_IP, 9080);
+    assert_eq!(
+        sandbox.lands_from_peer(app).expect("connect"),
+        app.to_string()
+    );
+    let status = with_caps(
+        &sandbox,
+        caps,
+        &["status", "--json", "--instance", sandbox.name()],
+    );
     assert!(status.stdout.contains("\"redirected\""), "{status:?}");
-    let out = with_caps(caps, &["uninstall", "--instance", sandbox.name()]);
+    let out = with_caps(&sandbox, caps, &["uninstall", "--instance", sandbox.name()]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(!sandbox.is_pinned());
     // With one of the two missing, the refusal names what to grant.
-    let out = with_caps("+bpf", &install_args(&sandbox, &cg));
+    let out = with_caps(&sandbox, "+bpf", &install_args(&sandbox, &cg));
     assert_fails(&out, 1, "permission denied");
     assert!(!sandbox.is_pinned());
 }

@@ -368,10 +368,15 @@ pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// rules capture its port (hairpin).
 #[inline(always)]
 pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
+    // Read up front, once: left to the optimiser, the choice between this
+    // field and `proxy_port` becomes pointer arithmetic on the map value,
+    // which the verifier refuses without CAP_PERFMON.
+    // SAFETY: a valid, aligned field of a live reference.
+    let inbound_port = unsafe { core::ptr::read_volatile(&raw const cfg.inbound_port) };
     let verdict = decide_nat(input, cfg, maps);
     if matches!(verdict, Verdict::Bypass(_)) && tproxy_hairpin(input, cfg, maps) {
         return Verdict::Redirect {
-            port: cfg.inbound_port,
+            port: inbound_port,
             counter: Counter::Hairpin,
         };
     }

@@ -211,6 +211,7 @@ fn install_steps(
             );
         }
         if req.config.inbound.is_some() {
+            refuse_host_netns(netns_ino)?;
             take_over_listener(&mut ebpf, req.config.inbound_port, notes)?;
         }
         load_program(&mut ebpf, SK_LOOKUP)?;
@@ -245,6 +246,32 @@ fn install_steps(
 
 /// The calling thread's network namespace: where the inbound hook goes.
 const NETNS: &str = "/proc/thread-self/ns/net";
+
+/// Refuses to capture inbound connections of the node itself: run from
+/// the host's network namespace by mistake (without `--netns`), the
+/// inbound hook would send every connection to the node (ssh included) to
+/// a listener that does not exist there. The host's namespace is known by
+/// its fixed inode number (kernel 6.18 and later), or as PID 1's when this
+/// process sees the host's PID 1.
+fn refuse_host_netns(netns_ino: u64) -> Result<()> {
+    const PROC_NET_INIT_INO: u64 = 0xEFFF_FFF9;
+    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+    let ino = |path: &str| {
+        fs::metadata(path)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok()
+    };
+    let host = netns_ino == PROC_NET_INIT_INO
+        || (ino("/proc/self/ns/pid") == Some(PROC_PID_INIT_INO)
+            && ino("/proc/1/ns/net") == Some(netns_ino));
+    if host {
+        bail!(
+            "inbound capture (-b) would apply to the node's own network namespace: \
+             run redirect in the pod's network namespace (as its init container does) or pass --netns"
+        );
+    }
+    Ok(())
+}
 
 /// Puts a listener that already exists on the inbound port into the
 /// listener map (see [`listener`]); when it cannot, inbound connections
