@@ -118,20 +118,20 @@ fn auto_mode_prefers_ebpf_and_falls_back_to_iptables_saying_why() {
     assert_eq!(istio_iptables(&sandbox, &args).code, 0);
     assert!(!has_istio_chains(&sandbox));
 
-    // Istio's sidecar flags with DNS capture, which eBPF mode lacks:
-    // iptables, and why.
-    let mut dns = SIDECAR.to_vec();
-    dns.push("--redirect-dns");
-    let out = istio_iptables(&sandbox, &dns);
+    // Istio's sidecar flags with a virtual interface, which eBPF mode
+    // lacks: iptables, and why.
+    let mut virt = SIDECAR.to_vec();
+    virt.extend(["-k", "eth1"]);
+    let out = istio_iptables(&sandbox, &virt);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
         out.stderr
-            .contains("because eBPF mode cannot honour --redirect-dns (DNS capture)"),
+            .contains("because eBPF mode cannot honour -k/--kube-virt-interfaces"),
         "{out:?}"
     );
     assert!(has_istio_chains(&sandbox));
-    dns.push("--cleanup-only");
-    assert_eq!(istio_iptables(&sandbox, &dns).code, 0);
+    virt.push("--cleanup-only");
+    assert_eq!(istio_iptables(&sandbox, &virt).code, 0);
     assert!(!has_istio_chains(&sandbox));
 
     // Istio's sidecar flags as they are: eBPF, inbound capture included.
