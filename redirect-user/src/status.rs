@@ -39,6 +39,10 @@ pub struct Instance {
     pub tracked: Tracked,
     /// Inbound connections captured, per destination port.
     pub inbound_captured: Vec<PortCount>,
+    /// The maps the programs use, with their kernel memory.
+    pub maps: Vec<maps::MapMemory>,
+    /// Their total: what this instance costs the node.
+    pub map_memory_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -153,11 +157,16 @@ fn instance(name: &str) -> Result<Instance> {
             .collect::<Vec<_>>()
             .join(",")
     };
+    let programs = programs(&dir, &meta);
+    let prog_ids: Vec<u32> = programs.iter().filter_map(|p| p.program_id).collect();
+    let maps = maps::memory(&dir, &prog_ids)?;
     Ok(Instance {
         instance: name.to_owned(),
         cgroup: loader::meta_path(&meta),
         cgroup_id: meta.cgroup_id,
-        programs: programs(&dir, &meta),
+        map_memory_bytes: maps.iter().map(|m| m.bytes).sum(),
+        maps,
+        programs,
         config: config.map(|c| ConfigView {
             inbound: c.inbound.as_ref().map(|i| InboundView {
                 ports: if i.all {
@@ -424,6 +433,17 @@ pub fn render(status: &Status) -> String {
             out,
             "  tracked      {} connecting, {} established",
             inst.tracked.connecting, inst.tracked.established
+        );
+        let _ = writeln!(
+            out,
+            "  memory       {} KiB in {} maps ({})",
+            inst.map_memory_bytes / 1024,
+            inst.maps.len(),
+            inst.maps
+                .iter()
+                .map(|m| format!("{} {} KiB", m.name, m.bytes / 1024))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let _ = writeln!(out, "  {:>10}  {:<21} mirrors", "conns", "decision");
         for c in &inst.counters {

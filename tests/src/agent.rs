@@ -33,6 +33,10 @@
 //!     connect there (from a socket bound to IP, e.g. Istio's inbound
 //!     passthrough source 127.0.0.6), send the client "<original dst> ",
 //!     then copy bytes both ways until a side closes
+//! agent [...] bench --to IP:PORT --count N [--request]
+//!     N sequential connections (connect, optionally send an HTTP GET, read
+//!     the reply to its end, close), each timed; prints one JSON object:
+//!     count, errors, secs, p50_us, p99_us, and the first reply's first line
 //! agent [...] sockopts --to IP:PORT
 //!     print getsockopt answers that must not depend on capture: SO_RCVBUF
 //!     and the stable head of TCP_INFO of a fresh socket, and
@@ -129,6 +133,12 @@ fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         Some("sockopts") => sockopts(args.req("--to")?.parse()?),
+        Some("bench") => {
+            let to: SocketAddr = args.req("--to")?.parse()?;
+            let count: usize = args.req("--count")?.parse()?;
+            println!("{}", bench(to, count, args.flag("--request")));
+            Ok(())
+        }
         Some("relay") => {
             let listen: SocketAddr = args.req("--listen")?.parse()?;
             let bind = args.opt("--bind")?.map(str::parse).transpose()?;
@@ -317,6 +327,50 @@ fn relay_one(mut client: TcpStream, bind: Option<std::net::IpAddr>) -> Result<()
     let _ = to_client.shutdown(std::net::Shutdown::Write);
     let _ = up.join();
     Ok(())
+}
+
+/// Times `count` sequential connections to `to` (see the module docs).
+fn bench(to: SocketAddr, count: usize, request: bool) -> serde_json::Value {
+    let mut latencies = Vec::with_capacity(count);
+    let mut errors = 0u64;
+    let mut first_reply = None;
+    let mut buf = Vec::with_capacity(512);
+    let start = Instant::now();
+    for _ in 0..count {
+        let began = Instant::now();
+        buf.clear();
+        let done = TcpStream::connect(to).and_then(|mut stream| {
+            if request {
+                stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+            }
+            stream.read_to_end(&mut buf)
+        });
+        match done {
+            Ok(_) => {
+                latencies.push(began.elapsed());
+                if first_reply.is_none() {
+                    let text = String::from_utf8_lossy(&buf);
+                    first_reply = Some(text.lines().next().unwrap_or("").to_owned());
+                }
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let percentile = |p: usize| {
+        latencies
+            .get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    serde_json::json!({
+        "count": latencies.len(),
+        "errors": errors,
+        "secs": secs,
+        "p50_us": percentile(50),
+        "p99_us": percentile(99),
+        "reply": first_reply.unwrap_or_default(),
+    })
 }
 
 /// When a connect loop stops early (besides its count).

@@ -1,110 +1,382 @@
-//! Benchmarks, run by `cargo xtask bench` (ignored by `cargo xtask test`).
-//! Each reports a ratio of two measurements taken in the same run, on the
-//! same sandbox, in interleaved rounds; none asserts a duration.
+//! The benchmarks, run by `cargo xtask bench [--quick]` (ignored by `cargo
+//! xtask test`): the cost of capture with eBPF, with Istio's iptables rules
+//! and without capture, measured side by side in one sandbox pod.
+//!
+//! Every figure comes from interleaved rounds (each round measures every
+//! setup once, in turn), so that drift of the machine hits all setups
+//! alike; a figure is the median of its rounds, with their range as the
+//! spread, and every ratio is the median of the per-round ratios. Nothing
+//! asserts a duration: the results go to `$REDIRECT_BENCH_OUT` (JSON, one
+//! object per figure), which `cargo xtask bench` turns into a table and
+//! plots.
 
 use std::{
-    path::Path,
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use aya::maps::{
-    Map, MapData,
-    lpm_trie::{Key, LpmTrie},
-};
 use redirect_sandbox::{
-    APP, Group, Net, Sandbox,
-    cli::{PROXY_REPLY, UPSTREAM, outcome, redirect_bin},
+    APP, Group, Net, PEER_IP, PROXY, Sandbox,
+    cli::{Outcome, outcome, redirect_bin},
     require_root,
 };
+use serde_json::{Value, json};
 
-/// Connections per measurement, and interleaved rounds.
-const CONNECTIONS: u32 = 3000;
-const ROUNDS: usize = 5;
-/// CIDRs in the large exclude set.
-const LARGE: u32 = 10_000;
+/// Where the app connects when capture is on: a server in the peer that
+/// is never reached while capture works.
+const UPSTREAM: SocketAddrV4 = SocketAddrV4::new(PEER_IP, 9080);
+/// An HTTP server in the peer: the real destination of the request benchmark.
+const HTTP_UPSTREAM: SocketAddrV4 = SocketAddrV4::new(PEER_IP, 8080);
+/// The proxy stand-in for connection setup: accepts, answers, closes.
+const PROXY_PORT: u16 = 15001;
+/// The transparent relay for the request benchmark (reads SO_ORIGINAL_DST).
+const RELAY_PORT: u16 = 15002;
+/// Exclude-CIDR counts of the scaling benchmark.
+const CIDR_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
 
-/// `count` excluded /32s in 11.0.0.0/8 (none matches the upstream).
-fn extra_cidrs(count: u32) -> impl Iterator<Item = Key<u32>> {
-    (1..count).map(|i| {
-        let [_, a, b, c] = i.to_be_bytes();
-        Key::new(32, u32::from_ne_bytes([11, a, b, c]))
-    })
+/// How much to measure: `--quick` is a smoke test of every figure.
+struct Sizes {
+    rounds: usize,
+    connections: usize,
+    requests: usize,
 }
 
-/// Seconds for [`CONNECTIONS`] sequential redirected connections.
-fn measure(sandbox: &Sandbox) -> Duration {
-    let start = Instant::now();
-    let tally = sandbox
-        .connect(Group::App, APP, UPSTREAM, CONNECTIONS)
-        .expect("connect");
-    let elapsed = start.elapsed();
-    assert_eq!(
-        tally.get(PROXY_REPLY),
-        u64::from(CONNECTIONS),
-        "every connection redirected: {}",
-        tally.render()
-    );
-    elapsed
+impl Sizes {
+    fn from_env() -> Self {
+        if std::env::var("REDIRECT_BENCH_QUICK").is_ok_and(|v| v == "1") {
+            Self {
+                rounds: 5,
+                connections: 200,
+                requests: 100,
+            }
+        } else {
+            Self {
+                rounds: 7,
+                connections: 3_000,
+                requests: 1_000,
+            }
+        }
+    }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// One timed run of the agent's `bench` command.
+struct Sample {
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
 }
 
-/// The exclude CIDRs live in an LPM trie: a connect costs the same with
-/// 10,000 of them as with 1 (iptables walks one rule per CIDR).
+/// The values of one figure over the rounds.
+#[derive(Default)]
+struct Series(Vec<f64>);
+
+impl Series {
+    fn median(&self) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    fn spread(&self) -> [f64; 2] {
+        let min = self.0.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.0.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        [min, max]
+    }
+}
+
+/// The results, in the order they are reported.
+#[derive(Default)]
+struct Results(Vec<(String, String, String, Series)>);
+
+impl Results {
+    fn add(&mut self, name: &str, mode: &str, unit: &str, value: f64) {
+        if let Some(entry) = self
+            .0
+            .iter_mut()
+            .find(|(n, m, _, _)| n == name && m == mode)
+        {
+            entry.3.0.push(value);
+        } else {
+            self.0.push((
+                name.to_owned(),
+                mode.to_owned(),
+                unit.to_owned(),
+                Series(vec![value]),
+            ));
+        }
+    }
+
+    fn get(&self, name: &str, mode: &str) -> &[f64] {
+        self.0
+            .iter()
+            .find(|(n, m, _, _)| n == name && m == mode)
+            .map_or(&[], |e| &e.3.0)
+    }
+
+    /// Adds `name` = per-round `a / b`.
+    fn ratio(&mut self, name: &str, a: (&str, &str), b: (&str, &str)) {
+        let ratios: Vec<f64> = self
+            .get(a.0, a.1)
+            .iter()
+            .zip(self.get(b.0, b.1))
+            .map(|(x, y)| x / y)
+            .collect();
+        for r in ratios {
+            self.add(name, "ratio", "x", r);
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        Value::Array(
+            self.0
+                .iter()
+                .map(|(name, mode, unit, series)| {
+                    json!({
+                        "name": name,
+                        "mode": mode,
+                        "value": series.median(),
+                        "unit": unit,
+                        "spread": series.spread(),
+                        "rounds": series.0.len(),
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The sandbox pod and the commands the benchmarks drive in it.
+struct Bench {
+    sandbox: Sandbox,
+}
+
+impl Bench {
+    fn new() -> Self {
+        let sandbox = Sandbox::for_tests().expect("sandbox");
+        sandbox
+            .serve(Net::Peer, Group::Outside, APP, UPSTREAM, "upstream")
+            .expect("upstream");
+        let mut http = sandbox.agent(Net::Peer, Group::Outside, APP);
+        http.args(["serve", "--listen", &HTTP_UPSTREAM.to_string()])
+            .args(["--reply", "upstream", "--http"]);
+        sandbox.start(http).expect("http upstream");
+        sandbox
+            .serve(
+                Net::Pod,
+                Group::Proxy,
+                PROXY,
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT),
+                "proxy",
+            )
+            .expect("proxy stand-in");
+        let mut relay = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+        relay.args(["relay", "--listen", &format!("127.0.0.1:{RELAY_PORT}")]);
+        sandbox.start(relay).expect("relay");
+        Self { sandbox }
+    }
+
+    /// `redirect istio-iptables --mode MODE ...` for the pod: the same
+    /// command line for both backends. Returns its wall time.
+    fn istio(&self, mode: &str, port: u16, exclude: &str, cleanup: bool) -> Duration {
+        let cgroup = self.sandbox.pod_cgroup().to_string_lossy().into_owned();
+        let mut cmd = Command::new(redirect_bin());
+        cmd.args(["istio-iptables", "--ipv6=false", "--mode", mode])
+            .args(["--netns", &self.sandbox.netns_path(Net::Pod)])
+            .args(["--cgroup", &cgroup, "--instance", self.sandbox.name()])
+            .args(["-p", &port.to_string(), "-u", "1337", "-g", "1337"])
+            .args(["-i", "*", "-x", exclude]);
+        if cleanup {
+            cmd.arg("--cleanup-only");
+        }
+        let start = Instant::now();
+        let out: Outcome = outcome(&mut cmd).expect("run redirect");
+        let took = start.elapsed();
+        assert_eq!(
+            out.code,
+            0,
+            "{mode} {}: {out:?}",
+            if cleanup { "cleanup" } else { "install" }
+        );
+        took
+    }
+
+    /// Runs `count` timed connections (or requests) from the app.
+    fn sample(&self, to: SocketAddrV4, count: usize, request: bool, expect: &str) -> Sample {
+        let count = count.to_string();
+        let to = to.to_string();
+        let mut args = vec!["bench", "--to", to.as_str(), "--count", count.as_str()];
+        if request {
+            args.push("--request");
+        }
+        let out = self
+            .sandbox
+            .agent_output(Group::App, APP, &args)
+            .expect("agent bench");
+        let v: Value = serde_json::from_str(out.trim()).expect("agent bench JSON");
+        assert_eq!(v["errors"], 0, "{v}");
+        let reply = v["reply"].as_str().unwrap_or("");
+        assert!(
+            reply.contains(expect),
+            "landed at {reply:?}, expected {expect:?}"
+        );
+        let n = v["count"].as_f64().unwrap_or(0.0);
+        Sample {
+            rate: n / v["secs"].as_f64().unwrap_or(f64::NAN),
+            p50_us: v["p50_us"].as_f64().unwrap_or(f64::NAN),
+            p99_us: v["p99_us"].as_f64().unwrap_or(f64::NAN),
+        }
+    }
+
+    /// Connection setup with `mode` in place (`direct`: no capture, the app
+    /// connects straight to the proxy port).
+    fn setup_sample(
+        &self,
+        mode: &str,
+        exclude: &str,
+        count: usize,
+        results: &mut Results,
+    ) -> Sample {
+        if mode == "direct" {
+            let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT);
+            return self.sample(to, count, false, "proxy");
+        }
+        let install = self.istio(mode, PROXY_PORT, exclude, false);
+        let sample = self.sample(UPSTREAM, count, false, "proxy");
+        let uninstall = self.istio(mode, PROXY_PORT, exclude, true);
+        if exclude == "" {
+            results.add("install_time", mode, "ms", install.as_secs_f64() * 1e3);
+            results.add("uninstall_time", mode, "ms", uninstall.as_secs_f64() * 1e3);
+        }
+        sample
+    }
+}
+
+/// `count` excluded networks, none of which holds the upstream: /24s in
+/// 7.0.0.0/8, written short enough for one argv string.
+fn exclude_cidrs(count: usize) -> String {
+    (0..count)
+        .map(|i| format!("7.{}.{}.0/24", i / 100, i % 100))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[test]
 #[ignore = "benchmark: run with `cargo xtask bench`"]
-fn bench_exclude_cidrs_cost_the_same_at_1_and_10000() {
+fn bench_capture_costs() {
     require_root!();
-    let sandbox = Sandbox::with_upstream_and_proxy().expect("sandbox pod");
-    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
-    let installed = outcome(
-        std::process::Command::new(redirect_bin())
-            .args(["istio-iptables", "--ipv6=false", "--mode", "ebpf"])
-            .args(["--netns", &sandbox.netns_path(Net::Pod)])
-            .args(["--cgroup", &cgroup, "--instance", sandbox.name()])
-            .args(["-p", "15001", "-u", "1337", "-i", "*", "-x", "11.0.0.0/32"]),
-    )
-    .expect("run redirect");
-    assert_eq!(installed.code, 0, "{installed:?}");
-    let pin = Path::new("/sys/fs/bpf/redirect")
-        .join(sandbox.name())
-        .join("RDR_EXCLUDE");
-    let mut trie: LpmTrie<MapData, u32, u8> = LpmTrie::try_from(Map::LpmTrie(
-        MapData::from_pin(&pin).expect("open RDR_EXCLUDE"),
-    ))
-    .expect("an LPM trie");
+    let sizes = Sizes::from_env();
+    let bench = Bench::new();
+    let mut results = Results::default();
+    let cidr_lists: Vec<(usize, String)> =
+        CIDR_COUNTS.iter().map(|&n| (n, exclude_cidrs(n))).collect();
 
-    measure(&sandbox); // warm-up
-    let mut ratios = Vec::new();
-    for round in 1..=ROUNDS {
-        let one = measure(&sandbox);
-        for key in extra_cidrs(LARGE) {
-            trie.insert(&key, 1, 0).expect("insert");
+    // Warm-up: caches, the first install's page faults.
+    bench.setup_sample("ebpf", "", sizes.connections / 4, &mut results);
+    results = Results::default();
+
+    for round in 1..=sizes.rounds {
+        // 1 and 4: connection setup, install and uninstall.
+        for mode in ["direct", "ebpf", "iptables"] {
+            let s = bench.setup_sample(mode, "", sizes.connections, &mut results);
+            results.add("connect_rate", mode, "conn/s", s.rate);
+            results.add("connect_p50", mode, "us", s.p50_us);
+            results.add("connect_p99", mode, "us", s.p99_us);
         }
-        let many = measure(&sandbox);
-        for key in extra_cidrs(LARGE) {
-            trie.remove(&key).expect("remove");
+        // 2: scaling with exclude rules.
+        let direct = bench.setup_sample("direct", "", sizes.connections, &mut results);
+        results.add("scaling_direct", "direct", "conn/s", direct.rate);
+        for (n, list) in &cidr_lists {
+            for mode in ["ebpf", "iptables"] {
+                let s = bench.setup_sample(mode, list, sizes.connections, &mut results);
+                results.add(&format!("scaling_{n}"), mode, "conn/s", s.rate);
+            }
         }
-        let ratio = many.as_secs_f64() / one.as_secs_f64();
+        // 3: small requests through the relay (SO_ORIGINAL_DST, forward).
+        for mode in ["ebpf", "iptables"] {
+            bench.istio(mode, RELAY_PORT, "", false);
+            let s = bench.sample(
+                HTTP_UPSTREAM,
+                sizes.requests,
+                true,
+                &HTTP_UPSTREAM.to_string(),
+            );
+            bench.istio(mode, RELAY_PORT, "", true);
+            results.add("request_p50", mode, "us", s.p50_us);
+            results.add("request_p99", mode, "us", s.p99_us);
+            results.add("request_rate", mode, "req/s", s.rate);
+        }
         println!(
-            "round {round}: 1 CIDR {:.0} conn/s, {LARGE} CIDRs {:.0} conn/s, time ratio {ratio:.3}",
-            f64::from(CONNECTIONS) / one.as_secs_f64(),
-            f64::from(CONNECTIONS) / many.as_secs_f64(),
+            "round {round}/{}: connect/s direct {:.0}, ebpf {:.0}, iptables {:.0}; at 10,000 CIDRs ebpf {:.0}, iptables {:.0}",
+            sizes.rounds,
+            results.get("connect_rate", "direct").last().unwrap_or(&0.0),
+            results.get("connect_rate", "ebpf").last().unwrap_or(&0.0),
+            results
+                .get("connect_rate", "iptables")
+                .last()
+                .unwrap_or(&0.0),
+            results.get("scaling_10000", "ebpf").last().unwrap_or(&0.0),
+            results
+                .get("scaling_10000", "iptables")
+                .last()
+                .unwrap_or(&0.0),
         );
-        ratios.push(ratio);
     }
-    println!(
-        "exclude CIDRs: time per connect with {LARGE} / with 1 = {:.3} (median of {ROUNDS} rounds)",
-        median(ratios)
+    results.ratio(
+        "ebpf_over_direct_connect_rate",
+        ("connect_rate", "ebpf"),
+        ("connect_rate", "direct"),
     );
-    let removed = outcome(std::process::Command::new(redirect_bin()).args([
-        "uninstall",
-        "--instance",
-        sandbox.name(),
-    ]))
-    .expect("uninstall");
-    assert_eq!(removed.code, 0, "{removed:?}");
+    results.ratio(
+        "ebpf_over_iptables_connect_rate",
+        ("connect_rate", "ebpf"),
+        ("connect_rate", "iptables"),
+    );
+    for n in CIDR_COUNTS {
+        let name = format!("scaling_{n}");
+        results.ratio(
+            &format!("ebpf_over_direct_at_{n}_cidrs"),
+            (&name, "ebpf"),
+            ("scaling_direct", "direct"),
+        );
+        results.ratio(
+            &format!("ebpf_over_iptables_at_{n}_cidrs"),
+            (&name, "ebpf"),
+            (&name, "iptables"),
+        );
+    }
+    results.ratio(
+        "iptables_over_ebpf_request_p50",
+        ("request_p50", "iptables"),
+        ("request_p50", "ebpf"),
+    );
+
+    // 5: map memory of an installed instance (Istio's sidecar flags).
+    bench.istio("ebpf", PROXY_PORT, "", false);
+    let status =
+        redirect_sandbox::cli::redirect(&["status", "--json", "--instance", bench.sandbox.name()])
+            .expect("status");
+    bench.istio("ebpf", PROXY_PORT, "", true);
+    let status: Value = serde_json::from_str(&status.stdout).expect("status JSON");
+    let instance = &status["instances"][0];
+    let bytes = instance["map_memory_bytes"]
+        .as_f64()
+        .expect("map_memory_bytes");
+    results.add("map_memory", "ebpf", "bytes", bytes);
+    let tracked = instance["maps"]
+        .as_array()
+        .and_then(|maps| maps.iter().find(|m| m["name"] == "RDR_ORIG_TUPLE"))
+        .and_then(|m| m["max_entries"].as_f64())
+        .expect("RDR_ORIG_TUPLE");
+    results.add("max_concurrent_redirected", "ebpf", "connections", tracked);
+
+    let json = serde_json::to_string_pretty(&results.to_json()).expect("JSON");
+    let out = std::env::var("REDIRECT_BENCH_OUT").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench/results.json").into()
+    });
+    if let Some(dir) = std::path::Path::new(&out).parent() {
+        std::fs::create_dir_all(dir).expect("create the results directory");
+    }
+    std::fs::write(&out, json).expect("write the results");
+    println!("results written to {out}");
 }

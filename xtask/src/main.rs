@@ -5,6 +5,7 @@
 //! LLVM, and the Debian packages the task uses) and installs what is missing,
 //! saying what it installs.
 
+mod bench;
 mod build;
 mod run;
 mod sysdeps;
@@ -44,9 +45,19 @@ enum Task {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the benchmarks' smoke test (`bench --quick`), which runs
+        /// after the suite when no filter is given.
+        #[arg(long)]
+        no_bench: bool,
     },
-    /// Run the benchmarks (release build); each prints ratios measured in one run.
-    Bench,
+    /// Run the benchmarks (release build): the cost of capture, eBPF vs
+    /// iptables vs none, measured in one run; table, JSON and SVG plots in
+    /// target/bench/.
+    Bench {
+        /// Small sizes: a smoke test that every figure is produced (under 2 minutes).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Boot Debian kernels under QEMU and run the end-to-end suite in each.
     VmTest {
         /// Kernels to test: 5.10, 6.1, 6.12, sid (repeatable; default: all).
@@ -66,8 +77,12 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Build { release } => build::build(release).map(|_| ()),
         Task::Run { args } => run::run(&args),
-        Task::Test { filter, no_lint } => test::test(filter.as_deref(), !no_lint),
-        Task::Bench => test::bench(),
+        Task::Test {
+            filter,
+            no_lint,
+            no_bench,
+        } => test::test(filter.as_deref(), !no_lint, !no_bench),
+        Task::Bench { quick } => bench::bench(quick),
         Task::VmTest {
             kernels,
             keep,

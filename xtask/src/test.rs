@@ -1,5 +1,6 @@
 //! `cargo xtask test`: lint, unit tests and the end-to-end suite, then a check
-//! that the suite left nothing behind on the machine.
+//! that the suite left nothing behind on the machine, and the benchmarks'
+//! smoke test (`cargo xtask bench --quick`: every figure is produced).
 
 use std::{fs, path::Path};
 
@@ -10,7 +11,7 @@ use crate::{
     sysdeps::{self, SANDBOX_TOOLS, TEST_TOOLS, run_checked},
 };
 
-pub fn test(filter: Option<&str>, lint: bool) -> Result<()> {
+pub fn test(filter: Option<&str>, lint: bool, bench: bool) -> Result<()> {
     sysdeps::ensure_tools(SANDBOX_TOOLS)?;
     sysdeps::ensure_tools(TEST_TOOLS)?;
     if lint {
@@ -62,46 +63,15 @@ pub fn test(filter: Option<&str>, lint: bool) -> Result<()> {
     if !leftovers.is_empty() {
         bail!("the tests left state behind: {}", leftovers.join("; "));
     }
-    Ok(())
-}
-
-/// `cargo xtask bench`: the benchmarks (the ignored `bench_*` tests of the
-/// end-to-end crate), one at a time so they do not disturb each other; each
-/// prints the ratios it measured.
-pub fn bench() -> Result<()> {
-    sysdeps::ensure_tools(SANDBOX_TOOLS)?;
-    run_checked(&mut cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "redirect-user",
-    ])?)?;
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/redirect");
-    let mut cmd = cargo(&[
-        "test",
-        "--release",
-        "--package",
-        "redirect-sandbox",
-        "--test",
-        "bench",
-        "--",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])?;
-    cmd.env("REDIRECT_BIN", bin);
-    let result = run_checked(&mut cmd).context("benchmarks failed");
-    let leftovers = leftovers();
-    result?;
-    if !leftovers.is_empty() {
-        bail!("the benchmarks left state behind: {}", leftovers.join("; "));
+    if bench && filter.is_none() {
+        crate::bench::bench(true).context("the benchmarks' smoke test failed")?;
     }
     Ok(())
 }
 
 /// State the sandbox creates and must always remove: its cgroups and the
 /// pins of its instances.
-fn leftovers() -> Vec<String> {
+pub fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
     if let Ok(entries) = fs::read_dir("/sys/fs/bpf/redirect") {
         for entry in entries.flatten() {

@@ -116,6 +116,54 @@ pub fn inbound_hits(dir: &Path) -> Result<Vec<(u16, u64)>> {
     Ok(out)
 }
 
+/// Kernel memory of one map an instance's programs use.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MapMemory {
+    pub name: String,
+    pub max_entries: u32,
+    /// What the kernel charges for it (`memlock` in its fdinfo).
+    pub bytes: u64,
+}
+
+/// The maps pinned in `dir` and those the programs `prog_ids` use (the
+/// event ring buffer is not pinned), each once, with their kernel memory.
+pub fn memory(dir: &Path, prog_ids: &[u32]) -> Result<Vec<MapMemory>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut ids: Vec<u32> = LAYOUT
+        .iter()
+        .filter_map(|(name, ..)| aya::maps::MapInfo::from_pin(dir.join(name)).ok())
+        .map(|info| info.id())
+        .collect();
+    for info in aya::programs::loaded_programs().flatten() {
+        if prog_ids.contains(&info.id())
+            && let Ok(Some(maps)) = info.map_ids()
+        {
+            ids.extend(maps);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let mut out = Vec::new();
+    for id in ids {
+        let info = aya::maps::MapInfo::from_id(id).with_context(|| format!("map {id}"))?;
+        let fd = info.fd().with_context(|| format!("opening map {id}"))?;
+        let fdinfo =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
+        let bytes = fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        out.push(MapMemory {
+            name: info.name_as_str().unwrap_or("?").to_owned(),
+            max_entries: info.max_entries(),
+            bytes,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
 /// Number of connections with a record: (connecting, established).
 pub fn tracked(dir: &Path) -> Result<(u64, u64)> {
     let cookies: HashMap<MapData, u64, OrigDst> =
