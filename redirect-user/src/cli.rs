@@ -53,6 +53,19 @@ pub enum Command {
     Status(StatusArgs),
     /// Like install, but stay in the foreground and detach on SIGINT/SIGTERM
     Run(RunArgs),
+    /// Remove the instances of pods that no longer exist (run it from a
+    /// node timer or agent)
+    #[command(
+        long_about = "Remove every installed instance whose pod cgroup no longer exists. \
+        Deleting a pod detaches its cgroup programs with its cgroup, but the pins under \
+        /sys/fs/bpf/redirect/<instance>/ stay until removed: run `redirect gc` on each node \
+        from a systemd timer or cron job, or from a node agent."
+    )]
+    Gc {
+        /// Only list what would be removed
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Show the capture working in a throw-away pod (network namespace + cgroup)
     Demo,
     /// Show which kernel features eBPF capture needs, whether this node has

@@ -91,6 +91,19 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => run::run(&args),
+        Command::Gc { dry_run } => {
+            let removed = loader::gc(dry_run)?;
+            if removed.is_empty() {
+                outln!("redirect: no instance of a deleted pod");
+            }
+            for (name, why) in removed {
+                outln!(
+                    "redirect: {} instance {name}: {why}",
+                    if dry_run { "would remove" } else { "removed" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo => demo::demo(),
         Command::Probe { json } => {
             let report = probe::run();

@@ -548,6 +548,48 @@ pub fn uninstall(instance: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// Why an instance is garbage (its pod is gone), or `None` while it is in use.
+fn stale(instance: &str) -> Option<String> {
+    let dir = bpffs::instance_dir(instance);
+    let pin = dir.join(super::CONNECT4.pin_name());
+    match sys::obj_get(&pin).and_then(|fd| sys::link_info(fd.as_fd())) {
+        Ok(info) if info.target != 0 => None,
+        Ok(_) => Some("its cgroup was removed (the links are defunct)".to_owned()),
+        Err(_) => {
+            // No readable link: an install interrupted before attaching, or
+            // pins removed by hand. Garbage unless its cgroup still exists.
+            let meta = maps::meta(&dir).and_then(|m| Ok(m.get(&0, 0)?)).ok()?;
+            let path = meta_path(&meta);
+            let alive = fs::metadata(&path)
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.cgroup_id);
+            (!alive).then(|| format!("it has no link and its cgroup {path} is gone"))
+        }
+    }
+}
+
+/// Removes (or with `dry_run` only lists) every instance whose pod cgroup
+/// no longer exists: deleting a pod detaches its cgroup programs with the
+/// cgroup, but the pins under /sys/fs/bpf/redirect/ (and an inbound link on
+/// a namespace that outlives the pod) stay until removed. Returns each
+/// instance with the reason.
+pub fn gc(dry_run: bool) -> Result<Vec<(String, String)>> {
+    privilege::check_ebpf()?;
+    if !bpffs::is_mounted() {
+        return Ok(Vec::new());
+    }
+    let mut removed = Vec::new();
+    for name in bpffs::instances()? {
+        let Some(why) = stale(&name) else {
+            continue;
+        };
+        if !dry_run {
+            uninstall(&name).with_context(|| format!("removing instance {name}"))?;
+        }
+        removed.push((name, why));
+    }
+    Ok(removed)
+}
+
 /// The cgroup path recorded in an instance's meta entry.
 pub fn meta_path(meta: &InstanceMeta) -> String {
     let len = (meta.cgroup_path_len as usize).min(META_PATH_MAX);
