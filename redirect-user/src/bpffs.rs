@@ -26,11 +26,31 @@ pub fn instance_dir(instance: &str) -> PathBuf {
     root().join(instance)
 }
 
+/// Whether this process runs in a container (podman, docker, or a
+/// Kubernetes pod), where a bpffs it mounts would be its own.
+fn in_container() -> bool {
+    Path::new("/run/.containerenv").exists()
+        || Path::new("/.dockerenv").exists()
+        || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
+
 /// Makes sure bpffs is mounted at /sys/fs/bpf, mounting it when absent.
+///
+/// Not in a container: a bpffs mounted there lives in the container's
+/// mount namespace, so the pins, and with them the capture, would vanish
+/// when the init container exits. The host's /sys/fs/bpf must be mounted
+/// into it instead, which the error says.
 pub fn ensure_mounted() -> Result<()> {
     let dir = Path::new(BPFFS);
     if dir.is_dir() && fs_magic(dir)? == BPF_FS_MAGIC {
         return Ok(());
+    }
+    if in_container() {
+        bail!(
+            "the host's bpffs is not mounted at {BPFFS} in this container: mount it \
+             (a hostPath volume /sys/fs/bpf, or `-v /sys/fs/bpf:/sys/fs/bpf`); a bpffs mounted \
+             here would take the capture with it when the container exits"
+        );
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {BPFFS}"))?;
     let source = c"bpf";

@@ -38,7 +38,8 @@ pub fn cgroup2_mounts() -> Result<Vec<PathBuf>> {
 fn first_cgroup2_mount() -> Result<PathBuf> {
     cgroup2_mounts()?.into_iter().next().context(
         "no cgroup v2 hierarchy is mounted: redirect attaches to cgroup v2; \
-         mount it with `mount -t cgroup2 none /sys/fs/cgroup` (or /sys/fs/cgroup/unified on a hybrid host)",
+         mount it with `mount -t cgroup2 none /sys/fs/cgroup` (or /sys/fs/cgroup/unified on a hybrid host); \
+         in a container, mount the host's cgroup2 hierarchy into it (a hostPath volume of /sys/fs/cgroup)",
     )
 }
 
@@ -73,6 +74,15 @@ fn self_parent() -> Result<Cgroup> {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .context("this process has no cgroup v2 membership (no `0::` line in /proc/self/cgroup)")?;
+    const PROC_CGROUP_INIT_INO: u64 = 0xEFFF_FFFB;
+    let host_namespace =
+        fs::metadata("/proc/self/ns/cgroup").map_or(true, |m| m.ino() == PROC_CGROUP_INIT_INO);
+    if own.trim() == "/" && !host_namespace {
+        // A private cgroup namespace (Kubernetes with cgroup v2): our
+        // cgroup is the namespace's root, so find it by id in the host's
+        // hierarchy, mounted into the container somewhere.
+        return self_parent_by_id();
+    }
     let parent = Path::new(own.trim()).parent().with_context(|| {
         format!("--cgroup self-parent: this process is in the root cgroup ({own}), which has no parent; pass --cgroup PATH")
     })?;
@@ -84,6 +94,79 @@ fn self_parent() -> Result<Cgroup> {
         );
     }
     from_path(&mount, &path)
+}
+
+/// `self-parent` from a private cgroup namespace: this process's cgroup is
+/// found in another cgroup2 mount (the host's hierarchy, mounted into the
+/// container), by its id when the namespace's own cgroup2 mount gives it,
+/// else as the cgroup whose `cgroup.procs` lists this process; the parent
+/// of that is the pod cgroup.
+fn self_parent_by_id() -> Result<Cgroup> {
+    let mounts = cgroup2_mounts()?;
+    let own = mounts.iter().find(|m| namespace_root(m));
+    let id = own.and_then(|m| fs::metadata(m).ok()).map(|m| m.ino());
+    for mount in mounts.iter().filter(|m| Some(*m) != own) {
+        let found = match id {
+            Some(id) => find_cgroup(mount, 8, &|dir| {
+                fs::metadata(dir).is_ok_and(|m| m.ino() == id)
+            }),
+            None => find_cgroup(mount, 8, &lists_self),
+        };
+        if let Some(found) = found {
+            let parent = found
+                .parent()
+                .filter(|p| p.starts_with(mount) && *p != mount.as_path())
+                .with_context(|| {
+                    format!(
+                        "--cgroup self-parent: {} has no parent cgroup",
+                        found.display()
+                    )
+                })?;
+            check_v2(parent)?;
+            return from_path(mount, parent);
+        }
+    }
+    bail!(
+        "--cgroup self-parent: this process runs in a private cgroup namespace, and the host's \
+         cgroup2 hierarchy is not mounted in it: mount it (e.g. a hostPath volume of /sys/fs/cgroup \
+         at /host/sys/fs/cgroup), or run with the host's cgroup namespace"
+    )
+}
+
+/// Whether the cgroup2 mount at `mount` is this process's cgroup namespace
+/// root (its mountinfo root is "/" while /proc/self/cgroup says "/").
+fn namespace_root(mount: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.get(3) == Some(&"/")
+            && f.get(4).is_some_and(|p| Path::new(p) == mount)
+            && line.contains(" - cgroup2 ")
+    })
+}
+
+/// Whether the cgroup `dir` holds this process (its `cgroup.procs` lists
+/// this process's PID, as this PID namespace numbers it).
+fn lists_self(dir: &Path) -> bool {
+    let pid = std::process::id().to_string();
+    fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.lines().any(|p| p == pid))
+}
+
+/// The first cgroup under `dir` (at most `depth` levels down) that `is`.
+fn find_cgroup(dir: &Path, depth: u32, is: &dyn Fn(&Path) -> bool) -> Option<PathBuf> {
+    if is(dir) {
+        return Some(dir.to_path_buf());
+    }
+    if depth == 0 {
+        return None;
+    }
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| find_cgroup(&e.path(), depth - 1, is))
 }
 
 fn from_path(mount: &Path, path: &Path) -> Result<Cgroup> {

@@ -48,6 +48,17 @@ use crate::{
 };
 
 fn main() -> ExitCode {
+    // Called as `pause` (a link in the image), redirect is a pod's infra
+    // process: it holds the namespaces and sleeps until told to stop. The
+    // pod test runs its pods with the image as their infra image, as no
+    // registry is reachable for Kubernetes' own pause image.
+    if std::env::args_os()
+        .next()
+        .is_some_and(|argv0| std::path::Path::new(&argv0).file_name() == Some("pause".as_ref()))
+    {
+        let code = redirect_sandbox::agent::main(&["pause".to_owned()]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {

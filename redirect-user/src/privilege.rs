@@ -33,6 +33,11 @@ fn effective() -> u64 {
 /// with CAP_NET_ADMIN, plus CAP_PERFMON on kernels older than 6.12 (see
 /// [`LEAST_PRIVILEGE_KERNEL`]).
 pub fn check_ebpf() -> Result<()> {
+    check_capabilities()?;
+    check_bpf_syscall()
+}
+
+fn check_capabilities() -> Result<()> {
     let caps = effective();
     let has = |cap: u32| caps & (1 << cap) != 0;
     if has(CAP_SYS_ADMIN) {
@@ -54,6 +59,22 @@ pub fn check_ebpf() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// With the capabilities in place, the `bpf()` system call itself can
+/// still be refused, by a seccomp profile: the container runtimes' default
+/// profiles allow it only to CAP_SYS_ADMIN. Tells that apart from a kernel
+/// without the feature (a two-instruction socket filter loads everywhere).
+fn check_bpf_syscall() -> Result<()> {
+    const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+    match crate::ebpf::sys::probe_hook(BPF_PROG_TYPE_SOCKET_FILTER, 0) {
+        Err(err) if err.raw_os_error() == Some(libc::EPERM) => bail!(
+            "permission denied: the bpf() system call is refused although the capabilities are \
+             there, so a seccomp profile blocks it: run the container with a profile that allows \
+             bpf(), or add CAP_SYS_ADMIN (the runtimes' default profiles allow bpf() with it)"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: lift it when allowed.

@@ -265,9 +265,15 @@ pub fn run() -> Report {
         .collect();
     let unprivileged = missing.iter().any(|f| f.name == "privileges");
     let (mode, reason) = if unprivileged {
+        let why = features
+            .iter()
+            .find(|f| f.name == "privileges")
+            .map_or("", |f| f.detail.as_str());
         (
             "unknown",
-            "without the privileges eBPF needs, the kernel's hooks cannot be tested: run `redirect probe` as root".to_owned(),
+            format!(
+                "without the privileges eBPF needs, the kernel's hooks cannot be tested ({why}): run `redirect probe` with them"
+            ),
         )
     } else if missing.is_empty() {
         (

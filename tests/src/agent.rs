@@ -37,6 +37,8 @@
 //!     N sequential connections (connect, optionally send an HTTP GET, read
 //!     the reply to its end, close), each timed; prints one JSON object:
 //!     count, errors, secs, p50_us, p99_us, and the first reply's first line
+//! agent pause
+//!     sleep until SIGTERM or SIGINT (a pod's infra container, as pause is)
 //! agent [...] sockopts --to IP:PORT
 //!     print getsockopt answers that must not depend on capture: SO_RCVBUF
 //!     and the stable head of TCP_INFO of a fresh socket, and
@@ -133,6 +135,7 @@ fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         Some("sockopts") => sockopts(args.req("--to")?.parse()?),
+        Some("pause") => pause(),
         Some("bench") => {
             let to: SocketAddr = args.req("--to")?.parse()?;
             let count: usize = args.req("--count")?.parse()?;
@@ -327,6 +330,24 @@ fn relay_one(mut client: TcpStream, bind: Option<std::net::IpAddr>) -> Result<()
     let _ = to_client.shutdown(std::net::Shutdown::Write);
     let _ = up.join();
     Ok(())
+}
+
+/// Sleeps until SIGTERM or SIGINT. As PID 1 of a container a process
+/// ignores every signal it has no handler for, so it installs them.
+fn pause() -> Result<()> {
+    extern "C" fn exit_now(_: libc::c_int) {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(0) }
+    }
+    // SAFETY: installing an async-signal-safe handler.
+    unsafe {
+        libc::signal(libc::SIGTERM, exit_now as libc::sighandler_t);
+        libc::signal(libc::SIGINT, exit_now as libc::sighandler_t);
+    }
+    loop {
+        // SAFETY: pause has no preconditions.
+        unsafe { libc::pause() };
+    }
 }
 
 /// Times `count` sequential connections to `to` (see the module docs).

@@ -7,6 +7,7 @@
 
 mod bench;
 mod build;
+mod rootfs;
 mod run;
 mod sysdeps;
 mod test;
