@@ -6,7 +6,7 @@
 //! pod's cgroup as any UID, which a thread of the test process cannot.
 //!
 //! ```text
-//! agent [--uid U --gid G] serve --listen IP:PORT --reply TEXT [--report original-dst|peer] [--http] [--transparent]
+//! agent [--uid U --gid G] serve --listen IP:PORT[,IP:PORT...] --reply TEXT [--report original-dst|peer] [--http] [--transparent]
 //!     listen, print "ready", answer every connection with one line: TEXT,
 //!     or what the accepted socket reports (its SO_ORIGINAL_DST, read as a
 //!     transparent proxy does, or its peer address); --http wraps it in an
@@ -72,6 +72,7 @@ pub fn main(args: &[String]) -> i32 {
 
 fn run(args: &[String]) -> Result<()> {
     let mut args = Args(args.iter().map(String::as_str).collect());
+    exit_on_term();
     raise_nofile();
     let uid = args.opt("--uid")?;
     let gid = args.opt("--gid")?;
@@ -84,7 +85,11 @@ fn run(args: &[String]) -> Result<()> {
     }
     match command {
         Some("serve") => {
-            let listen: SocketAddr = args.req("--listen")?.parse()?;
+            let listen = args
+                .req("--listen")?
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<SocketAddr>, _>>()?;
             let reply = match args.opt("--report")? {
                 None => Reply::Text(args.req("--reply")?.to_owned()),
                 Some("original-dst") => Reply::OriginalDst,
@@ -92,7 +97,7 @@ fn run(args: &[String]) -> Result<()> {
                 Some(other) => bail!("unknown --report {other}"),
             };
             let transparent = args.flag("--transparent");
-            serve(listen, &reply, args.flag("--http"), transparent)
+            serve(&listen, &reply, args.flag("--http"), transparent)
         }
         Some("connect") => {
             let to: SocketAddr = args.req("--to")?.parse()?;
@@ -244,21 +249,42 @@ pub fn original_dst(stream: &TcpStream) -> String {
     }
 }
 
-fn serve(listen: SocketAddr, reply: &Reply, http: bool, transparent: bool) -> Result<()> {
-    let socket = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if transparent {
+/// Listens on every address of `listen` (one thread each after the
+/// first), prints "ready" once all are bound, and answers (see the module
+/// documentation).
+fn serve(listen: &[SocketAddr], reply: &Reply, http: bool, transparent: bool) -> Result<()> {
+    let mut listeners = Vec::new();
+    for addr in listen {
+        let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        if transparent {
+            socket
+                .set_ip_transparent_v4(true)
+                .context("IP_TRANSPARENT (needs CAP_NET_ADMIN)")?;
+        }
         socket
-            .set_ip_transparent_v4(true)
-            .context("IP_TRANSPARENT (needs CAP_NET_ADMIN)")?;
+            .bind(&(*addr).into())
+            .with_context(|| format!("binding {addr}"))?;
+        socket.listen(4096)?;
+        listeners.push(TcpListener::from(socket));
     }
-    socket
-        .bind(&listen.into())
-        .with_context(|| format!("binding {listen}"))?;
-    socket.listen(4096)?;
-    let listener: TcpListener = socket.into();
     println!("ready");
     std::io::stdout().flush()?;
+    std::thread::scope(|scope| {
+        let mut listeners = listeners.into_iter();
+        let first = listeners.next();
+        for listener in listeners {
+            scope.spawn(move || answer(&listener, reply, http));
+        }
+        if let Some(first) = first {
+            answer(&first, reply, http);
+        }
+    });
+    Ok(())
+}
+
+/// Answers every connection `listener` accepts.
+fn answer(listener: &TcpListener, reply: &Reply, http: bool) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let text = reply.for_stream(&stream);
@@ -279,7 +305,6 @@ fn serve(listen: SocketAddr, reply: &Reply, http: bool, transparent: bool) -> Re
             let _ = writeln!(stream, "{text}");
         }
     }
-    Ok(())
 }
 
 fn relay(listen: SocketAddr, bind: Option<std::net::IpAddr>) -> Result<()> {
@@ -332,18 +357,24 @@ fn relay_one(mut client: TcpStream, bind: Option<std::net::IpAddr>) -> Result<()
     Ok(())
 }
 
-/// Sleeps until SIGTERM or SIGINT. As PID 1 of a container a process
-/// ignores every signal it has no handler for, so it installs them.
-fn pause() -> Result<()> {
+/// Exits on SIGTERM and SIGINT: as PID 1 of a container (the pod test
+/// runs agents there) a process ignores every signal it has no handler
+/// for, and the container would only stop when killed.
+fn exit_on_term() {
     extern "C" fn exit_now(_: libc::c_int) {
         // SAFETY: _exit is async-signal-safe.
         unsafe { libc::_exit(0) }
     }
+    let handler = exit_now as extern "C" fn(libc::c_int) as libc::sighandler_t;
     // SAFETY: installing an async-signal-safe handler.
     unsafe {
-        libc::signal(libc::SIGTERM, exit_now as libc::sighandler_t);
-        libc::signal(libc::SIGINT, exit_now as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler);
+        libc::signal(libc::SIGINT, handler);
     }
+}
+
+/// Sleeps until SIGTERM or SIGINT (see [`exit_on_term`]).
+fn pause() -> Result<()> {
     loop {
         // SAFETY: pause has no preconditions.
         unsafe { libc::pause() };

@@ -7,6 +7,7 @@
 
 mod bench;
 mod build;
+mod image;
 mod rootfs;
 mod run;
 mod sysdeps;
@@ -59,6 +60,10 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the init-container image with podman, from local files.
+    Image,
+    /// Build the image and run a real pod with it (podman): eBPF and iptables mode.
+    PodTest,
     /// Boot Debian kernels under QEMU and run the end-to-end suite in each.
     VmTest {
         /// Kernels to test: 5.10, 6.1, 6.12, sid (repeatable; default: all).
@@ -84,6 +89,8 @@ fn main() -> ExitCode {
             no_bench,
         } => test::test(filter.as_deref(), !no_lint, !no_bench),
         Task::Bench { quick } => bench::bench(quick),
+        Task::Image => image::image().map(|name| println!("xtask: built {name}")),
+        Task::PodTest => image::pod_test(),
         Task::VmTest {
             kernels,
             keep,
