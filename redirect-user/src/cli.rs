@@ -185,6 +185,11 @@ pub struct CaptureArgs {
     #[arg(short = 'd', long = "istio-local-exclude-ports", value_name = "PORT[,PORT...]", default_value = "", value_parser = parse_ports)]
     pub inbound_exclude: PortList,
 
+    /// How many redirected connections can be open at once (sizes the
+    /// original-destination maps: about 190 bytes each)
+    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = config::parse_max_connections)]
+    pub max_connections: u32,
+
     /// REDIRECT or TPROXY (Istio -m): eBPF serves both the same way, the
     /// connection keeping its destination; TPROXY has no -e exception
     #[arg(short = 'm', long = "istio-inbound-interception-mode", value_name = "REDIRECT|TPROXY", default_value = "REDIRECT", action = clap::ArgAction::Set, value_parser = config::parse_interception_mode)]
@@ -304,6 +309,7 @@ impl CaptureArgs {
                     tproxy: self.tproxy,
                 }),
             },
+            max_connections: self.max_connections,
             ..Config::default()
         }
     }

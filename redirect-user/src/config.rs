@@ -11,6 +11,24 @@ use redirect_common::{
 
 use crate::istio::{Host, IstioConfig, OwnerGroups};
 
+/// Default capacity of the original-destination maps: connections
+/// redirected and open at once.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 65536;
+/// Bounds of `--max-connections`.
+pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<u32> = 256..=1 << 20;
+
+/// Parses `--max-connections`.
+pub fn parse_max_connections(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if MAX_CONNECTIONS_RANGE.contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a connection count ({}..={})",
+            MAX_CONNECTIONS_RANGE.start(),
+            MAX_CONNECTIONS_RANGE.end()
+        )),
+    }
+}
+
 /// Istio's defaults (`istio-iptables -p 15001 -z 15006 -e 15008 -u 1337 -g 1337`).
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
@@ -55,6 +73,10 @@ pub struct Config {
     pub local_addrs: Vec<Ipv4Addr>,
     /// Inbound capture (`-b` not empty), or `None`.
     pub inbound: Option<Inbound>,
+    /// Capacity of the original-destination maps (`--max-connections`):
+    /// redirected connections open at once. Fixed when an instance is
+    /// first installed.
+    pub max_connections: u32,
 }
 
 /// Which inbound connections are captured (Istio `-b`, `-d`, `-m`).
@@ -147,6 +169,7 @@ impl Default for Config {
             owner_groups: Vec::new(),
             local_addrs: Vec::new(),
             inbound: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -550,6 +573,7 @@ impl Config {
             owner_groups,
             local_addrs: Vec::new(),
             inbound,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         };
         if let Err(limit) = config.check_limits() {
             unsupported.push(limit);

@@ -209,6 +209,10 @@ pub struct IstioArgs {
     /// eBPF mode's instance name [default: derived from the cgroup]
     #[arg(long, value_name = "NAME")]
     pub instance: Option<String>,
+    /// eBPF mode: how many redirected connections can be open at once
+    /// (sizes the original-destination maps: about 190 bytes each)
+    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = crate::config::parse_max_connections)]
+    pub max_connections: u32,
     /// Apply in this network namespace (/proc/PID/ns/net or /run/netns/NAME)
     #[arg(long = "netns", alias = "network-namespace", value_name = "PATH")]
     pub netns: Option<PathBuf>,

@@ -353,6 +353,7 @@ fn istio_ebpf(
         return Ok(ExitCode::SUCCESS);
     }
     let mut kernel_config = userns::config_to_host(ebpf)?;
+    kernel_config.max_connections = args.max_connections;
     // `-o lo` covers the pod's own addresses: those of this network
     // namespace (the pod's, or --netns).
     kernel_config.local_addrs = config::pod_addresses()?;

@@ -465,3 +465,52 @@ fn install_takes_istio_owner_groups() {
     );
     sandbox.uninstall().expect("uninstall");
 }
+
+#[test]
+fn max_connections_sizes_the_maps_and_is_fixed_at_first_install() {
+    require_root!();
+    let sandbox = pod();
+    sandbox
+        .install(&["--max-connections", "1024"])
+        .expect("install");
+    let status = sandbox.status().expect("status");
+    let instance = &status["instances"][0];
+    let tuple = instance["maps"]
+        .as_array()
+        .and_then(|maps| maps.iter().find(|m| m["name"] == "RDR_ORIG_TUPLE"))
+        .expect("the tuple map");
+    assert_eq!(tuple["max_entries"], 1024, "{status}");
+    let bytes = instance["map_memory_bytes"].as_u64().expect("bytes");
+    assert!(bytes < 1_000_000, "a small instance: {bytes} bytes");
+    assert_eq!(
+        lands(&sandbox, Group::App, APP, upstream_addr()),
+        PROXY_REPLY
+    );
+    // Another size needs a fresh install, and nothing changes meanwhile.
+    let err = sandbox
+        .install(&["--max-connections", "2048"])
+        .expect_err("a different size is refused");
+    assert!(
+        err.to_string()
+            .contains("holds 1024 connections and --max-connections asks for 2048"),
+        "{err:#}"
+    );
+    assert_eq!(
+        lands(&sandbox, Group::App, APP, upstream_addr()),
+        PROXY_REPLY
+    );
+    let out = redirect(&[
+        "install",
+        "--cgroup",
+        "/nonexistent",
+        "--max-connections",
+        "10",
+    ])
+    .expect("run");
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("'10' is not a connection count"),
+        "{out:?}"
+    );
+    sandbox.uninstall().expect("uninstall");
+}

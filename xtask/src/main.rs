@@ -51,6 +51,10 @@ enum Task {
         /// after the suite when no filter is given.
         #[arg(long)]
         no_bench: bool,
+        /// Skip the pod test (`pod-test`), which runs after the suite when
+        /// no filter is given.
+        #[arg(long)]
+        no_pods: bool,
     },
     /// Run the benchmarks (release build): the cost of capture, eBPF vs
     /// iptables vs none, measured in one run; table, JSON and SVG plots in
@@ -87,7 +91,8 @@ fn main() -> ExitCode {
             filter,
             no_lint,
             no_bench,
-        } => test::test(filter.as_deref(), !no_lint, !no_bench),
+            no_pods,
+        } => test::test(filter.as_deref(), !no_lint, !no_bench, !no_pods),
         Task::Bench { quick } => bench::bench(quick),
         Task::Image => image::image().map(|name| println!("xtask: built {name}")),
         Task::PodTest => image::pod_test(),

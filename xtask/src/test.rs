@@ -1,6 +1,8 @@
 //! `cargo xtask test`: lint, unit tests and the end-to-end suite, then a check
-//! that the suite left nothing behind on the machine, and the benchmarks'
-//! smoke test (`cargo xtask bench --quick`: every figure is produced).
+//! that the suite left nothing behind on the machine, the benchmarks'
+//! smoke test (`cargo xtask bench --quick`: every figure is produced) and
+//! the pod test (`cargo xtask pod-test`: the init-container image in real
+//! podman pods).
 
 use std::{fs, path::Path};
 
@@ -11,7 +13,7 @@ use crate::{
     sysdeps::{self, SANDBOX_TOOLS, TEST_TOOLS, run_checked},
 };
 
-pub fn test(filter: Option<&str>, lint: bool, bench: bool) -> Result<()> {
+pub fn test(filter: Option<&str>, lint: bool, bench: bool, pods: bool) -> Result<()> {
     sysdeps::ensure_tools(SANDBOX_TOOLS)?;
     sysdeps::ensure_tools(TEST_TOOLS)?;
     if lint {
@@ -65,6 +67,9 @@ pub fn test(filter: Option<&str>, lint: bool, bench: bool) -> Result<()> {
     }
     if bench && filter.is_none() {
         crate::bench::bench(true).context("the benchmarks' smoke test failed")?;
+    }
+    if pods && filter.is_none() {
+        crate::image::pod_test()?;
     }
     Ok(())
 }

@@ -111,6 +111,7 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
     let upgraded = dir.is_dir();
     if upgraded {
         check_owner(&dir, req)?;
+        maps::check_capacity(&dir, req.config.max_connections)?;
         maps::check_layout(&dir).with_context(|| {
             format!(
                 "instance '{}' was installed by an incompatible redirect: run `redirect uninstall --instance {}` first",
@@ -169,8 +170,11 @@ fn install_steps(
     notes: &mut Vec<String>,
 ) -> Result<Ebpf> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let size = req.config.max_connections;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
+        .map_max_entries(maps::ORIG_COOKIE, size)
+        .map_max_entries(maps::ORIG_TUPLE, size)
         .load(OBJECT)
         .context("loading the eBPF object (maps)")?;
 

@@ -79,6 +79,26 @@ pub fn check_layout(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an upgrade that asks for another `--max-connections` than the
+/// pinned maps have: their size is fixed when they are created.
+pub fn check_capacity(dir: &Path, wanted: u32) -> Result<()> {
+    let path = dir.join(ORIG_TUPLE);
+    if !path.exists() {
+        return Ok(());
+    }
+    let pinned = open(dir, ORIG_TUPLE)?.info()?.max_entries();
+    if pinned != wanted {
+        let instance = dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        bail!(
+            "instance '{instance}' holds {pinned} connections and --max-connections asks for {wanted}: \
+             the size is fixed at the first install; run `redirect uninstall --instance {instance}` first to change it"
+        );
+    }
+    Ok(())
+}
+
 fn open(dir: &Path, name: &str) -> Result<MapData> {
     let path = dir.join(name);
     MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
