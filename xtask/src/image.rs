@@ -124,6 +124,7 @@ pub fn image() -> Result<String> {
     fs::copy(&containerfile, context.join("Containerfile"))
         .with_context(|| format!("copying {}", containerfile.display()))?;
     let conf = containers_conf()?;
+    let previous = image_id(&conf);
     eprintln!(
         "xtask: building the image {IMAGE} from {}",
         context.display()
@@ -135,7 +136,24 @@ pub fn image() -> Result<String> {
             .arg(&context),
     )
     .context("podman build failed")?;
+    // The previous build, now untagged, would pile up in podman's storage.
+    if let Some(old) = previous
+        && image_id(&conf).as_ref() != Some(&old)
+    {
+        let _ = podman(&conf).args(["rmi", &old]).output();
+    }
     Ok(IMAGE.to_owned())
+}
+
+/// The id of [`IMAGE`] in podman's storage, if it is there.
+fn image_id(conf: &Path) -> Option<String> {
+    let out = podman(conf)
+        .args(["image", "inspect", "--format", "{{.Id}}", IMAGE])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Builds the image and runs the pod tests (the ignored `pod_*` tests of
