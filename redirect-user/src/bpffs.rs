@@ -26,12 +26,17 @@ pub fn instance_dir(instance: &str) -> PathBuf {
     root().join(instance)
 }
 
-/// Whether this process runs in a container (podman, docker, or a
-/// Kubernetes pod), where a bpffs it mounts would be its own.
+/// Whether this process runs in a container, where a bpffs it mounts
+/// would be its own: podman's marker file, Kubernetes' service variables
+/// (set in every pod), or a PID namespace other than the host's (its
+/// inode number is fixed). (`/.dockerenv` is not a sign: hosts built from
+/// container images carry it.)
 fn in_container() -> bool {
+    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+    let pid_ns = fs::metadata("/proc/self/ns/pid").map(|m| std::os::unix::fs::MetadataExt::ino(&m));
     Path::new("/run/.containerenv").exists()
-        || Path::new("/.dockerenv").exists()
         || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || pid_ns.is_ok_and(|ino| ino != PROC_PID_INIT_INO)
 }
 
 /// Makes sure bpffs is mounted at /sys/fs/bpf, mounting it when absent.

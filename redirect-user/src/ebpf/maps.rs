@@ -147,41 +147,59 @@ pub struct MapMemory {
 
 /// The maps pinned in `dir` and those the programs `prog_ids` use (the
 /// event ring buffer is not pinned), each once, with their kernel memory.
+/// Maps are opened by pin; the unpinned ones need CAP_SYS_ADMIN (to list
+/// programs and open maps by id) and are left out without it.
 pub fn memory(dir: &Path, prog_ids: &[u32]) -> Result<Vec<MapMemory>> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let mut ids: Vec<u32> = LAYOUT
-        .iter()
-        .filter_map(|(name, ..)| aya::maps::MapInfo::from_pin(dir.join(name)).ok())
-        .map(|info| info.id())
-        .collect();
-    for info in aya::programs::loaded_programs().flatten() {
-        if prog_ids.contains(&info.id())
-            && let Ok(Some(maps)) = info.map_ids()
-        {
-            ids.extend(maps);
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
+    use std::os::fd::AsFd as _;
     let mut out = Vec::new();
-    for id in ids {
-        let info = aya::maps::MapInfo::from_id(id).with_context(|| format!("map {id}"))?;
-        let fd = info.fd().with_context(|| format!("opening map {id}"))?;
-        let fdinfo =
-            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
-        let bytes = fdinfo
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
+    let mut seen = Vec::new();
+    for (name, ..) in LAYOUT {
+        let Ok(map) = MapData::from_pin(dir.join(name)) else {
+            continue;
+        };
+        let info = map.info()?;
+        seen.push(info.id());
         out.push(MapMemory {
-            name: info.name_as_str().unwrap_or("?").to_owned(),
+            name: name.to_owned(),
             max_entries: info.max_entries(),
-            bytes,
+            bytes: memlock(map.fd().as_fd()),
         });
+    }
+    for info in aya::programs::loaded_programs().flatten() {
+        if !prog_ids.contains(&info.id()) {
+            continue;
+        }
+        for id in info.map_ids().ok().flatten().unwrap_or_default() {
+            if seen.contains(&id) {
+                continue;
+            }
+            seen.push(id);
+            let Ok(map) = aya::maps::MapInfo::from_id(id) else {
+                continue;
+            };
+            let Ok(fd) = map.fd() else { continue };
+            out.push(MapMemory {
+                name: map.name_as_str().unwrap_or("?").to_owned(),
+                max_entries: map.max_entries(),
+                bytes: memlock(fd.as_fd()),
+            });
+        }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// The memory the kernel charges for a map (`memlock` in its fdinfo).
+fn memlock(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    use std::os::fd::AsRawFd as _;
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Number of connections with a record: (connecting, established).
