@@ -144,19 +144,7 @@ fn instance(name: &str) -> Result<Instance> {
         })
         .collect();
     let (connecting, established) = maps::tracked(&dir)?;
-    let port_list = |flag: u8| {
-        let mut list: Vec<u16> = sets
-            .ports
-            .iter()
-            .filter(|(_, f)| f & flag != 0)
-            .map(|(p, _)| *p)
-            .collect();
-        list.sort_unstable();
-        list.iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let port_list = |flag: u8| sets.ports_with(flag);
     let programs = programs(&dir, &meta);
     let prog_ids: Vec<u32> = programs.iter().filter_map(|p| p.program_id).collect();
     let maps = maps::memory(&dir, &prog_ids)?;
@@ -227,19 +215,7 @@ fn programs(dir: &Path, meta: &InstanceMeta) -> Vec<Program> {
 
 /// The iptables rule (or conntrack event) a counter stands for.
 fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String {
-    let ports = |flag: u8| {
-        let mut list: Vec<u16> = sets
-            .ports
-            .iter()
-            .filter(|(_, f)| f & flag != 0)
-            .map(|(p, _)| *p)
-            .collect();
-        list.sort_unstable();
-        list.iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let ports = |flag: u8| sets.ports_with(flag);
     let cidrs = |list: &[(u32, u32)]| {
         list.iter()
             .map(|(prefix, net)| {

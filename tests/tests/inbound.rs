@@ -286,40 +286,23 @@ fn the_pod_talking_to_itself_is_not_inbound() {
     proxy.args(["serve", "--listen", "0.0.0.0:15006", "--reply", "inbound"]);
     sandbox.start(proxy).expect("inbound listener");
     sandbox.install(SIDECAR_INBOUND).expect("install");
+    let app = pod_addr(9080).to_string();
+    let from_pod = |group, who, bind: Option<&str>| {
+        let mut args = vec!["each", "--to", app.as_str()];
+        args.extend(bind.map(|b| ["--bind", b]).into_iter().flatten());
+        let out = sandbox.agent_output(group, who, &args).expect("agent each");
+        out.trim()
+            .split_once('\t')
+            .map(|(_, r)| r.to_owned())
+            .unwrap_or(out)
+    };
     // The app's own call to its pod address: Istio's `-o lo` RETURN, and
     // nat PREROUTING never sees local traffic.
-    let out = sandbox
-        .agent_output(
-            Group::App,
-            APP,
-            &["connect", "--to", &pod_addr(9080).to_string()],
-        )
-        .expect("connect");
-    assert_eq!(out.trim(), "1\tapp");
+    assert_eq!(from_pod(Group::App, APP, None), "app");
     // The proxy's call to its pod address: the hairpin to 15006.
-    let out = sandbox
-        .agent_output(
-            Group::Proxy,
-            PROXY,
-            &["connect", "--to", &pod_addr(9080).to_string()],
-        )
-        .expect("connect");
-    assert_eq!(out.trim(), "1\tinbound");
+    assert_eq!(from_pod(Group::Proxy, PROXY, None), "inbound");
     // From the passthrough source: the app.
-    let out = sandbox
-        .agent_output(
-            Group::Proxy,
-            PROXY,
-            &[
-                "each",
-                "--to",
-                &pod_addr(9080).to_string(),
-                "--bind",
-                "127.0.0.6",
-            ],
-        )
-        .expect("each");
-    assert_eq!(out.trim(), format!("{}\tapp", pod_addr(9080)));
+    assert_eq!(from_pod(Group::Proxy, PROXY, Some("127.0.0.6")), "app");
     let status = sandbox.status().expect("status");
     assert!(counter(&status, "inbound_local") >= 3, "{status}");
     assert_eq!(counter(&status, "inbound_captured"), 0, "{status}");

@@ -5,18 +5,14 @@
 //! `target/bench/latency.svg`. It fails when a figure is missing, so that
 //! `--quick` is a smoke test of the whole chain.
 
-use std::{
-    fmt::Write as _,
-    fs,
-    path::{Path, PathBuf},
-};
+use std::{fmt::Write as _, fs, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use plotters::prelude::*;
 use serde_json::Value;
 
 use crate::{
-    build::cargo,
+    build::{self, cargo},
     sysdeps::{self, SANDBOX_TOOLS, run_checked},
     test::leftovers,
 };
@@ -33,22 +29,10 @@ struct Figure {
     spread: [f64; 2],
 }
 
-/// The workspace's `target/`.
-fn target_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
-    dir.canonicalize().unwrap_or(dir)
-}
-
 pub fn bench(quick: bool) -> Result<()> {
     sysdeps::ensure_tools(SANDBOX_TOOLS)?;
-    run_checked(&mut cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "redirect-user",
-    ])?)?;
-    let bin = target_dir().join("release/redirect");
-    let dir = target_dir().join("bench");
+    let bin = build::release_binary()?;
+    let dir = build::target_dir().join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let results = dir.join("results.json");
     let _ = fs::remove_file(&results);

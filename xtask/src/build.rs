@@ -46,3 +46,14 @@ pub fn build(release: bool) -> Result<PathBuf> {
         .join(profile)
         .join("redirect"))
 }
+
+/// Builds the release `redirect` and returns its path.
+pub fn release_binary() -> Result<PathBuf> {
+    build(true)
+}
+
+/// The workspace's `target/` directory.
+pub fn target_dir() -> PathBuf {
+    let dir = workspace_root().join("target");
+    dir.canonicalize().unwrap_or(dir)
+}

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    build::cargo,
+    build::{self, cargo},
     rootfs::{XTABLES_LINKS, add_libraries, copy_host, copy_tree, merged_usr, strip_into},
     sysdeps::{self, SANDBOX_TOOLS, Tool, run_checked},
     test::leftovers,
@@ -51,15 +51,10 @@ const IMAGE_PROGRAMS: &[&str] = &[
     "/usr/sbin/ip",
 ];
 
-fn target_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
-    dir.canonicalize().unwrap_or(dir)
-}
-
 /// The podman configuration the tasks use (`CONTAINERS_CONF`): runc, and
 /// no default ulimits (raising them is not permitted on these machines).
 pub fn containers_conf() -> Result<PathBuf> {
-    let dir = target_dir().join("podman");
+    let dir = build::target_dir().join("podman");
     fs::create_dir_all(&dir)?;
     let path = dir.join("containers.conf");
     fs::write(
@@ -80,13 +75,8 @@ fn podman(conf: &Path) -> std::process::Command {
 /// Builds the image; returns its name.
 pub fn image() -> Result<String> {
     sysdeps::ensure_tools(PODMAN_TOOLS)?;
-    run_checked(&mut cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "redirect-user",
-    ])?)?;
-    let context = target_dir().join("image");
+    let binary = build::release_binary()?;
+    let context = build::target_dir().join("image");
     let root = context.join("rootfs");
     let _ = fs::remove_dir_all(&context);
     for dir in ["usr/local/bin", "usr/sbin", "usr/bin", "etc", "tmp", "run"] {
@@ -94,10 +84,7 @@ pub fn image() -> Result<String> {
     }
     merged_usr(&root)?;
     let mut elves = std::collections::BTreeSet::new();
-    strip_into(
-        &target_dir().join("release/redirect"),
-        &root.join("usr/local/bin/redirect"),
-    )?;
+    strip_into(&binary, &root.join("usr/local/bin/redirect"))?;
     elves.insert(PathBuf::from("/usr/local/bin/redirect"));
     // A pod's infra process (see `redirect`'s main): the pod test needs one.
     std::os::unix::fs::symlink("/usr/local/bin/redirect", root.join("pause"))?;

@@ -228,6 +228,21 @@ pub struct Sets {
 }
 
 impl Sets {
+    /// The ports with `flag` among their `PORT_*` flags, sorted, as "a,b,c".
+    pub fn ports_with(&self, flag: u8) -> String {
+        let mut list: Vec<u16> = self
+            .ports
+            .iter()
+            .filter(|(_, f)| f & flag != 0)
+            .map(|(p, _)| *p)
+            .collect();
+        list.sort_unstable();
+        list.iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// What `config` puts in the maps.
     pub fn of(config: &Config) -> Self {
         let mut ports: Vec<(u16, u8)> = Vec::new();
