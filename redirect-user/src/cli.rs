@@ -12,14 +12,16 @@ use crate::{
 #[command(
     name = "redirect",
     version,
-    about = "Capture a pod's outbound TCP for its sidecar proxy with eBPF, without iptables",
-    long_about = "Capture a pod's outbound TCP for its sidecar proxy with eBPF, without iptables.\n\n\
+    about = "Capture a pod's TCP for its sidecar proxy with eBPF, without iptables",
+    long_about = "Capture a pod's TCP, outbound and inbound, for its sidecar proxy with eBPF, without iptables.\n\n\
         redirect attaches a cgroup/connect4 program to the pod's cgroup: every outbound IPv4 TCP \
         connect of the pod is rewritten to 127.0.0.1:<proxy port> or left alone by the same \
         rules, in the same order, as Istio's nat chain (OUTPUT -> ISTIO_OUTPUT -> \
         ISTIO_REDIRECT): the proxy's own UIDs/GIDs, loopback, excluded ports and CIDRs, owner \
         groups, and the proxy's calls to its own pod, which go to the inbound port. A sockops program remembers each \
-        redirected connection's original destination. The programs are pinned under \
+        redirected connection's original destination. With -b, an sk_lookup program on the pod's network \
+        namespace hands inbound connections to the proxy's inbound listener (nat PREROUTING -> \
+        ISTIO_INBOUND -> ISTIO_IN_REDIRECT). The programs are pinned under \
         /sys/fs/bpf/redirect/<instance>/ and keep working after redirect exits.\n\n\
         Exit codes: 0 success, 1 failure, 2 bad command line.",
     after_help = "Run `redirect <command> --help` for a command's options."
