@@ -235,6 +235,17 @@ fn inbound_ports_excluded_ports_and_the_tunnel_port_decide_like_istio() {
     );
     sandbox.install(&["-b", ""]).expect("install -b ''");
     assert_eq!(lands(), ["app"; 6]);
+    // The inbound link stays attached, inert, and status says so.
+    let status = sandbox.status().expect("status");
+    let sk_lookup = status["instances"][0]["programs"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["hook"] == "sk_lookup"))
+        .expect("sk_lookup listed");
+    assert_eq!(sk_lookup["attached"], true, "{status}");
+    assert!(
+        status["instances"][0]["config"]["inbound"].is_null(),
+        "{status}"
+    );
     let status = sandbox.status().expect("status");
     assert!(counter(&status, "inbound_not_included") >= 6, "{status}");
     assert!(counter(&status, "inbound_bypass_port") >= 2, "{status}");

@@ -342,7 +342,9 @@ fn write_config(ebpf: &mut Ebpf, req: &Request<'_>, undo: &mut Undo, netns_ino: 
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         cgroup_path_len: bytes.len() as u32,
-        netns_ino: if req.config.inbound.is_some() {
+        // Where the inbound link is (or stays, inert, after an upgrade
+        // that turned inbound capture off).
+        netns_ino: if req.config.inbound.is_some() || undo.dir.join(SK_LOOKUP.pin_name()).exists() {
             netns_ino as u32
         } else {
             0
