@@ -244,63 +244,39 @@ fn pod_lifecycle(mode: &str, subnet: u8) {
     let perfmon = if kernel_before_6_12() { ",PERFMON" } else { "" };
     let ebpf_caps = format!("BPF,NET_ADMIN{perfmon}");
     let ebpf_caps_admin = format!("{ebpf_caps},SYS_ADMIN");
+    let ebpf_init = |caps: &str, bpffs: bool| {
+        let mut options = vec![
+            "--cgroupns",
+            "host",
+            "--cap-drop",
+            "all",
+            "--cap-add",
+            caps,
+            "--volume",
+            &cgroup_volume,
+        ];
+        if bpffs {
+            options.extend(["--volume", "/sys/fs/bpf:/sys/fs/bpf"]);
+        }
+        pod.init(&options, &args)
+    };
     let init = if mode == "ebpf" {
         // What is missing is named: the seccomp gate on bpf() (the default
         // profile allows it only with CAP_SYS_ADMIN), then the bpffs mount.
-        let out = pod.init(
-            &[
-                "--cgroupns",
-                "host",
-                "--cap-drop",
-                "all",
-                "--cap-add",
-                &ebpf_caps,
-                "--volume",
-                "/sys/fs/bpf:/sys/fs/bpf",
-                "--volume",
-                &cgroup_volume,
-            ],
-            &args,
-        );
+        let out = ebpf_init(&ebpf_caps, true);
         assert_eq!(out.code, 1, "{out:?}");
         assert!(
             out.stderr.contains("a seccomp profile blocks it"),
             "{out:?}"
         );
-        let out = pod.init(
-            &[
-                "--cgroupns",
-                "host",
-                "--cap-drop",
-                "all",
-                "--cap-add",
-                &ebpf_caps_admin,
-                "--volume",
-                &cgroup_volume,
-            ],
-            &args,
-        );
+        let out = ebpf_init(&ebpf_caps_admin, false);
         assert_eq!(out.code, 1, "{out:?}");
         assert!(
             out.stderr
                 .contains("the host's bpffs is not mounted at /sys/fs/bpf"),
             "{out:?}"
         );
-        pod.init(
-            &[
-                "--cgroupns",
-                "host",
-                "--cap-drop",
-                "all",
-                "--cap-add",
-                &ebpf_caps_admin,
-                "--volume",
-                "/sys/fs/bpf:/sys/fs/bpf",
-                "--volume",
-                &cgroup_volume,
-            ],
-            &args,
-        )
+        ebpf_init(&ebpf_caps_admin, true)
     } else {
         // Istio's own init container privileges.
         pod.init(
