@@ -67,7 +67,14 @@ fn check_capabilities() -> Result<()> {
 /// without the feature (a two-instruction socket filter loads everywhere).
 fn check_bpf_syscall() -> Result<()> {
     const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+    // Before 5.11 a load over RLIMIT_MEMLOCK also fails with EPERM.
+    raise_memlock();
     match crate::ebpf::sys::probe_hook(BPF_PROG_TYPE_SOCKET_FILTER, 0) {
+        Err(err) if err.raw_os_error() == Some(libc::EPERM) && memlock_limited() => bail!(
+            "permission denied: kernels before 5.11 charge eBPF programs and maps to \
+             RLIMIT_MEMLOCK, and this process's limit is too low and cannot be raised: raise it \
+             (`ulimit -l unlimited`, or a container's `--ulimit memlock=-1`) or grant CAP_SYS_RESOURCE"
+        ),
         Err(err) if err.raw_os_error() == Some(libc::EPERM) => bail!(
             "permission denied: the bpf() system call is refused although the capabilities are \
              there, so a seccomp profile blocks it: run the container with a profile that allows \
@@ -75,6 +82,20 @@ fn check_bpf_syscall() -> Result<()> {
         ),
         _ => Ok(()),
     }
+}
+
+/// Whether eBPF memory is charged to a finite RLIMIT_MEMLOCK here
+/// (kernels before 5.11 charge it; later ones use the memory cgroup).
+fn memlock_limited() -> bool {
+    let old = aya::util::KernelVersion::current()
+        .is_ok_and(|k| k < aya::util::KernelVersion::new(5, 11, 0));
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit buffer.
+    let read = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0;
+    old && read && limit.rlim_cur != libc::RLIM_INFINITY
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: lift it when allowed.

@@ -480,8 +480,15 @@ fn max_connections_sizes_the_maps_and_is_fixed_at_first_install() {
         .and_then(|maps| maps.iter().find(|m| m["name"] == "RDR_ORIG_TUPLE"))
         .expect("the tuple map");
     assert_eq!(tuple["max_entries"], 1024, "{status}");
+    // 12 MB at the default 65,536; how the kernel rounds its accounting
+    // differs between versions, so only the order of magnitude is checked.
     let bytes = instance["map_memory_bytes"].as_u64().expect("bytes");
-    assert!(bytes < 1_000_000, "a small instance: {bytes} bytes");
+    assert!(bytes < 4_000_000, "a small instance: {bytes} bytes");
+    let tuple_bytes = tuple["bytes"].as_u64().expect("tuple map bytes");
+    assert!(
+        tuple_bytes < 1_000_000,
+        "{tuple_bytes} bytes for 1,024 records"
+    );
     assert_eq!(
         lands(&sandbox, Group::App, APP, upstream_addr()),
         PROXY_REPLY
