@@ -3,14 +3,14 @@
 //!
 //! - [`redirect_connect4`] (`cgroup/connect4`) decides every outbound IPv4
 //!   `connect()` of the pod's cgroup and rewrites captured ones to
-//!   `127.0.0.1:<proxy port>`, recording the original destination by socket
-//!   cookie. [`redirect_connect6`] does the same for dual-stack sockets
+//!   `127.0.0.1:<proxy port>`, recording the original destination in the
+//!   socket's own storage. [`redirect_connect6`] does the same for dual-stack sockets
 //!   connecting to IPv4-mapped addresses (`::ffff:a.b.c.d`), which send IPv4
 //!   packets that Istio's IPv4 rules capture.
-//! - [`redirect_sockops`] (`sockops`) moves that record to a map keyed by the
-//!   connection's 4-tuple once the connection is established (the proxy's
-//!   accepted socket can find it there), and removes it when the connection
-//!   closes, so long-running nodes do not fill the maps.
+//! - [`redirect_sockops`] (`sockops`) copies that record to a map keyed by
+//!   the connection's 4-tuple once the connection is established (the
+//!   proxy's accepted socket can find it there), and removes it when the
+//!   connection closes, so long-running nodes do not fill the maps.
 //! - [`redirect_getsockopt`] (`cgroup/getsockopt`) answers the proxy's
 //!   `getsockopt(SOL_IP, SO_ORIGINAL_DST)` from that record, as conntrack
 //!   does for iptables REDIRECT; every other call is left as the kernel made it.
@@ -36,7 +36,6 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{
         BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
@@ -44,8 +43,12 @@ use aya_ebpf::{
         bpf_sockopt,
         sk_action::{SK_DROP, SK_PASS},
     },
-    helpers::{bpf_get_current_uid_gid, generated::bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    btf_maps::SkStorage,
+    helpers::{
+        bpf_get_current_uid_gid,
+        generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    },
+    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
@@ -57,7 +60,8 @@ use redirect_common::{
     sockaddr_in, to_v4_mapped, tuple_from_client_side, tuple_from_server_side, v4_mapped,
 };
 
-/// Largest number of connections whose original destination is tracked at once.
+/// Largest number of connections whose original destination is tracked at
+/// once (user space sets the actual size: `--max-connections`).
 const MAX_TRACKED: u32 = 65536;
 
 /// Return value of a cgroup sock_addr program that lets the syscall proceed.
@@ -78,9 +82,54 @@ static RDR_CONFIG: Array<RedirectConfig> = Array::pinned(1, 0);
 static RDR_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
 
 /// Original destination of a redirected socket between connect() and the
-/// end of its handshake, keyed by socket cookie.
-#[map]
-static RDR_ORIG_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED, 0);
+/// end of its handshake, in the socket's local storage: the kernel frees it
+/// with the socket, so a connect that never completes leaves nothing
+/// behind, and there is no map to fill. (A BTF map: user space pins it
+/// with the others, by name.)
+#[btf_map]
+static RDR_SOCK: SkStorage<OrigDst> = SkStorage::new();
+
+/// The storage map, as the helpers take it.
+#[inline(always)]
+fn sock_map() -> *mut core::ffi::c_void {
+    (&raw const RDR_SOCK).cast_mut().cast()
+}
+
+/// Writes a record field by field: a struct copy compiles to a `memcpy`
+/// call whose pointer arithmetic the verifier refuses without CAP_PERFMON.
+#[inline(always)]
+fn store(slot: *mut OrigDst, orig: &OrigDst) {
+    // SAFETY: `slot` is a valid map value of this type.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*slot).ip, orig.ip);
+        core::ptr::write_volatile(&raw mut (*slot).state, orig.state);
+        core::ptr::write_volatile(&raw mut (*slot).port, orig.port);
+    }
+}
+
+/// Reads a record field by field (see [`store`]).
+#[inline(always)]
+fn load(slot: *const OrigDst) -> OrigDst {
+    // SAFETY: `slot` is a valid map value of this type.
+    unsafe {
+        OrigDst {
+            ip: core::ptr::read_volatile(&raw const (*slot).ip),
+            state: core::ptr::read_volatile(&raw const (*slot).state),
+            port: core::ptr::read_volatile(&raw const (*slot).port),
+            _pad: 0,
+        }
+    }
+}
+
+/// The record in `sk`'s storage, or null.
+#[inline(always)]
+fn sock_record(sk: *mut bpf_sock) -> *mut OrigDst {
+    if sk.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: a full socket from the context; no value is created.
+    unsafe { bpf_sk_storage_get(sock_map(), sk.cast(), core::ptr::null_mut(), 0) }.cast()
+}
 
 /// Original destination of an established redirected connection, keyed by
 /// its tuple as seen from the app (client) side.
@@ -290,15 +339,17 @@ fn capture(
             None
         }
         Verdict::Redirect { port, counter } => {
-            let orig = OrigDst::new(dst_ip, input.dst_port);
-            // SAFETY: bpf_get_socket_cookie accepts a sock_addr context (>= 4.19).
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            if RDR_ORIG_COOKIE.insert(cookie, orig, 0).is_err() {
+            let mut orig = OrigDst::new(dst_ip, input.dst_port);
+            // SAFETY: the context's socket; the value is copied in when created.
+            let slot = unsafe { RDR_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
+            if slot.is_null() {
                 // Without a record the proxy could not learn the original
                 // destination: leave the connect alone rather than break it.
                 count(Counter::RecordFailed);
                 return None;
             }
+            // A socket that connects again keeps its storage: overwrite it.
+            store(slot, &orig);
             count(counter);
             report(counter, port);
             Some(port)
@@ -386,10 +437,12 @@ impl Ends {
     }
 }
 
+/// The socket a sockops callback is about (a full socket in the callbacks
+/// this program handles; null otherwise).
 #[inline(always)]
-fn cookie(ctx: &SockOpsContext) -> u64 {
-    // SAFETY: bpf_get_socket_cookie accepts a sock_ops context (>= 4.19).
-    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+fn sock(ctx: &SockOpsContext) -> *mut bpf_sock {
+    // SAFETY: the kernel hands every sockops program a valid context.
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk }
 }
 
 /// Asks for a callback on every state change of this socket, so its close is seen.
@@ -419,11 +472,10 @@ fn on_listen(ctx: &SockOpsContext) {
 }
 
 /// A redirected socket is about to send its SYN: watch it, so that a connect
-/// that never completes still has its cookie record removed.
+/// that never completes is counted when it closes.
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
-    // SAFETY: the value is not kept past this call.
-    if unsafe { RDR_ORIG_COOKIE.get(cookie(ctx)) }.is_some() {
+    if !sock_record(sock(ctx)).is_null() {
         watch_close(ctx);
     }
 }
@@ -432,15 +484,18 @@ fn on_connect(ctx: &SockOpsContext) {
 /// known, so file the record under the connection's tuple.
 #[inline(always)]
 fn on_active_established(ctx: &SockOpsContext, ends: &Ends) {
-    let cookie = cookie(ctx);
-    // SAFETY: copied out before the map is modified.
-    let Some(orig) = (unsafe { RDR_ORIG_COOKIE.get(cookie) }).copied() else {
+    let sk = sock(ctx);
+    let record = sock_record(sk);
+    if record.is_null() {
         return;
-    };
+    }
+    let orig = load(record);
     if RDR_ORIG_TUPLE.insert(ends.as_app(), orig, 0).is_ok() {
         count(Counter::TupleRecorded);
     }
-    let _ = RDR_ORIG_COOKIE.remove(cookie);
+    // Gone from the socket: at close, storage means "never established".
+    // SAFETY: the socket of this callback.
+    unsafe { bpf_sk_storage_delete(sock_map(), sk.cast()) };
     watch_close(ctx);
 }
 
@@ -458,13 +513,14 @@ fn on_passive_established(ctx: &SockOpsContext, ends: &Ends) {
 /// have closed (the app may still call getpeername() after the proxy closed,
 /// the proxy may still ask SO_ORIGINAL_DST after the app closed), or with
 /// the app's end alone when the proxy's end is never seen (a proxy outside
-/// this cgroup). A connect that never completed drops its cookie record.
+/// this cgroup). A connect that never completed is counted (its socket's
+/// storage goes with the socket).
 ///
 /// Each end sets its own byte, then reads the other's; if both close at once
 /// on two CPUs and miss each other's store, the record is left to the LRU.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext, ends: &Ends) {
-    if RDR_ORIG_COOKIE.remove(cookie(ctx)).is_ok() {
+    if !sock_record(sock(ctx)).is_null() {
         count(Counter::ConnectAborted);
         return;
     }

@@ -98,9 +98,8 @@ pub struct CounterView {
 
 #[derive(Serialize, Default)]
 pub struct Tracked {
-    /// Redirected sockets whose handshake has not completed.
-    pub connecting: u64,
-    /// Established redirected connections.
+    /// Established redirected connections with an original-destination
+    /// record (connects in progress keep theirs in socket storage).
     pub established: u64,
 }
 
@@ -143,7 +142,7 @@ fn instance(name: &str) -> Result<Instance> {
             mirrors: mirrors(c, config.as_ref(), &sets),
         })
         .collect();
-    let (connecting, established) = maps::tracked(&dir)?;
+    let established = maps::tracked(&dir)?;
     let port_list = |flag: u8| sets.ports_with(flag);
     let programs = programs(&dir, &meta);
     let prog_ids: Vec<u32> = programs.iter().filter_map(|p| p.program_id).collect();
@@ -173,10 +172,7 @@ fn instance(name: &str) -> Result<Instance> {
             tunnel_port: c.tunnel_port,
         }),
         counters,
-        tracked: Tracked {
-            connecting,
-            established,
-        },
+        tracked: Tracked { established },
         inbound_captured: maps::inbound_hits(&dir)?
             .into_iter()
             .map(|(port, connections)| PortCount { port, connections })
@@ -407,8 +403,8 @@ pub fn render(status: &Status) -> String {
         }
         let _ = writeln!(
             out,
-            "  tracked      {} connecting, {} established",
-            inst.tracked.connecting, inst.tracked.established
+            "  tracked      {} established connections",
+            inst.tracked.established
         );
         let _ = writeln!(
             out,

@@ -288,9 +288,8 @@ fn tight_loop_is_fully_redirected_and_the_tuple_map_stays_bounded() {
     assert_eq!(counter(&status, "tuple_recorded"), 2000);
     let tracked = &status["instances"][0]["tracked"];
     let established = tracked["established"].as_u64().expect("established");
-    let connecting = tracked["connecting"].as_u64().expect("connecting");
     assert!(
-        established <= 5 && connecting == 0,
+        established <= 5,
         "records of closed connections are released: {tracked}"
     );
     sandbox.uninstall().expect("uninstall");
@@ -332,9 +331,12 @@ fn connects_that_never_complete_release_their_record() {
         .expect("connect");
     assert_eq!(tally.get("error: connection refused"), 20, "{tally:?}");
     let status = sandbox.status().expect("status");
+    // Counted at close; the record itself lived in the socket's storage
+    // and went with the socket.
     assert_eq!(counter(&status, "connect_aborted"), 20, "{status}");
+    assert_eq!(counter(&status, "tuple_recorded"), 0, "{status}");
     assert_eq!(
-        status["instances"][0]["tracked"]["connecting"], 0,
+        status["instances"][0]["tracked"]["established"], 0,
         "{status}"
     );
     sandbox.uninstall().expect("uninstall");

@@ -17,7 +17,7 @@ pub const MAX_OWNERS: usize = 8;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Capacity of the port-flags map (`-o`, `-q`, `-b` and `-d` ports together),
 /// and of the per-port inbound capture counters.

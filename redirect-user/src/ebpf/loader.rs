@@ -170,11 +170,13 @@ fn install_steps(
     notes: &mut Vec<String>,
 ) -> Result<Ebpf> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let size = req.config.max_connections;
+    // The socket-storage map is a BTF map, which the pin directory does
+    // not cover: it is pinned (and reused on upgrade) by its own path.
+    let sock_pin = dir.join(maps::SOCK);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
-        .map_max_entries(maps::ORIG_COOKIE, size)
-        .map_max_entries(maps::ORIG_TUPLE, size)
+        .map_pin_path(maps::SOCK, sock_pin.as_path())
+        .map_max_entries(maps::ORIG_TUPLE, req.config.max_connections)
         .load(OBJECT)
         .context("loading the eBPF object (maps)")?;
 

@@ -16,7 +16,7 @@ use crate::config::{Config, Ipv4Cidr};
 
 pub const CONFIG: &str = "RDR_CONFIG";
 pub const STATS: &str = "RDR_STATS";
-pub const ORIG_COOKIE: &str = "RDR_ORIG_COOKIE";
+pub const SOCK: &str = "RDR_SOCK";
 pub const ORIG_TUPLE: &str = "RDR_ORIG_TUPLE";
 pub const META: &str = "RDR_META";
 pub const PORTS: &str = "RDR_PORTS";
@@ -31,12 +31,7 @@ pub const IN_HITS: &str = "RDR_IN_HITS";
 const LAYOUT: [(&str, MapType, usize, usize); 11] = [
     (CONFIG, MapType::Array, 4, size_of::<RedirectConfig>()),
     (STATS, MapType::PerCpuArray, 4, size_of::<u64>()),
-    (
-        ORIG_COOKIE,
-        MapType::LruHash,
-        size_of::<u64>(),
-        size_of::<OrigDst>(),
-    ),
+    (SOCK, MapType::SkStorage, 4, size_of::<OrigDst>()),
     (
         ORIG_TUPLE,
         MapType::LruHash,
@@ -202,16 +197,13 @@ fn memlock(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
         .unwrap_or(0)
 }
 
-/// Number of connections with a record: (connecting, established).
-pub fn tracked(dir: &Path) -> Result<(u64, u64)> {
-    let cookies: HashMap<MapData, u64, OrigDst> =
-        HashMap::try_from(Map::LruHashMap(open(dir, ORIG_COOKIE)?))?;
+/// Number of established connections with an original-destination record.
+/// (Connects in progress keep theirs in socket storage, which cannot be
+/// counted from user space.)
+pub fn tracked(dir: &Path) -> Result<u64> {
     let tuples: HashMap<MapData, ConnTuple, OrigDst> =
         HashMap::try_from(Map::LruHashMap(open(dir, ORIG_TUPLE)?))?;
-    Ok((
-        cookies.keys().filter(Result::is_ok).count() as u64,
-        tuples.keys().filter(Result::is_ok).count() as u64,
-    ))
+    Ok(tuples.keys().filter(Result::is_ok).count() as u64)
 }
 
 /// The contents of the set maps (ports, CIDRs, pod addresses), keyed as
