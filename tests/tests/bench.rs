@@ -42,6 +42,8 @@ const CIDR_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
 struct Sizes {
     /// Rounds of the connection-setup comparison (direct, eBPF, iptables).
     setup_rounds: usize,
+    /// Connections per setup-round measurement.
+    setup_connections: usize,
     /// Rounds of the scaling and request benchmarks (each installs
     /// iptables with up to 10,000 rules).
     rounds: usize,
@@ -54,13 +56,15 @@ impl Sizes {
         if std::env::var("REDIRECT_BENCH_QUICK").is_ok_and(|v| v == "1") {
             Self {
                 setup_rounds: 5,
+                setup_connections: 200,
                 rounds: 5,
                 connections: 200,
                 requests: 100,
             }
         } else {
             Self {
-                setup_rounds: 25,
+                setup_rounds: 30,
+                setup_connections: 1_000,
                 rounds: 7,
                 connections: 1_000,
                 requests: 500,
@@ -295,8 +299,12 @@ fn bench_capture_costs() {
 
     // 1 and 4: connection setup, install and uninstall.
     for round in 1..=sizes.setup_rounds {
-        for mode in ["direct", "ebpf", "iptables"] {
-            let s = bench.setup_sample(mode, "", sizes.connections, &mut results);
+        // Each round starts with another setup, so that no setup always
+        // runs first (or last) in a round.
+        let mut modes = ["direct", "ebpf", "iptables"];
+        modes.rotate_left(round % 3);
+        for mode in modes {
+            let s = bench.setup_sample(mode, "", sizes.setup_connections, &mut results);
             results.add("connect_rate", mode, "conn/s", s.rate);
             results.add("connect_p50", mode, "us", s.p50_us);
             results.add("connect_p99", mode, "us", s.p99_us);
