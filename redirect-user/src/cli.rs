@@ -188,7 +188,7 @@ pub struct CaptureArgs {
     pub inbound_exclude: PortList,
 
     /// How many redirected connections can be open at once (sizes the
-    /// original-destination maps: about 190 bytes each)
+    /// original-destination map: about 100 bytes each)
     #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = config::parse_max_connections)]
     pub max_connections: u32,
 

@@ -210,7 +210,7 @@ pub struct IstioArgs {
     #[arg(long, value_name = "NAME")]
     pub instance: Option<String>,
     /// eBPF mode: how many redirected connections can be open at once
-    /// (sizes the original-destination maps: about 190 bytes each)
+    /// (sizes the original-destination map: about 100 bytes each)
     #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = crate::config::parse_max_connections)]
     pub max_connections: u32,
     /// Apply in this network namespace (/proc/PID/ns/net or /run/netns/NAME)

@@ -482,7 +482,7 @@ fn max_connections_sizes_the_maps_and_is_fixed_at_first_install() {
         .and_then(|maps| maps.iter().find(|m| m["name"] == "RDR_ORIG_TUPLE"))
         .expect("the tuple map");
     assert_eq!(tuple["max_entries"], 1024, "{status}");
-    // 12 MB at the default 65,536; how the kernel rounds its accounting
+    // 6.6 MB at the default 65,536; how the kernel rounds its accounting
     // differs between versions, so only the order of magnitude is checked.
     let bytes = instance["map_memory_bytes"].as_u64().expect("bytes");
     assert!(bytes < 4_000_000, "a small instance: {bytes} bytes");
