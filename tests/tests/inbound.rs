@@ -66,6 +66,16 @@ fn start_inbound_relay(sandbox: &Sandbox) {
     sandbox.start(relay).expect("inbound relay");
 }
 
+/// The proxy's inbound listener on 15006 (UID 1337, the pod's proxy
+/// cgroup), answering as `reply` says (`--reply TEXT` or `--report ...`).
+fn start_inbound_listener(sandbox: &Sandbox, reply: &[&str]) {
+    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+    proxy
+        .args(["serve", "--listen", "0.0.0.0:15006"])
+        .args(reply);
+    sandbox.start(proxy).expect("inbound listener");
+}
+
 #[test]
 fn a_pod_is_fully_captured_without_a_single_nat_rule() {
     require_root!();
@@ -164,15 +174,7 @@ fn inbound_ports_excluded_ports_and_the_tunnel_port_decide_like_istio() {
             .serve(Net::Pod, Group::App, APP, any(port), "app")
             .expect("app listener");
     }
-    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    proxy.args([
-        "serve",
-        "--listen",
-        "0.0.0.0:15006",
-        "--report",
-        "original-dst",
-    ]);
-    sandbox.start(proxy).expect("inbound listener");
+    start_inbound_listener(&sandbox, &["--report", "original-dst"]);
     let targets = ports
         .iter()
         .map(|p| pod_addr(*p).to_string())
@@ -258,15 +260,7 @@ fn a_thousand_concurrent_inbound_connections_keep_their_destinations() {
     require_root!();
     let sandbox = Sandbox::for_tests().expect("sandbox");
     sandbox.install(SIDECAR_INBOUND).expect("install");
-    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    proxy.args([
-        "serve",
-        "--listen",
-        "0.0.0.0:15006",
-        "--report",
-        "original-dst",
-    ]);
-    sandbox.start(proxy).expect("inbound listener");
+    start_inbound_listener(&sandbox, &["--report", "original-dst"]);
     // No app listens on these ports: only the proxy can answer.
     let targets = (0..20)
         .map(|i| pod_addr(8000 + i).to_string())
@@ -293,9 +287,7 @@ fn the_pod_talking_to_itself_is_not_inbound() {
     sandbox
         .serve(Net::Pod, Group::App, APP, any(9080), "app")
         .expect("app");
-    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    proxy.args(["serve", "--listen", "0.0.0.0:15006", "--reply", "inbound"]);
-    sandbox.start(proxy).expect("inbound listener");
+    start_inbound_listener(&sandbox, &["--reply", "inbound"]);
     sandbox.install(SIDECAR_INBOUND).expect("install");
     let app = pod_addr(9080).to_string();
     let from_pod = |group, who, bind: Option<&str>| {
@@ -339,15 +331,7 @@ fn istio_iptables_installs_inbound_capture_with_ebpf() {
         out.stdout.contains("with eBPF") && out.stdout.contains("inbound TCP to every port but"),
         "the sidecar's flags are all honoured by eBPF now: {out:?}"
     );
-    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    proxy.args([
-        "serve",
-        "--listen",
-        "0.0.0.0:15006",
-        "--report",
-        "original-dst",
-    ]);
-    sandbox.start(proxy).expect("inbound listener");
+    start_inbound_listener(&sandbox, &["--report", "original-dst"]);
     assert_eq!(
         from_peer(&sandbox, pod_addr(9080)),
         pod_addr(9080).to_string()
