@@ -36,7 +36,8 @@
 //! agent [...] bench --to IP:PORT --count N [--request]
 //!     N sequential connections (connect, optionally send an HTTP GET, read
 //!     the reply to its end, close), each timed; prints one JSON object:
-//!     count, errors, secs, p50_us, p99_us, and the first reply's first line
+//!     count, errors, secs, cpu_secs (this process's CPU time), p50_us,
+//!     p99_us, and the first reply's first line
 //! agent pause
 //!     sleep until SIGTERM or SIGINT (a pod's infra container, as pause is)
 //! agent [...] sockopts --to IP:PORT
@@ -381,12 +382,29 @@ fn pause() -> Result<()> {
     }
 }
 
+/// CPU time (user and system) this process has used, in seconds. The
+/// kernel work of a loopback connection (both ends' TCP, the eBPF
+/// programs, iptables) runs mostly in the sender's context, so it is
+/// charged here; time stolen by other tenants of the machine is not.
+fn cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: a valid buffer of the right type.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+        return f64::NAN;
+    }
+    // SAFETY: getrusage succeeded and filled it.
+    let usage = unsafe { usage.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 /// Times `count` sequential connections to `to` (see the module docs).
 fn bench(to: SocketAddr, count: usize, request: bool) -> serde_json::Value {
     let mut latencies = Vec::with_capacity(count);
     let mut errors = 0u64;
     let mut first_reply = None;
     let mut buf = Vec::with_capacity(512);
+    let cpu_before = cpu_seconds();
     let start = Instant::now();
     for _ in 0..count {
         let began = Instant::now();
@@ -415,10 +433,12 @@ fn bench(to: SocketAddr, count: usize, request: bool) -> serde_json::Value {
             .get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1)))
             .map_or(0.0, |d| d.as_secs_f64() * 1e6)
     };
+    let cpu = cpu_seconds() - cpu_before;
     serde_json::json!({
         "count": latencies.len(),
         "errors": errors,
         "secs": secs,
+        "cpu_secs": cpu,
         "p50_us": percentile(50),
         "p99_us": percentile(99),
         "reply": first_reply.unwrap_or_default(),

@@ -76,6 +76,8 @@ impl Sizes {
 /// One timed run of the agent's `bench` command.
 struct Sample {
     rate: f64,
+    /// The client's CPU time per connection, µs (see the agent).
+    cpu_us: f64,
     p50_us: f64,
     p99_us: f64,
 }
@@ -245,6 +247,7 @@ impl Bench {
         let n = v["count"].as_f64().unwrap_or(0.0);
         Sample {
             rate: n / v["secs"].as_f64().unwrap_or(f64::NAN),
+            cpu_us: v["cpu_secs"].as_f64().unwrap_or(f64::NAN) * 1e6 / n,
             p50_us: v["p50_us"].as_f64().unwrap_or(f64::NAN),
             p99_us: v["p99_us"].as_f64().unwrap_or(f64::NAN),
         }
@@ -306,6 +309,7 @@ fn bench_capture_costs() {
         for mode in modes {
             let s = bench.setup_sample(mode, "", sizes.setup_connections, &mut results);
             results.add("connect_rate", mode, "conn/s", s.rate);
+            results.add("connect_cpu", mode, "us/conn", s.cpu_us);
             results.add("connect_p50", mode, "us", s.p50_us);
             results.add("connect_p99", mode, "us", s.p99_us);
         }
@@ -355,6 +359,16 @@ fn bench_capture_costs() {
         "ebpf_over_direct_connect_rate",
         ("connect_rate", "ebpf"),
         ("connect_rate", "direct"),
+    );
+    results.ratio(
+        "ebpf_over_direct_connect_cpu",
+        ("connect_cpu", "ebpf"),
+        ("connect_cpu", "direct"),
+    );
+    results.ratio(
+        "iptables_over_direct_connect_cpu",
+        ("connect_cpu", "iptables"),
+        ("connect_cpu", "direct"),
     );
     results.ratio(
         "ebpf_over_iptables_connect_rate",

@@ -108,7 +108,7 @@ fn value(figures: &[Figure], name: &str, mode: &str) -> Option<f64> {
 fn check_complete(figures: &[Figure]) -> Result<()> {
     let mut wanted: Vec<(String, &str)> = Vec::new();
     for mode in ["direct", "ebpf", "iptables"] {
-        for name in ["connect_rate", "connect_p50", "connect_p99"] {
+        for name in ["connect_rate", "connect_cpu", "connect_p50", "connect_p99"] {
             wanted.push((name.into(), mode));
         }
     }
@@ -132,6 +132,8 @@ fn check_complete(figures: &[Figure]) -> Result<()> {
     for name in [
         "ebpf_over_direct_connect_rate",
         "ebpf_over_iptables_connect_rate",
+        "ebpf_over_direct_connect_cpu",
+        "iptables_over_direct_connect_cpu",
         "iptables_over_ebpf_request_p50",
     ] {
         wanted.push((name.into(), "ratio"));
