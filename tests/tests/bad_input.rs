@@ -434,3 +434,20 @@ fn a_failed_upgrade_restores_the_previous_programs_and_config() {
     );
     sandbox.uninstall().expect("uninstall");
 }
+
+#[test]
+fn inbound_capture_without_sk_lookup_is_refused_with_the_way_out() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let netns = sandbox.netns_path(Net::Pod);
+    let mut args = vec!["--assume-missing", "sk_lookup"];
+    args.extend(install_args(&sandbox, &cg));
+    args.extend(["--netns", &netns, "-b", "*"]);
+    assert_fails(
+        &redirect(&args).expect("run"),
+        1,
+        "inbound capture (-b) needs the sk_lookup hook of kernel 5.9 or later: use `redirect istio-iptables`",
+    );
+    assert!(!sandbox.is_pinned(), "nothing stays installed");
+}

@@ -213,7 +213,7 @@ fn install_steps(
         if !available(&SK_LOOKUP) {
             let (major, minor) = SK_LOOKUP.min_kernel;
             bail!(
-                "inbound capture (-b) needs the sk_lookup hook of kernel {major}.{minor} or later:                  use `redirect istio-iptables` (its auto mode programs iptables for it) or drop -b"
+                "inbound capture (-b) needs the sk_lookup hook of kernel {major}.{minor} or later: use `redirect istio-iptables` (its auto mode programs iptables for it) or drop -b"
             );
         }
         if req.config.inbound.is_some() {
