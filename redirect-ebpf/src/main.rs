@@ -292,7 +292,7 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 
 /// Decides one connect to `dst_ip` (network order; `user_port` as the
 /// context holds it, the __be16 in its low 16 bits) and, when it is
-/// captured, records the original destination under the socket's cookie.
+/// captured, records the original destination in the socket's storage.
 /// `src_ip` is the address the socket is bound to (0: none). Returns the
 /// proxy port to rewrite to.
 #[inline(always)]
@@ -359,8 +359,8 @@ fn capture(
 
 /// Keeps the original-destination records of redirected connections (Istio
 /// relies on conntrack for this; there is no iptables rule to mirror):
-/// moves a socket's record from cookie to 4-tuple when its handshake
-/// completes, and removes records when connections close.
+/// copies a socket's record from its storage to the 4-tuple map when its
+/// handshake completes, and removes records when connections close.
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_TCP_LISTEN_CB {

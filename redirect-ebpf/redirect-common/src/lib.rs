@@ -176,11 +176,12 @@ pub enum Counter {
     NotTcp = 4,
     /// The redirect record could not be stored; the connect was left alone.
     RecordFailed = 5,
-    /// sockops moved a record from the cookie map to the tuple map.
+    /// sockops copied a socket's record to the tuple map (handshake done).
     TupleRecorded = 6,
     /// A tuple record was removed because its connection closed.
     TupleReleased = 7,
-    /// A cookie record was removed because its connect never completed.
+    /// A redirected socket closed before its handshake completed (its
+    /// record went with the socket's storage).
     ConnectAborted = 8,
     /// `getsockopt(SO_ORIGINAL_DST)` answered from a record.
     OrigDstAnswered = 9,
