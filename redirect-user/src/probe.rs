@@ -116,6 +116,21 @@ fn catalogue() -> Vec<Spec> {
             first_kernel: "5.8",
             required: true,
         },
+        // Socket storage from cgroup/connect4 and sockops holds a record
+        // between connect() and establishment. 5.10 is the oldest kernel
+        // verified to have both (its source, and the kernel matrix).
+        Spec {
+            name: "map/sk_storage",
+            needed_for: "original destinations between connect() and establishment",
+            first_kernel: "5.10",
+            required: true,
+        },
+        Spec {
+            name: "helper/sk_storage_get",
+            needed_for: "socket storage from cgroup/connect4",
+            first_kernel: "5.10",
+            required: true,
+        },
     ];
     for hook in all_hooks() {
         specs.push(Spec {
@@ -204,6 +219,15 @@ fn detect(spec: &Spec) -> (bool, String) {
         "map/lru_hash" => map(MapType::LruHash),
         "map/percpu_array" => map(MapType::PerCpuArray),
         "map/ringbuf" => map(MapType::RingBuf),
+        "map/sk_storage" => map(MapType::SkStorage),
+        "helper/sk_storage_get" => match aya::sys::is_helper_supported(
+            aya::programs::ProgramType::CgroupSockAddr,
+            aya::sys::BpfHelper::BPF_FUNC_sk_storage_get,
+        ) {
+            Ok(true) => (true, "a cgroup/connect4 program may call it".into()),
+            Ok(false) => (false, "cgroup/connect4 programs cannot call it here".into()),
+            Err(err) => (false, format!("cannot tell ({err})")),
+        },
         "iptables" => found(
             ["iptables-nft-restore", "iptables-legacy-restore"]
                 .iter()
@@ -302,7 +326,7 @@ pub fn run() -> Report {
 pub fn render(report: &Report) -> String {
     let mut out = format!("kernel {}\n", report.kernel);
     out.push_str(&format!(
-        "{:<20} {:<8} {:<8} {}\n",
+        "{:<22} {:<8} {:<8} {}\n",
         "feature", "first", "here", "needed for"
     ));
     for f in &report.features {
@@ -314,7 +338,7 @@ pub fn render(report: &Report) -> String {
             "no"
         };
         out.push_str(&format!(
-            "{:<20} {:<8} {:<8} {}  ({})\n",
+            "{:<22} {:<8} {:<8} {}  ({})\n",
             f.name, f.first_kernel, here, f.needed_for, f.detail
         ));
     }
