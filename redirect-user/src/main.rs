@@ -148,9 +148,7 @@ fn install(args: &InstallArgs) -> Result<ExitCode> {
         instance: &instance,
         log_level: 0,
     })?;
-    for note in &installed.notes {
-        eprintln!("redirect: note: {note}");
-    }
+    installed.print_notes();
     outln!(
         "redirect: {} instance {instance} on {}: outbound TCP -> 127.0.0.1:{}{} (proxy uids {:?}, gids {:?})",
         if installed.upgraded {
@@ -363,9 +361,7 @@ fn istio_ebpf(
         instance: &instance,
         log_level: 0,
     })?;
-    for note in &installed.notes {
-        eprintln!("redirect: note: {note}");
-    }
+    installed.print_notes();
     outln!(
         "redirect: {} the capture with eBPF on {} (instance {instance}): outbound TCP -> 127.0.0.1:{}{}",
         if installed.upgraded {

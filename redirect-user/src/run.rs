@@ -44,9 +44,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             instance: &instance,
             log_level: args.log.ebpf_level(),
         })?;
-        for note in &installed.notes {
-            eprintln!("redirect: note: {note}");
-        }
+        installed.print_notes();
         // From here on, any way out detaches (unless --persist).
         let guard = Detach {
             instance: &instance,

@@ -180,6 +180,20 @@ fn table(figures: &[Figure]) -> String {
     out
 }
 
+/// The layout both plots share: a caption, margins and axis label areas.
+fn chart_builder<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .caption(caption, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70);
+    builder
+}
+
 /// Connections per second against the number of exclude CIDRs, per mode
 /// (log scale), with the no-capture rate as a flat reference.
 fn plot_scaling(figures: &[Figure], path: &Path) -> Result<()> {
@@ -206,14 +220,7 @@ fn plot_scaling(figures: &[Figure], path: &Path) -> Result<()> {
         * 1.15;
     let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Connection setup rate vs. exclude CIDRs (-x)",
-            ("sans-serif", 22),
-        )
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
+    let mut chart = chart_builder(&root, "Connection setup rate vs. exclude CIDRs (-x)")
         .build_cartesian_2d((0.8f64..15_000f64).log_scale(), 0f64..top)?;
     chart
         .configure_mesh()
@@ -238,7 +245,7 @@ fn plot_scaling(figures: &[Figure], path: &Path) -> Result<()> {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
@@ -263,15 +270,11 @@ fn plot_latency(figures: &[Figure], path: &Path) -> Result<()> {
         * 1.2;
     let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Latency: connection setup and a request through the proxy",
-            ("sans-serif", 22),
-        )
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0f64..groups.len() as f64, 0f64..top)?;
+    let mut chart = chart_builder(
+        &root,
+        "Latency: connection setup and a request through the proxy",
+    )
+    .build_cartesian_2d(0f64..groups.len() as f64, 0f64..top)?;
     chart
         .configure_mesh()
         .disable_x_mesh()

@@ -61,6 +61,15 @@ pub struct Installed {
     pub notes: Vec<String>,
 }
 
+impl Installed {
+    /// Tells the user what the install noted (on stderr, one line each).
+    pub fn print_notes(&self) {
+        for note in &self.notes {
+            eprintln!("redirect: note: {note}");
+        }
+    }
+}
+
 /// The oldest kernel eBPF mode runs on: cgroup bpf_links (attach without
 /// exclusive flags, pinnable, replaceable in place) arrived in 5.7, the
 /// ring buffer of the programs' log and getpeername hooks in 5.8, and so
