@@ -44,20 +44,18 @@ use aya_ebpf::{
         sk_action::{SK_DROP, SK_PASS},
     },
     btf_maps::SkStorage,
-    helpers::{
-        bpf_get_current_uid_gid,
-        generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
-    },
+    helpers::{bpf_get_current_uid_gid, generated::bpf_sk_storage_get},
     macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use redirect_common::{
-    CFG_INBOUND, COUNTER_COUNT, ConnTuple, ConnectInput, Counter, Event, InboundInput,
-    InboundVerdict, InstanceMeta, LOCALHOST, LOG_DEBUG, LOG_TRACE, Lookups, MAX_CIDRS,
-    MAX_LOCAL_ADDRS, MAX_PORTS, OrigDst, RedirectConfig, SOCK_STREAM, SOCKADDR_IN_LEN,
-    SockoptAction, Verdict, answer_optlen, classify_getsockopt, decide_connect, decide_inbound,
-    sockaddr_in, to_v4_mapped, tuple_from_client_side, tuple_from_server_side, v4_mapped,
+    CFG_INBOUND, CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, ConnectInput, Counter,
+    Event, InboundInput, InboundVerdict, InstanceMeta, LOCALHOST, LOG_DEBUG, LOG_TRACE, Lookups,
+    MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_PORTS, OrigDst, RedirectConfig, SOCK_STREAM, SOCKADDR_IN_LEN,
+    SockoptAction, Verdict, active_slot, answer_optlen, cidr_key, classify_getsockopt,
+    decide_connect, decide_inbound, local_key, pass_through_optlen, port_key, sockaddr_in,
+    to_v4_mapped, tuple_from_client_side, tuple_from_server_side, v4_mapped,
 };
 
 /// Largest number of connections whose original destination is tracked at
@@ -73,9 +71,27 @@ const IPPROTO_TCP: u32 = 6;
 // Every map is pinned by name in the instance's bpffs directory, so that a
 // reinstall reuses them and the programs it loads share state with the old ones.
 
-/// The capture configuration (one entry), written by user space.
+/// The capture configurations, one per slot, written by user space; the
+/// one `RDR_ACTIVE` selects is in force (see [`active`]).
 #[map]
-static RDR_CONFIG: Array<RedirectConfig> = Array::pinned(1, 0);
+static RDR_CONFIG: Array<RedirectConfig> = Array::pinned(CONFIG_SLOTS, 0);
+
+/// Which slot of `RDR_CONFIG` (and of every set map) is in force: an
+/// upgrade writes the other slot, then switches this one value.
+#[map]
+static RDR_ACTIVE: Array<u32> = Array::pinned(1, 0);
+
+/// The configuration in force and the view of the set maps that goes with
+/// it; `None` before the first install finished writing one.
+#[inline(always)]
+fn active() -> Option<(&'static RedirectConfig, Maps)> {
+    let slot = active_slot(*RDR_ACTIVE.get(0)?);
+    let cfg = RDR_CONFIG.get(slot)?;
+    if cfg.abi_version == 0 {
+        return None;
+    }
+    Some((cfg, Maps { slot }))
+}
 
 /// Decision counters, indexed by [`Counter`].
 #[map]
@@ -136,22 +152,26 @@ fn sock_record(sk: *mut bpf_sock) -> *mut OrigDst {
 #[map]
 static RDR_ORIG_TUPLE: LruHashMap<ConnTuple, OrigDst> = LruHashMap::pinned(MAX_TRACKED, 0);
 
-/// `PORT_*` flags of destination ports (Istio `-o` and `-q`).
+// The set maps below hold each configuration slot's entries under keys
+// that start with the slot (see `redirect_common::port_key`, `cidr_key`,
+// `local_key`).
+
+/// `PORT_*` flags of ports (Istio `-o`, `-q`, `-b`, `-d`).
 #[map]
-static RDR_PORTS: HashMap<u16, u8> = HashMap::pinned(MAX_PORTS, 0);
+static RDR_PORTS: HashMap<u32, u8> = HashMap::pinned(MAX_PORTS * CONFIG_SLOTS, 0);
 
 /// Excluded destination networks (Istio `-x`); any value means "in the set".
 #[map]
-static RDR_EXCLUDE: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_CIDRS, 0);
+static RDR_EXCLUDE: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(MAX_CIDRS * CONFIG_SLOTS, 0);
 
 /// Included destination networks (Istio `-i`, unless it is `*`).
 #[map]
-static RDR_INCLUDE: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_CIDRS, 0);
+static RDR_INCLUDE: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(MAX_CIDRS * CONFIG_SLOTS, 0);
 
 /// The pod's own non-loopback addresses: connects to them leave through
 /// `lo`, which Istio's `-o lo` rules test.
 #[map]
-static RDR_LOCAL: HashMap<u32, u8> = HashMap::pinned(MAX_LOCAL_ADDRS, 0);
+static RDR_LOCAL: HashMap<u64, u8> = HashMap::pinned(MAX_LOCAL_ADDRS * CONFIG_SLOTS, 0);
 
 /// The proxy's inbound listener (key 0), put here by [`redirect_sockops`]
 /// when a socket of the cgroup listens on the inbound port (or by user
@@ -164,30 +184,38 @@ static RDR_LISTENER: SockMap = SockMap::pinned(1, 0);
 #[map]
 static RDR_IN_HITS: HashMap<u16, u64> = HashMap::pinned(MAX_PORTS, 0);
 
-/// The decision's view of the maps above.
-struct Maps;
+/// The decision's view of the set maps above: one slot's entries.
+struct Maps {
+    slot: u32,
+}
 
 impl Lookups for Maps {
     #[inline(always)]
     fn port_flags(&self, port: u16) -> u8 {
         // SAFETY: the value is copied out at once, before any update can free it.
-        unsafe { RDR_PORTS.get(port) }.copied().unwrap_or(0)
+        unsafe { RDR_PORTS.get(port_key(self.slot, port)) }
+            .copied()
+            .unwrap_or(0)
     }
 
     #[inline(always)]
     fn excluded(&self, ip: u32) -> bool {
-        RDR_EXCLUDE.get(Key::new(32, ip)).is_some()
+        RDR_EXCLUDE
+            .get(Key::new(CIDR_SLOT_BITS + 32, cidr_key(self.slot, ip)))
+            .is_some()
     }
 
     #[inline(always)]
     fn included(&self, ip: u32) -> bool {
-        RDR_INCLUDE.get(Key::new(32, ip)).is_some()
+        RDR_INCLUDE
+            .get(Key::new(CIDR_SLOT_BITS + 32, cidr_key(self.slot, ip)))
+            .is_some()
     }
 
     #[inline(always)]
     fn pod_address(&self, ip: u32) -> bool {
         // SAFETY: only presence is used.
-        unsafe { RDR_LOCAL.get(ip) }.is_some()
+        unsafe { RDR_LOCAL.get(local_key(self.slot, ip)) }.is_some()
     }
 }
 
@@ -303,10 +331,7 @@ fn capture(
     user_port: u32,
     src_ip: u32,
 ) -> Option<u16> {
-    let cfg = RDR_CONFIG.get(0)?;
-    if cfg.abi_version == 0 {
-        return None;
-    }
+    let (cfg, maps) = active()?;
     let uid_gid = bpf_get_current_uid_gid();
     let input = ConnectInput {
         sock_type,
@@ -316,7 +341,7 @@ fn capture(
         dst_port: u16::from_be(user_port as u16),
         src_ip,
     };
-    let verdict = decide_connect(&input, cfg, &Maps);
+    let verdict = decide_connect(&input, cfg, &maps);
     let level = cfg.log_level;
     let report = |counter: Counter, proxy_port: u16| {
         let redirect = matches!(counter, Counter::Redirected | Counter::Hairpin);
@@ -459,7 +484,7 @@ fn watch_close(ctx: &SockOpsContext) {
 /// socket from the map when it closes.
 #[inline(always)]
 fn on_listen(ctx: &SockOpsContext) {
-    let Some(cfg) = RDR_CONFIG.get(0) else {
+    let Some((cfg, _)) = active() else {
         return;
     };
     if cfg.flags & CFG_INBOUND == 0 || ctx.local_port() != u32::from(cfg.inbound_port) {
@@ -493,9 +518,10 @@ fn on_active_established(ctx: &SockOpsContext, ends: &Ends) {
     if RDR_ORIG_TUPLE.insert(ends.as_app(), orig, 0).is_ok() {
         count(Counter::TupleRecorded);
     }
-    // Gone from the socket: at close, storage means "never established".
-    // SAFETY: the socket of this callback.
-    unsafe { bpf_sk_storage_delete(sock_map(), sk.cast()) };
+    // The socket's own copy stays, marked: at close it tells an
+    // established connection (whose tuple record may have been evicted)
+    // from a connect that never completed. It goes with the socket.
+    set_flag(record, OrigDst::ESTABLISHED);
     watch_close(ctx);
 }
 
@@ -513,15 +539,29 @@ fn on_passive_established(ctx: &SockOpsContext, ends: &Ends) {
 /// have closed (the app may still call getpeername() after the proxy closed,
 /// the proxy may still ask SO_ORIGINAL_DST after the app closed), or with
 /// the app's end alone when the proxy's end is never seen (a proxy outside
-/// this cgroup). A connect that never completed is counted (its socket's
-/// storage goes with the socket).
+/// this cgroup). The app's socket is the one with a record in its storage:
+/// not yet established, its connect never completed; established but its
+/// tuple record gone, the LRU map evicted it.
 ///
 /// Each end sets its own byte, then reads the other's; if both close at once
 /// on two CPUs and miss each other's store, the record is left to the LRU.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext, ends: &Ends) {
-    if !sock_record(sock(ctx)).is_null() {
-        count(Counter::ConnectAborted);
+    let own = sock_record(sock(ctx));
+    if !own.is_null() {
+        if flag(own, OrigDst::ESTABLISHED) == 0 {
+            count(Counter::ConnectAborted);
+            return;
+        }
+        let as_app = ends.as_app();
+        let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(as_app) else {
+            count(Counter::RecordEvicted);
+            return;
+        };
+        set_flag(orig, OrigDst::APP_CLOSED);
+        if flag(orig, OrigDst::PROXY_SEEN) == 0 || flag(orig, OrigDst::PROXY_CLOSED) == 1 {
+            release(&as_app);
+        }
         return;
     }
     let as_proxy = ends.as_proxy();
@@ -529,14 +569,6 @@ fn on_close(ctx: &SockOpsContext, ends: &Ends) {
         set_flag(orig, OrigDst::PROXY_CLOSED);
         if flag(orig, OrigDst::APP_CLOSED) == 1 {
             release(&as_proxy);
-        }
-        return;
-    }
-    let as_app = ends.as_app();
-    if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(as_app) {
-        set_flag(orig, OrigDst::APP_CLOSED);
-        if flag(orig, OrigDst::PROXY_SEEN) == 0 || flag(orig, OrigDst::PROXY_CLOSED) == 1 {
-            release(&as_app);
         }
     }
 }
@@ -597,11 +629,14 @@ fn sock_ends(sk: *const bpf_sock) -> Option<(u32, u16, u32, u16)> {
 pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/getsockopt program a valid context.
     let opt = unsafe { &mut *ctx.sockopt };
-    if classify_getsockopt(opt.level, opt.optname) != SockoptAction::AnswerOriginalDst
-        || !answer_original_dst(opt)
+    if classify_getsockopt(opt.level, opt.optname) == SockoptAction::AnswerOriginalDst
+        && answer_original_dst(opt)
     {
+        return 1;
+    }
+    if let Some(optlen) = pass_through_optlen(opt.retval, opt.optlen) {
         // SAFETY: optlen is a writable field of the context.
-        unsafe { core::ptr::write_volatile(&raw mut opt.optlen, 0) };
+        unsafe { core::ptr::write_volatile(&raw mut opt.optlen, optlen) };
     }
     1
 }
@@ -660,14 +695,14 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
 /// to the listener), so its local address is the original destination.
 #[inline(always)]
 fn inbound_captured(remote_ip: u32, port: u16) -> bool {
-    let Some(cfg) = RDR_CONFIG.get(0) else {
+    let Some((cfg, maps)) = active() else {
         return false;
     };
     let input = InboundInput {
         src_ip: remote_ip,
         dst_port: port,
     };
-    decide_inbound(&input, cfg, &Maps) == InboundVerdict::Capture
+    decide_inbound(&input, cfg, &maps) == InboundVerdict::Capture
 }
 
 /// Mirrors Istio's inbound capture, by default (`-b '*'`):
@@ -695,14 +730,14 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     if lookup.family != AF_INET || lookup.protocol != IPPROTO_TCP {
         return SK_PASS;
     }
-    let Some(cfg) = RDR_CONFIG.get(0) else {
+    let Some((cfg, maps)) = active() else {
         return SK_PASS;
     };
     let input = InboundInput {
         src_ip: lookup.remote_ip4,
         dst_port: lookup.local_port as u16,
     };
-    match decide_inbound(&input, cfg, &Maps) {
+    match decide_inbound(&input, cfg, &maps) {
         InboundVerdict::Bypass(counter) => {
             count(counter);
             SK_PASS

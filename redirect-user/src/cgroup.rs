@@ -58,6 +58,13 @@ pub fn resolve(arg: &str) -> Result<Cgroup> {
     let path = path
         .canonicalize()
         .with_context(|| format!("resolving cgroup path {arg}"))?;
+    if !path.is_dir() {
+        let parent = path.parent().unwrap_or(&path);
+        bail!(
+            "{arg} is a file, not a cgroup directory: pass the cgroup's directory ({})",
+            parent.display()
+        );
+    }
     check_v2(&path)?;
     let mount = cgroup2_mounts()?
         .into_iter()
@@ -214,71 +221,7 @@ pub fn fs_magic(path: &Path) -> Result<i64> {
     Ok(unsafe { st.assume_init() }.f_type)
 }
 
-/// The instance name derived from a cgroup: its path below the cgroup2
-/// mount with `/` turned into `-` ("root" for the root cgroup).
-pub fn default_instance(cg: &Cgroup) -> String {
-    let name: String = cg
-        .relative
-        .trim_matches('/')
-        .chars()
-        .map(|c| match c {
-            '/' => '-',
-            c if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') => c,
-            _ => '_',
-        })
-        .collect();
-    if name.is_empty() {
-        "root".to_owned()
-    } else if name.len() > 200 {
-        format!("cg-{}", cg.id)
-    } else {
-        name
-    }
-}
-
-/// Checks a user-given `--instance` name.
-pub fn validate_instance(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "'{name}' is not a valid instance name (1-200 characters of A-Z a-z 0-9 . _ -)"
-        ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cg(relative: &str) -> Cgroup {
-        Cgroup {
-            path: PathBuf::from("/sys/fs/cgroup").join(relative),
-            relative: relative.to_owned(),
-            id: 42,
-        }
-    }
-
-    #[test]
-    fn instance_names_follow_the_cgroup_path() {
-        assert_eq!(default_instance(&cg("kubepods/pod1")), "kubepods-pod1");
-        assert_eq!(default_instance(&cg("")), "root");
-        assert_eq!(default_instance(&cg("a b")), "a_b");
-        assert_eq!(default_instance(&cg(&"x".repeat(300))), "cg-42");
-    }
-
-    #[test]
-    fn instance_names_are_checked() {
-        assert!(validate_instance("pod-1.a_b").is_ok());
-        assert!(validate_instance("..").is_err());
-        assert!(validate_instance("a/b").is_err());
-        assert!(validate_instance("").is_err());
-    }
+/// Whether `path` is a directory of a cgroup2 hierarchy.
+pub fn is_cgroup2(path: &Path) -> bool {
+    fs_magic(path).is_ok_and(|m| m == CGROUP2_SUPER_MAGIC)
 }

@@ -1,12 +1,14 @@
 //! The command line, parsed with clap into raw arguments, then resolved
 //! into a validated [`Config`] and target before anything else sees them.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-
-use crate::{
-    cgroup,
-    config::{self, Config},
+use std::{
+    ffi::{OsStr, OsString},
+    os::unix::ffi::OsStrExt as _,
 };
+
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum, error::ErrorKind};
+
+use crate::config::{self, Config};
 
 #[derive(Parser)]
 #[command(
@@ -105,8 +107,8 @@ pub struct TargetArgs {
 
     /// Name of the pin directory /sys/fs/bpf/redirect/<NAME>/ [default: the
     /// cgroup's path below the cgroup2 mount, with '/' turned into '-']
-    #[arg(long, value_name = "NAME", value_parser = parse_instance)]
-    pub instance: Option<String>,
+    #[arg(long, value_name = "NAME", value_parser = crate::instance::parse_arg)]
+    pub instance: Option<crate::instance::InstanceName>,
 
     /// The pod's network namespace (/proc/PID/ns/net or /run/netns/NAME)
     /// [default: this process's, which is the pod's in an init container]
@@ -344,8 +346,8 @@ pub struct UninstallArgs {
     #[arg(long, value_name = "PATH|self-parent")]
     pub cgroup: Option<String>,
     /// Remove the instance with this name
-    #[arg(long, value_name = "NAME", value_parser = parse_instance)]
-    pub instance: Option<String>,
+    #[arg(long, value_name = "NAME", value_parser = crate::instance::parse_arg)]
+    pub instance: Option<crate::instance::InstanceName>,
 }
 
 #[derive(Args)]
@@ -354,8 +356,8 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
     /// Only this instance
-    #[arg(long, value_name = "NAME", value_parser = parse_instance)]
-    pub instance: Option<String>,
+    #[arg(long, value_name = "NAME", value_parser = crate::instance::parse_arg)]
+    pub instance: Option<crate::instance::InstanceName>,
 }
 
 #[derive(Args)]
@@ -388,10 +390,6 @@ impl LogLevel {
     pub fn ebpf_level(self) -> u8 {
         self as u8
     }
-}
-
-fn parse_instance(s: &str) -> Result<String, String> {
-    cgroup::validate_instance(s).map(|()| s.to_owned())
 }
 
 /// `-i`: every destination, or these networks.
@@ -492,6 +490,116 @@ fn parse_ids(s: &str) -> Result<IdList, String> {
     config::parse_ids(s).map(IdList)
 }
 
+/// `bytes` for a message: its UTF-8 text as Rust would escape it, each byte
+/// that is not UTF-8 as `\xNN`. One line, whatever the bytes.
+pub fn show_bytes(bytes: &OsStr) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for chunk in bytes.as_bytes().utf8_chunks() {
+        out.extend(chunk.valid().escape_debug());
+        for byte in chunk.invalid() {
+            let _ = write!(out, "\\x{byte:02x}");
+        }
+    }
+    out
+}
+
+/// One line naming what clap refused as not UTF-8 (its own error, "invalid
+/// UTF-8 was detected in one or more arguments", names nothing), and the
+/// fix. Paths (`--netns`, `--resolv-conf`) may be any bytes, so the
+/// culprit is not simply the first argument that is not UTF-8: it is the
+/// first one that, alone left as bytes, still fails the parse that way. If
+/// none does, a flag's environment variable is to blame.
+pub fn invalid_utf8(argv: &[OsString]) -> String {
+    let mut cli = Cli::command();
+    cli.build();
+    let command = argv
+        .iter()
+        .skip(1)
+        .find_map(|a| cli.find_subcommand(a.to_str()?))
+        .unwrap_or(&cli);
+    let fails_on_utf8 = |argv: &[OsString]| {
+        Cli::try_parse_from(argv).is_err_and(|err| err.kind() == ErrorKind::InvalidUtf8)
+    };
+    // `argv` with every argument that is not UTF-8 but `keep` made lossy.
+    let lossy_but = |keep: Option<usize>| -> Vec<OsString> {
+        argv.iter()
+            .enumerate()
+            .map(|(i, arg)| match arg.to_str() {
+                None if Some(i) != keep => arg.to_string_lossy().into_owned().into(),
+                _ => arg.clone(),
+            })
+            .collect()
+    };
+    if !fails_on_utf8(&lossy_but(None)) {
+        let culprit = (1..argv.len())
+            .filter(|&i| argv[i].to_str().is_none())
+            .find(|&i| fails_on_utf8(&lossy_but(Some(i))));
+        if let Some(i) = culprit {
+            let shown = show_bytes(&argv[i]);
+            let flag = argv[i - 1].to_str().filter(|_| i > 1).filter(|word| {
+                takes_next_as_value(command.get_arguments().chain(cli.get_arguments()), word)
+            });
+            return match flag {
+                Some(flag) => {
+                    format!("the value of {flag} ('{shown}') is not valid UTF-8: pass it as text")
+                }
+                None => format!("argument '{shown}' is not valid UTF-8: pass it as text"),
+            };
+        }
+    }
+    match not_utf8_env(command, argv).first() {
+        Some((name, value)) => format!(
+            "environment variable {name} is not valid UTF-8 ('{}'): set it to text, or unset it",
+            show_bytes(value)
+        ),
+        None => "an argument or environment variable is not valid UTF-8: pass text".to_owned(),
+    }
+}
+
+/// Whether `word` is a flag of `args` that takes the next argument as its
+/// value (`--cgroup`, `-p`; not `--dry-run`, whose value must be attached).
+fn takes_next_as_value<'a>(mut args: impl Iterator<Item = &'a clap::Arg>, word: &str) -> bool {
+    args.any(|arg| {
+        let named = match word.strip_prefix("--") {
+            Some(long) => arg.get_long() == Some(long),
+            None => word.strip_prefix('-').is_some_and(|short| {
+                let mut chars = short.chars();
+                chars.next().is_some_and(|c| arg.get_short() == Some(c)) && chars.next().is_none()
+            }),
+        };
+        named && arg.get_action().takes_values() && !arg.is_require_equals_set()
+    })
+}
+
+/// The environment variables of `command`'s flags that are set to bytes
+/// that are not UTF-8, leaving out those of flags given on the command
+/// line (clap does not read them).
+fn not_utf8_env(command: &clap::Command, argv: &[OsString]) -> Vec<(String, OsString)> {
+    let given = |arg: &clap::Arg| {
+        argv.iter().filter_map(|a| a.to_str()).any(|a| {
+            arg.get_long().is_some_and(|long| {
+                a.strip_prefix("--")
+                    .is_some_and(|a| a == long || a.starts_with(&format!("{long}=")))
+            }) || arg
+                .get_short()
+                .is_some_and(|short| a.starts_with(&format!("-{short}")))
+        })
+    };
+    command
+        .get_arguments()
+        .filter(|arg| !given(arg))
+        .filter_map(|arg| {
+            let name = arg.get_env()?;
+            let value = std::env::var_os(name)?;
+            value
+                .to_str()
+                .is_none()
+                .then(|| (name.to_string_lossy().into_owned(), value))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory as _;
@@ -546,6 +654,184 @@ mod tests {
         ] {
             let err = Cli::try_parse_from(args).err().expect("should fail");
             assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn the_argument_that_is_not_utf8_is_named_and_paths_may_be_any_bytes() {
+        use std::os::unix::ffi::OsStringExt as _;
+        let argv = |args: &[&[u8]]| -> Vec<OsString> {
+            args.iter()
+                .map(|a| OsString::from_vec(a.to_vec()))
+                .collect()
+        };
+        for (args, message) in [
+            (
+                argv(&[b"redirect", b"install", b"--cgroup", b"/x\xff"]),
+                "the value of --cgroup ('/x\\xff') is not valid UTF-8: pass it as text",
+            ),
+            (
+                argv(&[
+                    b"redirect",
+                    b"istio-iptables",
+                    b"--resolv-conf",
+                    b"/etc/\xfe",
+                    b"-p",
+                    b"\xff\n",
+                ]),
+                "the value of -p ('\\xff\\n') is not valid UTF-8: pass it as text",
+            ),
+            (
+                argv(&[b"redirect", b"status", b"--instance=caf\xe9"]),
+                "argument '--instance=caf\\xe9' is not valid UTF-8: pass it as text",
+            ),
+            (
+                argv(&[b"redirect", b"istio-iptables", b"--dry-run", b"stray\xfe"]),
+                "argument 'stray\\xfe' is not valid UTF-8: pass it as text",
+            ),
+            (
+                argv(&[
+                    b"redirect",
+                    b"istio-iptables",
+                    b"--ipv6=false",
+                    b"stray\xfe",
+                ]),
+                "argument 'stray\\xfe' is not valid UTF-8: pass it as text",
+            ),
+        ] {
+            let err = Cli::try_parse_from(&args).err().expect("should fail");
+            assert_eq!(err.kind(), ErrorKind::InvalidUtf8, "{args:?}");
+            assert_eq!(invalid_utf8(&args), message);
+        }
+    }
+}
+
+/// Properties: no command line panics the parser, or what a parsed one
+/// feeds short of touching the system; a refusal for bytes that are not
+/// UTF-8 is one line.
+#[cfg(test)]
+mod properties {
+    use std::os::unix::ffi::OsStringExt as _;
+
+    use proptest::{prelude::*, test_runner::TestCaseError};
+
+    use super::*;
+    use crate::istio::fake::{self, FakeHost};
+
+    /// Each subcommand's name and its real flags (`--long`, `-s`).
+    fn commands() -> Vec<(String, Vec<String>)> {
+        Cli::command()
+            .get_subcommands()
+            .map(|sub| {
+                let flags = sub
+                    .get_arguments()
+                    .flat_map(|arg| {
+                        let long = arg.get_long().map(|l| format!("--{l}"));
+                        long.into_iter()
+                            .chain(arg.get_short().map(|s| format!("-{s}")))
+                    })
+                    .chain(["--assume-missing".to_owned()])
+                    .collect();
+                (sub.get_name().to_owned(), flags)
+            })
+            .collect()
+    }
+
+    /// A flag value: text shaped like the real ones, a value that sits on
+    /// a boundary, or any bytes.
+    fn value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => "[0-9a-zA-Z.,/*: _-]{0,16}".prop_map(String::into_bytes),
+            1 => proptest::sample::select(vec![
+                "", "*", "0", "65535", "65536", "1,2,3,4,5,6,7,8,9", "10.0.0.0/8",
+                "::1/128", "fd00::/8", "self-parent", "TPROXY", "true", "-",
+            ])
+            .prop_map(|s| s.as_bytes().to_vec()),
+            1 => proptest::collection::vec(any::<u8>(), 0..12),
+        ]
+    }
+
+    /// `redirect SUBCOMMAND` and up to 10 tokens: its flags, flags with an
+    /// attached value (`--flag=value`), and values.
+    fn argv() -> impl Strategy<Value = Vec<OsString>> {
+        proptest::sample::select(commands()).prop_flat_map(|(name, flags)| {
+            let token = prop_oneof![
+                proptest::sample::select(flags.clone()).prop_map(String::into_bytes),
+                (proptest::sample::select(flags), value()).prop_map(|(flag, value)| {
+                    let mut token = flag.into_bytes();
+                    token.push(b'=');
+                    token.extend(value);
+                    token
+                }),
+                value(),
+            ];
+            proptest::collection::vec(token, 0..10).prop_map(move |tokens| {
+                [b"redirect".to_vec(), name.clone().into_bytes()]
+                    .into_iter()
+                    .chain(tokens)
+                    .map(OsString::from_vec)
+                    .collect()
+            })
+        })
+    }
+
+    /// Parses `argv` and runs what a parsed command line feeds, short of
+    /// touching the system (istio-iptables resolves on a [`FakeHost`]).
+    fn parse_and_use(argv: &[OsString]) -> Result<(), TestCaseError> {
+        let capture = |args: &CaptureArgs| {
+            let _ = args.not_yet.check();
+            let config = args.to_config();
+            if config.check_limits().is_ok() {
+                let _ = config.to_bpf();
+            }
+        };
+        match Cli::try_parse_from(argv) {
+            Err(err) if err.kind() == ErrorKind::InvalidUtf8 => {
+                let message = invalid_utf8(argv);
+                prop_assert_eq!(message.lines().count(), 1, "{}", message);
+            }
+            Err(err) => {
+                let _ = err.render();
+            }
+            Ok(cli) => match cli.command {
+                Command::Install(args) => capture(&args.capture),
+                Command::Run(args) => capture(&args.capture),
+                Command::IstioIptables(args) => {
+                    if let Err(err) = fake::exercise(&args, &FakeHost::new(&[])) {
+                        prop_assert_eq!(err.to_string().lines().count(), 1, "{}", err);
+                    }
+                }
+                _ => {}
+            },
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_argv_of_any_bytes_parses_or_fails(
+            args in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..12), 0..6),
+        ) {
+            let argv: Vec<OsString> = std::iter::once(b"redirect".to_vec())
+                .chain(args)
+                .map(OsString::from_vec)
+                .collect();
+            parse_and_use(&argv)?;
+        }
+
+        #[test]
+        fn subcommands_with_their_flags_and_any_values_parse_or_fail(argv in argv()) {
+            parse_and_use(&argv)?;
+        }
+
+        #[test]
+        fn bytes_are_shown_on_one_line_without_control_characters(
+            bytes in proptest::collection::vec(any::<u8>(), 0..32),
+        ) {
+            let shown = show_bytes(&OsString::from_vec(bytes));
+            prop_assert!(!shown.chars().any(char::is_control), "{:?}", shown);
         }
     }
 }

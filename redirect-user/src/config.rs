@@ -690,3 +690,45 @@ mod istio_tests {
         );
     }
 }
+
+/// Properties: no flag value, and no configuration read back from the
+/// kernel map, panics the parsers.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Text shaped like the flags' values, or any text.
+    const VALUE: &str = "[0-9a-zA-Z.,/* :+-]{0,24}|\\PC{0,16}";
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn flag_values_parse_or_refuse(ports in VALUE, exclude in VALUE, mode in VALUE) {
+            let _ = parse_port(&ports);
+            let _ = parse_ids(&ports);
+            let _ = parse_max_connections(&ports);
+            let _ = parse_interception_mode(&mode);
+            if let Ok(cidr) = ports.parse::<Ipv4Cidr>() {
+                // What `status` prints parses back to the same network.
+                prop_assert_eq!(cidr.to_string().parse::<Ipv4Cidr>(), Ok(cidr));
+                let _ = (cidr.mask(), cidr.network());
+            }
+            if let Ok(Some(inbound)) = Inbound::parse(&ports, &exclude, &mode) {
+                prop_assert!(inbound.ports.iter().chain(&inbound.exclude).all(|p| *p != 0));
+            }
+        }
+
+        #[test]
+        fn any_kernel_config_reads_back(
+            bytes in proptest::collection::vec(any::<u8>(), size_of::<RedirectConfig>()),
+        ) {
+            let raw: RedirectConfig = bytemuck::pod_read_unaligned(&bytes);
+            let config = Config::from_bpf(&raw);
+            prop_assert!(config.check_limits().is_ok());
+            let _ = config.to_bpf();
+        }
+    }
+}

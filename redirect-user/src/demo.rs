@@ -20,6 +20,7 @@ use crate::{
     cgroup,
     config::{Config, Inbound},
     ebpf::loader,
+    instance::InstanceName,
     status,
 };
 
@@ -102,10 +103,11 @@ pub fn demo() -> Result<ExitCode> {
     );
     // The inbound hook goes to the installer's network namespace: the pod's.
     crate::iptables::apply::enter_netns(std::path::Path::new(&sandbox.netns_path(Net::Pod)))?;
+    let instance = InstanceName::parse(sandbox.name()).map_err(anyhow::Error::msg)?;
     loader::install(&loader::Request {
         config: &config,
         cgroup: &cg,
-        instance: sandbox.name(),
+        instance: &instance,
         log_level: 0,
     })?;
     let captured = show(&sandbox, "app   (uid 1000)", APP, upstream)?;
@@ -119,13 +121,13 @@ pub fn demo() -> Result<ExitCode> {
     );
 
     outln!("\n3. $ redirect status --instance {}", sandbox.name());
-    let status = status::collect(Some(sandbox.name()))?;
+    let status = status::collect(Some(&instance))?;
     for line in status::render(&status).lines() {
         outln!("   {line}");
     }
 
     outln!("\n4. $ redirect uninstall --instance {}", sandbox.name());
-    loader::uninstall(sandbox.name())?;
+    loader::uninstall(&instance)?;
     let after = show(&sandbox, "app   (uid 1000)", APP, upstream)?;
     expect(&after, &upstream_reply)?;
     let after = show_inbound(&sandbox, app)?;

@@ -7,7 +7,7 @@
 //! checked first: where istio-iptables would let `iptables-restore` fail
 //! halfway, redirect refuses before changing anything.
 
-use std::{fs, net::IpAddr, path::PathBuf};
+use std::{ffi::OsString, fs, net::IpAddr, path::PathBuf};
 
 use clap::{Args, ValueEnum};
 
@@ -207,8 +207,8 @@ pub struct IstioArgs {
     #[arg(long, value_name = "PATH|self-parent", default_value = "self-parent")]
     pub cgroup: String,
     /// eBPF mode's instance name [default: derived from the cgroup]
-    #[arg(long, value_name = "NAME")]
-    pub instance: Option<String>,
+    #[arg(long, value_name = "NAME", value_parser = crate::instance::parse_arg)]
+    pub instance: Option<crate::instance::InstanceName>,
     /// eBPF mode: how many redirected connections can be open at once
     /// (sizes the original-destination map: about 100 bytes each)
     #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = crate::config::parse_max_connections)]
@@ -233,21 +233,64 @@ pub enum Ipv6Mode {
     False,
 }
 
-/// A configuration istio-iptables would refuse, or one that would fail
-/// halfway through applying it: exit code 1, as istio-iptables.
+/// Why istio-iptables' input is refused, with its exit code.
 #[derive(Debug)]
-pub struct ConfigError(pub String);
+pub struct ConfigError {
+    message: String,
+    /// 1 for a configuration istio-iptables would refuse, or one that would
+    /// fail halfway through applying it; 255 for input that is no value at
+    /// all (see [`ConfigError::not_utf8`]).
+    pub exit_code: u8,
+}
+
+impl ConfigError {
+    /// A configuration refused (exit 1, as istio-iptables). Control
+    /// characters of the values it quotes are escaped: the message stays
+    /// one line, and a value cannot drive the terminal.
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self {
+            message: message
+                .into()
+                .chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect(),
+            exit_code: 1,
+        }
+    }
+
+    /// Environment variable `name` is set to bytes that are not UTF-8.
+    /// That is a bad command line, not a refused configuration: clap
+    /// refuses the same bytes in the variables it reads for flags
+    /// (`PROXY_UID`, ...) as a usage error, and `main` gives those exit 255
+    /// (istio-iptables' code for a bad command line; 2 for redirect's own
+    /// commands). Every variable, whoever reads it, gets that one rule.
+    pub fn not_utf8(name: &str, value: &std::ffi::OsStr) -> Self {
+        Self {
+            message: format!(
+                "environment variable {name} is not valid UTF-8 ('{}'): set it to text, or unset it",
+                crate::cli::show_bytes(value)
+            ),
+            exit_code: 255,
+        }
+    }
+}
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
 impl std::error::Error for ConfigError {}
 
 fn error<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError(msg.into()))
+    Err(ConfigError::refused(msg))
 }
 
 /// The resolved, validated istio-iptables configuration.
@@ -317,24 +360,41 @@ pub fn split(s: &str) -> Vec<String> {
 }
 
 /// Where the resolution reads the world (the environment, files, the
-/// interfaces), so that tests can give it their own.
+/// interfaces), so that tests can give it their own. It hands over raw
+/// bytes: what to make of bytes that are not UTF-8 is decided once, here
+/// and in the parsers, not by each host.
 pub trait Host {
-    fn env(&self, name: &str) -> Option<String>;
-    fn read(&self, path: &std::path::Path) -> std::io::Result<String>;
+    /// An environment variable's raw value, `None` when unset.
+    fn env_os(&self, name: &str) -> Option<OsString>;
+    /// A file's raw contents (resolv.conf, /etc/passwd, /etc/group: text
+    /// files that may still hold a stray byte that is not UTF-8).
+    fn read(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>>;
     /// Addresses of the network namespace's interfaces, in kernel order.
     fn addresses(&self) -> std::io::Result<Vec<IpAddr>>;
+
+    /// An environment variable as text, `None` when unset. A value that is
+    /// not UTF-8 is an error naming the variable, never taken as unset: a
+    /// variable the user set must not be silently ignored.
+    fn env(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        self.env_os(name)
+            .map(|raw| {
+                raw.into_string()
+                    .map_err(|raw| ConfigError::not_utf8(name, &raw))
+            })
+            .transpose()
+    }
 }
 
 /// The real environment, files and interfaces of this process.
 pub struct RealHost;
 
 impl Host for RealHost {
-    fn env(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
+    fn env_os(&self, name: &str) -> Option<OsString> {
+        std::env::var_os(name)
     }
 
-    fn read(&self, path: &std::path::Path) -> std::io::Result<String> {
-        fs::read_to_string(path)
+    fn read(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+        fs::read(path)
     }
 
     fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
@@ -350,24 +410,24 @@ impl IstioArgs {
             host,
             self.redirect_dns,
             &["REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"],
-        );
-        let drop_invalid = setting(host, self.drop_invalid, &["DROP_INVALID", "INVALID_DROP"]);
-        let dual_stack = setting(host, self.dual_stack, &["DUAL_STACK", "ISTIO_DUAL_STACK"]);
-        let capture_all_dns = setting(host, self.capture_all_dns, &["CAPTURE_ALL_DNS"]);
+        )?;
+        let drop_invalid = setting(host, self.drop_invalid, &["DROP_INVALID", "INVALID_DROP"])?;
+        let dual_stack = setting(host, self.dual_stack, &["DUAL_STACK", "ISTIO_DUAL_STACK"])?;
+        let capture_all_dns = setting(host, self.capture_all_dns, &["CAPTURE_ALL_DNS"])?;
 
         let owner_include = host
-            .env("ISTIO_OUTBOUND_OWNER_GROUPS")
+            .env("ISTIO_OUTBOUND_OWNER_GROUPS")?
             .unwrap_or_else(|| "*".into());
         let owner_exclude = host
-            .env("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE")
+            .env("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE")?
             .unwrap_or_default();
         let loopback_v4 = host
-            .env("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR")
+            .env("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR")?
             .unwrap_or_else(|| "127.0.0.1/32".into());
 
         let proxy_uid = if self.proxy_uid.is_empty() {
             let user = host
-                .env("ENVOY_USER")
+                .env("ENVOY_USER")?
                 .unwrap_or_else(|| "istio-proxy".into());
             lookup_id(host, "/etc/passwd", &user).unwrap_or_else(|| "1337".into())
         } else {
@@ -383,16 +443,16 @@ impl IstioArgs {
             Ipv6Mode::True => true,
             Ipv6Mode::False => false,
             Ipv6Mode::Auto => {
-                let addrs = host
-                    .addresses()
-                    .map_err(|e| ConfigError(format!("listing the pod's addresses: {e}")))?;
+                let addrs = host.addresses().map_err(|e| {
+                    ConfigError::refused(format!("listing the pod's addresses: {e}"))
+                })?;
                 ipv6_from_addresses(&addrs, dual_stack)?
             }
         };
 
         let (dns_v4, dns_v6) = if redirect_dns && !capture_all_dns {
             let text = host.read(&self.resolv_conf).map_err(|e| {
-                ConfigError(format!(
+                ConfigError::refused(format!(
                     "failed to load {}: {e} (pass --resolv-conf PATH)",
                     self.resolv_conf.display()
                 ))
@@ -524,14 +584,21 @@ impl IstioConfig {
 
 /// A boolean flag's value: the command line, else the last of `envs` that
 /// holds a valid boolean (istio-iptables' secondary variables override
-/// the primary ones; an unparsable value is ignored), else false.
-fn setting(host: &dyn Host, flag: Option<bool>, envs: &[&str]) -> bool {
-    flag.or_else(|| {
-        envs.iter()
-            .filter_map(|name| host.env(name).and_then(|v| parse_bool(&v)))
-            .last()
-    })
-    .unwrap_or(false)
+/// the primary ones; an unparsable value is ignored), else false. A value
+/// that is not UTF-8 is not "unparsable" but unreadable: an error (see
+/// [`Host::env`]). As clap does for the flags' own variables, the
+/// variables of a flag given on the command line are not read at all.
+fn setting(host: &dyn Host, flag: Option<bool>, envs: &[&str]) -> Result<bool, ConfigError> {
+    if let Some(value) = flag {
+        return Ok(value);
+    }
+    let mut from_env = false;
+    for name in envs {
+        if let Some(value) = host.env(name)?.as_deref().and_then(parse_bool) {
+            from_env = value;
+        }
+    }
+    Ok(from_env)
 }
 
 /// What the invocation asks for, besides the rules.
@@ -547,15 +614,15 @@ pub struct Actions {
 
 impl IstioArgs {
     /// The actions, from flags and their environment variables.
-    pub fn actions(&self, host: &dyn Host) -> Actions {
-        Actions {
-            dry_run: setting(host, self.dry_run, &["DRY_RUN"]),
-            cleanup_only: setting(host, self.cleanup_only, &["CLEANUP_ONLY"]),
-            skip_rule_apply: setting(host, self.skip_rule_apply, &["SKIP_RULE_APPLY"]),
-            reconcile: setting(host, self.reconcile, &["RECONCILE"]),
-            run_validation: setting(host, self.run_validation, &["RUN_VALIDATION"]),
-            native_nftables: setting(host, self.native_nftables, &["NATIVE_NFTABLES"]),
-        }
+    pub fn actions(&self, host: &dyn Host) -> Result<Actions, ConfigError> {
+        Ok(Actions {
+            dry_run: setting(host, self.dry_run, &["DRY_RUN"])?,
+            cleanup_only: setting(host, self.cleanup_only, &["CLEANUP_ONLY"])?,
+            skip_rule_apply: setting(host, self.skip_rule_apply, &["SKIP_RULE_APPLY"])?,
+            reconcile: setting(host, self.reconcile, &["RECONCILE"])?,
+            run_validation: setting(host, self.run_validation, &["RUN_VALIDATION"])?,
+            native_nftables: setting(host, self.native_nftables, &["NATIVE_NFTABLES"])?,
+        })
     }
 }
 
@@ -581,12 +648,18 @@ fn check_port(flag: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// The numeric id of `name` in a passwd/group file, if listed.
+/// The numeric id of `name` in a passwd/group file, if listed. The file is
+/// taken as bytes, field by field: a byte that is not UTF-8 elsewhere (a
+/// comment field, another entry) does not hide the entry asked for.
 fn lookup_id(host: &dyn Host, file: &str, name: &str) -> Option<String> {
     let text = host.read(std::path::Path::new(file)).ok()?;
-    text.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        (fields.next()? == name).then(|| fields.nth(1).map(str::to_owned))?
+    text.split(|&b| b == b'\n').find_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let mut fields = line.split(|&b| b == b':');
+        if fields.next()? != name.as_bytes() {
+            return None;
+        }
+        std::str::from_utf8(fields.nth(1)?).ok().map(str::to_owned)
     })
 }
 
@@ -665,8 +738,9 @@ pub fn cidrs(flag: &str, value: &str) -> Result<Cidrs, ConfigError> {
     }
     let mut out = Cidrs::default();
     for item in split(value) {
-        let (addr, bits) = parse_prefix(&item)
-            .map_err(|why| ConfigError(format!("{flag}: '{item}' is not a CIDR ({why})")))?;
+        let (addr, bits) = parse_prefix(&item).map_err(|why| {
+            ConfigError::refused(format!("{flag}: '{item}' is not a CIDR ({why})"))
+        })?;
         match addr {
             IpAddr::V4(a) => {
                 out.has_loopback |= a.is_loopback();
@@ -682,9 +756,15 @@ pub fn cidrs(flag: &str, value: &str) -> Result<Cidrs, ConfigError> {
 }
 
 /// `nameserver` entries of a resolv.conf, split by family, as written.
-fn nameservers(text: &str) -> (Vec<String>, Vec<String>) {
+/// Like Istio (which reads the file line by line and skips what it cannot
+/// parse), a line with bytes that are not UTF-8 costs only that line: each
+/// line is decoded on its own, lossily. A replacement character can be
+/// neither the keyword nor part of an address, so the lossy decoding never
+/// makes up a server; it keeps one whose stray byte is in a trailing field.
+fn nameservers(text: &[u8]) -> (Vec<String>, Vec<String>) {
     let (mut v4, mut v6) = (Vec::new(), Vec::new());
-    for line in text.lines() {
+    for line in text.split(|&b| b == b'\n') {
+        let line = String::from_utf8_lossy(line);
         let mut fields = line.split_whitespace();
         if fields.next() != Some("nameserver") {
             continue;
@@ -771,9 +851,81 @@ fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
     Ok(v4)
 }
 
+/// A host with given files and environment, for the tests of every
+/// module that resolves an istio-iptables configuration.
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+
+    /// A host with given files and environment (one list, by path or
+    /// name, as raw bytes), and one pod address.
+    pub(crate) struct FakeHost(Vec<(&'static str, Vec<u8>)>);
+
+    impl FakeHost {
+        pub(crate) fn new(text: &[(&'static str, &'static str)]) -> Self {
+            Self(
+                text.iter()
+                    .map(|(k, v)| (*k, v.as_bytes().to_vec()))
+                    .collect(),
+            )
+        }
+
+        /// Adds a file or variable holding any bytes.
+        pub(crate) fn with_bytes(mut self, name: &'static str, value: &[u8]) -> Self {
+            self.0.push((name, value.to_vec()));
+            self
+        }
+
+        fn get(&self, name: &str) -> Option<&[u8]> {
+            self.0
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.as_slice())
+        }
+    }
+
+    impl Host for FakeHost {
+        fn env_os(&self, name: &str) -> Option<OsString> {
+            use std::os::unix::ffi::OsStrExt as _;
+            self.get(name)
+                .map(|v| std::ffi::OsStr::from_bytes(v).to_owned())
+        }
+        fn read(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+            self.get(&path.to_string_lossy())
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        }
+        fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
+            Ok(vec!["10.0.0.5".parse().unwrap()])
+        }
+    }
+
+    /// Everything a command line feeds short of applying it: the actions,
+    /// the resolution, the owner checks, the eBPF translation and the
+    /// rendered rules. The properties check that none of it panics, and
+    /// that a refusal is one line.
+    pub(crate) fn exercise(args: &IstioArgs, host: &dyn Host) -> Result<(), ConfigError> {
+        use crate::iptables::builder::Family;
+        args.actions(host)?;
+        let cfg = args.resolve(host)?;
+        if let Err(err) = cfg.check_owners(host) {
+            assert_eq!(err.to_string().lines().count(), 1, "{err}");
+        }
+        // `from_istio` checks the map limits `to_bpf` relies on.
+        if let Ok(ebpf) = crate::config::Config::from_istio(&cfg, host) {
+            let _ = ebpf.to_bpf();
+        }
+        let rules = crate::iptables::capture::rules(&cfg);
+        for family in [Family::V4, Family::V6] {
+            let _ = rules.render(family);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{fake::FakeHost, *};
 
     #[test]
     fn lists_are_split_like_istio() {
@@ -797,7 +949,7 @@ mod tests {
     #[test]
     fn nameservers_are_kept_as_written() {
         let (v4, v6) = nameservers(
-            "# x\nnameserver 127.0.0.53\nnameserver ::127.0.0.53\nnameserver bogus\nsearch a\n",
+            b"# x\nnameserver 127.0.0.53\nnameserver ::127.0.0.53\nnameserver bogus\nsearch a\n",
         );
         assert_eq!(v4, ["127.0.0.53"]);
         assert_eq!(v6, ["::127.0.0.53"]);
@@ -815,26 +967,7 @@ mod tests {
         assert!(ipv6_from_addresses(&[lo, ll], false).is_err());
     }
 
-    /// A host with given files and environment, and one pod address.
-    struct FakeHost(Vec<(&'static str, &'static str)>);
-
-    impl Host for FakeHost {
-        fn env(&self, name: &str) -> Option<String> {
-            self.0
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| (*v).to_owned())
-        }
-        fn read(&self, path: &std::path::Path) -> std::io::Result<String> {
-            self.env(&path.to_string_lossy())
-                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
-        }
-        fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
-            Ok(vec!["10.0.0.5".parse().unwrap()])
-        }
-    }
-
-    fn args(argv: &[&str]) -> IstioArgs {
+    pub(super) fn args(argv: &[&str]) -> IstioArgs {
         use clap::Parser as _;
         #[derive(clap::Parser)]
         struct Cli {
@@ -848,7 +981,7 @@ mod tests {
 
     #[test]
     fn owner_names_are_checked_when_applying() {
-        let host = FakeHost(vec![
+        let host = FakeHost::new(&[
             ("/etc/passwd", "istio-proxy:x:1337:1337::/:/bin/false\n"),
             ("/etc/group", "java:x:202:\nistio-proxy:x:1337:\n"),
             ("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202"),
@@ -865,23 +998,20 @@ mod tests {
 
     #[test]
     fn defaults_resolve_like_istio() {
-        let host = FakeHost(vec![(
-            "/etc/passwd",
-            "istio-proxy:x:1337:1337::/:/bin/false\n",
-        )]);
+        let host = FakeHost::new(&[("/etc/passwd", "istio-proxy:x:1337:1337::/:/bin/false\n")]);
         let cfg = args(&[]).resolve(&host).unwrap();
         assert_eq!(cfg.proxy_uids, ["1337"]);
         assert_eq!(cfg.proxy_gids, ["1337"], "the gid defaults to the uid");
         assert!(!cfg.ipv6, "an IPv4 pod");
         assert_eq!(cfg.owner_groups, OwnerGroups::Except(vec![]));
         // No istio-proxy user: 1337.
-        let cfg = args(&[]).resolve(&FakeHost(vec![])).unwrap();
+        let cfg = args(&[]).resolve(&FakeHost::new(&[])).unwrap();
         assert_eq!(cfg.proxy_uids, ["1337"]);
     }
 
     #[test]
     fn bad_values_are_refused_with_the_flag_named() {
-        let host = FakeHost(vec![]);
+        let host = FakeHost::new(&[]);
         for (argv, needle) in [
             (
                 &["-x", "*"][..],
@@ -902,7 +1032,7 @@ mod tests {
             assert!(err.contains(needle), "{argv:?}: {err}");
         }
         // DNS capture without servers and without --capture-all-dns is off.
-        let host = FakeHost(vec![("/etc/resolv.conf", "search x\n")]);
+        let host = FakeHost::new(&[("/etc/resolv.conf", "search x\n")]);
         assert!(
             !args(&["--redirect-dns"])
                 .resolve(&host)
@@ -912,11 +1042,207 @@ mod tests {
     }
 
     #[test]
+    fn a_resolv_conf_line_that_is_not_utf8_costs_only_that_line() {
+        let (v4, v6) = nameservers(
+            b"nameserver 10.0.0.\xff\n# caf\xe9\nnameserver 10.0.0.10\n\
+              nameserver 10.0.0.11 # \xff\nnameserver\xa0 10.0.0.12\n\
+              nameserver fd00::\xfe\r\nnameserver fd00::10\r\n",
+        );
+        assert_eq!(v4, ["10.0.0.10", "10.0.0.11"]);
+        assert_eq!(v6, ["fd00::10"]);
+        let host = FakeHost::new(&[]).with_bytes(
+            "/etc/resolv.conf",
+            b"search \xff\xfe\nnameserver 10.96.0.10\n",
+        );
+        let cfg = args(&["--redirect-dns", "--ipv6=false"])
+            .resolve(&host)
+            .unwrap();
+        assert!(cfg.redirect_dns);
+        assert_eq!(cfg.dns_v4, ["10.96.0.10"]);
+    }
+
+    #[test]
+    fn passwd_entries_are_found_past_bytes_that_are_not_utf8() {
+        let host = FakeHost::new(&[]).with_bytes(
+            "/etc/passwd",
+            b"r\xe9my:x:1000:1000::/:/bin/sh\r\nistio-proxy:x:1337:1337:Istio \xff:/:/bin/false\n",
+        );
+        assert_eq!(
+            resolve_owner(&host, "/etc/passwd", "istio-proxy"),
+            Some(1337)
+        );
+        assert_eq!(resolve_owner(&host, "/etc/passwd", "rémy"), None);
+    }
+
+    #[test]
+    fn an_environment_variable_that_is_not_utf8_is_a_usage_error_naming_it() {
+        for name in [
+            "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+            "ISTIO_OUTBOUND_OWNER_GROUPS",
+            "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+            "ENVOY_USER",
+            "DROP_INVALID",
+            "ISTIO_DUAL_STACK",
+        ] {
+            let host = FakeHost::new(&[]).with_bytes(name, b"127.0.0.1/8\xff");
+            let err = args(&["--ipv6=false"]).resolve(&host).unwrap_err();
+            assert_eq!(err.exit_code, 255, "{name}");
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "environment variable {name} is not valid UTF-8 ('127.0.0.1/8\\xff'): set it to text, or unset it"
+                )
+            );
+        }
+        let host = FakeHost::new(&[]).with_bytes("DRY_RUN", b"\xff");
+        assert_eq!(args(&[]).actions(&host).unwrap_err().exit_code, 255);
+        // A flag given on the command line: its variables are not read.
+        assert!(!args(&["--dry-run=false"]).actions(&host).unwrap().dry_run);
+        // Text that is not a boolean is ignored, as istio-iptables does.
+        let host = FakeHost::new(&[("DRY_RUN", "yes")]);
+        assert!(!args(&[]).actions(&host).unwrap().dry_run);
+    }
+
+    #[test]
     fn loopback_cidr_is_checked() {
         assert!(check_loopback("127.0.0.1/32").is_ok());
         assert!(check_loopback("127.0.0.1/8").is_ok());
         assert!(check_loopback("10.0.0.1/32").is_err());
         assert!(check_loopback("127.0.0.1/7").is_err());
         assert!(check_loopback("127.0.0.1").is_err());
+    }
+}
+
+/// Properties: no input read while resolving (variables, resolv.conf,
+/// passwd and group files, flag values) panics the parsers.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::{fake::FakeHost, *};
+
+    /// Every variable the resolution reads itself (the flags' own are
+    /// clap's, see `cli::properties`).
+    const VARIABLES: &[&str] = &[
+        "REDIRECT_DNS",
+        "ISTIO_META_DNS_CAPTURE",
+        "DROP_INVALID",
+        "INVALID_DROP",
+        "DUAL_STACK",
+        "ISTIO_DUAL_STACK",
+        "CAPTURE_ALL_DNS",
+        "ISTIO_OUTBOUND_OWNER_GROUPS",
+        "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+        "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+        "ENVOY_USER",
+        "DRY_RUN",
+        "CLEANUP_ONLY",
+        "SKIP_RULE_APPLY",
+        "RECONCILE",
+        "RUN_VALIDATION",
+        "NATIVE_NFTABLES",
+        "/etc/resolv.conf",
+        "/etc/passwd",
+        "/etc/group",
+    ];
+
+    /// Bytes shaped like the values and files read: mostly text of the
+    /// right alphabet, sometimes anything.
+    fn value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => "[0-9a-fA-F.:/,*%# a-z_-]{0,24}".prop_map(String::into_bytes),
+            1 => Just(b"true".to_vec()),
+            1 => Just(b"istio-proxy:x:1337:1337::/:/bin/false\n".to_vec()),
+            1 => Just(b"nameserver 10.0.0.10\nnameserver fd00::10%eth0\n".to_vec()),
+            2 => proptest::collection::vec(any::<u8>(), 0..48),
+        ]
+    }
+
+    /// A resolv.conf line: a valid `nameserver` one (with its server), or
+    /// bytes that may be anything but a line break.
+    fn resolv_line() -> impl Strategy<Value = (Vec<u8>, Option<String>)> {
+        prop_oneof![
+            any::<IpAddr>().prop_map(|ip| (
+                format!("nameserver {ip}").into_bytes(),
+                Some(ip.to_string())
+            )),
+            proptest::collection::vec(any::<u8>().prop_filter("one line", |b| *b != b'\n'), 0..40)
+                .prop_map(|line| (line, None)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn resolv_conf_keeps_every_valid_server_whatever_surrounds_it(
+            lines in proptest::collection::vec(resolv_line(), 0..12),
+        ) {
+            let text = lines.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>().join(&b'\n');
+            let (v4, v6) = nameservers(&text);
+            // A random line can be a server line too: the valid ones are a
+            // subsequence of what is found, in order.
+            let found: Vec<&String> = v4.iter().chain(&v6).collect();
+            for server in lines.iter().filter_map(|(_, s)| s.as_ref()) {
+                prop_assert!(
+                    found.contains(&server),
+                    "{server} lost from {:?}",
+                    String::from_utf8_lossy(&text)
+                );
+            }
+            for server in found {
+                let addr = server.split('%').next().unwrap_or(server);
+                prop_assert!(addr.parse::<IpAddr>().is_ok(), "{server} is no address");
+            }
+        }
+
+        #[test]
+        fn resolv_conf_of_any_bytes_parses(text in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = nameservers(&text);
+        }
+
+        #[test]
+        fn passwd_lookup_of_any_bytes_parses(
+            file in proptest::collection::vec(any::<u8>(), 0..256),
+            name in "[a-z0-9:-]{0,8}",
+        ) {
+            let host = FakeHost::new(&[]).with_bytes("/etc/passwd", &file);
+            let _ = resolve_owner(&host, "/etc/passwd", &name);
+        }
+
+        #[test]
+        fn cidr_lists_parse_or_refuse_in_one_line(value in "[0-9a-fA-F.:/,%* ]{0,40}|\\PC{0,20}") {
+            match cidrs("-i", &value) {
+                Ok(parsed) => {
+                    // What is printed into rules parses again.
+                    for cidr in parsed.v4.iter().chain(&parsed.v6) {
+                        prop_assert!(parse_prefix(cidr).is_ok(), "{cidr} from {value:?}");
+                    }
+                }
+                Err(err) => prop_assert_eq!(err.to_string().lines().count(), 1),
+            }
+            let _ = check_loopback(&value);
+            let _ = split(&value);
+            let _ = go_bool(&value);
+        }
+
+        #[test]
+        fn any_environment_and_files_resolve_or_refuse_in_one_line(
+            set in proptest::collection::vec((proptest::sample::select(VARIABLES), value()), 0..8),
+            dns in any::<bool>(),
+        ) {
+            let host = set
+                .iter()
+                .fold(FakeHost::new(&[]), |host, (name, value)| host.with_bytes(name, value));
+            let argv: &[&str] = if dns {
+                &["--redirect-dns", "--ipv6=auto"]
+            } else {
+                &["--ipv6=auto"]
+            };
+            if let Err(err) = fake::exercise(&tests::args(argv), &host) {
+                prop_assert_eq!(err.to_string().lines().count(), 1, "{}", err);
+                prop_assert!(matches!(err.exit_code, 1 | 255));
+            }
+        }
     }
 }

@@ -29,6 +29,7 @@ mod cli;
 mod config;
 mod demo;
 mod ebpf;
+mod instance;
 mod iptables;
 mod istio;
 mod privilege;
@@ -59,13 +60,25 @@ fn main() -> ExitCode {
         let code = redirect_sandbox::agent::main(&["pause".to_owned()]);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    let cli = match Cli::try_parse() {
+    // As bytes: `std::env::args` panics on an argument that is not UTF-8.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
         Err(err) => {
-            let _ = err.print();
+            if err.kind() == clap::error::ErrorKind::InvalidUtf8 {
+                eprintln!("redirect: error: {}", cli::invalid_utf8(&argv));
+            } else if instance_rejected(&err) {
+                // One name check for every command, one line and exit 2,
+                // istio-iptables included (--instance is redirect's own flag).
+                let text = err.to_string();
+                eprintln!("redirect: {}", text.lines().next().unwrap_or_default());
+                return ExitCode::from(2);
+            } else {
+                let _ = err.print();
+            }
             // istio-iptables exits 255 on a bad command line; an init
             // container's scripts may check for it.
-            let istio = std::env::args().any(|a| a == "istio-iptables");
+            let istio = argv.iter().any(|a| a == "istio-iptables");
             return match err.exit_code() {
                 0 => ExitCode::SUCCESS,
                 _ if istio => ExitCode::from(255),
@@ -93,13 +106,18 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Install(args) => install(&args),
         Command::Uninstall(args) => uninstall(&args),
         Command::Status(args) => {
-            let status = status::collect(args.instance.as_deref())?;
+            let status = status::collect(args.instance.as_ref())?;
             if args.json {
                 outln!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 out!("{}", status::render(&status));
             }
-            Ok(ExitCode::SUCCESS)
+            // Like a failed check: something is installed but not whole.
+            Ok(if status.healthy() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Run(args) => run::run(&args),
         Command::Gc { dry_run } => {
@@ -141,7 +159,7 @@ fn install(args: &InstallArgs) -> Result<ExitCode> {
         .target
         .instance
         .clone()
-        .unwrap_or_else(|| cgroup::default_instance(&cgroup));
+        .unwrap_or_else(|| instance::InstanceName::for_cgroup(&cgroup));
     let installed = loader::install(&loader::Request {
         config: &config,
         cgroup: &cgroup,
@@ -191,7 +209,8 @@ fn inbound_summary(config: &config::Config) -> String {
 
 /// `redirect istio-iptables`: istio-iptables' command line. Exit codes are
 /// istio-iptables': 1 for a configuration it refuses or a failed apply,
-/// 255 for a bad command line (see `main`).
+/// 255 for a bad command line (see `main`), which includes an environment
+/// variable that is not UTF-8 (see [`istio::ConfigError::not_utf8`]).
 fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
     use iptables::{
         apply::{self, Applied, Backend, routes},
@@ -201,7 +220,14 @@ fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
         eprintln!("redirect: error: {msg}");
         Ok(ExitCode::from(1))
     };
-    let actions = args.actions(&istio::RealHost);
+    let reject = |err: istio::ConfigError| {
+        eprintln!("redirect: error: {err}");
+        Ok(ExitCode::from(err.exit_code))
+    };
+    let actions = match args.actions(&istio::RealHost) {
+        Ok(actions) => actions,
+        Err(err) => return reject(err),
+    };
     if actions.skip_rule_apply {
         return Ok(ExitCode::SUCCESS);
     }
@@ -220,7 +246,7 @@ fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
     }
     let config = match args.resolve(&istio::RealHost) {
         Ok(config) => config,
-        Err(err) => return refuse(&err),
+        Err(err) => return reject(err),
     };
     let rules = iptables::capture::rules(&config);
     if actions.dry_run {
@@ -229,7 +255,7 @@ fn istio_iptables(args: &istio::IstioArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Err(err) = config.check_owners(&istio::RealHost) {
-        return refuse(&err);
+        return reject(err);
     }
     let ebpf = match choose_mode(args, &config) {
         Ok(choice) => choice,
@@ -337,7 +363,7 @@ fn istio_ebpf(
     let instance = args
         .instance
         .clone()
-        .unwrap_or_else(|| cgroup::default_instance(cgroup));
+        .unwrap_or_else(|| instance::InstanceName::for_cgroup(cgroup));
     if actions.cleanup_only {
         let removed = loader::uninstall(&instance)?;
         outln!(
@@ -399,4 +425,14 @@ fn uninstall(args: &UninstallArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether clap refused the value of `--instance` (see [`instance`]).
+fn instance_rejected(err: &clap::Error) -> bool {
+    use clap::error::{ContextKind, ContextValue};
+    err.kind() == clap::error::ErrorKind::ValueValidation
+        && matches!(
+            err.get(ContextKind::InvalidArg),
+            Some(ContextValue::String(arg)) if arg.starts_with("--instance")
+        )
 }

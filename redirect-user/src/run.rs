@@ -21,7 +21,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         .target
         .instance
         .clone()
-        .unwrap_or_else(|| cgroup::default_instance(&cgroup));
+        .unwrap_or_else(|| crate::instance::InstanceName::for_cgroup(&cgroup));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -105,7 +105,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
 
 /// Uninstalls the instance when `run` ends, however it ends.
 struct Detach<'a> {
-    instance: &'a str,
+    instance: &'a crate::instance::InstanceName,
     armed: bool,
 }
 

@@ -4,27 +4,39 @@
 
 use std::{fmt::Write as _, os::fd::AsFd as _, path::Path};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use redirect_common::{Counter, InstanceMeta, PORT_IN_EXCLUDE, PORT_IN_INCLUDE};
 use serde::Serialize;
 
 use crate::{
     bpffs,
     config::Config,
-    ebpf::{Kind, all_hooks, loader, maps, sys},
+    ebpf::{Kind, SK_LOOKUP, all_hooks, loader, maps, sys},
+    instance::InstanceName,
 };
 
 #[derive(Serialize)]
 pub struct Status {
     pub instances: Vec<Instance>,
-    /// Instances whose pins could not be read (e.g. left half-removed).
-    pub unreadable: Vec<Unreadable>,
+    /// Instances that are not whole: pins missing or unreadable, or left
+    /// half-built or half-removed by a run that was killed.
+    pub incomplete: Vec<Incomplete>,
+}
+
+impl Status {
+    /// Whether every instance is whole (`redirect status` exits 1 if not).
+    pub fn healthy(&self) -> bool {
+        self.incomplete.is_empty()
+    }
 }
 
 #[derive(Serialize)]
-pub struct Unreadable {
+pub struct Incomplete {
+    /// The instance's name, or the staging directory's.
     pub instance: String,
-    pub error: String,
+    pub problem: String,
+    /// What removes it.
+    pub fix: String,
 }
 
 #[derive(Serialize)]
@@ -32,6 +44,9 @@ pub struct Instance {
     pub instance: String,
     pub cgroup: String,
     pub cgroup_id: u64,
+    /// Open connections whose original destination is always kept
+    /// (`--max-connections`); more evict records (`record_evicted`).
+    pub max_connections: u32,
     pub programs: Vec<Program>,
     pub config: Option<ConfigView>,
     pub counters: Vec<CounterView>,
@@ -62,6 +77,8 @@ pub struct Program {
     pub attached: bool,
     /// The running kernel has this hook (when not, it is skipped).
     pub available: bool,
+    /// Capture works without it (getpeername, and sk_lookup without -b).
+    pub optional: bool,
     /// First kernel with the hook, "major.minor".
     pub min_kernel: String,
     pub mirrors: &'static str,
@@ -103,37 +120,76 @@ pub struct Tracked {
     pub established: u64,
 }
 
-/// Collects the status of every instance (or only `only`).
-pub fn collect(only: Option<&str>) -> Result<Status> {
+/// Collects the status of every instance (or only `only`), with the
+/// install lock held shared: no install or uninstall runs meanwhile, so a
+/// staging directory seen now was left by a killed run.
+pub fn collect(only: Option<&InstanceName>) -> Result<Status> {
     crate::privilege::check_ebpf()?;
     let mut instances = Vec::new();
-    let mut unreadable = Vec::new();
-    if bpffs::is_mounted() {
-        for name in bpffs::instances()? {
-            if only.is_some_and(|o| o != name) {
-                continue;
+    let mut incomplete = Vec::new();
+    if !bpffs::is_mounted() {
+        return Ok(Status {
+            instances,
+            incomplete,
+        });
+    }
+    let _lock = bpffs::Lock::shared()?;
+    let listing = bpffs::list()?;
+    for name in listing.instances {
+        if only.is_some_and(|o| *o != name) {
+            continue;
+        }
+        let whole = instance(&name).and_then(|found| {
+            let inbound = found.config.as_ref().is_some_and(|c| c.inbound.is_some());
+            let missing: Vec<&str> = found
+                .programs
+                .iter()
+                .filter(|p| p.available && p.link_id.is_none())
+                .filter(|p| !p.optional || (inbound && p.hook == SK_LOOKUP.name))
+                .map(|p| p.hook)
+                .collect();
+            if found.config.is_none() {
+                bail!("no configuration is in force");
             }
-            match instance(&name) {
-                Ok(found) => instances.push(found),
-                Err(err) => unreadable.push(Unreadable {
-                    instance: name,
-                    error: format!("{err:#}"),
-                }),
+            if !missing.is_empty() {
+                bail!("the link pins of {} are missing", missing.join(", "));
             }
+            Ok(found)
+        });
+        match whole {
+            Ok(found) => instances.push(found),
+            Err(err) => incomplete.push(Incomplete {
+                fix: format!(
+                    "reinstall it, or remove it with `redirect uninstall --instance {name}`"
+                ),
+                instance: name.to_string(),
+                problem: format!("{err:#}"),
+            }),
+        }
+    }
+    if only.is_none() {
+        for name in listing.staging {
+            incomplete.push(Incomplete {
+                instance: name,
+                problem:
+                    "left half-built or half-removed by an install or uninstall that was killed"
+                        .to_owned(),
+                fix: "the next install, uninstall or `redirect gc` removes it".to_owned(),
+            });
         }
     }
     Ok(Status {
         instances,
-        unreadable,
+        incomplete,
     })
 }
 
-fn instance(name: &str) -> Result<Instance> {
+fn instance(name: &InstanceName) -> Result<Instance> {
     let dir = bpffs::instance_dir(name);
     let meta = maps::meta(&dir)?.get(&0, 0)?;
-    let raw = maps::config(&dir)?.get(&0, 0)?;
+    let (slot, raw) = maps::active_config(&dir)?;
     let config = (raw.abi_version != 0).then(|| Config::from_bpf(&raw));
-    let sets = maps::read_sets(&dir)?;
+    let sets = maps::read_sets(&dir, slot)?;
     let counters = maps::counters(&dir)?
         .into_iter()
         .map(|(c, value)| CounterView {
@@ -148,9 +204,10 @@ fn instance(name: &str) -> Result<Instance> {
     let prog_ids: Vec<u32> = programs.iter().filter_map(|p| p.program_id).collect();
     let maps = maps::memory(&dir, &prog_ids)?;
     Ok(Instance {
-        instance: name.to_owned(),
+        instance: name.to_string(),
         cgroup: loader::meta_path(&meta),
         cgroup_id: meta.cgroup_id,
+        max_connections: meta.max_connections,
         map_memory_bytes: maps.iter().map(|m| m.bytes).sum(),
         maps,
         programs,
@@ -202,6 +259,7 @@ fn programs(dir: &Path, meta: &InstanceMeta) -> Vec<Program> {
                 program_id: info.map(|i| i.prog_id),
                 attached: info.is_some_and(|i| i.target == target && target != 0),
                 available: loader::available(&hook),
+                optional: hook.optional,
                 min_kernel: format!("{}.{}", hook.min_kernel.0, hook.min_kernel.1),
                 mirrors: hook.mirrors,
             }
@@ -326,21 +384,25 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
         Counter::OrigDstInbound => {
             "(conntrack: SO_ORIGINAL_DST of an inbound connection answered)".into()
         }
+        Counter::RecordEvicted => {
+            "(record evicted: more connections open than --max-connections; SO_ORIGINAL_DST missed)"
+                .into()
+        }
     }
 }
 
 /// Human-readable rendering.
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
-    for broken in &status.unreadable {
+    for broken in &status.incomplete {
         let _ = writeln!(
             out,
-            "Instance {} is unreadable ({}): remove it with `redirect uninstall --instance {}`\n",
-            broken.instance, broken.error, broken.instance
+            "Instance {} is INCOMPLETE ({}): {}\n",
+            broken.instance, broken.problem, broken.fix
         );
     }
     if status.instances.is_empty() {
-        if status.unreadable.is_empty() {
+        if status.incomplete.is_empty() {
             out.push_str("no redirect instances are installed\n");
         }
         return out;
@@ -403,8 +465,8 @@ pub fn render(status: &Status) -> String {
         }
         let _ = writeln!(
             out,
-            "  tracked      {} established connections",
-            inst.tracked.established
+            "  tracked      {} established connections (records kept for {} open connections)",
+            inst.tracked.established, inst.max_connections
         );
         let _ = writeln!(
             out,

@@ -49,7 +49,9 @@ pub fn to_host(kind: Ids, ids: &[u32]) -> Result<Vec<u32>> {
 }
 
 /// `map` is the text of an id map: lines of `inside outside count`.
-/// Returns the first id it does not cover as the error.
+/// Returns the first id it does not cover as the error. The sums are
+/// checked: the kernel keeps them within 32 bits, but a map that does not
+/// (64-bit fields) must fail the lookup, not overflow.
 fn translate(map: &str, ids: &[u32]) -> Result<Vec<u32>, u32> {
     let ranges: Vec<(u64, u64, u64)> = map
         .lines()
@@ -63,8 +65,9 @@ fn translate(map: &str, ids: &[u32]) -> Result<Vec<u32>, u32> {
             let id64 = u64::from(id);
             ranges
                 .iter()
-                .find(|(inside, _, count)| id64 >= *inside && id64 < inside + count)
-                .and_then(|(inside, outside, _)| u32::try_from(outside + (id64 - inside)).ok())
+                .find(|(inside, _, count)| id64 >= *inside && id64 - inside < *count)
+                .and_then(|(inside, outside, _)| outside.checked_add(id64 - inside))
+                .and_then(|host| u32::try_from(host).ok())
                 .ok_or(id)
         })
         .collect()
@@ -114,5 +117,43 @@ mod tests {
     fn several_ranges_are_searched() {
         let map = "0 1000 1\n1 100000 65535\n";
         assert_eq!(translate(map, &[0, 1337]), Ok(vec![1000, 100_000 + 1336]));
+    }
+
+    #[test]
+    fn maps_past_32_bits_fail_the_lookup_instead_of_overflowing() {
+        assert_eq!(translate("1 0 18446744073709551615\n", &[7]), Ok(vec![6]));
+        assert_eq!(translate("0 18446744073709551615 2\n", &[1]), Err(1));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// No id map, however malformed or large its numbers, panics the
+        /// translation.
+        #[test]
+        fn any_map_translates_or_refuses(
+            lines in proptest::collection::vec(
+                (small_or_any(), small_or_any(), small_or_any()),
+                0..4,
+            ),
+            junk in "\\PC{0,40}",
+            ids in proptest::collection::vec(
+                proptest::prop_oneof![0u32..16, proptest::prelude::any::<u32>()],
+                0..4,
+            ),
+        ) {
+            let mut map: String = lines.iter().map(|(a, b, c)| format!("{a} {b} {c}\n")).collect();
+            map.push_str(&junk);
+            let _ = translate(&map, &ids);
+        }
+    }
+
+    /// A map field: small, near the top of the range, or anything.
+    fn small_or_any() -> impl proptest::strategy::Strategy<Value = u64> {
+        proptest::prop_oneof![
+            0u64..16,
+            u64::MAX - 16..=u64::MAX,
+            proptest::prelude::any::<u64>()
+        ]
     }
 }

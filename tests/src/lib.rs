@@ -136,6 +136,8 @@ static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 pub struct Sandbox {
     name: String,
     pod_ns: OwnedFd,
+    /// `/proc/<pid>/fd/<n>` of `pod_ns`, for `--netns`.
+    pod_netns: String,
     peer_ns: OwnedFd,
     cgroup: PathBuf,
     agent_exe: PathBuf,
@@ -155,9 +157,11 @@ impl Sandbox {
         let pod_ns = netns::create().context("creating the pod network namespace")?;
         let peer_ns = netns::create().context("creating the peer network namespace")?;
         let cgroup = cgroup::create_pod(&name)?;
+        let pod_netns = format!("/proc/{}/fd/{}", std::process::id(), pod_ns.as_raw_fd());
         let sandbox = Self {
             name,
             pod_ns,
+            pod_netns,
             peer_ns,
             cgroup,
             agent_exe: agent_exe.into(),
@@ -182,6 +186,11 @@ impl Sandbox {
             std::process::id(),
             self.ns(net).as_raw_fd()
         )
+    }
+
+    /// [`Sandbox::netns_path`] of the pod, borrowed (for argument lists).
+    pub fn pod_netns(&self) -> &str {
+        &self.pod_netns
     }
 
     /// The pod cgroup: where redirect is installed.

@@ -25,8 +25,17 @@ fn assert_fails(out: &Outcome, code: i32, needle: &str) {
     );
 }
 
-fn install_args<'a>(sandbox: &'a Sandbox, cgroup: &'a str) -> Vec<&'a str> {
+/// `install` of the sandbox's instance, for a command started in the pod's
+/// network namespace.
+fn install_here<'a>(sandbox: &'a Sandbox, cgroup: &'a str) -> Vec<&'a str> {
     vec!["install", "--cgroup", cgroup, "--instance", sandbox.name()]
+}
+
+/// `install` of the sandbox's instance, from anywhere (`--netns`).
+fn install_args<'a>(sandbox: &'a Sandbox, cgroup: &'a str) -> Vec<&'a str> {
+    let mut args = install_here(sandbox, cgroup);
+    args.extend(["--netns", sandbox.pod_netns()]);
+    args
 }
 
 #[test]
@@ -164,22 +173,43 @@ fn missing_cgroup2_mount_is_explained() {
     assert!(!sandbox.is_pinned());
 }
 
+/// A bpffs of a private mount namespace dies with it and takes the capture
+/// along: redirect refuses to mount one there, and to use one mounted
+/// there, naming the fix; nothing reaches the node's bpffs. (Mounting on
+/// demand in the node's own mount namespace cannot be tested without
+/// unmounting the node's bpffs under every other test.)
 #[test]
-fn missing_bpffs_is_mounted_on_demand() {
+fn a_bpffs_that_is_not_the_nodes_is_refused() {
     require_root!();
     let sandbox = Sandbox::for_tests().expect("sandbox");
-    let script = format!(
-        "umount -l /sys/fs/bpf 2>/dev/null; \
-         \"$0\" install --cgroup {cg} --instance {name} && \
-         awk '$2 == \"/sys/fs/bpf\" {{print \"mounted:\", $3}}' /proc/mounts && \
-         exec \"$0\" uninstall --instance {name}",
+    let install = format!(
+        "\"$0\" install --cgroup {cg} --instance {name} --netns {netns}",
         cg = sandbox.pod_cgroup().display(),
-        name = sandbox.name()
+        name = sandbox.name(),
+        netns = sandbox.pod_netns(),
     );
-    let out = in_private_mounts(&script);
-    assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stdout.contains("mounted: bpf"), "{out:?}");
-    assert!(out.stdout.contains("removed instance"), "{out:?}");
+    // Every bpffs stacked on /sys/fs/bpf goes (a node may have more than one).
+    let unmount = "for i in 1 2 3 4 5 6 7 8; do umount -l /sys/fs/bpf 2>/dev/null || break; done";
+    let unmounted = in_private_mounts(&format!("{unmount}; {install}"));
+    assert_fails(
+        &unmounted,
+        1,
+        "is not mounted at /sys/fs/bpf in this private mount namespace",
+    );
+    assert!(first_line(&unmounted).contains("mount --bind /proc/1/root/sys/fs/bpf"));
+    let private = in_private_mounts(&format!(
+        "{unmount}; mount -t bpf bpf /sys/fs/bpf && {install}"
+    ));
+    assert_fails(&private, 1, "the bpffs at /sys/fs/bpf is not the node's");
+    assert!(!sandbox.is_pinned());
+    // The node's bpffs seen from a private mount namespace is still the
+    // node's: that install is fine.
+    let shared = in_private_mounts(&format!(
+        "{install} && exec \"$0\" uninstall --instance {}",
+        sandbox.name()
+    ));
+    assert_eq!(shared.code, 0, "{shared:?}");
+    assert!(shared.stdout.contains("removed instance"), "{shared:?}");
 }
 
 #[test]
@@ -202,7 +232,7 @@ fn unprivileged_install_is_refused() {
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
     let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
     let mut cmd = sandbox.command(Net::Pod, Group::Outside, APP, &bin);
-    cmd.args(install_args(&sandbox, &cg));
+    cmd.args(install_here(&sandbox, &cg));
     let out = outcome(&mut cmd).expect("run");
     let _ = fs::remove_dir_all(&dir);
     assert_fails(&out, 1, "permission denied");
@@ -217,7 +247,16 @@ fn an_instance_name_of_another_cgroup_is_not_taken_over() {
     let second = Sandbox::for_tests().expect("sandbox");
     first.install(&[]).expect("install");
     let cg = second.pod_cgroup().to_string_lossy().into_owned();
-    let out = redirect(&["install", "--cgroup", &cg, "--instance", first.name()]).expect("run");
+    let out = redirect(&[
+        "install",
+        "--cgroup",
+        &cg,
+        "--instance",
+        first.name(),
+        "--netns",
+        second.pod_netns(),
+    ])
+    .expect("run");
     assert_fails(&out, 1, "is installed on another cgroup");
     let status = first.status().expect("status");
     assert_eq!(
@@ -305,7 +344,7 @@ fn with_caps(sandbox: &Sandbox, caps: &str, args: &[&str]) -> Outcome {
 }
 
 #[test]
-fn inbound_capture_of_the_node_itself_is_refused() {
+fn capture_of_the_node_itself_is_refused() {
     require_root!();
     // Only meaningful where this test runs in the node's own namespace,
     // known as the kernel names it (fixed inode, 6.18+) or as PID 1's.
@@ -323,15 +362,18 @@ fn inbound_capture_of_the_node_itself_is_refused() {
     }
     let sandbox = Sandbox::for_tests().expect("sandbox");
     let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
-    let mut args = install_args(&sandbox, &cg);
-    args.extend(["-b", "*"]);
-    let out = redirect(&args).expect("run");
-    assert_fails(
-        &out,
-        1,
-        "inbound capture (-b) would apply to the node's own network namespace",
-    );
-    assert!(!sandbox.is_pinned(), "nothing stays installed");
+    // Outbound and inbound alike, run here without --netns.
+    for extra in [&[][..], &["-b", "*"]] {
+        let mut args = vec!["install", "--cgroup", &cg, "--instance", sandbox.name()];
+        args.extend_from_slice(extra);
+        let out = redirect(&args).expect("run");
+        assert_fails(&out, 1, "this is the node's own network namespace");
+        assert!(
+            first_line(&out).contains("--netns"),
+            "names the fix: {out:?}"
+        );
+        assert!(!sandbox.is_pinned(), "nothing stays installed");
+    }
 }
 
 #[test]
@@ -354,7 +396,7 @@ fn cap_bpf_and_cap_net_admin_are_enough() {
         "+bpf,+net_admin,+perfmon"
     };
     // Istio's sidecar flags: outbound and inbound programs alike.
-    let mut install = install_args(&sandbox, &cg);
+    let mut install = install_here(&sandbox, &cg);
     install.extend(["-b", "*", "-d", "15090,15021,15020"]);
     if running < (6, 12) {
         let out = with_caps(&sandbox, "+bpf,+net_admin", &install);
@@ -391,7 +433,7 @@ fn cap_bpf_and_cap_net_admin_are_enough() {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(!sandbox.is_pinned());
     // With one of the two missing, the refusal names what to grant.
-    let out = with_caps(&sandbox, "+bpf", &install_args(&sandbox, &cg));
+    let out = with_caps(&sandbox, "+bpf", &install_here(&sandbox, &cg));
     assert_fails(&out, 1, "permission denied");
     assert!(!sandbox.is_pinned());
 }
@@ -440,10 +482,9 @@ fn inbound_capture_without_sk_lookup_is_refused_with_the_way_out() {
     require_root!();
     let sandbox = Sandbox::for_tests().expect("sandbox");
     let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
-    let netns = sandbox.netns_path(Net::Pod);
     let mut args = vec!["--assume-missing", "sk_lookup"];
     args.extend(install_args(&sandbox, &cg));
-    args.extend(["--netns", &netns, "-b", "*"]);
+    args.extend(["-b", "*"]);
     assert_fails(
         &redirect(&args).expect("run"),
         1,

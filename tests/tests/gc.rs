@@ -24,6 +24,15 @@ impl Drop for Instance {
     }
 }
 
+/// A cgroup of the test's own, removed when dropped (if still there).
+struct OwnCgroup(std::path::PathBuf);
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
 fn pinned(instance: &str) -> bool {
     Path::new("/sys/fs/bpf/redirect").join(instance).exists()
 }
@@ -43,16 +52,21 @@ fn gc_removes_the_instances_of_deleted_pods_only() {
         .expect("app");
     let app = SocketAddrV4::new(POD_IP, 9080);
 
-    // A pod that will be deleted: its own cgroup, inbound capture on the
-    // (surviving) network namespace, and no proxy listening.
-    let doomed = sandbox.pod_cgroup().join("deleted-pod");
-    fs::create_dir(&doomed).expect("pod cgroup");
+    // A pod that will be deleted: its own cgroup (beside the live pod's:
+    // captures never nest), inbound capture on the (surviving) network
+    // namespace, and no proxy listening.
+    let doomed = OwnCgroup(
+        sandbox
+            .pod_cgroup()
+            .with_file_name(format!("{}-gone", sandbox.name())),
+    );
+    fs::create_dir(&doomed.0).expect("pod cgroup");
     let instance = Instance(format!("{}-gone", sandbox.name()));
     let netns = sandbox.netns_path(Net::Pod);
     let out = redirect(&[
         "install",
         "--cgroup",
-        &doomed.to_string_lossy(),
+        &doomed.0.to_string_lossy(),
         "--instance",
         &instance.0,
         "--netns",
@@ -70,7 +84,7 @@ fn gc_removes_the_instances_of_deleted_pods_only() {
         "inbound capture without a listener refuses"
     );
 
-    fs::remove_dir(&doomed).expect("delete the pod's cgroup");
+    fs::remove_dir(&doomed.0).expect("delete the pod's cgroup");
     // The kernel releases a deleted cgroup's programs asynchronously.
     let deadline = Instant::now() + Duration::from_secs(10);
     let listed: Outcome = loop {

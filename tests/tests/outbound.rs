@@ -481,7 +481,13 @@ fn max_connections_sizes_the_maps_and_is_fixed_at_first_install() {
         .as_array()
         .and_then(|maps| maps.iter().find(|m| m["name"] == "RDR_ORIG_TUPLE"))
         .expect("the tuple map");
-    assert_eq!(tuple["max_entries"], 1024, "{status}");
+    assert_eq!(instance["max_connections"], 1024, "{status}");
+    // The map is larger by the kernel LRU's per-CPU free lists (128 a CPU).
+    let entries = tuple["max_entries"].as_u64().expect("entries");
+    assert!(
+        (1024 + 128..=1024 + 128 * 1024).contains(&entries),
+        "{status}"
+    );
     // 6.6 MB at the default 65,536; how the kernel rounds its accounting
     // differs between versions, so only the order of magnitude is checked.
     let bytes = instance["map_memory_bytes"].as_u64().expect("bytes");

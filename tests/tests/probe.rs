@@ -91,6 +91,8 @@ fn a_missing_optional_hook_is_skipped_and_reported() {
         &cg,
         "--instance",
         sandbox.name(),
+        "--netns",
+        sandbox.pod_netns(),
         "--assume-missing",
         "cgroup/getpeername4",
     ])

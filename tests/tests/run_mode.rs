@@ -43,7 +43,7 @@ impl Running {
     fn start(sandbox: &Sandbox, extra: &[&str]) -> Self {
         let mut child = Command::new(redirect_bin())
             .args(["run", "--cgroup", &sandbox.pod_cgroup().to_string_lossy()])
-            .args(["--instance", sandbox.name()])
+            .args(["--instance", sandbox.name(), "--netns", sandbox.pod_netns()])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

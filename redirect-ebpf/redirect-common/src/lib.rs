@@ -17,15 +17,66 @@ pub const MAX_OWNERS: usize = 8;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
-/// Capacity of the port-flags map (`-o`, `-q`, `-b` and `-d` ports together),
-/// and of the per-port inbound capture counters.
+/// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
+/// ports together), and the capacity of the per-port inbound capture counters.
 pub const MAX_PORTS: u32 = 1024;
-/// Capacity of each CIDR set (`-x`, `-i`).
+/// How many CIDRs one configuration's set (`-x`, `-i`) can hold.
 pub const MAX_CIDRS: u32 = 16384;
-/// Capacity of the pod-address set.
+/// How many pod addresses one configuration can hold.
 pub const MAX_LOCAL_ADDRS: u32 = 256;
+
+/// Configurations held at once: the active one and the one an upgrade
+/// writes beside it. The config array has one entry per slot, and every set
+/// map's key starts with its slot, so each set map holds `CONFIG_SLOTS`
+/// times its per-configuration capacity. An upgrade fills the inactive slot
+/// and then switches `RDR_ACTIVE` to it in one 4-byte write: a decision
+/// reads either the whole old configuration or the whole new one, never a
+/// mix (see [`active_slot`]).
+pub const CONFIG_SLOTS: u32 = 2;
+
+/// The slot a value of `RDR_ACTIVE` selects (always below [`CONFIG_SLOTS`]).
+#[inline(always)]
+pub const fn active_slot(active: u32) -> u32 {
+    active & (CONFIG_SLOTS - 1)
+}
+
+/// Key of the port-flags map: the configuration slot, then the port.
+#[inline(always)]
+pub const fn port_key(slot: u32, port: u16) -> u32 {
+    (slot << 16) | port as u32
+}
+
+/// Bits of a CIDR-set key taken by the slot byte before the address.
+pub const CIDR_SLOT_BITS: u32 = 8;
+
+/// Data of a CIDR-set (LPM trie) key: the slot byte, then the address in
+/// network order; the key's prefix length is [`CIDR_SLOT_BITS`] plus the
+/// CIDR's, so a slot's entries never match another slot's lookups.
+#[inline(always)]
+pub const fn cidr_key(slot: u32, ip: u32) -> [u8; 8] {
+    let b = ip.to_ne_bytes();
+    [slot as u8, b[0], b[1], b[2], b[3], 0, 0, 0]
+}
+
+/// Key of the pod-address map: the slot in the high half, the address
+/// (network order) in the low half.
+#[inline(always)]
+pub const fn local_key(slot: u32, ip: u32) -> u64 {
+    ((slot as u64) << 32) | ip as u64
+}
+
+/// How many entries the LRU original-destination map needs so that
+/// `wanted` open connections always keep their records. The kernel's LRU
+/// keeps up to 128 free entries in each possible CPU's local free list
+/// (`LOCAL_FREE_TARGET`), where no other CPU can take them, and starts
+/// evicting once the shared free list runs short: without this headroom an
+/// overflow evicts records of live connections while the map is not full.
+pub const fn lru_entries(wanted: u32, possible_cpus: u32) -> u32 {
+    const LOCAL_FREE_TARGET: u32 = 128;
+    wanted.saturating_add(possible_cpus.saturating_mul(LOCAL_FREE_TARGET))
+}
 
 /// `SOCK_STREAM`, as in `bpf_sock_addr.type`.
 pub const SOCK_STREAM: u32 = 1;
@@ -127,6 +178,11 @@ impl OrigDst {
     pub const APP_CLOSED: usize = 1;
     /// State byte set once the proxy's socket closed.
     pub const PROXY_CLOSED: usize = 2;
+    /// State byte of the record in the app socket's own storage, set once
+    /// the connection is established (its copy is then in the tuple map):
+    /// at close, a socket whose storage lacks it never connected, and one
+    /// that has it but whose tuple record is gone lost it to eviction.
+    pub const ESTABLISHED: usize = 3;
 
     /// A fresh record of `ip:port` (network-order address, host-order port).
     pub const fn new(ip: u32, port: u16) -> Self {
@@ -224,6 +280,11 @@ pub enum Counter {
     /// `getsockopt(SO_ORIGINAL_DST)` on an inbound-captured connection,
     /// answered with its own local address.
     OrigDstInbound = 27,
+    /// An established redirected connection closed and found its record
+    /// gone: the LRU map evicted it (more connections were open than
+    /// `--max-connections`), and SO_ORIGINAL_DST and getpeername() on that
+    /// connection had no answer after the eviction.
+    RecordEvicted = 28,
 }
 
 impl Counter {
@@ -256,6 +317,7 @@ impl Counter {
         Self::InboundNotIncluded,
         Self::ListenerRegistered,
         Self::OrigDstInbound,
+        Self::RecordEvicted,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -289,12 +351,13 @@ impl Counter {
             Self::InboundNotIncluded => "inbound_not_included",
             Self::ListenerRegistered => "listener_registered",
             Self::OrigDstInbound => "orig_dst_inbound",
+            Self::RecordEvicted => "record_evicted",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 28;
+pub const COUNTER_COUNT: u32 = 29;
 
 /// The facts about one `connect()` that the decision depends on.
 #[derive(Clone, Copy, Debug)]
@@ -630,21 +693,43 @@ pub const SOCKADDR_IN_LEN: i32 = 16;
 /// Largest `optlen` the program keeps when it answers: below this, the
 /// buffer it writes is exactly the caller's length (the kernel hands the
 /// program min(caller's length, page size) bytes).
-pub const MAX_KEPT_OPTLEN: i32 = 4096;
+pub const MAX_KEPT_OPTLEN: i32 = SOCKOPT_PAGE;
 
 /// What the getsockopt program does with one `getsockopt()` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SockoptAction {
-    /// Not ours: hand the caller exactly what the kernel produced, by setting
-    /// `optlen` to 0 (the kernel's documented rule, kernels >= 5.8: the
-    /// program's buffer is then ignored). Leaving `optlen` alone instead
-    /// would copy the program's page-sized copy back: an `EFAULT` for
-    /// answers larger than a page before kernel 6.6, and a zeroed buffer over
-    /// the caller's on failing calls.
+    /// Not ours: hand the caller what the kernel, or a program that ran
+    /// before this one, produced (see [`pass_through_optlen`]).
     PassThrough,
     /// `SO_ORIGINAL_DST`: answer it from the record of this connection, if
     /// there is one (else pass through).
     AnswerOriginalDst,
+}
+
+/// The page size the kernel caps a getsockopt program's buffer at (the
+/// smallest Linux page; on larger pages the cap is only reached later).
+pub const SOCKOPT_PAGE: i32 = 4096;
+
+/// What a getsockopt program with nothing to say must store in `optlen`,
+/// `None` meaning "leave `optlen` and `retval` exactly as found".
+///
+/// The kernel's cgroup-sockopt rules (kernel/bpf/cgroup.c): the program's
+/// buffer holds the answer so far, the kernel's own or one a program that
+/// ran earlier on this or a descendant cgroup wrote, and is copied back
+/// unless `optlen` is 0. Left alone it is copied back unchanged, so an
+/// earlier program's answer survives. Only two cases need `optlen = 0`
+/// (the kernel then keeps the caller's buffer as the kernel's getsockopt
+/// left it): an answer longer than the page the program sees (`optlen`
+/// beyond it is an `EFAULT` before kernel 6.5), and a failing call
+/// (`retval` set: the kernel did not copy the caller's buffer in, so
+/// copying the program's zeroed buffer back would overwrite it).
+#[inline(always)]
+pub const fn pass_through_optlen(retval: i32, optlen: i32) -> Option<i32> {
+    if retval != 0 || optlen > SOCKOPT_PAGE {
+        Some(0)
+    } else {
+        None
+    }
 }
 
 /// Classifies a `getsockopt()` call by its level and option.
@@ -769,6 +854,10 @@ pub struct InstanceMeta {
     /// Inode number of the network namespace the inbound hook is attached
     /// to (0: none).
     pub netns_ino: u32,
+    /// The `--max-connections` the instance was installed with (its
+    /// original-destination map is larger: see [`lru_entries`]).
+    pub max_connections: u32,
+    pub _pad: u32,
     /// Absolute path of the cgroup directory, UTF-8.
     pub cgroup_path: [u8; META_PATH_MAX],
 }

@@ -374,6 +374,39 @@ fn only_so_original_dst_is_answered() {
 }
 
 #[test]
+fn a_pass_through_leaves_an_earlier_answer_alone() {
+    // Another program (or the kernel) answered 16 bytes successfully:
+    // leave optlen and retval as found, so that answer reaches the caller.
+    assert_eq!(pass_through_optlen(0, 16), None);
+    assert_eq!(pass_through_optlen(0, SOCKOPT_PAGE), None);
+    // Longer than the program's page: optlen 0 keeps the kernel's answer
+    // (anything else is EFAULT before 6.5).
+    assert_eq!(pass_through_optlen(0, SOCKOPT_PAGE + 1), Some(0));
+    // A failing call: optlen 0 keeps the caller's buffer untouched.
+    assert_eq!(pass_through_optlen(-2, 16), Some(0));
+}
+
+#[test]
+fn slot_keys_never_meet() {
+    let a = ip(10, 0, 0, 1);
+    assert_ne!(port_key(0, 80), port_key(1, 80));
+    assert_eq!(port_key(1, 80) & 0xffff, 80);
+    assert_ne!(local_key(0, a), local_key(1, a));
+    assert_eq!(cidr_key(1, a)[0], 1);
+    assert_eq!(&cidr_key(1, a)[1..5], &[10, 0, 0, 1]);
+    for raw in [0, 1, 2, 3, u32::MAX] {
+        assert!(active_slot(raw) < CONFIG_SLOTS);
+    }
+}
+
+#[test]
+fn the_lru_headroom_covers_every_cpus_local_free_list() {
+    assert_eq!(lru_entries(256, 2), 512);
+    assert_eq!(lru_entries(65536, 4), 65536 + 512);
+    assert_eq!(lru_entries(u32::MAX, 8), u32::MAX, "saturates");
+}
+
+#[test]
 fn answers_keep_the_callers_length_like_conntrack() {
     assert_eq!(
         answer_optlen(128),

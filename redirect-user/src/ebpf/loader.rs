@@ -1,17 +1,24 @@
-//! Installing an instance on a cgroup and removing it: all or nothing.
+//! Installing an instance on a cgroup and removing it: all or nothing,
+//! also when the process is killed half-way.
 //!
-//! An install either leaves the instance fully installed (maps pinned,
-//! config written, every program attached through a pinned bpf_link: the
-//! cgroup hooks on the pod's cgroup, and with inbound capture the
-//! sk_lookup hook on the network namespace the installer runs in) or
-//! leaves the machine as it found it.
+//! A fresh install builds the instance in a hidden directory of its own
+//! (maps pinned, config written and put in force, every program attached
+//! through a pinned bpf_link: the cgroup hooks on the pod's cgroup, and
+//! with inbound capture the sk_lookup hook on the network namespace the
+//! installer runs in) and renames it into place as its last step: the
+//! instance is seen whole or not at all. An uninstall renames it away
+//! first, then detaches and unpins. Installs, uninstalls and gc hold one
+//! lock ([`bpffs::Lock`]); whoever takes it next removes what a killed run
+//! left ([`repair`]).
 //!
 //! Reinstalling an existing instance reuses its pinned maps (so connections
-//! in flight keep their records), writes the new config in place, and swaps
-//! each link's program with `BPF_LINK_UPDATE`: at no moment is the cgroup
-//! without a capture program, so no connection escapes during an upgrade.
-//! If a later step fails, the links get their previous programs back (held
-//! open for exactly that) and the previous config is restored.
+//! in flight keep their records), writes the new configuration and sets into
+//! the slot not in force, swaps each link's program with `BPF_LINK_UPDATE`
+//! (at no moment is the cgroup without a capture program), and then puts
+//! the new slot in force with one write: every decision reads either the
+//! old configuration or the new one, never a mix. If a step fails before
+//! that, the links get their previous programs back (held open for exactly
+//! that) and the old configuration stays in force.
 //!
 //! Programs are attached with bpf_links (`BPF_LINK_CREATE`, no flags):
 //! cgroup links are multi-attach by nature and run alongside any other
@@ -22,6 +29,7 @@ use std::{
     collections::HashSet,
     fs::{self, File},
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -36,8 +44,14 @@ use aya::{
 };
 use redirect_common::{ABI_VERSION, InstanceMeta, META_PATH_MAX, RedirectConfig};
 
-use super::{HOOKS, Hook, Kind, OBJECT, SK_LOOKUP, listener, maps, sys};
-use crate::{bpffs, cgroup::Cgroup, config::Config, privilege};
+use super::{HOOKS, Hook, Kind, OBJECT, SK_LOOKUP, all_hooks, listener, maps, sys};
+use crate::{
+    bpffs::{self, DEL_PREFIX, Lock, NEW_PREFIX},
+    cgroup::Cgroup,
+    config::Config,
+    instance::InstanceName,
+    privilege,
+};
 
 /// What to install where. The calling thread must be in the pod's network
 /// namespace: that is where inbound capture is attached and whose
@@ -45,7 +59,7 @@ use crate::{bpffs, cgroup::Cgroup, config::Config, privilege};
 pub struct Request<'a> {
     pub config: &'a Config,
     pub cgroup: &'a Cgroup,
-    pub instance: &'a str,
+    pub instance: &'a InstanceName,
     /// Which decisions the programs report in `RDR_EVENTS` (see
     /// `redirect_common::LOG_DEBUG`; 0 = none).
     pub log_level: u8,
@@ -77,7 +91,7 @@ impl Installed {
 pub const MIN_KERNEL: (u8, u8) = (5, 8);
 
 /// Checks everything an install needs before anything is changed.
-fn preflight() -> Result<()> {
+fn preflight(req: &Request<'_>) -> Result<()> {
     privilege::check_ebpf()?;
     let (major, minor) = MIN_KERNEL;
     if let Ok(kernel) = KernelVersion::current()
@@ -87,37 +101,42 @@ fn preflight() -> Result<()> {
             "kernel {kernel} is too old for eBPF capture (needs {major}.{minor} or later): use istio-iptables on this node"
         );
     }
+    if req.cgroup.relative.trim_matches('/').is_empty() {
+        bail!(
+            "{} is the root of the cgroup2 hierarchy: capturing it would capture every process on the node; \
+             pass the pod's cgroup (--cgroup PATH, or self-parent from the pod's init container)",
+            req.cgroup.path.display()
+        );
+    }
+    refuse_host_netns(netns_ino()?)?;
     privilege::raise_memlock();
     bpffs::ensure_mounted()
 }
 
-/// Serialises installs and uninstalls on this machine (held until dropped).
-struct Lock(#[allow(dead_code)] File);
-
-fn lock() -> Result<Lock> {
-    let root = bpffs::root();
-    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let dir = File::open(&root).with_context(|| format!("opening {}", root.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("locking the bpffs directory");
-    }
-    Ok(Lock(dir))
-}
-
-/// Whether an instance directory exists.
-pub fn is_installed(instance: &str) -> bool {
-    bpffs::is_mounted() && bpffs::instance_dir(instance).is_dir()
+/// Whether an instance directory exists (a real directory: a link by the
+/// same name is not redirect's, and never followed).
+pub fn is_installed(instance: &InstanceName) -> bool {
+    bpffs::is_mounted()
+        && fs::symlink_metadata(bpffs::instance_dir(instance)).is_ok_and(|m| m.is_dir())
 }
 
 /// Installs (or upgrades in place) an instance. On any error, everything
 /// this call changed is undone before the error is returned.
 pub fn install(req: &Request<'_>) -> Result<Installed> {
-    preflight()?;
+    preflight(req)?;
     let _hold = privilege::HoldSignals::new();
-    let _lock = lock()?;
+    let _lock = Lock::exclusive()?;
+    repair()?;
     let dir = bpffs::instance_dir(req.instance);
-    let upgraded = dir.is_dir();
+    let upgraded = is_installed(req.instance);
+    if !upgraded && fs::symlink_metadata(&dir).is_ok() {
+        bail!(
+            "{} exists but is not an instance directory (a link or a file): it is not redirect's; \
+             remove it by hand or choose another --instance",
+            dir.display()
+        );
+    }
+    check_conflicts(req)?;
     if upgraded {
         check_owner(&dir, req)?;
         maps::check_capacity(&dir, req.config.max_connections)?;
@@ -128,16 +147,31 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
             )
         })?;
     }
+    // A fresh instance is built where nobody looks for it, and renamed
+    // into place once whole.
+    let build_dir = if upgraded {
+        dir.clone()
+    } else {
+        bpffs::staging_dir(NEW_PREFIX, req.instance)
+    };
     let mut undo = Undo {
-        dir: dir.clone(),
+        dir: build_dir.clone(),
         fresh: !upgraded,
-        pins_before: pin_names(&dir),
-        old_config: None,
-        old_sets: None,
+        pins_before: pin_names(&build_dir),
         updated: Vec::new(),
     };
     let mut notes = Vec::new();
-    match install_steps(req, &dir, &mut undo, &mut notes) {
+    let result = install_steps(req, &build_dir, &mut undo, &mut notes).and_then(|ebpf| {
+        if !upgraded {
+            fault_point("before-rename")?;
+            bpffs::rename(
+                &format!("{NEW_PREFIX}{}", req.instance),
+                req.instance.as_str(),
+            )?;
+        }
+        Ok(ebpf)
+    });
+    match result {
         Ok(ebpf) => Ok(Installed {
             ebpf,
             upgraded,
@@ -157,10 +191,29 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
     }
 }
 
+/// Test hook: with `REDIRECT_TEST_FAULT=<point>` (debug builds only) the
+/// install fails at that point, to prove the rollback; with
+/// `REDIRECT_TEST_PAUSE=<point>` it stops there for a second, so that a
+/// test can kill it mid-way.
+fn fault_point(point: &str) -> Result<()> {
+    #[cfg(debug_assertions)]
+    {
+        if std::env::var("REDIRECT_TEST_PAUSE").as_deref() == Ok(point) {
+            eprintln!("redirect: test pause at {point}");
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        if std::env::var("REDIRECT_TEST_FAULT").as_deref() == Ok(point) {
+            bail!("injected fault at {point} (tests only)");
+        }
+    }
+    let _ = point;
+    Ok(())
+}
+
 /// Refuses to take over an instance name that belongs to another cgroup.
 fn check_owner(dir: &Path, req: &Request<'_>) -> Result<()> {
     let Ok(meta) = maps::meta(dir).and_then(|m| Ok(m.get(&0, 0)?)) else {
-        return Ok(()); // left over from an interrupted install: overwrite it
+        return Ok(()); // pins removed by hand: overwrite them
     };
     if meta.cgroup_id != 0 && meta.cgroup_id != req.cgroup.id {
         bail!(
@@ -170,6 +223,77 @@ fn check_owner(dir: &Path, req: &Request<'_>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The cgroup ids of `path` and of each of its ancestors up to the cgroup2
+/// mount it lies under, nearest first.
+fn lineage(path: &Path) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let mut dir = Some(path);
+    while let Some(d) = dir {
+        let Ok(meta) = fs::metadata(d) else { break };
+        if !crate::cgroup::is_cgroup2(d) {
+            break;
+        }
+        ids.push(meta.ino());
+        dir = d.parent();
+    }
+    ids
+}
+
+/// Refuses a cgroup that another instance captures already: the same
+/// cgroup, an ancestor (its programs run for this one too) or a
+/// descendant. Two capture chains on one socket rewrite each other's
+/// connects and answer SO_ORIGINAL_DST from the wrong records.
+fn check_conflicts(req: &Request<'_>) -> Result<()> {
+    // Tests only (debug builds): lets a test stack two instances to show
+    // that each program leaves the other's answers alone.
+    #[cfg(debug_assertions)]
+    if std::env::var_os("REDIRECT_TEST_ALLOW_OVERLAP").is_some() {
+        return Ok(());
+    }
+    let ours = lineage(&req.cgroup.path);
+    for other in bpffs::instances()? {
+        if &other == req.instance {
+            continue;
+        }
+        let Some((id, path)) = instance_cgroup(&bpffs::instance_dir(&other)) else {
+            continue;
+        };
+        let relation = if id == req.cgroup.id {
+            "on the same cgroup"
+        } else if ours.contains(&id) {
+            "on a parent cgroup"
+        } else if lineage(Path::new(&path)).contains(&req.cgroup.id) {
+            "on a child cgroup"
+        } else {
+            continue;
+        };
+        bail!(
+            "instance '{other}' already captures {path}, {relation} of {}: two captures on one socket \
+             corrupt SO_ORIGINAL_DST; upgrade that instance (--instance {other}) or remove it \
+             (`redirect uninstall --instance {other}`)",
+            req.cgroup.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The cgroup (id, path) an installed instance captures: its connect4
+/// link's target while attached, else what its metadata records.
+fn instance_cgroup(dir: &Path) -> Option<(u64, String)> {
+    let meta = maps::meta(dir).and_then(|m| Ok(m.get(&0, 0)?)).ok();
+    let attached = sys::obj_get(&dir.join(super::CONNECT4.pin_name()))
+        .and_then(|fd| sys::link_info(fd.as_fd()))
+        .ok()
+        .map(|info| info.target)
+        .filter(|id| *id != 0);
+    let path = meta.as_ref().map(meta_path).unwrap_or_default();
+    match (attached, meta) {
+        (Some(id), _) => Some((id, path)),
+        (None, Some(meta)) if meta.cgroup_id != 0 => Some((meta.cgroup_id, path)),
+        _ => None,
+    }
 }
 
 fn install_steps(
@@ -185,13 +309,22 @@ fn install_steps(
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_pin_path(maps::SOCK, sock_pin.as_path())
-        .map_max_entries(maps::ORIG_TUPLE, req.config.max_connections)
+        .map_max_entries(
+            maps::ORIG_TUPLE,
+            maps::tuple_map_entries(req.config.max_connections),
+        )
         .load(OBJECT)
         .context("loading the eBPF object (maps)")?;
+    fault_point("after-maps")?;
 
     let netns = File::open(NETNS).with_context(|| format!("opening {NETNS}"))?;
-    let netns_ino = std::os::unix::fs::MetadataExt::ino(&netns.metadata()?);
-    write_config(&mut ebpf, req, undo, netns_ino)?;
+    let netns_ino = netns.metadata()?.ino();
+    let slot = write_config(&mut ebpf, req, dir, undo, netns_ino)?;
+    if undo.fresh {
+        // Nothing runs yet: put the configuration in force before the
+        // programs are attached, so that they capture from their first run.
+        maps::activate(dir, slot)?;
+    }
 
     let cgroup = File::open(&req.cgroup.path)
         .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
@@ -214,6 +347,7 @@ fn install_steps(
         } else {
             let _ = fs::remove_file(&pin); // a defunct link of a removed cgroup
             attach_and_pin(&ebpf, hook, &cgroup, &pin)?;
+            fault_point(&format!("after-attach-{}", hook.name))?;
         }
     }
     // Inbound last: the sockops program that registers listeners runs by now.
@@ -226,7 +360,6 @@ fn install_steps(
             );
         }
         if req.config.inbound.is_some() {
-            refuse_host_netns(netns_ino)?;
             take_over_listener(&mut ebpf, req.config.inbound_port, notes)?;
         }
         load_program(&mut ebpf, SK_LOOKUP)?;
@@ -248,13 +381,11 @@ fn install_steps(
         sys::link_update(link.as_fd(), prog.fd()?.as_fd())
             .with_context(|| format!("replacing the {} program in place", hook.name))?;
         undo.updated.push((pin, before));
-        #[cfg(debug_assertions)]
-        if std::env::var("REDIRECT_TEST_FAULT").as_deref() == Ok("after-first-link-update") {
-            bail!(
-                "injected fault after replacing the {} program (tests only)",
-                hook.name
-            );
-        }
+        fault_point("after-first-link-update")?;
+    }
+    if !undo.fresh {
+        // The one step that changes what the programs decide.
+        maps::activate(dir, slot)?;
     }
     Ok(ebpf)
 }
@@ -262,27 +393,30 @@ fn install_steps(
 /// The calling thread's network namespace: where the inbound hook goes.
 const NETNS: &str = "/proc/thread-self/ns/net";
 
-/// Refuses to capture inbound connections of the node itself: run from
-/// the host's network namespace by mistake (without `--netns`), the
-/// inbound hook would send every connection to the node (ssh included) to
-/// a listener that does not exist there. The host's namespace is known by
-/// its fixed inode number (kernel 6.18 and later), or as PID 1's when this
-/// process sees the host's PID 1.
+fn netns_ino() -> Result<u64> {
+    Ok(fs::metadata(NETNS)
+        .with_context(|| format!("reading {NETNS}"))?
+        .ino())
+}
+
+/// Refuses to capture the node's own network namespace: run there by
+/// mistake (without `--netns`), outbound capture would send the node's
+/// own connections to a proxy that does not exist there, and the inbound
+/// hook every connection to the node (ssh included). The host's namespace
+/// is known by its fixed inode number (kernel 6.18 and later), or as PID
+/// 1's when this process sees the host's PID 1.
 fn refuse_host_netns(netns_ino: u64) -> Result<()> {
     const PROC_NET_INIT_INO: u64 = 0xEFFF_FFF9;
     const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
-    let ino = |path: &str| {
-        fs::metadata(path)
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            .ok()
-    };
+    let ino = |path: &str| fs::metadata(path).map(|m| m.ino()).ok();
     let host = netns_ino == PROC_NET_INIT_INO
         || (ino("/proc/self/ns/pid") == Some(PROC_PID_INIT_INO)
             && ino("/proc/1/ns/net") == Some(netns_ino));
     if host {
         bail!(
-            "inbound capture (-b) would apply to the node's own network namespace: \
-             run redirect in the pod's network namespace (as its init container does) or pass --netns"
+            "this is the node's own network namespace: capturing it would send the node's own \
+             connections to a proxy that is not there; run redirect in the pod's network namespace \
+             (as its init container does) or pass --netns"
         );
     }
     Ok(())
@@ -312,10 +446,16 @@ fn take_over_listener(ebpf: &mut Ebpf, port: u16, notes: &mut Vec<String>) -> Re
     Ok(())
 }
 
-fn write_config(ebpf: &mut Ebpf, req: &Request<'_>, undo: &mut Undo, netns_ino: u64) -> Result<()> {
-    let map = ebpf.map_mut(maps::CONFIG).context("config map missing")?;
-    let mut config: Array<&mut MapData, RedirectConfig> = Array::try_from(map)?;
-    let old = config.get(&0, 0).context("reading the config map")?;
+/// Writes the configuration and its sets into the slot not in force (slot
+/// 0 for a fresh instance) and the instance's metadata; returns the slot.
+fn write_config(
+    ebpf: &mut Ebpf,
+    req: &Request<'_>,
+    dir: &Path,
+    undo: &Undo,
+    netns_ino: u64,
+) -> Result<u32> {
+    let (active, old) = maps::active_config(dir)?;
     if old.abi_version != 0 && old.abi_version != ABI_VERSION {
         bail!(
             "instance '{}' was installed by an incompatible redirect (map layout {}, this one {}): \
@@ -326,19 +466,20 @@ fn write_config(ebpf: &mut Ebpf, req: &Request<'_>, undo: &mut Undo, netns_ino: 
             req.instance
         );
     }
-    if !undo.fresh && old.abi_version != 0 {
-        undo.old_config = Some(old);
-        undo.old_sets = Some(maps::read_sets(&undo.dir)?);
-    }
+    let slot = if undo.fresh || old.abi_version == 0 {
+        active
+    } else {
+        maps::spare_slot(active)
+    };
     req.config
         .check_limits()
         .map_err(|limit| anyhow!("{limit}"))?;
-    maps::write_sets(&undo.dir, &maps::Sets::of(req.config))?;
+    maps::write_sets(dir, slot, &maps::Sets::of(req.config))?;
     let entry = RedirectConfig {
         log_level: req.log_level,
         ..req.config.to_bpf()
     };
-    config.set(0, entry, 0).context("writing the config map")?;
+    maps::write_config(dir, slot, entry)?;
 
     let map = ebpf.map_mut(maps::META).context("meta map missing")?;
     let mut meta: Array<&mut MapData, InstanceMeta> = Array::try_from(map)?;
@@ -355,16 +496,18 @@ fn write_config(ebpf: &mut Ebpf, req: &Request<'_>, undo: &mut Undo, netns_ino: 
         cgroup_path_len: bytes.len() as u32,
         // Where the inbound link is (or stays, inert, after an upgrade
         // that turned inbound capture off).
-        netns_ino: if req.config.inbound.is_some() || undo.dir.join(SK_LOOKUP.pin_name()).exists() {
+        netns_ino: if req.config.inbound.is_some() || dir.join(SK_LOOKUP.pin_name()).exists() {
             netns_ino as u32
         } else {
             0
         },
+        max_connections: req.config.max_connections,
+        _pad: 0,
         cgroup_path: [0; META_PATH_MAX],
     };
     entry.cgroup_path[..bytes.len()].copy_from_slice(bytes);
     meta.set(0, entry, 0).context("writing the meta map")?;
-    Ok(())
+    Ok(slot)
 }
 
 /// Whether the running kernel has `hook`: it loads a program for it
@@ -483,23 +626,47 @@ fn pin_names(dir: &Path) -> HashSet<String> {
         .unwrap_or_default()
 }
 
+/// Every file an instance directory can hold: the pinned maps and links.
+fn pin_files() -> Vec<String> {
+    all_hooks()
+        .map(|hook| hook.pin_name())
+        .chain(maps::LAYOUT.iter().map(|(name, ..)| (*name).to_owned()))
+        .collect()
+}
+
+/// Detaches the links pinned in `dir` (inbound first, then the cgroup
+/// hooks, connect4 first: capture stops before the tracking goes away),
+/// even if some process still holds one open.
+fn detach_all(dir: &Path) {
+    for hook in [SK_LOOKUP].iter().chain(HOOKS.iter().rev()) {
+        if let Ok(link) = sys::obj_get(&dir.join(hook.pin_name())) {
+            let _ = sys::link_detach(link.as_fd());
+        }
+    }
+}
+
+/// Detaches and removes the directory `name` of the instances' directory
+/// (an instance, or a staging directory): only the pins redirect creates.
+fn remove_instance_dir(name: &str) -> Result<()> {
+    detach_all(&bpffs::root().join(name));
+    bpffs::remove_dir(name, &pin_files())
+}
+
 /// What an install changed, so that a failed one can be rolled back.
 struct Undo {
     dir: PathBuf,
-    /// The instance directory did not exist before.
+    /// The instance is built in a staging directory of its own.
     fresh: bool,
     /// Pins that existed before (everything else was created by this install).
     pins_before: HashSet<String>,
-    /// Config entry before this install overwrote it (upgrades only).
-    old_config: Option<RedirectConfig>,
-    /// Set maps before this install overwrote them (upgrades only).
-    old_sets: Option<maps::Sets>,
     /// Links whose program was replaced, with the previous program (open).
     updated: Vec<(PathBuf, OwnedFd)>,
 }
 
 impl Undo {
-    /// Rolls back; returns what could not be undone.
+    /// Rolls back; returns what could not be undone. The configuration in
+    /// force is never changed before the last step, so only programs and
+    /// pins need undoing.
     fn run(self) -> Vec<String> {
         let mut problems = Vec::new();
         for (pin, old_prog) in self.updated.iter().rev() {
@@ -509,76 +676,94 @@ impl Undo {
                 problems.push(format!("restoring {}: {err:#}", pin.display()));
             }
         }
-        if let Some(old) = self.old_config
-            && let Err(err) = maps::config(&self.dir).and_then(|mut m| Ok(m.set(0, old, 0)?))
-        {
-            problems.push(format!("restoring the config: {err:#}"));
-        }
-        if let Some(old) = &self.old_sets
-            && let Err(err) = maps::write_sets(&self.dir, old)
-        {
-            problems.push(format!("restoring the port and address sets: {err:#}"));
-        }
+        let name = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if self.fresh {
-            if let Err(err) = fs::remove_dir_all(&self.dir) {
-                problems.push(format!("removing {}: {err}", self.dir.display()));
+            if self.dir.exists()
+                && let Err(err) = remove_instance_dir(&name)
+            {
+                problems.push(format!("{err:#}"));
             }
             return problems;
         }
-        for name in pin_names(&self.dir) {
-            if !self.pins_before.contains(&name)
-                && let Err(err) = fs::remove_file(self.dir.join(&name))
-            {
-                problems.push(format!("removing the new pin {name}: {err}"));
+        for pin in pin_names(&self.dir) {
+            if self.pins_before.contains(&pin) {
+                continue;
+            }
+            let path = self.dir.join(&pin);
+            if let Ok(link) = sys::obj_get(&path) {
+                let _ = sys::link_detach(link.as_fd());
+            }
+            if let Err(err) = fs::remove_file(&path) {
+                problems.push(format!("removing the new pin {pin}: {err}"));
             }
         }
         problems
     }
 }
 
+/// Removes what installs and uninstalls killed half-way left: their
+/// staging directories, detached and unpinned. Call with the lock held
+/// (nothing else is then building or removing one). Returns the names
+/// removed; one that cannot be removed (someone put files of their own in
+/// it) is reported on stderr and does not stop the caller's own work.
+pub fn repair() -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for name in bpffs::list()?.staging {
+        match remove_instance_dir(&name) {
+            Ok(()) => removed.push(name),
+            Err(err) => eprintln!(
+                "redirect: note: {name}, left by an interrupted install or uninstall, stays: {err:#}"
+            ),
+        }
+    }
+    Ok(removed)
+}
+
 /// Detaches and unpins an instance. Returns `false` when it was not installed.
-pub fn uninstall(instance: &str) -> Result<bool> {
+pub fn uninstall(instance: &InstanceName) -> Result<bool> {
     privilege::check_ebpf()?;
     if !bpffs::is_mounted() {
         return Ok(false);
     }
     let _hold = privilege::HoldSignals::new();
-    let _lock = lock()?;
-    let dir = bpffs::instance_dir(instance);
-    if !dir.is_dir() {
+    let _lock = Lock::exclusive()?;
+    repair()?;
+    uninstall_locked(instance)
+}
+
+fn uninstall_locked(instance: &InstanceName) -> Result<bool> {
+    if !is_installed(instance) {
         return Ok(false);
     }
-    // Inbound, then connect4 first: stop capturing before the tracking goes away.
-    for hook in [SK_LOOKUP].iter().chain(HOOKS.iter().rev()) {
-        let pin = dir.join(hook.pin_name());
-        if let Ok(link) = sys::obj_get(&pin) {
-            // Detach now even if some process still holds the link open.
-            let _ = sys::link_detach(link.as_fd());
-        }
-        match fs::remove_file(&pin) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(err).with_context(|| format!("unpinning {}", pin.display())),
-        }
-    }
-    fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    // Gone from view at once; a kill from here on leaves a staging
+    // directory that the next run removes.
+    let removing = format!("{DEL_PREFIX}{instance}");
+    bpffs::rename(instance.as_str(), &removing)?;
+    fault_point("after-uninstall-rename")?;
+    remove_instance_dir(&removing)?;
     Ok(true)
 }
 
 /// Why an instance is garbage (its pod is gone), or `None` while it is in use.
-fn stale(instance: &str) -> Option<String> {
+fn stale(instance: &InstanceName) -> Option<String> {
     let dir = bpffs::instance_dir(instance);
     let pin = dir.join(super::CONNECT4.pin_name());
     match sys::obj_get(&pin).and_then(|fd| sys::link_info(fd.as_fd())) {
         Ok(info) if info.target != 0 => None,
         Ok(_) => Some("its cgroup was removed (the links are defunct)".to_owned()),
         Err(_) => {
-            // No readable link: an install interrupted before attaching, or
-            // pins removed by hand. Garbage unless its cgroup still exists.
-            let meta = maps::meta(&dir).and_then(|m| Ok(m.get(&0, 0)?)).ok()?;
+            // No readable link: pins removed by hand. Garbage unless its
+            // cgroup still exists.
+            let meta = maps::meta(&dir).and_then(|m| Ok(m.get(&0, 0)?)).ok();
+            let Some(meta) = meta else {
+                return Some("it has neither a link nor metadata".to_owned());
+            };
             let path = meta_path(&meta);
-            let alive = fs::metadata(&path)
-                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.cgroup_id);
+            let alive = fs::metadata(&path).is_ok_and(|m| m.ino() == meta.cgroup_id);
             (!alive).then(|| format!("it has no link and its cgroup {path} is gone"))
         }
     }
@@ -587,22 +772,37 @@ fn stale(instance: &str) -> Option<String> {
 /// Removes (or with `dry_run` only lists) every instance whose pod cgroup
 /// no longer exists: deleting a pod detaches its cgroup programs with the
 /// cgroup, but the pins under /sys/fs/bpf/redirect/ (and an inbound link on
-/// a namespace that outlives the pod) stay until removed. Returns each
-/// instance with the reason.
+/// a namespace that outlives the pod) stay until removed. Also removes
+/// what installs and uninstalls killed half-way left. Returns each with
+/// the reason. Holds the install lock throughout, so it never judges an
+/// instance while an install is writing it.
 pub fn gc(dry_run: bool) -> Result<Vec<(String, String)>> {
     privilege::check_ebpf()?;
     if !bpffs::is_mounted() {
         return Ok(Vec::new());
     }
+    let _hold = privilege::HoldSignals::new();
+    let _lock = Lock::exclusive()?;
     let mut removed = Vec::new();
+    let left = if dry_run {
+        bpffs::list()?.staging
+    } else {
+        repair()?
+    };
+    for name in left {
+        removed.push((
+            name,
+            "left by an interrupted install or uninstall".to_owned(),
+        ));
+    }
     for name in bpffs::instances()? {
         let Some(why) = stale(&name) else {
             continue;
         };
         if !dry_run {
-            uninstall(&name).with_context(|| format!("removing instance {name}"))?;
+            uninstall_locked(&name).with_context(|| format!("removing instance {name}"))?;
         }
-        removed.push((name, why));
+        removed.push((name.to_string(), why));
     }
     Ok(removed)
 }
@@ -614,7 +814,7 @@ pub fn meta_path(meta: &InstanceMeta) -> String {
 }
 
 /// Installed instances whose recorded cgroup is `cgroup`.
-pub fn instances_on(cgroup: &Cgroup) -> Result<Vec<String>> {
+pub fn instances_on(cgroup: &Cgroup) -> Result<Vec<InstanceName>> {
     let mut found = Vec::new();
     for name in bpffs::instances()? {
         let dir = bpffs::instance_dir(&name);

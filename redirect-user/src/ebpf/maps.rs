@@ -8,13 +8,15 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use redirect_common::{
-    ConnTuple, Counter, InstanceMeta, OrigDst, PORT_EXCLUDE, PORT_IN_EXCLUDE, PORT_IN_INCLUDE,
-    PORT_INCLUDE, RedirectConfig,
+    CIDR_SLOT_BITS, CONFIG_SLOTS, ConnTuple, Counter, InstanceMeta, OrigDst, PORT_EXCLUDE,
+    PORT_IN_EXCLUDE, PORT_IN_INCLUDE, PORT_INCLUDE, RedirectConfig, active_slot, cidr_key,
+    local_key, lru_entries, port_key,
 };
 
 use crate::config::{Config, Ipv4Cidr};
 
 pub const CONFIG: &str = "RDR_CONFIG";
+pub const ACTIVE: &str = "RDR_ACTIVE";
 pub const STATS: &str = "RDR_STATS";
 pub const SOCK: &str = "RDR_SOCK";
 pub const ORIG_TUPLE: &str = "RDR_ORIG_TUPLE";
@@ -28,8 +30,9 @@ pub const IN_HITS: &str = "RDR_IN_HITS";
 
 /// Every pinned map with the type, key size and value size this build of
 /// the programs expects.
-const LAYOUT: [(&str, MapType, usize, usize); 11] = [
+pub const LAYOUT: [(&str, MapType, usize, usize); 12] = [
     (CONFIG, MapType::Array, 4, size_of::<RedirectConfig>()),
+    (ACTIVE, MapType::Array, 4, 4),
     (STATS, MapType::PerCpuArray, 4, size_of::<u64>()),
     (SOCK, MapType::SkStorage, 4, size_of::<OrigDst>()),
     (
@@ -39,10 +42,10 @@ const LAYOUT: [(&str, MapType, usize, usize); 11] = [
         size_of::<OrigDst>(),
     ),
     (META, MapType::Array, 4, size_of::<InstanceMeta>()),
-    (PORTS, MapType::Hash, 2, 1),
-    (EXCLUDE, MapType::LpmTrie, 8, 1),
-    (INCLUDE, MapType::LpmTrie, 8, 1),
-    (LOCAL, MapType::Hash, 4, 1),
+    (PORTS, MapType::Hash, 4, 1),
+    (EXCLUDE, MapType::LpmTrie, 12, 1),
+    (INCLUDE, MapType::LpmTrie, 12, 1),
+    (LOCAL, MapType::Hash, 8, 1),
     (LISTENER, MapType::SockMap, 4, 4),
     (IN_HITS, MapType::Hash, 2, 8),
 ];
@@ -74,20 +77,30 @@ pub fn check_layout(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Size of the original-destination map that holds `wanted` connections
+/// on this machine (see [`lru_entries`]); the kernel rounds an LRU map's
+/// size up to a multiple of the possible CPUs.
+pub fn tuple_map_entries(wanted: u32) -> u32 {
+    let cpus = aya::util::nr_cpus().map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX));
+    let entries = lru_entries(wanted, cpus);
+    entries.div_ceil(cpus).saturating_mul(cpus)
+}
+
 /// Refuses an upgrade that asks for another `--max-connections` than the
-/// pinned maps have: their size is fixed when they are created.
+/// pinned maps hold: their size is fixed when they are created.
 pub fn check_capacity(dir: &Path, wanted: u32) -> Result<()> {
     let path = dir.join(ORIG_TUPLE);
     if !path.exists() {
         return Ok(());
     }
-    let pinned = open(dir, ORIG_TUPLE)?.info()?.max_entries();
-    if pinned != wanted {
+    let entries = open(dir, ORIG_TUPLE)?.info()?.max_entries();
+    let recorded = meta(dir)?.get(&0, 0)?.max_connections;
+    if entries != tuple_map_entries(wanted) || recorded != wanted {
         let instance = dir
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         bail!(
-            "instance '{instance}' holds {pinned} connections and --max-connections asks for {wanted}: \
+            "instance '{instance}' holds {recorded} connections and --max-connections asks for {wanted}: \
              the size is fixed at the first install; run `redirect uninstall --instance {instance}` first to change it"
         );
     }
@@ -101,6 +114,45 @@ fn open(dir: &Path, name: &str) -> Result<MapData> {
 
 pub fn config(dir: &Path) -> Result<Array<MapData, RedirectConfig>> {
     Ok(Array::try_from(Map::Array(open(dir, CONFIG)?))?)
+}
+
+fn active(dir: &Path) -> Result<Array<MapData, u32>> {
+    Ok(Array::try_from(Map::Array(open(dir, ACTIVE)?))?)
+}
+
+/// The configuration slot in force.
+pub fn active_slot_of(dir: &Path) -> Result<u32> {
+    let raw = active(dir)?.get(&0, 0).context("reading the active slot")?;
+    Ok(active_slot(raw))
+}
+
+/// The slot in force and its configuration (`abi_version` 0: none written).
+pub fn active_config(dir: &Path) -> Result<(u32, RedirectConfig)> {
+    let slot = active_slot_of(dir)?;
+    let config = config(dir)?
+        .get(&slot, 0)
+        .context("reading the config map")?;
+    Ok((slot, config))
+}
+
+/// The slot an upgrade writes: the one not in force.
+pub fn spare_slot(active: u32) -> u32 {
+    (active + 1) % CONFIG_SLOTS
+}
+
+/// Writes `config` into `slot` (not yet in force).
+pub fn write_config(dir: &Path, slot: u32, config: RedirectConfig) -> Result<()> {
+    self::config(dir)?
+        .set(slot, config, 0)
+        .context("writing the config map")
+}
+
+/// Puts `slot` in force: one 4-byte array write, so every decision after it
+/// reads the new configuration and sets, and none reads a mix.
+pub fn activate(dir: &Path, slot: u32) -> Result<()> {
+    active(dir)?
+        .set(0, slot, 0)
+        .context("switching the active configuration")
 }
 
 pub fn meta(dir: &Path) -> Result<Array<MapData, InstanceMeta>> {
@@ -290,74 +342,100 @@ fn hash<K: aya::Pod>(dir: &Path, name: &str) -> Result<HashMap<MapData, K, u8>> 
     Ok(HashMap::try_from(Map::HashMap(open(dir, name)?))?)
 }
 
-fn trie(dir: &Path, name: &str) -> Result<LpmTrie<MapData, u32, u8>> {
+fn trie(dir: &Path, name: &str) -> Result<LpmTrie<MapData, [u8; 8], u8>> {
     Ok(LpmTrie::try_from(Map::LpmTrie(open(dir, name)?))?)
 }
 
-/// Reads the set maps of the instance pinned in `dir`.
-pub fn read_sets(dir: &Path) -> Result<Sets> {
-    let ports = hash::<u16>(dir, PORTS)?;
-    let ports = ports
-        .iter()
-        .collect::<Result<Vec<_>, _>>()
-        .context("reading the port map")?;
-    let cidrs = |name: &str| -> Result<Vec<(u32, u32)>> {
-        let keys = trie(dir, name)?
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("reading {name}"))?;
-        Ok(keys.iter().map(|k| (k.prefix_len(), k.data())).collect())
-    };
-    let local = hash::<u32>(dir, LOCAL)?
+/// A CIDR-set key of `slot` for (prefix length, network-order network).
+fn cidr(slot: u32, (prefix, net): (u32, u32)) -> Key<[u8; 8]> {
+    Key::new(CIDR_SLOT_BITS + prefix, cidr_key(slot, net))
+}
+
+/// Every key of `slot` in a CIDR set, decoded.
+fn slot_cidrs(dir: &Path, name: &str, slot: u32) -> Result<Vec<(u32, u32)>> {
+    let keys = trie(dir, name)?
         .keys()
         .collect::<Result<Vec<_>, _>>()
-        .context("reading the pod-address map")?;
+        .with_context(|| format!("reading {name}"))?;
+    Ok(keys
+        .iter()
+        .filter(|k| u32::from(k.data()[0]) == slot && k.prefix_len() >= CIDR_SLOT_BITS)
+        .map(|k| {
+            let d = k.data();
+            (
+                k.prefix_len() - CIDR_SLOT_BITS,
+                u32::from_ne_bytes([d[1], d[2], d[3], d[4]]),
+            )
+        })
+        .collect())
+}
+
+/// Reads the set maps of `slot` of the instance pinned in `dir`.
+pub fn read_sets(dir: &Path, slot: u32) -> Result<Sets> {
+    let ports = hash::<u32>(dir, PORTS)?
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the port map")?
+        .into_iter()
+        .filter(|(key, _)| key >> 16 == slot)
+        .map(|(key, flags)| ((key & 0xffff) as u16, flags))
+        .collect();
+    let local = hash::<u64>(dir, LOCAL)?
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the pod-address map")?
+        .into_iter()
+        .filter(|key| key >> 32 == u64::from(slot))
+        .map(|key| key as u32)
+        .collect();
     Ok(Sets {
         ports,
-        exclude: cidrs(EXCLUDE)?,
-        include: cidrs(INCLUDE)?,
+        exclude: slot_cidrs(dir, EXCLUDE, slot)?,
+        include: slot_cidrs(dir, INCLUDE, slot)?,
         local,
     })
 }
 
-/// Makes the set maps of `dir` hold exactly `sets`: adds the new entries
-/// first, then removes the stale ones, so that an entry in both the old
-/// and the new contents is never missing.
-pub fn write_sets(dir: &Path, sets: &Sets) -> Result<()> {
-    let old = read_sets(dir)?;
-    let mut ports = hash::<u16>(dir, PORTS)?;
+/// Makes `slot` of the set maps of `dir` hold exactly `sets`. The slot is
+/// not in force while this runs (see [`activate`]), so the order of the
+/// writes does not matter to the programs.
+pub fn write_sets(dir: &Path, slot: u32, sets: &Sets) -> Result<()> {
+    let old = read_sets(dir, slot)?;
+    let mut ports = hash::<u32>(dir, PORTS)?;
+    for (port, _) in &old.ports {
+        ports
+            .remove(&port_key(slot, *port))
+            .context("removing a port")?;
+    }
     for (port, flags) in &sets.ports {
         ports
-            .insert(port, flags, 0)
+            .insert(port_key(slot, *port), flags, 0)
             .with_context(|| format!("writing port {port}"))?;
-    }
-    for (port, _) in &old.ports {
-        if !sets.ports.iter().any(|(p, _)| p == port) {
-            ports.remove(port).context("removing a port")?;
-        }
     }
     for (name, new, old) in [
         (EXCLUDE, &sets.exclude, &old.exclude),
         (INCLUDE, &sets.include, &old.include),
     ] {
         let mut map = trie(dir, name)?;
-        for (prefix, net) in new {
-            map.insert(&Key::new(*prefix, *net), 1, 0)
-                .with_context(|| format!("writing {name}"))?;
-        }
-        for (prefix, net) in old.iter().filter(|k| !new.contains(k)) {
-            map.remove(&Key::new(*prefix, *net))
+        for key in old {
+            map.remove(&cidr(slot, *key))
                 .with_context(|| format!("removing from {name}"))?;
         }
+        for key in new {
+            map.insert(&cidr(slot, *key), 1, 0)
+                .with_context(|| format!("writing {name}"))?;
+        }
     }
-    let mut local = hash::<u32>(dir, LOCAL)?;
+    let mut local = hash::<u64>(dir, LOCAL)?;
+    for addr in &old.local {
+        local
+            .remove(&local_key(slot, *addr))
+            .context("removing a pod address")?;
+    }
     for addr in &sets.local {
         local
-            .insert(addr, 1, 0)
+            .insert(local_key(slot, *addr), 1, 0)
             .context("writing the pod-address map")?;
-    }
-    for addr in old.local.iter().filter(|a| !sets.local.contains(a)) {
-        local.remove(addr).context("removing a pod address")?;
     }
     Ok(())
 }

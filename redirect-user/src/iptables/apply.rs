@@ -569,4 +569,24 @@ mod tests {
         // Without the plan (no scratch namespace), only Istio's own part goes.
         assert!(!Canonical::removal(&now, None).contains("eth9"));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// No `iptables-save` output, however odd, panics the comparison
+        /// or the removal document built from it.
+        #[test]
+        fn any_save_output_parses(
+            dump in concat!(
+                "((\\*[a-z]{0,6}|:[A-Z_]{0,12} [-A-Z]{0,6}|-A [A-Z_]{0,12}( -j [A-Z_]{0,12})?",
+                "|-A|COMMIT)\n){0,12}|\\PC{0,60}",
+            ),
+        ) {
+            let now = Canonical::parse(&dump);
+            let plan = Canonical::added(&Canonical::parse(PLAN), &now);
+            let _ = plan.in_place(&now);
+            let _ = Canonical::removal(&now, Some(&plan));
+            let _ = Canonical::removal(&now, None);
+        }
+    }
 }
