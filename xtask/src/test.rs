@@ -81,7 +81,12 @@ pub fn leftovers() -> Vec<String> {
     if let Ok(entries) = fs::read_dir("/sys/fs/bpf/redirect") {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("sbx-") {
+            // An instance, or the staging directory (`@new-`, `@del-`) of one.
+            let base = ["@new-", "@del-"]
+                .iter()
+                .find_map(|prefix| name.strip_prefix(prefix))
+                .unwrap_or(&name);
+            if base.starts_with("sbx-") {
                 found.push(format!("pin directory /sys/fs/bpf/redirect/{name}"));
             }
         }
