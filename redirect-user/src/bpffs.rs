@@ -260,9 +260,13 @@ impl Lock {
     }
 
     /// Takes the lock for reading instances (no install or uninstall runs
-    /// while it is held, so every directory is seen whole).
-    pub fn shared() -> Result<Self> {
-        Self::take(libc::LOCK_SH)
+    /// while it is held, so every directory is seen whole); `None` when
+    /// nothing was ever installed (reading creates nothing).
+    pub fn shared() -> Result<Option<Self>> {
+        if !root().exists() {
+            return Ok(None);
+        }
+        Self::take(libc::LOCK_SH).map(Some)
     }
 
     fn take(how: libc::c_int) -> Result<Self> {

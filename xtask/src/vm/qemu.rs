@@ -64,6 +64,9 @@ impl Accel {
     }
 }
 
+/// What QEMU prints when KVM fails to run the guest.
+const KVM_FAILURE: &str = "KVM internal error";
+
 /// Boots with `accel`; when KVM fails before the guest's `/init` printed
 /// anything (a host whose KVM is present but broken), boots again with
 /// TCG and downgrades `accel` for the following kernels.
@@ -77,7 +80,7 @@ pub fn boot_with_fallback(
     let boot = boot(*accel, vmlinuz, initramfs, timeout, log)?;
     if *accel == Accel::Kvm
         && boot.ending == Ending::Stopped
-        && !boot.console.contains("VMTEST kernel")
+        && (!boot.console.contains("VMTEST kernel") || boot.console.contains(KVM_FAILURE))
     {
         eprintln!("xtask: KVM does not work here; using software emulation (TCG)");
         *accel = Accel::Tcg;
@@ -151,6 +154,14 @@ fn boot(
                 let _ = writeln!(log, "{line}");
                 if line.contains("Kernel panic") {
                     ending = Ending::Panic;
+                }
+                // A host whose KVM cannot emulate an instruction the guest
+                // runs: the guest stops dead and would sit out the timeout.
+                if line.contains(KVM_FAILURE) {
+                    let _ = writeln!(log, "{line}");
+                    console.push_str(&line);
+                    console.push('\n');
+                    break;
                 }
                 if line.trim() == DONE && ending != Ending::Panic {
                     ending = Ending::Completed;
