@@ -69,10 +69,10 @@ fn owner_names_resolvable(env: &[(String, String)]) -> bool {
 
 fn every_golden_configuration_applies_and_cleans_up(backend: &str) {
     let Some(cases) = conformance::cases() else {
-        eprintln!(
-            "skipped: no Istio conformance data at {}",
+        redirect_sandbox::skip_or_fail(&format!(
+            "no Istio conformance data at {}",
             conformance::dir().display()
-        );
+        ));
         return;
     };
     let sandbox = Sandbox::for_tests().expect("sandbox");

@@ -2,7 +2,7 @@
 //! `redirect istio-iptables --dry-run` with the case's flags, environment,
 //! IPv6 setting and resolv.conf prints exactly the golden's restore
 //! documents. Without the data (`../shared/conformance/istio/`) the test
-//! says so and skips.
+//! says so and skips, and fails under `CI=true`.
 
 use std::{fs, process::Command};
 
@@ -22,10 +22,12 @@ fn expected(golden: &str) -> String {
 #[test]
 fn dry_run_matches_every_istio_golden_file() {
     let Some(cases) = conformance::cases() else {
-        eprintln!(
-            "skipped: no Istio conformance data at {}",
+        // Under CI=true missing data is a failure, as for every other test
+        // that cannot run.
+        redirect_sandbox::skip_or_fail(&format!(
+            "no Istio conformance data at {}",
             conformance::dir().display()
-        );
+        ));
         return;
     };
     let scratch = std::env::temp_dir().join(format!("redirect-conformance-{}", std::process::id()));

@@ -66,6 +66,8 @@ impl Accel {
 
 /// What QEMU prints when KVM fails to run the guest.
 const KVM_FAILURE: &str = "KVM internal error";
+/// How long a KVM guest may take to reach its /init (it takes seconds).
+const KVM_BOOT_LIMIT: Duration = Duration::from_secs(60);
 
 /// Boots with `accel`; when KVM fails before the guest's `/init` printed
 /// anything (a host whose KVM is present but broken), boots again with
@@ -146,6 +148,14 @@ fn boot(
         let now = Instant::now();
         if now >= deadline {
             ending = Ending::Timeout;
+            break;
+        }
+        // A broken KVM may also hang the guest without a word: a guest
+        // whose /init has not spoken within a minute is not booting.
+        if accel == Accel::Kvm
+            && now.duration_since(start) > KVM_BOOT_LIMIT
+            && !console.contains("VMTEST kernel")
+        {
             break;
         }
         match rx.recv_timeout((deadline - now).min(Duration::from_secs(1))) {
