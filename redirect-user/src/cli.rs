@@ -1,5 +1,6 @@
-//! The command line, parsed with clap into raw arguments, then resolved
-//! into a validated [`Config`] and target before anything else sees them.
+//! redirect's own command line (clap), whose capture flags go through the
+//! typed parsers of [`crate::capture::parse`] into a
+//! [`crate::capture::Capture`].
 
 use std::{
     ffi::{OsStr, OsString},
@@ -8,7 +9,10 @@ use std::{
 
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum, error::ErrorKind};
 
-use crate::config::{self, Config};
+use crate::{
+    capture::{Capture, Cidrs, Dns, Given, InboundPorts, OwnerGroups, PortList, parse},
+    host::{RealHost, resolve_owner},
+};
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +75,7 @@ pub enum Command {
         dry_run: bool,
     },
     /// Show the capture working in a throw-away pod (network namespace + cgroup)
+    #[cfg(feature = "sandbox")]
     Demo,
     /// Show which kernel features eBPF capture needs, whether this node has
     /// each (tested by loading, not by version), and the mode that follows
@@ -91,6 +96,7 @@ pub enum Command {
     )]
     IstioIptables(Box<crate::istio::IstioArgs>),
     /// Internal: the sandbox agent used by `demo` and the tests
+    #[cfg(feature = "sandbox")]
     #[command(hide = true)]
     SandboxAgent {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -121,7 +127,7 @@ impl TargetArgs {
     /// hook are those of the namespace this thread is in.
     pub fn enter_netns(&self) -> anyhow::Result<()> {
         match &self.netns {
-            Some(path) => crate::iptables::apply::enter_netns(path),
+            Some(path) => crate::netns::enter(path),
             None => Ok(()),
         }
     }
@@ -130,8 +136,8 @@ impl TargetArgs {
 #[derive(Args)]
 pub struct CaptureArgs {
     /// Port the proxy listens on for captured outbound connections (Istio -p)
-    #[arg(short = 'p', long, value_name = "PORT", default_value = "15001", value_parser = config::parse_port)]
-    pub proxy_port: u16,
+    #[arg(short = 'p', long, value_name = "PORT", default_value = "15001", value_parser = |s: &str| parse::port("-p", s))]
+    pub proxy_port: Given<u16>,
 
     /// The proxy's UIDs, comma-separated, at most 8: their connections are
     /// never captured (Istio -u)
@@ -145,100 +151,75 @@ pub struct CaptureArgs {
 
     /// Port of the proxy's inbound listener: the proxy's own calls to its
     /// pod (other than to the loopback CIDR) are sent there (Istio -z)
-    #[arg(short = 'z', long = "inbound-capture-port", value_name = "PORT", default_value = "15006", value_parser = config::parse_port)]
-    pub inbound_port: u16,
+    #[arg(short = 'z', long = "inbound-capture-port", value_name = "PORT", default_value = "15006", value_parser = |s: &str| parse::port("-z", s))]
+    pub inbound_port: Given<u16>,
 
     /// Inbound tunnel port: the proxy's calls to it are never sent to the
     /// inbound port (Istio -e)
-    #[arg(short = 'e', long = "inbound-tunnel-port", value_name = "PORT", default_value = "15008", value_parser = config::parse_port)]
-    pub tunnel_port: u16,
+    #[arg(short = 'e', long = "inbound-tunnel-port", value_name = "PORT", default_value = "15008", value_parser = |s: &str| parse::port("-e", s))]
+    pub tunnel_port: Given<u16>,
 
-    /// Destinations captured: '*' (all) or comma-separated IPv4 CIDRs; empty
+    /// Destinations captured: '*' (all) or comma-separated CIDRs; empty
     /// captures none but the -q ports (Istio -i)
-    #[arg(short = 'i', long = "istio-service-cidr", value_name = "*|CIDR[,CIDR...]", default_value = "*", value_parser = parse_include)]
-    pub include: Include,
+    #[arg(short = 'i', long = "istio-service-cidr", value_name = "*|CIDR[,CIDR...]", default_value = "*", value_parser = |s: &str| parse::cidrs("-i", s))]
+    pub include: Cidrs,
 
-    /// Destinations never captured: comma-separated IPv4 CIDRs (Istio -x)
-    #[arg(short = 'x', long = "istio-service-exclude-cidr", value_name = "CIDR[,CIDR...]", default_value = "", value_parser = parse_exclude)]
-    pub exclude: CidrList,
+    /// Destinations never captured: comma-separated CIDRs (Istio -x)
+    #[arg(short = 'x', long = "istio-service-exclude-cidr", value_name = "CIDR[,CIDR...]", default_value = "", value_parser = parse::exclude_cidrs)]
+    pub exclude: Cidrs,
 
     /// Destination ports always captured (Istio -q)
-    #[arg(short = 'q', long = "istio-outbound-ports", value_name = "PORT[,PORT...]", default_value = "", value_parser = parse_ports)]
+    #[arg(short = 'q', long = "istio-outbound-ports", value_name = "PORT[,PORT...]", default_value = "", value_parser = |s: &str| parse::port_list("-q", s))]
     pub ports_include: PortList,
 
     /// Destination ports never captured (Istio -o)
-    #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", value_name = "PORT[,PORT...]", default_value = "", value_parser = parse_ports)]
+    #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", value_name = "PORT[,PORT...]", default_value = "", value_parser = |s: &str| parse::port_list("-o", s))]
     pub ports_exclude: PortList,
 
     /// Only these groups' connections are captured: '*' (every group), or
     /// group names or GIDs, at most 8 (Istio's ISTIO_OUTBOUND_OWNER_GROUPS)
     #[arg(long, env = "ISTIO_OUTBOUND_OWNER_GROUPS", value_name = "*|GROUP[,GROUP...]", default_value = "*", value_parser = parse_owner_groups)]
-    pub owner_groups: OwnerGroupIds,
+    pub owner_groups: GroupList,
 
     /// These groups' connections are never captured; used when
     /// --owner-groups is '*' (Istio's ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)
     #[arg(long, env = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", value_name = "GROUP[,GROUP...]", default_value = "", value_parser = parse_groups)]
-    pub owner_groups_exclude: IdList,
+    pub owner_groups_exclude: GroupList,
 
     /// Inbound ports captured: '*' (every port but the -d ones), ports,
     /// or empty for no inbound capture (Istio -b)
-    #[arg(short = 'b', long = "istio-inbound-ports", value_name = "*|PORT[,PORT...]", default_value = "", value_parser = parse_inbound_ports)]
+    #[arg(short = 'b', long = "istio-inbound-ports", value_name = "*|PORT[,PORT...]", default_value = "", value_parser = parse::inbound_ports)]
     pub inbound_ports: InboundPorts,
 
     /// Inbound ports never captured, with -b '*' (Istio -d)
-    #[arg(short = 'd', long = "istio-local-exclude-ports", value_name = "PORT[,PORT...]", default_value = "", value_parser = parse_ports)]
+    #[arg(short = 'd', long = "istio-local-exclude-ports", value_name = "PORT[,PORT...]", default_value = "", value_parser = |s: &str| parse::port_list("-d", s))]
     pub inbound_exclude: PortList,
 
     /// How many redirected connections can be open at once (sizes the
     /// original-destination map: about 100 bytes each)
-    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = config::parse_max_connections)]
+    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = parse::max_connections)]
     pub max_connections: u32,
 
     /// REDIRECT or TPROXY (Istio -m): eBPF serves both the same way, the
     /// connection keeping its destination; TPROXY has no -e exception
-    #[arg(short = 'm', long = "istio-inbound-interception-mode", value_name = "REDIRECT|TPROXY", default_value = "REDIRECT", action = clap::ArgAction::Set, value_parser = config::parse_interception_mode)]
+    #[arg(short = 'm', long = "istio-inbound-interception-mode", value_name = "REDIRECT|TPROXY", default_value = "REDIRECT", action = clap::ArgAction::Set, value_parser = parse::interception_mode)]
     pub tproxy: bool,
 
     #[command(flatten)]
     pub not_yet: NotYetArgs,
 }
 
-/// `-b`: no inbound capture (empty), every port (`*`), or these ports.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum InboundPorts {
-    Off,
-    All,
-    Only(Vec<u16>),
-}
-
-fn parse_inbound_ports(s: &str) -> Result<InboundPorts, String> {
-    match s.trim() {
-        "" => Ok(InboundPorts::Off),
-        "*" => Ok(InboundPorts::All),
-        list => parse_ports(list).map(|p| InboundPorts::Only(p.0)),
-    }
-}
-
 /// istio-iptables flags that eBPF capture cannot honour yet. They are
 /// accepted by name so that a copied istio-iptables command line gets a
-/// refusal that names the flag and the way out, not a parse error.
+/// refusal that names the flag and the way out (from the eBPF lowering),
+/// not a parse error.
 #[derive(Args)]
 pub struct NotYetArgs {
-    /// TPROXY's mark and routing table: eBPF needs neither; accepted and unused.
-    #[arg(
-        short = 't',
-        long = "inbound-tproxy-mark",
-        hide = true,
-        default_value = "1337"
-    )]
-    _tproxy_mark: String,
-    #[arg(
-        short = 'r',
-        long = "inbound-tproxy-route-table",
-        hide = true,
-        default_value = "133"
-    )]
-    _tproxy_route_table: String,
+    /// TPROXY's mark and routing table.
+    #[arg(short = 't', long = "inbound-tproxy-mark", hide = true, default_value = "1337", value_parser = |s: &str| parse::number("-t", s))]
+    tproxy_mark: Given<u32>,
+    #[arg(short = 'r', long = "inbound-tproxy-route-table", hide = true, default_value = "133", value_parser = |s: &str| parse::number("-r", s))]
+    tproxy_route_table: Given<u32>,
     #[arg(
         short = 'c',
         long = "istio-exclude-interfaces",
@@ -253,81 +234,50 @@ pub struct NotYetArgs {
         default_value = ""
     )]
     kube_virt_interfaces: String,
-    #[arg(long = "redirect-dns", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = crate::istio::go_bool)]
+    #[arg(long = "redirect-dns", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse::go_bool)]
     redirect_dns: Option<bool>,
-    #[arg(long = "drop-invalid", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = crate::istio::go_bool)]
+    #[arg(long = "drop-invalid", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse::go_bool)]
     drop_invalid: Option<bool>,
-    #[arg(long = "dual-stack", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = crate::istio::go_bool)]
+    #[arg(long = "dual-stack", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse::go_bool)]
     dual_stack: Option<bool>,
 }
 
-impl NotYetArgs {
-    /// The first flag given that eBPF capture cannot honour, as a refusal.
-    pub fn check(&self) -> Result<(), String> {
-        let not_yet = config::NotYet {
-            exclude_interfaces: !self.exclude_interfaces.is_empty(),
-            kube_virt_interfaces: !self.kube_virt_interfaces.is_empty(),
-            redirect_dns: self.redirect_dns == Some(true),
-            drop_invalid: self.drop_invalid == Some(true),
-            ipv6: self.dual_stack == Some(true),
-        };
-        match not_yet.flags().first() {
-            Some(flag) => Err(format!(
-                "eBPF capture cannot honour {flag} yet: run `redirect istio-iptables` with the same flags (its auto mode programs iptables for them)"
-            )),
-            None => Ok(()),
-        }
-    }
-}
-
 impl CaptureArgs {
-    /// The config as given on the command line (ids as this process sees them).
-    pub fn to_config(&self) -> Config {
-        Config {
-            proxy_port: self.proxy_port,
+    /// The capture these flags ask for, with a sidecar's defaults (`-i
+    /// '*'`), for the pod whose addresses are `pod_addresses`.
+    pub fn resolve(&self, pod_addresses: Vec<std::net::Ipv4Addr>, log_level: u8) -> Capture {
+        let not_yet = &self.not_yet;
+        Capture {
+            proxy_port: self.proxy_port.clone(),
+            inbound_port: self.inbound_port.clone(),
+            tunnel_port: self.tunnel_port.clone(),
             proxy_uids: self.proxy_uid.0.clone(),
             proxy_gids: self.proxy_gid.0.clone(),
-            inbound_port: self.inbound_port,
-            tunnel_port: self.tunnel_port,
-            include_all: self.include.all,
-            include: self.include.cidrs.clone(),
-            include_loopback: self.include.has_loopback,
-            exclude: self.exclude.0.clone(),
-            ports_include: self.ports_include.0.clone(),
-            ports_exclude: self.ports_exclude.0.clone(),
-            groups_only: self.owner_groups.0.is_some(),
-            owner_groups: self
-                .owner_groups
-                .0
-                .clone()
-                .unwrap_or_else(|| self.owner_groups_exclude.0.clone()),
-            inbound: match &self.inbound_ports {
-                InboundPorts::Off => None,
-                ports => Some(config::Inbound {
-                    all: *ports == InboundPorts::All,
-                    ports: match ports {
-                        InboundPorts::Only(list) => list.clone(),
-                        _ => Vec::new(),
-                    },
-                    exclude: self.inbound_exclude.0.clone(),
-                    tproxy: self.tproxy,
-                }),
+            tproxy: self.tproxy,
+            tproxy_mark: not_yet.tproxy_mark.clone(),
+            tproxy_route_table: not_yet.tproxy_route_table.clone(),
+            inbound: self.inbound_ports.clone(),
+            inbound_exclude: self.inbound_exclude.clone(),
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            outbound_ports: self.ports_include.clone(),
+            outbound_exclude: self.ports_exclude.clone(),
+            exclude_interfaces: parse::split(&not_yet.exclude_interfaces),
+            kube_virt_interfaces: parse::split(&not_yet.kube_virt_interfaces),
+            dns: (not_yet.redirect_dns == Some(true)).then(Dns::default),
+            drop_invalid: not_yet.drop_invalid == Some(true),
+            ipv6: not_yet.dual_stack == Some(true),
+            owner_groups: match &self.owner_groups.0 {
+                None => {
+                    OwnerGroups::Except(self.owner_groups_exclude.0.clone().unwrap_or_default())
+                }
+                Some(only) => OwnerGroups::Only(only.clone()),
             },
+            loopback: parse::default_loopback(),
+            pod_addresses,
             max_connections: self.max_connections,
-            ..Config::default()
+            log_level,
         }
-    }
-
-    /// The config the kernel programs get: proxy ids translated into the
-    /// initial user namespace (see [`crate::userns`]), and the pod's
-    /// addresses: those of the network namespace this thread is in (see
-    /// [`TargetArgs::enter_netns`]).
-    pub fn to_kernel_config(&self) -> anyhow::Result<Config> {
-        self.not_yet.check().map_err(anyhow::Error::msg)?;
-        crate::userns::check_readable()?;
-        let mut config = crate::userns::config_to_host(&self.to_config())?;
-        config.local_addrs = config::pod_addresses()?;
-        Ok(config)
     }
 }
 
@@ -375,119 +325,75 @@ pub struct RunArgs {
     pub persist: bool,
 }
 
+/// What `redirect run --log` prints of the programs' decisions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogLevel {
+    /// Nothing (one branch per connect).
     Off,
-    Error,
-    Warn,
-    Info,
+    /// Every redirect.
     Debug,
+    /// Every decision.
     Trace,
 }
 
 impl LogLevel {
     /// The config's `log_level` for this level (`redirect_common::LOG_*`).
     pub fn ebpf_level(self) -> u8 {
-        self as u8
+        match self {
+            Self::Off => 0,
+            Self::Debug => redirect_common::LOG_DEBUG,
+            Self::Trace => redirect_common::LOG_TRACE,
+        }
     }
 }
 
-/// `-i`: every destination, or these networks.
+/// `--owner-groups` (`None` for '*', every group) or
+/// `--owner-groups-exclude`: group names or GIDs, as given.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Include {
-    pub all: bool,
-    pub cidrs: Vec<config::Ipv4Cidr>,
-    /// A listed network is a loopback one (Istio then keeps local traffic).
-    pub has_loopback: bool,
-}
+pub struct GroupList(pub Option<Vec<String>>);
 
-/// A comma-separated IPv4 CIDR list (`-x`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CidrList(pub Vec<config::Ipv4Cidr>);
-
-/// A comma-separated port list (`-q`, `-o`, `-d`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PortList(pub Vec<u16>);
-
-fn ipv4_cidrs(
-    flag: &str,
-    value: &str,
-) -> Result<(crate::istio::Cidrs, Vec<config::Ipv4Cidr>), String> {
-    let parsed = crate::istio::cidrs(flag, value).map_err(|e| e.to_string())?;
-    if !parsed.v6.is_empty() {
-        return Err(format!(
-            "{flag}: IPv6 networks ({}) need IPv6 rules, which eBPF capture does not have yet: use `redirect istio-iptables --mode iptables`",
-            parsed.v6.join(",")
-        ));
-    }
-    let v4 = parsed
-        .v4
-        .iter()
-        .map(|c| c.parse())
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((parsed, v4))
-}
-
-fn parse_include(s: &str) -> Result<Include, String> {
-    let (parsed, cidrs) = ipv4_cidrs("-i", s)?;
-    Ok(Include {
-        all: parsed.wildcard,
-        cidrs,
-        has_loopback: parsed.has_loopback,
-    })
-}
-
-fn parse_exclude(s: &str) -> Result<CidrList, String> {
+fn parse_owner_groups(s: &str) -> Result<GroupList, String> {
     if s == "*" {
-        return Err("-x: '*' would exclude every destination; list CIDRs instead".to_owned());
+        return Ok(GroupList(None));
     }
-    ipv4_cidrs("-x", s).map(|(_, v4)| CidrList(v4))
+    parse_groups(s)
 }
 
-fn parse_ports(s: &str) -> Result<PortList, String> {
-    crate::istio::split(s)
-        .iter()
-        .map(|p| config::parse_port(p))
-        .collect::<Result<_, _>>()
-        .map(PortList)
-}
-
-/// `--owner-groups`: `None` for '*' (every group), else the only GIDs captured.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OwnerGroupIds(pub Option<Vec<u32>>);
-
-fn parse_owner_groups(s: &str) -> Result<OwnerGroupIds, String> {
-    if s == "*" {
-        return Ok(OwnerGroupIds(None));
+/// Group names or GIDs, comma-separated, at most 8, each a GID or a group
+/// /etc/group lists (checked here: install and run are eBPF only, and the
+/// programs compare numbers).
+fn parse_groups(s: &str) -> Result<GroupList, String> {
+    let groups = parse::split(s);
+    for g in &groups {
+        if resolve_owner(&RealHost, "/etc/group", g).is_none() {
+            return Err(format!("'{g}' is neither a GID nor a group in /etc/group"));
+        }
     }
-    parse_groups(s).map(|ids| OwnerGroupIds(Some(ids.0)))
-}
-
-/// Group names (from /etc/group) or GIDs, comma-separated, at most 8.
-fn parse_groups(s: &str) -> Result<IdList, String> {
-    let ids = crate::istio::split(s)
-        .iter()
-        .map(|g| {
-            crate::istio::resolve_owner(&crate::istio::RealHost, "/etc/group", g)
-                .ok_or_else(|| format!("'{g}' is neither a GID nor a group in /etc/group"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if ids.len() > redirect_common::MAX_OWNERS {
+    if groups.len() > redirect_common::MAX_OWNERS {
         return Err(format!(
             "{} groups given; at most {} are supported",
+            groups.len(),
+            redirect_common::MAX_OWNERS
+        ));
+    }
+    Ok(GroupList(Some(groups)))
+}
+
+/// A comma-separated numeric id list given as one flag value
+/// (`-u 1337,1338`), at most 8.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdList(pub Vec<String>);
+
+fn parse_ids(s: &str) -> Result<IdList, String> {
+    let ids = parse::ids(s)?;
+    if ids.len() > redirect_common::MAX_OWNERS {
+        return Err(format!(
+            "{} ids given; at most {} are supported",
             ids.len(),
             redirect_common::MAX_OWNERS
         ));
     }
     Ok(IdList(ids))
-}
-
-/// A comma-separated id list given as one flag value (`-u 1337,1338`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IdList(pub Vec<u32>);
-
-fn parse_ids(s: &str) -> Result<IdList, String> {
-    config::parse_ids(s).map(IdList)
 }
 
 /// `bytes` for a message: its UTF-8 text as Rust would escape it, each byte
@@ -612,12 +518,17 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_istios() {
+    fn defaults_are_a_sidecars() {
         let cli = Cli::try_parse_from(["redirect", "install", "--cgroup", "/x"]).unwrap();
         let Command::Install(args) = cli.command else {
             panic!("not install")
         };
-        assert_eq!(args.capture.to_config(), Config::default());
+        let config = crate::ebpf::lower::lower(
+            &args.capture.resolve(Vec::new(), 0),
+            &crate::host::fake::FakeHost::new(&[]),
+        )
+        .unwrap();
+        assert_eq!(config, crate::ebpf::config::Config::default());
     }
 
     #[test]
@@ -636,8 +547,8 @@ mod tests {
         let Command::Install(args) = cli.command else {
             panic!("not install")
         };
-        assert_eq!(args.capture.proxy_uid.0, vec![1337, 1338]);
-        assert_eq!(args.capture.proxy_gid.0, vec![7]);
+        assert_eq!(args.capture.proxy_uid.0, ["1337", "1338"]);
+        assert_eq!(args.capture.proxy_gid.0, ["7"]);
     }
 
     #[test]
@@ -647,7 +558,7 @@ mod tests {
             &["redirect", "install", "--cgroup", "/x", "-p", "70000"],
             &["redirect", "install", "--cgroup", "/x", "-u", "envoy"],
             &["redirect", "install", "--cgroup", "/x", "--instance", "a/b"],
-            &["redirect", "install", "--cgroup", "/x", "-b", "80:90"],
+            &["redirect", "install", "--cgroup", "/x", "-b", "90:80"],
             &["redirect", "install", "--cgroup", "/x", "-d", "0"],
             &["redirect", "install", "--cgroup", "/x", "-m", "redirect"],
             &["redirect", "uninstall"],
@@ -716,7 +627,7 @@ mod properties {
     use proptest::{prelude::*, test_runner::TestCaseError};
 
     use super::*;
-    use crate::istio::fake::{self, FakeHost};
+    use crate::host::fake::{FakeHost, exercise};
 
     /// Each subcommand's name and its real flags (`--long`, `-s`).
     fn commands() -> Vec<(String, Vec<String>)> {
@@ -779,11 +690,12 @@ mod properties {
     /// touching the system (istio-iptables resolves on a [`FakeHost`]).
     fn parse_and_use(argv: &[OsString]) -> Result<(), TestCaseError> {
         let capture = |args: &CaptureArgs| {
-            let _ = args.not_yet.check();
-            let config = args.to_config();
-            if config.check_limits().is_ok() {
+            let capture = args.resolve(Vec::new(), 0);
+            // The lowering checks the map limits `to_bpf` relies on.
+            if let Ok(config) = crate::ebpf::lower::lower(&capture, &FakeHost::new(&[])) {
                 let _ = config.to_bpf();
             }
+            let _ = crate::iptables::rules::rules(&capture);
         };
         match Cli::try_parse_from(argv) {
             Err(err) if err.kind() == ErrorKind::InvalidUtf8 => {
@@ -797,7 +709,7 @@ mod properties {
                 Command::Install(args) => capture(&args.capture),
                 Command::Run(args) => capture(&args.capture),
                 Command::IstioIptables(args) => {
-                    if let Err(err) = fake::exercise(&args, &FakeHost::new(&[])) {
+                    if let Err(err) = exercise(&args, &FakeHost::new(&[])) {
                         prop_assert_eq!(err.to_string().lines().count(), 1, "{}", err);
                     }
                 }

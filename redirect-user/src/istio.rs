@@ -1,15 +1,23 @@
 //! istio-iptables' command line: the same flags, defaults, environment
-//! variables and "empty means off" rules, resolved into one validated
-//! [`IstioConfig`].
+//! variables and "empty means off" rules, resolved into the one
+//! [`Capture`] through the typed parsers of [`crate::capture::parse`].
 //!
-//! Values are kept as the text the user gave (istio-iptables pastes them
-//! into rules verbatim; the golden files depend on it), but every one is
+//! Values keep the text the user gave (istio-iptables pastes them into
+//! rules verbatim; the golden files depend on it), but every one is
 //! checked first: where istio-iptables would let `iptables-restore` fail
 //! halfway, redirect refuses before changing anything.
 
-use std::{ffi::OsString, fs, net::IpAddr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf};
 
 use clap::{Args, ValueEnum};
+
+use crate::{
+    capture::{
+        Capture, Dns, OwnerGroups,
+        parse::{self, go_bool, parse_bool, split},
+    },
+    host::{Host, lookup_id, resolve_owner},
+};
 
 /// The flags of `istio-iptables` (and their environment variables).
 #[derive(Args, Clone, Debug)]
@@ -211,7 +219,7 @@ pub struct IstioArgs {
     pub instance: Option<crate::instance::InstanceName>,
     /// eBPF mode: how many redirected connections can be open at once
     /// (sizes the original-destination map: about 100 bytes each)
-    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = crate::config::parse_max_connections)]
+    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = parse::max_connections)]
     pub max_connections: u32,
     /// Apply in this network namespace (/proc/PID/ns/net or /run/netns/NAME)
     #[arg(long = "netns", alias = "network-namespace", value_name = "PATH")]
@@ -293,119 +301,12 @@ fn error<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError::refused(msg))
 }
 
-/// The resolved, validated istio-iptables configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IstioConfig {
-    pub envoy_port: String,
-    pub inbound_capture_port: String,
-    pub inbound_tunnel_port: String,
-    pub proxy_uids: Vec<String>,
-    pub proxy_gids: Vec<String>,
-    pub tproxy: bool,
-    pub tproxy_mark: String,
-    pub tproxy_route_table: String,
-    /// The raw `-b` value: `""` off, `"*"` all, else a list.
-    pub inbound_ports: String,
-    pub local_exclude_ports: Vec<String>,
-    pub include: Cidrs,
-    pub exclude: Cidrs,
-    /// The raw `-q` value.
-    pub outbound_ports: String,
-    /// The raw `-o` value.
-    pub local_outbound_ports_exclude: String,
-    pub exclude_interfaces: Vec<String>,
-    pub kube_virt_interfaces: Vec<String>,
-    /// DNS capture in effect (`--redirect-dns`, unless no server is known
-    /// and `--capture-all-dns` is off).
-    pub redirect_dns: bool,
-    pub capture_all_dns: bool,
-    pub drop_invalid: bool,
-    pub ipv6: bool,
-    /// DNS servers from resolv.conf, as written there.
-    pub dns_v4: Vec<String>,
-    pub dns_v6: Vec<String>,
-    pub owner_groups: OwnerGroups,
-    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`, as written.
-    pub loopback_v4: String,
-}
-
-/// Destination CIDRs of one flag, split by family.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Cidrs {
-    /// `*`: every destination.
-    pub wildcard: bool,
-    /// Rendered as istio-iptables does (address canonical, host bits kept).
-    pub v4: Vec<String>,
-    pub v6: Vec<String>,
-    /// Contains a loopback network (127/8, ::1).
-    pub has_loopback: bool,
-}
-
-/// Whose outbound traffic is captured, by owner group
-/// (`ISTIO_OUTBOUND_OWNER_GROUPS`, `..._EXCLUDE`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum OwnerGroups {
-    /// Every group except these.
-    Except(Vec<String>),
-    /// Only these groups.
-    Only(Vec<String>),
-}
-
-/// Splits a comma list as istio-iptables does: no trimming, empty items dropped.
-pub fn split(s: &str) -> Vec<String> {
-    s.split(',')
-        .filter(|i| !i.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Where the resolution reads the world (the environment, files, the
-/// interfaces), so that tests can give it their own. It hands over raw
-/// bytes: what to make of bytes that are not UTF-8 is decided once, here
-/// and in the parsers, not by each host.
-pub trait Host {
-    /// An environment variable's raw value, `None` when unset.
-    fn env_os(&self, name: &str) -> Option<OsString>;
-    /// A file's raw contents (resolv.conf, /etc/passwd, /etc/group: text
-    /// files that may still hold a stray byte that is not UTF-8).
-    fn read(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>>;
-    /// Addresses of the network namespace's interfaces, in kernel order.
-    fn addresses(&self) -> std::io::Result<Vec<IpAddr>>;
-
-    /// An environment variable as text, `None` when unset. A value that is
-    /// not UTF-8 is an error naming the variable, never taken as unset: a
-    /// variable the user set must not be silently ignored.
-    fn env(&self, name: &str) -> Result<Option<String>, ConfigError> {
-        self.env_os(name)
-            .map(|raw| {
-                raw.into_string()
-                    .map_err(|raw| ConfigError::not_utf8(name, &raw))
-            })
-            .transpose()
-    }
-}
-
-/// The real environment, files and interfaces of this process.
-pub struct RealHost;
-
-impl Host for RealHost {
-    fn env_os(&self, name: &str) -> Option<OsString> {
-        std::env::var_os(name)
-    }
-
-    fn read(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
-        fs::read(path)
-    }
-
-    fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
-        interface_addresses()
-    }
-}
-
 impl IstioArgs {
     /// Resolves and checks the flags; `host` supplies the environment,
-    /// resolv.conf, /etc/passwd and the interface addresses.
-    pub fn resolve(&self, host: &dyn Host) -> Result<IstioConfig, ConfigError> {
+    /// resolv.conf, /etc/passwd and the interface addresses (those of the
+    /// network namespace this thread is in: the pod's).
+    pub fn resolve(&self, host: &dyn Host) -> Result<Capture, ConfigError> {
+        let refused = |why: String| ConfigError::refused(why);
         let redirect_dns = setting(
             host,
             self.redirect_dns,
@@ -439,20 +340,18 @@ impl IstioArgs {
             self.proxy_gid.clone()
         };
 
+        let addresses = host
+            .addresses()
+            .map_err(|e| refused(format!("listing the pod's addresses: {e}")))?;
         let ipv6 = match self.ipv6 {
             Ipv6Mode::True => true,
             Ipv6Mode::False => false,
-            Ipv6Mode::Auto => {
-                let addrs = host.addresses().map_err(|e| {
-                    ConfigError::refused(format!("listing the pod's addresses: {e}"))
-                })?;
-                ipv6_from_addresses(&addrs, dual_stack)?
-            }
+            Ipv6Mode::Auto => ipv6_from_addresses(&addresses, dual_stack)?,
         };
 
         let (dns_v4, dns_v6) = if redirect_dns && !capture_all_dns {
             let text = host.read(&self.resolv_conf).map_err(|e| {
-                ConfigError::refused(format!(
+                refused(format!(
                     "failed to load {}: {e} (pass --resolv-conf PATH)",
                     self.resolv_conf.display()
                 ))
@@ -461,8 +360,12 @@ impl IstioArgs {
         } else {
             (Vec::new(), Vec::new())
         };
-        let redirect_dns =
-            redirect_dns && (capture_all_dns || !dns_v4.is_empty() || !dns_v6.is_empty());
+        let dns = (redirect_dns && (capture_all_dns || !dns_v4.is_empty() || !dns_v6.is_empty()))
+            .then_some(Dns {
+                capture_all: capture_all_dns,
+                v4: dns_v4,
+                v6: dns_v6,
+            });
 
         // Checks, in istio-iptables' order, then redirect's own.
         let owner_groups = if owner_include == "*" {
@@ -477,109 +380,78 @@ impl IstioArgs {
             }
             OwnerGroups::Only(only)
         };
-        check_loopback(&loopback_v4)?;
-        if self.service_exclude_cidr == "*" {
-            return error(
-                "-x/--istio-service-exclude-cidr cannot be '*' (it would exclude every destination): list CIDRs, or leave it empty",
-            );
-        }
-        let exclude = cidrs(
-            "-x/--istio-service-exclude-cidr",
-            &self.service_exclude_cidr,
-        )?;
-        let include = cidrs("-i/--istio-service-cidr", &self.service_cidr)?;
-        let tproxy = match self.interception_mode.as_str() {
-            "" | "REDIRECT" => false,
-            "TPROXY" => true,
-            other => {
-                return error(format!(
-                    "-m/--istio-inbound-interception-mode '{other}' is not a mode: use REDIRECT or TPROXY"
-                ));
-            }
-        };
-        for (flag, value) in [
-            ("-p/--envoy-port", &self.envoy_port),
-            ("-z/--inbound-capture-port", &self.inbound_capture_port),
-            ("-e/--inbound-tunnel-port", &self.inbound_tunnel_port),
-        ] {
-            check_port(flag, value)?;
-        }
-        for (flag, value) in [
-            ("-b/--istio-inbound-ports", &self.inbound_ports),
-            ("-d/--istio-local-exclude-ports", &self.local_exclude_ports),
-            ("-q/--istio-outbound-ports", &self.outbound_ports),
-            (
-                "-o/--istio-local-outbound-ports-exclude",
-                &self.local_outbound_ports_exclude,
-            ),
-        ] {
-            if flag.starts_with("-b") && value == "*" {
-                continue;
-            }
-            for port in split(value) {
-                check_port(flag, &port)?;
-            }
-        }
-        for (flag, value) in [
-            ("-t/--istio-inbound-tproxy-mark", &self.tproxy_mark),
-            (
-                "-r/--istio-inbound-tproxy-route-table",
-                &self.tproxy_route_table,
-            ),
-        ] {
-            if value.parse::<u32>().is_err() {
-                return error(format!("{flag} '{value}' is not a number"));
-            }
-        }
-        let proxy_uids = split(&proxy_uid);
-        let proxy_gids = split(&proxy_gid);
+        let loopback = parse::loopback(&loopback_v4).map_err(refused)?;
+        let exclude = parse::exclude_cidrs(&self.service_exclude_cidr).map_err(refused)?;
+        let include =
+            parse::cidrs("-i/--istio-service-cidr", &self.service_cidr).map_err(refused)?;
+        let tproxy = parse::interception_mode(&self.interception_mode).map_err(refused)?;
+        let proxy_port = parse::port("-p/--envoy-port", &self.envoy_port).map_err(refused)?;
+        let inbound_port = parse::port("-z/--inbound-capture-port", &self.inbound_capture_port)
+            .map_err(refused)?;
+        let tunnel_port =
+            parse::port("-e/--inbound-tunnel-port", &self.inbound_tunnel_port).map_err(refused)?;
+        let inbound = parse::inbound_ports(&self.inbound_ports).map_err(refused)?;
+        let inbound_exclude =
+            parse::port_list("-d/--istio-local-exclude-ports", &self.local_exclude_ports)
+                .map_err(refused)?;
+        let outbound_ports =
+            parse::port_list("-q/--istio-outbound-ports", &self.outbound_ports).map_err(refused)?;
+        let outbound_exclude = parse::port_list(
+            "-o/--istio-local-outbound-ports-exclude",
+            &self.local_outbound_ports_exclude,
+        )
+        .map_err(refused)?;
+        let tproxy_mark =
+            parse::number("-t/--istio-inbound-tproxy-mark", &self.tproxy_mark).map_err(refused)?;
+        let tproxy_route_table = parse::number(
+            "-r/--istio-inbound-tproxy-route-table",
+            &self.tproxy_route_table,
+        )
+        .map_err(refused)?;
 
-        Ok(IstioConfig {
-            envoy_port: self.envoy_port.clone(),
-            inbound_capture_port: self.inbound_capture_port.clone(),
-            inbound_tunnel_port: self.inbound_tunnel_port.clone(),
-            proxy_uids,
-            proxy_gids,
+        Ok(Capture {
+            proxy_port,
+            inbound_port,
+            tunnel_port,
+            proxy_uids: split(&proxy_uid),
+            proxy_gids: split(&proxy_gid),
             tproxy,
-            tproxy_mark: self.tproxy_mark.clone(),
-            tproxy_route_table: self.tproxy_route_table.clone(),
-            inbound_ports: self.inbound_ports.clone(),
-            local_exclude_ports: split(&self.local_exclude_ports),
+            tproxy_mark,
+            tproxy_route_table,
+            inbound,
+            inbound_exclude,
             include,
             exclude,
-            outbound_ports: self.outbound_ports.clone(),
-            local_outbound_ports_exclude: self.local_outbound_ports_exclude.clone(),
+            outbound_ports,
+            outbound_exclude,
             exclude_interfaces: split(&self.exclude_interfaces),
             kube_virt_interfaces: split(&self.kube_virt_interfaces),
-            redirect_dns,
-            capture_all_dns,
+            dns,
             drop_invalid,
             ipv6,
-            dns_v4,
-            dns_v6,
             owner_groups,
-            loopback_v4,
+            loopback,
+            pod_addresses: crate::host::pod_ipv4(&addresses),
+            max_connections: self.max_connections,
+            log_level: 0,
         })
     }
 }
 
-impl IstioConfig {
-    /// Checks what only matters when the rules are applied: iptables
-    /// resolves owner names then, and an unknown one would fail the restore
-    /// halfway (istio-iptables' `--dry-run` prints them unchecked).
-    pub fn check_owners(&self, host: &dyn Host) -> Result<(), ConfigError> {
-        for uid in &self.proxy_uids {
-            check_owner(host, "-u/--proxy-uid", "/etc/passwd", uid)?;
-        }
-        for gid in &self.proxy_gids {
-            check_owner(host, "-g/--proxy-gid", "/etc/group", gid)?;
-        }
-        let (OwnerGroups::Except(groups) | OwnerGroups::Only(groups)) = &self.owner_groups;
-        for group in groups {
-            check_owner(host, "ISTIO_OUTBOUND_OWNER_GROUPS", "/etc/group", group)?;
-        }
-        Ok(())
+/// Checks what only matters when the rules are applied: iptables resolves
+/// owner names then, and an unknown one would fail the restore halfway
+/// (istio-iptables' `--dry-run` prints them unchecked).
+pub fn check_owners(capture: &Capture, host: &dyn Host) -> Result<(), ConfigError> {
+    for uid in &capture.proxy_uids {
+        check_owner(host, "-u/--proxy-uid", "/etc/passwd", uid)?;
     }
+    for gid in &capture.proxy_gids {
+        check_owner(host, "-g/--proxy-gid", "/etc/group", gid)?;
+    }
+    for group in capture.owner_groups.groups() {
+        check_owner(host, "ISTIO_OUTBOUND_OWNER_GROUPS", "/etc/group", group)?;
+    }
+    Ok(())
 }
 
 /// A boolean flag's value: the command line, else the last of `envs` that
@@ -626,52 +498,6 @@ impl IstioArgs {
     }
 }
 
-/// Go's `strconv.ParseBool`, as istio-iptables' flags use.
-pub(crate) fn go_bool(v: &str) -> Result<bool, String> {
-    parse_bool(v).ok_or_else(|| format!("'{v}' is not a boolean (true/false, 1/0, t/f)"))
-}
-
-fn parse_bool(v: &str) -> Option<bool> {
-    match v {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
-        _ => None,
-    }
-}
-
-fn check_port(flag: &str, value: &str) -> Result<(), ConfigError> {
-    // Checked trimmed: istio-iptables keeps list items verbatim ("4000, 5000"
-    // renders `--dport  5000`, which iptables accepts).
-    match value.trim().parse::<u32>() {
-        Ok(1..=65535) => Ok(()),
-        _ => error(format!("{flag}: '{value}' is not a port number (1-65535)")),
-    }
-}
-
-/// The numeric id of `name` in a passwd/group file, if listed. The file is
-/// taken as bytes, field by field: a byte that is not UTF-8 elsewhere (a
-/// comment field, another entry) does not hide the entry asked for.
-fn lookup_id(host: &dyn Host, file: &str, name: &str) -> Option<String> {
-    let text = host.read(std::path::Path::new(file)).ok()?;
-    text.split(|&b| b == b'\n').find_map(|line| {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let mut fields = line.split(|&b| b == b':');
-        if fields.next()? != name.as_bytes() {
-            return None;
-        }
-        std::str::from_utf8(fields.nth(1)?).ok().map(str::to_owned)
-    })
-}
-
-/// The numeric id of an owner for `-m owner`: a number, or a name `file`
-/// lists (as iptables resolves it when the rule is added).
-pub fn resolve_owner(host: &dyn Host, file: &str, owner: &str) -> Option<u32> {
-    owner
-        .parse::<u32>()
-        .ok()
-        .or_else(|| lookup_id(host, file, owner)?.parse().ok())
-}
-
 /// An owner for `-m owner`: a number, or a name the file lists (iptables
 /// resolves names when the rule is added; an unknown one would fail then).
 fn check_owner(host: &dyn Host, flag: &str, file: &str, owner: &str) -> Result<(), ConfigError> {
@@ -681,78 +507,6 @@ fn check_owner(host: &dyn Host, flag: &str, file: &str, owner: &str) -> Result<(
     error(format!(
         "{flag}: '{owner}' is neither a number nor a name in {file}: use a numeric id"
     ))
-}
-
-fn check_loopback(cidr: &str) -> Result<(), ConfigError> {
-    let bad = |why: &str| {
-        error(format!(
-            "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR '{cidr}' {why}: use a network inside 127.0.0.0/8 with a prefix of 8 to 32 bits"
-        ))
-    };
-    let Ok(prefix) = parse_prefix(cidr) else {
-        return bad("is not a CIDR");
-    };
-    match prefix.0 {
-        IpAddr::V4(a) if a.is_loopback() => {}
-        _ => return bad("is not an IPv4 loopback network"),
-    }
-    if !(8..=32).contains(&prefix.1) {
-        return bad("has a prefix outside 8-32");
-    }
-    Ok(())
-}
-
-/// Parses `addr/bits` strictly (as Go's netip.ParsePrefix): no zone, bits
-/// in decimal without leading zeros, within the family's range.
-fn parse_prefix(s: &str) -> Result<(IpAddr, u8), String> {
-    let (addr, bits) = s.rsplit_once('/').ok_or("no '/'")?;
-    if addr.contains('%') {
-        return Err("a zone is not allowed in a CIDR".into());
-    }
-    let addr: IpAddr = addr
-        .parse()
-        .map_err(|_| format!("'{addr}' is not an IP address"))?;
-    if bits.is_empty()
-        || (bits.len() > 1 && bits.starts_with('0'))
-        || !bits.bytes().all(|b| b.is_ascii_digit())
-    {
-        return Err(format!("bad prefix length '{bits}'"));
-    }
-    let bits: u8 = bits
-        .parse()
-        .map_err(|_| format!("bad prefix length '{bits}'"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    if bits > max {
-        return Err(format!("prefix length {bits} is out of range"));
-    }
-    Ok((addr, bits))
-}
-
-/// Parses a CIDR flag's value (`*`, or a comma list) as istio-iptables does.
-pub fn cidrs(flag: &str, value: &str) -> Result<Cidrs, ConfigError> {
-    if value == "*" {
-        return Ok(Cidrs {
-            wildcard: true,
-            ..Cidrs::default()
-        });
-    }
-    let mut out = Cidrs::default();
-    for item in split(value) {
-        let (addr, bits) = parse_prefix(&item).map_err(|why| {
-            ConfigError::refused(format!("{flag}: '{item}' is not a CIDR ({why})"))
-        })?;
-        match addr {
-            IpAddr::V4(a) => {
-                out.has_loopback |= a.is_loopback();
-                out.v4.push(format!("{a}/{bits}"));
-            }
-            IpAddr::V6(a) => {
-                out.has_loopback |= a.is_loopback();
-                out.v6.push(format!("{a}/{bits}"));
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// `nameserver` entries of a resolv.conf, split by family, as written.
@@ -812,120 +566,10 @@ fn ipv6_from_addresses(addrs: &[IpAddr], dual_stack: bool) -> Result<bool, Confi
     })
 }
 
-/// The addresses of this network namespace's interfaces, IPv4 first (the
-/// order of the kernel's address dump).
-fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let (mut v4, mut v6) = (Vec::new(), Vec::new());
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points at a sockaddr of the family it names.
-            unsafe {
-                match i32::from((*ifa.ifa_addr).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
-                        v4.push(IpAddr::from(
-                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                        ));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
-                        v6.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: the list getifaddrs allocated.
-    unsafe { libc::freeifaddrs(head) };
-    v4.extend(v6);
-    Ok(v4)
-}
-
-/// A host with given files and environment, for the tests of every
-/// module that resolves an istio-iptables configuration.
-#[cfg(test)]
-pub(crate) mod fake {
-    use super::*;
-
-    /// A host with given files and environment (one list, by path or
-    /// name, as raw bytes), and one pod address.
-    pub(crate) struct FakeHost(Vec<(&'static str, Vec<u8>)>);
-
-    impl FakeHost {
-        pub(crate) fn new(text: &[(&'static str, &'static str)]) -> Self {
-            Self(
-                text.iter()
-                    .map(|(k, v)| (*k, v.as_bytes().to_vec()))
-                    .collect(),
-            )
-        }
-
-        /// Adds a file or variable holding any bytes.
-        pub(crate) fn with_bytes(mut self, name: &'static str, value: &[u8]) -> Self {
-            self.0.push((name, value.to_vec()));
-            self
-        }
-
-        fn get(&self, name: &str) -> Option<&[u8]> {
-            self.0
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.as_slice())
-        }
-    }
-
-    impl Host for FakeHost {
-        fn env_os(&self, name: &str) -> Option<OsString> {
-            use std::os::unix::ffi::OsStrExt as _;
-            self.get(name)
-                .map(|v| std::ffi::OsStr::from_bytes(v).to_owned())
-        }
-        fn read(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
-            self.get(&path.to_string_lossy())
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
-        }
-        fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
-            Ok(vec!["10.0.0.5".parse().unwrap()])
-        }
-    }
-
-    /// Everything a command line feeds short of applying it: the actions,
-    /// the resolution, the owner checks, the eBPF translation and the
-    /// rendered rules. The properties check that none of it panics, and
-    /// that a refusal is one line.
-    pub(crate) fn exercise(args: &IstioArgs, host: &dyn Host) -> Result<(), ConfigError> {
-        use crate::iptables::builder::Family;
-        args.actions(host)?;
-        let cfg = args.resolve(host)?;
-        if let Err(err) = cfg.check_owners(host) {
-            assert_eq!(err.to_string().lines().count(), 1, "{err}");
-        }
-        // `from_istio` checks the map limits `to_bpf` relies on.
-        if let Ok(ebpf) = crate::config::Config::from_istio(&cfg, host) {
-            let _ = ebpf.to_bpf();
-        }
-        let rules = crate::iptables::capture::rules(&cfg);
-        for family in [Family::V4, Family::V6] {
-            let _ = rules.render(family);
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{fake::FakeHost, *};
+    use super::*;
+    use crate::host::fake::FakeHost;
 
     #[test]
     fn lists_are_split_like_istio() {
@@ -937,13 +581,15 @@ mod tests {
 
     #[test]
     fn cidrs_print_canonical_without_masking() {
-        let c = cidrs("-i", "10.1.2.3/8,2001:DB8:0:0::/32").unwrap();
-        assert_eq!(c.v4, ["10.1.2.3/8"]);
-        assert_eq!(c.v6, ["2001:db8::/32"]);
-        assert!(cidrs("-i", "10.0.0.0/08").is_err());
-        assert!(cidrs("-i", "10.0.0.0").is_err());
-        assert!(cidrs("-i", "10.0.0.0/33").is_err());
-        assert!(cidrs("-i", "::1/128").unwrap().has_loopback);
+        let c = args(&["-i", "10.1.2.3/8,2001:DB8:0:0::/32", "--ipv6=false"])
+            .resolve(&FakeHost::new(&[]))
+            .unwrap()
+            .include;
+        assert_eq!(c.v4[0].to_string(), "10.1.2.3/8");
+        assert_eq!(c.v6[0].to_string(), "2001:db8::/32");
+        for bad in ["10.0.0.0/08", "10.0.0.0", "10.0.0.0/33"] {
+            assert!(args(&["-i", bad]).resolve(&FakeHost::new(&[])).is_err());
+        }
     }
 
     #[test]
@@ -987,9 +633,9 @@ mod tests {
             ("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202"),
         ]);
         let cfg = args(&["-u", "istio-proxy"]).resolve(&host).unwrap();
-        assert!(cfg.check_owners(&host).is_ok());
+        assert!(check_owners(&cfg, &host).is_ok());
         let cfg = args(&["-g", "nosuchgroup"]).resolve(&host).unwrap();
-        let err = cfg.check_owners(&host).unwrap_err().to_string();
+        let err = check_owners(&cfg, &host).unwrap_err().to_string();
         assert!(
             err.contains("'nosuchgroup' is neither a number nor a name in /etc/group"),
             "{err}"
@@ -1034,10 +680,11 @@ mod tests {
         // DNS capture without servers and without --capture-all-dns is off.
         let host = FakeHost::new(&[("/etc/resolv.conf", "search x\n")]);
         assert!(
-            !args(&["--redirect-dns"])
+            args(&["--redirect-dns"])
                 .resolve(&host)
                 .unwrap()
-                .redirect_dns
+                .dns
+                .is_none()
         );
     }
 
@@ -1057,8 +704,7 @@ mod tests {
         let cfg = args(&["--redirect-dns", "--ipv6=false"])
             .resolve(&host)
             .unwrap();
-        assert!(cfg.redirect_dns);
-        assert_eq!(cfg.dns_v4, ["10.96.0.10"]);
+        assert_eq!(cfg.dns.expect("DNS capture").v4, ["10.96.0.10"]);
     }
 
     #[test]
@@ -1105,11 +751,11 @@ mod tests {
 
     #[test]
     fn loopback_cidr_is_checked() {
-        assert!(check_loopback("127.0.0.1/32").is_ok());
-        assert!(check_loopback("127.0.0.1/8").is_ok());
-        assert!(check_loopback("10.0.0.1/32").is_err());
-        assert!(check_loopback("127.0.0.1/7").is_err());
-        assert!(check_loopback("127.0.0.1").is_err());
+        assert!(parse::loopback("127.0.0.1/32").is_ok());
+        assert!(parse::loopback("127.0.0.1/8").is_ok());
+        assert!(parse::loopback("10.0.0.1/32").is_err());
+        assert!(parse::loopback("127.0.0.1/7").is_err());
+        assert!(parse::loopback("127.0.0.1").is_err());
     }
 }
 
@@ -1119,7 +765,8 @@ mod tests {
 mod properties {
     use proptest::prelude::*;
 
-    use super::{fake::FakeHost, *};
+    use super::*;
+    use crate::host::fake::{FakeHost, exercise};
 
     /// Every variable the resolution reads itself (the flags' own are
     /// clap's, see `cli::properties`).
@@ -1212,16 +859,16 @@ mod properties {
 
         #[test]
         fn cidr_lists_parse_or_refuse_in_one_line(value in "[0-9a-fA-F.:/,%* ]{0,40}|\\PC{0,20}") {
-            match cidrs("-i", &value) {
+            match parse::cidrs("-i", &value) {
                 Ok(parsed) => {
                     // What is printed into rules parses again.
                     for cidr in parsed.v4.iter().chain(&parsed.v6) {
-                        prop_assert!(parse_prefix(cidr).is_ok(), "{cidr} from {value:?}");
+                        prop_assert!(parse::prefix(&cidr.to_string()).is_ok(), "{cidr} from {value:?}");
                     }
                 }
                 Err(err) => prop_assert_eq!(err.to_string().lines().count(), 1),
             }
-            let _ = check_loopback(&value);
+            let _ = parse::loopback(&value);
             let _ = split(&value);
             let _ = go_bool(&value);
         }
@@ -1239,7 +886,7 @@ mod properties {
             } else {
                 &["--ipv6=auto"]
             };
-            if let Err(err) = fake::exercise(&tests::args(argv), &host) {
+            if let Err(err) = exercise(&tests::args(argv), &host) {
                 prop_assert_eq!(err.to_string().lines().count(), 1, "{}", err);
                 prop_assert!(matches!(err.exit_code, 1 | 255));
             }

@@ -10,7 +10,7 @@
 
 use std::fs;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 /// Which id map to read.
 #[derive(Clone, Copy, Debug)]
@@ -71,25 +71,6 @@ fn translate(map: &str, ids: &[u32]) -> Result<Vec<u32>, u32> {
                 .ok_or(id)
         })
         .collect()
-}
-
-/// `config` with its proxy UIDs, GIDs and owner groups translated into the
-/// initial user namespace, as the kernel programs compare them.
-pub fn config_to_host(config: &crate::config::Config) -> Result<crate::config::Config> {
-    let mut out = config.clone();
-    out.proxy_uids = to_host(Ids::User, &config.proxy_uids)?;
-    out.proxy_gids = to_host(Ids::Group, &config.proxy_gids)?;
-    out.owner_groups = to_host(Ids::Group, &config.owner_groups)?;
-    Ok(out)
-}
-
-/// Fails when the map cannot be read at all (no /proc): a clear message
-/// beats translating nothing.
-pub fn check_readable() -> Result<()> {
-    if fs::metadata("/proc/self/uid_map").is_err() {
-        bail!("/proc is not mounted: redirect needs /proc to read its user namespace's id maps");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

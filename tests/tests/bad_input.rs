@@ -50,6 +50,11 @@ fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
         ),
         (&["-k", "eth1"], "-k/--kube-virt-interfaces"),
         (&["-c", "eth1"], "-c/--istio-exclude-interfaces"),
+        (&["-x", "fd00::/8"], "IPv6 CIDRs in -i/-x"),
+        (
+            &["-b", "9080:9090"],
+            "-b/--istio-inbound-ports '9080:9090' (a port range)",
+        ),
     ] {
         let mut args = install_args(&sandbox, &cg);
         args.extend_from_slice(extra);
@@ -75,22 +80,24 @@ fn bad_flag_values_are_usage_errors() {
     let sandbox = Sandbox::for_tests().expect("sandbox");
     let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
     for (extra, needle) in [
-        (&["-p", "0"][..], "0 is not a port number (1..=65535)"),
-        (&["-p", "70000"], "70000 is not a port number"),
+        (&["-p", "0"][..], "-p: '0' is not a port number (1-65535)"),
+        (&["-p", "70000"], "'70000' is not a port number"),
         (&["-p", "http"], "'http' is not a port number"),
         (&["-u", "envoy"], "'envoy' is not a numeric id"),
         (&["-g", "1337,x"], "'x' is not a numeric id"),
         (&["-u", "1,2,3,4,5,6,7,8,9"], "at most 8"),
-        (&["-x", "*"], "'*' would exclude every destination"),
+        (
+            &["-x", "*"],
+            "cannot be '*' (it would exclude every destination)",
+        ),
         (&["-i", "10.0.0.0/33"], "'10.0.0.0/33' is not a CIDR"),
-        (&["-x", "fd00::/8"], "IPv6 networks (fd00::/8)"),
-        (&["-q", "70000"], "70000 is not a port number"),
+        (&["-q", "70000"], "'70000' is not a port number"),
         (&["-o", "22,ssh"], "'ssh' is not a port number"),
-        (&["-b", "9080:9090"], "'9080:9090' is not a port number"),
-        (&["-d", "0"], "0 is not a port number"),
+        (&["-b", "9090:9080"], "'9090:9080' is not a port range"),
+        (&["-d", "0"], "'0' is not a port number"),
         (
             &["-m", "tproxy"],
-            "'tproxy' is not an interception mode (REDIRECT or TPROXY)",
+            "'tproxy' is not a mode: use REDIRECT or TPROXY",
         ),
         (
             &["--owner-groups", "no-such-group-xyz"],

@@ -21,9 +21,12 @@ use std::{
 use redirect_sandbox::{
     APP, Group, Net, Sandbox,
     cgroup::cgroup2_mount,
-    cli::{ISTIO_SIDECAR_ARGS, Outcome, outcome, redirect},
+    cli::{ISTIO_SIDECAR_ARGS, Outcome, outcome, redirect, redirect_bin},
     require_root,
 };
+
+/// Where the agent is mounted in the pod's test containers.
+const AGENT: &str = "/agent";
 
 /// The image under test and podman's settings, or why the test cannot run.
 fn image() -> Result<String, String> {
@@ -109,8 +112,22 @@ impl Pod {
     /// and waits until it says "ready".
     fn start(&self, name: &str, user: &str, agent: &[&str]) -> String {
         let ctr = format!("{}-{name}", self.name);
+        // The shipped image has no test agent: the workspace's build (with
+        // the `sandbox` feature) is mounted in, on the image's libraries.
+        let mount = format!("{}:{AGENT}:ro", redirect_bin().display());
         let mut all = vec![
-            "run", "--detach", "--pod", &self.name, "--name", &ctr, "--user", user,
+            "run",
+            "--detach",
+            "--pod",
+            &self.name,
+            "--name",
+            &ctr,
+            "--user",
+            user,
+            "--volume",
+            &mount,
+            "--entrypoint",
+            AGENT,
         ];
         all.push(&self.image);
         all.push("sandbox-agent");
@@ -129,7 +146,7 @@ impl Pod {
         ok(&[
             "exec",
             ctr,
-            "/usr/local/bin/redirect",
+            AGENT,
             "sandbox-agent",
             "connect",
             "--to",

@@ -52,6 +52,25 @@ pub fn release_binary() -> Result<PathBuf> {
     build(true)
 }
 
+/// Builds the release `redirect` as shipped in the image: without the
+/// `sandbox` feature (the demo's throw-away pods and the test agent), in
+/// a target directory of its own so that the other builds keep theirs.
+pub fn shipped_binary() -> Result<PathBuf> {
+    let dir = target_dir().join("shipped");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    run_checked(&mut cargo(&[
+        "build",
+        "--package",
+        "redirect-user",
+        "--release",
+        "--no-default-features",
+        "--target-dir",
+        &dir_arg,
+    ])?)
+    .context("building the shipped redirect failed")?;
+    Ok(dir.join("release").join("redirect"))
+}
+
 /// The workspace's `target/` directory.
 pub fn target_dir() -> PathBuf {
     let dir = workspace_root().join("target");

@@ -75,7 +75,7 @@ fn podman(conf: &Path) -> std::process::Command {
 /// Builds the image; returns its name.
 pub fn image() -> Result<String> {
     sysdeps::ensure_tools(PODMAN_TOOLS)?;
-    let binary = build::release_binary()?;
+    let binary = build::shipped_binary()?;
     let context = build::target_dir().join("image");
     let root = context.join("rootfs");
     let _ = fs::remove_dir_all(&context);

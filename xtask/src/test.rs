@@ -30,6 +30,17 @@ pub fn test(filter: Option<&str>, lint: bool, bench: bool, pods: bool) -> Result
             "warnings",
         ])?)
         .context("clippy found problems")?;
+        // The shipped binary: without the `sandbox` feature (see the image).
+        run_checked(&mut cargo(&[
+            "clippy",
+            "--package",
+            "redirect-user",
+            "--no-default-features",
+            "--",
+            "-D",
+            "warnings",
+        ])?)
+        .context("clippy found problems in the shipped build (no sandbox feature)")?;
         run_checked(&mut build::nightly_cargo(&[
             "clippy",
             "--package",

@@ -42,13 +42,13 @@ use aya::{
     programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps},
     util::KernelVersion,
 };
-use redirect_common::{ABI_VERSION, InstanceMeta, META_PATH_MAX, RedirectConfig};
+use redirect_common::{ABI_VERSION, InstanceMeta, META_PATH_MAX};
 
-use super::{HOOKS, Hook, Kind, OBJECT, SK_LOOKUP, all_hooks, listener, maps, sys};
+use super::{HOOKS, Hook, Kind, MIN_KERNEL, OBJECT, SK_LOOKUP, all_hooks, listener, maps, sys};
 use crate::{
     bpffs::{self, DEL_PREFIX, Lock, NEW_PREFIX},
     cgroup::Cgroup,
-    config::Config,
+    ebpf::config::Config,
     instance::InstanceName,
     privilege,
 };
@@ -60,9 +60,6 @@ pub struct Request<'a> {
     pub config: &'a Config,
     pub cgroup: &'a Cgroup,
     pub instance: &'a InstanceName,
-    /// Which decisions the programs report in `RDR_EVENTS` (see
-    /// `redirect_common::LOG_DEBUG`; 0 = none).
-    pub log_level: u8,
 }
 
 /// A completed install.
@@ -83,12 +80,6 @@ impl Installed {
         }
     }
 }
-
-/// The oldest kernel eBPF mode runs on: cgroup bpf_links (attach without
-/// exclusive flags, pinnable, replaceable in place) arrived in 5.7, the
-/// ring buffer of the programs' log and getpeername hooks in 5.8, and so
-/// did the getsockopt rule that `optlen` 0 passes the kernel's own answer.
-pub const MIN_KERNEL: (u8, u8) = (5, 8);
 
 /// Checks everything an install needs before anything is changed.
 fn preflight(req: &Request<'_>) -> Result<()> {
@@ -475,11 +466,7 @@ fn write_config(
         .check_limits()
         .map_err(|limit| anyhow!("{limit}"))?;
     maps::write_sets(dir, slot, &maps::Sets::of(req.config))?;
-    let entry = RedirectConfig {
-        log_level: req.log_level,
-        ..req.config.to_bpf()
-    };
-    maps::write_config(dir, slot, entry)?;
+    maps::write_config(dir, slot, req.config.to_bpf())?;
 
     let map = ebpf.map_mut(maps::META).context("meta map missing")?;
     let mut meta: Array<&mut MapData, InstanceMeta> = Array::try_from(map)?;
@@ -513,7 +500,7 @@ fn write_config(
 /// Whether the running kernel has `hook`: it loads a program for it
 /// (see [`crate::probe`], which also honours `--assume-missing`).
 pub fn available(hook: &Hook) -> bool {
-    crate::probe::hook_present(hook)
+    super::features::hook_present(hook)
 }
 
 fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {

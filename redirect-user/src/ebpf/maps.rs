@@ -13,20 +13,9 @@ use redirect_common::{
     local_key, lru_entries, port_key,
 };
 
-use crate::config::{Config, Ipv4Cidr};
+use super::config::{Config, Ipv4Cidr};
 
-pub const CONFIG: &str = "RDR_CONFIG";
-pub const ACTIVE: &str = "RDR_ACTIVE";
-pub const STATS: &str = "RDR_STATS";
-pub const SOCK: &str = "RDR_SOCK";
-pub const ORIG_TUPLE: &str = "RDR_ORIG_TUPLE";
-pub const META: &str = "RDR_META";
-pub const PORTS: &str = "RDR_PORTS";
-pub const EXCLUDE: &str = "RDR_EXCLUDE";
-pub const INCLUDE: &str = "RDR_INCLUDE";
-pub const LOCAL: &str = "RDR_LOCAL";
-pub const LISTENER: &str = "RDR_LISTENER";
-pub const IN_HITS: &str = "RDR_IN_HITS";
+pub use redirect_common::map_names::*;
 
 /// Every pinned map with the type, key size and value size this build of
 /// the programs expects.

@@ -1,10 +1,19 @@
 //! eBPF mode: the embedded programs, and installing them on a cgroup and
 //! the pod's network namespace.
 
+pub mod config;
+pub mod features;
 pub mod listener;
 pub mod loader;
+pub mod lower;
 pub mod maps;
 pub mod sys;
+
+/// The oldest kernel eBPF mode runs on: cgroup bpf_links (attach without
+/// exclusive flags, pinnable, replaceable in place) arrived in 5.7, the
+/// ring buffer of the programs' log and getpeername hooks in 5.8, and so
+/// did the getsockopt rule that `optlen` 0 passes the kernel's own answer.
+pub const MIN_KERNEL: (u8, u8) = (5, 8);
 
 /// The compiled `redirect-ebpf` object, built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
@@ -38,6 +47,9 @@ pub struct Hook {
     pub program: &'static str,
     /// Short name used in status output and in the link's pin name.
     pub name: &'static str,
+    /// Name of the kernel feature in `redirect probe` (and for
+    /// `--assume-missing`), e.g. `cgroup/connect4`.
+    pub feature: &'static str,
     pub kind: Kind,
     /// `enum bpf_attach_type` value of the hook.
     pub attach_type: u32,
@@ -54,11 +66,17 @@ impl Hook {
     pub fn pin_name(&self) -> String {
         format!("link_{}", self.name)
     }
+
+    /// The first kernel with the hook, "major.minor".
+    pub fn first_kernel(&self) -> String {
+        format!("{}.{}", self.min_kernel.0, self.min_kernel.1)
+    }
 }
 
 pub const CONNECT4: Hook = Hook {
     program: "redirect_connect4",
     name: "connect4",
+    feature: "cgroup/connect4",
     kind: Kind::SockAddr,
     attach_type: 10, // BPF_CGROUP_INET4_CONNECT
     min_kernel: (4, 17),
@@ -69,6 +87,7 @@ pub const CONNECT4: Hook = Hook {
 pub const SOCKOPS: Hook = Hook {
     program: "redirect_sockops",
     name: "sockops",
+    feature: "sockops",
     kind: Kind::SockOps,
     attach_type: 3, // BPF_CGROUP_SOCK_OPS
     min_kernel: (4, 13),
@@ -79,6 +98,7 @@ pub const SOCKOPS: Hook = Hook {
 pub const GETSOCKOPT: Hook = Hook {
     program: "redirect_getsockopt",
     name: "getsockopt",
+    feature: "cgroup/getsockopt",
     kind: Kind::Sockopt,
     attach_type: 21, // BPF_CGROUP_GETSOCKOPT
     min_kernel: (5, 3),
@@ -89,6 +109,7 @@ pub const GETSOCKOPT: Hook = Hook {
 pub const CONNECT6: Hook = Hook {
     program: "redirect_connect6",
     name: "connect6",
+    feature: "cgroup/connect6",
     kind: Kind::SockAddr,
     attach_type: 11, // BPF_CGROUP_INET6_CONNECT
     min_kernel: (4, 17),
@@ -99,6 +120,7 @@ pub const CONNECT6: Hook = Hook {
 pub const GETPEERNAME6: Hook = Hook {
     program: "redirect_getpeername6",
     name: "getpeername6",
+    feature: "cgroup/getpeername6",
     kind: Kind::SockAddr,
     attach_type: 30, // BPF_CGROUP_INET6_GETPEERNAME
     min_kernel: (5, 8),
@@ -109,6 +131,7 @@ pub const GETPEERNAME6: Hook = Hook {
 pub const GETPEERNAME4: Hook = Hook {
     program: "redirect_getpeername4",
     name: "getpeername4",
+    feature: "cgroup/getpeername4",
     kind: Kind::SockAddr,
     attach_type: 29, // BPF_CGROUP_INET4_GETPEERNAME
     min_kernel: (5, 8),
@@ -121,6 +144,7 @@ pub const GETPEERNAME4: Hook = Hook {
 pub const SK_LOOKUP: Hook = Hook {
     program: "redirect_sk_lookup",
     name: "sk_lookup",
+    feature: "sk_lookup",
     kind: Kind::SkLookup,
     attach_type: 36, // BPF_SK_LOOKUP
     min_kernel: (5, 9),

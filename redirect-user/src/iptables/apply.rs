@@ -23,10 +23,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs::File,
     io::Write as _,
-    os::fd::AsRawFd as _,
-    path::Path,
     process::{Command, Stdio},
 };
 
@@ -69,7 +66,7 @@ impl Backend {
     }
 
     fn installed(self) -> bool {
-        on_path(&self.program(Family::V4, false))
+        crate::host::on_path(&self.program(Family::V4, false))
     }
 
     /// istio-iptables' choice: legacy if it has rules here, else nft if it
@@ -93,14 +90,6 @@ impl Backend {
             .max_by_key(|b| *b == Self::Nft)
             .context("no usable iptables: install the iptables package (iptables-nft or iptables-legacy)")
     }
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(program).is_file())
 }
 
 /// `iptables-save` of one family.
@@ -445,23 +434,6 @@ pub fn cleanup(backend: Backend, plan: &Builder, ipv6: bool) -> Result<bool> {
         }
     }
     Ok(removed)
-}
-
-/// Moves this (still single-threaded) process into the network namespace
-/// at `path` (a `/proc/PID/ns/net` or `/run/netns/NAME` file).
-pub fn enter_netns(path: &Path) -> Result<()> {
-    let file = File::open(path)
-        .with_context(|| format!("opening network namespace {}", path.display()))?;
-    // SAFETY: setns on a descriptor we own.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
-            format!(
-                "entering network namespace {} (needs CAP_SYS_ADMIN)",
-                path.display()
-            )
-        });
-    }
-    Ok(())
 }
 
 /// TPROXY's policy routing, as istio-iptables sets it up outside dry runs:

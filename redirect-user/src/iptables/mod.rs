@@ -3,4 +3,4 @@
 
 pub mod apply;
 pub mod builder;
-pub mod capture;
+pub mod rules;

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::{
     bpffs, cgroup,
-    ebpf::{Hook, all_hooks, loader, sys},
+    ebpf::{Hook, all_hooks, sys},
     privilege,
 };
 
@@ -45,7 +45,7 @@ pub struct Feature {
     pub name: &'static str,
     pub needed_for: &'static str,
     /// First mainline kernel that has it.
-    pub first_kernel: &'static str,
+    pub first_kernel: String,
     /// eBPF capture cannot run without it.
     pub required: bool,
     pub present: bool,
@@ -58,17 +58,37 @@ pub struct Feature {
 pub struct Report {
     pub kernel: String,
     pub features: Vec<Feature>,
-    /// `ebpf`, `iptables` when eBPF capture cannot run here, or `unknown`
-    /// when the probe lacks the privileges to tell.
-    pub mode: &'static str,
+    pub mode: Mode,
     pub reason: String,
+}
+
+/// The capture mode the probe's findings lead to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every feature eBPF capture needs is present.
+    Ebpf,
+    /// eBPF capture cannot run here.
+    Iptables,
+    /// The probe lacks the privileges to tell.
+    Unknown,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Ebpf => "ebpf",
+            Self::Iptables => "iptables",
+            Self::Unknown => "unknown",
+        })
+    }
 }
 
 /// A feature before it is probed.
 struct Spec {
     name: &'static str,
     needed_for: &'static str,
-    first_kernel: &'static str,
+    first_kernel: String,
     required: bool,
 }
 
@@ -77,43 +97,43 @@ fn catalogue() -> Vec<Spec> {
         Spec {
             name: "privileges",
             needed_for: "loading and attaching programs (root, or CAP_BPF + CAP_NET_ADMIN)",
-            first_kernel: "-",
+            first_kernel: "-".into(),
             required: true,
         },
         Spec {
             name: "cgroup2",
             needed_for: "attaching to the pod's cgroup",
-            first_kernel: "4.5",
+            first_kernel: "4.5".into(),
             required: true,
         },
         Spec {
             name: "bpffs",
             needed_for: "pinning programs past the installer's exit",
-            first_kernel: "4.4",
+            first_kernel: "4.4".into(),
             required: true,
         },
         Spec {
             name: "kernel",
             needed_for: "cgroup bpf_link (5.7), log ring buffer and getsockopt passthrough (5.8)",
-            first_kernel: "5.8",
+            first_kernel: "5.8".into(),
             required: true,
         },
         Spec {
             name: "map/lru_hash",
             needed_for: "original destinations",
-            first_kernel: "4.10",
+            first_kernel: "4.10".into(),
             required: true,
         },
         Spec {
             name: "map/percpu_array",
             needed_for: "decision counters",
-            first_kernel: "4.6",
+            first_kernel: "4.6".into(),
             required: true,
         },
         Spec {
             name: "map/ringbuf",
             needed_for: "the programs' log (run --log)",
-            first_kernel: "5.8",
+            first_kernel: "5.8".into(),
             required: true,
         },
         // Socket storage from cgroup/connect4 and sockops holds a record
@@ -122,57 +142,37 @@ fn catalogue() -> Vec<Spec> {
         Spec {
             name: "map/sk_storage",
             needed_for: "original destinations between connect() and establishment",
-            first_kernel: "5.10",
+            first_kernel: "5.10".into(),
             required: true,
         },
         Spec {
             name: "helper/sk_storage_get",
             needed_for: "socket storage from cgroup/connect4",
-            first_kernel: "5.10",
+            first_kernel: "5.10".into(),
             required: true,
         },
     ];
     for hook in all_hooks() {
         specs.push(Spec {
-            name: hook_feature(&hook),
+            name: hook.feature,
             needed_for: hook.mirrors,
-            first_kernel: match hook.min_kernel {
-                (4, 13) => "4.13",
-                (4, 17) => "4.17",
-                (5, 3) => "5.3",
-                (5, 8) => "5.8",
-                (5, 9) => "5.9",
-                _ => "?",
-            },
+            first_kernel: hook.first_kernel(),
             required: !hook.optional,
         });
     }
     specs.push(Spec {
         name: "iptables",
         needed_for: "iptables mode (the fallback)",
-        first_kernel: "-",
+        first_kernel: "-".into(),
         required: false,
     });
     specs
 }
 
-/// The feature name of a hook, e.g. `cgroup/connect4`.
-pub fn hook_feature(hook: &Hook) -> &'static str {
-    match hook.name {
-        "sockops" => "sockops",
-        "getsockopt" => "cgroup/getsockopt",
-        "getpeername4" => "cgroup/getpeername4",
-        "getpeername6" => "cgroup/getpeername6",
-        "connect6" => "cgroup/connect6",
-        "sk_lookup" => "sk_lookup",
-        _ => "cgroup/connect4",
-    }
-}
-
 /// Whether this kernel has `hook` (probed once per process, and subject
 /// to `--assume-missing`).
 pub fn hook_present(hook: &Hook) -> bool {
-    !assumed_missing(hook_feature(hook))
+    !assumed_missing(hook.feature)
         && sys::probe_hook(hook.kind.prog_type(), hook.attach_type).is_ok()
 }
 
@@ -206,7 +206,7 @@ fn detect(spec: &Spec) -> (bool, String) {
             String::new(),
         ),
         "kernel" => {
-            let (major, minor) = loader::MIN_KERNEL;
+            let (major, minor) = super::MIN_KERNEL;
             match KernelVersion::current() {
                 Ok(k) => found(
                     k >= KernelVersion::new(major, minor, 0),
@@ -231,12 +231,12 @@ fn detect(spec: &Spec) -> (bool, String) {
         "iptables" => found(
             ["iptables-nft-restore", "iptables-legacy-restore"]
                 .iter()
-                .any(|p| on_path(p)),
+                .any(|p| crate::host::on_path(p)),
             "iptables-restore found",
             "no iptables-restore on PATH (install iptables)".into(),
         ),
         name => {
-            let Some(hook) = all_hooks().find(|h| hook_feature(h) == name) else {
+            let Some(hook) = all_hooks().find(|h| h.feature == name) else {
                 return (false, "unknown feature".into());
             };
             match sys::probe_hook(hook.kind.prog_type(), hook.attach_type) {
@@ -256,14 +256,6 @@ fn map(kind: MapType) -> (bool, String) {
         Ok(false) => (false, "the kernel has no such map type".into()),
         Err(err) => (false, format!("cannot tell ({err})")),
     }
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| std::path::Path::new(d).join(program).is_file())
 }
 
 /// Probes everything and chooses the mode.
@@ -294,14 +286,14 @@ pub fn run() -> Report {
             .find(|f| f.name == "privileges")
             .map_or("", |f| f.detail.as_str());
         (
-            "unknown",
+            Mode::Unknown,
             format!(
                 "without the privileges eBPF needs, the kernel's hooks cannot be tested ({why}): run `redirect probe` with them"
             ),
         )
     } else if missing.is_empty() {
         (
-            "ebpf",
+            Mode::Ebpf,
             "every feature eBPF capture needs is present".to_owned(),
         )
     } else {
@@ -310,7 +302,7 @@ pub fn run() -> Report {
             .map(|f| format!("{} (kernel {})", f.name, f.first_kernel))
             .collect();
         (
-            "iptables",
+            Mode::Iptables,
             format!("eBPF capture needs {}, missing here", names.join(", ")),
         )
     };

@@ -11,17 +11,12 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use crate::{cgroup, cli::RunArgs, ebpf::loader};
+use super::install::{inbound_summary, lower, resolve};
+use crate::{cli::RunArgs, ebpf::loader, instance::InstanceName};
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
-    args.target.enter_netns()?;
-    let config = args.capture.to_kernel_config()?;
-    let cgroup = cgroup::resolve(&args.target.cgroup)?;
-    let instance = args
-        .target
-        .instance
-        .clone()
-        .unwrap_or_else(|| crate::instance::InstanceName::for_cgroup(&cgroup));
+    let (capture, cgroup, instance) = resolve(&args.target, &args.capture, args.log.ebpf_level())?;
+    let config = lower(&capture)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -42,7 +37,6 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             config: &config,
             cgroup: &cgroup,
             instance: &instance,
-            log_level: args.log.ebpf_level(),
         })?;
         installed.print_notes();
         // From here on, any way out detaches (unless --persist).
@@ -54,7 +48,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             "redirect: capturing {} (instance {instance}) -> 127.0.0.1:{}{}; Ctrl-C to {}",
             cgroup.path.display(),
             config.proxy_port,
-            crate::inbound_summary(&config),
+            inbound_summary(&config),
             if args.persist {
                 "exit (capture stays)"
             } else {
@@ -105,7 +99,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
 
 /// Uninstalls the instance when `run` ends, however it ends.
 struct Detach<'a> {
-    instance: &'a crate::instance::InstanceName,
+    instance: &'a InstanceName,
     armed: bool,
 }
 

@@ -1,9 +1,10 @@
-//! The rules istio-iptables generates for a configuration, in the order it
-//! generates them (its `capture/run.go`), so that the restore documents
-//! match its golden files byte for byte.
+//! The iptables lowering of a [`Capture`]: the rules istio-iptables
+//! generates for it, in the order it generates them (its
+//! `capture/run.go`), so that the restore documents match its golden files
+//! byte for byte. Flag values are rendered as given ([`crate::capture::Given`]).
 
 use super::builder::{Builder, Family, VERSIONED};
-use crate::istio::{IstioConfig, OwnerGroups, split};
+use crate::capture::{Capture, Dns, InboundPorts, OwnerGroups, Prefix};
 
 const NAT: &str = "nat";
 const MANGLE: &str = "mangle";
@@ -16,10 +17,10 @@ const OUTBOUND_MARK: &str = "1338";
 const PASSTHROUGH: (&str, &str) = ("127.0.0.6/32", "::6/128");
 
 /// Builds every rule for `cfg`.
-pub fn rules(cfg: &IstioConfig) -> Builder {
+pub fn rules(cfg: &Capture) -> Builder {
     let mut b = Builder::new(cfg.ipv6);
-    let lo = (cfg.loopback_v4.as_str(), "::1/128");
-    let tun = cfg.inbound_tunnel_port.as_str();
+    let lo = (cfg.loopback.text.as_str(), "::1/128");
+    let tun = cfg.tunnel_port.text.as_str();
 
     // Excluded interfaces: nothing on them is captured, either way.
     for nic in &cfg.exclude_interfaces {
@@ -59,7 +60,14 @@ pub fn rules(cfg: &IstioConfig) -> Builder {
     b.append(
         "ISTIO_REDIRECT",
         NAT,
-        &["-p", "tcp", "-j", "REDIRECT", "--to-ports", &cfg.envoy_port],
+        &[
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &cfg.proxy_port.text,
+        ],
     );
     b.append(
         "ISTIO_IN_REDIRECT",
@@ -70,26 +78,25 @@ pub fn rules(cfg: &IstioConfig) -> Builder {
             "-j",
             "REDIRECT",
             "--to-ports",
-            &cfg.inbound_capture_port,
+            &cfg.inbound_port.text,
         ],
     );
 
     inbound(&mut b, cfg, lo);
 
     b.append("OUTPUT", NAT, &["-j", "ISTIO_OUTPUT"]);
-    if !cfg.local_outbound_ports_exclude.is_empty() {
-        for port in split(&cfg.local_outbound_ports_exclude) {
-            b.append(
-                "ISTIO_OUTPUT",
-                NAT,
-                &["-p", "tcp", "--dport", &port, "-j", "RETURN"],
-            );
-            b.append(
-                "ISTIO_OUTPUT",
-                NAT,
-                &["-p", "udp", "--dport", &port, "-j", "RETURN"],
-            );
-        }
+    for port in &cfg.outbound_exclude {
+        let port = port.text.as_str();
+        b.append(
+            "ISTIO_OUTPUT",
+            NAT,
+            &["-p", "tcp", "--dport", port, "-j", "RETURN"],
+        );
+        b.append(
+            "ISTIO_OUTPUT",
+            NAT,
+            &["-p", "udp", "--dport", port, "-j", "RETURN"],
+        );
     }
     b.append_versioned(
         "ISTIO_OUTPUT",
@@ -99,34 +106,26 @@ pub fn rules(cfg: &IstioConfig) -> Builder {
     );
     owners(&mut b, cfg, lo);
     owner_groups(&mut b, cfg);
-    if cfg.redirect_dns {
-        dns(&mut b, cfg);
+    if let Some(dns_capture) = &cfg.dns {
+        dns(&mut b, cfg, dns_capture);
     }
     b.append_versioned("ISTIO_OUTPUT", NAT, lo, &["-d", VERSIONED, "-j", "RETURN"]);
-    for cidr in &cfg.exclude.v4 {
-        b.append_to(
-            Family::V4,
-            "ISTIO_OUTPUT",
-            NAT,
-            &["-d", cidr, "-j", "RETURN"],
-        );
-    }
-    for cidr in &cfg.exclude.v6 {
-        b.append_to(
-            Family::V6,
-            "ISTIO_OUTPUT",
-            NAT,
-            &["-d", cidr, "-j", "RETURN"],
-        );
-    }
-    if !cfg.outbound_ports.is_empty() {
-        for port in split(&cfg.outbound_ports) {
-            b.append(
+    for (family, cidrs) in [(Family::V4, &cfg.exclude.v4), (Family::V6, &cfg.exclude.v6)] {
+        for cidr in cidrs {
+            b.append_to(
+                family,
                 "ISTIO_OUTPUT",
                 NAT,
-                &["-p", "tcp", "--dport", &port, "-j", "ISTIO_REDIRECT"],
+                &["-d", &cidr.to_string(), "-j", "RETURN"],
             );
         }
+    }
+    for port in &cfg.outbound_ports {
+        b.append(
+            "ISTIO_OUTPUT",
+            NAT,
+            &["-p", "tcp", "--dport", &port.text, "-j", "ISTIO_REDIRECT"],
+        );
     }
     outbound_include(&mut b, cfg, Family::V4, &cfg.include.v4);
     outbound_include(&mut b, cfg, Family::V6, &cfg.include.v6);
@@ -137,15 +136,15 @@ pub fn rules(cfg: &IstioConfig) -> Builder {
 }
 
 /// Inbound capture (`-b`, `-d`), with REDIRECT or TPROXY.
-fn inbound(b: &mut Builder, cfg: &IstioConfig, lo: (&str, &str)) {
-    if cfg.inbound_ports.is_empty() {
+fn inbound(b: &mut Builder, cfg: &Capture, lo: (&str, &str)) {
+    if cfg.inbound == InboundPorts::Off {
         return;
     }
     let table = if cfg.tproxy {
         b.append(
             "ISTIO_DIVERT",
             MANGLE,
-            &["-j", "MARK", "--set-mark", &cfg.tproxy_mark],
+            &["-j", "MARK", "--set-mark", &cfg.tproxy_mark.text],
         );
         b.append("ISTIO_DIVERT", MANGLE, &["-j", "ACCEPT"]);
         let mark = format!("{}/0xffffffff", cfg.tproxy_mark);
@@ -164,7 +163,7 @@ fn inbound(b: &mut Builder, cfg: &IstioConfig, lo: (&str, &str)) {
                 "--tproxy-mark",
                 &mark,
                 "--on-port",
-                &cfg.inbound_capture_port,
+                &cfg.inbound_port.text,
             ],
         );
         MANGLE
@@ -180,12 +179,12 @@ fn inbound(b: &mut Builder, cfg: &IstioConfig, lo: (&str, &str)) {
         "-j",
         "ISTIO_DIVERT",
     ];
-    if cfg.inbound_ports == "*" {
-        for port in &cfg.local_exclude_ports {
+    let InboundPorts::List(ports) = &cfg.inbound else {
+        for port in &cfg.inbound_exclude {
             b.append(
                 "ISTIO_INBOUND",
                 table,
-                &["-p", "tcp", "--dport", port, "-j", "RETURN"],
+                &["-p", "tcp", "--dport", &port.text, "-j", "RETURN"],
             );
         }
         if cfg.tproxy {
@@ -204,22 +203,25 @@ fn inbound(b: &mut Builder, cfg: &IstioConfig, lo: (&str, &str)) {
                 &["-p", "tcp", "-j", "ISTIO_IN_REDIRECT"],
             );
         }
-    } else {
-        for port in split(&cfg.inbound_ports) {
+        return;
+    };
+    {
+        for port in ports {
+            let port = port.text.as_str();
             if cfg.tproxy {
-                let mut rule = vec!["-p", "tcp", "--dport", &port];
+                let mut rule = vec!["-p", "tcp", "--dport", port];
                 rule.extend(established);
                 b.append("ISTIO_INBOUND", MANGLE, &rule);
                 b.append(
                     "ISTIO_INBOUND",
                     MANGLE,
-                    &["-p", "tcp", "--dport", &port, "-j", "ISTIO_TPROXY"],
+                    &["-p", "tcp", "--dport", port, "-j", "ISTIO_TPROXY"],
                 );
             } else {
                 b.append(
                     "ISTIO_INBOUND",
                     NAT,
-                    &["-p", "tcp", "--dport", &port, "-j", "ISTIO_IN_REDIRECT"],
+                    &["-p", "tcp", "--dport", port, "-j", "ISTIO_IN_REDIRECT"],
                 );
             }
         }
@@ -228,8 +230,8 @@ fn inbound(b: &mut Builder, cfg: &IstioConfig, lo: (&str, &str)) {
 
 /// The proxy's own traffic: its calls to the pod itself go through the
 /// inbound path; everything else it sends is left alone.
-fn owners(b: &mut Builder, cfg: &IstioConfig, lo: (&str, &str)) {
-    let tun = cfg.inbound_tunnel_port.as_str();
+fn owners(b: &mut Builder, cfg: &Capture, lo: (&str, &str)) {
+    let tun = cfg.tunnel_port.text.as_str();
     let dns_and_tunnel = format!("53,{tun}");
     for (kind, ids) in [
         ("--uid-owner", &cfg.proxy_uids),
@@ -237,7 +239,7 @@ fn owners(b: &mut Builder, cfg: &IstioConfig, lo: (&str, &str)) {
     ] {
         for id in ids {
             // The multiport DNS form is only ever used for UIDs.
-            let dports: &[&str] = if cfg.redirect_dns && kind == "--uid-owner" {
+            let dports: &[&str] = if cfg.dns.is_some() && kind == "--uid-owner" {
                 &["-m", "multiport", "!", "--dports", &dns_and_tunnel]
             } else {
                 &["!", "--dport", tun]
@@ -247,7 +249,7 @@ fn owners(b: &mut Builder, cfg: &IstioConfig, lo: (&str, &str)) {
             rule.extend(["-m", "owner", kind, id, "-j", "ISTIO_IN_REDIRECT"]);
             b.append_versioned("ISTIO_OUTPUT", NAT, lo, &rule);
             if !cfg.include.has_loopback {
-                if cfg.redirect_dns {
+                if cfg.dns.is_some() {
                     b.append(
                         "ISTIO_OUTPUT",
                         NAT,
@@ -274,7 +276,7 @@ fn owners(b: &mut Builder, cfg: &IstioConfig, lo: (&str, &str)) {
 }
 
 /// `ISTIO_OUTBOUND_OWNER_GROUPS` and `..._EXCLUDE`.
-fn owner_groups(b: &mut Builder, cfg: &IstioConfig) {
+fn owner_groups(b: &mut Builder, cfg: &Capture) {
     match &cfg.owner_groups {
         OwnerGroups::Except(groups) => {
             for group in groups {
@@ -298,12 +300,9 @@ fn owner_groups(b: &mut Builder, cfg: &IstioConfig) {
 
 /// DNS capture to the proxy's DNS port, and conntrack zones that keep the
 /// proxy's DNS and the app's apart.
-fn dns(b: &mut Builder, cfg: &IstioConfig) {
-    let all = cfg.capture_all_dns;
-    let servers = [
-        (Family::V4, &cfg.dns_v4, "/32"),
-        (Family::V6, &cfg.dns_v6, "/128"),
-    ];
+fn dns(b: &mut Builder, cfg: &Capture, dns: &Dns) {
+    let all = dns.capture_all;
+    let servers = [(Family::V4, &dns.v4, "/32"), (Family::V6, &dns.v6, "/128")];
     b.append("OUTPUT", RAW, &["-j", "ISTIO_OUTPUT_DNS"]);
     for (family, list, _) in servers {
         if all || !list.is_empty() {
@@ -398,7 +397,7 @@ fn dns(b: &mut Builder, cfg: &IstioConfig) {
 }
 
 /// `-i`: the destinations whose traffic goes to the proxy.
-fn outbound_include(b: &mut Builder, cfg: &IstioConfig, family: Family, cidrs: &[String]) {
+fn outbound_include(b: &mut Builder, cfg: &Capture, family: Family, cidrs: &[Prefix]) {
     if cfg.include.wildcard {
         b.append_to(family, "ISTIO_OUTPUT", NAT, &["-j", "ISTIO_REDIRECT"]);
         for nic in &cfg.kube_virt_interfaces {
@@ -413,6 +412,8 @@ fn outbound_include(b: &mut Builder, cfg: &IstioConfig, family: Family, cidrs: &
         return;
     }
     for cidr in cidrs {
+        let cidr = cidr.to_string();
+        let cidr = cidr.as_str();
         for nic in &cfg.kube_virt_interfaces {
             b.insert_to(
                 family,
@@ -432,8 +433,8 @@ fn outbound_include(b: &mut Builder, cfg: &IstioConfig, family: Family, cidrs: &
 }
 
 /// TPROXY's marks and connmark bookkeeping.
-fn tproxy_tail(b: &mut Builder, cfg: &IstioConfig, lo: (&str, &str)) {
-    let mark = cfg.tproxy_mark.as_str();
+fn tproxy_tail(b: &mut Builder, cfg: &Capture, lo: (&str, &str)) {
+    let mark = cfg.tproxy_mark.text.as_str();
     b.append(
         "PREROUTING",
         MANGLE,

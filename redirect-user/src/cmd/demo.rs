@@ -16,15 +16,18 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use redirect_sandbox::{APP, Group, Identity, Net, PEER_IP, POD_IP, PROXY, Sandbox};
 
+use clap::Parser as _;
+
+use super::{install, status};
 use crate::{
-    cgroup,
-    config::{Config, Inbound},
+    cli::{Cli, Command},
     ebpf::loader,
-    instance::InstanceName,
-    status,
 };
 
 const UPSTREAM_PORT: u16 = 9080;
+/// Istio's outbound and inbound proxy ports (install's default `-p`, `-z`).
+const PROXY_PORT: u16 = 15001;
+const INBOUND_PORT: u16 = 15006;
 /// Where the pod's app listens for inbound connections.
 const APP_PORT: u16 = 8080;
 
@@ -32,18 +35,8 @@ pub fn demo() -> Result<ExitCode> {
     crate::privilege::check_ebpf()?;
     let exe = std::env::current_exe().context("locating the redirect binary")?;
     let sandbox = Sandbox::new(exe, &["sandbox-agent"]).context("creating the demo pod")?;
-    // Istio's sidecar defaults, inbound capture included (-b '*' -d ...).
-    let config = Config {
-        inbound: Some(Inbound {
-            all: true,
-            exclude: vec![15090, 15021, 15020],
-            ..Inbound::default()
-        }),
-        local_addrs: vec![POD_IP],
-        ..Config::default()
-    };
     let upstream = SocketAddrV4::new(PEER_IP, UPSTREAM_PORT);
-    let proxy = SocketAddrV4::new(Ipv4Addr::LOCALHOST, config.proxy_port);
+    let proxy = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT);
 
     outln!("redirect demo: a throw-away pod");
     outln!(
@@ -64,7 +57,7 @@ pub fn demo() -> Result<ExitCode> {
         "original-dst",
     ]);
     sandbox.start(proxy_cmd)?;
-    let inbound = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, config.inbound_port);
+    let inbound = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, INBOUND_PORT);
     let mut inbound_cmd = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
     inbound_cmd.args([
         "serve",
@@ -95,20 +88,37 @@ pub fn demo() -> Result<ExitCode> {
     let first = show_inbound(&sandbox, app)?;
     expect(&first, &app_reply)?;
 
-    let cg = cgroup::resolve(&sandbox.pod_cgroup().to_string_lossy())?;
+    // Istio's sidecar flags, inbound capture included, resolved and
+    // lowered exactly as `redirect install` does it.
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let netns = sandbox.netns_path(Net::Pod);
+    let argv = [
+        "redirect",
+        "install",
+        "--cgroup",
+        &cgroup,
+        "--instance",
+        sandbox.name(),
+        "--netns",
+        &netns,
+        "-b",
+        "*",
+        "-d",
+        "15090,15021,15020",
+    ];
     outln!(
-        "\n2. $ redirect install --cgroup {} --instance {} --netns <pod> -b '*' -d 15090,15021,15020",
-        cg.path.display(),
+        "\n2. $ redirect install --cgroup {cgroup} --instance {} --netns <pod> -b '*' -d 15090,15021,15020",
         sandbox.name()
     );
-    // The inbound hook goes to the installer's network namespace: the pod's.
-    crate::iptables::apply::enter_netns(std::path::Path::new(&sandbox.netns_path(Net::Pod)))?;
-    let instance = InstanceName::parse(sandbox.name()).map_err(anyhow::Error::msg)?;
+    let Command::Install(args) = Cli::try_parse_from(argv)?.command else {
+        bail!("the demo's install command line did not parse as install");
+    };
+    let (capture, cg, instance) = install::resolve(&args.target, &args.capture, 0)?;
+    let config = install::lower(&capture)?;
     loader::install(&loader::Request {
         config: &config,
         cgroup: &cg,
         instance: &instance,
-        log_level: 0,
     })?;
     let captured = show(&sandbox, "app   (uid 1000)", APP, upstream)?;
     expect(&captured, &proxy_reply)?;

@@ -1,8 +1,8 @@
 //! `redirect status`: what is installed, where, with which config, and what
 //! it decided, laid out like `iptables -t nat -v -L` (counters first, then
-//! the rule each one mirrors).
+//! the rule each one mirrors). Exits 1 when an instance is not whole.
 
-use std::{fmt::Write as _, os::fd::AsFd as _, path::Path};
+use std::{fmt::Write as _, os::fd::AsFd as _, path::Path, process::ExitCode};
 
 use anyhow::{Result, bail};
 use redirect_common::{Counter, InstanceMeta, PORT_IN_EXCLUDE, PORT_IN_INCLUDE};
@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use crate::{
     bpffs,
-    config::Config,
-    ebpf::{Kind, SK_LOOKUP, all_hooks, loader, maps, sys},
+    cli::StatusArgs,
+    ebpf::{Kind, SK_LOOKUP, all_hooks, config::Config, features, maps, sys},
     instance::InstanceName,
 };
 
@@ -120,6 +120,21 @@ pub struct Tracked {
     pub established: u64,
 }
 
+pub fn status(args: &StatusArgs) -> Result<ExitCode> {
+    let status = collect(args.instance.as_ref())?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        out!("{}", render(&status));
+    }
+    // Like a failed check: something is installed but not whole.
+    Ok(if status.healthy() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// Collects the status of every instance (or only `only`), with the
 /// install lock held shared: no install or uninstall runs meanwhile, so a
 /// staging directory seen now was left by a killed run.
@@ -205,7 +220,7 @@ fn instance(name: &InstanceName) -> Result<Instance> {
     let maps = maps::memory(&dir, &prog_ids)?;
     Ok(Instance {
         instance: name.to_string(),
-        cgroup: loader::meta_path(&meta),
+        cgroup: crate::ebpf::loader::meta_path(&meta),
         cgroup_id: meta.cgroup_id,
         max_connections: meta.max_connections,
         map_memory_bytes: maps.iter().map(|m| m.bytes).sum(),
@@ -258,9 +273,9 @@ fn programs(dir: &Path, meta: &InstanceMeta) -> Vec<Program> {
                 link_id: info.map(|i| i.link_id),
                 program_id: info.map(|i| i.prog_id),
                 attached: info.is_some_and(|i| i.target == target && target != 0),
-                available: loader::available(&hook),
+                available: features::hook_present(&hook),
                 optional: hook.optional,
-                min_kernel: format!("{}.{}", hook.min_kernel.0, hook.min_kernel.1),
+                min_kernel: hook.first_kernel(),
                 mirrors: hook.mirrors,
             }
         })

@@ -1,0 +1,421 @@
+//! The ABI between the eBPF programs and user space: map layouts (keys,
+//! values, sizes), the configuration entry, the counters and the events.
+//! A change here is a change of [`ABI_VERSION`].
+
+/// How many proxy UIDs (and, separately, GIDs) the config can hold.
+pub const MAX_OWNERS: usize = 8;
+
+/// Version of the map layouts below. A reinstall reuses pinned maps only when
+/// the pinned config carries the same version.
+pub const ABI_VERSION: u32 = 6;
+
+/// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
+/// ports together), and the capacity of the per-port inbound capture counters.
+pub const MAX_PORTS: u32 = 1024;
+/// How many CIDRs one configuration's set (`-x`, `-i`) can hold.
+pub const MAX_CIDRS: u32 = 16384;
+/// How many pod addresses one configuration can hold.
+pub const MAX_LOCAL_ADDRS: u32 = 256;
+
+/// Configurations held at once: the active one and the one an upgrade
+/// writes beside it. The config array has one entry per slot, and every set
+/// map's key starts with its slot, so each set map holds `CONFIG_SLOTS`
+/// times its per-configuration capacity. An upgrade fills the inactive slot
+/// and then switches `RDR_ACTIVE` to it in one 4-byte write: a decision
+/// reads either the whole old configuration or the whole new one, never a
+/// mix (see [`active_slot`]).
+pub const CONFIG_SLOTS: u32 = 2;
+
+/// The slot a value of `RDR_ACTIVE` selects (always below [`CONFIG_SLOTS`]).
+#[inline(always)]
+pub const fn active_slot(active: u32) -> u32 {
+    active & (CONFIG_SLOTS - 1)
+}
+
+/// Key of the port-flags map: the configuration slot, then the port.
+#[inline(always)]
+pub const fn port_key(slot: u32, port: u16) -> u32 {
+    (slot << 16) | port as u32
+}
+
+/// Bits of a CIDR-set key taken by the slot byte before the address.
+pub const CIDR_SLOT_BITS: u32 = 8;
+
+/// Data of a CIDR-set (LPM trie) key: the slot byte, then the address in
+/// network order; the key's prefix length is [`CIDR_SLOT_BITS`] plus the
+/// CIDR's, so a slot's entries never match another slot's lookups.
+#[inline(always)]
+pub const fn cidr_key(slot: u32, ip: u32) -> [u8; 8] {
+    let b = ip.to_ne_bytes();
+    [slot as u8, b[0], b[1], b[2], b[3], 0, 0, 0]
+}
+
+/// Key of the pod-address map: the slot in the high half, the address
+/// (network order) in the low half.
+#[inline(always)]
+pub const fn local_key(slot: u32, ip: u32) -> u64 {
+    ((slot as u64) << 32) | ip as u64
+}
+
+/// How many entries the LRU original-destination map needs so that
+/// `wanted` open connections always keep their records. The kernel's LRU
+/// keeps up to 128 free entries in each possible CPU's local free list
+/// (`LOCAL_FREE_TARGET`), where no other CPU can take them, and starts
+/// evicting once the shared free list runs short: without this headroom an
+/// overflow evicts records of live connections while the map is not full.
+pub const fn lru_entries(wanted: u32, possible_cpus: u32) -> u32 {
+    const LOCAL_FREE_TARGET: u32 = 128;
+    wanted.saturating_add(possible_cpus.saturating_mul(LOCAL_FREE_TARGET))
+}
+
+/// `SOCK_STREAM`, as in `bpf_sock_addr.type`.
+pub const SOCK_STREAM: u32 = 1;
+
+/// The capture configuration, one entry in the `RDR_CONFIG` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RedirectConfig {
+    /// [`ABI_VERSION`] of the loader that wrote this entry; 0 = not configured.
+    pub abi_version: u32,
+    /// Port the proxy listens on for outbound traffic (Istio `-p`, 15001).
+    pub proxy_port: u16,
+    /// Which decisions are reported as [`Event`]s: [`LOG_DEBUG`] redirects,
+    /// [`LOG_TRACE`] every decision, anything lower none.
+    pub log_level: u8,
+    pub _pad: u8,
+    /// Destinations inside this network are never captured (Istio's
+    /// `-d 127.0.0.1/32 -j RETURN`). Network byte order.
+    pub loopback_addr: u32,
+    /// Netmask of `loopback_addr`, network byte order.
+    pub loopback_mask: u32,
+    /// Number of valid entries in `proxy_uids`.
+    pub uid_count: u32,
+    /// Number of valid entries in `proxy_gids`.
+    pub gid_count: u32,
+    /// Sockets of these UIDs are the proxy's own and are never captured.
+    pub proxy_uids: [u32; MAX_OWNERS],
+    /// Sockets of these GIDs are the proxy's own and are never captured.
+    pub proxy_gids: [u32; MAX_OWNERS],
+    /// Port of the proxy's inbound listener (Istio `-z`, 15006): where the
+    /// proxy's own calls to its pod's address go (`ISTIO_IN_REDIRECT`).
+    pub inbound_port: u16,
+    /// Inbound tunnel port (Istio `-e`, 15008), never redirected.
+    pub tunnel_port: u16,
+    /// `CFG_*` bits.
+    pub flags: u32,
+    /// Number of valid entries in `owner_groups`.
+    pub group_count: u32,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS` (with [`CFG_GROUPS_ONLY`]) or
+    /// `..._EXCLUDE` (without): numeric group ids.
+    pub owner_groups: [u32; MAX_OWNERS],
+}
+
+/// `-i '*'`: every destination not excluded is captured.
+pub const CFG_INCLUDE_ALL: u32 = 1;
+/// `-i` lists a loopback network: local traffic of other owners is not
+/// returned early (Istio drops those rules).
+pub const CFG_INCLUDE_LOOPBACK: u32 = 2;
+/// `owner_groups` lists the only groups captured (else: the groups never captured).
+pub const CFG_GROUPS_ONLY: u32 = 4;
+/// Inbound capture is on (`-b` is not empty).
+pub const CFG_INBOUND: u32 = 8;
+/// `-b '*'`: every inbound port not excluded (`-d`) is captured; else only
+/// the ports flagged [`PORT_IN_INCLUDE`].
+pub const CFG_INBOUND_ALL: u32 = 16;
+/// `-m TPROXY`: Istio's TPROXY rules, which have no tunnel-port exception.
+pub const CFG_TPROXY: u32 = 32;
+
+/// `-o`: an outbound port never captured.
+pub const PORT_EXCLUDE: u8 = 1;
+/// `-q`: an outbound port always captured.
+pub const PORT_INCLUDE: u8 = 2;
+/// `-b` (a list): an inbound port captured.
+pub const PORT_IN_INCLUDE: u8 = 4;
+/// `-d`: an inbound port never captured (with `-b '*'`).
+pub const PORT_IN_EXCLUDE: u8 = 8;
+
+/// 127.0.0.6 in network byte order: the source of the proxy's inbound
+/// passthrough connections (never captured).
+pub const PASSTHROUGH_SRC: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
+
+/// Where a redirected connection was going. Value of both original-destination maps.
+///
+/// Field order matters to the verifier: constructing this struct must not
+/// put zero stores next to each other, or LLVM fuses them into a `memset`
+/// call whose loop the verifier refuses without CAP_PERFMON.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct OrigDst {
+    /// Original destination address, network byte order.
+    pub ip: u32,
+    /// Lifetime state, one byte per writer (see [`OrigDst::PROXY_SEEN`]).
+    pub state: u32,
+    /// Original destination port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl OrigDst {
+    /// State byte set once the proxy's accepted socket of this connection
+    /// was seen in the cgroup. A record lives until both ends of its
+    /// connection closed, or only the app's end when the proxy's end is
+    /// never seen (a proxy outside the cgroup). Each byte has one writer,
+    /// so no two sockets' callbacks write the same byte.
+    pub const PROXY_SEEN: usize = 0;
+    /// State byte set once the app's socket closed.
+    pub const APP_CLOSED: usize = 1;
+    /// State byte set once the proxy's socket closed.
+    pub const PROXY_CLOSED: usize = 2;
+    /// State byte of the record in the app socket's own storage, set once
+    /// the connection is established (its copy is then in the tuple map):
+    /// at close, a socket whose storage lacks it never connected, and one
+    /// that has it but whose tuple record is gone lost it to eviction.
+    pub const ESTABLISHED: usize = 3;
+
+    /// A fresh record of `ip:port` (network-order address, host-order port).
+    pub const fn new(ip: u32, port: u16) -> Self {
+        Self {
+            ip,
+            state: 0,
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// One state byte.
+    pub const fn flag(&self, which: usize) -> u8 {
+        self.state.to_ne_bytes()[which]
+    }
+}
+
+/// A TCP connection as seen from its client (the app's socket): key of the
+/// original-destination-by-tuple map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ConnTuple {
+    /// Client (app) address, network byte order.
+    pub client_ip: u32,
+    /// Server (proxy) address, network byte order.
+    pub server_ip: u32,
+    /// Client port, host byte order.
+    pub client_port: u16,
+    /// Server port, host byte order.
+    pub server_port: u16,
+}
+
+/// Indices of the per-CPU decision counters (`RDR_STATS`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect() rewritten to the proxy port.
+    Redirected = 0,
+    /// The caller's UID is a proxy UID.
+    BypassUid = 1,
+    /// The caller's GID is a proxy GID.
+    BypassGid = 2,
+    /// The destination is in the loopback bypass network.
+    BypassLoopback = 3,
+    /// Not a TCP (SOCK_STREAM) socket.
+    NotTcp = 4,
+    /// The redirect record could not be stored; the connect was left alone.
+    RecordFailed = 5,
+    /// sockops copied a socket's record to the tuple map (handshake done).
+    TupleRecorded = 6,
+    /// A tuple record was removed because its connection closed.
+    TupleReleased = 7,
+    /// A redirected socket closed before its handshake completed (its
+    /// record went with the socket's storage).
+    ConnectAborted = 8,
+    /// `getsockopt(SO_ORIGINAL_DST)` answered from a record.
+    OrigDstAnswered = 9,
+    /// `getsockopt(SO_ORIGINAL_DST)` on a socket without a record (left to the kernel).
+    OrigDstMissed = 10,
+    /// `getpeername()` of a redirected app socket answered with the original destination.
+    PeernameRestored = 11,
+    /// An IPv6 destination that is not IPv4-mapped: not captured (IPv4-only config).
+    NotIpv4 = 12,
+    /// The proxy's call to its own pod's address, sent to the inbound port.
+    Hairpin = 13,
+    /// `-o`: the destination port is never captured.
+    BypassPort = 14,
+    /// The inbound passthrough source (127.0.0.6) on loopback.
+    BypassPassthrough = 15,
+    /// Local (loopback-routed) traffic of a process that is not the proxy.
+    BypassLocal = 16,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`: the caller's group is not captured.
+    BypassGroup = 17,
+    /// `-x`: the destination is in an excluded CIDR.
+    BypassCidr = 18,
+    /// The destination is in no included CIDR (`-i`) and no included port (`-q`).
+    NotIncluded = 19,
+    /// An inbound connection handed to the proxy's inbound listener.
+    InboundCaptured = 20,
+    /// An inbound connection to capture while no inbound listener exists:
+    /// refused, as REDIRECT to a port nobody listens on refuses it.
+    InboundRefused = 21,
+    /// A connection from the pod to itself: local traffic does not
+    /// traverse `PREROUTING` (its outbound rules decided it).
+    InboundLocal = 22,
+    /// `--dport 15008 -j RETURN`: the tunnel port is not captured.
+    InboundBypassTunnel = 23,
+    /// `-d`: the port is never captured.
+    InboundBypassPort = 24,
+    /// The port is not in the `-b` list.
+    InboundNotIncluded = 25,
+    /// A listener on the inbound port was registered for inbound capture.
+    ListenerRegistered = 26,
+    /// `getsockopt(SO_ORIGINAL_DST)` on an inbound-captured connection,
+    /// answered with its own local address.
+    OrigDstInbound = 27,
+    /// An established redirected connection closed and found its record
+    /// gone: the LRU map evicted it (more connections were open than
+    /// `--max-connections`), and SO_ORIGINAL_DST and getpeername() on that
+    /// connection had no answer after the eviction.
+    RecordEvicted = 28,
+}
+
+impl Counter {
+    pub const ALL: [Self; COUNTER_COUNT as usize] = [
+        Self::Redirected,
+        Self::BypassUid,
+        Self::BypassGid,
+        Self::BypassLoopback,
+        Self::NotTcp,
+        Self::RecordFailed,
+        Self::TupleRecorded,
+        Self::TupleReleased,
+        Self::ConnectAborted,
+        Self::OrigDstAnswered,
+        Self::OrigDstMissed,
+        Self::PeernameRestored,
+        Self::NotIpv4,
+        Self::Hairpin,
+        Self::BypassPort,
+        Self::BypassPassthrough,
+        Self::BypassLocal,
+        Self::BypassGroup,
+        Self::BypassCidr,
+        Self::NotIncluded,
+        Self::InboundCaptured,
+        Self::InboundRefused,
+        Self::InboundLocal,
+        Self::InboundBypassTunnel,
+        Self::InboundBypassPort,
+        Self::InboundNotIncluded,
+        Self::ListenerRegistered,
+        Self::OrigDstInbound,
+        Self::RecordEvicted,
+    ];
+
+    /// Stable name used in `redirect status` and its JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Redirected => "redirected",
+            Self::BypassUid => "bypass_uid",
+            Self::BypassGid => "bypass_gid",
+            Self::BypassLoopback => "bypass_loopback",
+            Self::NotTcp => "not_tcp",
+            Self::RecordFailed => "record_failed",
+            Self::TupleRecorded => "tuple_recorded",
+            Self::TupleReleased => "tuple_released",
+            Self::ConnectAborted => "connect_aborted",
+            Self::OrigDstAnswered => "orig_dst_answered",
+            Self::OrigDstMissed => "orig_dst_missed",
+            Self::PeernameRestored => "peername_restored",
+            Self::NotIpv4 => "not_ipv4",
+            Self::Hairpin => "hairpin",
+            Self::BypassPort => "bypass_port",
+            Self::BypassPassthrough => "bypass_passthrough",
+            Self::BypassLocal => "bypass_local",
+            Self::BypassGroup => "bypass_group",
+            Self::BypassCidr => "bypass_cidr",
+            Self::NotIncluded => "not_included",
+            Self::InboundCaptured => "inbound_captured",
+            Self::InboundRefused => "inbound_refused",
+            Self::InboundLocal => "inbound_local",
+            Self::InboundBypassTunnel => "inbound_bypass_tunnel",
+            Self::InboundBypassPort => "inbound_bypass_port",
+            Self::InboundNotIncluded => "inbound_not_included",
+            Self::ListenerRegistered => "listener_registered",
+            Self::OrigDstInbound => "orig_dst_inbound",
+            Self::RecordEvicted => "record_evicted",
+        }
+    }
+}
+
+/// Number of entries in the counter array.
+pub const COUNTER_COUNT: u32 = 29;
+
+/// 127.0.0.1 in network byte order: where redirected connects are sent.
+pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// `log_level` at which redirects are reported.
+pub const LOG_DEBUG: u8 = 4;
+/// `log_level` at which every decision is reported.
+pub const LOG_TRACE: u8 = 5;
+
+/// One decision of the connect programs, reported through the `RDR_EVENTS`
+/// ring buffer when the config's log level asks for it. A fixed-size record
+/// (not a formatted log line): every verifier bounds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Event {
+    /// The [`Counter`] the decision counted in.
+    pub counter: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Destination address, network byte order.
+    pub dst_ip: u32,
+    /// Destination port, host byte order.
+    pub dst_port: u16,
+    /// Proxy port it was sent to (redirects only).
+    pub proxy_port: u16,
+}
+
+/// Longest cgroup path (relative to the cgroup2 mount) an instance records.
+pub const META_PATH_MAX: usize = 1024;
+
+/// What `redirect status` needs to know about an installed instance and that
+/// must survive the loader's exit: one entry in the pinned `RDR_META` array.
+/// Only user space reads or writes it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct InstanceMeta {
+    /// Inode number of the cgroup directory (the kernel's cgroup id).
+    pub cgroup_id: u64,
+    /// Seconds since the Unix epoch of the last install.
+    pub installed_at: u64,
+    /// Number of valid bytes in `cgroup_path`.
+    pub cgroup_path_len: u32,
+    /// Inode number of the network namespace the inbound hook is attached
+    /// to (0: none).
+    pub netns_ino: u32,
+    /// The `--max-connections` the instance was installed with (its
+    /// original-destination map is larger: see [`lru_entries`]).
+    pub max_connections: u32,
+    pub _pad: u32,
+    /// Absolute path of the cgroup directory, UTF-8.
+    pub cgroup_path: [u8; META_PATH_MAX],
+}
+
+/// The maps' names: the programs' statics and the pins' file names under
+/// the instance directory (user space opens them by these).
+pub mod map_names {
+    pub const CONFIG: &str = "RDR_CONFIG";
+    pub const ACTIVE: &str = "RDR_ACTIVE";
+    pub const STATS: &str = "RDR_STATS";
+    pub const SOCK: &str = "RDR_SOCK";
+    pub const ORIG_TUPLE: &str = "RDR_ORIG_TUPLE";
+    pub const META: &str = "RDR_META";
+    pub const PORTS: &str = "RDR_PORTS";
+    pub const EXCLUDE: &str = "RDR_EXCLUDE";
+    pub const INCLUDE: &str = "RDR_INCLUDE";
+    pub const LOCAL: &str = "RDR_LOCAL";
+    pub const LISTENER: &str = "RDR_LISTENER";
+    pub const IN_HITS: &str = "RDR_IN_HITS";
+}

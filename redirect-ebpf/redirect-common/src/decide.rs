@@ -1,0 +1,308 @@
+//! The capture decisions, pure functions of the connection, the
+//! configuration and the set maps (through [`Lookups`]): what the
+//! programs apply, unit-tested on the host rule by rule.
+
+use crate::abi::*;
+
+/// The facts about one `connect()` that the decision depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectInput {
+    /// `bpf_sock_addr.type` (`SOCK_STREAM`, `SOCK_DGRAM`, ...).
+    pub sock_type: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Destination address, network byte order.
+    pub dst_ip: u32,
+    /// Destination port, host byte order.
+    pub dst_port: u16,
+    /// The address the socket is bound to, network byte order (0: unbound).
+    pub src_ip: u32,
+}
+
+/// What to do with one `connect()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Rewrite the destination to `127.0.0.1:port` and remember the
+    /// original; the counter says which chain sent it there.
+    Redirect { port: u16, counter: Counter },
+    /// Leave the connect alone; the counter says which rule let it through.
+    Bypass(Counter),
+}
+
+/// The maps the decision consults: per-port flags, CIDR sets, and the
+/// pod's own addresses.
+pub trait Lookups {
+    /// `PORT_*` bits of a destination port (0: none).
+    fn port_flags(&self, port: u16) -> u8;
+    /// Whether `ip` is in an excluded CIDR (`-x`).
+    fn excluded(&self, ip: u32) -> bool;
+    /// Whether `ip` is in an included CIDR (`-i`).
+    fn included(&self, ip: u32) -> bool;
+    /// Whether `ip` is one of the pod's own (non-127/8) addresses.
+    fn pod_address(&self, ip: u32) -> bool;
+}
+
+/// Decides one outbound TCP `connect()` by walking Istio's `ISTIO_OUTPUT`
+/// chain in its order (istio-iptables' rules for this configuration; the
+/// DNS, TPROXY and interface rules are not expressible here and refused
+/// before install). `-o lo` is "the destination is local": 127.0.0.0/8 or
+/// one of the pod's addresses. `LO` is the loopback CIDR, `U`/`G` each
+/// proxy UID/GID in turn:
+///
+/// ```text
+/// -A OUTPUT -p tcp -j ISTIO_OUTPUT                                          (not_tcp otherwise)
+/// -A ISTIO_OUTPUT -p tcp --dport P -j RETURN          for P in -o           (bypass_port)
+/// -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN                           (bypass_passthrough)
+/// -A ISTIO_OUTPUT -o lo ! -d LO -p tcp ! --dport 15008 -m owner --uid-owner U -j ISTIO_IN_REDIRECT (hairpin)
+/// -A ISTIO_OUTPUT -o lo -m owner ! --uid-owner U -j RETURN  (unless -i has loopback) (bypass_local)
+/// -A ISTIO_OUTPUT -m owner --uid-owner U -j RETURN                          (bypass_uid)
+///   ... the same three for each G with --gid-owner                         (hairpin, bypass_local, bypass_gid)
+/// -A ISTIO_OUTPUT -m owner --gid-owner X -j RETURN    owner groups          (bypass_group)
+/// -A ISTIO_OUTPUT -d LO -j RETURN                                           (bypass_loopback)
+/// -A ISTIO_OUTPUT -d C -j RETURN                      for C in -x           (bypass_cidr)
+/// -A ISTIO_OUTPUT -p tcp --dport P -j ISTIO_REDIRECT  for P in -q           (redirected)
+/// -A ISTIO_OUTPUT -j ISTIO_REDIRECT  (-i '*'), or -d C for C in -i          (redirected)
+///                                                     otherwise             (not_included)
+/// ```
+///
+/// With `-m TPROXY` and inbound capture, Istio also marks the proxy's
+/// (UID or GID) loopback connections to anything but the loopback CIDR
+/// (`-A OUTPUT ! -d LO -p tcp -o lo -m owner --uid-owner U -j MARK
+/// --set-mark 1338`), and its mangle `ISTIO_INBOUND` sends those, unless
+/// from 127.0.0.6, through the inbound port rules to TPROXY: a connection
+/// the chain above lets through is then sent to the inbound port if those
+/// rules capture its port (hairpin).
+#[inline(always)]
+pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
+    // Read up front, once: left to the optimiser, the choice between this
+    // field and `proxy_port` becomes pointer arithmetic on the map value,
+    // which the verifier refuses without CAP_PERFMON.
+    // SAFETY: a valid, aligned field of a live reference.
+    let inbound_port = unsafe { core::ptr::read_volatile(&raw const cfg.inbound_port) };
+    let verdict = decide_nat(input, cfg, maps);
+    if matches!(verdict, Verdict::Bypass(_)) && tproxy_hairpin(input, cfg, maps) {
+        return Verdict::Redirect {
+            port: inbound_port,
+            counter: Counter::Hairpin,
+        };
+    }
+    verdict
+}
+
+/// Whether Istio's TPROXY rules send this connect to the inbound port (see
+/// [`decide_connect`]).
+#[inline(always)]
+fn tproxy_hairpin(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> bool {
+    let wanted = CFG_TPROXY | CFG_INBOUND;
+    if cfg.flags & wanted != wanted
+        || input.sock_type != SOCK_STREAM
+        || input.src_ip == PASSTHROUGH_SRC
+        || !is_local(input.dst_ip, maps)
+        || input.dst_ip & cfg.loopback_mask == cfg.loopback_addr & cfg.loopback_mask
+    {
+        return false;
+    }
+    let proxy = contains(&cfg.proxy_uids, cfg.uid_count, input.uid)
+        || contains(&cfg.proxy_gids, cfg.gid_count, input.gid);
+    proxy && inbound_port_rules(input.dst_port, cfg, maps) == InboundVerdict::Capture
+}
+
+/// The nat `ISTIO_OUTPUT` chain (see [`decide_connect`]).
+#[inline(always)]
+fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
+    if input.sock_type != SOCK_STREAM {
+        return Verdict::Bypass(Counter::NotTcp);
+    }
+    let ports = maps.port_flags(input.dst_port);
+    if ports & PORT_EXCLUDE != 0 {
+        return Verdict::Bypass(Counter::BypassPort);
+    }
+    let dst = input.dst_ip;
+    let local = is_local(dst, maps);
+    if local && input.src_ip == PASSTHROUGH_SRC {
+        return Verdict::Bypass(Counter::BypassPassthrough);
+    }
+    let in_loopback = dst & cfg.loopback_mask == cfg.loopback_addr & cfg.loopback_mask;
+    let lo = LoRules {
+        hairpin: local && !in_loopback && input.dst_port != cfg.tunnel_port,
+        return_others: local && cfg.flags & CFG_INCLUDE_LOOPBACK == 0,
+        inbound_port: cfg.inbound_port,
+    };
+    // Two calls rather than a loop over (ids, ...) pairs: an array of
+    // references on the stack trips the verifier without CAP_PERFMON.
+    if let Some(verdict) = lo.owner_rules(
+        &cfg.proxy_uids,
+        cfg.uid_count,
+        input.uid,
+        Counter::BypassUid,
+    ) {
+        return verdict;
+    }
+    if let Some(verdict) = lo.owner_rules(
+        &cfg.proxy_gids,
+        cfg.gid_count,
+        input.gid,
+        Counter::BypassGid,
+    ) {
+        return verdict;
+    }
+    let in_groups = contains(&cfg.owner_groups, cfg.group_count, input.gid);
+    if cfg.flags & CFG_GROUPS_ONLY != 0 {
+        if !in_groups {
+            return Verdict::Bypass(Counter::BypassGroup);
+        }
+    } else if in_groups {
+        return Verdict::Bypass(Counter::BypassGroup);
+    }
+    if in_loopback {
+        return Verdict::Bypass(Counter::BypassLoopback);
+    }
+    if maps.excluded(dst) {
+        return Verdict::Bypass(Counter::BypassCidr);
+    }
+    if ports & PORT_INCLUDE != 0 || cfg.flags & CFG_INCLUDE_ALL != 0 || maps.included(dst) {
+        return Verdict::Redirect {
+            port: cfg.proxy_port,
+            counter: Counter::Redirected,
+        };
+    }
+    Verdict::Bypass(Counter::NotIncluded)
+}
+
+/// Whether `ip` is one of the pod's own addresses: 127.0.0.0/8 or an
+/// address of its interfaces (what `-o lo` tests for a destination).
+#[inline(always)]
+fn is_local(ip: u32, maps: &impl Lookups) -> bool {
+    ip.to_ne_bytes()[0] == 127 || maps.pod_address(ip)
+}
+
+/// The facts about one inbound TCP connection (its SYN) that the inbound
+/// decision depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct InboundInput {
+    /// Source address, network byte order.
+    pub src_ip: u32,
+    /// Destination (local) port, host byte order.
+    pub dst_port: u16,
+}
+
+/// What to do with one inbound connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundVerdict {
+    /// Hand it to the proxy's inbound listener (`ISTIO_IN_REDIRECT`).
+    Capture,
+    /// Leave it to the socket it was sent to; the counter says which rule.
+    Bypass(Counter),
+}
+
+/// Decides one inbound TCP connection by walking Istio's inbound chain
+/// (`-p tcp -j ISTIO_INBOUND` from `PREROUTING`) in its order:
+///
+/// ```text
+/// REDIRECT (nat):
+/// -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN                          (inbound_bypass_tunnel)
+/// -A ISTIO_INBOUND -p tcp --dport P -j RETURN         for P in -d, -b '*'  (inbound_bypass_port)
+/// -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT        -b '*'               (inbound_captured)
+/// -A ISTIO_INBOUND -p tcp --dport P -j ISTIO_IN_REDIRECT  for P in -b      (inbound_captured)
+///                                                     otherwise            (inbound_not_included)
+/// -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+/// TPROXY (mangle): the same without the tunnel-port rule, -j ISTIO_TPROXY
+/// ```
+///
+/// A connection from the pod to itself (source 127.0.0.0/8 or a pod
+/// address) is never captured here: locally generated traffic does not
+/// traverse nat `PREROUTING`, and Istio's TPROXY rules return `-i lo`
+/// traffic but the proxy's own hairpin, which connect4 already sends to the
+/// inbound port (inbound_local).
+#[inline(always)]
+pub fn decide_inbound(
+    input: &InboundInput,
+    cfg: &RedirectConfig,
+    maps: &impl Lookups,
+) -> InboundVerdict {
+    if cfg.flags & CFG_INBOUND == 0 {
+        return InboundVerdict::Bypass(Counter::InboundNotIncluded);
+    }
+    if is_local(input.src_ip, maps) {
+        return InboundVerdict::Bypass(Counter::InboundLocal);
+    }
+    inbound_port_rules(input.dst_port, cfg, maps)
+}
+
+/// The port rules of the inbound chain (after its source rules).
+#[inline(always)]
+fn inbound_port_rules(port: u16, cfg: &RedirectConfig, maps: &impl Lookups) -> InboundVerdict {
+    if cfg.flags & CFG_TPROXY == 0 && port == cfg.tunnel_port {
+        return InboundVerdict::Bypass(Counter::InboundBypassTunnel);
+    }
+    let ports = maps.port_flags(port);
+    if cfg.flags & CFG_INBOUND_ALL != 0 {
+        if ports & PORT_IN_EXCLUDE != 0 {
+            return InboundVerdict::Bypass(Counter::InboundBypassPort);
+        }
+        return InboundVerdict::Capture;
+    }
+    if ports & PORT_IN_INCLUDE != 0 {
+        return InboundVerdict::Capture;
+    }
+    InboundVerdict::Bypass(Counter::InboundNotIncluded)
+}
+
+/// What the `-o lo` owner rules need to know about one connect.
+struct LoRules {
+    /// `-o lo ! -d LO -p tcp ! --dport TUNNEL` holds.
+    hairpin: bool,
+    /// `-o lo -m owner ! --uid-owner X -j RETURN` is in the chain (and `-o lo` holds).
+    return_others: bool,
+    inbound_port: u16,
+}
+
+impl LoRules {
+    /// The three rules istio-iptables adds for each proxy UID (or GID) `X`,
+    /// in order, for each of the first `count` entries of `ids`: the
+    /// hairpin to the inbound port, the return of other owners' local
+    /// traffic, the return of the proxy's own. `None`: no rule matched.
+    #[inline(always)]
+    fn owner_rules(
+        &self,
+        ids: &[u32; MAX_OWNERS],
+        count: u32,
+        id: u32,
+        bypass: Counter,
+    ) -> Option<Verdict> {
+        let mut i = 0;
+        while i < MAX_OWNERS {
+            if (i as u32) < count {
+                let owner = ids[i] == id;
+                if owner && self.hairpin {
+                    return Some(Verdict::Redirect {
+                        port: self.inbound_port,
+                        counter: Counter::Hairpin,
+                    });
+                }
+                if !owner && self.return_others {
+                    return Some(Verdict::Bypass(Counter::BypassLocal));
+                }
+                if owner {
+                    return Some(Verdict::Bypass(bypass));
+                }
+            }
+            i += 1;
+        }
+        None
+    }
+}
+
+/// Whether `id` is among the first `count` entries of `set` (a bounded loop
+/// the verifier accepts on every supported kernel).
+#[inline(always)]
+fn contains(set: &[u32; MAX_OWNERS], count: u32, id: u32) -> bool {
+    let mut i = 0;
+    while i < MAX_OWNERS {
+        if (i as u32) < count && set[i] == id {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}

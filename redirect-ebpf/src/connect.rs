@@ -1,0 +1,144 @@
+//! `cgroup/connect4` and `cgroup/connect6` (kernel 4.17; socket storage
+//! from them 5.10): Istio's nat `OUTPUT -> ISTIO_OUTPUT -> ISTIO_REDIRECT`
+//! (and `ISTIO_IN_REDIRECT` for the proxy's calls to its own pod).
+
+use aya_ebpf::{
+    helpers::bpf_get_current_uid_gid, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
+use redirect_common::{
+    ConnectInput, Counter, Event, LOCALHOST, LOG_DEBUG, LOG_TRACE, OrigDst, SOCK_STREAM, Verdict,
+    decide_connect, to_v4_mapped, v4_mapped,
+};
+
+use crate::{
+    maps::{RDR_EVENTS, RDR_SOCK, active, count, store},
+    net::{ALLOW, read_ip6},
+};
+
+/// Mirrors Istio's outbound capture, by default:
+///
+/// ```text
+/// -A OUTPUT -p tcp -j ISTIO_OUTPUT
+/// -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
+/// -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+/// -A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+/// -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+///   (the same three with --gid-owner 1337)
+/// -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+/// -A ISTIO_OUTPUT -j ISTIO_REDIRECT
+/// -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+/// -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+/// ```
+///
+/// The decision itself, with every rule istio-iptables can add, is
+/// [`decide_connect`]. Always allows the connect: a
+/// capture failure must never break the app's connection.
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/connect4 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
+    let src_ip = unsafe { (*addr.__bindgen_anon_1.sk).src_ip4 };
+    if let Some(port) = capture(&ctx, addr.type_, addr.user_ip4, addr.user_port, src_ip) {
+        addr.user_ip4 = LOCALHOST;
+        addr.user_port = u32::from(port.to_be());
+    }
+    ALLOW
+}
+
+/// The same rules as [`redirect_connect4`] for a dual-stack (AF_INET6)
+/// socket connecting to an IPv4-mapped address: its packets are IPv4, and
+/// Istio's IPv4 rules capture them. It is sent to `::ffff:127.0.0.1:<proxy
+/// port>`, which reaches the proxy's IPv4 listener. Real IPv6 destinations
+/// are left alone, as Istio leaves them without `--ipv6` rules.
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/connect6 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    let Some(dst) = v4_mapped(&read_ip6(&raw const addr.user_ip6)) else {
+        if addr.type_ == SOCK_STREAM {
+            count(Counter::NotIpv4);
+        }
+        return ALLOW;
+    };
+    // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
+    let src = read_ip6(unsafe { &raw const (*addr.__bindgen_anon_1.sk).src_ip6 });
+    let src_ip = v4_mapped(&src).unwrap_or(0);
+    if let Some(port) = capture(&ctx, addr.type_, dst, addr.user_port, src_ip) {
+        let proxy = to_v4_mapped(LOCALHOST);
+        let w = (&raw mut addr.user_ip6).cast::<u32>();
+        // SAFETY: four 4-byte stores into the writable user_ip6 field.
+        unsafe {
+            core::ptr::write_volatile(w, proxy[0]);
+            core::ptr::write_volatile(w.add(1), proxy[1]);
+            core::ptr::write_volatile(w.add(2), proxy[2]);
+            core::ptr::write_volatile(w.add(3), proxy[3]);
+        }
+        addr.user_port = u32::from(port.to_be());
+    }
+    ALLOW
+}
+
+/// Decides one connect to `dst_ip` (network order; `user_port` as the
+/// context holds it, the __be16 in its low 16 bits) and, when it is
+/// captured, records the original destination in the socket's storage.
+/// `src_ip` is the address the socket is bound to (0: none). Returns the
+/// proxy port to rewrite to.
+#[inline(always)]
+fn capture(
+    ctx: &SockAddrContext,
+    sock_type: u32,
+    dst_ip: u32,
+    user_port: u32,
+    src_ip: u32,
+) -> Option<u16> {
+    let (cfg, maps) = active()?;
+    let uid_gid = bpf_get_current_uid_gid();
+    let input = ConnectInput {
+        sock_type,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        dst_ip,
+        dst_port: u16::from_be(user_port as u16),
+        src_ip,
+    };
+    let verdict = decide_connect(&input, cfg, &maps);
+    let level = cfg.log_level;
+    let report = |counter: Counter, proxy_port: u16| {
+        let redirect = matches!(counter, Counter::Redirected | Counter::Hairpin);
+        if level >= LOG_TRACE || (level >= LOG_DEBUG && redirect) {
+            let event = Event {
+                counter: counter as u32,
+                uid: input.uid,
+                gid: input.gid,
+                dst_ip,
+                dst_port: input.dst_port,
+                proxy_port,
+            };
+            let _ = RDR_EVENTS.output::<Event>(&event, 0);
+        }
+    };
+    match verdict {
+        Verdict::Bypass(counter) => {
+            count(counter);
+            report(counter, 0);
+            None
+        }
+        Verdict::Redirect { port, counter } => {
+            let mut orig = OrigDst::new(dst_ip, input.dst_port);
+            // SAFETY: the context's socket; the value is copied in when created.
+            let slot = unsafe { RDR_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
+            if slot.is_null() {
+                // Without a record the proxy could not learn the original
+                // destination: leave the connect alone rather than break it.
+                count(Counter::RecordFailed);
+                return None;
+            }
+            // A socket that connects again keeps its storage: overwrite it.
+            store(slot, &orig);
+            count(counter);
+            report(counter, port);
+            Some(port)
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! `cgroup/getpeername4` and `cgroup/getpeername6` (kernel 5.8, optional):
+//! REDIRECT leaves the app's peer address unchanged, so the app's
+//! redirected socket reports its original destination.
+
+use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock_addr, programs::SockAddrContext};
+use redirect_common::{Counter, OrigDst, tuple_from_client_side, v4_mapped};
+
+use crate::{
+    maps::{RDR_ORIG_TUPLE, count},
+    net::{ALLOW, read_ip6, sock_ends},
+};
+
+/// The record of the app's redirected socket `sk` whose peer is `peer_ip:peer_port`.
+#[inline(always)]
+pub(crate) fn peer_record(sk: *const bpf_sock, peer_ip: u32, user_port: u32) -> Option<OrigDst> {
+    let (local_ip, local_port, _, _) = sock_ends(sk)?;
+    let tuple = tuple_from_client_side(
+        local_ip,
+        local_port,
+        peer_ip,
+        u16::from_be(user_port as u16),
+    );
+    // SAFETY: copied out before use.
+    unsafe { RDR_ORIG_TUPLE.get(tuple) }.copied()
+}
+
+/// `getpeername()` on the app's redirected socket returns the original
+/// destination instead of 127.0.0.1:<proxy port>, as it does with iptables
+/// REDIRECT (there the kernel never sees the rewrite). Other sockets,
+/// including the proxy's own, have no record and are unaffected.
+#[cgroup_sock_addr(getpeername4)]
+pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/getpeername4 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: reading the union member the kernel filled in.
+    let sk = unsafe { addr.__bindgen_anon_1.sk };
+    if let Some(orig) = peer_record(sk, addr.user_ip4, addr.user_port) {
+        addr.user_ip4 = orig.ip;
+        addr.user_port = u32::from(orig.port.to_be());
+        count(Counter::PeernameRestored);
+    }
+    ALLOW
+}
+
+/// [`redirect_getpeername4`] for dual-stack sockets redirected by
+/// [`redirect_connect6`]: the peer reads `::ffff:<original address>`.
+#[cgroup_sock_addr(getpeername6)]
+pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/getpeername6 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    let Some(peer) = v4_mapped(&read_ip6(&raw const addr.user_ip6)) else {
+        return ALLOW;
+    };
+    // SAFETY: reading the union member the kernel filled in.
+    let sk = unsafe { addr.__bindgen_anon_1.sk };
+    if let Some(orig) = peer_record(sk, peer, addr.user_port) {
+        let w = (&raw mut addr.user_ip6).cast::<u32>();
+        // SAFETY: a 4-byte store into the writable user_ip6 field; the
+        // first three words already hold the ::ffff: prefix.
+        unsafe { core::ptr::write_volatile(w.add(3), orig.ip) };
+        addr.user_port = u32::from(orig.port.to_be());
+        count(Counter::PeernameRestored);
+    }
+    ALLOW
+}

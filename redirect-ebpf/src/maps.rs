@@ -1,0 +1,207 @@
+//! Every map the programs share, pinned by name in the instance's bpffs
+//! directory (so that a reinstall reuses them and the programs it loads
+//! share state with the old ones), and the helpers that read and write
+//! them: the configuration in force, the set lookups, the counters, the
+//! original-destination records.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::bpf_sock,
+    btf_maps::SkStorage,
+    helpers::generated::bpf_sk_storage_get,
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
+};
+use redirect_common::{
+    CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, Counter, InstanceMeta, Lookups,
+    MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_PORTS, OrigDst, RedirectConfig, active_slot, cidr_key,
+    local_key, port_key,
+};
+
+/// Largest number of connections whose original destination is tracked at
+/// once (user space sets the actual size: `--max-connections`).
+const MAX_TRACKED: u32 = 65536;
+
+/// The capture configurations, one per slot, written by user space; the
+/// one `RDR_ACTIVE` selects is in force (see [`active`]).
+#[map]
+pub(crate) static RDR_CONFIG: Array<RedirectConfig> = Array::pinned(CONFIG_SLOTS, 0);
+
+/// Which slot of `RDR_CONFIG` (and of every set map) is in force: an
+/// upgrade writes the other slot, then switches this one value.
+#[map]
+pub(crate) static RDR_ACTIVE: Array<u32> = Array::pinned(1, 0);
+
+/// The configuration in force and the view of the set maps that goes with
+/// it; `None` before the first install finished writing one.
+#[inline(always)]
+pub(crate) fn active() -> Option<(&'static RedirectConfig, Maps)> {
+    let slot = active_slot(*RDR_ACTIVE.get(0)?);
+    let cfg = RDR_CONFIG.get(slot)?;
+    if cfg.abi_version == 0 {
+        return None;
+    }
+    Some((cfg, Maps { slot }))
+}
+
+/// Decision counters, indexed by [`Counter`].
+#[map]
+pub(crate) static RDR_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+
+/// Original destination of a redirected socket between connect() and the
+/// end of its handshake, in the socket's local storage: the kernel frees it
+/// with the socket, so a connect that never completes leaves nothing
+/// behind, and there is no map to fill. (A BTF map: user space pins it
+/// with the others, by name.)
+#[btf_map]
+pub(crate) static RDR_SOCK: SkStorage<OrigDst> = SkStorage::new();
+
+/// The storage map, as the helpers take it.
+#[inline(always)]
+pub(crate) fn sock_map() -> *mut core::ffi::c_void {
+    (&raw const RDR_SOCK).cast_mut().cast()
+}
+
+/// Writes a record field by field: a struct copy compiles to a `memcpy`
+/// call whose pointer arithmetic the verifier refuses without CAP_PERFMON.
+#[inline(always)]
+pub(crate) fn store(slot: *mut OrigDst, orig: &OrigDst) {
+    // SAFETY: `slot` is a valid map value of this type.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*slot).ip, orig.ip);
+        core::ptr::write_volatile(&raw mut (*slot).state, orig.state);
+        core::ptr::write_volatile(&raw mut (*slot).port, orig.port);
+    }
+}
+
+/// Reads a record field by field (see [`store`]).
+#[inline(always)]
+pub(crate) fn load(slot: *const OrigDst) -> OrigDst {
+    // SAFETY: `slot` is a valid map value of this type.
+    unsafe {
+        OrigDst {
+            ip: core::ptr::read_volatile(&raw const (*slot).ip),
+            state: core::ptr::read_volatile(&raw const (*slot).state),
+            port: core::ptr::read_volatile(&raw const (*slot).port),
+            _pad: 0,
+        }
+    }
+}
+
+/// The record in `sk`'s storage, or null.
+#[inline(always)]
+pub(crate) fn sock_record(sk: *mut bpf_sock) -> *mut OrigDst {
+    if sk.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: a full socket from the context; no value is created.
+    unsafe { bpf_sk_storage_get(sock_map(), sk.cast(), core::ptr::null_mut(), 0) }.cast()
+}
+
+/// Original destination of an established redirected connection, keyed by
+/// its tuple as seen from the app (client) side.
+#[map]
+pub(crate) static RDR_ORIG_TUPLE: LruHashMap<ConnTuple, OrigDst> =
+    LruHashMap::pinned(MAX_TRACKED, 0);
+
+// The set maps below hold each configuration slot's entries under keys
+// that start with the slot (see `redirect_common::port_key`, `cidr_key`,
+// `local_key`).
+
+/// `PORT_*` flags of ports (Istio `-o`, `-q`, `-b`, `-d`).
+#[map]
+pub(crate) static RDR_PORTS: HashMap<u32, u8> = HashMap::pinned(MAX_PORTS * CONFIG_SLOTS, 0);
+
+/// Excluded destination networks (Istio `-x`); any value means "in the set".
+#[map]
+pub(crate) static RDR_EXCLUDE: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(MAX_CIDRS * CONFIG_SLOTS, 0);
+
+/// Included destination networks (Istio `-i`, unless it is `*`).
+#[map]
+pub(crate) static RDR_INCLUDE: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(MAX_CIDRS * CONFIG_SLOTS, 0);
+
+/// The pod's own non-loopback addresses: connects to them leave through
+/// `lo`, which Istio's `-o lo` rules test.
+#[map]
+pub(crate) static RDR_LOCAL: HashMap<u64, u8> = HashMap::pinned(MAX_LOCAL_ADDRS * CONFIG_SLOTS, 0);
+
+/// The proxy's inbound listener (key 0), put here by [`redirect_sockops`]
+/// when a socket of the cgroup listens on the inbound port (or by user
+/// space, for a listener that existed before the install).
+#[map]
+pub(crate) static RDR_LISTENER: SockMap = SockMap::pinned(1, 0);
+
+/// Inbound connections captured, per destination port. When every slot is
+/// taken, further ports are only counted in `inbound_captured`.
+#[map]
+pub(crate) static RDR_IN_HITS: HashMap<u16, u64> = HashMap::pinned(MAX_PORTS, 0);
+
+/// The decision's view of the set maps above: one slot's entries.
+pub(crate) struct Maps {
+    slot: u32,
+}
+
+impl Lookups for Maps {
+    #[inline(always)]
+    fn port_flags(&self, port: u16) -> u8 {
+        // SAFETY: the value is copied out at once, before any update can free it.
+        unsafe { RDR_PORTS.get(port_key(self.slot, port)) }
+            .copied()
+            .unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn excluded(&self, ip: u32) -> bool {
+        RDR_EXCLUDE
+            .get(Key::new(CIDR_SLOT_BITS + 32, cidr_key(self.slot, ip)))
+            .is_some()
+    }
+
+    #[inline(always)]
+    fn included(&self, ip: u32) -> bool {
+        RDR_INCLUDE
+            .get(Key::new(CIDR_SLOT_BITS + 32, cidr_key(self.slot, ip)))
+            .is_some()
+    }
+
+    #[inline(always)]
+    fn pod_address(&self, ip: u32) -> bool {
+        // SAFETY: only presence is used.
+        unsafe { RDR_LOCAL.get(local_key(self.slot, ip)) }.is_some()
+    }
+}
+
+/// Which cgroup this instance belongs to (user space only; see `InstanceMeta`).
+#[map]
+pub(crate) static RDR_META: Array<InstanceMeta> = Array::pinned(1, 0);
+
+/// Decisions reported to `redirect run --log` (see [`Event`]); written only
+/// when the config's log level asks for them.
+#[map]
+pub(crate) static RDR_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+#[inline(always)]
+pub(crate) fn count(counter: Counter) {
+    if let Some(slot) = RDR_STATS.get_ptr_mut(counter as u32) {
+        // Atomic (a BPF XADD, the result unused): a sockops callback in
+        // softirq can interrupt a syscall-context increment on this CPU.
+        // SAFETY: a valid, aligned map value that lives as long as the map.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
+    }
+}
+
+/// Sets one state byte of a record in place (volatile: ordered before the
+/// reads that follow it).
+#[inline(always)]
+pub(crate) fn set_flag(orig: *mut OrigDst, which: usize) {
+    // SAFETY: a valid map value pointer; `which` < 4 stays inside `state`.
+    unsafe { core::ptr::write_volatile((&raw mut (*orig).state).cast::<u8>().add(which), 1) };
+}
+
+/// Reads one state byte of a record in place.
+#[inline(always)]
+pub(crate) fn flag(orig: *mut OrigDst, which: usize) -> u8 {
+    // SAFETY: as in `set_flag`.
+    unsafe { core::ptr::read_volatile((&raw const (*orig).state).cast::<u8>().add(which)) }
+}

@@ -1,0 +1,47 @@
+//! Socket addresses as the programs read them from their contexts.
+
+use aya_ebpf::bindings::bpf_sock;
+use redirect_common::v4_mapped;
+
+/// Return value of a cgroup sock_addr program that lets the syscall proceed.
+pub(crate) const ALLOW: i32 = 1;
+pub(crate) const AF_INET: u32 = 2;
+pub(crate) const AF_INET6: u32 = 10;
+pub(crate) const IPPROTO_TCP: u32 = 6;
+
+/// Reads an IPv6 address from a context, one 4-byte load per word (the
+/// verifier refuses wider loads of these fields on older kernels).
+#[inline(always)]
+pub(crate) fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
+    let w = words.cast::<u32>();
+    // SAFETY: `words` points at a readable 16-byte context field.
+    unsafe {
+        [
+            core::ptr::read_volatile(w),
+            core::ptr::read_volatile(w.add(1)),
+            core::ptr::read_volatile(w.add(2)),
+            core::ptr::read_volatile(w.add(3)),
+        ]
+    }
+}
+
+/// The local and remote ends of a socket seen from a cgroup hook, as IPv4
+/// (AF_INET, or AF_INET6 with IPv4-mapped ends): (local ip, local port,
+/// remote ip, remote port) with host-order ports.
+#[inline(always)]
+pub(crate) fn sock_ends(sk: *const bpf_sock) -> Option<(u32, u16, u32, u16)> {
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: non-null socket pointer from the context.
+    let sk = unsafe { &*sk };
+    let (local, remote) = match sk.family {
+        AF_INET => (sk.src_ip4, sk.dst_ip4),
+        AF_INET6 => (
+            v4_mapped(&read_ip6(&raw const sk.src_ip6))?,
+            v4_mapped(&read_ip6(&raw const sk.dst_ip6))?,
+        ),
+        _ => return None,
+    };
+    Some((local, sk.src_port as u16, remote, u16::from_be(sk.dst_port)))
+}

@@ -1,0 +1,93 @@
+//! `redirect install`: the eBPF capture of a pod, pinned, and exit.
+
+use std::process::ExitCode;
+
+use anyhow::{Result, anyhow};
+
+use crate::{
+    capture::Capture,
+    cgroup::{self, Cgroup},
+    cli::{InstallArgs, TargetArgs},
+    ebpf::{self, config::Config, loader},
+    host::RealHost,
+    instance::InstanceName,
+    netns,
+};
+
+pub fn install(args: &InstallArgs) -> Result<ExitCode> {
+    let (capture, cgroup, instance) = resolve(&args.target, &args.capture, 0)?;
+    let config = lower(&capture)?;
+    let installed = loader::install(&loader::Request {
+        config: &config,
+        cgroup: &cgroup,
+        instance: &instance,
+    })?;
+    installed.print_notes();
+    outln!(
+        "redirect: {} instance {instance} on {}: outbound TCP -> 127.0.0.1:{}{} (proxy uids {:?}, gids {:?})",
+        if installed.upgraded {
+            "updated"
+        } else {
+            "installed"
+        },
+        cgroup.path.display(),
+        config.proxy_port,
+        inbound_summary(&config),
+        config.proxy_uids,
+        config.proxy_gids,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `install` and `run` capture, and where: the pod's network
+/// namespace entered (`--netns`), its addresses read, its cgroup found,
+/// the instance named.
+pub fn resolve(
+    target: &TargetArgs,
+    capture: &crate::cli::CaptureArgs,
+    log_level: u8,
+) -> Result<(Capture, Cgroup, InstanceName)> {
+    target.enter_netns()?;
+    let capture = capture.resolve(netns::pod_addresses()?, log_level);
+    let cgroup = cgroup::resolve(&target.cgroup)?;
+    let instance = target
+        .instance
+        .clone()
+        .unwrap_or_else(|| InstanceName::for_cgroup(&cgroup));
+    Ok((capture, cgroup, instance))
+}
+
+/// The eBPF lowering, or one error naming what it cannot honour and the
+/// way out (`install` and `run` are eBPF only).
+pub fn lower(capture: &Capture) -> Result<Config> {
+    ebpf::lower::lower(capture, &RealHost).map_err(|why| {
+        anyhow!(
+            "eBPF capture cannot honour {} yet: run `redirect istio-iptables` with the same flags (its auto mode programs iptables for them)",
+            why.join(", ")
+        )
+    })
+}
+
+/// ", inbound TCP to ports ... -> the inbound listener on :15006", or
+/// nothing without inbound capture.
+pub fn inbound_summary(config: &Config) -> String {
+    let Some(inbound) = &config.inbound else {
+        return String::new();
+    };
+    let list = |ports: &[u16]| {
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let ports = match (inbound.all, inbound.exclude.is_empty()) {
+        (true, true) => "every port".to_owned(),
+        (true, false) => format!("every port but {}", list(&inbound.exclude)),
+        (false, _) => format!("ports {}", list(&inbound.ports)),
+    };
+    format!(
+        ", inbound TCP to {ports} -> the listener on :{}",
+        config.inbound_port
+    )
+}

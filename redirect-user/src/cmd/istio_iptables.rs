@@ -1,0 +1,212 @@
+//! `redirect istio-iptables`: istio-iptables' command line, resolved into
+//! one [`Capture`] and lowered by the backend `--mode` chooses. Exit codes
+//! are istio-iptables': 1 for a configuration it refuses or a failed
+//! apply, 255 for a bad command line (see `main`), which includes an
+//! environment variable that is not UTF-8 (see
+//! [`ConfigError::not_utf8`]).
+
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+
+use super::install::inbound_summary;
+use crate::{
+    capture::Capture,
+    cgroup::{self, Cgroup},
+    ebpf::{
+        self,
+        config::Config,
+        features::{self, Mode as Probed},
+        loader,
+    },
+    host::RealHost,
+    instance::InstanceName,
+    iptables::{
+        self,
+        apply::{self, Applied, Backend, routes},
+        builder::Family,
+    },
+    istio::{self, Actions, ConfigError, IstioArgs, Mode},
+    netns, privilege,
+};
+
+pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
+    let refuse = |msg: &dyn std::fmt::Display| {
+        eprintln!("redirect: error: {msg}");
+        Ok(ExitCode::from(1))
+    };
+    let reject = |err: ConfigError| {
+        eprintln!("redirect: error: {err}");
+        Ok(ExitCode::from(err.exit_code))
+    };
+    let actions = match args.actions(&RealHost) {
+        Ok(actions) => actions,
+        Err(err) => return reject(err),
+    };
+    if actions.skip_rule_apply {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if actions.native_nftables {
+        return refuse(
+            &"Istio's native nftables mode is not supported: drop --native-nftables to program nftables through iptables-nft",
+        );
+    }
+    let backend = match Backend::parse(&args.force_iptables_binary) {
+        Ok(backend) => backend,
+        Err(err) => return refuse(&err),
+    };
+    if let Some(path) = &args.netns {
+        // Before anything else: IPv6 detection and the pod's addresses
+        // are this namespace's.
+        netns::enter(path)?;
+    }
+    let capture = match args.resolve(&RealHost) {
+        Ok(capture) => capture,
+        Err(err) => return reject(err),
+    };
+    let rules = iptables::rules::rules(&capture);
+    if actions.dry_run {
+        out!("{}", rules.render(Family::V4));
+        out!("{}", rules.render(Family::V6));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Err(err) = istio::check_owners(&capture, &RealHost) {
+        return reject(err);
+    }
+    let ebpf = match choose_mode(args, &capture) {
+        Ok(choice) => choice,
+        Err(err) => return refuse(&format!("{err:#}")),
+    };
+    if let Some((config, cgroup)) = ebpf {
+        return with_ebpf(args, &actions, &config, &cgroup);
+    }
+    if actions.run_validation {
+        eprintln!(
+            "redirect: note: --run-validation is accepted, but redirect does not run Istio's validator"
+        );
+    }
+    let backend = match backend {
+        Some(forced) => forced,
+        None => Backend::detect()?,
+    };
+    let _hold = privilege::HoldSignals::new();
+    let (mark, table) = (
+        capture.tproxy_mark.text.as_str(),
+        capture.tproxy_route_table.text.as_str(),
+    );
+    if actions.cleanup_only {
+        let removed = apply::cleanup(backend, &rules, capture.ipv6)?;
+        if capture.tproxy {
+            routes::remove(mark, table, capture.ipv6);
+        }
+        outln!(
+            "redirect: {} (iptables-{})",
+            if removed {
+                "removed the Istio rules"
+            } else {
+                "no Istio rules to remove"
+            },
+            backend.name()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let applied = apply::apply(backend, &rules, capture.ipv6, actions.reconcile)?;
+    if capture.tproxy {
+        routes::add(mark, table, capture.ipv6).context("setting up TPROXY's policy routing")?;
+    }
+    outln!(
+        "redirect: {} (iptables-{}, IPv6 {})",
+        match applied {
+            Applied::Installed => "applied the Istio rules",
+            Applied::Replaced => "replaced the Istio rules that were in place",
+            Applied::AlreadyPresent => "the Istio rules are already in place; nothing changed",
+        },
+        backend.name(),
+        if capture.ipv6 { "on" } else { "off" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--mode`: the eBPF configuration and pod cgroup when eBPF capture is
+/// chosen, `None` for iptables (auto mode says why on stderr). `--mode
+/// ebpf` errs with what stands in the way.
+fn choose_mode(args: &IstioArgs, capture: &Capture) -> Result<Option<(Config, Cgroup)>> {
+    if args.mode == Mode::Iptables {
+        return Ok(None);
+    }
+    let why_not = || -> Result<(Config, Cgroup), String> {
+        let config = ebpf::lower::lower(capture, &RealHost)
+            .map_err(|flags| format!("eBPF mode cannot honour {} yet", flags.join(", ")))?;
+        let report = features::run();
+        if report.mode != Probed::Ebpf {
+            return Err(report.reason);
+        }
+        if config.inbound.is_some()
+            && let Some(missing) = report
+                .features
+                .iter()
+                .find(|f| f.name == ebpf::SK_LOOKUP.feature && !f.present)
+        {
+            return Err(format!(
+                "inbound capture (-b) needs sk_lookup (kernel {}), missing here",
+                missing.first_kernel
+            ));
+        }
+        let cgroup = cgroup::resolve(&args.cgroup).map_err(|err| format!("{err:#}"))?;
+        Ok((config, cgroup))
+    };
+    match (args.mode, why_not()) {
+        (_, Ok(choice)) => Ok(Some(choice)),
+        (Mode::Ebpf, Err(why)) => {
+            anyhow::bail!("--mode ebpf: {why}: use --mode iptables (or auto)")
+        }
+        (_, Err(why)) => {
+            eprintln!("redirect: auto mode: using iptables, because {why}");
+            Ok(None)
+        }
+    }
+}
+
+/// eBPF mode: install (or with --cleanup-only, remove) the capture on the
+/// pod cgroup.
+fn with_ebpf(
+    args: &IstioArgs,
+    actions: &Actions,
+    config: &Config,
+    cgroup: &Cgroup,
+) -> Result<ExitCode> {
+    let instance = args
+        .instance
+        .clone()
+        .unwrap_or_else(|| InstanceName::for_cgroup(cgroup));
+    if actions.cleanup_only {
+        let removed = loader::uninstall(&instance)?;
+        outln!(
+            "redirect: {} (eBPF, instance {instance})",
+            if removed {
+                "removed the capture"
+            } else {
+                "no capture to remove"
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let installed = loader::install(&loader::Request {
+        config,
+        cgroup,
+        instance: &instance,
+    })?;
+    installed.print_notes();
+    outln!(
+        "redirect: {} the capture with eBPF on {} (instance {instance}): outbound TCP -> 127.0.0.1:{}{}",
+        if installed.upgraded {
+            "updated"
+        } else {
+            "installed"
+        },
+        cgroup.path.display(),
+        config.proxy_port,
+        inbound_summary(config)
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,266 @@
+//! The configuration the eBPF programs read: what [`super::lower`] makes
+//! of a [`crate::capture::Capture`], written into the config map and the
+//! set maps by the loader, and read back by `redirect status`.
+
+use std::net::Ipv4Addr;
+
+use redirect_common::{
+    ABI_VERSION, CFG_GROUPS_ONLY, CFG_INBOUND, CFG_INBOUND_ALL, CFG_INCLUDE_ALL,
+    CFG_INCLUDE_LOOPBACK, CFG_TPROXY, MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORTS,
+    RedirectConfig,
+};
+
+pub use crate::capture::Ipv4Cidr;
+use crate::capture::parse::DEFAULT_MAX_CONNECTIONS;
+
+/// Istio's defaults (`istio-iptables -p 15001 -z 15006 -e 15008 -u 1337 -g 1337`).
+pub const DEFAULT_PROXY_PORT: u16 = 15001;
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+pub const DEFAULT_TUNNEL_PORT: u16 = 15008;
+pub const DEFAULT_PROXY_ID: u32 = 1337;
+
+/// What to capture and where to send it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Port the proxy listens on for captured outbound connections.
+    pub proxy_port: u16,
+    /// The proxy's UIDs: their connections are never captured.
+    pub proxy_uids: Vec<u32>,
+    /// The proxy's GIDs: their connections are never captured.
+    pub proxy_gids: Vec<u32>,
+    /// Destinations never captured (Istio: 127.0.0.1/32).
+    pub loopback: Ipv4Cidr,
+    /// Port of the proxy's inbound listener (`-z`): the proxy's calls to
+    /// its own pod are sent there.
+    pub inbound_port: u16,
+    /// Inbound tunnel port (`-e`): the proxy's calls to it are not.
+    pub tunnel_port: u16,
+    /// `-i '*'`: capture every destination not excluded.
+    pub include_all: bool,
+    /// `-i` CIDRs (when not `*`).
+    pub include: Vec<Ipv4Cidr>,
+    /// `-i` names a loopback network: local traffic is not returned early.
+    pub include_loopback: bool,
+    /// `-x` CIDRs: never captured.
+    pub exclude: Vec<Ipv4Cidr>,
+    /// `-o`: destination ports never captured.
+    pub ports_exclude: Vec<u16>,
+    /// `-q`: destination ports always captured.
+    pub ports_include: Vec<u16>,
+    /// Whether `owner_groups` are the only groups captured (else: never captured).
+    pub groups_only: bool,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`, numeric.
+    pub owner_groups: Vec<u32>,
+    /// The pod's own IPv4 addresses outside 127/8: connects to them leave
+    /// through `lo` (Istio's `-o lo`), and connections from them are not
+    /// inbound.
+    pub local_addrs: Vec<Ipv4Addr>,
+    /// Inbound capture (`-b` not empty), or `None`.
+    pub inbound: Option<Inbound>,
+    /// Capacity of the original-destination maps (`--max-connections`):
+    /// redirected connections open at once. Fixed when an instance is
+    /// first installed.
+    pub max_connections: u32,
+    /// Which decisions the programs report in `RDR_EVENTS` (see
+    /// `redirect_common::LOG_DEBUG`; 0 = none).
+    pub log_level: u8,
+}
+
+/// Which inbound connections are captured (Istio `-b`, `-d`, `-m`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inbound {
+    /// `-b '*'`: every port but `exclude`.
+    pub all: bool,
+    /// `-b` ports, when not `*`.
+    pub ports: Vec<u16>,
+    /// `-d` ports: not captured. Istio uses them with `-b '*'` only.
+    pub exclude: Vec<u16>,
+    /// `-m TPROXY` (else REDIRECT). Both are served by the same eBPF path;
+    /// TPROXY's rules differ only in having no tunnel-port exception.
+    pub tproxy: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            proxy_port: DEFAULT_PROXY_PORT,
+            proxy_uids: vec![DEFAULT_PROXY_ID],
+            proxy_gids: vec![DEFAULT_PROXY_ID],
+            loopback: Ipv4Cidr {
+                addr: Ipv4Addr::LOCALHOST,
+                prefix: 32,
+            },
+            inbound_port: DEFAULT_INBOUND_PORT,
+            tunnel_port: DEFAULT_TUNNEL_PORT,
+            include_all: true,
+            include: Vec::new(),
+            include_loopback: false,
+            exclude: Vec::new(),
+            ports_exclude: Vec::new(),
+            ports_include: Vec::new(),
+            groups_only: false,
+            owner_groups: Vec::new(),
+            local_addrs: Vec::new(),
+            inbound: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            log_level: 0,
+        }
+    }
+}
+
+impl Config {
+    /// The map entry the eBPF programs read.
+    pub fn to_bpf(&self) -> RedirectConfig {
+        let mut out = RedirectConfig {
+            abi_version: ABI_VERSION,
+            proxy_port: self.proxy_port,
+            log_level: self.log_level,
+            _pad: 0,
+            loopback_addr: u32::from_ne_bytes(self.loopback.network().octets()),
+            loopback_mask: u32::from_ne_bytes(self.loopback.mask().octets()),
+            uid_count: self.proxy_uids.len() as u32,
+            gid_count: self.proxy_gids.len() as u32,
+            proxy_uids: [0; MAX_OWNERS],
+            proxy_gids: [0; MAX_OWNERS],
+            inbound_port: self.inbound_port,
+            tunnel_port: self.tunnel_port,
+            flags: [
+                (self.include_all, CFG_INCLUDE_ALL),
+                (self.include_loopback, CFG_INCLUDE_LOOPBACK),
+                (self.groups_only, CFG_GROUPS_ONLY),
+                (self.inbound.is_some(), CFG_INBOUND),
+                (
+                    self.inbound.as_ref().is_some_and(|i| i.all),
+                    CFG_INBOUND_ALL,
+                ),
+                (self.inbound.as_ref().is_some_and(|i| i.tproxy), CFG_TPROXY),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .fold(0, |flags, (_, bit)| flags | bit),
+            group_count: self.owner_groups.len() as u32,
+            owner_groups: [0; MAX_OWNERS],
+        };
+        out.proxy_uids[..self.proxy_uids.len()].copy_from_slice(&self.proxy_uids);
+        out.proxy_gids[..self.proxy_gids.len()].copy_from_slice(&self.proxy_gids);
+        out.owner_groups[..self.owner_groups.len()].copy_from_slice(&self.owner_groups);
+        out
+    }
+
+    /// Checks the limits of the kernel maps (the list lengths); `to_bpf`
+    /// and the loader rely on it.
+    pub fn check_limits(&self) -> Result<(), String> {
+        let limits = [
+            ("proxy UIDs", self.proxy_uids.len(), MAX_OWNERS),
+            ("proxy GIDs", self.proxy_gids.len(), MAX_OWNERS),
+            ("owner groups", self.owner_groups.len(), MAX_OWNERS),
+            ("included CIDRs", self.include.len(), MAX_CIDRS as usize),
+            ("excluded CIDRs", self.exclude.len(), MAX_CIDRS as usize),
+            (
+                "outbound and inbound ports",
+                self.ports_include.len()
+                    + self.ports_exclude.len()
+                    + self
+                        .inbound
+                        .as_ref()
+                        .map_or(0, |i| i.ports.len() + i.exclude.len()),
+                MAX_PORTS as usize,
+            ),
+            (
+                "pod addresses",
+                self.local_addrs.len(),
+                MAX_LOCAL_ADDRS as usize,
+            ),
+        ];
+        for (what, n, max) in limits {
+            if n > max {
+                return Err(format!("{n} {what} given; eBPF mode holds at most {max}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads back what [`Config::to_bpf`] wrote (for `redirect status`).
+    /// The lists kept in their own maps (CIDRs, ports, pod addresses) are
+    /// left empty, the inbound port lists included.
+    pub fn from_bpf(raw: &RedirectConfig) -> Self {
+        let uids = (raw.uid_count as usize).min(MAX_OWNERS);
+        let gids = (raw.gid_count as usize).min(MAX_OWNERS);
+        let groups = (raw.group_count as usize).min(MAX_OWNERS);
+        let mask = u32::from_be_bytes(raw.loopback_mask.to_ne_bytes());
+        Self {
+            proxy_port: raw.proxy_port,
+            proxy_uids: raw.proxy_uids[..uids].to_vec(),
+            proxy_gids: raw.proxy_gids[..gids].to_vec(),
+            loopback: Ipv4Cidr {
+                addr: Ipv4Addr::from(raw.loopback_addr.to_ne_bytes()),
+                prefix: mask.count_ones() as u8,
+            },
+            inbound_port: raw.inbound_port,
+            tunnel_port: raw.tunnel_port,
+            include_all: raw.flags & CFG_INCLUDE_ALL != 0,
+            include_loopback: raw.flags & CFG_INCLUDE_LOOPBACK != 0,
+            groups_only: raw.flags & CFG_GROUPS_ONLY != 0,
+            owner_groups: raw.owner_groups[..groups].to_vec(),
+            inbound: (raw.flags & CFG_INBOUND != 0).then(|| Inbound {
+                all: raw.flags & CFG_INBOUND_ALL != 0,
+                tproxy: raw.flags & CFG_TPROXY != 0,
+                ..Inbound::default()
+            }),
+            ..Self::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bpf_round_trip_keeps_the_config() {
+        let cfg = Config {
+            proxy_port: 15006,
+            proxy_uids: vec![1337, 0],
+            proxy_gids: vec![],
+            loopback: Ipv4Cidr {
+                addr: Ipv4Addr::new(127, 0, 0, 0),
+                prefix: 8,
+            },
+            inbound_port: 15016,
+            owner_groups: vec![5],
+            groups_only: true,
+            include_all: false,
+            ..Config::default()
+        };
+        let back = Config::from_bpf(&cfg.to_bpf());
+        assert_eq!(back.proxy_port, 15006);
+        assert_eq!(back.proxy_uids, vec![1337, 0]);
+        assert!(back.proxy_gids.is_empty());
+        assert_eq!(back.loopback.prefix, 8);
+        assert_eq!(back.inbound_port, 15016);
+        assert_eq!(back.owner_groups, vec![5]);
+        assert!(back.groups_only && !back.include_all && !back.include_loopback);
+    }
+}
+
+/// Properties: no configuration read back from the kernel map panics.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_kernel_config_reads_back(
+            bytes in proptest::collection::vec(any::<u8>(), size_of::<RedirectConfig>()),
+        ) {
+            let raw: RedirectConfig = bytemuck::pod_read_unaligned(&bytes);
+            let config = Config::from_bpf(&raw);
+            prop_assert!(config.check_limits().is_ok());
+            let _ = config.to_bpf();
+        }
+    }
+}

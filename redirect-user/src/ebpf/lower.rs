@@ -1,0 +1,256 @@
+//! The eBPF lowering of a [`Capture`]: the kernel configuration and sets,
+//! or everything eBPF mode cannot honour (each naming its flag), which is
+//! auto mode's reason for iptables and `install`'s refusal.
+
+use redirect_common::MAX_OWNERS;
+
+use super::config::{Config, Inbound};
+use crate::{
+    capture::{Capture, InboundPorts, OwnerGroups, PortList},
+    host::{Host, resolve_owner},
+    userns,
+};
+
+/// Lowers `capture` for the eBPF programs. Owner names are resolved
+/// through `host`; ids are translated into the initial user namespace
+/// (what the programs compare them with, see [`userns`]).
+pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> {
+    let mut unsupported: Vec<String> = not_honoured(capture)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let mut ids = |list: &[String], what: &str, file: &str| -> Vec<u32> {
+        let parsed: Option<Vec<u32>> = list
+            .iter()
+            .map(|id| resolve_owner(host, file, id))
+            .collect();
+        match parsed {
+            Some(ids) if ids.len() <= MAX_OWNERS => ids,
+            Some(_) => {
+                unsupported.push(format!("{what} with more than {MAX_OWNERS} ids"));
+                Vec::new()
+            }
+            None => {
+                unsupported.push(format!("{what} naming an unknown owner"));
+                Vec::new()
+            }
+        }
+    };
+    let proxy_uids = ids(&capture.proxy_uids, "-u/--proxy-uid", "/etc/passwd");
+    let proxy_gids = ids(&capture.proxy_gids, "-g/--proxy-gid", "/etc/group");
+    let owner_groups = ids(
+        capture.owner_groups.groups(),
+        "ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]",
+        "/etc/group",
+    );
+    let mut ports = |list: &PortList, what: &str| -> Vec<u16> {
+        list.iter()
+            .filter_map(|p| {
+                let single = p.value.single();
+                if single.is_none() {
+                    unsupported.push(format!("{what} '{}' (a port range)", p.text.trim()));
+                }
+                single
+            })
+            .collect()
+    };
+    let ports_exclude = ports(
+        &capture.outbound_exclude,
+        "-o/--istio-local-outbound-ports-exclude",
+    );
+    let ports_include = ports(&capture.outbound_ports, "-q/--istio-outbound-ports");
+    let inbound_exclude = ports(&capture.inbound_exclude, "-d/--istio-local-exclude-ports");
+    let inbound = match &capture.inbound {
+        InboundPorts::Off => None,
+        InboundPorts::All => Some((true, Vec::new())),
+        InboundPorts::List(list) => Some((false, ports(list, "-b/--istio-inbound-ports"))),
+    }
+    .map(|(all, ports)| Inbound {
+        all,
+        ports,
+        exclude: inbound_exclude,
+        tproxy: capture.tproxy,
+    });
+    let mut to_host = |kind: userns::Ids, ids: Vec<u32>| {
+        userns::to_host(kind, &ids).unwrap_or_else(|err| {
+            unsupported.push(format!("{err:#}"));
+            Vec::new()
+        })
+    };
+    let proxy_uids = to_host(userns::Ids::User, proxy_uids);
+    let proxy_gids = to_host(userns::Ids::Group, proxy_gids);
+    let owner_groups = to_host(userns::Ids::Group, owner_groups);
+    let config = Config {
+        proxy_port: capture.proxy_port.value,
+        proxy_uids,
+        proxy_gids,
+        loopback: capture.loopback.value,
+        inbound_port: capture.inbound_port.value,
+        tunnel_port: capture.tunnel_port.value,
+        include_all: capture.include.wildcard,
+        include: capture.include.v4_cidrs(),
+        include_loopback: capture.include.has_loopback,
+        exclude: capture.exclude.v4_cidrs(),
+        ports_exclude,
+        ports_include,
+        groups_only: matches!(capture.owner_groups, OwnerGroups::Only(_)),
+        owner_groups,
+        local_addrs: capture.pod_addresses.clone(),
+        inbound,
+        max_connections: capture.max_connections,
+        log_level: capture.log_level,
+    };
+    if let Err(limit) = config.check_limits() {
+        unsupported.push(limit);
+    }
+    if unsupported.is_empty() {
+        Ok(config)
+    } else {
+        Err(unsupported)
+    }
+}
+
+/// The flags of `capture` that need rules eBPF mode does not have yet.
+fn not_honoured(capture: &Capture) -> Vec<&'static str> {
+    [
+        (
+            !capture.exclude_interfaces.is_empty(),
+            "-c/--istio-exclude-interfaces",
+        ),
+        (
+            !capture.kube_virt_interfaces.is_empty(),
+            "-k/--kube-virt-interfaces",
+        ),
+        (capture.dns.is_some(), "--redirect-dns (DNS capture)"),
+        (capture.drop_invalid, "--drop-invalid"),
+        (
+            capture.ipv6,
+            "IPv6 rules (the pod has IPv6, --ipv6=true or --dual-stack)",
+        ),
+        (
+            !capture.include.v6.is_empty() || !capture.exclude.v6.is_empty(),
+            "IPv6 CIDRs in -i/-x",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(on, flag)| on.then_some(flag))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::{host::RealHost, istio::IstioArgs};
+
+    fn istio(argv: &[&str]) -> Capture {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: IstioArgs,
+        }
+        let mut all = vec!["istio-iptables", "--ipv6=false"];
+        all.extend_from_slice(argv);
+        Cli::try_parse_from(all)
+            .unwrap()
+            .args
+            .resolve(&RealHost)
+            .unwrap()
+    }
+
+    #[test]
+    fn default_outbound_capture_lowers() {
+        let cfg = lower(
+            &istio(&["-p", "15002", "-u", "1337,1338", "-g", "7", "-i", "*"]),
+            &RealHost,
+        )
+        .unwrap();
+        assert_eq!(cfg.proxy_port, 15002);
+        assert_eq!(cfg.proxy_uids, vec![1337, 1338]);
+        assert_eq!(cfg.proxy_gids, vec![7]);
+        assert_eq!(cfg.loopback.to_string(), "127.0.0.1/32");
+    }
+
+    #[test]
+    fn lists_with_spaces_lower_like_iptables_reads_them() {
+        // istio-iptables renders `--dport  5000`, which iptables reads as 5000.
+        let cfg = lower(&istio(&["-q", "4000, 5000", "-o", " 22,"]), &RealHost).unwrap();
+        assert_eq!(cfg.ports_include, vec![4000, 5000]);
+        assert_eq!(cfg.ports_exclude, vec![22]);
+        let why = lower(&istio(&["-q", "4000:4010"]), &RealHost).unwrap_err();
+        assert_eq!(
+            why,
+            vec!["-q/--istio-outbound-ports '4000:4010' (a port range)"]
+        );
+    }
+
+    #[test]
+    fn the_sidecar_command_line_names_what_ebpf_cannot_do_yet() {
+        let cfg = lower(
+            &istio(&[
+                "-p",
+                "15001",
+                "-z",
+                "15006",
+                "-u",
+                "1337",
+                "-m",
+                "REDIRECT",
+                "-i",
+                "*",
+                "-x",
+                "",
+                "-b",
+                "*",
+                "-d",
+                "15090,15021,15020",
+            ]),
+            &RealHost,
+        )
+        .unwrap();
+        let inbound = cfg.inbound.expect("-b '*' is inbound capture");
+        assert!(inbound.all && !inbound.tproxy);
+        assert_eq!(inbound.exclude, vec![15090, 15021, 15020]);
+        let why = lower(
+            &istio(&["-b", "9080", "-c", "eth1", "-k", "eth2"]),
+            &RealHost,
+        )
+        .unwrap_err();
+        assert_eq!(
+            why,
+            vec!["-c/--istio-exclude-interfaces", "-k/--kube-virt-interfaces"]
+        );
+        let cfg = lower(&istio(&["-b", "9080,9090", "-m", "TPROXY"]), &RealHost).unwrap();
+        let inbound = cfg.inbound.expect("-b list");
+        assert_eq!((inbound.all, inbound.tproxy), (false, true));
+        assert_eq!(inbound.ports, vec![9080, 9090]);
+        let cfg = lower(
+            &istio(&[
+                "-i",
+                "10.0.0.0/8",
+                "-x",
+                "10.1.0.0/16",
+                "-q",
+                "80",
+                "-o",
+                "22",
+            ]),
+            &RealHost,
+        )
+        .unwrap();
+        assert!(!cfg.include_all);
+        assert_eq!(cfg.include[0].to_string(), "10.0.0.0/8");
+        assert_eq!(cfg.exclude[0].to_string(), "10.1.0.0/16");
+        assert_eq!((cfg.ports_include, cfg.ports_exclude), (vec![80], vec![22]));
+        let why = lower(&istio(&["-u", "nosuchuser"]), &RealHost).unwrap_err();
+        // -g defaults to -u, as in istio-iptables.
+        assert_eq!(
+            why,
+            vec![
+                "-u/--proxy-uid naming an unknown owner",
+                "-g/--proxy-gid naming an unknown owner"
+            ]
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! Where a command line is resolved against the world: the environment,
+//! files (resolv.conf, /etc/passwd, /etc/group) and the network
+//! namespace's addresses, behind [`Host`] so that tests can give their own.
+
+use std::{
+    ffi::OsString,
+    fs,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use crate::istio::ConfigError;
+
+/// Where the resolution reads the world (the environment, files, the
+/// interfaces), so that tests can give it their own. It hands over raw
+/// bytes: what to make of bytes that are not UTF-8 is decided once, here
+/// and in the parsers, not by each host.
+pub trait Host {
+    /// An environment variable's raw value, `None` when unset.
+    fn env_os(&self, name: &str) -> Option<OsString>;
+    /// A file's raw contents (resolv.conf, /etc/passwd, /etc/group: text
+    /// files that may still hold a stray byte that is not UTF-8).
+    fn read(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>>;
+    /// Addresses of the network namespace's interfaces, in kernel order.
+    fn addresses(&self) -> std::io::Result<Vec<IpAddr>>;
+
+    /// An environment variable as text, `None` when unset. A value that is
+    /// not UTF-8 is an error naming the variable, never taken as unset: a
+    /// variable the user set must not be silently ignored.
+    fn env(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        self.env_os(name)
+            .map(|raw| {
+                raw.into_string()
+                    .map_err(|raw| ConfigError::not_utf8(name, &raw))
+            })
+            .transpose()
+    }
+}
+
+/// The real environment, files and interfaces of this process.
+pub struct RealHost;
+
+impl Host for RealHost {
+    fn env_os(&self, name: &str) -> Option<OsString> {
+        std::env::var_os(name)
+    }
+
+    fn read(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+        fs::read(path)
+    }
+
+    fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
+        interface_addresses()
+    }
+}
+
+/// The numeric id of `name` in a passwd/group file, if listed. The file is
+/// taken as bytes, field by field: a byte that is not UTF-8 elsewhere (a
+/// comment field, another entry) does not hide the entry asked for.
+pub fn lookup_id(host: &dyn Host, file: &str, name: &str) -> Option<String> {
+    let text = host.read(std::path::Path::new(file)).ok()?;
+    text.split(|&b| b == b'\n').find_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let mut fields = line.split(|&b| b == b':');
+        if fields.next()? != name.as_bytes() {
+            return None;
+        }
+        std::str::from_utf8(fields.nth(1)?).ok().map(str::to_owned)
+    })
+}
+
+/// The numeric id of an owner for `-m owner`: a number, or a name `file`
+/// lists (as iptables resolves it when the rule is added).
+pub fn resolve_owner(host: &dyn Host, file: &str, owner: &str) -> Option<u32> {
+    owner
+        .parse::<u32>()
+        .ok()
+        .or_else(|| lookup_id(host, file, owner)?.parse().ok())
+}
+
+/// Whether `program` can be run: on `PATH`, or in the sbin directories a
+/// minimal `PATH` may leave out.
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| std::path::Path::new(d).join(program).is_file())
+}
+
+/// The pod's own IPv4 addresses among `addrs`: those outside 127/8.
+pub fn pod_ipv4(addrs: &[IpAddr]) -> Vec<Ipv4Addr> {
+    addrs
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(v4) if !v4.is_loopback() => Some(*v4),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The addresses of this network namespace's interfaces, IPv4 first (the
+/// order of the kernel's address dump).
+fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr of the family it names.
+            unsafe {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                        v4.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                        v6.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs allocated.
+    unsafe { libc::freeifaddrs(head) };
+    v4.extend(v6);
+    Ok(v4)
+}
+
+/// A host with given files and environment, for the tests of every
+/// module that resolves an istio-iptables configuration.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::{ffi::OsString, net::IpAddr};
+
+    use super::*;
+
+    /// A host with given files and environment (one list, by path or
+    /// name, as raw bytes), and one pod address.
+    pub(crate) struct FakeHost(Vec<(&'static str, Vec<u8>)>);
+
+    impl FakeHost {
+        pub(crate) fn new(text: &[(&'static str, &'static str)]) -> Self {
+            Self(
+                text.iter()
+                    .map(|(k, v)| (*k, v.as_bytes().to_vec()))
+                    .collect(),
+            )
+        }
+
+        /// Adds a file or variable holding any bytes.
+        pub(crate) fn with_bytes(mut self, name: &'static str, value: &[u8]) -> Self {
+            self.0.push((name, value.to_vec()));
+            self
+        }
+
+        fn get(&self, name: &str) -> Option<&[u8]> {
+            self.0
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.as_slice())
+        }
+    }
+
+    impl Host for FakeHost {
+        fn env_os(&self, name: &str) -> Option<OsString> {
+            use std::os::unix::ffi::OsStrExt as _;
+            self.get(name)
+                .map(|v| std::ffi::OsStr::from_bytes(v).to_owned())
+        }
+        fn read(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+            self.get(&path.to_string_lossy())
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        }
+        fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
+            Ok(vec!["10.0.0.5".parse().unwrap()])
+        }
+    }
+
+    /// Everything a command line feeds short of applying it: the actions,
+    /// the resolution, the owner checks, the eBPF translation and the
+    /// rendered rules. The properties check that none of it panics, and
+    /// that a refusal is one line.
+    pub(crate) fn exercise(
+        args: &crate::istio::IstioArgs,
+        host: &dyn Host,
+    ) -> Result<(), ConfigError> {
+        use crate::iptables::builder::Family;
+        args.actions(host)?;
+        let cfg = args.resolve(host)?;
+        if let Err(err) = crate::istio::check_owners(&cfg, host) {
+            assert_eq!(err.to_string().lines().count(), 1, "{err}");
+        }
+        // The lowering checks the map limits `to_bpf` relies on.
+        if let Ok(ebpf) = crate::ebpf::lower::lower(&cfg, host) {
+            let _ = ebpf.to_bpf();
+        }
+        let rules = crate::iptables::rules::rules(&cfg);
+        for family in [Family::V4, Family::V6] {
+            let _ = rules.render(family);
+        }
+        Ok(())
+    }
+}
