@@ -79,6 +79,9 @@ enum Task {
         /// Time limit for one kernel's boot and suite, in minutes.
         #[arg(long, default_value = "20")]
         timeout_minutes: u64,
+        /// Only write docs/kernels.md again from the last run's matrix.json.
+        #[arg(long)]
+        render_docs: bool,
     },
 }
 
@@ -100,9 +103,11 @@ fn main() -> ExitCode {
             kernels,
             keep,
             timeout_minutes,
+            render_docs,
         } => vm::vm_test(&vm::Options {
             kernels,
             keep,
+            render_docs,
             timeout: std::time::Duration::from_secs(timeout_minutes * 60),
         }),
     };

@@ -4,7 +4,7 @@
 //! bpfel-unknown-none -Z build-std=core`, which needs the nightly toolchain,
 //! its `rust-src` component, and `bpf-linker` on `PATH`. bpf-linker must be
 //! linked against the *same* LLVM as that nightly rustc, so it is built here
-//! from crates.io against the nightly toolchain's own `libLLVM`, into
+//! from the Rust crate registry against the nightly toolchain's own `libLLVM`, into
 //! `target/tools/`, with a stamp recording which LLVM it was built for: when
 //! nightly's LLVM changes, it is rebuilt.
 
@@ -104,7 +104,7 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
         .with_context(|| format!("linking {} -> {}", link.display(), libllvm.display()))?;
 
     eprintln!(
-        "xtask: building bpf-linker from crates.io against nightly's LLVM {llvm_major} ({}); this takes about a minute",
+        "xtask: building bpf-linker from the crate registry against nightly's LLVM {llvm_major} ({}); this takes about a minute",
         libllvm.display()
     );
     run_checked(

@@ -501,3 +501,69 @@ pub fn render(status: &Status) -> String {
     }
     out
 }
+
+/// The rule texts `status` prints are the one source: the example in the
+/// docs (from `redirect demo`) must show exactly them.
+#[cfg(test)]
+mod tests {
+    use redirect_common::Counter;
+
+    use super::mirrors;
+    use crate::ebpf::{
+        all_hooks,
+        config::{Config, Inbound},
+        maps::Sets,
+    };
+
+    /// The demo's capture: Istio's sidecar flags, inbound included.
+    fn demo() -> Config {
+        Config {
+            inbound: Some(Inbound {
+                all: true,
+                exclude: vec![15090, 15021, 15020],
+                ..Inbound::default()
+            }),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn the_documented_status_shows_the_rules_status_prints() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/design.md");
+        let doc = std::fs::read_to_string(path).expect("docs/design.md");
+        let sample = doc
+            .split("Example `status`")
+            .nth(1)
+            .and_then(|rest| rest.split("```text\n").nth(1))
+            .and_then(|block| block.split("```").next())
+            .expect("the status example in docs/design.md");
+        let config = demo();
+        let sets = Sets::of(&config);
+        let (mut counters, mut hooks) = (0, 0);
+        for line in sample.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let [value, name, ..] = words.as_slice()
+                && value.parse::<u64>().is_ok()
+                && let Some(counter) = Counter::ALL.iter().find(|c| c.name() == *name)
+            {
+                let shown = line.split_once(name).map(|(_, m)| m.trim()).unwrap_or("");
+                assert_eq!(shown, mirrors(*counter, Some(&config), &sets), "{name}");
+                counters += 1;
+            }
+            if let Some(hook) = all_hooks().find(|h| words.first() == Some(&h.name)) {
+                assert!(
+                    line.ends_with(&format!("[{}]", hook.mirrors)),
+                    "{}: {line}",
+                    hook.name
+                );
+                hooks += 1;
+            }
+        }
+        assert_eq!(
+            counters,
+            Counter::ALL.len(),
+            "every counter is in the example"
+        );
+        assert_eq!(hooks, all_hooks().count(), "every hook is in the example");
+    }
+}

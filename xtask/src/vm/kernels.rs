@@ -20,8 +20,10 @@ use crate::sysdeps::{command_output, run_checked};
 pub struct KernelSpec {
     /// Name used on the command line and in the matrix.
     pub name: &'static str,
-    /// `deb` line (URI, suite, component) of the suite that carries it.
-    pub source: &'static str,
+    /// The archive (`debian` or `debian-security`), suite and component
+    /// that carry it; the archive's address is the host's own Debian
+    /// mirror (see [`archive_uri`]).
+    pub source: (&'static str, &'static str, &'static str),
     /// Image package names start with this and end with `-cloud-amd64-unsigned`
     /// (or, for sid's split packages, `-cloud-amd64`).
     pub prefix: &'static str,
@@ -33,25 +35,25 @@ pub struct KernelSpec {
 pub const KERNELS: &[KernelSpec] = &[
     KernelSpec {
         name: "5.10",
-        source: "http://deb.debian.org/debian bullseye main",
+        source: ("debian", "bullseye", "main"),
         prefix: "linux-image-5.10.0-",
         split: false,
     },
     KernelSpec {
         name: "6.1",
-        source: "http://deb.debian.org/debian-security bookworm-security main",
+        source: ("debian-security", "bookworm-security", "main"),
         prefix: "linux-image-6.1.0-",
         split: false,
     },
     KernelSpec {
         name: "6.12",
-        source: "http://deb.debian.org/debian trixie main",
+        source: ("debian", "trixie", "main"),
         prefix: "linux-image-6.12.",
         split: false,
     },
     KernelSpec {
         name: "sid",
-        source: "http://deb.debian.org/debian sid main",
+        source: ("debian", "sid", "main"),
         prefix: "linux-binary-unsigned-",
         split: true,
     },
@@ -103,6 +105,70 @@ pub struct Kernel {
     pub modules: Vec<PathBuf>,
 }
 
+/// The address of Debian archive `archive` (`debian`, `debian-security`)
+/// as the host's apt sources name it: the project names no mirror of its
+/// own, it uses the one this machine is configured with.
+fn archive_uri(archive: &str) -> Result<String> {
+    let mut texts = Vec::new();
+    if let Ok(text) = fs::read_to_string("/etc/apt/sources.list") {
+        texts.push(text);
+    }
+    if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = path.to_string_lossy();
+            if (name.ends_with(".sources") || name.ends_with(".list"))
+                && let Ok(text) = fs::read_to_string(&path)
+            {
+                texts.push(text);
+            }
+        }
+    }
+    let uris: Vec<String> = texts.iter().flat_map(|t| source_uris(t)).collect();
+    let found = |suffix: &str| {
+        uris.iter()
+            .find(|u| u.trim_end_matches('/').ends_with(suffix))
+            .cloned()
+    };
+    found(&format!("/{archive}"))
+        .or_else(|| {
+            // No security archive listed: it sits beside the main one.
+            let main = found("/debian")?;
+            (archive == "debian-security")
+                .then(|| format!("{}-security", main.trim_end_matches('/')))
+        })
+        .with_context(|| {
+            format!(
+                "the host's apt sources (/etc/apt/sources.list, /etc/apt/sources.list.d/) name no \
+                 Debian archive '{archive}': add the Debian mirror this machine uses"
+            )
+        })
+}
+
+/// The archive URIs of an apt sources file, one-line (`deb URI suite ...`)
+/// or deb822 (`URIs: ...`) format.
+fn source_uris(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .flat_map(|line| {
+            if let Some(uris) = line.strip_prefix("URIs:") {
+                return uris.split_whitespace().map(str::to_owned).collect();
+            }
+            let mut words = line.split_whitespace();
+            if words.next() != Some("deb") {
+                return Vec::new();
+            }
+            // Skip `[options]`.
+            words
+                .find(|w| !w.starts_with('[') && !w.ends_with(']'))
+                .map(str::to_owned)
+                .into_iter()
+                .collect()
+        })
+        .collect()
+}
+
 /// A private apt configuration: its own sources list, lists and cache.
 struct Apt {
     dir: PathBuf,
@@ -113,11 +179,12 @@ impl Apt {
         let dir = root.join("apt").join(spec.name);
         fs::create_dir_all(dir.join("lists/partial"))?;
         fs::create_dir_all(dir.join("archives/partial"))?;
+        let (archive, suite, component) = spec.source;
         fs::write(
             dir.join("sources.list"),
             format!(
-                "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {}\n",
-                spec.source
+                "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {} {suite} {component}\n",
+                archive_uri(archive)?
             ),
         )?;
         Ok(Self { dir })
@@ -227,9 +294,12 @@ fn newest(apt: &Apt, spec: &KernelSpec) -> Result<(String, String)> {
         })
         .collect();
     names.sort_by_key(|n| version_key(n));
-    let package = names
-        .pop()
-        .with_context(|| format!("no {}*{suffix} package in {}", spec.prefix, spec.source))?;
+    let package = names.pop().with_context(|| {
+        format!(
+            "no {}*{suffix} package in {} {}",
+            spec.prefix, spec.source.0, spec.source.1
+        )
+    })?;
     let release = release_of(spec, &package);
     Ok((package, release))
 }
@@ -424,6 +494,15 @@ fn depends(module: &[u8]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn apt_sources_in_both_formats_name_their_archives() {
+        let deb822 =
+            "Types: deb\n# comment\nURIs: http://mirror.example/debian\nSuites: bookworm\n";
+        assert_eq!(source_uris(deb822), ["http://mirror.example/debian"]);
+        let one_line = "deb [signed-by=/k.gpg] http://m.example/debian-security bookworm-security main\n# deb http://x/debian sid main\n";
+        assert_eq!(source_uris(one_line), ["http://m.example/debian-security"]);
+    }
+
     use super::*;
 
     #[test]

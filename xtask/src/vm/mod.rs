@@ -1,6 +1,7 @@
 //! `cargo xtask vm-test`: boot real Debian kernels under QEMU and run the
 //! end-to-end suite inside each, then print and save the kernel x test matrix.
 
+mod doc;
 mod initramfs;
 mod kernels;
 mod qemu;
@@ -53,10 +54,12 @@ pub struct Options {
     pub keep: bool,
     /// Time limit for one kernel's boot and suite.
     pub timeout: Duration,
+    /// Only write `docs/kernels.md` again from the last `matrix.json`.
+    pub render_docs: bool,
 }
 
 /// One kernel's run.
-struct KernelRun {
+pub(crate) struct KernelRun {
     name: String,
     release: String,
     ending: String,
@@ -66,6 +69,20 @@ struct KernelRun {
 }
 
 pub fn vm_test(opts: &Options) -> Result<()> {
+    let root = workspace_root().join("target/vm-test");
+    if opts.render_docs {
+        let path = root.join("matrix.json");
+        let text = fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {}: run `cargo xtask vm-test` first",
+                path.display()
+            )
+        })?;
+        let (runs, commit, date) = doc::from_json(&serde_json::from_str(&text)?);
+        doc::write(&runs, &commit, &date)?;
+        eprintln!("xtask: docs/kernels.md written from {}", path.display());
+        return Ok(());
+    }
     sysdeps::ensure_tools(VM_TOOLS)?;
     sysdeps::ensure_tools(TEST_TOOLS)?;
     let specs: Vec<_> = if opts.kernels.is_empty() {
@@ -85,8 +102,9 @@ pub fn vm_test(opts: &Options) -> Result<()> {
             })
             .collect::<Result<_>>()?
     };
+    let commit = git(&["rev-parse", "--short", "HEAD"]);
+    let date = git(&["log", "-1", "--format=%cs"]);
     let payload = payload()?;
-    let root = workspace_root().join("target/vm-test");
     fs::create_dir_all(&root)?;
     let mut runs = Vec::new();
     let mut accel = qemu::Accel::detect();
@@ -112,10 +130,17 @@ pub fn vm_test(opts: &Options) -> Result<()> {
     let table = matrix_markdown(&runs);
     println!("{table}");
     fs::write(root.join("matrix.md"), &table)?;
+    let mut json = matrix_json(&runs);
+    json["commit"] = json!(commit);
+    json["date"] = json!(date);
     fs::write(
         root.join("matrix.json"),
-        serde_json::to_string_pretty(&matrix_json(&runs))?,
+        serde_json::to_string_pretty(&json)?,
     )?;
+    if opts.kernels.is_empty() {
+        doc::write(&runs, &commit, &date)?;
+        eprintln!("xtask: docs/kernels.md written");
+    }
     eprintln!(
         "xtask: matrix written to {}",
         root.join("matrix.md").display()
@@ -182,6 +207,20 @@ fn run_kernel(
     })
 }
 
+/// One line of `git` output in the workspace ("?" when git cannot tell).
+fn git(args: &[&str]) -> String {
+    std::process::Command::new("git")
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "?".to_owned(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        )
+}
+
 /// Builds `redirect` and the end-to-end test binaries.
 /// Test binaries that do not depend on the kernel and read the source
 /// tree (absent in the VM): they run on the host only.
@@ -233,7 +272,7 @@ fn payload() -> Result<initramfs::Payload> {
     })
 }
 
-fn matrix_markdown(runs: &[KernelRun]) -> String {
+pub(crate) fn matrix_markdown(runs: &[KernelRun]) -> String {
     let mut out = String::from("| test |");
     for r in runs {
         out.push_str(&format!(" {} ({}) |", r.name, r.release));
