@@ -2,16 +2,13 @@
 //! typed parsers of [`crate::capture::parse`] into a
 //! [`crate::capture::Capture`].
 
-use std::{
-    ffi::{OsStr, OsString},
-    os::unix::ffi::OsStrExt as _,
-};
+use std::ffi::OsString;
 
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum, error::ErrorKind};
 
 use crate::{
     capture::{Capture, Cidrs, Dns, Given, InboundPorts, OwnerGroups, PortList, parse},
-    host::{RealHost, resolve_owner},
+    host::{RealHost, resolve_owner, show_bytes},
 };
 
 #[derive(Parser)]
@@ -394,20 +391,6 @@ fn parse_ids(s: &str) -> Result<IdList, String> {
         ));
     }
     Ok(IdList(ids))
-}
-
-/// `bytes` for a message: its UTF-8 text as Rust would escape it, each byte
-/// that is not UTF-8 as `\xNN`. One line, whatever the bytes.
-pub fn show_bytes(bytes: &OsStr) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    for chunk in bytes.as_bytes().utf8_chunks() {
-        out.extend(chunk.valid().escape_debug());
-        for byte in chunk.invalid() {
-            let _ = write!(out, "\\x{byte:02x}");
-        }
-    }
-    out
 }
 
 /// One line naming what clap refused as not UTF-8 (its own error, "invalid

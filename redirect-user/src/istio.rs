@@ -16,7 +16,7 @@ use crate::{
         Capture, Dns, OwnerGroups,
         parse::{self, go_bool, parse_bool, split},
     },
-    host::{Host, lookup_id, resolve_owner},
+    host::{ConfigError, Host, lookup_id, resolve_owner},
 };
 
 /// The flags of `istio-iptables` (and their environment variables).
@@ -240,62 +240,6 @@ pub enum Ipv6Mode {
     True,
     False,
 }
-
-/// Why istio-iptables' input is refused, with its exit code.
-#[derive(Debug)]
-pub struct ConfigError {
-    message: String,
-    /// 1 for a configuration istio-iptables would refuse, or one that would
-    /// fail halfway through applying it; 255 for input that is no value at
-    /// all (see [`ConfigError::not_utf8`]).
-    pub exit_code: u8,
-}
-
-impl ConfigError {
-    /// A configuration refused (exit 1, as istio-iptables). Control
-    /// characters of the values it quotes are escaped: the message stays
-    /// one line, and a value cannot drive the terminal.
-    pub fn refused(message: impl Into<String>) -> Self {
-        Self {
-            message: message
-                .into()
-                .chars()
-                .map(|c| {
-                    if c.is_control() {
-                        c.escape_default().to_string()
-                    } else {
-                        c.to_string()
-                    }
-                })
-                .collect(),
-            exit_code: 1,
-        }
-    }
-
-    /// Environment variable `name` is set to bytes that are not UTF-8.
-    /// That is a bad command line, not a refused configuration: clap
-    /// refuses the same bytes in the variables it reads for flags
-    /// (`PROXY_UID`, ...) as a usage error, and `main` gives those exit 255
-    /// (istio-iptables' code for a bad command line; 2 for redirect's own
-    /// commands). Every variable, whoever reads it, gets that one rule.
-    pub fn not_utf8(name: &str, value: &std::ffi::OsStr) -> Self {
-        Self {
-            message: format!(
-                "environment variable {name} is not valid UTF-8 ('{}'): set it to text, or unset it",
-                crate::cli::show_bytes(value)
-            ),
-            exit_code: 255,
-        }
-    }
-}
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 fn error<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError::refused(msg))

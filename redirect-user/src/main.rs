@@ -35,7 +35,7 @@ mod iptables;
 mod istio;
 mod netns;
 mod pause;
-mod privilege;
+mod signals;
 mod userns;
 
 use std::process::ExitCode;

@@ -32,7 +32,7 @@ const INBOUND_PORT: u16 = 15006;
 const APP_PORT: u16 = 8080;
 
 pub fn demo() -> Result<ExitCode> {
-    crate::privilege::check_ebpf()?;
+    crate::ebpf::privilege::check_ebpf()?;
     let exe = std::env::current_exe().context("locating the redirect binary")?;
     let sandbox = Sandbox::new(exe, &["sandbox-agent"]).context("creating the demo pod")?;
     let upstream = SocketAddrV4::new(PEER_IP, UPSTREAM_PORT);

@@ -3,7 +3,7 @@
 //! are istio-iptables': 1 for a configuration it refuses or a failed
 //! apply, 255 for a bad command line (see `main`), which includes an
 //! environment variable that is not UTF-8 (see
-//! [`ConfigError::not_utf8`]).
+//! [`crate::host::ConfigError::not_utf8`]).
 
 use std::process::ExitCode;
 
@@ -19,15 +19,15 @@ use crate::{
         features::{self, Mode as Probed},
         loader,
     },
-    host::RealHost,
+    host::{ConfigError, RealHost},
     instance::InstanceName,
     iptables::{
         self,
         apply::{self, Applied, Backend, routes},
         builder::Family,
     },
-    istio::{self, Actions, ConfigError, IstioArgs, Mode},
-    netns, privilege,
+    istio::{self, Actions, IstioArgs, Mode},
+    netns,
 };
 
 pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
@@ -89,7 +89,7 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         Some(forced) => forced,
         None => Backend::detect()?,
     };
-    let _hold = privilege::HoldSignals::new();
+    let _hold = crate::signals::HoldSignals::new();
     let (mark, table) = (
         capture.tproxy_mark.text.as_str(),
         capture.tproxy_route_table.text.as_str(),

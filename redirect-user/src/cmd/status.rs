@@ -139,7 +139,7 @@ pub fn status(args: &StatusArgs) -> Result<ExitCode> {
 /// install lock held shared: no install or uninstall runs meanwhile, so a
 /// staging directory seen now was left by a killed run.
 pub fn collect(only: Option<&InstanceName>) -> Result<Status> {
-    crate::privilege::check_ebpf()?;
+    crate::ebpf::privilege::check_ebpf()?;
     let mut instances = Vec::new();
     let mut incomplete = Vec::new();
     if !bpffs::is_mounted() {

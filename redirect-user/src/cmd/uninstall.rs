@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::{cgroup, cli::UninstallArgs, ebpf::loader, privilege};
+use crate::{cgroup, cli::UninstallArgs, ebpf::loader};
 
 pub fn uninstall(args: &UninstallArgs) -> Result<ExitCode> {
     let names = match (&args.instance, &args.cgroup) {
@@ -13,7 +13,7 @@ pub fn uninstall(args: &UninstallArgs) -> Result<ExitCode> {
             let cg = cgroup::resolve(cg).map_err(|err| {
                 err.context("cannot find the cgroup; remove its instance with --instance NAME (see `redirect status`)")
             })?;
-            privilege::check_ebpf()?;
+            crate::ebpf::privilege::check_ebpf()?;
             loader::instances_on(&cg)?
         }
         (None, None) => anyhow::bail!("pass --cgroup PATH or --instance NAME"),

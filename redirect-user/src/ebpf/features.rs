@@ -10,11 +10,8 @@ use std::sync::OnceLock;
 use aya::{maps::MapType, sys::is_map_supported, util::KernelVersion};
 use serde::Serialize;
 
-use crate::{
-    bpffs, cgroup,
-    ebpf::{Hook, all_hooks, sys},
-    privilege,
-};
+use super::{Hook, all_hooks, privilege, sys};
+use crate::{bpffs, cgroup};
 
 static ASSUMED_MISSING: OnceLock<Vec<String>> = OnceLock::new();
 

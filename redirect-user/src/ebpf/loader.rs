@@ -44,13 +44,23 @@ use aya::{
 };
 use redirect_common::{ABI_VERSION, InstanceMeta, META_PATH_MAX};
 
-use super::{HOOKS, Hook, Kind, MIN_KERNEL, OBJECT, SK_LOOKUP, all_hooks, listener, maps, sys};
+use super::{
+    HOOKS, Hook, Kind, MIN_KERNEL, OBJECT, SK_LOOKUP, config::Config, listener, maps, privilege,
+    sys,
+};
+use super::{
+    instances::{check_conflicts, check_owner},
+    removal::{remove_instance_dir, repair},
+};
 use crate::{
-    bpffs::{self, DEL_PREFIX, Lock, NEW_PREFIX},
+    bpffs::{self, Lock, NEW_PREFIX},
     cgroup::Cgroup,
-    ebpf::config::Config,
     instance::InstanceName,
-    privilege,
+};
+
+pub use super::{
+    instances::{instances_on, meta_path},
+    removal::{gc, uninstall},
 };
 
 /// What to install where. The calling thread must be in the pod's network
@@ -115,7 +125,7 @@ pub fn is_installed(instance: &InstanceName) -> bool {
 /// this call changed is undone before the error is returned.
 pub fn install(req: &Request<'_>) -> Result<Installed> {
     preflight(req)?;
-    let _hold = privilege::HoldSignals::new();
+    let _hold = crate::signals::HoldSignals::new();
     let _lock = Lock::exclusive()?;
     repair()?;
     let dir = bpffs::instance_dir(req.instance);
@@ -186,7 +196,7 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
 /// install fails at that point, to prove the rollback; with
 /// `REDIRECT_TEST_PAUSE=<point>` it stops there for a second, so that a
 /// test can kill it mid-way.
-fn fault_point(point: &str) -> Result<()> {
+pub(super) fn fault_point(point: &str) -> Result<()> {
     #[cfg(debug_assertions)]
     {
         if std::env::var("REDIRECT_TEST_PAUSE").as_deref() == Ok(point) {
@@ -199,92 +209,6 @@ fn fault_point(point: &str) -> Result<()> {
     }
     let _ = point;
     Ok(())
-}
-
-/// Refuses to take over an instance name that belongs to another cgroup.
-fn check_owner(dir: &Path, req: &Request<'_>) -> Result<()> {
-    let Ok(meta) = maps::meta(dir).and_then(|m| Ok(m.get(&0, 0)?)) else {
-        return Ok(()); // pins removed by hand: overwrite them
-    };
-    if meta.cgroup_id != 0 && meta.cgroup_id != req.cgroup.id {
-        bail!(
-            "instance '{}' is installed on another cgroup ({}): uninstall it first or choose another --instance",
-            req.instance,
-            meta_path(&meta)
-        );
-    }
-    Ok(())
-}
-
-/// The cgroup ids of `path` and of each of its ancestors up to the cgroup2
-/// mount it lies under, nearest first.
-fn lineage(path: &Path) -> Vec<u64> {
-    let mut ids = Vec::new();
-    let mut dir = Some(path);
-    while let Some(d) = dir {
-        let Ok(meta) = fs::metadata(d) else { break };
-        if !crate::cgroup::is_cgroup2(d) {
-            break;
-        }
-        ids.push(meta.ino());
-        dir = d.parent();
-    }
-    ids
-}
-
-/// Refuses a cgroup that another instance captures already: the same
-/// cgroup, an ancestor (its programs run for this one too) or a
-/// descendant. Two capture chains on one socket rewrite each other's
-/// connects and answer SO_ORIGINAL_DST from the wrong records.
-fn check_conflicts(req: &Request<'_>) -> Result<()> {
-    // Tests only (debug builds): lets a test stack two instances to show
-    // that each program leaves the other's answers alone.
-    #[cfg(debug_assertions)]
-    if std::env::var_os("REDIRECT_TEST_ALLOW_OVERLAP").is_some() {
-        return Ok(());
-    }
-    let ours = lineage(&req.cgroup.path);
-    for other in bpffs::instances()? {
-        if &other == req.instance {
-            continue;
-        }
-        let Some((id, path)) = instance_cgroup(&bpffs::instance_dir(&other)) else {
-            continue;
-        };
-        let relation = if id == req.cgroup.id {
-            "on the same cgroup"
-        } else if ours.contains(&id) {
-            "on a parent cgroup"
-        } else if lineage(Path::new(&path)).contains(&req.cgroup.id) {
-            "on a child cgroup"
-        } else {
-            continue;
-        };
-        bail!(
-            "instance '{other}' already captures {path}, {relation} of {}: two captures on one socket \
-             corrupt SO_ORIGINAL_DST; upgrade that instance (--instance {other}) or remove it \
-             (`redirect uninstall --instance {other}`)",
-            req.cgroup.path.display()
-        );
-    }
-    Ok(())
-}
-
-/// The cgroup (id, path) an installed instance captures: its connect4
-/// link's target while attached, else what its metadata records.
-fn instance_cgroup(dir: &Path) -> Option<(u64, String)> {
-    let meta = maps::meta(dir).and_then(|m| Ok(m.get(&0, 0)?)).ok();
-    let attached = sys::obj_get(&dir.join(super::CONNECT4.pin_name()))
-        .and_then(|fd| sys::link_info(fd.as_fd()))
-        .ok()
-        .map(|info| info.target)
-        .filter(|id| *id != 0);
-    let path = meta.as_ref().map(meta_path).unwrap_or_default();
-    match (attached, meta) {
-        (Some(id), _) => Some((id, path)),
-        (None, Some(meta)) if meta.cgroup_id != 0 => Some((meta.cgroup_id, path)),
-        _ => None,
-    }
 }
 
 fn install_steps(
@@ -613,32 +537,6 @@ fn pin_names(dir: &Path) -> HashSet<String> {
         .unwrap_or_default()
 }
 
-/// Every file an instance directory can hold: the pinned maps and links.
-fn pin_files() -> Vec<String> {
-    all_hooks()
-        .map(|hook| hook.pin_name())
-        .chain(maps::LAYOUT.iter().map(|(name, ..)| (*name).to_owned()))
-        .collect()
-}
-
-/// Detaches the links pinned in `dir` (inbound first, then the cgroup
-/// hooks, connect4 first: capture stops before the tracking goes away),
-/// even if some process still holds one open.
-fn detach_all(dir: &Path) {
-    for hook in [SK_LOOKUP].iter().chain(HOOKS.iter().rev()) {
-        if let Ok(link) = sys::obj_get(&dir.join(hook.pin_name())) {
-            let _ = sys::link_detach(link.as_fd());
-        }
-    }
-}
-
-/// Detaches and removes the directory `name` of the instances' directory
-/// (an instance, or a staging directory): only the pins redirect creates.
-fn remove_instance_dir(name: &str) -> Result<()> {
-    detach_all(&bpffs::root().join(name));
-    bpffs::remove_dir(name, &pin_files())
-}
-
 /// What an install changed, so that a failed one can be rolled back.
 struct Undo {
     dir: PathBuf,
@@ -690,128 +588,6 @@ impl Undo {
         }
         problems
     }
-}
-
-/// Removes what installs and uninstalls killed half-way left: their
-/// staging directories, detached and unpinned. Call with the lock held
-/// (nothing else is then building or removing one). Returns the names
-/// removed; one that cannot be removed (someone put files of their own in
-/// it) is reported on stderr and does not stop the caller's own work.
-pub fn repair() -> Result<Vec<String>> {
-    let mut removed = Vec::new();
-    for name in bpffs::list()?.staging {
-        match remove_instance_dir(&name) {
-            Ok(()) => removed.push(name),
-            Err(err) => eprintln!(
-                "redirect: note: {name}, left by an interrupted install or uninstall, stays: {err:#}"
-            ),
-        }
-    }
-    Ok(removed)
-}
-
-/// Detaches and unpins an instance. Returns `false` when it was not installed.
-pub fn uninstall(instance: &InstanceName) -> Result<bool> {
-    privilege::check_ebpf()?;
-    if !bpffs::is_mounted() {
-        return Ok(false);
-    }
-    let _hold = privilege::HoldSignals::new();
-    let _lock = Lock::exclusive()?;
-    repair()?;
-    uninstall_locked(instance)
-}
-
-fn uninstall_locked(instance: &InstanceName) -> Result<bool> {
-    if !is_installed(instance) {
-        return Ok(false);
-    }
-    // Gone from view at once; a kill from here on leaves a staging
-    // directory that the next run removes.
-    let removing = format!("{DEL_PREFIX}{instance}");
-    bpffs::rename(instance.as_str(), &removing)?;
-    fault_point("after-uninstall-rename")?;
-    remove_instance_dir(&removing)?;
-    Ok(true)
-}
-
-/// Why an instance is garbage (its pod is gone), or `None` while it is in use.
-fn stale(instance: &InstanceName) -> Option<String> {
-    let dir = bpffs::instance_dir(instance);
-    let pin = dir.join(super::CONNECT4.pin_name());
-    match sys::obj_get(&pin).and_then(|fd| sys::link_info(fd.as_fd())) {
-        Ok(info) if info.target != 0 => None,
-        Ok(_) => Some("its cgroup was removed (the links are defunct)".to_owned()),
-        Err(_) => {
-            // No readable link: pins removed by hand. Garbage unless its
-            // cgroup still exists.
-            let meta = maps::meta(&dir).and_then(|m| Ok(m.get(&0, 0)?)).ok();
-            let Some(meta) = meta else {
-                return Some("it has neither a link nor metadata".to_owned());
-            };
-            let path = meta_path(&meta);
-            let alive = fs::metadata(&path).is_ok_and(|m| m.ino() == meta.cgroup_id);
-            (!alive).then(|| format!("it has no link and its cgroup {path} is gone"))
-        }
-    }
-}
-
-/// Removes (or with `dry_run` only lists) every instance whose pod cgroup
-/// no longer exists: deleting a pod detaches its cgroup programs with the
-/// cgroup, but the pins under /sys/fs/bpf/redirect/ (and an inbound link on
-/// a namespace that outlives the pod) stay until removed. Also removes
-/// what installs and uninstalls killed half-way left. Returns each with
-/// the reason. Holds the install lock throughout, so it never judges an
-/// instance while an install is writing it.
-pub fn gc(dry_run: bool) -> Result<Vec<(String, String)>> {
-    privilege::check_ebpf()?;
-    if !bpffs::is_mounted() {
-        return Ok(Vec::new());
-    }
-    let _hold = privilege::HoldSignals::new();
-    let _lock = Lock::exclusive()?;
-    let mut removed = Vec::new();
-    let left = if dry_run {
-        bpffs::list()?.staging
-    } else {
-        repair()?
-    };
-    for name in left {
-        removed.push((
-            name,
-            "left by an interrupted install or uninstall".to_owned(),
-        ));
-    }
-    for name in bpffs::instances()? {
-        let Some(why) = stale(&name) else {
-            continue;
-        };
-        if !dry_run {
-            uninstall_locked(&name).with_context(|| format!("removing instance {name}"))?;
-        }
-        removed.push((name.to_string(), why));
-    }
-    Ok(removed)
-}
-
-/// The cgroup path recorded in an instance's meta entry.
-pub fn meta_path(meta: &InstanceMeta) -> String {
-    let len = (meta.cgroup_path_len as usize).min(META_PATH_MAX);
-    String::from_utf8_lossy(&meta.cgroup_path[..len]).into_owned()
-}
-
-/// Installed instances whose recorded cgroup is `cgroup`.
-pub fn instances_on(cgroup: &Cgroup) -> Result<Vec<InstanceName>> {
-    let mut found = Vec::new();
-    for name in bpffs::instances()? {
-        let dir = bpffs::instance_dir(&name);
-        if let Ok(meta) = maps::meta(&dir).and_then(|m| Ok(m.get(&0, 0)?))
-            && (meta.cgroup_id == cgroup.id || Path::new(&meta_path(&meta)) == cgroup.path)
-        {
-            found.push(name);
-        }
-    }
-    Ok(found)
 }
 
 #[cfg(test)]

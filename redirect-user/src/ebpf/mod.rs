@@ -3,10 +3,13 @@
 
 pub mod config;
 pub mod features;
+mod instances;
 pub mod listener;
 pub mod loader;
 pub mod lower;
 pub mod maps;
+pub mod privilege;
+mod removal;
 pub mod sys;
 
 /// The oldest kernel eBPF mode runs on: cgroup bpf_links (attach without

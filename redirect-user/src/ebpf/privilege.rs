@@ -69,7 +69,7 @@ fn check_bpf_syscall() -> Result<()> {
     const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
     // Before 5.11 a load over RLIMIT_MEMLOCK also fails with EPERM.
     raise_memlock();
-    match crate::ebpf::sys::probe_hook(BPF_PROG_TYPE_SOCKET_FILTER, 0) {
+    match super::sys::probe_hook(BPF_PROG_TYPE_SOCKET_FILTER, 0) {
         Err(err) if err.raw_os_error() == Some(libc::EPERM) && memlock_limited() => bail!(
             "permission denied: kernels before 5.11 charge eBPF programs and maps to \
              RLIMIT_MEMLOCK, and this process's limit is too low and cannot be raised: raise it \
@@ -106,32 +106,4 @@ pub fn raise_memlock() {
     };
     // SAFETY: valid rlimit struct; failure is harmless (5.11+ does not need it).
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
-}
-
-/// Holds SIGINT, SIGTERM and SIGHUP while it lives: an install or uninstall
-/// runs to its end (or its rollback) even when interrupted, and the signal
-/// is delivered when this is dropped.
-pub struct HoldSignals(libc::sigset_t);
-
-impl HoldSignals {
-    pub fn new() -> Self {
-        // SAFETY: plain signal-mask calls on initialised sets.
-        unsafe {
-            let mut set = std::mem::zeroed::<libc::sigset_t>();
-            let mut old = std::mem::zeroed::<libc::sigset_t>();
-            libc::sigemptyset(&mut set);
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                libc::sigaddset(&mut set, sig);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-            Self(old)
-        }
-    }
-}
-
-impl Drop for HoldSignals {
-    fn drop(&mut self) {
-        // SAFETY: restores the mask saved by `new`.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
-    }
 }
