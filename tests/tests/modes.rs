@@ -143,3 +143,38 @@ fn auto_mode_prefers_ebpf_and_falls_back_to_iptables_saying_why() {
     assert_eq!(istio_iptables(&sandbox, &cleanup).code, 0);
     assert!(!sandbox.is_pinned());
 }
+
+/// Lists as istio-iptables takes them (spaces after commas, a trailing
+/// comma) are the same in both backends: auto mode installs eBPF for them,
+/// and the ports they name are honoured. (Auto mode used to fall back to
+/// iptables for `-q "4000, 5000"`, refusing `' 5000'`.)
+#[test]
+fn lists_with_spaces_and_trailing_commas_stay_in_ebpf() {
+    require_root!();
+    let sandbox = Sandbox::with_upstream_and_proxy().expect("sandbox pod");
+    let out = istio_iptables(
+        &sandbox,
+        &[
+            "--mode",
+            "auto",
+            "-p",
+            "15001",
+            "-u",
+            "1337",
+            "-i",
+            "",
+            "-q",
+            "4000, 9080,",
+            "-o",
+            " 22,",
+        ],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("with eBPF"), "{out:?}");
+    assert!(!out.stderr.contains("using iptables"), "{out:?}");
+    assert_eq!(
+        sandbox.lands(Group::App, APP, UPSTREAM).expect("connect"),
+        "proxy",
+        "-q ' 9080' captures the upstream's port"
+    );
+}
