@@ -118,6 +118,30 @@ impl Sandbox {
         Ok(sandbox)
     }
 
+    /// Starts the Rust test proxy: on [`PROXY_ADDR`] as UID 1337 in the
+    /// pod's proxy cgroup, answering each connection with what it
+    /// `report`s (`original-dst`, as a transparent proxy reads it, or `peer`).
+    pub fn start_reporting_proxy(&self, report: &str) -> Result<()> {
+        let mut cmd = self.agent(Net::Pod, Group::Proxy, PROXY);
+        cmd.args([
+            "serve",
+            "--listen",
+            &PROXY_ADDR.to_string(),
+            "--report",
+            report,
+        ]);
+        self.start(cmd)
+    }
+
+    /// A test pod with the upstream server on [`UPSTREAM`] and a proxy
+    /// that answers each connection with its SO_ORIGINAL_DST.
+    pub fn with_upstream_and_orig_dst_proxy() -> Result<Self> {
+        let sandbox = Self::for_tests()?;
+        sandbox.serve(Net::Peer, Group::Outside, APP, UPSTREAM, UPSTREAM_REPLY)?;
+        sandbox.start_reporting_proxy("original-dst")?;
+        Ok(sandbox)
+    }
+
     /// `redirect install --cgroup <pod> --instance <name> --netns <pod>
     /// EXTRA...`; fails unless it succeeds.
     pub fn install(&self, extra: &[&str]) -> Result<Outcome> {

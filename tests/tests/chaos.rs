@@ -20,7 +20,7 @@ use std::{
 use redirect_sandbox::{
     APP, Group, Net, PROXY, Sandbox,
     agent::Tally,
-    cli::{Outcome, PROXY_ADDR, PROXY_REPLY, UPSTREAM, counter, outcome, redirect, redirect_bin},
+    cli::{Outcome, PROXY_REPLY, UPSTREAM, counter, outcome, redirect, redirect_bin},
     require_root,
 };
 use serde_json::Value;
@@ -305,19 +305,7 @@ fn overlapping_captures_are_refused_naming_the_other_instance() {
 fn a_stacked_getsockopt_program_keeps_the_earlier_answer() {
     require_root!();
     let _node = shared();
-    let sandbox = Sandbox::for_tests().expect("sandbox");
-    sandbox
-        .serve(Net::Peer, Group::Outside, APP, UPSTREAM, "upstream")
-        .expect("upstream");
-    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    proxy.args([
-        "serve",
-        "--listen",
-        &PROXY_ADDR.to_string(),
-        "--report",
-        "original-dst",
-    ]);
-    sandbox.start(proxy).expect("proxy");
+    let sandbox = Sandbox::with_upstream_and_orig_dst_proxy().expect("sandbox pod");
     let proxy_cg = sandbox.group_path(Group::Proxy).expect("proxy cgroup");
     let outer = extra_instance(&sandbox, "outer");
     let out = install(&sandbox, &proxy_cg, sandbox.name(), &[]);
@@ -615,19 +603,7 @@ fn upgrades_under_a_connect_loop_never_let_a_connection_escape() {
 fn max_connections_hold_after_an_overflow_and_evictions_are_counted() {
     require_root!();
     let _node = shared();
-    let sandbox = Sandbox::for_tests().expect("sandbox");
-    sandbox
-        .serve(Net::Peer, Group::Outside, APP, UPSTREAM, "upstream")
-        .expect("upstream");
-    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    proxy.args([
-        "serve",
-        "--listen",
-        &PROXY_ADDR.to_string(),
-        "--report",
-        "original-dst",
-    ]);
-    sandbox.start(proxy).expect("proxy");
+    let sandbox = Sandbox::with_upstream_and_orig_dst_proxy().expect("sandbox pod");
     sandbox
         .install(&["--max-connections", "256"])
         .expect("install");

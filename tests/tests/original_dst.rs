@@ -20,28 +20,9 @@ use redirect_sandbox::{
     peer_ip, require_root,
 };
 
-/// Starts the Rust test proxy: on 127.0.0.1:15001 as UID 1337 in the pod's
-/// proxy cgroup, answering each connection with what it `report`s.
-fn start_proxy(sandbox: &Sandbox, report: &str) {
-    let mut cmd = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    cmd.args([
-        "serve",
-        "--listen",
-        &PROXY_ADDR.to_string(),
-        "--report",
-        report,
-    ]);
-    sandbox.start(cmd).expect("test proxy");
-}
-
 /// A sandbox with the upstream server and the original-dst test proxy.
 fn pod_with_orig_dst_proxy() -> Sandbox {
-    let sandbox = Sandbox::for_tests().expect("sandbox");
-    sandbox
-        .serve(Net::Peer, Group::Outside, APP, UPSTREAM, "upstream")
-        .expect("upstream");
-    start_proxy(&sandbox, "original-dst");
-    sandbox
+    Sandbox::with_upstream_and_orig_dst_proxy().expect("sandbox pod")
 }
 
 fn check(
@@ -132,7 +113,7 @@ fn getpeername_shows_the_original_destination_to_the_app_only() {
         .serve(Net::Peer, Group::Outside, APP, UPSTREAM, "upstream")
         .expect("upstream");
     // The proxy reports its accepted socket's peer: the app's real address.
-    start_proxy(&sandbox, "peer");
+    sandbox.start_reporting_proxy("peer").expect("test proxy");
     sandbox.install(&[]).expect("install");
     let to = UPSTREAM.to_string();
     let app = sandbox

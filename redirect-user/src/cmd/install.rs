@@ -25,11 +25,7 @@ pub fn install(args: &InstallArgs) -> Result<ExitCode> {
     installed.print_notes();
     outln!(
         "redirect: {} instance {instance} on {}: outbound TCP -> 127.0.0.1:{}{} (proxy uids {:?}, gids {:?})",
-        if installed.upgraded {
-            "updated"
-        } else {
-            "installed"
-        },
+        verb(&installed),
         cgroup.path.display(),
         config.proxy_port,
         inbound_summary(&config),
@@ -66,6 +62,15 @@ pub fn lower(capture: &Capture) -> Result<Config> {
             why.join(", ")
         )
     })
+}
+
+/// "installed", or "updated" for an upgrade in place.
+pub fn verb(installed: &loader::Installed) -> &'static str {
+    if installed.upgraded {
+        "updated"
+    } else {
+        "installed"
+    }
 }
 
 /// ", inbound TCP to ports ... -> the inbound listener on :15006", or

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 
-use super::install::inbound_summary;
+use super::install::{inbound_summary, verb};
 use crate::{
     capture::Capture,
     cgroup::{self, Cgroup},
@@ -199,11 +199,7 @@ fn with_ebpf(
     installed.print_notes();
     outln!(
         "redirect: {} the capture with eBPF on {} (instance {instance}): outbound TCP -> 127.0.0.1:{}{}",
-        if installed.upgraded {
-            "updated"
-        } else {
-            "installed"
-        },
+        verb(&installed),
         cgroup.path.display(),
         config.proxy_port,
         inbound_summary(config)
