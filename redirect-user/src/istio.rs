@@ -161,7 +161,7 @@ pub struct IstioArgs {
     /// Replace different Istio rules already in place [env RECONCILE]
     #[arg(long = "reconcile", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub reconcile: Option<bool>,
-    /// Accepted for compatibility; redirect does not run Istio's validator [env RUN_VALIDATION]
+    /// Validate the capture as Istio's validator does (a probe to 127.0.0.6 must reach the proxy's ports with its destination); exit 126 when it does not [env RUN_VALIDATION]
     #[arg(long = "run-validation", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub run_validation: Option<bool>,
     /// Accepted for compatibility (redirect applies whenever the rules differ) [env FORCE_APPLY]
@@ -173,12 +173,12 @@ pub struct IstioArgs {
     /// Istio's native nftables mode: not supported (refused) [env NATIVE_NFTABLES]
     #[arg(long = "native-nftables", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub native_nftables: Option<bool>,
-    /// Accepted for compatibility (used by Istio's validator only)
-    #[arg(long = "iptables-probe-port", value_name = "PORT", hide = true)]
-    pub iptables_probe_port: Option<u16>,
-    /// Accepted for compatibility (used by Istio's validator only)
-    #[arg(long = "probe-timeout", value_name = "DURATION", hide = true)]
-    pub probe_timeout: Option<String>,
+    /// The validation probe's destination port (--run-validation)
+    #[arg(long = "iptables-probe-port", value_name = "PORT", default_value = "15002", value_parser = |s: &str| parse::port_number(s))]
+    pub iptables_probe_port: u16,
+    /// How long the validation may take (--run-validation), e.g. 5s
+    #[arg(long = "probe-timeout", value_name = "DURATION", default_value = "5s", value_parser = crate::validate::parse_duration)]
+    pub probe_timeout: std::time::Duration,
     /// istio-iptables' logging flags (pilot-agent's), accepted and ignored
     #[arg(long = "log_output_level", hide = true)]
     pub log_output_level: Option<String>,
@@ -222,7 +222,12 @@ pub struct IstioArgs {
     #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = parse::max_connections)]
     pub max_connections: u32,
     /// Apply in this network namespace (/proc/PID/ns/net or /run/netns/NAME)
-    #[arg(long = "netns", alias = "network-namespace", value_name = "PATH")]
+    #[arg(
+        long = "netns",
+        alias = "network-namespace",
+        env = "NETWORK_NAMESPACE",
+        value_name = "PATH"
+    )]
     pub netns: Option<PathBuf>,
 }
 

@@ -37,6 +37,7 @@ mod netns;
 mod pause;
 mod signals;
 mod userns;
+mod validate;
 
 use std::process::ExitCode;
 

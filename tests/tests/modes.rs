@@ -178,3 +178,69 @@ fn lists_with_spaces_and_trailing_commas_stay_in_ebpf() {
         "-q ' 9080' captures the upstream's port"
     );
 }
+
+/// `--run-validation --skip-rule-apply`, as Istio's `istio-validation`
+/// init container runs it in the pod (as the proxy's user), passes when
+/// either backend's capture is in place and exits 126 when none is.
+#[test]
+fn istios_validation_passes_under_both_backends_and_fails_without_capture() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let validate = |timeout: &str| {
+        let mut cmd = sandbox.command(
+            Net::Pod,
+            Group::Proxy,
+            redirect_sandbox::PROXY,
+            redirect_bin(),
+        );
+        cmd.args([
+            "istio-iptables",
+            "--ipv6=false",
+            "--skip-rule-apply",
+            "--run-validation",
+            "--probe-timeout",
+            timeout,
+        ])
+        .args(SIDECAR);
+        outcome(&mut cmd).expect("run the validation")
+    };
+    let out = validate("1s");
+    assert_eq!(out.code, 126, "no capture yet: {out:?}");
+    assert!(out.stderr.contains("validation failed"), "{out:?}");
+    for mode in ["iptables", "ebpf"] {
+        let mut args = vec!["--mode", mode];
+        args.extend_from_slice(SIDECAR);
+        let out = istio_iptables(&sandbox, &args);
+        assert_eq!(out.code, 0, "{mode}: {out:?}");
+        let out = validate("10s");
+        assert_eq!(out.code, 0, "{mode}: {out:?}");
+        assert!(out.stdout.contains("validation passed"), "{mode}: {out:?}");
+        args.push("--cleanup-only");
+        let out = istio_iptables(&sandbox, &args);
+        assert_eq!(out.code, 0, "{mode}: {out:?}");
+    }
+    assert_eq!(validate("1s").code, 126, "removed again");
+}
+
+/// Istio passes the pod's network namespace as `NETWORK_NAMESPACE` too.
+#[test]
+fn the_network_namespace_comes_from_istios_variable() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let run = |extra: &[&str]| {
+        let mut cmd = Command::new(redirect_bin());
+        cmd.env("NETWORK_NAMESPACE", sandbox.netns_path(Net::Pod))
+            .args(["istio-iptables", "--ipv6=false", "--mode", "iptables"])
+            .args(["--cgroup", &cgroup, "--instance", sandbox.name()])
+            .args(OUTBOUND_ONLY)
+            .args(extra);
+        outcome(&mut cmd).expect("run redirect")
+    };
+    let out = run(&[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(has_istio_chains(&sandbox), "applied in the pod's namespace");
+    let out = run(&["--cleanup-only"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!has_istio_chains(&sandbox));
+}

@@ -27,7 +27,7 @@ use crate::{
         builder::Family,
     },
     istio::{self, Actions, IstioArgs, Mode},
-    netns,
+    netns, validate,
 };
 
 pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
@@ -43,10 +43,7 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         Ok(actions) => actions,
         Err(err) => return reject(err),
     };
-    if actions.skip_rule_apply {
-        return Ok(ExitCode::SUCCESS);
-    }
-    if actions.native_nftables {
+    if actions.native_nftables && !actions.skip_rule_apply {
         return refuse(
             &"Istio's native nftables mode is not supported: drop --native-nftables to program nftables through iptables-nft",
         );
@@ -70,6 +67,9 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         out!("{}", rules.render(Family::V6));
         return Ok(ExitCode::SUCCESS);
     }
+    if actions.skip_rule_apply {
+        return validated(args, &actions, &capture, ExitCode::SUCCESS);
+    }
     if let Err(err) = istio::check_owners(&capture, &RealHost) {
         return reject(err);
     }
@@ -78,12 +78,8 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         Err(err) => return refuse(&format!("{err:#}")),
     };
     if let Some((config, cgroup)) = ebpf {
-        return with_ebpf(args, &actions, &config, &cgroup);
-    }
-    if actions.run_validation {
-        eprintln!(
-            "redirect: note: --run-validation is accepted, but redirect does not run Istio's validator"
-        );
+        let code = with_ebpf(args, &actions, &config, &cgroup)?;
+        return validated(args, &actions, &capture, code);
     }
     let backend = match backend {
         Some(forced) => forced,
@@ -124,7 +120,32 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         backend.name(),
         if capture.ipv6 { "on" } else { "off" }
     );
-    Ok(ExitCode::SUCCESS)
+    validated(args, &actions, &capture, ExitCode::SUCCESS)
+}
+
+/// `--run-validation` (after the rules are applied, or alone with
+/// `--skip-rule-apply`, as Istio's `istio-validation` container runs it):
+/// `code` when it passes or is not asked for, Istio's 126 when it fails.
+fn validated(
+    args: &IstioArgs,
+    actions: &Actions,
+    capture: &Capture,
+    code: ExitCode,
+) -> Result<ExitCode> {
+    if !actions.run_validation || actions.cleanup_only || code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    let ports = [capture.proxy_port.value, capture.inbound_port.value];
+    match validate::run(ports, args.iptables_probe_port, args.probe_timeout) {
+        Ok(()) => {
+            outln!("redirect: validation passed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            eprintln!("redirect: error: {err:#}");
+            Ok(ExitCode::from(validate::FAILED))
+        }
+    }
 }
 
 /// `--mode`: the eBPF configuration and pod cgroup when eBPF capture is
