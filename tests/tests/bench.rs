@@ -253,6 +253,102 @@ impl Bench {
         }
     }
 
+    /// The eBPF programs' run time and run count per redirected request
+    /// (the app through the relay to the HTTP upstream) and per bypassed
+    /// connection (the proxy's own, straight to the upstream), with the
+    /// kernel's run-time statistics on for the measurement only.
+    fn program_costs(&self, count: usize, results: &mut Results) {
+        let mut args = vec![
+            "istio-iptables",
+            "--ipv6=false",
+            "--mode",
+            "ebpf",
+            "--netns",
+        ];
+        let netns = self.sandbox.netns_path(Net::Pod);
+        let cgroup = self.sandbox.pod_cgroup().to_string_lossy().into_owned();
+        args.extend([netns.as_str(), "--cgroup", &cgroup, "--instance"]);
+        args.push(self.sandbox.name());
+        // Istio's sidecar flags, with the relay (which reads
+        // SO_ORIGINAL_DST and connects upstream) as the outbound proxy.
+        let relay = RELAY_PORT.to_string();
+        args.extend(["-p", &relay, "-z", "15006", "-u", "1337", "-m", "REDIRECT"]);
+        args.extend(["-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"]);
+        let out = redirect_sandbox::cli::redirect(&args).expect("install");
+        assert!(out.ok(), "{out:?}");
+        let status = redirect_sandbox::cli::redirect(&[
+            "status",
+            "--json",
+            "--instance",
+            self.sandbox.name(),
+        ])
+        .expect("status");
+        let status: Value = serde_json::from_str(&status.stdout).expect("status JSON");
+        let programs: Vec<(String, u32)> = status["instances"][0]["programs"]
+            .as_array()
+            .expect("programs")
+            .iter()
+            .filter_map(|p| {
+                Some((
+                    p["hook"].as_str()?.to_owned(),
+                    p["program_id"].as_u64()? as u32,
+                ))
+            })
+            .collect();
+        let snapshot = || -> Vec<(u64, u64)> {
+            programs
+                .iter()
+                .map(|(_, id)| {
+                    aya::programs::loaded_programs()
+                        .flatten()
+                        .find(|p| p.id() == *id)
+                        .map_or((0, 0), |p| (p.run_time().as_nanos() as u64, p.run_count()))
+                })
+                .collect()
+        };
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+        let measure = |run: &dyn Fn()| -> Vec<(u64, u64)> {
+            let before = snapshot();
+            run();
+            let after = snapshot();
+            before
+                .iter()
+                .zip(after)
+                .map(|(b, a)| (a.0 - b.0, a.1 - b.1))
+                .collect()
+        };
+        let to = HTTP_UPSTREAM.to_string();
+        let redirected = measure(&|| {
+            let _ = self.sample(HTTP_UPSTREAM, count, true, &to);
+        });
+        let bypassed = measure(&|| {
+            let n = count.to_string();
+            let _ = self.sandbox.agent_output(
+                Group::Proxy,
+                PROXY,
+                &["bench", "--to", &to, "--count", &n, "--request"],
+            );
+        });
+        drop(stats);
+        let per = |v: u64| v as f64 / count as f64;
+        for ((hook, _), (ns, runs)) in programs.iter().zip(&redirected) {
+            results.add(&format!("bpf_ns_{hook}"), "ebpf", "ns/req", per(*ns));
+            results.add(&format!("bpf_runs_{hook}"), "ebpf", "runs/req", per(*runs));
+        }
+        let total = |costs: &[(u64, u64)]| per(costs.iter().map(|c| c.0).sum());
+        results.add(
+            "bpf_ns_per_redirected",
+            "ebpf",
+            "ns/req",
+            total(&redirected),
+        );
+        results.add("bpf_ns_per_bypassed", "ebpf", "ns/conn", total(&bypassed));
+        let out =
+            redirect_sandbox::cli::redirect(&["uninstall", "--instance", self.sandbox.name()])
+                .expect("uninstall");
+        assert!(out.ok(), "{out:?}");
+    }
+
     /// Connection setup with `mode` in place (`direct`: no capture, the app
     /// connects straight to the proxy port).
     fn setup_sample(
@@ -412,6 +508,22 @@ fn bench_capture_costs() {
         .as_f64()
         .expect("max_connections");
     results.add("max_concurrent_redirected", "ebpf", "connections", tracked);
+
+    // 6: the programs' own cost, by the kernel's accounting (bpf_stats),
+    // with Istio's sidecar flags: per redirected request through the
+    // relay (the app's connect, the proxy's accept and SO_ORIGINAL_DST,
+    // its connect upstream), and per connection the proxy makes itself.
+    for round in 1..=sizes.rounds {
+        bench.program_costs(sizes.requests, &mut results);
+        println!(
+            "program cost round {round}/{}: {:.0} ns of eBPF per redirected request",
+            sizes.rounds,
+            results
+                .get("bpf_ns_per_redirected", "ebpf")
+                .last()
+                .unwrap_or(&0.0)
+        );
+    }
 
     let json = serde_json::to_string_pretty(&results.to_json()).expect("JSON");
     let out = std::env::var("REDIRECT_BENCH_OUT").unwrap_or_else(|_| {

@@ -139,6 +139,11 @@ fn check_complete(figures: &[Figure]) -> Result<()> {
         wanted.push((name.into(), "ratio"));
     }
     wanted.push(("map_memory".into(), "ebpf"));
+    wanted.push(("bpf_ns_per_redirected".into(), "ebpf"));
+    wanted.push(("bpf_ns_per_bypassed".into(), "ebpf"));
+    for hook in ["connect4", "sockops", "getsockopt", "sk_lookup"] {
+        wanted.push((format!("bpf_ns_{hook}"), "ebpf"));
+    }
     wanted.push(("max_concurrent_redirected".into(), "ebpf"));
     let missing: Vec<String> = wanted
         .iter()
