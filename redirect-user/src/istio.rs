@@ -170,7 +170,7 @@ pub struct IstioArgs {
     /// Accepted for compatibility (no effect) [env CNI_MODE]
     #[arg(long = "cni-mode", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub cni_mode: Option<bool>,
-    /// Istio's native nftables mode: not supported (refused) [env NATIVE_NFTABLES]
+    /// Istio's native nftables mode: --dry-run prints Istio's nftables transaction; applying it is not implemented yet (refused) [env NATIVE_NFTABLES]
     #[arg(long = "native-nftables", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub native_nftables: Option<bool>,
     /// The validation probe's destination port (--run-validation)

@@ -34,6 +34,7 @@ mod instance;
 mod iptables;
 mod istio;
 mod netns;
+mod nftables;
 mod pause;
 mod signals;
 mod userns;

@@ -1,7 +1,11 @@
 //! Istio's conformance data (its iptables golden files, see the README in
-//! `../shared/conformance/istio/`), read for the tests that replay it.
+//! `../shared/conformance/istio/`, and its native nftables ones in
+//! `../shared/conformance/istio-nftables/`), read for the tests that replay it.
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
 
 /// `$REDIRECT_CONFORMANCE_DIR` (set in the kernel matrix's VMs), else
 /// `../shared/conformance/istio` beside the project.
@@ -17,9 +21,26 @@ pub fn dir() -> PathBuf {
     )
 }
 
+/// `$REDIRECT_NFTABLES_CONFORMANCE_DIR`, else
+/// `../shared/conformance/istio-nftables` beside the project: the golden
+/// files of Istio's native nftables mode, in the same layout.
+pub fn nftables_dir() -> PathBuf {
+    std::env::var_os("REDIRECT_NFTABLES_CONFORMANCE_DIR").map_or_else(
+        || {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/conformance/istio-nftables"
+            ))
+        },
+        PathBuf::from,
+    )
+}
+
 /// One row of `cases.tsv`.
 #[derive(Clone, Debug)]
 pub struct Case {
+    /// The data directory the row was read from (its golden is there).
+    pub dir: PathBuf,
     pub name: String,
     /// `true` or `false`: whether IPv6 rules are generated.
     pub ipv6: String,
@@ -33,7 +54,7 @@ pub struct Case {
 impl Case {
     /// The case's golden file, as written.
     pub fn golden(&self) -> std::io::Result<String> {
-        fs::read_to_string(dir().join(format!("{}.golden", self.name)))
+        fs::read_to_string(self.dir.join(format!("{}.golden", self.name)))
     }
 
     /// The resolv.conf text of the case.
@@ -45,9 +66,15 @@ impl Case {
     }
 }
 
-/// Every case, or `None` when the data is absent (the caller says so and skips).
+/// Every case of [`dir`], or `None` when the data is absent (the caller
+/// says so and skips).
 pub fn cases() -> Option<Vec<Case>> {
-    let text = fs::read_to_string(dir().join("cases.tsv")).ok()?;
+    cases_in(&dir())
+}
+
+/// Every case of the data directory `dir`, or `None` when it is absent.
+pub fn cases_in(dir: &Path) -> Option<Vec<Case>> {
+    let text = fs::read_to_string(dir.join("cases.tsv")).ok()?;
     Some(
         text.lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
@@ -57,6 +84,7 @@ pub fn cases() -> Option<Vec<Case>> {
                     return None;
                 };
                 Some(Case {
+                    dir: dir.to_owned(),
                     name: name.to_owned(),
                     ipv6: ipv6.to_owned(),
                     nameservers: nameservers

@@ -27,7 +27,7 @@ use crate::{
         builder::Family,
     },
     istio::{self, Actions, IstioArgs, Mode},
-    netns, validate,
+    netns, nftables, validate,
 };
 
 pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
@@ -43,9 +43,11 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         Ok(actions) => actions,
         Err(err) => return reject(err),
     };
-    if actions.native_nftables && !actions.skip_rule_apply {
+    // Native nftables: the transaction is built (--dry-run prints it), but
+    // not applied yet.
+    if actions.native_nftables && !actions.skip_rule_apply && !actions.dry_run {
         return refuse(
-            &"Istio's native nftables mode is not supported: drop --native-nftables to program nftables through iptables-nft",
+            &"applying Istio's native nftables rules is not implemented yet (--native-nftables --dry-run prints them): drop --native-nftables to program nftables through iptables-nft",
         );
     }
     let backend = match Backend::parse(&args.force_iptables_binary) {
@@ -61,6 +63,10 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         Ok(capture) => capture,
         Err(err) => return reject(err),
     };
+    if actions.dry_run && actions.native_nftables {
+        out!("{}", nftables::rules::rules(&capture).render());
+        return Ok(ExitCode::SUCCESS);
+    }
     let rules = iptables::rules::rules(&capture);
     if actions.dry_run {
         out!("{}", rules.render(Family::V4));

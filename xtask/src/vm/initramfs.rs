@@ -21,8 +21,10 @@ use crate::rootfs::{
 /// What the VM runs.
 pub struct Payload {
     pub redirect: PathBuf,
-    /// Istio's conformance data (`../shared/conformance/istio`), when present.
-    pub conformance: Option<PathBuf>,
+    /// Istio's conformance data, when present: each directory (its files
+    /// copied to `/<name>` in the VM) and the variable that points a test
+    /// there: `../shared/conformance/istio` and `.../istio-nftables`.
+    pub conformance: Vec<(PathBuf, &'static str, &'static str)>,
     /// (name, executable) of each end-to-end test binary.
     pub tests: Vec<(String, PathBuf)>,
 }
@@ -46,9 +48,6 @@ const HOST_DATA: &[&str] = &[
     "/etc/squid",
     "/usr/lib/squid",
 ];
-
-/// Where the VM finds Istio's conformance data (see `REDIRECT_CONFORMANCE_DIR`).
-const CONFORMANCE: &str = "conformance";
 
 /// Marker lines `/init` prints around each test binary's output.
 pub const BEGIN: &str = "VMTEST begin ";
@@ -99,8 +98,8 @@ pub fn build(kernel: &Kernel, payload: &Payload, work: &Path) -> Result<PathBuf>
         std::os::unix::fs::symlink(target, root.join("usr/sbin").join(link))?;
     }
     // Istio's golden files, for the conformance and iptables-mode tests.
-    if let Some(dir) = &payload.conformance {
-        let dest = root.join(CONFORMANCE);
+    for (dir, name, _) in &payload.conformance {
+        let dest = root.join(name);
         fs::create_dir_all(&dest)?;
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
@@ -129,7 +128,7 @@ pub fn build(kernel: &Kernel, payload: &Payload, work: &Path) -> Result<PathBuf>
     )?;
     fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n")?;
     let tests: Vec<&str> = payload.tests.iter().map(|(n, _)| n.as_str()).collect();
-    fs::write(root.join("init"), init_script(&tests))?;
+    fs::write(root.join("init"), init_script(&tests, &payload.conformance))?;
     fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755))?;
 
     let archive = work.join("initramfs.cpio");
@@ -139,13 +138,12 @@ pub fn build(kernel: &Kernel, payload: &Payload, work: &Path) -> Result<PathBuf>
     Ok(archive)
 }
 
-fn init_script(tests: &[&str]) -> String {
+fn init_script(tests: &[&str], conformance: &[(PathBuf, &str, &str)]) -> String {
     let mut script = String::from(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
          # real tools (iproute2, iptables) before busybox's applets\n\
          export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root REDIRECT_BIN=/usr/bin/redirect\n\
-         [ -d /conformance ] && export REDIRECT_CONFORMANCE_DIR=/conformance\n\
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev\n\
@@ -159,6 +157,9 @@ fn init_script(tests: &[&str]) -> String {
          echo \"VMTEST kernel $(uname -r)\"\n\
          for m in $(cat /modules/load); do insmod /modules/$m 2>/dev/null || echo \"VMTEST module-failed $m\"; done\n",
     );
+    for (_, name, env) in conformance {
+        script.push_str(&format!("export {env}=/{name}\n"));
+    }
     for test in tests {
         script.push_str(&format!(
             "echo \"{BEGIN}{test}\"\n\

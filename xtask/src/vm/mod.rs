@@ -264,11 +264,23 @@ fn payload() -> Result<initramfs::Payload> {
     if tests.is_empty() {
         bail!("no end-to-end test binaries were built");
     }
-    let conformance = workspace_root().join("../shared/conformance/istio");
+    let data = workspace_root().join("../shared/conformance");
+    let conformance = [
+        ("istio", "conformance", "REDIRECT_CONFORMANCE_DIR"),
+        (
+            "istio-nftables",
+            "nftables-conformance",
+            "REDIRECT_NFTABLES_CONFORMANCE_DIR",
+        ),
+    ]
+    .into_iter()
+    .map(|(dir, name, env)| (data.join(dir), name, env))
+    .filter(|(dir, ..)| dir.is_dir())
+    .collect();
     Ok(initramfs::Payload {
         redirect: workspace_root().join("target/debug/redirect"),
         tests,
-        conformance: conformance.is_dir().then_some(conformance),
+        conformance,
     })
 }
 
