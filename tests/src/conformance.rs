@@ -7,33 +7,47 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// `$REDIRECT_CONFORMANCE_DIR` (set in the kernel matrix's VMs), else
-/// `../shared/conformance/istio` beside the project.
-pub fn dir() -> PathBuf {
-    std::env::var_os("REDIRECT_CONFORMANCE_DIR").map_or_else(
+/// `$variable` (set in the kernel matrix's VMs), else
+/// `../shared/conformance/<name>` beside the project.
+fn data_dir(variable: &str, name: &str) -> PathBuf {
+    std::env::var_os(variable).map_or_else(
         || {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/conformance/istio"
-            ))
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../shared/conformance")
+                .join(name)
         },
         PathBuf::from,
     )
 }
 
-/// `$REDIRECT_NFTABLES_CONFORMANCE_DIR`, else
-/// `../shared/conformance/istio-nftables` beside the project: the golden
-/// files of Istio's native nftables mode, in the same layout.
+/// Istio's iptables golden files (`$REDIRECT_CONFORMANCE_DIR`).
+pub fn dir() -> PathBuf {
+    data_dir("REDIRECT_CONFORMANCE_DIR", "istio")
+}
+
+/// The golden files of Istio's native nftables mode, in the same layout
+/// (`$REDIRECT_NFTABLES_CONFORMANCE_DIR`).
 pub fn nftables_dir() -> PathBuf {
-    std::env::var_os("REDIRECT_NFTABLES_CONFORMANCE_DIR").map_or_else(
-        || {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/conformance/istio-nftables"
-            ))
-        },
-        PathBuf::from,
-    )
+    data_dir("REDIRECT_NFTABLES_CONFORMANCE_DIR", "istio-nftables")
+}
+
+/// Runs `redirect istio-iptables --dry-run EXTRA` for `case`, with the
+/// case's environment (nothing else), IPv6 setting and a resolv.conf
+/// listing its servers, written under `scratch`.
+pub fn dry_run(case: &Case, scratch: &Path, extra: &[&str]) -> crate::cli::Outcome {
+    let resolv = scratch.join(format!("{}.resolv.conf", case.name));
+    fs::write(&resolv, case.resolv_conf()).expect("resolv.conf");
+    let mut cmd = std::process::Command::new(crate::cli::redirect_bin());
+    cmd.env_clear()
+        .envs(case.env.iter().cloned())
+        .arg("istio-iptables")
+        .args(extra)
+        .arg("--dry-run")
+        .arg(format!("--ipv6={}", case.ipv6))
+        .arg("--resolv-conf")
+        .arg(&resolv)
+        .args(&case.args);
+    crate::cli::outcome(&mut cmd).expect("run redirect")
 }
 
 /// One row of `cases.tsv`.

@@ -4,12 +4,9 @@
 //! documents. Without the data (`../shared/conformance/istio/`) the test
 //! says so and skips, and fails under `CI=true`.
 
-use std::{fs, process::Command};
+use std::fs;
 
-use redirect_sandbox::{
-    cli::{outcome, redirect_bin},
-    conformance,
-};
+use redirect_sandbox::conformance;
 
 /// The expected dry-run output: the golden without the state reads.
 fn expected(golden: &str) -> String {
@@ -35,18 +32,7 @@ fn dry_run_matches_every_istio_golden_file() {
     let mut failures = Vec::new();
     for case in &cases {
         let golden = case.golden().expect("golden file");
-        let resolv = scratch.join(format!("{}.resolv.conf", case.name));
-        fs::write(&resolv, case.resolv_conf()).expect("resolv.conf");
-        let mut cmd = Command::new(redirect_bin());
-        cmd.env_clear()
-            .envs(case.env.iter().cloned())
-            .arg("istio-iptables")
-            .arg("--dry-run")
-            .arg(format!("--ipv6={}", case.ipv6))
-            .arg("--resolv-conf")
-            .arg(&resolv)
-            .args(&case.args);
-        let out = outcome(&mut cmd).expect("run redirect");
+        let out = conformance::dry_run(case, &scratch, &[]);
         if out.code != 0 || out.stdout != expected(&golden) {
             failures.push(format!(
                 "{}: exit {}, stderr {:?}\n--- expected\n{}--- got\n{}",

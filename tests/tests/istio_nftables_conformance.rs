@@ -5,12 +5,9 @@
 //! `../shared/conformance/istio-nftables/`). Without the data the test says
 //! so and skips, and fails under `CI=true`.
 
-use std::{fs, process::Command};
+use std::fs;
 
-use redirect_sandbox::{
-    cli::{outcome, redirect_bin},
-    conformance,
-};
+use redirect_sandbox::conformance;
 
 /// Lines shown around the first difference.
 const CONTEXT: usize = 2;
@@ -64,19 +61,7 @@ fn native_nftables_dry_run_matches_every_istio_golden_file() {
     let mut failures = Vec::new();
     for case in &cases {
         let golden = case.golden().expect("golden file");
-        let resolv = scratch.join(format!("{}.resolv.conf", case.name));
-        fs::write(&resolv, case.resolv_conf()).expect("resolv.conf");
-        let mut cmd = Command::new(redirect_bin());
-        cmd.env_clear()
-            .envs(case.env.iter().cloned())
-            .arg("istio-iptables")
-            .arg("--native-nftables")
-            .arg("--dry-run")
-            .arg(format!("--ipv6={}", case.ipv6))
-            .arg("--resolv-conf")
-            .arg(&resolv)
-            .args(&case.args);
-        let out = outcome(&mut cmd).expect("run redirect");
+        let out = conformance::dry_run(case, &scratch, &["--native-nftables"]);
         if out.code != 0 || out.stdout != golden {
             failures.push(format!(
                 "{}: exit {}, stderr {:?}\n{}",
