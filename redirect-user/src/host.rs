@@ -148,11 +148,30 @@ pub fn resolve_owner(host: &dyn Host, file: &str, owner: &str) -> Option<u32> {
 /// Whether `program` can be run: on `PATH`, or in the sbin directories a
 /// minimal `PATH` may leave out.
 pub fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| std::path::Path::new(d).join(program).is_file())
+    which(program).is_some()
+}
+
+/// Where `program` is: the first match on `PATH`, else in `/usr/sbin` or
+/// `/sbin` (which a minimal `PATH` may leave out).
+///
+/// Test hook: with `REDIRECT_TEST_PATH_ONLY=1` (debug builds only) the
+/// sbin directories are not searched, so that a test can show redirect a
+/// node without some program by its `PATH` alone.
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    });
+    let path_only =
+        cfg!(debug_assertions) && std::env::var("REDIRECT_TEST_PATH_ONLY").as_deref() == Ok("1");
+    if on_path.is_some() || path_only {
+        return on_path;
+    }
+    ["/usr/sbin", "/sbin"]
+        .iter()
+        .map(|d| std::path::Path::new(d).join(program))
+        .find(|p| p.is_file())
 }
 
 /// The pod's own IPv4 addresses among `addrs`: those outside 127/8.

@@ -170,7 +170,7 @@ pub struct IstioArgs {
     /// Accepted for compatibility (no effect) [env CNI_MODE]
     #[arg(long = "cni-mode", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub cni_mode: Option<bool>,
-    /// Istio's native nftables mode: --dry-run prints Istio's nftables transaction; applying it is not implemented yet (refused) [env NATIVE_NFTABLES]
+    /// Istio's native nftables mode: its inet tables applied with `nft -f -` instead of iptables rules (--dry-run prints the transaction) [env NATIVE_NFTABLES]
     #[arg(long = "native-nftables", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
     pub native_nftables: Option<bool>,
     /// The validation probe's destination port (--run-validation)
@@ -208,6 +208,8 @@ pub struct IstioArgs {
     pub force_iptables_binary: String,
     /// Capture with eBPF, with iptables, or (auto) with eBPF when this node
     /// and these flags allow it, else iptables, saying why
+    /// (--native-nftables: Istio's nftables rules instead of iptables; auto
+    /// also uses them, saying so, on a node with nft and no iptables)
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: Mode,
     /// The pod's cgroup, for eBPF mode (self-parent: the parent of this

@@ -3,7 +3,7 @@
 
 use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _, path::Path};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, anyhow};
 
 use crate::host::{Host as _, RealHost, pod_ipv4};
 
@@ -31,4 +31,23 @@ pub fn pod_addresses() -> Result<Vec<Ipv4Addr>> {
         .addresses()
         .context("listing the pod's addresses")?;
     Ok(pod_ipv4(&all))
+}
+
+/// Runs `f` in a new, empty network namespace (on a thread of its own, so
+/// this process stays where it is), for child processes it starts: where
+/// iptables and nftables mode learn what their rules look like once in
+/// the kernel.
+pub fn in_scratch<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: affects only this thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context("creating a scratch network namespace (needs CAP_SYS_ADMIN)");
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow!("scratch namespace thread panicked"))?
+    })
 }

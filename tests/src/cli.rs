@@ -102,7 +102,50 @@ pub fn counter(status: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name} in {status}"))
 }
 
+/// Where `nft` (Debian's nftables package) is, if it is here.
+pub fn nft() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join("nft"))
+        .find(|p| p.is_file())
+}
+
+/// Whether `nft` is here (tests of Istio's native nftables mode need it).
+pub fn nft_installed() -> bool {
+    nft().is_some()
+}
+
+/// The tables `nft list tables` shows in the test's own (the host's)
+/// network namespace, one `table FAMILY NAME` a line.
+pub fn host_nft_tables() -> Vec<String> {
+    let out = Command::new(nft().expect("nft"))
+        .args(["list", "tables"])
+        .output()
+        .expect("nft list tables");
+    assert!(out.status.success(), "nft list tables: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 impl Sandbox {
+    /// The tables `nft list tables` shows in `net`, one `table FAMILY
+    /// NAME` a line.
+    pub fn nft_tables(&self, net: Net) -> Vec<String> {
+        let out = self
+            .command(net, Group::Outside, crate::ROOT, nft().expect("nft"))
+            .args(["list", "tables"])
+            .output()
+            .expect("nft list tables");
+        assert!(out.status.success(), "nft list tables: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// A sandbox whose agent is `redirect sandbox-agent`.
     pub fn for_tests() -> Result<Self> {
         Self::new(redirect_bin(), &["sandbox-agent"])

@@ -2,6 +2,8 @@
 //! istio-iptables flags below, the same connections (every identity to
 //! every destination) are made once under Istio's iptables rules and once
 //! under the eBPF programs, and where each one lands must be identical.
+//! Likewise Istio's native nftables rules (`--native-nftables`) against
+//! its iptables rules.
 //!
 //! The connections come from the pod (outbound: every identity to every
 //! destination) and from the peer to the pod's address (inbound, `-b`/`-d`,
@@ -186,9 +188,26 @@ fn land_all(sandbox: &Sandbox) -> BTreeMap<String, String> {
     out
 }
 
-#[test]
-fn ebpf_and_iptables_capture_the_same_connections() {
-    require_root!();
+/// One backend under comparison: its name, `--mode` and extra flags, and
+/// what its apply prints.
+struct Backend {
+    name: &'static str,
+    mode: &'static str,
+    extra: &'static [&'static str],
+    says: &'static str,
+}
+
+const IPTABLES: Backend = Backend {
+    name: "iptables",
+    mode: "iptables",
+    extra: &[],
+    says: "(iptables-",
+};
+
+/// A sandbox pod with the listeners every case may land on: the proxy's
+/// two (transparent), and a server on each of [`PORTS`] in the pod and in
+/// the peer.
+fn pod_with_servers() -> Sandbox {
     let sandbox = Sandbox::for_tests().expect("sandbox");
     sandbox.add_peer_addresses(2).expect("peer addresses");
     for (port, reply) in [(15001, "proxy"), (15006, "inbound")] {
@@ -218,41 +237,69 @@ fn ebpf_and_iptables_capture_the_same_connections() {
                 .expect("listener");
         }
     }
+    sandbox
+}
 
+/// Applies `flags` with `backend`, lands every case, and removes it again.
+fn land_with(sandbox: &Sandbox, backend: &Backend, flags: &Flags) -> BTreeMap<String, String> {
+    let applied = istio_iptables(sandbox, backend.mode, flags, backend.extra);
+    assert_eq!(
+        applied.code, 0,
+        "{} {}: {applied:?}",
+        backend.name, flags.name
+    );
+    assert!(
+        applied.stdout.contains(backend.says),
+        "{} {}: {applied:?}",
+        backend.name,
+        flags.name
+    );
+    let landed = land_all(sandbox);
+    let mut cleanup = backend.extra.to_vec();
+    cleanup.push("--cleanup-only");
+    let removed = istio_iptables(sandbox, backend.mode, flags, &cleanup);
+    assert_eq!(
+        removed.code, 0,
+        "{} {}: {removed:?}",
+        backend.name, flags.name
+    );
+    landed
+}
+
+/// Every configuration under both backends: every connection lands alike,
+/// and the cases exercise every decision, so agreement is not vacuous.
+fn same_connections(sandbox: &Sandbox, a: &Backend, b: &Backend, after_b: impl Fn()) {
     let mut compared = 0;
     let mut seen = BTreeMap::<String, usize>::new();
     let mut seen_inbound = BTreeMap::<String, usize>::new();
     for flags in CONFIGS {
-        let applied = istio_iptables(&sandbox, "iptables", flags, &[]);
-        assert_eq!(applied.code, 0, "{}: {applied:?}", flags.name);
-        let iptables = land_all(&sandbox);
-        let removed = istio_iptables(&sandbox, "iptables", flags, &["--cleanup-only"]);
-        assert_eq!(removed.code, 0, "{}: {removed:?}", flags.name);
-
-        let applied = istio_iptables(&sandbox, "ebpf", flags, &[]);
-        assert_eq!(applied.code, 0, "{}: {applied:?}", flags.name);
-        assert!(applied.stdout.contains("with eBPF"), "{applied:?}");
-        let ebpf = land_all(&sandbox);
-        let removed = istio_iptables(&sandbox, "ebpf", flags, &["--cleanup-only"]);
-        assert_eq!(removed.code, 0, "{}: {removed:?}", flags.name);
-        assert!(!sandbox.is_pinned());
-
-        let differ: Vec<String> = iptables
+        let first = land_with(sandbox, a, flags);
+        let second = land_with(sandbox, b, flags);
+        after_b();
+        let differ: Vec<String> = first
             .iter()
-            .filter(|(case, reply)| ebpf.get(*case) != Some(*reply))
-            .map(|(case, reply)| format!("  {case}: iptables {reply}, eBPF {:?}", ebpf.get(case)))
+            .filter(|(case, reply)| second.get(*case) != Some(*reply))
+            .map(|(case, reply)| {
+                format!(
+                    "  {case}: {} {reply}, {} {:?}",
+                    a.name,
+                    b.name,
+                    second.get(case)
+                )
+            })
             .collect();
         assert!(
             differ.is_empty(),
-            "{}: eBPF decides {} of {} connections differently:\n{}",
+            "{}: {} decides {} of {} connections differently:\n{}",
             flags.name,
+            b.name,
             differ.len(),
-            iptables.len(),
+            first.len(),
             differ.join("\n")
         );
-        assert_eq!(iptables.len(), ebpf.len());
-        compared += iptables.len();
-        for (case, reply) in &iptables {
+        assert_eq!(first.len(), second.len());
+        compared += first.len();
+        for (case, reply) in &first {
             *seen.entry(reply.clone()).or_default() += 1;
             if case.starts_with("peer ") {
                 *seen_inbound.entry(reply.clone()).or_default() += 1;
@@ -260,9 +307,9 @@ fn ebpf_and_iptables_capture_the_same_connections() {
         }
     }
     println!(
-        "{compared} connections decided alike by both backends: {seen:?}, of which from the peer: {seen_inbound:?}"
+        "{compared} connections decided alike by {} and {}: {seen:?}, of which from the peer: {seen_inbound:?}",
+        a.name, b.name
     );
-    // The cases exercise every decision, so agreement is not vacuous.
     for reply in ["proxy", "inbound", "pod", "peer"] {
         assert!(
             seen.contains_key(reply),
@@ -275,4 +322,46 @@ fn ebpf_and_iptables_capture_the_same_connections() {
             "no inbound case landed at {reply}: {seen_inbound:?}"
         );
     }
+}
+
+#[test]
+fn ebpf_and_iptables_capture_the_same_connections() {
+    require_root!();
+    let sandbox = pod_with_servers();
+    let ebpf = Backend {
+        name: "eBPF",
+        mode: "ebpf",
+        extra: &[],
+        says: "with eBPF",
+    };
+    same_connections(&sandbox, &IPTABLES, &ebpf, || {
+        assert!(!sandbox.is_pinned());
+    });
+}
+
+/// Istio's native nftables rules (`--native-nftables`) land every
+/// connection as its iptables rules do.
+#[test]
+fn native_nftables_and_iptables_capture_the_same_connections() {
+    require_root!();
+    if !redirect_sandbox::cli::nft_installed() {
+        redirect_sandbox::skip_or_fail("no nft here (install the nftables package)");
+        return;
+    }
+    let sandbox = pod_with_servers();
+    let nftables = Backend {
+        name: "native nftables",
+        mode: "iptables",
+        extra: &["--native-nftables"],
+        says: "(nftables",
+    };
+    same_connections(&sandbox, &IPTABLES, &nftables, || {
+        assert!(
+            !sandbox
+                .nft_tables(Net::Pod)
+                .iter()
+                .any(|t| t.contains("istio-proxy")),
+            "--cleanup-only removed Istio's nftables tables"
+        );
+    });
 }

@@ -35,7 +35,7 @@ fn features_are_present_exactly_from_their_first_kernel() {
         let name = f["name"].as_str().unwrap_or("?");
         let Some((major, minor)) = f["first_kernel"].as_str().and_then(|v| v.split_once('.'))
         else {
-            continue; // not a kernel feature (privileges, iptables)
+            continue; // not a kernel feature (privileges, the netfilter tools)
         };
         let first = (
             major.parse::<u32>().unwrap_or(99),

@@ -37,6 +37,11 @@ const PODMAN_TOOLS: &[Tool] = &[
         why: "the image's iptables, copied from this machine",
     },
     Tool {
+        program: "nft",
+        package: "nftables",
+        why: "the image's nft (istio-iptables --native-nftables), copied from this machine",
+    },
+    Tool {
         program: "strip",
         package: "binutils",
         why: "strips the binaries copied into the image",
@@ -49,6 +54,8 @@ const IMAGE_PROGRAMS: &[&str] = &[
     "/usr/sbin/xtables-legacy-multi",
     // TPROXY mode's policy routing (istio-iptables runs `ip rule`/`ip route`).
     "/usr/sbin/ip",
+    // Istio's native nftables mode (`--native-nftables`) applies with `nft -f -`.
+    "/usr/sbin/nft",
 ];
 
 /// The podman configuration the tasks use (`CONTAINERS_CONF`): runc, and

@@ -37,6 +37,11 @@ pub const TEST_TOOLS: &[Tool] = &[
         why: "the iptables REDIRECT comparison and the large-getsockopt test",
     },
     Tool {
+        program: "nft",
+        package: "nftables",
+        why: "Istio's native nftables mode (--native-nftables) in the nftables_mode and differential tests",
+    },
+    Tool {
         program: "squid",
         package: "squid",
         why: "a real transparent proxy that reads SO_ORIGINAL_DST",

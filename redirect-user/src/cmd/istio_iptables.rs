@@ -1,5 +1,8 @@
 //! `redirect istio-iptables`: istio-iptables' command line, resolved into
-//! one [`Capture`] and lowered by the backend `--mode` chooses. Exit codes
+//! one [`Capture`] and lowered by the backend `--mode` chooses (the
+//! netfilter one being Istio's native nftables rules with
+//! `--native-nftables`, or in auto mode on a node without iptables but
+//! with nft). Exit codes
 //! are istio-iptables': 1 for a configuration it refuses or a failed
 //! apply, 255 for a bad command line (see `main`), which includes an
 //! environment variable that is not UTF-8 (see
@@ -43,13 +46,6 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         Ok(actions) => actions,
         Err(err) => return reject(err),
     };
-    // Native nftables: the transaction is built (--dry-run prints it), but
-    // not applied yet.
-    if actions.native_nftables && !actions.skip_rule_apply && !actions.dry_run {
-        return refuse(
-            &"applying Istio's native nftables rules is not implemented yet (--native-nftables --dry-run prints them): drop --native-nftables to program nftables through iptables-nft",
-        );
-    }
     let backend = match Backend::parse(&args.force_iptables_binary) {
         Ok(backend) => backend,
         Err(err) => return refuse(&err),
@@ -79,12 +75,36 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
     if let Err(err) = istio::check_owners(&capture, &RealHost) {
         return reject(err);
     }
-    let ebpf = match choose_mode(args, &capture) {
+    // The netfilter backend: Istio's native nftables rules when asked
+    // for, or in auto mode on a node with nft but no iptables at all.
+    let no_iptables = !actions.native_nftables
+        && args.mode == Mode::Auto
+        && backend.is_none()
+        && ![Backend::Nft, Backend::Legacy]
+            .iter()
+            .any(|b| b.installed())
+        && crate::host::on_path("nft");
+    let native = actions.native_nftables || no_iptables;
+    let fallback = if native {
+        "Istio's native nftables rules"
+    } else {
+        "iptables"
+    };
+    let ebpf = match choose_mode(args, &capture, fallback) {
         Ok(choice) => choice,
         Err(err) => return refuse(&format!("{err:#}")),
     };
     if let Some((config, cgroup)) = ebpf {
         let code = with_ebpf(args, &actions, &config, &cgroup)?;
+        return validated(args, &actions, &capture, code);
+    }
+    if native {
+        if no_iptables {
+            eprintln!(
+                "redirect: auto mode: no iptables binary here; using Istio's native nftables rules (nft)"
+            );
+        }
+        let code = with_nftables(&actions, &capture)?;
         return validated(args, &actions, &capture, code);
     }
     let backend = match backend {
@@ -155,9 +175,13 @@ fn validated(
 }
 
 /// `--mode`: the eBPF configuration and pod cgroup when eBPF capture is
-/// chosen, `None` for iptables (auto mode says why on stderr). `--mode
-/// ebpf` errs with what stands in the way.
-fn choose_mode(args: &IstioArgs, capture: &Capture) -> Result<Option<(Config, Cgroup)>> {
+/// chosen, `None` for the netfilter backend, `fallback` (auto mode says
+/// why on stderr). `--mode ebpf` errs with what stands in the way.
+fn choose_mode(
+    args: &IstioArgs,
+    capture: &Capture,
+    fallback: &str,
+) -> Result<Option<(Config, Cgroup)>> {
     if args.mode == Mode::Iptables {
         return Ok(None);
     }
@@ -188,10 +212,51 @@ fn choose_mode(args: &IstioArgs, capture: &Capture) -> Result<Option<(Config, Cg
             anyhow::bail!("--mode ebpf: {why}: use --mode iptables (or auto)")
         }
         (_, Err(why)) => {
-            eprintln!("redirect: auto mode: using iptables, because {why}");
+            eprintln!("redirect: auto mode: using {fallback}, because {why}");
             Ok(None)
         }
     }
+}
+
+/// Istio's native nftables mode: apply (or with --cleanup-only, remove)
+/// its tables in this network namespace with `nft`, and TPROXY's policy
+/// routing as iptables mode does.
+fn with_nftables(actions: &Actions, capture: &Capture) -> Result<ExitCode> {
+    let (mark, table) = (
+        capture.tproxy_mark.text.as_str(),
+        capture.tproxy_route_table.text.as_str(),
+    );
+    let _hold = crate::signals::HoldSignals::new();
+    if actions.cleanup_only {
+        let removed = nftables::apply::cleanup()?;
+        if capture.tproxy {
+            routes::remove(mark, table, capture.ipv6);
+        }
+        outln!(
+            "redirect: {} (nftables)",
+            if removed {
+                "removed the Istio nftables tables"
+            } else {
+                "no Istio nftables tables to remove"
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let applied = nftables::apply::apply(&nftables::rules::rules(capture))?;
+    if capture.tproxy {
+        routes::add(mark, table, capture.ipv6).context("setting up TPROXY's policy routing")?;
+    }
+    outln!(
+        "redirect: {} (nftables, IPv6 {})",
+        match applied {
+            nftables::apply::Applied::Installed => "applied the Istio rules",
+            nftables::apply::Applied::Replaced => "replaced the Istio rules that were in place",
+            nftables::apply::Applied::AlreadyPresent =>
+                "the Istio rules are already in place; nothing changed",
+        },
+        if capture.ipv6 { "on" } else { "off" }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// eBPF mode: install (or with --cleanup-only, remove) the capture on the

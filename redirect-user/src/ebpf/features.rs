@@ -157,12 +157,22 @@ fn catalogue() -> Vec<Spec> {
             required: !hook.optional,
         });
     }
-    specs.push(Spec {
-        name: "iptables",
-        needed_for: "iptables mode (the fallback)",
-        first_kernel: "-".into(),
-        required: false,
-    });
+    // The netfilter tools, for the fallback.
+    for (name, needed_for) in [
+        ("iptables-nft", "iptables mode (the fallback), nft backend"),
+        (
+            "iptables-legacy",
+            "iptables mode (the fallback), legacy backend",
+        ),
+        ("nft", "Istio's native nftables mode (--native-nftables)"),
+    ] {
+        specs.push(Spec {
+            name,
+            needed_for,
+            first_kernel: "-".into(),
+            required: false,
+        });
+    }
     specs
 }
 
@@ -225,13 +235,17 @@ fn detect(spec: &Spec) -> (bool, String) {
             Ok(false) => (false, "cgroup/connect4 programs cannot call it here".into()),
             Err(err) => (false, format!("cannot tell ({err})")),
         },
-        "iptables" => found(
-            ["iptables-nft-restore", "iptables-legacy-restore"]
-                .iter()
-                .any(|p| crate::host::on_path(p)),
-            "iptables-restore found",
-            "no iptables-restore on PATH (install iptables)".into(),
-        ),
+        "iptables-nft" | "iptables-legacy" | "nft" => {
+            let (program, package) = match spec.name {
+                "nft" => ("nft", "nftables"),
+                "iptables-nft" => ("iptables-nft-restore", "iptables"),
+                _ => ("iptables-legacy-restore", "iptables"),
+            };
+            match crate::host::which(program) {
+                Some(path) => (true, path.display().to_string()),
+                None => (false, format!("no {program} (install {package})")),
+            }
+        }
         name => {
             let Some(hook) = all_hooks().find(|h| h.feature == name) else {
                 return (false, "unknown feature".into());

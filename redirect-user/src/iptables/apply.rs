@@ -27,7 +27,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 
 use super::builder::{Builder, Family};
 
@@ -65,7 +65,8 @@ impl Backend {
         }
     }
 
-    fn installed(self) -> bool {
+    /// Whether its `iptables-restore` is here.
+    pub fn installed(self) -> bool {
         crate::host::on_path(&self.program(Family::V4, false))
     }
 
@@ -283,23 +284,6 @@ impl Canonical {
     }
 }
 
-/// Runs `f` in a new, empty network namespace (on a thread of its own, so
-/// this process stays where it is), for child processes it starts.
-fn in_scratch_netns<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: affects only this thread.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .context("creating a scratch network namespace (needs CAP_SYS_ADMIN)");
-            }
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow!("scratch namespace thread panicked"))?
-    })
-}
-
 /// The plan as iptables stores it, per family; `None` when this process
 /// cannot create the scratch namespace it needs to find out.
 fn canonical(
@@ -307,7 +291,7 @@ fn canonical(
     plan: &Builder,
     families: &[Family],
 ) -> Result<Option<Vec<Canonical>>> {
-    let result = in_scratch_netns(|| {
+    let result = crate::netns::in_scratch(|| {
         families
             .iter()
             .map(|&family| {

@@ -6,8 +6,10 @@
 //! [`Transaction`] in Istio's order; [`Transaction::render`] writes it the
 //! way knftables' `Transaction.String()` does, so `--native-nftables
 //! --dry-run` can be compared with Istio's golden files byte for byte
-//! (`../shared/conformance/istio-nftables/`). Nothing here applies it yet.
+//! (`../shared/conformance/istio-nftables/`). [`apply`] hands it to
+//! `nft -f -` and removes Istio's tables again.
 
+pub mod apply;
 pub mod rules;
 
 /// Istio's tables, all in the `inet` family, in the order their blocks
