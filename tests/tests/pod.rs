@@ -255,7 +255,12 @@ fn pod_lifecycle(mode: &str, subnet: u8) {
 
     let mut args = vec!["istio-iptables"];
     args.extend_from_slice(ISTIO_SIDECAR_ARGS);
-    args.extend(["--mode", mode]);
+    if mode == "nftables" {
+        // Istio's native nftables mode, as its injector passes it.
+        args.extend(["--mode", "iptables", "--native-nftables"]);
+    } else {
+        args.extend(["--mode", mode]);
+    }
     let cgroup2 = cgroup2_mount().expect("cgroup2");
     let cgroup_volume = format!("{0}:{0}", cgroup2.display());
     let perfmon = if kernel_before_6_12() { ",PERFMON" } else { "" };
@@ -302,10 +307,10 @@ fn pod_lifecycle(mode: &str, subnet: u8) {
         )
     };
     assert_eq!(init.code, 0, "init container: {init:?}");
-    let expected = if mode == "ebpf" {
-        "with eBPF"
-    } else {
-        "applied the Istio rules"
+    let expected = match mode {
+        "ebpf" => "with eBPF",
+        "nftables" => "applied the Istio rules (nftables",
+        _ => "applied the Istio rules (iptables-",
     };
     assert!(init.stdout.contains(expected), "{init:?}");
 
@@ -345,7 +350,11 @@ fn pod_lifecycle(mode: &str, subnet: u8) {
 
     let rules = nat_rules(infra);
     let cgroup = pod.cgroup().to_string_lossy().into_owned();
-    if mode == "ebpf" {
+    if mode == "nftables" {
+        assert_eq!(rules, Vec::<String>::new(), "no iptables rule");
+        let tables = in_netns(infra, "nft", &["list", "tables"]).stdout;
+        assert!(tables.contains("inet istio-proxy-nat"), "{tables}");
+    } else if mode == "ebpf" {
         assert_eq!(rules, Vec::<String>::new(), "no nat rule in eBPF mode");
         let status = redirect(&["status", "--json"]).expect("status");
         assert!(
@@ -390,4 +399,10 @@ fn pod_ebpf_mode() {
 #[ignore = "needs the image: run with `cargo xtask pod-test`"]
 fn pod_iptables_mode() {
     pod_lifecycle("iptables", 102);
+}
+
+#[test]
+#[ignore = "needs the image: run with `cargo xtask pod-test`"]
+fn pod_nftables_mode() {
+    pod_lifecycle("nftables", 103);
 }

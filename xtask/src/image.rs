@@ -151,7 +151,7 @@ fn image_id(conf: &Path) -> Option<String> {
 }
 
 /// Builds the image and runs the pod tests (the ignored `pod_*` tests of
-/// the end-to-end crate) with it, eBPF mode and iptables mode.
+/// the end-to-end crate) with it: eBPF, iptables and native nftables mode.
 pub fn pod_test() -> Result<()> {
     sysdeps::ensure_tools(SANDBOX_TOOLS)?;
     let image = image()?;

@@ -66,7 +66,7 @@ enum Task {
     },
     /// Build the init-container image with podman, from local files.
     Image,
-    /// Build the image and run a real pod with it (podman): eBPF and iptables mode.
+    /// Build the image and run a real pod with it (podman): eBPF, iptables and native nftables mode.
     PodTest,
     /// Boot Debian kernels under QEMU and run the end-to-end suite in each.
     VmTest {
