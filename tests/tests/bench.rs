@@ -201,11 +201,17 @@ impl Bench {
     }
 
     /// `redirect istio-iptables --mode MODE ...` for the pod: the same
-    /// command line for both backends. Returns its wall time.
+    /// command line for every backend (`nftables`: `--mode iptables
+    /// --native-nftables`). Returns its wall time.
     fn istio(&self, mode: &str, port: u16, exclude: &str, cleanup: bool) -> Duration {
         let cgroup = self.sandbox.pod_cgroup().to_string_lossy().into_owned();
         let mut cmd = Command::new(redirect_bin());
-        cmd.args(["istio-iptables", "--ipv6=false", "--mode", mode])
+        let backend = match mode {
+            "nftables" => ["--mode", "iptables", "--native-nftables"].as_slice(),
+            _ => &["--mode", mode],
+        };
+        cmd.args(["istio-iptables", "--ipv6=false"])
+            .args(backend)
             .args(["--netns", &self.sandbox.netns_path(Net::Pod)])
             .args(["--cgroup", &cgroup, "--instance", self.sandbox.name()])
             .args(["-p", &port.to_string(), "-u", "1337", "-g", "1337"])
@@ -400,8 +406,9 @@ fn bench_capture_costs() {
     for round in 1..=sizes.setup_rounds {
         // Each round starts with another setup, so that no setup always
         // runs first (or last) in a round.
-        let mut modes = ["direct", "ebpf", "iptables"];
-        modes.rotate_left(round % 3);
+        let mut modes = ["direct", "ebpf", "iptables", "nftables"];
+        let first = round % modes.len();
+        modes.rotate_left(first);
         for mode in modes {
             let s = bench.setup_sample(mode, "", sizes.setup_connections, &mut results);
             results.add("connect_rate", mode, "conn/s", s.rate);
@@ -411,11 +418,12 @@ fn bench_capture_costs() {
         }
         let last = |mode| *results.get("connect_rate", mode).last().unwrap_or(&0.0);
         println!(
-            "setup round {round}/{}: connect/s direct {:.0}, ebpf {:.0}, iptables {:.0}",
+            "setup round {round}/{}: connect/s direct {:.0}, ebpf {:.0}, iptables {:.0}, nftables {:.0}",
             sizes.setup_rounds,
             last("direct"),
             last("ebpf"),
-            last("iptables")
+            last("iptables"),
+            last("nftables")
         );
     }
     for round in 1..=sizes.rounds {
@@ -470,6 +478,11 @@ fn bench_capture_costs() {
         "ebpf_over_iptables_connect_rate",
         ("connect_rate", "ebpf"),
         ("connect_rate", "iptables"),
+    );
+    results.ratio(
+        "ebpf_over_nftables_connect_rate",
+        ("connect_rate", "ebpf"),
+        ("connect_rate", "nftables"),
     );
     for n in CIDR_COUNTS {
         let name = format!("scaling_{n}");

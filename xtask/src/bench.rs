@@ -107,11 +107,13 @@ fn value(figures: &[Figure], name: &str, mode: &str) -> Option<f64> {
 /// Every figure the issue asks for, with a finite value.
 fn check_complete(figures: &[Figure]) -> Result<()> {
     let mut wanted: Vec<(String, &str)> = Vec::new();
-    for mode in ["direct", "ebpf", "iptables"] {
+    for mode in ["direct", "ebpf", "iptables", "nftables"] {
         for name in ["connect_rate", "connect_cpu", "connect_p50", "connect_p99"] {
             wanted.push((name.into(), mode));
         }
     }
+    wanted.push(("install_time".into(), "nftables"));
+    wanted.push(("uninstall_time".into(), "nftables"));
     for mode in ["ebpf", "iptables"] {
         for name in [
             "install_time",
@@ -132,6 +134,7 @@ fn check_complete(figures: &[Figure]) -> Result<()> {
     for name in [
         "ebpf_over_direct_connect_rate",
         "ebpf_over_iptables_connect_rate",
+        "ebpf_over_nftables_connect_rate",
         "ebpf_over_direct_connect_cpu",
         "iptables_over_direct_connect_cpu",
         "iptables_over_ebpf_request_p50",
