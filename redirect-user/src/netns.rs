@@ -36,16 +36,20 @@ pub fn pod_addresses() -> Result<Vec<Ipv4Addr>> {
 /// Runs `f` in a new, empty network namespace (on a thread of its own, so
 /// this process stays where it is), for child processes it starts: where
 /// iptables and nftables mode learn what their rules look like once in
-/// the kernel.
-pub fn in_scratch<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+/// the kernel. `Ok(None)` when this process may not create one (no
+/// CAP_SYS_ADMIN): the callers then go without.
+pub fn in_scratch<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<Option<T>> {
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: affects only this thread.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .context("creating a scratch network namespace (needs CAP_SYS_ADMIN)");
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EPERM) {
+                    return Ok(None);
+                }
+                return Err(err).context("creating a scratch network namespace");
             }
-            f()
+            f().map(Some)
         })
         .join()
         .map_err(|_| anyhow!("scratch namespace thread panicked"))?

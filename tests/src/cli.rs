@@ -119,7 +119,12 @@ pub fn nft_installed() -> bool {
 /// The tables `nft list tables` shows in the test's own (the host's)
 /// network namespace, one `table FAMILY NAME` a line.
 pub fn host_nft_tables() -> Vec<String> {
-    let out = Command::new(nft().expect("nft"))
+    list_tables(Command::new(nft().expect("nft")))
+}
+
+/// Runs `nft list tables` with `nft`, one line a table.
+fn list_tables(mut nft: Command) -> Vec<String> {
+    let out = nft
         .args(["list", "tables"])
         .output()
         .expect("nft list tables");
@@ -134,16 +139,7 @@ impl Sandbox {
     /// The tables `nft list tables` shows in `net`, one `table FAMILY
     /// NAME` a line.
     pub fn nft_tables(&self, net: Net) -> Vec<String> {
-        let out = self
-            .command(net, Group::Outside, crate::ROOT, nft().expect("nft"))
-            .args(["list", "tables"])
-            .output()
-            .expect("nft list tables");
-        assert!(out.status.success(), "nft list tables: {out:?}");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        list_tables(self.command(net, Group::Outside, crate::ROOT, nft().expect("nft")))
     }
 
     /// A sandbox whose agent is `redirect sandbox-agent`.
