@@ -23,6 +23,7 @@ macro_rules! out {
     }};
 }
 
+mod applied;
 mod bpffs;
 mod capture;
 mod cgroup;

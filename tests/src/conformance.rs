@@ -31,6 +31,22 @@ pub fn nftables_dir() -> PathBuf {
     data_dir("REDIRECT_NFTABLES_CONFORMANCE_DIR", "istio-nftables")
 }
 
+/// Fails the calling test unless every one of `cases` (at least `min`:
+/// the data is whole) matched; `failures` describe those that did not.
+pub fn assert_all_match(what: &str, cases: usize, min: usize, failures: &[String]) {
+    eprintln!(
+        "{what}: {} of {cases} golden cases match",
+        cases - failures.len()
+    );
+    assert!(cases >= min, "only {cases} cases in cases.tsv");
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} cases differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 /// Runs `redirect istio-iptables --dry-run EXTRA` for `case`, with the
 /// case's environment (nothing else), IPv6 setting and a resolv.conf
 /// listing its servers, written under `scratch`.

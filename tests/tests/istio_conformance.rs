@@ -45,13 +45,5 @@ fn dry_run_matches_every_istio_golden_file() {
         }
     }
     let _ = fs::remove_dir_all(&scratch);
-    eprintln!("istio conformance: {} golden cases checked", cases.len());
-    assert!(cases.len() >= 27, "only {} cases in cases.tsv", cases.len());
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases differ:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    conformance::assert_all_match("istio conformance", cases.len(), 27, &failures);
 }

@@ -73,17 +73,5 @@ fn native_nftables_dry_run_matches_every_istio_golden_file() {
         }
     }
     let _ = fs::remove_dir_all(&scratch);
-    eprintln!(
-        "istio nftables conformance: {} of {} golden cases match",
-        cases.len() - failures.len(),
-        cases.len()
-    );
-    assert!(cases.len() >= 28, "only {} cases in cases.tsv", cases.len());
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases differ:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    conformance::assert_all_match("istio nftables conformance", cases.len(), 28, &failures);
 }

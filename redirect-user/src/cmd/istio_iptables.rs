@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result};
 
 use super::install::{inbound_summary, verb};
 use crate::{
+    applied::Applied,
     capture::Capture,
     cgroup::{self, Cgroup},
     ebpf::{
@@ -26,7 +27,7 @@ use crate::{
     instance::InstanceName,
     iptables::{
         self,
-        apply::{self, Applied, Backend, routes},
+        apply::{self, Backend, routes},
         builder::Family,
     },
     istio::{self, Actions, IstioArgs, Mode},
@@ -111,42 +112,15 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         Some(forced) => forced,
         None => Backend::detect()?,
     };
-    let _hold = crate::signals::HoldSignals::new();
-    let (mark, table) = (
-        capture.tproxy_mark.text.as_str(),
-        capture.tproxy_route_table.text.as_str(),
-    );
-    if actions.cleanup_only {
-        let removed = apply::cleanup(backend, &rules, capture.ipv6)?;
-        if capture.tproxy {
-            routes::remove(mark, table, capture.ipv6);
-        }
-        outln!(
-            "redirect: {} (iptables-{})",
-            if removed {
-                "removed the Istio rules"
-            } else {
-                "no Istio rules to remove"
-            },
-            backend.name()
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
-    let applied = apply::apply(backend, &rules, capture.ipv6, actions.reconcile)?;
-    if capture.tproxy {
-        routes::add(mark, table, capture.ipv6).context("setting up TPROXY's policy routing")?;
-    }
-    outln!(
-        "redirect: {} (iptables-{}, IPv6 {})",
-        match applied {
-            Applied::Installed => "applied the Istio rules",
-            Applied::Replaced => "replaced the Istio rules that were in place",
-            Applied::AlreadyPresent => "the Istio rules are already in place; nothing changed",
-        },
-        backend.name(),
-        if capture.ipv6 { "on" } else { "off" }
-    );
-    validated(args, &actions, &capture, ExitCode::SUCCESS)
+    let label = format!("iptables-{}", backend.name());
+    let code = netfilter(
+        &actions,
+        &capture,
+        (&label, "rules"),
+        || apply::cleanup(backend, &rules, capture.ipv6),
+        || apply::apply(backend, &rules, capture.ipv6, actions.reconcile),
+    )?;
+    validated(args, &actions, &capture, code)
 }
 
 /// `--run-validation` (after the rules are applied, or alone with
@@ -222,38 +196,52 @@ fn choose_mode(
 /// its tables in this network namespace with `nft`, and TPROXY's policy
 /// routing as iptables mode does.
 fn with_nftables(actions: &Actions, capture: &Capture) -> Result<ExitCode> {
+    netfilter(
+        actions,
+        capture,
+        ("nftables", "nftables tables"),
+        nftables::apply::cleanup,
+        || nftables::apply::apply(&nftables::rules::rules(capture)),
+    )
+}
+
+/// The netfilter backends' shared steps around their own `cleanup` and
+/// `apply`: signals held, TPROXY's policy routing beside the rules, one
+/// report line naming the backend (`label`) and what was removed (`what`).
+fn netfilter(
+    actions: &Actions,
+    capture: &Capture,
+    (label, what): (&str, &str),
+    cleanup: impl FnOnce() -> Result<bool>,
+    apply: impl FnOnce() -> Result<Applied>,
+) -> Result<ExitCode> {
     let (mark, table) = (
         capture.tproxy_mark.text.as_str(),
         capture.tproxy_route_table.text.as_str(),
     );
     let _hold = crate::signals::HoldSignals::new();
     if actions.cleanup_only {
-        let removed = nftables::apply::cleanup()?;
+        let removed = cleanup()?;
         if capture.tproxy {
             routes::remove(mark, table, capture.ipv6);
         }
         outln!(
-            "redirect: {} (nftables)",
+            "redirect: {} ({label})",
             if removed {
-                "removed the Istio nftables tables"
+                format!("removed the Istio {what}")
             } else {
-                "no Istio nftables tables to remove"
+                format!("no Istio {what} to remove")
             }
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let applied = nftables::apply::apply(&nftables::rules::rules(capture))?;
+    let applied = apply()?;
     if capture.tproxy {
         routes::add(mark, table, capture.ipv6).context("setting up TPROXY's policy routing")?;
     }
     outln!(
-        "redirect: {} (nftables, IPv6 {})",
-        match applied {
-            nftables::apply::Applied::Installed => "applied the Istio rules",
-            nftables::apply::Applied::Replaced => "replaced the Istio rules that were in place",
-            nftables::apply::Applied::AlreadyPresent =>
-                "the Istio rules are already in place; nothing changed",
-        },
+        "redirect: {} ({label}, IPv6 {})",
+        applied.describe(),
         if capture.ipv6 { "on" } else { "off" }
     );
     Ok(ExitCode::SUCCESS)

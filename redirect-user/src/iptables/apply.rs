@@ -307,15 +307,7 @@ fn canonical(
     })
 }
 
-/// What applying did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Applied {
-    Installed,
-    /// Different Istio rules were removed first (`--reconcile`).
-    Replaced,
-    /// The namespace already had exactly these rules.
-    AlreadyPresent,
-}
+pub use crate::applied::Applied;
 
 fn families(ipv6: bool) -> Vec<Family> {
     if ipv6 {

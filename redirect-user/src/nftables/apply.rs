@@ -28,15 +28,7 @@ use anyhow::{Result, anyhow, bail};
 
 use super::{Table, Transaction};
 
-/// What applying did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Applied {
-    Installed,
-    /// Other Istio tables were there and were replaced.
-    Replaced,
-    /// The namespace already had exactly these rules.
-    AlreadyPresent,
-}
+pub use crate::applied::Applied;
 
 /// The `nft` program, or the one-line error that says how to get it.
 pub fn nft() -> Result<PathBuf> {
