@@ -2,18 +2,26 @@
 //! from them 5.10): Istio's nat `OUTPUT -> ISTIO_OUTPUT -> ISTIO_REDIRECT`
 //! (and `ISTIO_IN_REDIRECT` for the proxy's calls to its own pod).
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
-    helpers::bpf_get_current_uid_gid, macros::cgroup_sock_addr, programs::SockAddrContext,
+    bindings::{bpf_sock, sockaddr},
+    helpers::{bpf_get_current_uid_gid, generated::bpf_bind},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
 };
 use redirect_common::{
-    ConnectInput, Counter, Event, LOCALHOST, LOG_DEBUG, LOG_TRACE, OrigDst, SOCK_STREAM, Verdict,
-    decide_connect, to_v4_mapped, v4_mapped,
+    ConnectInput, Counter, Event, LOCALHOST, LOG_DEBUG, LOG_TRACE, OrigDst, SOCK_STREAM, Source,
+    Verdict, decide_connect, redirect_source, to_v4_mapped, v4_mapped,
 };
 
 use crate::{
     maps::{RDR_EVENTS, RDR_SOCK, active, count, store},
-    net::{ALLOW, read_ip6},
+    net::{AF_INET, AF_INET6, ALLOW, read_ip6},
 };
+
+/// `LOOPBACK_IFINDEX`: `lo` is interface 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Mirrors Istio's outbound capture, by default:
 ///
@@ -38,8 +46,9 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/connect4 program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
     // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
-    let src_ip = unsafe { (*addr.__bindgen_anon_1.sk).src_ip4 };
-    if let Some(port) = capture(&ctx, addr.type_, addr.user_ip4, addr.user_port, src_ip) {
+    let sk = unsafe { &*addr.__bindgen_anon_1.sk };
+    let src_ip = sk.src_ip4;
+    if let Some(port) = capture(&ctx, sk, addr.type_, addr.user_ip4, addr.user_port, src_ip) {
         addr.user_ip4 = LOCALHOST;
         addr.user_port = u32::from(port.to_be());
     }
@@ -62,9 +71,9 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
-    let src = read_ip6(unsafe { &raw const (*addr.__bindgen_anon_1.sk).src_ip6 });
-    let src_ip = v4_mapped(&src).unwrap_or(0);
-    if let Some(port) = capture(&ctx, addr.type_, dst, addr.user_port, src_ip) {
+    let sk = unsafe { &*addr.__bindgen_anon_1.sk };
+    let src_ip = v4_mapped(&read_ip6(&raw const sk.src_ip6)).unwrap_or(0);
+    if let Some(port) = capture(&ctx, sk, addr.type_, dst, addr.user_port, src_ip) {
         let proxy = to_v4_mapped(LOCALHOST);
         let w = (&raw mut addr.user_ip6).cast::<u32>();
         // SAFETY: four 4-byte stores into the writable user_ip6 field.
@@ -81,12 +90,14 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 
 /// Decides one connect to `dst_ip` (network order; `user_port` as the
 /// context holds it, the __be16 in its low 16 bits) and, when it is
-/// captured, records the original destination in the socket's storage.
+/// captured, binds the socket to the source the kernel would have chosen
+/// and records the original destination in the socket's storage.
 /// `src_ip` is the address the socket is bound to (0: none). Returns the
 /// proxy port to rewrite to.
 #[inline(always)]
 fn capture(
     ctx: &SockAddrContext,
+    sk: &bpf_sock,
     sock_type: u32,
     dst_ip: u32,
     user_port: u32,
@@ -101,6 +112,7 @@ fn capture(
         dst_ip,
         dst_port: u16::from_be(user_port as u16),
         src_ip,
+        dev_lo: sk.bound_dev_if == LOOPBACK_IFINDEX,
     };
     let verdict = decide_connect(&input, cfg, &maps);
     let level = cfg.log_level;
@@ -125,7 +137,20 @@ fn capture(
             None
         }
         Verdict::Redirect { port, counter } => {
-            let mut orig = OrigDst::new(dst_ip, input.dst_port);
+            match redirect_source(&input, cfg, &maps) {
+                Source::Refused => {
+                    count(Counter::KernelRefuses);
+                    report(Counter::KernelRefuses, 0);
+                    return None;
+                }
+                Source::Bind(src) => {
+                    if bind_source(ctx, sk.family, src) != 0 {
+                        count(Counter::SourceNotKept);
+                    }
+                }
+                Source::Kernel => {}
+            }
+            let mut orig = OrigDst::new(input.effective_dst(), input.dst_port);
             // SAFETY: the context's socket; the value is copied in when created.
             let slot = unsafe { RDR_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
             if slot.is_null() {
@@ -141,4 +166,35 @@ fn capture(
             Some(port)
         }
     }
+}
+
+/// `bpf_bind(src:0)` (kernel 4.17): the socket leaves from `src`, with an
+/// ephemeral port chosen at connect. An AF_INET6 socket is bound to
+/// `::ffff:src`. Returns the helper's result (0: bound).
+#[inline(always)]
+fn bind_source(ctx: &SockAddrContext, family: u32, src: u32) -> i64 {
+    // Room for a sockaddr_in6 (family, port, flowinfo, address, scope),
+    // every word stored separately: a zeroed array would be a memset loop,
+    // which the verifier refuses without CAP_PERFMON.
+    let mut buf = MaybeUninit::<[u32; 7]>::uninit();
+    let w = buf.as_mut_ptr().cast::<u32>();
+    let (words, len) = if family == AF_INET6 {
+        let m = to_v4_mapped(src);
+        ([AF_INET6, 0, m[0], m[1], m[2], m[3], 0], 28)
+    } else {
+        ([AF_INET, src, 0, 0, 0, 0, 0], 16)
+    };
+    // SAFETY: seven 4-byte stores inside the stack buffer.
+    unsafe {
+        core::ptr::write_volatile(w, words[0]);
+        core::ptr::write_volatile(w.add(1), words[1]);
+        core::ptr::write_volatile(w.add(2), words[2]);
+        core::ptr::write_volatile(w.add(3), words[3]);
+        core::ptr::write_volatile(w.add(4), words[4]);
+        core::ptr::write_volatile(w.add(5), words[5]);
+        core::ptr::write_volatile(w.add(6), words[6]);
+    }
+    // SAFETY: the context is the kernel's; the buffer holds `len` bytes,
+    // all written above.
+    unsafe { bpf_bind(ctx.sock_addr, w.cast::<sockaddr>(), len) }
 }

@@ -1,12 +1,14 @@
-//! `cgroup/getpeername4` and `cgroup/getpeername6` (kernel 5.8, optional):
-//! REDIRECT leaves the app's peer address unchanged, so the app's
-//! redirected socket reports its original destination.
+//! `cgroup/getpeername4`/`6` and `cgroup/getsockname4`/`6` (kernel 5.8,
+//! optional): REDIRECT leaves the app's peer address unchanged, so the
+//! app's redirected socket reports its original destination; and it moves
+//! an inbound connection to the inbound port, which the proxy's end
+//! reports as its local port.
 
 use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock_addr, programs::SockAddrContext};
 use redirect_common::{Counter, OrigDst, tuple_from_client_side, v4_mapped};
 
 use crate::{
-    maps::{RDR_ORIG_TUPLE, count},
+    maps::{RDR_ORIG_TUPLE, active, count, load, sock_record},
     net::{ALLOW, read_ip6, sock_ends},
 };
 
@@ -60,6 +62,47 @@ pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
         unsafe { core::ptr::write_volatile(w.add(3), orig.ip) };
         addr.user_port = u32::from(orig.port.to_be());
         count(Counter::PeernameRestored);
+    }
+    ALLOW
+}
+
+/// The inbound port, when `sk` is the proxy's end of an inbound capture.
+#[inline(always)]
+fn redirected_port(sk: *mut bpf_sock) -> Option<u16> {
+    let own = sock_record(sk);
+    if own.is_null() || load(own).kind != OrigDst::INBOUND {
+        return None;
+    }
+    let (cfg, _) = active()?;
+    Some(cfg.inbound_port)
+}
+
+/// `getsockname()` on the proxy's end of an inbound capture reports the
+/// inbound port, as after `-j REDIRECT --to-ports 15006` (sk_lookup kept
+/// the original port, which SO_ORIGINAL_DST reports, as conntrack does).
+#[cgroup_sock_addr(getsockname4)]
+pub fn redirect_getsockname4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/getsockname4 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: reading the union member the kernel filled in.
+    let sk = unsafe { addr.__bindgen_anon_1.sk };
+    if let Some(port) = redirected_port(sk) {
+        addr.user_port = u32::from(port.to_be());
+        count(Counter::SocknameRedirected);
+    }
+    ALLOW
+}
+
+/// [`redirect_getsockname4`] for dual-stack sockets.
+#[cgroup_sock_addr(getsockname6)]
+pub fn redirect_getsockname6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/getsockname6 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: reading the union member the kernel filled in.
+    let sk = unsafe { addr.__bindgen_anon_1.sk };
+    if let Some(port) = redirected_port(sk) {
+        addr.user_port = u32::from(port.to_be());
+        count(Counter::SocknameRedirected);
     }
     ALLOW
 }

@@ -2,23 +2,29 @@
 //! answer" 5.8): conntrack's `SO_ORIGINAL_DST` answer for the
 //! `-j REDIRECT --to-ports 15001` and `ISTIO_IN_REDIRECT` rules.
 
-use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sockopt},
+    macros::cgroup_sockopt,
+    programs::SockoptContext,
+};
 use redirect_common::{
-    Counter, InboundInput, InboundVerdict, OrigDst, SOCKADDR_IN_LEN, SockoptAction, answer_optlen,
-    classify_getsockopt, decide_inbound, pass_through_optlen, sockaddr_in, tuple_from_server_side,
+    Counter, OrigDst, SOCKADDR_IN_LEN, SockoptAction, answer_optlen, classify_getsockopt,
+    pass_through_optlen, sockaddr_in, tuple_from_server_side,
 };
 
 use crate::{
-    maps::{RDR_ORIG_TUPLE, active, count},
-    net::sock_ends,
+    maps::{RDR_ORIG_TUPLE, active, count, load, sock_record},
+    net::{IPPROTO_TCP, sock_ends},
 };
 
-/// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` for redirected
-/// connections, which with iptables is answered by conntrack for the
-/// `-j REDIRECT --to-ports 15001` rule. The asking socket is the proxy's
-/// accepted one: its remote end is the app's socket, so its tuple names the
-/// record sockops filed. Every other call, and this one without a record,
-/// comes back exactly as the kernel produced it (see [`SockoptAction`]).
+/// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` as conntrack does once
+/// Istio's nat rules are loaded: the original destination of the asking
+/// socket's connection. For the proxy's accepted end of a redirected
+/// connection that is the record sockops filed under the connection's
+/// tuple (`-j REDIRECT --to-ports 15001`); for every other TCP connection
+/// that nothing answered yet, see [`unredirected`]. Every other call, and
+/// one without an answer, comes back exactly as the kernel (or a program
+/// that ran before this one) produced it (see [`SockoptAction`]).
 ///
 /// No pointer arithmetic beyond a constant bounds check: subtracting the
 /// buffer pointers needs CAP_PERFMON, which an init container lacks.
@@ -38,8 +44,8 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
-/// Writes the record's `sockaddr_in` and clears the error; `false` when
-/// there is no record (or no room), leaving the call to the kernel.
+/// Writes the answer's `sockaddr_in` and clears the error; `false` when
+/// there is none (or no room), leaving the call to the kernel.
 #[inline(always)]
 fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
     // SAFETY: reading the union members the kernel filled in.
@@ -63,14 +69,16 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
             count(Counter::OrigDstAnswered);
             orig
         }
-        None if inbound_captured(remote_ip, local_port) => {
-            count(Counter::OrigDstInbound);
-            OrigDst::new(local_ip, local_port)
-        }
-        None => {
-            count(Counter::OrigDstMissed);
-            return false;
-        }
+        // An answer is already there (conntrack's, or a program's that ran
+        // before this one): keep it.
+        None if opt.retval == 0 => return false,
+        None => match unredirected(sk, local_ip, local_port, remote_ip, remote_port) {
+            Some(orig) => orig,
+            None => {
+                count(Counter::OrigDstMissed);
+                return false;
+            }
+        },
     };
     let bytes = sockaddr_in(&orig);
     // SAFETY: 16 bytes fit between optval and optval_end (checked above).
@@ -86,18 +94,40 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
     true
 }
 
-/// Whether a connection from `remote_ip` to local port `port` is one the
-/// inbound rules capture: an accepted socket of this cgroup with such ends
-/// came through [`redirect_sk_lookup`] (which refuses what it cannot hand
-/// to the listener), so its local address is the original destination.
+/// Conntrack's answer for a TCP connection without a tuple record: it
+/// looks the socket's (local, remote) up in either direction and answers
+/// the original direction's destination. So the app's redirected socket
+/// gets its original destination (in its storage), an accepted socket its
+/// own local address (an inbound capture kept it, see
+/// [`crate::sk_lookup`]), and any other connected socket its peer. `None`
+/// (the kernel's ENOENT) for sockets that are not connected, and for the
+/// proxy's end of a redirected connection whose record is gone.
 #[inline(always)]
-fn inbound_captured(remote_ip: u32, port: u16) -> bool {
-    let Some((cfg, maps)) = active() else {
-        return false;
-    };
-    let input = InboundInput {
-        src_ip: remote_ip,
-        dst_port: port,
-    };
-    decide_inbound(&input, cfg, &maps) == InboundVerdict::Capture
+fn unredirected(
+    sk: *mut bpf_sock,
+    local_ip: u32,
+    local_port: u16,
+    remote_ip: u32,
+    remote_port: u16,
+) -> Option<OrigDst> {
+    // SAFETY: `sock_ends` checked it is not null.
+    if unsafe { (*sk).protocol } != IPPROTO_TCP || remote_port == 0 {
+        return None;
+    }
+    let own = sock_record(sk);
+    if !own.is_null() {
+        let record = load(own);
+        if record.kind != OrigDst::REDIRECTED {
+            count(Counter::OrigDstInbound);
+            return Some(OrigDst::new(local_ip, local_port));
+        }
+        count(Counter::OrigDstAnswered);
+        return Some(record);
+    }
+    let (cfg, _) = active()?;
+    if local_port == cfg.proxy_port {
+        return None;
+    }
+    count(Counter::OrigDstUnredirected);
+    Some(OrigDst::new(remote_ip, remote_port))
 }

@@ -14,9 +14,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
 };
 use redirect_common::{
-    CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, Counter, InstanceMeta, Lookups,
-    MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_PORTS, OrigDst, RedirectConfig, active_slot, cidr_key,
-    local_key, port_key,
+    CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, Counter, InstanceMeta, LISTENER_SLOTS,
+    Lookups, MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_ROUTES, OrigDst, RedirectConfig,
+    active_slot, cidr_key, local_key, port_key,
 };
 
 /// Largest number of connections whose original destination is tracked at
@@ -84,7 +84,7 @@ pub(crate) fn load(slot: *const OrigDst) -> OrigDst {
             ip: core::ptr::read_volatile(&raw const (*slot).ip),
             state: core::ptr::read_volatile(&raw const (*slot).state),
             port: core::ptr::read_volatile(&raw const (*slot).port),
-            _pad: 0,
+            kind: core::ptr::read_volatile(&raw const (*slot).kind),
         }
     }
 }
@@ -97,6 +97,30 @@ pub(crate) fn sock_record(sk: *mut bpf_sock) -> *mut OrigDst {
     }
     // SAFETY: a full socket from the context; no value is created.
     unsafe { bpf_sk_storage_get(sock_map(), sk.cast(), core::ptr::null_mut(), 0) }.cast()
+}
+
+/// Marks `sk` in its storage as accepted, `kind` saying how
+/// ([`OrigDst::ACCEPTED`] or [`OrigDst::INBOUND`]).
+#[inline(always)]
+pub(crate) fn mark_accepted(sk: *mut bpf_sock, kind: u16) {
+    if sk.is_null() {
+        return;
+    }
+    let mut mark = OrigDst {
+        ip: 0,
+        state: 0,
+        port: 0,
+        kind,
+    };
+    // SAFETY: a full socket from the context; the value is copied in.
+    let _ = unsafe {
+        bpf_sk_storage_get(
+            sock_map(),
+            sk.cast(),
+            (&raw mut mark).cast(),
+            u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    };
 }
 
 /// Original destination of an established redirected connection, keyed by
@@ -126,11 +150,18 @@ pub(crate) static RDR_INCLUDE: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(MAX_CIDRS 
 #[map]
 pub(crate) static RDR_LOCAL: HashMap<u64, u8> = HashMap::pinned(MAX_LOCAL_ADDRS * CONFIG_SLOTS, 0);
 
-/// The proxy's inbound listener (key 0), put here by [`redirect_sockops`]
-/// when a socket of the cgroup listens on the inbound port (or by user
-/// space, for a listener that existed before the install).
+/// The pod's routing view for redirected connects: each route's source
+/// address (network order) under the route's destination, 0 for a
+/// destination the kernel refuses TCP to (a subnet broadcast).
 #[map]
-pub(crate) static RDR_LISTENER: SockMap = SockMap::pinned(1, 0);
+pub(crate) static RDR_ROUTE: LpmTrie<[u8; 8], u32> = LpmTrie::pinned(MAX_ROUTES * CONFIG_SLOTS, 0);
+
+/// The proxy's inbound listeners, put here by [`redirect_sockops`] when a
+/// socket of the cgroup listens on the inbound port (or by user space, for
+/// listeners that existed before the install), each in the first free
+/// slot; the kernel empties a slot when its socket closes.
+#[map]
+pub(crate) static RDR_LISTENER: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 
 /// Inbound connections captured, per destination port. When every slot is
 /// taken, further ports are only counted in `inbound_captured`.
@@ -169,6 +200,13 @@ impl Lookups for Maps {
     fn pod_address(&self, ip: u32) -> bool {
         // SAFETY: only presence is used.
         unsafe { RDR_LOCAL.get(local_key(self.slot, ip)) }.is_some()
+    }
+
+    #[inline(always)]
+    fn route_source(&self, ip: u32) -> Option<u32> {
+        RDR_ROUTE
+            .get(Key::new(CIDR_SLOT_BITS + 32, cidr_key(self.slot, ip)))
+            .copied()
     }
 }
 

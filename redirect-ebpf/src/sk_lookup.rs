@@ -1,5 +1,5 @@
 //! `sk_lookup` (kernel 5.9), on the pod's network namespace: Istio's nat
-//! `PREROUTING -> ISTIO_INBOUND -> ISTIO_IN_REDIRECT` (or mangle's TPROXY).
+//! `PREROUTING -> ISTIO_INBOUND -> ISTIO_IN_REDIRECT`.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -11,7 +11,7 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use redirect_common::{Counter, InboundInput, InboundVerdict, decide_inbound};
+use redirect_common::{Counter, InboundInput, InboundVerdict, LISTENER_SLOTS, decide_inbound};
 
 use crate::{
     maps::{RDR_IN_HITS, RDR_LISTENER, active, count},
@@ -28,14 +28,16 @@ use crate::{
 /// -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
 /// ```
 ///
-/// (the whole decision, with `-b` lists and TPROXY, is [`decide_inbound`]).
+/// (the whole decision, with `-b` lists, is [`decide_inbound`]).
 /// Runs when a TCP SYN finds no established socket in the pod's network
 /// namespace: a captured connection is assigned to the proxy's inbound
 /// listener and keeps its destination address and port, which is what the
-/// proxy reads back (getsockname, or SO_ORIGINAL_DST). With no listener
-/// registered the connection is refused (a reset), as REDIRECT to a port
-/// nobody listens on refuses it: captured traffic never reaches the app
-/// behind the proxy's back.
+/// proxy reads back (getsockname, or SO_ORIGINAL_DST). It goes to the
+/// first live listener registered; the kernel then picks among that
+/// listener's `SO_REUSEPORT` group, as for any connection. With no listener
+/// the connection is refused (a reset), as REDIRECT to a port nobody
+/// listens on refuses it: captured traffic never reaches the app behind
+/// the proxy's back.
 #[sk_lookup]
 pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands every sk_lookup program a valid context.
@@ -56,7 +58,7 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
             SK_PASS
         }
         InboundVerdict::Capture => {
-            if RDR_LISTENER.redirect_sk_lookup(&ctx, 0, 0).is_err() {
+            if !assign_listener(&ctx) {
                 count(Counter::InboundRefused);
                 return SK_DROP;
             }
@@ -65,6 +67,19 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
             SK_PASS
         }
     }
+}
+
+/// Hands the connection to the first live registered listener.
+#[inline(always)]
+fn assign_listener(ctx: &SkLookupContext) -> bool {
+    let mut slot = 0;
+    while slot < LISTENER_SLOTS {
+        if RDR_LISTENER.redirect_sk_lookup(ctx, slot, 0).is_ok() {
+            return true;
+        }
+        slot += 1;
+    }
+    false
 }
 
 /// Adds one to the inbound capture count of `port`.

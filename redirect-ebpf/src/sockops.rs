@@ -5,20 +5,23 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock,
+        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock,
     },
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use redirect_common::{
-    CFG_INBOUND, ConnTuple, Counter, OrigDst, tuple_from_client_side, tuple_from_server_side,
-    v4_mapped,
+    CFG_INBOUND, ConnTuple, Counter, InboundInput, InboundVerdict, LISTENER_SLOTS, OrigDst,
+    decide_inbound, tuple_from_client_side, tuple_from_server_side, v4_mapped,
 };
 
 use crate::{
-    maps::{RDR_LISTENER, RDR_ORIG_TUPLE, active, count, flag, load, set_flag, sock_record},
+    maps::{
+        RDR_LISTENER, RDR_ORIG_TUPLE, active, count, flag, load, mark_accepted, set_flag,
+        sock_record,
+    },
     net::{AF_INET, AF_INET6, read_ip6},
 };
 
@@ -117,11 +120,13 @@ fn watch_close(ctx: &SockOpsContext) {
 }
 
 /// A socket of the cgroup started listening: when it is on the inbound
-/// capture port (and inbound capture is on), it becomes the listener that
-/// [`redirect_sk_lookup`] hands inbound connections to. This is how the
-/// proxy's listener, which appears after the init step has exited, is
-/// found without a daemon. The newest listener wins; the kernel removes a
-/// socket from the map when it closes.
+/// capture port (and inbound capture is on), it becomes one of the
+/// listeners that [`redirect_sk_lookup`] hands inbound connections to. This
+/// is how the proxy's listeners, which appear after the init step has
+/// exited, are found without a daemon. Each takes the first free slot (the
+/// last one when all are taken); the kernel empties a slot when its socket
+/// closes, so the others keep receiving, as iptables' REDIRECT reaches
+/// whichever listeners remain.
 #[inline(always)]
 fn on_listen(ctx: &SockOpsContext) {
     let Some((cfg, _)) = active() else {
@@ -130,9 +135,19 @@ fn on_listen(ctx: &SockOpsContext) {
     if cfg.flags & CFG_INBOUND == 0 || ctx.local_port() != u32::from(cfg.inbound_port) {
         return;
     }
-    // SAFETY: the context is the listening socket's, valid for this call.
-    if unsafe { RDR_LISTENER.update(0, ctx.ops, u64::from(BPF_ANY)) }.is_ok() {
-        count(Counter::ListenerRegistered);
+    let mut slot = 0;
+    while slot < LISTENER_SLOTS {
+        let flags = if slot + 1 == LISTENER_SLOTS {
+            BPF_ANY
+        } else {
+            BPF_NOEXIST
+        };
+        // SAFETY: the context is the listening socket's, valid for this call.
+        if unsafe { RDR_LISTENER.update(slot, ctx.ops, u64::from(flags)) }.is_ok() {
+            count(Counter::ListenerRegistered);
+            return;
+        }
+        slot += 1;
     }
 }
 
@@ -167,12 +182,31 @@ fn on_active_established(ctx: &SockOpsContext, ends: &Ends) {
 
 /// The proxy's side of a redirected connection is established (it runs in
 /// this cgroup): from now on the record waits for both sides to close.
+/// Any other accepted socket is marked as accepted, for the
+/// `SO_ORIGINAL_DST` answer conntrack gives it, and as the proxy's end of
+/// an inbound capture when the inbound rules capture its ends (such a
+/// connection reached no other socket: [`crate::sk_lookup`] handed it to
+/// the proxy), for the local port REDIRECT would show.
 #[inline(always)]
 fn on_passive_established(ctx: &SockOpsContext, ends: &Ends) {
     if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(ends.as_proxy()) {
         set_flag(orig, OrigDst::PROXY_SEEN);
         watch_close(ctx);
+        return;
     }
+    let Some((cfg, maps)) = active() else {
+        return;
+    };
+    let input = InboundInput {
+        src_ip: ends.remote_ip,
+        dst_port: ends.local_port,
+    };
+    let kind = if decide_inbound(&input, cfg, &maps) == InboundVerdict::Capture {
+        OrigDst::INBOUND
+    } else {
+        OrigDst::ACCEPTED
+    };
+    mark_accepted(sock(ctx), kind);
 }
 
 /// A watched socket closed. A record goes when both ends of its connection

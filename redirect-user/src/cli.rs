@@ -197,8 +197,10 @@ pub struct CaptureArgs {
     #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = parse::max_connections)]
     pub max_connections: u32,
 
-    /// REDIRECT or TPROXY (Istio -m): eBPF serves both the same way, the
-    /// connection keeping its destination; TPROXY has no -e exception
+    /// REDIRECT or TPROXY (Istio -m). eBPF captures inbound as REDIRECT
+    /// does; TPROXY needs netfilter (marks, policy routing, CONNMARK), so
+    /// install and run refuse it and `redirect istio-iptables` programs
+    /// iptables for it
     #[arg(short = 'm', long = "istio-inbound-interception-mode", value_name = "REDIRECT|TPROXY", default_value = "REDIRECT", action = clap::ArgAction::Set, value_parser = parse::interception_mode)]
     pub tproxy: bool,
 
@@ -511,6 +513,11 @@ mod tests {
             &crate::host::fake::FakeHost::new(&[]),
         )
         .unwrap();
+        assert_eq!(config.routes.len(), 1, "the fake host's default route");
+        let config = crate::ebpf::config::Config {
+            routes: Vec::new(),
+            ..config
+        };
         assert_eq!(config, crate::ebpf::config::Config::default());
     }
 

@@ -90,6 +90,9 @@ pub trait Host {
     fn read(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>>;
     /// Addresses of the network namespace's interfaces, in kernel order.
     fn addresses(&self) -> std::io::Result<Vec<IpAddr>>;
+    /// The network namespace's routing view for eBPF's redirected
+    /// connects (see [`crate::ebpf::routes`]).
+    fn routes(&self) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>>;
 
     /// An environment variable as text, `None` when unset. A value that is
     /// not UTF-8 is an error naming the variable, never taken as unset: a
@@ -118,6 +121,10 @@ impl Host for RealHost {
 
     fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
         interface_addresses()
+    }
+
+    fn routes(&self) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>> {
+        crate::ebpf::routes::read()
     }
 }
 
@@ -272,6 +279,15 @@ pub(crate) mod fake {
         }
         fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
             Ok(vec!["10.0.0.5".parse().unwrap()])
+        }
+        fn routes(&self) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>> {
+            Ok(vec![crate::ebpf::routes::RouteSource {
+                dst: crate::capture::Ipv4Cidr {
+                    addr: std::net::Ipv4Addr::UNSPECIFIED,
+                    prefix: 0,
+                },
+                src: Some(std::net::Ipv4Addr::new(10, 0, 0, 5)),
+            }])
         }
     }
 

@@ -6,12 +6,15 @@
 //! pod's cgroup as any UID, which a thread of the test process cannot.
 //!
 //! ```text
-//! agent [--uid U --gid G] serve --listen IP:PORT[,IP:PORT...] --reply TEXT [--report original-dst|peer] [--http] [--transparent]
+//! agent [--uid U --gid G] serve --listen IP:PORT[,IP:PORT...] --reply TEXT [--report original-dst|peer] [--http] [--transparent] [--reuseport]
 //!     listen, print "ready", answer every connection with one line: TEXT,
 //!     or what the accepted socket reports (its SO_ORIGINAL_DST, read as a
 //!     transparent proxy does, or its peer address); --http wraps it in an
 //!     HTTP/1.1 response after reading the request head; --transparent sets
-//!     IP_TRANSPARENT on the listener (what a TPROXY listener needs)
+//!     IP_TRANSPARENT on the listener (what a TPROXY listener needs);
+//!     --report observe: read the one byte an `observe` client sends, then
+//!     answer "TEXT peer=<peer> local=<local address> odst=<SO_ORIGINAL_DST
+//!     or errno name>"
 //! agent [...] connect --to IP:PORT [--count N] [--duration-ms D] [--until-file F] [--peer]
 //!     connect N times in sequence (stopping after D ms, or once file F
 //!     exists), read each reply,
@@ -23,8 +26,9 @@
 //!     "ok", "mixup" (another connection's address) and errors. With
 //!     --concurrent, all N connections are open before any reply is read.
 //!     With --direct, every other connection goes straight to that address
-//!     (the proxy, not redirected) and must get no original destination:
-//!     "direct-ok", or "stale" when some earlier connection's record answers
+//!     (the proxy, not redirected) and must get conntrack's answer for it,
+//!     its own destination: "direct-ok", or "stale" when some earlier
+//!     connection's record answers
 //! agent [...] each --to IP:PORT[,IP:PORT...] [--bind IP]
 //!     one connection to each target in turn (from a socket bound to IP,
 //!     when given), printing "<target>\t<reply or error>" per target
@@ -44,7 +48,18 @@
 //!     print getsockopt answers that must not depend on capture: SO_RCVBUF
 //!     and the stable head of TCP_INFO of a fresh socket, and
 //!     SO_ORIGINAL_DST of a connection to IP:PORT
+//! agent [...] observe [--parallel N] [--timeout-ms T]
+//!     read connection specs from stdin, one a line (see [`Spec`]: e.g.
+//!     "to=198.18.0.2:80 family=6 bind=127.0.0.6 dev=lo mode=fastopen"),
+//!     make each (up to N at a time; connect and each read may take T ms,
+//!     default 2000) and print one observation line per
+//!     spec, in the order read (see [`observe_one`]): what the app sees of
+//!     its own socket, then "| " and what the server answered (a server
+//!     started with --report observe)
 //! ```
+//!
+//! `--groups G1,G2` next to `--uid`/`--gid` sets the supplementary groups
+//! the agent keeps (none by default).
 
 use std::{
     collections::BTreeMap,
@@ -77,8 +92,18 @@ fn run(args: &[String]) -> Result<()> {
     raise_nofile();
     let uid = args.opt("--uid")?;
     let gid = args.opt("--gid")?;
+    let groups = args
+        .opt("--groups")?
+        .map(|list| {
+            list.split(',')
+                .filter(|g| !g.is_empty())
+                .map(str::parse)
+                .collect::<Result<Vec<libc::gid_t>, _>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
     if let (Some(uid), Some(gid)) = (uid, gid) {
-        drop_privileges(uid.parse()?, gid.parse()?)?;
+        drop_privileges(uid.parse()?, gid.parse()?, &groups)?;
     }
     let command = args.0.first().copied();
     if command.is_some() {
@@ -95,10 +120,14 @@ fn run(args: &[String]) -> Result<()> {
                 None => Reply::Text(args.req("--reply")?.to_owned()),
                 Some("original-dst") => Reply::OriginalDst,
                 Some("peer") => Reply::Peer,
+                Some("observe") => Reply::Observe(args.req("--reply")?.to_owned()),
                 Some(other) => bail!("unknown --report {other}"),
             };
-            let transparent = args.flag("--transparent");
-            serve(&listen, &reply, args.flag("--http"), transparent)
+            let options = ListenOptions {
+                transparent: args.flag("--transparent"),
+                reuse_port: args.flag("--reuseport"),
+            };
+            serve(&listen, &reply, args.flag("--http"), options)
         }
         Some("connect") => {
             let to: SocketAddr = args.req("--to")?.parse()?;
@@ -148,6 +177,12 @@ fn run(args: &[String]) -> Result<()> {
             println!("{}", bench(to, count, args.flag("--request")));
             Ok(())
         }
+        Some("observe") => {
+            let parallel: usize = args.opt("--parallel")?.unwrap_or("1").parse()?;
+            let timeout: u64 = args.opt("--timeout-ms")?.unwrap_or("2000").parse()?;
+            let timeout = Duration::from_millis(timeout.clamp(10, 60_000));
+            observe(parallel.clamp(1, 64), timeout)
+        }
         Some("relay") => {
             let listen: SocketAddr = args.req("--listen")?.parse()?;
             let bind = args.opt("--bind")?.map(str::parse).transpose()?;
@@ -188,10 +223,11 @@ impl<'a> Args<'a> {
     }
 }
 
-fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
-    // SAFETY: plain system calls on this single-threaded process.
+fn drop_privileges(uid: u32, gid: u32, groups: &[libc::gid_t]) -> Result<()> {
+    // SAFETY: plain system calls on this single-threaded process; the
+    // group list is a valid array of its length.
     unsafe {
-        if libc::setgroups(0, std::ptr::null()) != 0
+        if libc::setgroups(groups.len(), groups.as_ptr()) != 0
             || libc::setresgid(gid, gid, gid) != 0
             || libc::setresuid(uid, uid, uid) != 0
         {
@@ -224,6 +260,9 @@ enum Reply {
     OriginalDst,
     /// The accepted socket's peer address.
     Peer,
+    /// What the `observe` command compares: TEXT, the peer address, the
+    /// local address and SO_ORIGINAL_DST (after reading the client's byte).
+    Observe(String),
 }
 
 impl Reply {
@@ -234,6 +273,15 @@ impl Reply {
             Self::Peer => stream
                 .peer_addr()
                 .map_or_else(|e| format!("error: {}", e.kind()), |a| a.to_string()),
+            Self::Observe(text) => {
+                let sock = SockRef::from(stream);
+                format!(
+                    "{text} peer={} local={} odst={}",
+                    addr_or_errno(sock.peer_addr()),
+                    addr_or_errno(sock.local_addr()),
+                    addr_or_errno(sock.original_dst_v4()),
+                )
+            }
         }
     }
 }
@@ -253,12 +301,24 @@ pub fn original_dst(stream: &TcpStream) -> String {
 /// Listens on every address of `listen` (one thread each after the
 /// first), prints "ready" once all are bound, and answers (see the module
 /// documentation).
-fn serve(listen: &[SocketAddr], reply: &Reply, http: bool, transparent: bool) -> Result<()> {
+/// How `serve` sets up its listening sockets.
+#[derive(Clone, Copy)]
+struct ListenOptions {
+    /// `IP_TRANSPARENT`, as Envoy's listeners in TPROXY mode.
+    transparent: bool,
+    /// `SO_REUSEPORT`, as Envoy's per-worker listeners.
+    reuse_port: bool,
+}
+
+fn serve(listen: &[SocketAddr], reply: &Reply, http: bool, options: ListenOptions) -> Result<()> {
     let mut listeners = Vec::new();
     for addr in listen {
         let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
-        if transparent {
+        if options.reuse_port {
+            socket.set_reuse_port(true)?;
+        }
+        if options.transparent {
             socket
                 .set_ip_transparent_v4(true)
                 .context("IP_TRANSPARENT (needs CAP_NET_ADMIN)")?;
@@ -286,6 +346,9 @@ fn serve(listen: &[SocketAddr], reply: &Reply, http: bool, transparent: bool) ->
 
 /// Answers every connection `listener` accepts.
 fn answer(listener: &TcpListener, reply: &Reply, http: bool) {
+    if let Reply::Observe(_) = reply {
+        return answer_observed(listener, reply);
+    }
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let text = reply.for_stream(&stream);
@@ -515,8 +578,12 @@ fn check(
     let mut judge = |target: SocketAddr, reply: std::io::Result<String>| {
         let is_direct = Some(target) == direct;
         let outcome = match reply {
-            Ok(reply) if is_direct && reply.starts_with("error: ") => "direct-ok".to_owned(),
-            Ok(reply) if is_direct && reply.parse::<SocketAddr>().is_ok() => "stale".to_owned(),
+            // Conntrack's answer for a connection that was not redirected:
+            // its own destination, the proxy itself.
+            Ok(reply) if is_direct && reply == target.to_string() => "direct-ok".to_owned(),
+            Ok(reply) if is_direct && reply.parse::<SocketAddr>().is_ok() => {
+                format!("stale {reply}")
+            }
             Ok(reply) if reply == target.to_string() => "ok".to_owned(),
             Ok(reply) if reply.parse::<SocketAddr>().is_ok() => "mixup".to_owned(),
             Ok(reply) => reply,
@@ -577,6 +644,389 @@ fn sockopts(to: SocketAddr) -> Result<()> {
     let stream = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
     println!("SO_ORIGINAL_DST {}", original_dst(&stream));
     Ok(())
+}
+
+/// How long a server answering `observe` clients waits for their byte.
+const OBSERVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// At most this many specs are read by one `observe` run.
+const OBSERVE_MAX_SPECS: usize = 100_000;
+
+/// How an `observe` connection is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectMode {
+    /// connect(2) on a blocking socket (SO_SNDTIMEO: the timeout).
+    Block,
+    /// connect(2) on a non-blocking socket, then poll(2) and SO_ERROR.
+    Nonblock,
+    /// TCP fast open: sendto(2) with MSG_FASTOPEN carrying the one byte.
+    Fastopen,
+}
+
+impl ConnectMode {
+    pub const ALL: [Self; 3] = [Self::Block, Self::Nonblock, Self::Fastopen];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Block => "block",
+            Self::Nonblock => "nonblock",
+            Self::Fastopen => "fastopen",
+        }
+    }
+}
+
+/// One connection of the `observe` command, written (and read) as
+/// `to=IP:PORT family=4|6 bind=none|IP dev=none|lo mode=block|nonblock|fastopen`.
+/// `family=6` is an AF_INET6 socket connecting to the v4-mapped address;
+/// `bind` binds the source address (port 0) first; `dev=lo` sets
+/// SO_BINDTODEVICE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spec {
+    pub to: std::net::SocketAddrV4,
+    pub family6: bool,
+    pub bind: Option<std::net::Ipv4Addr>,
+    pub dev_lo: bool,
+    pub mode: ConnectMode,
+}
+
+impl std::fmt::Display for Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "to={} family={} bind={} dev={} mode={}",
+            self.to,
+            if self.family6 { 6 } else { 4 },
+            self.bind
+                .map_or_else(|| "none".to_owned(), |ip| ip.to_string()),
+            if self.dev_lo { "lo" } else { "none" },
+            self.mode.name()
+        )
+    }
+}
+
+impl std::str::FromStr for Spec {
+    type Err = anyhow::Error;
+
+    fn from_str(line: &str) -> Result<Self> {
+        let mut spec = Self {
+            to: std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+            family6: false,
+            bind: None,
+            dev_lo: false,
+            mode: ConnectMode::Block,
+        };
+        let mut to = None;
+        for field in line.split_whitespace() {
+            let (key, value) = field
+                .split_once('=')
+                .with_context(|| format!("{field:?} is not KEY=VALUE"))?;
+            match (key, value) {
+                ("to", v) => to = Some(v.parse().with_context(|| format!("to={v}"))?),
+                ("family", "4") => spec.family6 = false,
+                ("family", "6") => spec.family6 = true,
+                ("bind", "none") => spec.bind = None,
+                ("bind", v) => spec.bind = Some(v.parse().with_context(|| format!("bind={v}"))?),
+                ("dev", "none") => spec.dev_lo = false,
+                ("dev", "lo") => spec.dev_lo = true,
+                ("mode", v) => {
+                    spec.mode = ConnectMode::ALL
+                        .into_iter()
+                        .find(|m| m.name() == v)
+                        .with_context(|| format!("unknown mode={v}"))?;
+                }
+                _ => bail!("unknown field {field:?}"),
+            }
+        }
+        spec.to = to.context("to= is required")?;
+        Ok(spec)
+    }
+}
+
+/// The name of an errno (`ECONNREFUSED`), or `errno<N>`.
+pub fn errno_name(err: &std::io::Error) -> String {
+    let Some(code) = err.raw_os_error() else {
+        return format!("{:?}", err.kind());
+    };
+    let name = match code {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EINTR => "EINTR",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::EACCES => "EACCES",
+        libc::EFAULT => "EFAULT",
+        libc::ENODEV => "ENODEV",
+        libc::EINVAL => "EINVAL",
+        libc::EPIPE => "EPIPE",
+        libc::ENOPROTOOPT => "ENOPROTOOPT",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
+        libc::EADDRINUSE => "EADDRINUSE",
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        libc::ENETDOWN => "ENETDOWN",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::EISCONN => "EISCONN",
+        libc::ENOTCONN => "ENOTCONN",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::EALREADY => "EALREADY",
+        libc::EINPROGRESS => "EINPROGRESS",
+        libc::ENOBUFS => "ENOBUFS",
+        libc::EMSGSIZE => "EMSGSIZE",
+        _ => return format!("errno{code}"),
+    };
+    name.to_owned()
+}
+
+/// An address as text (`[::ffff:a.b.c.d]:p` for v4-mapped ones), with the
+/// port written `eph` when `mask` says so.
+fn addr_text(addr: &socket2::SockAddr, mask: bool) -> String {
+    match addr.as_socket() {
+        Some(a) if mask => match a {
+            SocketAddr::V4(a) => format!("{}:eph", a.ip()),
+            SocketAddr::V6(a) => format!("[{}]:eph", a.ip()),
+        },
+        Some(a) => a.to_string(),
+        None => "not-inet".to_owned(),
+    }
+}
+
+/// An address as text, or the errno name of the call that did not give one.
+fn addr_or_errno(addr: std::io::Result<socket2::SockAddr>) -> String {
+    addr.map_or_else(|e| errno_name(&e), |a| addr_text(&a, false))
+}
+
+/// `text` with every `:PORT` (not followed by another digit) written `:eph`.
+fn mask_port(text: &str, port: u16) -> String {
+    let needle = format!(":{port}");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(&needle) {
+        let after = &rest[i + needle.len()..];
+        out.push_str(&rest[..i]);
+        if after.starts_with(|c: char| c.is_ascii_digit()) {
+            out.push_str(&needle);
+        } else {
+            out.push_str(":eph");
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The socket address of `ip:port` for a socket of the spec's family (the
+/// v4-mapped address for AF_INET6).
+fn spec_addr(ip: std::net::Ipv4Addr, port: u16, family6: bool) -> socket2::SockAddr {
+    if family6 {
+        SocketAddr::V6(std::net::SocketAddrV6::new(ip.to_ipv6_mapped(), port, 0, 0)).into()
+    } else {
+        SocketAddr::V4(std::net::SocketAddrV4::new(ip, port)).into()
+    }
+}
+
+/// Waits (at most `timeout`) for a non-blocking connect to finish: `ok`,
+/// the errno name SO_ERROR holds, or `timeout`.
+fn finish_connect(socket: &Socket, timeout: Duration) -> String {
+    let mut fd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(socket),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut fd, 1, left.as_millis() as libc::c_int) };
+        if n > 0 {
+            break;
+        }
+        if n == 0 || left.is_zero() {
+            return "timeout".to_owned();
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return format!("poll-{}", errno_name(&err));
+        }
+    }
+    match socket.take_error() {
+        Ok(None) => "ok".to_owned(),
+        Ok(Some(err)) | Err(err) => errno_name(&err),
+    }
+}
+
+/// Makes the connection `spec` describes and says what the app sees: how
+/// connect (or sendto) ended, then on success `local=` (getsockname, the
+/// ephemeral port written `eph`), `peer=` (getpeername), `odst=`
+/// (SO_ORIGINAL_DST at SOL_IP) and for AF_INET6 sockets `odst6=` (at
+/// SOL_IPV6), then `| ` and the server's answer with the same port masked.
+pub fn observe_one(spec: &Spec, timeout: Duration) -> String {
+    let domain = if spec.family6 {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let socket = match Socket::new(domain, Type::STREAM, None) {
+        Ok(socket) => socket,
+        Err(err) => return format!("socket={}", errno_name(&err)),
+    };
+    if spec.family6
+        && let Err(err) = socket.set_only_v6(false)
+    {
+        return format!("v6only={}", errno_name(&err));
+    }
+    if spec.dev_lo
+        && let Err(err) = socket.bind_device(Some(b"lo"))
+    {
+        return format!("bindtodevice={}", errno_name(&err));
+    }
+    if let Some(ip) = spec.bind
+        && let Err(err) = socket.bind(&spec_addr(ip, 0, spec.family6))
+    {
+        return format!("bind={}", errno_name(&err));
+    }
+    let _ = socket.set_read_timeout(Some(timeout));
+    let _ = socket.set_write_timeout(Some(timeout));
+    let to = spec_addr(*spec.to.ip(), spec.to.port(), spec.family6);
+    let connected = match spec.mode {
+        ConnectMode::Block => match socket.connect(&to) {
+            Ok(()) => "connect=ok".to_owned(),
+            Err(err) => return format!("connect={}", errno_name(&err)),
+        },
+        ConnectMode::Nonblock => {
+            if let Err(err) = socket.set_nonblocking(true) {
+                return format!("nonblocking={}", errno_name(&err));
+            }
+            let done = match socket.connect(&to) {
+                Ok(()) => "ok".to_owned(),
+                Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {
+                    format!("EINPROGRESS,{}", finish_connect(&socket, timeout))
+                }
+                Err(err) => return format!("connect={}", errno_name(&err)),
+            };
+            if !done.ends_with("ok") {
+                return format!("connect={done}");
+            }
+            let _ = socket.set_nonblocking(false);
+            format!("connect={done}")
+        }
+        ConnectMode::Fastopen => match socket.send_to_with_flags(b"x", &to, libc::MSG_FASTOPEN) {
+            Ok(n) => format!("sendto={n}"),
+            Err(err) => return format!("sendto={}", errno_name(&err)),
+        },
+    };
+    let local = socket.local_addr();
+    let port = local
+        .as_ref()
+        .ok()
+        .and_then(socket2::SockAddr::as_socket)
+        .map_or(0, |a| a.port());
+    let mut out = format!(
+        "{connected} local={} peer={} odst={}",
+        local.map_or_else(|e| errno_name(&e), |a| addr_text(&a, true)),
+        addr_or_errno(socket.peer_addr()),
+        addr_or_errno(socket.original_dst_v4()),
+    );
+    if spec.family6 {
+        out.push_str(&format!(
+            " odst6={}",
+            addr_or_errno(socket.original_dst_v6())
+        ));
+    }
+    if spec.mode != ConnectMode::Fastopen
+        && let Err(err) = socket.send(b"x")
+    {
+        out.push_str(&format!(" send={}", errno_name(&err)));
+    }
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 512];
+    let read_error = loop {
+        match (&socket).read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => {
+                reply.extend_from_slice(&buf[..n]);
+                if reply.len() > 4096 {
+                    break Some("too-long".to_owned());
+                }
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EINTR) => {}
+            Err(err) => break Some(errno_name(&err)),
+        }
+    };
+    if let Some(err) = read_error {
+        out.push_str(&format!(" read={err}"));
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    let reply = reply.lines().next().unwrap_or("").trim();
+    out.push_str(" | ");
+    out.push_str(reply);
+    // The ephemeral port wherever it shows (the server's peer address, a
+    // wrong SO_ORIGINAL_DST naming the socket itself), so that
+    // observations compare across runs.
+    mask_port(&out, port)
+}
+
+/// The `observe` command: specs from stdin, observations to stdout, in
+/// order, `parallel` connections at a time.
+fn observe(parallel: usize, timeout: Duration) -> Result<()> {
+    let specs: Vec<String> = std::io::stdin()
+        .lock()
+        .lines()
+        .take(OBSERVE_MAX_SPECS)
+        .collect::<Result<_, _>>()?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        for _ in 0..parallel.min(specs.len()) {
+            let (tx, next, specs) = (tx.clone(), &next, &specs);
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(line) = specs.get(i) else { break };
+                    let seen = match line.parse::<Spec>() {
+                        Ok(spec) => observe_one(&spec, timeout),
+                        Err(err) => format!("bad-spec {err:#}"),
+                    };
+                    if tx.send((i, seen)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    drop(tx);
+    let mut seen = vec![String::new(); specs.len()];
+    for (i, line) in rx {
+        seen[i] = line;
+    }
+    let mut stdout = std::io::stdout().lock();
+    for line in seen {
+        writeln!(stdout, "{line}")?;
+    }
+    stdout.flush()?;
+    Ok(())
+}
+
+/// Answers every connection `listener` accepts with what it observes (see
+/// [`Reply::Observe`]): each on a thread of its own, which reads the
+/// client's byte (at most [`OBSERVE_TIMEOUT`]), answers and closes, so
+/// that a client that sends nothing delays no other.
+fn answer_observed(listener: &TcpListener, reply: &Reply) {
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let text = reply.for_stream(&stream);
+        std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(OBSERVE_TIMEOUT));
+            let _ = stream.set_write_timeout(Some(OBSERVE_TIMEOUT));
+            let mut byte = [0u8; 1];
+            let _ = stream.read(&mut byte);
+            let _ = writeln!(stream, "{text}");
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        });
+    }
 }
 
 /// How many connections got each reply (or each error, as `error: <kind>`).

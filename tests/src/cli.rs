@@ -169,7 +169,7 @@ impl Sandbox {
             "--report",
             report,
         ]);
-        self.start(cmd)
+        self.start(cmd).map(drop)
     }
 
     /// A test pod with the upstream server on [`UPSTREAM`] and a proxy

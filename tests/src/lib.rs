@@ -342,8 +342,8 @@ impl Sandbox {
     /// Starts a long-running process (typically `agent serve`) and waits
     /// until it prints its first line (`ready`); at most 60 s, which only a
     /// broken start or a slow emulated VM comes near. It is killed when the
-    /// sandbox is dropped.
-    pub fn start(&self, mut cmd: Command) -> Result<()> {
+    /// sandbox is dropped, or by [`Sandbox::stop`] with the pid returned.
+    pub fn start(&self, mut cmd: Command) -> Result<u32> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let stdout = child.stdout.take().context("no stdout")?;
@@ -360,10 +360,26 @@ impl Sandbox {
             .map_err(|_| anyhow::anyhow!("sandbox lock poisoned"))?
             .push(child);
         match line {
-            Ok(line) if line.trim() == "ready" => Ok(()),
+            Ok(line) if line.trim() == "ready" => Ok(pid),
             Ok(line) => bail!("{cmd:?} (pid {pid}) did not become ready: {line:?}"),
             Err(_) => bail!("{cmd:?} (pid {pid}) was not ready within 60 s"),
         }
+    }
+
+    /// Kills and reaps the process [`Sandbox::start`] started as `pid`.
+    pub fn stop(&self, pid: u32) -> Result<()> {
+        let mut children = self
+            .children
+            .lock()
+            .map_err(|_| anyhow::anyhow!("sandbox lock poisoned"))?;
+        let i = children
+            .iter()
+            .position(|c| c.id() == pid)
+            .with_context(|| format!("no process {pid} in this sandbox"))?;
+        let mut child = children.remove(i);
+        let killed = child.kill();
+        child.wait().context("reaping")?;
+        killed.context("killing")
     }
 
     /// Starts `agent serve` listening on `addr` and replying `reply`.
@@ -378,7 +394,7 @@ impl Sandbox {
         let mut cmd = self.agent(net, group, who);
         let addr: SocketAddr = addr.into();
         cmd.args(["serve", "--listen", &addr.to_string(), "--reply", reply]);
-        self.start(cmd)
+        self.start(cmd).map(drop)
     }
 
     /// What answers one connection from the pod (cgroup `group`, identity

@@ -7,7 +7,7 @@
 //!
 //! The connections come from the pod (outbound: every identity to every
 //! destination) and from the peer to the pod's address (inbound, `-b`/`-d`,
-//! REDIRECT and TPROXY).
+//! REDIRECT; TPROXY, which eBPF mode refuses, between iptables and nftables).
 //!
 //! Where a connection lands names the decision: `proxy` (the outbound
 //! listener, 15001: ISTIO_REDIRECT), `inbound` (15006: ISTIO_IN_REDIRECT),
@@ -79,12 +79,15 @@ const CONFIGS: &[Flags] = &[
         args: &["-i", "", "-q", "80"],
         env: &[],
     },
-    Flags {
-        name: "tproxy-inbound",
-        args: &["-i", "*", "-b", "*", "-d", "22", "-m", "TPROXY"],
-        env: &[],
-    },
 ];
+
+/// Configurations eBPF mode refuses (auto mode takes iptables for them),
+/// compared between the netfilter backends only.
+const NETFILTER_ONLY: &[Flags] = &[Flags {
+    name: "tproxy-inbound",
+    args: &["-i", "*", "-b", "*", "-d", "22", "-m", "TPROXY"],
+    env: &[],
+}];
 
 /// Who connects: the app, the proxy by UID, the proxy by GID only, and a
 /// member of the owner group the configurations name.
@@ -104,6 +107,17 @@ const IDENTITIES: [Identity; 4] = [
 /// Ports with a server in the pod and in the peer.
 const PORTS: [u16; 4] = [80, 81, 22, 15008];
 
+/// Destinations the kernel treats specially before any rule runs: the
+/// unspecified address (127.0.0.1 for an unbound socket), the subnet and
+/// limited broadcast, multicast, and an address without a route.
+const SPECIAL: [Ipv4Addr; 5] = [
+    Ipv4Addr::UNSPECIFIED,
+    Ipv4Addr::new(198, 19, 255, 255),
+    Ipv4Addr::BROADCAST,
+    Ipv4Addr::new(224, 0, 0, 1),
+    Ipv4Addr::new(10, 255, 0, 1),
+];
+
 fn destinations() -> Vec<SocketAddrV4> {
     let mut out = Vec::new();
     for ip in [
@@ -114,7 +128,10 @@ fn destinations() -> Vec<SocketAddrV4> {
         peer_ip(1),
         peer_ip(2),
         PEER_IP,
-    ] {
+    ]
+    .into_iter()
+    .chain(SPECIAL)
+    {
         for port in PORTS {
             out.push(SocketAddrV4::new(ip, port));
         }
@@ -125,12 +142,20 @@ fn destinations() -> Vec<SocketAddrV4> {
 /// Inbound connections: from the peer to these ports of the pod's address.
 const INBOUND_PORTS: [u16; 6] = [80, 81, 22, 15008, 15001, 15006];
 
-/// Connections from a socket bound to the inbound passthrough source.
-fn passthrough_destinations() -> Vec<SocketAddrV4> {
-    [Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 9), POD_IP]
-        .into_iter()
-        .map(|ip| SocketAddrV4::new(ip, 80))
-        .collect()
+/// Connections from a socket bound to a loopback source (the inbound
+/// passthrough source, or 127.0.0.1): to the pod, and to the network,
+/// which the kernel refuses.
+fn bound_destinations() -> Vec<SocketAddrV4> {
+    [
+        Ipv4Addr::LOCALHOST,
+        Ipv4Addr::new(127, 0, 0, 9),
+        POD_IP,
+        PEER_IP,
+        Ipv4Addr::UNSPECIFIED,
+    ]
+    .into_iter()
+    .map(|ip| SocketAddrV4::new(ip, 80))
+    .collect()
 }
 
 fn istio_iptables(sandbox: &Sandbox, mode: &str, flags: &Flags, extra: &[&str]) -> Outcome {
@@ -154,7 +179,7 @@ fn land_all(sandbox: &Sandbox) -> BTreeMap<String, String> {
             .collect::<Vec<_>>()
             .join(",")
     };
-    let (all, passthrough) = (join(&destinations()), join(&passthrough_destinations()));
+    let (all, bound) = (join(&destinations()), join(&bound_destinations()));
     let inbound: Vec<SocketAddrV4> = INBOUND_PORTS
         .iter()
         .map(|p| SocketAddrV4::new(POD_IP, *p))
@@ -167,7 +192,12 @@ fn land_all(sandbox: &Sandbox) -> BTreeMap<String, String> {
         out.insert(format!("peer -> {target}"), reply.to_owned());
     }
     for who in IDENTITIES {
-        for (bind, targets) in [(None, &all), (Some("127.0.0.6"), &passthrough)] {
+        for (bind, targets) in [
+            (None, &all),
+            (Some("127.0.0.6"), &bound),
+            (Some("127.0.0.1"), &bound),
+            (Some("198.18.0.1"), &bound),
+        ] {
             let mut args = vec!["each", "--to", targets.as_str()];
             if let Some(bind) = bind {
                 args.extend(["--bind", bind]);
@@ -268,11 +298,16 @@ fn land_with(sandbox: &Sandbox, backend: &Backend, flags: &Flags) -> BTreeMap<St
 
 /// Every configuration under both backends: every connection lands alike,
 /// and the cases exercise every decision, so agreement is not vacuous.
-fn same_connections(sandbox: &Sandbox, a: &Backend, b: &Backend, after_b: impl Fn()) {
+fn same_connections(
+    sandbox: &Sandbox,
+    configs: &[&Flags],
+    (a, b): (&Backend, &Backend),
+    after_b: impl Fn(),
+) {
     let mut compared = 0;
     let mut seen = BTreeMap::<String, usize>::new();
     let mut seen_inbound = BTreeMap::<String, usize>::new();
-    for flags in CONFIGS {
+    for flags in configs {
         let first = land_with(sandbox, a, flags);
         let second = land_with(sandbox, b, flags);
         after_b();
@@ -334,7 +369,8 @@ fn ebpf_and_iptables_capture_the_same_connections() {
         extra: &[],
         says: "with eBPF",
     };
-    same_connections(&sandbox, &IPTABLES, &ebpf, || {
+    let configs: Vec<&Flags> = CONFIGS.iter().collect();
+    same_connections(&sandbox, &configs, (&IPTABLES, &ebpf), || {
         assert!(!sandbox.is_pinned());
     });
 }
@@ -355,7 +391,8 @@ fn native_nftables_and_iptables_capture_the_same_connections() {
         extra: &["--native-nftables"],
         says: "(nftables",
     };
-    same_connections(&sandbox, &IPTABLES, &nftables, || {
+    let configs: Vec<&Flags> = CONFIGS.iter().chain(NETFILTER_ONLY).collect();
+    same_connections(&sandbox, &configs, (&IPTABLES, &nftables), || {
         assert!(
             !sandbox
                 .nft_tables(Net::Pod)

@@ -5,6 +5,7 @@
 //! forwards to the app from 127.0.0.6, as Envoy does.
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     process::Command,
 };
@@ -220,21 +221,18 @@ fn inbound_ports_excluded_ports_and_the_tunnel_port_decide_like_istio() {
             "app".into()
         ]
     );
-    // TPROXY: the same path, without the tunnel-port exception.
-    sandbox
+    // TPROXY needs netfilter (marks, policy routing, CONNMARK): eBPF mode
+    // refuses it in one line and the capture in place stays as it was.
+    let refused = sandbox
         .install(&["-b", "*", "-d", "15090,15021", "-m", "TPROXY"])
-        .expect("install TPROXY");
-    assert_eq!(
-        lands(),
-        [
-            captured(9080),
-            captured(9090),
-            captured(7000),
-            captured(15008),
-            "app".into(),
-            "app".into()
-        ]
+        .expect_err("eBPF mode refuses TPROXY");
+    let refused = format!("{refused:#}");
+    assert!(
+        refused.contains("-m TPROXY (TPROXY needs netfilter")
+            && refused.trim().lines().count() == 1,
+        "{refused}"
     );
+    assert_eq!(lands()[..2], [captured(9080), captured(9090)]);
     sandbox.install(&["-b", ""]).expect("install -b ''");
     assert_eq!(lands(), ["app"; 6]);
     // The inbound link stays attached, inert, and status says so.
@@ -374,4 +372,55 @@ fn istio_iptables_installs_inbound_capture_with_ebpf() {
         0
     );
     assert!(nat_rules(&sandbox).is_empty());
+}
+
+/// Envoy listens on 15006 with one `SO_REUSEPORT` socket per worker: while
+/// any of them lives, inbound connections reach one, whichever closes
+/// first (iptables' REDIRECT reaches whatever still listens).
+#[test]
+fn reuseport_listeners_keep_receiving_when_one_closes() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    sandbox
+        .serve(Net::Pod, Group::App, APP, any(9080), "app")
+        .expect("app");
+    sandbox.install(&["-b", "*"]).expect("install");
+    let listener = |reply: &str| {
+        let mut cmd = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+        cmd.args(["serve", "--listen", "0.0.0.0:15006", "--reuseport"])
+            .args(["--reply", reply]);
+        sandbox.start(cmd).expect("listener")
+    };
+    let (first, second, third) = (listener("first"), listener("second"), listener("third"));
+    let lands = |n: usize| -> BTreeMap<String, usize> {
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            *seen.entry(from_peer(&sandbox, pod_addr(9080))).or_default() += 1;
+        }
+        seen
+    };
+    let all = lands(60);
+    assert!(
+        all.keys()
+            .all(|k| ["first", "second", "third"].contains(&k.as_str())),
+        "{all:?}"
+    );
+    // The newest closes, then the oldest: the one left takes everything.
+    sandbox.stop(third).expect("stop the newest");
+    let two = lands(30);
+    assert!(
+        two.keys()
+            .all(|k| ["first", "second"].contains(&k.as_str())),
+        "{two:?}"
+    );
+    sandbox.stop(first).expect("stop the oldest");
+    assert_eq!(lands(20), BTreeMap::from([("second".to_owned(), 20)]));
+    sandbox.stop(second).expect("stop the last");
+    assert_eq!(
+        lands(3),
+        BTreeMap::from([("error: connection refused".to_owned(), 3)])
+    );
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "listener_registered"), 3, "{status}");
+    sandbox.uninstall().expect("uninstall");
 }

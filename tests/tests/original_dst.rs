@@ -14,7 +14,7 @@ use std::{
 };
 
 use redirect_sandbox::{
-    APP, Group, Net, PEER_IP, PROXY, ROOT, Sandbox,
+    APP, Group, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
     agent::Tally,
     cli::{PROXY_ADDR, UPSTREAM, counter},
     peer_ip, require_root,
@@ -122,8 +122,8 @@ fn getpeername_shows_the_original_destination_to_the_app_only() {
     let app = Tally::parse(&app).expect("tally");
     let (line, _) = app.0.iter().next().expect("one connection");
     assert!(
-        line.starts_with(&format!("peer={UPSTREAM} 127.0.0.1:")),
-        "the app sees {UPSTREAM}; the proxy sees the app's loopback address: {line}"
+        line.starts_with(&format!("peer={UPSTREAM} {POD_IP}:")),
+        "the app sees {UPSTREAM}; the proxy sees the app's own address, as with iptables: {line}"
     );
     let own = sandbox
         .agent_output(Group::Proxy, PROXY, &["connect", "--to", &to, "--peer"])
@@ -138,10 +138,26 @@ fn getpeername_shows_the_original_destination_to_the_app_only() {
 fn unrelated_getsockopt_calls_are_untouched() {
     require_root!();
     let sandbox = pod_with_orig_dst_proxy();
-    // Load conntrack first, so the kernel's own SO_ORIGINAL_DST answer does
-    // not change between the runs compared below.
+    // Turn conntrack on in the pod, as Istio's REDIRECT rules do (a NAT
+    // target is what makes the kernel track connections), with a rule that
+    // matches nothing here: outside the cgroup the kernel's own
+    // SO_ORIGINAL_DST answer is then conntrack's, the reference below.
     let mut nat = sandbox.command(Net::Pod, Group::Outside, ROOT, "iptables-legacy");
-    nat.args(["-t", "nat", "-S"]).stdout(Stdio::null());
+    nat.args([
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "udp",
+        "--dport",
+        "9",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "9",
+    ])
+    .stdout(Stdio::null());
     assert!(nat.status().expect("iptables-legacy").success());
     // A filter table far larger than a page: iptables-legacy-save reads it
     // with getsockopt(IPT_SO_GET_ENTRIES) and a buffer of that size.
@@ -185,7 +201,8 @@ fn unrelated_getsockopt_calls_are_untouched() {
     );
 
     // SO_RCVBUF, TCP_INFO, and SO_ORIGINAL_DST of a connection that was
-    // not redirected: the same inside the cgroup as outside.
+    // not redirected: the same inside the cgroup as outside, where
+    // conntrack answers the connection's own destination, its peer.
     let to = PROXY_ADDR.to_string();
     let probe = |group| {
         sandbox
@@ -193,10 +210,14 @@ fn unrelated_getsockopt_calls_are_untouched() {
             .expect("sockopts")
     };
     let inside = probe(Group::App);
-    assert!(inside.contains("SO_ORIGINAL_DST error:"), "{inside}");
+    assert!(
+        inside.contains(&format!("SO_ORIGINAL_DST {to}\n")),
+        "{inside}"
+    );
     assert_eq!(inside, probe(Group::Outside));
     let status = sandbox.status().expect("status");
     assert_eq!(counter(&status, "orig_dst_answered"), 0);
+    assert_eq!(counter(&status, "orig_dst_unredirected"), 1);
     sandbox.uninstall().expect("uninstall");
 }
 

@@ -7,7 +7,7 @@ pub const MAX_OWNERS: usize = 8;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
 /// ports together), and the capacity of the per-port inbound capture counters.
@@ -16,6 +16,12 @@ pub const MAX_PORTS: u32 = 1024;
 pub const MAX_CIDRS: u32 = 16384;
 /// How many pod addresses one configuration can hold.
 pub const MAX_LOCAL_ADDRS: u32 = 256;
+/// How many routes (and fixed broadcast and multicast entries) one
+/// configuration's routing view can hold.
+pub const MAX_ROUTES: u32 = 1024;
+/// How many listeners on the inbound port are kept (an `SO_REUSEPORT`
+/// group, or listeners on several addresses): any live one receives.
+pub const LISTENER_SLOTS: u32 = 16;
 
 /// Configurations held at once: the active one and the one an upgrade
 /// writes beside it. The config array has one entry per slot, and every set
@@ -109,6 +115,10 @@ pub struct RedirectConfig {
     /// `ISTIO_OUTBOUND_OWNER_GROUPS` (with [`CFG_GROUPS_ONLY`]) or
     /// `..._EXCLUDE` (without): numeric group ids.
     pub owner_groups: [u32; MAX_OWNERS],
+    /// The source the kernel picks for a socket bound to `lo`
+    /// (`SO_BINDTODEVICE`) sending to a non-loopback address: the pod's
+    /// first address (`lo`'s own are host-scoped). Network order; 0: none.
+    pub lo_source: u32,
 }
 
 /// `-i '*'`: every destination not excluded is captured.
@@ -123,8 +133,6 @@ pub const CFG_INBOUND: u32 = 8;
 /// `-b '*'`: every inbound port not excluded (`-d`) is captured; else only
 /// the ports flagged [`PORT_IN_INCLUDE`].
 pub const CFG_INBOUND_ALL: u32 = 16;
-/// `-m TPROXY`: Istio's TPROXY rules, which have no tunnel-port exception.
-pub const CFG_TPROXY: u32 = 32;
 
 /// `-o`: an outbound port never captured.
 pub const PORT_EXCLUDE: u8 = 1;
@@ -139,7 +147,9 @@ pub const PORT_IN_EXCLUDE: u8 = 8;
 /// passthrough connections (never captured).
 pub const PASSTHROUGH_SRC: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
 
-/// Where a redirected connection was going. Value of both original-destination maps.
+/// Where a redirected connection was going (value of both
+/// original-destination maps), or, in a socket's storage with
+/// [`OrigDst::ACCEPTED`] as its kind, the mark of an accepted socket.
 ///
 /// Field order matters to the verifier: constructing this struct must not
 /// put zero stores next to each other, or LLVM fuses them into a `memset`
@@ -154,7 +164,8 @@ pub struct OrigDst {
     pub state: u32,
     /// Original destination port, host byte order.
     pub port: u16,
-    pub _pad: u16,
+    /// [`OrigDst::REDIRECTED`], [`OrigDst::ACCEPTED`] or [`OrigDst::INBOUND`].
+    pub kind: u16,
 }
 
 impl OrigDst {
@@ -174,13 +185,25 @@ impl OrigDst {
     /// that has it but whose tuple record is gone lost it to eviction.
     pub const ESTABLISHED: usize = 3;
 
+    /// `kind` of a redirected connection's record.
+    pub const REDIRECTED: u16 = 0;
+    /// `kind` of the storage of a socket accepted in the cgroup that is not
+    /// the proxy's end of a redirected connection: conntrack answers
+    /// `SO_ORIGINAL_DST` on it with its own local address (the connection's
+    /// original destination), where a connecting socket gets its peer.
+    pub const ACCEPTED: u16 = 1;
+    /// `kind` of an accepted socket that came through the inbound capture
+    /// (the proxy's end): like [`OrigDst::ACCEPTED`], and its local port
+    /// reads as the inbound port, where REDIRECT would have sent it.
+    pub const INBOUND: u16 = 2;
+
     /// A fresh record of `ip:port` (network-order address, host-order port).
     pub const fn new(ip: u32, port: u16) -> Self {
         Self {
             ip,
             state: 0,
             port,
-            _pad: 0,
+            kind: Self::REDIRECTED,
         }
     }
 
@@ -267,14 +290,29 @@ pub enum Counter {
     InboundNotIncluded = 25,
     /// A listener on the inbound port was registered for inbound capture.
     ListenerRegistered = 26,
-    /// `getsockopt(SO_ORIGINAL_DST)` on an inbound-captured connection,
-    /// answered with its own local address.
+    /// `getsockopt(SO_ORIGINAL_DST)` on an accepted socket (an inbound
+    /// capture or any connection the pod accepted without a redirect),
+    /// answered with its own local address, as conntrack answers it.
     OrigDstInbound = 27,
     /// An established redirected connection closed and found its record
     /// gone: the LRU map evicted it (more connections were open than
     /// `--max-connections`), and SO_ORIGINAL_DST and getpeername() on that
     /// connection had no answer after the eviction.
     RecordEvicted = 28,
+    /// A connect the rules would redirect but the kernel refuses before nat
+    /// `OUTPUT` sees a packet (no route, a broadcast or multicast
+    /// destination, a loopback source to the network): left to the kernel,
+    /// which fails it as it does under iptables.
+    KernelRefuses = 29,
+    /// A redirected connect could not keep the source address the kernel
+    /// would have chosen (`bpf_bind` failed): it leaves from 127.0.0.1.
+    SourceNotKept = 30,
+    /// `getsockopt(SO_ORIGINAL_DST)` on a connecting socket that was not
+    /// redirected, answered with its peer, as conntrack answers it.
+    OrigDstUnredirected = 31,
+    /// `getsockname()` of the proxy's end of an inbound capture answered
+    /// with the inbound port, as after REDIRECT.
+    SocknameRedirected = 32,
 }
 
 impl Counter {
@@ -308,6 +346,10 @@ impl Counter {
         Self::ListenerRegistered,
         Self::OrigDstInbound,
         Self::RecordEvicted,
+        Self::KernelRefuses,
+        Self::SourceNotKept,
+        Self::OrigDstUnredirected,
+        Self::SocknameRedirected,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -342,12 +384,16 @@ impl Counter {
             Self::ListenerRegistered => "listener_registered",
             Self::OrigDstInbound => "orig_dst_inbound",
             Self::RecordEvicted => "record_evicted",
+            Self::KernelRefuses => "kernel_refuses",
+            Self::SourceNotKept => "source_not_kept",
+            Self::OrigDstUnredirected => "orig_dst_unredirected",
+            Self::SocknameRedirected => "sockname_redirected",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 29;
+pub const COUNTER_COUNT: u32 = 33;
 
 /// 127.0.0.1 in network byte order: where redirected connects are sent.
 pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -417,5 +463,6 @@ pub mod map_names {
     pub const INCLUDE: &str = "RDR_INCLUDE";
     pub const LOCAL: &str = "RDR_LOCAL";
     pub const LISTENER: &str = "RDR_LISTENER";
+    pub const ROUTE: &str = "RDR_ROUTE";
     pub const IN_HITS: &str = "RDR_IN_HITS";
 }

@@ -17,6 +17,23 @@ pub struct ConnectInput {
     pub dst_port: u16,
     /// The address the socket is bound to, network byte order (0: unbound).
     pub src_ip: u32,
+    /// The socket is bound to the loopback device (`SO_BINDTODEVICE=lo`):
+    /// its packets leave through `lo` whatever their destination.
+    pub dev_lo: bool,
+}
+
+impl ConnectInput {
+    /// The destination the kernel connects to: `0.0.0.0` is the socket's
+    /// own bound address, or 127.0.0.1 (the route lookup rewrites it before
+    /// any rule sees a packet).
+    #[inline(always)]
+    pub fn effective_dst(&self) -> u32 {
+        match (self.dst_ip, self.src_ip) {
+            (0, 0) => LOCALHOST,
+            (0, src) => src,
+            (dst, _) => dst,
+        }
+    }
 }
 
 /// What to do with one `connect()`.
@@ -40,13 +57,17 @@ pub trait Lookups {
     fn included(&self, ip: u32) -> bool;
     /// Whether `ip` is one of the pod's own (non-127/8) addresses.
     fn pod_address(&self, ip: u32) -> bool;
+    /// The source address the pod's routing table gives `ip` (network
+    /// order): `None` without a route, `Some(0)` for a destination the
+    /// kernel refuses TCP to (broadcast, multicast, an unreachable route).
+    fn route_source(&self, ip: u32) -> Option<u32>;
 }
 
 /// Decides one outbound TCP `connect()` by walking Istio's `ISTIO_OUTPUT`
 /// chain in its order (istio-iptables' rules for this configuration; the
 /// DNS, TPROXY and interface rules are not expressible here and refused
-/// before install). `-o lo` is "the destination is local": 127.0.0.0/8 or
-/// one of the pod's addresses. `LO` is the loopback CIDR, `U`/`G` each
+/// before install). `-o lo` is "the destination is local" (127.0.0.0/8 or
+/// one of the pod's addresses) or "the socket is bound to `lo`". `LO` is the loopback CIDR, `U`/`G` each
 /// proxy UID/GID in turn:
 ///
 /// ```text
@@ -65,46 +86,75 @@ pub trait Lookups {
 ///                                                     otherwise             (not_included)
 /// ```
 ///
-/// With `-m TPROXY` and inbound capture, Istio also marks the proxy's
-/// (UID or GID) loopback connections to anything but the loopback CIDR
-/// (`-A OUTPUT ! -d LO -p tcp -o lo -m owner --uid-owner U -j MARK
-/// --set-mark 1338`), and its mangle `ISTIO_INBOUND` sends those, unless
-/// from 127.0.0.6, through the inbound port rules to TPROXY: a connection
-/// the chain above lets through is then sent to the inbound port if those
-/// rules capture its port (hairpin).
+///
+/// The input's destination is taken as the kernel's route lookup leaves it
+/// ([`ConnectInput::effective_dst`]), since the rules see the packet after it.
 #[inline(always)]
 pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
-    // Read up front, once: left to the optimiser, the choice between this
-    // field and `proxy_port` becomes pointer arithmetic on the map value,
-    // which the verifier refuses without CAP_PERFMON.
-    // SAFETY: a valid, aligned field of a live reference.
-    let inbound_port = unsafe { core::ptr::read_volatile(&raw const cfg.inbound_port) };
-    let verdict = decide_nat(input, cfg, maps);
-    if matches!(verdict, Verdict::Bypass(_)) && tproxy_hairpin(input, cfg, maps) {
-        return Verdict::Redirect {
-            port: inbound_port,
-            counter: Counter::Hairpin,
-        };
-    }
-    verdict
+    decide_nat(input, cfg, maps)
 }
 
-/// Whether Istio's TPROXY rules send this connect to the inbound port (see
-/// [`decide_connect`]).
+/// Where a redirected connect leaves from: what the kernel would have
+/// picked for the original destination, since iptables rewrites the
+/// destination only after the route lookup chose the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Leave the socket as it is: it is bound already, or the kernel's
+    /// choice for 127.0.0.1 is its choice for the original destination.
+    Kernel,
+    /// Bind the socket to this address (network order), port 0, first.
+    Bind(u32),
+    /// The kernel refuses this connect before any rule runs (no route, a
+    /// broadcast or multicast destination, a loopback source to the
+    /// network): do not redirect it, so that it fails as it would.
+    Refused,
+}
+
+/// The [`Source`] of a connect [`decide_connect`] redirects, from the
+/// kernel's route lookup (`ip_route_connect`) for its original
+/// destination: local destinations leave through `lo` from the destination
+/// itself (or 127.0.0.1 for 127/8), a socket bound to `lo` from
+/// `lo_source`, anything else from its route's source address.
 #[inline(always)]
-fn tproxy_hairpin(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> bool {
-    let wanted = CFG_TPROXY | CFG_INBOUND;
-    if cfg.flags & wanted != wanted
-        || input.sock_type != SOCK_STREAM
-        || input.src_ip == PASSTHROUGH_SRC
-        || !is_local(input.dst_ip, maps)
-        || input.dst_ip & cfg.loopback_mask == cfg.loopback_addr & cfg.loopback_mask
-    {
-        return false;
+pub fn redirect_source(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Source {
+    let dst = input.effective_dst();
+    let octets = dst.to_ne_bytes();
+    if octets[0] == 127 {
+        return Source::Kernel;
     }
-    let proxy = contains(&cfg.proxy_uids, cfg.uid_count, input.uid)
-        || contains(&cfg.proxy_gids, cfg.gid_count, input.gid);
-    proxy && inbound_port_rules(input.dst_port, cfg, maps) == InboundVerdict::Capture
+    // Limited broadcast and multicast: `tcp_v4_connect` refuses whichever
+    // way they are routed.
+    if dst == u32::MAX || octets[0] & 0xf0 == 224 {
+        return Source::Refused;
+    }
+    let local = maps.pod_address(dst);
+    if input.src_ip != 0 {
+        if local || input.dev_lo {
+            return Source::Kernel;
+        }
+        if input.src_ip.to_ne_bytes()[0] == 127 {
+            return Source::Refused;
+        }
+        return match maps.route_source(dst) {
+            None | Some(0) => Source::Refused,
+            Some(_) => Source::Kernel,
+        };
+    }
+    if local {
+        return Source::Bind(dst);
+    }
+    if input.dev_lo {
+        // Routed through `lo` whatever the tables say ("assume on link").
+        return if cfg.lo_source != 0 {
+            Source::Bind(cfg.lo_source)
+        } else {
+            Source::Kernel
+        };
+    }
+    match maps.route_source(dst) {
+        None | Some(0) => Source::Refused,
+        Some(src) => Source::Bind(src),
+    }
 }
 
 /// The nat `ISTIO_OUTPUT` chain (see [`decide_connect`]).
@@ -117,8 +167,8 @@ fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -
     if ports & PORT_EXCLUDE != 0 {
         return Verdict::Bypass(Counter::BypassPort);
     }
-    let dst = input.dst_ip;
-    let local = is_local(dst, maps);
+    let dst = input.effective_dst();
+    let local = input.dev_lo || is_local(dst, maps);
     if local && input.src_ip == PASSTHROUGH_SRC {
         return Verdict::Bypass(Counter::BypassPassthrough);
     }
@@ -206,14 +256,11 @@ pub enum InboundVerdict {
 /// -A ISTIO_INBOUND -p tcp --dport P -j ISTIO_IN_REDIRECT  for P in -b      (inbound_captured)
 ///                                                     otherwise            (inbound_not_included)
 /// -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
-/// TPROXY (mangle): the same without the tunnel-port rule, -j ISTIO_TPROXY
 /// ```
 ///
 /// A connection from the pod to itself (source 127.0.0.0/8 or a pod
 /// address) is never captured here: locally generated traffic does not
-/// traverse nat `PREROUTING`, and Istio's TPROXY rules return `-i lo`
-/// traffic but the proxy's own hairpin, which connect4 already sends to the
-/// inbound port (inbound_local).
+/// traverse nat `PREROUTING` (inbound_local).
 #[inline(always)]
 pub fn decide_inbound(
     input: &InboundInput,
@@ -232,7 +279,7 @@ pub fn decide_inbound(
 /// The port rules of the inbound chain (after its source rules).
 #[inline(always)]
 fn inbound_port_rules(port: u16, cfg: &RedirectConfig, maps: &impl Lookups) -> InboundVerdict {
-    if cfg.flags & CFG_TPROXY == 0 && port == cfg.tunnel_port {
+    if port == cfg.tunnel_port {
         return InboundVerdict::Bypass(Counter::InboundBypassTunnel);
     }
     let ports = maps.port_flags(port);

@@ -25,6 +25,7 @@ fn istio_default() -> RedirectConfig {
         flags: CFG_INCLUDE_ALL,
         group_count: 0,
         owner_groups: [0; MAX_OWNERS],
+        lo_source: 0,
     };
     cfg.proxy_uids[0] = 1337;
     cfg.proxy_gids[0] = 1337;
@@ -39,16 +40,19 @@ fn app(dst_ip: u32) -> ConnectInput {
         dst_ip,
         dst_port: 80,
         src_ip: 0,
+        dev_lo: false,
     }
 }
 
-/// Map contents: ports with flags, CIDRs as (network, prefix), pod addresses.
+/// Map contents: ports with flags, CIDRs as (network, prefix), pod
+/// addresses, routes as (network, prefix, source).
 #[derive(Default)]
 struct Sets {
     ports: Vec<(u16, u8)>,
     excluded: Vec<(u32, u32)>,
     included: Vec<(u32, u32)>,
     local: Vec<u32>,
+    routes: Vec<(u32, u32, u32)>,
 }
 
 fn in_cidrs(cidrs: &[(u32, u32)], ip: u32) -> bool {
@@ -74,6 +78,13 @@ impl Lookups for Sets {
     }
     fn pod_address(&self, ip: u32) -> bool {
         self.local.contains(&ip)
+    }
+    fn route_source(&self, ip: u32) -> Option<u32> {
+        self.routes
+            .iter()
+            .filter(|&&(net, len, _)| in_cidrs(&[(net, len)], ip))
+            .max_by_key(|&&(_, len, _)| len)
+            .map(|&(_, _, src)| src)
     }
 }
 
@@ -526,20 +537,6 @@ fn the_tunnel_port_rule_wins_over_a_listed_port() {
 }
 
 #[test]
-fn tproxy_mode_has_no_tunnel_port_exception() {
-    let cfg = inbound(CFG_INBOUND_ALL | CFG_TPROXY);
-    let sets = inbound_sets(&[(15090, PORT_IN_EXCLUDE)]);
-    assert_eq!(
-        decide_inbound(&from_peer(15008), &cfg, &sets),
-        InboundVerdict::Capture
-    );
-    assert_eq!(
-        decide_inbound(&from_peer(15090), &cfg, &sets),
-        InboundVerdict::Bypass(Counter::InboundBypassPort)
-    );
-}
-
-#[test]
 fn connections_from_the_pod_itself_are_not_inbound() {
     let cfg = inbound(CFG_INBOUND_ALL);
     let sets = inbound_sets(&[]);
@@ -565,68 +562,130 @@ fn without_inbound_capture_nothing_is_captured() {
     );
 }
 
+/// A pod at 198.18.0.1/15 with a second interface 10.9.0.5/24 and a
+/// default route through the first, as `ebpf::routes` reads it.
+fn routed_pod() -> Sets {
+    Sets {
+        local: vec![ip(198, 18, 0, 1), ip(10, 9, 0, 5)],
+        routes: vec![
+            (0, 0, ip(198, 18, 0, 1)),
+            (ip(198, 18, 0, 0), 15, ip(198, 18, 0, 1)),
+            (ip(10, 9, 0, 0), 24, ip(10, 9, 0, 5)),
+            (ip(198, 19, 255, 255), 32, 0),
+            (ip(10, 9, 0, 255), 32, 0),
+        ],
+        ..Sets::default()
+    }
+}
+
 #[test]
-fn tproxy_sends_the_proxys_loopback_calls_through_the_inbound_rules() {
-    // -m TPROXY -b '*' -d 22, proxy uid 1337, gid 1337.
-    let cfg = inbound(CFG_INBOUND_ALL | CFG_TPROXY);
-    let sets = inbound_sets(&[(22, PORT_IN_EXCLUDE)]);
-    let proxy_to = |uid, gid, dst_ip, dst_port| {
-        decide_connect(
-            &ConnectInput {
-                uid,
-                gid,
-                dst_port,
-                ..app(dst_ip)
-            },
-            &cfg,
-            &sets,
-        )
+fn a_redirected_connect_keeps_the_source_its_route_gives() {
+    let cfg = istio_default();
+    let sets = routed_pod();
+    let source = |input: &ConnectInput| redirect_source(input, &cfg, &sets);
+    assert_eq!(
+        source(&app(ip(8, 8, 8, 8))),
+        Source::Bind(ip(198, 18, 0, 1))
+    );
+    assert_eq!(source(&app(ip(10, 9, 0, 7))), Source::Bind(ip(10, 9, 0, 5)));
+    // The pod's own address: the local route's source is the address.
+    assert_eq!(source(&app(ip(10, 9, 0, 5))), Source::Bind(ip(10, 9, 0, 5)));
+    // Loopback destinations already leave from 127.0.0.1.
+    assert_eq!(source(&app(ip(127, 0, 0, 9))), Source::Kernel);
+    // A bound socket keeps its address.
+    let bound = ConnectInput {
+        src_ip: ip(198, 18, 0, 1),
+        ..app(ip(8, 8, 8, 8))
     };
-    let hairpin = Verdict::Redirect {
-        port: 15006,
-        counter: Counter::Hairpin,
+    assert_eq!(source(&bound), Source::Kernel);
+}
+
+#[test]
+fn connects_the_kernel_refuses_before_nat_are_left_to_it() {
+    let cfg = istio_default();
+    let sets = routed_pod();
+    let source = |input: &ConnectInput| redirect_source(input, &cfg, &sets);
+    for dst in [
+        ip(255, 255, 255, 255),
+        ip(224, 0, 0, 1),
+        ip(239, 1, 2, 3),
+        ip(198, 19, 255, 255),
+        ip(10, 9, 0, 255),
+    ] {
+        assert_eq!(source(&app(dst)), Source::Refused, "{dst:x}");
+    }
+    // No route at all.
+    let no_default = Sets {
+        routes: vec![(ip(198, 18, 0, 0), 15, ip(198, 18, 0, 1))],
+        ..routed_pod()
     };
-    // The tunnel port: nat returns it, TPROXY captures it.
-    assert_eq!(proxy_to(1337, 1337, ip(198, 18, 0, 1), 15008), hairpin);
-    // A GID-only proxy: nat returns (`! --uid-owner`), TPROXY captures.
-    assert_eq!(proxy_to(4242, 1337, ip(127, 0, 0, 9), 80), hairpin);
-    // -d ports and the loopback CIDR stay returned.
     assert_eq!(
-        proxy_to(4242, 1337, ip(198, 18, 0, 1), 22),
+        redirect_source(&app(ip(8, 8, 8, 8)), &cfg, &no_default),
+        Source::Refused
+    );
+    // A loopback source to the network: EINVAL; to the pod: fine.
+    for src in [ip(127, 0, 0, 1), PASSTHROUGH_SRC] {
+        let to = |dst| ConnectInput {
+            src_ip: src,
+            ..app(dst)
+        };
+        assert_eq!(source(&to(ip(8, 8, 8, 8))), Source::Refused);
+        assert_eq!(source(&to(ip(198, 18, 0, 1))), Source::Kernel);
+    }
+}
+
+#[test]
+fn a_socket_bound_to_lo_is_local_traffic() {
+    let cfg = RedirectConfig {
+        lo_source: ip(198, 18, 0, 1),
+        ..istio_default()
+    };
+    let sets = routed_pod();
+    let on_lo = |uid, dst| ConnectInput {
+        uid,
+        dev_lo: true,
+        ..app(dst)
+    };
+    // `-o lo -m owner ! --uid-owner 1337 -j RETURN`
+    assert_eq!(
+        decide_connect(&on_lo(1000, ip(8, 8, 8, 8)), &cfg, &sets),
         Verdict::Bypass(Counter::BypassLocal)
     );
+    // `-o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT`
     assert_eq!(
-        proxy_to(4242, 1337, ip(127, 0, 0, 1), 80),
+        decide_connect(&on_lo(1337, ip(8, 8, 8, 8)), &cfg, &sets),
+        Verdict::Redirect {
+            port: 15006,
+            counter: Counter::Hairpin
+        }
+    );
+    assert_eq!(
+        redirect_source(&on_lo(1337, ip(8, 8, 8, 8)), &cfg, &sets),
+        Source::Bind(ip(198, 18, 0, 1))
+    );
+}
+
+#[test]
+fn connects_to_the_unspecified_address_are_loopback_connects() {
+    let cfg = istio_default();
+    let sets = routed_pod();
+    // 127.0.0.1 for an unbound socket: `-o lo ... ! --uid-owner -j RETURN`.
+    assert_eq!(
+        decide_connect(&app(0), &cfg, &sets),
         Verdict::Bypass(Counter::BypassLocal)
     );
-    // Not the proxy: untouched.
-    assert_eq!(
-        proxy_to(1000, 1000, ip(198, 18, 0, 1), 15008),
-        Verdict::Bypass(Counter::BypassLocal)
-    );
-    // From the passthrough source: returned.
-    let from_passthrough = ConnectInput {
+    // The bound address otherwise: the proxy's call reaches its own pod.
+    let proxy_bound = ConnectInput {
         uid: 1337,
-        gid: 1337,
-        src_ip: PASSTHROUGH_SRC,
-        ..app(ip(198, 18, 0, 1))
+        src_ip: ip(198, 18, 0, 1),
+        ..app(0)
     };
+    assert_eq!(proxy_bound.effective_dst(), ip(198, 18, 0, 1));
     assert_eq!(
-        decide_connect(&from_passthrough, &cfg, &sets),
-        Verdict::Bypass(Counter::BypassPassthrough)
-    );
-    // REDIRECT mode keeps nat's answer.
-    let redirect = inbound(CFG_INBOUND_ALL);
-    assert_eq!(
-        decide_connect(
-            &ConnectInput {
-                uid: 4242,
-                gid: 1337,
-                ..app(ip(127, 0, 0, 9))
-            },
-            &redirect,
-            &sets
-        ),
-        Verdict::Bypass(Counter::BypassLocal)
+        decide_connect(&proxy_bound, &cfg, &sets),
+        Verdict::Redirect {
+            port: 15006,
+            counter: Counter::Hairpin
+        }
     );
 }

@@ -95,6 +95,10 @@ impl Ipv4Cidr {
     pub fn network(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.addr) & u32::from(self.mask()))
     }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & u32::from(self.mask()) == u32::from(self.network())
+    }
 }
 
 impl fmt::Display for Ipv4Cidr {

@@ -234,7 +234,8 @@ fn instance(name: &InstanceName) -> Result<Instance> {
                     port_list(PORT_IN_INCLUDE)
                 },
                 exclude: port_list(PORT_IN_EXCLUDE),
-                mode: if i.tproxy { "TPROXY" } else { "REDIRECT" },
+                // eBPF mode captures inbound as REDIRECT does (it refuses TPROXY).
+                mode: "REDIRECT",
             }),
             proxy_port: c.proxy_port,
             proxy_uids: c.proxy_uids,
@@ -397,7 +398,21 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
             format!("(a listener on {inbound} registered for inbound capture)")
         }
         Counter::OrigDstInbound => {
-            "(conntrack: SO_ORIGINAL_DST of an inbound connection answered)".into()
+            "(conntrack: SO_ORIGINAL_DST of an accepted connection answered: its local address)"
+                .into()
+        }
+        Counter::OrigDstUnredirected => {
+            "(conntrack: SO_ORIGINAL_DST of a connection not redirected answered: its peer)".into()
+        }
+        Counter::KernelRefuses => {
+            "(no route, broadcast, multicast or a loopback source: the kernel fails the connect before nat OUTPUT)"
+                .into()
+        }
+        Counter::SocknameRedirected => {
+            format!("(getsockname() of an inbound capture shows :{inbound}, as after REDIRECT)")
+        }
+        Counter::SourceNotKept => {
+            "(bpf_bind failed: a redirected connection left from 127.0.0.1)".into()
         }
         Counter::RecordEvicted => {
             "(record evicted: more connections open than --max-connections; SO_ORIGINAL_DST missed)"

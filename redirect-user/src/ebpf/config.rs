@@ -6,10 +6,11 @@ use std::net::Ipv4Addr;
 
 use redirect_common::{
     ABI_VERSION, CFG_GROUPS_ONLY, CFG_INBOUND, CFG_INBOUND_ALL, CFG_INCLUDE_ALL,
-    CFG_INCLUDE_LOOPBACK, CFG_TPROXY, MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORTS,
+    CFG_INCLUDE_LOOPBACK, MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORTS, MAX_ROUTES,
     RedirectConfig,
 };
 
+pub use super::routes::RouteSource;
 pub use crate::capture::Ipv4Cidr;
 use crate::capture::parse::DEFAULT_MAX_CONNECTIONS;
 
@@ -55,6 +56,10 @@ pub struct Config {
     /// through `lo` (Istio's `-o lo`), and connections from them are not
     /// inbound.
     pub local_addrs: Vec<Ipv4Addr>,
+    /// The pod's routing view (see [`super::routes`]): where a redirected
+    /// connect would have gone, so it keeps the source the kernel would
+    /// have picked, and fails where the kernel would fail it.
+    pub routes: Vec<RouteSource>,
     /// Inbound capture (`-b` not empty), or `None`.
     pub inbound: Option<Inbound>,
     /// Capacity of the original-destination maps (`--max-connections`):
@@ -66,7 +71,8 @@ pub struct Config {
     pub log_level: u8,
 }
 
-/// Which inbound connections are captured (Istio `-b`, `-d`, `-m`).
+/// Which inbound connections are captured (Istio `-b`, `-d`; REDIRECT
+/// mode only, see [`super::lower`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Inbound {
     /// `-b '*'`: every port but `exclude`.
@@ -75,9 +81,6 @@ pub struct Inbound {
     pub ports: Vec<u16>,
     /// `-d` ports: not captured. Istio uses them with `-b '*'` only.
     pub exclude: Vec<u16>,
-    /// `-m TPROXY` (else REDIRECT). Both are served by the same eBPF path;
-    /// TPROXY's rules differ only in having no tunnel-port exception.
-    pub tproxy: bool,
 }
 
 impl Default for Config {
@@ -101,6 +104,7 @@ impl Default for Config {
             groups_only: false,
             owner_groups: Vec::new(),
             local_addrs: Vec::new(),
+            routes: Vec::new(),
             inbound: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             log_level: 0,
@@ -133,13 +137,16 @@ impl Config {
                     self.inbound.as_ref().is_some_and(|i| i.all),
                     CFG_INBOUND_ALL,
                 ),
-                (self.inbound.as_ref().is_some_and(|i| i.tproxy), CFG_TPROXY),
             ]
             .iter()
             .filter(|(on, _)| *on)
             .fold(0, |flags, (_, bit)| flags | bit),
             group_count: self.owner_groups.len() as u32,
             owner_groups: [0; MAX_OWNERS],
+            lo_source: self
+                .local_addrs
+                .first()
+                .map_or(0, |a| u32::from_ne_bytes(a.octets())),
         };
         out.proxy_uids[..self.proxy_uids.len()].copy_from_slice(&self.proxy_uids);
         out.proxy_gids[..self.proxy_gids.len()].copy_from_slice(&self.proxy_gids);
@@ -171,6 +178,7 @@ impl Config {
                 self.local_addrs.len(),
                 MAX_LOCAL_ADDRS as usize,
             ),
+            ("routes", self.routes.len(), MAX_ROUTES as usize),
         ];
         for (what, n, max) in limits {
             if n > max {
@@ -204,7 +212,6 @@ impl Config {
             owner_groups: raw.owner_groups[..groups].to_vec(),
             inbound: (raw.flags & CFG_INBOUND != 0).then(|| Inbound {
                 all: raw.flags & CFG_INBOUND_ALL != 0,
-                tproxy: raw.flags & CFG_TPROXY != 0,
                 ..Inbound::default()
             }),
             ..Self::default()

@@ -51,17 +51,22 @@ fn listening_inodes(port: u16) -> HashSet<u64> {
     found
 }
 
-/// A duplicate of a socket listening on `port` in the calling thread's
-/// network namespace, or `None` when nothing listens there. Errs when a
-/// listener exists but no process holding it can be reached.
-pub fn take_over(port: u16) -> Result<Option<OwnedFd>> {
-    let inodes = listening_inodes(port);
+/// Duplicates of the sockets listening on `port` in the calling thread's
+/// network namespace (several with `SO_REUSEPORT`, at most `limit`); empty
+/// when nothing listens there. Errs when listeners exist but no process
+/// holding one can be reached.
+pub fn take_over(port: u16, limit: usize) -> Result<Vec<OwnedFd>> {
+    let mut inodes = listening_inodes(port);
+    let mut taken = Vec::new();
     if inodes.is_empty() {
-        return Ok(None);
+        return Ok(taken);
     }
     let netns = fs::metadata("/proc/thread-self/ns/net")?.ino();
     let mut last_error = None;
     for entry in fs::read_dir("/proc")?.flatten() {
+        if inodes.is_empty() || taken.len() == limit {
+            break;
+        }
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
@@ -87,17 +92,23 @@ pub fn take_over(port: u16) -> Result<Option<OwnedFd>> {
             else {
                 continue;
             };
-            if !inodes.contains(&inode) {
+            if !inodes.contains(&inode) || taken.len() == limit {
                 continue;
             }
             let Ok(target) = fd.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
             };
             match duplicate(pid, target) {
-                Ok(socket) => return Ok(Some(socket)),
+                Ok(socket) => {
+                    inodes.remove(&inode);
+                    taken.push(socket);
+                }
                 Err(err) => last_error = Some(format!("process {pid}: {err}")),
             }
         }
+    }
+    if !taken.is_empty() {
+        return Ok(taken);
     }
     match last_error {
         Some(err) => {

@@ -42,7 +42,7 @@ use aya::{
     programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps},
     util::KernelVersion,
 };
-use redirect_common::{ABI_VERSION, InstanceMeta, META_PATH_MAX};
+use redirect_common::{ABI_VERSION, InstanceMeta, LISTENER_SLOTS, META_PATH_MAX};
 
 use super::{
     HOOKS, Hook, Kind, MIN_KERNEL, OBJECT, SK_LOOKUP, config::Config, listener, maps, privilege,
@@ -337,13 +337,12 @@ fn refuse_host_netns(netns_ino: u64) -> Result<()> {
     Ok(())
 }
 
-/// Puts a listener that already exists on the inbound port into the
+/// Puts the listeners that already exist on the inbound port into the
 /// listener map (see [`listener`]); when it cannot, inbound connections
 /// are refused until the proxy listens again, which the user is told.
 fn take_over_listener(ebpf: &mut Ebpf, port: u16, notes: &mut Vec<String>) -> Result<()> {
-    let socket = match listener::take_over(port) {
-        Ok(Some(socket)) => socket,
-        Ok(None) => return Ok(()), // the proxy registers itself when it listens
+    let sockets = match listener::take_over(port, LISTENER_SLOTS as usize) {
+        Ok(sockets) => sockets,
         Err(err) => {
             notes.push(format!(
                 "{err:#}: inbound connections are refused until the proxy listens on {port} again"
@@ -355,9 +354,11 @@ fn take_over_listener(ebpf: &mut Ebpf, port: u16, notes: &mut Vec<String>) -> Re
         .map_mut(maps::LISTENER)
         .context("listener map missing")?;
     let mut listeners: SockMap<&mut MapData> = SockMap::try_from(map)?;
-    listeners
-        .set(0, &socket.as_raw_fd(), 0)
-        .with_context(|| format!("registering the listener on port {port}"))?;
+    for (slot, socket) in (0..LISTENER_SLOTS).zip(&sockets) {
+        listeners
+            .set(slot, &socket.as_raw_fd(), 0)
+            .with_context(|| format!("registering the listener on port {port}"))?;
+    }
     Ok(())
 }
 

@@ -69,7 +69,10 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         all,
         ports,
         exclude: inbound_exclude,
-        tproxy: capture.tproxy,
+    });
+    let routes = host.routes().unwrap_or_else(|err| {
+        unsupported.push(format!("{err:#}"));
+        Vec::new()
     });
     let mut to_host = |kind: userns::Ids, ids: Vec<u32>| {
         userns::to_host(kind, &ids).unwrap_or_else(|err| {
@@ -96,6 +99,7 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         groups_only: matches!(capture.owner_groups, OwnerGroups::Only(_)),
         owner_groups,
         local_addrs: capture.pod_addresses.clone(),
+        routes,
         inbound,
         max_connections: capture.max_connections,
         log_level: capture.log_level,
@@ -123,6 +127,11 @@ fn not_honoured(capture: &Capture) -> Vec<&'static str> {
         ),
         (capture.dns.is_some(), "--redirect-dns (DNS capture)"),
         (capture.drop_invalid, "--drop-invalid"),
+        (
+            capture.tproxy,
+            "-m TPROXY (TPROXY needs netfilter: the mark 1337 rules, the fwmark route to the local \
+             table and CONNMARK for the app's replies)",
+        ),
         (
             capture.ipv6,
             "IPv6 rules (the pod has IPv6, --ipv6=true or --dual-stack)",
@@ -210,7 +219,7 @@ mod tests {
         )
         .unwrap();
         let inbound = cfg.inbound.expect("-b '*' is inbound capture");
-        assert!(inbound.all && !inbound.tproxy);
+        assert!(inbound.all);
         assert_eq!(inbound.exclude, vec![15090, 15021, 15020]);
         let why = lower(
             &istio(&["-b", "9080", "-c", "eth1", "-k", "eth2"]),
@@ -221,10 +230,15 @@ mod tests {
             why,
             vec!["-c/--istio-exclude-interfaces", "-k/--kube-virt-interfaces"]
         );
-        let cfg = lower(&istio(&["-b", "9080,9090", "-m", "TPROXY"]), &RealHost).unwrap();
+        let cfg = lower(&istio(&["-b", "9080,9090"]), &RealHost).unwrap();
         let inbound = cfg.inbound.expect("-b list");
-        assert_eq!((inbound.all, inbound.tproxy), (false, true));
+        assert!(!inbound.all);
         assert_eq!(inbound.ports, vec![9080, 9090]);
+        let why = lower(&istio(&["-b", "9080", "-m", "TPROXY"]), &RealHost).unwrap_err();
+        assert!(
+            why[0].starts_with("-m TPROXY (TPROXY needs netfilter"),
+            "{why:?}"
+        );
         let cfg = lower(
             &istio(&[
                 "-i",

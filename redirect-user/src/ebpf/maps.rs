@@ -19,7 +19,7 @@ pub use redirect_common::map_names::*;
 
 /// Every pinned map with the type, key size and value size this build of
 /// the programs expects.
-pub const LAYOUT: [(&str, MapType, usize, usize); 12] = [
+pub const LAYOUT: [(&str, MapType, usize, usize); 13] = [
     (CONFIG, MapType::Array, 4, size_of::<RedirectConfig>()),
     (ACTIVE, MapType::Array, 4, 4),
     (STATS, MapType::PerCpuArray, 4, size_of::<u64>()),
@@ -37,6 +37,7 @@ pub const LAYOUT: [(&str, MapType, usize, usize); 12] = [
     (LOCAL, MapType::Hash, 8, 1),
     (LISTENER, MapType::SockMap, 4, 4),
     (IN_HITS, MapType::Hash, 2, 8),
+    (ROUTE, MapType::LpmTrie, 12, 4),
 ];
 
 /// Checks that the maps pinned in `dir` have the layouts this build uses,
@@ -258,6 +259,9 @@ pub struct Sets {
     pub include: Vec<(u32, u32)>,
     /// Network-order addresses.
     pub local: Vec<u32>,
+    /// The routing view: ((prefix length, network-order network),
+    /// network-order source, 0 for refused).
+    pub routes: Vec<((u32, u32), u32)>,
 }
 
 impl Sets {
@@ -318,11 +322,27 @@ impl Sets {
             .collect();
         local.sort_unstable();
         local.dedup();
+        let mut routes: Vec<((u32, u32), u32)> = config
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    (
+                        u32::from(r.dst.prefix),
+                        u32::from_ne_bytes(r.dst.network().octets()),
+                    ),
+                    r.src.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+                )
+            })
+            .collect();
+        routes.sort_unstable();
+        routes.dedup_by_key(|(key, _)| *key);
         Self {
             ports,
             exclude: cidrs(&config.exclude),
             include: cidrs(&config.include),
             local,
+            routes,
         }
     }
 }
@@ -331,7 +351,7 @@ fn hash<K: aya::Pod>(dir: &Path, name: &str) -> Result<HashMap<MapData, K, u8>> 
     Ok(HashMap::try_from(Map::HashMap(open(dir, name)?))?)
 }
 
-fn trie(dir: &Path, name: &str) -> Result<LpmTrie<MapData, [u8; 8], u8>> {
+fn trie<V: aya::Pod>(dir: &Path, name: &str) -> Result<LpmTrie<MapData, [u8; 8], V>> {
     Ok(LpmTrie::try_from(Map::LpmTrie(open(dir, name)?))?)
 }
 
@@ -340,22 +360,33 @@ fn cidr(slot: u32, (prefix, net): (u32, u32)) -> Key<[u8; 8]> {
     Key::new(CIDR_SLOT_BITS + prefix, cidr_key(slot, net))
 }
 
-/// Every key of `slot` in a CIDR set, decoded.
-fn slot_cidrs(dir: &Path, name: &str, slot: u32) -> Result<Vec<(u32, u32)>> {
-    let keys = trie(dir, name)?
-        .keys()
+/// Every entry of `slot` in a CIDR-keyed trie, its key decoded.
+fn slot_entries<V: aya::Pod>(dir: &Path, name: &str, slot: u32) -> Result<Vec<((u32, u32), V)>> {
+    let entries = trie::<V>(dir, name)?
+        .iter()
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("reading {name}"))?;
-    Ok(keys
+    Ok(entries
         .iter()
-        .filter(|k| u32::from(k.data()[0]) == slot && k.prefix_len() >= CIDR_SLOT_BITS)
-        .map(|k| {
+        .filter(|(k, _)| u32::from(k.data()[0]) == slot && k.prefix_len() >= CIDR_SLOT_BITS)
+        .map(|(k, v)| {
             let d = k.data();
             (
-                k.prefix_len() - CIDR_SLOT_BITS,
-                u32::from_ne_bytes([d[1], d[2], d[3], d[4]]),
+                (
+                    k.prefix_len() - CIDR_SLOT_BITS,
+                    u32::from_ne_bytes([d[1], d[2], d[3], d[4]]),
+                ),
+                *v,
             )
         })
+        .collect())
+}
+
+/// Every key of `slot` in a CIDR set, decoded.
+fn slot_cidrs(dir: &Path, name: &str, slot: u32) -> Result<Vec<(u32, u32)>> {
+    Ok(slot_entries::<u8>(dir, name, slot)?
+        .into_iter()
+        .map(|(key, _)| key)
         .collect())
 }
 
@@ -382,6 +413,7 @@ pub fn read_sets(dir: &Path, slot: u32) -> Result<Sets> {
         exclude: slot_cidrs(dir, EXCLUDE, slot)?,
         include: slot_cidrs(dir, INCLUDE, slot)?,
         local,
+        routes: slot_entries::<u32>(dir, ROUTE, slot)?,
     })
 }
 
@@ -405,7 +437,7 @@ pub fn write_sets(dir: &Path, slot: u32, sets: &Sets) -> Result<()> {
         (EXCLUDE, &sets.exclude, &old.exclude),
         (INCLUDE, &sets.include, &old.include),
     ] {
-        let mut map = trie(dir, name)?;
+        let mut map = trie::<u8>(dir, name)?;
         for key in old {
             map.remove(&cidr(slot, *key))
                 .with_context(|| format!("removing from {name}"))?;
@@ -425,6 +457,17 @@ pub fn write_sets(dir: &Path, slot: u32, sets: &Sets) -> Result<()> {
         local
             .insert(local_key(slot, *addr), 1, 0)
             .context("writing the pod-address map")?;
+    }
+    let mut routes = trie::<u32>(dir, ROUTE)?;
+    for (key, _) in &old.routes {
+        routes
+            .remove(&cidr(slot, *key))
+            .context("removing a route")?;
+    }
+    for (key, src) in &sets.routes {
+        routes
+            .insert(&cidr(slot, *key), *src, 0)
+            .context("writing the route map")?;
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod lower;
 pub mod maps;
 pub mod privilege;
 mod removal;
+pub mod routes;
 pub mod sys;
 
 /// The oldest kernel eBPF mode runs on: cgroup bpf_links (attach without
@@ -142,6 +143,28 @@ pub const GETPEERNAME4: Hook = Hook {
     mirrors: "REDIRECT leaves the app's peer address unchanged",
 };
 
+pub const GETSOCKNAME4: Hook = Hook {
+    program: "redirect_getsockname4",
+    name: "getsockname4",
+    feature: "cgroup/getsockname4",
+    kind: Kind::SockAddr,
+    attach_type: 31, // BPF_CGROUP_INET4_GETSOCKNAME
+    min_kernel: (5, 8),
+    optional: true,
+    mirrors: "REDIRECT moves inbound connections to the inbound port",
+};
+
+pub const GETSOCKNAME6: Hook = Hook {
+    program: "redirect_getsockname6",
+    name: "getsockname6",
+    feature: "cgroup/getsockname6",
+    kind: Kind::SockAddr,
+    attach_type: 32, // BPF_CGROUP_INET6_GETSOCKNAME
+    min_kernel: (5, 8),
+    optional: true,
+    mirrors: "REDIRECT moves inbound connections to the inbound port",
+};
+
 /// The inbound hook, attached to the pod's network namespace (not its
 /// cgroup) when inbound capture is configured: needed only for `-b`.
 pub const SK_LOOKUP: Hook = Hook {
@@ -163,11 +186,13 @@ pub fn all_hooks() -> impl Iterator<Item = Hook> {
 /// Every cgroup hook an instance attaches, in attach order: the ones that track
 /// and answer first, connect4 last, so that every connection it redirects
 /// is already tracked and answerable. Uninstall goes in reverse.
-pub const HOOKS: [Hook; 6] = [
+pub const HOOKS: [Hook; 8] = [
     SOCKOPS,
     GETSOCKOPT,
     GETPEERNAME4,
     GETPEERNAME6,
+    GETSOCKNAME4,
+    GETSOCKNAME6,
     CONNECT6,
     CONNECT4,
 ];
