@@ -1,6 +1,6 @@
 //! The initramfs each kernel boots: busybox-static, the `redirect` binary,
 //! the end-to-end test binaries, the host tools the tests drive (iproute2,
-//! iptables, squid, curl) with their shared libraries and data, the
+//! iptables, nft, squid, curl) with their shared libraries and data, the
 //! kernel's modules, and an `/init` that runs the suite and powers off.
 
 use std::{
@@ -34,6 +34,8 @@ const HOST_PROGRAMS: &[&str] = &[
     "/usr/sbin/ip",
     "/usr/sbin/xtables-nft-multi",
     "/usr/sbin/xtables-legacy-multi",
+    // native nftables mode (`--native-nftables`)
+    "/usr/sbin/nft",
     "/usr/sbin/squid",
     "/usr/bin/curl",
     // util-linux's: busybox's setpriv has no --bounding-set

@@ -94,6 +94,10 @@ const WANTED_MODULES: &[&str] = &[
     "xt_multiport",
     "xt_MARK",
     "xt_CONNMARK",
+    // Istio's native nftables rules: ct state/mark/zone, TPROXY, socket
+    "nft_ct",
+    "nft_tproxy",
+    "nft_socket",
 ];
 
 /// A kernel ready to boot.
