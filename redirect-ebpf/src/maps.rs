@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use redirect_common::{
     CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, Counter, InstanceMeta, LISTENER_SLOTS,
-    Lookups, MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_ROUTES, OrigDst, RedirectConfig,
-    active_slot, cidr_key, local_key, port_key,
+    Lookups, MAX_CIDRS, MAX_IN_HITS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_ROUTES, OrigDst,
+    RedirectConfig, active_slot, cidr_key, local_key, port_key,
 };
 
 /// Largest number of connections whose original destination is tracked at
@@ -135,7 +135,10 @@ pub(crate) static RDR_ORIG_TUPLE: LruHashMap<ConnTuple, OrigDst> =
 
 /// `PORT_*` flags of ports (Istio `-o`, `-q`, `-b`, `-d`).
 #[map]
-pub(crate) static RDR_PORTS: HashMap<u32, u8> = HashMap::pinned(MAX_PORTS * CONFIG_SLOTS, 0);
+pub(crate) static RDR_PORTS: HashMap<u32, u8> = HashMap::pinned(
+    MAX_PORTS * CONFIG_SLOTS,
+    aya_ebpf::bindings::BPF_F_NO_PREALLOC,
+);
 
 /// Excluded destination networks (Istio `-x`); any value means "in the set".
 #[map]
@@ -166,7 +169,7 @@ pub(crate) static RDR_LISTENER: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 /// Inbound connections captured, per destination port. When every slot is
 /// taken, further ports are only counted in `inbound_captured`.
 #[map]
-pub(crate) static RDR_IN_HITS: HashMap<u16, u64> = HashMap::pinned(MAX_PORTS, 0);
+pub(crate) static RDR_IN_HITS: HashMap<u16, u64> = HashMap::pinned(MAX_IN_HITS, 0);
 
 /// The decision's view of the set maps above: one slot's entries.
 pub(crate) struct Maps {

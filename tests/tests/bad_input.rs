@@ -52,8 +52,8 @@ fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
         (&["-c", "eth1"], "-c/--istio-exclude-interfaces"),
         (&["-x", "fd00::/8"], "IPv6 CIDRs in -i/-x"),
         (
-            &["-b", "9080:9090"],
-            "-b/--istio-inbound-ports '9080:9090' (a port range)",
+            &["-b", "9080", "-m", "TPROXY"],
+            "-m TPROXY (TPROXY needs netfilter",
         ),
     ] {
         let mut args = install_args(&sandbox, &cg);

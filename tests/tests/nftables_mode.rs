@@ -271,7 +271,8 @@ fn auto_mode_without_iptables_uses_nft() {
 /// changes nothing.
 #[test]
 fn without_nft_native_nftables_names_the_package() {
-    require_nft!();
+    // Runs with or without nft installed: the PATH it gives redirect has none.
+    require_root!();
     let sandbox = Sandbox::for_tests().expect("sandbox");
     let dir = std::env::temp_dir().join(format!("{}-no-nft", sandbox.name()));
     std::fs::create_dir_all(&dir).expect("bin dir");
@@ -288,5 +289,7 @@ fn without_nft_native_nftables_names_the_package() {
         out.stderr.contains("install the nftables package"),
         "{out:?}"
     );
-    assert!(istio_tables(&sandbox).is_empty());
+    if nft().is_some() {
+        assert!(istio_tables(&sandbox).is_empty());
+    }
 }

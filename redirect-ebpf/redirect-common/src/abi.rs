@@ -4,14 +4,21 @@
 
 /// How many proxy UIDs (and, separately, GIDs) the config can hold.
 pub const MAX_OWNERS: usize = 8;
+/// How many owner groups (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`) the
+/// config can hold: Istio's own limit.
+pub const MAX_GROUPS: usize = 64;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
-/// ports together), and the capacity of the per-port inbound capture counters.
-pub const MAX_PORTS: u32 = 1024;
+/// ports together, ranges counted port by port): every port. The port map
+/// allocates entries as they are written, so a configuration pays only for
+/// the ports it names.
+pub const MAX_PORTS: u32 = 65536;
+/// Capacity of the per-port inbound capture counters.
+pub const MAX_IN_HITS: u32 = 1024;
 /// How many CIDRs one configuration's set (`-x`, `-i`) can hold.
 pub const MAX_CIDRS: u32 = 16384;
 /// How many pod addresses one configuration can hold.
@@ -114,7 +121,7 @@ pub struct RedirectConfig {
     pub group_count: u32,
     /// `ISTIO_OUTBOUND_OWNER_GROUPS` (with [`CFG_GROUPS_ONLY`]) or
     /// `..._EXCLUDE` (without): numeric group ids.
-    pub owner_groups: [u32; MAX_OWNERS],
+    pub owner_groups: [u32; MAX_GROUPS],
     /// The source the kernel picks for a socket bound to `lo`
     /// (`SO_BINDTODEVICE`) sending to a non-loopback address: the pod's
     /// first address (`lo`'s own are host-scoped). Network order; 0: none.

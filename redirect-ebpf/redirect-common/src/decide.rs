@@ -343,9 +343,9 @@ impl LoRules {
 /// Whether `id` is among the first `count` entries of `set` (a bounded loop
 /// the verifier accepts on every supported kernel).
 #[inline(always)]
-fn contains(set: &[u32; MAX_OWNERS], count: u32, id: u32) -> bool {
+fn contains<const N: usize>(set: &[u32; N], count: u32, id: u32) -> bool {
     let mut i = 0;
-    while i < MAX_OWNERS {
+    while i < N {
         if (i as u32) < count && set[i] == id {
             return true;
         }

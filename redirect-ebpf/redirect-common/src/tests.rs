@@ -24,7 +24,7 @@ fn istio_default() -> RedirectConfig {
         tunnel_port: 15008,
         flags: CFG_INCLUDE_ALL,
         group_count: 0,
-        owner_groups: [0; MAX_OWNERS],
+        owner_groups: [0; MAX_GROUPS],
         lo_source: 0,
     };
     cfg.proxy_uids[0] = 1337;

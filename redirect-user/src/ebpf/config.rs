@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 
 use redirect_common::{
     ABI_VERSION, CFG_GROUPS_ONLY, CFG_INBOUND, CFG_INBOUND_ALL, CFG_INCLUDE_ALL,
-    CFG_INCLUDE_LOOPBACK, MAX_CIDRS, MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORTS, MAX_ROUTES,
-    RedirectConfig,
+    CFG_INCLUDE_LOOPBACK, MAX_CIDRS, MAX_GROUPS, MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORTS,
+    MAX_ROUTES, RedirectConfig,
 };
 
 pub use super::routes::RouteSource;
@@ -142,7 +142,7 @@ impl Config {
             .filter(|(on, _)| *on)
             .fold(0, |flags, (_, bit)| flags | bit),
             group_count: self.owner_groups.len() as u32,
-            owner_groups: [0; MAX_OWNERS],
+            owner_groups: [0; MAX_GROUPS],
             lo_source: self
                 .local_addrs
                 .first()
@@ -160,17 +160,21 @@ impl Config {
         let limits = [
             ("proxy UIDs", self.proxy_uids.len(), MAX_OWNERS),
             ("proxy GIDs", self.proxy_gids.len(), MAX_OWNERS),
-            ("owner groups", self.owner_groups.len(), MAX_OWNERS),
+            ("owner groups", self.owner_groups.len(), MAX_GROUPS),
             ("included CIDRs", self.include.len(), MAX_CIDRS as usize),
             ("excluded CIDRs", self.exclude.len(), MAX_CIDRS as usize),
             (
-                "outbound and inbound ports",
-                self.ports_include.len()
-                    + self.ports_exclude.len()
-                    + self
-                        .inbound
-                        .as_ref()
-                        .map_or(0, |i| i.ports.len() + i.exclude.len()),
+                "distinct outbound and inbound ports",
+                self.ports_include
+                    .iter()
+                    .chain(&self.ports_exclude)
+                    .chain(
+                        self.inbound
+                            .iter()
+                            .flat_map(|i| i.ports.iter().chain(&i.exclude)),
+                    )
+                    .collect::<std::collections::HashSet<_>>()
+                    .len(),
                 MAX_PORTS as usize,
             ),
             (
@@ -194,7 +198,7 @@ impl Config {
     pub fn from_bpf(raw: &RedirectConfig) -> Self {
         let uids = (raw.uid_count as usize).min(MAX_OWNERS);
         let gids = (raw.gid_count as usize).min(MAX_OWNERS);
-        let groups = (raw.group_count as usize).min(MAX_OWNERS);
+        let groups = (raw.group_count as usize).min(MAX_GROUPS);
         let mask = u32::from_be_bytes(raw.loopback_mask.to_ne_bytes());
         Self {
             proxy_port: raw.proxy_port,

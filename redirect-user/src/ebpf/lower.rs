@@ -2,7 +2,7 @@
 //! or everything eBPF mode cannot honour (each naming its flag), which is
 //! auto mode's reason for iptables and `install`'s refusal.
 
-use redirect_common::MAX_OWNERS;
+use redirect_common::{MAX_GROUPS, MAX_OWNERS};
 
 use super::config::{Config, Inbound};
 use crate::{
@@ -19,15 +19,15 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         .into_iter()
         .map(str::to_owned)
         .collect();
-    let mut ids = |list: &[String], what: &str, file: &str| -> Vec<u32> {
+    let mut ids = |list: &[String], what: &str, file: &str, max: usize| -> Vec<u32> {
         let parsed: Option<Vec<u32>> = list
             .iter()
             .map(|id| resolve_owner(host, file, id))
             .collect();
         match parsed {
-            Some(ids) if ids.len() <= MAX_OWNERS => ids,
+            Some(ids) if ids.len() <= max => ids,
             Some(_) => {
-                unsupported.push(format!("{what} with more than {MAX_OWNERS} ids"));
+                unsupported.push(format!("{what} with more than {max} ids"));
                 Vec::new()
             }
             None => {
@@ -36,34 +36,40 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
             }
         }
     };
-    let proxy_uids = ids(&capture.proxy_uids, "-u/--proxy-uid", "/etc/passwd");
-    let proxy_gids = ids(&capture.proxy_gids, "-g/--proxy-gid", "/etc/group");
+    let proxy_uids = ids(
+        &capture.proxy_uids,
+        "-u/--proxy-uid",
+        "/etc/passwd",
+        MAX_OWNERS,
+    );
+    let proxy_gids = ids(
+        &capture.proxy_gids,
+        "-g/--proxy-gid",
+        "/etc/group",
+        MAX_OWNERS,
+    );
     let owner_groups = ids(
         capture.owner_groups.groups(),
         "ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]",
         "/etc/group",
+        MAX_GROUPS,
     );
-    let mut ports = |list: &PortList, what: &str| -> Vec<u16> {
+    // Ranges (`a:b`, as iptables' --dport takes them) are flagged port by
+    // port: the program's lookup stays one hash lookup.
+    let ports = |list: &PortList| -> Vec<u16> {
+        let mut seen = std::collections::HashSet::new();
         list.iter()
-            .filter_map(|p| {
-                let single = p.value.single();
-                if single.is_none() {
-                    unsupported.push(format!("{what} '{}' (a port range)", p.text.trim()));
-                }
-                single
-            })
+            .flat_map(|p| p.value.first..=p.value.last)
+            .filter(|port| seen.insert(*port))
             .collect()
     };
-    let ports_exclude = ports(
-        &capture.outbound_exclude,
-        "-o/--istio-local-outbound-ports-exclude",
-    );
-    let ports_include = ports(&capture.outbound_ports, "-q/--istio-outbound-ports");
-    let inbound_exclude = ports(&capture.inbound_exclude, "-d/--istio-local-exclude-ports");
+    let ports_exclude = ports(&capture.outbound_exclude);
+    let ports_include = ports(&capture.outbound_ports);
+    let inbound_exclude = ports(&capture.inbound_exclude);
     let inbound = match &capture.inbound {
         InboundPorts::Off => None,
         InboundPorts::All => Some((true, Vec::new())),
-        InboundPorts::List(list) => Some((false, ports(list, "-b/--istio-inbound-ports"))),
+        InboundPorts::List(list) => Some((false, ports(list))),
     }
     .map(|(all, ports)| Inbound {
         all,
@@ -187,11 +193,19 @@ mod tests {
         let cfg = lower(&istio(&["-q", "4000, 5000", "-o", " 22,"]), &RealHost).unwrap();
         assert_eq!(cfg.ports_include, vec![4000, 5000]);
         assert_eq!(cfg.ports_exclude, vec![22]);
-        let why = lower(&istio(&["-q", "4000:4010"]), &RealHost).unwrap_err();
-        assert_eq!(
-            why,
-            vec!["-q/--istio-outbound-ports '4000:4010' (a port range)"]
-        );
+        // Ranges as iptables' --dport takes them, port by port.
+        let cfg = lower(
+            &istio(&["-q", "4000:4003,4002", "-o", ":2", "-d", "65534:"]),
+            &RealHost,
+        )
+        .unwrap();
+        assert_eq!(cfg.ports_include, vec![4000, 4001, 4002, 4003]);
+        // `:2` from port 1: no TCP connection has port 0.
+        assert_eq!(cfg.ports_exclude, vec![1, 2]);
+        let cfg = lower(&istio(&["-b", "*", "-d", "65534:"]), &RealHost).unwrap();
+        assert_eq!(cfg.inbound.unwrap().exclude, vec![65534, 65535]);
+        let cfg = lower(&istio(&["-o", "1:65535"]), &RealHost).unwrap();
+        assert_eq!(cfg.ports_exclude.len(), 65535);
     }
 
     #[test]

@@ -274,15 +274,12 @@ impl Sets {
             .map(|(p, _)| *p)
             .collect();
         list.sort_unstable();
-        list.iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
+        port_runs(&list)
     }
 
     /// What `config` puts in the maps.
     pub fn of(config: &Config) -> Self {
-        let mut ports: Vec<(u16, u8)> = Vec::new();
+        let mut ports = std::collections::BTreeMap::<u16, u8>::new();
         let no_ports = Vec::new();
         let (in_include, in_exclude) = config
             .inbound
@@ -295,10 +292,7 @@ impl Sets {
             (in_exclude, PORT_IN_EXCLUDE),
         ] {
             for port in list {
-                match ports.iter_mut().find(|(p, _)| p == port) {
-                    Some((_, flags)) => *flags |= flag,
-                    None => ports.push((*port, flag)),
-                }
+                *ports.entry(*port).or_default() |= flag;
             }
         }
         let cidrs = |list: &[Ipv4Cidr]| {
@@ -338,13 +332,32 @@ impl Sets {
         routes.sort_unstable();
         routes.dedup_by_key(|(key, _)| *key);
         Self {
-            ports,
+            ports: ports.into_iter().collect(),
             exclude: cidrs(&config.exclude),
             include: cidrs(&config.include),
             local,
             routes,
         }
     }
+}
+
+/// Sorted ports as "a,b,c", runs of three or more consecutive ports as "a:b".
+fn port_runs(sorted: &[u16]) -> String {
+    let mut runs: Vec<(u16, u16)> = Vec::new();
+    for &port in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if u32::from(*last) + 1 == u32::from(port) => *last = port,
+            _ => runs.push((port, port)),
+        }
+    }
+    runs.iter()
+        .map(|&(a, b)| match b - a {
+            0 => a.to_string(),
+            1 => format!("{a},{b}"),
+            _ => format!("{a}:{b}"),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn hash<K: aya::Pod>(dir: &Path, name: &str) -> Result<HashMap<MapData, K, u8>> {
@@ -470,4 +483,16 @@ pub fn write_sets(dir: &Path, slot: u32, sets: &Sets) -> Result<()> {
             .context("writing the route map")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod port_run_tests {
+    #[test]
+    fn consecutive_ports_read_as_ranges() {
+        assert_eq!(super::port_runs(&[]), "");
+        assert_eq!(
+            super::port_runs(&[22, 80, 81, 82, 443, 444, 65535]),
+            "22,80:82,443,444,65535"
+        );
+    }
 }

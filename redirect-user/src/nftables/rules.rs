@@ -15,7 +15,7 @@ use super::{
     Table::{self, Mangle, Nat, Raw},
     Transaction,
 };
-use crate::capture::{Capture, Dns, InboundPorts, OwnerGroups};
+use crate::capture::{Capture, Dns, Given, InboundPorts, OwnerGroups, Ports};
 
 /// The port of the proxy's DNS listener.
 const DNS_PORT: &str = "15053";
@@ -33,6 +33,15 @@ fn counted(matches: &str, statement: &str) -> String {
         format!("counter {statement}")
     } else {
         format!("{matches} counter {statement}")
+    }
+}
+
+/// A port of `-o`, `-q`, `-b`, `-d` as nft reads it: as given, or a range
+/// `a:b` (iptables' syntax, which Istio's flags use) as nft's `a-b`.
+fn nft_port(given: &Given<Ports>) -> String {
+    match given.value.single() {
+        Some(_) => given.text.trim().to_owned(),
+        None => format!("{}-{}", given.value.first, given.value.last),
     }
 }
 
@@ -123,7 +132,7 @@ pub fn rules(cfg: &Capture) -> Transaction {
             tx.add(
                 Nat,
                 IstioOutput,
-                counted(&format!("{proto} dport {port}"), "return"),
+                counted(&format!("{proto} dport {}", nft_port(port)), "return"),
             );
         }
     }
@@ -176,7 +185,7 @@ pub fn rules(cfg: &Capture) -> Transaction {
         tx.add(
             Nat,
             IstioOutput,
-            counted(&format!("tcp dport {port}"), &jump(Redirect)),
+            counted(&format!("tcp dport {}", nft_port(port)), &jump(Redirect)),
         );
     }
     outbound_include(&mut tx, cfg);
@@ -258,7 +267,10 @@ fn inbound(tx: &mut Transaction, cfg: &Capture) {
                 tx.add(
                     table,
                     Inbound,
-                    counted(&format!("meta l4proto tcp tcp dport {port}"), "return"),
+                    counted(
+                        &format!("meta l4proto tcp tcp dport {}", nft_port(port)),
+                        "return",
+                    ),
                 );
             }
             if cfg.tproxy {
@@ -275,19 +287,25 @@ fn inbound(tx: &mut Transaction, cfg: &Capture) {
                     tx.add(
                         Mangle,
                         Inbound,
-                        counted(&format!("{established} tcp dport {port}"), &jump(Divert)),
+                        counted(
+                            &format!("{established} tcp dport {}", nft_port(port)),
+                            &jump(Divert),
+                        ),
                     );
                     tx.add(
                         Mangle,
                         Inbound,
-                        counted(&format!("meta l4proto tcp tcp dport {port}"), &jump(Tproxy)),
+                        counted(
+                            &format!("meta l4proto tcp tcp dport {}", nft_port(port)),
+                            &jump(Tproxy),
+                        ),
                     );
                 } else {
                     tx.add(
                         Nat,
                         Inbound,
                         counted(
-                            &format!("meta l4proto tcp tcp dport {port}"),
+                            &format!("meta l4proto tcp tcp dport {}", nft_port(port)),
                             &jump(InRedirect),
                         ),
                     );
