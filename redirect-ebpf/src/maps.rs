@@ -135,10 +135,7 @@ pub(crate) static RDR_ORIG_TUPLE: LruHashMap<ConnTuple, OrigDst> =
 
 /// `PORT_*` flags of ports (Istio `-o`, `-q`, `-b`, `-d`).
 #[map]
-pub(crate) static RDR_PORTS: HashMap<u32, u8> = HashMap::pinned(
-    MAX_PORTS * CONFIG_SLOTS,
-    aya_ebpf::bindings::BPF_F_NO_PREALLOC,
-);
+pub(crate) static RDR_PORTS: HashMap<u32, u8> = HashMap::pinned(MAX_PORTS * CONFIG_SLOTS, 0);
 
 /// Excluded destination networks (Istio `-x`); any value means "in the set".
 #[map]

@@ -138,27 +138,6 @@ fn getpeername_shows_the_original_destination_to_the_app_only() {
 fn unrelated_getsockopt_calls_are_untouched() {
     require_root!();
     let sandbox = pod_with_orig_dst_proxy();
-    // Turn conntrack on in the pod, as Istio's REDIRECT rules do (a NAT
-    // target is what makes the kernel track connections), with a rule that
-    // matches nothing here: outside the cgroup the kernel's own
-    // SO_ORIGINAL_DST answer is then conntrack's, the reference below.
-    let mut nat = sandbox.command(Net::Pod, Group::Outside, ROOT, "iptables-legacy");
-    nat.args([
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "udp",
-        "--dport",
-        "9",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "9",
-    ])
-    .stdout(Stdio::null());
-    assert!(nat.status().expect("iptables-legacy").success());
     // A filter table far larger than a page: iptables-legacy-save reads it
     // with getsockopt(IPT_SO_GET_ENTRIES) and a buffer of that size.
     let rules: String = (0..300)
@@ -200,15 +179,39 @@ fn unrelated_getsockopt_calls_are_untouched() {
         "a >4 KiB getsockopt answer is unchanged"
     );
 
-    // SO_RCVBUF, TCP_INFO, and SO_ORIGINAL_DST of a connection that was
-    // not redirected: the same inside the cgroup as outside, where
-    // conntrack answers the connection's own destination, its peer.
+    // SO_RCVBUF and TCP_INFO: the same inside the cgroup as outside.
+    // SO_ORIGINAL_DST of a connection that was not redirected: conntrack
+    // answers its own destination, its peer, once nat rules are loaded;
+    // eBPF mode answers so inside the cgroup (outside, without conntrack,
+    // the kernel has no answer).
     let to = PROXY_ADDR.to_string();
     let probe = |group| {
         sandbox
             .agent_output(group, APP, &["sockopts", "--to", &to])
             .expect("sockopts")
     };
+    let (inside, outside) = (probe(Group::App), probe(Group::Outside));
+    let without = |text: &str| {
+        text.lines()
+            .filter(|l| !l.starts_with("SO_ORIGINAL_DST"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(without(&inside), without(&outside));
+    assert!(
+        inside.contains(&format!("SO_ORIGINAL_DST {to}\n")),
+        "{inside}"
+    );
+    assert!(outside.contains("SO_ORIGINAL_DST error: os 2"), "{outside}");
+    // Conntrack on, as Istio's REDIRECT rules turn it on (a NAT target is
+    // what makes the kernel track connections), with a rule that matches
+    // nothing here: the kernel's own answer, now conntrack's, is the same,
+    // and eBPF mode keeps it rather than write its own.
+    let mut nat = sandbox.command(Net::Pod, Group::Outside, ROOT, "iptables-legacy");
+    nat.args(["-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "9"])
+        .args(["-j", "REDIRECT", "--to-ports", "9"])
+        .stdout(Stdio::null());
+    assert!(nat.status().expect("iptables-legacy").success());
     let inside = probe(Group::App);
     assert!(
         inside.contains(&format!("SO_ORIGINAL_DST {to}\n")),
@@ -217,7 +220,7 @@ fn unrelated_getsockopt_calls_are_untouched() {
     assert_eq!(inside, probe(Group::Outside));
     let status = sandbox.status().expect("status");
     assert_eq!(counter(&status, "orig_dst_answered"), 0);
-    assert_eq!(counter(&status, "orig_dst_unredirected"), 1);
+    assert_eq!(counter(&status, "orig_dst_unredirected"), 1, "{status}");
     sandbox.uninstall().expect("uninstall");
 }
 

@@ -144,6 +144,8 @@ fn capture_outlives_the_installer_and_uninstall_removes_everything() {
             "getsockopt",
             "getpeername4",
             "getpeername6",
+            "getsockname4",
+            "getsockname6",
             "connect6",
             "connect4"
         ]

@@ -13,10 +13,8 @@ pub const MAX_GROUPS: usize = 64;
 pub const ABI_VERSION: u32 = 8;
 
 /// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
-/// ports together, ranges counted port by port): every port. The port map
-/// allocates entries as they are written, so a configuration pays only for
-/// the ports it names.
-pub const MAX_PORTS: u32 = 65536;
+/// ports together).
+pub const MAX_PORTS: u32 = 1024;
 /// Capacity of the per-port inbound capture counters.
 pub const MAX_IN_HITS: u32 = 1024;
 /// How many CIDRs one configuration's set (`-x`, `-i`) can hold.

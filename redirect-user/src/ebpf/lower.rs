@@ -54,22 +54,29 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         "/etc/group",
         MAX_GROUPS,
     );
-    // Ranges (`a:b`, as iptables' --dport takes them) are flagged port by
-    // port: the program's lookup stays one hash lookup.
-    let ports = |list: &PortList| -> Vec<u16> {
+    let mut ports = |list: &PortList, what: &str| -> Vec<u16> {
         let mut seen = std::collections::HashSet::new();
         list.iter()
-            .flat_map(|p| p.value.first..=p.value.last)
+            .filter_map(|p| {
+                let single = p.value.single();
+                if single.is_none() {
+                    unsupported.push(format!("{what} '{}' (a port range)", p.text.trim()));
+                }
+                single
+            })
             .filter(|port| seen.insert(*port))
             .collect()
     };
-    let ports_exclude = ports(&capture.outbound_exclude);
-    let ports_include = ports(&capture.outbound_ports);
-    let inbound_exclude = ports(&capture.inbound_exclude);
+    let ports_exclude = ports(
+        &capture.outbound_exclude,
+        "-o/--istio-local-outbound-ports-exclude",
+    );
+    let ports_include = ports(&capture.outbound_ports, "-q/--istio-outbound-ports");
+    let inbound_exclude = ports(&capture.inbound_exclude, "-d/--istio-local-exclude-ports");
     let inbound = match &capture.inbound {
         InboundPorts::Off => None,
         InboundPorts::All => Some((true, Vec::new())),
-        InboundPorts::List(list) => Some((false, ports(list))),
+        InboundPorts::List(list) => Some((false, ports(list, "-b/--istio-inbound-ports"))),
     }
     .map(|(all, ports)| Inbound {
         all,
@@ -193,19 +200,11 @@ mod tests {
         let cfg = lower(&istio(&["-q", "4000, 5000", "-o", " 22,"]), &RealHost).unwrap();
         assert_eq!(cfg.ports_include, vec![4000, 5000]);
         assert_eq!(cfg.ports_exclude, vec![22]);
-        // Ranges as iptables' --dport takes them, port by port.
-        let cfg = lower(
-            &istio(&["-q", "4000:4003,4002", "-o", ":2", "-d", "65534:"]),
-            &RealHost,
-        )
-        .unwrap();
-        assert_eq!(cfg.ports_include, vec![4000, 4001, 4002, 4003]);
-        // `:2` from port 1: no TCP connection has port 0.
-        assert_eq!(cfg.ports_exclude, vec![1, 2]);
-        let cfg = lower(&istio(&["-b", "*", "-d", "65534:"]), &RealHost).unwrap();
-        assert_eq!(cfg.inbound.unwrap().exclude, vec![65534, 65535]);
-        let cfg = lower(&istio(&["-o", "1:65535"]), &RealHost).unwrap();
-        assert_eq!(cfg.ports_exclude.len(), 65535);
+        let why = lower(&istio(&["-q", "4000:4010"]), &RealHost).unwrap_err();
+        assert_eq!(
+            why,
+            vec!["-q/--istio-outbound-ports '4000:4010' (a port range)"]
+        );
     }
 
     #[test]
