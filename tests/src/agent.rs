@@ -50,8 +50,10 @@
 //!     SO_ORIGINAL_DST of a connection to IP:PORT
 //! agent [...] observe [--parallel N] [--timeout-ms T]
 //!     read connection specs from stdin, one a line (see [`Spec`]: e.g.
-//!     "to=198.18.0.2:80 family=6 bind=127.0.0.6 dev=lo mode=fastopen"),
-//!     make each (up to N at a time; connect and each read may take T ms,
+//!     "to=198.18.0.2:80 family=6 bind=127.0.0.6 dev=lo mode=fastopen
+//!     cred=1000/1337:1000/1000:-"),
+//!     make each (up to N at a time, those with a fixed source port one
+//!     after the other in order; connect and each read may take T ms,
 //!     default 2000) and print one observation line per
 //!     spec, in the order read (see [`observe_one`]): what the app sees of
 //!     its own socket, then "| " and what the server answered (a server
@@ -661,32 +663,198 @@ pub enum ConnectMode {
     Nonblock,
     /// TCP fast open: sendto(2) with MSG_FASTOPEN carrying the one byte.
     Fastopen,
+    /// A UDP socket's connect(2), then send(2) of one byte (nothing is
+    /// read: no server answers UDP).
+    Udp,
 }
 
 impl ConnectMode {
-    pub const ALL: [Self; 3] = [Self::Block, Self::Nonblock, Self::Fastopen];
+    pub const ALL: [Self; 4] = [Self::Block, Self::Nonblock, Self::Fastopen, Self::Udp];
 
     fn name(self) -> &'static str {
         match self {
             Self::Block => "block",
             Self::Nonblock => "nonblock",
             Self::Fastopen => "fastopen",
+            Self::Udp => "udp",
         }
     }
 }
 
+/// The device an `observe` socket is bound to (SO_BINDTODEVICE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    None,
+    Lo,
+    Eth0,
+}
+
+impl Device {
+    pub const ALL: [Self; 3] = [Self::None, Self::Lo, Self::Eth0];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Lo => "lo",
+            Self::Eth0 => "eth0",
+        }
+    }
+}
+
+/// Credentials of the thread making an `observe` connection: real and
+/// effective user and group ids and up to four supplementary groups.
+/// Written `RUID/EUID:RGID/EGID:G1,G2` (`-` for no groups). Only an agent
+/// running as root can take them (per thread, keeping the saved uid 0 to
+/// return).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cred {
+    pub ruid: u32,
+    pub euid: u32,
+    pub rgid: u32,
+    pub egid: u32,
+    groups: [u32; 4],
+    n_groups: usize,
+}
+
+impl Cred {
+    pub fn new(uid: (u32, u32), gid: (u32, u32), groups: &[u32]) -> Self {
+        let mut cred = Self {
+            ruid: uid.0,
+            euid: uid.1,
+            rgid: gid.0,
+            egid: gid.1,
+            groups: [0; 4],
+            n_groups: groups.len().min(4),
+        };
+        cred.groups[..cred.n_groups].copy_from_slice(&groups[..cred.n_groups]);
+        cred
+    }
+
+    pub fn groups(&self) -> &[u32] {
+        &self.groups[..self.n_groups]
+    }
+
+    /// Takes these credentials on the calling thread only (raw system
+    /// calls: the C library's wrappers would change every thread's).
+    fn take(&self) -> std::io::Result<()> {
+        let check = |rc: libc::c_long| {
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        };
+        let keep = libc::c_long::from(-1i32);
+        // SAFETY: credential system calls with valid arguments; the group
+        // array outlives the call.
+        unsafe {
+            // Back to an effective root first (the saved uid is 0).
+            check(libc::syscall(libc::SYS_setresuid, keep, 0, keep))?;
+            check(libc::syscall(
+                libc::SYS_setgroups,
+                self.n_groups,
+                self.groups.as_ptr(),
+            ))?;
+            check(libc::syscall(libc::SYS_setresgid, self.rgid, self.egid, 0))?;
+            check(libc::syscall(libc::SYS_setresuid, self.ruid, self.euid, 0))
+        }
+    }
+
+    /// Root again on the calling thread (after [`Cred::take`]).
+    fn drop_back() {
+        let keep = libc::c_long::from(-1i32);
+        // SAFETY: as in `take`; the saved uid 0 allows it.
+        unsafe {
+            libc::syscall(libc::SYS_setresuid, keep, 0, keep);
+            libc::syscall(libc::SYS_setresuid, 0, 0, 0);
+            libc::syscall(libc::SYS_setresgid, 0, 0, 0);
+            libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>());
+        }
+    }
+}
+
+impl std::fmt::Display for Cred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let groups: Vec<String> = self.groups().iter().map(u32::to_string).collect();
+        write!(
+            f,
+            "{}/{}:{}/{}:{}",
+            self.ruid,
+            self.euid,
+            self.rgid,
+            self.egid,
+            if groups.is_empty() {
+                "-".to_owned()
+            } else {
+                groups.join(",")
+            }
+        )
+    }
+}
+
+impl std::str::FromStr for Cred {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let pair = |part: &str| -> Result<(u32, u32)> {
+            Ok(match part.split_once('/') {
+                Some((r, e)) => (r.parse()?, e.parse()?),
+                None => (part.parse()?, part.parse()?),
+            })
+        };
+        let mut parts = text.split(':');
+        let uid = pair(parts.next().context("no uid")?)?;
+        let gid = pair(parts.next().context("no gid")?)?;
+        let groups = match parts.next() {
+            None | Some("-") => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<u32>, _>>()?,
+        };
+        if groups.len() > 4 || parts.next().is_some() {
+            bail!("bad credentials {text:?}");
+        }
+        Ok(Self::new(uid, gid, &groups))
+    }
+}
+
 /// One connection of the `observe` command, written (and read) as
-/// `to=IP:PORT family=4|6 bind=none|IP dev=none|lo mode=block|nonblock|fastopen`.
+/// `to=IP:PORT family=4|6 bind=none|IP dev=none|lo|eth0
+/// mode=block|nonblock|fastopen|udp [cred=C] [then=C] [sport=N]`.
 /// `family=6` is an AF_INET6 socket connecting to the v4-mapped address;
-/// `bind` binds the source address (port 0) first; `dev=lo` sets
-/// SO_BINDTODEVICE.
+/// `bind` binds the source address (port 0) first; `dev` sets
+/// SO_BINDTODEVICE; `cred` are the credentials ([`Cred`]) the socket is
+/// made with and `then` those it connects with (default: the agent's own);
+/// `sport=N` binds source port N (and the `bind` address, or any), with
+/// SO_REUSEADDR, so that connections can share a 4-tuple in turn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Spec {
     pub to: std::net::SocketAddrV4,
     pub family6: bool,
     pub bind: Option<std::net::Ipv4Addr>,
-    pub dev_lo: bool,
+    pub dev: Device,
     pub mode: ConnectMode,
+    pub cred: Option<Cred>,
+    pub then: Option<Cred>,
+    /// The source port to bind (with SO_REUSEADDR), 0 for an ephemeral one.
+    pub sport: u16,
+}
+
+impl Spec {
+    /// A blocking TCP connection to `to` from an unbound AF_INET socket.
+    pub fn to(to: std::net::SocketAddrV4) -> Self {
+        Self {
+            to,
+            family6: false,
+            bind: None,
+            dev: Device::None,
+            mode: ConnectMode::Block,
+            cred: None,
+            then: None,
+            sport: 0,
+        }
+    }
 }
 
 impl std::fmt::Display for Spec {
@@ -698,9 +866,19 @@ impl std::fmt::Display for Spec {
             if self.family6 { 6 } else { 4 },
             self.bind
                 .map_or_else(|| "none".to_owned(), |ip| ip.to_string()),
-            if self.dev_lo { "lo" } else { "none" },
+            self.dev.name(),
             self.mode.name()
-        )
+        )?;
+        if let Some(cred) = self.cred {
+            write!(f, " cred={cred}")?;
+        }
+        if let Some(then) = self.then {
+            write!(f, " then={then}")?;
+        }
+        if self.sport != 0 {
+            write!(f, " sport={}", self.sport)?;
+        }
+        Ok(())
     }
 }
 
@@ -708,13 +886,10 @@ impl std::str::FromStr for Spec {
     type Err = anyhow::Error;
 
     fn from_str(line: &str) -> Result<Self> {
-        let mut spec = Self {
-            to: std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
-            family6: false,
-            bind: None,
-            dev_lo: false,
-            mode: ConnectMode::Block,
-        };
+        let mut spec = Self::to(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::UNSPECIFIED,
+            0,
+        ));
         let mut to = None;
         for field in line.split_whitespace() {
             let (key, value) = field
@@ -726,14 +901,21 @@ impl std::str::FromStr for Spec {
                 ("family", "6") => spec.family6 = true,
                 ("bind", "none") => spec.bind = None,
                 ("bind", v) => spec.bind = Some(v.parse().with_context(|| format!("bind={v}"))?),
-                ("dev", "none") => spec.dev_lo = false,
-                ("dev", "lo") => spec.dev_lo = true,
+                ("dev", v) => {
+                    spec.dev = Device::ALL
+                        .into_iter()
+                        .find(|d| d.name() == v)
+                        .with_context(|| format!("unknown dev={v}"))?;
+                }
                 ("mode", v) => {
                     spec.mode = ConnectMode::ALL
                         .into_iter()
                         .find(|m| m.name() == v)
                         .with_context(|| format!("unknown mode={v}"))?;
                 }
+                ("cred", v) => spec.cred = Some(v.parse()?),
+                ("then", v) => spec.then = Some(v.parse()?),
+                ("sport", v) => spec.sport = v.parse().with_context(|| format!("sport={v}"))?,
                 _ => bail!("unknown field {field:?}"),
             }
         }
@@ -862,38 +1044,75 @@ fn finish_connect(socket: &Socket, timeout: Duration) -> String {
 /// connect (or sendto) ended, then on success `local=` (getsockname, the
 /// ephemeral port written `eph`), `peer=` (getpeername), `odst=`
 /// (SO_ORIGINAL_DST at SOL_IP) and for AF_INET6 sockets `odst6=` (at
-/// SOL_IPV6), then `| ` and the server's answer with the same port masked.
+/// SOL_IPV6), then `| ` and the server's answer with the same port masked
+/// (UDP: the result of sending one byte, and no answer). With `cred`, the
+/// socket is made under those credentials, and connected under `then`
+/// (or `cred`); the thread is root again afterwards.
 pub fn observe_one(spec: &Spec, timeout: Duration) -> String {
+    let seen = match spec.cred.or(spec.then) {
+        Some(cred) => match cred.take() {
+            Ok(()) => connect_observed(spec, timeout),
+            Err(err) => format!("cred={}", errno_name(&err)),
+        },
+        None => connect_observed(spec, timeout),
+    };
+    if spec.cred.is_some() || spec.then.is_some() {
+        Cred::drop_back();
+    }
+    seen
+}
+
+fn connect_observed(spec: &Spec, timeout: Duration) -> String {
     let domain = if spec.family6 {
         Domain::IPV6
     } else {
         Domain::IPV4
     };
-    let socket = match Socket::new(domain, Type::STREAM, None) {
+    let udp = spec.mode == ConnectMode::Udp;
+    let kind = if udp { Type::DGRAM } else { Type::STREAM };
+    let socket = match Socket::new(domain, kind, None) {
         Ok(socket) => socket,
         Err(err) => return format!("socket={}", errno_name(&err)),
     };
+    if let (Some(_), Some(then)) = (spec.cred, spec.then)
+        && let Err(err) = then.take()
+    {
+        return format!("then={}", errno_name(&err));
+    }
     if spec.family6
         && let Err(err) = socket.set_only_v6(false)
     {
         return format!("v6only={}", errno_name(&err));
     }
-    if spec.dev_lo
-        && let Err(err) = socket.bind_device(Some(b"lo"))
+    if spec.dev != Device::None
+        && let Err(err) = socket.bind_device(Some(spec.dev.name().as_bytes()))
     {
         return format!("bindtodevice={}", errno_name(&err));
     }
-    if let Some(ip) = spec.bind
-        && let Err(err) = socket.bind(&spec_addr(ip, 0, spec.family6))
+    if spec.sport != 0
+        && let Err(err) = socket.set_reuse_address(true)
     {
-        return format!("bind={}", errno_name(&err));
+        return format!("reuseaddr={}", errno_name(&err));
+    }
+    if spec.bind.is_some() || spec.sport != 0 {
+        let ip = spec.bind.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+        let addr = if spec.family6 && ip.is_unspecified() {
+            SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), spec.sport).into()
+        } else {
+            spec_addr(ip, spec.sport, spec.family6)
+        };
+        if let Err(err) = socket.bind(&addr) {
+            return format!("bind={}", errno_name(&err));
+        }
     }
     let _ = socket.set_read_timeout(Some(timeout));
     let _ = socket.set_write_timeout(Some(timeout));
     let to = spec_addr(*spec.to.ip(), spec.to.port(), spec.family6);
     let connected = match spec.mode {
-        ConnectMode::Block => match socket.connect(&to) {
+        ConnectMode::Block | ConnectMode::Udp => match socket.connect(&to) {
+            Ok(()) if udp => "udp-connect=ok".to_owned(),
             Ok(()) => "connect=ok".to_owned(),
+            Err(err) if udp => return format!("udp-connect={}", errno_name(&err)),
             Err(err) => return format!("connect={}", errno_name(&err)),
         },
         ConnectMode::Nonblock => {
@@ -936,6 +1155,14 @@ pub fn observe_one(spec: &Spec, timeout: Duration) -> String {
             addr_or_errno(socket.original_dst_v6())
         ));
     }
+    if udp {
+        let sent = socket.send(b"x");
+        out.push_str(&format!(
+            " send={}",
+            sent.map_or_else(|e| errno_name(&e), |n| n.to_string())
+        ));
+        return mask_port(&out, port);
+    }
     if spec.mode != ConnectMode::Fastopen
         && let Err(err) = socket.send(b"x")
     {
@@ -943,11 +1170,18 @@ pub fn observe_one(spec: &Spec, timeout: Duration) -> String {
     }
     let mut reply = Vec::new();
     let mut buf = [0u8; 512];
+    // The answer is one line. Then a reset (SO_LINGER 0) ends the
+    // connection on both sides: no TIME_WAIT, whose 4-tuple a later
+    // connection could meet (the next mode's, or one from the same fixed
+    // source port) and be delayed by.
     let read_error = loop {
         match (&socket).read(&mut buf) {
             Ok(0) => break None,
             Ok(n) => {
                 reply.extend_from_slice(&buf[..n]);
+                if reply.contains(&b'\n') {
+                    break None;
+                }
                 if reply.len() > 4096 {
                     break Some("too-long".to_owned());
                 }
@@ -956,6 +1190,7 @@ pub fn observe_one(spec: &Spec, timeout: Duration) -> String {
             Err(err) => break Some(errno_name(&err)),
         }
     };
+    let _ = socket.set_linger(Some(Duration::ZERO));
     if let Some(err) = read_error {
         out.push_str(&format!(" read={err}"));
     }
@@ -972,25 +1207,39 @@ pub fn observe_one(spec: &Spec, timeout: Duration) -> String {
 /// The `observe` command: specs from stdin, observations to stdout, in
 /// order, `parallel` connections at a time.
 fn observe(parallel: usize, timeout: Duration) -> Result<()> {
-    let specs: Vec<String> = std::io::stdin()
+    let lines: Vec<String> = std::io::stdin()
         .lock()
         .lines()
         .take(OBSERVE_MAX_SPECS)
         .collect::<Result<_, _>>()?;
+    let specs: Vec<Result<Spec>> = lines.iter().map(|l| l.parse()).collect();
+    // Connections from a fixed source port run one after the other, in
+    // the order given (two at once could share a 4-tuple); the others
+    // `parallel` at a time.
+    let (fixed, free): (Vec<usize>, Vec<usize>) =
+        (0..specs.len()).partition(|i| specs[*i].as_ref().is_ok_and(|s| s.sport != 0));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let (tx, rx) = std::sync::mpsc::channel();
+    let one = |i: usize| match &specs[i] {
+        Ok(spec) => observe_one(spec, timeout),
+        Err(err) => format!("bad-spec {err:#}"),
+    };
     std::thread::scope(|scope| {
-        for _ in 0..parallel.min(specs.len()) {
-            let (tx, next, specs) = (tx.clone(), &next, &specs);
+        let (fixed_tx, fixed, one) = (tx.clone(), &fixed, &one);
+        scope.spawn(move || {
+            for i in fixed {
+                if fixed_tx.send((*i, one(*i))).is_err() {
+                    break;
+                }
+            }
+        });
+        for _ in 0..parallel.min(free.len()) {
+            let (tx, next, free) = (tx.clone(), &next, &free);
             scope.spawn(move || {
                 loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(line) = specs.get(i) else { break };
-                    let seen = match line.parse::<Spec>() {
-                        Ok(spec) => observe_one(&spec, timeout),
-                        Err(err) => format!("bad-spec {err:#}"),
-                    };
-                    if tx.send((i, seen)).is_err() {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(i) = free.get(n) else { break };
+                    if tx.send((*i, one(*i))).is_err() {
                         break;
                     }
                 }
@@ -1012,8 +1261,10 @@ fn observe(parallel: usize, timeout: Duration) -> Result<()> {
 
 /// Answers every connection `listener` accepts with what it observes (see
 /// [`Reply::Observe`]): each on a thread of its own, which reads the
-/// client's byte (at most [`OBSERVE_TIMEOUT`]), answers and closes, so
-/// that a client that sends nothing delays no other.
+/// client's byte (at most [`OBSERVE_TIMEOUT`]), answers, and waits (as
+/// long) for the client to close first, with a reset (see
+/// [`observe_one`]), so that a client that sends nothing delays no other
+/// and neither side keeps a TIME_WAIT.
 fn answer_observed(listener: &TcpListener, reply: &Reply) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
@@ -1024,7 +1275,8 @@ fn answer_observed(listener: &TcpListener, reply: &Reply) {
             let mut byte = [0u8; 1];
             let _ = stream.read(&mut byte);
             let _ = writeln!(stream, "{text}");
-            let _ = stream.shutdown(std::net::Shutdown::Write);
+            let mut rest = [0u8; 64];
+            while stream.read(&mut rest).is_ok_and(|n| n > 0) {}
         });
     }
 }

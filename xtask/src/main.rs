@@ -7,6 +7,7 @@
 
 mod bench;
 mod build;
+mod fuzz_diff;
 mod image;
 mod rootfs;
 mod run;
@@ -64,6 +65,32 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Differential fuzzing: random istio-iptables configurations ×
+    /// random connections, applied in iptables mode and in eBPF mode on the
+    /// same sandbox pod; every observation must match (the short seeded
+    /// run is part of `test`).
+    FuzzDiff {
+        /// (config, connection) pairs to compare.
+        #[arg(long, default_value = "1500")]
+        cases: u64,
+        /// The seed [default: the test's fixed seed, as `test` runs it].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Connections per configuration [default: 60]; larger is faster
+        /// per pair (fewer installs) but tries fewer configurations.
+        #[arg(long)]
+        per_config: Option<u64>,
+        /// Replay only this round (configuration) of the seed, as a
+        /// difference's report names it.
+        #[arg(long)]
+        round: Option<u64>,
+        /// Also the extended connection space: switched credentials
+        /// (effective ids other than the real ones, or a socket made under
+        /// one identity and connected under another), fixed source ports,
+        /// SO_BINDTODEVICE=eth0. eBPF mode has known differences there.
+        #[arg(long)]
+        extended: bool,
+    },
     /// Build the init-container image with podman, from local files.
     Image,
     /// Build the image and run a real pod with it (podman): eBPF, iptables and native nftables mode.
@@ -76,8 +103,9 @@ enum Task {
         /// Keep each kernel's root tree and initramfs under target/vm-test/.
         #[arg(long)]
         keep: bool,
-        /// Time limit for one kernel's boot and suite, in minutes.
-        #[arg(long, default_value = "20")]
+        /// Time limit for one kernel's boot and suite, in minutes (the
+        /// suite takes 15-20 under software emulation on 2 cores).
+        #[arg(long, default_value = "30")]
         timeout_minutes: u64,
         /// Only write docs/kernels.md again from the last run's matrix.json.
         #[arg(long)]
@@ -97,6 +125,19 @@ fn main() -> ExitCode {
             no_pods,
         } => test::test(filter.as_deref(), !no_lint, !no_bench, !no_pods),
         Task::Bench { quick } => bench::bench(quick),
+        Task::FuzzDiff {
+            cases,
+            seed,
+            per_config,
+            round,
+            extended,
+        } => fuzz_diff::fuzz_diff(&fuzz_diff::Options {
+            cases,
+            seed,
+            per_config,
+            round,
+            extended,
+        }),
         Task::Image => image::image().map(|name| println!("xtask: built {name}")),
         Task::PodTest => image::pod_test(),
         Task::VmTest {
