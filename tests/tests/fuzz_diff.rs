@@ -36,6 +36,10 @@
 //!   SO_BINDTODEVICE=eth0, where eBPF mode differs in known ways (see
 //!   docs/design.md); off by default, so the default run covers the space
 //!   eBPF mode claims;
+//! - `FUZZ_DIFF_PORTS=shared`: every run takes source ports from the
+//!   whole ephemeral range, so that a connection can meet the conntrack
+//!   entry of an earlier run's connection with the same ports (by default
+//!   consecutive runs take ports of their own: see `ports_of_this_run`);
 //! - `FUZZ_DIFF_AGAINST=iptables`: compare iptables mode with itself (a
 //!   check that the harness itself observes nothing at random);
 //! - `FUZZ_DIFF_SUMMARY`: a file to write the summary line to
@@ -77,8 +81,10 @@ const PARALLEL: &str = "6";
 /// here is on one host, so an answer takes well under a millisecond; what
 /// takes this long is a SYN that nothing answers (SO_BINDTODEVICE to a
 /// device the destination is not on), which then reads `unanswered` (see
-/// [`canonical`]).
-const TIMEOUT_MS: &str = "1000";
+/// [`canonical`]). Longer than TCP's first SYN retransmission (1 s), so
+/// that a connection whose first SYN was lost (the machine is busy, a
+/// neighbour is being resolved) still counts as answered.
+const TIMEOUT_MS: &str = "1500";
 
 /// splitmix64: small, seedable, good enough to pick cases.
 struct Rng(u64);
@@ -565,9 +571,49 @@ fn pod_with_servers() -> Sandbox {
     sandbox
 }
 
+/// How many source-port slots the runs take in turn (see
+/// [`ports_of_this_run`]).
+const PORT_SLOTS: u16 = 12;
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// Gives this run (one mode's observation of a round) source ports no
+/// run shortly before it used: its own twelfth of the ephemeral range,
+/// in the pod and in the peer, and its own block of fixed source ports
+/// (returned). A 4-tuple of the run before could otherwise meet
+/// conntrack's record of it (kept 10 s after a reset, 2 min in
+/// TIME_WAIT) and be decided by that record: NAT'd as the previous
+/// configuration said, or answered as its reply (what an eBPF-mode
+/// connection right after an iptables-mode one sharing its tuple would
+/// see). A real pod only meets this when it moves from one mode to the
+/// other; twelve runs take six rounds, past those 10 s.
+/// `FUZZ_DIFF_PORTS=shared` leaves every run the whole range (and slot 0),
+/// to look for exactly those effects.
+fn ports_of_this_run(sandbox: &Sandbox) -> u16 {
+    if std::env::var("FUZZ_DIFF_PORTS").is_ok_and(|v| v == "shared") {
+        return 0;
+    }
+    let slot = (RUNS.fetch_add(1, Ordering::Relaxed) % u64::from(PORT_SLOTS)) as u16;
+    let width = (61_000 - 32_768) / u32::from(PORT_SLOTS);
+    let low = 32_768 + u32::from(slot) * width;
+    let range = format!("{low} {}", low + width - 1);
+    for net in [Net::Pod, Net::Peer] {
+        let status = sandbox
+            .command(net, Group::Outside, ROOT, "sh")
+            .args([
+                "-c",
+                &format!("echo {range} > /proc/sys/net/ipv4/ip_local_port_range"),
+            ])
+            .status()
+            .expect("sh");
+        assert!(status.success(), "setting ip_local_port_range {range}");
+    }
+    slot
+}
+
 /// Observes `cases` (in the current state of the pod): one observation
 /// line per case, in order. One agent per client, all at once.
 fn observe_all(sandbox: &Sandbox, cases: &[Case]) -> Vec<String> {
+    let slot = ports_of_this_run(sandbox);
     let mut by_client: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (i, case) in cases.iter().enumerate() {
         by_client.entry(case.client).or_default().push(i);
@@ -580,7 +626,14 @@ fn observe_all(sandbox: &Sandbox, cases: &[Case]) -> Vec<String> {
                 let client = CLIENTS[*client];
                 let input: String = indices
                     .iter()
-                    .map(|i| format!("{}\n", cases[*i].spec))
+                    .map(|i| {
+                        let mut spec = cases[*i].spec;
+                        if spec.sport != 0 {
+                            // This run's own block of fixed source ports.
+                            spec.sport = 2000 + 100 * slot + (spec.sport - 20_000) % 100;
+                        }
+                        format!("{spec}\n")
+                    })
                     .collect();
                 let mut cmd = if client.peer {
                     sandbox.agent(Net::Peer, Group::Outside, ROOT)
