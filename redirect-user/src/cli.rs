@@ -174,7 +174,7 @@ pub struct CaptureArgs {
     pub ports_exclude: PortList,
 
     /// Only these groups' connections are captured: '*' (every group), or
-    /// group names or GIDs, at most 64 (Istio's ISTIO_OUTBOUND_OWNER_GROUPS)
+    /// group names or GIDs, at most 8 (Istio's ISTIO_OUTBOUND_OWNER_GROUPS)
     #[arg(long, env = "ISTIO_OUTBOUND_OWNER_GROUPS", value_name = "*|GROUP[,GROUP...]", default_value = "*", value_parser = parse_owner_groups)]
     pub owner_groups: GroupList,
 
@@ -358,7 +358,7 @@ fn parse_owner_groups(s: &str) -> Result<GroupList, String> {
     parse_groups(s)
 }
 
-/// Group names or GIDs, comma-separated, at most 64, each a GID or a group
+/// Group names or GIDs, comma-separated, at most 8, each a GID or a group
 /// /etc/group lists (checked here: install and run are eBPF only, and the
 /// programs compare numbers).
 fn parse_groups(s: &str) -> Result<GroupList, String> {
