@@ -22,9 +22,9 @@ use crate::{
 /// socket's connection. For the proxy's accepted end of a redirected
 /// connection that is the record sockops filed under the connection's
 /// tuple (`-j REDIRECT --to-ports 15001`); for every other TCP connection
-/// that nothing answered yet, see [`unredirected`]. Every other call, and
-/// one without an answer, comes back exactly as the kernel (or a program
-/// that ran before this one) produced it (see [`SockoptAction`]).
+/// see [`unredirected`]. Every other call, and one without an answer,
+/// comes back exactly as the kernel (or a program that ran before this
+/// one) produced it (see [`SockoptAction`]).
 ///
 /// No pointer arithmetic beyond a constant bounds check: subtracting the
 /// buffer pointers needs CAP_PERFMON, which an init container lacks.
@@ -64,16 +64,25 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
     };
     let tuple = tuple_from_server_side(local_ip, local_port, remote_ip, remote_port);
     // SAFETY: copied out before use.
+    let kernel_answered = opt.retval == 0;
+    // SAFETY: copied out before use.
     let orig = match (unsafe { RDR_ORIG_TUPLE.get(tuple) }).copied() {
         Some(orig) => {
             count(Counter::OrigDstAnswered);
             orig
         }
-        // An answer is already there (conntrack's, or a program's that ran
-        // before this one): keep it.
-        None if opt.retval == 0 => return false,
-        None => match unredirected(sk, local_ip, local_port, remote_ip, remote_port) {
+        None => match unredirected(
+            sk,
+            kernel_answered,
+            local_ip,
+            local_port,
+            remote_ip,
+            remote_port,
+        ) {
             Some(orig) => orig,
+            // An answer is already there (conntrack's, or a program's that
+            // ran before this one) and this capture knows no better: keep it.
+            None if kernel_answered => return false,
             None => {
                 count(Counter::OrigDstMissed);
                 return false;
@@ -102,9 +111,19 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
 /// [`crate::sk_lookup`]), and any other connected socket its peer. `None`
 /// (the kernel's ENOENT) for sockets that are not connected, and for the
 /// proxy's end of a redirected connection whose record is gone.
+///
+/// When the kernel answered already (`kernel_answered`), this capture
+/// answers only for the sockets it knows better than anyone: those it
+/// redirected and those accepted on any port but the proxy's. There the
+/// kernel's answer can only come from a conntrack entry of an older
+/// connection with the same tuple (left by iptables mode before a switch
+/// to eBPF). A socket accepted on the proxy's port may have been sent there
+/// by another capture or a netfilter rule, and a socket nobody redirected
+/// gets the same answer from conntrack as from here: the kernel's stands.
 #[inline(always)]
 fn unredirected(
     sk: *mut bpf_sock,
+    kernel_answered: bool,
     local_ip: u32,
     local_port: u16,
     remote_ip: u32,
@@ -117,15 +136,18 @@ fn unredirected(
     let own = sock_record(sk);
     if !own.is_null() {
         let record = load(own);
-        if record.kind != OrigDst::REDIRECTED {
-            count(Counter::OrigDstInbound);
-            return Some(OrigDst::new(local_ip, local_port));
+        if record.kind == OrigDst::REDIRECTED {
+            count(Counter::OrigDstAnswered);
+            return Some(record);
         }
-        count(Counter::OrigDstAnswered);
-        return Some(record);
+        if kernel_answered && active().is_some_and(|(cfg, _)| local_port == cfg.proxy_port) {
+            return None;
+        }
+        count(Counter::OrigDstInbound);
+        return Some(OrigDst::new(local_ip, local_port));
     }
     let (cfg, _) = active()?;
-    if local_port == cfg.proxy_port {
+    if kernel_answered || local_port == cfg.proxy_port {
         return None;
     }
     count(Counter::OrigDstUnredirected);

@@ -48,13 +48,13 @@
 //!     print getsockopt answers that must not depend on capture: SO_RCVBUF
 //!     and the stable head of TCP_INFO of a fresh socket, and
 //!     SO_ORIGINAL_DST of a connection to IP:PORT
-//! agent [...] observe [--parallel N] [--timeout-ms T]
+//! agent [...] observe [--parallel N] [--timeout-ms T] [--read-timeout-ms R]
 //!     read connection specs from stdin, one a line (see [`Spec`]: e.g.
 //!     "to=198.18.0.2:80 family=6 bind=127.0.0.6 dev=lo mode=fastopen
 //!     cred=1000/1337:1000/1000:-"),
 //!     make each (up to N at a time, those with a fixed source port one
-//!     after the other in order; connect and each read may take T ms,
-//!     default 2000) and print one observation line per
+//!     after the other in order; connect may take T ms, default 2000, and
+//!     each read R ms, default T) and print one observation line per
 //!     spec, in the order read (see [`observe_one`]): what the app sees of
 //!     its own socket, then "| " and what the server answered (a server
 //!     started with --report observe)
@@ -182,8 +182,18 @@ fn run(args: &[String]) -> Result<()> {
         Some("observe") => {
             let parallel: usize = args.opt("--parallel")?.unwrap_or("1").parse()?;
             let timeout: u64 = args.opt("--timeout-ms")?.unwrap_or("2000").parse()?;
-            let timeout = Duration::from_millis(timeout.clamp(10, 60_000));
-            observe(parallel.clamp(1, 64), timeout)
+            let read: u64 = match args.opt("--read-timeout-ms")? {
+                Some(read) => read.parse()?,
+                None => timeout,
+            };
+            let ms = |t: u64| Duration::from_millis(t.clamp(10, 60_000));
+            observe(
+                parallel.clamp(1, 64),
+                Timeouts {
+                    connect: ms(timeout),
+                    read: ms(read),
+                },
+            )
         }
         Some("relay") => {
             let listen: SocketAddr = args.req("--listen")?.parse()?;
@@ -1040,6 +1050,15 @@ fn finish_connect(socket: &Socket, timeout: Duration) -> String {
     }
 }
 
+/// How long an `observe` connection may take to connect (what nothing
+/// answers reads as a timeout), and then to be answered (every server
+/// answers at once, so only a busy machine comes near it).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+}
+
 /// Makes the connection `spec` describes and says what the app sees: how
 /// connect (or sendto) ended, then on success `local=` (getsockname, the
 /// ephemeral port written `eph`), `peer=` (getpeername), `odst=`
@@ -1048,13 +1067,13 @@ fn finish_connect(socket: &Socket, timeout: Duration) -> String {
 /// (UDP: the result of sending one byte, and no answer). With `cred`, the
 /// socket is made under those credentials, and connected under `then`
 /// (or `cred`); the thread is root again afterwards.
-pub fn observe_one(spec: &Spec, timeout: Duration) -> String {
+pub fn observe_one(spec: &Spec, timeouts: Timeouts) -> String {
     let seen = match spec.cred.or(spec.then) {
         Some(cred) => match cred.take() {
-            Ok(()) => connect_observed(spec, timeout),
+            Ok(()) => connect_observed(spec, timeouts),
             Err(err) => format!("cred={}", errno_name(&err)),
         },
-        None => connect_observed(spec, timeout),
+        None => connect_observed(spec, timeouts),
     };
     if spec.cred.is_some() || spec.then.is_some() {
         Cred::drop_back();
@@ -1062,7 +1081,8 @@ pub fn observe_one(spec: &Spec, timeout: Duration) -> String {
     seen
 }
 
-fn connect_observed(spec: &Spec, timeout: Duration) -> String {
+fn connect_observed(spec: &Spec, timeouts: Timeouts) -> String {
+    let timeout = timeouts.connect;
     let domain = if spec.family6 {
         Domain::IPV6
     } else {
@@ -1168,6 +1188,7 @@ fn connect_observed(spec: &Spec, timeout: Duration) -> String {
     {
         out.push_str(&format!(" send={}", errno_name(&err)));
     }
+    let _ = socket.set_read_timeout(Some(timeouts.read));
     let mut reply = Vec::new();
     let mut buf = [0u8; 512];
     // The answer is one line. Then a reset (SO_LINGER 0) ends the
@@ -1206,7 +1227,7 @@ fn connect_observed(spec: &Spec, timeout: Duration) -> String {
 
 /// The `observe` command: specs from stdin, observations to stdout, in
 /// order, `parallel` connections at a time.
-fn observe(parallel: usize, timeout: Duration) -> Result<()> {
+fn observe(parallel: usize, timeouts: Timeouts) -> Result<()> {
     let lines: Vec<String> = std::io::stdin()
         .lock()
         .lines()
@@ -1221,7 +1242,7 @@ fn observe(parallel: usize, timeout: Duration) -> Result<()> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let (tx, rx) = std::sync::mpsc::channel();
     let one = |i: usize| match &specs[i] {
-        Ok(spec) => observe_one(spec, timeout),
+        Ok(spec) => observe_one(spec, timeouts),
         Err(err) => format!("bad-spec {err:#}"),
     };
     std::thread::scope(|scope| {

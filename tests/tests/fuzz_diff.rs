@@ -85,6 +85,10 @@ const PARALLEL: &str = "6";
 /// that a connection whose first SYN was lost (the machine is busy, a
 /// neighbour is being resolved) still counts as answered.
 const TIMEOUT_MS: &str = "1500";
+/// How long a connected case waits for the server's answer. Every server
+/// answers at once; only a busy machine (the tests share two cores) makes
+/// one late, which must not read as a difference.
+const READ_TIMEOUT_MS: &str = "5000";
 
 /// splitmix64: small, seedable, good enough to pick cases.
 struct Rng(u64);
@@ -649,6 +653,8 @@ fn observe_all(sandbox: &Sandbox, cases: &[Case]) -> Vec<String> {
                     PARALLEL,
                     "--timeout-ms",
                     TIMEOUT_MS,
+                    "--read-timeout-ms",
+                    READ_TIMEOUT_MS,
                 ]);
                 let run = scope.spawn(move || run_with_input(cmd, &input));
                 (indices, run)

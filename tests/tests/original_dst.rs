@@ -16,7 +16,7 @@ use std::{
 use redirect_sandbox::{
     APP, Group, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
     agent::Tally,
-    cli::{PROXY_ADDR, UPSTREAM, counter},
+    cli::{PROXY_ADDR, UPSTREAM, counter, redirect},
     peer_ip, require_root,
 };
 
@@ -242,6 +242,93 @@ fn the_answer_survives_the_loader_and_goes_with_uninstall() {
     );
     let direct = sandbox.lands(Group::App, APP, PROXY_ADDR).expect("connect");
     assert!(direct.starts_with("error: os "), "{direct}");
+}
+
+/// `observe`s one connection (see the agent) from `agent`: what the
+/// client sees of its socket, then "| " and the server's answer.
+fn observe_one(mut agent: std::process::Command, spec: &str) -> String {
+    use std::io::Write as _;
+    let mut child = agent
+        .args(["observe", "--timeout-ms", "3000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("agent observe");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{spec}").expect("write the spec");
+    drop(stdin);
+    let out = child.wait_with_output().expect("agent observe");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A pod switched from iptables mode to eBPF mode keeps the conntrack
+/// entries of the connections made before (a closed one for seconds, an
+/// established one for days), and the kernel still answers SO_ORIGINAL_DST
+/// from them. A later connection that reuses the ports of one has its
+/// tuple, and would get the old connection's destination. eBPF mode
+/// answers for the sockets it redirected and those accepted outside the
+/// proxy's port itself, whatever the kernel said.
+#[test]
+fn after_a_switch_from_iptables_old_conntrack_entries_do_not_answer() {
+    require_root!();
+    let sandbox = pod_with_orig_dst_proxy();
+    let mut inbound = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+    inbound.args([
+        "serve",
+        "--listen",
+        "0.0.0.0:15006",
+        "--report",
+        "observe",
+        "--reply",
+        "inbound",
+    ]);
+    sandbox.start(inbound).expect("inbound listener");
+    let istio = |mode: &str, cleanup: bool| {
+        let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+        let mut args = vec!["istio-iptables", "--ipv6=false", "--mode", mode];
+        args.extend(["--netns", sandbox.pod_netns(), "--cgroup", &cgroup]);
+        args.extend(["--instance", sandbox.name(), "-p", "15001", "-z", "15006"]);
+        args.extend(["-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*"]);
+        if cleanup {
+            args.push("--cleanup-only");
+        }
+        let out = redirect(&args).expect("redirect istio-iptables");
+        assert!(out.ok(), "{mode} (cleanup {cleanup}): {out:?}");
+    };
+    let spec = |to: &str, bind: &str, sport: u16| {
+        format!("to={to} family=4 bind={bind} dev=none mode=block sport={sport}")
+    };
+    let from_peer = || sandbox.agent(Net::Peer, Group::Outside, ROOT);
+    // The proxy's own connection to a loopback address other than
+    // 127.0.0.1 goes to the inbound port (ISTIO_IN_REDIRECT).
+    let proxy = || sandbox.agent(Net::Pod, Group::App, PROXY);
+    let (inbound_port, to_pod) = (format!("{POD_IP}:15006"), format!("{POD_IP}:80"));
+
+    istio("iptables", false);
+    // Entries: peer:41001 -> pod:80 redirected to pod:15006; the app's
+    // 127.0.0.1:41002 -> 127.0.0.1:15006, not redirected.
+    let seen = observe_one(from_peer(), &spec(&to_pod, "none", 41001));
+    assert!(seen.ends_with(&format!("odst={to_pod}")), "{seen}");
+    let seen = observe_one(
+        sandbox.agent(Net::Pod, Group::App, APP),
+        &spec("127.0.0.1:15006", "127.0.0.1", 41002),
+    );
+    assert!(seen.contains("odst=127.0.0.1:15006 "), "{seen}");
+    istio("iptables", true);
+
+    istio("ebpf", false);
+    // The same tuples again: the inbound listener reached directly answers
+    // its own address (not the old pod:80), the proxy's redirected socket
+    // its own original destination (not the old 127.0.0.1:15006).
+    let seen = observe_one(from_peer(), &spec(&inbound_port, "none", 41001));
+    assert!(seen.ends_with(&format!("odst={inbound_port}")), "{seen}");
+    let seen = observe_one(proxy(), &spec("127.0.0.9:9090", "127.0.0.1", 41002));
+    assert!(
+        seen.contains("odst=127.0.0.9:9090 ") && seen.ends_with("odst=127.0.0.9:9090"),
+        "{seen}"
+    );
+    istio("ebpf", true);
 }
 
 // ---- squid, a real transparent proxy ----------------------------------
