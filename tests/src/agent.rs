@@ -42,6 +42,10 @@
 //!     the reply to its end, close), each timed; prints one JSON object:
 //!     count, errors, secs, cpu_secs (this process's CPU time), p50_us,
 //!     p99_us, and the first reply's first line
+//! agent [...] invalid-segment --to IP:PORT
+//!     connect, send a segment conntrack calls INVALID into the connection
+//!     (see [`crate::segment`]), then one byte; print `answer=<the
+//!     server's line>` or `reset=<errno>`
 //! agent pause
 //!     sleep until SIGTERM or SIGINT (a pod's infra container, as pause is)
 //! agent [...] sockopts --to IP:PORT
@@ -194,6 +198,11 @@ fn run(args: &[String]) -> Result<()> {
                     read: ms(read),
                 },
             )
+        }
+        Some("invalid-segment") => {
+            let to = args.req("--to")?.parse()?;
+            println!("{}", crate::segment::invalid_segment(to, IO_TIMEOUT)?);
+            Ok(())
         }
         Some("relay") => {
             let listen: SocketAddr = args.req("--listen")?.parse()?;

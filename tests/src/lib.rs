@@ -22,6 +22,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod conformance;
 pub mod netns;
+pub mod segment;
 pub mod witness;
 
 use std::{

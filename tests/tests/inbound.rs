@@ -424,3 +424,73 @@ fn reuseport_listeners_keep_receiving_when_one_closes() {
     assert_eq!(counter(&status, "listener_registered"), 3, "{status}");
     sandbox.uninstall().expect("uninstall");
 }
+
+/// `--drop-invalid` (Istio's `INVALID_DROP`): a segment conntrack calls
+/// INVALID (here: data a gigabyte ahead of the window) in a connection
+/// iptables redirected skips the connection's NAT, reaches the original
+/// port untranslated, and that port's listener resets the connection;
+/// Istio's mangle rule drops such segments. eBPF mode translates nothing:
+/// the segment reaches the connection's own socket (sk_lookup kept the
+/// tuple), which answers it as TCP does (a duplicate ACK), so it behaves as
+/// iptables mode with `--drop-invalid`, with or without the flag.
+#[test]
+fn an_invalid_segment_resets_a_connection_only_under_iptables_without_drop_invalid() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    for (port, reply, group, who) in [
+        (15006, "inbound", Group::Proxy, PROXY),
+        (80, "app", Group::App, ROOT),
+    ] {
+        let mut cmd = sandbox.agent(Net::Pod, group, who);
+        cmd.args(["serve", "--listen", &any(port).to_string()])
+            .args(["--report", "observe", "--reply", reply]);
+        sandbox.start(cmd).expect("listener");
+    }
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let istio = |mode: &str, extra: &[&str], cleanup: bool| {
+        let mut args = vec!["istio-iptables", "--ipv6=false", "--mode", mode];
+        args.extend(["--netns", sandbox.pod_netns(), "--cgroup", &cgroup]);
+        args.extend(["--instance", sandbox.name(), "-p", "15001", "-z", "15006"]);
+        args.extend(["-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*"]);
+        args.extend(extra);
+        if cleanup {
+            args.push("--cleanup-only");
+        }
+        let out = redirect(&args).expect("redirect istio-iptables");
+        assert!(out.ok(), "{mode} {extra:?} (cleanup {cleanup}): {out:?}");
+    };
+    let to = pod_addr(80).to_string();
+    let mut seen = BTreeMap::new();
+    for (mode, extra) in [
+        ("iptables", &[][..]),
+        ("iptables", &["--drop-invalid"][..]),
+        ("ebpf", &[][..]),
+        ("ebpf", &["--drop-invalid"][..]),
+    ] {
+        istio(mode, extra, false);
+        let out = sandbox
+            .peer_output(&["invalid-segment", "--to", &to])
+            .expect("invalid-segment");
+        // What became of the connection (`answer=<server>` or `reset=`),
+        // and the server's view: peer (its port is not compared), local
+        // address and SO_ORIGINAL_DST.
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let view: Vec<String> = words
+            .iter()
+            .map(|w| match w.strip_prefix("peer=") {
+                Some(peer) => format!("peer={}", peer.split(':').next().unwrap_or(peer)),
+                None => (*w).to_owned(),
+            })
+            .collect();
+        seen.insert(format!("{mode} {extra:?}"), view.join(" "));
+        istio(mode, extra, true);
+    }
+    let expect = |key: &str, what: &str| {
+        assert_eq!(seen[key], what, "{key}: {seen:#?}");
+    };
+    let survived = format!("answer=inbound peer={PEER_IP} local={POD_IP}:15006 odst={to}");
+    expect("iptables []", "reset=ECONNRESET");
+    expect("iptables [\"--drop-invalid\"]", &survived);
+    expect("ebpf []", &survived);
+    expect("ebpf [\"--drop-invalid\"]", &survived);
+}

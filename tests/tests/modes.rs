@@ -1,7 +1,8 @@
 //! `redirect istio-iptables --mode`: eBPF when this node and the flags allow
 //! it, iptables otherwise (auto says why), and `--mode ebpf` refusing what
-//! eBPF mode cannot honour yet (`-c`, `-k`, DNS capture, IPv6 rules). Both backends take their decisions from the
-//! same istio-iptables configuration.
+//! eBPF mode cannot honour yet (`-c`, `-k`, DNS capture, IPv6 rules). Both
+//! backends take their decisions from the same istio-iptables
+//! configuration; auto's choice for each of Istio's golden configurations.
 
 use std::process::Command;
 
@@ -243,4 +244,115 @@ fn the_network_namespace_comes_from_istios_variable() {
     let out = run(&["--cleanup-only"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(!has_istio_chains(&sandbox));
+}
+
+/// The golden configurations auto mode installs with eBPF on a kernel that
+/// has every eBPF feature (the others name, in auto's reason, what eBPF
+/// mode lacks for them: IPv6, DNS capture, TPROXY, `-c`, `-k`).
+const EBPF_GOLDENS: &[&str] = &[
+    "empty",
+    "ipnets",
+    "inbound-ports-include",
+    "inbound-ports-wildcard",
+    "outbound-owner-groups",
+    "outbound-ports-include",
+    "outbound-owner-groups-exclude",
+    "drop-invalid",
+    "host-ipv4-loopback-cidr",
+];
+
+/// Each of Istio's golden configurations with `--mode auto` in a sandbox
+/// pod on this machine: what auto installs, and its reason when that is
+/// not eBPF. Owner group names the goldens use and this machine lacks
+/// (`java`, `ftp`) are given to the run in a private mount namespace, so
+/// that every configuration applies.
+#[test]
+fn auto_mode_over_istios_golden_configurations() {
+    require_root!();
+    let Some(cases) = redirect_sandbox::conformance::cases() else {
+        redirect_sandbox::skip_or_fail(&format!(
+            "no Istio conformance data at {}",
+            redirect_sandbox::conformance::dir().display()
+        ));
+        return;
+    };
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let scratch = std::env::temp_dir().join(format!("{}-goldens", sandbox.name()));
+    std::fs::create_dir_all(&scratch).expect("scratch");
+    // This machine's groups, and the goldens' names it lacks.
+    let mut groups = std::fs::read_to_string("/etc/group").expect("/etc/group");
+    for (name, gid) in [("java", 60_101), ("ftp", 60_102)] {
+        if !groups.lines().any(|l| l.starts_with(&format!("{name}:"))) {
+            groups.push_str(&format!("{name}:x:{gid}:\n"));
+        }
+    }
+    let group_file = scratch.join("group");
+    std::fs::write(&group_file, groups).expect("group file");
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let run = |case: &redirect_sandbox::conformance::Case, cleanup: bool| -> Outcome {
+        let resolv = scratch.join(format!("{}.resolv", case.name));
+        std::fs::write(&resolv, case.resolv_conf()).expect("resolv.conf");
+        let mut cmd = Command::new("unshare");
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(case.env.iter().cloned())
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg("mount --bind \"$0\" /etc/group && exec \"$@\"")
+            .arg(&group_file)
+            .arg(redirect_bin())
+            .args(["istio-iptables", "--mode", "auto"])
+            .arg(format!("--ipv6={}", case.ipv6))
+            .args(["--netns", &sandbox.netns_path(Net::Pod)])
+            .args(["--cgroup", &cgroup, "--instance", sandbox.name()])
+            .arg("--resolv-conf")
+            .arg(&resolv)
+            .args(&case.args);
+        if cleanup {
+            cmd.arg("--cleanup-only");
+        }
+        outcome(&mut cmd).expect("run redirect")
+    };
+    let (mut ebpf, mut report) = (Vec::new(), Vec::new());
+    for case in &cases {
+        let out = run(case, false);
+        assert_eq!(out.code, 0, "{}: {out:?}", case.name);
+        if out.stdout.contains("with eBPF") {
+            assert!(
+                sandbox.is_pinned() && !has_istio_chains(&sandbox),
+                "{}",
+                case.name
+            );
+            ebpf.push(case.name.as_str());
+            report.push(format!("  {}: eBPF", case.name));
+        } else {
+            let why = out
+                .stderr
+                .lines()
+                .find_map(|l| l.strip_prefix("redirect: auto mode: "))
+                .unwrap_or_else(|| panic!("{}: auto gave no reason: {out:?}", case.name));
+            assert!(!sandbox.is_pinned(), "{}", case.name);
+            report.push(format!("  {}: {why}", case.name));
+        }
+        let out = run(case, true);
+        assert_eq!(out.code, 0, "{} cleanup: {out:?}", case.name);
+        assert!(
+            !sandbox.is_pinned() && !has_istio_chains(&sandbox),
+            "{}: cleaned up",
+            case.name
+        );
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    eprintln!(
+        "auto chose eBPF for {}/{} golden configurations:\n{}",
+        ebpf.len(),
+        cases.len(),
+        report.join("\n")
+    );
+    let missing: Vec<&&str> = EBPF_GOLDENS.iter().filter(|c| !ebpf.contains(c)).collect();
+    assert!(missing.is_empty(), "no longer eBPF: {missing:?}");
+    let unlisted: Vec<&&str> = ebpf.iter().filter(|c| !EBPF_GOLDENS.contains(c)).collect();
+    assert!(
+        unlisted.is_empty(),
+        "eBPF now, add to EBPF_GOLDENS: {unlisted:?}"
+    );
 }

@@ -139,7 +139,6 @@ fn not_honoured(capture: &Capture) -> Vec<&'static str> {
             "-k/--kube-virt-interfaces",
         ),
         (capture.dns.is_some(), "--redirect-dns (DNS capture)"),
-        (capture.drop_invalid, "--drop-invalid"),
         (
             capture.tproxy,
             "-m TPROXY (TPROXY needs netfilter: the mark 1337 rules, the fwmark route to the local \
