@@ -17,7 +17,7 @@ use redirect_common::{
 
 use crate::{
     maps::{RDR_EVENTS, RDR_SOCK, active, count, store},
-    net::{AF_INET, AF_INET6, ALLOW, read_ip6},
+    net::{AF_INET, AF_INET6, ALLOW, read_ip6, write_ip6},
 };
 
 /// `LOOPBACK_IFINDEX`: `lo` is interface 1 in every network namespace.
@@ -48,7 +48,12 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
     let sk = unsafe { &*addr.__bindgen_anon_1.sk };
     let src_ip = sk.src_ip4;
-    if let Some(port) = capture(&ctx, sk, addr.type_, addr.user_ip4, addr.user_port, src_ip) {
+    if let Some((port, source)) =
+        capture(&ctx, sk, addr.type_, addr.user_ip4, addr.user_port, src_ip)
+    {
+        if let Some(src) = source {
+            keep_source(bind_source(&ctx, sk.family, src));
+        }
         addr.user_ip4 = LOCALHOST;
         addr.user_port = u32::from(port.to_be());
     }
@@ -73,36 +78,32 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
     let sk = unsafe { &*addr.__bindgen_anon_1.sk };
     let src_ip = v4_mapped(&read_ip6(&raw const sk.src_ip6)).unwrap_or(0);
-    if let Some(port) = capture(&ctx, sk, addr.type_, dst, addr.user_port, src_ip) {
-        let proxy = to_v4_mapped(LOCALHOST);
-        let w = (&raw mut addr.user_ip6).cast::<u32>();
-        // SAFETY: four 4-byte stores into the writable user_ip6 field.
-        unsafe {
-            core::ptr::write_volatile(w, proxy[0]);
-            core::ptr::write_volatile(w.add(1), proxy[1]);
-            core::ptr::write_volatile(w.add(2), proxy[2]);
-            core::ptr::write_volatile(w.add(3), proxy[3]);
+    if let Some((port, source)) = capture(&ctx, sk, addr.type_, dst, addr.user_port, src_ip) {
+        if let Some(src) = source {
+            keep_source(bind_source(&ctx, sk.family, src));
         }
+        write_ip6((&raw mut addr.user_ip6).cast(), to_v4_mapped(LOCALHOST));
         addr.user_port = u32::from(port.to_be());
     }
     ALLOW
 }
 
-/// Decides one connect to `dst_ip` (network order; `user_port` as the
-/// context holds it, the __be16 in its low 16 bits) and, when it is
-/// captured, binds the socket to the source the kernel would have chosen
-/// and records the original destination in the socket's storage.
-/// `src_ip` is the address the socket is bound to (0: none). Returns the
-/// proxy port to rewrite to.
+/// Decides one connect (or UDP send) to `dst_ip` (network order;
+/// `user_port` as the context holds it, the __be16 in its low 16 bits)
+/// and, when it is captured, records the original destination in the
+/// socket's storage. `src_ip` is the address the socket is bound to (0:
+/// none). Returns the port to rewrite to, and the source the kernel would
+/// have chosen for the original destination when the caller must set it
+/// (see [`redirect_source`]).
 #[inline(always)]
-fn capture(
+pub(crate) fn capture(
     ctx: &SockAddrContext,
     sk: &bpf_sock,
     sock_type: u32,
     dst_ip: u32,
     user_port: u32,
     src_ip: u32,
-) -> Option<u16> {
+) -> Option<(u16, Option<u32>)> {
     let (cfg, maps) = active()?;
     let uid_gid = bpf_get_current_uid_gid();
     let input = ConnectInput {
@@ -117,7 +118,10 @@ fn capture(
     let verdict = decide_connect(&input, cfg, &maps);
     let level = cfg.log_level;
     let report = |counter: Counter, proxy_port: u16| {
-        let redirect = matches!(counter, Counter::Redirected | Counter::Hairpin);
+        let redirect = matches!(
+            counter,
+            Counter::Redirected | Counter::Hairpin | Counter::DnsRedirected
+        );
         if level >= LOG_TRACE || (level >= LOG_DEBUG && redirect) {
             let event = Event {
                 counter: counter as u32,
@@ -137,19 +141,15 @@ fn capture(
             None
         }
         Verdict::Redirect { port, counter } => {
-            match redirect_source(&input, cfg, &maps) {
+            let source = match redirect_source(&input, cfg, &maps) {
                 Source::Refused => {
                     count(Counter::KernelRefuses);
                     report(Counter::KernelRefuses, 0);
                     return None;
                 }
-                Source::Bind(src) => {
-                    if bind_source(ctx, sk.family, src) != 0 {
-                        count(Counter::SourceNotKept);
-                    }
-                }
-                Source::Kernel => {}
-            }
+                Source::Bind(src) => Some(src),
+                Source::Kernel => None,
+            };
             let mut orig = OrigDst::new(input.effective_dst(), input.dst_port);
             // SAFETY: the context's socket; the value is copied in when created.
             let slot = unsafe { RDR_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
@@ -159,12 +159,22 @@ fn capture(
                 count(Counter::RecordFailed);
                 return None;
             }
-            // A socket that connects again keeps its storage: overwrite it.
+            // A socket that connects (or sends) again keeps its storage:
+            // overwrite it.
             store(slot, &orig);
             count(counter);
             report(counter, port);
-            Some(port)
+            Some((port, source))
         }
+    }
+}
+
+/// Counts a redirected socket that could not be given its source
+/// (`rc`: what setting it returned, 0 for success).
+#[inline(always)]
+pub(crate) fn keep_source(rc: i64) {
+    if rc != 0 {
+        count(Counter::SourceNotKept);
     }
 }
 

@@ -6,6 +6,9 @@
 //!   `ISTIO_OUTPUT` chain; captured connects are rewritten to
 //!   `127.0.0.1:<proxy port>`, the original destination kept in the
 //!   socket's own storage.
+//! - [`dns`] (`cgroup/sendmsg4/6`, `cgroup/recvmsg4/6`): Istio's
+//!   `ISTIO_OUTPUT_DNS` for UDP sockets that send without connecting, and
+//!   the reverse NAT of captured DNS replies.
 //! - [`sockops`] (`sockops`): conntrack's bookkeeping for redirected
 //!   connections (the record under the connection's 4-tuple once
 //!   established, released at close), and the proxy's inbound listener
@@ -30,6 +33,7 @@
 #![feature(core_intrinsics)]
 
 mod connect;
+mod dns;
 mod getpeername;
 mod getsockopt;
 mod maps;

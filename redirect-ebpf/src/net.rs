@@ -8,6 +8,7 @@ pub(crate) const ALLOW: i32 = 1;
 pub(crate) const AF_INET: u32 = 2;
 pub(crate) const AF_INET6: u32 = 10;
 pub(crate) const IPPROTO_TCP: u32 = 6;
+pub(crate) const IPPROTO_UDP: u32 = 17;
 
 /// Reads an IPv6 address from a context, one 4-byte load per word (the
 /// verifier refuses wider loads of these fields on older kernels).
@@ -22,6 +23,18 @@ pub(crate) fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
             core::ptr::read_volatile(w.add(2)),
             core::ptr::read_volatile(w.add(3)),
         ]
+    }
+}
+
+/// Writes an IPv6 address into a context field, one 4-byte store per word.
+#[inline(always)]
+pub(crate) fn write_ip6(w: *mut u32, ip: [u32; 4]) {
+    // SAFETY: `w` points at a writable 16-byte context field.
+    unsafe {
+        core::ptr::write_volatile(w, ip[0]);
+        core::ptr::write_volatile(w.add(1), ip[1]);
+        core::ptr::write_volatile(w.add(2), ip[2]);
+        core::ptr::write_volatile(w.add(3), ip[3]);
     }
 }
 

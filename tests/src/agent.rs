@@ -42,6 +42,10 @@
 //!     the reply to its end, close), each timed; prints one JSON object:
 //!     count, errors, secs, cpu_secs (this process's CPU time), p50_us,
 //!     p99_us, and the first reply's first line
+//! agent [...] dns-serve --listen IP:PORT --reply NAME
+//!     a DNS stand-in on UDP and TCP (see [`crate::dns`])
+//! agent [...] dns-query --to IP:PORT --how sendto|connected|tcp [--family6]
+//!     one query, and what the app observed of it (see [`crate::dns::query`])
 //! agent [...] invalid-segment --to IP:PORT
 //!     connect, send a segment conntrack calls INVALID into the connection
 //!     (see [`crate::segment`]), then one byte; print `answer=<the
@@ -198,6 +202,15 @@ fn run(args: &[String]) -> Result<()> {
                     read: ms(read),
                 },
             )
+        }
+        Some("dns-serve") => {
+            crate::dns::serve(args.req("--listen")?.parse()?, args.req("--reply")?)
+        }
+        Some("dns-query") => {
+            let to = args.req("--to")?.parse()?;
+            let how = args.req("--how")?.parse()?;
+            println!("{}", crate::dns::query(to, how, args.flag("--family6")));
+            Ok(())
         }
         Some("invalid-segment") => {
             let to = args.req("--to")?.parse()?;

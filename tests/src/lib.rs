@@ -21,6 +21,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod cli;
 pub mod conformance;
+pub mod dns;
 pub mod netns;
 pub mod segment;
 pub mod witness;

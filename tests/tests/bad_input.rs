@@ -46,7 +46,7 @@ fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
     for (extra, needle) in [
         (
             &["--redirect-dns"][..],
-            "eBPF capture cannot honour --redirect-dns (DNS capture) yet: run `redirect istio-iptables`",
+            "install and run do not read the pod's resolv.conf: capture DNS with `redirect istio-iptables --redirect-dns`",
         ),
         (&["-k", "eth1"], "-k/--kube-virt-interfaces"),
         (&["-c", "eth1"], "-c/--istio-exclude-interfaces"),

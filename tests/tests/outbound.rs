@@ -146,6 +146,10 @@ fn capture_outlives_the_installer_and_uninstall_removes_everything() {
             "getpeername6",
             "getsockname4",
             "getsockname6",
+            "recvmsg4",
+            "recvmsg6",
+            "sendmsg6",
+            "sendmsg4",
             "connect6",
             "connect4"
         ]

@@ -14,7 +14,7 @@ pub const MAX_GROUPS: usize = 8;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 /// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
 /// ports together).
@@ -28,6 +28,12 @@ pub const MAX_LOCAL_ADDRS: u32 = 256;
 /// How many routes (and fixed broadcast and multicast entries) one
 /// configuration's routing view can hold.
 pub const MAX_ROUTES: u32 = 1024;
+/// How many IPv4 nameservers (`--redirect-dns`: resolv.conf's) the config
+/// can hold. glibc reads three; more send auto mode to iptables.
+pub const MAX_DNS_SERVERS: usize = 8;
+/// Istio's DNS proxy port (`istio-iptables` has it fixed): where captured
+/// DNS goes.
+pub const DNS_PROXY_PORT: u16 = 15053;
 /// How many listeners on the inbound port are kept (an `SO_REUSEPORT`
 /// group, or listeners on several addresses): any live one receives.
 pub const LISTENER_SLOTS: u32 = 16;
@@ -85,6 +91,8 @@ pub const fn lru_entries(wanted: u32, possible_cpus: u32) -> u32 {
 
 /// `SOCK_STREAM`, as in `bpf_sock_addr.type`.
 pub const SOCK_STREAM: u32 = 1;
+/// `SOCK_DGRAM`, as in `bpf_sock_addr.type`.
+pub const SOCK_DGRAM: u32 = 2;
 
 /// The capture configuration, one entry in the `RDR_CONFIG` array map.
 #[repr(C)]
@@ -128,6 +136,14 @@ pub struct RedirectConfig {
     /// (`SO_BINDTODEVICE`) sending to a non-loopback address: the pod's
     /// first address (`lo`'s own are host-scoped). Network order; 0: none.
     pub lo_source: u32,
+    /// Where captured DNS goes (`127.0.0.1:<dns_port>`, Istio's 15053),
+    /// with [`CFG_DNS`].
+    pub dns_port: u16,
+    /// Number of valid entries in `dns_servers`.
+    pub dns_server_count: u16,
+    /// The resolv.conf nameservers whose port 53 is captured (without
+    /// [`CFG_DNS_ALL`]). Network order.
+    pub dns_servers: [u32; MAX_DNS_SERVERS],
 }
 
 /// `-i '*'`: every destination not excluded is captured.
@@ -142,6 +158,13 @@ pub const CFG_INBOUND: u32 = 8;
 /// `-b '*'`: every inbound port not excluded (`-d`) is captured; else only
 /// the ports flagged [`PORT_IN_INCLUDE`].
 pub const CFG_INBOUND_ALL: u32 = 16;
+
+/// `--redirect-dns`: DNS to the nameservers (or, with [`CFG_DNS_ALL`],
+/// anywhere) goes to the proxy's DNS port, and the `-o lo` owner rules
+/// take Istio's DNS forms.
+pub const CFG_DNS: u32 = 32;
+/// `--capture-all-dns`: port 53 of every destination.
+pub const CFG_DNS_ALL: u32 = 64;
 
 /// `-o`: an outbound port never captured.
 pub const PORT_EXCLUDE: u8 = 1;
@@ -322,6 +345,13 @@ pub enum Counter {
     /// `getsockname()` of the proxy's end of an inbound capture answered
     /// with the inbound port, as after REDIRECT.
     SocknameRedirected = 32,
+    /// DNS (UDP or TCP port 53) sent to the proxy's DNS port
+    /// (`ISTIO_OUTPUT_DNS`).
+    DnsRedirected = 33,
+    /// A datagram from the proxy's DNS port to a socket whose DNS was
+    /// captured, shown as coming from the nameserver it was sent to (what
+    /// conntrack's reverse NAT does).
+    DnsReplyRestored = 34,
 }
 
 impl Counter {
@@ -359,6 +389,8 @@ impl Counter {
         Self::SourceNotKept,
         Self::OrigDstUnredirected,
         Self::SocknameRedirected,
+        Self::DnsRedirected,
+        Self::DnsReplyRestored,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -397,12 +429,14 @@ impl Counter {
             Self::SourceNotKept => "source_not_kept",
             Self::OrigDstUnredirected => "orig_dst_unredirected",
             Self::SocknameRedirected => "sockname_redirected",
+            Self::DnsRedirected => "dns_redirected",
+            Self::DnsReplyRestored => "dns_reply_restored",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 33;
+pub const COUNTER_COUNT: u32 = 35;
 
 /// 127.0.0.1 in network byte order: where redirected connects are sent.
 pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);

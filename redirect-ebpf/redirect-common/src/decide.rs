@@ -63,15 +63,15 @@ pub trait Lookups {
     fn route_source(&self, ip: u32) -> Option<u32>;
 }
 
-/// Decides one outbound TCP `connect()` by walking Istio's `ISTIO_OUTPUT`
-/// chain in its order (istio-iptables' rules for this configuration; the
-/// DNS, TPROXY and interface rules are not expressible here and refused
-/// before install). `-o lo` is "the destination is local" (127.0.0.0/8 or
+/// Decides one outbound `connect()` (or, for UDP, `sendmsg()`) by walking
+/// Istio's `ISTIO_OUTPUT` chain in its order (istio-iptables' rules for
+/// this configuration; the TPROXY and interface rules are not expressible
+/// here and refused before install). `-o lo` is "the destination is local" (127.0.0.0/8 or
 /// one of the pod's addresses) or "the socket is bound to `lo`". `LO` is the loopback CIDR, `U`/`G` each
 /// proxy UID/GID in turn:
 ///
 /// ```text
-/// -A OUTPUT -p tcp -j ISTIO_OUTPUT                                          (not_tcp otherwise)
+/// -A OUTPUT -j ISTIO_OUTPUT            (only DNS capture redirects UDP: not_tcp otherwise)
 /// -A ISTIO_OUTPUT -p tcp --dport P -j RETURN          for P in -o           (bypass_port)
 /// -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN                           (bypass_passthrough)
 /// -A ISTIO_OUTPUT -o lo ! -d LO -p tcp ! --dport 15008 -m owner --uid-owner U -j ISTIO_IN_REDIRECT (hairpin)
@@ -79,6 +79,10 @@ pub trait Lookups {
 /// -A ISTIO_OUTPUT -m owner --uid-owner U -j RETURN                          (bypass_uid)
 ///   ... the same three for each G with --gid-owner                         (hairpin, bypass_local, bypass_gid)
 /// -A ISTIO_OUTPUT -m owner --gid-owner X -j RETURN    owner groups          (bypass_group)
+/// -A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS                 --redirect-dns:
+/// -A ISTIO_OUTPUT_DNS -p tcp --dport 53 -d NS -j REDIRECT --to-ports 15053  (dns_redirected)
+/// -A ISTIO_OUTPUT_DNS -p udp --dport 53 -d NS -j REDIRECT --to-port 15053   (dns_redirected)
+///                       (for NS in resolv.conf; without -d: --capture-all-dns)
 /// -A ISTIO_OUTPUT -d LO -j RETURN                                           (bypass_loopback)
 /// -A ISTIO_OUTPUT -d C -j RETURN                      for C in -x           (bypass_cidr)
 /// -A ISTIO_OUTPUT -p tcp --dport P -j ISTIO_REDIRECT  for P in -q           (redirected)
@@ -86,6 +90,10 @@ pub trait Lookups {
 ///                                                     otherwise             (not_included)
 /// ```
 ///
+/// With `--redirect-dns` the proxy UIDs' hairpin also spares TCP port 53
+/// (`-m multiport ! --dports 53,15008`) and the return of other owners'
+/// local traffic is `-o lo -p tcp ! --dport 53 ...`, so that UDP and TCP
+/// DNS to a local resolver (127.0.0.53) reach `ISTIO_OUTPUT_DNS`.
 ///
 /// The input's destination is taken as the kernel's route lookup leaves it
 /// ([`ConnectInput::effective_dst`]), since the rules see the packet after it.
@@ -160,7 +168,11 @@ pub fn redirect_source(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl L
 /// The nat `ISTIO_OUTPUT` chain (see [`decide_connect`]).
 #[inline(always)]
 fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
-    if input.sock_type != SOCK_STREAM {
+    let tcp = input.sock_type == SOCK_STREAM;
+    let dns = cfg.flags & CFG_DNS != 0;
+    // Only DNS capture redirects anything but TCP.
+    let dns_udp = dns && input.sock_type == SOCK_DGRAM;
+    if !tcp && !dns_udp {
         return Verdict::Bypass(Counter::NotTcp);
     }
     let ports = maps.port_flags(input.dst_port);
@@ -173,9 +185,16 @@ fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -
         return Verdict::Bypass(Counter::BypassPassthrough);
     }
     let in_loopback = dst & cfg.loopback_mask == cfg.loopback_addr & cfg.loopback_mask;
+    let hairpin = tcp && local && !in_loopback && input.dst_port != cfg.tunnel_port;
     let lo = LoRules {
-        hairpin: local && !in_loopback && input.dst_port != cfg.tunnel_port,
-        return_others: local && cfg.flags & CFG_INCLUDE_LOOPBACK == 0,
+        // With DNS capture the UID form also spares TCP DNS
+        // (`-m multiport ! --dports 53,15008`); the GID form does not.
+        hairpin_uid: hairpin && !(dns && input.dst_port == DNS_PORT),
+        hairpin_gid: hairpin,
+        // With DNS capture: `-o lo -p tcp ! --dport 53 -m owner ! ... -j RETURN`.
+        return_others: local
+            && cfg.flags & CFG_INCLUDE_LOOPBACK == 0
+            && (!dns || (tcp && input.dst_port != DNS_PORT)),
         inbound_port: cfg.inbound_port,
     };
     // Two calls rather than a loop over (ids, ...) pairs: an array of
@@ -184,6 +203,7 @@ fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -
         &cfg.proxy_uids,
         cfg.uid_count,
         input.uid,
+        lo.hairpin_uid,
         Counter::BypassUid,
     ) {
         return verdict;
@@ -192,6 +212,7 @@ fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -
         &cfg.proxy_gids,
         cfg.gid_count,
         input.gid,
+        lo.hairpin_gid,
         Counter::BypassGid,
     ) {
         return verdict;
@@ -203,6 +224,20 @@ fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -
         }
     } else if in_groups {
         return Verdict::Bypass(Counter::BypassGroup);
+    }
+    if dns
+        && input.dst_port == DNS_PORT
+        && (cfg.flags & CFG_DNS_ALL != 0
+            || contains(&cfg.dns_servers, u32::from(cfg.dns_server_count), dst))
+    {
+        return Verdict::Redirect {
+            port: separate_load(&cfg.dns_port),
+            counter: Counter::DnsRedirected,
+        };
+    }
+    // The rest of the chain jumps only to `-p tcp` REDIRECT rules.
+    if !tcp {
+        return Verdict::Bypass(Counter::NotTcp);
     }
     if in_loopback {
         return Verdict::Bypass(Counter::BypassLoopback);
@@ -218,6 +253,19 @@ fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -
     }
     Verdict::Bypass(Counter::NotIncluded)
 }
+
+/// Reads a config field with a load of its own. Without it the compiler
+/// may merge the loads of two fields on different paths into one load at
+/// a computed offset, which the verifier refuses without CAP_PERFMON
+/// ("pointer arithmetic ... prohibited for !root").
+#[inline(always)]
+fn separate_load<T: Copy>(field: &T) -> T {
+    // SAFETY: a reference is valid for reads.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// The port DNS capture takes (`--dport 53`).
+pub const DNS_PORT: u16 = 53;
 
 /// Whether `ip` is one of the pod's own addresses: 127.0.0.0/8 or an
 /// address of its interfaces (what `-o lo` tests for a destination).
@@ -297,8 +345,11 @@ fn inbound_port_rules(port: u16, cfg: &RedirectConfig, maps: &impl Lookups) -> I
 
 /// What the `-o lo` owner rules need to know about one connect.
 struct LoRules {
-    /// `-o lo ! -d LO -p tcp ! --dport TUNNEL` holds.
-    hairpin: bool,
+    /// `-o lo ! -d LO -p tcp ! --dport TUNNEL` (and, with DNS capture,
+    /// `! --dport 53`) holds, in the UID form.
+    hairpin_uid: bool,
+    /// The same in the GID form.
+    hairpin_gid: bool,
     /// `-o lo -m owner ! --uid-owner X -j RETURN` is in the chain (and `-o lo` holds).
     return_others: bool,
     inbound_port: u16,
@@ -307,21 +358,23 @@ struct LoRules {
 impl LoRules {
     /// The three rules istio-iptables adds for each proxy UID (or GID) `X`,
     /// in order, for each of the first `count` entries of `ids`: the
-    /// hairpin to the inbound port, the return of other owners' local
-    /// traffic, the return of the proxy's own. `None`: no rule matched.
+    /// hairpin to the inbound port (when `hairpin` holds), the return of
+    /// other owners' local traffic, the return of the proxy's own. `None`:
+    /// no rule matched.
     #[inline(always)]
     fn owner_rules(
         &self,
         ids: &[u32; MAX_OWNERS],
         count: u32,
         id: u32,
+        hairpin: bool,
         bypass: Counter,
     ) -> Option<Verdict> {
         let mut i = 0;
         while i < MAX_OWNERS {
             if (i as u32) < count {
                 let owner = ids[i] == id;
-                if owner && self.hairpin {
+                if owner && hairpin {
                     return Some(Verdict::Redirect {
                         port: self.inbound_port,
                         counter: Counter::Hairpin,

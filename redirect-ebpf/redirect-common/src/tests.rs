@@ -26,6 +26,9 @@ fn istio_default() -> RedirectConfig {
         group_count: 0,
         owner_groups: [0; MAX_GROUPS],
         lo_source: 0,
+        dns_port: DNS_PROXY_PORT,
+        dns_server_count: 0,
+        dns_servers: [0; MAX_DNS_SERVERS],
     };
     cfg.proxy_uids[0] = 1337;
     cfg.proxy_gids[0] = 1337;
@@ -687,5 +690,133 @@ fn connects_to_the_unspecified_address_are_loopback_connects() {
             port: 15006,
             counter: Counter::Hairpin
         }
+    );
+}
+
+// ---- DNS capture (`--redirect-dns`, `--capture-all-dns`) ----------------
+
+/// Istio's sidecar defaults with `--redirect-dns` and the given nameservers.
+fn with_dns(servers: &[u32]) -> RedirectConfig {
+    let mut cfg = istio_default();
+    cfg.flags |= CFG_DNS;
+    cfg.dns_server_count = servers.len() as u16;
+    cfg.dns_servers[..servers.len()].copy_from_slice(servers);
+    cfg
+}
+
+fn dns_query(sock_type: u32, uid: u32, dst_ip: u32) -> ConnectInput {
+    ConnectInput {
+        sock_type,
+        uid,
+        gid: uid,
+        dst_port: 53,
+        ..app(dst_ip)
+    }
+}
+
+const DNS_REDIRECTED: Verdict = Verdict::Redirect {
+    port: DNS_PROXY_PORT,
+    counter: Counter::DnsRedirected,
+};
+
+#[test]
+fn dns_to_a_nameserver_goes_to_the_dns_port_over_udp_and_tcp() {
+    let ns = ip(10, 96, 0, 10);
+    let cfg = with_dns(&[ip(127, 0, 0, 53), ns]);
+    for sock_type in [SOCK_DGRAM, SOCK_STREAM] {
+        assert_eq!(
+            decide(&dns_query(sock_type, 1000, ns), &cfg),
+            DNS_REDIRECTED
+        );
+        // A local resolver too: the DNS forms of the `-o lo` rules let
+        // other owners' UDP and TCP port 53 reach ISTIO_OUTPUT_DNS.
+        let local = dns_query(sock_type, 1000, ip(127, 0, 0, 53));
+        assert_eq!(decide(&local, &cfg), DNS_REDIRECTED, "{sock_type}");
+    }
+}
+
+#[test]
+fn dns_to_other_servers_is_captured_only_with_capture_all() {
+    let other = ip(8, 8, 8, 8);
+    let mut cfg = with_dns(&[ip(10, 96, 0, 10)]);
+    // TCP to port 53 elsewhere is ordinary outbound traffic; UDP is not captured.
+    assert_eq!(
+        decide(&dns_query(SOCK_STREAM, 1000, other), &cfg),
+        REDIRECTED
+    );
+    assert_eq!(
+        decide(&dns_query(SOCK_DGRAM, 1000, other), &cfg),
+        Verdict::Bypass(Counter::NotTcp)
+    );
+    cfg.flags |= CFG_DNS_ALL;
+    for sock_type in [SOCK_DGRAM, SOCK_STREAM] {
+        assert_eq!(
+            decide(&dns_query(sock_type, 1000, other), &cfg),
+            DNS_REDIRECTED
+        );
+    }
+}
+
+#[test]
+fn the_proxys_own_dns_and_other_udp_are_left_alone() {
+    let ns = ip(10, 96, 0, 10);
+    let cfg = with_dns(&[ns]);
+    assert_eq!(
+        decide(&dns_query(SOCK_DGRAM, 1337, ns), &cfg),
+        Verdict::Bypass(Counter::BypassUid)
+    );
+    let mut udp = dns_query(SOCK_DGRAM, 1000, ns);
+    udp.dst_port = 54;
+    assert_eq!(decide(&udp, &cfg), Verdict::Bypass(Counter::NotTcp));
+    // Without --redirect-dns, UDP never enters the chain.
+    assert_eq!(
+        decide(&dns_query(SOCK_DGRAM, 1000, ns), &istio_default()),
+        Verdict::Bypass(Counter::NotTcp)
+    );
+}
+
+#[test]
+fn with_dns_the_proxy_uids_tcp_dns_to_its_pod_is_not_hairpinned_but_its_gids_is() {
+    let pod = ip(10, 0, 0, 1);
+    let sets = Sets {
+        local: vec![pod],
+        ..Sets::default()
+    };
+    let cfg = with_dns(&[]);
+    // -o lo ! -d 127.0.0.1/32 -p tcp -m multiport ! --dports 53,15008 --uid-owner 1337
+    let by_uid = ConnectInput {
+        gid: 4242,
+        ..dns_query(SOCK_STREAM, 1337, pod)
+    };
+    assert_eq!(
+        decide_connect(&by_uid, &cfg, &sets),
+        Verdict::Bypass(Counter::BypassUid)
+    );
+    // -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 --gid-owner 1337
+    let by_gid = ConnectInput {
+        uid: 4242,
+        gid: 1337,
+        ..dns_query(SOCK_STREAM, 4242, pod)
+    };
+    assert_eq!(
+        decide_connect(&by_gid, &cfg, &sets),
+        Verdict::Redirect {
+            port: 15006,
+            counter: Counter::Hairpin
+        }
+    );
+}
+
+#[test]
+fn excluded_ports_return_udp_dns_too() {
+    let ns = ip(10, 96, 0, 10);
+    let cfg = with_dns(&[ns]);
+    let sets = Sets {
+        ports: vec![(53, PORT_EXCLUDE)],
+        ..Sets::default()
+    };
+    assert_eq!(
+        decide_connect(&dns_query(SOCK_DGRAM, 1000, ns), &cfg, &sets),
+        Verdict::Bypass(Counter::BypassPort)
     );
 }

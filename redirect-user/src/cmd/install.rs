@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 
 use crate::{
     capture::Capture,
@@ -45,6 +45,11 @@ pub fn resolve(
 ) -> Result<(Capture, Cgroup, InstanceName)> {
     target.enter_netns()?;
     let capture = capture.resolve(netns::pod_addresses()?, log_level);
+    if capture.dns.is_some() {
+        bail!(
+            "install and run do not read the pod's resolv.conf: capture DNS with `redirect istio-iptables --redirect-dns` (eBPF mode included)"
+        );
+    }
     let cgroup = cgroup::resolve(&target.cgroup)?;
     let instance = target
         .instance

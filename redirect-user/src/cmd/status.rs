@@ -5,7 +5,7 @@
 use std::{fmt::Write as _, os::fd::AsFd as _, path::Path, process::ExitCode};
 
 use anyhow::{Result, bail};
-use redirect_common::{Counter, InstanceMeta, PORT_IN_EXCLUDE, PORT_IN_INCLUDE};
+use redirect_common::{Counter, DNS_PROXY_PORT, InstanceMeta, PORT_IN_EXCLUDE, PORT_IN_INCLUDE};
 use serde::Serialize;
 
 use crate::{
@@ -94,6 +94,9 @@ pub struct ConfigView {
     pub tunnel_port: u16,
     /// Inbound capture, `None` when off (`-b ''`).
     pub inbound: Option<InboundView>,
+    /// DNS capture, `None` without `--redirect-dns`: `*` (every
+    /// destination) or the nameservers.
+    pub dns: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -243,6 +246,17 @@ fn instance(name: &InstanceName) -> Result<Instance> {
             loopback_cidr: c.loopback.to_string(),
             inbound_port: c.inbound_port,
             tunnel_port: c.tunnel_port,
+            dns: c.dns.as_ref().map(|d| {
+                if d.all {
+                    "*".to_owned()
+                } else {
+                    d.servers
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }
+            }),
         }),
         counters,
         tracked: Tracked { established },
@@ -331,7 +345,9 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
         },
     );
     match counter {
-        Counter::NotTcp => "-A OUTPUT -p tcp -j ISTIO_OUTPUT  (not TCP: never enters)".into(),
+        Counter::NotTcp => {
+            "(not TCP: nothing but DNS capture's ISTIO_OUTPUT_DNS redirects other protocols)".into()
+        }
         Counter::BypassUid => format!("-A ISTIO_OUTPUT -m owner --uid-owner {uids} -j RETURN"),
         Counter::BypassGid => format!("-A ISTIO_OUTPUT -m owner --gid-owner {gids} -j RETURN"),
         Counter::BypassLoopback => format!("-A ISTIO_OUTPUT -d {loopback} -j RETURN"),
@@ -414,6 +430,23 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
         Counter::SourceNotKept => {
             "(bpf_bind failed: a redirected connection left from 127.0.0.1)".into()
         }
+        Counter::DnsRedirected => match cfg.and_then(|c| c.dns.as_ref()) {
+            None => "(no --redirect-dns: rule absent)".into(),
+            Some(dns) if dns.all => {
+                format!("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port {DNS_PROXY_PORT}  (and -p tcp)")
+            }
+            Some(dns) => format!(
+                "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d {} -j REDIRECT --to-port {DNS_PROXY_PORT}  (and -p tcp)",
+                dns.servers
+                    .iter()
+                    .map(|s| format!("{s}/32"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        },
+        Counter::DnsReplyRestored => {
+            "(conntrack: a captured DNS reply shows the nameserver as its source)".into()
+        }
         Counter::RecordEvicted => {
             "(record evicted: more connections open than --max-connections; SO_ORIGINAL_DST missed)"
                 .into()
@@ -470,6 +503,12 @@ pub fn render(status: &Status) -> String {
                     ids(&c.proxy_gids),
                     c.loopback_cidr
                 );
+                if let Some(dns) = &c.dns {
+                    let _ = writeln!(
+                        out,
+                        "  dns          port 53 of {dns} to 127.0.0.1:{DNS_PROXY_PORT} (UDP and TCP)"
+                    );
+                }
             }
             None => out.push_str("  config       (not written)\n"),
         }

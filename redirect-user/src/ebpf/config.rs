@@ -5,9 +5,9 @@
 use std::net::Ipv4Addr;
 
 use redirect_common::{
-    ABI_VERSION, CFG_GROUPS_ONLY, CFG_INBOUND, CFG_INBOUND_ALL, CFG_INCLUDE_ALL,
-    CFG_INCLUDE_LOOPBACK, MAX_CIDRS, MAX_GROUPS, MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORTS,
-    MAX_ROUTES, RedirectConfig,
+    ABI_VERSION, CFG_DNS, CFG_DNS_ALL, CFG_GROUPS_ONLY, CFG_INBOUND, CFG_INBOUND_ALL,
+    CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, DNS_PROXY_PORT, MAX_CIDRS, MAX_DNS_SERVERS, MAX_GROUPS,
+    MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORTS, MAX_ROUTES, RedirectConfig,
 };
 
 pub use super::routes::RouteSource;
@@ -62,6 +62,8 @@ pub struct Config {
     pub routes: Vec<RouteSource>,
     /// Inbound capture (`-b` not empty), or `None`.
     pub inbound: Option<Inbound>,
+    /// DNS capture (`--redirect-dns`), or `None`.
+    pub dns: Option<Dns>,
     /// Capacity of the original-destination maps (`--max-connections`):
     /// redirected connections open at once. Fixed when an instance is
     /// first installed.
@@ -69,6 +71,16 @@ pub struct Config {
     /// Which decisions the programs report in `RDR_EVENTS` (see
     /// `redirect_common::LOG_DEBUG`; 0 = none).
     pub log_level: u8,
+}
+
+/// Which DNS is captured (Istio's `ISTIO_OUTPUT_DNS`): UDP and TCP port
+/// 53 to the nameservers, or to any address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dns {
+    /// `--capture-all-dns`: every destination's port 53.
+    pub all: bool,
+    /// resolv.conf's IPv4 nameservers.
+    pub servers: Vec<Ipv4Addr>,
 }
 
 /// Which inbound connections are captured (Istio `-b`, `-d`; REDIRECT
@@ -106,6 +118,7 @@ impl Default for Config {
             local_addrs: Vec::new(),
             routes: Vec::new(),
             inbound: None,
+            dns: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             log_level: 0,
         }
@@ -137,6 +150,8 @@ impl Config {
                     self.inbound.as_ref().is_some_and(|i| i.all),
                     CFG_INBOUND_ALL,
                 ),
+                (self.dns.is_some(), CFG_DNS),
+                (self.dns.as_ref().is_some_and(|d| d.all), CFG_DNS_ALL),
             ]
             .iter()
             .filter(|(on, _)| *on)
@@ -147,11 +162,22 @@ impl Config {
                 .local_addrs
                 .first()
                 .map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            dns_port: DNS_PROXY_PORT,
+            dns_server_count: self.dns_servers().len() as u16,
+            dns_servers: [0; MAX_DNS_SERVERS],
         };
         out.proxy_uids[..self.proxy_uids.len()].copy_from_slice(&self.proxy_uids);
         out.proxy_gids[..self.proxy_gids.len()].copy_from_slice(&self.proxy_gids);
         out.owner_groups[..self.owner_groups.len()].copy_from_slice(&self.owner_groups);
+        for (slot, server) in out.dns_servers.iter_mut().zip(self.dns_servers()) {
+            *slot = u32::from_ne_bytes(server.octets());
+        }
         out
+    }
+
+    /// The nameservers whose DNS is captured (none without DNS capture).
+    pub fn dns_servers(&self) -> &[Ipv4Addr] {
+        self.dns.as_ref().map_or(&[], |d| d.servers.as_slice())
     }
 
     /// Checks the limits of the kernel maps (the list lengths); `to_bpf`
@@ -183,6 +209,11 @@ impl Config {
                 MAX_LOCAL_ADDRS as usize,
             ),
             ("routes", self.routes.len(), MAX_ROUTES as usize),
+            (
+                "IPv4 nameservers",
+                self.dns_servers().len(),
+                MAX_DNS_SERVERS,
+            ),
         ];
         for (what, n, max) in limits {
             if n > max {
@@ -218,6 +249,13 @@ impl Config {
                 all: raw.flags & CFG_INBOUND_ALL != 0,
                 ..Inbound::default()
             }),
+            dns: (raw.flags & CFG_DNS != 0).then(|| Dns {
+                all: raw.flags & CFG_DNS_ALL != 0,
+                servers: raw.dns_servers[..(raw.dns_server_count as usize).min(MAX_DNS_SERVERS)]
+                    .iter()
+                    .map(|s| Ipv4Addr::from(s.to_ne_bytes()))
+                    .collect(),
+            }),
             ..Self::default()
         }
     }
@@ -241,6 +279,10 @@ mod tests {
             owner_groups: vec![5],
             groups_only: true,
             include_all: false,
+            dns: Some(Dns {
+                all: false,
+                servers: vec![Ipv4Addr::new(10, 96, 0, 10), Ipv4Addr::new(127, 0, 0, 53)],
+            }),
             ..Config::default()
         };
         let back = Config::from_bpf(&cfg.to_bpf());
@@ -251,6 +293,7 @@ mod tests {
         assert_eq!(back.inbound_port, 15016);
         assert_eq!(back.owner_groups, vec![5]);
         assert!(back.groups_only && !back.include_all && !back.include_loopback);
+        assert_eq!(back.dns, cfg.dns);
     }
 }
 

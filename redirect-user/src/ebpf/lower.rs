@@ -4,7 +4,7 @@
 
 use redirect_common::{MAX_GROUPS, MAX_OWNERS};
 
-use super::config::{Config, Inbound};
+use super::config::{Config, Dns, Inbound};
 use crate::{
     capture::{Capture, InboundPorts, OwnerGroups, PortList},
     host::{Host, resolve_owner},
@@ -83,6 +83,22 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         ports,
         exclude: inbound_exclude,
     });
+    let dns = capture.dns.as_ref().map(|dns| Dns {
+        all: dns.capture_all,
+        // resolv.conf's IPv6 nameservers are IPv6 rules' (refused above
+        // when IPv6 is on, unused without it).
+        servers: dns
+            .v4
+            .iter()
+            .filter_map(|server| match server.parse() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    unsupported.push(format!("the nameserver {server:?} (not an IPv4 address)"));
+                    None
+                }
+            })
+            .collect(),
+    });
     let routes = host.routes().unwrap_or_else(|err| {
         unsupported.push(format!("{err:#}"));
         Vec::new()
@@ -114,6 +130,7 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         local_addrs: capture.pod_addresses.clone(),
         routes,
         inbound,
+        dns,
         max_connections: capture.max_connections,
         log_level: capture.log_level,
     };
@@ -138,7 +155,6 @@ fn not_honoured(capture: &Capture) -> Vec<&'static str> {
             !capture.kube_virt_interfaces.is_empty(),
             "-k/--kube-virt-interfaces",
         ),
-        (capture.dns.is_some(), "--redirect-dns (DNS capture)"),
         (
             capture.tproxy,
             "-m TPROXY (TPROXY needs netfilter: the mark 1337 rules, the fwmark route to the local \

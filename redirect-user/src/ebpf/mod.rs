@@ -165,6 +165,50 @@ pub const GETSOCKNAME6: Hook = Hook {
     mirrors: "REDIRECT moves inbound connections to the inbound port",
 };
 
+pub const SENDMSG4: Hook = Hook {
+    program: "redirect_sendmsg4",
+    name: "sendmsg4",
+    feature: "cgroup/sendmsg4",
+    kind: Kind::SockAddr,
+    attach_type: 14, // BPF_CGROUP_UDP4_SENDMSG
+    min_kernel: (4, 18),
+    optional: false,
+    mirrors: "nat ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT (unconnected UDP)",
+};
+
+pub const SENDMSG6: Hook = Hook {
+    program: "redirect_sendmsg6",
+    name: "sendmsg6",
+    feature: "cgroup/sendmsg6",
+    kind: Kind::SockAddr,
+    attach_type: 15, // BPF_CGROUP_UDP6_SENDMSG
+    min_kernel: (4, 18),
+    optional: false,
+    mirrors: "the same for dual-stack sockets to ::ffff:a.b.c.d",
+};
+
+pub const RECVMSG4: Hook = Hook {
+    program: "redirect_recvmsg4",
+    name: "recvmsg4",
+    feature: "cgroup/recvmsg4",
+    kind: Kind::SockAddr,
+    attach_type: 19, // BPF_CGROUP_UDP4_RECVMSG
+    min_kernel: (5, 2),
+    optional: false,
+    mirrors: "conntrack's reverse NAT of captured DNS replies",
+};
+
+pub const RECVMSG6: Hook = Hook {
+    program: "redirect_recvmsg6",
+    name: "recvmsg6",
+    feature: "cgroup/recvmsg6",
+    kind: Kind::SockAddr,
+    attach_type: 20, // BPF_CGROUP_UDP6_RECVMSG
+    min_kernel: (5, 2),
+    optional: false,
+    mirrors: "the same for dual-stack sockets",
+};
+
 /// The inbound hook, attached to the pod's network namespace (not its
 /// cgroup) when inbound capture is configured: needed only for `-b`.
 pub const SK_LOOKUP: Hook = Hook {
@@ -186,13 +230,17 @@ pub fn all_hooks() -> impl Iterator<Item = Hook> {
 /// Every cgroup hook an instance attaches, in attach order: the ones that track
 /// and answer first, connect4 last, so that every connection it redirects
 /// is already tracked and answerable. Uninstall goes in reverse.
-pub const HOOKS: [Hook; 8] = [
+pub const HOOKS: [Hook; 12] = [
     SOCKOPS,
     GETSOCKOPT,
     GETPEERNAME4,
     GETPEERNAME6,
     GETSOCKNAME4,
     GETSOCKNAME6,
+    RECVMSG4,
+    RECVMSG6,
+    SENDMSG6,
+    SENDMSG4,
     CONNECT6,
     CONNECT4,
 ];

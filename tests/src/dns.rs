@@ -1,0 +1,174 @@
+//! DNS stand-ins for the DNS capture tests: the agent's `dns-serve` (a
+//! nameserver or the proxy's DNS listener, over UDP and TCP on one
+//! address) and `dns-query` (one query as an app makes it, and everything
+//! the app can observe of it).
+//!
+//! A "query" is a few bytes, and the answer names the server and what it
+//! saw: `NAME peer=<the query's source>` for UDP, plus `odst=<the
+//! connection's SO_ORIGINAL_DST>` for TCP (what Envoy's DNS listener would
+//! read). The test compares these lines between capture modes.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use socket2::{Domain, Socket, Type};
+
+use crate::agent::{errno_name, original_dst};
+
+/// How long a query waits for its answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Serves DNS stand-in answers on `listen`, UDP and TCP, until killed.
+/// Prints "ready" once both are bound.
+pub fn serve(listen: SocketAddr, name: &str) -> Result<()> {
+    let udp = UdpSocket::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
+    let tcp = {
+        let socket = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket
+            .bind(&listen.into())
+            .with_context(|| format!("binding TCP {listen}"))?;
+        socket.listen(128)?;
+        TcpListener::from(socket)
+    };
+    println!("ready");
+    std::io::stdout().flush()?;
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for stream in tcp.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
+                let mut query = Vec::new();
+                let _ = stream.read_to_end(&mut query);
+                let peer = stream
+                    .peer_addr()
+                    .map_or_else(|e| errno_name(&e), |a| a.to_string());
+                let _ = writeln!(
+                    stream,
+                    "{name} peer={peer} odst={}",
+                    original_dst(&stream).replace(' ', "_")
+                );
+            }
+        });
+        let mut buf = [0u8; 512];
+        loop {
+            let Ok((_, from)) = udp.recv_from(&mut buf) else {
+                continue;
+            };
+            let _ = udp.send_to(format!("{name} peer={from}").as_bytes(), from);
+        }
+    })
+}
+
+/// How a query is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum How {
+    /// An unconnected UDP socket: `sendto`, then `recvfrom`.
+    Sendto,
+    /// A connected UDP socket: `connect`, `send`, `recvfrom`.
+    Connected,
+    /// A TCP connection.
+    Tcp,
+}
+
+impl std::str::FromStr for How {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "sendto" => Self::Sendto,
+            "connected" => Self::Connected,
+            "tcp" => Self::Tcp,
+            other => bail!("unknown query kind {other:?}: sendto, connected or tcp"),
+        })
+    }
+}
+
+/// Makes one query to `to` (from an AF_INET6 socket to the IPv4-mapped
+/// address with `family6`) and says what the app observed: how it went,
+/// the socket's own address (`local=`), its peer for connected sockets
+/// (`peer=`), the answer's source (`from=`, UDP), then `| ` and the answer.
+pub fn query(to: SocketAddr, how: How, family6: bool) -> String {
+    match query_inner(to, how, family6) {
+        Ok(seen) => seen,
+        Err(err) => format!("error={}", err_name(&err)),
+    }
+}
+
+fn err_name(err: &anyhow::Error) -> String {
+    err.downcast_ref::<std::io::Error>()
+        .map_or_else(|| format!("{err:#}"), errno_name)
+}
+
+fn query_inner(to: SocketAddr, how: How, family6: bool) -> Result<String> {
+    let to: SocketAddr = match (to, family6) {
+        (SocketAddr::V4(v4), true) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        _ => to,
+    };
+    let domain = Domain::for_address(to);
+    let name = |a: std::io::Result<socket2::SockAddr>| -> String {
+        match a {
+            Ok(a) => a
+                .as_socket()
+                .map_or_else(|| "?".to_owned(), |a| a.to_string()),
+            Err(e) => errno_name(&e),
+        }
+    };
+    if how == How::Tcp {
+        let socket = Socket::new(domain, Type::STREAM, None)?;
+        if let Err(err) = socket.connect_timeout(&to.into(), ANSWER_TIMEOUT) {
+            return Ok(format!("connect={}", errno_name(&err)));
+        }
+        let seen = format!(
+            "connect=ok local={} peer={}",
+            name(socket.local_addr()),
+            name(socket.peer_addr())
+        );
+        let mut stream = TcpStream::from(socket);
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        stream.write_all(b"query\n")?;
+        // The server reads to the end: nothing it leaves unread resets the
+        // connection before its answer is read.
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        let read = stream.read_to_string(&mut answer);
+        return Ok(match read {
+            Ok(_) => format!("{seen} | {}", answer.trim()),
+            Err(err) => format!("{seen} | read={}", errno_name(&err)),
+        });
+    }
+    let socket = Socket::new(domain, Type::DGRAM, None)?;
+    socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    let mut seen = String::new();
+    if how == How::Connected {
+        if let Err(err) = socket.connect(&to.into()) {
+            return Ok(format!("connect={}", errno_name(&err)));
+        }
+        seen.push_str(&format!("connect=ok peer={} ", name(socket.peer_addr())));
+        if let Err(err) = socket.send(b"query") {
+            return Ok(format!("{seen}send={}", errno_name(&err)));
+        }
+    } else if let Err(err) = socket.send_to(b"query", &to.into()) {
+        return Ok(format!("sendto={}", errno_name(&err)));
+    }
+    seen.push_str(&format!("local={}", name(socket.local_addr())));
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 512];
+    match socket.recv_from(&mut buf) {
+        Ok((n, from)) => {
+            // SAFETY: recv_from initialised the first n bytes.
+            let bytes: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            Ok(format!(
+                "{seen} from={} | {}",
+                name(Ok(from)),
+                String::from_utf8_lossy(&bytes).trim()
+            ))
+        }
+        Err(err) => Ok(format!("{seen} from={}", errno_name(&err))),
+    }
+}

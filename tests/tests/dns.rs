@@ -1,0 +1,244 @@
+//! DNS capture (`--redirect-dns`, `--capture-all-dns`) in eBPF mode,
+//! proven against iptables mode with the same flags: every query an app or
+//! the proxy makes (unconnected UDP, connected UDP, TCP; AF_INET and
+//! dual-stack sockets; to a nameserver of resolv.conf, to a local
+//! resolver, to another server) is observed whole in both modes (where it
+//! lands, the source the server sees, the app's own and peer addresses, the
+//! answer's source, the DNS listener's SO_ORIGINAL_DST) and must read the
+//! same.
+
+use std::{collections::BTreeMap, fs, net::SocketAddrV4};
+
+use redirect_sandbox::{
+    APP, Group, Identity, Net, PEER_IP, PROXY, ROOT, Sandbox,
+    cli::{Outcome, counter, redirect},
+    peer_ip, require_root,
+};
+
+/// The resolv.conf nameservers: one across the network, one local resolver
+/// (as systemd-resolved's 127.0.0.53).
+const NAMESERVER: SocketAddrV4 = SocketAddrV4::new(PEER_IP, 53);
+const LOCAL_RESOLVER: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, 53), 53);
+
+/// A DNS server resolv.conf does not list.
+fn other_server() -> SocketAddrV4 {
+    SocketAddrV4::new(peer_ip(1), 53)
+}
+
+/// The pod: the proxy's DNS listener on 127.0.0.1:15053 and its outbound
+/// listener on 15001 (as the proxy), the local resolver (as root), the
+/// nameserver and the other server in the peer.
+fn pod() -> Sandbox {
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    sandbox.add_peer_addresses(1).expect("peer address");
+    let dns = |net: Net, group: Group, who: Identity, listen: SocketAddrV4, name: &str| {
+        let mut cmd = sandbox.agent(net, group, who);
+        cmd.args([
+            "dns-serve",
+            "--listen",
+            &listen.to_string(),
+            "--reply",
+            name,
+        ]);
+        sandbox.start(cmd).expect(name);
+    };
+    let proxy_dns = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 15053);
+    dns(Net::Pod, Group::Proxy, PROXY, proxy_dns, "dns-proxy");
+    dns(Net::Pod, Group::App, ROOT, LOCAL_RESOLVER, "local-resolver");
+    dns(Net::Peer, Group::Outside, ROOT, NAMESERVER, "nameserver");
+    dns(
+        Net::Peer,
+        Group::Outside,
+        ROOT,
+        other_server(),
+        "other-server",
+    );
+    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+    proxy
+        .args(["serve", "--listen", "127.0.0.1:15001"])
+        .args(["--report", "observe", "--reply", "proxy"]);
+    sandbox.start(proxy).expect("proxy");
+    sandbox
+}
+
+/// `redirect istio-iptables` in the pod with `args` and the pod's
+/// resolv.conf.
+fn istio(sandbox: &Sandbox, mode: &str, args: &[&str], cleanup: bool) -> Outcome {
+    let resolv = std::env::temp_dir().join(format!("{}-resolv.conf", sandbox.name()));
+    fs::write(
+        &resolv,
+        format!(
+            "nameserver {}\nnameserver {}\n",
+            NAMESERVER.ip(),
+            LOCAL_RESOLVER.ip()
+        ),
+    )
+    .expect("resolv.conf");
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let resolv = resolv.to_string_lossy().into_owned();
+    let mut argv = vec!["istio-iptables", "--ipv6=false", "--mode", mode];
+    argv.extend(["--netns", sandbox.pod_netns(), "--cgroup", &cgroup]);
+    argv.extend(["--instance", sandbox.name(), "--resolv-conf", &resolv]);
+    argv.extend(args);
+    if cleanup {
+        argv.push("--cleanup-only");
+    }
+    let out = redirect(&argv).expect("redirect istio-iptables");
+    assert!(out.ok(), "{mode} {args:?} (cleanup {cleanup}): {out:?}");
+    out
+}
+
+/// Every query of the test: who makes it, how, from which socket family, to where.
+fn queries() -> Vec<(&'static str, Identity, &'static str, bool, SocketAddrV4)> {
+    let mut all = Vec::new();
+    for (who, id) in [("app", APP), ("proxy", PROXY)] {
+        for how in ["sendto", "connected", "tcp"] {
+            for family6 in [false, true] {
+                for to in [NAMESERVER, LOCAL_RESOLVER, other_server()] {
+                    all.push((who, id, how, family6, to));
+                }
+            }
+        }
+    }
+    all
+}
+
+/// An observation with the client's ephemeral port written `eph`
+/// (wherever it appears: the app's view and the server's), so that runs
+/// compare.
+fn canonical(seen: &str) -> String {
+    let fixed = ["53", "15001", "15053"];
+    seen.split(' ')
+        .map(|word| match word.rsplit_once(':') {
+            Some((head, port)) if port.parse::<u16>().is_ok() && !fixed.contains(&port) => {
+                format!("{head}:eph")
+            }
+            _ => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Every query's observation in the pod's current state.
+fn observe(sandbox: &Sandbox) -> BTreeMap<String, String> {
+    queries()
+        .into_iter()
+        .map(|(who, id, how, family6, to)| {
+            let to_text = to.to_string();
+            let mut args = vec!["dns-query", "--to", &to_text, "--how", how];
+            if family6 {
+                args.push("--family6");
+            }
+            let out = sandbox
+                .agent_output(Group::App, id, &args)
+                .expect("dns-query");
+            let key = format!(
+                "{who} {how}{} -> {to}",
+                if family6 { " (dual-stack)" } else { "" }
+            );
+            (key, canonical(out.trim()))
+        })
+        .collect()
+}
+
+/// Applies `args` in eBPF mode, observes, removes; then the same in
+/// iptables mode (eBPF first: its run leaves no conntrack entry behind
+/// that could meet the iptables run's); every observation must match.
+fn ebpf_is_iptables(args: &[&str]) -> BTreeMap<String, String> {
+    let sandbox = pod();
+    let out = istio(&sandbox, "ebpf", args, false);
+    assert!(out.stdout.contains("with eBPF"), "{out:?}");
+    let ebpf = observe(&sandbox);
+    let status = sandbox.status().expect("status");
+    for said in ["dns_redirected", "dns_reply_restored"] {
+        assert!(counter(&status, said) > 0, "{said}: {status}");
+    }
+    istio(&sandbox, "ebpf", args, true);
+    istio(&sandbox, "iptables", args, false);
+    let iptables = observe(&sandbox);
+    istio(&sandbox, "iptables", args, true);
+    let differ: Vec<String> = iptables
+        .iter()
+        .filter(|(k, v)| ebpf.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}:\n  iptables: {v}\n  eBPF:     {}", ebpf[k]))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{args:?}: {} of {} queries differ:\n{}",
+        differ.len(),
+        iptables.len(),
+        differ.join("\n")
+    );
+    eprintln!(
+        "{args:?}: {} queries alike; eBPF status: {status}",
+        iptables.len()
+    );
+    iptables
+}
+
+/// Istio's sidecar with DNS capture.
+const SIDECAR_DNS: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-g",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "--redirect-dns",
+];
+
+#[test]
+fn dns_capture_in_ebpf_mode_is_observed_as_with_iptables() {
+    require_root!();
+    let seen = ebpf_is_iptables(SIDECAR_DNS);
+    // Not vacuous: the app's DNS to both resolv.conf servers reached the
+    // proxy's DNS listener over every transport, and the answers read as
+    // the nameserver's; the proxy's own DNS reached the nameserver.
+    let app = |how: &str, to: SocketAddrV4| seen[&format!("app {how} -> {to}")].clone();
+    for how in ["sendto", "connected", "tcp"] {
+        for to in [NAMESERVER, LOCAL_RESOLVER] {
+            assert!(
+                app(how, to).contains("| dns-proxy"),
+                "{how} {to}: {}",
+                app(how, to)
+            );
+        }
+    }
+    assert!(app("sendto", NAMESERVER).contains(&format!("from={NAMESERVER} ")));
+    assert!(app("tcp", NAMESERVER).contains(&format!("odst={NAMESERVER}")));
+    // DNS elsewhere is not DNS capture's: UDP goes there, TCP is ordinary
+    // outbound traffic (-i '*') and goes to the proxy's outbound port.
+    assert!(app("sendto", other_server()).contains("| other-server"));
+    let tcp_other = app("tcp", other_server());
+    let via_proxy = format!(
+        "| proxy peer=198.18.0.1:eph local=127.0.0.1:15001 odst={}",
+        other_server()
+    );
+    assert!(tcp_other.contains(&via_proxy), "{tcp_other}");
+    assert!(seen[&format!("proxy sendto -> {NAMESERVER}")].contains("| nameserver"));
+}
+
+#[test]
+fn capture_all_dns_in_ebpf_mode_is_observed_as_with_iptables() {
+    require_root!();
+    let mut args = SIDECAR_DNS.to_vec();
+    args.push("--capture-all-dns");
+    let seen = ebpf_is_iptables(&args);
+    let other = seen[&format!("app sendto -> {}", other_server())].clone();
+    assert!(other.contains("| dns-proxy"), "{other}");
+}
+
+#[test]
+fn dns_capture_without_outbound_capture_in_ebpf_mode_is_observed_as_with_iptables() {
+    require_root!();
+    let mut args = SIDECAR_DNS.to_vec();
+    let at = args.iter().position(|a| *a == "*").expect("-i '*'");
+    args[at] = "";
+    ebpf_is_iptables(&args);
+}
