@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, fs, net::SocketAddrV4};
 
 use redirect_sandbox::{
     APP, Group, Identity, Net, PEER_IP, PROXY, ROOT, Sandbox,
-    cli::{Outcome, counter, redirect},
+    cli::{ISTIO_SIDECAR_ARGS, Outcome, counter, redirect},
     peer_ip, require_root,
 };
 
@@ -176,27 +176,17 @@ fn ebpf_is_iptables(args: &[&str]) -> BTreeMap<String, String> {
     iptables
 }
 
-/// Istio's sidecar with DNS capture.
-const SIDECAR_DNS: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-g",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "--redirect-dns",
-];
+/// Istio's sidecar (istio-init's flags) with DNS capture.
+fn sidecar_dns() -> Vec<&'static str> {
+    let mut args = ISTIO_SIDECAR_ARGS.to_vec();
+    args.push("--redirect-dns");
+    args
+}
 
 #[test]
 fn dns_capture_in_ebpf_mode_is_observed_as_with_iptables() {
     require_root!();
-    let seen = ebpf_is_iptables(SIDECAR_DNS);
+    let seen = ebpf_is_iptables(&sidecar_dns());
     // Not vacuous: the app's DNS to both resolv.conf servers reached the
     // proxy's DNS listener over every transport, and the answers read as
     // the nameserver's; the proxy's own DNS reached the nameserver.
@@ -227,7 +217,7 @@ fn dns_capture_in_ebpf_mode_is_observed_as_with_iptables() {
 #[test]
 fn capture_all_dns_in_ebpf_mode_is_observed_as_with_iptables() {
     require_root!();
-    let mut args = SIDECAR_DNS.to_vec();
+    let mut args = sidecar_dns();
     args.push("--capture-all-dns");
     let seen = ebpf_is_iptables(&args);
     let other = seen[&format!("app sendto -> {}", other_server())].clone();
@@ -237,8 +227,8 @@ fn capture_all_dns_in_ebpf_mode_is_observed_as_with_iptables() {
 #[test]
 fn dns_capture_without_outbound_capture_in_ebpf_mode_is_observed_as_with_iptables() {
     require_root!();
-    let mut args = SIDECAR_DNS.to_vec();
-    let at = args.iter().position(|a| *a == "*").expect("-i '*'");
+    let mut args = sidecar_dns();
+    let at = 1 + args.iter().position(|a| *a == "-i").expect("-i");
     args[at] = "";
     ebpf_is_iptables(&args);
 }
