@@ -92,6 +92,20 @@ pub enum Command {
         names are checked before anything is applied."
     )]
     IstioIptables(Box<crate::istio::IstioArgs>),
+    /// What Istio's CNI plugin does for a pod: leave it alone, or capture it
+    /// with these istio-iptables flags
+    #[command(
+        long_about = "What Istio's CNI plugin does for a pod in sidecar mode, from the \
+        pod's Kubernetes object (JSON): leave it alone (and why), or capture it with the \
+        istio-iptables flags Istio's plugin builds from its annotations and its istio-proxy \
+        container (runAsUser/runAsGroup, ISTIO_META_DNS_CAPTURE, INVALID_DROP, \
+        ISTIO_DUAL_STACK).\n\n\
+        Without arguments after `--`, prints those flags. With them, runs `redirect \
+        istio-iptables` with the flags and those arguments: `-- --dry-run --ipv6=false` \
+        prints the rules Istio's plugin installs; `-- --netns PATH --cgroup PATH` applies the \
+        capture to that pod. A bad annotation value is an error in Istio's words, exit 1."
+    )]
+    CniPlan(CniPlanArgs),
     /// Internal: the sandbox agent used by `demo` and the tests
     #[cfg(feature = "sandbox")]
     #[command(hide = true)]
@@ -99,6 +113,23 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Args)]
+pub struct CniPlanArgs {
+    /// The pod's Kubernetes object as JSON (`kubectl get pod -o json`), or
+    /// `-` for stdin
+    #[arg(long, value_name = "FILE")]
+    pub pod: std::path::PathBuf,
+
+    /// Namespaces whose pods are never captured (the plugin config's
+    /// exclude_namespaces), comma-separated
+    #[arg(long, value_name = "LIST", default_value = "")]
+    pub exclude_namespaces: String,
+
+    /// istio-iptables flags to run the plan with (after `--`)
+    #[arg(last = true, value_name = "ISTIO-IPTABLES-FLAGS")]
+    pub istio_iptables: Vec<std::ffi::OsString>,
 }
 
 #[derive(Args)]

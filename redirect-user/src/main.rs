@@ -29,6 +29,7 @@ mod capture;
 mod cgroup;
 mod cli;
 mod cmd;
+mod cni;
 mod ebpf;
 mod host;
 mod instance;
@@ -111,6 +112,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Demo => cmd::demo::demo(),
         Command::Probe { json } => cmd::probe::probe(json),
         Command::IstioIptables(args) => cmd::istio_iptables::istio_iptables(&args),
+        Command::CniPlan(args) => cmd::cni_plan::cni_plan(&args),
         #[cfg(feature = "sandbox")]
         Command::SandboxAgent { args } => {
             let code = redirect_sandbox::agent::main(&args);

@@ -31,6 +31,12 @@ pub fn nftables_dir() -> PathBuf {
     data_dir("REDIRECT_NFTABLES_CONFORMANCE_DIR", "istio-nftables")
 }
 
+/// Istio's CNI plugin goldens and their pods
+/// (`$REDIRECT_CNI_CONFORMANCE_DIR`).
+pub fn cni_dir() -> PathBuf {
+    data_dir("REDIRECT_CNI_CONFORMANCE_DIR", "istio-cni")
+}
+
 /// Fails the calling test unless every one of `cases` (at least `min`:
 /// the data is whole) matched; `failures` describe those that did not.
 pub fn assert_all_match(what: &str, cases: usize, min: usize, failures: &[String]) {

@@ -2,6 +2,7 @@
 //! ones that describe a capture into a [`crate::capture::Capture`], lowers
 //! it for its backend and reports; `main` only dispatches.
 
+pub mod cni_plan;
 #[cfg(feature = "sandbox")]
 pub mod demo;
 pub mod gc;

@@ -224,8 +224,10 @@ fn git(args: &[&str]) -> String {
 /// Builds `redirect` and the end-to-end test binaries.
 /// Test binaries that run on the host only: `deploy` reads the source
 /// tree (absent in the VM); `fuzz_diff`'s seeded run takes minutes under
-/// emulation, where `differential` compares the backends on every kernel.
-const HOST_ONLY_TESTS: &[&str] = &["deploy", "fuzz_diff"];
+/// emulation, where `differential` compares the backends on every kernel;
+/// `istio_cni_conformance` prints rules (no kernel is involved) from data
+/// the VM does not carry.
+const HOST_ONLY_TESTS: &[&str] = &["deploy", "fuzz_diff", "istio_cni_conformance"];
 
 fn payload() -> Result<initramfs::Payload> {
     sysdeps::run_checked(&mut cargo(&["build", "--package", "redirect-user"])?)?;
