@@ -15,8 +15,9 @@ use aya_ebpf::{
 };
 use redirect_common::{
     CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, Counter, InstanceMeta, LISTENER_SLOTS,
-    Lookups, MAX_CIDRS, MAX_IN_HITS, MAX_LOCAL_ADDRS, MAX_PORTS, MAX_ROUTES, OrigDst,
-    RedirectConfig, active_slot, cidr_key, local_key, port_key,
+    Lookups, MAX_CIDRS, MAX_GROUPS, MAX_IN_HITS, MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS, MAX_PORTS,
+    MAX_ROUTES, OrigDst, PORT_RANGE_SLOT_BITS, RedirectConfig, active_slot, cidr_key, port_key,
+    port_range_key, slot_key,
 };
 
 /// Largest number of connections whose original destination is tracked at
@@ -137,6 +138,19 @@ pub(crate) static RDR_ORIG_TUPLE: LruHashMap<ConnTuple, OrigDst> =
 #[map]
 pub(crate) static RDR_PORTS: HashMap<u32, u8> = HashMap::pinned(MAX_PORTS * CONFIG_SLOTS, 0);
 
+/// `PORT_*` flags of port ranges (`a:b` in `-o`, `-q`, `-b`, `-d`), as
+/// aligned blocks of ports that do not overlap (user space merges the
+/// lists' ranges first), so the longest match is the only one.
+#[map]
+pub(crate) static RDR_PORT_RANGES: LpmTrie<[u8; 4], u8> =
+    LpmTrie::pinned(MAX_PORT_BLOCKS * CONFIG_SLOTS, 0);
+
+/// The owner groups (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`); any value
+/// means "in the set".
+#[map]
+pub(crate) static RDR_GROUPS: HashMap<u64, u8> =
+    HashMap::pinned(MAX_GROUPS as u32 * CONFIG_SLOTS, 0);
+
 /// Excluded destination networks (Istio `-x`); any value means "in the set".
 #[map]
 pub(crate) static RDR_EXCLUDE: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(MAX_CIDRS * CONFIG_SLOTS, 0);
@@ -183,6 +197,23 @@ impl Lookups for Maps {
     }
 
     #[inline(always)]
+    fn range_flags(&self, port: u16) -> u8 {
+        RDR_PORT_RANGES
+            .get(Key::new(
+                PORT_RANGE_SLOT_BITS + 16,
+                port_range_key(self.slot, port),
+            ))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn owner_group(&self, gid: u32) -> bool {
+        // SAFETY: only presence is used.
+        unsafe { RDR_GROUPS.get(slot_key(self.slot, gid)) }.is_some()
+    }
+
+    #[inline(always)]
     fn excluded(&self, ip: u32) -> bool {
         RDR_EXCLUDE
             .get(Key::new(CIDR_SLOT_BITS + 32, cidr_key(self.slot, ip)))
@@ -199,7 +230,7 @@ impl Lookups for Maps {
     #[inline(always)]
     fn pod_address(&self, ip: u32) -> bool {
         // SAFETY: only presence is used.
-        unsafe { RDR_LOCAL.get(local_key(self.slot, ip)) }.is_some()
+        unsafe { RDR_LOCAL.get(slot_key(self.slot, ip)) }.is_some()
     }
 
     #[inline(always)]

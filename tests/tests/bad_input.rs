@@ -55,10 +55,6 @@ fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
             &["-b", "9080", "-m", "TPROXY"],
             "-m TPROXY (TPROXY needs netfilter",
         ),
-        (
-            &["-b", "9080:9090"],
-            "-b/--istio-inbound-ports '9080:9090' (a port range)",
-        ),
     ] {
         let mut args = install_args(&sandbox, &cg);
         args.extend_from_slice(extra);

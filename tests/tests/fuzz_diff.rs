@@ -139,10 +139,16 @@ impl Rng {
     /// A list of ports, sometimes written as people do (`80, 81`, `80,`),
     /// which istio-iptables renders into rules that iptables reads alike.
     fn port_list(&mut self, max: usize) -> String {
-        // Single ports only: eBPF mode refuses `a:b` ranges (auto mode
-        // takes iptables for them); the differential test compares ranges
-        // between iptables and nftables.
-        let list = self.list(PORTS, max);
+        // Now and then a range (`a:b`, `a:`) among the single ports.
+        let mut list = self.list(PORTS, max);
+        if self.chance(20) {
+            let range = self.pick(PORT_RANGES).to_owned();
+            list = if list.is_empty() {
+                range
+            } else {
+                format!("{list},{range}")
+            };
+        }
         match self.below(10) {
             0 => list.replace(',', ", "),
             1 => format!("{list},"),
@@ -174,15 +180,27 @@ const PORTS: &[&str] = &[
     "80", "81", "22", "15008", "15090", "9090", "15001", "15006", "15021", "7",
 ];
 
+/// Ranges the port lists sometimes take: around the ports above.
+const PORT_RANGES: &[&str] = &[
+    "80:81",
+    "20:23",
+    "15000:15010",
+    "9000:9999",
+    "1:79",
+    "15021:",
+    "7:7",
+    "81:15006",
+];
+
 /// Ports with a server in the pod (besides the proxy's 15001 and 15006).
 const POD_SERVER_PORTS: [u16; 6] = [80, 81, 22, 15008, 15090, 9090];
 /// Ports with a server in the peer.
 const PEER_SERVER_PORTS: [u16; 8] = [80, 81, 22, 15008, 15090, 9090, 15001, 15006];
 
-/// `count` owner groups, 3000 among them: 8, the most eBPF mode takes
-/// (Istio allows 64; with `ISTIO_OUTBOUND_OWNER_GROUPS` it puts every group
-/// in one iptables rule, five words each, and iptables-restore stops at
-/// 255 words a line, so iptables mode itself applies about 50 there).
+/// `count` owner groups, 3000 among them (Istio allows 64; with
+/// `ISTIO_OUTBOUND_OWNER_GROUPS` it puts every group in one iptables rule,
+/// five words each, and iptables-restore stops at 255 words a line, so
+/// iptables mode itself applies about 50 there: 40 for that form).
 fn many_groups(count: u32) -> String {
     let groups: Vec<String> = (5000..5000 + count - 1)
         .chain([3000])
@@ -250,14 +268,14 @@ impl Config {
             70..85 => env.push((
                 "ISTIO_OUTBOUND_OWNER_GROUPS",
                 match rng.below(4) {
-                    0 => many_groups(8),
+                    0 => many_groups(40),
                     n => ["3000", "1000", "3000,1337"][n - 1].to_owned(),
                 },
             )),
             _ => env.push((
                 "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
                 match rng.below(3) {
-                    0 => many_groups(8),
+                    0 => many_groups(64),
                     n => ["3000", "1000"][n - 1].to_owned(),
                 },
             )),

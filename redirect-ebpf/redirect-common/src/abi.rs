@@ -4,23 +4,24 @@
 
 /// How many proxy UIDs (and, separately, GIDs) the config can hold.
 pub const MAX_OWNERS: usize = 8;
-/// How many owner groups (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`) the
-/// config can hold. Istio allows 64, but a 64-step loop over them is
-/// refused without CAP_PERFMON by kernel 6.12's verifier (pointer
-/// arithmetic out of the map value) and slow to verify elsewhere; 8 pass
-/// everywhere. More groups send auto mode to iptables. (A set map keyed by
-/// group, as ports are, is the way to 64.)
-pub const MAX_GROUPS: usize = 8;
+/// How many owner groups (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`) one
+/// configuration can hold: Istio's limit. They are a set map keyed by
+/// group (see [`slot_key`]), not a loop over the config: a 64-step loop is
+/// refused without CAP_PERFMON by kernel 6.12's verifier.
+pub const MAX_GROUPS: usize = 64;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 /// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
 /// ports together).
 pub const MAX_PORTS: u32 = 1024;
 /// Capacity of the per-port inbound capture counters.
 pub const MAX_IN_HITS: u32 = 1024;
+/// How many aligned port blocks one configuration's port ranges (`a:b` in
+/// `-o`, `-q`, `-b`, `-d`) take (a range is at most 30 blocks).
+pub const MAX_PORT_BLOCKS: u32 = 4096;
 /// How many CIDRs one configuration's set (`-x`, `-i`) can hold.
 pub const MAX_CIDRS: u32 = 16384;
 /// How many pod addresses one configuration can hold.
@@ -59,6 +60,25 @@ pub const fn port_key(slot: u32, port: u16) -> u32 {
     (slot << 16) | port as u32
 }
 
+/// Key of a set map of 32-bit values (the pod's addresses, the owner
+/// groups): the slot in the high half, the value in the low half.
+#[inline(always)]
+pub const fn slot_key(slot: u32, value: u32) -> u64 {
+    ((slot as u64) << 32) | value as u64
+}
+
+/// Bits of a port-range (LPM trie) key taken by the slot byte before the port.
+pub const PORT_RANGE_SLOT_BITS: u32 = 8;
+
+/// Data of a port-range key: the slot byte, then the port big-endian (so
+/// that a block of 2^n ports aligned on 2^n is one prefix); the key's
+/// prefix length is [`PORT_RANGE_SLOT_BITS`] plus the block's.
+#[inline(always)]
+pub const fn port_range_key(slot: u32, port: u16) -> [u8; 4] {
+    let b = port.to_be_bytes();
+    [slot as u8, b[0], b[1], 0]
+}
+
 /// Bits of a CIDR-set key taken by the slot byte before the address.
 pub const CIDR_SLOT_BITS: u32 = 8;
 
@@ -69,13 +89,6 @@ pub const CIDR_SLOT_BITS: u32 = 8;
 pub const fn cidr_key(slot: u32, ip: u32) -> [u8; 8] {
     let b = ip.to_ne_bytes();
     [slot as u8, b[0], b[1], b[2], b[3], 0, 0, 0]
-}
-
-/// Key of the pod-address map: the slot in the high half, the address
-/// (network order) in the low half.
-#[inline(always)]
-pub const fn local_key(slot: u32, ip: u32) -> u64 {
-    ((slot as u64) << 32) | ip as u64
 }
 
 /// How many entries the LRU original-destination map needs so that
@@ -127,11 +140,8 @@ pub struct RedirectConfig {
     pub tunnel_port: u16,
     /// `CFG_*` bits.
     pub flags: u32,
-    /// Number of valid entries in `owner_groups`.
+    /// Number of owner groups (in the group set map).
     pub group_count: u32,
-    /// `ISTIO_OUTBOUND_OWNER_GROUPS` (with [`CFG_GROUPS_ONLY`]) or
-    /// `..._EXCLUDE` (without): numeric group ids.
-    pub owner_groups: [u32; MAX_GROUPS],
     /// The source the kernel picks for a socket bound to `lo`
     /// (`SO_BINDTODEVICE`) sending to a non-loopback address: the pod's
     /// first address (`lo`'s own are host-scoped). Network order; 0: none.
@@ -151,7 +161,7 @@ pub const CFG_INCLUDE_ALL: u32 = 1;
 /// `-i` lists a loopback network: local traffic of other owners is not
 /// returned early (Istio drops those rules).
 pub const CFG_INCLUDE_LOOPBACK: u32 = 2;
-/// `owner_groups` lists the only groups captured (else: the groups never captured).
+/// The owner groups are the only groups captured (else: the groups never captured).
 pub const CFG_GROUPS_ONLY: u32 = 4;
 /// Inbound capture is on (`-b` is not empty).
 pub const CFG_INBOUND: u32 = 8;
@@ -165,6 +175,10 @@ pub const CFG_INBOUND_ALL: u32 = 16;
 pub const CFG_DNS: u32 = 32;
 /// `--capture-all-dns`: port 53 of every destination.
 pub const CFG_DNS_ALL: u32 = 64;
+
+/// Some `-o`, `-q`, `-b` or `-d` entry is a range (`a:b`): the port-range
+/// map is consulted too.
+pub const CFG_PORT_RANGES: u32 = 128;
 
 /// `-o`: an outbound port never captured.
 pub const PORT_EXCLUDE: u8 = 1;
@@ -508,4 +522,6 @@ pub mod map_names {
     pub const LISTENER: &str = "RDR_LISTENER";
     pub const ROUTE: &str = "RDR_ROUTE";
     pub const IN_HITS: &str = "RDR_IN_HITS";
+    pub const GROUPS: &str = "RDR_GROUPS";
+    pub const PORT_RANGES: &str = "RDR_PORT_RANGES";
 }

@@ -49,8 +49,12 @@ pub enum Verdict {
 /// The maps the decision consults: per-port flags, CIDR sets, and the
 /// pod's own addresses.
 pub trait Lookups {
-    /// `PORT_*` bits of a destination port (0: none).
+    /// `PORT_*` bits of a destination port listed on its own (0: none).
     fn port_flags(&self, port: u16) -> u8;
+    /// `PORT_*` bits of the ranges (`a:b`) a port is in (0: none).
+    fn range_flags(&self, port: u16) -> u8;
+    /// Whether `gid` is one of the owner groups.
+    fn owner_group(&self, gid: u32) -> bool;
     /// Whether `ip` is in an excluded CIDR (`-x`).
     fn excluded(&self, ip: u32) -> bool;
     /// Whether `ip` is in an included CIDR (`-i`).
@@ -175,7 +179,7 @@ fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -
     if !tcp && !dns_udp {
         return Verdict::Bypass(Counter::NotTcp);
     }
-    let ports = maps.port_flags(input.dst_port);
+    let ports = port_flags(input.dst_port, cfg, maps);
     if ports & PORT_EXCLUDE != 0 {
         return Verdict::Bypass(Counter::BypassPort);
     }
@@ -217,7 +221,7 @@ fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -
     ) {
         return verdict;
     }
-    let in_groups = contains(&cfg.owner_groups, cfg.group_count, input.gid);
+    let in_groups = cfg.group_count != 0 && maps.owner_group(input.gid);
     if cfg.flags & CFG_GROUPS_ONLY != 0 {
         if !in_groups {
             return Verdict::Bypass(Counter::BypassGroup);
@@ -266,6 +270,18 @@ fn separate_load<T: Copy>(field: &T) -> T {
 
 /// The port DNS capture takes (`--dport 53`).
 pub const DNS_PORT: u16 = 53;
+
+/// The `PORT_*` lists (`-o`, `-q`, `-b`, `-d`) `port` is in: as a port of
+/// its own, or in a range (looked up only when the configuration has one).
+#[inline(always)]
+fn port_flags(port: u16, cfg: &RedirectConfig, maps: &impl Lookups) -> u8 {
+    let single = maps.port_flags(port);
+    if cfg.flags & CFG_PORT_RANGES != 0 {
+        single | maps.range_flags(port)
+    } else {
+        single
+    }
+}
 
 /// Whether `ip` is one of the pod's own addresses: 127.0.0.0/8 or an
 /// address of its interfaces (what `-o lo` tests for a destination).
@@ -330,7 +346,7 @@ fn inbound_port_rules(port: u16, cfg: &RedirectConfig, maps: &impl Lookups) -> I
     if port == cfg.tunnel_port {
         return InboundVerdict::Bypass(Counter::InboundBypassTunnel);
     }
-    let ports = maps.port_flags(port);
+    let ports = port_flags(port, cfg, maps);
     if cfg.flags & CFG_INBOUND_ALL != 0 {
         if ports & PORT_IN_EXCLUDE != 0 {
             return InboundVerdict::Bypass(Counter::InboundBypassPort);

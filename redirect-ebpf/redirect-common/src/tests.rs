@@ -24,7 +24,6 @@ fn istio_default() -> RedirectConfig {
         tunnel_port: 15008,
         flags: CFG_INCLUDE_ALL,
         group_count: 0,
-        owner_groups: [0; MAX_GROUPS],
         lo_source: 0,
         dns_port: DNS_PROXY_PORT,
         dns_server_count: 0,
@@ -56,6 +55,9 @@ struct Sets {
     included: Vec<(u32, u32)>,
     local: Vec<u32>,
     routes: Vec<(u32, u32, u32)>,
+    /// Port ranges (first, last, flags).
+    ranges: Vec<(u16, u16, u8)>,
+    groups: Vec<u32>,
 }
 
 fn in_cidrs(cidrs: &[(u32, u32)], ip: u32) -> bool {
@@ -72,6 +74,15 @@ impl Lookups for Sets {
             .filter(|(p, _)| *p == port)
             .map(|(_, f)| *f)
             .fold(0, |a, f| a | f)
+    }
+    fn range_flags(&self, port: u16) -> u8 {
+        self.ranges
+            .iter()
+            .filter(|(a, b, _)| (*a..=*b).contains(&port))
+            .fold(0, |acc, (_, _, f)| acc | f)
+    }
+    fn owner_group(&self, gid: u32) -> bool {
+        self.groups.contains(&gid)
     }
     fn excluded(&self, ip: u32) -> bool {
         in_cidrs(&self.excluded, ip)
@@ -291,9 +302,14 @@ fn excluded_cidrs_win_over_included_cidrs() {
 
 #[test]
 fn owner_groups_select_or_exempt_callers() {
+    // Istio's limit, 64 groups, the caller's last.
+    let sets = Sets {
+        groups: (5000..5063).chain([1000]).collect(),
+        ..Sets::default()
+    };
     let mut cfg = istio_default();
-    cfg.group_count = 1;
-    cfg.owner_groups[0] = 1000;
+    cfg.group_count = 64;
+    let decide = |input: &ConnectInput, cfg: &RedirectConfig| decide_connect(input, cfg, &sets);
     assert_eq!(
         decide(&app(ip(10, 0, 0, 2)), &cfg),
         Verdict::Bypass(Counter::BypassGroup),
@@ -310,6 +326,35 @@ fn owner_groups_select_or_exempt_callers() {
         Verdict::Bypass(Counter::BypassGroup),
         "include list"
     );
+    // No groups configured: the set is not consulted.
+    cfg.group_count = 0;
+    cfg.flags &= !CFG_GROUPS_ONLY;
+    assert_eq!(decide(&app(ip(10, 0, 0, 2)), &cfg), REDIRECTED);
+}
+
+#[test]
+fn port_ranges_count_only_when_the_configuration_has_them() {
+    let sets = Sets {
+        ports: vec![(8080, PORT_INCLUDE)],
+        ranges: vec![(8000, 8099, PORT_EXCLUDE), (9000, 9999, PORT_INCLUDE)],
+        ..Sets::default()
+    };
+    let mut cfg = istio_default();
+    let to = |port: u16, cfg: &RedirectConfig| {
+        let input = ConnectInput {
+            dst_port: port,
+            ..app(ip(10, 0, 0, 2))
+        };
+        decide_connect(&input, cfg, &sets)
+    };
+    cfg.flags = CFG_PORT_RANGES; // -i '' : only -q ports are captured
+    // -o 8000:8099 comes first in the chain, even for a -q port in it.
+    assert_eq!(to(8080, &cfg), Verdict::Bypass(Counter::BypassPort));
+    assert_eq!(to(8100, &cfg), Verdict::Bypass(Counter::NotIncluded));
+    assert_eq!(to(9999, &cfg), REDIRECTED);
+    cfg.flags = 0;
+    assert_eq!(to(9999, &cfg), Verdict::Bypass(Counter::NotIncluded));
+    assert_eq!(to(8080, &cfg), REDIRECTED);
 }
 
 #[test]
@@ -405,7 +450,7 @@ fn slot_keys_never_meet() {
     let a = ip(10, 0, 0, 1);
     assert_ne!(port_key(0, 80), port_key(1, 80));
     assert_eq!(port_key(1, 80) & 0xffff, 80);
-    assert_ne!(local_key(0, a), local_key(1, a));
+    assert_ne!(slot_key(0, a), slot_key(1, a));
     assert_eq!(cidr_key(1, a)[0], 1);
     assert_eq!(&cidr_key(1, a)[1..5], &[10, 0, 0, 1]);
     for raw in [0, 1, 2, 3, u32::MAX] {

@@ -308,17 +308,13 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
             .collect::<Vec<_>>()
             .join(",")
     };
-    let (groups, groups_only) = cfg.map_or_else(
-        || ("?".to_owned(), false),
-        |c| {
-            let list = c
-                .owner_groups
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>();
-            (list.join(","), c.groups_only)
-        },
-    );
+    let groups = sets
+        .groups
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let groups_only = cfg.is_some_and(|c| c.groups_only);
     let inbound_all = cfg.is_some_and(|c| c.inbound.as_ref().is_some_and(|i| i.all));
     let join = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let (uids, gids, loopback, port, inbound, tunnel) = cfg.map_or_else(

@@ -6,8 +6,9 @@ use std::net::Ipv4Addr;
 
 use redirect_common::{
     ABI_VERSION, CFG_DNS, CFG_DNS_ALL, CFG_GROUPS_ONLY, CFG_INBOUND, CFG_INBOUND_ALL,
-    CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, DNS_PROXY_PORT, MAX_CIDRS, MAX_DNS_SERVERS, MAX_GROUPS,
-    MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORTS, MAX_ROUTES, RedirectConfig,
+    CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, CFG_PORT_RANGES, DNS_PROXY_PORT, MAX_CIDRS,
+    MAX_DNS_SERVERS, MAX_GROUPS, MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORT_BLOCKS, MAX_PORTS,
+    MAX_ROUTES, RedirectConfig,
 };
 
 pub use super::routes::RouteSource;
@@ -48,6 +49,9 @@ pub struct Config {
     pub ports_exclude: Vec<u16>,
     /// `-q`: destination ports always captured.
     pub ports_include: Vec<u16>,
+    /// The `a:b` ranges of `-o`, `-q`, `-b` and `-d`, each with its list's
+    /// `PORT_*` flag (single ports are in the lists above).
+    pub port_ranges: Vec<PortRange>,
     /// Whether `owner_groups` are the only groups captured (else: never captured).
     pub groups_only: bool,
     /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`, numeric.
@@ -71,6 +75,14 @@ pub struct Config {
     /// Which decisions the programs report in `RDR_EVENTS` (see
     /// `redirect_common::LOG_DEBUG`; 0 = none).
     pub log_level: u8,
+}
+
+/// One `a:b` range of a port list, and which list (its `PORT_*` flag).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+    pub flag: u8,
 }
 
 /// Which DNS is captured (Istio's `ISTIO_OUTPUT_DNS`): UDP and TCP port
@@ -113,6 +125,7 @@ impl Default for Config {
             exclude: Vec::new(),
             ports_exclude: Vec::new(),
             ports_include: Vec::new(),
+            port_ranges: Vec::new(),
             groups_only: false,
             owner_groups: Vec::new(),
             local_addrs: Vec::new(),
@@ -152,12 +165,12 @@ impl Config {
                 ),
                 (self.dns.is_some(), CFG_DNS),
                 (self.dns.as_ref().is_some_and(|d| d.all), CFG_DNS_ALL),
+                (!self.port_ranges.is_empty(), CFG_PORT_RANGES),
             ]
             .iter()
             .filter(|(on, _)| *on)
             .fold(0, |flags, (_, bit)| flags | bit),
             group_count: self.owner_groups.len() as u32,
-            owner_groups: [0; MAX_GROUPS],
             lo_source: self
                 .local_addrs
                 .first()
@@ -168,7 +181,6 @@ impl Config {
         };
         out.proxy_uids[..self.proxy_uids.len()].copy_from_slice(&self.proxy_uids);
         out.proxy_gids[..self.proxy_gids.len()].copy_from_slice(&self.proxy_gids);
-        out.owner_groups[..self.owner_groups.len()].copy_from_slice(&self.owner_groups);
         for (slot, server) in out.dns_servers.iter_mut().zip(self.dns_servers()) {
             *slot = u32::from_ne_bytes(server.octets());
         }
@@ -210,6 +222,11 @@ impl Config {
             ),
             ("routes", self.routes.len(), MAX_ROUTES as usize),
             (
+                "aligned blocks of port ranges",
+                super::maps::port_blocks(&self.port_ranges).len(),
+                MAX_PORT_BLOCKS as usize,
+            ),
+            (
                 "IPv4 nameservers",
                 self.dns_servers().len(),
                 MAX_DNS_SERVERS,
@@ -224,12 +241,12 @@ impl Config {
     }
 
     /// Reads back what [`Config::to_bpf`] wrote (for `redirect status`).
-    /// The lists kept in their own maps (CIDRs, ports, pod addresses) are
-    /// left empty, the inbound port lists included.
+    /// The lists kept in their own maps (CIDRs, ports, port ranges, pod
+    /// addresses, owner groups) are left empty, the inbound port lists
+    /// included.
     pub fn from_bpf(raw: &RedirectConfig) -> Self {
         let uids = (raw.uid_count as usize).min(MAX_OWNERS);
         let gids = (raw.gid_count as usize).min(MAX_OWNERS);
-        let groups = (raw.group_count as usize).min(MAX_GROUPS);
         let mask = u32::from_be_bytes(raw.loopback_mask.to_ne_bytes());
         Self {
             proxy_port: raw.proxy_port,
@@ -244,7 +261,6 @@ impl Config {
             include_all: raw.flags & CFG_INCLUDE_ALL != 0,
             include_loopback: raw.flags & CFG_INCLUDE_LOOPBACK != 0,
             groups_only: raw.flags & CFG_GROUPS_ONLY != 0,
-            owner_groups: raw.owner_groups[..groups].to_vec(),
             inbound: (raw.flags & CFG_INBOUND != 0).then(|| Inbound {
                 all: raw.flags & CFG_INBOUND_ALL != 0,
                 ..Inbound::default()
@@ -291,7 +307,10 @@ mod tests {
         assert!(back.proxy_gids.is_empty());
         assert_eq!(back.loopback.prefix, 8);
         assert_eq!(back.inbound_port, 15016);
-        assert_eq!(back.owner_groups, vec![5]);
+        assert!(
+            back.owner_groups.is_empty(),
+            "a set map's, not the config's"
+        );
         assert!(back.groups_only && !back.include_all && !back.include_loopback);
         assert_eq!(back.dns, cfg.dns);
     }

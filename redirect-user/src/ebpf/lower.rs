@@ -2,9 +2,11 @@
 //! or everything eBPF mode cannot honour (each naming its flag), which is
 //! auto mode's reason for iptables and `install`'s refusal.
 
-use redirect_common::{MAX_GROUPS, MAX_OWNERS};
+use redirect_common::{
+    MAX_GROUPS, MAX_OWNERS, PORT_EXCLUDE, PORT_IN_EXCLUDE, PORT_IN_INCLUDE, PORT_INCLUDE,
+};
 
-use super::config::{Config, Dns, Inbound};
+use super::config::{Config, Dns, Inbound, PortRange};
 use crate::{
     capture::{Capture, InboundPorts, OwnerGroups, PortList},
     host::{Host, resolve_owner},
@@ -54,29 +56,16 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         "/etc/group",
         MAX_GROUPS,
     );
-    let mut ports = |list: &PortList, what: &str| -> Vec<u16> {
-        let mut seen = std::collections::HashSet::new();
-        list.iter()
-            .filter_map(|p| {
-                let single = p.value.single();
-                if single.is_none() {
-                    unsupported.push(format!("{what} '{}' (a port range)", p.text.trim()));
-                }
-                single
-            })
-            .filter(|port| seen.insert(*port))
-            .collect()
-    };
-    let ports_exclude = ports(
-        &capture.outbound_exclude,
-        "-o/--istio-local-outbound-ports-exclude",
-    );
-    let ports_include = ports(&capture.outbound_ports, "-q/--istio-outbound-ports");
-    let inbound_exclude = ports(&capture.inbound_exclude, "-d/--istio-local-exclude-ports");
+    let mut port_ranges = Vec::new();
+    let ports_exclude = split_ports(&capture.outbound_exclude, PORT_EXCLUDE, &mut port_ranges);
+    let ports_include = split_ports(&capture.outbound_ports, PORT_INCLUDE, &mut port_ranges);
+    let inbound_exclude = split_ports(&capture.inbound_exclude, PORT_IN_EXCLUDE, &mut port_ranges);
     let inbound = match &capture.inbound {
         InboundPorts::Off => None,
         InboundPorts::All => Some((true, Vec::new())),
-        InboundPorts::List(list) => Some((false, ports(list, "-b/--istio-inbound-ports"))),
+        InboundPorts::List(list) => {
+            Some((false, split_ports(list, PORT_IN_INCLUDE, &mut port_ranges)))
+        }
     }
     .map(|(all, ports)| Inbound {
         all,
@@ -125,6 +114,7 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         exclude: capture.exclude.v4_cidrs(),
         ports_exclude,
         ports_include,
+        port_ranges,
         groups_only: matches!(capture.owner_groups, OwnerGroups::Only(_)),
         owner_groups,
         local_addrs: capture.pod_addresses.clone(),
@@ -142,6 +132,24 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
     } else {
         Err(unsupported)
     }
+}
+
+/// The single ports of `list`, each once, in order; its `a:b` ranges go to
+/// `ranges` with the list's `PORT_*` flag.
+fn split_ports(list: &PortList, flag: u8, ranges: &mut Vec<PortRange>) -> Vec<u16> {
+    let mut singles = Vec::new();
+    for ports in list.iter().map(|p| p.value) {
+        match ports.single() {
+            Some(port) if !singles.contains(&port) => singles.push(port),
+            Some(_) => {}
+            None => ranges.push(PortRange {
+                first: ports.first,
+                last: ports.last,
+                flag,
+            }),
+        }
+    }
+    singles
 }
 
 /// The flags of `capture` that need rules eBPF mode does not have yet.
@@ -215,10 +223,23 @@ mod tests {
         let cfg = lower(&istio(&["-q", "4000, 5000", "-o", " 22,"]), &RealHost).unwrap();
         assert_eq!(cfg.ports_include, vec![4000, 5000]);
         assert_eq!(cfg.ports_exclude, vec![22]);
-        let why = lower(&istio(&["-q", "4000:4010"]), &RealHost).unwrap_err();
+        // Ranges are kept apart, with their list's flag.
+        let cfg = lower(&istio(&["-q", "4000:4010,80", "-o", "22:23"]), &RealHost).unwrap();
+        assert_eq!(cfg.ports_include, vec![80]);
         assert_eq!(
-            why,
-            vec!["-q/--istio-outbound-ports '4000:4010' (a port range)"]
+            cfg.port_ranges,
+            vec![
+                PortRange {
+                    first: 22,
+                    last: 23,
+                    flag: PORT_EXCLUDE
+                },
+                PortRange {
+                    first: 4000,
+                    last: 4010,
+                    flag: PORT_INCLUDE
+                }
+            ]
         );
     }
 

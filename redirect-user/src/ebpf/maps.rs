@@ -9,17 +9,17 @@ use aya::maps::{
 };
 use redirect_common::{
     CIDR_SLOT_BITS, CONFIG_SLOTS, ConnTuple, Counter, InstanceMeta, OrigDst, PORT_EXCLUDE,
-    PORT_IN_EXCLUDE, PORT_IN_INCLUDE, PORT_INCLUDE, RedirectConfig, active_slot, cidr_key,
-    local_key, lru_entries, port_key,
+    PORT_IN_EXCLUDE, PORT_IN_INCLUDE, PORT_INCLUDE, PORT_RANGE_SLOT_BITS, RedirectConfig,
+    active_slot, cidr_key, lru_entries, port_key, port_range_key, slot_key,
 };
 
-use super::config::{Config, Ipv4Cidr};
+use super::config::{Config, Ipv4Cidr, PortRange};
 
 pub use redirect_common::map_names::*;
 
 /// Every pinned map with the type, key size and value size this build of
 /// the programs expects.
-pub const LAYOUT: [(&str, MapType, usize, usize); 13] = [
+pub const LAYOUT: [(&str, MapType, usize, usize); 15] = [
     (CONFIG, MapType::Array, 4, size_of::<RedirectConfig>()),
     (ACTIVE, MapType::Array, 4, 4),
     (STATS, MapType::PerCpuArray, 4, size_of::<u64>()),
@@ -38,6 +38,8 @@ pub const LAYOUT: [(&str, MapType, usize, usize); 13] = [
     (LISTENER, MapType::SockMap, 4, 4),
     (IN_HITS, MapType::Hash, 2, 8),
     (ROUTE, MapType::LpmTrie, 12, 4),
+    (PORT_RANGES, MapType::LpmTrie, 8, 1),
+    (GROUPS, MapType::Hash, 8, 1),
 ];
 
 /// Checks that the maps pinned in `dir` have the layouts this build uses,
@@ -262,18 +264,34 @@ pub struct Sets {
     /// The routing view: ((prefix length, network-order network),
     /// network-order source, 0 for refused).
     pub routes: Vec<((u32, u32), u32)>,
+    /// Port ranges as aligned blocks: ((bits of the block's prefix, 0 to
+    /// 16, first port), `PORT_*` flags). See [`port_blocks`].
+    pub port_blocks: Vec<((u32, u16), u8)>,
+    /// Owner groups (GIDs in the initial user namespace).
+    pub groups: Vec<u32>,
 }
 
 impl Sets {
-    /// The ports with `flag` among their `PORT_*` flags, sorted, as "a,b,c".
+    /// The ports with `flag` among their `PORT_*` flags, listed or in a
+    /// range, sorted, as "a,b,c" (runs as "a:b").
     pub fn ports_with(&self, flag: u8) -> String {
         let mut list: Vec<u16> = self
             .ports
             .iter()
             .filter(|(_, f)| f & flag != 0)
             .map(|(p, _)| *p)
+            .chain(
+                self.port_blocks
+                    .iter()
+                    .filter(|(_, f)| f & flag != 0)
+                    .flat_map(|((bits, first), _)| {
+                        let size = 1u32 << (16 - bits);
+                        (u32::from(*first)..u32::from(*first) + size).map(|p| p as u16)
+                    }),
+            )
             .collect();
         list.sort_unstable();
+        list.dedup();
         port_runs(&list)
     }
 
@@ -331,14 +349,68 @@ impl Sets {
             .collect();
         routes.sort_unstable();
         routes.dedup_by_key(|(key, _)| *key);
+        let mut groups = config.owner_groups.clone();
+        groups.sort_unstable();
+        groups.dedup();
         Self {
             ports: ports.into_iter().collect(),
             exclude: cidrs(&config.exclude),
             include: cidrs(&config.include),
             local,
             routes,
+            port_blocks: port_blocks(&config.port_ranges),
+            groups,
         }
     }
+}
+
+/// `ranges` as the port-range map holds them: the ports split where any
+/// range starts or ends, each piece with the flags of every range that
+/// covers it (pieces with the same flags next to each other joined), each
+/// piece as the fewest aligned power-of-two blocks. Blocks never overlap,
+/// so the trie's longest match is the one block a port is in.
+pub fn port_blocks(ranges: &[PortRange]) -> Vec<((u32, u16), u8)> {
+    let mut cuts: Vec<u32> = ranges
+        .iter()
+        .flat_map(|r| [u32::from(r.first), u32::from(r.last) + 1])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    // Pieces [start, end) with their flags, neighbours of equal flags joined.
+    let mut pieces: Vec<(u32, u32, u8)> = Vec::new();
+    for pair in cuts.windows(2) {
+        let (start, end) = (pair[0], pair[1]);
+        let flags = ranges
+            .iter()
+            .filter(|r| u32::from(r.first) <= start && end <= u32::from(r.last) + 1)
+            .fold(0u8, |acc, r| acc | r.flag);
+        match pieces.last_mut() {
+            Some((_, last_end, last_flags)) if *last_end == start && *last_flags == flags => {
+                *last_end = end;
+            }
+            _ => pieces.push((start, end, flags)),
+        }
+    }
+    let mut blocks = Vec::new();
+    for (mut start, end, flags) in pieces {
+        if flags == 0 {
+            continue;
+        }
+        while start < end {
+            // The largest block aligned at `start` that fits before `end`.
+            let mut size = if start == 0 {
+                1 << 16
+            } else {
+                1 << start.trailing_zeros()
+            };
+            while start + size > end {
+                size >>= 1;
+            }
+            blocks.push(((16 - size.trailing_zeros(), start as u16), flags));
+            start += size;
+        }
+    }
+    blocks
 }
 
 /// Sorted ports as "a,b,c", runs of three or more consecutive ports as "a:b".
@@ -366,6 +438,10 @@ fn hash<K: aya::Pod>(dir: &Path, name: &str) -> Result<HashMap<MapData, K, u8>> 
 
 fn trie<V: aya::Pod>(dir: &Path, name: &str) -> Result<LpmTrie<MapData, [u8; 8], V>> {
     Ok(LpmTrie::try_from(Map::LpmTrie(open(dir, name)?))?)
+}
+
+fn port_trie(dir: &Path) -> Result<LpmTrie<MapData, [u8; 4], u8>> {
+    Ok(LpmTrie::try_from(Map::LpmTrie(open(dir, PORT_RANGES)?))?)
 }
 
 /// A CIDR-set key of `slot` for (prefix length, network-order network).
@@ -403,6 +479,23 @@ fn slot_cidrs(dir: &Path, name: &str, slot: u32) -> Result<Vec<(u32, u32)>> {
         .collect())
 }
 
+/// The key of a port block of `slot`.
+fn port_block(slot: u32, (bits, first): (u32, u16)) -> Key<[u8; 4]> {
+    Key::new(PORT_RANGE_SLOT_BITS + bits, port_range_key(slot, first))
+}
+
+/// The 32-bit values of `slot` in a set keyed by [`slot_key`].
+fn slot_values(dir: &Path, name: &str, slot: u32) -> Result<Vec<u32>> {
+    Ok(hash::<u64>(dir, name)?
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {name}"))?
+        .into_iter()
+        .filter(|key| key >> 32 == u64::from(slot))
+        .map(|key| key as u32)
+        .collect())
+}
+
 /// Reads the set maps of `slot` of the instance pinned in `dir`.
 pub fn read_sets(dir: &Path, slot: u32) -> Result<Sets> {
     let ports = hash::<u32>(dir, PORTS)?
@@ -413,20 +506,31 @@ pub fn read_sets(dir: &Path, slot: u32) -> Result<Sets> {
         .filter(|(key, _)| key >> 16 == slot)
         .map(|(key, flags)| ((key & 0xffff) as u16, flags))
         .collect();
-    let local = hash::<u64>(dir, LOCAL)?
-        .keys()
+    let port_blocks = port_trie(dir)?
+        .iter()
         .collect::<Result<Vec<_>, _>>()
-        .context("reading the pod-address map")?
+        .context("reading the port-range map")?
         .into_iter()
-        .filter(|key| key >> 32 == u64::from(slot))
-        .map(|key| key as u32)
+        .filter(|(k, _)| u32::from(k.data()[0]) == slot && k.prefix_len() >= PORT_RANGE_SLOT_BITS)
+        .map(|(k, flags)| {
+            let d = k.data();
+            (
+                (
+                    k.prefix_len() - PORT_RANGE_SLOT_BITS,
+                    u16::from_be_bytes([d[1], d[2]]),
+                ),
+                flags,
+            )
+        })
         .collect();
     Ok(Sets {
         ports,
         exclude: slot_cidrs(dir, EXCLUDE, slot)?,
         include: slot_cidrs(dir, INCLUDE, slot)?,
-        local,
+        local: slot_values(dir, LOCAL, slot)?,
         routes: slot_entries::<u32>(dir, ROUTE, slot)?,
+        port_blocks,
+        groups: slot_values(dir, GROUPS, slot)?,
     })
 }
 
@@ -460,16 +564,30 @@ pub fn write_sets(dir: &Path, slot: u32, sets: &Sets) -> Result<()> {
                 .with_context(|| format!("writing {name}"))?;
         }
     }
-    let mut local = hash::<u64>(dir, LOCAL)?;
-    for addr in &old.local {
-        local
-            .remove(&local_key(slot, *addr))
-            .context("removing a pod address")?;
+    for (name, new, old) in [
+        (LOCAL, &sets.local, &old.local),
+        (GROUPS, &sets.groups, &old.groups),
+    ] {
+        let mut map = hash::<u64>(dir, name)?;
+        for value in old {
+            map.remove(&slot_key(slot, *value))
+                .with_context(|| format!("removing from {name}"))?;
+        }
+        for value in new {
+            map.insert(slot_key(slot, *value), 1, 0)
+                .with_context(|| format!("writing {name}"))?;
+        }
     }
-    for addr in &sets.local {
-        local
-            .insert(local_key(slot, *addr), 1, 0)
-            .context("writing the pod-address map")?;
+    let mut blocks = port_trie(dir)?;
+    for (key, _) in &old.port_blocks {
+        blocks
+            .remove(&port_block(slot, *key))
+            .context("removing a port range")?;
+    }
+    for (key, flags) in &sets.port_blocks {
+        blocks
+            .insert(&port_block(slot, *key), *flags, 0)
+            .context("writing the port-range map")?;
     }
     let mut routes = trie::<u32>(dir, ROUTE)?;
     for (key, _) in &old.routes {
@@ -494,5 +612,76 @@ mod port_run_tests {
             super::port_runs(&[22, 80, 81, 82, 443, 444, 65535]),
             "22,80:82,443,444,65535"
         );
+    }
+}
+
+#[cfg(test)]
+mod port_block_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn range(first: u16, last: u16, flag: u8) -> PortRange {
+        PortRange { first, last, flag }
+    }
+
+    /// The flags the blocks give `port` (a block, never two).
+    fn lookup(blocks: &[((u32, u16), u8)], port: u16) -> u8 {
+        let hits: Vec<u8> = blocks
+            .iter()
+            .filter(|((bits, first), _)| {
+                let size = 1u32 << (16 - bits);
+                (u32::from(*first)..u32::from(*first) + size).contains(&u32::from(port))
+            })
+            .map(|(_, f)| *f)
+            .collect();
+        assert!(hits.len() <= 1, "port {port} in {} blocks", hits.len());
+        hits.first().copied().unwrap_or(0)
+    }
+
+    #[test]
+    fn ranges_become_few_aligned_blocks() {
+        assert_eq!(
+            port_blocks(&[range(8000, 8015, PORT_EXCLUDE)]),
+            vec![((12, 8000), PORT_EXCLUDE)]
+        );
+        assert_eq!(port_blocks(&[range(0, 65535, 1)]), vec![((0, 0), 1)]);
+        assert_eq!(port_blocks(&[range(1, 65535, 1)]).len(), 16);
+        // Overlapping lists: the overlap has both flags.
+        let blocks = port_blocks(&[range(10, 19, 1), range(15, 24, 2)]);
+        assert_eq!(
+            (
+                lookup(&blocks, 12),
+                lookup(&blocks, 16),
+                lookup(&blocks, 22)
+            ),
+            (1, 3, 2)
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_port_gets_the_flags_of_the_ranges_it_is_in(
+            ranges in proptest::collection::vec((any::<u16>(), any::<u16>(), 0u8..4), 0..6),
+            probes in proptest::collection::vec(any::<u16>(), 64),
+        ) {
+            let ranges: Vec<PortRange> = ranges
+                .into_iter()
+                .map(|(a, b, f)| range(a.min(b), a.max(b), 1 << f))
+                .collect();
+            let blocks = port_blocks(&ranges);
+            let edges = ranges.iter().flat_map(|r| [r.first, r.last, r.first.saturating_sub(1), r.last.saturating_add(1)]);
+            for port in probes.into_iter().chain(edges) {
+                let expected = ranges
+                    .iter()
+                    .filter(|r| (r.first..=r.last).contains(&port))
+                    .fold(0, |acc, r| acc | r.flag);
+                prop_assert_eq!(lookup(&blocks, port), expected, "port {}", port);
+            }
+            // At most 30 blocks a piece: the map's limit holds for a few ranges.
+            prop_assert!(blocks.len() <= 32 * (2 * ranges.len() + 1));
+        }
     }
 }
