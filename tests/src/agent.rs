@@ -695,13 +695,22 @@ pub enum ConnectMode {
     Nonblock,
     /// TCP fast open: sendto(2) with MSG_FASTOPEN carrying the one byte.
     Fastopen,
-    /// A UDP socket's connect(2), then send(2) of one byte (nothing is
-    /// read: no server answers UDP).
+    /// A UDP socket's connect(2), then send(2) of one byte; to port 53
+    /// (a DNS stand-in, [`crate::dns`]) the answer is read too.
     Udp,
+    /// An unconnected UDP socket's sendto(2) of one byte, and to port 53
+    /// the answer's recvfrom(2).
+    Sendto,
 }
 
 impl ConnectMode {
-    pub const ALL: [Self; 4] = [Self::Block, Self::Nonblock, Self::Fastopen, Self::Udp];
+    pub const ALL: [Self; 5] = [
+        Self::Block,
+        Self::Nonblock,
+        Self::Fastopen,
+        Self::Udp,
+        Self::Sendto,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -709,6 +718,7 @@ impl ConnectMode {
             Self::Nonblock => "nonblock",
             Self::Fastopen => "fastopen",
             Self::Udp => "udp",
+            Self::Sendto => "sendto",
         }
     }
 }
@@ -853,7 +863,7 @@ impl std::str::FromStr for Cred {
 
 /// One connection of the `observe` command, written (and read) as
 /// `to=IP:PORT family=4|6 bind=none|IP dev=none|lo|eth0
-/// mode=block|nonblock|fastopen|udp [cred=C] [then=C] [sport=N]`.
+/// mode=block|nonblock|fastopen|udp|sendto [cred=C] [then=C] [sport=N]`.
 /// `family=6` is an AF_INET6 socket connecting to the v4-mapped address;
 /// `bind` binds the source address (port 0) first; `dev` sets
 /// SO_BINDTODEVICE; `cred` are the credentials ([`Cred`]) the socket is
@@ -1110,7 +1120,7 @@ fn connect_observed(spec: &Spec, timeouts: Timeouts) -> String {
     } else {
         Domain::IPV4
     };
-    let udp = spec.mode == ConnectMode::Udp;
+    let udp = matches!(spec.mode, ConnectMode::Udp | ConnectMode::Sendto);
     let kind = if udp { Type::DGRAM } else { Type::STREAM };
     let socket = match Socket::new(domain, kind, None) {
         Ok(socket) => socket,
@@ -1174,6 +1184,10 @@ fn connect_observed(spec: &Spec, timeouts: Timeouts) -> String {
             let _ = socket.set_nonblocking(false);
             format!("connect={done}")
         }
+        ConnectMode::Sendto => match socket.send_to(b"x", &to) {
+            Ok(_) => "udp-sendto=ok".to_owned(),
+            Err(err) => return format!("udp-sendto={}", errno_name(&err)),
+        },
         ConnectMode::Fastopen => match socket.send_to_with_flags(b"x", &to, libc::MSG_FASTOPEN) {
             Ok(n) => format!("sendto={n}"),
             Err(err) => return format!("sendto={}", errno_name(&err)),
@@ -1198,11 +1212,20 @@ fn connect_observed(spec: &Spec, timeouts: Timeouts) -> String {
         ));
     }
     if udp {
-        let sent = socket.send(b"x");
-        out.push_str(&format!(
-            " send={}",
-            sent.map_or_else(|e| errno_name(&e), |n| n.to_string())
-        ));
+        if spec.mode == ConnectMode::Udp {
+            let sent = socket.send(b"x");
+            out.push_str(&format!(
+                " send={}",
+                sent.map_or_else(|e| errno_name(&e), |n| n.to_string())
+            ));
+        }
+        if spec.to.port() == 53 {
+            // A stand-in answers at once; what has none here never will.
+            out.push_str(&dns_answer(
+                &socket,
+                timeouts.read.min(Duration::from_secs(1)),
+            ));
+        }
         return mask_port(&out, port);
     }
     if spec.mode != ConnectMode::Fastopen
@@ -1245,6 +1268,28 @@ fn connect_observed(spec: &Spec, timeouts: Timeouts) -> String {
     // wrong SO_ORIGINAL_DST naming the socket itself), so that
     // observations compare across runs.
     mask_port(&out, port)
+}
+
+/// The answer of a DNS stand-in to a UDP socket: ` from=<its source> |
+/// <answer>`, or ` from=<errno>` without one.
+fn dns_answer(socket: &Socket, timeout: Duration) -> String {
+    let _ = socket.set_read_timeout(Some(timeout));
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 512];
+    match socket.recv_from(&mut buf) {
+        Ok((n, from)) => {
+            // SAFETY: recv_from initialised the first n bytes.
+            let bytes: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            format!(
+                " from={} | {}",
+                addr_text(&from, false),
+                String::from_utf8_lossy(&bytes).trim()
+            )
+        }
+        Err(err) => format!(" from={}", errno_name(&err)),
+    }
 }
 
 /// The `observe` command: specs from stdin, observations to stdout, in

@@ -40,18 +40,9 @@ pub fn serve(listen: SocketAddr, name: &str) -> Result<()> {
     std::thread::scope(|scope| {
         scope.spawn(|| {
             for stream in tcp.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
-                let mut query = Vec::new();
-                let _ = stream.read_to_end(&mut query);
-                let peer = stream
-                    .peer_addr()
-                    .map_or_else(|e| errno_name(&e), |a| a.to_string());
-                let _ = writeln!(
-                    stream,
-                    "{name} peer={peer} odst={}",
-                    original_dst(&stream).replace(' ', "_")
-                );
+                let Ok(stream) = stream else { continue };
+                let name = name.to_owned();
+                std::thread::spawn(move || answer_tcp(stream, &name));
             }
         });
         let mut buf = [0u8; 512];
@@ -62,6 +53,26 @@ pub fn serve(listen: SocketAddr, name: &str) -> Result<()> {
             let _ = udp.send_to(format!("{name} peer={from}").as_bytes(), from);
         }
     })
+}
+
+/// Answers one TCP query: `NAME peer=<peer> odst=<SO_ORIGINAL_DST>`.
+fn answer_tcp(mut stream: TcpStream, name: &str) {
+    let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
+    // The query is one read; what follows until the client closes is
+    // drained after the answer (nothing left unread resets the connection
+    // before the answer is read).
+    let mut query = [0u8; 64];
+    let _ = stream.read(&mut query);
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|e| errno_name(&e), |a| a.to_string());
+    let _ = writeln!(
+        stream,
+        "{name} peer={peer} odst={}",
+        original_dst(&stream).replace(' ', "_")
+    );
+    let mut rest = [0u8; 64];
+    while stream.read(&mut rest).is_ok_and(|n| n > 0) {}
 }
 
 /// How a query is made.

@@ -177,8 +177,13 @@ const CIDRS: &[&str] = &[
 
 /// Ports the flags and the connections are drawn from.
 const PORTS: &[&str] = &[
-    "80", "81", "22", "15008", "15090", "9090", "15001", "15006", "15021", "7",
+    "80", "81", "22", "15008", "15090", "9090", "15001", "15006", "15021", "7", "53",
 ];
+
+/// The pod's resolv.conf in every configuration: a nameserver across the
+/// network and a local resolver (DNS capture takes port 53 to these, or
+/// to anything with `CAPTURE_ALL_DNS`).
+const NAMESERVERS: [Ipv4Addr; 2] = [PEER_IP, Ipv4Addr::new(127, 0, 0, 53)];
 
 /// Ranges the port lists sometimes take: around the ports above.
 const PORT_RANGES: &[&str] = &[
@@ -280,6 +285,12 @@ impl Config {
                 },
             )),
         }
+        if rng.chance(35) {
+            env.push(("REDIRECT_DNS", "true".to_owned()));
+            if rng.chance(30) {
+                env.push(("CAPTURE_ALL_DNS", "true".to_owned()));
+            }
+        }
         if rng.chance(25) {
             env.push((
                 "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
@@ -320,7 +331,8 @@ impl Config {
         }
         let _ = write!(
             line,
-            "redirect istio-iptables --ipv6=false --mode {mode} --netns <pod> --cgroup <pod> --instance <name>"
+            "redirect istio-iptables --ipv6=false --mode {mode} --resolv-conf <nameserver {} and {}> --netns <pod> --cgroup <pod> --instance <name>",
+            NAMESERVERS[0], NAMESERVERS[1]
         );
         for arg in self.args() {
             let _ = write!(line, " {}", quote(&arg));
@@ -455,6 +467,7 @@ fn destinations() -> Vec<(Ipv4Addr, &'static str)> {
         (Ipv4Addr::new(127, 0, 0, 9), "127/8"),
         (Ipv4Addr::new(127, 1, 2, 3), "127/8"),
         (Ipv4Addr::new(127, 0, 0, 6), "127.0.0.6"),
+        (NAMESERVERS[1], "local-resolver"),
         (Ipv4Addr::UNSPECIFIED, "0.0.0.0"),
         (PEER_IP, "peer"),
         (PEER_IP, "peer"),
@@ -515,13 +528,20 @@ fn random_case(rng: &mut Rng, creds: bool) -> Case {
         15..27 if creds => SWITCHING_CLIENT,
         _ => rng.below(PEER_CLIENT),
     };
-    let port: u16 = rng.pick(PORTS).parse().expect("port");
+    // DNS (port 53) more often than its share, over UDP half the time.
+    let port: u16 = if rng.chance(10) {
+        53
+    } else {
+        rng.pick(PORTS).parse().expect("port")
+    };
     let family6 = rng.chance(30);
     let mode = match rng.below(100) {
+        _ if port == 53 && rng.chance(50) => rng.pick(&[ConnectMode::Udp, ConnectMode::Sendto]),
         0..46 => ConnectMode::Block,
         46..74 => ConnectMode::Nonblock,
-        74..92 => ConnectMode::Fastopen,
-        _ => ConnectMode::Udp,
+        74..88 => ConnectMode::Fastopen,
+        88..95 => ConnectMode::Udp,
+        _ => ConnectMode::Sendto,
     };
     let mut spec = Spec {
         family6,
@@ -589,7 +609,52 @@ fn pod_with_servers() -> Sandbox {
     serve(Net::Pod, Group::Proxy, PROXY, &[15006], "inbound");
     serve(Net::Pod, Group::App, ROOT, &POD_SERVER_PORTS, "pod");
     serve(Net::Peer, Group::Outside, ROOT, &PEER_SERVER_PORTS, "peer");
+    // DNS stand-ins (UDP and TCP port 53): the proxy's DNS listener, the
+    // local resolver, the nameserver and a server resolv.conf does not list.
+    let dns = |net: Net, group: Group, who: Identity, at: SocketAddrV4, name: &str| {
+        let mut cmd = sandbox.agent(net, group, who);
+        cmd.args(["dns-serve", "--listen", &at.to_string(), "--reply", name]);
+        sandbox.start(cmd).expect(name);
+    };
+    dns(
+        Net::Pod,
+        Group::Proxy,
+        PROXY,
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053),
+        "dns-proxy",
+    );
+    dns(
+        Net::Pod,
+        Group::App,
+        ROOT,
+        SocketAddrV4::new(NAMESERVERS[1], 53),
+        "local-resolver",
+    );
+    dns(
+        Net::Peer,
+        Group::Outside,
+        ROOT,
+        SocketAddrV4::new(NAMESERVERS[0], 53),
+        "nameserver",
+    );
+    dns(
+        Net::Peer,
+        Group::Outside,
+        ROOT,
+        SocketAddrV4::new(peer_ip(1), 53),
+        "other-dns",
+    );
+    let resolv: String = NAMESERVERS
+        .iter()
+        .map(|ns| format!("nameserver {ns}\n"))
+        .collect();
+    std::fs::write(resolv_conf(&sandbox), resolv).expect("resolv.conf");
     sandbox
+}
+
+/// The pod's resolv.conf, named after the sandbox (which removes it).
+fn resolv_conf(sandbox: &Sandbox) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("{}-resolv.conf", sandbox.name()))
 }
 
 /// How many source-port slots the runs take in turn (see
@@ -755,6 +820,8 @@ fn istio_iptables(sandbox: &Sandbox, mode: Mode, config: &Config, cleanup: bool)
     let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
     let mut cmd = Command::new(redirect_bin());
     cmd.args(["istio-iptables", "--ipv6=false", "--mode", mode.mode])
+        .arg("--resolv-conf")
+        .arg(resolv_conf(sandbox))
         .args(["--netns", &sandbox.netns_path(Net::Pod)])
         .args(["--cgroup", &cgroup, "--instance", sandbox.name()])
         .args(config.args())
@@ -887,6 +954,13 @@ fn canonical(seen: String) -> String {
             return format!("{verb}=unanswered");
         }
     }
+    // A UDP query nothing answers: the ICMP error that says so is rate
+    // limited, so it shows as a refusal or as a timeout.
+    let seen = [" from=ECONNREFUSED", " from=EAGAIN"]
+        .iter()
+        .fold(seen, |seen, unanswered| {
+            seen.replace(unanswered, " from=unanswered")
+        });
     let Some((app, reply)) = seen.split_once(" | ") else {
         return seen;
     };
@@ -1321,7 +1395,7 @@ fn ebpf_and_iptables_agree_on_random_cases() {
         for (tally, wanted, from) in [
             (
                 &landed_out,
-                &["proxy", "pod", "peer", "inbound"][..],
+                &["proxy", "pod", "peer", "inbound", "dns-proxy", "nameserver"][..],
                 "the pod",
             ),
             (&landed_in, &["inbound", "pod"][..], "the peer"),
