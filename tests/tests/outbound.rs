@@ -494,10 +494,13 @@ fn max_connections_sizes_the_maps_and_is_fixed_at_first_install() {
         (1024 + 128..=1024 + 128 * 1024).contains(&entries),
         "{status}"
     );
-    // 6.6 MB at the default 65,536; how the kernel rounds its accounting
-    // differs between versions, so only the order of magnitude is checked.
+    // 6.6 MB at the default 65,536 (the tuple map); how the kernel rounds
+    // its accounting differs between versions, so only the order of
+    // magnitude is checked. Kernels before 5.11 charge the LPM tries at
+    // their full size: the two CIDR sets (2 x 16,384 entries a slot) alone
+    // are about 3 MB there, the port ranges and routes some 0.2 MB more.
     let bytes = instance["map_memory_bytes"].as_u64().expect("bytes");
-    assert!(bytes < 4_000_000, "a small instance: {bytes} bytes");
+    assert!(bytes < 4_500_000, "a small instance: {bytes} bytes");
     let tuple_bytes = tuple["bytes"].as_u64().expect("tuple map bytes");
     assert!(
         tuple_bytes < 1_000_000,

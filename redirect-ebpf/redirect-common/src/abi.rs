@@ -20,8 +20,10 @@ pub const MAX_PORTS: u32 = 1024;
 /// Capacity of the per-port inbound capture counters.
 pub const MAX_IN_HITS: u32 = 1024;
 /// How many aligned port blocks one configuration's port ranges (`a:b` in
-/// `-o`, `-q`, `-b`, `-d`) take (a range is at most 30 blocks).
-pub const MAX_PORT_BLOCKS: u32 = 4096;
+/// `-o`, `-q`, `-b`, `-d`) take (a range is at most 30 blocks, so some 34
+/// ranges at the worst, more as they usually are). Kernels before 5.11
+/// charge an LPM trie at its full size (about 45 bytes an entry).
+pub const MAX_PORT_BLOCKS: u32 = 1024;
 /// How many CIDRs one configuration's set (`-x`, `-i`) can hold.
 pub const MAX_CIDRS: u32 = 16384;
 /// How many pod addresses one configuration can hold.
