@@ -285,7 +285,17 @@ impl Config {
                 },
             )),
         }
-        if rng.chance(35) {
+        // DNS capture only where the DNS stand-in (uid and gid 1337) is
+        // the proxy: Istio's conntrack zones de-NAT a DNS reply only when
+        // a proxy uid or gid sent it, so with the stand-in outside -u/-g
+        // iptables mode shows the reply from 127.0.0.1:15053 (or drops it
+        // on a connected socket), where eBPF mode restores every reply
+        // from the DNS port. That is a broken deployment (Istio's DNS proxy
+        // runs as the proxy) and a documented difference, not a finding.
+        let stand_in_is_proxy = flags
+            .iter()
+            .any(|(f, v)| (*f == "-u" || *f == "-g") && v.split(',').any(|id| id == "1337"));
+        if stand_in_is_proxy && rng.chance(35) {
             env.push(("REDIRECT_DNS", "true".to_owned()));
             if rng.chance(30) {
                 env.push(("CAPTURE_ALL_DNS", "true".to_owned()));
