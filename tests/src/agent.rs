@@ -1274,20 +1274,8 @@ fn connect_observed(spec: &Spec, timeouts: Timeouts) -> String {
 /// <answer>`, or ` from=<errno>` without one.
 fn dns_answer(socket: &Socket, timeout: Duration) -> String {
     let _ = socket.set_read_timeout(Some(timeout));
-    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 512];
-    match socket.recv_from(&mut buf) {
-        Ok((n, from)) => {
-            // SAFETY: recv_from initialised the first n bytes.
-            let bytes: Vec<u8> = buf[..n]
-                .iter()
-                .map(|b| unsafe { b.assume_init() })
-                .collect();
-            format!(
-                " from={} | {}",
-                addr_text(&from, false),
-                String::from_utf8_lossy(&bytes).trim()
-            )
-        }
+    match crate::dns::recv_answer(socket) {
+        Ok((answer, from)) => format!(" from={} | {answer}", addr_text(&from, false)),
         Err(err) => format!(" from={}", errno_name(&err)),
     }
 }

@@ -166,20 +166,21 @@ fn query_inner(to: SocketAddr, how: How, family6: bool) -> Result<String> {
         return Ok(format!("sendto={}", errno_name(&err)));
     }
     seen.push_str(&format!("local={}", name(socket.local_addr())));
+    Ok(match recv_answer(&socket) {
+        Ok((answer, from)) => format!("{seen} from={} | {answer}", name(Ok(from))),
+        Err(err) => format!("{seen} from={}", errno_name(&err)),
+    })
+}
+
+/// One datagram from `socket` (within its read timeout): the text, trimmed,
+/// and where it came from.
+pub fn recv_answer(socket: &Socket) -> std::io::Result<(String, socket2::SockAddr)> {
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 512];
-    match socket.recv_from(&mut buf) {
-        Ok((n, from)) => {
-            // SAFETY: recv_from initialised the first n bytes.
-            let bytes: Vec<u8> = buf[..n]
-                .iter()
-                .map(|b| unsafe { b.assume_init() })
-                .collect();
-            Ok(format!(
-                "{seen} from={} | {}",
-                name(Ok(from)),
-                String::from_utf8_lossy(&bytes).trim()
-            ))
-        }
-        Err(err) => Ok(format!("{seen} from={}", errno_name(&err))),
-    }
+    let (n, from) = socket.recv_from(&mut buf)?;
+    // SAFETY: recv_from initialised the first n bytes.
+    let bytes: Vec<u8> = buf[..n]
+        .iter()
+        .map(|b| unsafe { b.assume_init() })
+        .collect();
+    Ok((String::from_utf8_lossy(&bytes).trim().to_owned(), from))
 }
