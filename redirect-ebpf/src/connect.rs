@@ -51,8 +51,8 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     if let Some((port, source)) =
         capture(&ctx, sk, addr.type_, addr.user_ip4, addr.user_port, src_ip)
     {
-        if let Some(src) = source {
-            keep_source(bind_source(&ctx, sk.family, src));
+        if source != 0 {
+            keep_source(bind_source(&ctx, sk.family, source));
         }
         addr.user_ip4 = LOCALHOST;
         addr.user_port = u32::from(port.to_be());
@@ -79,8 +79,8 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     let sk = unsafe { &*addr.__bindgen_anon_1.sk };
     let src_ip = v4_mapped(&read_ip6(&raw const sk.src_ip6)).unwrap_or(0);
     if let Some((port, source)) = capture(&ctx, sk, addr.type_, dst, addr.user_port, src_ip) {
-        if let Some(src) = source {
-            keep_source(bind_source(&ctx, sk.family, src));
+        if source != 0 {
+            keep_source(bind_source(&ctx, sk.family, source));
         }
         write_ip6((&raw mut addr.user_ip6).cast(), to_v4_mapped(LOCALHOST));
         addr.user_port = u32::from(port.to_be());
@@ -94,7 +94,9 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 /// socket's storage. `src_ip` is the address the socket is bound to (0:
 /// none). Returns the port to rewrite to, and the source the kernel would
 /// have chosen for the original destination when the caller must set it
-/// (see [`redirect_source`]).
+/// (see [`redirect_source`]), 0 when it need not: a plain `u32` rather
+/// than an `Option`, whose undefined payload LLVM may copy in a register
+/// the verifier then finds unread.
 #[inline(always)]
 pub(crate) fn capture(
     ctx: &SockAddrContext,
@@ -103,7 +105,7 @@ pub(crate) fn capture(
     dst_ip: u32,
     user_port: u32,
     src_ip: u32,
-) -> Option<(u16, Option<u32>)> {
+) -> Option<(u16, u32)> {
     let (cfg, maps) = active()?;
     let uid_gid = bpf_get_current_uid_gid();
     let input = ConnectInput {
@@ -147,8 +149,8 @@ pub(crate) fn capture(
                     report(Counter::KernelRefuses, 0);
                     return None;
                 }
-                Source::Bind(src) => Some(src),
-                Source::Kernel => None,
+                Source::Bind(src) => src,
+                Source::Kernel => 0,
             };
             let mut orig = OrigDst::new(input.effective_dst(), input.dst_port);
             // SAFETY: the context's socket; the value is copied in when created.

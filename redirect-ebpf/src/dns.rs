@@ -42,8 +42,8 @@ pub fn redirect_sendmsg4(ctx: SockAddrContext) -> i32 {
     if let Some((port, source)) =
         capture(&ctx, sk, addr.type_, addr.user_ip4, addr.user_port, src_ip)
     {
-        if let Some(src) = source {
-            addr.msg_src_ip4 = src;
+        if source != 0 {
+            addr.msg_src_ip4 = source;
         }
         addr.user_ip4 = LOCALHOST;
         addr.user_port = u32::from(port.to_be());
@@ -70,8 +70,8 @@ pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
         .or_else(|| v4_mapped(&read_ip6(&raw const sk.src_ip6)))
         .unwrap_or(0);
     if let Some((port, source)) = capture(&ctx, sk, addr.type_, dst, addr.user_port, src_ip) {
-        if let Some(src) = source {
-            write_ip6((&raw mut addr.msg_src_ip6).cast(), to_v4_mapped(src));
+        if source != 0 {
+            write_ip6((&raw mut addr.msg_src_ip6).cast(), to_v4_mapped(source));
         }
         write_ip6((&raw mut addr.user_ip6).cast(), to_v4_mapped(LOCALHOST));
         addr.user_port = u32::from(port.to_be());

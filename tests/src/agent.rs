@@ -44,7 +44,7 @@
 //!     p99_us, and the first reply's first line
 //! agent [...] dns-serve --listen IP:PORT --reply NAME
 //!     a DNS stand-in on UDP and TCP (see [`crate::dns`])
-//! agent [...] dns-query --to IP:PORT --how sendto|connected|tcp [--family6]
+//! agent [...] dns-query --to IP:PORT --how sendto|connected|tcp [--family6] [--bind IP]
 //!     one query, and what the app observed of it (see [`crate::dns::query`])
 //! agent [...] invalid-segment --to IP:PORT
 //!     connect, send a segment conntrack calls INVALID into the connection
@@ -209,7 +209,9 @@ fn run(args: &[String]) -> Result<()> {
         Some("dns-query") => {
             let to = args.req("--to")?.parse()?;
             let how = args.req("--how")?.parse()?;
-            println!("{}", crate::dns::query(to, how, args.flag("--family6")));
+            let family6 = args.flag("--family6");
+            let bind = args.opt("--bind")?.map(str::parse).transpose()?;
+            println!("{}", crate::dns::query(to, how, family6, bind));
             Ok(())
         }
         Some("invalid-segment") => {

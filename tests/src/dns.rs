@@ -99,11 +99,12 @@ impl std::str::FromStr for How {
 }
 
 /// Makes one query to `to` (from an AF_INET6 socket to the IPv4-mapped
-/// address with `family6`) and says what the app observed: how it went,
-/// the socket's own address (`local=`), its peer for connected sockets
-/// (`peer=`), the answer's source (`from=`, UDP), then `| ` and the answer.
-pub fn query(to: SocketAddr, how: How, family6: bool) -> String {
-    match query_inner(to, how, family6) {
+/// address with `family6`; from a socket bound to `bind`, port 0, first
+/// when given) and says what the app observed: how it went, the socket's
+/// own address (`local=`), its peer for connected sockets (`peer=`), the
+/// answer's source (`from=`, UDP), then `| ` and the answer.
+pub fn query(to: SocketAddr, how: How, family6: bool, bind: Option<std::net::IpAddr>) -> String {
+    match query_inner(to, how, family6, bind) {
         Ok(seen) => seen,
         Err(err) => format!("error={}", err_name(&err)),
     }
@@ -114,10 +115,25 @@ fn err_name(err: &anyhow::Error) -> String {
         .map_or_else(|| format!("{err:#}"), errno_name)
 }
 
-fn query_inner(to: SocketAddr, how: How, family6: bool) -> Result<String> {
-    let to: SocketAddr = match (to, family6) {
+fn query_inner(
+    to: SocketAddr,
+    how: How,
+    family6: bool,
+    bind: Option<std::net::IpAddr>,
+) -> Result<String> {
+    let in_family = |addr: SocketAddr| match (addr, family6) {
         (SocketAddr::V4(v4), true) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
-        _ => to,
+        _ => addr,
+    };
+    let to = in_family(to);
+    let bind = |socket: &Socket| -> Result<()> {
+        if let Some(ip) = bind {
+            let at = in_family(SocketAddr::new(ip, 0));
+            socket
+                .bind(&at.into())
+                .with_context(|| format!("binding {at}"))?;
+        }
+        Ok(())
     };
     let domain = Domain::for_address(to);
     let name = |a: std::io::Result<socket2::SockAddr>| -> String {
@@ -130,6 +146,7 @@ fn query_inner(to: SocketAddr, how: How, family6: bool) -> Result<String> {
     };
     if how == How::Tcp {
         let socket = Socket::new(domain, Type::STREAM, None)?;
+        bind(&socket)?;
         if let Err(err) = socket.connect_timeout(&to.into(), ANSWER_TIMEOUT) {
             return Ok(format!("connect={}", errno_name(&err)));
         }
@@ -152,6 +169,7 @@ fn query_inner(to: SocketAddr, how: How, family6: bool) -> Result<String> {
         });
     }
     let socket = Socket::new(domain, Type::DGRAM, None)?;
+    bind(&socket)?;
     socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     let mut seen = String::new();
     if how == How::Connected {

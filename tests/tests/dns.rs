@@ -2,15 +2,19 @@
 //! proven against iptables mode with the same flags: every query an app or
 //! the proxy makes (unconnected UDP, connected UDP, TCP; AF_INET and
 //! dual-stack sockets; to a nameserver of resolv.conf, to a local
-//! resolver, to another server) is observed whole in both modes (where it
+//! resolver, to another server; the app also to a multicast group) is observed whole in both modes (where it
 //! lands, the source the server sees, the app's own and peer addresses, the
 //! answer's source, the DNS listener's SO_ORIGINAL_DST) and must read the
 //! same.
 
-use std::{collections::BTreeMap, fs, net::SocketAddrV4};
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use redirect_sandbox::{
-    APP, Group, Identity, Net, PEER_IP, PROXY, ROOT, Sandbox,
+    APP, Group, Identity, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
     cli::{ISTIO_SIDECAR_ARGS, Outcome, counter, redirect},
     peer_ip, require_root,
 };
@@ -18,7 +22,10 @@ use redirect_sandbox::{
 /// The resolv.conf nameservers: one across the network, one local resolver
 /// (as systemd-resolved's 127.0.0.53).
 const NAMESERVER: SocketAddrV4 = SocketAddrV4::new(PEER_IP, 53);
-const LOCAL_RESOLVER: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, 53), 53);
+const LOCAL_RESOLVER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 53), 53);
+
+/// A multicast group's port 53: UDP may send there, TCP may not.
+const MULTICAST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(239, 1, 2, 3), 53);
 
 /// A DNS server resolv.conf does not list.
 fn other_server() -> SocketAddrV4 {
@@ -42,7 +49,7 @@ fn pod() -> Sandbox {
         ]);
         sandbox.start(cmd).expect(name);
     };
-    let proxy_dns = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 15053);
+    let proxy_dns = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053);
     dns(Net::Pod, Group::Proxy, PROXY, proxy_dns, "dns-proxy");
     dns(Net::Pod, Group::App, ROOT, LOCAL_RESOLVER, "local-resolver");
     dns(Net::Peer, Group::Outside, ROOT, NAMESERVER, "nameserver");
@@ -88,15 +95,60 @@ fn istio(sandbox: &Sandbox, mode: &str, args: &[&str], cleanup: bool) -> Outcome
     out
 }
 
-/// Every query of the test: who makes it, how, from which socket family, to where.
-fn queries() -> Vec<(&'static str, Identity, &'static str, bool, SocketAddrV4)> {
+/// One query: who makes it, how, from which socket family, from which
+/// bound address (or none), to where.
+struct Query {
+    who: &'static str,
+    id: Identity,
+    how: &'static str,
+    family6: bool,
+    bind: Option<Ipv4Addr>,
+    to: SocketAddrV4,
+}
+
+impl Query {
+    /// How the observations name it.
+    fn key(&self) -> String {
+        format!(
+            "{} {}{}{} -> {}",
+            self.who,
+            self.how,
+            if self.family6 { " (dual-stack)" } else { "" },
+            if self.bind.is_some() { " bound" } else { "" },
+            self.to
+        )
+    }
+}
+
+/// Every query of the test: the app and the proxy to each server, and the
+/// app to a multicast group, unbound and from a socket bound to the pod's
+/// address (the kernel sends that one out of the address's device without
+/// a route, and captured DNS goes to the proxy).
+fn queries() -> Vec<Query> {
     let mut all = Vec::new();
-    for (who, id) in [("app", APP), ("proxy", PROXY)] {
-        for how in ["sendto", "connected", "tcp"] {
-            for family6 in [false, true] {
+    for how in ["sendto", "connected", "tcp"] {
+        for family6 in [false, true] {
+            for (who, id) in [("app", APP), ("proxy", PROXY)] {
                 for to in [NAMESERVER, LOCAL_RESOLVER, other_server()] {
-                    all.push((who, id, how, family6, to));
+                    all.push(Query {
+                        who,
+                        id,
+                        how,
+                        family6,
+                        bind: None,
+                        to,
+                    });
                 }
+            }
+            for bind in [None, Some(POD_IP)] {
+                all.push(Query {
+                    who: "app",
+                    id: APP,
+                    how,
+                    family6,
+                    bind,
+                    to: MULTICAST,
+                });
             }
         }
     }
@@ -123,20 +175,20 @@ fn canonical(seen: &str) -> String {
 fn observe(sandbox: &Sandbox) -> BTreeMap<String, String> {
     queries()
         .into_iter()
-        .map(|(who, id, how, family6, to)| {
-            let to_text = to.to_string();
-            let mut args = vec!["dns-query", "--to", &to_text, "--how", how];
-            if family6 {
+        .map(|query| {
+            let to = query.to.to_string();
+            let mut args = vec!["dns-query", "--to", &to, "--how", query.how];
+            if query.family6 {
                 args.push("--family6");
             }
+            let bind = query.bind.map(|ip| ip.to_string());
+            if let Some(ip) = &bind {
+                args.extend(["--bind", ip]);
+            }
             let out = sandbox
-                .agent_output(Group::App, id, &args)
+                .agent_output(Group::App, query.id, &args)
                 .expect("dns-query");
-            let key = format!(
-                "{who} {how}{} -> {to}",
-                if family6 { " (dual-stack)" } else { "" }
-            );
-            (key, canonical(out.trim()))
+            (query.key(), canonical(out.trim()))
         })
         .collect()
 }
@@ -222,6 +274,14 @@ fn capture_all_dns_in_ebpf_mode_is_observed_as_with_iptables() {
     let seen = ebpf_is_iptables(&args);
     let other = seen[&format!("app sendto -> {}", other_server())].clone();
     assert!(other.contains("| dns-proxy"), "{other}");
+    // UDP to a multicast group is DNS too: from a bound socket (the kernel
+    // finds no route for an unbound one in this pod), sent and connected.
+    for how in ["sendto", "connected"] {
+        let group = seen[&format!("app {how} bound -> {MULTICAST}")].clone();
+        assert!(group.contains("| dns-proxy"), "{how}: {group}");
+    }
+    let tcp = seen[&format!("app tcp bound -> {MULTICAST}")].clone();
+    assert!(tcp.starts_with("connect=ENETUNREACH"), "{tcp}");
 }
 
 #[test]

@@ -117,8 +117,8 @@ pub enum Source {
     /// Bind the socket to this address (network order), port 0, first.
     Bind(u32),
     /// The kernel refuses this connect before any rule runs (no route, a
-    /// broadcast or multicast destination, a loopback source to the
-    /// network): do not redirect it, so that it fails as it would.
+    /// broadcast destination, a multicast one for TCP, a loopback source
+    /// to the network): do not redirect it, so that it fails as it would.
     Refused,
 }
 
@@ -134,14 +134,21 @@ pub fn redirect_source(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl L
     if octets[0] == 127 {
         return Source::Kernel;
     }
-    // Limited broadcast and multicast: `tcp_v4_connect` refuses whichever
-    // way they are routed.
-    if dst == u32::MAX || octets[0] & 0xf0 == 224 {
+    // The limited broadcast address: `tcp_v4_connect` refuses it, and
+    // `udp_sendmsg` too without SO_BROADCAST (which no hook can read).
+    // Multicast: TCP only; UDP connects and sends to it by its route.
+    if dst == u32::MAX {
+        return Source::Refused;
+    }
+    let multicast = is_multicast(dst);
+    if multicast && separate_load(&input.sock_type) != SOCK_DGRAM {
         return Source::Refused;
     }
     let local = maps.pod_address(dst);
     if input.src_ip != 0 {
-        if local || input.dev_lo {
+        // A bound socket sends to a multicast group out of its address's
+        // device, with or without a route (`__ip_route_output_key`).
+        if local || input.dev_lo || multicast {
             return Source::Kernel;
         }
         if input.src_ip.to_ne_bytes()[0] == 127 {
@@ -184,7 +191,7 @@ fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -
         return Verdict::Bypass(Counter::BypassPort);
     }
     let dst = input.effective_dst();
-    let local = input.dev_lo || is_local(dst, maps);
+    let local = leaves_by_lo(input, dst, maps);
     if local && input.src_ip == PASSTHROUGH_SRC {
         return Verdict::Bypass(Counter::BypassPassthrough);
     }
@@ -288,6 +295,25 @@ fn port_flags(port: u16, cfg: &RedirectConfig, maps: &impl Lookups) -> u8 {
 #[inline(always)]
 fn is_local(ip: u32, maps: &impl Lookups) -> bool {
     ip.to_ne_bytes()[0] == 127 || maps.pod_address(ip)
+}
+
+/// 224.0.0.0/4.
+#[inline(always)]
+fn is_multicast(ip: u32) -> bool {
+    ip.to_ne_bytes()[0] & 0xf0 == 224
+}
+
+/// `-o lo`: the packet to `dst` leaves through `lo`: a local destination,
+/// a socket bound to `lo`, or a datagram to a multicast group from a
+/// socket bound to a 127/8 address (the kernel sends multicast out of the
+/// bound address's device).
+#[inline(always)]
+fn leaves_by_lo(input: &ConnectInput, dst: u32, maps: &impl Lookups) -> bool {
+    input.dev_lo
+        || is_local(dst, maps)
+        || (input.src_ip.to_ne_bytes()[0] == 127
+            && is_multicast(dst)
+            && input.sock_type == SOCK_DGRAM)
 }
 
 /// The facts about one inbound TCP connection (its SYN) that the inbound

@@ -662,6 +662,38 @@ fn connects_the_kernel_refuses_before_nat_are_left_to_it() {
     ] {
         assert_eq!(source(&app(dst)), Source::Refused, "{dst:x}");
     }
+    // UDP may send to (and connect to) multicast, by its route; the
+    // limited broadcast address needs SO_BROADCAST, which no hook sees.
+    let udp = |dst| ConnectInput {
+        sock_type: SOCK_DGRAM,
+        ..app(dst)
+    };
+    assert_eq!(
+        source(&udp(ip(224, 0, 0, 1))),
+        Source::Bind(ip(198, 18, 0, 1))
+    );
+    assert_eq!(
+        source(&udp(ip(239, 1, 2, 3))),
+        Source::Bind(ip(198, 18, 0, 1))
+    );
+    assert_eq!(source(&udp(ip(255, 255, 255, 255))), Source::Refused);
+    // A bound socket sends to a group out of its address's device, with
+    // or without a route.
+    let unrouted = Sets {
+        routes: vec![(ip(198, 18, 0, 0), 15, ip(198, 18, 0, 1))],
+        ..routed_pod()
+    };
+    for src in [ip(198, 18, 0, 1), ip(127, 0, 0, 1)] {
+        let bound_udp = ConnectInput {
+            src_ip: src,
+            ..udp(ip(239, 1, 2, 3))
+        };
+        assert_eq!(redirect_source(&bound_udp, &cfg, &unrouted), Source::Kernel);
+    }
+    assert_eq!(
+        redirect_source(&udp(ip(239, 1, 2, 3)), &cfg, &unrouted),
+        Source::Refused
+    );
     // No route at all.
     let no_default = Sets {
         routes: vec![(ip(198, 18, 0, 0), 15, ip(198, 18, 0, 1))],
@@ -800,6 +832,24 @@ fn dns_to_other_servers_is_captured_only_with_capture_all() {
             DNS_REDIRECTED
         );
     }
+}
+
+#[test]
+fn dns_to_a_multicast_group_from_a_loopback_address_leaves_by_lo() {
+    let mut cfg = with_dns(&[]);
+    cfg.flags |= CFG_DNS_ALL;
+    let group = ip(239, 1, 2, 3);
+    let from = |src| ConnectInput {
+        src_ip: src,
+        ..dns_query(SOCK_DGRAM, 1000, group)
+    };
+    // -o lo -s 127.0.0.6/32 -j RETURN: the group is reached through `lo`.
+    assert_eq!(
+        decide(&from(PASSTHROUGH_SRC), &cfg),
+        Verdict::Bypass(Counter::BypassPassthrough)
+    );
+    assert_eq!(decide(&from(ip(127, 0, 0, 1)), &cfg), DNS_REDIRECTED);
+    assert_eq!(decide(&from(0), &cfg), DNS_REDIRECTED);
 }
 
 #[test]
