@@ -122,7 +122,10 @@ pub(crate) fn capture(
     let report = |counter: Counter, proxy_port: u16| {
         let redirect = matches!(
             counter,
-            Counter::Redirected | Counter::Hairpin | Counter::DnsRedirected
+            Counter::Redirected
+                | Counter::Hairpin
+                | Counter::DnsRedirected
+                | Counter::LoopbackRedirected
         );
         if level >= LOG_TRACE || (level >= LOG_DEBUG && redirect) {
             let event = Event {

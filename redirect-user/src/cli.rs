@@ -7,7 +7,7 @@ use std::ffi::OsString;
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum, error::ErrorKind};
 
 use crate::{
-    capture::{Capture, Cidrs, Dns, Given, InboundPorts, OwnerGroups, PortList, parse},
+    capture::{Capture, Cidrs, Dns, Given, InboundPorts, OwnerGroups, PortList, Profile, parse},
     host::{RealHost, resolve_owner, show_bytes},
 };
 
@@ -73,7 +73,12 @@ pub enum Command {
     },
     /// Show the capture working in a throw-away pod (network namespace + cgroup)
     #[cfg(feature = "sandbox")]
-    Demo,
+    Demo {
+        /// The rule table to show: `istio` (Istio's sidecar flags) or
+        /// `legacy` (the table of Istio's first init script)
+        #[arg(long, value_enum, value_name = "PROFILE", default_value = "istio")]
+        profile: ProfileArg,
+    },
     /// Show which kernel features eBPF capture needs, whether this node has
     /// each (tested by loading, not by version), and the mode that follows
     Probe {
@@ -135,9 +140,10 @@ pub struct CniPlanArgs {
 #[derive(Args)]
 pub struct TargetArgs {
     /// cgroup v2 directory of the pod, or `self-parent` (the parent of this
-    /// process's own cgroup: the pod cgroup when run from an init container)
+    /// process's own cgroup: the pod cgroup when run from an init container);
+    /// required for eBPF capture
     #[arg(long, value_name = "PATH|self-parent")]
-    pub cgroup: String,
+    pub cgroup: Option<String>,
 
     /// Name of the pin directory /sys/fs/bpf/redirect/<NAME>/ [default: the
     /// cgroup's path below the cgroup2 mount, with '/' turned into '-']
@@ -151,6 +157,15 @@ pub struct TargetArgs {
 }
 
 impl TargetArgs {
+    /// `--cgroup`, which eBPF capture needs.
+    pub fn cgroup(&self) -> anyhow::Result<&str> {
+        self.cgroup.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "eBPF capture attaches to the pod's cgroup: pass --cgroup PATH (or self-parent from an init container)"
+            )
+        })
+    }
+
     /// Enters `--netns`, when given: the pod's addresses and its inbound
     /// hook are those of the namespace this thread is in.
     pub fn enter_netns(&self) -> anyhow::Result<()> {
@@ -235,8 +250,21 @@ pub struct CaptureArgs {
     #[arg(short = 'm', long = "istio-inbound-interception-mode", value_name = "REDIRECT|TPROXY", default_value = "REDIRECT", action = clap::ArgAction::Set, value_parser = parse::interception_mode)]
     pub tproxy: bool,
 
+    /// Which rule table: `istio` (today's istio-iptables, every flag
+    /// above) or `legacy` (the table of Istio's first init script: -p and
+    /// -u only; inbound TCP on every port to -p; see docs/design.md)
+    #[arg(long, value_enum, value_name = "PROFILE", default_value = "istio")]
+    pub profile: ProfileArg,
+
     #[command(flatten)]
     pub not_yet: NotYetArgs,
+}
+
+/// `--profile`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProfileArg {
+    Istio,
+    Legacy,
 }
 
 /// istio-iptables flags that eBPF capture cannot honour yet. They are
@@ -274,10 +302,78 @@ pub struct NotYetArgs {
 
 impl CaptureArgs {
     /// The capture these flags ask for, with a sidecar's defaults (`-i
-    /// '*'`), for the pod whose addresses are `pod_addresses`.
-    pub fn resolve(&self, pod_addresses: Vec<std::net::Ipv4Addr>, log_level: u8) -> Capture {
+    /// '*'`), for the pod whose addresses are `pod_addresses`; with
+    /// `--profile legacy`, the legacy table, refused when a flag it has no
+    /// rule for was changed from its default.
+    pub fn resolve(
+        &self,
+        pod_addresses: Vec<std::net::Ipv4Addr>,
+        log_level: u8,
+    ) -> anyhow::Result<Capture> {
+        if self.profile == ProfileArg::Legacy {
+            let conflicts = self.legacy_conflicts();
+            if !conflicts.is_empty() {
+                anyhow::bail!(
+                    "--profile legacy is the table of Istio's first init script, which has rules for -p and -u only: drop {}",
+                    conflicts.join(", ")
+                );
+            }
+            return Ok(Capture::legacy(
+                self.proxy_port.clone(),
+                self.proxy_uid.0.clone(),
+                pod_addresses,
+                self.max_connections,
+                log_level,
+            ));
+        }
+        Ok(self.istio(pod_addresses, log_level))
+    }
+
+    /// The flags set to anything but their defaults that the legacy table
+    /// has no rule for.
+    fn legacy_conflicts(&self) -> Vec<&'static str> {
+        let not_yet = &self.not_yet;
+        let ports_empty = |list: &PortList| list.is_empty();
+        [
+            (self.proxy_gid.0 != ["1337"], "-g"),
+            (self.inbound_port.value != 15006, "-z"),
+            (self.tunnel_port.value != 15008, "-e"),
+            (
+                !self.include.wildcard
+                    || !self.include.v4.is_empty()
+                    || !self.include.v6.is_empty(),
+                "-i",
+            ),
+            (self.exclude != Cidrs::default(), "-x"),
+            (!ports_empty(&self.ports_include), "-q"),
+            (!ports_empty(&self.ports_exclude), "-o"),
+            (self.owner_groups.0.is_some(), "--owner-groups"),
+            (
+                self.owner_groups_exclude
+                    .0
+                    .as_ref()
+                    .is_some_and(|g| !g.is_empty()),
+                "--owner-groups-exclude",
+            ),
+            (self.inbound_ports != InboundPorts::Off, "-b"),
+            (!ports_empty(&self.inbound_exclude), "-d"),
+            (self.tproxy, "-m TPROXY"),
+            (!not_yet.exclude_interfaces.is_empty(), "-c"),
+            (!not_yet.kube_virt_interfaces.is_empty(), "-k"),
+            (not_yet.redirect_dns == Some(true), "--redirect-dns"),
+            (not_yet.drop_invalid == Some(true), "--drop-invalid"),
+            (not_yet.dual_stack == Some(true), "--dual-stack"),
+        ]
+        .into_iter()
+        .filter_map(|(set, flag)| set.then_some(flag))
+        .collect()
+    }
+
+    /// `--profile istio`: every flag, as istio-iptables reads it.
+    fn istio(&self, pod_addresses: Vec<std::net::Ipv4Addr>, log_level: u8) -> Capture {
         let not_yet = &self.not_yet;
         Capture {
+            profile: Profile::Istio,
             proxy_port: self.proxy_port.clone(),
             inbound_port: self.inbound_port.clone(),
             tunnel_port: self.tunnel_port.clone(),
@@ -317,17 +413,45 @@ pub struct InstallArgs {
     pub target: TargetArgs,
     #[command(flatten)]
     pub capture: CaptureArgs,
+
+    /// Program the capture with iptables (nft or legacy, as istio-iptables
+    /// chooses) in the pod's network namespace instead of eBPF: the same
+    /// resolved capture, lowered to its rules (with --profile legacy, the
+    /// legacy table); no cgroup, no instance
+    #[arg(long)]
+    pub iptables: bool,
+
+    /// With --iptables: print the iptables-restore document and change nothing
+    #[arg(long, requires = "iptables")]
+    pub dry_run: bool,
 }
 
 #[derive(Args)]
-#[group(required = true, multiple = false)]
 pub struct UninstallArgs {
+    #[command(flatten)]
+    pub what: UninstallWhat,
+    /// With --iptables: the network namespace (/proc/PID/ns/net or
+    /// /run/netns/NAME) [default: this process's]
+    #[arg(long, value_name = "PATH", requires = "iptables")]
+    pub netns: Option<std::path::PathBuf>,
+}
+
+/// What `uninstall` removes.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+pub struct UninstallWhat {
     /// Remove every instance installed on this cgroup
     #[arg(long, value_name = "PATH|self-parent")]
     pub cgroup: Option<String>,
     /// Remove the instance with this name
     #[arg(long, value_name = "NAME", value_parser = crate::instance::parse_arg)]
     pub instance: Option<crate::instance::InstanceName>,
+    /// Remove what `install --iptables` applied: Istio's chains and the
+    /// jumps into them, in this network namespace or --netns's (either
+    /// profile; an istio-iptables run's interface rules need its own
+    /// --cleanup-only)
+    #[arg(long)]
+    pub iptables: bool,
 }
 
 #[derive(Args)]
@@ -540,7 +664,7 @@ mod tests {
             panic!("not install")
         };
         let config = crate::ebpf::lower::lower(
-            &args.capture.resolve(Vec::new(), 0),
+            &args.capture.resolve(Vec::new(), 0).unwrap(),
             &crate::host::fake::FakeHost::new(&[]),
         )
         .unwrap();
@@ -711,7 +835,9 @@ mod properties {
     /// touching the system (istio-iptables resolves on a [`FakeHost`]).
     fn parse_and_use(argv: &[OsString]) -> Result<(), TestCaseError> {
         let capture = |args: &CaptureArgs| {
-            let capture = args.resolve(Vec::new(), 0);
+            let Ok(capture) = args.resolve(Vec::new(), 0) else {
+                return;
+            };
             // The lowering checks the map limits `to_bpf` relies on.
             if let Ok(config) = crate::ebpf::lower::lower(&capture, &FakeHost::new(&[])) {
                 let _ = config.to_bpf();

@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 
 use crate::{
     capture::{
-        Capture, Dns, OwnerGroups,
+        Capture, Dns, OwnerGroups, Profile,
         parse::{self, go_bool, parse_bool, split},
     },
     host::{ConfigError, Host, lookup_id, resolve_owner},
@@ -361,6 +361,7 @@ impl IstioArgs {
         .map_err(refused)?;
 
         Ok(Capture {
+            profile: Profile::Istio,
             proxy_port,
             inbound_port,
             tunnel_port,

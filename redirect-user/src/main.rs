@@ -109,7 +109,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Run(args) => cmd::run::run(&args),
         Command::Gc { dry_run } => cmd::gc::gc(dry_run),
         #[cfg(feature = "sandbox")]
-        Command::Demo => cmd::demo::demo(),
+        Command::Demo { profile } => cmd::demo::demo(profile),
         Command::Probe { json } => cmd::probe::probe(json),
         Command::IstioIptables(args) => cmd::istio_iptables::istio_iptables(&args),
         Command::CniPlan(args) => cmd::cni_plan::cni_plan(&args),

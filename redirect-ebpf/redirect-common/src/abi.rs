@@ -12,7 +12,7 @@ pub const MAX_GROUPS: usize = 64;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 11;
+pub const ABI_VERSION: u32 = 12;
 
 /// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
 /// ports together).
@@ -181,6 +181,10 @@ pub const CFG_DNS_ALL: u32 = 64;
 /// Some `-o`, `-q`, `-b` or `-d` entry is a range (`a:b`): the port-range
 /// map is consulted too.
 pub const CFG_PORT_RANGES: u32 = 128;
+
+/// `--profile legacy`: Istio's first rule table decides outbound
+/// connects ([`crate::decide_connect`]) and `status` mirrors its rules.
+pub const CFG_LEGACY: u32 = 256;
 
 /// `-o`: an outbound port never captured.
 pub const PORT_EXCLUDE: u8 = 1;
@@ -368,6 +372,10 @@ pub enum Counter {
     /// captured, shown as coming from the nameserver it was sent to (what
     /// conntrack's reverse NAT does).
     DnsReplyRestored = 34,
+    /// `--profile legacy`: a connect leaving through `lo` to anything but
+    /// 127.0.0.1, sent to the proxy port whoever makes it
+    /// (`istio/redirect-implicit-loopback`).
+    LoopbackRedirected = 35,
 }
 
 impl Counter {
@@ -407,6 +415,7 @@ impl Counter {
         Self::SocknameRedirected,
         Self::DnsRedirected,
         Self::DnsReplyRestored,
+        Self::LoopbackRedirected,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -447,12 +456,13 @@ impl Counter {
             Self::SocknameRedirected => "sockname_redirected",
             Self::DnsRedirected => "dns_redirected",
             Self::DnsReplyRestored => "dns_reply_restored",
+            Self::LoopbackRedirected => "loopback_redirected",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 35;
+pub const COUNTER_COUNT: u32 = 36;
 
 /// 127.0.0.1 in network byte order: where redirected connects are sent.
 pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);

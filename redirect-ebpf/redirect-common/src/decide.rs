@@ -103,7 +103,47 @@ pub trait Lookups {
 /// ([`ConnectInput::effective_dst`]), since the rules see the packet after it.
 #[inline(always)]
 pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
+    if cfg.flags & CFG_LEGACY != 0 {
+        return decide_legacy(input, cfg, maps);
+    }
     decide_nat(input, cfg, maps)
+}
+
+/// `--profile legacy`: the `ISTIO_OUTPUT` chain of Istio's first init
+/// script, in its order (`-p` and `-u` in place of 15001 and 1337;
+/// `loopback_*` is 127.0.0.1/32):
+///
+/// ```text
+/// -A OUTPUT -p tcp -j ISTIO_OUTPUT                                        (not_tcp)
+/// -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ISTIO_REDIRECT               (loopback_redirected)
+/// -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN                     (bypass_uid)
+/// -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN                               (bypass_loopback)
+/// -A ISTIO_OUTPUT -j ISTIO_REDIRECT                                       (redirected)
+/// -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+/// ```
+#[inline(always)]
+fn decide_legacy(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
+    if input.sock_type != SOCK_STREAM {
+        return Verdict::Bypass(Counter::NotTcp);
+    }
+    let dst = input.effective_dst();
+    let loopback = dst & cfg.loopback_mask == cfg.loopback_addr & cfg.loopback_mask;
+    if !loopback && leaves_by_lo(input, dst, maps) {
+        return Verdict::Redirect {
+            port: cfg.proxy_port,
+            counter: Counter::LoopbackRedirected,
+        };
+    }
+    if contains(&cfg.proxy_uids, cfg.uid_count, input.uid) {
+        return Verdict::Bypass(Counter::BypassUid);
+    }
+    if loopback {
+        return Verdict::Bypass(Counter::BypassLoopback);
+    }
+    Verdict::Redirect {
+        port: cfg.proxy_port,
+        counter: Counter::Redirected,
+    }
 }
 
 /// Where a redirected connect leaves from: what the kernel would have

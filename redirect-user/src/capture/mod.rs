@@ -163,9 +163,26 @@ pub struct Dns {
     pub v6: Vec<String>,
 }
 
+/// Which rule table a capture follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Profile {
+    /// Today's `istio-iptables` (every flag below).
+    #[default]
+    Istio,
+    /// The table of Istio's first init script (`--profile legacy`): every
+    /// connection leaving through `lo` to anything but 127.0.0.1 goes to
+    /// the proxy port whoever makes it, then the proxy's uid returns,
+    /// 127.0.0.1 returns, the rest goes to the proxy port; inbound TCP on
+    /// every port goes to the proxy port too. Only `-p` and `-u` apply:
+    /// see [`Capture::legacy`].
+    Legacy,
+}
+
 /// The resolved capture configuration. See the module documentation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capture {
+    /// Which rule table the lowerings produce.
+    pub profile: Profile,
     /// `-p`: where outbound connections go.
     pub proxy_port: Given<u16>,
     /// `-z`: the proxy's inbound listener.
@@ -215,4 +232,60 @@ pub struct Capture {
     pub max_connections: u32,
     /// Which eBPF decisions are reported (`redirect run --log`; 0: none).
     pub log_level: u8,
+}
+
+impl Capture {
+    /// `--profile legacy` with `proxy_port` (`-p`) and `proxy_uids` (`-u`):
+    /// the fields say what the legacy table does, so that a lowering that
+    /// reads only them (eBPF's inbound rules) is right, and the ones the
+    /// table has no rule for are empty: inbound on every port to the proxy
+    /// port itself, no tunnel port (0), every destination, 127.0.0.1/32 the
+    /// only loopback return, no groups.
+    pub fn legacy(
+        proxy_port: Given<u16>,
+        proxy_uids: Vec<String>,
+        pod_addresses: Vec<Ipv4Addr>,
+        max_connections: u32,
+        log_level: u8,
+    ) -> Self {
+        Self {
+            profile: Profile::Legacy,
+            inbound_port: proxy_port.clone(),
+            proxy_port,
+            tunnel_port: Given {
+                value: 0,
+                text: String::new(),
+            },
+            proxy_uids,
+            proxy_gids: Vec::new(),
+            tproxy: false,
+            tproxy_mark: Given {
+                value: 0,
+                text: String::new(),
+            },
+            tproxy_route_table: Given {
+                value: 0,
+                text: String::new(),
+            },
+            inbound: InboundPorts::All,
+            inbound_exclude: Vec::new(),
+            include: Cidrs {
+                wildcard: true,
+                ..Cidrs::default()
+            },
+            exclude: Cidrs::default(),
+            outbound_ports: Vec::new(),
+            outbound_exclude: Vec::new(),
+            exclude_interfaces: Vec::new(),
+            kube_virt_interfaces: Vec::new(),
+            dns: None,
+            drop_invalid: false,
+            ipv6: false,
+            owner_groups: OwnerGroups::Except(Vec::new()),
+            loopback: parse::default_loopback(),
+            pod_addresses,
+            max_connections,
+            log_level,
+        }
+    }
 }

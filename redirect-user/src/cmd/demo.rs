@@ -20,7 +20,7 @@ use clap::Parser as _;
 
 use super::{install, status};
 use crate::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, ProfileArg},
     ebpf::loader,
 };
 
@@ -31,12 +31,21 @@ const INBOUND_PORT: u16 = 15006;
 /// Where the pod's app listens for inbound connections.
 const APP_PORT: u16 = 8080;
 
-pub fn demo() -> Result<ExitCode> {
+pub fn demo(profile: ProfileArg) -> Result<ExitCode> {
     crate::ebpf::privilege::check_ebpf()?;
+    let legacy = profile == ProfileArg::Legacy;
     let exe = std::env::current_exe().context("locating the redirect binary")?;
     let sandbox = Sandbox::new(exe, &["sandbox-agent"]).context("creating the demo pod")?;
     let upstream = SocketAddrV4::new(PEER_IP, UPSTREAM_PORT);
-    let proxy = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT);
+    // The legacy table sends inbound connections to the proxy port too,
+    // where REDIRECT makes them the pod address's: the proxy listens on
+    // every address.
+    let proxy_ip = if legacy {
+        Ipv4Addr::UNSPECIFIED
+    } else {
+        Ipv4Addr::LOCALHOST
+    };
+    let proxy = SocketAddrV4::new(proxy_ip, PROXY_PORT);
 
     outln!("redirect demo: a throw-away pod");
     outln!(
@@ -57,16 +66,19 @@ pub fn demo() -> Result<ExitCode> {
         "original-dst",
     ]);
     sandbox.start(proxy_cmd)?;
-    let inbound = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, INBOUND_PORT);
-    let mut inbound_cmd = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    inbound_cmd.args([
-        "serve",
-        "--listen",
-        &inbound.to_string(),
-        "--report",
-        "original-dst",
-    ]);
-    sandbox.start(inbound_cmd)?;
+    let inbound_port = if legacy { PROXY_PORT } else { INBOUND_PORT };
+    let inbound = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, inbound_port);
+    if !legacy {
+        let mut inbound_cmd = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+        inbound_cmd.args([
+            "serve",
+            "--listen",
+            &inbound.to_string(),
+            "--report",
+            "original-dst",
+        ]);
+        sandbox.start(inbound_cmd)?;
+    }
     let app = SocketAddrV4::new(POD_IP, APP_PORT);
     let app_reply = format!("app {app}");
     sandbox.serve(
@@ -85,14 +97,16 @@ pub fn demo() -> Result<ExitCode> {
     outln!("1. before install");
     let first = show(&sandbox, "app   (uid 1000)", APP, upstream)?;
     expect(&first, &upstream_reply)?;
+    let first = show(&sandbox, "app   (uid 1000)", APP, app)?;
+    expect(&first, &app_reply)?;
     let first = show_inbound(&sandbox, app)?;
     expect(&first, &app_reply)?;
 
-    // Istio's sidecar flags, inbound capture included, resolved and
-    // lowered exactly as `redirect install` does it.
+    // Istio's sidecar flags, inbound capture included (or the legacy
+    // table), resolved and lowered exactly as `redirect install` does it.
     let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
     let netns = sandbox.netns_path(Net::Pod);
-    let argv = [
+    let mut argv = vec![
         "redirect",
         "install",
         "--cgroup",
@@ -101,14 +115,21 @@ pub fn demo() -> Result<ExitCode> {
         sandbox.name(),
         "--netns",
         &netns,
-        "-b",
-        "*",
-        "-d",
-        "15090,15021,15020",
     ];
+    let flags: &[&str] = if legacy {
+        &["--profile", "legacy"]
+    } else {
+        &["-b", "*", "-d", "15090,15021,15020"]
+    };
+    argv.extend(flags);
     outln!(
-        "\n2. $ redirect install --cgroup {cgroup} --instance {} --netns <pod> -b '*' -d 15090,15021,15020",
-        sandbox.name()
+        "\n2. $ redirect install --cgroup {cgroup} --instance {} --netns <pod> {}",
+        sandbox.name(),
+        flags
+            .iter()
+            .map(|f| if *f == "*" { "'*'" } else { f })
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let Command::Install(args) = Cli::try_parse_from(argv)?.command else {
         bail!("the demo's install command line did not parse as install");
@@ -124,11 +145,22 @@ pub fn demo() -> Result<ExitCode> {
     expect(&captured, &proxy_reply)?;
     let escaped = show(&sandbox, "proxy (uid 1337)", PROXY, upstream)?;
     expect(&escaped, &upstream_reply)?;
+    let own = show(&sandbox, "app   (uid 1000)", APP, app)?;
     let captured = show_inbound(&sandbox, app)?;
     expect(&captured, &app.to_string())?;
     outln!(
-        "   -> the app's connection was captured and the proxy learned where it was going;\n      the proxy's own traffic escapes the loop; the connection from the network\n      reached the proxy's inbound listener, which learned it was for {app}"
+        "   -> the app's connection was captured and the proxy learned where it was going;\n      the proxy's own traffic escapes the loop; the connection from the network\n      reached the proxy's {} listener, which learned it was for {app}",
+        if legacy { "only" } else { "inbound" }
     );
+    if legacy {
+        expect(&own, &app.to_string())?;
+        outln!(
+            "      the app's call to its own address left through lo and went to the proxy\n      too (istio/redirect-implicit-loopback), as Istio's first table sends it"
+        );
+    } else {
+        expect(&own, &app_reply)?;
+        outln!("      the app's call to its own address stayed local, as today's Istio leaves it");
+    }
 
     outln!("\n3. $ redirect status --instance {}", sandbox.name());
     let status = status::collect(Some(&instance))?;
@@ -140,6 +172,8 @@ pub fn demo() -> Result<ExitCode> {
     loader::uninstall(&instance)?;
     let after = show(&sandbox, "app   (uid 1000)", APP, upstream)?;
     expect(&after, &upstream_reply)?;
+    let after = show(&sandbox, "app   (uid 1000)", APP, app)?;
+    expect(&after, &app_reply)?;
     let after = show_inbound(&sandbox, app)?;
     expect(&after, &app_reply)?;
     outln!("\nredirect demo: done; the pod, its cgroup and every pin are removed");

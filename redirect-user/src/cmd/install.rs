@@ -5,16 +5,20 @@ use std::process::ExitCode;
 use anyhow::{Result, anyhow, bail};
 
 use crate::{
-    capture::Capture,
+    capture::{Capture, Profile},
     cgroup::{self, Cgroup},
     cli::{InstallArgs, TargetArgs},
     ebpf::{self, config::Config, loader},
     host::RealHost,
     instance::InstanceName,
+    iptables::{self, apply::Backend, builder::Family},
     netns,
 };
 
 pub fn install(args: &InstallArgs) -> Result<ExitCode> {
+    if args.iptables {
+        return with_iptables(args);
+    }
     let (capture, cgroup, instance) = resolve(&args.target, &args.capture, 0)?;
     let config = lower(&capture)?;
     let installed = loader::install(&loader::Request {
@@ -44,18 +48,65 @@ pub fn resolve(
     log_level: u8,
 ) -> Result<(Capture, Cgroup, InstanceName)> {
     target.enter_netns()?;
-    let capture = capture.resolve(netns::pod_addresses()?, log_level);
-    if capture.dns.is_some() {
-        bail!(
-            "install and run do not read the pod's resolv.conf: capture DNS with `redirect istio-iptables --redirect-dns` (eBPF mode included)"
-        );
-    }
-    let cgroup = cgroup::resolve(&target.cgroup)?;
+    let capture = checked(capture.resolve(netns::pod_addresses()?, log_level)?)?;
+    let cgroup = cgroup::resolve(target.cgroup()?)?;
     let instance = target
         .instance
         .clone()
         .unwrap_or_else(|| InstanceName::for_cgroup(&cgroup));
     Ok((capture, cgroup, instance))
+}
+
+/// What no lowering of `install` and `run` takes: DNS capture (they do
+/// not read resolv.conf).
+fn checked(capture: Capture) -> Result<Capture> {
+    if capture.dns.is_some() {
+        bail!(
+            "install and run do not read the pod's resolv.conf: capture DNS with `redirect istio-iptables --redirect-dns` (eBPF mode included)"
+        );
+    }
+    Ok(capture)
+}
+
+/// `install --iptables`: the same capture lowered to iptables rules and
+/// applied in the pod's network namespace (or, with `--dry-run`, printed).
+fn with_iptables(args: &InstallArgs) -> Result<ExitCode> {
+    if args.target.cgroup.is_some() || args.target.instance.is_some() {
+        bail!(
+            "install --iptables programs the pod's network namespace (--netns), not a cgroup: drop --cgroup and --instance"
+        );
+    }
+    let capture = checked(args.capture.resolve(Vec::new(), 0)?)?;
+    if capture.tproxy {
+        bail!(
+            "install --iptables does not set up TPROXY's policy routing: run `redirect istio-iptables --mode iptables -m TPROXY`"
+        );
+    }
+    let plan = iptables::rules::rules(&capture);
+    if args.dry_run {
+        out!("{}", plan.render(Family::V4));
+        out!("{}", plan.render(Family::V6));
+        return Ok(ExitCode::SUCCESS);
+    }
+    args.target.enter_netns()?;
+    let backend = Backend::detect()?;
+    let _hold = crate::signals::HoldSignals::new();
+    let applied = iptables::apply::apply(backend, &plan, capture.ipv6, false)?;
+    outln!(
+        "redirect: {} (iptables-{}, profile {})",
+        applied.describe(),
+        backend.name(),
+        profile_name(&capture)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `istio` or `legacy`.
+pub fn profile_name(capture: &Capture) -> &'static str {
+    match capture.profile {
+        Profile::Istio => "istio",
+        Profile::Legacy => "legacy",
+    }
 }
 
 /// The eBPF lowering, or one error naming what it cannot honour and the

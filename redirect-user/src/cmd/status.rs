@@ -13,6 +13,7 @@ use crate::{
     cli::StatusArgs,
     ebpf::{Kind, SK_LOOKUP, all_hooks, config::Config, features, maps, sys},
     instance::InstanceName,
+    iptables::legacy,
 };
 
 #[derive(Serialize)]
@@ -86,6 +87,8 @@ pub struct Program {
 
 #[derive(Serialize)]
 pub struct ConfigView {
+    /// `istio` or `legacy` (`--profile`).
+    pub profile: &'static str,
     pub proxy_port: u16,
     pub proxy_uids: Vec<u32>,
     pub proxy_gids: Vec<u32>,
@@ -240,6 +243,7 @@ fn instance(name: &InstanceName) -> Result<Instance> {
                 // eBPF mode captures inbound as REDIRECT does (it refuses TPROXY).
                 mode: "REDIRECT",
             }),
+            profile: if c.legacy { "legacy" } else { "istio" },
             proxy_port: c.proxy_port,
             proxy_uids: c.proxy_uids,
             proxy_gids: c.proxy_gids,
@@ -299,6 +303,11 @@ fn programs(dir: &Path, meta: &InstanceMeta) -> Vec<Program> {
 
 /// The iptables rule (or conntrack event) a counter stands for.
 fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String {
+    if let Some(cfg) = cfg.filter(|c| c.legacy)
+        && let Some(rule) = legacy_mirrors(counter, cfg)
+    {
+        return rule;
+    }
     let ports = |flag: u8| sets.ports_with(flag);
     let cidrs = |list: &[(u32, u32)]| {
         list.iter()
@@ -447,7 +456,52 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
             "(record evicted: more connections open than --max-connections; SO_ORIGINAL_DST missed)"
                 .into()
         }
+        Counter::LoopbackRedirected => "(--profile legacy only: rule absent)".into(),
     }
+}
+
+/// The rule of the legacy table (`--profile legacy`) a counter stands
+/// for, with its `istio/...` name; `None` for the conntrack events, which
+/// read as in every profile.
+fn legacy_mirrors(counter: Counter, cfg: &Config) -> Option<String> {
+    let uids: Vec<String> = cfg.proxy_uids.iter().map(u32::to_string).collect();
+    let table = legacy::table(&cfg.proxy_port.to_string(), &uids);
+    let rule = |name: &str| {
+        table
+            .iter()
+            .filter(|r| r.name == name)
+            .map(legacy::Rule::text)
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let redirect = rule(legacy::TO_ENVOY_PORT);
+    Some(match counter {
+        Counter::NotTcp => format!("{}  (not TCP: not sent there)", rule(legacy::OUTPUT)),
+        Counter::LoopbackRedirected => {
+            format!("{}  ({redirect})", rule(legacy::IMPLICIT_LOOPBACK))
+        }
+        Counter::BypassUid => rule(legacy::BYPASS_ENVOY),
+        Counter::BypassLoopback => rule(legacy::EXPLICIT_LOOPBACK),
+        Counter::Redirected => format!("{}  ({redirect})", rule(legacy::DEFAULT_OUTBOUND)),
+        Counter::InboundCaptured => format!("{}  ({redirect})", rule(legacy::PREROUTING)),
+        Counter::InboundRefused => format!(
+            "(inbound capture with nothing listening on {}: refused)",
+            cfg.proxy_port
+        ),
+        Counter::BypassGid
+        | Counter::Hairpin
+        | Counter::BypassPort
+        | Counter::BypassPassthrough
+        | Counter::BypassLocal
+        | Counter::BypassGroup
+        | Counter::BypassCidr
+        | Counter::NotIncluded
+        | Counter::InboundBypassTunnel
+        | Counter::InboundBypassPort
+        | Counter::InboundNotIncluded
+        | Counter::DnsRedirected => "(no such rule in the legacy table)".into(),
+        _ => return None,
+    })
 }
 
 /// Human-readable rendering.
@@ -491,7 +545,12 @@ pub fn render(status: &Status) -> String {
                 let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
                 let _ = writeln!(
                     out,
-                    "  config       proxy port {}, inbound port {}, tunnel port {}, proxy uids [{}], proxy gids [{}], loopback {}",
+                    "  config       {}proxy port {}, inbound port {}, tunnel port {}, proxy uids [{}], proxy gids [{}], loopback {}",
+                    if c.profile == "legacy" {
+                        "profile legacy (Istio's first table), "
+                    } else {
+                        ""
+                    },
                     c.proxy_port,
                     c.inbound_port,
                     c.tunnel_port,

@@ -4,10 +4,19 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::{cgroup, cli::UninstallArgs, ebpf::loader};
+use crate::{
+    cgroup,
+    cli::UninstallArgs,
+    ebpf::loader,
+    iptables::{self, apply::Backend, builder::Builder},
+};
 
 pub fn uninstall(args: &UninstallArgs) -> Result<ExitCode> {
-    let names = match (&args.instance, &args.cgroup) {
+    let what = &args.what;
+    if what.iptables {
+        return without_iptables(args);
+    }
+    let names = match (&what.instance, &what.cgroup) {
         (Some(name), _) => vec![name.clone()],
         (None, Some(cg)) => {
             let cg = cgroup::resolve(cg).map_err(|err| {
@@ -16,7 +25,7 @@ pub fn uninstall(args: &UninstallArgs) -> Result<ExitCode> {
             crate::ebpf::privilege::check_ebpf()?;
             loader::instances_on(&cg)?
         }
-        (None, None) => anyhow::bail!("pass --cgroup PATH or --instance NAME"),
+        (None, None) => anyhow::bail!("pass --cgroup PATH, --instance NAME or --iptables"),
     };
     if names.is_empty() {
         outln!("redirect: nothing is installed on that cgroup");
@@ -28,5 +37,27 @@ pub fn uninstall(args: &UninstallArgs) -> Result<ExitCode> {
             outln!("redirect: instance {name} is not installed");
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `uninstall --iptables`: Istio's chains and the jumps into them, removed
+/// from the network namespace (IPv6 too where the kernel has it).
+fn without_iptables(args: &UninstallArgs) -> Result<ExitCode> {
+    if let Some(path) = &args.netns {
+        crate::netns::enter(path)?;
+    }
+    let backend = Backend::detect()?;
+    let ipv6 = std::path::Path::new("/proc/net/if_inet6").exists();
+    let _hold = crate::signals::HoldSignals::new();
+    let removed = iptables::apply::cleanup(backend, &Builder::new(ipv6), ipv6)?;
+    outln!(
+        "redirect: {} (iptables-{})",
+        if removed {
+            "removed the Istio rules"
+        } else {
+            "no Istio rules to remove"
+        },
+        backend.name()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use redirect_common::{
     ABI_VERSION, CFG_DNS, CFG_DNS_ALL, CFG_GROUPS_ONLY, CFG_INBOUND, CFG_INBOUND_ALL,
-    CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, CFG_PORT_RANGES, DNS_PROXY_PORT, MAX_CIDRS,
+    CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, CFG_LEGACY, CFG_PORT_RANGES, DNS_PROXY_PORT, MAX_CIDRS,
     MAX_DNS_SERVERS, MAX_GROUPS, MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORT_BLOCKS, MAX_PORTS,
     MAX_ROUTES, RedirectConfig,
 };
@@ -68,6 +68,10 @@ pub struct Config {
     pub inbound: Option<Inbound>,
     /// DNS capture (`--redirect-dns`), or `None`.
     pub dns: Option<Dns>,
+    /// `--profile legacy`: Istio's first rule table decides outbound
+    /// connects (the fields above are what it needs: `-p`, `-u`,
+    /// 127.0.0.1/32, inbound on every port to the proxy port).
+    pub legacy: bool,
     /// Capacity of the original-destination maps (`--max-connections`):
     /// redirected connections open at once. Fixed when an instance is
     /// first installed.
@@ -132,6 +136,7 @@ impl Default for Config {
             routes: Vec::new(),
             inbound: None,
             dns: None,
+            legacy: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             log_level: 0,
         }
@@ -166,6 +171,7 @@ impl Config {
                 (self.dns.is_some(), CFG_DNS),
                 (self.dns.as_ref().is_some_and(|d| d.all), CFG_DNS_ALL),
                 (!self.port_ranges.is_empty(), CFG_PORT_RANGES),
+                (self.legacy, CFG_LEGACY),
             ]
             .iter()
             .filter(|(on, _)| *on)
@@ -272,6 +278,7 @@ impl Config {
                     .map(|s| Ipv4Addr::from(s.to_ne_bytes()))
                     .collect(),
             }),
+            legacy: raw.flags & CFG_LEGACY != 0,
             ..Self::default()
         }
     }
@@ -313,6 +320,12 @@ mod tests {
         );
         assert!(back.groups_only && !back.include_all && !back.include_loopback);
         assert_eq!(back.dns, cfg.dns);
+        assert!(!back.legacy);
+        let legacy = Config {
+            legacy: true,
+            ..Config::default()
+        };
+        assert!(Config::from_bpf(&legacy.to_bpf()).legacy);
     }
 }
 

@@ -8,7 +8,7 @@ use redirect_common::{
 
 use super::config::{Config, Dns, Inbound, PortRange};
 use crate::{
-    capture::{Capture, InboundPorts, OwnerGroups, PortList},
+    capture::{Capture, InboundPorts, OwnerGroups, PortList, Profile},
     host::{Host, resolve_owner},
     userns,
 };
@@ -121,6 +121,7 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         routes,
         inbound,
         dns,
+        legacy: capture.profile == Profile::Legacy,
         max_connections: capture.max_connections,
         log_level: capture.log_level,
     };

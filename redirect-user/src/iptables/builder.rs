@@ -44,6 +44,9 @@ pub struct Builder {
     v4: Vec<Rule>,
     v6: Vec<Rule>,
     ipv6: bool,
+    /// Render as iptables-save writes (`*nat`, `:CHAIN - [0:0]` in name
+    /// order) rather than as istio-iptables does (`* nat`, `-N CHAIN`).
+    saved_form: bool,
 }
 
 fn words(chain: &str, lead: &[&str], rest: &[&str]) -> Vec<String> {
@@ -62,6 +65,15 @@ impl Builder {
             v4: Vec::new(),
             v6: Vec::new(),
             ipv6,
+            saved_form: false,
+        }
+    }
+
+    /// IPv4 rules rendered in iptables-save's form (see [`Builder::render`]).
+    pub fn saved_form() -> Self {
+        Self {
+            saved_form: true,
+            ..Self::new(false)
         }
     }
 
@@ -139,9 +151,15 @@ impl Builder {
     /// One family's `iptables-restore` document: per table (in name order),
     /// `* table`, a `-N` for every chain the rules use that iptables does
     /// not define (in order of first use; chains only jumped to last), the
-    /// rules in order, `COMMIT`. Empty when the family has no rules.
+    /// rules in order, `COMMIT`. Empty when the family has no rules. In
+    /// the saved form: `*table`, then `:CHAIN - [0:0]` for those chains in
+    /// name order, as iptables-save lists them.
     pub fn render(&self, family: Family) -> String {
-        render(self.rules(family))
+        if self.saved_form {
+            render_saved(self.rules(family))
+        } else {
+            render(self.rules(family))
+        }
     }
 }
 
@@ -182,6 +200,37 @@ fn render(rules: &[Rule]) -> String {
     let mut out = String::new();
     for (table, lines) in tables {
         out.push_str(&format!("* {table}\n"));
+        for line in lines {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+fn render_saved(rules: &[Rule]) -> String {
+    let mut tables: BTreeMap<&str, (std::collections::BTreeSet<&str>, Vec<String>)> =
+        BTreeMap::new();
+    for rule in rules {
+        let (chains, lines) = tables.entry(rule.table).or_default();
+        let target = match rule.words.as_slice() {
+            [.., jump, target] if jump == "-j" => Some(target.as_str()),
+            _ => None,
+        };
+        for chain in std::iter::once(rule.chain.as_str()).chain(target) {
+            if !BUILTIN.contains(&chain) {
+                chains.insert(chain);
+            }
+        }
+        lines.push(rule.words.join(" "));
+    }
+    let mut out = String::new();
+    for (table, (chains, lines)) in tables {
+        out.push_str(&format!("*{table}\n"));
+        for chain in chains {
+            out.push_str(&format!(":{chain} - [0:0]\n"));
+        }
         for line in lines {
             out.push_str(&line);
             out.push('\n');

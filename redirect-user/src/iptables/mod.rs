@@ -3,4 +3,5 @@
 
 pub mod apply;
 pub mod builder;
+pub mod legacy;
 pub mod rules;

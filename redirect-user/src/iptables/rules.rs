@@ -4,7 +4,7 @@
 //! byte for byte. Flag values are rendered as given ([`crate::capture::Given`]).
 
 use super::builder::{Builder, Family, VERSIONED};
-use crate::capture::{Capture, Dns, InboundPorts, OwnerGroups, Prefix};
+use crate::capture::{Capture, Dns, InboundPorts, OwnerGroups, Prefix, Profile};
 
 const NAT: &str = "nat";
 const MANGLE: &str = "mangle";
@@ -16,8 +16,11 @@ const OUTBOUND_MARK: &str = "1338";
 /// The inbound passthrough source (the proxy forwarding to the app).
 const PASSTHROUGH: (&str, &str) = ("127.0.0.6/32", "::6/128");
 
-/// Builds every rule for `cfg`.
+/// Builds every rule for `cfg` (for `--profile legacy`, the legacy table).
 pub fn rules(cfg: &Capture) -> Builder {
+    if cfg.profile == Profile::Legacy {
+        return super::legacy::rules(&cfg.proxy_port.text, &cfg.proxy_uids);
+    }
     let mut b = Builder::new(cfg.ipv6);
     let lo = (cfg.loopback.text.as_str(), "::1/128");
     let tun = cfg.tunnel_port.text.as_str();

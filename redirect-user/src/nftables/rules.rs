@@ -49,7 +49,8 @@ fn jump(chain: Chain) -> String {
     format!("jump {}", chain.name())
 }
 
-/// Builds every rule for `cfg`.
+/// Builds every rule for `cfg`: istio-iptables' captures (`--profile
+/// legacy` is `install`'s, which has no nftables backend).
 pub fn rules(cfg: &Capture) -> Transaction {
     let mut tx = Transaction::new();
     let lo = cfg.loopback.text.as_str();

@@ -94,6 +94,8 @@ const WANTED_MODULES: &[&str] = &[
     "xt_multiport",
     "xt_MARK",
     "xt_CONNMARK",
+    // the legacy profile's table names its rules (`-m comment`)
+    "xt_comment",
     // Istio's native nftables rules: ct state/mark/zone, TPROXY, socket
     "nft_ct",
     "nft_tproxy",
