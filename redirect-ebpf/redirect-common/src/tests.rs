@@ -915,3 +915,96 @@ fn excluded_ports_return_udp_dns_too() {
         Verdict::Bypass(Counter::BypassPort)
     );
 }
+
+// ---- --profile legacy: Istio's first table -------------------------------
+
+/// The legacy table's configuration: -p 15001 -u 1337, inbound to 15001.
+fn legacy() -> RedirectConfig {
+    let mut cfg = istio_default();
+    cfg.flags = CFG_LEGACY | CFG_INCLUDE_ALL | CFG_INBOUND | CFG_INBOUND_ALL;
+    cfg.gid_count = 0;
+    cfg.inbound_port = 15001;
+    cfg.tunnel_port = 0;
+    cfg
+}
+
+#[test]
+fn the_legacy_table_walks_its_four_rules_in_order() {
+    let cfg = legacy();
+    let pod = ip(10, 0, 0, 1);
+    let sets = Sets {
+        local: vec![pod],
+        ..Sets::default()
+    };
+    let decide = |input: &ConnectInput| decide_connect(input, &cfg, &sets);
+    let proxy = |dst| ConnectInput {
+        uid: 1337,
+        gid: 1337,
+        ..app(dst)
+    };
+    const LOOPBACK_REDIRECTED: Verdict = Verdict::Redirect {
+        port: 15001,
+        counter: Counter::LoopbackRedirected,
+    };
+    // ! -d 127.0.0.1/32 -o lo -j ISTIO_REDIRECT: before the uid rule, for
+    // every uid, from 127.0.0.6 too (no passthrough rule).
+    for input in [
+        app(pod),
+        proxy(pod),
+        app(ip(127, 0, 0, 6)),
+        proxy(ip(127, 0, 0, 9)),
+        ConnectInput {
+            src_ip: PASSTHROUGH_SRC,
+            ..proxy(pod)
+        },
+        ConnectInput {
+            dev_lo: true,
+            ..proxy(ip(10, 0, 0, 2))
+        },
+    ] {
+        assert_eq!(decide(&input), LOOPBACK_REDIRECTED, "{input:?}");
+    }
+    // -m owner --uid-owner 1337 -j RETURN; not the gid.
+    assert_eq!(
+        decide(&proxy(ip(10, 0, 0, 2))),
+        Verdict::Bypass(Counter::BypassUid)
+    );
+    let by_gid = ConnectInput {
+        gid: 1337,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(decide(&by_gid), REDIRECTED);
+    // -d 127.0.0.1/32 -j RETURN (0.0.0.0 is 127.0.0.1 by then).
+    for dst in [ip(127, 0, 0, 1), 0] {
+        assert_eq!(decide(&app(dst)), Verdict::Bypass(Counter::BypassLoopback));
+    }
+    assert_eq!(
+        decide(&proxy(ip(127, 0, 0, 1))),
+        Verdict::Bypass(Counter::BypassUid)
+    );
+    // -j ISTIO_REDIRECT, TCP only (-A OUTPUT -p tcp).
+    assert_eq!(decide(&app(ip(10, 0, 0, 2))), REDIRECTED);
+    let udp = ConnectInput {
+        sock_type: SOCK_DGRAM,
+        dst_port: 53,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(decide(&udp), Verdict::Bypass(Counter::NotTcp));
+}
+
+#[test]
+fn the_legacy_table_captures_inbound_on_every_port() {
+    let cfg = legacy();
+    let sets = Sets::default();
+    for port in [1, 80, 15001, 15008, 15090, 65535] {
+        let input = InboundInput {
+            src_ip: ip(10, 0, 0, 2),
+            dst_port: port,
+        };
+        assert_eq!(
+            decide_inbound(&input, &cfg, &sets),
+            InboundVerdict::Capture,
+            "{port}"
+        );
+    }
+}
