@@ -8,20 +8,33 @@
 /// `println!` that treats a closed stdout (`redirect status | head`) as the
 /// reader having seen enough, not as an error: the command still finishes
 /// its work (and its cleanup).
+/// Under the CNI plugin ([`cni::plugin`]), whose stdout is its result,
+/// reports go to stderr instead.
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
+        if $crate::REPORTS_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = writeln!(std::io::stderr(), $($arg)*);
+        } else {
+            let _ = writeln!(std::io::stdout(), $($arg)*);
+        }
     }};
 }
 
-/// `print!` with the same rule as [`outln!`].
+/// `print!` with the same rules as [`outln!`].
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = write!(std::io::stdout(), $($arg)*);
+        if $crate::REPORTS_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = write!(std::io::stderr(), $($arg)*);
+        } else {
+            let _ = write!(std::io::stdout(), $($arg)*);
+        }
     }};
 }
+
+/// Set by the CNI plugin: see [`outln!`].
+static REPORTS_TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 mod applied;
 mod bpffs;
@@ -59,6 +72,13 @@ fn main() -> ExitCode {
         .is_some_and(|argv0| std::path::Path::new(&argv0).file_name() == Some("pause".as_ref()))
     {
         return ExitCode::from(pause::pause());
+    }
+    // Called as `redirect-cni` (the link `node install` and the CRI test
+    // place in the CNI bin dir), it is the CNI plugin: no command line.
+    if std::env::args_os().next().is_some_and(|argv0| {
+        std::path::Path::new(&argv0).file_name() == Some("redirect-cni".as_ref())
+    }) {
+        return cni::plugin::main();
     }
     // As bytes: `std::env::args` panics on an argument that is not UTF-8.
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();

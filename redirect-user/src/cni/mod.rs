@@ -1,4 +1,7 @@
 //! The CNI side of node mode: what Istio's CNI plugin decides for a pod
-//! ([`pod`]), which `redirect cni-plan` shows and applies.
+//! ([`pod`]), which `redirect cni-plan` shows and applies, and the
+//! `redirect-cni` plugin that applies it when the runtime creates a pod
+//! ([`plugin`]).
 
+pub mod plugin;
 pub mod pod;

@@ -1,0 +1,685 @@
+//! `redirect-cni`: the CNI plugin (the `redirect` binary run under that
+//! name), chained after the pod network's plugins. It speaks the CNI
+//! protocol (spec 1.0.0; the 0.3.x and 0.4.0 configurations runtimes still
+//! send are accepted): `VERSION`; `ADD` sets up the capture Istio's own
+//! CNI plugin would for the pod and passes `prevResult` through; `CHECK`
+//! says whether that capture is in place; `DEL` removes it and succeeds
+//! when there is nothing.
+//!
+//! What is captured and how is [`super::pod::plan`] (Istio's decisions),
+//! applied through `redirect istio-iptables` with the pod's network
+//! namespace, the pod's cgroup when found, and an instance named after
+//! the container: auto mode installs eBPF on the pod cgroup (per-pod mode)
+//! and Istio's iptables rules in the pod's namespace where it cannot. The
+//! pod's annotations come from the runtime
+//! (`io.kubernetes.cri.pod-annotations`); what Istio's plugin reads from
+//! the pod spec (the `istio-proxy` container's identity and environment)
+//! comes from the plugin configuration's `proxy` defaults, since reading
+//! the pod from the Kubernetes API is not built yet. ADD fails closed: an
+//! error is returned, and the runtime does not start the pod, whenever the
+//! capture the plan asks for is not in place.
+//!
+//! The plugin configuration (besides the CNI fields):
+//!
+//! ```json
+//! { "type": "redirect-cni",
+//!   "mode": "auto",                       // or "ebpf", "iptables"
+//!   "exclude_namespaces": ["kube-system"],
+//!   "pod_cgroup_root": "/sys/fs/cgroup/kubepods",   // where pod cgroups are found by UID
+//!   "proxy": { "uid": 1337, "gid": 1337, "dns_capture": false,
+//!              "invalid_drop": false, "dual_stack": false },
+//!   "capabilities": { "io.kubernetes.cri.pod-annotations": true } }
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsString,
+    io::{Read as _, Write as _},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::Parser as _;
+use serde_json::{Value, json};
+
+use super::pod::{Container, Plan, Pod, Scope, plan};
+use crate::{
+    cli::{Cli, Command},
+    instance::InstanceName,
+};
+
+/// The configuration versions this plugin takes.
+pub const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+
+/// The runtime-config capability the annotations arrive in.
+pub const POD_ANNOTATIONS: &str = "io.kubernetes.cri.pod-annotations";
+
+/// The spec's error codes this plugin returns.
+mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const INVALID_ENVIRONMENT: u32 = 4;
+    pub const DECODE: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    /// Plugin-specific: the pod's capture could not be set up (or, for
+    /// CHECK, is not in place).
+    pub const CAPTURE: u32 = 100;
+    /// Plugin-specific: a bad annotation value (Istio's wording).
+    pub const ANNOTATION: u32 = 101;
+}
+
+/// A CNI error: its code, message and details.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniError {
+    fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
+    }
+}
+
+/// What the plugin was asked, from its environment and stdin.
+#[derive(Debug)]
+pub struct Invocation {
+    pub command: String,
+    pub container_id: String,
+    pub netns: String,
+    pub ifname: String,
+    /// `CNI_ARGS`, `K=V;K=V`.
+    pub args: BTreeMap<String, String>,
+    pub config: Value,
+}
+
+/// The plugin's own configuration keys.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PluginConfig {
+    pub version: String,
+    pub mode: String,
+    pub scope: Scope,
+    pub pod_cgroup_root: Option<PathBuf>,
+    pub proxy: Container,
+}
+
+/// Entry point when run as `redirect-cni`: one command, its result or
+/// error JSON on stdout, reports on stderr; exit 0 or 1.
+pub fn main() -> ExitCode {
+    crate::REPORTS_TO_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut stdin = String::new();
+    let read = std::io::stdin().read_to_string(&mut stdin);
+    let invocation = read
+        .map_err(|err| {
+            CniError::new(
+                code::DECODE,
+                "reading the configuration from stdin",
+                err.to_string(),
+            )
+        })
+        .and_then(|_| invocation(&stdin, |name| std::env::var(name).ok()));
+    let version = invocation
+        .as_ref()
+        .ok()
+        .and_then(|i| i.config.get("cniVersion").and_then(Value::as_str))
+        .unwrap_or("1.0.0")
+        .to_owned();
+    let outcome = invocation.and_then(|i| run(&i));
+    let mut out = std::io::stdout();
+    match outcome {
+        Ok(Some(result)) => {
+            let _ = writeln!(out, "{result}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("redirect-cni: error: {}: {}", err.msg, err.details);
+            let _ = writeln!(
+                out,
+                "{}",
+                json!({"cniVersion": version, "code": err.code, "msg": err.msg, "details": err.details})
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the invocation: `CNI_*` from `env`, the configuration from `stdin`.
+pub fn invocation(
+    stdin: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Invocation, CniError> {
+    let command = env("CNI_COMMAND").unwrap_or_default();
+    let config: Value = if stdin.trim().is_empty() && command == "VERSION" {
+        json!({})
+    } else {
+        serde_json::from_str(stdin).map_err(|err| {
+            CniError::new(
+                code::DECODE,
+                "the network configuration is not JSON",
+                err.to_string(),
+            )
+        })?
+    };
+    let args = env("CNI_ARGS")
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    Ok(Invocation {
+        command,
+        container_id: env("CNI_CONTAINERID").unwrap_or_default(),
+        netns: env("CNI_NETNS").unwrap_or_default(),
+        ifname: env("CNI_IFNAME").unwrap_or_default(),
+        args,
+        config,
+    })
+}
+
+/// Runs one invocation: the JSON to print (none for DEL and CHECK).
+pub fn run(inv: &Invocation) -> Result<Option<Value>, CniError> {
+    if inv.command == "VERSION" {
+        return Ok(Some(json!({
+            "cniVersion": "1.0.0",
+            "supportedVersions": SUPPORTED_VERSIONS,
+        })));
+    }
+    let conf = plugin_config(&inv.config)?;
+    let required = |name: &str, value: &str| {
+        if value.is_empty() {
+            Err(CniError::new(
+                code::INVALID_ENVIRONMENT,
+                format!("{name} is not set"),
+                "the runtime sets it for ADD, CHECK and DEL",
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    required("CNI_CONTAINERID", &inv.container_id)?;
+    required("CNI_IFNAME", &inv.ifname)?;
+    let instance = instance_name(&inv.container_id)?;
+    match inv.command.as_str() {
+        "ADD" => {
+            required("CNI_NETNS", &inv.netns)?;
+            let Some(prev) = inv.config.get("prevResult") else {
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    "redirect-cni is a chained plugin and got no prevResult",
+                    "list it after the pod network's plugins in the conflist",
+                ));
+            };
+            add(inv, &conf, &instance)?;
+            let mut result = prev.clone();
+            if let Some(fields) = result.as_object_mut() {
+                fields.insert("cniVersion".into(), json!(conf.version));
+            }
+            Ok(Some(result))
+        }
+        "CHECK" => {
+            required("CNI_NETNS", &inv.netns)?;
+            check(inv, &conf, &instance).map(|()| None)
+        }
+        "DEL" => del(inv, &instance).map(|()| None),
+        other => Err(CniError::new(
+            code::INVALID_ENVIRONMENT,
+            format!("unknown CNI_COMMAND {other:?}"),
+            "ADD, CHECK, DEL or VERSION",
+        )),
+    }
+}
+
+/// The plugin's keys of the network configuration.
+pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
+    let invalid = |msg: String| CniError::new(code::INVALID_CONFIG, msg, "see docs/cni.md");
+    let version = config
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if !SUPPORTED_VERSIONS.contains(&version.as_str()) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!("cniVersion {version:?} is not supported"),
+            format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
+        ));
+    }
+    if config.get("kubeconfig").is_some() {
+        return Err(invalid(
+            "kubeconfig: reading the pod from the Kubernetes API is not built yet; remove it (the proxy's identity comes from `proxy`)".into(),
+        ));
+    }
+    let mode = match config.get("mode") {
+        None => "auto".to_owned(),
+        Some(Value::String(m)) if ["auto", "ebpf", "iptables"].contains(&m.as_str()) => m.clone(),
+        Some(other) => {
+            return Err(invalid(format!(
+                "mode {other} is not auto, ebpf or iptables"
+            )));
+        }
+    };
+    let strings = |key: &str| -> Result<Vec<String>, CniError> {
+        match config.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| invalid(format!("{key}: {i} is not a string")))
+                })
+                .collect(),
+            Some(other) => Err(invalid(format!("{key}: {other} is not a list of strings"))),
+        }
+    };
+    let pod_cgroup_root = match config.get("pod_cgroup_root") {
+        None => None,
+        Some(Value::String(path)) if Path::new(path).is_absolute() => Some(PathBuf::from(path)),
+        Some(other) => {
+            return Err(invalid(format!(
+                "pod_cgroup_root {other} is not an absolute path"
+            )));
+        }
+    };
+    let proxy = config.get("proxy").cloned().unwrap_or_else(|| json!({}));
+    let id = |key: &str| -> Result<Option<i64>, CniError> {
+        match proxy.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .filter(|id| (0..=i64::from(u32::MAX)).contains(id))
+                .map(Some)
+                .ok_or_else(|| invalid(format!("proxy.{key}: {v} is not a user or group id"))),
+        }
+    };
+    let flag = |key: &str| -> Result<Option<(String, String)>, CniError> {
+        match proxy.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(on)) => Ok(Some((key.to_owned(), on.to_string()))),
+            Some(other) => Err(invalid(format!(
+                "proxy.{key}: {other} is not true or false"
+            ))),
+        }
+    };
+    let env = [
+        ("dns_capture", "ISTIO_META_DNS_CAPTURE"),
+        ("invalid_drop", "INVALID_DROP"),
+        ("dual_stack", "ISTIO_DUAL_STACK"),
+    ]
+    .into_iter()
+    .map(|(key, var)| flag(key).map(|set| set.map(|(_, on)| (var.to_owned(), on))))
+    .collect::<Result<Vec<_>, _>>()?
+    .into_iter()
+    .flatten()
+    .collect();
+    Ok(PluginConfig {
+        version,
+        mode,
+        scope: Scope {
+            exclude_namespaces: strings("exclude_namespaces")?,
+        },
+        pod_cgroup_root,
+        proxy: Container {
+            name: "istio-proxy".into(),
+            args: Vec::new(),
+            env,
+            run_as_user: id("uid")?,
+            run_as_group: id("gid")?,
+        },
+    })
+}
+
+/// The pod as the plugin sees it: its name from `CNI_ARGS`, its
+/// annotations from the runtime config, its proxy from the plugin
+/// configuration.
+pub fn pod(inv: &Invocation, conf: &PluginConfig) -> Pod {
+    let annotations = inv
+        .config
+        .get("runtimeConfig")
+        .and_then(|r| r.get(POD_ANNOTATIONS))
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let arg = |key: &str| inv.args.get(key).cloned().unwrap_or_default();
+    Pod {
+        namespace: arg("K8S_POD_NAMESPACE"),
+        name: arg("K8S_POD_NAME"),
+        annotations,
+        labels: BTreeMap::new(),
+        containers: vec![conf.proxy.clone()],
+    }
+}
+
+/// The instance of container `id`: `cni-<id>`.
+fn instance_name(id: &str) -> Result<InstanceName, CniError> {
+    InstanceName::parse(&format!("cni-{id}")).map_err(|err| {
+        CniError::new(
+            code::INVALID_ENVIRONMENT,
+            "CNI_CONTAINERID cannot name an instance",
+            err,
+        )
+    })
+}
+
+fn add(inv: &Invocation, conf: &PluginConfig, instance: &InstanceName) -> Result<(), CniError> {
+    let pod = pod(inv, conf);
+    let flags = match plan(&pod, &conf.scope) {
+        Err(why) => {
+            return Err(CniError::new(
+                code::ANNOTATION,
+                why,
+                "the pod is not started",
+            ));
+        }
+        Ok(Plan::Skip(why)) => {
+            eprintln!(
+                "redirect-cni: pod {}/{} is not captured: {why}",
+                pod.namespace, pod.name
+            );
+            return Ok(());
+        }
+        Ok(Plan::Capture(flags)) => flags,
+    };
+    let uid = inv.args.get("K8S_POD_UID").cloned().unwrap_or_default();
+    let cgroup = pod_cgroup(conf.pod_cgroup_root.as_deref(), &uid);
+    let mode = match (&cgroup, conf.mode.as_str()) {
+        (Some(_), mode) => mode.to_owned(),
+        (None, "ebpf") => {
+            return Err(CniError::new(
+                code::CAPTURE,
+                format!("mode ebpf: the cgroup of pod UID {uid:?} was not found"),
+                "set pod_cgroup_root to the directory holding pod cgroups, or mode auto",
+            ));
+        }
+        (None, _) => {
+            eprintln!(
+                "redirect-cni: the cgroup of pod UID {uid:?} was not found: iptables in its network namespace"
+            );
+            "iptables".to_owned()
+        }
+    };
+    let mut argv: Vec<OsString> = ["redirect", "istio-iptables"].map(OsString::from).to_vec();
+    argv.extend(flags.into_iter().map(OsString::from));
+    argv.extend(
+        [
+            "--mode",
+            &mode,
+            "--netns",
+            &inv.netns,
+            "--instance",
+            instance.as_str(),
+        ]
+        .map(OsString::from),
+    );
+    if let Some(cg) = &cgroup {
+        argv.extend([OsString::from("--cgroup"), cg.clone().into_os_string()]);
+    }
+    let capture_error = |detail: String| {
+        CniError::new(
+            code::CAPTURE,
+            "the pod's capture could not be set up",
+            detail,
+        )
+    };
+    let cli = Cli::try_parse_from(&argv).map_err(|err| capture_error(err.to_string()))?;
+    let Command::IstioIptables(args) = cli.command else {
+        return Err(capture_error(
+            "the plan did not parse as istio-iptables".into(),
+        ));
+    };
+    match crate::cmd::istio_iptables::istio_iptables(&args) {
+        Ok(code) if code == ExitCode::SUCCESS => Ok(()),
+        Ok(_) => Err(capture_error(
+            "istio-iptables refused it (its message is on stderr)".into(),
+        )),
+        Err(err) => Err(capture_error(format!("{err:#}"))),
+    }
+}
+
+fn check(inv: &Invocation, conf: &PluginConfig, instance: &InstanceName) -> Result<(), CniError> {
+    if matches!(conf.version.as_str(), "0.3.0" | "0.3.1") {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            "CHECK needs cniVersion 0.4.0 or later",
+            conf.version.clone(),
+        ));
+    }
+    let pod = pod(inv, conf);
+    match plan(&pod, &conf.scope) {
+        Err(why) => return Err(CniError::new(code::ANNOTATION, why, "")),
+        Ok(Plan::Skip(_)) => return Ok(()),
+        Ok(Plan::Capture(_)) => {}
+    }
+    let not_in_place =
+        |detail: String| CniError::new(code::CAPTURE, "the pod's capture is not in place", detail);
+    if crate::bpffs::instance_dir(instance).exists() {
+        let status = crate::cmd::status::collect(Some(instance))
+            .map_err(|e| not_in_place(format!("{e:#}")))?;
+        return match status.incomplete.first() {
+            Some(broken) => Err(not_in_place(broken.problem.clone())),
+            None if status.instances.is_empty() => {
+                Err(not_in_place(format!("instance {instance} is gone")))
+            }
+            None => Ok(()),
+        };
+    }
+    crate::netns::enter(Path::new(&inv.netns)).map_err(|e| not_in_place(format!("{e:#}")))?;
+    let backend =
+        crate::iptables::apply::Backend::detect().map_err(|e| not_in_place(format!("{e:#}")))?;
+    let rules = crate::iptables::apply::save(backend, crate::iptables::builder::Family::V4)
+        .map_err(|e| not_in_place(format!("{e:#}")))?;
+    if rules.lines().any(|l| l.starts_with(":ISTIO_OUTPUT ")) {
+        Ok(())
+    } else {
+        Err(not_in_place(format!(
+            "no eBPF instance {instance} and no Istio rules in {}",
+            inv.netns
+        )))
+    }
+}
+
+fn del(inv: &Invocation, instance: &InstanceName) -> Result<(), CniError> {
+    let failed = |detail: String| {
+        CniError::new(
+            code::CAPTURE,
+            "the pod's capture could not be removed",
+            detail,
+        )
+    };
+    crate::ebpf::loader::uninstall(instance).map_err(|e| failed(format!("{e:#}")))?;
+    // The rules go with the namespace when it is gone already.
+    if inv.netns.is_empty() || !Path::new(&inv.netns).exists() {
+        return Ok(());
+    }
+    crate::netns::enter(Path::new(&inv.netns)).map_err(|e| failed(format!("{e:#}")))?;
+    if let Ok(backend) = crate::iptables::apply::Backend::detect() {
+        crate::iptables::apply::cleanup(
+            backend,
+            &crate::iptables::builder::Builder::new(false),
+            false,
+        )
+        .map_err(|e| failed(format!("{e:#}")))?;
+    }
+    Ok(())
+}
+
+/// The pod's cgroup below `root` (by default the cgroup2 mount's
+/// `kubepods`): the directory named for its UID as the cgroupfs driver
+/// names it (`pod<uid>`) or the systemd driver (`kubepods-<qos>-pod<uid
+/// with _>.slice`), at most three levels down.
+pub fn pod_cgroup(root: Option<&Path>, uid: &str) -> Option<PathBuf> {
+    if uid.is_empty() || !uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return None;
+    }
+    let root = match root {
+        Some(root) => root.to_path_buf(),
+        None => crate::cgroup::cgroup2_mounts()
+            .ok()?
+            .first()?
+            .join("kubepods"),
+    };
+    let names = [
+        format!("pod{uid}"),
+        format!("pod{}.slice", uid.replace('-', "_")),
+    ];
+    let mut level = vec![root];
+    for _ in 0..3 {
+        let mut next = Vec::new();
+        for dir in &level {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // Following links: a cgroup tree has none, and a root of
+                // links lets pod cgroups be named from elsewhere.
+                if !entry.path().is_dir() {
+                    continue;
+                }
+                if names
+                    .iter()
+                    .any(|n| name == *n || name.ends_with(&format!("-{n}")))
+                {
+                    return Some(entry.path());
+                }
+                next.push(entry.path());
+            }
+        }
+        level = next;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    const CONF: &str = r#"{"cniVersion":"1.0.0","name":"net","type":"redirect-cni",
+        "exclude_namespaces":["kube-system"],
+        "proxy":{"uid":1337,"gid":1337,"dns_capture":true},
+        "runtimeConfig":{"io.kubernetes.cri.pod-annotations":{
+            "sidecar.istio.io/status":"{}",
+            "traffic.sidecar.istio.io/excludeOutboundPorts":"9000"}},
+        "prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.5/24"}]}}"#;
+
+    #[test]
+    fn version_lists_what_it_takes() {
+        let inv = invocation("", env(&[("CNI_COMMAND", "VERSION")])).unwrap();
+        let out = run(&inv).unwrap().unwrap();
+        assert_eq!(out["cniVersion"], "1.0.0");
+        assert_eq!(
+            out["supportedVersions"].as_array().unwrap().len(),
+            SUPPORTED_VERSIONS.len()
+        );
+    }
+
+    #[test]
+    fn the_pod_is_its_annotations_and_the_configured_proxy() {
+        let inv = invocation(
+            CONF,
+            env(&[(
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-1;K8S_POD_UID=u-1",
+            )]),
+        )
+        .unwrap();
+        let conf = plugin_config(&inv.config).unwrap();
+        let pod = pod(&inv, &conf);
+        assert_eq!(
+            (pod.namespace.as_str(), pod.name.as_str()),
+            ("shop", "cart-1")
+        );
+        let Plan::Capture(flags) = plan(&pod, &conf.scope).unwrap() else {
+            panic!("not captured")
+        };
+        let text = flags.join(" ");
+        assert!(text.contains("-o 9000 "), "{text}");
+        assert!(text.contains("--redirect-dns --capture-all-dns"), "{text}");
+        // Out of scope: the excluded namespace, a pod without the status annotation.
+        let mut other = pod.clone();
+        other.namespace = "kube-system".into();
+        assert!(matches!(plan(&other, &conf.scope), Ok(Plan::Skip(_))));
+        let mut plain = pod;
+        plain.annotations.clear();
+        assert!(matches!(plan(&plain, &conf.scope), Ok(Plan::Skip(_))));
+    }
+
+    #[test]
+    fn bad_configurations_are_cni_errors_with_their_codes() {
+        let cases: [(&str, u32); 6] = [
+            ("not json", code::DECODE),
+            (r#"{"cniVersion":"0.2.0"}"#, code::INCOMPATIBLE_VERSION),
+            (
+                r#"{"cniVersion":"1.0.0","mode":"fast"}"#,
+                code::INVALID_CONFIG,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","proxy":{"uid":-1}}"#,
+                code::INVALID_CONFIG,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","kubeconfig":"/etc/k"}"#,
+                code::INVALID_CONFIG,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","pod_cgroup_root":"rel"}"#,
+                code::INVALID_CONFIG,
+            ),
+        ];
+        for (conf, want) in cases {
+            let vars = [
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", "/x"),
+            ];
+            let got = invocation(conf, env(&vars)).and_then(|inv| run(&inv));
+            assert_eq!(got.err().map(|e| e.code), Some(want), "{conf}");
+        }
+        // Missing environment, and a chained plugin without prevResult.
+        let inv = invocation(r#"{"cniVersion":"1.0.0"}"#, env(&[("CNI_COMMAND", "ADD")])).unwrap();
+        assert_eq!(
+            run(&inv).err().map(|e| e.code),
+            Some(code::INVALID_ENVIRONMENT)
+        );
+        let vars = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/x"),
+        ];
+        let inv = invocation(r#"{"cniVersion":"1.0.0"}"#, env(&vars)).unwrap();
+        assert_eq!(run(&inv).err().map(|e| e.code), Some(code::INVALID_CONFIG));
+    }
+
+    #[test]
+    fn pod_cgroups_are_found_by_uid_under_either_driver() {
+        let root = std::env::temp_dir().join(format!("redirect-cni-cg-{}", std::process::id()));
+        let cgroupfs = root.join("burstable/pod12ab-34cd");
+        let systemd = root.join("kubepods-besteffort.slice/kubepods-besteffort-pod56ef_78ab.slice");
+        std::fs::create_dir_all(&cgroupfs).unwrap();
+        std::fs::create_dir_all(&systemd).unwrap();
+        assert_eq!(pod_cgroup(Some(&root), "12ab-34cd"), Some(cgroupfs));
+        assert_eq!(pod_cgroup(Some(&root), "56ef-78ab"), Some(systemd));
+        assert_eq!(pod_cgroup(Some(&root), "0000"), None);
+        assert_eq!(pod_cgroup(Some(&root), "../x"), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,257 @@
+//! `redirect-cni`, the CNI plugin, driven as a runtime drives it: the
+//! `redirect` binary run under that name with the `CNI_*` environment and
+//! a chained network configuration on stdin (the pod's annotations in its
+//! runtime config, the previous plugin's result), against a sandbox pod.
+//! ADD captures an annotated pod (eBPF on its cgroup when the cgroup is
+//! found by UID, Istio's iptables rules in its namespace when not), passes
+//! the previous result through, and a second ADD changes nothing; CHECK
+//! says whether the capture is in place; DEL removes it and succeeds again
+//! when there is nothing; a pod without the sidecar annotation is left
+//! alone; a bad annotation fails ADD with Istio's wording and installs
+//! nothing.
+
+use std::{
+    io::Write as _,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use redirect_sandbox::{
+    APP, Group, Net, PEER_IP, POD_IP, PROXY, Sandbox,
+    cli::{Outcome, UPSTREAM, redirect_bin},
+    require_root,
+};
+use serde_json::{Value, json};
+
+/// A port of the peer the annotations exclude from capture.
+const EXCLUDED: SocketAddrV4 = SocketAddrV4::new(PEER_IP, 9999);
+const APP_PORT: u16 = 8080;
+
+/// The pod: upstream servers in the peer (one on the excluded port), the
+/// stand-in proxy on 127.0.0.1:15001 and its inbound listener on 15006
+/// (each answering with SO_ORIGINAL_DST), the app on 8080.
+fn pod() -> Sandbox {
+    let sandbox = Sandbox::with_upstream_and_orig_dst_proxy().expect("sandbox");
+    sandbox
+        .serve(Net::Peer, Group::Outside, APP, EXCLUDED, "excluded")
+        .expect("excluded server");
+    let mut inbound = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+    inbound.args([
+        "serve",
+        "--listen",
+        "0.0.0.0:15006",
+        "--report",
+        "original-dst",
+    ]);
+    sandbox.start(inbound).expect("inbound listener");
+    let app = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, APP_PORT);
+    sandbox
+        .serve(Net::Pod, Group::App, APP, app, "app")
+        .expect("app");
+    sandbox
+}
+
+/// The plugin (a `redirect-cni` link to the binary) and a pod-cgroup root
+/// where `pod<uid>` links to the sandbox's pod cgroup, both in a scratch
+/// directory the sandbox removes.
+struct Plugin {
+    exe: PathBuf,
+    cgroup_root: PathBuf,
+}
+
+impl Plugin {
+    fn new(sandbox: &Sandbox, uid: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-cni", sandbox.name()));
+        let cgroup_root = dir.join("kubepods");
+        std::fs::create_dir_all(&cgroup_root).expect("scratch dir");
+        let exe = dir.join("redirect-cni");
+        std::os::unix::fs::symlink(redirect_bin(), &exe).expect("plugin link");
+        std::os::unix::fs::symlink(sandbox.pod_cgroup(), cgroup_root.join(format!("pod{uid}")))
+            .expect("pod cgroup link");
+        Self { exe, cgroup_root }
+    }
+
+    /// Runs one command for `sandbox`'s pod (container id: its name).
+    fn call(&self, sandbox: &Sandbox, command: &str, uid: &str, config: &Value) -> Outcome {
+        let mut child = Command::new(&self.exe)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", sandbox.name())
+            .env("CNI_NETNS", sandbox.pod_netns())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", self.exe.parent().unwrap_or(Path::new("/")))
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart;K8S_POD_UID={uid}"
+                ),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("redirect-cni");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(config.to_string().as_bytes())
+            .expect("configuration");
+        drop(stdin);
+        let out = child.wait_with_output().expect("redirect-cni");
+        Outcome {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// The chained configuration the runtime sends, with these annotations.
+    fn config(&self, mode: &str, annotations: Value) -> Value {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "pods",
+            "type": "redirect-cni",
+            "mode": mode,
+            "pod_cgroup_root": self.cgroup_root,
+            "proxy": {"uid": PROXY.uid, "gid": PROXY.gid},
+            "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations},
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/x"}],
+                "ips": [{"address": format!("{POD_IP}/15"), "interface": 0}],
+            },
+        })
+    }
+}
+
+fn sidecar() -> Value {
+    json!({
+        "sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}",
+        "traffic.sidecar.istio.io/excludeOutboundPorts": EXCLUDED.port().to_string(),
+    })
+}
+
+/// Where the app's connections land: (to upstream, to the excluded port,
+/// from the peer to the app).
+fn landings(sandbox: &Sandbox) -> (String, String, String) {
+    let app = SocketAddrV4::new(POD_IP, APP_PORT);
+    (
+        sandbox.lands(Group::App, APP, UPSTREAM).expect("upstream"),
+        sandbox.lands(Group::App, APP, EXCLUDED).expect("excluded"),
+        sandbox.lands_from_peer(app).expect("inbound"),
+    )
+}
+
+fn captured() -> (String, String, String) {
+    (
+        UPSTREAM.to_string(),
+        "excluded".into(),
+        SocketAddrV4::new(POD_IP, APP_PORT).to_string(),
+    )
+}
+
+fn direct() -> (String, String, String) {
+    ("upstream".into(), "excluded".into(), "app".into())
+}
+
+fn istio_chains(sandbox: &Sandbox) -> bool {
+    ["iptables-nft-save", "iptables-legacy-save"]
+        .iter()
+        .any(|save| {
+            let out = sandbox
+                .command(Net::Pod, Group::Outside, redirect_sandbox::ROOT, save)
+                .output()
+                .expect(save);
+            String::from_utf8_lossy(&out.stdout).contains(":ISTIO_OUTPUT")
+        })
+}
+
+fn pinned(sandbox: &Sandbox) -> bool {
+    Path::new("/sys/fs/bpf/redirect")
+        .join(format!("cni-{}", sandbox.name()))
+        .exists()
+}
+
+#[test]
+fn add_check_del_with_ebpf_on_the_pods_cgroup() {
+    require_root!();
+    let sandbox = pod();
+    let uid = "5f1c-ebpf";
+    let plugin = Plugin::new(&sandbox, uid);
+    let config = plugin.config("ebpf", sidecar());
+    assert_eq!(landings(&sandbox), direct());
+
+    let add = plugin.call(&sandbox, "ADD", uid, &config);
+    assert!(add.ok(), "{add:?}");
+    let result: Value = serde_json::from_str(&add.stdout).expect("ADD's result");
+    assert_eq!(result, config["prevResult"], "prevResult passes through");
+    assert!(pinned(&sandbox) && !istio_chains(&sandbox));
+    assert_eq!(landings(&sandbox), captured());
+
+    let again = plugin.call(&sandbox, "ADD", uid, &config);
+    assert!(again.ok(), "a second ADD: {again:?}");
+    let check = plugin.call(&sandbox, "CHECK", uid, &config);
+    assert!(check.ok() && check.stdout.is_empty(), "{check:?}");
+
+    let del = plugin.call(&sandbox, "DEL", uid, &config);
+    assert!(del.ok() && del.stdout.is_empty(), "{del:?}");
+    assert!(!pinned(&sandbox));
+    assert_eq!(landings(&sandbox), direct());
+    let del = plugin.call(&sandbox, "DEL", uid, &config);
+    assert!(del.ok(), "DEL with nothing to delete: {del:?}");
+    let check = plugin.call(&sandbox, "CHECK", uid, &config);
+    assert_eq!(check.code, 1, "{check:?}");
+    let error: Value = serde_json::from_str(&check.stdout).expect("CHECK's error");
+    assert_eq!(error["code"], 100, "{error}");
+    assert_eq!(error["cniVersion"], "1.0.0");
+}
+
+#[test]
+fn add_check_del_with_iptables_when_the_pods_cgroup_is_not_found() {
+    require_root!();
+    let sandbox = pod();
+    let plugin = Plugin::new(&sandbox, "5f1c-linked");
+    // Another UID: no cgroup of that pod is under the root.
+    let uid = "5f1c-unknown";
+    let config = plugin.config("auto", sidecar());
+    let add = plugin.call(&sandbox, "ADD", uid, &config);
+    assert!(add.ok(), "{add:?}");
+    assert!(add.stderr.contains("was not found"), "{}", add.stderr);
+    assert!(istio_chains(&sandbox) && !pinned(&sandbox));
+    assert_eq!(landings(&sandbox), captured());
+    let check = plugin.call(&sandbox, "CHECK", uid, &config);
+    assert!(check.ok(), "{check:?}");
+    let del = plugin.call(&sandbox, "DEL", uid, &config);
+    assert!(del.ok(), "{del:?}");
+    assert!(!istio_chains(&sandbox));
+    assert_eq!(landings(&sandbox), direct());
+    // Mode ebpf fails closed instead.
+    let strict = plugin.call(&sandbox, "ADD", uid, &plugin.config("ebpf", sidecar()));
+    assert_eq!(strict.code, 1, "{strict:?}");
+    assert!(!istio_chains(&sandbox) && !pinned(&sandbox));
+}
+
+#[test]
+fn pods_without_a_sidecar_and_bad_annotations_get_nothing() {
+    require_root!();
+    let sandbox = pod();
+    let uid = "5f1c-scope";
+    let plugin = Plugin::new(&sandbox, uid);
+    let plain = plugin.call(&sandbox, "ADD", uid, &plugin.config("auto", json!({})));
+    assert!(plain.ok(), "{plain:?}");
+    assert!(plain.stderr.contains("is not captured"), "{}", plain.stderr);
+    assert!(!pinned(&sandbox) && !istio_chains(&sandbox));
+    assert_eq!(landings(&sandbox), direct());
+
+    let mut bad = sidecar();
+    bad["traffic.sidecar.istio.io/excludeOutboundPorts"] = json!("80,x");
+    let add = plugin.call(&sandbox, "ADD", uid, &plugin.config("auto", bad));
+    assert_eq!(add.code, 1, "{add:?}");
+    let error: Value = serde_json::from_str(&add.stdout).expect("ADD's error");
+    assert_eq!(error["code"], 101, "{error}");
+    let msg = error["msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.starts_with("annotation value error for value excludeOutboundPorts"),
+        "{msg}"
+    );
+    assert!(!pinned(&sandbox) && !istio_chains(&sandbox));
+}
