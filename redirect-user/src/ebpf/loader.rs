@@ -124,6 +124,7 @@ pub fn is_installed(instance: &InstanceName) -> bool {
 /// Installs (or upgrades in place) an instance. On any error, everything
 /// this call changed is undone before the error is returned.
 pub fn install(req: &Request<'_>) -> Result<Installed> {
+    let mut phases = super::timing::Phases::start();
     preflight(req)?;
     let _hold = crate::signals::HoldSignals::new();
     let _lock = Lock::exclusive()?;
@@ -162,16 +163,20 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
         updated: Vec::new(),
     };
     let mut notes = Vec::new();
-    let result = install_steps(req, &build_dir, &mut undo, &mut notes).and_then(|ebpf| {
-        if !upgraded {
-            fault_point("before-rename")?;
-            bpffs::rename(
-                &format!("{NEW_PREFIX}{}", req.instance),
-                req.instance.as_str(),
-            )?;
-        }
-        Ok(ebpf)
-    });
+    phases.mark(|| "checks (lock, repair, conflicts)".into());
+    let result =
+        install_steps(req, &build_dir, &mut undo, &mut notes, &mut phases).and_then(|ebpf| {
+            if !upgraded {
+                fault_point("before-rename")?;
+                bpffs::rename(
+                    &format!("{NEW_PREFIX}{}", req.instance),
+                    req.instance.as_str(),
+                )?;
+            }
+            Ok(ebpf)
+        });
+    phases.mark(|| "commit".into());
+    phases.print();
     match result {
         Ok(ebpf) => Ok(Installed {
             ebpf,
@@ -216,12 +221,15 @@ fn install_steps(
     dir: &Path,
     undo: &mut Undo,
     notes: &mut Vec<String>,
+    phases: &mut super::timing::Phases,
 ) -> Result<Ebpf> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // The socket-storage map is a BTF map, which the pin directory does
     // not cover: it is pinned (and reused on upgrade) by its own path.
     let sock_pin = dir.join(maps::SOCK);
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    phases.mark(|| "kernel BTF parse (aya)".into());
+    let mut ebpf = loader
         .default_map_pin_directory(dir)
         .map_pin_path(maps::SOCK, sock_pin.as_path())
         .map_max_entries(
@@ -231,6 +239,7 @@ fn install_steps(
         .load(OBJECT)
         .context("loading the eBPF object (maps)")?;
     fault_point("after-maps")?;
+    phases.mark(|| "object and maps".into());
 
     let netns = File::open(NETNS).with_context(|| format!("opening {NETNS}"))?;
     let netns_ino = netns.metadata()?.ino();
@@ -240,6 +249,7 @@ fn install_steps(
         // programs are attached, so that they capture from their first run.
         maps::activate(dir, slot)?;
     }
+    phases.mark(|| "configuration and sets".into());
 
     let cgroup = File::open(&req.cgroup.path)
         .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
@@ -256,6 +266,7 @@ fn install_steps(
             );
         }
         load_program(&mut ebpf, hook)?;
+        phases.mark(|| format!("verify {}", hook.name));
         let pin = dir.join(hook.pin_name());
         if pin_is_live(&pin, req.cgroup.id) {
             to_update.push((hook, pin));
@@ -264,6 +275,7 @@ fn install_steps(
             attach_and_pin(&ebpf, hook, &cgroup, &pin)?;
             fault_point(&format!("after-attach-{}", hook.name))?;
         }
+        phases.mark(|| format!("attach {}", hook.name));
     }
     // Inbound last: the sockops program that registers listeners runs by now.
     let pin = dir.join(SK_LOOKUP.pin_name());
@@ -277,7 +289,9 @@ fn install_steps(
         if req.config.inbound.is_some() {
             take_over_listener(&mut ebpf, req.config.inbound_port, notes)?;
         }
+        phases.mark(|| "inbound listener search".into());
         load_program(&mut ebpf, SK_LOOKUP)?;
+        phases.mark(|| format!("verify {}", SK_LOOKUP.name));
         if pin_is_live(&pin, netns_ino) {
             to_update.push((SK_LOOKUP, pin));
         } else {

@@ -12,6 +12,7 @@ pub mod privilege;
 mod removal;
 pub mod routes;
 pub mod sys;
+mod timing;
 
 /// The oldest kernel eBPF mode runs on: cgroup bpf_links (attach without
 /// exclusive flags, pinnable, replaceable in place) arrived in 5.7, the
