@@ -255,3 +255,30 @@ fn pods_without_a_sidecar_and_bad_annotations_get_nothing() {
     );
     assert!(!pinned(&sandbox) && !istio_chains(&sandbox));
 }
+
+#[test]
+fn concurrent_adds_for_different_pods_each_capture_their_own() {
+    require_root!();
+    let pods: Vec<(Sandbox, Plugin, String)> = (0..4)
+        .map(|i| {
+            let sandbox = pod();
+            let uid = format!("5f1c-par-{i}");
+            let plugin = Plugin::new(&sandbox, &uid);
+            (sandbox, plugin, uid)
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for (sandbox, plugin, uid) in &pods {
+            scope.spawn(move || {
+                let add = plugin.call(sandbox, "ADD", uid, &plugin.config("ebpf", sidecar()));
+                assert!(add.ok(), "{add:?}");
+            });
+        }
+    });
+    for (sandbox, plugin, uid) in &pods {
+        assert!(pinned(sandbox), "{}", sandbox.name());
+        assert_eq!(landings(sandbox), captured());
+        let del = plugin.call(sandbox, "DEL", uid, &plugin.config("ebpf", sidecar()));
+        assert!(del.ok() && !pinned(sandbox), "{del:?}");
+    }
+}
