@@ -164,6 +164,8 @@ impl Results {
 /// The sandbox pod and the commands the benchmarks drive in it.
 struct Bench {
     sandbox: Sandbox,
+    /// The last install's phases (see [`install_phases`]).
+    phases: std::cell::RefCell<Vec<(String, f64)>>,
 }
 
 impl Bench {
@@ -203,7 +205,10 @@ impl Bench {
         let mut relay = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
         relay.args(["relay", "--listen", &format!("127.0.0.1:{RELAY_PORT}")]);
         sandbox.start(relay).expect("relay");
-        Self { sandbox }
+        Self {
+            sandbox,
+            phases: std::cell::RefCell::default(),
+        }
     }
 
     /// `redirect istio-iptables --mode MODE ...` for the pod: the same
@@ -225,6 +230,8 @@ impl Bench {
         if cleanup {
             cmd.arg("--cleanup-only");
         }
+        // The loader's phase breakdown (stderr; a few clock reads).
+        cmd.env("REDIRECT_TIMING", "1");
         let start = Instant::now();
         let out: Outcome = outcome(&mut cmd).expect("run redirect");
         let took = start.elapsed();
@@ -234,6 +241,7 @@ impl Bench {
             "{mode} {}: {out:?}",
             if cleanup { "cleanup" } else { "install" }
         );
+        self.phases.replace(install_phases(&out.stderr));
         took
     }
 
@@ -375,14 +383,48 @@ impl Bench {
             return self.sample(to, count, false, "proxy");
         }
         let install = self.istio(mode, PROXY_PORT, exclude, false);
+        let phases = self.phases.take();
         let sample = self.sample(UPSTREAM, count, false, "proxy");
         let uninstall = self.istio(mode, PROXY_PORT, exclude, true);
         if exclude.is_empty() {
             results.add("install_time", mode, "ms", install.as_secs_f64() * 1e3);
             results.add("uninstall_time", mode, "ms", uninstall.as_secs_f64() * 1e3);
+            for (phase, ms) in phases {
+                results.add(&format!("install_phase {phase}"), mode, "ms", ms);
+            }
         }
         sample
     }
+}
+
+/// The install phases `REDIRECT_TIMING=1` printed (`redirect: timing
+/// <phase> <ms>`), the four sock_addr programs' verification summed as
+/// `verify connect4/6 sendmsg4/6` and the other programs' as `verify
+/// others`.
+fn install_phases(stderr: &str) -> Vec<(String, f64)> {
+    let mut phases: Vec<(String, f64)> = Vec::new();
+    for line in stderr.lines() {
+        let Some((phase, ms)) = line
+            .strip_prefix("redirect: timing ")
+            .and_then(|rest| rest.rsplit_once(' '))
+        else {
+            continue;
+        };
+        let Ok(ms) = ms.parse::<f64>() else { continue };
+        let phase = match phase.strip_prefix("verify ") {
+            Some("connect4" | "connect6" | "sendmsg4" | "sendmsg6") => {
+                "verify connect4/6 sendmsg4/6"
+            }
+            Some(_) => "verify others",
+            None if phase.starts_with("attach ") => "attach",
+            None => phase,
+        };
+        match phases.iter_mut().find(|(p, _)| p == phase) {
+            Some((_, total)) => *total += ms,
+            None => phases.push((phase.to_owned(), ms)),
+        }
+    }
+    phases
 }
 
 /// `count` excluded networks, none of which holds the upstream: /24s in

@@ -148,6 +148,14 @@ fn check_complete(figures: &[Figure]) -> Result<()> {
         wanted.push((format!("bpf_ns_{hook}"), "ebpf"));
     }
     wanted.push(("max_concurrent_redirected".into(), "ebpf"));
+    for phase in [
+        "kernel BTF parse (aya)",
+        "object and maps",
+        "verify connect4/6 sendmsg4/6",
+        "verify others",
+    ] {
+        wanted.push((format!("install_phase {phase}"), "ebpf"));
+    }
     let missing: Vec<String> = wanted
         .iter()
         .filter(|(name, mode)| value(figures, name, mode).is_none())
@@ -163,7 +171,7 @@ fn table(figures: &[Figure]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n{:<34} {:<9} {:>14} {:<12} spread (min..max over rounds)",
+        "\n{:<44} {:<9} {:>14} {:<12} spread (min..max over rounds)",
         "figure", "mode", "median", "unit"
     );
     for f in figures {
@@ -176,7 +184,7 @@ fn table(figures: &[Figure]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<34} {:<9} {:>14} {:<12} {}..{}",
+            "{:<44} {:<9} {:>14} {:<12} {}..{}",
             f.name,
             f.mode,
             fmt(f.value),
