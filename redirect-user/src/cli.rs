@@ -111,6 +111,13 @@ pub enum Command {
         capture to that pod. A bad annotation value is an error in Istio's words, exit 1."
     )]
     CniPlan(CniPlanArgs),
+    /// The CNI plugin on this node: install (copy `redirect-cni` into the CNI
+    /// bin dir and chain it into the runtime's network configuration),
+    /// uninstall, status
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
     /// Internal: the sandbox agent used by `demo` and the tests
     #[cfg(feature = "sandbox")]
     #[command(hide = true)]
@@ -118,6 +125,54 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum NodeAction {
+    /// Copy this binary into the CNI bin dir as `redirect-cni` and chain it
+    /// after the plugins of the network configuration the runtime reads
+    /// (the first file of the conf dir); again: replaces its entry
+    Install(NodeInstallArgs),
+    /// Unchain `redirect-cni` from every configuration and remove it
+    Uninstall(NodeDirs),
+    /// Whether `redirect-cni` is in place and chained; exit 1 when only
+    /// one of the two
+    Status(NodeDirs),
+}
+
+/// The runtime's CNI directories.
+#[derive(Args)]
+pub struct NodeDirs {
+    /// Where the runtime finds CNI plugins (containerd's `bin_dir`)
+    #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: std::path::PathBuf,
+    /// Where the runtime reads network configurations (containerd's `conf_dir`)
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: std::path::PathBuf,
+}
+
+#[derive(Args)]
+pub struct NodeInstallArgs {
+    #[command(flatten)]
+    pub dirs: NodeDirs,
+    /// The plugin's capture: auto (eBPF on the pod cgroup, else iptables),
+    /// ebpf (fail the pod rather than use iptables) or iptables
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "ebpf", "iptables"])]
+    pub mode: String,
+    /// Namespaces whose pods are never captured, comma-separated
+    #[arg(long, value_name = "LIST", default_value = "kube-system")]
+    pub exclude_namespaces: String,
+    /// Where pod cgroups are found by UID [default: kubepods under the
+    /// cgroup2 mount]
+    #[arg(long, value_name = "DIR")]
+    pub pod_cgroup_root: Option<std::path::PathBuf>,
+    /// The proxy's uid (what Istio's plugin reads from the istio-proxy
+    /// container's runAsUser)
+    #[arg(long, value_name = "UID", default_value = "1337")]
+    pub proxy_uid: u32,
+    /// The proxy's gid (its runAsGroup)
+    #[arg(long, value_name = "GID", default_value = "1337")]
+    pub proxy_gid: u32,
 }
 
 #[derive(Args)]

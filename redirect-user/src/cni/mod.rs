@@ -3,5 +3,6 @@
 //! `redirect-cni` plugin that applies it when the runtime creates a pod
 //! ([`plugin`]).
 
+pub mod conflist;
 pub mod plugin;
 pub mod pod;

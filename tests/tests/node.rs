@@ -1,0 +1,175 @@
+//! `redirect node install|uninstall|status` on scratch CNI directories:
+//! the plugin copied in and runnable as `redirect-cni`, chained after the
+//! plugins of the file the runtime reads (a `.conf` turned into a
+//! `.conflist`), installing again replacing its entry, uninstall restoring
+//! the configuration and removing the plugin, and bad directories refused
+//! in one line.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use redirect_sandbox::cli::{Outcome, redirect};
+use serde_json::{Value, json};
+
+const BRIDGE: &str = r#"{"cniVersion":"1.0.0","name":"pods","plugins":[
+    {"type":"bridge","bridge":"cni0","ipam":{"type":"host-local","subnet":"10.88.0.0/16"}},
+    {"type":"portmap","capabilities":{"portMappings":true}}]}"#;
+
+/// Scratch bin and conf dirs, removed on drop.
+struct Dirs(PathBuf);
+
+impl Dirs {
+    fn new(name: &str) -> Self {
+        let root =
+            std::env::temp_dir().join(format!("redirect-node-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("bin")).expect("bin dir");
+        fs::create_dir_all(root.join("net.d")).expect("conf dir");
+        Self(root)
+    }
+    fn bin(&self) -> PathBuf {
+        self.0.join("bin")
+    }
+    fn conf(&self) -> PathBuf {
+        self.0.join("net.d")
+    }
+    fn node(&self, action: &str, extra: &[&str]) -> Outcome {
+        let (bin, conf) = (self.bin(), self.conf());
+        let mut args = vec!["node", action, "--cni-bin-dir"];
+        args.push(bin.to_str().expect("utf-8 path"));
+        args.push("--cni-conf-dir");
+        args.push(conf.to_str().expect("utf-8 path"));
+        args.extend(extra);
+        redirect(&args).expect("redirect node")
+    }
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn json_of(path: &Path) -> Value {
+    serde_json::from_str(&fs::read_to_string(path).expect("conf")).expect("JSON")
+}
+
+#[test]
+fn install_chains_the_plugin_and_uninstall_restores_the_configuration() {
+    let dirs = Dirs::new("chain");
+    let list = dirs.conf().join("10-pods.conflist");
+    fs::write(&list, BRIDGE).expect("conflist");
+    // Not the runtime's file: later in name order.
+    fs::write(dirs.conf().join("99-other.conflist"), BRIDGE).expect("other");
+
+    let out = dirs.node("install", &["--pod-cgroup-root", "/sys/fs/cgroup/kubepods"]);
+    assert!(out.ok(), "{out:?}");
+    let conf = json_of(&list);
+    let plugins = conf["plugins"].as_array().expect("plugins");
+    assert_eq!(plugins.len(), 3);
+    assert_eq!(
+        plugins[2],
+        json!({
+            "type": "redirect-cni",
+            "mode": "auto",
+            "exclude_namespaces": ["kube-system"],
+            "proxy": {"uid": 1337, "gid": 1337},
+            "pod_cgroup_root": "/sys/fs/cgroup/kubepods",
+            "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+        })
+    );
+    assert_eq!(
+        json_of(&dirs.conf().join("99-other.conflist")),
+        serde_json::from_str::<Value>(BRIDGE).unwrap()
+    );
+    // The plugin runs as a runtime runs it.
+    let version = Command::new(dirs.bin().join("redirect-cni"))
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::null())
+        .output()
+        .expect("redirect-cni");
+    let said: Value = serde_json::from_slice(&version.stdout).expect("VERSION's JSON");
+    assert!(
+        said["supportedVersions"]
+            .as_array()
+            .is_some_and(|v| v.contains(&json!("1.0.0")))
+    );
+    let status = dirs.node("status", &[]);
+    assert!(
+        status.ok() && status.stdout.contains("chained  yes"),
+        "{status:?}"
+    );
+
+    // Again, with another mode: one entry, the new one.
+    let out = dirs.node("install", &["--mode", "ebpf"]);
+    assert!(out.ok(), "{out:?}");
+    let conf = json_of(&list);
+    assert_eq!(conf["plugins"].as_array().map(Vec::len), Some(3));
+    assert_eq!(conf["plugins"][2]["mode"], "ebpf");
+
+    let out = dirs.node("uninstall", &[]);
+    assert!(out.ok(), "{out:?}");
+    assert_eq!(
+        json_of(&list),
+        serde_json::from_str::<Value>(BRIDGE).unwrap()
+    );
+    assert!(!dirs.bin().join("redirect-cni").exists());
+    let again = dirs.node("uninstall", &[]);
+    assert!(
+        again.ok() && again.stdout.contains("not installed"),
+        "{again:?}"
+    );
+    let status = dirs.node("status", &[]);
+    assert!(
+        status.ok() && status.stdout.contains("absent"),
+        "{status:?}"
+    );
+}
+
+#[test]
+fn a_single_plugin_conf_becomes_a_conflist() {
+    let dirs = Dirs::new("single");
+    let single = dirs.conf().join("10-net.conf");
+    fs::write(
+        &single,
+        r#"{"cniVersion":"0.4.0","name":"net","type":"bridge"}"#,
+    )
+    .expect("conf");
+    let out = dirs.node("install", &[]);
+    assert!(out.ok(), "{out:?}");
+    assert!(!single.exists());
+    let conf = json_of(&dirs.conf().join("10-net.conflist"));
+    assert_eq!(conf["cniVersion"], "0.4.0");
+    assert_eq!(conf["plugins"][0]["type"], "bridge");
+    assert_eq!(conf["plugins"][1]["type"], "redirect-cni");
+    assert!(dirs.node("uninstall", &[]).ok());
+}
+
+#[test]
+fn directories_it_cannot_use_are_refused_in_one_line() {
+    let dirs = Dirs::new("bad");
+    // No network configuration yet: nothing to chain after, nothing placed.
+    let out = dirs.node("install", &[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("no CNI network configuration"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(!dirs.bin().join("redirect-cni").exists());
+    // A conf dir that is not one.
+    let out =
+        redirect(&["node", "install", "--cni-conf-dir", "/nonexistent/net.d"]).expect("redirect");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("is not a directory"), "{}", out.stderr);
+    // A configuration that is not JSON.
+    fs::write(dirs.conf().join("10-broken.conflist"), "{").expect("conf");
+    let out = dirs.node("install", &[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("not JSON"), "{}", out.stderr);
+    assert!(!dirs.bin().join("redirect-cni").exists());
+}
