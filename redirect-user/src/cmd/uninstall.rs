@@ -4,12 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::{
-    cgroup,
-    cli::UninstallArgs,
-    ebpf::loader,
-    iptables::{self, apply::Backend, builder::Builder},
-};
+use crate::{cgroup, cli::UninstallArgs, ebpf::loader, iptables};
 
 pub fn uninstall(args: &UninstallArgs) -> Result<ExitCode> {
     let what = &args.what;
@@ -46,10 +41,8 @@ fn without_iptables(args: &UninstallArgs) -> Result<ExitCode> {
     if let Some(path) = &args.netns {
         crate::netns::enter(path)?;
     }
-    let backend = Backend::detect()?;
-    let ipv6 = std::path::Path::new("/proc/net/if_inet6").exists();
     let _hold = crate::signals::HoldSignals::new();
-    let removed = iptables::apply::cleanup(backend, &Builder::new(ipv6), ipv6)?;
+    let (backend, removed) = iptables::apply::remove_istio_rules()?;
     outln!(
         "redirect: {} (iptables-{})",
         if removed {

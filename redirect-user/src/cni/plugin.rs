@@ -501,13 +501,9 @@ fn del(inv: &Invocation, instance: &InstanceName) -> Result<(), CniError> {
         return Ok(());
     }
     crate::netns::enter(Path::new(&inv.netns)).map_err(|e| failed(format!("{e:#}")))?;
-    if let Ok(backend) = crate::iptables::apply::Backend::detect() {
-        crate::iptables::apply::cleanup(
-            backend,
-            &crate::iptables::builder::Builder::new(false),
-            false,
-        )
-        .map_err(|e| failed(format!("{e:#}")))?;
+    // A node without iptables has no rules to remove.
+    if crate::iptables::apply::Backend::detect().is_ok() {
+        crate::iptables::apply::remove_istio_rules().map_err(|e| failed(format!("{e:#}")))?;
     }
     Ok(())
 }

@@ -401,6 +401,17 @@ pub fn cleanup(backend: Backend, plan: &Builder, ipv6: bool) -> Result<bool> {
     Ok(removed)
 }
 
+/// Removes Istio's chains and the jumps into them from this network
+/// namespace, whichever flags or profile installed them (IPv6 too where
+/// the kernel has it), with the backend that holds them. Returns the
+/// backend and whether anything was removed.
+pub fn remove_istio_rules() -> Result<(Backend, bool)> {
+    let backend = Backend::detect()?;
+    let ipv6 = std::path::Path::new("/proc/net/if_inet6").exists();
+    let removed = cleanup(backend, &Builder::new(ipv6), ipv6)?;
+    Ok((backend, removed))
+}
+
 /// TPROXY's policy routing, as istio-iptables sets it up outside dry runs:
 /// packets marked `mark` are looked up in `table`, which delivers
 /// everything locally; with IPv6, the same, and `::6` on `lo` (the IPv6
