@@ -172,6 +172,15 @@ impl Sandbox {
         self.start(cmd).map(drop)
     }
 
+    /// Starts the proxy's inbound listener: on every address's 15006 as UID
+    /// 1337 in the pod's proxy cgroup, answering each connection with what
+    /// it `report`s.
+    pub fn start_inbound_listener(&self, report: &str) -> Result<()> {
+        let mut cmd = self.agent(Net::Pod, Group::Proxy, PROXY);
+        cmd.args(["serve", "--listen", "0.0.0.0:15006", "--report", report]);
+        self.start(cmd).map(drop)
+    }
+
     /// A test pod with the upstream server on [`UPSTREAM`] and a proxy
     /// that answers each connection with its SO_ORIGINAL_DST.
     pub fn with_upstream_and_orig_dst_proxy() -> Result<Self> {
@@ -227,4 +236,22 @@ impl Sandbox {
             .join(self.name())
             .exists()
     }
+}
+
+/// `observe`s one connection (see the agent) from `agent`: what the
+/// client sees of its socket, then "| " and the server's answer.
+pub fn observe_one(mut agent: Command, spec: &str) -> String {
+    use std::io::Write as _;
+    let mut child = agent
+        .args(["observe", "--timeout-ms", "3000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("agent observe");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{spec}").expect("write the spec");
+    drop(stdin);
+    let out = child.wait_with_output().expect("agent observe");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

@@ -6,7 +6,7 @@ use std::{
 };
 
 use redirect_sandbox::{
-    APP, Group, Net, POD_IP, PROXY, ROOT, Sandbox,
+    APP, Group, Net, POD_IP, ROOT, Sandbox,
     cli::{Outcome, UPSTREAM, outcome, redirect, redirect_bin},
     require_root,
     witness::Witness,
@@ -416,15 +416,9 @@ fn cap_bpf_and_cap_net_admin_are_enough() {
         sandbox.lands(Group::App, APP, UPSTREAM).expect("connect"),
         "proxy"
     );
-    let mut inbound = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    inbound.args([
-        "serve",
-        "--listen",
-        "0.0.0.0:15006",
-        "--report",
-        "original-dst",
-    ]);
-    sandbox.start(inbound).expect("inbound listener");
+    sandbox
+        .start_inbound_listener("original-dst")
+        .expect("inbound listener");
     let app = SocketAddrV4::new(POD_IP, 9080);
     assert_eq!(
         sandbox.lands_from_peer(app).expect("connect"),

@@ -36,15 +36,9 @@ fn pod() -> Sandbox {
     sandbox
         .serve(Net::Peer, Group::Outside, APP, EXCLUDED, "excluded")
         .expect("excluded server");
-    let mut inbound = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    inbound.args([
-        "serve",
-        "--listen",
-        "0.0.0.0:15006",
-        "--report",
-        "original-dst",
-    ]);
-    sandbox.start(inbound).expect("inbound listener");
+    sandbox
+        .start_inbound_listener("original-dst")
+        .expect("inbound listener");
     let app = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, APP_PORT);
     sandbox
         .serve(Net::Pod, Group::App, APP, app, "app")

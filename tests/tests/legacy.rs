@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, io::Write as _, process::Stdio};
 
 use redirect_sandbox::{
     APP, Group, Identity, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
-    cli::{counter, redirect},
+    cli::{counter, observe_one, redirect},
     require_root,
 };
 
@@ -111,26 +111,12 @@ fn observe(sandbox: &Sandbox) -> BTreeMap<String, String> {
     connections()
         .into_iter()
         .map(|(label, from_peer, id, spec)| {
-            let mut agent = if from_peer {
+            let agent = if from_peer {
                 sandbox.agent(Net::Peer, Group::Outside, ROOT)
             } else {
                 sandbox.agent(Net::Pod, Group::App, id)
             };
-            let mut child = agent
-                .args(["observe", "--timeout-ms", "3000"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("agent observe");
-            let mut stdin = child.stdin.take().expect("stdin");
-            writeln!(stdin, "{spec}").expect("write the spec");
-            drop(stdin);
-            let out = child.wait_with_output().expect("agent observe");
-            assert!(out.status.success(), "{label}: {out:?}");
-            (
-                label,
-                canonical(String::from_utf8_lossy(&out.stdout).trim()),
-            )
+            (label, canonical(&observe_one(agent, &spec)))
         })
         .collect()
 }
@@ -178,20 +164,12 @@ fn the_legacy_profile_in_ebpf_is_observed_as_istios_first_table() {
     require_root!();
     let sandbox = pod();
     let netns = sandbox.pod_netns().to_owned();
-    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
 
     // eBPF first: it leaves no conntrack entry the iptables runs could meet.
-    let said = run(&[
-        "install",
-        "--profile",
-        "legacy",
-        "--cgroup",
-        &cgroup,
-        "--instance",
-        sandbox.name(),
-        "--netns",
-        &netns,
-    ]);
+    let said = sandbox
+        .install(&["--profile", "legacy"])
+        .expect("install --profile legacy")
+        .stdout;
     assert!(said.contains("installed"), "{said}");
     let ebpf = observe(&sandbox);
     let status = sandbox.status().expect("status");
@@ -298,7 +276,6 @@ fn the_legacy_profile_in_ebpf_is_observed_as_istios_first_table() {
 
 #[test]
 fn the_legacy_profile_takes_only_its_own_flags() {
-    require_root!();
     for flag in [
         &["-b", "*"][..],
         &["-i", "10.0.0.0/8"],

@@ -16,7 +16,7 @@ use std::{
 use redirect_sandbox::{
     APP, Group, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
     agent::Tally,
-    cli::{PROXY_ADDR, UPSTREAM, counter, redirect},
+    cli::{PROXY_ADDR, UPSTREAM, counter, observe_one, redirect},
     peer_ip, require_root,
 };
 
@@ -242,24 +242,6 @@ fn the_answer_survives_the_loader_and_goes_with_uninstall() {
     );
     let direct = sandbox.lands(Group::App, APP, PROXY_ADDR).expect("connect");
     assert!(direct.starts_with("error: os "), "{direct}");
-}
-
-/// `observe`s one connection (see the agent) from `agent`: what the
-/// client sees of its socket, then "| " and the server's answer.
-fn observe_one(mut agent: std::process::Command, spec: &str) -> String {
-    use std::io::Write as _;
-    let mut child = agent
-        .args(["observe", "--timeout-ms", "3000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("agent observe");
-    let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(stdin, "{spec}").expect("write the spec");
-    drop(stdin);
-    let out = child.wait_with_output().expect("agent observe");
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A pod switched from iptables mode to eBPF mode keeps the conntrack

@@ -123,24 +123,23 @@ mod tests {
     use super::*;
     use crate::iptables::builder::Family;
 
-    /// The table as the issue that asked for it gives it.
-    const ISTIO_FIRST_TABLE: &str = r#"*nat
-:ISTIO_OUTPUT - [0:0]
-:ISTIO_REDIRECT - [0:0]
--A PREROUTING -m comment --comment "istio/install-istio-prerouting" -j ISTIO_REDIRECT
--A OUTPUT -p tcp -m comment --comment "istio/install-istio-output" -j ISTIO_OUTPUT
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -m comment --comment "istio/redirect-implicit-loopback" -j ISTIO_REDIRECT
--A ISTIO_OUTPUT -m owner --uid-owner 1337 -m comment --comment "istio/bypass-envoy" -j RETURN
--A ISTIO_OUTPUT -d 127.0.0.1/32 -m comment --comment "istio/bypass-explicit-loopback" -j RETURN
--A ISTIO_OUTPUT -m comment --comment "istio/redirect-default-outbound" -j ISTIO_REDIRECT
--A ISTIO_REDIRECT -p tcp -m comment --comment "istio/redirect-to-envoy-port" -j REDIRECT --to-ports 15001
-COMMIT
-"#;
-
+    /// (The table byte for byte against its text: tests/tests/legacy.rs.)
     #[test]
-    fn the_default_table_is_istios_first_one_byte_for_byte() {
+    fn the_default_table_has_istios_names_and_no_ipv6() {
         let plan = rules("15001", &["1337".to_owned()]);
-        assert_eq!(plan.render(Family::V4), ISTIO_FIRST_TABLE);
+        let text = plan.render(Family::V4);
+        assert!(text.starts_with("*nat\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n"));
+        for name in [
+            PREROUTING,
+            OUTPUT,
+            IMPLICIT_LOOPBACK,
+            BYPASS_ENVOY,
+            EXPLICIT_LOOPBACK,
+            DEFAULT_OUTBOUND,
+            TO_ENVOY_PORT,
+        ] {
+            assert_eq!(text.matches(&format!("\"{name}\"")).count(), 1, "{name}");
+        }
         assert_eq!(plan.render(Family::V6), "");
     }
 
