@@ -255,3 +255,18 @@ pub fn observe_one(mut agent: Command, spec: &str) -> String {
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// An observation with every port but the `fixed` ones written `eph`
+/// (wherever an `addr:port` word appears: the app's view and the
+/// server's), so that runs with different ephemeral ports compare.
+pub fn canonical_ports(seen: &str, fixed: &[u16]) -> String {
+    seen.split(' ')
+        .map(|word| match word.rsplit_once(':') {
+            Some((head, port)) if port.parse::<u16>().is_ok_and(|p| !fixed.contains(&p)) => {
+                format!("{head}:eph")
+            }
+            _ => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -15,7 +15,7 @@ use std::{
 
 use redirect_sandbox::{
     APP, Group, Identity, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
-    cli::{ISTIO_SIDECAR_ARGS, Outcome, counter, redirect},
+    cli::{ISTIO_SIDECAR_ARGS, Outcome, canonical_ports, counter, redirect},
     peer_ip, require_root,
 };
 
@@ -159,16 +159,7 @@ fn queries() -> Vec<Query> {
 /// (wherever it appears: the app's view and the server's), so that runs
 /// compare.
 fn canonical(seen: &str) -> String {
-    let fixed = ["53", "15001", "15053"];
-    seen.split(' ')
-        .map(|word| match word.rsplit_once(':') {
-            Some((head, port)) if port.parse::<u16>().is_ok() && !fixed.contains(&port) => {
-                format!("{head}:eph")
-            }
-            _ => word.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    canonical_ports(seen, &[53, 15001, 15053])
 }
 
 /// Every query's observation in the pod's current state.

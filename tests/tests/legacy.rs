@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, io::Write as _, process::Stdio};
 
 use redirect_sandbox::{
     APP, Group, Identity, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
-    cli::{counter, observe_one, redirect},
+    cli::{canonical_ports, counter, observe_one, redirect},
     require_root,
 };
 
@@ -92,18 +92,7 @@ fn connections() -> Vec<(String, bool, Identity, String)> {
 
 /// An observation with ephemeral ports written `eph`, so that runs compare.
 fn canonical(seen: &str) -> String {
-    let fixed = [APP_PORT, UPSTREAM_PORT, 15001, 9999].map(|p| p.to_string());
-    seen.split(' ')
-        .map(|word| match word.rsplit_once(':') {
-            Some((head, port))
-                if port.parse::<u16>().is_ok() && !fixed.iter().any(|f| f == port) =>
-            {
-                format!("{head}:eph")
-            }
-            _ => word.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    canonical_ports(seen, &[APP_PORT, UPSTREAM_PORT, 15001, 9999])
 }
 
 /// Every connection's observation in the pod's current state.
