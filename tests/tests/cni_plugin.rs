@@ -68,10 +68,22 @@ impl Plugin {
 
     /// Runs one command for `sandbox`'s pod (container id: its name).
     fn call(&self, sandbox: &Sandbox, command: &str, uid: &str, config: &Value) -> Outcome {
+        self.call_in(sandbox.pod_netns(), sandbox, command, uid, config)
+    }
+
+    /// The same with `netns` as the pod's network namespace.
+    fn call_in(
+        &self,
+        netns: &str,
+        sandbox: &Sandbox,
+        command: &str,
+        uid: &str,
+        config: &Value,
+    ) -> Outcome {
         let mut child = Command::new(&self.exe)
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", sandbox.name())
-            .env("CNI_NETNS", sandbox.pod_netns())
+            .env("CNI_NETNS", netns)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", self.exe.parent().unwrap_or(Path::new("/")))
             .env(
@@ -235,6 +247,19 @@ fn pods_without_a_sidecar_and_bad_annotations_get_nothing() {
     assert!(plain.stderr.contains("is not captured"), "{}", plain.stderr);
     assert!(!pinned(&sandbox) && !istio_chains(&sandbox));
     assert_eq!(landings(&sandbox), direct());
+
+    // A network namespace that vanished: ADD fails, nothing is left.
+    let gone = plugin.call_in(
+        "/proc/4194304/ns/net",
+        &sandbox,
+        "ADD",
+        uid,
+        &plugin.config("auto", sidecar()),
+    );
+    assert_eq!(gone.code, 1, "{gone:?}");
+    let error: Value = serde_json::from_str(&gone.stdout).expect("ADD's error");
+    assert_eq!(error["code"], 100, "{error}");
+    assert!(!pinned(&sandbox) && !istio_chains(&sandbox));
 
     let mut bad = sidecar();
     bad["traffic.sidecar.istio.io/excludeOutboundPorts"] = json!("80,x");
