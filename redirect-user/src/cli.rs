@@ -166,6 +166,11 @@ pub struct NodeInstallArgs {
     /// cgroup2 mount]
     #[arg(long, value_name = "DIR")]
     pub pod_cgroup_root: Option<std::path::PathBuf>,
+    /// A kubeconfig the plugin reads each pod from the Kubernetes API with
+    /// (as Istio's plugin does); without one, the proxy's identity is
+    /// --proxy-uid/--proxy-gid and the annotations the runtime's
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
     /// The proxy's uid (what Istio's plugin reads from the istio-proxy
     /// container's runAsUser)
     #[arg(long, value_name = "UID", default_value = "1337")]

@@ -301,3 +301,116 @@ fn concurrent_adds_for_different_pods_each_capture_their_own() {
         assert!(del.ok() && !pinned(sandbox), "{del:?}");
     }
 }
+
+/// A stand-in of the Kubernetes API's pod GET (no API server runs here):
+/// answers `GET /api/v1/namespaces/shop/pods/cart` carrying the bearer
+/// token with `pod`, anything else with 404 or 401; for `seconds` at most.
+fn api_stand_in(pod: Value, seconds: u64) -> (u16, std::thread::JoinHandle<usize>) {
+    use std::io::{BufRead as _, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("stand-in");
+    let port = listener.local_addr().expect("port").port();
+    listener.set_nonblocking(true).expect("nonblocking");
+    let serve = move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+        let mut served = 0;
+        while std::time::Instant::now() < deadline {
+            let Ok((stream, _)) = listener.accept() else {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            };
+            let _ = stream.set_nonblocking(false);
+            let mut reader = BufReader::new(&stream);
+            let mut head = Vec::new();
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                head.push(line.trim_end().to_owned());
+                line.clear();
+            }
+            let authorized = head
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case("authorization: Bearer s3cret"));
+            let (status, body) = match (head.first().map(String::as_str), authorized) {
+                (_, false) => ("401 Unauthorized", json!({"kind": "Status", "code": 401})),
+                (Some("GET /api/v1/namespaces/shop/pods/cart HTTP/1.1"), true) => {
+                    ("200 OK", pod.clone())
+                }
+                _ => ("404 Not Found", json!({"kind": "Status", "code": 404})),
+            };
+            let body = body.to_string();
+            let mut out = &stream;
+            let _ = write!(
+                out,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            served += 1;
+        }
+        served
+    };
+    (port, std::thread::spawn(serve))
+}
+
+#[test]
+fn with_a_kubeconfig_the_pod_comes_from_the_api() {
+    require_root!();
+    let sandbox = pod();
+    let uid = "5f1c-api";
+    let plugin = Plugin::new(&sandbox, uid);
+    // The API's pod: a proxy running as 1500, an annotation the runtime
+    // did not pass.
+    let api_pod = json!({
+        "metadata": {"namespace": "shop", "name": "cart", "annotations": sidecar()},
+        "spec": {"containers": [
+            {"name": "app"},
+            {"name": "istio-proxy", "args": ["proxy", "sidecar"],
+             "securityContext": {"runAsUser": 1500, "runAsGroup": 1500}},
+        ]},
+    });
+    let (port, server) = api_stand_in(api_pod, 20);
+    let dir = plugin.exe.parent().expect("scratch dir").to_path_buf();
+    let kubeconfig = |token: &str| {
+        let path = dir.join(format!("kubeconfig-{token}"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: cni\n\
+                 contexts: [{{name: cni, context: {{cluster: stand-in, user: plugin}}}}]\n\
+                 clusters: [{{name: stand-in, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\n\
+                 users: [{{name: plugin, user: {{token: {token}}}}}]\n"
+            ),
+        )
+        .expect("kubeconfig");
+        path
+    };
+    let mut config = plugin.config("ebpf", json!({}));
+    config["kubeconfig"] = json!(kubeconfig("s3cret"));
+    let add = plugin.call(&sandbox, "ADD", uid, &config);
+    assert!(add.ok(), "{add:?}");
+    assert!(pinned(&sandbox));
+    let status = redirect_sandbox::cli::redirect(&[
+        "status",
+        "--json",
+        "--instance",
+        &format!("cni-{}", sandbox.name()),
+    ])
+    .expect("status");
+    let status: Value = serde_json::from_str(&status.stdout).expect("status JSON");
+    assert_eq!(
+        status["instances"][0]["config"]["proxy_uids"],
+        json!([1500]),
+        "{status}"
+    );
+    assert!(plugin.call(&sandbox, "DEL", uid, &config).ok());
+
+    // A token the API refuses: ADD fails, nothing installed.
+    config["kubeconfig"] = json!(kubeconfig("wrong"));
+    let add = plugin.call(&sandbox, "ADD", uid, &config);
+    assert_eq!(add.code, 1, "{add:?}");
+    let error: Value = serde_json::from_str(&add.stdout).expect("ADD's error");
+    assert!(
+        error["details"].as_str().is_some_and(|d| d.contains("401")),
+        "{error}"
+    );
+    assert!(!pinned(&sandbox) && !istio_chains(&sandbox));
+    drop(server);
+}

@@ -65,7 +65,15 @@ fn install_chains_the_plugin_and_uninstall_restores_the_configuration() {
     // Not the runtime's file: later in name order.
     fs::write(dirs.conf().join("99-other.conflist"), BRIDGE).expect("other");
 
-    let out = dirs.node("install", &["--pod-cgroup-root", "/sys/fs/cgroup/kubepods"]);
+    let out = dirs.node(
+        "install",
+        &[
+            "--pod-cgroup-root",
+            "/sys/fs/cgroup/kubepods",
+            "--kubeconfig",
+            "/etc/cni/net.d/redirect-cni.kubeconfig",
+        ],
+    );
     assert!(out.ok(), "{out:?}");
     let conf = json_of(&list);
     let plugins = conf["plugins"].as_array().expect("plugins");
@@ -78,6 +86,7 @@ fn install_chains_the_plugin_and_uninstall_restores_the_configuration() {
             "exclude_namespaces": ["kube-system"],
             "proxy": {"uid": 1337, "gid": 1337},
             "pod_cgroup_root": "/sys/fs/cgroup/kubepods",
+            "kubeconfig": "/etc/cni/net.d/redirect-cni.kubeconfig",
             "capabilities": {"io.kubernetes.cri.pod-annotations": true},
         })
     );

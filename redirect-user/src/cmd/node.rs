@@ -42,6 +42,9 @@ fn plugin_entry(args: &NodeInstallArgs) -> Value {
     if let Some(root) = &args.pod_cgroup_root {
         entry["pod_cgroup_root"] = json!(root);
     }
+    if let Some(kubeconfig) = &args.kubeconfig {
+        entry["kubeconfig"] = json!(kubeconfig);
+    }
     entry
 }
 
@@ -67,13 +70,15 @@ fn plugin_path(dirs: &NodeDirs) -> PathBuf {
 fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
     let dirs = &args.dirs;
     check_dirs(dirs)?;
-    if let Some(root) = &args.pod_cgroup_root
-        && !root.is_absolute()
-    {
-        bail!(
-            "--pod-cgroup-root {} is not an absolute path",
-            root.display()
-        );
+    for (flag, path) in [
+        ("--pod-cgroup-root", &args.pod_cgroup_root),
+        ("--kubeconfig", &args.kubeconfig),
+    ] {
+        if let Some(path) = path
+            && !path.is_absolute()
+        {
+            bail!("{flag} {} is not an absolute path", path.display());
+        }
     }
     let file = conflist::active_file(&dirs.cni_conf_dir)?;
     let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;

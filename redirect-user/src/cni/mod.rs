@@ -4,5 +4,6 @@
 //! ([`plugin`]).
 
 pub mod conflist;
+pub mod kube;
 pub mod plugin;
 pub mod pod;

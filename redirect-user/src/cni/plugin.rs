@@ -10,14 +10,14 @@
 //! applied through `redirect istio-iptables` with the pod's network
 //! namespace, the pod's cgroup when found, and an instance named after
 //! the container: auto mode installs eBPF on the pod cgroup (per-pod mode)
-//! and Istio's iptables rules in the pod's namespace where it cannot. The
-//! pod's annotations come from the runtime
-//! (`io.kubernetes.cri.pod-annotations`); what Istio's plugin reads from
-//! the pod spec (the `istio-proxy` container's identity and environment)
-//! comes from the plugin configuration's `proxy` defaults, since reading
-//! the pod from the Kubernetes API is not built yet. ADD fails closed: an
+//! and Istio's iptables rules in the pod's namespace where it cannot. With
+//! a `kubeconfig`, the pod is read from the Kubernetes API, as Istio's
+//! plugin reads it ([`super::kube`]); without one, its annotations come
+//! from the runtime (`io.kubernetes.cri.pod-annotations`) and what Istio's
+//! plugin reads from the pod spec (the `istio-proxy` container's identity
+//! and environment) from the configuration's `proxy`. ADD fails closed: an
 //! error is returned, and the runtime does not start the pod, whenever the
-//! capture the plan asks for is not in place.
+//! pod cannot be read or the capture the plan asks for is not in place.
 //!
 //! The plugin configuration (besides the CNI fields):
 //!
@@ -26,6 +26,7 @@
 //!   "mode": "auto",                       // or "ebpf", "iptables"
 //!   "exclude_namespaces": ["kube-system"],
 //!   "pod_cgroup_root": "/sys/fs/cgroup/kubepods",   // where pod cgroups are found by UID
+//!   "kubeconfig": "/etc/cni/net.d/redirect-kubeconfig", // optional: the pod from the API
 //!   "proxy": { "uid": 1337, "gid": 1337, "dns_capture": false,
 //!              "invalid_drop": false, "dual_stack": false },
 //!   "capabilities": { "io.kubernetes.cri.pod-annotations": true } }
@@ -104,6 +105,9 @@ pub struct PluginConfig {
     pub mode: String,
     pub scope: Scope,
     pub pod_cgroup_root: Option<PathBuf>,
+    /// Read the pod from the Kubernetes API with this kubeconfig (else:
+    /// annotations from the runtime, the proxy from `proxy`).
+    pub kubeconfig: Option<PathBuf>,
     pub proxy: Container,
 }
 
@@ -249,11 +253,6 @@ pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
             format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
         ));
     }
-    if config.get("kubeconfig").is_some() {
-        return Err(invalid(
-            "kubeconfig: reading the pod from the Kubernetes API is not built yet; remove it (the proxy's identity comes from `proxy`)".into(),
-        ));
-    }
     let mode = match config.get("mode") {
         None => "auto".to_owned(),
         Some(Value::String(m)) if ["auto", "ebpf", "iptables"].contains(&m.as_str()) => m.clone(),
@@ -275,6 +274,15 @@ pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
                 })
                 .collect(),
             Some(other) => Err(invalid(format!("{key}: {other} is not a list of strings"))),
+        }
+    };
+    let kubeconfig = match config.get("kubeconfig") {
+        None => None,
+        Some(Value::String(path)) if Path::new(path).is_absolute() => Some(PathBuf::from(path)),
+        Some(other) => {
+            return Err(invalid(format!(
+                "kubeconfig {other} is not an absolute path"
+            )));
         }
     };
     let pod_cgroup_root = match config.get("pod_cgroup_root") {
@@ -324,6 +332,7 @@ pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
             exclude_namespaces: strings("exclude_namespaces")?,
         },
         pod_cgroup_root,
+        kubeconfig,
         proxy: Container {
             name: "istio-proxy".into(),
             args: Vec::new(),
@@ -334,10 +343,30 @@ pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
     })
 }
 
-/// The pod as the plugin sees it: its name from `CNI_ARGS`, its
-/// annotations from the runtime config, its proxy from the plugin
-/// configuration.
-pub fn pod(inv: &Invocation, conf: &PluginConfig) -> Pod {
+/// The pod as the plugin sees it: with a kubeconfig, the API's object of
+/// the pod `CNI_ARGS` names (ADD fails when it cannot be read); else its
+/// name from `CNI_ARGS`, its annotations from the runtime config, its
+/// proxy from the plugin configuration.
+pub fn pod(inv: &Invocation, conf: &PluginConfig) -> Result<Pod, CniError> {
+    let Some(kubeconfig) = &conf.kubeconfig else {
+        return Ok(pod_from_runtime(inv, conf));
+    };
+    let arg = |key: &str| inv.args.get(key).cloned().unwrap_or_default();
+    super::kube::load(kubeconfig)
+        .and_then(|cluster| {
+            super::kube::get_pod(&cluster, &arg("K8S_POD_NAMESPACE"), &arg("K8S_POD_NAME"))
+        })
+        .map_err(|err| {
+            CniError::new(
+                code::CAPTURE,
+                "the pod could not be read from the Kubernetes API",
+                format!("{err:#}"),
+            )
+        })
+}
+
+/// The pod without the API: see [`pod`].
+fn pod_from_runtime(inv: &Invocation, conf: &PluginConfig) -> Pod {
     let annotations = inv
         .config
         .get("runtimeConfig")
@@ -371,7 +400,7 @@ fn instance_name(id: &str) -> Result<InstanceName, CniError> {
 }
 
 fn add(inv: &Invocation, conf: &PluginConfig, instance: &InstanceName) -> Result<(), CniError> {
-    let pod = pod(inv, conf);
+    let pod = pod(inv, conf)?;
     let flags = match plan(&pod, &conf.scope) {
         Err(why) => {
             return Err(CniError::new(
@@ -453,7 +482,7 @@ fn check(inv: &Invocation, conf: &PluginConfig, instance: &InstanceName) -> Resu
             conf.version.clone(),
         ));
     }
-    let pod = pod(inv, conf);
+    let pod = pod(inv, conf)?;
     match plan(&pod, &conf.scope) {
         Err(why) => return Err(CniError::new(code::ANNOTATION, why, "")),
         Ok(Plan::Skip(_)) => return Ok(()),
@@ -597,7 +626,7 @@ mod tests {
         )
         .unwrap();
         let conf = plugin_config(&inv.config).unwrap();
-        let pod = pod(&inv, &conf);
+        let pod = pod(&inv, &conf).unwrap();
         assert_eq!(
             (pod.namespace.as_str(), pod.name.as_str()),
             ("shop", "cart-1")
@@ -631,7 +660,7 @@ mod tests {
                 code::INVALID_CONFIG,
             ),
             (
-                r#"{"cniVersion":"1.0.0","kubeconfig":"/etc/k"}"#,
+                r#"{"cniVersion":"1.0.0","kubeconfig":"etc/k"}"#,
                 code::INVALID_CONFIG,
             ),
             (
