@@ -138,6 +138,22 @@ pub enum NodeAction {
     /// Whether `redirect-cni` is in place and chained; exit 1 when only
     /// one of the two
     Status(NodeDirs),
+    /// The node agent (a DaemonSet's process): install as above, then
+    /// remove the instances of deleted pods every --gc-interval and serve
+    /// every instance's decision counters for Prometheus, until SIGTERM
+    Run(NodeRunArgs),
+}
+
+#[derive(Args)]
+pub struct NodeRunArgs {
+    #[command(flatten)]
+    pub install: NodeInstallArgs,
+    /// Seconds between garbage collections (`redirect gc`)
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub gc_interval: u64,
+    /// Where to serve the Prometheus metrics (GET /metrics)
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9798")]
+    pub metrics_listen: std::net::SocketAddr,
 }
 
 /// The runtime's CNI directories.

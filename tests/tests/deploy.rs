@@ -4,16 +4,27 @@
 
 use std::path::PathBuf;
 
+use serde::Deserialize as _;
 use serde_yaml::Value;
 
 fn deploy_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../redirect-user/deploy")
 }
 
-fn parse(name: &str) -> Value {
+/// Every YAML document of a deploy file.
+fn documents(name: &str) -> Vec<Value> {
     let path = deploy_dir().join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .collect()
+}
+
+/// A deploy file of one YAML document.
+fn parse(name: &str) -> Value {
+    let mut docs = documents(name);
+    assert_eq!(docs.len(), 1, "{name} has one document");
+    docs.remove(0)
 }
 
 #[test]
@@ -25,7 +36,7 @@ fn every_yaml_file_parses() {
     {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.ends_with(".yaml") || name.ends_with(".yml") {
-            parse(&name);
+            assert!(!documents(&name).is_empty(), "{name} is empty");
             parsed += 1;
         }
     }
@@ -83,4 +94,81 @@ fn the_injection_template_gives_istio_init_what_ebpf_mode_needs() {
     }
     let env = init["env"].as_sequence().expect("env");
     assert!(env.iter().any(|e| e["name"] == "REDIRECT_MAX_CONNECTIONS"));
+}
+
+#[test]
+fn the_node_agent_runs_node_run_with_the_host_directories_it_needs() {
+    let docs = documents("node-agent.yaml");
+    let daemonset = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let account = docs
+        .iter()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .expect("a ServiceAccount");
+    // It reads no API: no role is bound to it.
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+    );
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], account["metadata"]["name"]);
+    assert_eq!(pod["hostNetwork"], true);
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(&args[..2], ["node", "run"]);
+    let mounts: Vec<(&str, &str)> = container["volumeMounts"]
+        .as_sequence()
+        .expect("mounts")
+        .iter()
+        .filter_map(|m| Some((m["name"].as_str()?, m["mountPath"].as_str()?)))
+        .collect();
+    let volumes = pod["volumes"].as_sequence().expect("volumes");
+    for (flag, host) in [
+        ("--cni-bin-dir=", "/opt/cni/bin"),
+        ("--cni-conf-dir=", "/etc/cni/net.d"),
+    ] {
+        let inside = args
+            .iter()
+            .find_map(|a| a.strip_prefix(flag))
+            .unwrap_or_else(|| panic!("{flag} missing from {args:?}"));
+        let (name, _) = mounts
+            .iter()
+            .find(|(_, path)| *path == inside)
+            .unwrap_or_else(|| panic!("{inside} is not mounted"));
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v["name"] == *name && v["hostPath"]["path"] == host),
+            "{inside} is not the host's {host}"
+        );
+    }
+    for path in ["/sys/fs/bpf", "/sys/fs/cgroup"] {
+        assert!(mounts.iter().any(|(_, p)| *p == path), "{path} not mounted");
+    }
+    let port = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--metrics-listen="))
+        .and_then(|l| l.rsplit_once(':'))
+        .map(|(_, p)| p)
+        .expect("--metrics-listen");
+    assert_eq!(
+        daemonset["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        port
+    );
+}
+
+#[test]
+fn the_cni_values_replace_istio_init_with_validation() {
+    let values = parse("istio-cni-values.yaml");
+    assert_eq!(values["istio_cni"]["enabled"], true);
+    assert_eq!(values["cni"]["enabled"], false);
+    assert_eq!(values["global"]["proxy_init"]["image"], "redirect");
 }

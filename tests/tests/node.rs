@@ -182,3 +182,86 @@ fn directories_it_cannot_use_are_refused_in_one_line() {
     assert!(out.stderr.contains("not JSON"), "{}", out.stderr);
     assert!(!dirs.bin().join("redirect-cni").exists());
 }
+
+/// One HTTP GET of `path` from `addr`: the status line and the body.
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
+#[test]
+fn the_node_agent_installs_and_serves_every_instances_counters() {
+    use std::io::BufRead as _;
+    redirect_sandbox::require_root!();
+    let dirs = Dirs::new("agent");
+    fs::write(dirs.conf().join("10-pods.conflist"), BRIDGE).expect("conflist");
+    // A pod with an instance and one redirected connection.
+    let sandbox = redirect_sandbox::Sandbox::with_upstream_and_proxy().expect("sandbox");
+    sandbox.install(&[]).expect("install");
+    let upstream = redirect_sandbox::cli::UPSTREAM;
+    sandbox
+        .lands(
+            redirect_sandbox::Group::App,
+            redirect_sandbox::APP,
+            upstream,
+        )
+        .expect("connect");
+
+    let mut agent = Command::new(redirect_sandbox::cli::redirect_bin())
+        .args(["node", "run", "--cni-bin-dir"])
+        .arg(dirs.bin())
+        .arg("--cni-conf-dir")
+        .arg(dirs.conf())
+        .args(["--metrics-listen", "127.0.0.1:0", "--gc-interval", "3600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("redirect node run");
+    let stdout = agent.stdout.take().expect("stdout");
+    let addr = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .take(5)
+        .find_map(|line| {
+            line.split("http://")
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .map(str::to_owned)
+        });
+    let Some(addr) = addr else {
+        let _ = agent.kill();
+        let _ = agent.wait();
+        panic!("the agent never said where its metrics are");
+    };
+    let chained = fs::read_to_string(dirs.conf().join("10-pods.conflist")).expect("conflist");
+    let (status, body) = http_get(&addr, "/metrics");
+    let (missing, _) = http_get(&addr, "/");
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let exit = agent.wait().expect("agent");
+    assert!(chained.contains("redirect-cni"), "{chained}");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    let line = format!(
+        "redirect_decisions_total{{instance=\"{}\",decision=\"redirected\"}} 1",
+        sandbox.name()
+    );
+    assert!(body.lines().any(|l| l == line), "{line} in\n{body}");
+    assert!(body.contains("# TYPE redirect_instances gauge"), "{body}");
+    assert_eq!(missing, "HTTP/1.1 404 Not Found");
+    assert!(exit.success(), "{exit:?}");
+    // The plugin stays chained after the agent stops.
+    let after = fs::read_to_string(dirs.conf().join("10-pods.conflist")).expect("conflist");
+    assert!(after.contains("redirect-cni"));
+    assert!(dirs.node("uninstall", &[]).ok());
+}

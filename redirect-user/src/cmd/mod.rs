@@ -8,6 +8,7 @@ pub mod demo;
 pub mod gc;
 pub mod install;
 pub mod istio_iptables;
+pub mod metrics;
 pub mod node;
 pub mod probe;
 pub mod run;

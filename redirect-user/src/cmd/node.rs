@@ -18,7 +18,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
 use crate::{
-    cli::{NodeAction, NodeDirs, NodeInstallArgs},
+    cli::{NodeAction, NodeDirs, NodeInstallArgs, NodeRunArgs},
     cni::conflist::{self, PLUGIN_TYPE},
 };
 
@@ -27,6 +27,7 @@ pub fn node(action: &NodeAction) -> Result<ExitCode> {
         NodeAction::Install(args) => install(args),
         NodeAction::Uninstall(dirs) => uninstall(dirs),
         NodeAction::Status(dirs) => status(dirs),
+        NodeAction::Run(args) => run(args),
     }
 }
 
@@ -208,4 +209,102 @@ fn status(dirs: &NodeDirs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The node agent: install, then garbage-collect every `gc_interval` and
+/// serve the metrics, until SIGTERM or SIGINT. The plugin stays chained
+/// when the agent stops, so that pods created while it restarts are still
+/// captured (`node uninstall` removes it).
+fn run(args: &NodeRunArgs) -> Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+            .await
+            .with_context(|| format!("listening for metrics on {}", args.metrics_listen))?;
+        install(&args.install)?;
+        outln!(
+            "redirect: node agent: metrics on http://{}/metrics, gc every {} s",
+            listener.local_addr()?,
+            args.gc_interval
+        );
+        let figures = std::cell::Cell::new(super::metrics::AgentFigures::default());
+        let gc_loop = async {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(args.gc_interval));
+            loop {
+                every.tick().await;
+                let mut now = figures.get();
+                match crate::ebpf::loader::gc(false) {
+                    Ok(removed) => {
+                        for (name, why) in &removed {
+                            outln!("redirect: node agent: removed instance {name}: {why}");
+                        }
+                        now.gc_removed += removed.len() as u64;
+                    }
+                    Err(err) => {
+                        eprintln!("redirect: node agent: gc failed: {err:#}");
+                        now.gc_errors += 1;
+                    }
+                }
+                figures.set(now);
+            }
+        };
+        let serve = async {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                serve_metrics(stream, figures.get()).await;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+            () = gc_loop => {},
+            () = serve => {},
+        }
+        outln!("redirect: node agent: stopping (the plugin stays chained; `redirect node uninstall` removes it)");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Answers one HTTP request: the metrics for `GET /metrics`, 404 for
+/// anything else; a client gets two seconds to send its request head.
+async fn serve_metrics(mut stream: tokio::net::TcpStream, figures: super::metrics::AgentFigures) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(2), read)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let wanted = head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?");
+    let (status, body) = if !wanted {
+        ("404 Not Found", "GET /metrics\n".to_owned())
+    } else {
+        match super::status::collect(None) {
+            Ok(now) => ("200 OK", super::metrics::render(&now, figures)),
+            Err(err) => ("500 Internal Server Error", format!("{err:#}\n")),
+        }
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
 }

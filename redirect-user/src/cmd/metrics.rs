@@ -1,0 +1,128 @@
+//! The node agent's Prometheus endpoint: every instance's decision
+//! counters (the `redirect status` counters, per pod instance) in the
+//! Prometheus text exposition format, and the agent's own figures.
+
+use std::fmt::Write as _;
+
+use super::status::Status;
+
+/// What the agent adds to the instances' figures.
+#[derive(Default, Clone, Copy)]
+pub struct AgentFigures {
+    /// Instances of deleted pods the agent removed since it started.
+    pub gc_removed: u64,
+    /// gc passes that failed.
+    pub gc_errors: u64,
+}
+
+/// The exposition text for `status` and the agent's figures.
+pub fn render(status: &Status, agent: AgentFigures) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP redirect_decisions_total Capture decisions per instance, by the rule they mirror (see redirect status)."
+    );
+    let _ = writeln!(out, "# TYPE redirect_decisions_total counter");
+    for inst in &status.instances {
+        for counter in &inst.counters {
+            let _ = writeln!(
+                out,
+                "redirect_decisions_total{{instance=\"{}\",decision=\"{}\"}} {}",
+                label(&inst.instance),
+                counter.name,
+                counter.value
+            );
+        }
+    }
+    let gauges = [
+        (
+            "redirect_instances",
+            "Instances installed on this node (whole).",
+            status.instances.len() as u64,
+        ),
+        (
+            "redirect_instances_incomplete",
+            "Instances that are not whole (see redirect status).",
+            status.incomplete.len() as u64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP redirect_tracked_connections Redirected connections with an original-destination record.\n# TYPE redirect_tracked_connections gauge"
+    );
+    for inst in &status.instances {
+        let _ = writeln!(
+            out,
+            "redirect_tracked_connections{{instance=\"{}\"}} {}",
+            label(&inst.instance),
+            inst.tracked.established
+        );
+    }
+    let counters = [
+        (
+            "redirect_gc_removed_total",
+            "Instances of deleted pods removed by the agent.",
+            agent.gc_removed,
+        ),
+        (
+            "redirect_gc_errors_total",
+            "Garbage-collection passes that failed.",
+            agent.gc_errors,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    out
+}
+
+/// A label value as the exposition format escapes it.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_node_still_has_every_family() {
+        let status = Status {
+            instances: Vec::new(),
+            incomplete: Vec::new(),
+        };
+        let text = render(
+            &status,
+            AgentFigures {
+                gc_removed: 2,
+                gc_errors: 0,
+            },
+        );
+        for line in [
+            "# TYPE redirect_decisions_total counter",
+            "redirect_instances 0",
+            "redirect_instances_incomplete 0",
+            "redirect_gc_removed_total 2",
+            "redirect_gc_errors_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
