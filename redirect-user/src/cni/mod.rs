@@ -7,3 +7,4 @@ pub mod conflist;
 pub mod kube;
 pub mod plugin;
 pub mod pod;
+pub mod setup;
