@@ -1,0 +1,89 @@
+//! The arguments of `redirect node` and `redirect cni-plan`.
+
+use clap::{Args, Subcommand};
+
+#[derive(Subcommand)]
+pub enum NodeAction {
+    /// Copy this binary into the CNI bin dir as `redirect-cni` and chain it
+    /// after the plugins of the network configuration the runtime reads
+    /// (the first file of the conf dir); again: replaces its entry
+    Install(NodeInstallArgs),
+    /// Unchain `redirect-cni` from every configuration and remove it
+    Uninstall(NodeDirs),
+    /// Whether `redirect-cni` is in place and chained; exit 1 when only
+    /// one of the two
+    Status(NodeDirs),
+    /// The node agent (a DaemonSet's process): install as above, then
+    /// remove the instances of deleted pods every --gc-interval and serve
+    /// every instance's decision counters for Prometheus, until SIGTERM
+    Run(NodeRunArgs),
+}
+
+#[derive(Args)]
+pub struct NodeRunArgs {
+    #[command(flatten)]
+    pub install: NodeInstallArgs,
+    /// Seconds between garbage collections (`redirect gc`)
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub gc_interval: u64,
+    /// Where to serve the Prometheus metrics (GET /metrics)
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9798")]
+    pub metrics_listen: std::net::SocketAddr,
+}
+
+/// The runtime's CNI directories.
+#[derive(Args)]
+pub struct NodeDirs {
+    /// Where the runtime finds CNI plugins (containerd's `bin_dir`)
+    #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: std::path::PathBuf,
+    /// Where the runtime reads network configurations (containerd's `conf_dir`)
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: std::path::PathBuf,
+}
+
+#[derive(Args)]
+pub struct NodeInstallArgs {
+    #[command(flatten)]
+    pub dirs: NodeDirs,
+    /// The plugin's capture: auto (eBPF on the pod cgroup, else iptables),
+    /// ebpf (fail the pod rather than use iptables) or iptables
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "ebpf", "iptables"])]
+    pub mode: String,
+    /// Namespaces whose pods are never captured, comma-separated
+    #[arg(long, value_name = "LIST", default_value = "kube-system")]
+    pub exclude_namespaces: String,
+    /// Where pod cgroups are found by UID [default: kubepods under the
+    /// cgroup2 mount]
+    #[arg(long, value_name = "DIR")]
+    pub pod_cgroup_root: Option<std::path::PathBuf>,
+    /// A kubeconfig the plugin reads each pod from the Kubernetes API with
+    /// (as Istio's plugin does); without one, the proxy's identity is
+    /// --proxy-uid/--proxy-gid and the annotations the runtime's
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The proxy's uid (what Istio's plugin reads from the istio-proxy
+    /// container's runAsUser)
+    #[arg(long, value_name = "UID", default_value = "1337")]
+    pub proxy_uid: u32,
+    /// The proxy's gid (its runAsGroup)
+    #[arg(long, value_name = "GID", default_value = "1337")]
+    pub proxy_gid: u32,
+}
+
+#[derive(Args)]
+pub struct CniPlanArgs {
+    /// The pod's Kubernetes object as JSON (`kubectl get pod -o json`), or
+    /// `-` for stdin
+    #[arg(long, value_name = "FILE")]
+    pub pod: std::path::PathBuf,
+
+    /// Namespaces whose pods are never captured (the plugin config's
+    /// exclude_namespaces), comma-separated
+    #[arg(long, value_name = "LIST", default_value = "")]
+    pub exclude_namespaces: String,
+
+    /// istio-iptables flags to run the plan with (after `--`)
+    #[arg(last = true, value_name = "ISTIO-IPTABLES-FLAGS")]
+    pub istio_iptables: Vec<std::ffi::OsString>,
+}
