@@ -211,7 +211,11 @@ pub(super) fn del(inv: &Invocation, instance: &InstanceName) -> Result<(), CniEr
             detail,
         )
     };
-    crate::ebpf::loader::uninstall(instance).map_err(|e| failed(format!("{e:#}")))?;
+    // Only a pod captured with eBPF has an instance (and needs the bpf
+    // privileges and lock its removal takes).
+    if crate::ebpf::loader::is_installed(instance) {
+        crate::ebpf::loader::uninstall(instance).map_err(|e| failed(format!("{e:#}")))?;
+    }
     // The rules go with the namespace when it is gone already.
     if inv.netns.is_empty() || !Path::new(&inv.netns).exists() {
         return Ok(());
