@@ -104,8 +104,9 @@ enum Task {
         #[arg(long)]
         keep: bool,
         /// Time limit for one kernel's boot and suite, in minutes (the
-        /// suite takes 15-20 under software emulation on 2 cores).
-        #[arg(long, default_value = "30")]
+        /// suite takes 25-30 under software emulation on 2 cores, more
+        /// when the host is busy).
+        #[arg(long, default_value = "45")]
         timeout_minutes: u64,
         /// Only write docs/kernels.md again from the last run's matrix.json.
         #[arg(long)]
