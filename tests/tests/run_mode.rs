@@ -69,9 +69,10 @@ impl Running {
         running
     }
 
-    /// Waits (at most 10 s) until the output contains `needle`.
+    /// Waits (at most 60 s: an install under software emulation beside
+    /// another VM takes over 10) until the output contains `needle`.
     fn wait_for(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if self.output.lock().is_ok_and(|o| o.contains(needle)) {
                 return;
