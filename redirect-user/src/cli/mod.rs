@@ -325,12 +325,13 @@ impl CaptureArgs {
     /// The flags set to anything but their defaults that the legacy table
     /// has no rule for.
     fn legacy_conflicts(&self) -> Vec<&'static str> {
+        use crate::ebpf::config::{DEFAULT_INBOUND_PORT, DEFAULT_PROXY_ID, DEFAULT_TUNNEL_PORT};
         let not_yet = &self.not_yet;
         let ports_empty = |list: &PortList| list.is_empty();
         [
-            (self.proxy_gid.0 != ["1337"], "-g"),
-            (self.inbound_port.value != 15006, "-z"),
-            (self.tunnel_port.value != 15008, "-e"),
+            (self.proxy_gid.0 != [DEFAULT_PROXY_ID.to_string()], "-g"),
+            (self.inbound_port.value != DEFAULT_INBOUND_PORT, "-z"),
+            (self.tunnel_port.value != DEFAULT_TUNNEL_PORT, "-e"),
             (
                 !self.include.wildcard
                     || !self.include.v4.is_empty()

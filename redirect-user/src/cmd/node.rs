@@ -96,8 +96,13 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
         file.with_extension("conflist")
     };
     let written = conflist::write(&target, &conf).and_then(|()| {
-        if target != file {
-            fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+        if target != file
+            && let Err(err) = fs::remove_file(&file)
+        {
+            // Both files would stay, the runtime reading the .conf: take
+            // the new list back rather than leave it half-installed.
+            let _ = fs::remove_file(&target);
+            return Err(err).with_context(|| format!("removing {}", file.display()));
         }
         Ok(())
     });
@@ -128,18 +133,12 @@ fn copy_self(to: &Path) -> Result<()> {
     })
 }
 
-/// The conf dir's files that list our plugin.
+/// The conf dir's configuration files that list our plugin.
 fn chained_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_file() && fs::read_to_string(p).is_ok_and(|text| conflist::is_chained(&text))
-        })
-        .collect();
-    files.sort();
-    Ok(files)
+    Ok(conflist::files(dir)?
+        .into_iter()
+        .filter(|p| fs::read_to_string(p).is_ok_and(|text| conflist::is_chained(&text)))
+        .collect())
 }
 
 fn uninstall(dirs: &NodeDirs) -> Result<ExitCode> {

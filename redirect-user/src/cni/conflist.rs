@@ -19,9 +19,9 @@ use serde_json::{Value, json};
 /// The plugin's `type`: the name the runtime runs from the bin dir.
 pub const PLUGIN_TYPE: &str = "redirect-cni";
 
-/// The configuration file the runtime reads: the first of `dir` in name
-/// order with a CNI extension.
-pub fn active_file(dir: &Path) -> Result<PathBuf> {
+/// The network configuration files of `dir` (a CNI extension), in name
+/// order: the order the runtime considers them in.
+pub fn files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .with_context(|| format!("reading the CNI conf dir {}", dir.display()))?
         .flatten()
@@ -33,7 +33,12 @@ pub fn active_file(dir: &Path) -> Result<PathBuf> {
         })
         .collect();
     files.sort();
-    files.into_iter().next().with_context(|| {
+    Ok(files)
+}
+
+/// The configuration file the runtime reads: the first of [`files`].
+pub fn active_file(dir: &Path) -> Result<PathBuf> {
+    files(dir)?.into_iter().next().with_context(|| {
         format!(
             "no CNI network configuration in {}: install the pod network first (redirect-cni chains after its plugins)",
             dir.display()

@@ -273,24 +273,17 @@ pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
             Some(other) => Err(invalid(format!("{key}: {other} is not a list of strings"))),
         }
     };
-    let kubeconfig = match config.get("kubeconfig") {
-        None => None,
-        Some(Value::String(path)) if Path::new(path).is_absolute() => Some(PathBuf::from(path)),
-        Some(other) => {
-            return Err(invalid(format!(
-                "kubeconfig {other} is not an absolute path"
-            )));
+    let absolute = |key: &str| -> Result<Option<PathBuf>, CniError> {
+        match config.get(key) {
+            None => Ok(None),
+            Some(Value::String(path)) if Path::new(path).is_absolute() => {
+                Ok(Some(PathBuf::from(path)))
+            }
+            Some(other) => Err(invalid(format!("{key} {other} is not an absolute path"))),
         }
     };
-    let pod_cgroup_root = match config.get("pod_cgroup_root") {
-        None => None,
-        Some(Value::String(path)) if Path::new(path).is_absolute() => Some(PathBuf::from(path)),
-        Some(other) => {
-            return Err(invalid(format!(
-                "pod_cgroup_root {other} is not an absolute path"
-            )));
-        }
-    };
+    let kubeconfig = absolute("kubeconfig")?;
+    let pod_cgroup_root = absolute("pod_cgroup_root")?;
     let proxy = config.get("proxy").cloned().unwrap_or_else(|| json!({}));
     let id = |key: &str| -> Result<Option<i64>, CniError> {
         match proxy.get(key) {

@@ -197,9 +197,14 @@ fn render(rules: &[Rule]) -> String {
             .or_default()
             .push(rule.words.join(" "));
     }
+    document(tables, "* ")
+}
+
+/// One restore document: per table, `<header><table>`, its lines, `COMMIT`.
+fn document(tables: BTreeMap<&str, Vec<String>>, header: &str) -> String {
     let mut out = String::new();
     for (table, lines) in tables {
-        out.push_str(&format!("* {table}\n"));
+        out.push_str(&format!("{header}{table}\n"));
         for line in lines {
             out.push_str(&line);
             out.push('\n');
@@ -225,19 +230,14 @@ fn render_saved(rules: &[Rule]) -> String {
         }
         lines.push(rule.words.join(" "));
     }
-    let mut out = String::new();
-    for (table, (chains, lines)) in tables {
-        out.push_str(&format!("*{table}\n"));
-        for chain in chains {
-            out.push_str(&format!(":{chain} - [0:0]\n"));
-        }
-        for line in lines {
-            out.push_str(&line);
-            out.push('\n');
-        }
-        out.push_str("COMMIT\n");
-    }
-    out
+    let tables = tables
+        .into_iter()
+        .map(|(table, (chains, lines))| {
+            let declared = chains.into_iter().map(|c| format!(":{c} - [0:0]"));
+            (table, declared.chain(lines).collect())
+        })
+        .collect();
+    document(tables, "*")
 }
 
 #[cfg(test)]
