@@ -73,7 +73,7 @@ pub fn containers_conf() -> Result<PathBuf> {
 }
 
 /// A podman command with the tasks' configuration.
-fn podman(conf: &Path) -> std::process::Command {
+pub fn podman(conf: &Path) -> std::process::Command {
     let mut cmd = std::process::Command::new("podman");
     cmd.env("CONTAINERS_CONF", conf);
     cmd
@@ -118,7 +118,7 @@ pub fn image() -> Result<String> {
     fs::copy(&containerfile, context.join("Containerfile"))
         .with_context(|| format!("copying {}", containerfile.display()))?;
     let conf = containers_conf()?;
-    let previous = image_id(&conf);
+    let previous = podman_image_id(&conf, IMAGE);
     eprintln!(
         "xtask: building the image {IMAGE} from {}",
         context.display()
@@ -132,17 +132,17 @@ pub fn image() -> Result<String> {
     .context("podman build failed")?;
     // The previous build, now untagged, would pile up in podman's storage.
     if let Some(old) = previous
-        && image_id(&conf).as_ref() != Some(&old)
+        && podman_image_id(&conf, IMAGE).as_ref() != Some(&old)
     {
         let _ = podman(&conf).args(["rmi", &old]).output();
     }
     Ok(IMAGE.to_owned())
 }
 
-/// The id of [`IMAGE`] in podman's storage, if it is there.
-fn image_id(conf: &Path) -> Option<String> {
+/// The id of image `name` in podman's storage, if it is there.
+pub fn podman_image_id(conf: &Path, name: &str) -> Option<String> {
     let out = podman(conf)
-        .args(["image", "inspect", "--format", "{{.Id}}", IMAGE])
+        .args(["image", "inspect", "--format", "{{.Id}}", name])
         .output()
         .ok()?;
     out.status

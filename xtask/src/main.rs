@@ -7,6 +7,7 @@
 
 mod bench;
 mod build;
+mod cri;
 mod fuzz_diff;
 mod image;
 mod rootfs;
@@ -52,8 +53,8 @@ enum Task {
         /// after the suite when no filter is given.
         #[arg(long)]
         no_bench: bool,
-        /// Skip the pod test (`pod-test`), which runs after the suite when
-        /// no filter is given.
+        /// Skip the pod tests (`pod-test` and `cri-test`), which run after
+        /// the suite when no filter is given.
         #[arg(long)]
         no_pods: bool,
     },
@@ -95,6 +96,10 @@ enum Task {
     Image,
     /// Build the image and run a real pod with it (podman): eBPF, iptables and native nftables mode.
     PodTest,
+    /// Build the image and run redirect-cni through containerd's CRI: a
+    /// private containerd, the Debian CNI plugins, pods made as a kubelet
+    /// makes them.
+    CriTest,
     /// Boot Debian kernels under QEMU and run the end-to-end suite in each.
     VmTest {
         /// Kernels to test: 5.10, 6.1, 6.12, sid (repeatable; default: all).
@@ -141,6 +146,7 @@ fn main() -> ExitCode {
         }),
         Task::Image => image::image().map(|name| println!("xtask: built {name}")),
         Task::PodTest => image::pod_test(),
+        Task::CriTest => cri::cri_test(),
         Task::VmTest {
             kernels,
             keep,

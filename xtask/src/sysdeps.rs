@@ -29,8 +29,17 @@ pub const SANDBOX_TOOLS: &[Tool] = &[
     },
 ];
 
+/// The protobuf compiler: the CRI test's client (`k8s-cri`) generates its
+/// code with it when it builds (clippy builds it too).
+pub const PROTOC: Tool = Tool {
+    program: "protoc",
+    package: "protobuf-compiler",
+    why: "builds the CRI client of the CRI test (k8s-cri's generated code)",
+};
+
 /// Tools the test suite uses on top of [`SANDBOX_TOOLS`].
 pub const TEST_TOOLS: &[Tool] = &[
+    PROTOC,
     Tool {
         program: "iptables-legacy-save",
         package: "iptables",

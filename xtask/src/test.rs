@@ -1,8 +1,9 @@
 //! `cargo xtask test`: lint, unit tests and the end-to-end suite, then a check
 //! that the suite left nothing behind on the machine, the benchmarks'
 //! smoke test (`cargo xtask bench --quick`: every figure is produced) and
-//! the pod test (`cargo xtask pod-test`: the init-container image in real
-//! podman pods).
+//! the pod tests (`cargo xtask pod-test`: the init-container image in real
+//! podman pods; `cargo xtask cri-test`: the CNI plugin through containerd's
+//! CRI).
 
 use std::{fs, path::Path};
 
@@ -81,6 +82,7 @@ pub fn test(filter: Option<&str>, lint: bool, bench: bool, pods: bool) -> Result
     }
     if pods && filter.is_none() {
         crate::image::pod_test()?;
+        crate::cri::cri_test()?;
     }
     Ok(())
 }

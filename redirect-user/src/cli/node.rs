@@ -62,6 +62,11 @@ pub struct NodeInstallArgs {
     /// --proxy-uid/--proxy-gid and the annotations the runtime's
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// A file the plugin appends one line to per command (time, command,
+    /// container, pod, result, microseconds taken): the runtime keeps a
+    /// plugin's stderr only when it fails
+    #[arg(long, value_name = "FILE")]
+    pub cni_log_file: Option<std::path::PathBuf>,
     /// The proxy's uid (what Istio's plugin reads from the istio-proxy
     /// container's runAsUser)
     #[arg(long, value_name = "UID", default_value = "1337")]

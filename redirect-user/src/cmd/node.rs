@@ -46,6 +46,9 @@ fn plugin_entry(args: &NodeInstallArgs) -> Value {
     if let Some(kubeconfig) = &args.kubeconfig {
         entry["kubeconfig"] = json!(kubeconfig);
     }
+    if let Some(log) = &args.cni_log_file {
+        entry["log_file"] = json!(log);
+    }
     entry
 }
 
@@ -74,6 +77,7 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
     for (flag, path) in [
         ("--pod-cgroup-root", &args.pod_cgroup_root),
         ("--kubeconfig", &args.kubeconfig),
+        ("--cni-log-file", &args.cni_log_file),
     ] {
         if let Some(path) = path
             && !path.is_absolute()

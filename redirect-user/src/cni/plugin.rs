@@ -27,6 +27,7 @@
 //!   "exclude_namespaces": ["kube-system"],
 //!   "pod_cgroup_root": "/sys/fs/cgroup/kubepods",   // where pod cgroups are found by UID
 //!   "kubeconfig": "/etc/cni/net.d/redirect-kubeconfig", // optional: the pod from the API
+//!   "log_file": "/var/log/redirect-cni.log",  // optional: one line per command
 //!   "proxy": { "uid": 1337, "gid": 1337, "dns_capture": false,
 //!              "invalid_drop": false, "dual_stack": false },
 //!   "capabilities": { "io.kubernetes.cri.pod-annotations": true } }
@@ -37,6 +38,7 @@ use std::{
     io::{Read as _, Write as _},
     path::{Path, PathBuf},
     process::ExitCode,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde_json::{Value, json};
@@ -105,6 +107,8 @@ pub struct PluginConfig {
     /// Read the pod from the Kubernetes API with this kubeconfig (else:
     /// annotations from the runtime, the proxy from `proxy`).
     pub kubeconfig: Option<PathBuf>,
+    /// Append one line per command here ([`log_command`]).
+    pub log_file: Option<PathBuf>,
     pub proxy: Container,
 }
 
@@ -129,7 +133,15 @@ pub fn main() -> ExitCode {
         .and_then(|i| i.config.get("cniVersion").and_then(Value::as_str))
         .unwrap_or("1.0.0")
         .to_owned();
-    let outcome = invocation.and_then(|i| run(&i));
+    let started = Instant::now();
+    let outcome = match &invocation {
+        Ok(inv) => {
+            let outcome = run(inv);
+            log_command(inv, &outcome, started.elapsed());
+            outcome
+        }
+        Err(err) => Err(CniError::new(err.code, &err.msg, &err.details)),
+    };
     let mut out = std::io::stdout();
     match outcome {
         Ok(Some(result)) => {
@@ -147,6 +159,44 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Appends one line for the command to the configuration's `log_file`,
+/// if it names one: the time, the command, the container, the pod, the
+/// microseconds the command took (from the configuration read to its
+/// result, process start excluded) and its result. Best effort: a log that
+/// cannot be written never fails a pod.
+fn log_command(inv: &Invocation, outcome: &Result<Option<Value>, CniError>, took: Duration) {
+    if inv.command == "VERSION" {
+        return;
+    }
+    let Some(path) = plugin_config(&inv.config).ok().and_then(|c| c.log_file) else {
+        return;
+    };
+    let arg = |key: &str| inv.args.get(key).map_or("-", String::as_str);
+    let result = match outcome {
+        Ok(_) => "ok".to_owned(),
+        Err(err) => format!("error {}: {}: {}", err.code, err.msg, err.details),
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let line = format!(
+        "{now:.3}\t{}\tcontainer={}\tpod={}/{}\tuid={}\tmicros={}\t{}\n",
+        inv.command,
+        inv.container_id,
+        arg("K8S_POD_NAMESPACE"),
+        arg("K8S_POD_NAME"),
+        arg("K8S_POD_UID"),
+        took.as_micros(),
+        result.replace(['\n', '\t'], " "),
+    );
+    // One write of an O_APPEND file: concurrent commands' lines do not mix.
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| file.write_all(line.as_bytes()));
 }
 
 /// Reads the invocation: `CNI_*` from `env`, the configuration from `stdin`.
@@ -284,6 +334,7 @@ pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
     };
     let kubeconfig = absolute("kubeconfig")?;
     let pod_cgroup_root = absolute("pod_cgroup_root")?;
+    let log_file = absolute("log_file")?;
     let proxy = config.get("proxy").cloned().unwrap_or_else(|| json!({}));
     let id = |key: &str| -> Result<Option<i64>, CniError> {
         match proxy.get(key) {
@@ -323,6 +374,7 @@ pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
         },
         pod_cgroup_root,
         kubeconfig,
+        log_file,
         proxy: Container {
             name: "istio-proxy".into(),
             args: Vec::new(),
@@ -360,7 +412,7 @@ mod tests {
 
     #[test]
     fn bad_configurations_are_cni_errors_with_their_codes() {
-        let cases: [(&str, u32); 6] = [
+        let cases: [(&str, u32); 7] = [
             ("not json", code::DECODE),
             (r#"{"cniVersion":"0.2.0"}"#, code::INCOMPATIBLE_VERSION),
             (
@@ -377,6 +429,10 @@ mod tests {
             ),
             (
                 r#"{"cniVersion":"1.0.0","pod_cgroup_root":"rel"}"#,
+                code::INVALID_CONFIG,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","log_file":"cni.log"}"#,
                 code::INVALID_CONFIG,
             ),
         ];
@@ -404,5 +460,46 @@ mod tests {
         ];
         let inv = invocation(r#"{"cniVersion":"1.0.0"}"#, env(&vars)).unwrap();
         assert_eq!(run(&inv).err().map(|e| e.code), Some(code::INVALID_CONFIG));
+    }
+
+    #[test]
+    fn the_log_file_gets_one_line_per_command_with_its_result() {
+        let dir = std::env::temp_dir().join(format!("redirect-cni-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("cni.log");
+        let conf = json!({"cniVersion": "1.0.0", "log_file": log}).to_string();
+        let vars = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/x"),
+            (
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=web;K8S_POD_UID=u1",
+            ),
+        ];
+        let inv = invocation(&conf, env(&vars)).unwrap();
+        // No prevResult: ADD fails before it touches anything.
+        let outcome = run(&inv);
+        log_command(&inv, &outcome, Duration::from_micros(1234));
+        let version = invocation("", env(&[("CNI_COMMAND", "VERSION")])).unwrap();
+        log_command(&version, &run(&version), Duration::ZERO);
+        let text = std::fs::read_to_string(&log).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let fields: Vec<&str> = lines[0].split('\t').collect();
+        assert_eq!(
+            fields[1..],
+            [
+                "ADD",
+                "container=c1",
+                "pod=ns/web",
+                "uid=u1",
+                "micros=1234",
+                "error 7: redirect-cni is a chained plugin and got no prevResult: \
+                 list it after the pod network's plugins in the conflist",
+            ]
+        );
     }
 }
