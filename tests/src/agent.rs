@@ -37,9 +37,11 @@
 //!     connect there (from a socket bound to IP, e.g. Istio's inbound
 //!     passthrough source 127.0.0.6), send the client "<original dst> ",
 //!     then copy bytes both ways until a side closes
-//! agent [...] bench --to IP:PORT --count N [--request]
+//! agent [...] bench --to IP:PORT --count N [--request|--dns]
 //!     N sequential connections (connect, optionally send an HTTP GET, read
-//!     the reply to its end, close), each timed; prints one JSON object:
+//!     the reply to its end, close), or with --dns N UDP queries as a libc
+//!     resolver makes them (a new socket, connect, send, receive the
+//!     answer, close), each timed; prints one JSON object:
 //!     count, errors, secs, cpu_secs (this process's CPU time), p50_us,
 //!     p99_us, and the first reply's first line
 //! agent [...] dns-serve --listen IP:PORT --reply NAME
@@ -184,7 +186,13 @@ fn run(args: &[String]) -> Result<()> {
         Some("bench") => {
             let to: SocketAddr = args.req("--to")?.parse()?;
             let count: usize = args.req("--count")?.parse()?;
-            println!("{}", bench(to, count, args.flag("--request")));
+            let kind = match (args.flag("--request"), args.flag("--dns")) {
+                (false, false) => BenchKind::Connect,
+                (true, false) => BenchKind::Request,
+                (false, true) => BenchKind::Dns,
+                (true, true) => bail!("--request and --dns exclude each other"),
+            };
+            println!("{}", bench(to, count, kind));
             Ok(())
         }
         Some("observe") => {
@@ -498,7 +506,36 @@ fn cpu_seconds() -> f64 {
 }
 
 /// Times `count` sequential connections to `to` (see the module docs).
-fn bench(to: SocketAddr, count: usize, request: bool) -> serde_json::Value {
+/// What one `bench` iteration is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BenchKind {
+    /// A TCP connection: connect, read the reply to its end, close.
+    Connect,
+    /// The same with an HTTP GET sent first.
+    Request,
+    /// A UDP query over a fresh connected socket, and its answer.
+    Dns,
+}
+
+/// One DNS-stand-in query as a libc resolver sends it; the answer is
+/// appended to `buf`.
+fn dns_round_trip(to: SocketAddr, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let any: SocketAddr = if to.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(any)?;
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    socket.connect(to)?;
+    socket.send(b"bench query")?;
+    let mut answer = [0u8; 512];
+    let n = socket.recv(&mut answer)?;
+    buf.extend_from_slice(&answer[..n]);
+    Ok(())
+}
+
+fn bench(to: SocketAddr, count: usize, kind: BenchKind) -> serde_json::Value {
     let mut latencies = Vec::with_capacity(count);
     let mut errors = 0u64;
     let mut first_reply = None;
@@ -508,12 +545,16 @@ fn bench(to: SocketAddr, count: usize, request: bool) -> serde_json::Value {
     for _ in 0..count {
         let began = Instant::now();
         buf.clear();
-        let done = TcpStream::connect(to).and_then(|mut stream| {
-            if request {
-                stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
-            }
-            stream.read_to_end(&mut buf)
-        });
+        let done = if kind == BenchKind::Dns {
+            dns_round_trip(to, &mut buf)
+        } else {
+            TcpStream::connect(to).and_then(|mut stream| {
+                if kind == BenchKind::Request {
+                    stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+                }
+                stream.read_to_end(&mut buf).map(drop)
+            })
+        };
         match done {
             Ok(_) => {
                 latencies.push(began.elapsed());

@@ -20,6 +20,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod cli;
+pub mod cni;
 pub mod conformance;
 pub mod dns;
 pub mod netns;

@@ -11,14 +11,17 @@
 //! plots.
 
 use std::{
+    io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
-    process::Command,
+    path::PathBuf,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use redirect_sandbox::{
-    APP, Group, Net, PEER_IP, PROXY, Sandbox,
-    cli::{Outcome, outcome, redirect_bin},
+    APP, Group, Net, PEER_IP, PROXY, ROOT, Sandbox,
+    cli::{Outcome, outcome, redirect, redirect_bin},
+    cni::Plugin,
     require_root,
 };
 use serde_json::{Value, json};
@@ -34,6 +37,14 @@ const PROXY_PORT: u16 = 15001;
 const RELAY_PORT: u16 = 15002;
 /// Exclude-CIDR counts of the scaling benchmark.
 const CIDR_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
+/// The proxy's DNS listener (Istio's 127.0.0.1:15053).
+const PROXY_DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053);
+/// The pod's resolv.conf nameserver, across the network.
+const NAMESERVER: SocketAddrV4 = SocketAddrV4::new(PEER_IP, 53);
+/// The pod UID the CNI plugin is called with.
+const POD_UID: &str = "b3c4a1d2-0000-4000-8000-00000000be4c";
+/// Pod counts of the per-pod memory figure (`--quick`: the first only).
+const POD_COUNTS: [usize; 3] = [1, 110, 500];
 
 /// How much to measure: `--quick` is a smoke test of every figure. Many
 /// short rounds rather than few long ones: on a shared machine the speed
@@ -47,6 +58,8 @@ struct Sizes {
     /// Rounds of the scaling and request benchmarks (each installs
     /// iptables with up to 10,000 rules).
     rounds: usize,
+    /// The pod counts of the per-pod memory figure.
+    pod_counts: &'static [usize],
     connections: usize,
     requests: usize,
 }
@@ -58,6 +71,7 @@ impl Sizes {
                 setup_rounds: 5,
                 setup_connections: 200,
                 rounds: 5,
+                pod_counts: &POD_COUNTS[..1],
                 connections: 200,
                 requests: 100,
             }
@@ -66,6 +80,7 @@ impl Sizes {
                 setup_rounds: 30,
                 setup_connections: 1_000,
                 rounds: 7,
+                pod_counts: &POD_COUNTS,
                 connections: 1_000,
                 requests: 500,
             }
@@ -166,6 +181,8 @@ struct Bench {
     sandbox: Sandbox,
     /// The last install's phases (see [`install_phases`]).
     phases: std::cell::RefCell<Vec<(String, f64)>>,
+    /// The pod's resolv.conf (a scratch file the sandbox removes).
+    resolv: String,
 }
 
 impl Bench {
@@ -205,9 +222,27 @@ impl Bench {
         let mut relay = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
         relay.args(["relay", "--listen", &format!("127.0.0.1:{RELAY_PORT}")]);
         sandbox.start(relay).expect("relay");
+        // DNS: the proxy's listener and the nameserver resolv.conf lists.
+        for (net, group, who, listen, name) in [
+            (Net::Pod, Group::Proxy, PROXY, PROXY_DNS, "dns-proxy"),
+            (Net::Peer, Group::Outside, ROOT, NAMESERVER, "nameserver"),
+        ] {
+            let mut dns = sandbox.agent(net, group, who);
+            dns.args([
+                "dns-serve",
+                "--listen",
+                &listen.to_string(),
+                "--reply",
+                name,
+            ]);
+            sandbox.start(dns).expect(name);
+        }
+        let resolv = std::env::temp_dir().join(format!("{}-resolv.conf", sandbox.name()));
+        std::fs::write(&resolv, format!("nameserver {}\n", NAMESERVER.ip())).expect("resolv.conf");
         Self {
             sandbox,
             phases: std::cell::RefCell::default(),
+            resolv: resolv.to_string_lossy().into_owned(),
         }
     }
 
@@ -215,6 +250,18 @@ impl Bench {
     /// command line for every backend (`nftables`: `--mode iptables
     /// --native-nftables`). Returns its wall time.
     fn istio(&self, mode: &str, port: u16, exclude: &str, cleanup: bool) -> Duration {
+        self.istio_with(mode, port, exclude, &[], cleanup)
+    }
+
+    /// [`Bench::istio`] with `extra` flags.
+    fn istio_with(
+        &self,
+        mode: &str,
+        port: u16,
+        exclude: &str,
+        extra: &[&str],
+        cleanup: bool,
+    ) -> Duration {
         let cgroup = self.sandbox.pod_cgroup().to_string_lossy().into_owned();
         let mut cmd = Command::new(redirect_bin());
         let backend = match mode {
@@ -226,7 +273,8 @@ impl Bench {
             .args(["--netns", &self.sandbox.netns_path(Net::Pod)])
             .args(["--cgroup", &cgroup, "--instance", self.sandbox.name()])
             .args(["-p", &port.to_string(), "-u", "1337", "-g", "1337"])
-            .args(["-i", "*", "-x", exclude]);
+            .args(["-i", "*", "-x", exclude])
+            .args(extra);
         if cleanup {
             cmd.arg("--cleanup-only");
         }
@@ -245,13 +293,14 @@ impl Bench {
         took
     }
 
-    /// Runs `count` timed connections (or requests) from the app.
-    fn sample(&self, to: SocketAddrV4, count: usize, request: bool, expect: &str) -> Sample {
+    /// Runs `count` timed connections from the app (`kind`: `""`, or
+    /// `--request` or `--dns`: see the agent's `bench`).
+    fn sample(&self, to: SocketAddrV4, count: usize, kind: &str, expect: &str) -> Sample {
         let count = count.to_string();
         let to = to.to_string();
         let mut args = vec!["bench", "--to", to.as_str(), "--count", count.as_str()];
-        if request {
-            args.push("--request");
+        if !kind.is_empty() {
+            args.push(kind);
         }
         let out = self
             .sandbox
@@ -339,7 +388,7 @@ impl Bench {
         };
         let to = HTTP_UPSTREAM.to_string();
         let redirected = measure(&|| {
-            let _ = self.sample(HTTP_UPSTREAM, count, true, &to);
+            let _ = self.sample(HTTP_UPSTREAM, count, "--request", &to);
         });
         let bypassed = measure(&|| {
             let n = count.to_string();
@@ -380,11 +429,11 @@ impl Bench {
     ) -> Sample {
         if mode == "direct" {
             let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT);
-            return self.sample(to, count, false, "proxy");
+            return self.sample(to, count, "", "proxy");
         }
         let install = self.istio(mode, PROXY_PORT, exclude, false);
         let phases = self.phases.take();
-        let sample = self.sample(UPSTREAM, count, false, "proxy");
+        let sample = self.sample(UPSTREAM, count, "", "proxy");
         let uninstall = self.istio(mode, PROXY_PORT, exclude, true);
         if exclude.is_empty() {
             results.add("install_time", mode, "ms", install.as_secs_f64() * 1e3);
@@ -395,6 +444,185 @@ impl Bench {
         }
         sample
     }
+}
+
+impl Bench {
+    /// DNS queries from the app (a fresh connected UDP socket each, as a
+    /// libc resolver sends them) with `mode`'s `--redirect-dns` in place;
+    /// `direct`: no capture, the app queries the proxy's DNS listener.
+    fn dns_sample(&self, mode: &str, count: usize) -> Sample {
+        if mode == "direct" {
+            return self.sample(PROXY_DNS, count, "--dns", "dns-proxy");
+        }
+        let extra = ["--redirect-dns", "--resolv-conf", self.resolv.as_str()];
+        self.istio_with(mode, PROXY_PORT, "", &extra, false);
+        let sample = self.sample(NAMESERVER, count, "--dns", "dns-proxy");
+        self.istio_with(mode, PROXY_PORT, "", &extra, true);
+        sample
+    }
+
+    /// One pod's set-up as the CNI plugin does it at ADD, by the plugin's
+    /// own log (process start excluded), per-pod eBPF and iptables; and
+    /// `iptables-restore` of the rules the plugin's plan gives the pod (a
+    /// process, as Istio applies them; its start included). Milliseconds.
+    fn pod_setup(&self, plugin: &Plugin, rules: &str, results: &mut Results) {
+        let log = std::env::temp_dir().join(format!("{}-cni.log", self.sandbox.name()));
+        for mode in ["ebpf", "iptables"] {
+            let mut config = plugin.config(mode, injected());
+            config["log_file"] = json!(log);
+            let _ = std::fs::remove_file(&log);
+            let add = plugin.call(&self.sandbox, "ADD", POD_UID, &config);
+            assert!(add.ok(), "ADD {mode}: {add:?}");
+            let text = std::fs::read_to_string(&log).expect("the plugin's log");
+            let micros: f64 = text
+                .split('\t')
+                .find_map(|f| f.strip_prefix("micros="))
+                .and_then(|m| m.parse().ok())
+                .expect("micros in the plugin's log");
+            let del = plugin.call(&self.sandbox, "DEL", POD_UID, &config);
+            assert!(del.ok(), "DEL {mode}: {del:?}");
+            results.add("pod_setup", &format!("cni-{mode}"), "ms", micros / 1e3);
+        }
+        let mut restore = self
+            .sandbox
+            .command(Net::Pod, Group::Outside, ROOT, "iptables-restore");
+        restore
+            .arg("--noflush")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null());
+        let start = Instant::now();
+        let mut child = restore.spawn().expect("iptables-restore");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(rules.as_bytes())
+            .expect("rules");
+        let status = child.wait().expect("iptables-restore");
+        let took = start.elapsed();
+        assert!(status.success(), "iptables-restore: {status}");
+        self.istio("iptables", PROXY_PORT, "", true);
+        results.add(
+            "pod_setup",
+            "iptables-restore",
+            "ms",
+            took.as_secs_f64() * 1e3,
+        );
+    }
+
+    /// Kernel memory per pod with `count` pods in per-pod mode (each its
+    /// own instance on its own cgroup, Istio's sidecar flags, outbound
+    /// only): the maps' and programs' memory as the kernel accounts it
+    /// (fdinfo memlock), summed over the pods' instances, per pod.
+    fn pod_memory(&self, count: usize, results: &mut Results) {
+        let mut pods = MemoryPods::default();
+        let netns = self.sandbox.netns_path(Net::Pod);
+        for i in 0..count {
+            let cgroup = self.sandbox.pod_cgroup().join(format!("mem{i}"));
+            std::fs::create_dir_all(&cgroup).expect("pod cgroup");
+            let name = format!("{}-mem{i}", self.sandbox.name());
+            pods.0.push((name.clone(), cgroup.clone()));
+            let cg = cgroup.to_string_lossy().into_owned();
+            let out = redirect(&[
+                "istio-iptables",
+                "--ipv6=false",
+                "--mode",
+                "ebpf",
+                "--netns",
+                &netns,
+                "--cgroup",
+                &cg,
+                "--instance",
+                &name,
+                "-p",
+                "15001",
+                "-u",
+                "1337",
+                "-g",
+                "1337",
+                "-i",
+                "*",
+                "-b",
+                "",
+            ])
+            .expect("install");
+            assert!(out.ok(), "pod {i}: {out:?}");
+        }
+        let status = redirect(&["status", "--json"]).expect("status");
+        let status: Value = serde_json::from_str(&status.stdout).expect("status JSON");
+        let mut bytes = 0u64;
+        let mut seen = 0;
+        for instance in status["instances"].as_array().expect("instances") {
+            if !instance["instance"]
+                .as_str()
+                .is_some_and(|n| pods.0.iter().any(|(name, _)| name == n))
+            {
+                continue;
+            }
+            seen += 1;
+            bytes += instance["map_memory_bytes"].as_u64().expect("map memory");
+            for program in instance["programs"].as_array().expect("programs") {
+                let Some(id) = program["program_id"].as_u64() else {
+                    continue;
+                };
+                bytes += aya::programs::loaded_programs()
+                    .flatten()
+                    .find(|p| u64::from(p.id()) == id)
+                    .and_then(|p| p.memory_locked().ok())
+                    .map_or(0, u64::from);
+            }
+        }
+        drop(pods);
+        assert_eq!(seen, count, "every pod's instance in status");
+        results.add(
+            &format!("pod_memory_at_{count}_pods"),
+            "per-pod",
+            "bytes/pod",
+            bytes as f64 / count as f64,
+        );
+    }
+}
+
+/// The instances and cgroups of [`Bench::pod_memory`]'s pods, removed when
+/// dropped (also when the benchmark fails midway).
+#[derive(Default)]
+struct MemoryPods(Vec<(String, PathBuf)>);
+
+impl Drop for MemoryPods {
+    fn drop(&mut self) {
+        for (name, cgroup) in &self.0 {
+            match redirect(&["uninstall", "--instance", name]) {
+                Ok(out) if out.ok() => {}
+                other => eprintln!("bench cleanup: uninstall {name}: {other:?}"),
+            }
+            let _ = std::fs::remove_dir(cgroup);
+        }
+    }
+}
+
+/// A pod Istio's injector marked (what the plugin captures).
+fn injected() -> Value {
+    json!({"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"})
+}
+
+/// The iptables rules the plugin's plan gives an injected pod with the
+/// proxy as uid/gid 1337 (`redirect cni-plan ... -- --dry-run`).
+fn planned_rules(sandbox: &Sandbox) -> String {
+    let pod = std::env::temp_dir().join(format!("{}-pod.json", sandbox.name()));
+    let object = json!({
+        "metadata": {"name": "pod", "namespace": "bench", "annotations": injected()},
+        "spec": {"containers": [{
+            "name": "istio-proxy",
+            "securityContext": {"runAsUser": PROXY.uid, "runAsGroup": PROXY.gid},
+        }]},
+    });
+    std::fs::write(&pod, object.to_string()).expect("pod JSON");
+    let pod = pod.to_string_lossy().into_owned();
+    let out = redirect(&["cni-plan", "--pod", &pod, "--", "--dry-run", "--ipv6=false"])
+        .expect("cni-plan");
+    assert!(out.ok(), "{out:?}");
+    assert!(out.stdout.starts_with("* nat"), "{out:?}");
+    out.stdout
 }
 
 /// The install phases `REDIRECT_TIMING=1` printed (`redirect: timing
@@ -490,7 +718,7 @@ fn bench_capture_costs() {
             let s = bench.sample(
                 HTTP_UPSTREAM,
                 sizes.requests,
-                true,
+                "--request",
                 &HTTP_UPSTREAM.to_string(),
             );
             bench.istio(mode, RELAY_PORT, "", true);
@@ -507,6 +735,55 @@ fn bench_capture_costs() {
             last("iptables")
         );
     }
+    // 7: DNS query round trip (--redirect-dns), interleaved.
+    for round in 1..=sizes.rounds {
+        let mut modes = ["direct", "ebpf", "iptables"];
+        let first = round % modes.len();
+        modes.rotate_left(first);
+        for mode in modes {
+            let s = bench.dns_sample(mode, sizes.requests);
+            results.add("dns_query_rate", mode, "query/s", s.rate);
+            results.add("dns_query_cpu", mode, "us/query", s.cpu_us);
+            results.add("dns_query_p50", mode, "us", s.p50_us);
+            results.add("dns_query_p99", mode, "us", s.p99_us);
+        }
+        let last = |mode| *results.get("dns_query_p50", mode).last().unwrap_or(&0.0);
+        println!(
+            "dns round {round}/{}: query p50 direct {:.0} us, ebpf {:.0} us, iptables {:.0} us",
+            sizes.rounds,
+            last("direct"),
+            last("ebpf"),
+            last("iptables")
+        );
+    }
+
+    // 8: one pod's set-up by the CNI plugin, and iptables-restore.
+    let plugin = Plugin::new(&bench.sandbox, POD_UID);
+    let rules = planned_rules(&bench.sandbox);
+    for round in 1..=sizes.rounds {
+        bench.pod_setup(&plugin, &rules, &mut results);
+        let last = |mode| *results.get("pod_setup", mode).last().unwrap_or(&0.0);
+        println!(
+            "pod set-up round {round}/{}: ADD ebpf {:.1} ms, ADD iptables {:.1} ms, iptables-restore {:.1} ms",
+            sizes.rounds,
+            last("cni-ebpf"),
+            last("cni-iptables"),
+            last("iptables-restore")
+        );
+    }
+
+    // 9: kernel memory per pod in per-pod mode at each pod count.
+    for &count in sizes.pod_counts {
+        bench.pod_memory(count, &mut results);
+        println!(
+            "{count} pods: {:.0} bytes of kernel memory per pod",
+            results
+                .get(&format!("pod_memory_at_{count}_pods"), "per-pod")
+                .last()
+                .unwrap_or(&0.0)
+        );
+    }
+
     results.ratio(
         "ebpf_over_direct_connect_rate",
         ("connect_rate", "ebpf"),
@@ -545,6 +822,16 @@ fn bench_capture_costs() {
             (&name, "iptables"),
         );
     }
+    results.ratio(
+        "ebpf_over_direct_dns_rate",
+        ("dns_query_rate", "ebpf"),
+        ("dns_query_rate", "direct"),
+    );
+    results.ratio(
+        "ebpf_over_iptables_dns_rate",
+        ("dns_query_rate", "ebpf"),
+        ("dns_query_rate", "iptables"),
+    );
     results.ratio(
         "iptables_over_ebpf_request_p50",
         ("request_p50", "iptables"),

@@ -156,6 +156,23 @@ fn check_complete(figures: &[Figure]) -> Result<()> {
     ] {
         wanted.push((format!("install_phase {phase}"), "ebpf"));
     }
+    for mode in ["direct", "ebpf", "iptables"] {
+        for name in [
+            "dns_query_rate",
+            "dns_query_cpu",
+            "dns_query_p50",
+            "dns_query_p99",
+        ] {
+            wanted.push((name.into(), mode));
+        }
+    }
+    wanted.push(("ebpf_over_direct_dns_rate".into(), "ratio"));
+    wanted.push(("ebpf_over_iptables_dns_rate".into(), "ratio"));
+    for mode in ["cni-ebpf", "cni-iptables", "iptables-restore"] {
+        wanted.push(("pod_setup".into(), mode));
+    }
+    // `--quick` measures one pod; the full run 1, 110 and 500.
+    wanted.push(("pod_memory_at_1_pods".into(), "per-pod"));
     let missing: Vec<String> = wanted
         .iter()
         .filter(|(name, mode)| value(figures, name, mode).is_none())
@@ -171,7 +188,7 @@ fn table(figures: &[Figure]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n{:<44} {:<9} {:>14} {:<12} spread (min..max over rounds)",
+        "\n{:<44} {:<16} {:>14} {:<12} spread (min..max over rounds)",
         "figure", "mode", "median", "unit"
     );
     for f in figures {
@@ -184,7 +201,7 @@ fn table(figures: &[Figure]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<44} {:<9} {:>14} {:<12} {}..{}",
+            "{:<44} {:<16} {:>14} {:<12} {}..{}",
             f.name,
             f.mode,
             fmt(f.value),
