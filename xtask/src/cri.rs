@@ -144,6 +144,20 @@ fn cri_leftovers(shims_before: bool, cni_cache_before: bool) -> Vec<String> {
     if !shims_before && std::path::Path::new(SHIM_SOCKETS).exists() {
         found.push(format!("shim sockets in {SHIM_SOCKETS}"));
     }
+    // runc writes pod cgroups into every v1 controller's hierarchy too.
+    if let Ok(mounts) = fs::read_to_string("/proc/mounts") {
+        for line in mounts.lines() {
+            let mut fields = line.split_whitespace();
+            if let (Some(_), Some(dir), Some("cgroup")) =
+                (fields.next(), fields.next(), fields.next())
+            {
+                let parent = std::path::Path::new(dir).join("redirect-sandbox");
+                if parent.exists() {
+                    found.push(format!("cgroup {}", parent.display()));
+                }
+            }
+        }
+    }
     if !cni_cache_before && std::path::Path::new(CNI_CACHE).exists() {
         found.push(format!("the CNI result cache {CNI_CACHE}"));
     }

@@ -601,11 +601,10 @@ impl Drop for Runtime {
             eprintln!("cri cleanup: removing {}: {err}", self.dir.display());
         }
         remove_cgroup_everywhere(&self.cgroup_parent);
-        let _ = fs::remove_dir(
-            cgroup2_mount()
-                .unwrap_or_default()
-                .join(redirect_sandbox::cgroup::PARENT),
-        );
+        // The shared parent, where no other sandbox uses it any more.
+        for hierarchy in cgroup_hierarchies() {
+            let _ = fs::remove_dir(hierarchy.join(redirect_sandbox::cgroup::PARENT));
+        }
         // containerd's shims put their sockets here whatever its config.
         let _ = fs::remove_dir("/run/containerd/s");
         let _ = fs::remove_dir("/run/containerd");
@@ -680,16 +679,22 @@ fn kill_shims(socket: &Path) {
 /// cgroups into each v1 controller's hierarchy as well as cgroup2 on a
 /// hybrid host. Bounded: a cgroup still busy after 5 s is reported.
 pub fn remove_cgroup_everywhere(rel: &Path) {
-    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    for line in mounts.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(_), Some(dir), Some(kind)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        if kind == "cgroup" || kind == "cgroup2" {
-            remove_tree(&Path::new(dir).join(rel));
-        }
+    for hierarchy in cgroup_hierarchies() {
+        remove_tree(&hierarchy.join(rel));
     }
+}
+
+/// Where each cgroup hierarchy (v1 controllers and cgroup2) is mounted.
+pub fn cgroup_hierarchies() -> Vec<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+            matches!(kind, "cgroup" | "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .collect()
 }
 
 fn remove_tree(dir: &Path) {
