@@ -107,14 +107,31 @@ fn the_node_agent_runs_node_run_with_the_host_directories_it_needs() {
         .iter()
         .find(|d| d["kind"] == "ServiceAccount")
         .expect("a ServiceAccount");
-    // It reads no API: no role is bound to it.
-    assert!(
-        !docs
-            .iter()
-            .any(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+    // Its role is what the plugin uses: GET of a pod, and nothing else.
+    let roles: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+        .collect();
+    assert_eq!(roles.len(), 1);
+    let rules = roles[0]["rules"].as_sequence().expect("rules");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["resources"][0], "pods");
+    assert_eq!(rules[0]["resources"].as_sequence().map(Vec::len), Some(1));
+    assert_eq!(rules[0]["verbs"].as_sequence().map(Vec::len), Some(1));
+    assert_eq!(rules[0]["verbs"][0], "get");
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding")
+        .expect("a ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], roles[0]["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["name"], account["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"][0]["namespace"],
+        account["metadata"]["namespace"]
     );
     let pod = &daemonset["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], account["metadata"]["name"]);
+    assert_eq!(pod["automountServiceAccountToken"], true);
     assert_eq!(pod["hostNetwork"], true);
     let container = &pod["containers"][0];
     let args: Vec<&str> = container["args"]
@@ -153,6 +170,10 @@ fn the_node_agent_runs_node_run_with_the_host_directories_it_needs() {
     for path in ["/sys/fs/bpf", "/sys/fs/cgroup"] {
         assert!(mounts.iter().any(|(_, p)| *p == path), "{path} not mounted");
     }
+    // The plugin's kubeconfig: from the mounted token, named as the host
+    // (where the plugin runs) names the conf dir.
+    assert!(args.contains(&"--service-account-dir=/var/run/secrets/kubernetes.io/serviceaccount"));
+    assert!(args.contains(&"--host-cni-conf-dir=/etc/cni/net.d"));
     let port = args
         .iter()
         .find_map(|a| a.strip_prefix("--metrics-listen="))

@@ -265,3 +265,134 @@ fn the_node_agent_installs_and_serves_every_instances_counters() {
     assert!(after.contains("redirect-cni"));
     assert!(dirs.node("uninstall", &[]).ok());
 }
+
+/// A service account as Kubernetes mounts it, with token `token`.
+fn service_account(dir: &Path, token: &str) {
+    fs::create_dir_all(dir).expect("service account dir");
+    fs::write(dir.join("token"), token).expect("token");
+    fs::write(
+        dir.join("ca.crt"),
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .expect("ca.crt");
+}
+
+/// `redirect node ACTION` on `dirs` with the API server's address in the
+/// environment, as in a pod.
+fn node_in_pod(dirs: &Dirs, action: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(redirect_sandbox::cli::redirect_bin());
+    cmd.args(["node", action, "--cni-bin-dir"])
+        .arg(dirs.bin())
+        .arg("--cni-conf-dir")
+        .arg(dirs.conf())
+        .args(extra)
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443")
+        .stdin(Stdio::null());
+    cmd
+}
+
+#[test]
+fn the_agent_writes_the_plugin_a_kubeconfig_from_its_service_account() {
+    let dirs = Dirs::new("account");
+    let list = dirs.conf().join("10-pods.conflist");
+    fs::write(&list, BRIDGE).expect("conflist");
+    let account = dirs.0.join("serviceaccount");
+    let account_arg = account.to_str().expect("utf-8 path");
+
+    // No token mounted: refused in one line, nothing placed.
+    let out = redirect_sandbox::cli::outcome(&mut node_in_pod(
+        &dirs,
+        "install",
+        &["--service-account-dir", account_arg],
+    ))
+    .expect("node install");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(
+        out.stderr.contains("is not a service account directory"),
+        "{out:?}"
+    );
+    assert!(!dirs.bin().join("redirect-cni").exists());
+    assert_eq!(fs::read_to_string(&list).expect("conflist"), BRIDGE);
+
+    service_account(&account, "first-token\n");
+    let out = redirect_sandbox::cli::outcome(&mut node_in_pod(
+        &dirs,
+        "install",
+        &[
+            "--service-account-dir",
+            account_arg,
+            "--host-cni-conf-dir",
+            "/etc/cni/net.d",
+        ],
+    ))
+    .expect("node install");
+    assert!(out.ok(), "{out:?}");
+    let entry = &json_of(&list)["plugins"][2];
+    // The plugin, on the host, reads it where the host has it.
+    assert_eq!(
+        entry["kubeconfig"],
+        "/etc/cni/net.d/redirect-cni.kubeconfig"
+    );
+    let kubeconfig = dirs.conf().join("redirect-cni.kubeconfig");
+    let text = fs::read_to_string(&kubeconfig).expect("kubeconfig");
+    assert!(text.contains("server: https://10.96.0.1:443"), "{text}");
+    assert!(text.contains("token: first-token\n"), "{text}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = fs::metadata(&kubeconfig)
+        .expect("kubeconfig")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    if redirect_sandbox::missing_privilege().is_none() {
+        // The agent follows the token's rotation.
+        let mut agent = node_in_pod(
+            &dirs,
+            "run",
+            &[
+                "--service-account-dir",
+                account_arg,
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--gc-interval",
+                "1",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("redirect node run");
+        // Once it runs (its install wrote the first token), rotate.
+        use std::io::BufRead as _;
+        let stdout = agent.stdout.take().expect("stdout");
+        let running = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .take(5)
+            .any(|line| line.contains("metrics on"));
+        let before = fs::read_to_string(&kubeconfig).expect("kubeconfig");
+        service_account(&account, "rotated-token");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut rotated = false;
+        while !rotated && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            rotated =
+                fs::read_to_string(&kubeconfig).is_ok_and(|t| t.contains("token: rotated-token\n"));
+        }
+        // SAFETY: signalling the child this test started.
+        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+        let exit = agent.wait().expect("agent");
+        assert!(running, "the agent started");
+        assert!(before.contains("token: first-token\n"), "{before}");
+        assert!(rotated, "the kubeconfig follows the rotated token");
+        assert!(exit.success(), "{exit:?}");
+    }
+
+    let out = dirs.node("uninstall", &[]);
+    assert!(out.ok(), "{out:?}");
+    assert!(out.stdout.contains("removed"), "{out:?}");
+    assert!(!kubeconfig.exists(), "uninstall removes the kubeconfig");
+    let bridge: Value = serde_json::from_str(BRIDGE).expect("JSON");
+    assert_eq!(json_of(&list), bridge);
+}

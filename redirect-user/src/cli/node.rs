@@ -60,8 +60,20 @@ pub struct NodeInstallArgs {
     /// A kubeconfig the plugin reads each pod from the Kubernetes API with
     /// (as Istio's plugin does); without one, the proxy's identity is
     /// --proxy-uid/--proxy-gid and the annotations the runtime's
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "service_account_dir")]
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// Write the plugin a kubeconfig from the service account mounted here
+    /// (token and CA; the API server from KUBERNETES_SERVICE_HOST/_PORT),
+    /// as Istio's CNI installer does, into the conf dir as
+    /// redirect-cni.kubeconfig; `node run` rewrites it when the token
+    /// rotates
+    #[arg(long, value_name = "DIR")]
+    pub service_account_dir: Option<std::path::PathBuf>,
+    /// The conf dir as the host names it, where the plugin runs (when
+    /// --cni-conf-dir is the host's directory mounted elsewhere, as in the
+    /// node agent's container) [default: --cni-conf-dir]
+    #[arg(long, value_name = "DIR")]
+    pub host_cni_conf_dir: Option<std::path::PathBuf>,
     /// A file the plugin appends one line to per command (time, command,
     /// container, pod, result, microseconds taken): the runtime keeps a
     /// plugin's stderr only when it fails

@@ -13,6 +13,9 @@ pub struct AgentFigures {
     pub gc_removed: u64,
     /// gc passes that failed.
     pub gc_errors: u64,
+    /// Refreshes of the plugin's kubeconfig (`--service-account-dir`)
+    /// that failed.
+    pub kubeconfig_errors: u64,
 }
 
 /// The exposition text for `status` and the agent's figures.
@@ -75,6 +78,11 @@ pub fn render(status: &Status, agent: AgentFigures) -> String {
             "Garbage-collection passes that failed.",
             agent.gc_errors,
         ),
+        (
+            "redirect_kubeconfig_errors_total",
+            "Refreshes of the plugin's kubeconfig from the service account that failed.",
+            agent.kubeconfig_errors,
+        ),
     ];
     for (name, help, value) in counters {
         let _ = writeln!(
@@ -108,6 +116,7 @@ mod tests {
             AgentFigures {
                 gc_removed: 2,
                 gc_errors: 0,
+                kubeconfig_errors: 1,
             },
         );
         for line in [
@@ -116,6 +125,7 @@ mod tests {
             "redirect_instances_incomplete 0",
             "redirect_gc_removed_total 2",
             "redirect_gc_errors_total 0",
+            "redirect_kubeconfig_errors_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

@@ -19,7 +19,10 @@ use serde_json::{Value, json};
 
 use crate::{
     cli::{NodeAction, NodeDirs, NodeInstallArgs, NodeRunArgs},
-    cni::conflist::{self, PLUGIN_TYPE},
+    cni::{
+        conflist::{self, PLUGIN_TYPE},
+        kubeconfig,
+    },
 };
 
 pub fn node(action: &NodeAction) -> Result<ExitCode> {
@@ -31,8 +34,9 @@ pub fn node(action: &NodeAction) -> Result<ExitCode> {
     }
 }
 
-/// The plugin's entry in the conflist.
-fn plugin_entry(args: &NodeInstallArgs) -> Value {
+/// The plugin's entry in the conflist; `kubeconfig`: the one written
+/// from the service account, as the host names it.
+fn plugin_entry(args: &NodeInstallArgs, kubeconfig: Option<&Path>) -> Value {
     let mut entry = json!({
         "type": PLUGIN_TYPE,
         "mode": args.mode,
@@ -43,7 +47,7 @@ fn plugin_entry(args: &NodeInstallArgs) -> Value {
     if let Some(root) = &args.pod_cgroup_root {
         entry["pod_cgroup_root"] = json!(root);
     }
-    if let Some(kubeconfig) = &args.kubeconfig {
+    if let Some(kubeconfig) = args.kubeconfig.as_deref().or(kubeconfig) {
         entry["kubeconfig"] = json!(kubeconfig);
     }
     if let Some(log) = &args.cni_log_file {
@@ -78,6 +82,7 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
         ("--pod-cgroup-root", &args.pod_cgroup_root),
         ("--kubeconfig", &args.kubeconfig),
         ("--cni-log-file", &args.cni_log_file),
+        ("--host-cni-conf-dir", &args.host_cni_conf_dir),
     ] {
         if let Some(path) = path
             && !path.is_absolute()
@@ -87,8 +92,20 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
     }
     let file = conflist::active_file(&dirs.cni_conf_dir)?;
     let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let conf = conflist::chained(&text, &plugin_entry(args))
+    // Read before anything is written: a bad service account changes nothing.
+    let account = service_account_kubeconfig(args)?;
+    let host_kubeconfig = account.as_ref().map(|_| {
+        args.host_cni_conf_dir
+            .as_deref()
+            .unwrap_or(&dirs.cni_conf_dir)
+            .join(kubeconfig::FILE)
+    });
+    let conf = conflist::chained(&text, &plugin_entry(args, host_kubeconfig.as_deref()))
         .with_context(|| format!("chaining redirect-cni into {}", file.display()))?;
+    let had_kubeconfig = dirs.cni_conf_dir.join(kubeconfig::FILE).exists();
+    if let Some(text) = &account {
+        kubeconfig::write(&dirs.cni_conf_dir, text)?;
+    }
     let plugin = plugin_path(dirs);
     let had_plugin = plugin.exists();
     copy_self(&plugin)?;
@@ -114,6 +131,9 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
         if !had_plugin {
             let _ = fs::remove_file(&plugin);
         }
+        if account.is_some() && !had_kubeconfig {
+            let _ = fs::remove_file(dirs.cni_conf_dir.join(kubeconfig::FILE));
+        }
         return Err(err);
     }
     outln!(
@@ -122,6 +142,36 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
         target.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the plugin's kubeconfig again when the service account's token
+/// (or CA, or the API server's address) changed.
+fn refresh_kubeconfig(args: &NodeInstallArgs, figures: &mut super::metrics::AgentFigures) {
+    let written = service_account_kubeconfig(args).and_then(|text| match text {
+        Some(text) => kubeconfig::write(&args.dirs.cni_conf_dir, &text).map(|(_, w)| w),
+        None => Ok(false),
+    });
+    match written {
+        Ok(true) => outln!(
+            "redirect: node agent: the plugin's kubeconfig is rewritten (the service account changed)"
+        ),
+        Ok(false) => {}
+        Err(err) => {
+            eprintln!(
+                "redirect: node agent: the plugin's kubeconfig could not be refreshed: {err:#}"
+            );
+            figures.kubeconfig_errors += 1;
+        }
+    }
+}
+
+/// The kubeconfig text `--service-account-dir` asks for, if it does.
+fn service_account_kubeconfig(args: &NodeInstallArgs) -> Result<Option<String>> {
+    let Some(dir) = &args.service_account_dir else {
+        return Ok(None);
+    };
+    let account = kubeconfig::read(dir, |name| std::env::var(name).ok())?;
+    kubeconfig::render(&account).map(Some)
 }
 
 /// Copies this binary to `to` atomically, executable.
@@ -155,17 +205,25 @@ fn uninstall(dirs: &NodeDirs) -> Result<ExitCode> {
             changed.push(file.display().to_string());
         }
     }
+    let kubeconfig = dirs.cni_conf_dir.join(kubeconfig::FILE);
+    let removed_kubeconfig = match fs::remove_file(&kubeconfig) {
+        Ok(()) => true,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
+        Err(err) => {
+            return Err(err).with_context(|| format!("removing {}", kubeconfig.display()));
+        }
+    };
     let plugin = plugin_path(dirs);
     let removed = match fs::remove_file(&plugin) {
         Ok(()) => true,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
         Err(err) => return Err(err).with_context(|| format!("removing {}", plugin.display())),
     };
-    if changed.is_empty() && !removed {
+    if changed.is_empty() && !removed && !removed_kubeconfig {
         outln!("redirect: node uninstall: redirect-cni is not installed here");
     } else {
         outln!(
-            "redirect: node uninstall: {}{}",
+            "redirect: node uninstall: {}{}{}",
             if removed {
                 format!("removed {}", plugin.display())
             } else {
@@ -175,6 +233,11 @@ fn uninstall(dirs: &NodeDirs) -> Result<ExitCode> {
                 String::new()
             } else {
                 format!(", unchained from {}", changed.join(", "))
+            },
+            if removed_kubeconfig {
+                format!(", removed {}", kubeconfig.display())
+            } else {
+                String::new()
             }
         );
     }
@@ -242,6 +305,9 @@ fn run(args: &NodeRunArgs) -> Result<ExitCode> {
             loop {
                 every.tick().await;
                 let mut now = figures.get();
+                if args.install.service_account_dir.is_some() {
+                    refresh_kubeconfig(&args.install, &mut now);
+                }
                 match crate::ebpf::loader::gc(false) {
                     Ok(removed) => {
                         for (name, why) in &removed {

@@ -5,6 +5,7 @@
 
 pub mod conflist;
 pub mod kube;
+pub mod kubeconfig;
 pub mod plugin;
 pub mod pod;
 pub mod setup;
