@@ -111,7 +111,7 @@ impl Runtime {
             pods: Vec::new(),
         };
         this.prepare_dirs()?;
-        this.node_install()?;
+        this.node_install(&[])?;
         this.spawn(sandbox, image_name)?;
         this.import(archive)?;
         Ok(this)
@@ -164,23 +164,27 @@ impl Runtime {
         Ok(())
     }
 
-    /// `redirect node install` into the private CNI directories.
-    fn node_install(&self) -> Result<()> {
+    /// `redirect node install [MODE...]` into the private CNI directories
+    /// (again: the plugin's entry is replaced, as on a node).
+    pub fn node_install(&self, extra: &[&str]) -> Result<()> {
         let root = cgroup2_mount()?.join(&self.cgroup_parent);
         fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let bin = self.path("bin");
         let conf = self.path("net.d");
-        let out = self.node(&[
-            "install",
-            "--cni-bin-dir",
-            &bin.to_string_lossy(),
-            "--cni-conf-dir",
-            &conf.to_string_lossy(),
-            "--pod-cgroup-root",
-            &root.to_string_lossy(),
-            "--cni-log-file",
-            &self.cni_log.to_string_lossy(),
-        ])?;
+        let mut args = vec![
+            "install".to_owned(),
+            "--cni-bin-dir".to_owned(),
+            bin.to_string_lossy().into_owned(),
+            "--cni-conf-dir".to_owned(),
+            conf.to_string_lossy().into_owned(),
+            "--pod-cgroup-root".to_owned(),
+            root.to_string_lossy().into_owned(),
+            "--cni-log-file".to_owned(),
+            self.cni_log.to_string_lossy().into_owned(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.node(&args)?;
         if !out.ok() {
             bail!("redirect node install failed: {out:?}");
         }

@@ -10,8 +10,10 @@
 //! An annotated pod gets its capture at ADD, with no privilege in the pod:
 //! its app runs as uid 1000 with every capability dropped and no mount; its
 //! proxy (uid 1337) learns each connection's original destination. The
-//! annotations' exclusions hold, a pod without the sidecar annotation is
-//! left alone, a pod with a bad annotation value is not started, removing a pod (DEL) removes its capture, and 100 pods in a
+//! annotations' exclusions hold, the plugin configured for iptables gives
+//! a pod the same landings through Istio's rules, a pod without the sidecar
+//! annotation is left alone, a pod with a bad annotation value is not
+//! started, removing a pod (DEL) removes its capture, and 100 pods in a
 //! row get theirs, each ADD's time recorded by the plugin's log.
 
 use std::{collections::BTreeSet, net::SocketAddrV4, path::PathBuf, time::Instant};
@@ -202,6 +204,71 @@ fn pods_through_containerd_cri() {
             .expect("inbound"),
         "plain"
     );
+
+    // The plugin configured for iptables (as where eBPF cannot run): the
+    // same pod gets Istio's rules in its namespace, no eBPF instance, and
+    // every socket lands as before.
+    runtime
+        .node_install(&["--mode", "iptables"])
+        .expect("node install --mode iptables");
+    let by_rules = runtime
+        .run_pod(&PodSpec {
+            name: "web-iptables",
+            uid: "7a1c0e52-0004-4000-8000-000000000004",
+            annotations: &[
+                STATUS,
+                ("traffic.sidecar.istio.io/excludeOutboundPorts", "8081"),
+            ],
+        })
+        .expect("RunPodSandbox with the iptables plugin");
+    assert!(!instances().contains(&instance_of(&by_rules)));
+    runtime
+        .start_container(
+            &by_rules,
+            "istio-proxy",
+            1337,
+            &[
+                "sandbox-agent",
+                "serve",
+                "--listen",
+                "0.0.0.0:15001,0.0.0.0:15006",
+                "--report",
+                "original-dst",
+            ],
+        )
+        .expect("proxy container");
+    let rules_app = runtime
+        .start_container(
+            &by_rules,
+            "app",
+            1000,
+            &[
+                "sandbox-agent",
+                "serve",
+                "--listen",
+                "0.0.0.0:9080",
+                "--reply",
+                "app",
+            ],
+        )
+        .expect("app container");
+    assert_eq!(
+        lands_from(&runtime, &rules_app, upstream),
+        format!("1\t{upstream}")
+    );
+    assert_eq!(
+        lands_from(&runtime, &rules_app, excluded),
+        "1\texcluded-port"
+    );
+    let inbound = SocketAddrV4::new(by_rules.ip, 9080);
+    assert_eq!(
+        sandbox.lands_from_peer(inbound).expect("inbound"),
+        inbound.to_string()
+    );
+    runtime.remove_pod(&by_rules).expect("remove pod");
+    runtime
+        .node_install(&[])
+        .expect("node install (auto again)");
 
     // A bad annotation value: ADD fails with Istio's wording, so the
     // runtime does not start the pod, and nothing is installed for it.
