@@ -505,7 +505,6 @@ fn cpu_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
-/// Times `count` sequential connections to `to` (see the module docs).
 /// What one `bench` iteration is.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum BenchKind {
@@ -535,6 +534,8 @@ fn dns_round_trip(to: SocketAddr, buf: &mut Vec<u8>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Times `count` sequential connections (or queries) to `to` (see the
+/// module docs).
 fn bench(to: SocketAddr, count: usize, kind: BenchKind) -> serde_json::Value {
     let mut latencies = Vec::with_capacity(count);
     let mut errors = 0u64;

@@ -21,6 +21,16 @@ use crate::{
 pub struct Plugin {
     pub exe: PathBuf,
     pub cgroup_root: PathBuf,
+    /// The instance ADD makes for the sandbox (`cni-<sandbox name>`).
+    instance: String,
+}
+
+impl Drop for Plugin {
+    /// Removes the instance a failed test left between ADD and DEL (its
+    /// pins: the links go with them).
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf/redirect").join(&self.instance));
+    }
 }
 
 impl Plugin {
@@ -32,7 +42,11 @@ impl Plugin {
         std::os::unix::fs::symlink(redirect_bin(), &exe).expect("plugin link");
         std::os::unix::fs::symlink(sandbox.pod_cgroup(), cgroup_root.join(format!("pod{uid}")))
             .expect("pod cgroup link");
-        Self { exe, cgroup_root }
+        Self {
+            exe,
+            cgroup_root,
+            instance: format!("cni-{}", sandbox.name()),
+        }
     }
 
     /// Runs one command for `sandbox`'s pod (container id: its name).

@@ -550,6 +550,11 @@ impl Bench {
         }
         let status = redirect(&["status", "--json"]).expect("status");
         let status: Value = serde_json::from_str(&status.stdout).expect("status JSON");
+        // Every loaded program's memory, read once.
+        let program_memory: std::collections::HashMap<u64, u64> = aya::programs::loaded_programs()
+            .flatten()
+            .map(|p| (u64::from(p.id()), p.memory_locked().map_or(0, u64::from)))
+            .collect();
         let mut bytes = 0u64;
         let mut seen = 0;
         for instance in status["instances"].as_array().expect("instances") {
@@ -565,11 +570,7 @@ impl Bench {
                 let Some(id) = program["program_id"].as_u64() else {
                     continue;
                 };
-                bytes += aya::programs::loaded_programs()
-                    .flatten()
-                    .find(|p| u64::from(p.id()) == id)
-                    .and_then(|p| p.memory_locked().ok())
-                    .map_or(0, u64::from);
+                bytes += program_memory.get(&id).copied().unwrap_or(0);
             }
         }
         drop(pods);

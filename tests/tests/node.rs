@@ -183,6 +183,70 @@ fn directories_it_cannot_use_are_refused_in_one_line() {
     assert!(!dirs.bin().join("redirect-cni").exists());
 }
 
+/// A running `redirect node run`, killed when dropped (also when the test
+/// fails), its stdout lines read on a thread.
+struct Agent {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Agent {
+    fn start(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("redirect node run");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The first line it prints that contains `text`, within 30 s.
+    fn line_with(&self, text: &str) -> Option<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// SIGTERM, and how it exited (within 30 s, else it is killed).
+    fn stop(mut self) -> Option<std::process::ExitStatus> {
+        // SAFETY: signalling the child this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// One HTTP GET of `path` from `addr`: the status line and the body.
 fn http_get(addr: &str, path: &str) -> (String, String) {
     use std::io::{Read as _, Write as _};
@@ -202,7 +266,6 @@ fn http_get(addr: &str, path: &str) -> (String, String) {
 
 #[test]
 fn the_node_agent_installs_and_serves_every_instances_counters() {
-    use std::io::BufRead as _;
     redirect_sandbox::require_root!();
     let dirs = Dirs::new("agent");
     fs::write(dirs.conf().join("10-pods.conflist"), BRIDGE).expect("conflist");
@@ -218,38 +281,28 @@ fn the_node_agent_installs_and_serves_every_instances_counters() {
         )
         .expect("connect");
 
-    let mut agent = Command::new(redirect_sandbox::cli::redirect_bin())
-        .args(["node", "run", "--cni-bin-dir"])
-        .arg(dirs.bin())
-        .arg("--cni-conf-dir")
-        .arg(dirs.conf())
-        .args(["--metrics-listen", "127.0.0.1:0", "--gc-interval", "3600"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("redirect node run");
-    let stdout = agent.stdout.take().expect("stdout");
-    let addr = std::io::BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .take(5)
-        .find_map(|line| {
+    let agent = Agent::start(
+        Command::new(redirect_sandbox::cli::redirect_bin())
+            .args(["node", "run", "--cni-bin-dir"])
+            .arg(dirs.bin())
+            .arg("--cni-conf-dir")
+            .arg(dirs.conf())
+            .args(["--metrics-listen", "127.0.0.1:0", "--gc-interval", "3600"])
+            .stdin(Stdio::null()),
+    );
+    let addr = agent
+        .line_with("http://")
+        .and_then(|line| {
             line.split("http://")
                 .nth(1)
                 .and_then(|rest| rest.split('/').next())
                 .map(str::to_owned)
-        });
-    let Some(addr) = addr else {
-        let _ = agent.kill();
-        let _ = agent.wait();
-        panic!("the agent never said where its metrics are");
-    };
+        })
+        .expect("the agent says where its metrics are");
     let chained = fs::read_to_string(dirs.conf().join("10-pods.conflist")).expect("conflist");
     let (status, body) = http_get(&addr, "/metrics");
     let (missing, _) = http_get(&addr, "/");
-    // SAFETY: signalling the child this test started.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let exit = agent.wait().expect("agent");
+    let exit = agent.stop().expect("the agent stops on SIGTERM");
     assert!(chained.contains("redirect-cni"), "{chained}");
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     let line = format!(
@@ -348,7 +401,7 @@ fn the_agent_writes_the_plugin_a_kubeconfig_from_its_service_account() {
 
     if redirect_sandbox::missing_privilege().is_none() {
         // The agent follows the token's rotation.
-        let mut agent = node_in_pod(
+        let agent = Agent::start(&mut node_in_pod(
             &dirs,
             "run",
             &[
@@ -359,18 +412,9 @@ fn the_agent_writes_the_plugin_a_kubeconfig_from_its_service_account() {
                 "--gc-interval",
                 "1",
             ],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("redirect node run");
+        ));
         // Once it runs (its install wrote the first token), rotate.
-        use std::io::BufRead as _;
-        let stdout = agent.stdout.take().expect("stdout");
-        let running = std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .take(5)
-            .any(|line| line.contains("metrics on"));
+        let running = agent.line_with("metrics on").is_some();
         let before = fs::read_to_string(&kubeconfig).expect("kubeconfig");
         service_account(&account, "rotated-token");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -380,9 +424,7 @@ fn the_agent_writes_the_plugin_a_kubeconfig_from_its_service_account() {
             rotated =
                 fs::read_to_string(&kubeconfig).is_ok_and(|t| t.contains("token: rotated-token\n"));
         }
-        // SAFETY: signalling the child this test started.
-        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-        let exit = agent.wait().expect("agent");
+        let exit = agent.stop().expect("the agent stops on SIGTERM");
         assert!(running, "the agent started");
         assert!(before.contains("token: first-token\n"), "{before}");
         assert!(rotated, "the kubeconfig follows the rotated token");
@@ -395,4 +437,11 @@ fn the_agent_writes_the_plugin_a_kubeconfig_from_its_service_account() {
     assert!(!kubeconfig.exists(), "uninstall removes the kubeconfig");
     let bridge: Value = serde_json::from_str(BRIDGE).expect("JSON");
     assert_eq!(json_of(&list), bridge);
+    // An operator's own file of that name (for --kubeconfig) stays.
+    fs::write(&kubeconfig, "apiVersion: v1\nkind: Config\n").expect("own kubeconfig");
+    assert!(dirs.node("uninstall", &[]).ok());
+    assert!(
+        kubeconfig.exists(),
+        "uninstall leaves a kubeconfig it did not write"
+    );
 }

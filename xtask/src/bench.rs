@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::{
     build::{self, cargo},
     sysdeps::{self, SANDBOX_TOOLS, run_checked},
-    test::leftovers,
+    test::{leftovers, with_leftovers},
 };
 
 /// Exclude-CIDR counts the suite measures (as in `tests/tests/bench.rs`).
@@ -52,11 +52,7 @@ pub fn bench(quick: bool) -> Result<()> {
         .env("REDIRECT_BENCH_OUT", &results)
         .env("REDIRECT_BENCH_QUICK", if quick { "1" } else { "0" });
     let ran = run_checked(&mut cmd).context("benchmarks failed");
-    let left = leftovers();
-    ran?;
-    if !left.is_empty() {
-        bail!("the benchmarks left state behind: {}", left.join("; "));
-    }
+    with_leftovers("the benchmarks", ran, leftovers())?;
     let figures = read(&results)?;
     check_complete(&figures)?;
     print!("{}", table(&figures));

@@ -8,14 +8,14 @@
 
 use std::fs;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 use crate::{
     build::{self, cargo},
-    image::{containers_conf, image, podman, podman_image_id},
+    image::{containers_conf, image, podman, podman_build},
     rootfs::strip_into,
     sysdeps::{self, SANDBOX_TOOLS, Tool, run_checked},
-    test::leftovers,
+    test::{leftovers, with_leftovers},
 };
 
 /// The test image's name in podman's storage and in containerd's.
@@ -68,19 +68,8 @@ pub fn cri_test() -> Result<()> {
         ),
     )?;
     let conf = containers_conf()?;
-    let previous = podman_image_id(&conf, CRI_IMAGE);
-    run_checked(
-        podman(&conf)
-            .args(["build", "--quiet", "--tag", CRI_IMAGE, "--file"])
-            .arg(context.join("Containerfile"))
-            .arg(&context),
-    )
-    .context("podman build of the CRI test image failed")?;
-    if let Some(old) = previous
-        && podman_image_id(&conf, CRI_IMAGE).as_ref() != Some(&old)
-    {
-        let _ = podman(&conf).args(["rmi", &old]).output();
-    }
+    podman_build(&conf, CRI_IMAGE, &context)
+        .context("podman build of the CRI test image failed")?;
     let archive = context.join("redirect-cri.oci.tar");
     let shims_before = std::path::Path::new(SHIM_SOCKETS).exists();
     let cni_cache_before = std::path::Path::new(CNI_CACHE).exists();
@@ -107,11 +96,7 @@ pub fn cri_test() -> Result<()> {
     let ran = run_checked(&mut cmd).context("the CRI test failed");
     let mut left = leftovers();
     left.extend(cri_leftovers(shims_before, cni_cache_before));
-    ran?;
-    if !left.is_empty() {
-        bail!("the CRI test left state behind: {}", left.join("; "));
-    }
-    Ok(())
+    with_leftovers("the CRI test", ran, left)
 }
 
 /// Where containerd's shims put their sockets, whatever its configuration.
@@ -136,7 +121,12 @@ fn cri_leftovers(shims_before: bool, cni_cache_before: bool) -> Vec<String> {
     if let Ok(entries) = fs::read_dir("/sys/fs/bpf/redirect") {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("cni-") && name.len() == "cni-".len() + 64 {
+            // An instance, or the staging directory (`@new-`, `@del-`) of one.
+            let base = ["@new-", "@del-"]
+                .iter()
+                .find_map(|prefix| name.strip_prefix(prefix))
+                .unwrap_or(&name);
+            if base.starts_with("cni-") && base.len() == "cni-".len() + 64 {
                 found.push(format!("pin directory {}", entry.path().display()));
             }
         }

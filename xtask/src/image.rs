@@ -7,13 +7,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 use crate::{
     build::{self, cargo},
     rootfs::{XTABLES_LINKS, add_libraries, copy_host, copy_tree, merged_usr, strip_into},
     sysdeps::{self, SANDBOX_TOOLS, Tool, run_checked},
-    test::leftovers,
+    test::{leftovers, with_leftovers},
 };
 
 /// The image's name in podman's local storage.
@@ -118,29 +118,35 @@ pub fn image() -> Result<String> {
     fs::copy(&containerfile, context.join("Containerfile"))
         .with_context(|| format!("copying {}", containerfile.display()))?;
     let conf = containers_conf()?;
-    let previous = podman_image_id(&conf, IMAGE);
     eprintln!(
         "xtask: building the image {IMAGE} from {}",
         context.display()
     );
-    run_checked(
-        podman(&conf)
-            .args(["build", "--quiet", "--tag", IMAGE, "--file"])
-            .arg(context.join("Containerfile"))
-            .arg(&context),
-    )
-    .context("podman build failed")?;
-    // The previous build, now untagged, would pile up in podman's storage.
-    if let Some(old) = previous
-        && podman_image_id(&conf, IMAGE).as_ref() != Some(&old)
-    {
-        let _ = podman(&conf).args(["rmi", &old]).output();
-    }
+    podman_build(&conf, IMAGE, &context).context("podman build failed")?;
     Ok(IMAGE.to_owned())
 }
 
+/// `podman build` of `<context>/Containerfile` as `tag`; the image the tag
+/// named before, now untagged, is removed (it would pile up in podman's
+/// storage).
+pub fn podman_build(conf: &Path, tag: &str, context: &Path) -> Result<()> {
+    let previous = podman_image_id(conf, tag);
+    run_checked(
+        podman(conf)
+            .args(["build", "--quiet", "--tag", tag, "--file"])
+            .arg(context.join("Containerfile"))
+            .arg(context),
+    )?;
+    if let Some(old) = previous
+        && podman_image_id(conf, tag).as_ref() != Some(&old)
+    {
+        let _ = podman(conf).args(["rmi", &old]).output();
+    }
+    Ok(())
+}
+
 /// The id of image `name` in podman's storage, if it is there.
-pub fn podman_image_id(conf: &Path, name: &str) -> Option<String> {
+fn podman_image_id(conf: &Path, name: &str) -> Option<String> {
     let out = podman(conf)
         .args(["image", "inspect", "--format", "{{.Id}}", name])
         .output()
@@ -172,11 +178,7 @@ pub fn pod_test() -> Result<()> {
     let ran = run_checked(&mut cmd).context("the pod tests failed");
     let mut left = leftovers();
     left.extend(podman_leftovers(&conf));
-    ran?;
-    if !left.is_empty() {
-        bail!("the pod tests left state behind: {}", left.join("; "));
-    }
-    Ok(())
+    with_leftovers("the pod tests", ran, left)
 }
 
 /// Pods the pod tests create (named `rdr-...`) that still exist.

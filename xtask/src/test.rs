@@ -72,11 +72,7 @@ pub fn test(filter: Option<&str>, lint: bool, bench: bool, pods: bool) -> Result
         args.push(filter);
     }
     let result = run_checked(&mut cargo(&args)?).context("tests failed");
-    let leftovers = leftovers();
-    result?;
-    if !leftovers.is_empty() {
-        bail!("the tests left state behind: {}", leftovers.join("; "));
-    }
+    with_leftovers("the tests", result, leftovers())?;
     if bench && filter.is_none() {
         crate::bench::bench(true).context("the benchmarks' smoke test failed")?;
     }
@@ -85,6 +81,19 @@ pub fn test(filter: Option<&str>, lint: bool, bench: bool, pods: bool) -> Result
         crate::cri::cri_test()?;
     }
     Ok(())
+}
+
+/// `ran`, failed also when `what` left state behind; a failed run names
+/// what it left too (a failure is when that matters most).
+pub fn with_leftovers(what: &str, ran: Result<()>, left: Vec<String>) -> Result<()> {
+    match (ran, left.is_empty()) {
+        (ran, true) => ran,
+        (Ok(()), false) => bail!("{what} left state behind: {}", left.join("; ")),
+        (Err(err), false) => Err(err.context(format!(
+            "{what} failed and left state behind: {}",
+            left.join("; ")
+        ))),
+    }
 }
 
 /// State the sandbox creates and must always remove: its cgroups and the
@@ -99,7 +108,8 @@ pub fn leftovers() -> Vec<String> {
                 .iter()
                 .find_map(|prefix| name.strip_prefix(prefix))
                 .unwrap_or(&name);
-            if base.starts_with("sbx-") {
+            // A sandbox's own instance, or the CNI plugin's for it.
+            if base.starts_with("sbx-") || base.starts_with("cni-sbx-") {
                 found.push(format!("pin directory /sys/fs/bpf/redirect/{name}"));
             }
         }

@@ -72,7 +72,7 @@ pub struct NodeInstallArgs {
     /// The conf dir as the host names it, where the plugin runs (when
     /// --cni-conf-dir is the host's directory mounted elsewhere, as in the
     /// node agent's container) [default: --cni-conf-dir]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", requires = "service_account_dir")]
     pub host_cni_conf_dir: Option<std::path::PathBuf>,
     /// A file the plugin appends one line to per command (time, command,
     /// container, pod, result, microseconds taken): the runtime keeps a

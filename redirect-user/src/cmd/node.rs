@@ -102,13 +102,29 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
     });
     let conf = conflist::chained(&text, &plugin_entry(args, host_kubeconfig.as_deref()))
         .with_context(|| format!("chaining redirect-cni into {}", file.display()))?;
-    let had_kubeconfig = dirs.cni_conf_dir.join(kubeconfig::FILE).exists();
-    if let Some(text) = &account {
-        kubeconfig::write(&dirs.cni_conf_dir, text)?;
-    }
     let plugin = plugin_path(dirs);
     let had_plugin = plugin.exists();
     copy_self(&plugin)?;
+    // What to put back if the configuration cannot be written.
+    let kubeconfig_path = dirs.cni_conf_dir.join(kubeconfig::FILE);
+    let old_kubeconfig = fs::read_to_string(&kubeconfig_path).ok();
+    let undo = || {
+        if !had_plugin {
+            let _ = fs::remove_file(&plugin);
+        }
+        if account.is_some() {
+            let _ = match &old_kubeconfig {
+                Some(old) => kubeconfig::write(&dirs.cni_conf_dir, old).map(drop),
+                None => fs::remove_file(&kubeconfig_path).map_err(Into::into),
+            };
+        }
+    };
+    if let Some(text) = &account
+        && let Err(err) = kubeconfig::write(&dirs.cni_conf_dir, text)
+    {
+        undo();
+        return Err(err);
+    }
     // A single plugin's conf becomes a list: written as .conflist, and the
     // .conf removed, so that the runtime reads the list.
     let target = if file.extension().is_some_and(|e| e == "conflist") {
@@ -128,12 +144,7 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
         Ok(())
     });
     if let Err(err) = written {
-        if !had_plugin {
-            let _ = fs::remove_file(&plugin);
-        }
-        if account.is_some() && !had_kubeconfig {
-            let _ = fs::remove_file(dirs.cni_conf_dir.join(kubeconfig::FILE));
-        }
+        undo();
         return Err(err);
     }
     outln!(
@@ -145,8 +156,13 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
 }
 
 /// Writes the plugin's kubeconfig again when the service account's token
-/// (or CA, or the API server's address) changed.
+/// (or CA, or the API server's address) changed, while the plugin is
+/// installed.
 fn refresh_kubeconfig(args: &NodeInstallArgs, figures: &mut super::metrics::AgentFigures) {
+    // After `node uninstall` (the plugin is gone), nothing comes back.
+    if !plugin_path(&args.dirs).exists() {
+        return;
+    }
     let written = service_account_kubeconfig(args).and_then(|text| match text {
         Some(text) => kubeconfig::write(&args.dirs.cni_conf_dir, &text).map(|(_, w)| w),
         None => Ok(false),
@@ -205,14 +221,15 @@ fn uninstall(dirs: &NodeDirs) -> Result<ExitCode> {
             changed.push(file.display().to_string());
         }
     }
+    // Only the kubeconfig node install wrote, not one an operator placed
+    // under that name for --kubeconfig.
     let kubeconfig = dirs.cni_conf_dir.join(kubeconfig::FILE);
-    let removed_kubeconfig = match fs::remove_file(&kubeconfig) {
-        Ok(()) => true,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
-        Err(err) => {
-            return Err(err).with_context(|| format!("removing {}", kubeconfig.display()));
-        }
-    };
+    let ours = fs::read_to_string(&kubeconfig).is_ok_and(|t| kubeconfig::is_written_by_us(&t));
+    if ours {
+        fs::remove_file(&kubeconfig)
+            .with_context(|| format!("removing {}", kubeconfig.display()))?;
+    }
+    let removed_kubeconfig = ours;
     let plugin = plugin_path(dirs);
     let removed = match fs::remove_file(&plugin) {
         Ok(()) => true,

@@ -19,6 +19,15 @@ use serde_json::json;
 /// runtimes read only `.conf`, `.conflist` and `.json` files there).
 pub const FILE: &str = "redirect-cni.kubeconfig";
 
+/// The first line of every kubeconfig [`render`] writes.
+const HEADER: &str = "# Written by `redirect node install` from its service account; rewritten when the token rotates.";
+
+/// Whether `text` is a kubeconfig [`render`] wrote (`node uninstall`
+/// removes only such a file).
+pub fn is_written_by_us(text: &str) -> bool {
+    text.lines().next() == Some(HEADER)
+}
+
 /// What a pod's service account gives: the API server and credentials.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ServiceAccount {
@@ -95,10 +104,7 @@ pub fn render(account: &ServiceAccount) -> Result<String> {
         }}],
         "current-context": "redirect-cni",
     });
-    Ok(format!(
-        "# Written by `redirect node install` from its service account; rewritten when the token rotates.\n{}",
-        serde_yaml::to_string(&config)?
-    ))
+    Ok(format!("{HEADER}\n{}", serde_yaml::to_string(&config)?))
 }
 
 /// Writes `text` to `<conf_dir>/redirect-cni.kubeconfig` (mode 0600,
@@ -131,12 +137,8 @@ mod tests {
 
     const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
 
-    fn account_dir(token: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "redirect-sa-{}-{}",
-            std::process::id(),
-            token.len()
-        ));
+    fn account_dir(test: &str, token: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("redirect-sa-{}-{test}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("token"), token).unwrap();
         fs::write(dir.join("ca.crt"), CA).unwrap();
@@ -153,7 +155,7 @@ mod tests {
 
     #[test]
     fn the_written_kubeconfig_is_what_the_plugin_reads() {
-        let dir = account_dir("tok-en\n");
+        let dir = account_dir("written", "tok-en\n");
         let account = read(
             &dir,
             env(&[
@@ -174,6 +176,8 @@ mod tests {
         );
         // Unchanged: not written again.
         assert!(!write(&dir, &text).unwrap().1);
+        assert!(is_written_by_us(&fs::read_to_string(&path).unwrap()));
+        assert!(!is_written_by_us("apiVersion: v1\n"));
         let cluster = crate::cni::kube::load(&path).unwrap();
         fs::remove_dir_all(&dir).unwrap();
         assert_eq!(cluster.server, "https://[fd00::1]:443");
@@ -184,7 +188,7 @@ mod tests {
 
     #[test]
     fn a_missing_piece_is_named() {
-        let dir = account_dir("t");
+        let dir = account_dir("missing", "t");
         let full = [
             ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
             ("KUBERNETES_SERVICE_PORT", "443"),

@@ -26,7 +26,7 @@
 //!   "mode": "auto",                       // or "ebpf", "iptables"
 //!   "exclude_namespaces": ["kube-system"],
 //!   "pod_cgroup_root": "/sys/fs/cgroup/kubepods",   // where pod cgroups are found by UID
-//!   "kubeconfig": "/etc/cni/net.d/redirect-kubeconfig", // optional: the pod from the API
+//!   "kubeconfig": "/etc/cni/net.d/redirect-cni.kubeconfig", // optional: the pod from the API
 //!   "log_file": "/var/log/redirect-cni.log",  // optional: one line per command
 //!   "proxy": { "uid": 1337, "gid": 1337, "dns_capture": false,
 //!              "invalid_drop": false, "dual_stack": false },

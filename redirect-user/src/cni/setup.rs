@@ -78,11 +78,26 @@ pub(super) fn instance_name(id: &str) -> Result<InstanceName, CniError> {
     })
 }
 
+/// Why a pod is left alone before anything is read of it: its namespace
+/// is excluded. Istio's plugin checks that before it asks the API too, so
+/// that an unreachable API server cannot stop, say, kube-system's pods.
+fn excluded_namespace(inv: &Invocation, conf: &PluginConfig) -> Option<String> {
+    let namespace = inv.args.get("K8S_POD_NAMESPACE")?;
+    conf.scope
+        .exclude_namespaces
+        .contains(namespace)
+        .then(|| format!("namespace {namespace} is excluded"))
+}
+
 pub(super) fn add(
     inv: &Invocation,
     conf: &PluginConfig,
     instance: &InstanceName,
 ) -> Result<(), CniError> {
+    if let Some(why) = excluded_namespace(inv, conf) {
+        eprintln!("redirect-cni: the pod is not captured: {why}");
+        return Ok(());
+    }
     let pod = pod(inv, conf)?;
     let flags = match plan(&pod, &conf.scope) {
         Err(why) => {
@@ -168,6 +183,9 @@ pub(super) fn check(
             "CHECK needs cniVersion 0.4.0 or later",
             conf.version.clone(),
         ));
+    }
+    if excluded_namespace(inv, conf).is_some() {
+        return Ok(());
     }
     let pod = pod(inv, conf)?;
     match plan(&pod, &conf.scope) {
@@ -287,6 +305,28 @@ mod tests {
             "sidecar.istio.io/status":"{}",
             "traffic.sidecar.istio.io/excludeOutboundPorts":"9000"}},
         "prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.5/24"}]}}"#;
+
+    #[test]
+    fn an_excluded_namespace_is_left_alone_before_the_api_is_asked() {
+        let conf_text = CONF.replace(
+            r#""exclude_namespaces""#,
+            r#""kubeconfig":"/nonexistent/redirect-cni.kubeconfig","exclude_namespaces""#,
+        );
+        let call = |namespace: &str| {
+            let args = format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=p;K8S_POD_UID=u");
+            let inv = invocation(&conf_text, env(&[("CNI_ARGS", args.as_str())])).unwrap();
+            let conf = plugin_config(&inv.config).unwrap();
+            let instance = instance_name("c1").unwrap();
+            (
+                add(&inv, &conf, &instance).map_err(|e| e.code),
+                check(&inv, &conf, &instance).map_err(|e| e.code),
+            )
+        };
+        // No API request: the kubeconfig does not even exist.
+        assert_eq!(call("kube-system"), (Ok(()), Ok(())));
+        // Any other pod is read from the API: that fails closed.
+        assert_eq!(call("shop"), (Err(code::CAPTURE), Err(code::CAPTURE)));
+    }
 
     #[test]
     fn the_pod_is_its_annotations_and_the_configured_proxy() {

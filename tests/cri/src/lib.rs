@@ -42,6 +42,10 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 /// How long a CRI call may take (a sandbox start includes the CNI ADD).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Where containerd 1.6's shims put their sockets (`s/`), whatever its
+/// configuration says.
+const SHIM_DIR: &str = "/run/containerd";
+
 /// A private containerd and a CRI client to it. Dropping it stops every
 /// pod it made, stops containerd and removes its files, mounts and cgroups.
 pub struct Runtime {
@@ -56,6 +60,11 @@ pub struct Runtime {
     /// The image the containers run (also the sandbox image).
     image: String,
     containerd: Option<Child>,
+    /// A CRI call timed out: containerd is wedged, and cleanup makes no
+    /// more calls (each would wait the whole timeout).
+    wedged: std::cell::Cell<bool>,
+    /// Whether `/run/containerd` existed before (the shims make it).
+    run_dir_existed: bool,
     rt: tokio::runtime::Runtime,
     /// Set once containerd answers.
     runtime: Option<RuntimeServiceClient<Channel>>,
@@ -106,6 +115,8 @@ impl Runtime {
             cgroup_parent,
             image: image_name.to_owned(),
             containerd: None,
+            wedged: std::cell::Cell::new(false),
+            run_dir_existed: Path::new(SHIM_DIR).exists(),
             rt,
             runtime: None,
             pods: Vec::new(),
@@ -272,10 +283,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 && let Ok(client) = self.connect()
             {
                 self.runtime = Some(RuntimeServiceClient::new(client));
-                let status = self.call(|mut c| async move {
-                    c.status(cri::StatusRequest { verbose: false }).await
+                let status = self.rt.block_on(async {
+                    let mut client = self.runtime.clone()?;
+                    let request = client.status(cri::StatusRequest { verbose: false });
+                    tokio::time::timeout(Duration::from_secs(2), request)
+                        .await
+                        .ok()?
+                        .ok()
                 });
-                if status.is_ok() {
+                if status.is_some() {
                     return Ok(());
                 }
             }
@@ -315,18 +331,34 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     /// Imports the OCI archive into the CRI's namespace (`k8s.io`).
     fn import(&self, archive: &Path) -> Result<()> {
-        let out = Command::new("ctr")
+        let log = self.path("import.log");
+        let mut ctr = Command::new("ctr")
             .arg("--address")
             .arg(self.socket())
             .args(["--namespace", "k8s.io", "images", "import"])
             .arg(archive)
-            .output()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
             .context("running ctr (Debian's containerd)")?;
-        if !out.status.success() {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(status) = ctr.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = ctr.kill();
+                let _ = ctr.wait();
+                bail!("ctr images import took over 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if !status.success() {
             bail!(
                 "ctr images import {} failed: {}",
                 archive.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
+                self.tail("import.log")
             );
         }
         let channel = self.connect()?;
@@ -340,8 +372,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     .images,
             )
         })?;
-        if images.is_empty() {
-            bail!("the CRI lists no image after the import");
+        if !images
+            .iter()
+            .any(|i| i.repo_tags.iter().any(|t| t == &self.image))
+        {
+            bail!(
+                "the CRI does not list {} after the import (the archive holds another name)",
+                self.image
+            );
         }
         Ok(())
     }
@@ -354,17 +392,43 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     where
         F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_within(CALL_TIMEOUT, f)
+    }
+
+    /// One call on the runtime service, bounded by `limit`; after a call
+    /// timed out, none is made.
+    fn call_within<T, F>(
+        &self,
+        limit: Duration,
+        f: impl FnOnce(RuntimeServiceClient<Channel>) -> F,
+    ) -> Result<T, tonic::Status>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let Some(client) = self.runtime.clone() else {
             return Err(tonic::Status::unavailable("containerd is not running"));
         };
-        self.rt.block_on(async move {
-            match tokio::time::timeout(CALL_TIMEOUT, f(client)).await {
+        if self.wedged.get() {
+            return Err(tonic::Status::unavailable(
+                "an earlier CRI call timed out: containerd is wedged",
+            ));
+        }
+        let outcome = self.rt.block_on(async move {
+            match tokio::time::timeout(limit, f(client)).await {
                 Ok(result) => result.map(tonic::Response::into_inner),
-                Err(_) => Err(tonic::Status::deadline_exceeded(
-                    "the CRI call took over 60 s",
-                )),
+                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                    "the CRI call took over {} s",
+                    limit.as_secs()
+                ))),
             }
-        })
+        });
+        if outcome
+            .as_ref()
+            .is_err_and(|e| e.code() == tonic::Code::DeadlineExceeded)
+        {
+            self.wedged.set(true);
+        }
+        outcome
     }
 
     /// `RunPodSandbox` as a kubelet sends it: the pod cgroup made first
@@ -578,6 +642,13 @@ impl Drop for Runtime {
             if let Err(err) = self.remove_sandbox(&id) {
                 eprintln!("cri cleanup: {err:#}");
             }
+            // The capture of a pod whose DEL did not run.
+            let instance = format!("cni-{id}");
+            if Path::new("/sys/fs/bpf/redirect").join(&instance).exists() {
+                let _ = Command::new(&self.plugin_binary)
+                    .args(["uninstall", "--instance", &instance])
+                    .output();
+            }
         }
         let conf = self.path("net.d");
         let bin = self.path("bin");
@@ -610,8 +681,10 @@ impl Drop for Runtime {
             let _ = fs::remove_dir(hierarchy.join(redirect_sandbox::cgroup::PARENT));
         }
         // containerd's shims put their sockets here whatever its config.
-        let _ = fs::remove_dir("/run/containerd/s");
-        let _ = fs::remove_dir("/run/containerd");
+        if !self.run_dir_existed {
+            let _ = fs::remove_dir(Path::new(SHIM_DIR).join("s"));
+            let _ = fs::remove_dir(SHIM_DIR);
+        }
         let _ = std::io::stderr().flush();
     }
 }
@@ -710,6 +783,18 @@ fn remove_tree(dir: &Path) {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
+    // Containers a failed run left (their shim killed): kill them.
+    while let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+        let pids: Vec<libc::pid_t> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+        if pids.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        for pid in pids {
+            // SAFETY: killing a process in a cgroup this test made.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     while dir.exists() {
         match fs::remove_dir(dir) {
             Ok(()) => break,
