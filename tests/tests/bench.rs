@@ -137,6 +137,25 @@ impl Results {
         }
     }
 
+    /// A sample's figures `<prefix>_rate` (`<what>/s`), `_cpu` (µs of the
+    /// client's CPU per `<what>`), `_p50` and `_p99` (µs).
+    fn add_sample(&mut self, prefix: &str, mode: &str, what: &str, s: &Sample) {
+        self.add(
+            &format!("{prefix}_rate"),
+            mode,
+            &format!("{what}/s"),
+            s.rate,
+        );
+        self.add(
+            &format!("{prefix}_cpu"),
+            mode,
+            &format!("us/{what}"),
+            s.cpu_us,
+        );
+        self.add(&format!("{prefix}_p50"), mode, "us", s.p50_us);
+        self.add(&format!("{prefix}_p99"), mode, "us", s.p99_us);
+    }
+
     fn get(&self, name: &str, mode: &str) -> &[f64] {
         self.0
             .iter()
@@ -688,10 +707,7 @@ fn bench_capture_costs() {
         modes.rotate_left(first);
         for mode in modes {
             let s = bench.setup_sample(mode, "", sizes.setup_connections, &mut results);
-            results.add("connect_rate", mode, "conn/s", s.rate);
-            results.add("connect_cpu", mode, "us/conn", s.cpu_us);
-            results.add("connect_p50", mode, "us", s.p50_us);
-            results.add("connect_p99", mode, "us", s.p99_us);
+            results.add_sample("connect", mode, "conn", &s);
         }
         let last = |mode| *results.get("connect_rate", mode).last().unwrap_or(&0.0);
         println!(
@@ -743,10 +759,7 @@ fn bench_capture_costs() {
         modes.rotate_left(first);
         for mode in modes {
             let s = bench.dns_sample(mode, sizes.requests);
-            results.add("dns_query_rate", mode, "query/s", s.rate);
-            results.add("dns_query_cpu", mode, "us/query", s.cpu_us);
-            results.add("dns_query_p50", mode, "us", s.p50_us);
-            results.add("dns_query_p99", mode, "us", s.p99_us);
+            results.add_sample("dns_query", mode, "query", &s);
         }
         let last = |mode| *results.get("dns_query_p50", mode).last().unwrap_or(&0.0);
         println!(

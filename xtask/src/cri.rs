@@ -15,7 +15,7 @@ use crate::{
     image::{containers_conf, image, podman, podman_build},
     rootfs::strip_into,
     sysdeps::{self, SANDBOX_TOOLS, Tool, run_checked},
-    test::{leftovers, with_leftovers},
+    test::{leftovers, pinned_instances, with_leftovers},
 };
 
 /// The test image's name in podman's storage and in containerd's.
@@ -118,19 +118,11 @@ fn cri_leftovers(shims_before: bool, cni_cache_before: bool) -> Vec<String> {
             }
         }
     }
-    if let Ok(entries) = fs::read_dir("/sys/fs/bpf/redirect") {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            // An instance, or the staging directory (`@new-`, `@del-`) of one.
-            let base = ["@new-", "@del-"]
-                .iter()
-                .find_map(|prefix| name.strip_prefix(prefix))
-                .unwrap_or(&name);
-            if base.starts_with("cni-") && base.len() == "cni-".len() + 64 {
-                found.push(format!("pin directory {}", entry.path().display()));
-            }
-        }
-    }
+    // The plugin names instances after the sandbox's 64-hex-digit id.
+    found.extend(pinned_instances(|name| {
+        name.strip_prefix("cni-")
+            .is_some_and(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+    }));
     if !shims_before && std::path::Path::new(SHIM_SOCKETS).exists() {
         found.push(format!("shim sockets in {SHIM_SOCKETS}"));
     }

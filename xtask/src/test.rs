@@ -83,6 +83,25 @@ pub fn test(filter: Option<&str>, lint: bool, bench: bool, pods: bool) -> Result
     Ok(())
 }
 
+/// The pin directories of instances whose name `matches` (and the staging
+/// directories, `@new-` and `@del-`, of such instances).
+pub fn pinned_instances(matches: impl Fn(&str) -> bool) -> Vec<String> {
+    let Ok(entries) = fs::read_dir("/sys/fs/bpf/redirect") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let base = ["@new-", "@del-"]
+                .iter()
+                .find_map(|prefix| name.strip_prefix(prefix))
+                .unwrap_or(&name);
+            matches(base).then(|| format!("pin directory {}", entry.path().display()))
+        })
+        .collect()
+}
+
 /// `ran`, failed also when `what` left state behind; a failed run names
 /// what it left too (a failure is when that matters most).
 pub fn with_leftovers(what: &str, ran: Result<()>, left: Vec<String>) -> Result<()> {
@@ -99,21 +118,9 @@ pub fn with_leftovers(what: &str, ran: Result<()>, left: Vec<String>) -> Result<
 /// State the sandbox creates and must always remove: its cgroups and the
 /// pins of its instances.
 pub fn leftovers() -> Vec<String> {
-    let mut found = Vec::new();
-    if let Ok(entries) = fs::read_dir("/sys/fs/bpf/redirect") {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            // An instance, or the staging directory (`@new-`, `@del-`) of one.
-            let base = ["@new-", "@del-"]
-                .iter()
-                .find_map(|prefix| name.strip_prefix(prefix))
-                .unwrap_or(&name);
-            // A sandbox's own instance, or the CNI plugin's for it.
-            if base.starts_with("sbx-") || base.starts_with("cni-sbx-") {
-                found.push(format!("pin directory /sys/fs/bpf/redirect/{name}"));
-            }
-        }
-    }
+    // A sandbox's own instance, or the CNI plugin's for it.
+    let mut found =
+        pinned_instances(|name| name.starts_with("sbx-") || name.starts_with("cni-sbx-"));
     if let Ok(mounts) = fs::read_to_string("/proc/mounts") {
         for line in mounts.lines() {
             let mut fields = line.split_whitespace();

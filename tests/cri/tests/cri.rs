@@ -76,6 +76,45 @@ fn lands_from(runtime: &Runtime, container: &str, to: SocketAddrV4) -> String {
         .to_owned()
 }
 
+/// The pod's proxy: uid 1337, answering on 15001 and 15006 with each
+/// connection's SO_ORIGINAL_DST.
+fn start_proxy(runtime: &Runtime, pod: &Pod) -> String {
+    runtime
+        .start_container(
+            pod,
+            "istio-proxy",
+            1337,
+            &[
+                "sandbox-agent",
+                "serve",
+                "--listen",
+                "0.0.0.0:15001,0.0.0.0:15006",
+                "--report",
+                "original-dst",
+            ],
+        )
+        .expect("proxy container")
+}
+
+/// The pod's app: uid 1000, answering `reply` on `listen`.
+fn start_app(runtime: &Runtime, pod: &Pod, listen: &str, reply: &str) -> String {
+    runtime
+        .start_container(
+            pod,
+            "app",
+            1000,
+            &[
+                "sandbox-agent",
+                "serve",
+                "--listen",
+                listen,
+                "--reply",
+                reply,
+            ],
+        )
+        .expect("app container")
+}
+
 fn percentile(sorted: &[u64], p: usize) -> u64 {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
@@ -120,36 +159,8 @@ fn pods_through_containerd_cri() {
         "ADD installed the pod's eBPF capture: {:?}",
         instances()
     );
-    let proxy = runtime
-        .start_container(
-            &pod,
-            "istio-proxy",
-            1337,
-            &[
-                "sandbox-agent",
-                "serve",
-                "--listen",
-                "0.0.0.0:15001,0.0.0.0:15006",
-                "--report",
-                "original-dst",
-            ],
-        )
-        .expect("proxy container");
-    let app = runtime
-        .start_container(
-            &pod,
-            "app",
-            1000,
-            &[
-                "sandbox-agent",
-                "serve",
-                "--listen",
-                "0.0.0.0:9080,0.0.0.0:9081",
-                "--reply",
-                "app",
-            ],
-        )
-        .expect("app container");
+    let proxy = start_proxy(&runtime, &pod);
+    let app = start_app(&runtime, &pod, "0.0.0.0:9080,0.0.0.0:9081", "app");
     // Outbound: the app's call reaches the proxy, which learns where it went.
     assert_eq!(
         lands_from(&runtime, &app, upstream),
@@ -182,21 +193,7 @@ fn pods_through_containerd_cri() {
         })
         .expect("RunPodSandbox of a plain pod");
     assert!(!instances().contains(&instance_of(&plain)));
-    let plain_app = runtime
-        .start_container(
-            &plain,
-            "app",
-            1000,
-            &[
-                "sandbox-agent",
-                "serve",
-                "--listen",
-                "0.0.0.0:9080",
-                "--reply",
-                "plain",
-            ],
-        )
-        .expect("plain app container");
+    let plain_app = start_app(&runtime, &plain, "0.0.0.0:9080", "plain");
     assert_eq!(lands_from(&runtime, &plain_app, upstream), "1\tupstream");
     assert_eq!(
         sandbox
@@ -222,36 +219,8 @@ fn pods_through_containerd_cri() {
         })
         .expect("RunPodSandbox with the iptables plugin");
     assert!(!instances().contains(&instance_of(&by_rules)));
-    runtime
-        .start_container(
-            &by_rules,
-            "istio-proxy",
-            1337,
-            &[
-                "sandbox-agent",
-                "serve",
-                "--listen",
-                "0.0.0.0:15001,0.0.0.0:15006",
-                "--report",
-                "original-dst",
-            ],
-        )
-        .expect("proxy container");
-    let rules_app = runtime
-        .start_container(
-            &by_rules,
-            "app",
-            1000,
-            &[
-                "sandbox-agent",
-                "serve",
-                "--listen",
-                "0.0.0.0:9080",
-                "--reply",
-                "app",
-            ],
-        )
-        .expect("app container");
+    start_proxy(&runtime, &by_rules);
+    let rules_app = start_app(&runtime, &by_rules, "0.0.0.0:9080", "app");
     assert_eq!(
         lands_from(&runtime, &rules_app, upstream),
         format!("1\t{upstream}")
