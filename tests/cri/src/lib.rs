@@ -508,6 +508,71 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         uid: i64,
         args: &[&str],
     ) -> Result<String> {
+        let (id, log) = self.create_and_start(pod, name, uid, "/agent", args)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // The CRI log format: `<time> stdout F ready`.
+        while !fs::read_to_string(&log).is_ok_and(|t| t.contains(" stdout F ready")) {
+            if Instant::now() > deadline {
+                bail!(
+                    "container {name} did not become ready within 30 s: {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(id)
+    }
+
+    /// Runs `command args` in `pod` as an init container does (as
+    /// `uid:gid`, every capability dropped) until it exits (at most 60 s);
+    /// its exit code and log.
+    pub fn run_to_completion(
+        &self,
+        pod: &Pod,
+        name: &str,
+        uid: i64,
+        command: &str,
+        args: &[&str],
+    ) -> Result<(i32, String)> {
+        let (id, log) = self.create_and_start(pod, name, uid, command, args)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let container_id = id.clone();
+            let status = self
+                .call(|mut c| async move {
+                    c.container_status(cri::ContainerStatusRequest {
+                        container_id,
+                        verbose: false,
+                    })
+                    .await
+                })
+                .with_context(|| format!("ContainerStatus {name}"))?
+                .status
+                .context("no container status")?;
+            if status.state == i32::from(cri::ContainerState::ContainerExited) {
+                return Ok((
+                    status.exit_code,
+                    fs::read_to_string(&log).unwrap_or_default(),
+                ));
+            }
+            if Instant::now() > deadline {
+                bail!("container {name} did not exit within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `CreateContainer` and `StartContainer` as a kubelet sends them for a
+    /// container of `pod` running `command args` as `uid:gid`, every
+    /// capability dropped, no mount, no privilege gain. Its id and log.
+    fn create_and_start(
+        &self,
+        pod: &Pod,
+        name: &str,
+        uid: i64,
+        command: &str,
+        args: &[&str],
+    ) -> Result<(String, PathBuf)> {
         let log = format!("{name}.log");
         let config = cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata {
@@ -518,7 +583,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 image: self.image.clone(),
                 ..Default::default()
             }),
-            command: vec!["/agent".to_owned()],
+            command: vec![command.to_owned()],
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             log_path: log.clone(),
             linux: Some(cri::LinuxContainerConfig {
@@ -552,19 +617,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 .await
         })
         .with_context(|| format!("StartContainer {name}"))?;
-        let log = Path::new(&pod.config.log_directory).join(log);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        // The CRI log format: `<time> stdout F ready`.
-        while !fs::read_to_string(&log).is_ok_and(|t| t.contains(" stdout F ready")) {
-            if Instant::now() > deadline {
-                bail!(
-                    "container {name} did not become ready within 30 s: {}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(id)
+        Ok((id, Path::new(&pod.config.log_directory).join(log)))
     }
 
     /// `ExecSync` of `/agent <args>` in a container; its stdout.

@@ -7,7 +7,9 @@
 //! the shipped binary, which becomes the plugin, in `REDIRECT_CNI_BIN`);
 //! ignored by a plain `cargo test`.
 //!
-//! An annotated pod gets its capture at ADD, with no privilege in the pod:
+//! An annotated pod gets its capture at ADD, with no privilege in the pod
+//! (Istio's `istio-validation` finds it in place, and fails with 126 where
+//! there is none):
 //! its app runs as uid 1000 with every capability dropped and no mount; its
 //! proxy (uid 1337) learns each connection's original destination. The
 //! annotations' exclusions hold, the plugin configured for iptables gives
@@ -74,6 +76,43 @@ fn lands_from(runtime: &Runtime, container: &str, to: SocketAddrV4) -> String {
         .expect("exec connect")
         .trim()
         .to_owned()
+}
+
+/// What Istio's injector runs in CNI mode before the pod's containers
+/// (`istio-validation`, with the values of
+/// redirect-user/deploy/istio-cni-values.yaml: this image's `redirect`,
+/// as the proxy's user, no capability): its exit code and log.
+fn validation(runtime: &Runtime, pod: &Pod) -> (i32, String) {
+    runtime
+        .run_to_completion(
+            pod,
+            "istio-validation",
+            1337,
+            "/usr/local/bin/redirect",
+            &[
+                "istio-iptables",
+                "-p",
+                "15001",
+                "-z",
+                "15006",
+                "-u",
+                "1337",
+                "-m",
+                "REDIRECT",
+                "-i",
+                "*",
+                "-x",
+                "",
+                "-b",
+                "*",
+                "-d",
+                "15090,15021,15020",
+                "--log_output_level=default:info",
+                "--run-validation",
+                "--skip-rule-apply",
+            ],
+        )
+        .expect("istio-validation container")
 }
 
 /// The pod's proxy: uid 1337, answering on 15001 and 15006 with each
@@ -159,6 +198,10 @@ fn pods_through_containerd_cri() {
         "ADD installed the pod's eBPF capture: {:?}",
         instances()
     );
+    // Istio's validation, as the injector runs it before the pod's
+    // containers, finds the capture in place.
+    let (code, log) = validation(&runtime, &pod);
+    assert_eq!(code, 0, "istio-validation in the captured pod: {log}");
     let proxy = start_proxy(&runtime, &pod);
     let app = start_app(&runtime, &pod, "0.0.0.0:9080,0.0.0.0:9081", "app");
     // Outbound: the app's call reaches the proxy, which learns where it went.
@@ -193,6 +236,9 @@ fn pods_through_containerd_cri() {
         })
         .expect("RunPodSandbox of a plain pod");
     assert!(!instances().contains(&instance_of(&plain)));
+    // Without capture, validation fails as Istio's does: exit 126.
+    let (code, log) = validation(&runtime, &plain);
+    assert_eq!(code, 126, "istio-validation in the uncaptured pod: {log}");
     let plain_app = start_app(&runtime, &plain, "0.0.0.0:9080", "plain");
     assert_eq!(lands_from(&runtime, &plain_app, upstream), "1\tupstream");
     assert_eq!(
@@ -219,6 +265,8 @@ fn pods_through_containerd_cri() {
         })
         .expect("RunPodSandbox with the iptables plugin");
     assert!(!instances().contains(&instance_of(&by_rules)));
+    let (code, log) = validation(&runtime, &by_rules);
+    assert_eq!(code, 0, "istio-validation with Istio's rules: {log}");
     start_proxy(&runtime, &by_rules);
     let rules_app = start_app(&runtime, &by_rules, "0.0.0.0:9080", "app");
     assert_eq!(
