@@ -445,3 +445,41 @@ fn the_agent_writes_the_plugin_a_kubeconfig_from_its_service_account() {
         "uninstall leaves a kubeconfig it did not write"
     );
 }
+
+#[test]
+fn concurrent_installs_all_succeed_and_chain_the_plugin_once() {
+    // A DaemonSet's rolling update can run two agents' installs at once.
+    let dirs = Dirs::new("concurrent");
+    let list = dirs.conf().join("10-pods.conflist");
+    fs::write(&list, BRIDGE).expect("conflist");
+    let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| dirs.node("install", &[])))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("install thread"))
+            .collect()
+    });
+    for out in &outcomes {
+        assert!(out.ok(), "{out:?}");
+    }
+    let plugins = json_of(&list)["plugins"]
+        .as_array()
+        .expect("plugins")
+        .clone();
+    let ours = plugins
+        .iter()
+        .filter(|p| p["type"] == "redirect-cni")
+        .count();
+    assert_eq!((plugins.len(), ours), (3, 1), "{plugins:?}");
+    assert!(dirs.bin().join("redirect-cni").is_file());
+    let stray: Vec<String> = fs::read_dir(dirs.conf())
+        .expect("conf dir")
+        .chain(fs::read_dir(dirs.bin()).expect("bin dir"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".redirect-tmp"))
+        .collect();
+    assert!(stray.is_empty(), "temporary files left: {stray:?}");
+}

@@ -193,7 +193,10 @@ fn service_account_kubeconfig(args: &NodeInstallArgs) -> Result<Option<String>> 
 /// Copies this binary to `to` atomically, executable.
 fn copy_self(to: &Path) -> Result<()> {
     let exe = std::env::current_exe().context("locating the redirect binary")?;
-    let tmp = to.with_file_name(format!(".{PLUGIN_TYPE}.redirect-tmp"));
+    let tmp = to.with_file_name(format!(
+        ".{PLUGIN_TYPE}.{}.redirect-tmp",
+        std::process::id()
+    ));
     fs::copy(&exe, &tmp)
         .with_context(|| format!("copying {} to {}", exe.display(), tmp.display()))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))?;

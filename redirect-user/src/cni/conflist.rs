@@ -105,7 +105,7 @@ pub fn write(path: &Path, conf: &Value) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.redirect-tmp"));
+    let tmp = dir.join(format!(".{name}.{}.redirect-tmp", std::process::id()));
     let text = serde_json::to_string_pretty(conf)? + "\n";
     fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| {

@@ -115,7 +115,7 @@ pub fn write(conf_dir: &Path, text: &str) -> Result<(PathBuf, bool)> {
     if fs::read_to_string(&path).is_ok_and(|old| old == text) {
         return Ok((path, false));
     }
-    let tmp = conf_dir.join(format!(".{FILE}.redirect-tmp"));
+    let tmp = conf_dir.join(format!(".{FILE}.{}.redirect-tmp", std::process::id()));
     let _ = fs::remove_file(&tmp);
     fs::OpenOptions::new()
         .write(true)
