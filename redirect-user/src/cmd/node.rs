@@ -90,6 +90,9 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
             bail!("{flag} {} is not an absolute path", path.display());
         }
     }
+    for dir in [&dirs.cni_conf_dir, &dirs.cni_bin_dir] {
+        conflist::remove_stale_temporaries(dir);
+    }
     let file = conflist::active_file(&dirs.cni_conf_dir)?;
     let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     // Read before anything is written: a bad service account changes nothing.

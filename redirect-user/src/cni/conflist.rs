@@ -114,6 +114,28 @@ pub fn write(path: &Path, conf: &Value) -> Result<()> {
     })
 }
 
+/// Removes the temporary files (`.<name>.<pid>.redirect-tmp`) that an
+/// interrupted `node install` left in `dir`: those of processes that are
+/// gone. The runtime never reads them (not a configuration's extension).
+pub fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_suffix(".redirect-tmp")
+            .and_then(|rest| rest.rsplit_once('.'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if name.starts_with('.') && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +204,26 @@ mod tests {
         }
         assert_eq!(active_file(&dir).unwrap(), dir.join("10-a.conf"));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_temporaries_of_dead_processes_are_removed() {
+        let dir = std::env::temp_dir().join(format!("redirect-tmp-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let live = format!(".10-pods.conflist.{}.redirect-tmp", std::process::id());
+        // Pids are below 2^22: this one never runs.
+        let dead = ".10-pods.conflist.4294967295.redirect-tmp";
+        for name in [live.as_str(), dead, "10-pods.conflist", ".other"] {
+            fs::write(dir.join(name), "{}").unwrap();
+        }
+        remove_stale_temporaries(&dir);
+        let mut left: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(left, [live.as_str(), ".other", "10-pods.conflist"]);
     }
 }
