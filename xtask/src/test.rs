@@ -141,3 +141,25 @@ pub fn leftovers() -> Vec<String> {
     }
     found
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_run_also_names_what_it_left() {
+        let left = || vec!["cgroup /x".to_owned()];
+        assert!(with_leftovers("t", Ok(()), Vec::new()).is_ok());
+        let err = with_leftovers("t", Ok(()), left()).unwrap_err();
+        assert_eq!(err.to_string(), "t left state behind: cgroup /x");
+        let err = with_leftovers("t", Err(anyhow::anyhow!("tests failed")), left()).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("cgroup /x") && text.contains("tests failed"),
+            "{text}"
+        );
+        let err =
+            with_leftovers("t", Err(anyhow::anyhow!("tests failed")), Vec::new()).unwrap_err();
+        assert_eq!(err.to_string(), "tests failed");
+    }
+}
