@@ -21,7 +21,11 @@
 use std::{collections::BTreeSet, net::SocketAddrV4, path::PathBuf, time::Instant};
 
 use redirect_cri_test::{Pod, PodSpec, Runtime};
-use redirect_sandbox::{APP, Group, Net, PEER_IP, Sandbox, cli::redirect, require_root};
+use redirect_sandbox::{
+    APP, Group, Net, PEER_IP, Sandbox,
+    cli::{ISTIO_SIDECAR_ARGS, redirect},
+    require_root,
+};
 
 /// Istio's injector marks a pod it injected with this annotation; the
 /// plugin captures only such pods.
@@ -83,34 +87,20 @@ fn lands_from(runtime: &Runtime, container: &str, to: SocketAddrV4) -> String {
 /// redirect-user/deploy/istio-cni-values.yaml: this image's `redirect`,
 /// as the proxy's user, no capability): its exit code and log.
 fn validation(runtime: &Runtime, pod: &Pod) -> (i32, String) {
+    let mut args = vec!["istio-iptables"];
+    args.extend_from_slice(ISTIO_SIDECAR_ARGS);
+    args.extend([
+        "--log_output_level=default:info",
+        "--run-validation",
+        "--skip-rule-apply",
+    ]);
     runtime
         .run_to_completion(
             pod,
             "istio-validation",
             1337,
             "/usr/local/bin/redirect",
-            &[
-                "istio-iptables",
-                "-p",
-                "15001",
-                "-z",
-                "15006",
-                "-u",
-                "1337",
-                "-m",
-                "REDIRECT",
-                "-i",
-                "*",
-                "-x",
-                "",
-                "-b",
-                "*",
-                "-d",
-                "15090,15021,15020",
-                "--log_output_level=default:info",
-                "--run-validation",
-                "--skip-rule-apply",
-            ],
+            &args,
         )
         .expect("istio-validation container")
 }
