@@ -36,8 +36,8 @@ const CNI_PLUGINS: &str = "/usr/lib/cni";
 
 /// The pods' subnet and the bridge's address (their gateway), inside the
 /// peer namespace.
-pub const SUBNET: &str = "10.244.0.0/24";
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+const SUBNET: &str = "10.244.0.0/24";
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 
 /// How long a CRI call may take (a sandbox start includes the CNI ADD).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -49,11 +49,11 @@ const SHIM_DIR: &str = "/run/containerd";
 /// A private containerd and a CRI client to it. Dropping it stops every
 /// pod it made, stops containerd and removes its files, mounts and cgroups.
 pub struct Runtime {
-    pub dir: PathBuf,
+    dir: PathBuf,
     /// The pod cgroups' parent, relative to each cgroup hierarchy's root.
     cgroup_parent: PathBuf,
     /// The plugin's log (`redirect node install --cni-log-file`).
-    pub cni_log: PathBuf,
+    cni_log: PathBuf,
     /// The `redirect` binary `node install` runs as and installs as the
     /// plugin (the shipped build).
     plugin_binary: PathBuf,
@@ -323,7 +323,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     }
 
     /// The last lines of one of the runtime's files, for an error.
-    pub fn tail(&self, name: &str) -> String {
+    fn tail(&self, name: &str) -> String {
         let text = fs::read_to_string(self.path(name)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
@@ -808,14 +808,14 @@ fn kill_shims(socket: &Path) {
 /// every cgroup hierarchy, children first: runc writes pod and container
 /// cgroups into each v1 controller's hierarchy as well as cgroup2 on a
 /// hybrid host. Bounded: a cgroup still busy after 5 s is reported.
-pub fn remove_cgroup_everywhere(rel: &Path) {
+fn remove_cgroup_everywhere(rel: &Path) {
     for hierarchy in cgroup_hierarchies() {
         remove_tree(&hierarchy.join(rel));
     }
 }
 
 /// Where each cgroup hierarchy (v1 controllers and cgroup2) is mounted.
-pub fn cgroup_hierarchies() -> Vec<PathBuf> {
+fn cgroup_hierarchies() -> Vec<PathBuf> {
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
     mounts
         .lines()
