@@ -57,6 +57,10 @@ enum Task {
         /// the suite when no filter is given.
         #[arg(long)]
         no_pods: bool,
+        /// Skip the eBPF tests on the oldest kernel (5.10 under QEMU, about
+        /// five minutes), which run last when no filter is given.
+        #[arg(long)]
+        no_vm: bool,
     },
     /// Run the benchmarks (release build): the cost of capture, eBPF vs
     /// iptables vs none, measured in one run; table, JSON and SVG plots in
@@ -116,6 +120,10 @@ enum Task {
         /// Only write docs/kernels.md again from the last run's matrix.json.
         #[arg(long)]
         render_docs: bool,
+        /// Run only this end-to-end test binary (repeatable; default: all).
+        /// A subset run leaves the matrix files and docs/kernels.md alone.
+        #[arg(long = "test", value_name = "BINARY")]
+        tests: Vec<String>,
     },
 }
 
@@ -129,7 +137,14 @@ fn main() -> ExitCode {
             no_lint,
             no_bench,
             no_pods,
-        } => test::test(filter.as_deref(), !no_lint, !no_bench, !no_pods),
+            no_vm,
+        } => test::test(&test::Options {
+            filter: filter.as_deref(),
+            lint: !no_lint,
+            bench: !no_bench,
+            pods: !no_pods,
+            oldest_kernel: !no_vm,
+        }),
         Task::Bench { quick } => bench::bench(quick),
         Task::FuzzDiff {
             cases,
@@ -152,10 +167,12 @@ fn main() -> ExitCode {
             keep,
             timeout_minutes,
             render_docs,
+            tests,
         } => vm::vm_test(&vm::Options {
             kernels,
             keep,
             render_docs,
+            tests,
             timeout: std::time::Duration::from_secs(timeout_minutes * 60),
         }),
     };

@@ -3,7 +3,8 @@
 //! smoke test (`cargo xtask bench --quick`: every figure is produced) and
 //! the pod tests (`cargo xtask pod-test`: the init-container image in real
 //! podman pods; `cargo xtask cri-test`: the CNI plugin through containerd's
-//! CRI).
+//! CRI), then the eBPF tests on the oldest kernel of the matrix under QEMU
+//! (`cargo xtask vm-test --kernel 5.10` with a subset of the binaries).
 
 use std::{fs, path::Path};
 
@@ -14,7 +15,28 @@ use crate::{
     sysdeps::{self, SANDBOX_TOOLS, TEST_TOOLS, run_checked},
 };
 
-pub fn test(filter: Option<&str>, lint: bool, bench: bool, pods: bool) -> Result<()> {
+/// What `cargo xtask test` runs besides the unit and end-to-end tests.
+pub struct Options<'a> {
+    /// Passed to `cargo test`; a filtered run is only that.
+    pub filter: Option<&'a str>,
+    /// `cargo fmt --check` and clippy (three builds).
+    pub lint: bool,
+    /// `cargo xtask bench --quick`.
+    pub bench: bool,
+    /// `cargo xtask pod-test` and `cargo xtask cri-test`.
+    pub pods: bool,
+    /// The eBPF tests on the oldest kernel of the matrix, under QEMU.
+    pub oldest_kernel: bool,
+}
+
+pub fn test(opts: &Options) -> Result<()> {
+    let Options {
+        filter,
+        lint,
+        bench,
+        pods,
+        oldest_kernel,
+    } = *opts;
     sysdeps::ensure_tools(SANDBOX_TOOLS)?;
     sysdeps::ensure_tools(TEST_TOOLS)?;
     if lint {
@@ -79,6 +101,9 @@ pub fn test(filter: Option<&str>, lint: bool, bench: bool, pods: bool) -> Result
     if pods && filter.is_none() {
         crate::image::pod_test()?;
         crate::cri::cri_test()?;
+    }
+    if oldest_kernel && filter.is_none() {
+        crate::vm::oldest_kernel()?;
     }
     Ok(())
 }
