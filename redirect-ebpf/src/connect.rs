@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ConnectInput, Counter, Event, LOCALHOST, LOG_DEBUG, LOG_TRACE, OrigDst, SOCK_STREAM, Source,
-    Verdict, decide_connect, redirect_source, to_v4_mapped, v4_mapped,
+    ConnectInput, Counter, Event, LOCALHOST, LOG_DEBUG, LOG_TRACE, LOOPBACK_IFINDEX, OrigDst,
+    SOCK_STREAM, Source, Verdict, decide_connect, redirect_source, to_v4_mapped, v4_mapped,
 };
 
 use crate::{
@@ -20,12 +20,10 @@ use crate::{
     net::{AF_INET, AF_INET6, ALLOW, read_ip6, write_ip6},
 };
 
-/// `LOOPBACK_IFINDEX`: `lo` is interface 1 in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
-
 /// Mirrors Istio's outbound capture, by default:
 ///
 /// ```text
+/// -A OUTPUT -o X -j RETURN                                (each -c interface)
 /// -A OUTPUT -p tcp -j ISTIO_OUTPUT
 /// -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
 /// -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
@@ -116,6 +114,7 @@ pub(crate) fn capture(
         dst_port: u16::from_be(user_port as u16),
         src_ip,
         dev_lo: sk.bound_dev_if == LOOPBACK_IFINDEX,
+        bound_dev: sk.bound_dev_if,
     };
     let verdict = decide_connect(&input, cfg, &maps);
     let level = cfg.log_level;

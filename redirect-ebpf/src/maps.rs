@@ -16,8 +16,8 @@ use aya_ebpf::{
 use redirect_common::{
     CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, Counter, InstanceMeta, LISTENER_SLOTS,
     Lookups, MAX_CIDRS, MAX_GROUPS, MAX_IN_HITS, MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS, MAX_PORTS,
-    MAX_ROUTES, OrigDst, PORT_RANGE_SLOT_BITS, RedirectConfig, active_slot, cidr_key, port_key,
-    port_range_key, slot_key,
+    MAX_ROUTES, OrigDst, PORT_RANGE_SLOT_BITS, ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry,
+    active_slot, cidr_key, port_key, port_range_key, slot_key,
 };
 
 /// Largest number of connections whose original destination is tracked at
@@ -166,9 +166,11 @@ pub(crate) static RDR_LOCAL: HashMap<u64, u8> = HashMap::pinned(MAX_LOCAL_ADDRS 
 
 /// The pod's routing view for redirected connects: each route's source
 /// address (network order) under the route's destination, 0 for a
-/// destination the kernel refuses TCP to (a subnet broadcast).
+/// destination the kernel refuses TCP to (a subnet broadcast), and whether
+/// its device is one `-c` names.
 #[map]
-pub(crate) static RDR_ROUTE: LpmTrie<[u8; 8], u32> = LpmTrie::pinned(MAX_ROUTES * CONFIG_SLOTS, 0);
+pub(crate) static RDR_ROUTE: LpmTrie<[u8; 8], RouteEntry> =
+    LpmTrie::pinned(MAX_ROUTES * CONFIG_SLOTS, 0);
 
 /// The proxy's inbound listeners, put here by [`redirect_sockops`] when a
 /// socket of the cgroup listens on the inbound port (or by user space, for
@@ -235,6 +237,20 @@ impl Lookups for Maps {
 
     #[inline(always)]
     fn route_source(&self, ip: u32) -> Option<u32> {
+        self.route(ip).map(|route| route.src)
+    }
+
+    #[inline(always)]
+    fn route_excluded(&self, ip: u32) -> bool {
+        self.route(ip)
+            .is_some_and(|route| route.flags & ROUTE_EXCLUDED_IFACE != 0)
+    }
+}
+
+impl Maps {
+    /// The route to `ip` in this slot's routing view.
+    #[inline(always)]
+    fn route(&self, ip: u32) -> Option<RouteEntry> {
         RDR_ROUTE
             .get(Key::new(CIDR_SLOT_BITS + 32, cidr_key(self.slot, ip)))
             .copied()

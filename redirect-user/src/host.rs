@@ -92,7 +92,10 @@ pub trait Host {
     fn addresses(&self) -> std::io::Result<Vec<IpAddr>>;
     /// The network namespace's routing view for eBPF's redirected
     /// connects (see [`crate::ebpf::routes`]).
-    fn routes(&self) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>>;
+    fn routes(&self, excluded: &[String]) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>>;
+    /// The index of the interface `name` in the calling thread's network
+    /// namespace (`None`: no such interface).
+    fn ifindex(&self, name: &str) -> Option<u32>;
 
     /// An environment variable as text, `None` when unset. A value that is
     /// not UTF-8 is an error naming the variable, never taken as unset: a
@@ -123,8 +126,14 @@ impl Host for RealHost {
         interface_addresses()
     }
 
-    fn routes(&self) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>> {
-        crate::ebpf::routes::read()
+    fn routes(&self, excluded: &[String]) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>> {
+        crate::ebpf::routes::read(excluded)
+    }
+    fn ifindex(&self, name: &str) -> Option<u32> {
+        let name = std::ffi::CString::new(name).ok()?;
+        // SAFETY: a NUL-terminated string that outlives the call.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        (index != 0).then_some(index)
     }
 }
 
@@ -280,14 +289,25 @@ pub(crate) mod fake {
         fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
             Ok(vec!["10.0.0.5".parse().unwrap()])
         }
-        fn routes(&self) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>> {
+        fn routes(
+            &self,
+            excluded: &[String],
+        ) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>> {
             Ok(vec![crate::ebpf::routes::RouteSource {
                 dst: crate::capture::Ipv4Cidr {
                     addr: std::net::Ipv4Addr::UNSPECIFIED,
                     prefix: 0,
                 },
                 src: Some(std::net::Ipv4Addr::new(10, 0, 0, 5)),
+                excluded: excluded.iter().any(|nic| nic == "eth0"),
             }])
+        }
+        fn ifindex(&self, name: &str) -> Option<u32> {
+            match name {
+                "lo" => Some(1),
+                "eth0" => Some(2),
+                _ => None,
+            }
         }
     }
 

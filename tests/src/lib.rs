@@ -56,6 +56,14 @@ pub const POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 1);
 /// The peer's IPv6 address.
 pub const PEER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 2);
 
+/// The pod's address on its second link, `nic2` ([`Sandbox::add_second_link`]:
+/// 192.0.2.0/24, a documentation range, inside the sandbox only).
+pub const POD_NIC2_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The peer's address on the second link.
+pub const PEER_NIC2_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// The second link's name on both sides.
+pub const NIC2: &str = "nic2";
+
 /// The `n`-th extra peer address (`n` in 1..=250), added by
 /// [`Sandbox::add_peer_addresses`].
 pub fn peer_ip(n: u8) -> Ipv4Addr {
@@ -240,6 +248,32 @@ impl Sandbox {
                  addr add {PEER_IP6}/64 dev eth0 nodad\n\
                  link set eth0 up\n\
                  link set lo up\n"
+            ),
+        )
+    }
+
+    /// A second veth pair between the pod and the peer, [`NIC2`] on both
+    /// sides ([`POD_NIC2_IP`] and [`PEER_NIC2_IP`], /24): the pod reaches
+    /// the peer through another interface (what `-c` names).
+    pub fn add_second_link(&self) -> Result<()> {
+        let peer = format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.peer_ns.as_raw_fd()
+        );
+        self.ip_batch(
+            Net::Pod,
+            &format!(
+                "link add {NIC2} type veth peer name {NIC2} netns {peer}\n\
+                 addr add {POD_NIC2_IP}/24 dev {NIC2}\n\
+                 link set {NIC2} up\n"
+            ),
+        )?;
+        self.ip_batch(
+            Net::Peer,
+            &format!(
+                "addr add {PEER_NIC2_IP}/24 dev {NIC2}\n\
+                 link set {NIC2} up\n"
             ),
         )
     }

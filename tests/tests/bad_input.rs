@@ -49,7 +49,14 @@ fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
             "install and run do not read the pod's resolv.conf: capture DNS with `redirect istio-iptables --redirect-dns`",
         ),
         (&["-k", "eth1"], "-k/--kube-virt-interfaces"),
-        (&["-c", "eth1"], "-c/--istio-exclude-interfaces"),
+        (
+            &["-c", "eth1"],
+            "-c eth1 naming an interface the pod does not have",
+        ),
+        (
+            &["-c", "eth0", "-b", "9080"],
+            "-c/--istio-exclude-interfaces with inbound capture (-b)",
+        ),
         (&["-x", "fd00::/8"], "IPv6 CIDRs in -i/-x"),
         (
             &["-b", "9080", "-m", "TPROXY"],

@@ -22,7 +22,7 @@ use std::{
 };
 
 use redirect_sandbox::{
-    APP, Group, Identity, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
+    APP, Group, Identity, Net, PEER_IP, PEER_NIC2_IP, POD_IP, POD_NIC2_IP, PROXY, ROOT, Sandbox,
     cli::{Outcome, outcome, redirect_bin},
     peer_ip, require_root,
 };
@@ -101,6 +101,11 @@ const CONFIGS: &[Flags] = &[
         env: &[],
     },
     Flags {
+        name: "excluded-interface",
+        args: &["-i", "*", "-b", "", "-c", "nic2"],
+        env: &[],
+    },
+    Flags {
         name: "40-groups-only-and-wide-ranges",
         args: &["-i", "*", "-o", "1:21,23:79", "-b", "*", "-d", "1:80"],
         env: &[("ISTIO_OUTBOUND_OWNER_GROUPS", FORTY_GROUPS)],
@@ -167,6 +172,8 @@ fn destinations() -> Vec<SocketAddrV4> {
         peer_ip(1),
         peer_ip(2),
         PEER_IP,
+        PEER_NIC2_IP,
+        POD_NIC2_IP,
     ]
     .into_iter()
     .chain(SPECIAL)
@@ -279,6 +286,7 @@ const IPTABLES: Backend = Backend {
 fn pod_with_servers() -> Sandbox {
     let sandbox = Sandbox::for_tests().expect("sandbox");
     sandbox.add_peer_addresses(2).expect("peer addresses");
+    sandbox.add_second_link().expect("second link");
     for (port, reply) in [(15001, "proxy"), (15006, "inbound")] {
         // Transparent, as Envoy's listeners are in TPROXY mode (iptables'
         // TPROXY target only delivers to such sockets).
@@ -440,4 +448,35 @@ fn native_nftables_and_iptables_capture_the_same_connections() {
             "--cleanup-only removed Istio's nftables tables"
         );
     });
+}
+
+/// `-c nic2` is not vacuous above: under both backends the app's call
+/// through `nic2` goes direct, its call through `eth0` to the proxy, and
+/// without `-c` both go to the proxy.
+#[test]
+fn an_excluded_interface_is_never_captured() {
+    require_root!();
+    let sandbox = pod_with_servers();
+    let ebpf = Backend {
+        name: "eBPF",
+        mode: "ebpf",
+        extra: &[],
+        says: "with eBPF",
+    };
+    let through = |landed: &BTreeMap<String, String>, ip: Ipv4Addr| {
+        let case = format!("{}/{} -> {}", APP.uid, APP.gid, SocketAddrV4::new(ip, 80));
+        landed.get(&case).cloned().unwrap_or_default()
+    };
+    let excluded = CONFIGS
+        .iter()
+        .find(|f| f.name == "excluded-interface")
+        .expect("the -c configuration");
+    let default = CONFIGS.first().expect("the default configuration");
+    for backend in [&IPTABLES, &ebpf] {
+        let landed = land_with(&sandbox, backend, excluded);
+        assert_eq!(through(&landed, PEER_NIC2_IP), "peer", "{}", backend.name);
+        assert_eq!(through(&landed, PEER_IP), "proxy", "{}", backend.name);
+        let landed = land_with(&sandbox, backend, default);
+        assert_eq!(through(&landed, PEER_NIC2_IP), "proxy", "{}", backend.name);
+    }
 }

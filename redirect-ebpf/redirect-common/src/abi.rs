@@ -12,7 +12,7 @@ pub const MAX_GROUPS: usize = 64;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 12;
+pub const ABI_VERSION: u32 = 13;
 
 /// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
 /// ports together).
@@ -31,6 +31,9 @@ pub const MAX_LOCAL_ADDRS: u32 = 256;
 /// How many routes (and fixed broadcast and multicast entries) one
 /// configuration's routing view can hold.
 pub const MAX_ROUTES: u32 = 1024;
+/// How many interfaces `-c` can name (Istio has no limit; more send auto
+/// mode to iptables).
+pub const MAX_EXCLUDE_IFACES: usize = 8;
 /// How many IPv4 nameservers (`--redirect-dns`: resolv.conf's) the config
 /// can hold. glibc reads three; more send auto mode to iptables.
 pub const MAX_DNS_SERVERS: usize = 8;
@@ -156,6 +159,12 @@ pub struct RedirectConfig {
     /// The resolv.conf nameservers whose port 53 is captured (without
     /// [`CFG_DNS_ALL`]). Network order.
     pub dns_servers: [u32; MAX_DNS_SERVERS],
+    /// Number of valid entries in `exclude_ifindex`.
+    pub exclude_iface_count: u32,
+    /// `-c`: the interfaces (their indexes in the pod's network namespace
+    /// at install) through which nothing is captured, with
+    /// [`CFG_EXCLUDE_IFACES`].
+    pub exclude_ifindex: [u32; MAX_EXCLUDE_IFACES],
 }
 
 /// `-i '*'`: every destination not excluded is captured.
@@ -185,6 +194,25 @@ pub const CFG_PORT_RANGES: u32 = 128;
 /// `--profile legacy`: Istio's first rule table decides outbound
 /// connects ([`crate::decide_connect`]) and `status` mirrors its rules.
 pub const CFG_LEGACY: u32 = 256;
+
+/// `-c` names interfaces: `OUTPUT -o X -j RETURN` comes before every other
+/// outbound rule (its `PREROUTING -i X -j RETURN` twin is moot without
+/// inbound capture, the only case eBPF mode takes).
+pub const CFG_EXCLUDE_IFACES: u32 = 512;
+
+/// One entry of the routing view (`RDR_ROUTE`): connects to its prefix
+/// leave from `src` (network order; 0: the kernel refuses them), through
+/// an interface `-c` excludes when `flags` has [`ROUTE_EXCLUDED_IFACE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RouteEntry {
+    pub src: u32,
+    pub flags: u32,
+}
+
+/// The route's device is one `-c` names.
+pub const ROUTE_EXCLUDED_IFACE: u32 = 1;
 
 /// `-o`: an outbound port never captured.
 pub const PORT_EXCLUDE: u8 = 1;
@@ -376,6 +404,9 @@ pub enum Counter {
     /// 127.0.0.1, sent to the proxy port whoever makes it
     /// (`istio/redirect-implicit-loopback`).
     LoopbackRedirected = 35,
+    /// `-c`: the connection leaves through an excluded interface
+    /// (`OUTPUT -o X -j RETURN`).
+    BypassInterface = 36,
 }
 
 impl Counter {
@@ -416,6 +447,7 @@ impl Counter {
         Self::DnsRedirected,
         Self::DnsReplyRestored,
         Self::LoopbackRedirected,
+        Self::BypassInterface,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -457,12 +489,13 @@ impl Counter {
             Self::DnsRedirected => "dns_redirected",
             Self::DnsReplyRestored => "dns_reply_restored",
             Self::LoopbackRedirected => "loopback_redirected",
+            Self::BypassInterface => "bypass_interface",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 36;
+pub const COUNTER_COUNT: u32 = 37;
 
 /// 127.0.0.1 in network byte order: where redirected connects are sent.
 pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);

@@ -20,6 +20,8 @@ pub struct ConnectInput {
     /// The socket is bound to the loopback device (`SO_BINDTODEVICE=lo`):
     /// its packets leave through `lo` whatever their destination.
     pub dev_lo: bool,
+    /// The device the socket is bound to (`SO_BINDTODEVICE`; 0: none).
+    pub bound_dev: u32,
 }
 
 impl ConnectInput {
@@ -65,6 +67,9 @@ pub trait Lookups {
     /// order): `None` without a route, `Some(0)` for a destination the
     /// kernel refuses TCP to (broadcast, multicast, an unreachable route).
     fn route_source(&self, ip: u32) -> Option<u32>;
+    /// Whether the pod's route to `ip` leaves through an interface `-c`
+    /// names.
+    fn route_excluded(&self, ip: u32) -> bool;
 }
 
 /// Decides one outbound `connect()` (or, for UDP, `sendmsg()`) by walking
@@ -75,6 +80,7 @@ pub trait Lookups {
 /// proxy UID/GID in turn:
 ///
 /// ```text
+/// -A OUTPUT -o X -j RETURN                            for X in -c           (bypass_interface)
 /// -A OUTPUT -j ISTIO_OUTPUT            (only DNS capture redirects UDP: not_tcp otherwise)
 /// -A ISTIO_OUTPUT -p tcp --dport P -j RETURN          for P in -o           (bypass_port)
 /// -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN                           (bypass_passthrough)
@@ -219,6 +225,9 @@ pub fn redirect_source(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl L
 /// The nat `ISTIO_OUTPUT` chain (see [`decide_connect`]).
 #[inline(always)]
 fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
+    if cfg.flags & CFG_EXCLUDE_IFACES != 0 && leaves_excluded(input, cfg, maps) {
+        return Verdict::Bypass(Counter::BypassInterface);
+    }
     let tcp = input.sock_type == SOCK_STREAM;
     let dns = cfg.flags & CFG_DNS != 0;
     // Only DNS capture redirects anything but TCP.
@@ -355,6 +364,30 @@ fn leaves_by_lo(input: &ConnectInput, dst: u32, maps: &impl Lookups) -> bool {
             && is_multicast(dst)
             && input.sock_type == SOCK_DGRAM)
 }
+
+/// `-o X` for an `X` that `-c` names: the device the connection's packets
+/// leave through: `lo` for what [`leaves_by_lo`] sends there, else the
+/// device the socket is bound to, else its route's.
+#[inline(always)]
+fn leaves_excluded(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> bool {
+    let dst = input.effective_dst();
+    if leaves_by_lo(input, dst, maps) {
+        excluded_iface(cfg, LOOPBACK_IFINDEX)
+    } else if input.bound_dev != 0 {
+        excluded_iface(cfg, input.bound_dev)
+    } else {
+        maps.route_excluded(dst)
+    }
+}
+
+/// Whether `-c` names the interface of index `ifindex`.
+#[inline(always)]
+fn excluded_iface(cfg: &RedirectConfig, ifindex: u32) -> bool {
+    contains(&cfg.exclude_ifindex, cfg.exclude_iface_count, ifindex)
+}
+
+/// `lo` is interface 1 in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The facts about one inbound TCP connection (its SYN) that the inbound
 /// decision depends on.

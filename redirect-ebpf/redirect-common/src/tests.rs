@@ -28,6 +28,8 @@ fn istio_default() -> RedirectConfig {
         dns_port: DNS_PROXY_PORT,
         dns_server_count: 0,
         dns_servers: [0; MAX_DNS_SERVERS],
+        exclude_iface_count: 0,
+        exclude_ifindex: [0; MAX_EXCLUDE_IFACES],
     };
     cfg.proxy_uids[0] = 1337;
     cfg.proxy_gids[0] = 1337;
@@ -43,6 +45,7 @@ fn app(dst_ip: u32) -> ConnectInput {
         dst_port: 80,
         src_ip: 0,
         dev_lo: false,
+        bound_dev: 0,
     }
 }
 
@@ -55,6 +58,8 @@ struct Sets {
     included: Vec<(u32, u32)>,
     local: Vec<u32>,
     routes: Vec<(u32, u32, u32)>,
+    /// Routes through an interface `-c` names, as (network, prefix).
+    excluded_routes: Vec<(u32, u32)>,
     /// Port ranges (first, last, flags).
     ranges: Vec<(u16, u16, u8)>,
     groups: Vec<u32>,
@@ -99,6 +104,9 @@ impl Lookups for Sets {
             .filter(|&&(net, len, _)| in_cidrs(&[(net, len)], ip))
             .max_by_key(|&&(_, len, _)| len)
             .map(|&(_, _, src)| src)
+    }
+    fn route_excluded(&self, ip: u32) -> bool {
+        in_cidrs(&self.excluded_routes, ip)
     }
 }
 
@@ -1007,4 +1015,102 @@ fn the_legacy_table_captures_inbound_on_every_port() {
             "{port}"
         );
     }
+}
+
+/// `-c nic2` (index 3): the interface rules come first.
+fn excluding_nic2(flags: u32) -> RedirectConfig {
+    let mut cfg = RedirectConfig {
+        flags: flags | CFG_EXCLUDE_IFACES,
+        exclude_iface_count: 1,
+        ..istio_default()
+    };
+    cfg.exclude_ifindex[0] = 3;
+    cfg
+}
+
+#[test]
+fn nothing_leaving_through_an_excluded_interface_is_captured() {
+    // `-A OUTPUT -o nic2 -j RETURN` before `-A OUTPUT -j ISTIO_OUTPUT`.
+    let cfg = excluding_nic2(CFG_INCLUDE_ALL | CFG_DNS | CFG_DNS_ALL);
+    let sets = Sets {
+        local: vec![ip(198, 18, 0, 1)],
+        excluded_routes: vec![(ip(192, 0, 2, 0), 24)],
+        ..Sets::default()
+    };
+    let via_nic2 = app(ip(192, 0, 2, 2));
+    let bypass = Verdict::Bypass(Counter::BypassInterface);
+    assert_eq!(decide_connect(&via_nic2, &cfg, &sets), bypass);
+    // Even DNS, and even the proxy's hairpin-free call: the rule is first.
+    let dns = ConnectInput {
+        sock_type: SOCK_DGRAM,
+        dst_port: 53,
+        ..via_nic2
+    };
+    assert_eq!(decide_connect(&dns, &cfg, &sets), bypass);
+    // Other routes are decided as before.
+    assert_eq!(
+        decide_connect(&app(ip(10, 0, 0, 2)), &cfg, &sets),
+        REDIRECTED
+    );
+    // A socket bound to nic2 leaves through it whatever the route.
+    let bound = ConnectInput {
+        bound_dev: 3,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(decide_connect(&bound, &cfg, &sets), bypass);
+    // Bound to another device: its route is not consulted.
+    let elsewhere = ConnectInput {
+        bound_dev: 2,
+        ..via_nic2
+    };
+    assert_eq!(decide_connect(&elsewhere, &cfg, &sets), REDIRECTED);
+    // Local traffic leaves through lo, which `-c nic2` does not name: the
+    // proxy's call to its pod still hairpins.
+    let hairpin = ConnectInput {
+        uid: 1337,
+        gid: 1337,
+        ..app(ip(198, 18, 0, 1))
+    };
+    assert_eq!(
+        decide_connect(&hairpin, &cfg, &sets),
+        Verdict::Redirect {
+            port: 15006,
+            counter: Counter::Hairpin
+        }
+    );
+    // Without the flag the interface list is not consulted.
+    let off = RedirectConfig {
+        flags: CFG_INCLUDE_ALL,
+        ..cfg
+    };
+    assert_eq!(decide_connect(&via_nic2, &off, &sets), REDIRECTED);
+}
+
+#[test]
+fn excluding_lo_returns_every_local_connection() {
+    let mut cfg = excluding_nic2(CFG_INCLUDE_ALL);
+    cfg.exclude_ifindex[1] = LOOPBACK_IFINDEX;
+    cfg.exclude_iface_count = 2;
+    let sets = Sets {
+        local: vec![ip(198, 18, 0, 1)],
+        ..Sets::default()
+    };
+    let hairpin = ConnectInput {
+        uid: 1337,
+        gid: 1337,
+        ..app(ip(198, 18, 0, 1))
+    };
+    assert_eq!(
+        decide_connect(&hairpin, &cfg, &sets),
+        Verdict::Bypass(Counter::BypassInterface)
+    );
+    let on_lo = ConnectInput {
+        dev_lo: true,
+        bound_dev: LOOPBACK_IFINDEX,
+        ..app(ip(10, 0, 0, 2))
+    };
+    assert_eq!(
+        decide_connect(&on_lo, &cfg, &sets),
+        Verdict::Bypass(Counter::BypassInterface)
+    );
 }

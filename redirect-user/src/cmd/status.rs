@@ -457,6 +457,17 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
                 .into()
         }
         Counter::LoopbackRedirected => "(--profile legacy only: rule absent)".into(),
+        Counter::BypassInterface => match cfg.map(|c| c.exclude_ifindexes.as_slice()) {
+            None | Some([]) => "(no -c interfaces: rule absent)".into(),
+            Some(indexes) => format!(
+                "-A OUTPUT -o X -j RETURN  (X: the pod's interface {})",
+                indexes
+                    .iter()
+                    .map(|i| format!("#{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
     }
 }
 
@@ -499,7 +510,8 @@ fn legacy_mirrors(counter: Counter, cfg: &Config) -> Option<String> {
         | Counter::InboundBypassTunnel
         | Counter::InboundBypassPort
         | Counter::InboundNotIncluded
-        | Counter::DnsRedirected => "(no such rule in the legacy table)".into(),
+        | Counter::DnsRedirected
+        | Counter::BypassInterface => "(no such rule in the legacy table)".into(),
         _ => return None,
     })
 }

@@ -5,10 +5,10 @@
 use std::net::Ipv4Addr;
 
 use redirect_common::{
-    ABI_VERSION, CFG_DNS, CFG_DNS_ALL, CFG_GROUPS_ONLY, CFG_INBOUND, CFG_INBOUND_ALL,
-    CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, CFG_LEGACY, CFG_PORT_RANGES, DNS_PROXY_PORT, MAX_CIDRS,
-    MAX_DNS_SERVERS, MAX_GROUPS, MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORT_BLOCKS, MAX_PORTS,
-    MAX_ROUTES, RedirectConfig,
+    ABI_VERSION, CFG_DNS, CFG_DNS_ALL, CFG_EXCLUDE_IFACES, CFG_GROUPS_ONLY, CFG_INBOUND,
+    CFG_INBOUND_ALL, CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, CFG_LEGACY, CFG_PORT_RANGES,
+    DNS_PROXY_PORT, MAX_CIDRS, MAX_DNS_SERVERS, MAX_EXCLUDE_IFACES, MAX_GROUPS, MAX_LOCAL_ADDRS,
+    MAX_OWNERS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, RedirectConfig,
 };
 
 pub use super::routes::RouteSource;
@@ -64,6 +64,9 @@ pub struct Config {
     /// connect would have gone, so it keeps the source the kernel would
     /// have picked, and fails where the kernel would fail it.
     pub routes: Vec<RouteSource>,
+    /// `-c`: the indexes of the excluded interfaces in the pod's network
+    /// namespace at install (their routes are marked in `routes`).
+    pub exclude_ifindexes: Vec<u32>,
     /// Inbound capture (`-b` not empty), or `None`.
     pub inbound: Option<Inbound>,
     /// DNS capture (`--redirect-dns`), or `None`.
@@ -134,6 +137,7 @@ impl Default for Config {
             owner_groups: Vec::new(),
             local_addrs: Vec::new(),
             routes: Vec::new(),
+            exclude_ifindexes: Vec::new(),
             inbound: None,
             dns: None,
             legacy: false,
@@ -172,6 +176,7 @@ impl Config {
                 (self.dns.as_ref().is_some_and(|d| d.all), CFG_DNS_ALL),
                 (!self.port_ranges.is_empty(), CFG_PORT_RANGES),
                 (self.legacy, CFG_LEGACY),
+                (!self.exclude_ifindexes.is_empty(), CFG_EXCLUDE_IFACES),
             ]
             .iter()
             .filter(|(on, _)| *on)
@@ -184,7 +189,11 @@ impl Config {
             dns_port: DNS_PROXY_PORT,
             dns_server_count: self.dns_servers().len() as u16,
             dns_servers: [0; MAX_DNS_SERVERS],
+            exclude_iface_count: self.exclude_ifindexes.len() as u32,
+            exclude_ifindex: [0; MAX_EXCLUDE_IFACES],
         };
+        out.exclude_ifindex[..self.exclude_ifindexes.len()]
+            .copy_from_slice(&self.exclude_ifindexes);
         out.proxy_uids[..self.proxy_uids.len()].copy_from_slice(&self.proxy_uids);
         out.proxy_gids[..self.proxy_gids.len()].copy_from_slice(&self.proxy_gids);
         for (slot, server) in out.dns_servers.iter_mut().zip(self.dns_servers()) {
@@ -227,6 +236,11 @@ impl Config {
                 MAX_LOCAL_ADDRS as usize,
             ),
             ("routes", self.routes.len(), MAX_ROUTES as usize),
+            (
+                "excluded interfaces (-c)",
+                self.exclude_ifindexes.len(),
+                MAX_EXCLUDE_IFACES,
+            ),
             (
                 "aligned blocks of port ranges",
                 super::maps::port_blocks(&self.port_ranges).len(),
@@ -279,6 +293,9 @@ impl Config {
                     .collect(),
             }),
             legacy: raw.flags & CFG_LEGACY != 0,
+            exclude_ifindexes: raw.exclude_ifindex
+                [..(raw.exclude_iface_count as usize).min(MAX_EXCLUDE_IFACES)]
+                .to_vec(),
             ..Self::default()
         }
     }

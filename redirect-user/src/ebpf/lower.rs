@@ -88,10 +88,26 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
             })
             .collect(),
     });
-    let routes = host.routes().unwrap_or_else(|err| {
-        unsupported.push(format!("{err:#}"));
-        Vec::new()
-    });
+    let routes = host
+        .routes(&capture.exclude_interfaces)
+        .unwrap_or_else(|err| {
+            unsupported.push(format!("{err:#}"));
+            Vec::new()
+        });
+    let exclude_ifindexes = capture
+        .exclude_interfaces
+        .iter()
+        .filter_map(|nic| {
+            let index = host.ifindex(nic);
+            if index.is_none() {
+                unsupported.push(format!(
+                    "-c {nic} naming an interface the pod does not have (eBPF mode matches \
+                     the interfaces present at install; iptables would match one created later)"
+                ));
+            }
+            index
+        })
+        .collect();
     let mut to_host = |kind: userns::Ids, ids: Vec<u32>| {
         userns::to_host(kind, &ids).unwrap_or_else(|err| {
             unsupported.push(format!("{err:#}"));
@@ -119,6 +135,7 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         owner_groups,
         local_addrs: capture.pod_addresses.clone(),
         routes,
+        exclude_ifindexes,
         inbound,
         dns,
         legacy: capture.profile == Profile::Legacy,
@@ -157,8 +174,9 @@ fn split_ports(list: &PortList, flag: u8, ranges: &mut Vec<PortRange>) -> Vec<u1
 fn not_honoured(capture: &Capture) -> Vec<&'static str> {
     [
         (
-            !capture.exclude_interfaces.is_empty(),
-            "-c/--istio-exclude-interfaces",
+            !capture.exclude_interfaces.is_empty() && capture.inbound != InboundPorts::Off,
+            "-c/--istio-exclude-interfaces with inbound capture (-b): eBPF mode cannot yet tell \
+             the interface an inbound connection arrived on (PREROUTING -i)",
         ),
         (
             !capture.kube_virt_interfaces.is_empty(),
@@ -271,14 +289,25 @@ mod tests {
         let inbound = cfg.inbound.expect("-b '*' is inbound capture");
         assert!(inbound.all);
         assert_eq!(inbound.exclude, vec![15090, 15021, 15020]);
-        let why = lower(
-            &istio(&["-b", "9080", "-c", "eth1", "-k", "eth2"]),
-            &RealHost,
-        )
-        .unwrap_err();
+        let why = lower(&istio(&["-b", "9080", "-c", "lo", "-k", "eth2"]), &RealHost).unwrap_err();
         assert_eq!(
             why,
-            vec!["-c/--istio-exclude-interfaces", "-k/--kube-virt-interfaces"]
+            vec![
+                "-c/--istio-exclude-interfaces with inbound capture (-b): eBPF mode cannot yet \
+                 tell the interface an inbound connection arrived on (PREROUTING -i)",
+                "-k/--kube-virt-interfaces"
+            ]
+        );
+        // Without inbound capture, -c is the outbound rule: the interfaces
+        // the pod has are taken by index, one it lacks is refused.
+        let cfg = lower(&istio(&["-b", "", "-c", "lo"]), &RealHost).unwrap();
+        assert_eq!(cfg.exclude_ifindexes, vec![1]);
+        assert_eq!(
+            lower(&istio(&["-b", "", "-c", "not-a-nic0"]), &RealHost).unwrap_err(),
+            vec![
+                "-c not-a-nic0 naming an interface the pod does not have (eBPF mode matches \
+                 the interfaces present at install; iptables would match one created later)"
+            ]
         );
         let cfg = lower(&istio(&["-b", "9080,9090"]), &RealHost).unwrap();
         let inbound = cfg.inbound.expect("-b list");

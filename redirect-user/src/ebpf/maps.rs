@@ -9,8 +9,9 @@ use aya::maps::{
 };
 use redirect_common::{
     CIDR_SLOT_BITS, CONFIG_SLOTS, ConnTuple, Counter, InstanceMeta, OrigDst, PORT_EXCLUDE,
-    PORT_IN_EXCLUDE, PORT_IN_INCLUDE, PORT_INCLUDE, PORT_RANGE_SLOT_BITS, RedirectConfig,
-    active_slot, cidr_key, lru_entries, port_key, port_range_key, slot_key,
+    PORT_IN_EXCLUDE, PORT_IN_INCLUDE, PORT_INCLUDE, PORT_RANGE_SLOT_BITS, ROUTE_EXCLUDED_IFACE,
+    RedirectConfig, RouteEntry, active_slot, cidr_key, lru_entries, port_key, port_range_key,
+    slot_key,
 };
 
 use super::config::{Config, Ipv4Cidr, PortRange};
@@ -37,7 +38,7 @@ pub const LAYOUT: [(&str, MapType, usize, usize); 15] = [
     (LOCAL, MapType::Hash, 8, 1),
     (LISTENER, MapType::SockMap, 4, 4),
     (IN_HITS, MapType::Hash, 2, 8),
-    (ROUTE, MapType::LpmTrie, 12, 4),
+    (ROUTE, MapType::LpmTrie, 12, size_of::<RouteEntry>()),
     (PORT_RANGES, MapType::LpmTrie, 8, 1),
     (GROUPS, MapType::Hash, 8, 1),
 ];
@@ -262,8 +263,9 @@ pub struct Sets {
     /// Network-order addresses.
     pub local: Vec<u32>,
     /// The routing view: ((prefix length, network-order network),
-    /// network-order source, 0 for refused).
-    pub routes: Vec<((u32, u32), u32)>,
+    /// [network-order source (0 for refused), `ROUTE_*` flags]), the
+    /// layout of `RouteEntry`.
+    pub routes: Vec<((u32, u32), [u32; 2])>,
     /// Port ranges as aligned blocks: ((bits of the block's prefix, 0 to
     /// 16, first port), `PORT_*` flags). See [`port_blocks`].
     pub port_blocks: Vec<((u32, u16), u8)>,
@@ -334,7 +336,7 @@ impl Sets {
             .collect();
         local.sort_unstable();
         local.dedup();
-        let mut routes: Vec<((u32, u32), u32)> = config
+        let mut routes: Vec<((u32, u32), [u32; 2])> = config
             .routes
             .iter()
             .map(|r| {
@@ -343,7 +345,10 @@ impl Sets {
                         u32::from(r.dst.prefix),
                         u32::from_ne_bytes(r.dst.network().octets()),
                     ),
-                    r.src.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+                    [
+                        r.src.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+                        if r.excluded { ROUTE_EXCLUDED_IFACE } else { 0 },
+                    ],
                 )
             })
             .collect();
@@ -528,7 +533,7 @@ pub fn read_sets(dir: &Path, slot: u32) -> Result<Sets> {
         exclude: slot_cidrs(dir, EXCLUDE, slot)?,
         include: slot_cidrs(dir, INCLUDE, slot)?,
         local: slot_values(dir, LOCAL, slot)?,
-        routes: slot_entries::<u32>(dir, ROUTE, slot)?,
+        routes: slot_entries::<[u32; 2]>(dir, ROUTE, slot)?,
         port_blocks,
         groups: slot_values(dir, GROUPS, slot)?,
     })
@@ -589,15 +594,15 @@ pub fn write_sets(dir: &Path, slot: u32, sets: &Sets) -> Result<()> {
             .insert(&port_block(slot, *key), *flags, 0)
             .context("writing the port-range map")?;
     }
-    let mut routes = trie::<u32>(dir, ROUTE)?;
+    let mut routes = trie::<[u32; 2]>(dir, ROUTE)?;
     for (key, _) in &old.routes {
         routes
             .remove(&cidr(slot, *key))
             .context("removing a route")?;
     }
-    for (key, src) in &sets.routes {
+    for (key, entry) in &sets.routes {
         routes
-            .insert(&cidr(slot, *key), *src, 0)
+            .insert(&cidr(slot, *key), *entry, 0)
             .context("writing the route map")?;
     }
     Ok(())

@@ -16,11 +16,13 @@ use crate::capture::Ipv4Cidr;
 
 /// One entry of the routing view: connects to `dst` leave from `src`, or
 /// the kernel refuses them (`None`: a subnet broadcast address, or an
-/// unreachable/prohibit route).
+/// unreachable/prohibit route); `excluded`: through an interface `-c`
+/// names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouteSource {
     pub dst: Ipv4Cidr,
     pub src: Option<Ipv4Addr>,
+    pub excluded: bool,
 }
 
 /// An IPv4 address of an interface, as `getifaddrs` lists it.
@@ -43,27 +45,31 @@ pub struct MainRoute {
     pub reject: bool,
 }
 
-/// The routing view of the calling thread's network namespace.
-pub fn read() -> Result<Vec<RouteSource>> {
+/// The routing view of the calling thread's network namespace, each route
+/// marked when its interface is one of `excluded` (`-c`).
+pub fn read(excluded: &[String]) -> Result<Vec<RouteSource>> {
     let table = std::fs::read_to_string("/proc/thread-self/net/route")
         .context("reading the pod's routes (/proc/thread-self/net/route)")?;
     let routes = parse_proc_route(&table)?;
     let addrs = if_addrs().context("listing the pod's interface addresses")?;
-    Ok(view(&routes, &addrs))
+    Ok(view(&routes, &addrs, excluded))
 }
 
 /// The view of `routes` and `addrs`: each route with the source the
 /// kernel picks for it (`inet_select_addr`: the outgoing interface's
-/// address in the gateway's or the destination's subnet, else its first),
-/// then each broadcast address as refused.
-pub fn view(routes: &[MainRoute], addrs: &[IfAddr]) -> Vec<RouteSource> {
+/// address in the gateway's or the destination's subnet, else its first)
+/// and whether its interface is one of `excluded`, then each broadcast
+/// address as refused.
+pub fn view(routes: &[MainRoute], addrs: &[IfAddr], excluded: &[String]) -> Vec<RouteSource> {
     let mut out: Vec<RouteSource> = routes
         .iter()
         .filter_map(|route| {
+            let excluded = excluded.contains(&route.iface);
             if route.reject {
                 return Some(RouteSource {
                     dst: route.dst,
                     src: None,
+                    excluded,
                 });
             }
             let on_iface: Vec<&IfAddr> = addrs.iter().filter(|a| a.iface == route.iface).collect();
@@ -79,6 +85,7 @@ pub fn view(routes: &[MainRoute], addrs: &[IfAddr]) -> Vec<RouteSource> {
             Some(RouteSource {
                 dst: route.dst,
                 src: Some(src),
+                excluded,
             })
         })
         .collect();
@@ -96,6 +103,7 @@ pub fn view(routes: &[MainRoute], addrs: &[IfAddr]) -> Vec<RouteSource> {
                 prefix: 32,
             },
             src: None,
+            excluded: false,
         });
     }
     out.sort_by_key(|r| (r.dst.prefix, r.dst.network()));
@@ -287,7 +295,7 @@ mod tests {
                 reject: false,
             },
         ];
-        let view = view(&routes, &addrs);
+        let view = view(&routes, &addrs, &["net1".to_owned()]);
         let src = |dst: &str| {
             view.iter()
                 .find(|r| r.dst == cidr(dst))
@@ -303,11 +311,18 @@ mod tests {
         // for a point-to-point /31.
         assert_eq!(src("172.16.255.255/32"), None);
         assert_eq!(view.len(), 6);
+        // `-c net1` marks net1's routes, and only those.
+        let excluded: Vec<String> = view
+            .iter()
+            .filter(|r| r.excluded)
+            .map(|r| r.dst.to_string())
+            .collect();
+        assert_eq!(excluded, ["10.50.0.0/16", "172.16.0.0/16"]);
     }
 
     #[test]
     fn this_namespace_reads() {
         // Whatever this machine's table holds, it parses.
-        read().unwrap();
+        read(&[]).unwrap();
     }
 }
