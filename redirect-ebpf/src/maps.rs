@@ -15,9 +15,9 @@ use aya_ebpf::{
 };
 use redirect_common::{
     CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, Counter, InstanceMeta, LISTENER_SLOTS,
-    Lookups, MAX_CIDRS, MAX_GROUPS, MAX_IN_HITS, MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS, MAX_PORTS,
-    MAX_ROUTES, OrigDst, PORT_RANGE_SLOT_BITS, ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry,
-    active_slot, cidr_key, port_key, port_range_key, slot_key,
+    Lookups, MAX_CIDRS, MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS, MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS,
+    MAX_PORTS, MAX_ROUTES, OrigDst, PORT_RANGE_SLOT_BITS, ROUTE_EXCLUDED_IFACE, RedirectConfig,
+    RouteEntry, active_slot, cidr_key, port_key, port_range_key, slot_key,
 };
 
 /// Largest number of connections whose original destination is tracked at
@@ -183,6 +183,14 @@ pub(crate) static RDR_LISTENER: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 /// taken, further ports are only counted in `inbound_captured`.
 #[map]
 pub(crate) static RDR_IN_HITS: HashMap<u16, u64> = HashMap::pinned(MAX_IN_HITS, 0);
+
+/// Inbound connections [`crate::sk_lookup`] left alone because they arrived
+/// on an interface `-c` names, under [`redirect_common::in_bypass_key`],
+/// until [`crate::sockops`] sees them accepted: the interface is known at
+/// the SYN only, and such a connection must not read as the proxy's end
+/// of a capture.
+#[map]
+pub(crate) static RDR_IN_BYPASS: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_IN_BYPASS, 0);
 
 /// The decision's view of the set maps above: one slot's entries.
 pub(crate) struct Maps {

@@ -11,16 +11,26 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use redirect_common::{Counter, InboundInput, InboundVerdict, LISTENER_SLOTS, decide_inbound};
+use redirect_common::{
+    Counter, InboundInput, InboundVerdict, LISTENER_SLOTS, decide_inbound, in_bypass_key,
+};
 
 use crate::{
-    maps::{RDR_IN_HITS, RDR_LISTENER, active, count},
+    maps::{RDR_IN_BYPASS, RDR_IN_HITS, RDR_LISTENER, active, count},
     net::{AF_INET, IPPROTO_TCP},
 };
+
+/// Set to 1 by the loader where the kernel gives sk_lookup programs the
+/// interface a packet arrived on (`ingress_ifindex`, 5.17). The value is a
+/// frozen read-only global, so the verifier of an older kernel knows the
+/// branch that reads the field is never taken and does not reject it.
+#[unsafe(no_mangle)]
+static INGRESS_IFINDEX: u32 = 0;
 
 /// Mirrors Istio's inbound capture, by default (`-b '*'`):
 ///
 /// ```text
+/// -A PREROUTING -i X -j RETURN                       (each -c interface)
 /// -A PREROUTING -p tcp -j ISTIO_INBOUND
 /// -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
 /// -A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN     (each -d port)
@@ -48,11 +58,25 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     let Some((cfg, maps)) = active() else {
         return SK_PASS;
     };
+    // SAFETY: a global of this program, read as the kernel froze it.
+    let ifindex = if unsafe { core::ptr::read_volatile(&raw const INGRESS_IFINDEX) } != 0 {
+        // SAFETY: the context's field, which this kernel has (see above);
+        // a volatile read, so it stays behind the test.
+        unsafe { core::ptr::read_volatile(&raw const lookup.ingress_ifindex) }
+    } else {
+        0
+    };
     let input = InboundInput {
         src_ip: lookup.remote_ip4,
         dst_port: lookup.local_port as u16,
+        ifindex,
     };
     match decide_inbound(&input, cfg, &maps) {
+        InboundVerdict::Bypass(Counter::InboundBypassInterface) => {
+            count(Counter::InboundBypassInterface);
+            remember_bypass(lookup, input.dst_port);
+            SK_PASS
+        }
         InboundVerdict::Bypass(counter) => {
             count(counter);
             SK_PASS
@@ -67,6 +91,18 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
             SK_PASS
         }
     }
+}
+
+/// Remembers a connection left alone for its interface until it is
+/// accepted (see `RDR_IN_BYPASS`).
+#[inline(always)]
+fn remember_bypass(lookup: &aya_ebpf::bindings::bpf_sk_lookup, local_port: u16) {
+    // The remote port is a __be16 in the low half of a 32-bit word (a
+    // 4-byte load, which every kernel allows; narrower ones came in 5.18).
+    // SAFETY: the context's field, read as a whole word.
+    let word = unsafe { core::ptr::read_volatile((&raw const lookup.remote_port).cast::<u32>()) };
+    let key = in_bypass_key(lookup.remote_ip4, u16::from_be(word as u16), local_port);
+    let _ = RDR_IN_BYPASS.insert(key, 1, 0);
 }
 
 /// Hands the connection to the first live registered listener.

@@ -13,14 +13,15 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use redirect_common::{
-    CFG_INBOUND, ConnTuple, Counter, InboundInput, InboundVerdict, LISTENER_SLOTS, OrigDst,
-    decide_inbound, tuple_from_client_side, tuple_from_server_side, v4_mapped,
+    CFG_EXCLUDE_IFACES, CFG_INBOUND, ConnTuple, Counter, InboundInput, InboundVerdict,
+    LISTENER_SLOTS, OrigDst, decide_inbound, in_bypass_key, tuple_from_client_side,
+    tuple_from_server_side, v4_mapped,
 };
 
 use crate::{
     maps::{
-        RDR_LISTENER, RDR_ORIG_TUPLE, active, count, flag, load, mark_accepted, set_flag,
-        sock_record,
+        RDR_IN_BYPASS, RDR_LISTENER, RDR_ORIG_TUPLE, active, count, flag, load, mark_accepted,
+        set_flag, sock_record,
     },
     net::{AF_INET, AF_INET6, read_ip6},
 };
@@ -200,13 +201,24 @@ fn on_passive_established(ctx: &SockOpsContext, ends: &Ends) {
     let input = InboundInput {
         src_ip: ends.remote_ip,
         dst_port: ends.local_port,
+        ifindex: 0,
     };
-    let kind = if decide_inbound(&input, cfg, &maps) == InboundVerdict::Capture {
+    let captured = decide_inbound(&input, cfg, &maps) == InboundVerdict::Capture
+        && !(cfg.flags & CFG_EXCLUDE_IFACES != 0 && arrived_on_excluded(ends));
+    let kind = if captured {
         OrigDst::INBOUND
     } else {
         OrigDst::ACCEPTED
     };
     mark_accepted(sock(ctx), kind);
+}
+
+/// Whether [`crate::sk_lookup`] left this connection alone for the
+/// interface it arrived on (which only its SYN tells); the entry goes.
+#[inline(always)]
+fn arrived_on_excluded(ends: &Ends) -> bool {
+    let key = in_bypass_key(ends.remote_ip, ends.remote_port, ends.local_port);
+    RDR_IN_BYPASS.remove(key).is_ok()
 }
 
 /// A watched socket closed. A record goes when both ends of its connection

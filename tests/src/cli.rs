@@ -102,6 +102,21 @@ pub fn counter(status: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name} in {status}"))
 }
 
+/// Whether `redirect probe` finds the kernel feature `name` here.
+pub fn feature_present(name: &str) -> bool {
+    redirect(&["probe", "--json"])
+        .ok()
+        .and_then(|out| serde_json::from_str::<Value>(&out.stdout).ok())
+        .and_then(|report| {
+            report["features"]
+                .as_array()?
+                .iter()
+                .find(|f| f["name"] == name)
+                .and_then(|f| f["present"].as_bool())
+        })
+        .unwrap_or(false)
+}
+
 /// Where `nft` (Debian's nftables package) is, if it is here.
 pub fn nft() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();

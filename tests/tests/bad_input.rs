@@ -53,10 +53,6 @@ fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
             &["-c", "eth1"],
             "-c eth1 naming an interface the pod does not have",
         ),
-        (
-            &["-c", "eth0", "-b", "9080"],
-            "-c/--istio-exclude-interfaces with inbound capture (-b)",
-        ),
         (&["-x", "fd00::/8"], "IPv6 CIDRs in -i/-x"),
         (
             &["-b", "9080", "-m", "TPROXY"],
@@ -499,4 +495,73 @@ fn inbound_capture_without_sk_lookup_is_refused_with_the_way_out() {
         "inbound capture (-b) needs the sk_lookup hook of kernel 5.9 or later: use `redirect istio-iptables`",
     );
     assert!(!sandbox.is_pinned(), "nothing stays installed");
+}
+
+/// `-c` with inbound capture needs sk_lookup's `ingress_ifindex` (kernel
+/// 5.17): without it install refuses with the way out, and auto mode takes
+/// iptables, saying why.
+#[test]
+fn excluded_interfaces_with_inbound_capture_without_ingress_ifindex() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let cg = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let mut args = vec!["--assume-missing", "sk_lookup/ingress_ifindex"];
+    args.extend(install_args(&sandbox, &cg));
+    args.extend(["-b", "*", "-c", "eth0"]);
+    assert_fails(
+        &redirect(&args).expect("run"),
+        1,
+        "-c with inbound capture (-b) needs the interface an inbound connection arrived on, \
+         which sk_lookup gives from kernel 5.17",
+    );
+    assert!(!sandbox.is_pinned(), "nothing stays installed");
+    // Without inbound capture -c needs nothing more.
+    let mut args = vec!["--assume-missing", "sk_lookup/ingress_ifindex"];
+    args.extend(install_args(&sandbox, &cg));
+    args.extend(["-c", "eth0"]);
+    let out = redirect(&args).expect("run");
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(sandbox.is_pinned());
+    assert_eq!(
+        redirect(&["uninstall", "--instance", sandbox.name()])
+            .expect("run")
+            .code,
+        0
+    );
+    let netns = sandbox.pod_netns().to_owned();
+    let auto = |cleanup: bool| {
+        let mut args = vec![
+            "--assume-missing",
+            "sk_lookup/ingress_ifindex",
+            "istio-iptables",
+            "--ipv6=false",
+            "--netns",
+            &netns,
+            "--cgroup",
+            &cg,
+            "--instance",
+            sandbox.name(),
+            "-i",
+            "*",
+            "-b",
+            "*",
+            "-c",
+            "eth0",
+        ];
+        if cleanup {
+            args.push("--cleanup-only");
+        }
+        redirect(&args).expect("run")
+    };
+    let out = auto(false);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "auto mode: using iptables, because -c with inbound capture (-b) needs sk_lookup's \
+             ingress_ifindex (kernel 5.17), missing here"
+        ),
+        "{out:?}"
+    );
+    assert!(!sandbox.is_pinned());
+    assert_eq!(auto(true).code, 0);
 }

@@ -45,12 +45,12 @@ fn ebpf_mode_refuses_what_it_cannot_honour_yet() {
     let sandbox = Sandbox::for_tests().expect("sandbox");
     let mut args = vec!["--mode", "ebpf"];
     args.extend_from_slice(SIDECAR);
-    args.extend_from_slice(&["-c", "eth1"]);
+    args.extend_from_slice(&["-k", "eth1"]);
     let out = istio_iptables(&sandbox, &args);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
         out.stderr
-            .contains("eBPF mode cannot honour -c/--istio-exclude-interfaces with inbound capture"),
+            .contains("eBPF mode cannot honour -k/--kube-virt-interfaces yet"),
         "{out:?}"
     );
     assert!(

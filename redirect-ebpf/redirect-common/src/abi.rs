@@ -72,6 +72,18 @@ pub const fn slot_key(slot: u32, value: u32) -> u64 {
     ((slot as u64) << 32) | value as u64
 }
 
+/// Key of `RDR_IN_BYPASS`: an inbound connection's remote address
+/// (network order), remote port and local port (host order).
+#[inline(always)]
+pub const fn in_bypass_key(remote_ip: u32, remote_port: u16, local_port: u16) -> u64 {
+    ((local_port as u64) << 48) | ((remote_port as u64) << 32) | remote_ip as u64
+}
+
+/// How many connections from excluded interfaces (`-c`) awaiting their
+/// handshake `RDR_IN_BYPASS` remembers (an LRU: a SYN never answered
+/// leaves an entry the next ones push out).
+pub const MAX_IN_BYPASS: u32 = 1024;
+
 /// Bits of a port-range (LPM trie) key taken by the slot byte before the port.
 pub const PORT_RANGE_SLOT_BITS: u32 = 8;
 
@@ -195,9 +207,8 @@ pub const CFG_PORT_RANGES: u32 = 128;
 /// connects ([`crate::decide_connect`]) and `status` mirrors its rules.
 pub const CFG_LEGACY: u32 = 256;
 
-/// `-c` names interfaces: `OUTPUT -o X -j RETURN` comes before every other
-/// outbound rule (its `PREROUTING -i X -j RETURN` twin is moot without
-/// inbound capture, the only case eBPF mode takes).
+/// `-c` names interfaces: `OUTPUT -o X -j RETURN` and `PREROUTING -i X -j
+/// RETURN` come before every other rule.
 pub const CFG_EXCLUDE_IFACES: u32 = 512;
 
 /// One entry of the routing view (`RDR_ROUTE`): connects to its prefix
@@ -407,6 +418,9 @@ pub enum Counter {
     /// `-c`: the connection leaves through an excluded interface
     /// (`OUTPUT -o X -j RETURN`).
     BypassInterface = 36,
+    /// `-c`: the connection arrived on an excluded interface
+    /// (`PREROUTING -i X -j RETURN`).
+    InboundBypassInterface = 37,
 }
 
 impl Counter {
@@ -448,6 +462,7 @@ impl Counter {
         Self::DnsReplyRestored,
         Self::LoopbackRedirected,
         Self::BypassInterface,
+        Self::InboundBypassInterface,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -490,12 +505,13 @@ impl Counter {
             Self::DnsReplyRestored => "dns_reply_restored",
             Self::LoopbackRedirected => "loopback_redirected",
             Self::BypassInterface => "bypass_interface",
+            Self::InboundBypassInterface => "inbound_bypass_interface",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 37;
+pub const COUNTER_COUNT: u32 = 38;
 
 /// 127.0.0.1 in network byte order: where redirected connects are sent.
 pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -569,4 +585,5 @@ pub mod map_names {
     pub const IN_HITS: &str = "RDR_IN_HITS";
     pub const GROUPS: &str = "RDR_GROUPS";
     pub const PORT_RANGES: &str = "RDR_PORT_RANGES";
+    pub const IN_BYPASS: &str = "RDR_IN_BYPASS";
 }

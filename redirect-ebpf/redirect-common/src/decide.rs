@@ -397,6 +397,9 @@ pub struct InboundInput {
     pub src_ip: u32,
     /// Destination (local) port, host byte order.
     pub dst_port: u16,
+    /// The interface it arrived on (0: unknown, before kernel 5.17 or
+    /// after the SYN).
+    pub ifindex: u32,
 }
 
 /// What to do with one inbound connection.
@@ -413,6 +416,7 @@ pub enum InboundVerdict {
 ///
 /// ```text
 /// REDIRECT (nat):
+/// -A PREROUTING -i X -j RETURN                        for X in -c          (inbound_bypass_interface)
 /// -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN                          (inbound_bypass_tunnel)
 /// -A ISTIO_INBOUND -p tcp --dport P -j RETURN         for P in -d, -b '*'  (inbound_bypass_port)
 /// -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT        -b '*'               (inbound_captured)
@@ -432,6 +436,9 @@ pub fn decide_inbound(
 ) -> InboundVerdict {
     if cfg.flags & CFG_INBOUND == 0 {
         return InboundVerdict::Bypass(Counter::InboundNotIncluded);
+    }
+    if cfg.flags & CFG_EXCLUDE_IFACES != 0 && excluded_iface(cfg, input.ifindex) {
+        return InboundVerdict::Bypass(Counter::InboundBypassInterface);
     }
     if is_local(input.src_ip, maps) {
         return InboundVerdict::Bypass(Counter::InboundLocal);

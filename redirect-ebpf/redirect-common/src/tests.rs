@@ -526,6 +526,7 @@ fn from_peer(dst_port: u16) -> InboundInput {
     InboundInput {
         src_ip: ip(198, 18, 0, 2),
         dst_port,
+        ifindex: 2,
     }
 }
 
@@ -600,6 +601,7 @@ fn connections_from_the_pod_itself_are_not_inbound() {
         let input = InboundInput {
             src_ip: src,
             dst_port: 9080,
+            ifindex: LOOPBACK_IFINDEX,
         };
         assert_eq!(
             decide_inbound(&input, &cfg, &sets),
@@ -1008,6 +1010,7 @@ fn the_legacy_table_captures_inbound_on_every_port() {
         let input = InboundInput {
             src_ip: ip(10, 0, 0, 2),
             dst_port: port,
+            ifindex: 2,
         };
         assert_eq!(
             decide_inbound(&input, &cfg, &sets),
@@ -1112,5 +1115,33 @@ fn excluding_lo_returns_every_local_connection() {
     assert_eq!(
         decide_connect(&on_lo, &cfg, &sets),
         Verdict::Bypass(Counter::BypassInterface)
+    );
+}
+
+#[test]
+fn nothing_arriving_on_an_excluded_interface_is_captured() {
+    // `-A PREROUTING -i nic2 -j RETURN` before `-A PREROUTING -p tcp -j ISTIO_INBOUND`.
+    let cfg = excluding_nic2(CFG_INBOUND | CFG_INBOUND_ALL);
+    let sets = inbound_sets(&[]);
+    let on_nic2 = InboundInput {
+        ifindex: 3,
+        ..from_peer(9080)
+    };
+    assert_eq!(
+        decide_inbound(&on_nic2, &cfg, &sets),
+        InboundVerdict::Bypass(Counter::InboundBypassInterface)
+    );
+    assert_eq!(
+        decide_inbound(&from_peer(9080), &cfg, &sets),
+        InboundVerdict::Capture
+    );
+    // Where the interface is unknown (0), the other rules decide.
+    let unknown = InboundInput {
+        ifindex: 0,
+        ..from_peer(9080)
+    };
+    assert_eq!(
+        decide_inbound(&unknown, &cfg, &sets),
+        InboundVerdict::Capture
     );
 }

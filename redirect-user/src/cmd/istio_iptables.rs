@@ -177,6 +177,19 @@ fn choose_mode(
                 missing.first_kernel
             ));
         }
+        if config.inbound.is_some()
+            && !config.exclude_ifindexes.is_empty()
+            && let Some(missing) = report
+                .features
+                .iter()
+                .find(|f| f.name == features::INGRESS_IFINDEX && !f.present)
+        {
+            return Err(format!(
+                "-c with inbound capture (-b) needs sk_lookup's ingress_ifindex (kernel {}), \
+                 missing here",
+                missing.first_kernel
+            ));
+        }
         let cgroup = cgroup::resolve(&args.cgroup).map_err(|err| format!("{err:#}"))?;
         Ok((config, cgroup))
     };

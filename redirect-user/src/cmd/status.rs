@@ -457,17 +457,24 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
                 .into()
         }
         Counter::LoopbackRedirected => "(--profile legacy only: rule absent)".into(),
-        Counter::BypassInterface => match cfg.map(|c| c.exclude_ifindexes.as_slice()) {
-            None | Some([]) => "(no -c interfaces: rule absent)".into(),
-            Some(indexes) => format!(
-                "-A OUTPUT -o X -j RETURN  (X: the pod's interface {})",
-                indexes
-                    .iter()
-                    .map(|i| format!("#{i}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
+        Counter::BypassInterface => interface_rule(cfg, "-A OUTPUT -o X -j RETURN"),
+        Counter::InboundBypassInterface => interface_rule(cfg, "-A PREROUTING -i X -j RETURN"),
+    }
+}
+
+/// `rule` for the interfaces `-c` names, as the pod's interface indexes
+/// (the names are the pod's, not readable from here).
+fn interface_rule(cfg: Option<&Config>, rule: &str) -> String {
+    match cfg.map(|c| c.exclude_ifindexes.as_slice()) {
+        None | Some([]) => "(no -c interfaces: rule absent)".into(),
+        Some(indexes) => format!(
+            "{rule}  (X: the pod's interface {})",
+            indexes
+                .iter()
+                .map(|i| format!("#{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -511,7 +518,8 @@ fn legacy_mirrors(counter: Counter, cfg: &Config) -> Option<String> {
         | Counter::InboundBypassPort
         | Counter::InboundNotIncluded
         | Counter::DnsRedirected
-        | Counter::BypassInterface => "(no such rule in the legacy table)".into(),
+        | Counter::BypassInterface
+        | Counter::InboundBypassInterface => "(no such rule in the legacy table)".into(),
         _ => return None,
     })
 }

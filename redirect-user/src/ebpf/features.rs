@@ -157,6 +157,12 @@ fn catalogue() -> Vec<Spec> {
             required: !hook.optional,
         });
     }
+    specs.push(Spec {
+        name: INGRESS_IFINDEX,
+        needed_for: "-c with inbound capture: the interface an inbound connection arrived on",
+        first_kernel: "5.17".into(),
+        required: false,
+    });
     // The netfilter tools, for the fallback.
     for (name, needed_for) in [
         ("iptables-nft", "iptables mode (the fallback), nft backend"),
@@ -174,6 +180,17 @@ fn catalogue() -> Vec<Spec> {
         });
     }
     specs
+}
+
+/// The feature sk_lookup's `ingress_ifindex` field is.
+pub const INGRESS_IFINDEX: &str = "sk_lookup/ingress_ifindex";
+
+/// Whether sk_lookup programs may read the interface a connection arrived
+/// on (subject to `--assume-missing`).
+pub fn ingress_ifindex_present() -> bool {
+    let hook = super::SK_LOOKUP;
+    !assumed_missing(INGRESS_IFINDEX)
+        && sys::probe_sk_lookup_ifindex(hook.kind.prog_type(), hook.attach_type).is_ok()
 }
 
 /// Whether this kernel has `hook` (probed once per process, and subject
@@ -235,6 +252,16 @@ fn detect(spec: &Spec) -> (bool, String) {
             Ok(false) => (false, "cgroup/connect4 programs cannot call it here".into()),
             Err(err) => (false, format!("cannot tell ({err})")),
         },
+        INGRESS_IFINDEX => {
+            let hook = super::SK_LOOKUP;
+            match sys::probe_sk_lookup_ifindex(hook.kind.prog_type(), hook.attach_type) {
+                Ok(()) => (true, "an sk_lookup program may read it".into()),
+                Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
+                    (false, "cannot tell without privileges".into())
+                }
+                Err(err) => (false, format!("the kernel refuses it ({err})")),
+            }
+        }
         "iptables-nft" | "iptables-legacy" | "nft" => {
             let (program, package) = match spec.name {
                 "nft" => ("nft", "nftables"),
@@ -329,7 +356,7 @@ pub fn run() -> Report {
 pub fn render(report: &Report) -> String {
     let mut out = format!("kernel {}\n", report.kernel);
     out.push_str(&format!(
-        "{:<22} {:<8} {:<8} {}\n",
+        "{:<26} {:<8} {:<8} {}\n",
         "feature", "first", "here", "needed for"
     ));
     for f in &report.features {
@@ -341,7 +368,7 @@ pub fn render(report: &Report) -> String {
             "no"
         };
         out.push_str(&format!(
-            "{:<22} {:<8} {:<8} {}  ({})\n",
+            "{:<26} {:<8} {:<8} {}  ({})\n",
             f.name, f.first_kernel, here, f.needed_for, f.detail
         ));
     }

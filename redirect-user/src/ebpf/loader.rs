@@ -227,7 +227,19 @@ fn install_steps(
     // The socket-storage map is a BTF map, which the pin directory does
     // not cover: it is pinned (and reused on upgrade) by its own path.
     let sock_pin = dir.join(maps::SOCK);
+    let ingress_ifindex = super::features::ingress_ifindex_present();
+    if req.config.inbound.is_some() && !req.config.exclude_ifindexes.is_empty() && !ingress_ifindex
+    {
+        bail!(
+            "-c with inbound capture (-b) needs the interface an inbound connection arrived on, \
+             which sk_lookup gives from kernel 5.17: use `redirect istio-iptables` (its auto mode \
+             programs iptables for it), or drop -c or -b"
+        );
+    }
     let mut loader = EbpfLoader::new();
+    if ingress_ifindex {
+        loader.override_global("INGRESS_IFINDEX", &1u32, true);
+    }
     phases.mark(|| "kernel BTF parse (aya)".into());
     let mut ebpf = loader
         .default_map_pin_directory(dir)

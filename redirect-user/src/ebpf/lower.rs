@@ -174,11 +174,6 @@ fn split_ports(list: &PortList, flag: u8, ranges: &mut Vec<PortRange>) -> Vec<u1
 fn not_honoured(capture: &Capture) -> Vec<&'static str> {
     [
         (
-            !capture.exclude_interfaces.is_empty() && capture.inbound != InboundPorts::Off,
-            "-c/--istio-exclude-interfaces with inbound capture (-b): eBPF mode cannot yet tell \
-             the interface an inbound connection arrived on (PREROUTING -i)",
-        ),
-        (
             !capture.kube_virt_interfaces.is_empty(),
             "-k/--kube-virt-interfaces",
         ),
@@ -290,16 +285,8 @@ mod tests {
         assert!(inbound.all);
         assert_eq!(inbound.exclude, vec![15090, 15021, 15020]);
         let why = lower(&istio(&["-b", "9080", "-c", "lo", "-k", "eth2"]), &RealHost).unwrap_err();
-        assert_eq!(
-            why,
-            vec![
-                "-c/--istio-exclude-interfaces with inbound capture (-b): eBPF mode cannot yet \
-                 tell the interface an inbound connection arrived on (PREROUTING -i)",
-                "-k/--kube-virt-interfaces"
-            ]
-        );
-        // Without inbound capture, -c is the outbound rule: the interfaces
-        // the pod has are taken by index, one it lacks is refused.
+        assert_eq!(why, vec!["-k/--kube-virt-interfaces"]);
+        // -c's interfaces are taken by index; one the pod lacks is refused.
         let cfg = lower(&istio(&["-b", "", "-c", "lo"]), &RealHost).unwrap();
         assert_eq!(cfg.exclude_ifindexes, vec![1]);
         assert_eq!(

@@ -20,7 +20,7 @@ pub use redirect_common::map_names::*;
 
 /// Every pinned map with the type, key size and value size this build of
 /// the programs expects.
-pub const LAYOUT: [(&str, MapType, usize, usize); 15] = [
+pub const LAYOUT: [(&str, MapType, usize, usize); 16] = [
     (CONFIG, MapType::Array, 4, size_of::<RedirectConfig>()),
     (ACTIVE, MapType::Array, 4, 4),
     (STATS, MapType::PerCpuArray, 4, size_of::<u64>()),
@@ -41,6 +41,7 @@ pub const LAYOUT: [(&str, MapType, usize, usize); 15] = [
     (ROUTE, MapType::LpmTrie, 12, size_of::<RouteEntry>()),
     (PORT_RANGES, MapType::LpmTrie, 8, 1),
     (GROUPS, MapType::Hash, 8, 1),
+    (IN_BYPASS, MapType::LruHash, 8, 1),
 ];
 
 /// Checks that the maps pinned in `dir` have the layouts this build uses,

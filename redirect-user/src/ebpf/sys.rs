@@ -206,7 +206,31 @@ pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
 /// exact test of "this kernel has this hook", as opposed to its version.
 pub fn probe_hook(prog_type: u32, attach_type: u32) -> std::io::Result<()> {
     // r0 = 1; exit
-    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+    probe_program(
+        prog_type,
+        attach_type,
+        &[0x0000_0001_0000_00b7, 0x0000_0000_0000_0095],
+    )
+}
+
+/// Whether sk_lookup programs (`prog_type`, `attach_type`) may read
+/// `ingress_ifindex` (kernel 5.17): the kernel loads one that does.
+pub fn probe_sk_lookup_ifindex(prog_type: u32, attach_type: u32) -> std::io::Result<()> {
+    // r0 = *(u32 *)(r1 + 64) (struct bpf_sk_lookup's ingress_ifindex);
+    // r0 = 1; exit
+    probe_program(
+        prog_type,
+        attach_type,
+        &[
+            0x0000_0000_0040_1061,
+            0x0000_0001_0000_00b7,
+            0x0000_0000_0000_0095,
+        ],
+    )
+}
+
+/// Loads (and drops) a program of `insns`: whether the kernel accepts it.
+fn probe_program(prog_type: u32, attach_type: u32, insns: &[u64]) -> std::io::Result<()> {
     let license = c"GPL";
     #[repr(C)]
     struct Attr {
