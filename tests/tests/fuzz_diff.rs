@@ -1,7 +1,7 @@
 //! Differential fuzzing: random istio-iptables configurations (from the
 //! flag space eBPF mode claims to honour: `-i`, `-x`, `-q`, `-o`, `-b`,
-//! `-d`, `-u`, `-g`, `-e`, the owner-group and loopback variables; always
-//! REDIRECT) × random connections, each configuration applied once with
+//! `-d`, `-u`, `-g`, `-e`, `-c` (the second link, `lo`, or both), DNS
+//! capture, the owner-group and loopback variables; always REDIRECT) × random connections, each configuration applied once with
 //! `--mode iptables` and once with `--mode ebpf` on the same sandbox pod,
 //! and everything the app and the proxy can observe compared: where the
 //! connection lands, how connect (blocking, non-blocking, a fast-open
@@ -14,14 +14,15 @@
 //! switched credentials: effective ids other than the real ones, a socket
 //! made under one identity and connected under another), the family (v4,
 //! or v4-mapped on AF_INET6), the destination (the pod's address,
-//! 127.0.0.1, other 127/8, 127.0.0.6, 0.0.0.0, the peer's addresses, an
-//! address without a route, the limited and the subnet broadcast,
+//! 127.0.0.1, other 127/8, 127.0.0.6, 0.0.0.0, the peer's addresses, the
+//! pod's and the peer's addresses on a second link (`nic2`), an address
+//! without a route, the limited and the subnet broadcast,
 //! multicast) and port (the proxy's, Istio's, excluded or included ones,
 //! one nothing listens on), the bound source (none, 127.0.0.1, 127.0.0.6,
 //! the pod's address; sometimes a fixed source port, so that connections
 //! share 4-tuples in turn), SO_BINDTODEVICE (lo, eth0), the socket type
 //! (TCP, or a UDP connect); and inbound ones from the peer to the pod's
-//! address.
+//! address on either link.
 //!
 //! Environment:
 //! - `FUZZ_DIFF_CASES`: (config, connection) pairs to compare (default 1,500);
@@ -65,7 +66,7 @@ use std::{
 };
 
 use redirect_sandbox::{
-    Group, Identity, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
+    Group, Identity, Net, PEER_IP, PEER_NIC2_IP, POD_IP, POD_NIC2_IP, PROXY, ROOT, Sandbox,
     agent::{ConnectMode, Cred, Device, Spec},
     cli::{outcome, redirect_bin},
     peer_ip, require_root,
@@ -301,6 +302,14 @@ impl Config {
                 env.push(("CAPTURE_ALL_DNS", "true".to_owned()));
             }
         }
+        // Excluded interfaces: the second link (which some destinations
+        // and inbound connections use), `lo`, or both.
+        if rng.chance(20) {
+            flags.push((
+                "-c",
+                rng.pick(&["nic2", "nic2", "lo", "nic2,lo"]).to_owned(),
+            ));
+        }
         if rng.chance(25) {
             env.push((
                 "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
@@ -484,6 +493,9 @@ fn destinations() -> Vec<(Ipv4Addr, &'static str)> {
         (peer_ip(1), "peer"),
         (peer_ip(1), "peer"),
         (peer_ip(2), "peer"),
+        (PEER_NIC2_IP, "peer-nic2"),
+        (PEER_NIC2_IP, "peer-nic2"),
+        (POD_NIC2_IP, "pod-nic2"),
         (Ipv4Addr::new(10, 1, 2, 3), "no-route"),
         (Ipv4Addr::BROADCAST, "broadcast"),
         (Ipv4Addr::new(198, 19, 255, 255), "subnet-broadcast"),
@@ -567,6 +579,10 @@ fn random_case(rng: &mut Rng, creds: bool) -> Case {
         spec.sport = 20_000 + 10 * client as u16 + rng.pick(&[0, 1, 2]);
     }
     if CLIENTS[client].peer {
+        // A third of inbound connections arrive on the second link.
+        if rng.chance(33) {
+            spec.to = SocketAddrV4::new(POD_NIC2_IP, port);
+        }
         spec.bind = match rng.below(10) {
             0..8 => None,
             8 => Some(PEER_IP),
@@ -605,6 +621,7 @@ fn random_case(rng: &mut Rng, creds: bool) -> Case {
 fn pod_with_servers() -> Sandbox {
     let sandbox = Sandbox::for_tests().expect("sandbox");
     sandbox.add_peer_addresses(2).expect("peer addresses");
+    sandbox.add_second_link().expect("second link");
     let serve = |net: Net, group: Group, who: Identity, ports: &[u16], reply: &str| {
         let listen: Vec<String> = ports
             .iter()
@@ -1038,6 +1055,8 @@ fn role(case: &Case, value: &str) -> String {
     }
     let ip = match ip {
         ip if ip == POD_IP => "pod".to_owned(),
+        ip if ip == POD_NIC2_IP => "pod-nic2".to_owned(),
+        ip if ip == PEER_NIC2_IP => "peer-nic2".to_owned(),
         ip if ip == Ipv4Addr::LOCALHOST => "lo".to_owned(),
         ip if ip == PEER_IP || ip == peer_ip(1) || ip == peer_ip(2) => "peer".to_owned(),
         ip => ip.to_string(),
@@ -1268,9 +1287,16 @@ fn ebpf_and_iptables_agree_on_random_cases() {
     let mut landed_out = BTreeMap::<String, usize>::new();
     let mut landed_in = BTreeMap::<String, usize>::new();
     let mut progress_at = Instant::now();
+    // How many configurations drew each flag and variable.
+    let mut drawn = BTreeMap::<&str, usize>::new();
     while generated < total {
         let mut rng = Rng::for_round(seed, round);
         let config = Config::random(&mut rng);
+        if only_round.is_none_or(|r| r == round) {
+            for (name, _) in config.flags.iter().chain(&config.env) {
+                *drawn.entry(name).or_default() += 1;
+            }
+        }
         let cases: Vec<Case> = (0..per_config.min(total - generated))
             .map(|_| random_case(&mut rng, creds))
             .collect();
@@ -1381,6 +1407,7 @@ fn ebpf_and_iptables_agree_on_random_cases() {
     );
     println!("\n{summary}");
     println!("fuzz-diff: landings from the pod: {landed_out:?}; from the peer: {landed_in:?}");
+    println!("fuzz-diff: configurations drawing each flag: {drawn:?}");
     println!(
         "fuzz-diff: {:.0} s applying and removing configurations, {:.0} s observing",
         APPLY_NS.load(Ordering::Relaxed) as f64 / 1e9,
