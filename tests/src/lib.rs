@@ -226,56 +226,72 @@ impl Sandbox {
     }
 
     fn wire(&self) -> Result<()> {
-        let peer = format!(
-            "/proc/{}/fd/{}",
-            std::process::id(),
-            self.peer_ns.as_raw_fd()
-        );
-        self.ip_batch(
-            Net::Pod,
-            &format!(
-                "link add eth0 type veth peer name eth0 netns {peer}\n\
-                 addr add {POD_IP}/{LINK_PREFIX} dev eth0\n\
-                 addr add {POD_IP6}/64 dev eth0 nodad\n\
-                 link set eth0 up\n\
-                 link set lo up\n"
-            ),
+        self.link(
+            "eth0",
+            &[format!("{POD_IP}/{LINK_PREFIX}"), format!("{POD_IP6}/64")],
+            &[format!("{PEER_IP}/{LINK_PREFIX}"), format!("{PEER_IP6}/64")],
         )?;
-        self.ip_batch(
-            Net::Peer,
-            &format!(
-                "addr add {PEER_IP}/{LINK_PREFIX} dev eth0\n\
-                 addr add {PEER_IP6}/64 dev eth0 nodad\n\
-                 link set eth0 up\n\
-                 link set lo up\n"
-            ),
-        )
+        for net in [Net::Pod, Net::Peer] {
+            self.ip_batch(net, "link set lo up\n")?;
+        }
+        Ok(())
     }
 
     /// A second veth pair between the pod and the peer, [`NIC2`] on both
     /// sides ([`POD_NIC2_IP`] and [`PEER_NIC2_IP`], /24): the pod reaches
     /// the peer through another interface (what `-c` names).
     pub fn add_second_link(&self) -> Result<()> {
-        let peer = format!(
+        self.link(
+            NIC2,
+            &[format!("{POD_NIC2_IP}/24")],
+            &[format!("{PEER_NIC2_IP}/24")],
+        )
+    }
+
+    /// A veth pair named `name` on both sides, from the pod to the peer,
+    /// with these addresses (IPv6 ones without duplicate detection), up.
+    fn link(&self, name: &str, pod: &[String], peer: &[String]) -> Result<()> {
+        let peer_ns = format!(
             "/proc/{}/fd/{}",
             std::process::id(),
             self.peer_ns.as_raw_fd()
         );
+        let side = |addrs: &[String]| -> String {
+            let mut batch: String = addrs
+                .iter()
+                .map(|a| {
+                    let nodad = if a.contains(':') { " nodad" } else { "" };
+                    format!("addr add {a} dev {name}{nodad}\n")
+                })
+                .collect();
+            batch.push_str(&format!("link set {name} up\n"));
+            batch
+        };
         self.ip_batch(
             Net::Pod,
             &format!(
-                "link add {NIC2} type veth peer name {NIC2} netns {peer}\n\
-                 addr add {POD_NIC2_IP}/24 dev {NIC2}\n\
-                 link set {NIC2} up\n"
+                "link add {name} type veth peer name {name} netns {peer_ns}\n{}",
+                side(pod)
             ),
         )?;
-        self.ip_batch(
-            Net::Peer,
-            &format!(
-                "addr add {PEER_NIC2_IP}/24 dev {NIC2}\n\
-                 link set {NIC2} up\n"
-            ),
-        )
+        self.ip_batch(Net::Peer, &side(peer))
+    }
+
+    /// Starts a server on `listen` (`addr:port`) in `net`, cgroup `group`,
+    /// as `who`, answering each connection with `name` and what it
+    /// observes of it (peer, local address, SO_ORIGINAL_DST).
+    pub fn serve_observing(
+        &self,
+        net: Net,
+        group: Group,
+        who: Identity,
+        listen: &str,
+        name: &str,
+    ) -> Result<u32> {
+        let mut cmd = self.agent(net, group, who);
+        cmd.args(["serve", "--listen", listen, "--report", "observe"])
+            .args(["--reply", name]);
+        self.start(cmd)
     }
 
     /// Adds [`peer_ip`]`(1..=count)` to the peer's `eth0`.

@@ -482,10 +482,9 @@ fn an_excluded_interface_is_observed_as_with_iptables() {
     let sandbox = Sandbox::for_tests().expect("sandbox");
     sandbox.add_second_link().expect("second link");
     let serve = |net: Net, group: Group, who: Identity, listen: String, name: &str| {
-        let mut cmd = sandbox.agent(net, group, who);
-        cmd.args(["serve", "--listen", &listen, "--report", "observe"])
-            .args(["--reply", name]);
-        sandbox.start(cmd).expect(name);
+        sandbox
+            .serve_observing(net, group, who, &listen, name)
+            .expect(name);
     };
     serve(
         Net::Pod,

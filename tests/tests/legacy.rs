@@ -40,10 +40,9 @@ const UPSTREAM_PORT: u16 = 9080;
 fn pod() -> Sandbox {
     let sandbox = Sandbox::for_tests().expect("sandbox");
     let serve = |net: Net, group: Group, who: Identity, listen: String, name: &str| {
-        let mut cmd = sandbox.agent(net, group, who);
-        cmd.args(["serve", "--listen", &listen, "--report", "observe"])
-            .args(["--reply", name]);
-        sandbox.start(cmd).expect(name);
+        sandbox
+            .serve_observing(net, group, who, &listen, name)
+            .expect(name);
     };
     serve(
         Net::Pod,
