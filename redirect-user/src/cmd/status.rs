@@ -623,9 +623,9 @@ pub fn render(status: &Status) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let _ = writeln!(out, "  {:>10}  {:<21} mirrors", "conns", "decision");
+        let _ = writeln!(out, "  {:>10}  {:<24} mirrors", "conns", "decision");
         for c in &inst.counters {
-            let _ = writeln!(out, "  {:>10}  {:<21} {}", c.value, c.name, c.mirrors);
+            let _ = writeln!(out, "  {:>10}  {:<24} {}", c.value, c.name, c.mirrors);
         }
     }
     out
