@@ -601,14 +601,25 @@ fn connect(to: SocketAddr, count: u64, stop: &Stop<'_>, peer: bool) -> Tally {
         {
             break;
         }
-        let outcome = once(to, peer).unwrap_or_else(|err| format!("error: {}", err.kind()));
+        // A failure after the connect is told apart (the reply's read),
+        // so that a rare reset says where it came.
+        let outcome = match TcpStream::connect_timeout(&to, IO_TIMEOUT) {
+            Err(err) => format!("error: {}", err.kind()),
+            Ok(stream) => reply_of(stream, peer)
+                .unwrap_or_else(|err| format!("error: {} (after connect)", err.kind())),
+        };
         *tally.0.entry(outcome).or_default() += 1;
     }
     tally
 }
 
 fn once(to: SocketAddr, peer: bool) -> std::io::Result<String> {
-    let stream = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+    reply_of(TcpStream::connect_timeout(&to, IO_TIMEOUT)?, peer)
+}
+
+/// What the server of a connected `stream` answers (after its own peer
+/// address, with `peer`).
+fn reply_of(stream: TcpStream, peer: bool) -> std::io::Result<String> {
     let peer = if peer {
         format!("peer={} ", stream.peer_addr()?)
     } else {
