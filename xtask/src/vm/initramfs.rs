@@ -166,7 +166,9 @@ fn init_script(tests: &[&str], conformance: &[(PathBuf, &str, &str)]) -> String 
         script.push_str(&format!(
             "echo \"{BEGIN}{test}\"\n\
              /tests/{test} --test-threads=2 --show-output 2>&1\n\
-             echo \"{END}{test} $?\"\n"
+             rc=$?\n\
+             [ $rc = 0 ] || dmesg | tail -n 40 | sed 's/^/VMTEST dmesg /'\n\
+             echo \"{END}{test} $rc\"\n"
         ));
     }
     script.push_str(&format!("echo \"{DONE}\"\npoweroff -f\n"));

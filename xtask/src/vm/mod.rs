@@ -240,7 +240,7 @@ fn run_kernel(
     let mut notes: Vec<String> = boot
         .console
         .lines()
-        .filter(|l| l.starts_with("VMTEST module-failed"))
+        .filter(|l| l.starts_with("VMTEST module-failed") || l.starts_with("VMTEST dmesg"))
         .map(str::to_owned)
         .collect();
     let ending = match boot.ending {
