@@ -297,12 +297,7 @@ impl Lock {
                     root.display()
                 );
             }
-            // Short, so that a waiter takes the lock in the gap between two
-            // commands another process runs back to back (each a fork,
-            // exec and start, milliseconds at least): polling every 20 ms
-            // lost that race to a loop of installs on a slow kernel past
-            // the whole wait.
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
