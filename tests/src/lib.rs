@@ -277,21 +277,18 @@ impl Sandbox {
         self.ip_batch(Net::Peer, &side(peer))
     }
 
-    /// Starts a server on `listen` (`addr:port`) in `net`, cgroup `group`,
-    /// as `who`, answering each connection with `name` and what it
-    /// observes of it (peer, local address, SO_ORIGINAL_DST).
-    pub fn serve_observing(
-        &self,
-        net: Net,
-        group: Group,
-        who: Identity,
-        listen: &str,
-        name: &str,
-    ) -> Result<u32> {
-        let mut cmd = self.agent(net, group, who);
-        cmd.args(["serve", "--listen", listen, "--report", "observe"])
-            .args(["--reply", name]);
-        self.start(cmd)
+    /// Starts each server of `servers`: on `listen` (`addr:port`) in `net`,
+    /// cgroup `group`, as `who`, answering each connection with `name` and
+    /// what it observes of it (peer, local address, SO_ORIGINAL_DST).
+    pub fn serve_observing(&self, servers: &[(Net, Group, Identity, String, &str)]) -> Result<()> {
+        for (net, group, who, listen, name) in servers {
+            let mut cmd = self.agent(*net, *group, *who);
+            cmd.args(["serve", "--listen", listen, "--report", "observe"])
+                .args(["--reply", name]);
+            self.start(cmd)
+                .with_context(|| format!("starting {name} on {listen}"))?;
+        }
+        Ok(())
     }
 
     /// Adds [`peer_ip`]`(1..=count)` to the peer's `eth0`.

@@ -481,39 +481,38 @@ fn an_excluded_interface_is_observed_as_with_iptables() {
     const UPSTREAM_PORT: u16 = 9080;
     let sandbox = Sandbox::for_tests().expect("sandbox");
     sandbox.add_second_link().expect("second link");
-    let serve = |net: Net, group: Group, who: Identity, listen: String, name: &str| {
-        sandbox
-            .serve_observing(net, group, who, &listen, name)
-            .expect(name);
-    };
-    serve(
-        Net::Pod,
-        Group::Proxy,
-        PROXY,
-        "0.0.0.0:15001".into(),
-        "proxy",
-    );
-    serve(
-        Net::Pod,
-        Group::Proxy,
-        PROXY,
-        "0.0.0.0:15006".into(),
-        "inbound",
-    );
-    serve(
-        Net::Pod,
-        Group::App,
-        APP,
-        format!("0.0.0.0:{APP_PORT}"),
-        "app",
-    );
-    serve(
-        Net::Peer,
-        Group::Outside,
-        ROOT,
-        format!("0.0.0.0:{UPSTREAM_PORT}"),
-        "upstream",
-    );
+    sandbox
+        .serve_observing(&[
+            (
+                Net::Pod,
+                Group::Proxy,
+                PROXY,
+                "0.0.0.0:15001".into(),
+                "proxy",
+            ),
+            (
+                Net::Pod,
+                Group::Proxy,
+                PROXY,
+                "0.0.0.0:15006".into(),
+                "inbound",
+            ),
+            (
+                Net::Pod,
+                Group::App,
+                APP,
+                format!("0.0.0.0:{APP_PORT}"),
+                "app",
+            ),
+            (
+                Net::Peer,
+                Group::Outside,
+                ROOT,
+                format!("0.0.0.0:{UPSTREAM_PORT}"),
+                "upstream",
+            ),
+        ])
+        .expect("servers");
     let spec = |to: SocketAddrV4| format!("to={to} family=4 bind=none dev=none mode=block");
     let observe = || -> BTreeMap<String, String> {
         let mut seen = BTreeMap::new();

@@ -39,27 +39,31 @@ const UPSTREAM_PORT: u16 = 9080;
 /// what it saw of the connection.
 fn pod() -> Sandbox {
     let sandbox = Sandbox::for_tests().expect("sandbox");
-    let serve = |net: Net, group: Group, who: Identity, listen: String, name: &str| {
-        sandbox
-            .serve_observing(net, group, who, &listen, name)
-            .expect(name);
-    };
-    serve(
-        Net::Pod,
-        Group::Proxy,
-        PROXY,
-        "0.0.0.0:15001".into(),
-        "proxy",
-    );
-    serve(
-        Net::Pod,
-        Group::App,
-        APP,
-        format!("0.0.0.0:{APP_PORT}"),
-        "app",
-    );
-    let upstream = format!("{PEER_IP}:{UPSTREAM_PORT}");
-    serve(Net::Peer, Group::Outside, ROOT, upstream, "upstream");
+    sandbox
+        .serve_observing(&[
+            (
+                Net::Pod,
+                Group::Proxy,
+                PROXY,
+                "0.0.0.0:15001".into(),
+                "proxy",
+            ),
+            (
+                Net::Pod,
+                Group::App,
+                APP,
+                format!("0.0.0.0:{APP_PORT}"),
+                "app",
+            ),
+            (
+                Net::Peer,
+                Group::Outside,
+                ROOT,
+                format!("{PEER_IP}:{UPSTREAM_PORT}"),
+                "upstream",
+            ),
+        ])
+        .expect("servers");
     sandbox
 }
 
