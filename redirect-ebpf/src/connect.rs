@@ -154,7 +154,7 @@ pub(crate) fn capture(
                 Source::Bind(src) => src,
                 Source::Kernel => 0,
             };
-            let mut orig = OrigDst::new(input.effective_dst(), input.dst_port);
+            let mut orig = OrigDst::new(input.effective_dst(), input.dst_port, port);
             // SAFETY: the context's socket; the value is copied in when created.
             let slot = unsafe { RDR_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
             if slot.is_null() {

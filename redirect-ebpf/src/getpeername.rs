@@ -5,40 +5,28 @@
 //! reports as its local port.
 
 use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock_addr, programs::SockAddrContext};
-use redirect_common::{Counter, LOCALHOST, OrigDst, tuple_from_client_side, v4_mapped};
+use redirect_common::{Counter, LOCALHOST, OrigDst, v4_mapped};
 
 use crate::{
-    maps::{RDR_ORIG_TUPLE, active, count, load, sock_record},
-    net::{ALLOW, IPPROTO_UDP, read_ip6, sock_ends},
+    maps::{active, count, load, sock_record},
+    net::{ALLOW, read_ip6},
 };
 
 /// The record of the app's redirected socket `sk` whose peer is
-/// `peer_ip:peer_port`: a TCP connection's under its tuple, a connected
-/// UDP socket's (captured DNS) in its storage.
+/// `peer_ip:peer_port` (the context's `user_port`): the one in its
+/// storage, if the socket is connected where that record sent it.
 #[inline(always)]
 pub(crate) fn peer_record(sk: *mut bpf_sock, peer_ip: u32, user_port: u32) -> Option<OrigDst> {
-    let (local_ip, local_port, _, _) = sock_ends(sk)?;
-    // SAFETY: `sock_ends` checked it is not null.
-    if unsafe { (*sk).protocol } == IPPROTO_UDP {
-        let (cfg, _) = active()?;
-        if peer_ip != LOCALHOST || u16::from_be(user_port as u16) != cfg.dns_port {
-            return None;
-        }
-        let own = sock_record(sk);
-        if own.is_null() {
-            return None;
-        }
-        let record = load(own);
-        return (record.kind == OrigDst::REDIRECTED).then_some(record);
+    if peer_ip != LOCALHOST {
+        return None;
     }
-    let tuple = tuple_from_client_side(
-        local_ip,
-        local_port,
-        peer_ip,
-        u16::from_be(user_port as u16),
-    );
-    // SAFETY: copied out before use.
-    unsafe { RDR_ORIG_TUPLE.get(tuple) }.copied()
+    let own = sock_record(sk);
+    if own.is_null() {
+        return None;
+    }
+    let record = load(own);
+    (record.kind == OrigDst::REDIRECTED && record.via == u16::from_be(user_port as u16))
+        .then_some(record)
 }
 
 /// `getpeername()` on the app's redirected socket returns the original

@@ -19,12 +19,9 @@ use crate::{
 
 /// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` as conntrack does once
 /// Istio's nat rules are loaded: the original destination of the asking
-/// socket's connection. For the proxy's accepted end of a redirected
-/// connection that is the record sockops filed under the connection's
-/// tuple (`-j REDIRECT --to-ports 15001`); for every other TCP connection
-/// see [`unredirected`]. Every other call, and one without an answer,
-/// comes back exactly as the kernel (or a program that ran before this
-/// one) produced it (see [`SockoptAction`]).
+/// socket's connection (see [`original`]). Every other call, and one
+/// without an answer, comes back exactly as the kernel (or a program that
+/// ran before this one) produced it (see [`SockoptAction`]).
 ///
 /// No pointer arithmetic beyond a constant bounds check: subtracting the
 /// buffer pointers needs CAP_PERFMON, which an init container lacks.
@@ -62,32 +59,24 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
     let Some((local_ip, local_port, remote_ip, remote_port)) = sock_ends(sk) else {
         return false;
     };
-    let tuple = tuple_from_server_side(local_ip, local_port, remote_ip, remote_port);
     // SAFETY: copied out before use.
     let kernel_answered = opt.retval == 0;
-    // SAFETY: copied out before use.
-    let orig = match (unsafe { RDR_ORIG_TUPLE.get(tuple) }).copied() {
-        Some(orig) => {
-            count(Counter::OrigDstAnswered);
-            orig
+    let orig = match original(
+        sk,
+        kernel_answered,
+        local_ip,
+        local_port,
+        remote_ip,
+        remote_port,
+    ) {
+        Some(orig) => orig,
+        // An answer is already there (conntrack's, or a program's that
+        // ran before this one) and this capture knows no better: keep it.
+        None if kernel_answered => return false,
+        None => {
+            count(Counter::OrigDstMissed);
+            return false;
         }
-        None => match unredirected(
-            sk,
-            kernel_answered,
-            local_ip,
-            local_port,
-            remote_ip,
-            remote_port,
-        ) {
-            Some(orig) => orig,
-            // An answer is already there (conntrack's, or a program's that
-            // ran before this one) and this capture knows no better: keep it.
-            None if kernel_answered => return false,
-            None => {
-                count(Counter::OrigDstMissed);
-                return false;
-            }
-        },
     };
     let bytes = sockaddr_in(&orig);
     // SAFETY: 16 bytes fit between optval and optval_end (checked above).
@@ -103,11 +92,12 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
     true
 }
 
-/// Conntrack's answer for a TCP connection without a tuple record: it
-/// looks the socket's (local, remote) up in either direction and answers
-/// the original direction's destination. So the app's redirected socket
-/// gets its original destination (in its storage), an accepted socket its
-/// own local address (an inbound capture kept it, see
+/// Conntrack's answer for a TCP connection: it looks the socket's (local,
+/// remote) up in either direction and answers the original direction's
+/// destination. So both ends of a redirected connection get its original
+/// destination (the app's socket from its storage, the proxy's from the
+/// record its end took, or from the tuple map if it could not), an
+/// accepted socket its own local address (an inbound capture kept it, see
 /// [`crate::sk_lookup`]), and any other connected socket its peer. `None`
 /// (the kernel's ENOENT) for sockets that are not connected, and for the
 /// proxy's end of a redirected connection whose record is gone.
@@ -121,7 +111,7 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
 /// by another capture or a netfilter rule, and a socket nobody redirected
 /// gets the same answer from conntrack as from here: the kernel's stands.
 #[inline(always)]
-fn unredirected(
+fn original(
     sk: *mut bpf_sock,
     kernel_answered: bool,
     local_ip: u32,
@@ -136,7 +126,7 @@ fn unredirected(
     let own = sock_record(sk);
     if !own.is_null() {
         let record = load(own);
-        if record.kind == OrigDst::REDIRECTED {
+        if record.kind == OrigDst::REDIRECTED || record.kind == OrigDst::PROXY {
             count(Counter::OrigDstAnswered);
             return Some(record);
         }
@@ -144,12 +134,18 @@ fn unredirected(
             return None;
         }
         count(Counter::OrigDstInbound);
-        return Some(OrigDst::new(local_ip, local_port));
+        return Some(OrigDst::new(local_ip, local_port, 0));
+    }
+    let tuple = tuple_from_server_side(local_ip, local_port, remote_ip, remote_port);
+    // SAFETY: copied out before use.
+    if let Some(orig) = unsafe { RDR_ORIG_TUPLE.get(tuple) }.copied() {
+        count(Counter::OrigDstAnswered);
+        return Some(orig);
     }
     let (cfg, _) = active()?;
     if kernel_answered || local_port == cfg.proxy_port {
         return None;
     }
     count(Counter::OrigDstUnredirected);
-    Some(OrigDst::new(remote_ip, remote_port))
+    Some(OrigDst::new(remote_ip, remote_port, 0))
 }

@@ -20,8 +20,8 @@ use redirect_common::{
     RouteEntry, active_slot, cidr_key, port_key, port_range_key, slot_key,
 };
 
-/// Largest number of connections whose original destination is tracked at
-/// once (user space sets the actual size: `--max-connections`).
+/// Largest number of redirected handshakes in flight at once (user space
+/// sets the actual size: `--max-connections`).
 const MAX_TRACKED: u32 = 65536;
 
 /// The capture configurations, one per slot, written by user space; the
@@ -50,10 +50,10 @@ pub(crate) fn active() -> Option<(&'static RedirectConfig, Maps)> {
 #[map]
 pub(crate) static RDR_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
 
-/// Original destination of a redirected socket between connect() and the
-/// end of its handshake, in the socket's local storage: the kernel frees it
-/// with the socket, so a connect that never completes leaves nothing
-/// behind, and there is no map to fill. (A BTF map: user space pins it
+/// Original destination of a redirected connection, in the storage of the
+/// app's socket and then of the proxy's (see [`OrigDst`]), or the mark of an
+/// accepted socket: the kernel frees it with the socket, so nothing is left
+/// behind and there is no map to fill. (A BTF map: user space pins it
 /// with the others, by name.)
 #[btf_map]
 pub(crate) static RDR_SOCK: SkStorage<OrigDst> = SkStorage::new();
@@ -71,8 +71,9 @@ pub(crate) fn store(slot: *mut OrigDst, orig: &OrigDst) {
     // SAFETY: `slot` is a valid map value of this type.
     unsafe {
         core::ptr::write_volatile(&raw mut (*slot).ip, orig.ip);
-        core::ptr::write_volatile(&raw mut (*slot).state, orig.state);
         core::ptr::write_volatile(&raw mut (*slot).port, orig.port);
+        core::ptr::write_volatile(&raw mut (*slot).via, orig.via);
+        core::ptr::write_volatile(&raw mut (*slot).kind, orig.kind);
     }
 }
 
@@ -83,9 +84,10 @@ pub(crate) fn load(slot: *const OrigDst) -> OrigDst {
     unsafe {
         OrigDst {
             ip: core::ptr::read_volatile(&raw const (*slot).ip),
-            state: core::ptr::read_volatile(&raw const (*slot).state),
             port: core::ptr::read_volatile(&raw const (*slot).port),
+            via: core::ptr::read_volatile(&raw const (*slot).via),
             kind: core::ptr::read_volatile(&raw const (*slot).kind),
+            _pad: 0,
         }
     }
 }
@@ -100,32 +102,31 @@ pub(crate) fn sock_record(sk: *mut bpf_sock) -> *mut OrigDst {
     unsafe { bpf_sk_storage_get(sock_map(), sk.cast(), core::ptr::null_mut(), 0) }.cast()
 }
 
-/// Marks `sk` in its storage as accepted, `kind` saying how
-/// ([`OrigDst::ACCEPTED`] or [`OrigDst::INBOUND`]).
+/// Creates `sk`'s storage holding `value` (an accepted socket's mark, or
+/// the record the proxy's end of a redirected connection keeps). `false`
+/// when the kernel could not create it.
 #[inline(always)]
-pub(crate) fn mark_accepted(sk: *mut bpf_sock, kind: u16) {
+pub(crate) fn keep_in_socket(sk: *mut bpf_sock, value: &OrigDst) -> bool {
     if sk.is_null() {
-        return;
+        return false;
     }
-    let mut mark = OrigDst {
-        ip: 0,
-        state: 0,
-        port: 0,
-        kind,
-    };
+    let mut value = *value;
     // SAFETY: a full socket from the context; the value is copied in.
-    let _ = unsafe {
+    let slot = unsafe {
         bpf_sk_storage_get(
             sock_map(),
             sk.cast(),
-            (&raw mut mark).cast(),
+            (&raw mut value).cast(),
             u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE),
         )
     };
+    !slot.is_null()
 }
 
-/// Original destination of an established redirected connection, keyed by
-/// its tuple as seen from the app (client) side.
+/// Original destination of a redirected connection whose app end is
+/// established and whose proxy end is not yet, keyed by its tuple as seen
+/// from the app (client) side: the handshake's only link between the two
+/// sockets. The proxy's end takes the record into its own storage.
 #[map]
 pub(crate) static RDR_ORIG_TUPLE: LruHashMap<ConnTuple, OrigDst> =
     LruHashMap::pinned(MAX_TRACKED, 0);
@@ -282,19 +283,4 @@ pub(crate) fn count(counter: Counter) {
         // SAFETY: a valid, aligned map value that lives as long as the map.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
     }
-}
-
-/// Sets one state byte of a record in place (volatile: ordered before the
-/// reads that follow it).
-#[inline(always)]
-pub(crate) fn set_flag(orig: *mut OrigDst, which: usize) {
-    // SAFETY: a valid map value pointer; `which` < 4 stays inside `state`.
-    unsafe { core::ptr::write_volatile((&raw mut (*orig).state).cast::<u8>().add(which), 1) };
-}
-
-/// Reads one state byte of a record in place.
-#[inline(always)]
-pub(crate) fn flag(orig: *mut OrigDst, which: usize) -> u8 {
-    // SAFETY: as in `set_flag`.
-    unsafe { core::ptr::read_volatile((&raw const (*orig).state).cast::<u8>().add(which)) }
 }

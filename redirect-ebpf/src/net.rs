@@ -8,7 +8,6 @@ pub(crate) const ALLOW: i32 = 1;
 pub(crate) const AF_INET: u32 = 2;
 pub(crate) const AF_INET6: u32 = 10;
 pub(crate) const IPPROTO_TCP: u32 = 6;
-pub(crate) const IPPROTO_UDP: u32 = 17;
 
 /// Reads an IPv6 address from a context, one 4-byte load per word (the
 /// verifier refuses wider loads of these fields on older kernels).

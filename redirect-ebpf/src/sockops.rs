@@ -1,13 +1,13 @@
 //! `sockops` (kernel 4.13; listen callbacks 4.19 era, verified from 5.10):
-//! what conntrack does for redirected connections (a record per
-//! established connection, under its 4-tuple, released when both ends
-//! closed), and the proxy's inbound listener registered for [`crate::sk_lookup`].
+//! what conntrack does for redirected connections (the original
+//! destination carried from the app's socket to the proxy's accepted
+//! one, through the handshake's 4-tuple), and the proxy's inbound listener
+//! registered for [`crate::sk_lookup`].
 
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock,
     },
     macros::sock_ops,
     programs::SockOpsContext,
@@ -20,30 +20,25 @@ use redirect_common::{
 
 use crate::{
     maps::{
-        RDR_IN_BYPASS, RDR_LISTENER, RDR_ORIG_TUPLE, active, count, flag, load, mark_accepted,
-        set_flag, sock_record,
+        RDR_IN_BYPASS, RDR_LISTENER, RDR_ORIG_TUPLE, active, count, keep_in_socket, load,
+        sock_record,
     },
     net::{AF_INET, AF_INET6, read_ip6},
 };
 
-/// Keeps the original-destination records of redirected connections (Istio
-/// relies on conntrack for this; there is no iptables rule to mirror):
-/// copies a socket's record from its storage to the 4-tuple map when its
-/// handshake completes, and removes records when connections close.
+/// Carries each redirected connection's original destination from the
+/// app's socket to the proxy's (Istio relies on conntrack for this; there
+/// is no iptables rule to mirror): the app's end files it under the 4-tuple
+/// when its handshake completes, the proxy's end takes it into its own
+/// storage when it is established. Only these two callbacks and `listen`
+/// do anything: no socket is asked for further callbacks, so a connection
+/// costs sockops nothing after its handshake.
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_LISTEN_CB {
-        on_listen(&ctx);
-        return 1;
-    }
-    let Some(ends) = Ends::of(&ctx) else {
-        return 1;
-    };
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx, &ends),
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx, &ends),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx, &ends),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
         _ => {}
     }
     1
@@ -114,12 +109,6 @@ fn sock(ctx: &SockOpsContext) -> *mut bpf_sock {
     unsafe { (*ctx.ops).__bindgen_anon_2.sk }
 }
 
-/// Asks for a callback on every state change of this socket, so its close is seen.
-#[inline(always)]
-fn watch_close(ctx: &SockOpsContext) {
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-}
-
 /// A socket of the cgroup started listening: when it is on the inbound
 /// capture port (and inbound capture is on), it becomes one of the
 /// listeners that [`redirect_sk_lookup`] hands inbound connections to. This
@@ -152,47 +141,45 @@ fn on_listen(ctx: &SockOpsContext) {
     }
 }
 
-/// A redirected socket is about to send its SYN: watch it, so that a connect
-/// that never completes is counted when it closes.
-#[inline(always)]
-fn on_connect(ctx: &SockOpsContext) {
-    if !sock_record(sock(ctx)).is_null() {
-        watch_close(ctx);
-    }
-}
-
 /// The app's redirected connection is established: its local port is now
-/// known, so file the record under the connection's tuple.
+/// known, so file the record under the connection's tuple for the proxy's
+/// end to take. The socket keeps its own copy (getpeername(), and
+/// SO_ORIGINAL_DST asked on the app's side).
 #[inline(always)]
-fn on_active_established(ctx: &SockOpsContext, ends: &Ends) {
-    let sk = sock(ctx);
-    let record = sock_record(sk);
+fn on_active_established(ctx: &SockOpsContext) {
+    let record = sock_record(sock(ctx));
     if record.is_null() {
         return;
     }
-    let orig = load(record);
-    if RDR_ORIG_TUPLE.insert(ends.as_app(), orig, 0).is_ok() {
+    let Some(ends) = Ends::of(ctx) else {
+        return;
+    };
+    if RDR_ORIG_TUPLE
+        .insert(ends.as_app(), load(record), 0)
+        .is_ok()
+    {
         count(Counter::TupleRecorded);
     }
-    // The socket's own copy stays, marked: at close it tells an
-    // established connection (whose tuple record may have been evicted)
-    // from a connect that never completed. It goes with the socket.
-    set_flag(record, OrigDst::ESTABLISHED);
-    watch_close(ctx);
 }
 
-/// The proxy's side of a redirected connection is established (it runs in
-/// this cgroup): from now on the record waits for both sides to close.
-/// Any other accepted socket is marked as accepted, for the
-/// `SO_ORIGINAL_DST` answer conntrack gives it, and as the proxy's end of
-/// an inbound capture when the inbound rules capture its ends (such a
-/// connection reached no other socket: [`crate::sk_lookup`] handed it to
-/// the proxy), for the local port REDIRECT would show.
+/// An accepted socket of the cgroup is established. The proxy's end of a
+/// redirected connection takes the connection's record from the tuple map
+/// into its own storage (it lives as long as the socket, as conntrack's
+/// entry lives as long as the connection). Any other accepted socket is
+/// marked as accepted, for the `SO_ORIGINAL_DST` answer conntrack gives
+/// it, and as the proxy's end of an inbound capture when the inbound rules
+/// capture its ends (such a connection reached no other socket:
+/// [`crate::sk_lookup`] handed it to the proxy), for the local port
+/// REDIRECT would show.
 #[inline(always)]
-fn on_passive_established(ctx: &SockOpsContext, ends: &Ends) {
-    if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(ends.as_proxy()) {
-        set_flag(orig, OrigDst::PROXY_SEEN);
-        watch_close(ctx);
+fn on_passive_established(ctx: &SockOpsContext) {
+    let Some(ends) = Ends::of(ctx) else {
+        return;
+    };
+    let tuple = ends.as_proxy();
+    // SAFETY: copied out before use.
+    if let Some(orig) = unsafe { RDR_ORIG_TUPLE.get(tuple) }.copied() {
+        take(sock(ctx), &tuple, &orig);
         return;
     }
     let Some((cfg, maps)) = active() else {
@@ -204,13 +191,23 @@ fn on_passive_established(ctx: &SockOpsContext, ends: &Ends) {
         ifindex: 0,
     };
     let captured = decide_inbound(&input, cfg, &maps) == InboundVerdict::Capture
-        && !(cfg.flags & CFG_EXCLUDE_IFACES != 0 && arrived_on_excluded(ends));
+        && !(cfg.flags & CFG_EXCLUDE_IFACES != 0 && arrived_on_excluded(&ends));
     let kind = if captured {
         OrigDst::INBOUND
     } else {
         OrigDst::ACCEPTED
     };
-    mark_accepted(sock(ctx), kind);
+    let _ = keep_in_socket(sock(ctx), &OrigDst::accepted(kind));
+}
+
+/// Moves a redirected connection's record into the storage of its proxy's
+/// end. Should the kernel fail to create the storage, the record stays in
+/// the tuple map, where SO_ORIGINAL_DST still finds it.
+#[inline(always)]
+fn take(sk: *mut bpf_sock, tuple: &ConnTuple, orig: &OrigDst) {
+    if keep_in_socket(sk, &orig.for_proxy()) && RDR_ORIG_TUPLE.remove(tuple).is_ok() {
+        count(Counter::TupleReleased);
+    }
 }
 
 /// Whether [`crate::sk_lookup`] left this connection alone for the
@@ -219,49 +216,4 @@ fn on_passive_established(ctx: &SockOpsContext, ends: &Ends) {
 fn arrived_on_excluded(ends: &Ends) -> bool {
     let key = in_bypass_key(ends.remote_ip, ends.remote_port, ends.local_port);
     RDR_IN_BYPASS.remove(key).is_ok()
-}
-
-/// A watched socket closed. A record goes when both ends of its connection
-/// have closed (the app may still call getpeername() after the proxy closed,
-/// the proxy may still ask SO_ORIGINAL_DST after the app closed), or with
-/// the app's end alone when the proxy's end is never seen (a proxy outside
-/// this cgroup). The app's socket is the one with a record in its storage:
-/// not yet established, its connect never completed; established but its
-/// tuple record gone, the LRU map evicted it.
-///
-/// Each end sets its own byte, then reads the other's; if both close at once
-/// on two CPUs and miss each other's store, the record is left to the LRU.
-#[inline(always)]
-fn on_close(ctx: &SockOpsContext, ends: &Ends) {
-    let own = sock_record(sock(ctx));
-    if !own.is_null() {
-        if flag(own, OrigDst::ESTABLISHED) == 0 {
-            count(Counter::ConnectAborted);
-            return;
-        }
-        let as_app = ends.as_app();
-        let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(as_app) else {
-            count(Counter::RecordEvicted);
-            return;
-        };
-        set_flag(orig, OrigDst::APP_CLOSED);
-        if flag(orig, OrigDst::PROXY_SEEN) == 0 || flag(orig, OrigDst::PROXY_CLOSED) == 1 {
-            release(&as_app);
-        }
-        return;
-    }
-    let as_proxy = ends.as_proxy();
-    if let Some(orig) = RDR_ORIG_TUPLE.get_ptr_mut(as_proxy) {
-        set_flag(orig, OrigDst::PROXY_CLOSED);
-        if flag(orig, OrigDst::APP_CLOSED) == 1 {
-            release(&as_proxy);
-        }
-    }
-}
-
-#[inline(always)]
-fn release(tuple: &ConnTuple) {
-    if RDR_ORIG_TUPLE.remove(tuple).is_ok() {
-        count(Counter::TupleReleased);
-    }
 }

@@ -219,9 +219,11 @@ pub struct IstioArgs {
     /// eBPF mode's instance name [default: derived from the cgroup]
     #[arg(long, value_name = "NAME", value_parser = crate::instance::parse_arg)]
     pub instance: Option<crate::instance::InstanceName>,
-    /// eBPF mode: how many redirected connections can be open at once
-    /// (sizes the original-destination map: about 100 bytes each)
-    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = parse::max_connections)]
+    /// eBPF mode: how many redirected connections can be in their
+    /// handshake at once (sizes the original-destination tuple map: about
+    /// 100 bytes each; open connections keep their records in socket
+    /// storage, without limit)
+    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "4096", value_parser = parse::max_connections)]
     pub max_connections: u32,
     /// Apply in this network namespace (/proc/PID/ns/net or /run/netns/NAME)
     #[arg(

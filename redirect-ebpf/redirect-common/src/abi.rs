@@ -12,7 +12,7 @@ pub const MAX_GROUPS: usize = 64;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 13;
+pub const ABI_VERSION: u32 = 14;
 
 /// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
 /// ports together).
@@ -238,9 +238,13 @@ pub const PORT_IN_EXCLUDE: u8 = 8;
 /// passthrough connections (never captured).
 pub const PASSTHROUGH_SRC: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
 
-/// Where a redirected connection was going (value of both
-/// original-destination maps), or, in a socket's storage with
-/// [`OrigDst::ACCEPTED`] as its kind, the mark of an accepted socket.
+/// Where a redirected connection was going: in the app's socket storage
+/// from its connect, under the connection's tuple from the app's end of
+/// the handshake until the proxy's end is established, then in the proxy
+/// socket's storage. In a socket's storage with another [`OrigDst::kind`],
+/// the mark of an accepted socket. Each copy lives as long as its socket,
+/// as conntrack's entry lives as long as the connection; no close has to
+/// be watched.
 ///
 /// Field order matters to the verifier: constructing this struct must not
 /// put zero stores next to each other, or LLVM fuses them into a `memset`
@@ -251,32 +255,19 @@ pub const PASSTHROUGH_SRC: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
 pub struct OrigDst {
     /// Original destination address, network byte order.
     pub ip: u32,
-    /// Lifetime state, one byte per writer (see [`OrigDst::PROXY_SEEN`]).
-    pub state: u32,
     /// Original destination port, host byte order.
     pub port: u16,
-    /// [`OrigDst::REDIRECTED`], [`OrigDst::ACCEPTED`] or [`OrigDst::INBOUND`].
+    /// The port the connection was sent to on 127.0.0.1 (REDIRECT's
+    /// `--to-ports`: the proxy, inbound or DNS port); 0 in an accepted mark.
+    pub via: u16,
+    /// [`OrigDst::REDIRECTED`], [`OrigDst::PROXY`], [`OrigDst::ACCEPTED`]
+    /// or [`OrigDst::INBOUND`].
     pub kind: u16,
+    pub _pad: u16,
 }
 
 impl OrigDst {
-    /// State byte set once the proxy's accepted socket of this connection
-    /// was seen in the cgroup. A record lives until both ends of its
-    /// connection closed, or only the app's end when the proxy's end is
-    /// never seen (a proxy outside the cgroup). Each byte has one writer,
-    /// so no two sockets' callbacks write the same byte.
-    pub const PROXY_SEEN: usize = 0;
-    /// State byte set once the app's socket closed.
-    pub const APP_CLOSED: usize = 1;
-    /// State byte set once the proxy's socket closed.
-    pub const PROXY_CLOSED: usize = 2;
-    /// State byte of the record in the app socket's own storage, set once
-    /// the connection is established (its copy is then in the tuple map):
-    /// at close, a socket whose storage lacks it never connected, and one
-    /// that has it but whose tuple record is gone lost it to eviction.
-    pub const ESTABLISHED: usize = 3;
-
-    /// `kind` of a redirected connection's record.
+    /// `kind` of the record in the app's redirected socket.
     pub const REDIRECTED: u16 = 0;
     /// `kind` of the storage of a socket accepted in the cgroup that is not
     /// the proxy's end of a redirected connection: conntrack answers
@@ -287,20 +278,40 @@ impl OrigDst {
     /// (the proxy's end): like [`OrigDst::ACCEPTED`], and its local port
     /// reads as the inbound port, where REDIRECT would have sent it.
     pub const INBOUND: u16 = 2;
+    /// `kind` of the record in the proxy's end of a redirected connection,
+    /// moved there from the tuple map when that end was established.
+    pub const PROXY: u16 = 3;
 
-    /// A fresh record of `ip:port` (network-order address, host-order port).
-    pub const fn new(ip: u32, port: u16) -> Self {
+    /// A fresh record of a connect to `ip:port` (network-order address,
+    /// host-order port) sent to `127.0.0.1:via`.
+    pub const fn new(ip: u32, port: u16, via: u16) -> Self {
         Self {
             ip,
-            state: 0,
             port,
+            via,
             kind: Self::REDIRECTED,
+            _pad: 0,
         }
     }
 
-    /// One state byte.
-    pub const fn flag(&self, which: usize) -> u8 {
-        self.state.to_ne_bytes()[which]
+    /// This record as the proxy's end keeps it.
+    pub const fn for_proxy(self) -> Self {
+        Self {
+            kind: Self::PROXY,
+            ..self
+        }
+    }
+
+    /// The mark of an accepted socket (`kind`: [`OrigDst::ACCEPTED`] or
+    /// [`OrigDst::INBOUND`]).
+    pub const fn accepted(kind: u16) -> Self {
+        Self {
+            ip: 0,
+            port: 0,
+            via: 0,
+            kind,
+            _pad: 0,
+        }
     }
 }
 
@@ -336,91 +347,85 @@ pub enum Counter {
     NotTcp = 4,
     /// The redirect record could not be stored; the connect was left alone.
     RecordFailed = 5,
-    /// sockops copied a socket's record to the tuple map (handshake done).
+    /// sockops copied a socket's record to the tuple map (the app's end of
+    /// the handshake done).
     TupleRecorded = 6,
-    /// A tuple record was removed because its connection closed.
+    /// A tuple record moved into the storage of the proxy's end of its
+    /// connection, once that end was established.
     TupleReleased = 7,
-    /// A redirected socket closed before its handshake completed (its
-    /// record went with the socket's storage).
-    ConnectAborted = 8,
     /// `getsockopt(SO_ORIGINAL_DST)` answered from a record.
-    OrigDstAnswered = 9,
+    OrigDstAnswered = 8,
     /// `getsockopt(SO_ORIGINAL_DST)` on a socket without a record (left to the kernel).
-    OrigDstMissed = 10,
+    OrigDstMissed = 9,
     /// `getpeername()` of a redirected app socket answered with the original destination.
-    PeernameRestored = 11,
+    PeernameRestored = 10,
     /// An IPv6 destination that is not IPv4-mapped: not captured (IPv4-only config).
-    NotIpv4 = 12,
+    NotIpv4 = 11,
     /// The proxy's call to its own pod's address, sent to the inbound port.
-    Hairpin = 13,
+    Hairpin = 12,
     /// `-o`: the destination port is never captured.
-    BypassPort = 14,
+    BypassPort = 13,
     /// The inbound passthrough source (127.0.0.6) on loopback.
-    BypassPassthrough = 15,
+    BypassPassthrough = 14,
     /// Local (loopback-routed) traffic of a process that is not the proxy.
-    BypassLocal = 16,
+    BypassLocal = 15,
     /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`: the caller's group is not captured.
-    BypassGroup = 17,
+    BypassGroup = 16,
     /// `-x`: the destination is in an excluded CIDR.
-    BypassCidr = 18,
+    BypassCidr = 17,
     /// The destination is in no included CIDR (`-i`) and no included port (`-q`).
-    NotIncluded = 19,
+    NotIncluded = 18,
     /// An inbound connection handed to the proxy's inbound listener.
-    InboundCaptured = 20,
+    InboundCaptured = 19,
     /// An inbound connection to capture while no inbound listener exists:
     /// refused, as REDIRECT to a port nobody listens on refuses it.
-    InboundRefused = 21,
+    InboundRefused = 20,
     /// A connection from the pod to itself: local traffic does not
     /// traverse `PREROUTING` (its outbound rules decided it).
-    InboundLocal = 22,
+    InboundLocal = 21,
     /// `--dport 15008 -j RETURN`: the tunnel port is not captured.
-    InboundBypassTunnel = 23,
+    InboundBypassTunnel = 22,
     /// `-d`: the port is never captured.
-    InboundBypassPort = 24,
+    InboundBypassPort = 23,
     /// The port is not in the `-b` list.
-    InboundNotIncluded = 25,
+    InboundNotIncluded = 24,
     /// A listener on the inbound port was registered for inbound capture.
-    ListenerRegistered = 26,
+    ListenerRegistered = 25,
     /// `getsockopt(SO_ORIGINAL_DST)` on an accepted socket (an inbound
     /// capture or any connection the pod accepted without a redirect),
     /// answered with its own local address, as conntrack answers it.
-    OrigDstInbound = 27,
-    /// An established redirected connection closed and found its record
-    /// gone: the LRU map evicted it (more connections were open than
-    /// `--max-connections`), and SO_ORIGINAL_DST and getpeername() on that
-    /// connection had no answer after the eviction.
-    RecordEvicted = 28,
+    OrigDstInbound = 26,
     /// A connect the rules would redirect but the kernel refuses before nat
     /// `OUTPUT` sees a packet (no route, a broadcast or multicast
     /// destination, a loopback source to the network): left to the kernel,
     /// which fails it as it does under iptables.
-    KernelRefuses = 29,
+    KernelRefuses = 27,
     /// A redirected connect could not keep the source address the kernel
     /// would have chosen (`bpf_bind` failed): it leaves from 127.0.0.1.
-    SourceNotKept = 30,
+    SourceNotKept = 28,
     /// `getsockopt(SO_ORIGINAL_DST)` on a connecting socket that was not
     /// redirected, answered with its peer, as conntrack answers it.
-    OrigDstUnredirected = 31,
+    OrigDstUnredirected = 29,
     /// `getsockname()` of the proxy's end of an inbound capture answered
     /// with the inbound port, as after REDIRECT.
-    SocknameRedirected = 32,
+    SocknameRedirected = 30,
     /// DNS (UDP or TCP port 53) sent to the proxy's DNS port
     /// (`ISTIO_OUTPUT_DNS`).
-    DnsRedirected = 33,
+    DnsRedirected = 31,
     /// A datagram from the proxy's DNS port to a socket whose DNS was
     /// captured, shown as coming from the nameserver it was sent to (what
     /// conntrack's reverse NAT does).
-    DnsReplyRestored = 34,
+    DnsReplyRestored = 32,
     /// `--profile legacy`: a connect leaving through `lo` to anything but
     /// 127.0.0.1, sent to the proxy port whoever makes it
     /// (`istio/redirect-implicit-loopback`).
-    LoopbackRedirected = 35,
+    LoopbackRedirected = 33,
     /// `-c`: the connection leaves through an excluded interface
     /// (`OUTPUT -o X -j RETURN`).
-    BypassInterface = 36,
+    BypassInterface = 34,
     /// `-c`: the connection arrived on an excluded interface
     /// (`PREROUTING -i X -j RETURN`).
-    InboundBypassInterface = 37,
+    InboundBypassInterface = 35,
 }
 
 impl Counter {
@@ -433,7 +438,6 @@ impl Counter {
         Self::RecordFailed,
         Self::TupleRecorded,
         Self::TupleReleased,
-        Self::ConnectAborted,
         Self::OrigDstAnswered,
         Self::OrigDstMissed,
         Self::PeernameRestored,
@@ -453,7 +457,6 @@ impl Counter {
         Self::InboundNotIncluded,
         Self::ListenerRegistered,
         Self::OrigDstInbound,
-        Self::RecordEvicted,
         Self::KernelRefuses,
         Self::SourceNotKept,
         Self::OrigDstUnredirected,
@@ -476,7 +479,6 @@ impl Counter {
             Self::RecordFailed => "record_failed",
             Self::TupleRecorded => "tuple_recorded",
             Self::TupleReleased => "tuple_released",
-            Self::ConnectAborted => "connect_aborted",
             Self::OrigDstAnswered => "orig_dst_answered",
             Self::OrigDstMissed => "orig_dst_missed",
             Self::PeernameRestored => "peername_restored",
@@ -496,7 +498,6 @@ impl Counter {
             Self::InboundNotIncluded => "inbound_not_included",
             Self::ListenerRegistered => "listener_registered",
             Self::OrigDstInbound => "orig_dst_inbound",
-            Self::RecordEvicted => "record_evicted",
             Self::KernelRefuses => "kernel_refuses",
             Self::SourceNotKept => "source_not_kept",
             Self::OrigDstUnredirected => "orig_dst_unredirected",
@@ -511,7 +512,7 @@ impl Counter {
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 38;
+pub const COUNTER_COUNT: u32 = 36;
 
 /// 127.0.0.1 in network byte order: where redirected connects are sent.
 pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);

@@ -487,7 +487,7 @@ fn answers_keep_the_callers_length_like_conntrack() {
 
 #[test]
 fn sockaddr_in_layout_matches_the_kernel() {
-    let orig = OrigDst::new(ip(198, 18, 0, 2), 8080);
+    let orig = OrigDst::new(ip(198, 18, 0, 2), 8080, 15001);
     let bytes = sockaddr_in(&orig);
     assert_eq!(
         u16::from_ne_bytes([bytes[0], bytes[1]]),

@@ -207,9 +207,11 @@ pub fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// Default capacity of the original-destination maps: connections
-/// redirected and open at once.
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 65536;
+/// Default capacity of the original-destination tuple map: redirected
+/// connections between the app's and the proxy's end of their handshake
+/// at once. A full accept queue (`somaxconn`, 4,096) on the proxy's
+/// listener holds at most this many.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
 /// Bounds of `--max-connections`.
 pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<u32> = 256..=1 << 20;
 

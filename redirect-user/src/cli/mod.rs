@@ -231,9 +231,11 @@ pub struct CaptureArgs {
     #[arg(short = 'd', long = "istio-local-exclude-ports", value_name = "PORT[,PORT...]", default_value = "", value_parser = |s: &str| parse::port_list("-d", s))]
     pub inbound_exclude: PortList,
 
-    /// How many redirected connections can be open at once (sizes the
-    /// original-destination map: about 100 bytes each)
-    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "65536", value_parser = parse::max_connections)]
+    /// How many redirected connections can be in their handshake at once
+    /// (the app's end established, the proxy's not yet): sizes the
+    /// original-destination tuple map, about 100 bytes each. Open
+    /// connections keep their records in socket storage, without limit
+    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "4096", value_parser = parse::max_connections)]
     pub max_connections: u32,
 
     /// REDIRECT or TPROXY (Istio -m). eBPF captures inbound as REDIRECT

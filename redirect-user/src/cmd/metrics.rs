@@ -57,14 +57,14 @@ pub fn render(status: &Status, agent: AgentFigures) -> String {
     }
     let _ = writeln!(
         out,
-        "# HELP redirect_tracked_connections Redirected connections with an original-destination record.\n# TYPE redirect_tracked_connections gauge"
+        "# HELP redirect_tracked_handshakes Redirected connections between the app's and the proxy's end of their handshake.\n# TYPE redirect_tracked_handshakes gauge"
     );
     for inst in &status.instances {
         let _ = writeln!(
             out,
-            "redirect_tracked_connections{{instance=\"{}\"}} {}",
+            "redirect_tracked_handshakes{{instance=\"{}\"}} {}",
             label(&inst.instance),
-            inst.tracked.established
+            inst.tracked.handshakes
         );
     }
     let counters = [

@@ -45,13 +45,14 @@ pub struct Instance {
     pub instance: String,
     pub cgroup: String,
     pub cgroup_id: u64,
-    /// Open connections whose original destination is always kept
-    /// (`--max-connections`); more evict records (`record_evicted`).
+    /// Redirected connections whose handshake is between its two ends
+    /// (the app's done, the proxy's not yet) that keep their original
+    /// destination (`--max-connections`).
     pub max_connections: u32,
     pub programs: Vec<Program>,
     pub config: Option<ConfigView>,
     pub counters: Vec<CounterView>,
-    /// Connections with an original-destination record.
+    /// Original-destination records in the tuple map.
     pub tracked: Tracked,
     /// Inbound connections captured, per destination port.
     pub inbound_captured: Vec<PortCount>,
@@ -121,9 +122,11 @@ pub struct CounterView {
 
 #[derive(Serialize, Default)]
 pub struct Tracked {
-    /// Established redirected connections with an original-destination
-    /// record (connects in progress keep theirs in socket storage).
-    pub established: u64,
+    /// Redirected connections whose app end is established and whose proxy
+    /// end is not yet (or is outside the cgroup, and never takes it): the
+    /// records in the tuple map. Every other record is in a socket's
+    /// storage, which user space cannot count.
+    pub handshakes: u64,
 }
 
 pub fn status(args: &StatusArgs) -> Result<ExitCode> {
@@ -219,7 +222,7 @@ fn instance(name: &InstanceName) -> Result<Instance> {
             mirrors: mirrors(c, config.as_ref(), &sets),
         })
         .collect();
-    let established = maps::tracked(&dir)?;
+    let handshakes = maps::tracked(&dir)?;
     let port_list = |flag: u8| sets.ports_with(flag);
     let programs = programs(&dir, &meta);
     let prog_ids: Vec<u32> = programs.iter().filter_map(|p| p.program_id).collect();
@@ -263,7 +266,7 @@ fn instance(name: &InstanceName) -> Result<Instance> {
             }),
         }),
         counters,
-        tracked: Tracked { established },
+        tracked: Tracked { handshakes },
         inbound_captured: maps::inbound_hits(&dir)?
             .into_iter()
             .map(|(port, connections)| PortCount { port, connections })
@@ -359,8 +362,7 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
         Counter::Redirected => format!("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {port}"),
         Counter::RecordFailed => "(record map full: connect left alone)".into(),
         Counter::TupleRecorded => "(conntrack: redirected connection established)".into(),
-        Counter::TupleReleased => "(conntrack: redirected connection closed)".into(),
-        Counter::ConnectAborted => "(conntrack: redirected connect never completed)".into(),
+        Counter::TupleReleased => "(conntrack: the proxy's end took the record)".into(),
         Counter::OrigDstAnswered => "(conntrack: SO_ORIGINAL_DST answered)".into(),
         Counter::OrigDstMissed => "(SO_ORIGINAL_DST on a connection with no record)".into(),
         Counter::PeernameRestored => "(getpeername() of a redirected socket restored)".into(),
@@ -451,10 +453,6 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
         },
         Counter::DnsReplyRestored => {
             "(conntrack: a captured DNS reply shows the nameserver as its source)".into()
-        }
-        Counter::RecordEvicted => {
-            "(record evicted: more connections open than --max-connections; SO_ORIGINAL_DST missed)"
-                .into()
         }
         Counter::LoopbackRedirected => "(--profile legacy only: rule absent)".into(),
         Counter::BypassInterface => interface_rule(cfg, "-A OUTPUT -o X -j RETURN"),
@@ -609,8 +607,8 @@ pub fn render(status: &Status) -> String {
         }
         let _ = writeln!(
             out,
-            "  tracked      {} established connections (records kept for {} open connections)",
-            inst.tracked.established, inst.max_connections
+            "  tracked      {} handshakes in flight (room for {}; open connections keep their records in socket storage)",
+            inst.tracked.handshakes, inst.max_connections
         );
         let _ = writeln!(
             out,

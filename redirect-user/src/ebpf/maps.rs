@@ -243,9 +243,8 @@ fn memlock(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
         .unwrap_or(0)
 }
 
-/// Number of established connections with an original-destination record.
-/// (Connects in progress keep theirs in socket storage, which cannot be
-/// counted from user space.)
+/// Number of records in the tuple map: redirected connections between the
+/// app's and the proxy's end of their handshake (see `Tracked`).
 pub fn tracked(dir: &Path) -> Result<u64> {
     let tuples: HashMap<MapData, ConnTuple, OrigDst> =
         HashMap::try_from(Map::LruHashMap(open(dir, ORIG_TUPLE)?))?;
