@@ -11,12 +11,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ConnectInput, Counter, Event, LOCALHOST, LOG_DEBUG, LOG_TRACE, LOOPBACK_IFINDEX, OrigDst,
-    SOCK_STREAM, Source, Verdict, decide_connect, redirect_source, to_v4_mapped, v4_mapped,
+    ConnectInput, Counter, Event, LOCALHOST, LOG_DEBUG, LOG_TRACE, LOOPBACK_IFINDEX,
+    OUTCOME_INACTIVE, OrigDst, Outcome, SOCK_STREAM, decide_outcome, to_v4_mapped, v4_mapped,
 };
 
 use crate::{
-    maps::{RDR_EVENTS, RDR_SOCK, active, count, store},
+    maps::{RDR_EVENTS, RDR_SOCK, active, count, count_index, store},
     net::{AF_INET, AF_INET6, ALLOW, read_ip6, write_ip6},
 };
 
@@ -37,7 +37,7 @@ use crate::{
 /// ```
 ///
 /// The decision itself, with every rule istio-iptables can add, is
-/// [`decide_connect`]. Always allows the connect: a
+/// [`redirect_common::decide_connect`]. Always allows the connect: a
 /// capture failure must never break the app's connection.
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
@@ -86,15 +86,31 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// The whole outbound decision, [`decide_outcome`], as a BPF global
+/// function (kernel 5.6): the verifier checks it once per program, for any
+/// input, and the paths of the program around it once, instead of every
+/// path of the decision times every path after it (which took 0.4 s of an
+/// install). It takes and returns scalars only, as global functions must
+/// (see [`ConnectInput::pack`] and [`Outcome::pack`]).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_decide(owner: u64, dst: u64, src: u64) -> u64 {
+    let Some((cfg, maps)) = active() else {
+        return OUTCOME_INACTIVE;
+    };
+    let input = ConnectInput::unpack(owner, dst, src);
+    decide_outcome(&input, cfg, &maps).pack(cfg.log_level)
+}
+
 /// Decides one connect (or UDP send) to `dst_ip` (network order;
 /// `user_port` as the context holds it, the __be16 in its low 16 bits)
 /// and, when it is captured, records the original destination in the
 /// socket's storage. `src_ip` is the address the socket is bound to (0:
 /// none). Returns the port to rewrite to, and the source the kernel would
 /// have chosen for the original destination when the caller must set it
-/// (see [`redirect_source`]), 0 when it need not: a plain `u32` rather
-/// than an `Option`, whose undefined payload LLVM may copy in a register
-/// the verifier then finds unread.
+/// (see [`redirect_common::redirect_source`]), 0 when it need not: a plain
+/// `u32` rather than an `Option`, whose undefined payload LLVM may copy in
+/// a register the verifier then finds unread.
 #[inline(always)]
 pub(crate) fn capture(
     ctx: &SockAddrContext,
@@ -104,7 +120,6 @@ pub(crate) fn capture(
     user_port: u32,
     src_ip: u32,
 ) -> Option<(u16, u32)> {
-    let (cfg, maps) = active()?;
     let uid_gid = bpf_get_current_uid_gid();
     let input = ConnectInput {
         sock_type,
@@ -116,19 +131,12 @@ pub(crate) fn capture(
         dev_lo: sk.bound_dev_if == LOOPBACK_IFINDEX,
         bound_dev: sk.bound_dev_if,
     };
-    let verdict = decide_connect(&input, cfg, &maps);
-    let level = cfg.log_level;
-    let report = |counter: Counter, proxy_port: u16| {
-        let redirect = matches!(
-            counter,
-            Counter::Redirected
-                | Counter::Hairpin
-                | Counter::DnsRedirected
-                | Counter::LoopbackRedirected
-        );
-        if level >= LOG_TRACE || (level >= LOG_DEBUG && redirect) {
+    let [owner, dst, src] = input.pack();
+    let (outcome, level) = Outcome::unpack(redirect_decide(owner, dst, src))?;
+    let report = |counter: u32, proxy_port: u16| {
+        if level >= LOG_TRACE || (level >= LOG_DEBUG && proxy_port != 0) {
             let event = Event {
-                counter: counter as u32,
+                counter,
                 uid: input.uid,
                 gid: input.gid,
                 dst_ip,
@@ -138,39 +146,26 @@ pub(crate) fn capture(
             let _ = RDR_EVENTS.output::<Event>(&event, 0);
         }
     };
-    match verdict {
-        Verdict::Bypass(counter) => {
-            count(counter);
-            report(counter, 0);
-            None
-        }
-        Verdict::Redirect { port, counter } => {
-            let source = match redirect_source(&input, cfg, &maps) {
-                Source::Refused => {
-                    count(Counter::KernelRefuses);
-                    report(Counter::KernelRefuses, 0);
-                    return None;
-                }
-                Source::Bind(src) => src,
-                Source::Kernel => 0,
-            };
-            let mut orig = OrigDst::new(input.effective_dst(), input.dst_port, port);
-            // SAFETY: the context's socket; the value is copied in when created.
-            let slot = unsafe { RDR_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
-            if slot.is_null() {
-                // Without a record the proxy could not learn the original
-                // destination: leave the connect alone rather than break it.
-                count(Counter::RecordFailed);
-                return None;
-            }
-            // A socket that connects (or sends) again keeps its storage:
-            // overwrite it.
-            store(slot, &orig);
-            count(counter);
-            report(counter, port);
-            Some((port, source))
-        }
+    if outcome.port == 0 {
+        count_index(outcome.counter);
+        report(outcome.counter, 0);
+        return None;
     }
+    let mut orig = OrigDst::new(input.effective_dst(), input.dst_port, outcome.port);
+    // SAFETY: the context's socket; the value is copied in when created.
+    let slot = unsafe { RDR_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
+    if slot.is_null() {
+        // Without a record the proxy could not learn the original
+        // destination: leave the connect alone rather than break it.
+        count(Counter::RecordFailed);
+        return None;
+    }
+    // A socket that connects (or sends) again keeps its storage:
+    // overwrite it.
+    store(slot, &orig);
+    count_index(outcome.counter);
+    report(outcome.counter, outcome.port);
+    Some((outcome.port, outcome.source))
 }
 
 /// Counts a redirected socket that could not be given its source

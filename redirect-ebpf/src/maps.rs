@@ -277,7 +277,13 @@ pub(crate) static RDR_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 #[inline(always)]
 pub(crate) fn count(counter: Counter) {
-    if let Some(slot) = RDR_STATS.get_ptr_mut(counter as u32) {
+    count_index(counter as u32);
+}
+
+/// Counts under a [`Counter`]'s index (an out-of-range one counts nothing).
+#[inline(always)]
+pub(crate) fn count_index(counter: u32) {
+    if let Some(slot) = RDR_STATS.get_ptr_mut(counter) {
         // Atomic (a BPF XADD, the result unused): a sockops callback in
         // softirq can interrupt a syscall-context increment on this CPU.
         // SAFETY: a valid, aligned map value that lives as long as the map.

@@ -5,7 +5,7 @@
 use crate::abi::*;
 
 /// The facts about one `connect()` that the decision depends on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectInput {
     /// `bpf_sock_addr.type` (`SOCK_STREAM`, `SOCK_DGRAM`, ...).
     pub sock_type: u32,

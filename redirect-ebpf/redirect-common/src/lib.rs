@@ -14,10 +14,12 @@
 
 pub mod abi;
 pub mod decide;
+pub mod outcome;
 pub mod sockopt;
 
 pub use abi::*;
 pub use decide::*;
+pub use outcome::*;
 pub use sockopt::*;
 
 #[cfg(feature = "user")]

@@ -1145,3 +1145,122 @@ fn nothing_arriving_on_an_excluded_interface_is_captured() {
         InboundVerdict::Capture
     );
 }
+
+/// A small deterministic generator (xorshift64*) for the packing tests.
+struct Draw(u64);
+
+impl Draw {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn connect_inputs_cross_the_global_function_unchanged() {
+    let mut draw = Draw(0x9e37_79b9_7f4a_7c15);
+    let edges = [0, 1, 2, u32::MAX, 0x7f00_0001, 0x0100_007f];
+    for i in 0..20_000 {
+        let pick = |d: &mut Draw| {
+            if i % 3 == 0 {
+                edges[(d.next() % edges.len() as u64) as usize]
+            } else {
+                d.next() as u32
+            }
+        };
+        let bound_dev = if i % 5 == 0 {
+            LOOPBACK_IFINDEX
+        } else {
+            pick(&mut draw)
+        };
+        let input = ConnectInput {
+            // bpf_sock_addr.type: SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, ...
+            sock_type: (draw.next() % 11) as u32,
+            uid: pick(&mut draw),
+            gid: pick(&mut draw),
+            dst_ip: pick(&mut draw),
+            dst_port: draw.next() as u16,
+            src_ip: pick(&mut draw),
+            dev_lo: bound_dev == LOOPBACK_IFINDEX,
+            bound_dev,
+        };
+        let [owner, dst, src] = input.pack();
+        assert_eq!(ConnectInput::unpack(owner, dst, src), input);
+    }
+    // The owner word is bpf_get_current_uid_gid()'s own layout.
+    let [owner, _, _] = app(ip(10, 0, 0, 1)).pack();
+    assert_eq!(owner, 1000 << 32 | 1000);
+}
+
+#[test]
+fn outcomes_cross_the_global_function_unchanged() {
+    let mut draw = Draw(0x2545_f491_4f6c_dd1d);
+    for counter in Counter::ALL {
+        for _ in 0..500 {
+            let outcome = Outcome {
+                port: draw.next() as u16,
+                counter: counter as u32,
+                source: draw.next() as u32,
+            };
+            let level = draw.next() as u8;
+            let packed = outcome.pack(level);
+            assert_ne!(packed, OUTCOME_INACTIVE, "{outcome:?}");
+            assert_eq!(Outcome::unpack(packed), Some((outcome, level)));
+        }
+    }
+    assert_eq!(Outcome::unpack(OUTCOME_INACTIVE), None);
+}
+
+#[test]
+fn an_outcome_carries_the_verdict_and_the_source() {
+    let cfg = istio_default();
+    let upstream = ip(10, 0, 0, 2);
+    let routed = Sets {
+        routes: vec![(ip(10, 0, 0, 0), 8, ip(10, 0, 0, 1))],
+        ..Sets::default()
+    };
+    assert_eq!(
+        decide_outcome(&app(upstream), &cfg, &routed),
+        Outcome {
+            port: 15001,
+            counter: Counter::Redirected as u32,
+            source: ip(10, 0, 0, 1),
+        }
+    );
+    // No route: the kernel fails the connect before any rule; left alone.
+    assert_eq!(
+        decide_outcome(&app(upstream), &cfg, &Sets::default()),
+        Outcome {
+            port: 0,
+            counter: Counter::KernelRefuses as u32,
+            source: 0,
+        }
+    );
+    let proxy = ConnectInput {
+        uid: 1337,
+        ..app(upstream)
+    };
+    assert_eq!(
+        decide_outcome(&proxy, &cfg, &routed),
+        Outcome {
+            port: 0,
+            counter: Counter::BypassUid as u32,
+            source: 0,
+        }
+    );
+    // A socket bound already keeps its address: the kernel's choice.
+    let bound = ConnectInput {
+        src_ip: ip(10, 0, 0, 1),
+        ..app(upstream)
+    };
+    assert_eq!(
+        decide_outcome(&bound, &cfg, &routed),
+        Outcome {
+            port: 15001,
+            counter: Counter::Redirected as u32,
+            source: 0,
+        }
+    );
+}

@@ -1,0 +1,119 @@
+//! One outbound connect's decision as plain integers: the programs decide
+//! through a BPF global function, which the verifier checks once, for any
+//! input, instead of once for every path of the program around it. Such a
+//! function takes and returns scalars only, so its input travels as three
+//! `u64`s and its answer as one.
+
+use crate::{
+    ConnectInput, Counter, Lookups, RedirectConfig, Source, Verdict, decide_connect,
+    redirect_source,
+};
+
+/// What a program does with one connect (or UDP send).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// The port on 127.0.0.1 to send it to; 0: leave it alone.
+    pub port: u16,
+    /// The counter of the rule that decided it (a [`Counter`] as its index).
+    pub counter: u32,
+    /// The source to bind the socket to first (network order); 0: the
+    /// kernel's choice (see [`redirect_source`]).
+    pub source: u32,
+}
+
+/// [`decide_connect`], then for a redirect [`redirect_source`]: a connect
+/// the kernel refuses before any rule runs is left alone, to fail as it
+/// would (`kernel_refuses`).
+#[inline(always)]
+pub fn decide_outcome(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Outcome {
+    match decide_connect(input, cfg, maps) {
+        Verdict::Bypass(counter) => Outcome {
+            port: 0,
+            counter: counter as u32,
+            source: 0,
+        },
+        Verdict::Redirect { port, counter } => match redirect_source(input, cfg, maps) {
+            Source::Refused => Outcome {
+                port: 0,
+                counter: Counter::KernelRefuses as u32,
+                source: 0,
+            },
+            Source::Bind(source) => Outcome {
+                port,
+                counter: counter as u32,
+                source,
+            },
+            Source::Kernel => Outcome {
+                port,
+                counter: counter as u32,
+                source: 0,
+            },
+        },
+    }
+}
+
+/// What the decision's global function returns when no configuration is in
+/// force (no counter index packs to it).
+pub const OUTCOME_INACTIVE: u64 = u64::MAX;
+
+impl Outcome {
+    /// Port in bits 0-15, counter 16-23, the configuration's log level
+    /// 24-31 (for the caller's event report), source 32-63.
+    #[inline(always)]
+    pub const fn pack(self, log_level: u8) -> u64 {
+        self.port as u64
+            | (self.counter as u64) << 16
+            | (log_level as u64) << 24
+            | (self.source as u64) << 32
+    }
+
+    /// The outcome and log level [`Outcome::pack`] packed; `None` for
+    /// [`OUTCOME_INACTIVE`].
+    #[inline(always)]
+    pub const fn unpack(packed: u64) -> Option<(Self, u8)> {
+        if packed == OUTCOME_INACTIVE {
+            return None;
+        }
+        Some((
+            Self {
+                port: packed as u16,
+                counter: ((packed >> 16) & 0xff) as u32,
+                source: (packed >> 32) as u32,
+            },
+            (packed >> 24) as u8,
+        ))
+    }
+}
+
+impl ConnectInput {
+    /// This input as the decision's global function takes it: the
+    /// `bpf_get_current_uid_gid()` value (gid << 32 | uid), the destination
+    /// (address << 32 | port << 16 | socket type) and the socket's own end
+    /// (bound address << 32 | bound device).
+    #[inline(always)]
+    pub const fn pack(&self) -> [u64; 3] {
+        [
+            (self.gid as u64) << 32 | self.uid as u64,
+            (self.dst_ip as u64) << 32
+                | (self.dst_port as u64) << 16
+                | (self.sock_type & 0xffff) as u64,
+            (self.src_ip as u64) << 32 | self.bound_dev as u64,
+        ]
+    }
+
+    /// The input [`ConnectInput::pack`] packed.
+    #[inline(always)]
+    pub const fn unpack(owner: u64, dst: u64, src: u64) -> Self {
+        let bound_dev = src as u32;
+        Self {
+            sock_type: (dst & 0xffff) as u32,
+            uid: owner as u32,
+            gid: (owner >> 32) as u32,
+            dst_ip: (dst >> 32) as u32,
+            dst_port: (dst >> 16) as u16,
+            src_ip: (src >> 32) as u32,
+            dev_lo: bound_dev == crate::LOOPBACK_IFINDEX,
+            bound_dev,
+        }
+    }
+}
