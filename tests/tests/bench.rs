@@ -864,12 +864,13 @@ fn bench_capture_costs() {
         .as_f64()
         .expect("map_memory_bytes");
     results.add("map_memory", "ebpf", "bytes", bytes);
-    // What the instance promises (--max-connections); its map is larger by
-    // the kernel LRU's per-CPU headroom.
-    let tracked = instance["max_connections"]
+    // The handshakes its tuple map holds at once (--max-connections; the
+    // map is larger by the kernel LRU's per-CPU headroom). Open
+    // connections keep their records in socket storage, without limit.
+    let handshakes = instance["max_connections"]
         .as_f64()
         .expect("max_connections");
-    results.add("max_concurrent_redirected", "ebpf", "connections", tracked);
+    results.add("max_handshakes_in_flight", "ebpf", "connections", handshakes);
 
     // 6: the programs' own cost, by the kernel's accounting (bpf_stats),
     // with Istio's sidecar flags: per redirected request through the

@@ -143,7 +143,7 @@ fn check_complete(figures: &[Figure]) -> Result<()> {
     for hook in ["connect4", "sockops", "getsockopt", "sk_lookup"] {
         wanted.push((format!("bpf_ns_{hook}"), "ebpf"));
     }
-    wanted.push(("max_concurrent_redirected".into(), "ebpf"));
+    wanted.push(("max_handshakes_in_flight".into(), "ebpf"));
     for phase in [
         "kernel BTF parse (aya)",
         "object and maps",
