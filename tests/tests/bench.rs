@@ -870,7 +870,12 @@ fn bench_capture_costs() {
     let handshakes = instance["max_connections"]
         .as_f64()
         .expect("max_connections");
-    results.add("max_handshakes_in_flight", "ebpf", "connections", handshakes);
+    results.add(
+        "max_handshakes_in_flight",
+        "ebpf",
+        "connections",
+        handshakes,
+    );
 
     // 6: the programs' own cost, by the kernel's accounting (bpf_stats),
     // with Istio's sidecar flags: per redirected request through the

@@ -1213,6 +1213,15 @@ fn outcomes_cross_the_global_function_unchanged() {
     assert_eq!(Outcome::unpack(OUTCOME_INACTIVE), None);
 }
 
+/// An [`Outcome`] with its counter named.
+fn outcome(port: u16, counter: Counter, source: u32) -> Outcome {
+    Outcome {
+        port,
+        counter: counter as u32,
+        source,
+    }
+}
+
 #[test]
 fn an_outcome_carries_the_verdict_and_the_source() {
     let cfg = istio_default();
@@ -1223,20 +1232,12 @@ fn an_outcome_carries_the_verdict_and_the_source() {
     };
     assert_eq!(
         decide_outcome(&app(upstream), &cfg, &routed),
-        Outcome {
-            port: 15001,
-            counter: Counter::Redirected as u32,
-            source: ip(10, 0, 0, 1),
-        }
+        outcome(15001, Counter::Redirected, ip(10, 0, 0, 1))
     );
     // No route: the kernel fails the connect before any rule; left alone.
     assert_eq!(
         decide_outcome(&app(upstream), &cfg, &Sets::default()),
-        Outcome {
-            port: 0,
-            counter: Counter::KernelRefuses as u32,
-            source: 0,
-        }
+        outcome(0, Counter::KernelRefuses, 0)
     );
     let proxy = ConnectInput {
         uid: 1337,
@@ -1244,11 +1245,7 @@ fn an_outcome_carries_the_verdict_and_the_source() {
     };
     assert_eq!(
         decide_outcome(&proxy, &cfg, &routed),
-        Outcome {
-            port: 0,
-            counter: Counter::BypassUid as u32,
-            source: 0,
-        }
+        outcome(0, Counter::BypassUid, 0)
     );
     // A socket bound already keeps its address: the kernel's choice.
     let bound = ConnectInput {
@@ -1257,10 +1254,6 @@ fn an_outcome_carries_the_verdict_and_the_source() {
     };
     assert_eq!(
         decide_outcome(&bound, &cfg, &routed),
-        Outcome {
-            port: 15001,
-            counter: Counter::Redirected as u32,
-            source: 0,
-        }
+        outcome(15001, Counter::Redirected, 0)
     );
 }
