@@ -181,6 +181,21 @@ fn the_legacy_profile_in_ebpf_is_observed_as_istios_first_table() {
         assert!(shown.contains(rule), "{name} mirrors {shown}");
     }
     assert_eq!(status["instances"][0]["config"]["profile"], "legacy");
+    let sk_lookup = status["instances"][0]["programs"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["hook"] == "sk_lookup"))
+        .map(|p| p["mirrors"].to_string())
+        .unwrap_or_default();
+    assert!(
+        sk_lookup.contains("istio/install-istio-prerouting"),
+        "{sk_lookup}"
+    );
+    let text = run(&["status", "--instance", sandbox.name()]);
+    assert!(
+        text.contains("profile legacy (Istio's first table), proxy port 15001, proxy uids")
+            && !text.contains("tunnel port"),
+        "{text}"
+    );
     run(&["uninstall", "--instance", sandbox.name()]);
 
     // The backend's table.

@@ -224,7 +224,8 @@ fn instance(name: &InstanceName) -> Result<Instance> {
         .collect();
     let handshakes = maps::tracked(&dir)?;
     let port_list = |flag: u8| sets.ports_with(flag);
-    let programs = programs(&dir, &meta);
+    let legacy = config.as_ref().is_some_and(|c| c.legacy);
+    let programs = programs(&dir, &meta, legacy);
     let prog_ids: Vec<u32> = programs.iter().filter_map(|p| p.program_id).collect();
     let maps = maps::memory(&dir, &prog_ids)?;
     Ok(Instance {
@@ -276,7 +277,12 @@ fn instance(name: &InstanceName) -> Result<Instance> {
 
 /// The instance's hooks; sk_lookup only when inbound capture was ever
 /// installed (its pin exists, or the instance records a namespace).
-fn programs(dir: &Path, meta: &InstanceMeta) -> Vec<Program> {
+/// What sk_lookup mirrors under `--profile legacy`: the first table sends
+/// every inbound connection to the proxy port.
+const LEGACY_INBOUND_MIRRORS: &str =
+    "nat PREROUTING -> ISTIO_REDIRECT (istio/install-istio-prerouting)";
+
+fn programs(dir: &Path, meta: &InstanceMeta, legacy: bool) -> Vec<Program> {
     all_hooks()
         .filter(|hook| {
             hook.kind != Kind::SkLookup || meta.netns_ino != 0 || dir.join(hook.pin_name()).exists()
@@ -298,7 +304,11 @@ fn programs(dir: &Path, meta: &InstanceMeta) -> Vec<Program> {
                 available: features::hook_present(&hook),
                 optional: hook.optional,
                 min_kernel: hook.first_kernel(),
-                mirrors: hook.mirrors,
+                mirrors: if legacy && hook.kind == Kind::SkLookup {
+                    LEGACY_INBOUND_MIRRORS
+                } else {
+                    hook.mirrors
+                },
             }
         })
         .collect()
@@ -561,17 +571,22 @@ pub fn render(status: &Status) -> String {
         match &inst.config {
             Some(c) => {
                 let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+                // Istio's first table has neither an inbound port of its
+                // own nor a tunnel port: inbound goes to the proxy port.
+                let ports = if c.profile == "legacy" {
+                    format!(
+                        "profile legacy (Istio's first table), proxy port {}",
+                        c.proxy_port
+                    )
+                } else {
+                    format!(
+                        "proxy port {}, inbound port {}, tunnel port {}",
+                        c.proxy_port, c.inbound_port, c.tunnel_port
+                    )
+                };
                 let _ = writeln!(
                     out,
-                    "  config       {}proxy port {}, inbound port {}, tunnel port {}, proxy uids [{}], proxy gids [{}], loopback {}",
-                    if c.profile == "legacy" {
-                        "profile legacy (Istio's first table), "
-                    } else {
-                        ""
-                    },
-                    c.proxy_port,
-                    c.inbound_port,
-                    c.tunnel_port,
+                    "  config       {ports}, proxy uids [{}], proxy gids [{}], loopback {}",
                     ids(&c.proxy_uids),
                     ids(&c.proxy_gids),
                     c.loopback_cidr
