@@ -123,10 +123,12 @@ pub(crate) fn keep_in_socket(sk: *mut bpf_sock, value: &OrigDst) -> bool {
     !slot.is_null()
 }
 
-/// Original destination of a redirected connection whose app end is
-/// established and whose proxy end is not yet, keyed by its tuple as seen
-/// from the app (client) side: the handshake's only link between the two
-/// sockets. The proxy's end takes the record into its own storage.
+/// Original destination of a redirected connection from the app's SYN
+/// until its proxy end is established, keyed by its tuple as seen from the
+/// app (client) side: the handshake's only link between the two sockets.
+/// The proxy's end takes the record into its own storage; a connect that
+/// fails leaves its record to the LRU, as conntrack leaves an unanswered
+/// SYN's entry to its timeout.
 #[map]
 pub(crate) static RDR_ORIG_TUPLE: LruHashMap<ConnTuple, OrigDst> =
     LruHashMap::pinned(MAX_TRACKED, 0);

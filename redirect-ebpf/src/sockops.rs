@@ -6,8 +6,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock,
+        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock,
     },
     macros::sock_ops,
     programs::SockOpsContext,
@@ -28,16 +28,16 @@ use crate::{
 
 /// Carries each redirected connection's original destination from the
 /// app's socket to the proxy's (Istio relies on conntrack for this; there
-/// is no iptables rule to mirror): the app's end files it under the 4-tuple
-/// when its handshake completes, the proxy's end takes it into its own
-/// storage when it is established. Only these two callbacks and `listen`
-/// do anything: no socket is asked for further callbacks, so a connection
-/// costs sockops nothing after its handshake.
+/// is no iptables rule to mirror): the app's socket files it under the
+/// 4-tuple just before its SYN leaves, the proxy's end takes it into its
+/// own storage when it is established. Only these two callbacks and
+/// `listen` do anything: no socket is asked for further callbacks, so a
+/// connection costs sockops nothing after its handshake.
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
         _ => {}
     }
@@ -141,12 +141,16 @@ fn on_listen(ctx: &SockOpsContext) {
     }
 }
 
-/// The app's redirected connection is established: its local port is now
-/// known, so file the record under the connection's tuple for the proxy's
-/// end to take. The socket keeps its own copy (getpeername(), and
-/// SO_ORIGINAL_DST asked on the app's side).
+/// The app's redirected socket is about to send its SYN: its local port
+/// is chosen, so file the record under the connection's tuple for the
+/// proxy's end to take, as conntrack makes its entry from the first
+/// packet. Filed before the SYN leaves, it is there even when the proxy's
+/// end is established by the SYN itself (TCP Fast Open). The socket keeps
+/// its own copy (getpeername(), and SO_ORIGINAL_DST asked on the app's
+/// side). A connect that then fails leaves its tuple record to the LRU
+/// map, as conntrack keeps an unanswered SYN's entry until it times out.
 #[inline(always)]
-fn on_active_established(ctx: &SockOpsContext) {
+fn on_connect(ctx: &SockOpsContext) {
     let record = sock_record(sock(ctx));
     if record.is_null() {
         return;

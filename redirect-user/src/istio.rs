@@ -220,7 +220,8 @@ pub struct IstioArgs {
     #[arg(long, value_name = "NAME", value_parser = crate::instance::parse_arg)]
     pub instance: Option<crate::instance::InstanceName>,
     /// eBPF mode: how many redirected connections can be in their
-    /// handshake at once (sizes the original-destination tuple map: about
+    /// handshake at once, from the app's SYN until the proxy's end is
+    /// established (sizes the original-destination tuple map: about
     /// 100 bytes each; open connections keep their records in socket
     /// storage, without limit)
     #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "4096", value_parser = parse::max_connections)]

@@ -6,12 +6,13 @@
 //! pod's cgroup as any UID, which a thread of the test process cannot.
 //!
 //! ```text
-//! agent [--uid U --gid G] serve --listen IP:PORT[,IP:PORT...] --reply TEXT [--report original-dst|peer] [--http] [--transparent] [--reuseport]
+//! agent [--uid U --gid G] serve --listen IP:PORT[,IP:PORT...] --reply TEXT [--report original-dst|peer] [--http] [--transparent] [--reuseport] [--fastopen]
 //!     listen, print "ready", answer every connection with one line: TEXT,
 //!     or what the accepted socket reports (its SO_ORIGINAL_DST, read as a
 //!     transparent proxy does, or its peer address); --http wraps it in an
 //!     HTTP/1.1 response after reading the request head; --transparent sets
 //!     IP_TRANSPARENT on the listener (what a TPROXY listener needs);
+//!     --fastopen sets TCP_FASTOPEN on it (a SYN with data is accepted);
 //!     --report observe: read the one byte an `observe` client sends, then
 //!     answer "TEXT peer=<peer> local=<local address> odst=<SO_ORIGINAL_DST
 //!     or errno name>"
@@ -54,6 +55,9 @@
 //!     server's line>` or `reset=<errno>`
 //! agent pause
 //!     sleep until SIGTERM or SIGINT (a pod's infra container, as pause is)
+//! agent [...] fastopen --to IP:PORT
+//!     one HTTP request with TCP_FASTOPEN_CONNECT (the request rides in the
+//!     SYN), printing the response's last line
 //! agent [...] sockopts --to IP:PORT
 //!     print getsockopt answers that must not depend on capture: SO_RCVBUF
 //!     and the stable head of TCP_INFO of a fresh socket, and
@@ -138,6 +142,7 @@ fn run(args: &[String]) -> Result<()> {
             let options = ListenOptions {
                 transparent: args.flag("--transparent"),
                 reuse_port: args.flag("--reuseport"),
+                fast_open: args.flag("--fastopen"),
             };
             serve(&listen, &reply, args.flag("--http"), options)
         }
@@ -182,6 +187,10 @@ fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         Some("sockopts") => sockopts(args.req("--to")?.parse()?),
+        Some("fastopen") => {
+            println!("{}", fast_open_request(args.req("--to")?.parse()?)?);
+            Ok(())
+        }
         Some("pause") => pause(),
         Some("bench") => {
             let to: SocketAddr = args.req("--to")?.parse()?;
@@ -352,6 +361,8 @@ struct ListenOptions {
     transparent: bool,
     /// `SO_REUSEPORT`, as Envoy's per-worker listeners.
     reuse_port: bool,
+    /// `TCP_FASTOPEN`: a SYN carrying data establishes the accepted socket.
+    fast_open: bool,
 }
 
 fn serve(listen: &[SocketAddr], reply: &Reply, http: bool, options: ListenOptions) -> Result<()> {
@@ -370,6 +381,9 @@ fn serve(listen: &[SocketAddr], reply: &Reply, http: bool, options: ListenOption
         socket
             .bind(&(*addr).into())
             .with_context(|| format!("binding {addr}"))?;
+        if options.fast_open {
+            set_int_option(&socket, libc::TCP_FASTOPEN, 64).context("TCP_FASTOPEN")?;
+        }
         socket.listen(4096)?;
         listeners.push(TcpListener::from(socket));
     }
@@ -706,6 +720,37 @@ fn check(
         }
     }
     tally
+}
+
+/// Sets an `IPPROTO_TCP` option that takes an int.
+fn set_int_option(socket: &Socket, name: libc::c_int, value: libc::c_int) -> Result<()> {
+    // SAFETY: a valid socket and a pointer to an int of the length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::IPPROTO_TCP,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// One HTTP request to `to` with `TCP_FASTOPEN_CONNECT`: the request goes
+/// in the SYN (when the namespace's `tcp_fastopen` allows it without a
+/// cookie). Returns the response's last line.
+fn fast_open_request(to: SocketAddr) -> Result<String> {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+    set_int_option(&socket, libc::TCP_FASTOPEN_CONNECT, 1).context("TCP_FASTOPEN_CONNECT")?;
+    socket.connect(&to.into())?;
+    let mut stream = TcpStream::from(socket);
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let reply = read_reply(stream)?;
+    Ok(reply.lines().last().unwrap_or_default().to_owned())
 }
 
 fn sockopts(to: SocketAddr) -> Result<()> {

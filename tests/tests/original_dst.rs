@@ -425,28 +425,7 @@ fn squid_serves_the_app_through(capture: Capture) {
         Capture::Ebpf => {
             sandbox.install(&[]).expect("install");
         }
-        Capture::IptablesRedirect => {
-            let mut iptables = sandbox.command(Net::Pod, Group::Outside, ROOT, "iptables");
-            iptables.args([
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "-m",
-                "owner",
-                "!",
-                "--uid-owner",
-                "1337",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                "15001",
-            ]);
-            let out = iptables.output().expect("iptables");
-            assert!(out.status.success(), "{out:?}");
-        }
+        Capture::IptablesRedirect => redirect_with_iptables(&sandbox, "-A"),
     }
     let mut curl = sandbox.command(Net::Pod, Group::App, APP, "curl");
     curl.args(["-sS", "--max-time", "15", &format!("http://{upstream}/")]);
@@ -478,4 +457,99 @@ fn squid_intercepts_the_app_through_ebpf() {
 fn squid_intercepts_the_app_through_iptables_redirect() {
     require_root!();
     squid_serves_the_app_through(Capture::IptablesRedirect);
+}
+
+/// Adds (`-A`) or deletes (`-D`) the rule istio-iptables' chains boil down
+/// to for the app's outbound TCP: REDIRECT to 15001 unless UID 1337.
+fn redirect_with_iptables(sandbox: &Sandbox, action: &str) {
+    let mut iptables = sandbox.command(Net::Pod, Group::Outside, ROOT, "iptables");
+    iptables.args([
+        "-t",
+        "nat",
+        action,
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-m",
+        "owner",
+        "!",
+        "--uid-owner",
+        "1337",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ]);
+    let out = iptables.output().expect("iptables");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// The pod's `TcpExt: TCPFastOpenPassive`: connections its listeners
+/// accepted from a SYN that carried data.
+fn fast_open_passive(sandbox: &Sandbox) -> u64 {
+    let out = sandbox
+        .command(Net::Pod, Group::Outside, ROOT, "cat")
+        .arg("/proc/net/netstat")
+        .output()
+        .expect("netstat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let [names, values] = lines.as_slice() else {
+        panic!("no TcpExt lines: {text}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "TCPFastOpenPassive")
+        .and_then(|(_, value)| value.parse().ok())
+        .expect("TCPFastOpenPassive")
+}
+
+#[test]
+fn tcp_fast_open_gets_the_original_destination_as_with_iptables() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    // Fast Open on both ends without a cookie (client 0x1 + 0x4, server
+    // 0x2 + 0x200): the first SYN carries the request, and the proxy's
+    // end is established by it, before the app's end sees the SYN-ACK.
+    let sysctl = sandbox
+        .command(Net::Pod, Group::Outside, ROOT, "sysctl")
+        .args(["-qw", "net.ipv4.tcp_fastopen=519"])
+        .output()
+        .expect("sysctl");
+    assert!(sysctl.status.success(), "{sysctl:?}");
+    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+    proxy.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:15001",
+        "--report",
+        "original-dst",
+        "--http",
+        "--fastopen",
+    ]);
+    sandbox.start(proxy).expect("proxy");
+    let target = UPSTREAM.to_string();
+    let request = || {
+        let before = fast_open_passive(&sandbox);
+        let out = sandbox
+            .agent_output(Group::App, APP, &["fastopen", "--to", &target])
+            .expect("fastopen");
+        assert_eq!(
+            fast_open_passive(&sandbox),
+            before + 1,
+            "the SYN established the proxy's end"
+        );
+        out.trim().to_owned()
+    };
+    redirect_with_iptables(&sandbox, "-A");
+    let iptables = request();
+    redirect_with_iptables(&sandbox, "-D");
+    sandbox.install(&[]).expect("install");
+    let ebpf = request();
+    assert_eq!(iptables, target);
+    assert_eq!(ebpf, iptables);
+    let status = sandbox.status().expect("status");
+    assert_eq!(counter(&status, "tuple_released"), 1, "{status}");
+    sandbox.uninstall().expect("uninstall");
 }

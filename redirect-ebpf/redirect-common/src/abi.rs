@@ -239,9 +239,8 @@ pub const PORT_IN_EXCLUDE: u8 = 8;
 pub const PASSTHROUGH_SRC: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
 
 /// Where a redirected connection was going: in the app's socket storage
-/// from its connect, under the connection's tuple from the app's end of
-/// the handshake until the proxy's end is established, then in the proxy
-/// socket's storage. In a socket's storage with another [`OrigDst::kind`],
+/// from its connect, under the connection's tuple from its SYN until the
+/// proxy's end is established, then in the proxy socket's storage. In a socket's storage with another [`OrigDst::kind`],
 /// the mark of an accepted socket. Each copy lives as long as its socket,
 /// as conntrack's entry lives as long as the connection; no close has to
 /// be watched.
@@ -347,8 +346,8 @@ pub enum Counter {
     NotTcp = 4,
     /// The redirect record could not be stored; the connect was left alone.
     RecordFailed = 5,
-    /// sockops copied a socket's record to the tuple map (the app's end of
-    /// the handshake done).
+    /// sockops copied a redirected socket's record to the tuple map, as its
+    /// SYN was about to leave.
     TupleRecorded = 6,
     /// A tuple record moved into the storage of the proxy's end of its
     /// connection, once that end was established.

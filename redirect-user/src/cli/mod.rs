@@ -232,7 +232,7 @@ pub struct CaptureArgs {
     pub inbound_exclude: PortList,
 
     /// How many redirected connections can be in their handshake at once
-    /// (the app's end established, the proxy's not yet): sizes the
+    /// (from the app's SYN until the proxy's end is established): sizes the
     /// original-destination tuple map, about 100 bytes each. Open
     /// connections keep their records in socket storage, without limit
     #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", value_name = "N", default_value = "4096", value_parser = parse::max_connections)]

@@ -45,9 +45,9 @@ pub struct Instance {
     pub instance: String,
     pub cgroup: String,
     pub cgroup_id: u64,
-    /// Redirected connections whose handshake is between its two ends
-    /// (the app's done, the proxy's not yet) that keep their original
-    /// destination (`--max-connections`).
+    /// Redirected connections between the app's SYN and the proxy's end of
+    /// the handshake that keep their original destination
+    /// (`--max-connections`).
     pub max_connections: u32,
     pub programs: Vec<Program>,
     pub config: Option<ConfigView>,
@@ -122,8 +122,9 @@ pub struct CounterView {
 
 #[derive(Serialize, Default)]
 pub struct Tracked {
-    /// Redirected connections whose app end is established and whose proxy
-    /// end is not yet (or is outside the cgroup, and never takes it): the
+    /// Redirected connections whose SYN has left and whose proxy end is not
+    /// established yet (or failed, or is outside the cgroup and never takes
+    /// its record: those stay until the LRU map reuses their room): the
     /// records in the tuple map. Every other record is in a socket's
     /// storage, which user space cannot count.
     pub handshakes: u64,
@@ -371,7 +372,7 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
         Counter::BypassLoopback => format!("-A ISTIO_OUTPUT -d {loopback} -j RETURN"),
         Counter::Redirected => format!("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {port}"),
         Counter::RecordFailed => "(record map full: connect left alone)".into(),
-        Counter::TupleRecorded => "(conntrack: redirected connection established)".into(),
+        Counter::TupleRecorded => "(conntrack: a redirected connection's SYN)".into(),
         Counter::TupleReleased => "(conntrack: the proxy's end took the record)".into(),
         Counter::OrigDstAnswered => "(conntrack: SO_ORIGINAL_DST answered)".into(),
         Counter::OrigDstMissed => "(SO_ORIGINAL_DST on a connection with no record)".into(),
