@@ -176,6 +176,12 @@ impl Sandbox {
     /// pod's proxy cgroup, answering each connection with what it
     /// `report`s (`original-dst`, as a transparent proxy reads it, or `peer`).
     pub fn start_reporting_proxy(&self, report: &str) -> Result<()> {
+        self.start_reporting_proxy_with(report, &[])
+    }
+
+    /// [`Sandbox::start_reporting_proxy`] with more `serve` options
+    /// (`--http`, `--fastopen`, ...).
+    pub fn start_reporting_proxy_with(&self, report: &str, options: &[&str]) -> Result<()> {
         let mut cmd = self.agent(Net::Pod, Group::Proxy, PROXY);
         cmd.args([
             "serve",
@@ -184,6 +190,7 @@ impl Sandbox {
             "--report",
             report,
         ]);
+        cmd.args(options);
         self.start(cmd).map(drop)
     }
 

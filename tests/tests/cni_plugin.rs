@@ -276,7 +276,9 @@ fn with_a_kubeconfig_the_pod_comes_from_the_api() {
              "securityContext": {"runAsUser": 1500, "runAsGroup": 1500}},
         ]},
     });
-    let (port, server) = api_stand_in(api_pod, 20);
+    // Two ADDs and a DEL: seconds here, over a minute under software
+    // emulation with the host busy (a 20 s bound ran out on 6.1).
+    let (port, server) = api_stand_in(api_pod, 180);
     let dir = plugin.exe.parent().expect("scratch dir").to_path_buf();
     let kubeconfig = |token: &str| {
         let path = dir.join(format!("kubeconfig-{token}"));

@@ -518,17 +518,9 @@ fn tcp_fast_open_gets_the_original_destination_as_with_iptables() {
         .output()
         .expect("sysctl");
     assert!(sysctl.status.success(), "{sysctl:?}");
-    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    proxy.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:15001",
-        "--report",
-        "original-dst",
-        "--http",
-        "--fastopen",
-    ]);
-    sandbox.start(proxy).expect("proxy");
+    sandbox
+        .start_reporting_proxy_with("original-dst", &["--http", "--fastopen"])
+        .expect("proxy");
     let target = UPSTREAM.to_string();
     let request = || {
         let before = fast_open_passive(&sandbox);

@@ -378,15 +378,9 @@ fn dual_stack_sockets_to_v4_mapped_addresses_are_captured_like_ipv4() {
     sandbox
         .serve(Net::Peer, Group::Outside, APP, v6_upstream, "upstream-v6")
         .expect("IPv6 upstream");
-    let mut proxy = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
-    proxy.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:15001",
-        "--report",
-        "original-dst",
-    ]);
-    sandbox.start(proxy).expect("proxy");
+    sandbox
+        .start_reporting_proxy("original-dst")
+        .expect("proxy");
     sandbox.install(&[]).expect("install");
 
     // An AF_INET6 socket to ::ffff:198.18.0.2 sends IPv4: captured, and the
