@@ -11,12 +11,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ConnectInput, Counter, Event, LOCALHOST, LOG_DEBUG, LOG_TRACE, LOOPBACK_IFINDEX,
-    OUTCOME_INACTIVE, OrigDst, Outcome, SOCK_STREAM, decide_outcome, to_v4_mapped, v4_mapped,
+    Addr, ConnectInput, Counter, Event, Ip6, LOCALHOST, LOG_DEBUG, LOG_TRACE, LOOPBACK_IFINDEX,
+    OUTCOME_INACTIVE, OrigDst, Outcome, decide_outcome, to_v4_mapped, v4_mapped,
 };
 
 use crate::{
-    maps::{RDR_EVENTS, RDR_SOCK, active, count, count_index, store},
+    maps::{RDR_EVENTS, RDR_SOCK, RDR_SOURCE6, active, count, count_index, store},
     net::{AF_INET, AF_INET6, ALLOW, read_ip6, write_ip6},
 };
 
@@ -58,23 +58,32 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// The same rules as [`redirect_connect4`] for a dual-stack (AF_INET6)
-/// socket connecting to an IPv4-mapped address: its packets are IPv4, and
-/// Istio's IPv4 rules capture them. It is sent to `::ffff:127.0.0.1:<proxy
-/// port>`, which reaches the proxy's IPv4 listener. Real IPv6 destinations
-/// are left alone, as Istio leaves them without `--ipv6` rules.
+/// An AF_INET6 socket's connect. To an IPv4-mapped address its packets
+/// are IPv4, and Istio's IPv4 rules (those of [`redirect_connect4`])
+/// capture them: it is sent to `::ffff:127.0.0.1:<proxy port>`, which
+/// reaches the proxy's IPv4 listener. To an IPv6 address Istio's IPv6
+/// table decides (`ip6tables`, the same chain with `::1/128` and `::6`;
+/// only with IPv6 rules, see `CFG_IPV6`), and a capture goes to
+/// `[::1]:<proxy port>`.
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/connect6 program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
-    let Some(dst) = v4_mapped(&read_ip6(&raw const addr.user_ip6)) else {
-        if addr.type_ == SOCK_STREAM {
-            count(Counter::NotIpv4);
+    // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
+    let sk = unsafe { &*addr.__bindgen_anon_1.sk };
+    let dst6 = read_ip6(&raw const addr.user_ip6);
+    let Some(dst) = v4_mapped(&dst6) else {
+        let src = Ip6(read_ip6(&raw const sk.src_ip6));
+        if let Some((port, source)) = capture6(&ctx, sk, addr.type_, Ip6(dst6), addr.user_port, src)
+        {
+            if source != Ip6::UNSPECIFIED {
+                keep_source(bind_source6(&ctx, source));
+            }
+            write_ip6((&raw mut addr.user_ip6).cast(), Ip6::LOOPBACK.0);
+            addr.user_port = u32::from(port.to_be());
         }
         return ALLOW;
     };
-    // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
-    let sk = unsafe { &*addr.__bindgen_anon_1.sk };
     let src_ip = v4_mapped(&read_ip6(&raw const sk.src_ip6)).unwrap_or(0);
     if let Some((port, source)) = capture(&ctx, sk, addr.type_, dst, addr.user_port, src_ip) {
         if source != 0 {
@@ -98,8 +107,39 @@ pub extern "C" fn redirect_decide(owner: u64, dst: u64, src: u64) -> u64 {
     let Some((cfg, maps)) = active() else {
         return OUTCOME_INACTIVE;
     };
-    let input = ConnectInput::unpack(owner, dst, src);
+    let input = ConnectInput::<u32>::unpack(owner, dst, src);
     decide_outcome(&input, cfg, &maps).pack(cfg.log_level)
+}
+
+/// [`redirect_decide`] for IPv6 destinations: five scalars in (the input
+/// but its owner, which this function reads itself), the outcome out, and
+/// the source of a redirect left in `RDR_SOURCE6` (a global function
+/// returns one scalar).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_decide6(
+    meta: u64,
+    dst_hi: u64,
+    dst_lo: u64,
+    src_hi: u64,
+    src_lo: u64,
+) -> u64 {
+    let Some((cfg, maps)) = active() else {
+        return OUTCOME_INACTIVE;
+    };
+    let input = ConnectInput::<Ip6>::unpack(
+        bpf_get_current_uid_gid(),
+        [meta, dst_hi, dst_lo, src_hi, src_lo],
+    );
+    let outcome = decide_outcome(&input, cfg, &maps);
+    if outcome.source != Ip6::UNSPECIFIED {
+        let Some(slot) = RDR_SOURCE6.get_ptr_mut(0) else {
+            return OUTCOME_INACTIVE;
+        };
+        // This CPU's slot, valid for the program's run.
+        write_ip6(slot.cast(), outcome.source.0);
+    }
+    outcome.pack_head(cfg.log_level)
 }
 
 /// Decides one connect (or UDP send) to `dst_ip` (network order;
@@ -139,7 +179,7 @@ pub(crate) fn capture(
                 counter,
                 uid: input.uid,
                 gid: input.gid,
-                dst_ip,
+                dst_ip: dst_ip.words(),
                 dst_port: input.dst_port,
                 proxy_port,
             };
@@ -151,21 +191,86 @@ pub(crate) fn capture(
         report(outcome.counter, 0);
         return None;
     }
-    let mut orig = OrigDst::new(input.effective_dst(), input.dst_port, outcome.port);
+    if !record(ctx, input.effective_dst(), input.dst_port, outcome.port) {
+        return None;
+    }
+    count_index(outcome.counter);
+    report(outcome.counter, outcome.port);
+    Some((outcome.port, outcome.source))
+}
+
+/// [`capture`] for an IPv6 destination (the decision's IPv6 global
+/// function): the port to rewrite to, and the source to bind first
+/// (unspecified: the kernel's choice stands).
+#[inline(always)]
+pub(crate) fn capture6(
+    ctx: &SockAddrContext,
+    sk: &bpf_sock,
+    sock_type: u32,
+    dst_ip: Ip6,
+    user_port: u32,
+    src_ip: Ip6,
+) -> Option<(u16, Ip6)> {
+    let input = ConnectInput {
+        sock_type,
+        uid: 0,
+        gid: 0,
+        dst_ip,
+        dst_port: u16::from_be(user_port as u16),
+        src_ip,
+        dev_lo: sk.bound_dev_if == LOOPBACK_IFINDEX,
+        bound_dev: sk.bound_dev_if,
+    };
+    let [meta, dst_hi, dst_lo, src_hi, src_lo] = input.pack();
+    let packed = redirect_decide6(meta, dst_hi, dst_lo, src_hi, src_lo);
+    let source = match RDR_SOURCE6.get_ptr(0) {
+        // SAFETY: this CPU's slot, which the decision just wrote if it
+        // named a source.
+        Some(slot) => Ip6(read_ip6(slot.cast())),
+        None => Ip6::UNSPECIFIED,
+    };
+    let (outcome, level) = Outcome::<Ip6>::unpack_head(packed, source)?;
+    let source = if outcome.port != 0 && outcome.source != Ip6::UNSPECIFIED {
+        outcome.source
+    } else {
+        Ip6::UNSPECIFIED
+    };
+    if outcome.port != 0 && !record(ctx, input.effective_dst(), input.dst_port, outcome.port) {
+        return None;
+    }
+    count_index(outcome.counter);
+    if level >= LOG_TRACE || (level >= LOG_DEBUG && outcome.port != 0) {
+        let uid_gid = bpf_get_current_uid_gid();
+        let event = Event {
+            counter: outcome.counter,
+            uid: uid_gid as u32,
+            gid: (uid_gid >> 32) as u32,
+            dst_ip: dst_ip.0,
+            dst_port: input.dst_port,
+            proxy_port: outcome.port,
+        };
+        let _ = RDR_EVENTS.output::<Event>(&event, 0);
+    }
+    (outcome.port != 0).then_some((outcome.port, source))
+}
+
+/// Records in the socket's storage that its connect to `dst:port` was sent
+/// to `via`; `false` (counted) when the kernel could not create the
+/// storage: without a record the proxy could not learn the original
+/// destination, so the connect is left alone rather than broken.
+#[inline(always)]
+fn record<A: Addr>(ctx: &SockAddrContext, dst: A, port: u16, via: u16) -> bool {
+    let mut orig = OrigDst::new(dst.words(), port, via);
     // SAFETY: the context's socket; the value is copied in when created.
     let slot = unsafe { RDR_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
     if slot.is_null() {
-        // Without a record the proxy could not learn the original
-        // destination: leave the connect alone rather than break it.
         count(Counter::RecordFailed);
-        return None;
+        return false;
     }
     // A socket that connects (or sends) again keeps its storage:
     // overwrite it.
     store(slot, &orig);
-    count_index(outcome.counter);
-    report(outcome.counter, outcome.port);
-    Some((outcome.port, outcome.source))
+    true
 }
 
 /// Counts a redirected socket that could not be given its source
@@ -177,22 +282,39 @@ pub(crate) fn keep_source(rc: i64) {
     }
 }
 
+/// `bpf_bind([src]:0)` for an AF_INET6 socket and an IPv6 source.
+#[inline(always)]
+fn bind_source6(ctx: &SockAddrContext, src: Ip6) -> i64 {
+    bind_words(
+        ctx,
+        [AF_INET6, 0, src.0[0], src.0[1], src.0[2], src.0[3], 0],
+        28,
+    )
+}
+
 /// `bpf_bind(src:0)` (kernel 4.17): the socket leaves from `src`, with an
 /// ephemeral port chosen at connect. An AF_INET6 socket is bound to
 /// `::ffff:src`. Returns the helper's result (0: bound).
 #[inline(always)]
 fn bind_source(ctx: &SockAddrContext, family: u32, src: u32) -> i64 {
-    // Room for a sockaddr_in6 (family, port, flowinfo, address, scope),
-    // every word stored separately: a zeroed array would be a memset loop,
-    // which the verifier refuses without CAP_PERFMON.
-    let mut buf = MaybeUninit::<[u32; 7]>::uninit();
-    let w = buf.as_mut_ptr().cast::<u32>();
     let (words, len) = if family == AF_INET6 {
         let m = to_v4_mapped(src);
         ([AF_INET6, 0, m[0], m[1], m[2], m[3], 0], 28)
     } else {
         ([AF_INET, src, 0, 0, 0, 0, 0], 16)
     };
+    bind_words(ctx, words, len)
+}
+
+/// `bpf_bind` of the sockaddr whose words are `words` (a `sockaddr_in` in
+/// the first four, or a `sockaddr_in6`), `len` bytes of it.
+#[inline(always)]
+fn bind_words(ctx: &SockAddrContext, words: [u32; 7], len: i32) -> i64 {
+    // Room for a sockaddr_in6 (family, port, flowinfo, address, scope),
+    // every word stored separately: a zeroed array would be a memset loop,
+    // which the verifier refuses without CAP_PERFMON.
+    let mut buf = MaybeUninit::<[u32; 7]>::uninit();
+    let w = buf.as_mut_ptr().cast::<u32>();
     // SAFETY: seven 4-byte stores inside the stack buffer.
     unsafe {
         core::ptr::write_volatile(w, words[0]);

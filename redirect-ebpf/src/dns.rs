@@ -93,7 +93,7 @@ pub fn redirect_recvmsg4(ctx: SockAddrContext) -> i32 {
     // SAFETY: reading the union member the kernel filled in.
     let sk = unsafe { addr.__bindgen_anon_1.sk };
     if let Some(ns) = nameserver(sk, addr.user_port) {
-        addr.user_ip4 = ns.ip;
+        addr.user_ip4 = ns.ip[3];
         addr.user_port = u32::from(ns.port.to_be());
     }
     ALLOW
@@ -114,7 +114,7 @@ pub fn redirect_recvmsg6(ctx: SockAddrContext) -> i32 {
         let w = (&raw mut addr.user_ip6).cast::<u32>();
         // SAFETY: a 4-byte store into the writable user_ip6 field; the
         // first three words already hold the ::ffff: prefix.
-        unsafe { core::ptr::write_volatile(w.add(3), ns.ip) };
+        unsafe { core::ptr::write_volatile(w.add(3), ns.ip[3]) };
         addr.user_port = u32::from(ns.port.to_be());
     }
     ALLOW

@@ -5,19 +5,20 @@
 //! reports as its local port.
 
 use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock_addr, programs::SockAddrContext};
-use redirect_common::{Counter, LOCALHOST, OrigDst, v4_mapped};
+use redirect_common::{Counter, Ip6, LOCALHOST, OrigDst, v4_mapped};
 
 use crate::{
     maps::{active, count, load, sock_record},
-    net::{ALLOW, read_ip6},
+    net::{ALLOW, read_ip6, write_ip6},
 };
 
-/// The record of the app's redirected socket `sk` whose peer is
-/// `peer_ip:peer_port` (the context's `user_port`): the one in its
-/// storage, if the socket is connected where that record sent it.
+/// The record of the app's redirected socket `sk` whose peer is the
+/// loopback address a redirect sends to (`at_loopback`) and the port
+/// `user_port` (the context's): the one in its storage, if the socket is
+/// connected where that record sent it.
 #[inline(always)]
-pub(crate) fn peer_record(sk: *mut bpf_sock, peer_ip: u32, user_port: u32) -> Option<OrigDst> {
-    if peer_ip != LOCALHOST {
+pub(crate) fn peer_record(sk: *mut bpf_sock, at_loopback: bool, user_port: u32) -> Option<OrigDst> {
+    if !at_loopback {
         return None;
     }
     let own = sock_record(sk);
@@ -39,30 +40,29 @@ pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
     let addr = unsafe { &mut *ctx.sock_addr };
     // SAFETY: reading the union member the kernel filled in.
     let sk = unsafe { addr.__bindgen_anon_1.sk };
-    if let Some(orig) = peer_record(sk, addr.user_ip4, addr.user_port) {
-        addr.user_ip4 = orig.ip;
+    if let Some(orig) = peer_record(sk, addr.user_ip4 == LOCALHOST, addr.user_port) {
+        addr.user_ip4 = orig.ip[3];
         addr.user_port = u32::from(orig.port.to_be());
         count(Counter::PeernameRestored);
     }
     ALLOW
 }
 
-/// [`redirect_getpeername4`] for dual-stack sockets redirected by
-/// [`redirect_connect6`]: the peer reads `::ffff:<original address>`.
+/// [`redirect_getpeername4`] for AF_INET6 sockets redirected by
+/// [`redirect_connect6`]: the peer reads `::ffff:<original address>` for
+/// an IPv4 connection sent to `::ffff:127.0.0.1`, the original IPv6
+/// address for one sent to `::1`.
 #[cgroup_sock_addr(getpeername6)]
 pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/getpeername6 program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
-    let Some(peer) = v4_mapped(&read_ip6(&raw const addr.user_ip6)) else {
-        return ALLOW;
-    };
+    let peer = read_ip6(&raw const addr.user_ip6);
+    let at_loopback = v4_mapped(&peer) == Some(LOCALHOST) || Ip6(peer) == Ip6::LOOPBACK;
     // SAFETY: reading the union member the kernel filled in.
     let sk = unsafe { addr.__bindgen_anon_1.sk };
-    if let Some(orig) = peer_record(sk, peer, addr.user_port) {
-        let w = (&raw mut addr.user_ip6).cast::<u32>();
-        // SAFETY: a 4-byte store into the writable user_ip6 field; the
-        // first three words already hold the ::ffff: prefix.
-        unsafe { core::ptr::write_volatile(w.add(3), orig.ip) };
+    if let Some(orig) = peer_record(sk, at_loopback, addr.user_port) {
+        // The record holds an IPv4 destination mapped, as the peer reads.
+        write_ip6((&raw mut addr.user_ip6).cast(), orig.ip);
         addr.user_port = u32::from(orig.port.to_be());
         count(Counter::PeernameRestored);
     }

@@ -1,6 +1,7 @@
 //! `cgroup/getsockopt` (kernel 5.3; `optlen` 0 as "keep the kernel's
-//! answer" 5.8): conntrack's `SO_ORIGINAL_DST` answer for the
-//! `-j REDIRECT --to-ports 15001` and `ISTIO_IN_REDIRECT` rules.
+//! answer" 5.8): conntrack's `SO_ORIGINAL_DST` (and, for IPv6,
+//! `IP6T_SO_ORIGINAL_DST`) answer for the `-j REDIRECT --to-ports 15001`
+//! and `ISTIO_IN_REDIRECT` rules.
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sockopt},
@@ -8,8 +9,9 @@ use aya_ebpf::{
     programs::SockoptContext,
 };
 use redirect_common::{
-    Counter, OrigDst, SOCKADDR_IN_LEN, SockoptAction, answer_optlen, classify_getsockopt,
-    pass_through_optlen, sockaddr_in, tuple_from_server_side,
+    CFG_IPV6, Counter, OrigDst, SOCKADDR_IN_LEN, SOCKADDR_IN6_LEN, SockoptAction, answer_optlen,
+    classify_getsockopt, pass_through_optlen, sockaddr_in, sockaddr_in6, tuple_from_server_side,
+    v4_mapped,
 };
 
 use crate::{
@@ -29,9 +31,12 @@ use crate::{
 pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/getsockopt program a valid context.
     let opt = unsafe { &mut *ctx.sockopt };
-    if classify_getsockopt(opt.level, opt.optname) == SockoptAction::AnswerOriginalDst
-        && answer_original_dst(opt)
-    {
+    let answered = match classify_getsockopt(opt.level, opt.optname) {
+        SockoptAction::AnswerOriginalDst => answer_original_dst::<false>(opt),
+        SockoptAction::AnswerOriginalDst6 => answer_original_dst::<true>(opt),
+        SockoptAction::PassThrough => false,
+    };
+    if answered {
         return 1;
     }
     if let Some(optlen) = pass_through_optlen(opt.retval, opt.optlen) {
@@ -41,10 +46,19 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
-/// Writes the answer's `sockaddr_in` and clears the error; `false` when
-/// there is none (or no room), leaving the call to the kernel.
+/// Writes the answer's `sockaddr_in` (`sockaddr_in6` for `V6`) and clears
+/// the error; `false` when there is none (or no room), leaving the call to
+/// the kernel. Each family's option answers for connections of its family
+/// only: conntrack finds no IPv4 entry for an IPv6 socket's connection, and
+/// no IPv6 one for an IPv4 connection of a dual-stack socket, nor any IPv6
+/// one without Istio's IPv6 rules.
 #[inline(always)]
-fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
+fn answer_original_dst<const V6: bool>(opt: &mut bpf_sockopt) -> bool {
+    let len = if V6 {
+        SOCKADDR_IN6_LEN
+    } else {
+        SOCKADDR_IN_LEN
+    };
     // SAFETY: reading the union members the kernel filled in.
     let (optval, optval_end, sk) = unsafe {
         (
@@ -53,12 +67,17 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
             opt.__bindgen_anon_1.sk,
         )
     };
-    if optval.wrapping_add(SOCKADDR_IN_LEN as usize) > optval_end {
+    if optval.wrapping_add(len as usize) > optval_end {
         return false;
     }
     let Some((local_ip, local_port, remote_ip, remote_port)) = sock_ends(sk) else {
         return false;
     };
+    if v4_mapped(&local_ip).is_none() != V6
+        || (V6 && !active().is_some_and(|(cfg, _)| cfg.flags & CFG_IPV6 != 0))
+    {
+        return false;
+    }
     // SAFETY: copied out before use.
     let kernel_answered = opt.retval == 0;
     let orig = match original(
@@ -78,10 +97,16 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
             return false;
         }
     };
-    let bytes = sockaddr_in(&orig);
-    // SAFETY: 16 bytes fit between optval and optval_end (checked above).
-    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), optval, bytes.len()) };
-    let optlen = answer_optlen(opt.optlen);
+    if V6 {
+        let words = sockaddr_in6(&orig);
+        // SAFETY: 28 bytes fit between optval and optval_end (checked above).
+        unsafe { core::ptr::copy_nonoverlapping(words.as_ptr().cast::<u8>(), optval, 28) };
+    } else {
+        let bytes = sockaddr_in(&orig);
+        // SAFETY: 16 bytes fit between optval and optval_end (checked above).
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), optval, bytes.len()) };
+    }
+    let optlen = answer_optlen(opt.optlen, len);
     // Separate volatile stores: merged into one 8-byte store, these two
     // adjacent fields are rejected by the verifier.
     // SAFETY: optlen and retval are writable fields of the context.
@@ -114,9 +139,9 @@ fn answer_original_dst(opt: &mut bpf_sockopt) -> bool {
 fn original(
     sk: *mut bpf_sock,
     kernel_answered: bool,
-    local_ip: u32,
+    local_ip: [u32; 4],
     local_port: u16,
-    remote_ip: u32,
+    remote_ip: [u32; 4],
     remote_port: u16,
 ) -> Option<OrigDst> {
     // SAFETY: `sock_ends` checked it is not null.

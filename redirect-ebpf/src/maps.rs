@@ -14,10 +14,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
 };
 use redirect_common::{
-    CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, Counter, InstanceMeta, LISTENER_SLOTS,
-    Lookups, MAX_CIDRS, MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS, MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS,
-    MAX_PORTS, MAX_ROUTES, OrigDst, PORT_RANGE_SLOT_BITS, ROUTE_EXCLUDED_IFACE, RedirectConfig,
-    RouteEntry, active_slot, cidr_key, port_key, port_range_key, slot_key,
+    CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, Counter, InstanceMeta, Ip6,
+    LISTENER_SLOTS, Lookups, MAX_CIDRS, MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS, MAX_LOCAL_ADDRS,
+    MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, OrigDst, PORT_RANGE_SLOT_BITS, ROUTE_EXCLUDED_IFACE,
+    RedirectConfig, RouteEntry, RouteEntry6, active_slot, cidr_key, cidr6_key, local6_key,
+    port_key, port_range_key, slot_key,
 };
 
 /// Largest number of redirected handshakes in flight at once (user space
@@ -70,7 +71,11 @@ pub(crate) fn sock_map() -> *mut core::ffi::c_void {
 pub(crate) fn store(slot: *mut OrigDst, orig: &OrigDst) {
     // SAFETY: `slot` is a valid map value of this type.
     unsafe {
-        core::ptr::write_volatile(&raw mut (*slot).ip, orig.ip);
+        let ip = (&raw mut (*slot).ip).cast::<u32>();
+        core::ptr::write_volatile(ip, orig.ip[0]);
+        core::ptr::write_volatile(ip.add(1), orig.ip[1]);
+        core::ptr::write_volatile(ip.add(2), orig.ip[2]);
+        core::ptr::write_volatile(ip.add(3), orig.ip[3]);
         core::ptr::write_volatile(&raw mut (*slot).port, orig.port);
         core::ptr::write_volatile(&raw mut (*slot).via, orig.via);
         core::ptr::write_volatile(&raw mut (*slot).kind, orig.kind);
@@ -82,8 +87,14 @@ pub(crate) fn store(slot: *mut OrigDst, orig: &OrigDst) {
 pub(crate) fn load(slot: *const OrigDst) -> OrigDst {
     // SAFETY: `slot` is a valid map value of this type.
     unsafe {
+        let ip = (&raw const (*slot).ip).cast::<u32>();
         OrigDst {
-            ip: core::ptr::read_volatile(&raw const (*slot).ip),
+            ip: [
+                core::ptr::read_volatile(ip),
+                core::ptr::read_volatile(ip.add(1)),
+                core::ptr::read_volatile(ip.add(2)),
+                core::ptr::read_volatile(ip.add(3)),
+            ],
             port: core::ptr::read_volatile(&raw const (*slot).port),
             via: core::ptr::read_volatile(&raw const (*slot).via),
             kind: core::ptr::read_volatile(&raw const (*slot).kind),
@@ -175,6 +186,33 @@ pub(crate) static RDR_LOCAL: HashMap<u64, u8> = HashMap::pinned(MAX_LOCAL_ADDRS 
 pub(crate) static RDR_ROUTE: LpmTrie<[u8; 8], RouteEntry> =
     LpmTrie::pinned(MAX_ROUTES * CONFIG_SLOTS, 0);
 
+/// [`RDR_LOCAL`] for the pod's IPv6 addresses (with IPv6 rules).
+#[map]
+pub(crate) static RDR_LOCAL6: HashMap<[u32; 5], u8> =
+    HashMap::pinned(MAX_LOCAL_ADDRS * CONFIG_SLOTS, 0);
+
+/// [`RDR_EXCLUDE`] for IPv6 networks.
+#[map]
+pub(crate) static RDR_EXCLUDE6: LpmTrie<[u8; 20], u8> =
+    LpmTrie::pinned(MAX_CIDRS * CONFIG_SLOTS, 0);
+
+/// [`RDR_INCLUDE`] for IPv6 networks.
+#[map]
+pub(crate) static RDR_INCLUDE6: LpmTrie<[u8; 20], u8> =
+    LpmTrie::pinned(MAX_CIDRS * CONFIG_SLOTS, 0);
+
+/// [`RDR_ROUTE`] for IPv6: each route's source as the pod's kernel picked
+/// it at install.
+#[map]
+pub(crate) static RDR_ROUTE6: LpmTrie<[u8; 20], RouteEntry6> =
+    LpmTrie::pinned(MAX_ROUTES * CONFIG_SLOTS, 0);
+
+/// Where the IPv6 decision's global function leaves the source of a
+/// redirect (a global function returns one scalar), for its caller on the
+/// same CPU to read at once.
+#[map]
+pub(crate) static RDR_SOURCE6: PerCpuArray<Ip6> = PerCpuArray::with_max_entries(1, 0);
+
 /// The proxy's inbound listeners, put here by [`redirect_sockops`] when a
 /// socket of the cgroup listens on the inbound port (or by user space, for
 /// listeners that existed before the install), each in the first free
@@ -200,9 +238,9 @@ pub(crate) struct Maps {
     slot: u32,
 }
 
-impl Lookups for Maps {
+impl Maps {
     #[inline(always)]
-    fn port_flags(&self, port: u16) -> u8 {
+    fn ports(&self, port: u16) -> u8 {
         // SAFETY: the value is copied out at once, before any update can free it.
         unsafe { RDR_PORTS.get(port_key(self.slot, port)) }
             .copied()
@@ -210,7 +248,7 @@ impl Lookups for Maps {
     }
 
     #[inline(always)]
-    fn range_flags(&self, port: u16) -> u8 {
+    fn ranges(&self, port: u16) -> u8 {
         RDR_PORT_RANGES
             .get(Key::new(
                 PORT_RANGE_SLOT_BITS + 16,
@@ -221,9 +259,26 @@ impl Lookups for Maps {
     }
 
     #[inline(always)]
-    fn owner_group(&self, gid: u32) -> bool {
+    fn group(&self, gid: u32) -> bool {
         // SAFETY: only presence is used.
         unsafe { RDR_GROUPS.get(slot_key(self.slot, gid)) }.is_some()
+    }
+}
+
+impl Lookups for Maps {
+    #[inline(always)]
+    fn port_flags(&self, port: u16) -> u8 {
+        self.ports(port)
+    }
+
+    #[inline(always)]
+    fn range_flags(&self, port: u16) -> u8 {
+        self.ranges(port)
+    }
+
+    #[inline(always)]
+    fn owner_group(&self, gid: u32) -> bool {
+        self.group(gid)
     }
 
     #[inline(always)]
@@ -258,7 +313,63 @@ impl Lookups for Maps {
     }
 }
 
+impl Lookups<Ip6> for Maps {
+    #[inline(always)]
+    fn port_flags(&self, port: u16) -> u8 {
+        self.ports(port)
+    }
+
+    #[inline(always)]
+    fn range_flags(&self, port: u16) -> u8 {
+        self.ranges(port)
+    }
+
+    #[inline(always)]
+    fn owner_group(&self, gid: u32) -> bool {
+        self.group(gid)
+    }
+
+    #[inline(always)]
+    fn excluded(&self, ip: Ip6) -> bool {
+        RDR_EXCLUDE6
+            .get(Key::new(CIDR_SLOT_BITS + 128, cidr6_key(self.slot, ip)))
+            .is_some()
+    }
+
+    #[inline(always)]
+    fn included(&self, ip: Ip6) -> bool {
+        RDR_INCLUDE6
+            .get(Key::new(CIDR_SLOT_BITS + 128, cidr6_key(self.slot, ip)))
+            .is_some()
+    }
+
+    #[inline(always)]
+    fn pod_address(&self, ip: Ip6) -> bool {
+        // SAFETY: only presence is used.
+        unsafe { RDR_LOCAL6.get(local6_key(self.slot, ip)) }.is_some()
+    }
+
+    #[inline(always)]
+    fn route_source(&self, ip: Ip6) -> Option<Ip6> {
+        self.route6(ip).map(|route| Ip6(route.src))
+    }
+
+    #[inline(always)]
+    fn route_excluded(&self, ip: Ip6) -> bool {
+        self.route6(ip)
+            .is_some_and(|route| route.flags & ROUTE_EXCLUDED_IFACE != 0)
+    }
+}
+
 impl Maps {
+    /// The IPv6 route to `ip` in this slot's routing view.
+    #[inline(always)]
+    fn route6(&self, ip: Ip6) -> Option<RouteEntry6> {
+        RDR_ROUTE6
+            .get(Key::new(CIDR_SLOT_BITS + 128, cidr6_key(self.slot, ip)))
+            .copied()
+    }
+
     /// The route to `ip` in this slot's routing view.
     #[inline(always)]
     fn route(&self, ip: u32) -> Option<RouteEntry> {

@@ -1,7 +1,7 @@
 //! Socket addresses as the programs read them from their contexts.
 
 use aya_ebpf::bindings::bpf_sock;
-use redirect_common::v4_mapped;
+use redirect_common::to_v4_mapped;
 
 /// Return value of a cgroup sock_addr program that lets the syscall proceed.
 pub(crate) const ALLOW: i32 = 1;
@@ -37,21 +37,22 @@ pub(crate) fn write_ip6(w: *mut u32, ip: [u32; 4]) {
     }
 }
 
-/// The local and remote ends of a socket seen from a cgroup hook, as IPv4
-/// (AF_INET, or AF_INET6 with IPv4-mapped ends): (local ip, local port,
-/// remote ip, remote port) with host-order ports.
+/// The local and remote ends of a socket seen from a cgroup hook, each
+/// address as IPv6 (an AF_INET socket's mapped, `::ffff:a.b.c.d`, as a
+/// dual-stack socket's IPv4 ends are): (local ip, local port, remote ip,
+/// remote port) with host-order ports.
 #[inline(always)]
-pub(crate) fn sock_ends(sk: *const bpf_sock) -> Option<(u32, u16, u32, u16)> {
+pub(crate) fn sock_ends(sk: *const bpf_sock) -> Option<([u32; 4], u16, [u32; 4], u16)> {
     if sk.is_null() {
         return None;
     }
     // SAFETY: non-null socket pointer from the context.
     let sk = unsafe { &*sk };
     let (local, remote) = match sk.family {
-        AF_INET => (sk.src_ip4, sk.dst_ip4),
+        AF_INET => (to_v4_mapped(sk.src_ip4), to_v4_mapped(sk.dst_ip4)),
         AF_INET6 => (
-            v4_mapped(&read_ip6(&raw const sk.src_ip6))?,
-            v4_mapped(&read_ip6(&raw const sk.dst_ip6))?,
+            read_ip6(&raw const sk.src_ip6),
+            read_ip6(&raw const sk.dst_ip6),
         ),
         _ => return None,
     };

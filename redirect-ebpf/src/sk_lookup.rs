@@ -12,12 +12,12 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use redirect_common::{
-    Counter, InboundInput, InboundVerdict, LISTENER_SLOTS, decide_inbound, in_bypass_key,
+    Counter, InboundInput, InboundVerdict, Ip6, LISTENER_SLOTS, decide_inbound, in_bypass_key,
 };
 
 use crate::{
     maps::{RDR_IN_BYPASS, RDR_IN_HITS, RDR_LISTENER, active, count},
-    net::{AF_INET, IPPROTO_TCP},
+    net::{AF_INET, AF_INET6, IPPROTO_TCP, read_ip6},
 };
 
 /// Set to 1 by the loader where the kernel gives sk_lookup programs the
@@ -38,7 +38,9 @@ static INGRESS_IFINDEX: u32 = 0;
 /// -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
 /// ```
 ///
-/// (the whole decision, with `-b` lists, is [`decide_inbound`]).
+/// (the whole decision, with `-b` lists, is [`decide_inbound`]; IPv6
+/// connections are decided by the same rules of Istio's IPv6 table, with
+/// IPv6 rules only, and go to a listener that takes IPv6).
 /// Runs when a TCP SYN finds no established socket in the pod's network
 /// namespace: a captured connection is assigned to the proxy's inbound
 /// listener and keeps its destination address and port, which is what the
@@ -52,7 +54,7 @@ static INGRESS_IFINDEX: u32 = 0;
 pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands every sk_lookup program a valid context.
     let lookup = unsafe { &*ctx.lookup };
-    if lookup.family != AF_INET || lookup.protocol != IPPROTO_TCP {
+    if (lookup.family != AF_INET && lookup.family != AF_INET6) || lookup.protocol != IPPROTO_TCP {
         return SK_PASS;
     }
     let Some((cfg, maps)) = active() else {
@@ -66,15 +68,29 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         0
     };
-    let input = InboundInput {
-        src_ip: lookup.remote_ip4,
-        dst_port: lookup.local_port as u16,
-        ifindex,
+    let dst_port = lookup.local_port as u16;
+    let verdict = if lookup.family == AF_INET {
+        let input = InboundInput {
+            src_ip: lookup.remote_ip4,
+            dst_port,
+            ifindex,
+        };
+        decide_inbound(&input, cfg, &maps)
+    } else {
+        let input = InboundInput {
+            src_ip: Ip6(read_ip6(&raw const lookup.remote_ip6)),
+            dst_port,
+            ifindex,
+        };
+        decide_inbound(&input, cfg, &maps)
     };
-    match decide_inbound(&input, cfg, &maps) {
+    match verdict {
         InboundVerdict::Bypass(Counter::InboundBypassInterface) => {
             count(Counter::InboundBypassInterface);
-            remember_bypass(lookup, input.dst_port);
+            // IPv6 with `-c` and inbound capture is refused before install.
+            if lookup.family == AF_INET {
+                remember_bypass(lookup, dst_port);
+            }
             SK_PASS
         }
         InboundVerdict::Bypass(counter) => {
@@ -87,7 +103,7 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
                 return SK_DROP;
             }
             count(Counter::InboundCaptured);
-            count_port(input.dst_port);
+            count_port(dst_port);
             SK_PASS
         }
     }
@@ -105,7 +121,9 @@ fn remember_bypass(lookup: &aya_ebpf::bindings::bpf_sk_lookup, local_port: u16) 
     let _ = RDR_IN_BYPASS.insert(key, 1, 0);
 }
 
-/// Hands the connection to the first live registered listener.
+/// Hands the connection to the first live registered listener that takes
+/// its family (an IPv4 one takes no IPv6 connection; a dual-stack IPv6
+/// one takes both).
 #[inline(always)]
 fn assign_listener(ctx: &SkLookupContext) -> bool {
     let mut slot = 0;

@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use redirect_common::{
-    CFG_EXCLUDE_IFACES, CFG_INBOUND, ConnTuple, Counter, InboundInput, InboundVerdict,
-    LISTENER_SLOTS, OrigDst, decide_inbound, in_bypass_key, tuple_from_client_side,
+    CFG_EXCLUDE_IFACES, CFG_INBOUND, ConnTuple, Counter, InboundInput, InboundVerdict, Ip6,
+    LISTENER_SLOTS, OrigDst, decide_inbound, in_bypass_key, to_v4_mapped, tuple_from_client_side,
     tuple_from_server_side, v4_mapped,
 };
 
@@ -44,12 +44,12 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// A socket's two ends as IPv4 (network-order addresses, host-order ports),
-/// for AF_INET sockets and for AF_INET6 sockets with IPv4-mapped ends.
+/// A socket's two ends (host-order ports; addresses as IPv6, an AF_INET
+/// socket's mapped, as a dual-stack socket's IPv4 ends are).
 struct Ends {
-    local_ip: u32,
+    local_ip: [u32; 4],
     local_port: u16,
-    remote_ip: u32,
+    remote_ip: [u32; 4],
     remote_port: u16,
 }
 
@@ -57,13 +57,16 @@ impl Ends {
     #[inline(always)]
     fn of(ctx: &SockOpsContext) -> Option<Self> {
         let (local_ip, remote_ip) = match ctx.family() {
-            AF_INET => (ctx.local_ip4(), ctx.remote_ip4()),
+            AF_INET => (
+                to_v4_mapped(ctx.local_ip4()),
+                to_v4_mapped(ctx.remote_ip4()),
+            ),
             AF_INET6 => {
                 // SAFETY: the kernel hands every sockops program a valid context.
                 let ops = unsafe { &*ctx.ops };
                 (
-                    v4_mapped(&read_ip6(&raw const ops.local_ip6))?,
-                    v4_mapped(&read_ip6(&raw const ops.remote_ip6))?,
+                    read_ip6(&raw const ops.local_ip6),
+                    read_ip6(&raw const ops.remote_ip6),
                 )
             }
             _ => return None,
@@ -189,12 +192,27 @@ fn on_passive_established(ctx: &SockOpsContext) {
     let Some((cfg, maps)) = active() else {
         return;
     };
-    let input = InboundInput {
-        src_ip: ends.remote_ip,
-        dst_port: ends.local_port,
-        ifindex: 0,
+    let verdict = match v4_mapped(&ends.remote_ip) {
+        Some(src_ip) => decide_inbound(
+            &InboundInput {
+                src_ip,
+                dst_port: ends.local_port,
+                ifindex: 0,
+            },
+            cfg,
+            &maps,
+        ),
+        None => decide_inbound(
+            &InboundInput {
+                src_ip: Ip6(ends.remote_ip),
+                dst_port: ends.local_port,
+                ifindex: 0,
+            },
+            cfg,
+            &maps,
+        ),
     };
-    let captured = decide_inbound(&input, cfg, &maps) == InboundVerdict::Capture
+    let captured = verdict == InboundVerdict::Capture
         && !(cfg.flags & CFG_EXCLUDE_IFACES != 0 && arrived_on_excluded(&ends));
     let kind = if captured {
         OrigDst::INBOUND
@@ -218,6 +236,10 @@ fn take(sk: *mut bpf_sock, tuple: &ConnTuple, orig: &OrigDst) {
 /// interface it arrived on (which only its SYN tells); the entry goes.
 #[inline(always)]
 fn arrived_on_excluded(ends: &Ends) -> bool {
-    let key = in_bypass_key(ends.remote_ip, ends.remote_port, ends.local_port);
+    // IPv6 with `-c` and inbound capture is refused before install.
+    let Some(remote_ip) = v4_mapped(&ends.remote_ip) else {
+        return false;
+    };
+    let key = in_bypass_key(remote_ip, ends.remote_port, ends.local_port);
     RDR_IN_BYPASS.remove(key).is_ok()
 }

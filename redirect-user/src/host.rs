@@ -93,6 +93,13 @@ pub trait Host {
     /// The network namespace's routing view for eBPF's redirected
     /// connects (see [`crate::ebpf::routes`]).
     fn routes(&self, excluded: &[String]) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>>;
+    /// The IPv6 routing view (see [`crate::ebpf::routes6`]).
+    fn routes6(
+        &self,
+        excluded: &[String],
+    ) -> anyhow::Result<Vec<crate::ebpf::routes6::RouteSource6>>;
+    /// The IPv6 source the kernel gives a socket bound to `lo`.
+    fn lo_source6(&self) -> Option<std::net::Ipv6Addr>;
     /// The index of the interface `name` in the calling thread's network
     /// namespace (`None`: no such interface).
     fn ifindex(&self, name: &str) -> Option<u32>;
@@ -128,6 +135,15 @@ impl Host for RealHost {
 
     fn routes(&self, excluded: &[String]) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>> {
         crate::ebpf::routes::read(excluded)
+    }
+    fn routes6(
+        &self,
+        excluded: &[String],
+    ) -> anyhow::Result<Vec<crate::ebpf::routes6::RouteSource6>> {
+        crate::ebpf::routes6::read(excluded)
+    }
+    fn lo_source6(&self) -> Option<std::net::Ipv6Addr> {
+        crate::ebpf::routes6::lo_source()
     }
     fn ifindex(&self, name: &str) -> Option<u32> {
         let name = std::ffi::CString::new(name).ok()?;
@@ -287,7 +303,11 @@ pub(crate) mod fake {
                 .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
         }
         fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
-            Ok(vec!["10.0.0.5".parse().unwrap()])
+            Ok(vec![
+                "10.0.0.5".parse().unwrap(),
+                "::1".parse().unwrap(),
+                "fd00::5".parse().unwrap(),
+            ])
         }
         fn routes(
             &self,
@@ -301,6 +321,22 @@ pub(crate) mod fake {
                 src: Some(std::net::Ipv4Addr::new(10, 0, 0, 5)),
                 excluded: excluded.iter().any(|nic| nic == "eth0"),
             }])
+        }
+        fn routes6(
+            &self,
+            excluded: &[String],
+        ) -> anyhow::Result<Vec<crate::ebpf::routes6::RouteSource6>> {
+            Ok(vec![crate::ebpf::routes6::RouteSource6 {
+                dst: crate::capture::Ipv6Cidr {
+                    addr: std::net::Ipv6Addr::UNSPECIFIED,
+                    prefix: 0,
+                },
+                src: Some("fd00::5".parse().unwrap()),
+                excluded: excluded.iter().any(|nic| nic == "eth0"),
+            }])
+        }
+        fn lo_source6(&self) -> Option<std::net::Ipv6Addr> {
+            "fd00::5".parse().ok()
         }
         fn ifindex(&self, name: &str) -> Option<u32> {
             match name {

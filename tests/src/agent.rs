@@ -328,12 +328,17 @@ impl Reply {
                 .map_or_else(|e| format!("error: {}", e.kind()), |a| a.to_string()),
             Self::Observe(text) => {
                 let sock = SockRef::from(stream);
-                format!(
+                let mut seen = format!(
                     "{text} peer={} local={} odst={}",
                     addr_or_errno(sock.peer_addr()),
                     addr_or_errno(sock.local_addr()),
                     addr_or_errno(sock.original_dst_v4()),
-                )
+                );
+                // An AF_INET6 socket: what IP6T_SO_ORIGINAL_DST answers too.
+                if stream.local_addr().is_ok_and(|a| a.is_ipv6()) {
+                    seen.push_str(&format!(" odst6={}", addr_or_errno(sock.original_dst_v6())));
+                }
+                seen
             }
         }
     }
@@ -964,7 +969,8 @@ impl std::str::FromStr for Cred {
 /// One connection of the `observe` command, written (and read) as
 /// `to=IP:PORT family=4|6 bind=none|IP dev=none|lo|eth0
 /// mode=block|nonblock|fastopen|udp|sendto [cred=C] [then=C] [sport=N]`.
-/// `family=6` is an AF_INET6 socket connecting to the v4-mapped address;
+/// `family=6` is an AF_INET6 socket connecting to the v4-mapped address
+/// (`to` an IPv6 address, `[IP]:PORT`, is always an AF_INET6 socket's);
 /// `bind` binds the source address (port 0) first; `dev` sets
 /// SO_BINDTODEVICE; `cred` are the credentials ([`Cred`]) the socket is
 /// made with and `then` those it connects with (default: the agent's own);
@@ -972,9 +978,9 @@ impl std::str::FromStr for Cred {
 /// SO_REUSEADDR, so that connections can share a 4-tuple in turn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Spec {
-    pub to: std::net::SocketAddrV4,
+    pub to: SocketAddr,
     pub family6: bool,
-    pub bind: Option<std::net::Ipv4Addr>,
+    pub bind: Option<std::net::IpAddr>,
     pub dev: Device,
     pub mode: ConnectMode,
     pub cred: Option<Cred>,
@@ -984,11 +990,13 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// A blocking TCP connection to `to` from an unbound AF_INET socket.
-    pub fn to(to: std::net::SocketAddrV4) -> Self {
+    /// A blocking TCP connection to `to` from an unbound socket (AF_INET
+    /// for an IPv4 address).
+    pub fn to(to: impl Into<SocketAddr>) -> Self {
+        let to = to.into();
         Self {
             to,
-            family6: false,
+            family6: to.is_ipv6(),
             bind: None,
             dev: Device::None,
             mode: ConnectMode::Block,
@@ -1005,7 +1013,11 @@ impl std::fmt::Display for Spec {
             f,
             "to={} family={} bind={} dev={} mode={}",
             self.to,
-            if self.family6 { 6 } else { 4 },
+            if self.family6 || self.to.is_ipv6() {
+                6
+            } else {
+                4
+            },
             self.bind
                 .map_or_else(|| "none".to_owned(), |ip| ip.to_string()),
             self.dev.name(),
@@ -1032,6 +1044,7 @@ impl std::str::FromStr for Spec {
             std::net::Ipv4Addr::UNSPECIFIED,
             0,
         ));
+        spec.family6 = false;
         let mut to = None;
         for field in line.split_whitespace() {
             let (key, value) = field
@@ -1144,11 +1157,12 @@ fn mask_port(text: &str, port: u16) -> String {
 
 /// The socket address of `ip:port` for a socket of the spec's family (the
 /// v4-mapped address for AF_INET6).
-fn spec_addr(ip: std::net::Ipv4Addr, port: u16, family6: bool) -> socket2::SockAddr {
-    if family6 {
-        SocketAddr::V6(std::net::SocketAddrV6::new(ip.to_ipv6_mapped(), port, 0, 0)).into()
-    } else {
-        SocketAddr::V4(std::net::SocketAddrV4::new(ip, port)).into()
+fn spec_addr(ip: std::net::IpAddr, port: u16, family6: bool) -> socket2::SockAddr {
+    match ip {
+        std::net::IpAddr::V4(ip) if family6 => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(ip.to_ipv6_mapped(), port, 0, 0)).into()
+        }
+        ip => SocketAddr::new(ip, port).into(),
     }
 }
 
@@ -1215,11 +1229,8 @@ pub fn observe_one(spec: &Spec, timeouts: Timeouts) -> String {
 
 fn connect_observed(spec: &Spec, timeouts: Timeouts) -> String {
     let timeout = timeouts.connect;
-    let domain = if spec.family6 {
-        Domain::IPV6
-    } else {
-        Domain::IPV4
-    };
+    let family6 = spec.family6 || spec.to.is_ipv6();
+    let domain = if family6 { Domain::IPV6 } else { Domain::IPV4 };
     let udp = matches!(spec.mode, ConnectMode::Udp | ConnectMode::Sendto);
     let kind = if udp { Type::DGRAM } else { Type::STREAM };
     let socket = match Socket::new(domain, kind, None) {
@@ -1231,7 +1242,8 @@ fn connect_observed(spec: &Spec, timeouts: Timeouts) -> String {
     {
         return format!("then={}", errno_name(&err));
     }
-    if spec.family6
+    if family6
+        && spec.to.is_ipv4()
         && let Err(err) = socket.set_only_v6(false)
     {
         return format!("v6only={}", errno_name(&err));
@@ -1247,11 +1259,11 @@ fn connect_observed(spec: &Spec, timeouts: Timeouts) -> String {
         return format!("reuseaddr={}", errno_name(&err));
     }
     if spec.bind.is_some() || spec.sport != 0 {
-        let ip = spec.bind.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-        let addr = if spec.family6 && ip.is_unspecified() {
+        let ip = spec.bind.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let addr = if family6 && ip.is_unspecified() {
             SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), spec.sport).into()
         } else {
-            spec_addr(ip, spec.sport, spec.family6)
+            spec_addr(ip, spec.sport, family6)
         };
         if let Err(err) = socket.bind(&addr) {
             return format!("bind={}", errno_name(&err));
@@ -1259,7 +1271,7 @@ fn connect_observed(spec: &Spec, timeouts: Timeouts) -> String {
     }
     let _ = socket.set_read_timeout(Some(timeout));
     let _ = socket.set_write_timeout(Some(timeout));
-    let to = spec_addr(*spec.to.ip(), spec.to.port(), spec.family6);
+    let to = spec_addr(spec.to.ip(), spec.to.port(), family6);
     let connected = match spec.mode {
         ConnectMode::Block | ConnectMode::Udp => match socket.connect(&to) {
             Ok(()) if udp => "udp-connect=ok".to_owned(),
@@ -1305,7 +1317,7 @@ fn connect_observed(spec: &Spec, timeouts: Timeouts) -> String {
         addr_or_errno(socket.peer_addr()),
         addr_or_errno(socket.original_dst_v4()),
     );
-    if spec.family6 {
+    if family6 {
         out.push_str(&format!(
             " odst6={}",
             addr_or_errno(socket.original_dst_v6())

@@ -511,7 +511,7 @@ fn destination_class(case: &Case) -> &'static str {
     }
     destinations()
         .into_iter()
-        .find(|(ip, _)| ip == case.spec.to.ip())
+        .find(|(ip, _)| std::net::IpAddr::V4(*ip) == case.spec.to.ip())
         .map_or("other", |(_, class)| class)
 }
 
@@ -581,22 +581,22 @@ fn random_case(rng: &mut Rng, creds: bool) -> Case {
     if CLIENTS[client].peer {
         // A third of inbound connections arrive on the second link.
         if rng.chance(33) {
-            spec.to = SocketAddrV4::new(POD_NIC2_IP, port);
+            spec.to = SocketAddrV4::new(POD_NIC2_IP, port).into();
         }
         spec.bind = match rng.below(10) {
             0..8 => None,
-            8 => Some(PEER_IP),
-            _ => Some(peer_ip(1)),
+            8 => Some(PEER_IP.into()),
+            _ => Some(peer_ip(1).into()),
         };
         return Case { client, spec };
     }
     let (ip, _) = rng.pick(&destinations());
-    spec.to = SocketAddrV4::new(ip, port);
+    spec.to = SocketAddrV4::new(ip, port).into();
     spec.bind = match rng.below(10) {
         0..6 => None,
-        6 => Some(Ipv4Addr::LOCALHOST),
-        7 | 8 => Some(Ipv4Addr::new(127, 0, 0, 6)),
-        _ => Some(POD_IP),
+        6 => Some(Ipv4Addr::LOCALHOST.into()),
+        7 | 8 => Some(Ipv4Addr::new(127, 0, 0, 6).into()),
+        _ => Some(POD_IP.into()),
     };
     spec.dev = match rng.below(100) {
         0..8 => Device::Lo,
@@ -1050,7 +1050,7 @@ fn role(case: &Case, value: &str) -> String {
     let Ok(ip) = ip.parse::<Ipv4Addr>() else {
         return value.to_owned();
     };
-    if ip == *to.ip() && port == to.port().to_string() {
+    if std::net::IpAddr::V4(ip) == to.ip() && port == to.port().to_string() {
         return "DST".to_owned();
     }
     let ip = match ip {

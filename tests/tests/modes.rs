@@ -248,9 +248,15 @@ fn the_network_namespace_comes_from_istios_variable() {
 
 /// The golden configurations auto mode installs with eBPF on a kernel that
 /// has every eBPF feature (the others name, in auto's reason, what eBPF
-/// mode lacks for them: IPv6, TPROXY, `-k`).
+/// mode lacks for them: TPROXY, `-k`).
 const EBPF_GOLDENS: &[&str] = &[
     "basic-exclude-nic",
+    "ipv6-empty-inbound-ports",
+    "ipv6-outbound-ports",
+    "ipv6-inbound-ports",
+    "ipv6-dns-uid-gid",
+    "ipv6-dns-outbound-owner-groups",
+    "ipv6-dns-outbound-owner-groups-exclude",
     "empty",
     "ipnets",
     "inbound-ports-include",

@@ -12,7 +12,7 @@ pub const MAX_GROUPS: usize = 64;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 14;
+pub const ABI_VERSION: u32 = 15;
 
 /// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
 /// ports together).
@@ -177,6 +177,10 @@ pub struct RedirectConfig {
     /// at install) through which nothing is captured, with
     /// [`CFG_EXCLUDE_IFACES`].
     pub exclude_ifindex: [u32; MAX_EXCLUDE_IFACES],
+    /// `lo_source` for IPv6 destinations (with [`CFG_IPV6`]): the source
+    /// the pod's kernel picked at install for a socket bound to `lo`
+    /// (`::`: none).
+    pub lo_source6: [u32; 4],
 }
 
 /// `-i '*'`: every destination not excluded is captured.
@@ -211,6 +215,12 @@ pub const CFG_LEGACY: u32 = 256;
 /// RETURN` come before every other rule.
 pub const CFG_EXCLUDE_IFACES: u32 = 512;
 
+/// IPv6 rules (`--ipv6`, `--dual-stack`, or a pod with an IPv6 address):
+/// IPv6 connections are decided by Istio's IPv6 table (`::1/128`, `::6`,
+/// the IPv6 CIDRs) and sent to `[::1]:<port>`. Without it they are left
+/// alone, as Istio leaves them without ip6tables rules.
+pub const CFG_IPV6: u32 = 1024;
+
 /// One entry of the routing view (`RDR_ROUTE`): connects to its prefix
 /// leave from `src` (network order; 0: the kernel refuses them), through
 /// an interface `-c` excludes when `flags` has [`ROUTE_EXCLUDED_IFACE`].
@@ -224,6 +234,34 @@ pub struct RouteEntry {
 
 /// The route's device is one `-c` names.
 pub const ROUTE_EXCLUDED_IFACE: u32 = 1;
+
+/// One entry of the IPv6 routing view (`RDR_ROUTE6`): as [`RouteEntry`],
+/// the source an IPv6 address (`::`: the kernel refuses these connects).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RouteEntry6 {
+    pub src: [u32; 4],
+    pub flags: u32,
+}
+
+/// Data of an IPv6 CIDR-set or route (LPM trie) key: the slot byte, the
+/// address's 16 bytes, then padding; the key's prefix length is
+/// [`CIDR_SLOT_BITS`] plus the network's.
+#[inline(always)]
+pub const fn cidr6_key(slot: u32, ip: crate::Ip6) -> [u8; 20] {
+    let o = ip.octets();
+    [
+        slot as u8, o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11],
+        o[12], o[13], o[14], o[15], 0, 0, 0,
+    ]
+}
+
+/// Key of the IPv6 pod-address set: the slot, then the address's words.
+#[inline(always)]
+pub const fn local6_key(slot: u32, ip: crate::Ip6) -> [u32; 5] {
+    [slot, ip.0[0], ip.0[1], ip.0[2], ip.0[3]]
+}
 
 /// `-o`: an outbound port never captured.
 pub const PORT_EXCLUDE: u8 = 1;
@@ -252,8 +290,9 @@ pub const PASSTHROUGH_SRC: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct OrigDst {
-    /// Original destination address, network byte order.
-    pub ip: u32,
+    /// Original destination address: an IPv6 one, or an IPv4 one mapped
+    /// (`::ffff:a.b.c.d`), four network-order words.
+    pub ip: [u32; 4],
     /// Original destination port, host byte order.
     pub port: u16,
     /// The port the connection was sent to on 127.0.0.1 (REDIRECT's
@@ -281,9 +320,9 @@ impl OrigDst {
     /// moved there from the tuple map when that end was established.
     pub const PROXY: u16 = 3;
 
-    /// A fresh record of a connect to `ip:port` (network-order address,
-    /// host-order port) sent to `127.0.0.1:via`.
-    pub const fn new(ip: u32, port: u16, via: u16) -> Self {
+    /// A fresh record of a connect to `ip:port` (see [`OrigDst::ip`];
+    /// host-order port) sent to `127.0.0.1:via` (`[::1]:via`).
+    pub const fn new(ip: [u32; 4], port: u16, via: u16) -> Self {
         Self {
             ip,
             port,
@@ -305,7 +344,7 @@ impl OrigDst {
     /// [`OrigDst::INBOUND`]).
     pub const fn accepted(kind: u16) -> Self {
         Self {
-            ip: 0,
+            ip: [0; 4],
             port: 0,
             via: 0,
             kind,
@@ -320,10 +359,10 @@ impl OrigDst {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ConnTuple {
-    /// Client (app) address, network byte order.
-    pub client_ip: u32,
-    /// Server (proxy) address, network byte order.
-    pub server_ip: u32,
+    /// Client (app) address (an IPv4 one mapped, as in [`OrigDst::ip`]).
+    pub client_ip: [u32; 4],
+    /// Server (proxy) address, likewise.
+    pub server_ip: [u32; 4],
     /// Client port, host byte order.
     pub client_port: u16,
     /// Server port, host byte order.
@@ -358,7 +397,8 @@ pub enum Counter {
     OrigDstMissed = 9,
     /// `getpeername()` of a redirected app socket answered with the original destination.
     PeernameRestored = 10,
-    /// An IPv6 destination that is not IPv4-mapped: not captured (IPv4-only config).
+    /// An IPv6 destination (not IPv4-mapped) without IPv6 rules: not
+    /// captured, as Istio captures none without its ip6tables rules.
     NotIpv4 = 11,
     /// The proxy's call to its own pod's address, sent to the inbound port.
     Hairpin = 12,
@@ -425,6 +465,11 @@ pub enum Counter {
     /// `-c`: the connection arrived on an excluded interface
     /// (`PREROUTING -i X -j RETURN`).
     InboundBypassInterface = 35,
+    /// An IPv6 link-local destination: its connect names the interface
+    /// (the scope), which the connect hooks cannot see, so it is left to
+    /// the kernel (which refuses it without a scope; ip6tables captures
+    /// it with one).
+    LinkLocal = 36,
 }
 
 impl Counter {
@@ -465,6 +510,7 @@ impl Counter {
         Self::LoopbackRedirected,
         Self::BypassInterface,
         Self::InboundBypassInterface,
+        Self::LinkLocal,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -506,12 +552,13 @@ impl Counter {
             Self::LoopbackRedirected => "loopback_redirected",
             Self::BypassInterface => "bypass_interface",
             Self::InboundBypassInterface => "inbound_bypass_interface",
+            Self::LinkLocal => "link_local",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 36;
+pub const COUNTER_COUNT: u32 = 37;
 
 /// 127.0.0.1 in network byte order: where redirected connects are sent.
 pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -532,8 +579,8 @@ pub struct Event {
     pub counter: u32,
     pub uid: u32,
     pub gid: u32,
-    /// Destination address, network byte order.
-    pub dst_ip: u32,
+    /// Destination address (an IPv4 one mapped, as in [`OrigDst::ip`]).
+    pub dst_ip: [u32; 4],
     /// Destination port, host byte order.
     pub dst_port: u16,
     /// Proxy port it was sent to (redirects only).
@@ -586,4 +633,8 @@ pub mod map_names {
     pub const GROUPS: &str = "RDR_GROUPS";
     pub const PORT_RANGES: &str = "RDR_PORT_RANGES";
     pub const IN_BYPASS: &str = "RDR_IN_BYPASS";
+    pub const LOCAL6: &str = "RDR_LOCAL6";
+    pub const EXCLUDE6: &str = "RDR_EXCLUDE6";
+    pub const INCLUDE6: &str = "RDR_INCLUDE6";
+    pub const ROUTE6: &str = "RDR_ROUTE6";
 }

@@ -2,21 +2,22 @@
 //! configuration and the set maps (through [`Lookups`]): what the
 //! programs apply, unit-tested on the host rule by rule.
 
-use crate::abi::*;
+use crate::{abi::*, addr::Addr};
 
-/// The facts about one `connect()` that the decision depends on.
+/// The facts about one `connect()` that the decision depends on, for an
+/// IPv4 (`u32`, network order) or IPv6 ([`crate::Ip6`]) destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConnectInput {
+pub struct ConnectInput<A = u32> {
     /// `bpf_sock_addr.type` (`SOCK_STREAM`, `SOCK_DGRAM`, ...).
     pub sock_type: u32,
     pub uid: u32,
     pub gid: u32,
-    /// Destination address, network byte order.
-    pub dst_ip: u32,
+    /// Destination address.
+    pub dst_ip: A,
     /// Destination port, host byte order.
     pub dst_port: u16,
-    /// The address the socket is bound to, network byte order (0: unbound).
-    pub src_ip: u32,
+    /// The address the socket is bound to (unspecified: unbound).
+    pub src_ip: A,
     /// The socket is bound to the loopback device (`SO_BINDTODEVICE=lo`):
     /// its packets leave through `lo` whatever their destination.
     pub dev_lo: bool,
@@ -24,24 +25,19 @@ pub struct ConnectInput {
     pub bound_dev: u32,
 }
 
-impl ConnectInput {
-    /// The destination the kernel connects to: `0.0.0.0` is the socket's
-    /// own bound address, or 127.0.0.1 (the route lookup rewrites it before
-    /// any rule sees a packet).
+impl<A: Addr> ConnectInput<A> {
+    /// The destination the kernel connects to (see [`Addr::effective_dst`]:
+    /// the connect rewrites it before any rule sees a packet).
     #[inline(always)]
-    pub fn effective_dst(&self) -> u32 {
-        match (self.dst_ip, self.src_ip) {
-            (0, 0) => LOCALHOST,
-            (0, src) => src,
-            (dst, _) => dst,
-        }
+    pub fn effective_dst(&self) -> A {
+        A::effective_dst(self.dst_ip, self.src_ip)
     }
 }
 
 /// What to do with one `connect()`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Rewrite the destination to `127.0.0.1:port` and remember the
+    /// Rewrite the destination to `127.0.0.1:port` (`[::1]:port`) and remember the
     /// original; the counter says which chain sent it there.
     Redirect { port: u16, counter: Counter },
     /// Leave the connect alone; the counter says which rule let it through.
@@ -49,8 +45,8 @@ pub enum Verdict {
 }
 
 /// The maps the decision consults: per-port flags, CIDR sets, and the
-/// pod's own addresses.
-pub trait Lookups {
+/// pod's own addresses and routes, of the family of `A`.
+pub trait Lookups<A = u32> {
     /// `PORT_*` bits of a destination port listed on its own (0: none).
     fn port_flags(&self, port: u16) -> u8;
     /// `PORT_*` bits of the ranges (`a:b`) a port is in (0: none).
@@ -58,18 +54,18 @@ pub trait Lookups {
     /// Whether `gid` is one of the owner groups.
     fn owner_group(&self, gid: u32) -> bool;
     /// Whether `ip` is in an excluded CIDR (`-x`).
-    fn excluded(&self, ip: u32) -> bool;
+    fn excluded(&self, ip: A) -> bool;
     /// Whether `ip` is in an included CIDR (`-i`).
-    fn included(&self, ip: u32) -> bool;
-    /// Whether `ip` is one of the pod's own (non-127/8) addresses.
-    fn pod_address(&self, ip: u32) -> bool;
-    /// The source address the pod's routing table gives `ip` (network
-    /// order): `None` without a route, `Some(0)` for a destination the
-    /// kernel refuses TCP to (broadcast, multicast, an unreachable route).
-    fn route_source(&self, ip: u32) -> Option<u32>;
+    fn included(&self, ip: A) -> bool;
+    /// Whether `ip` is one of the pod's own (non-loopback) addresses.
+    fn pod_address(&self, ip: A) -> bool;
+    /// The source address the pod's routing table gives `ip`: `None`
+    /// without a route, `Some(unspecified)` for a destination the kernel
+    /// refuses TCP to (broadcast, multicast, an unreachable route).
+    fn route_source(&self, ip: A) -> Option<A>;
     /// Whether the pod's route to `ip` leaves through an interface `-c`
     /// names.
-    fn route_excluded(&self, ip: u32) -> bool;
+    fn route_excluded(&self, ip: A) -> bool;
 }
 
 /// Decides one outbound `connect()` (or, for UDP, `sendmsg()`) by walking
@@ -107,12 +103,31 @@ pub trait Lookups {
 ///
 /// The input's destination is taken as the kernel's route lookup leaves it
 /// ([`ConnectInput::effective_dst`]), since the rules see the packet after it.
+///
+/// An IPv6 connection walks Istio's IPv6 table, the same chain with
+/// `::1/128` for the loopback network and `::6` for the passthrough source
+/// (see [`Addr`]), when the configuration has IPv6 rules ([`CFG_IPV6`]);
+/// without them it is not captured (`not_ipv4`).
 #[inline(always)]
-pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
+pub fn decide_connect<A: Addr>(
+    input: &ConnectInput<A>,
+    cfg: &RedirectConfig,
+    maps: &impl Lookups<A>,
+) -> Verdict {
+    if A::IS_V6 && !ipv6_rules(cfg) {
+        return Verdict::Bypass(Counter::NotIpv4);
+    }
     if cfg.flags & CFG_LEGACY != 0 {
         return decide_legacy(input, cfg, maps);
     }
     decide_nat(input, cfg, maps)
+}
+
+/// Whether the configuration has Istio's IPv6 table (`--profile legacy`
+/// never has one).
+#[inline(always)]
+fn ipv6_rules(cfg: &RedirectConfig) -> bool {
+    cfg.flags & CFG_IPV6 != 0 && cfg.flags & CFG_LEGACY == 0
 }
 
 /// `--profile legacy`: the `ISTIO_OUTPUT` chain of Istio's first init
@@ -128,12 +143,16 @@ pub fn decide_connect(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lo
 /// -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 /// ```
 #[inline(always)]
-fn decide_legacy(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
+fn decide_legacy<A: Addr>(
+    input: &ConnectInput<A>,
+    cfg: &RedirectConfig,
+    maps: &impl Lookups<A>,
+) -> Verdict {
     if input.sock_type != SOCK_STREAM {
         return Verdict::Bypass(Counter::NotTcp);
     }
     let dst = input.effective_dst();
-    let loopback = dst & cfg.loopback_mask == cfg.loopback_addr & cfg.loopback_mask;
+    let loopback = dst.in_loopback_cidr(cfg);
     if !loopback && leaves_by_lo(input, dst, maps) {
         return Verdict::Redirect {
             port: cfg.proxy_port,
@@ -156,16 +175,20 @@ fn decide_legacy(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups
 /// picked for the original destination, since iptables rewrites the
 /// destination only after the route lookup chose the source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
+pub enum Source<A = u32> {
     /// Leave the socket as it is: it is bound already, or the kernel's
     /// choice for 127.0.0.1 is its choice for the original destination.
     Kernel,
-    /// Bind the socket to this address (network order), port 0, first.
-    Bind(u32),
+    /// Bind the socket to this address, port 0, first.
+    Bind(A),
     /// The kernel refuses this connect before any rule runs (no route, a
     /// broadcast destination, a multicast one for TCP, a loopback source
     /// to the network): do not redirect it, so that it fails as it would.
     Refused,
+    /// An IPv6 link-local destination: the connect names its interface,
+    /// which decides the source and which the hook cannot see (without
+    /// one the kernel refuses it). Not redirected (`link_local`).
+    LinkLocal,
 }
 
 /// The [`Source`] of a connect [`decide_connect`] redirects, from the
@@ -174,34 +197,44 @@ pub enum Source {
 /// itself (or 127.0.0.1 for 127/8), a socket bound to `lo` from
 /// `lo_source`, anything else from its route's source address.
 #[inline(always)]
-pub fn redirect_source(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Source {
+pub fn redirect_source<A: Addr>(
+    input: &ConnectInput<A>,
+    cfg: &RedirectConfig,
+    maps: &impl Lookups<A>,
+) -> Source<A> {
     let dst = input.effective_dst();
-    let octets = dst.to_ne_bytes();
-    if octets[0] == 127 {
+    if dst.is_loopback() {
         return Source::Kernel;
+    }
+    if dst.is_link_local() {
+        return Source::LinkLocal;
     }
     // The limited broadcast address: `tcp_v4_connect` refuses it, and
     // `udp_sendmsg` too without SO_BROADCAST (which no hook can read).
     // Multicast: TCP only; UDP connects and sends to it by its route.
-    if dst == u32::MAX {
+    if dst.is_broadcast() {
         return Source::Refused;
     }
-    let multicast = is_multicast(dst);
+    let multicast = dst.is_multicast();
     if multicast && separate_load(&input.sock_type) != SOCK_DGRAM {
         return Source::Refused;
     }
     let local = maps.pod_address(dst);
-    if input.src_ip != 0 {
+    let routed = |src: Option<A>| match src {
+        Some(src) if src != A::UNSPECIFIED => Some(src),
+        _ => None,
+    };
+    if input.src_ip != A::UNSPECIFIED {
         // A bound socket sends to a multicast group out of its address's
         // device, with or without a route (`__ip_route_output_key`).
         if local || input.dev_lo || multicast {
             return Source::Kernel;
         }
-        if input.src_ip.to_ne_bytes()[0] == 127 {
+        if input.src_ip.is_loopback() {
             return Source::Refused;
         }
-        return match maps.route_source(dst) {
-            None | Some(0) => Source::Refused,
+        return match routed(maps.route_source(dst)) {
+            None => Source::Refused,
             Some(_) => Source::Kernel,
         };
     }
@@ -210,21 +243,26 @@ pub fn redirect_source(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl L
     }
     if input.dev_lo {
         // Routed through `lo` whatever the tables say ("assume on link").
-        return if cfg.lo_source != 0 {
-            Source::Bind(cfg.lo_source)
+        let src = A::lo_source(cfg);
+        return if src != A::UNSPECIFIED {
+            Source::Bind(src)
         } else {
             Source::Kernel
         };
     }
-    match maps.route_source(dst) {
-        None | Some(0) => Source::Refused,
+    match routed(maps.route_source(dst)) {
+        None => Source::Refused,
         Some(src) => Source::Bind(src),
     }
 }
 
 /// The nat `ISTIO_OUTPUT` chain (see [`decide_connect`]).
 #[inline(always)]
-fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Verdict {
+fn decide_nat<A: Addr>(
+    input: &ConnectInput<A>,
+    cfg: &RedirectConfig,
+    maps: &impl Lookups<A>,
+) -> Verdict {
     if cfg.flags & CFG_EXCLUDE_IFACES != 0 && leaves_excluded(input, cfg, maps) {
         return Verdict::Bypass(Counter::BypassInterface);
     }
@@ -241,10 +279,10 @@ fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -
     }
     let dst = input.effective_dst();
     let local = leaves_by_lo(input, dst, maps);
-    if local && input.src_ip == PASSTHROUGH_SRC {
+    if local && input.src_ip.is_passthrough() {
         return Verdict::Bypass(Counter::BypassPassthrough);
     }
-    let in_loopback = dst & cfg.loopback_mask == cfg.loopback_addr & cfg.loopback_mask;
+    let in_loopback = dst.in_loopback_cidr(cfg);
     let hairpin = tcp && local && !in_loopback && input.dst_port != cfg.tunnel_port;
     let lo = LoRules {
         // With DNS capture the UID form also spares TCP DNS
@@ -285,10 +323,7 @@ fn decide_nat(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -
     } else if in_groups {
         return Verdict::Bypass(Counter::BypassGroup);
     }
-    if dns
-        && input.dst_port == DNS_PORT
-        && (cfg.flags & CFG_DNS_ALL != 0
-            || contains(&cfg.dns_servers, u32::from(cfg.dns_server_count), dst))
+    if dns && input.dst_port == DNS_PORT && (cfg.flags & CFG_DNS_ALL != 0 || dst.is_nameserver(cfg))
     {
         return Verdict::Redirect {
             port: separate_load(&cfg.dns_port),
@@ -330,7 +365,7 @@ pub const DNS_PORT: u16 = 53;
 /// The `PORT_*` lists (`-o`, `-q`, `-b`, `-d`) `port` is in: as a port of
 /// its own, or in a range (looked up only when the configuration has one).
 #[inline(always)]
-fn port_flags(port: u16, cfg: &RedirectConfig, maps: &impl Lookups) -> u8 {
+fn port_flags<A>(port: u16, cfg: &RedirectConfig, maps: &impl Lookups<A>) -> u8 {
     let single = maps.port_flags(port);
     if cfg.flags & CFG_PORT_RANGES != 0 {
         single | maps.range_flags(port)
@@ -339,17 +374,11 @@ fn port_flags(port: u16, cfg: &RedirectConfig, maps: &impl Lookups) -> u8 {
     }
 }
 
-/// Whether `ip` is one of the pod's own addresses: 127.0.0.0/8 or an
-/// address of its interfaces (what `-o lo` tests for a destination).
+/// Whether `ip` is one of the pod's own addresses: 127.0.0.0/8 (`::1`) or
+/// an address of its interfaces (what `-o lo` tests for a destination).
 #[inline(always)]
-fn is_local(ip: u32, maps: &impl Lookups) -> bool {
-    ip.to_ne_bytes()[0] == 127 || maps.pod_address(ip)
-}
-
-/// 224.0.0.0/4.
-#[inline(always)]
-fn is_multicast(ip: u32) -> bool {
-    ip.to_ne_bytes()[0] & 0xf0 == 224
+fn is_local<A: Addr>(ip: A, maps: &impl Lookups<A>) -> bool {
+    ip.is_loopback() || maps.pod_address(ip)
 }
 
 /// `-o lo`: the packet to `dst` leaves through `lo`: a local destination,
@@ -357,19 +386,21 @@ fn is_multicast(ip: u32) -> bool {
 /// socket bound to a 127/8 address (the kernel sends multicast out of the
 /// bound address's device).
 #[inline(always)]
-fn leaves_by_lo(input: &ConnectInput, dst: u32, maps: &impl Lookups) -> bool {
+fn leaves_by_lo<A: Addr>(input: &ConnectInput<A>, dst: A, maps: &impl Lookups<A>) -> bool {
     input.dev_lo
         || is_local(dst, maps)
-        || (input.src_ip.to_ne_bytes()[0] == 127
-            && is_multicast(dst)
-            && input.sock_type == SOCK_DGRAM)
+        || (input.src_ip.is_loopback() && dst.is_multicast() && input.sock_type == SOCK_DGRAM)
 }
 
 /// `-o X` for an `X` that `-c` names: the device the connection's packets
 /// leave through: `lo` for what [`leaves_by_lo`] sends there, else the
 /// device the socket is bound to, else its route's.
 #[inline(always)]
-fn leaves_excluded(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> bool {
+fn leaves_excluded<A: Addr>(
+    input: &ConnectInput<A>,
+    cfg: &RedirectConfig,
+    maps: &impl Lookups<A>,
+) -> bool {
     let dst = input.effective_dst();
     if leaves_by_lo(input, dst, maps) {
         excluded_iface(cfg, LOOPBACK_IFINDEX)
@@ -392,9 +423,9 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 /// The facts about one inbound TCP connection (its SYN) that the inbound
 /// decision depends on.
 #[derive(Clone, Copy, Debug)]
-pub struct InboundInput {
-    /// Source address, network byte order.
-    pub src_ip: u32,
+pub struct InboundInput<A = u32> {
+    /// Source address.
+    pub src_ip: A,
     /// Destination (local) port, host byte order.
     pub dst_port: u16,
     /// The interface it arrived on (0: unknown, before kernel 5.17 or
@@ -429,13 +460,16 @@ pub enum InboundVerdict {
 /// address) is never captured here: locally generated traffic does not
 /// traverse nat `PREROUTING` (inbound_local).
 #[inline(always)]
-pub fn decide_inbound(
-    input: &InboundInput,
+pub fn decide_inbound<A: Addr>(
+    input: &InboundInput<A>,
     cfg: &RedirectConfig,
-    maps: &impl Lookups,
+    maps: &impl Lookups<A>,
 ) -> InboundVerdict {
     if cfg.flags & CFG_INBOUND == 0 {
         return InboundVerdict::Bypass(Counter::InboundNotIncluded);
+    }
+    if A::IS_V6 && !ipv6_rules(cfg) {
+        return InboundVerdict::Bypass(Counter::NotIpv4);
     }
     if cfg.flags & CFG_EXCLUDE_IFACES != 0 && excluded_iface(cfg, input.ifindex) {
         return InboundVerdict::Bypass(Counter::InboundBypassInterface);
@@ -448,7 +482,11 @@ pub fn decide_inbound(
 
 /// The port rules of the inbound chain (after its source rules).
 #[inline(always)]
-fn inbound_port_rules(port: u16, cfg: &RedirectConfig, maps: &impl Lookups) -> InboundVerdict {
+fn inbound_port_rules<A>(
+    port: u16,
+    cfg: &RedirectConfig,
+    maps: &impl Lookups<A>,
+) -> InboundVerdict {
     if port == cfg.tunnel_port {
         return InboundVerdict::Bypass(Counter::InboundBypassTunnel);
     }
@@ -518,7 +556,7 @@ impl LoRules {
 /// Whether `id` is among the first `count` entries of `set` (a bounded loop
 /// the verifier accepts on every supported kernel).
 #[inline(always)]
-fn contains<const N: usize>(set: &[u32; N], count: u32, id: u32) -> bool {
+pub(crate) fn contains<const N: usize>(set: &[u32; N], count: u32, id: u32) -> bool {
     let mut i = 0;
     while i < N {
         if (i as u32) < count && set[i] == id {

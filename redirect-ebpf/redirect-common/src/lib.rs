@@ -7,17 +7,21 @@
 //!
 //! Byte order: IPv4 addresses are kept as the kernel hands them to eBPF
 //! programs, in network byte order inside a `u32` (build one with
-//! `u32::from_ne_bytes(addr.octets())`). Ports are always host byte order here;
-//! the programs convert at the context boundary.
+//! `u32::from_ne_bytes(addr.octets())`); IPv6 ones as four such words
+//! ([`Ip6`]). Records and tuples hold either as IPv6, an IPv4 address
+//! mapped (`::ffff:a.b.c.d`). Ports are always host byte order here; the
+//! programs convert at the context boundary.
 
 #![cfg_attr(not(test), no_std)]
 
 pub mod abi;
+pub mod addr;
 pub mod decide;
 pub mod outcome;
 pub mod sockopt;
 
 pub use abi::*;
+pub use addr::*;
 pub use decide::*;
 pub use outcome::*;
 pub use sockopt::*;
@@ -29,6 +33,7 @@ mod user {
     unsafe impl aya::Pod for super::RedirectConfig {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnTuple {}
+    unsafe impl aya::Pod for super::RouteEntry6 {}
     unsafe impl aya::Pod for super::InstanceMeta {}
 }
 

@@ -1,43 +1,47 @@
 //! One outbound connect's decision as plain integers: the programs decide
 //! through a BPF global function, which the verifier checks once, for any
 //! input, instead of once for every path of the program around it. Such a
-//! function takes and returns scalars only, so its input travels as three
-//! `u64`s and its answer as one.
+//! function takes and returns scalars only (at most five), so an IPv4
+//! input travels as three `u64`s and its answer as one; an IPv6 input as
+//! five, its answer as one and, for a source to bind, an address the
+//! function leaves where the caller reads it.
 
 use crate::{
-    ConnectInput, Counter, Lookups, RedirectConfig, Source, Verdict, decide_connect,
+    Addr, ConnectInput, Counter, Ip6, Lookups, RedirectConfig, Source, Verdict, decide_connect,
     redirect_source,
 };
 
 /// What a program does with one connect (or UDP send).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Outcome {
-    /// The port on 127.0.0.1 to send it to; 0: leave it alone.
+pub struct Outcome<A = u32> {
+    /// The port on 127.0.0.1 (`::1`) to send it to; 0: leave it alone.
     pub port: u16,
     /// The counter of the rule that decided it (a [`Counter`] as its index).
     pub counter: u32,
-    /// The source to bind the socket to first (network order); 0: the
-    /// kernel's choice (see [`redirect_source`]).
-    pub source: u32,
+    /// The source to bind the socket to first; unspecified: the kernel's
+    /// choice (see [`redirect_source`]).
+    pub source: A,
 }
 
 /// [`decide_connect`], then for a redirect [`redirect_source`]: a connect
 /// the kernel refuses before any rule runs is left alone, to fail as it
 /// would (`kernel_refuses`).
 #[inline(always)]
-pub fn decide_outcome(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lookups) -> Outcome {
+pub fn decide_outcome<A: Addr>(
+    input: &ConnectInput<A>,
+    cfg: &RedirectConfig,
+    maps: &impl Lookups<A>,
+) -> Outcome<A> {
+    let left = |counter: Counter| Outcome {
+        port: 0,
+        counter: counter as u32,
+        source: A::UNSPECIFIED,
+    };
     match decide_connect(input, cfg, maps) {
-        Verdict::Bypass(counter) => Outcome {
-            port: 0,
-            counter: counter as u32,
-            source: 0,
-        },
+        Verdict::Bypass(counter) => left(counter),
         Verdict::Redirect { port, counter } => match redirect_source(input, cfg, maps) {
-            Source::Refused => Outcome {
-                port: 0,
-                counter: Counter::KernelRefuses as u32,
-                source: 0,
-            },
+            Source::Refused => left(Counter::KernelRefuses),
+            Source::LinkLocal => left(Counter::LinkLocal),
             Source::Bind(source) => Outcome {
                 port,
                 counter: counter as u32,
@@ -46,7 +50,7 @@ pub fn decide_outcome(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lo
             Source::Kernel => Outcome {
                 port,
                 counter: counter as u32,
-                source: 0,
+                source: A::UNSPECIFIED,
             },
         },
     }
@@ -56,15 +60,47 @@ pub fn decide_outcome(input: &ConnectInput, cfg: &RedirectConfig, maps: &impl Lo
 /// force (no counter index packs to it).
 pub const OUTCOME_INACTIVE: u64 = u64::MAX;
 
+impl<A> Outcome<A> {
+    /// Port in bits 0-15, counter 16-23, the configuration's log level
+    /// 24-31 (for the caller's event report).
+    #[inline(always)]
+    const fn head(&self, log_level: u8) -> u64 {
+        self.port as u64 | (self.counter as u64) << 16 | (log_level as u64) << 24
+    }
+}
+
+impl Outcome<Ip6> {
+    /// The port, counter and log level, as [`Outcome::pack`] packs them;
+    /// the source travels apart.
+    #[inline(always)]
+    pub const fn pack_head(&self, log_level: u8) -> u64 {
+        self.head(log_level)
+    }
+
+    /// The outcome [`Outcome::pack_head`] packed, with `source`; `None`
+    /// for [`OUTCOME_INACTIVE`].
+    #[inline(always)]
+    pub const fn unpack_head(packed: u64, source: Ip6) -> Option<(Self, u8)> {
+        match Outcome::unpack(packed) {
+            Some((head, level)) => Some((
+                Self {
+                    port: head.port,
+                    counter: head.counter,
+                    source,
+                },
+                level,
+            )),
+            None => None,
+        }
+    }
+}
+
 impl Outcome {
     /// Port in bits 0-15, counter 16-23, the configuration's log level
     /// 24-31 (for the caller's event report), source 32-63.
     #[inline(always)]
     pub const fn pack(self, log_level: u8) -> u64 {
-        self.port as u64
-            | (self.counter as u64) << 16
-            | (log_level as u64) << 24
-            | (self.source as u64) << 32
+        self.head(log_level) | (self.source as u64) << 32
     }
 
     /// The outcome and log level [`Outcome::pack`] packed; `None` for
@@ -112,6 +148,45 @@ impl ConnectInput {
             dst_ip: (dst >> 32) as u32,
             dst_port: (dst >> 16) as u16,
             src_ip: (src >> 32) as u32,
+            dev_lo: bound_dev == crate::LOOPBACK_IFINDEX,
+            bound_dev,
+        }
+    }
+}
+
+impl ConnectInput<Ip6> {
+    /// This input as the IPv6 decision's global function takes it (the
+    /// caller's uid and gid it reads itself): the socket type, port and
+    /// bound device (type << 48 | port << 32 | device), then the
+    /// destination's and the bound address's halves.
+    #[inline(always)]
+    pub const fn pack(&self) -> [u64; 5] {
+        let [dst_hi, dst_lo] = self.dst_ip.halves();
+        let [src_hi, src_lo] = self.src_ip.halves();
+        [
+            ((self.sock_type & 0xffff) as u64) << 48
+                | (self.dst_port as u64) << 32
+                | self.bound_dev as u64,
+            dst_hi,
+            dst_lo,
+            src_hi,
+            src_lo,
+        ]
+    }
+
+    /// The input [`ConnectInput::<Ip6>::pack`] packed, with the caller's
+    /// `bpf_get_current_uid_gid()` value.
+    #[inline(always)]
+    pub const fn unpack(owner: u64, packed: [u64; 5]) -> Self {
+        let [meta, dst_hi, dst_lo, src_hi, src_lo] = packed;
+        let bound_dev = meta as u32;
+        Self {
+            sock_type: (meta >> 48) as u32,
+            uid: owner as u32,
+            gid: (owner >> 32) as u32,
+            dst_ip: Ip6::from_halves(dst_hi, dst_lo),
+            dst_port: (meta >> 32) as u16,
+            src_ip: Ip6::from_halves(src_hi, src_lo),
             dev_lo: bound_dev == crate::LOOPBACK_IFINDEX,
             bound_dev,
         }

@@ -1,6 +1,6 @@
 //! The socket-level answers: the tuples that key the original-destination
-//! records, `getsockopt(SO_ORIGINAL_DST)`'s rules and bytes, and
-//! IPv4-mapped IPv6 addresses.
+//! records, `getsockopt(SO_ORIGINAL_DST)`'s (and `IP6T_SO_ORIGINAL_DST`'s)
+//! rules and bytes, and IPv4-mapped IPv6 addresses.
 
 use crate::abi::{ConnTuple, OrigDst};
 
@@ -9,9 +9,9 @@ use crate::abi::{ConnTuple, OrigDst};
 /// accepted socket): its remote end is the client.
 #[inline(always)]
 pub const fn tuple_from_server_side(
-    local_ip: u32,
+    local_ip: [u32; 4],
     local_port: u16,
-    remote_ip: u32,
+    remote_ip: [u32; 4],
     remote_port: u16,
 ) -> ConnTuple {
     ConnTuple {
@@ -28,6 +28,12 @@ pub const SOL_IP: i32 = 0;
 pub const SO_ORIGINAL_DST: i32 = 80;
 /// Size of `struct sockaddr_in`, what `SO_ORIGINAL_DST` returns.
 pub const SOCKADDR_IN_LEN: i32 = 16;
+/// `SOL_IPV6`, the level of `IP6T_SO_ORIGINAL_DST`.
+pub const SOL_IPV6: i32 = 41;
+/// `IP6T_SO_ORIGINAL_DST` (`linux/netfilter_ipv6/ip6_tables.h`).
+pub const IP6T_SO_ORIGINAL_DST: i32 = 80;
+/// Size of `struct sockaddr_in6`, what `IP6T_SO_ORIGINAL_DST` returns.
+pub const SOCKADDR_IN6_LEN: i32 = 28;
 
 /// Largest `optlen` the program keeps when it answers: below this, the
 /// buffer it writes is exactly the caller's length (the kernel hands the
@@ -43,6 +49,8 @@ pub enum SockoptAction {
     /// `SO_ORIGINAL_DST`: answer it from the record of this connection, if
     /// there is one (else pass through).
     AnswerOriginalDst,
+    /// `IP6T_SO_ORIGINAL_DST`: the same for an IPv6 connection.
+    AnswerOriginalDst6,
 }
 
 /// The page size the kernel caps a getsockopt program's buffer at (the
@@ -76,20 +84,22 @@ pub const fn pass_through_optlen(retval: i32, optlen: i32) -> Option<i32> {
 pub fn classify_getsockopt(level: i32, optname: i32) -> SockoptAction {
     if level == SOL_IP && optname == SO_ORIGINAL_DST {
         SockoptAction::AnswerOriginalDst
+    } else if level == SOL_IPV6 && optname == IP6T_SO_ORIGINAL_DST {
+        SockoptAction::AnswerOriginalDst6
     } else {
         SockoptAction::PassThrough
     }
 }
 
-/// The `optlen` to report with an answer: the caller's, as conntrack leaves
-/// it, when it is a length the program's buffer matches; else the size of
-/// the `sockaddr_in`.
+/// The `optlen` to report with an answer of `len` bytes (a `sockaddr_in`
+/// or `sockaddr_in6`): the caller's, as conntrack leaves it, when it is a
+/// length the program's buffer matches; else `len`.
 #[inline(always)]
-pub const fn answer_optlen(optlen: i32) -> i32 {
-    if optlen >= SOCKADDR_IN_LEN && optlen <= MAX_KEPT_OPTLEN {
+pub const fn answer_optlen(optlen: i32, len: i32) -> i32 {
+    if optlen >= len && optlen <= MAX_KEPT_OPTLEN {
         optlen
     } else {
-        SOCKADDR_IN_LEN
+        len
     }
 }
 
@@ -99,9 +109,28 @@ pub const fn answer_optlen(optlen: i32) -> i32 {
 pub fn sockaddr_in(orig: &OrigDst) -> [u8; 16] {
     let family = 2u16.to_ne_bytes();
     let port = orig.port.to_be_bytes();
-    let ip = orig.ip.to_ne_bytes();
+    let ip = orig.ip[3].to_ne_bytes();
     [
         family[0], family[1], port[0], port[1], ip[0], ip[1], ip[2], ip[3], 0, 0, 0, 0, 0, 0, 0, 0,
+    ]
+}
+
+/// The `struct sockaddr_in6` words that `IP6T_SO_ORIGINAL_DST` returns for
+/// `orig`, as conntrack fills it for a socket without a flow label or a
+/// scope: family AF_INET6 (host order) and port (network order) in the
+/// first word, flow info 0, the address, scope id 0.
+#[inline(always)]
+pub fn sockaddr_in6(orig: &OrigDst) -> [u32; 7] {
+    let family = 10u16.to_ne_bytes();
+    let port = orig.port.to_be_bytes();
+    [
+        u32::from_ne_bytes([family[0], family[1], port[0], port[1]]),
+        0,
+        orig.ip[0],
+        orig.ip[1],
+        orig.ip[2],
+        orig.ip[3],
+        0,
     ]
 }
 
@@ -124,9 +153,9 @@ pub fn to_v4_mapped(ip: u32) -> [u32; 4] {
 /// The tuple of a client-side socket (the app's connected socket).
 #[inline(always)]
 pub const fn tuple_from_client_side(
-    local_ip: u32,
+    local_ip: [u32; 4],
     local_port: u16,
-    remote_ip: u32,
+    remote_ip: [u32; 4],
     remote_port: u16,
 ) -> ConnTuple {
     ConnTuple {

@@ -30,6 +30,7 @@ fn istio_default() -> RedirectConfig {
         dns_servers: [0; MAX_DNS_SERVERS],
         exclude_iface_count: 0,
         exclude_ifindex: [0; MAX_EXCLUDE_IFACES],
+        lo_source6: [0; 4],
     };
     cfg.proxy_uids[0] = 1337;
     cfg.proxy_gids[0] = 1337;
@@ -410,8 +411,9 @@ fn empty_owner_sets_exempt_nobody() {
 
 #[test]
 fn tuples_from_both_sides_of_a_connection_agree() {
-    let app_side = tuple_from_client_side(ip(127, 0, 0, 1), 40000, ip(127, 0, 0, 1), 15001);
-    let proxy_side = tuple_from_server_side(ip(127, 0, 0, 1), 15001, ip(127, 0, 0, 1), 40000);
+    let lo = to_v4_mapped(ip(127, 0, 0, 1));
+    let app_side = tuple_from_client_side(lo, 40000, lo, 15001);
+    let proxy_side = tuple_from_server_side(lo, 15001, lo, 40000);
     assert_eq!(app_side, proxy_side);
 }
 
@@ -433,6 +435,10 @@ fn only_so_original_dst_is_answered() {
     assert_eq!(classify_getsockopt(1, 8), SockoptAction::PassThrough);
     assert_eq!(classify_getsockopt(6, 11), SockoptAction::PassThrough);
     assert_eq!(classify_getsockopt(SOL_IP, 65), SockoptAction::PassThrough);
+    assert_eq!(
+        classify_getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST),
+        SockoptAction::AnswerOriginalDst6
+    );
     // Same option number at another level is not SO_ORIGINAL_DST.
     assert_eq!(
         classify_getsockopt(6, SO_ORIGINAL_DST),
@@ -475,19 +481,25 @@ fn the_lru_headroom_covers_every_cpus_local_free_list() {
 
 #[test]
 fn answers_keep_the_callers_length_like_conntrack() {
-    assert_eq!(
-        answer_optlen(128),
-        128,
-        "Envoy passes sizeof(sockaddr_storage)"
-    );
-    assert_eq!(answer_optlen(16), 16);
-    assert_eq!(answer_optlen(9000), 16, "longer than the program's page");
-    assert_eq!(answer_optlen(8), 16);
+    for len in [SOCKADDR_IN_LEN, SOCKADDR_IN6_LEN] {
+        assert_eq!(
+            answer_optlen(128, len),
+            128,
+            "Envoy passes sizeof(sockaddr_storage)"
+        );
+        assert_eq!(answer_optlen(len, len), len);
+        assert_eq!(
+            answer_optlen(9000, len),
+            len,
+            "longer than the program's page"
+        );
+        assert_eq!(answer_optlen(8, len), len);
+    }
 }
 
 #[test]
 fn sockaddr_in_layout_matches_the_kernel() {
-    let orig = OrigDst::new(ip(198, 18, 0, 2), 8080, 15001);
+    let orig = OrigDst::new(to_v4_mapped(ip(198, 18, 0, 2)), 8080, 15001);
     let bytes = sockaddr_in(&orig);
     assert_eq!(
         u16::from_ne_bytes([bytes[0], bytes[1]]),
@@ -497,6 +509,20 @@ fn sockaddr_in_layout_matches_the_kernel() {
     assert_eq!(&bytes[2..4], &[0x1f, 0x90], "port 8080 in network order");
     assert_eq!(&bytes[4..8], &[198, 18, 0, 2]);
     assert_eq!(&bytes[8..], &[0; 8]);
+}
+
+#[test]
+fn sockaddr_in6_layout_matches_the_kernel() {
+    let addr: std::net::Ipv6Addr = "fd00:198:18::2".parse().unwrap();
+    let orig = OrigDst::new(Ip6::from_octets(addr.octets()).0, 8080, 15001);
+    let words = sockaddr_in6(&orig);
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    assert_eq!(bytes.len(), SOCKADDR_IN6_LEN as usize);
+    assert_eq!(u16::from_ne_bytes([bytes[0], bytes[1]]), 10, "AF_INET6");
+    assert_eq!(&bytes[2..4], &[0x1f, 0x90], "port 8080 in network order");
+    assert_eq!(&bytes[4..8], &[0; 4], "flow info");
+    assert_eq!(&bytes[8..24], &addr.octets());
+    assert_eq!(&bytes[24..], &[0; 4], "scope id");
 }
 
 #[test]
@@ -1187,7 +1213,24 @@ fn connect_inputs_cross_the_global_function_unchanged() {
             bound_dev,
         };
         let [owner, dst, src] = input.pack();
-        assert_eq!(ConnectInput::unpack(owner, dst, src), input);
+        assert_eq!(ConnectInput::<u32>::unpack(owner, dst, src), input);
+        let words = |a: u32, b: u32| Ip6([a, b, a ^ b, b.rotate_left(7)]);
+        let input6 = ConnectInput {
+            // The type crosses in 16 bits, as in the IPv4 packing.
+            sock_type: input.sock_type & 0xffff,
+            uid: input.uid,
+            gid: input.gid,
+            dst_ip: words(input.dst_ip, input.uid),
+            dst_port: input.dst_port,
+            src_ip: words(input.src_ip, input.gid),
+            dev_lo: input.dev_lo,
+            bound_dev: input.bound_dev,
+        };
+        assert_eq!(
+            ConnectInput::<Ip6>::unpack(owner, input6.pack()),
+            input6,
+            "{input6:?}"
+        );
     }
     // The owner word is bpf_get_current_uid_gid()'s own layout.
     let [owner, _, _] = app(ip(10, 0, 0, 1)).pack();
@@ -1255,5 +1298,217 @@ fn an_outcome_carries_the_verdict_and_the_source() {
     assert_eq!(
         decide_outcome(&bound, &cfg, &routed),
         outcome(15001, Counter::Redirected, 0)
+    );
+}
+
+/// IPv6 map contents: pod addresses, excluded and included networks as
+/// (address, prefix), routes as (network, prefix, source).
+#[derive(Default)]
+struct Sets6 {
+    local: Vec<Ip6>,
+    excluded: Vec<(Ip6, u32)>,
+    included: Vec<(Ip6, u32)>,
+    routes: Vec<(Ip6, u32, Ip6)>,
+}
+
+fn ip6(text: &str) -> Ip6 {
+    Ip6::from_octets(text.parse::<std::net::Ipv6Addr>().unwrap().octets())
+}
+
+fn in_net6(ip: Ip6, (net, len): (Ip6, u32)) -> bool {
+    let mask = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len)
+    };
+    u128::from_be_bytes(ip.octets()) & mask == u128::from_be_bytes(net.octets()) & mask
+}
+
+impl Lookups<Ip6> for Sets6 {
+    fn port_flags(&self, _port: u16) -> u8 {
+        0
+    }
+    fn range_flags(&self, _port: u16) -> u8 {
+        0
+    }
+    fn owner_group(&self, _gid: u32) -> bool {
+        false
+    }
+    fn excluded(&self, ip: Ip6) -> bool {
+        self.excluded.iter().any(|n| in_net6(ip, *n))
+    }
+    fn included(&self, ip: Ip6) -> bool {
+        self.included.iter().any(|n| in_net6(ip, *n))
+    }
+    fn pod_address(&self, ip: Ip6) -> bool {
+        self.local.contains(&ip)
+    }
+    fn route_source(&self, ip: Ip6) -> Option<Ip6> {
+        self.routes
+            .iter()
+            .filter(|(net, len, _)| in_net6(ip, (*net, *len)))
+            .max_by_key(|(_, len, _)| *len)
+            .map(|(_, _, src)| *src)
+    }
+    fn route_excluded(&self, _ip: Ip6) -> bool {
+        false
+    }
+}
+
+/// Istio's defaults with its IPv6 table.
+fn istio_default6() -> RedirectConfig {
+    RedirectConfig {
+        flags: istio_default().flags | CFG_IPV6,
+        ..istio_default()
+    }
+}
+
+fn app6(dst: &str) -> ConnectInput<Ip6> {
+    ConnectInput {
+        sock_type: SOCK_STREAM,
+        uid: 1000,
+        gid: 1000,
+        dst_ip: ip6(dst),
+        dst_port: 80,
+        src_ip: Ip6::UNSPECIFIED,
+        dev_lo: false,
+        bound_dev: 0,
+    }
+}
+
+/// A pod with `fd00::1` on a /64 and a default route.
+fn pod6() -> Sets6 {
+    Sets6 {
+        local: vec![ip6("fd00::1")],
+        routes: vec![
+            (ip6("fd00::"), 64, ip6("fd00::1")),
+            (ip6("::"), 0, ip6("fd00::1")),
+        ],
+        ..Sets6::default()
+    }
+}
+
+fn outcome6(port: u16, counter: Counter, source: &str) -> Outcome<Ip6> {
+    Outcome {
+        port,
+        counter: counter as u32,
+        source: ip6(source),
+    }
+}
+
+#[test]
+fn ipv6_is_left_alone_without_istios_ipv6_table() {
+    let out = decide_outcome(&app6("2001:db8::2"), &istio_default(), &pod6());
+    assert_eq!(out, outcome6(0, Counter::NotIpv4, "::"));
+    let legacy = RedirectConfig {
+        flags: CFG_LEGACY | CFG_IPV6,
+        ..istio_default()
+    };
+    assert_eq!(
+        decide_connect(&app6("2001:db8::2"), &legacy, &pod6()),
+        Verdict::Bypass(Counter::NotIpv4),
+        "Istio's first script has no IPv6 table"
+    );
+}
+
+#[test]
+fn ipv6_app_traffic_goes_to_the_proxy_from_its_routes_source() {
+    let cfg = istio_default6();
+    assert_eq!(
+        decide_outcome(&app6("2001:db8::2"), &cfg, &pod6()),
+        outcome6(15001, Counter::Redirected, "fd00::1")
+    );
+    let proxy = ConnectInput {
+        uid: 1337,
+        ..app6("2001:db8::2")
+    };
+    assert_eq!(
+        decide_outcome(&proxy, &cfg, &pod6()),
+        outcome6(0, Counter::BypassUid, "::")
+    );
+}
+
+#[test]
+fn ipv6_local_rules_use_the_ipv6_loopback_and_passthrough() {
+    let cfg = istio_default6();
+    // -o lo -m owner ! --uid-owner 1337 -j RETURN, for ::1 and the pod.
+    for dst in ["::1", "::", "fd00::1"] {
+        assert_eq!(
+            decide_connect(&app6(dst), &cfg, &pod6()),
+            Verdict::Bypass(Counter::BypassLocal),
+            "{dst}"
+        );
+    }
+    // -o lo ! -d ::1/128 ... --uid-owner 1337 -j ISTIO_IN_REDIRECT.
+    let proxy = |dst: &str| ConnectInput {
+        uid: 1337,
+        ..app6(dst)
+    };
+    assert_eq!(
+        decide_outcome(&proxy("fd00::1"), &cfg, &pod6()),
+        outcome6(15006, Counter::Hairpin, "fd00::1")
+    );
+    assert_eq!(
+        decide_connect(&proxy("::1"), &cfg, &pod6()),
+        Verdict::Bypass(Counter::BypassUid)
+    );
+    // -o lo -s ::6/128 -j RETURN comes first.
+    let passthrough = ConnectInput {
+        src_ip: Ip6::PASSTHROUGH,
+        ..proxy("fd00::1")
+    };
+    assert_eq!(
+        decide_connect(&passthrough, &cfg, &pod6()),
+        Verdict::Bypass(Counter::BypassPassthrough)
+    );
+    // 127.0.0.6 means nothing in the IPv6 table.
+    assert!(
+        !Ip6::from_octets(
+            std::net::Ipv4Addr::new(127, 0, 0, 6)
+                .to_ipv6_mapped()
+                .octets()
+        )
+        .is_passthrough()
+    );
+}
+
+#[test]
+fn ipv6_cidrs_and_the_kernels_refusals() {
+    let cfg = RedirectConfig {
+        flags: CFG_IPV6,
+        ..istio_default()
+    };
+    let sets = Sets6 {
+        included: vec![(ip6("2001:db8::"), 32)],
+        excluded: vec![(ip6("2001:db8:1::"), 48)],
+        ..pod6()
+    };
+    assert_eq!(
+        decide_connect(&app6("2001:db8::2"), &cfg, &sets),
+        REDIRECTED
+    );
+    assert_eq!(
+        decide_connect(&app6("2001:db8:1::2"), &cfg, &sets),
+        Verdict::Bypass(Counter::BypassCidr)
+    );
+    assert_eq!(
+        decide_connect(&app6("2001:db9::2"), &cfg, &sets),
+        Verdict::Bypass(Counter::NotIncluded)
+    );
+    let all = istio_default6();
+    // TCP to multicast: tcp_v6_connect's ENETUNREACH, before any rule.
+    assert_eq!(
+        decide_outcome(&app6("ff02::1"), &all, &pod6()),
+        outcome6(0, Counter::KernelRefuses, "::")
+    );
+    // No route.
+    assert_eq!(
+        decide_outcome(&app6("2001:db8::2"), &all, &Sets6::default()),
+        outcome6(0, Counter::KernelRefuses, "::")
+    );
+    // Link-local: the scope the hook cannot see decides.
+    assert_eq!(
+        decide_outcome(&app6("fe80::2"), &all, &pod6()),
+        outcome6(0, Counter::LinkLocal, "::")
     );
 }

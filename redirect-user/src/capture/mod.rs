@@ -16,7 +16,7 @@ pub mod parse;
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 /// A parsed value and the text it was given as.
@@ -107,6 +107,37 @@ impl fmt::Display for Ipv4Cidr {
     }
 }
 
+/// An IPv6 network, `a::b/n`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Cidr {
+    pub addr: Ipv6Addr,
+    pub prefix: u8,
+}
+
+impl Ipv6Cidr {
+    fn mask(&self) -> u128 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.prefix.min(128)))
+        }
+    }
+
+    pub fn network(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.addr) & self.mask())
+    }
+
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) & self.mask() == u128::from(self.network())
+    }
+}
+
+impl fmt::Display for Ipv6Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 /// Destination networks of one flag (`-i`, `-x`), split by family.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Cidrs {
@@ -130,6 +161,20 @@ impl Cidrs {
                     prefix: p.bits,
                 }),
                 IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// The IPv6 networks, typed.
+    pub fn v6_cidrs(&self) -> Vec<Ipv6Cidr> {
+        self.v6
+            .iter()
+            .filter_map(|p| match p.addr {
+                IpAddr::V6(addr) => Some(Ipv6Cidr {
+                    addr,
+                    prefix: p.bits,
+                }),
+                IpAddr::V4(_) => None,
             })
             .collect()
     }

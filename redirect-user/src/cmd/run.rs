@@ -130,14 +130,18 @@ impl Drop for Detach<'_> {
 
 /// One line for one decision, e.g. `[DEBUG] redirect uid=1000 198.18.0.2:9080 -> 127.0.0.1:15001`.
 fn describe(event: &Event) -> String {
-    let dst = std::net::Ipv4Addr::from(event.dst_ip.to_ne_bytes());
+    let ip6 = std::net::Ipv6Addr::from(redirect_common::Ip6(event.dst_ip).octets());
+    let (dst, to) = match ip6.to_ipv4_mapped() {
+        Some(v4) => (v4.to_string(), "127.0.0.1"),
+        None => (format!("[{ip6}]"), "[::1]"),
+    };
     let name = Counter::ALL
         .iter()
         .find(|c| **c as u32 == event.counter)
         .map_or("unknown", |c| c.name());
     if event.counter == Counter::Redirected as u32 {
         format!(
-            "[DEBUG] redirect uid={} {dst}:{} -> 127.0.0.1:{}",
+            "[DEBUG] redirect uid={} {dst}:{} -> {to}:{}",
             event.uid, event.dst_port, event.proxy_port
         )
     } else {

@@ -315,13 +315,59 @@ fn programs(dir: &Path, meta: &InstanceMeta, legacy: bool) -> Vec<Program> {
         .collect()
 }
 
-/// The iptables rule (or conntrack event) a counter stands for.
+/// The iptables rule (or conntrack event) a counter stands for; with IPv6
+/// rules, and where the IPv6 table's rule differs, that one after it.
 fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String {
     if let Some(cfg) = cfg.filter(|c| c.legacy)
         && let Some(rule) = legacy_mirrors(counter, cfg)
     {
         return rule;
     }
+    let rule = mirrors4(counter, cfg, sets);
+    match cfg
+        .filter(|c| c.ipv6.is_some())
+        .and_then(|c| ipv6_rule(counter, c, sets))
+    {
+        Some(v6) => format!("{rule}  (IPv6: {v6})"),
+        None => rule,
+    }
+}
+
+/// The IPv6 table's rule for `counter` where it is not the IPv4 one's.
+fn ipv6_rule(counter: Counter, cfg: &Config, sets: &maps::Sets) -> Option<String> {
+    let cidrs = |list: &[(u32, redirect_common::Ip6)]| {
+        list.iter()
+            .map(|(prefix, net)| format!("{}/{prefix}", std::net::Ipv6Addr::from(net.octets())))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let uids = cfg
+        .proxy_uids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    Some(match counter {
+        Counter::BypassLoopback => "-d ::1/128 -j RETURN".into(),
+        Counter::BypassPassthrough => "-o lo -s ::6/128 -j RETURN".into(),
+        Counter::Hairpin => format!(
+            "-o lo ! -d ::1/128 -p tcp ! --dport {} -m owner --uid-owner {uids} -j ISTIO_IN_REDIRECT",
+            cfg.tunnel_port
+        ),
+        Counter::BypassCidr => match cidrs(&sets.exclude6) {
+            list if list.is_empty() => "no -x networks".into(),
+            list => format!("-d {list} -j RETURN"),
+        },
+        Counter::NotIncluded if !cfg.include_all => match cidrs(&sets.include6) {
+            list if list.is_empty() => "no -i networks".into(),
+            list => format!("-d {list} -j ISTIO_REDIRECT"),
+        },
+        _ => return None,
+    })
+}
+
+/// The IPv4 table's rule (or the conntrack event) a counter stands for.
+fn mirrors4(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String {
     let ports = |flag: u8| sets.ports_with(flag);
     let cidrs = |list: &[(u32, u32)]| {
         list.iter()
@@ -468,6 +514,10 @@ fn mirrors(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String 
         Counter::LoopbackRedirected => "(--profile legacy only: rule absent)".into(),
         Counter::BypassInterface => interface_rule(cfg, "-A OUTPUT -o X -j RETURN"),
         Counter::InboundBypassInterface => interface_rule(cfg, "-A PREROUTING -i X -j RETURN"),
+        Counter::LinkLocal => {
+            "(IPv6 link-local destination: its scope decides, which the hook cannot see; left to the kernel)"
+                .into()
+        }
     }
 }
 

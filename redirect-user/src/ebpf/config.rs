@@ -2,18 +2,18 @@
 //! of a [`crate::capture::Capture`], written into the config map and the
 //! set maps by the loader, and read back by `redirect status`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use redirect_common::{
     ABI_VERSION, CFG_DNS, CFG_DNS_ALL, CFG_EXCLUDE_IFACES, CFG_GROUPS_ONLY, CFG_INBOUND,
-    CFG_INBOUND_ALL, CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, CFG_LEGACY, CFG_PORT_RANGES,
+    CFG_INBOUND_ALL, CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, CFG_IPV6, CFG_LEGACY, CFG_PORT_RANGES,
     DNS_PROXY_PORT, MAX_CIDRS, MAX_DNS_SERVERS, MAX_EXCLUDE_IFACES, MAX_GROUPS, MAX_LOCAL_ADDRS,
     MAX_OWNERS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, RedirectConfig,
 };
 
-pub use super::routes::RouteSource;
-pub use crate::capture::Ipv4Cidr;
+pub use super::{routes::RouteSource, routes6::RouteSource6};
 use crate::capture::parse::DEFAULT_MAX_CONNECTIONS;
+pub use crate::capture::{Ipv4Cidr, Ipv6Cidr};
 
 /// Istio's defaults (`istio-iptables -p 15001 -z 15006 -e 15008 -u 1337 -g 1337`).
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
@@ -71,6 +71,10 @@ pub struct Config {
     pub inbound: Option<Inbound>,
     /// DNS capture (`--redirect-dns`), or `None`.
     pub dns: Option<Dns>,
+    /// Istio's IPv6 table (`--ipv6`, `--dual-stack`, or a pod with IPv6):
+    /// the fields below decide IPv6 connections. Without it they are not
+    /// captured.
+    pub ipv6: Option<Ipv6>,
     /// `--profile legacy`: Istio's first rule table decides outbound
     /// connects (the fields above are what it needs: `-p`, `-u`,
     /// 127.0.0.1/32, inbound on every port to the proxy port).
@@ -82,6 +86,22 @@ pub struct Config {
     /// Which decisions the programs report in `RDR_EVENTS` (see
     /// `redirect_common::LOG_DEBUG`; 0 = none).
     pub log_level: u8,
+}
+
+/// What Istio's IPv6 table needs besides the rules both tables share.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ipv6 {
+    /// `-i` IPv6 networks (when `-i` is not `*`).
+    pub include: Vec<Ipv6Cidr>,
+    /// `-x` IPv6 networks.
+    pub exclude: Vec<Ipv6Cidr>,
+    /// The pod's IPv6 addresses but `::1` (connects to them leave through
+    /// `lo`).
+    pub local_addrs: Vec<Ipv6Addr>,
+    /// The pod's IPv6 routing view (see [`super::routes6`]).
+    pub routes: Vec<RouteSource6>,
+    /// The source the pod's kernel gives a socket bound to `lo`.
+    pub lo_source: Option<Ipv6Addr>,
 }
 
 /// One `a:b` range of a port list, and which list (its `PORT_*` flag).
@@ -140,6 +160,7 @@ impl Default for Config {
             exclude_ifindexes: Vec::new(),
             inbound: None,
             dns: None,
+            ipv6: None,
             legacy: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             log_level: 0,
@@ -177,6 +198,7 @@ impl Config {
                 (!self.port_ranges.is_empty(), CFG_PORT_RANGES),
                 (self.legacy, CFG_LEGACY),
                 (!self.exclude_ifindexes.is_empty(), CFG_EXCLUDE_IFACES),
+                (self.ipv6.is_some(), CFG_IPV6),
             ]
             .iter()
             .filter(|(on, _)| *on)
@@ -191,6 +213,11 @@ impl Config {
             dns_servers: [0; MAX_DNS_SERVERS],
             exclude_iface_count: self.exclude_ifindexes.len() as u32,
             exclude_ifindex: [0; MAX_EXCLUDE_IFACES],
+            lo_source6: self
+                .ipv6
+                .as_ref()
+                .and_then(|v6| v6.lo_source)
+                .map_or([0; 4], |a| redirect_common::Ip6::from_octets(a.octets()).0),
         };
         out.exclude_ifindex[..self.exclude_ifindexes.len()]
             .copy_from_slice(&self.exclude_ifindexes);
@@ -251,6 +278,26 @@ impl Config {
                 self.dns_servers().len(),
                 MAX_DNS_SERVERS,
             ),
+            (
+                "included IPv6 CIDRs",
+                self.ipv6.as_ref().map_or(0, |v6| v6.include.len()),
+                MAX_CIDRS as usize,
+            ),
+            (
+                "excluded IPv6 CIDRs",
+                self.ipv6.as_ref().map_or(0, |v6| v6.exclude.len()),
+                MAX_CIDRS as usize,
+            ),
+            (
+                "pod IPv6 addresses",
+                self.ipv6.as_ref().map_or(0, |v6| v6.local_addrs.len()),
+                MAX_LOCAL_ADDRS as usize,
+            ),
+            (
+                "IPv6 routes",
+                self.ipv6.as_ref().map_or(0, |v6| v6.routes.len()),
+                MAX_ROUTES as usize,
+            ),
         ];
         for (what, n, max) in limits {
             if n > max {
@@ -262,8 +309,8 @@ impl Config {
 
     /// Reads back what [`Config::to_bpf`] wrote (for `redirect status`).
     /// The lists kept in their own maps (CIDRs, ports, port ranges, pod
-    /// addresses, owner groups) are left empty, the inbound port lists
-    /// included.
+    /// addresses, owner groups, the IPv6 ones) are left empty, the inbound
+    /// port lists included.
     pub fn from_bpf(raw: &RedirectConfig) -> Self {
         let uids = (raw.uid_count as usize).min(MAX_OWNERS);
         let gids = (raw.gid_count as usize).min(MAX_OWNERS);
@@ -293,6 +340,13 @@ impl Config {
                     .collect(),
             }),
             legacy: raw.flags & CFG_LEGACY != 0,
+            ipv6: (raw.flags & CFG_IPV6 != 0).then(|| Ipv6 {
+                lo_source: Some(Ipv6Addr::from(
+                    redirect_common::Ip6(raw.lo_source6).octets(),
+                ))
+                .filter(|a| !a.is_unspecified()),
+                ..Ipv6::default()
+            }),
             exclude_ifindexes: raw.exclude_ifindex
                 [..(raw.exclude_iface_count as usize).min(MAX_EXCLUDE_IFACES)]
                 .to_vec(),

@@ -6,7 +6,7 @@ use redirect_common::{
     MAX_GROUPS, MAX_OWNERS, PORT_EXCLUDE, PORT_IN_EXCLUDE, PORT_IN_INCLUDE, PORT_INCLUDE,
 };
 
-use super::config::{Config, Dns, Inbound, PortRange};
+use super::config::{Config, Dns, Inbound, Ipv6, PortRange};
 use crate::{
     capture::{Capture, InboundPorts, OwnerGroups, PortList, Profile},
     host::{Host, resolve_owner},
@@ -74,8 +74,8 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
     });
     let dns = capture.dns.as_ref().map(|dns| Dns {
         all: dns.capture_all,
-        // resolv.conf's IPv6 nameservers are IPv6 rules' (refused above
-        // when IPv6 is on, unused without it).
+        // resolv.conf's IPv6 nameservers are IPv6 rules' (refused when
+        // IPv6 is on, see `not_honoured`; unused without it).
         servers: dns
             .v4
             .iter()
@@ -108,6 +108,7 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
             index
         })
         .collect();
+    let ipv6 = capture.ipv6.then(|| ipv6(capture, host, &mut unsupported));
     let mut to_host = |kind: userns::Ids, ids: Vec<u32>| {
         userns::to_host(kind, &ids).unwrap_or_else(|err| {
             unsupported.push(format!("{err:#}"));
@@ -138,6 +139,7 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         exclude_ifindexes,
         inbound,
         dns,
+        ipv6,
         legacy: capture.profile == Profile::Legacy,
         max_connections: capture.max_connections,
         log_level: capture.log_level,
@@ -149,6 +151,37 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         Ok(config)
     } else {
         Err(unsupported)
+    }
+}
+
+/// What Istio's IPv6 table needs: the IPv6 networks of `-i` and `-x`, and
+/// the pod's IPv6 addresses, routes and `lo` source, read from `host`.
+fn ipv6(capture: &Capture, host: &dyn Host, unsupported: &mut Vec<String>) -> Ipv6 {
+    let local_addrs = match host.addresses() {
+        Ok(all) => all
+            .into_iter()
+            .filter_map(|a| match a {
+                std::net::IpAddr::V6(v6) if !v6.is_loopback() => Some(v6),
+                _ => None,
+            })
+            .collect(),
+        Err(err) => {
+            unsupported.push(format!("listing the pod's IPv6 addresses: {err}"));
+            Vec::new()
+        }
+    };
+    let routes = host
+        .routes6(&capture.exclude_interfaces)
+        .unwrap_or_else(|err| {
+            unsupported.push(format!("{err:#}"));
+            Vec::new()
+        });
+    Ipv6 {
+        include: capture.include.v6_cidrs(),
+        exclude: capture.exclude.v6_cidrs(),
+        local_addrs,
+        routes,
+        lo_source: host.lo_source6(),
     }
 }
 
@@ -183,12 +216,20 @@ fn not_honoured(capture: &Capture) -> Vec<&'static str> {
              table and CONNMARK for the app's replies)",
         ),
         (
-            capture.ipv6,
-            "IPv6 rules (the pod has IPv6, --ipv6=true or --dual-stack)",
+            capture.ipv6
+                && capture
+                    .dns
+                    .as_ref()
+                    .is_some_and(|dns| dns.capture_all || !dns.v6.is_empty()),
+            "IPv6 DNS capture (--capture-all-dns, or an IPv6 nameserver, with IPv6 rules: \
+             eBPF mode captures IPv4 DNS only)",
         ),
         (
-            !capture.include.v6.is_empty() || !capture.exclude.v6.is_empty(),
-            "IPv6 CIDRs in -i/-x",
+            capture.ipv6
+                && !capture.exclude_interfaces.is_empty()
+                && capture.inbound != InboundPorts::Off,
+            "-c with inbound capture and IPv6 rules (eBPF mode tells an IPv6 connection \
+             from an excluded interface at its SYN only)",
         ),
     ]
     .into_iter()

@@ -8,19 +8,19 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use redirect_common::{
-    CIDR_SLOT_BITS, CONFIG_SLOTS, ConnTuple, Counter, InstanceMeta, OrigDst, PORT_EXCLUDE,
+    CIDR_SLOT_BITS, CONFIG_SLOTS, ConnTuple, Counter, InstanceMeta, Ip6, OrigDst, PORT_EXCLUDE,
     PORT_IN_EXCLUDE, PORT_IN_INCLUDE, PORT_INCLUDE, PORT_RANGE_SLOT_BITS, ROUTE_EXCLUDED_IFACE,
-    RedirectConfig, RouteEntry, active_slot, cidr_key, lru_entries, port_key, port_range_key,
-    slot_key,
+    RedirectConfig, RouteEntry, RouteEntry6, active_slot, cidr_key, cidr6_key, local6_key,
+    lru_entries, port_key, port_range_key, slot_key,
 };
 
-use super::config::{Config, Ipv4Cidr, PortRange};
+use super::config::{Config, Ipv4Cidr, Ipv6Cidr, PortRange};
 
 pub use redirect_common::map_names::*;
 
 /// Every pinned map with the type, key size and value size this build of
 /// the programs expects.
-pub const LAYOUT: [(&str, MapType, usize, usize); 16] = [
+pub const LAYOUT: [(&str, MapType, usize, usize); 20] = [
     (CONFIG, MapType::Array, 4, size_of::<RedirectConfig>()),
     (ACTIVE, MapType::Array, 4, 4),
     (STATS, MapType::PerCpuArray, 4, size_of::<u64>()),
@@ -42,6 +42,10 @@ pub const LAYOUT: [(&str, MapType, usize, usize); 16] = [
     (PORT_RANGES, MapType::LpmTrie, 8, 1),
     (GROUPS, MapType::Hash, 8, 1),
     (IN_BYPASS, MapType::LruHash, 8, 1),
+    (LOCAL6, MapType::Hash, 20, 1),
+    (EXCLUDE6, MapType::LpmTrie, 24, 1),
+    (INCLUDE6, MapType::LpmTrie, 24, 1),
+    (ROUTE6, MapType::LpmTrie, 24, size_of::<RouteEntry6>()),
 ];
 
 /// Checks that the maps pinned in `dir` have the layouts this build uses,
@@ -271,6 +275,13 @@ pub struct Sets {
     pub port_blocks: Vec<((u32, u16), u8)>,
     /// Owner groups (GIDs in the initial user namespace).
     pub groups: Vec<u32>,
+    /// The IPv6 sets (empty without IPv6 rules): networks as (prefix
+    /// length, network address), pod addresses, routes with their
+    /// `RouteEntry6`.
+    pub exclude6: Vec<(u32, Ip6)>,
+    pub include6: Vec<(u32, Ip6)>,
+    pub local6: Vec<Ip6>,
+    pub routes6: Vec<((u32, Ip6), RouteEntry6)>,
 }
 
 impl Sets {
@@ -357,6 +368,35 @@ impl Sets {
         let mut groups = config.owner_groups.clone();
         groups.sort_unstable();
         groups.dedup();
+        let ip6 = |a: std::net::Ipv6Addr| Ip6::from_octets(a.octets());
+        let cidrs6 = |list: &[Ipv6Cidr]| {
+            let mut keys: Vec<(u32, Ip6)> = list
+                .iter()
+                .map(|c| (u32::from(c.prefix), ip6(c.network())))
+                .collect();
+            keys.sort_unstable_by_key(|(p, a)| (*p, a.octets()));
+            keys.dedup();
+            keys
+        };
+        let v6 = config.ipv6.clone().unwrap_or_default();
+        let mut local6: Vec<Ip6> = v6.local_addrs.iter().map(|a| ip6(*a)).collect();
+        local6.sort_unstable_by_key(|a| a.octets());
+        local6.dedup();
+        let mut routes6: Vec<((u32, Ip6), RouteEntry6)> = v6
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    (u32::from(r.dst.prefix), ip6(r.dst.network())),
+                    RouteEntry6 {
+                        src: r.src.map_or([0; 4], |a| ip6(a).0),
+                        flags: if r.excluded { ROUTE_EXCLUDED_IFACE } else { 0 },
+                    },
+                )
+            })
+            .collect();
+        routes6.sort_unstable_by_key(|((p, a), _)| (*p, a.octets()));
+        routes6.dedup_by_key(|(key, _)| *key);
         Self {
             ports: ports.into_iter().collect(),
             exclude: cidrs(&config.exclude),
@@ -365,6 +405,10 @@ impl Sets {
             routes,
             port_blocks: port_blocks(&config.port_ranges),
             groups,
+            exclude6: cidrs6(&v6.exclude),
+            include6: cidrs6(&v6.include),
+            local6,
+            routes6,
         }
     }
 }
@@ -484,6 +528,33 @@ fn slot_cidrs(dir: &Path, name: &str, slot: u32) -> Result<Vec<(u32, u32)>> {
         .collect())
 }
 
+/// An IPv6 CIDR-set (or route) key of `slot`.
+fn cidr6(slot: u32, (prefix, net): (u32, Ip6)) -> Key<[u8; 20]> {
+    Key::new(CIDR_SLOT_BITS + prefix, cidr6_key(slot, net))
+}
+
+/// Every entry of `slot` in an IPv6-keyed trie, its key decoded.
+fn slot_entries6<V: aya::Pod>(dir: &Path, name: &str, slot: u32) -> Result<Vec<((u32, Ip6), V)>> {
+    let trie: LpmTrie<MapData, [u8; 20], V> = LpmTrie::try_from(Map::LpmTrie(open(dir, name)?))?;
+    let entries = trie
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {name}"))?;
+    Ok(entries
+        .iter()
+        .filter(|(k, _)| u32::from(k.data()[0]) == slot && k.prefix_len() >= CIDR_SLOT_BITS)
+        .map(|(k, v)| {
+            let d = k.data();
+            let mut octets = [0; 16];
+            octets.copy_from_slice(&d[1..17]);
+            (
+                (k.prefix_len() - CIDR_SLOT_BITS, Ip6::from_octets(octets)),
+                *v,
+            )
+        })
+        .collect())
+}
+
 /// The key of a port block of `slot`.
 fn port_block(slot: u32, (bits, first): (u32, u16)) -> Key<[u8; 4]> {
     Key::new(PORT_RANGE_SLOT_BITS + bits, port_range_key(slot, first))
@@ -536,7 +607,22 @@ pub fn read_sets(dir: &Path, slot: u32) -> Result<Sets> {
         routes: slot_entries::<[u32; 2]>(dir, ROUTE, slot)?,
         port_blocks,
         groups: slot_values(dir, GROUPS, slot)?,
+        exclude6: keys_of(slot_entries6::<u8>(dir, EXCLUDE6, slot)?),
+        include6: keys_of(slot_entries6::<u8>(dir, INCLUDE6, slot)?),
+        local6: hash::<[u32; 5]>(dir, LOCAL6)?
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading the IPv6 pod addresses")?
+            .into_iter()
+            .filter(|key| key[0] == slot)
+            .map(|key| Ip6([key[1], key[2], key[3], key[4]]))
+            .collect(),
+        routes6: slot_entries6::<RouteEntry6>(dir, ROUTE6, slot)?,
     })
+}
+
+fn keys_of<K, V>(entries: Vec<(K, V)>) -> Vec<K> {
+    entries.into_iter().map(|(key, _)| key).collect()
 }
 
 /// Makes `slot` of the set maps of `dir` hold exactly `sets`. The slot is
@@ -604,6 +690,49 @@ pub fn write_sets(dir: &Path, slot: u32, sets: &Sets) -> Result<()> {
         routes
             .insert(&cidr(slot, *key), *entry, 0)
             .context("writing the route map")?;
+    }
+    write_sets6(dir, slot, sets, &old)
+}
+
+/// The IPv6 part of [`write_sets`].
+fn write_sets6(dir: &Path, slot: u32, sets: &Sets, old: &Sets) -> Result<()> {
+    for (name, new, old) in [
+        (EXCLUDE6, &sets.exclude6, &old.exclude6),
+        (INCLUDE6, &sets.include6, &old.include6),
+    ] {
+        let mut map: LpmTrie<MapData, [u8; 20], u8> =
+            LpmTrie::try_from(Map::LpmTrie(open(dir, name)?))?;
+        for key in old {
+            map.remove(&cidr6(slot, *key))
+                .with_context(|| format!("removing from {name}"))?;
+        }
+        for key in new {
+            map.insert(&cidr6(slot, *key), 1, 0)
+                .with_context(|| format!("writing {name}"))?;
+        }
+    }
+    let mut local = hash::<[u32; 5]>(dir, LOCAL6)?;
+    for ip in &old.local6 {
+        local
+            .remove(&local6_key(slot, *ip))
+            .context("removing a pod IPv6 address")?;
+    }
+    for ip in &sets.local6 {
+        local
+            .insert(local6_key(slot, *ip), 1, 0)
+            .context("writing the pod IPv6 addresses")?;
+    }
+    let mut routes: LpmTrie<MapData, [u8; 20], RouteEntry6> =
+        LpmTrie::try_from(Map::LpmTrie(open(dir, ROUTE6)?))?;
+    for (key, _) in &old.routes6 {
+        routes
+            .remove(&cidr6(slot, *key))
+            .context("removing an IPv6 route")?;
+    }
+    for (key, entry) in &sets.routes6 {
+        routes
+            .insert(&cidr6(slot, *key), *entry, 0)
+            .context("writing the IPv6 route map")?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod maps;
 pub mod privilege;
 mod removal;
 pub mod routes;
+pub mod routes6;
 pub mod sys;
 mod timing;
 
@@ -119,7 +120,7 @@ pub const CONNECT6: Hook = Hook {
     attach_type: 11, // BPF_CGROUP_INET6_CONNECT
     min_kernel: (4, 17),
     optional: false,
-    mirrors: "the same rules for dual-stack sockets to ::ffff:a.b.c.d",
+    mirrors: "the same for dual-stack sockets to ::ffff:a.b.c.d; ip6tables' ISTIO_OUTPUT for IPv6",
 };
 
 pub const GETPEERNAME6: Hook = Hook {
