@@ -2,7 +2,8 @@
 //! Istio's DNS capture for UDP sockets that send without connecting, and
 //! the reverse NAT conntrack does for every captured DNS socket. Connected
 //! UDP and TCP DNS are [`crate::connect`]'s. The `6` programs serve
-//! dual-stack sockets sending to IPv4-mapped nameservers.
+//! dual-stack sockets sending to IPv4-mapped nameservers (Istio's IPv4
+//! rules), and IPv6 nameservers (its IPv6 rules: to `[::1]:15053`).
 //!
 //! Nothing is NATed, so nothing needs Istio's conntrack zones (the raw
 //! table's `CT --zone` rules keep the proxy's upstream DNS and the app's
@@ -10,10 +11,12 @@
 //! between the two would be de-NATed wrongly).
 
 use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock_addr, programs::SockAddrContext};
-use redirect_common::{CFG_DNS, Counter, DNS_PORT, LOCALHOST, OrigDst, to_v4_mapped, v4_mapped};
+use redirect_common::{
+    CFG_DNS, Counter, DNS_PORT, Ip6, LOCALHOST, OrigDst, to_v4_mapped, v4_mapped,
+};
 
 use crate::{
-    connect::capture,
+    connect::{capture, capture6},
     maps::{active, count, load, sock_record},
     net::{ALLOW, read_ip6, write_ip6},
 };
@@ -51,8 +54,10 @@ pub fn redirect_sendmsg4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// [`redirect_sendmsg4`] for a dual-stack socket sending to an IPv4-mapped
-/// nameserver: to `::ffff:127.0.0.1:15053`.
+/// [`redirect_sendmsg4`] for an AF_INET6 socket: to an IPv4-mapped
+/// nameserver it goes to `::ffff:127.0.0.1:15053`; to an IPv6 one, which
+/// Istio's IPv6 table captures (its `ISTIO_OUTPUT_DNS` rule with `-d
+/// NS/128`), to `[::1]:15053`.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/sendmsg6 program a valid context.
@@ -60,11 +65,26 @@ pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
     if !may_be_dns(addr.user_port) {
         return ALLOW;
     }
-    let Some(dst) = v4_mapped(&read_ip6(&raw const addr.user_ip6)) else {
-        return ALLOW;
-    };
     // SAFETY: `sk` is always a valid socket in a sock_addr context.
     let sk = unsafe { &*addr.__bindgen_anon_1.sk };
+    let dst6 = read_ip6(&raw const addr.user_ip6);
+    let Some(dst) = v4_mapped(&dst6) else {
+        let chosen = Ip6(read_ip6(&raw const addr.msg_src_ip6));
+        let src = if chosen == Ip6([0; 4]) {
+            Ip6(read_ip6(&raw const sk.src_ip6))
+        } else {
+            chosen
+        };
+        if let Some((port, source)) = capture6(&ctx, sk, addr.type_, Ip6(dst6), addr.user_port, src)
+        {
+            if source != Ip6([0; 4]) {
+                write_ip6((&raw mut addr.msg_src_ip6).cast(), source.0);
+            }
+            write_ip6((&raw mut addr.user_ip6).cast(), Ip6::LOOPBACK.0);
+            addr.user_port = u32::from(port.to_be());
+        }
+        return ALLOW;
+    };
     let src_ip = v4_mapped(&read_ip6(&raw const addr.msg_src_ip6))
         .filter(|ip| *ip != 0)
         .or_else(|| v4_mapped(&read_ip6(&raw const sk.src_ip6)))
@@ -92,29 +112,32 @@ pub fn redirect_recvmsg4(ctx: SockAddrContext) -> i32 {
     }
     // SAFETY: reading the union member the kernel filled in.
     let sk = unsafe { addr.__bindgen_anon_1.sk };
-    if let Some(ns) = nameserver(sk, addr.user_port) {
+    if let Some(ns) = nameserver(sk, addr.user_port, false) {
         addr.user_ip4 = ns.ip[3];
         addr.user_port = u32::from(ns.port.to_be());
     }
     ALLOW
 }
 
-/// [`redirect_recvmsg4`] for dual-stack sockets: `::ffff:127.0.0.1:15053`
-/// reads as `::ffff:<nameserver>:53`.
+/// [`redirect_recvmsg4`] for AF_INET6 sockets: `::ffff:127.0.0.1:15053`
+/// reads as `::ffff:<nameserver>:53`, `[::1]:15053` as `[<nameserver>]:53`.
 #[cgroup_sock_addr(recvmsg6)]
 pub fn redirect_recvmsg6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/recvmsg6 program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
-    if v4_mapped(&read_ip6(&raw const addr.user_ip6)) != Some(LOCALHOST) {
+    let from = read_ip6(&raw const addr.user_ip6);
+    let v6 = if v4_mapped(&from) == Some(LOCALHOST) {
+        false
+    } else if Ip6(from) == Ip6::LOOPBACK {
+        true
+    } else {
         return ALLOW;
-    }
+    };
     // SAFETY: reading the union member the kernel filled in.
     let sk = unsafe { addr.__bindgen_anon_1.sk };
-    if let Some(ns) = nameserver(sk, addr.user_port) {
-        let w = (&raw mut addr.user_ip6).cast::<u32>();
-        // SAFETY: a 4-byte store into the writable user_ip6 field; the
-        // first three words already hold the ::ffff: prefix.
-        unsafe { core::ptr::write_volatile(w.add(3), ns.ip[3]) };
+    if let Some(ns) = nameserver(sk, addr.user_port, v6) {
+        // The record holds an IPv4 nameserver mapped, as the source reads.
+        write_ip6((&raw mut addr.user_ip6).cast(), ns.ip);
         addr.user_port = u32::from(ns.port.to_be());
     }
     ALLOW
@@ -127,11 +150,12 @@ fn may_be_dns(user_port: u32) -> bool {
     u16::from_be(user_port as u16) == DNS_PORT
 }
 
-/// The nameserver a datagram from `127.0.0.1:<user_port>` to `sk` stands
-/// for: the socket's captured destination, when DNS capture is on and the
-/// port is the proxy's DNS port.
+/// The nameserver a datagram from `127.0.0.1:<user_port>` (`[::1]` for
+/// `v6`) to `sk` stands for: the socket's captured destination, when DNS
+/// capture is on, the port is the proxy's DNS port and the nameserver is
+/// of the datagram's family.
 #[inline(always)]
-fn nameserver(sk: *mut bpf_sock, user_port: u32) -> Option<OrigDst> {
+fn nameserver(sk: *mut bpf_sock, user_port: u32, v6: bool) -> Option<OrigDst> {
     let (cfg, _) = active()?;
     if cfg.flags & CFG_DNS == 0 || u16::from_be(user_port as u16) != cfg.dns_port {
         return None;
@@ -141,7 +165,7 @@ fn nameserver(sk: *mut bpf_sock, user_port: u32) -> Option<OrigDst> {
         return None;
     }
     let record = load(own);
-    if record.kind != OrigDst::REDIRECTED {
+    if record.kind != OrigDst::REDIRECTED || v4_mapped(&record.ip).is_none() != v6 {
         return None;
     }
     count(Counter::DnsReplyRestored);

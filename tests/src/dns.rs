@@ -66,11 +66,24 @@ fn answer_tcp(mut stream: TcpStream, name: &str) {
     let peer = stream
         .peer_addr()
         .map_or_else(|e| errno_name(&e), |a| a.to_string());
-    let _ = writeln!(
-        stream,
+    let mut seen = format!(
         "{name} peer={peer} odst={}",
         original_dst(&stream).replace(' ', "_")
     );
+    // An AF_INET6 listener: what IP6T_SO_ORIGINAL_DST answers too.
+    if stream.local_addr().is_ok_and(|a| a.is_ipv6()) {
+        let odst6 = socket2::SockRef::from(&stream)
+            .original_dst_v6()
+            .map_or_else(
+                |e| errno_name(&e),
+                |a| {
+                    a.as_socket()
+                        .map_or_else(|| "?".to_owned(), |a| a.to_string())
+                },
+            );
+        seen.push_str(&format!(" odst6={odst6}"));
+    }
+    let _ = writeln!(stream, "{seen}");
     let mut rest = [0u8; 64];
     while stream.read(&mut rest).is_ok_and(|n| n > 0) {}
 }

@@ -255,6 +255,7 @@ const EBPF_GOLDENS: &[&str] = &[
     "ipv6-outbound-ports",
     "ipv6-inbound-ports",
     "ipv6-dns-uid-gid",
+    "dns-uid-gid",
     "ipv6-dns-outbound-owner-groups",
     "ipv6-dns-outbound-owner-groups-exclude",
     "empty",

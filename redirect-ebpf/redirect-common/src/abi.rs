@@ -34,8 +34,8 @@ pub const MAX_ROUTES: u32 = 1024;
 /// How many interfaces `-c` can name (Istio has no limit; more send auto
 /// mode to iptables).
 pub const MAX_EXCLUDE_IFACES: usize = 8;
-/// How many IPv4 nameservers (`--redirect-dns`: resolv.conf's) the config
-/// can hold. glibc reads three; more send auto mode to iptables.
+/// How many nameservers of each family (`--redirect-dns`: resolv.conf's)
+/// the config can hold. glibc reads three; more send auto mode to iptables.
 pub const MAX_DNS_SERVERS: usize = 8;
 /// Istio's DNS proxy port (`istio-iptables` has it fixed): where captured
 /// DNS goes.
@@ -181,6 +181,11 @@ pub struct RedirectConfig {
     /// the pod's kernel picked at install for a socket bound to `lo`
     /// (`::`: none).
     pub lo_source6: [u32; 4],
+    /// Number of valid entries in `dns_servers6`.
+    pub dns_server6_count: u32,
+    /// resolv.conf's IPv6 nameservers whose port 53 is captured (with
+    /// [`CFG_IPV6`], without [`CFG_DNS_ALL`]), as [`crate::Ip6`] words.
+    pub dns_servers6: [[u32; 4]; MAX_DNS_SERVERS],
 }
 
 /// `-i '*'`: every destination not excluded is captured.

@@ -4,7 +4,7 @@
 //! (`::1/128`, `::6`) are the only difference, as between istio-iptables'
 //! two restore documents.
 
-use crate::abi::{LOCALHOST, PASSTHROUGH_SRC, RedirectConfig};
+use crate::abi::{LOCALHOST, MAX_DNS_SERVERS, PASSTHROUGH_SRC, RedirectConfig};
 
 /// An IPv6 address as the kernel hands it to programs: four words, each
 /// in network byte order.
@@ -201,8 +201,14 @@ impl Addr for Ip6 {
     }
 
     #[inline(always)]
-    fn is_nameserver(self, _cfg: &RedirectConfig) -> bool {
-        // IPv6 nameservers are refused before install (see the lowering).
+    fn is_nameserver(self, cfg: &RedirectConfig) -> bool {
+        let mut i = 0;
+        while i < MAX_DNS_SERVERS {
+            if (i as u32) < cfg.dns_server6_count && cfg.dns_servers6[i] == self.0 {
+                return true;
+            }
+            i += 1;
+        }
         false
     }
 

@@ -31,6 +31,8 @@ fn istio_default() -> RedirectConfig {
         exclude_iface_count: 0,
         exclude_ifindex: [0; MAX_EXCLUDE_IFACES],
         lo_source6: [0; 4],
+        dns_server6_count: 0,
+        dns_servers6: [[0; 4]; MAX_DNS_SERVERS],
     };
     cfg.proxy_uids[0] = 1337;
     cfg.proxy_gids[0] = 1337;
@@ -1510,5 +1512,42 @@ fn ipv6_cidrs_and_the_kernels_refusals() {
     assert_eq!(
         decide_outcome(&app6("fe80::2"), &all, &pod6()),
         outcome6(0, Counter::LinkLocal, "::")
+    );
+}
+
+#[test]
+fn ipv6_dns_goes_to_the_dns_port_for_ipv6_nameservers() {
+    let mut cfg = RedirectConfig {
+        flags: CFG_IPV6 | CFG_DNS,
+        dns_server6_count: 1,
+        ..istio_default()
+    };
+    cfg.dns_servers6[0] = ip6("fd00::53").0;
+    let dns = |dst: &str, sock_type: u32| ConnectInput {
+        sock_type,
+        dst_port: 53,
+        ..app6(dst)
+    };
+    let to_dns = Verdict::Redirect {
+        port: DNS_PROXY_PORT,
+        counter: Counter::DnsRedirected,
+    };
+    for sock_type in [SOCK_DGRAM, SOCK_STREAM] {
+        assert_eq!(
+            decide_connect(&dns("fd00::53", sock_type), &cfg, &pod6()),
+            to_dns
+        );
+        assert_ne!(
+            decide_connect(&dns("fd00::54", sock_type), &cfg, &pod6()),
+            to_dns
+        );
+    }
+    let all = RedirectConfig {
+        flags: CFG_IPV6 | CFG_DNS | CFG_DNS_ALL,
+        ..cfg
+    };
+    assert_eq!(
+        decide_connect(&dns("fd00::54", SOCK_DGRAM), &all, &pod6()),
+        to_dns
     );
 }

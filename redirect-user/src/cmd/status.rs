@@ -358,6 +358,17 @@ fn ipv6_rule(counter: Counter, cfg: &Config, sets: &maps::Sets) -> Option<String
             list if list.is_empty() => "no -x networks".into(),
             list => format!("-d {list} -j RETURN"),
         },
+        Counter::DnsRedirected => match cfg.dns.as_ref() {
+            Some(dns) if !dns.all && !dns.servers6.is_empty() => format!(
+                "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d {} -j REDIRECT --to-port {DNS_PROXY_PORT}",
+                dns.servers6
+                    .iter()
+                    .map(|s| format!("{s}/128"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            _ => return None,
+        },
         Counter::NotIncluded if !cfg.include_all => match cidrs(&sets.include6) {
             list if list.is_empty() => "no -i networks".into(),
             list => format!("-d {list} -j ISTIO_REDIRECT"),

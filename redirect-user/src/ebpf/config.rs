@@ -120,6 +120,8 @@ pub struct Dns {
     pub all: bool,
     /// resolv.conf's IPv4 nameservers.
     pub servers: Vec<Ipv4Addr>,
+    /// resolv.conf's IPv6 nameservers (captured with IPv6 rules only).
+    pub servers6: Vec<Ipv6Addr>,
 }
 
 /// Which inbound connections are captured (Istio `-b`, `-d`; REDIRECT
@@ -211,6 +213,8 @@ impl Config {
             dns_port: DNS_PROXY_PORT,
             dns_server_count: self.dns_servers().len() as u16,
             dns_servers: [0; MAX_DNS_SERVERS],
+            dns_server6_count: 0,
+            dns_servers6: [[0; 4]; MAX_DNS_SERVERS],
             exclude_iface_count: self.exclude_ifindexes.len() as u32,
             exclude_ifindex: [0; MAX_EXCLUDE_IFACES],
             lo_source6: self
@@ -225,6 +229,11 @@ impl Config {
         out.proxy_gids[..self.proxy_gids.len()].copy_from_slice(&self.proxy_gids);
         for (slot, server) in out.dns_servers.iter_mut().zip(self.dns_servers()) {
             *slot = u32::from_ne_bytes(server.octets());
+        }
+        let servers6 = self.dns.as_ref().map_or(&[][..], |d| d.servers6.as_slice());
+        out.dns_server6_count = servers6.len().min(MAX_DNS_SERVERS) as u32;
+        for (slot, server) in out.dns_servers6.iter_mut().zip(servers6) {
+            *slot = redirect_common::Ip6::from_octets(server.octets()).0;
         }
         out
     }
@@ -276,6 +285,11 @@ impl Config {
             (
                 "IPv4 nameservers",
                 self.dns_servers().len(),
+                MAX_DNS_SERVERS,
+            ),
+            (
+                "IPv6 nameservers",
+                self.dns.as_ref().map_or(0, |d| d.servers6.len()),
                 MAX_DNS_SERVERS,
             ),
             (
@@ -338,6 +352,10 @@ impl Config {
                     .iter()
                     .map(|s| Ipv4Addr::from(s.to_ne_bytes()))
                     .collect(),
+                servers6: raw.dns_servers6[..(raw.dns_server6_count as usize).min(MAX_DNS_SERVERS)]
+                    .iter()
+                    .map(|s| Ipv6Addr::from(redirect_common::Ip6(*s).octets()))
+                    .collect(),
             }),
             legacy: raw.flags & CFG_LEGACY != 0,
             ipv6: (raw.flags & CFG_IPV6 != 0).then(|| Ipv6 {
@@ -376,6 +394,7 @@ mod tests {
             dns: Some(Dns {
                 all: false,
                 servers: vec![Ipv4Addr::new(10, 96, 0, 10), Ipv4Addr::new(127, 0, 0, 53)],
+                servers6: vec!["fd00::53".parse().unwrap()],
             }),
             ..Config::default()
         };

@@ -74,8 +74,23 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
     });
     let dns = capture.dns.as_ref().map(|dns| Dns {
         all: dns.capture_all,
-        // resolv.conf's IPv6 nameservers are IPv6 rules' (refused when
-        // IPv6 is on, see `not_honoured`; unused without it).
+        // resolv.conf's IPv6 nameservers are the IPv6 rules' (unused
+        // without them).
+        servers6: if capture.ipv6 {
+            dns.v6
+                .iter()
+                .filter_map(|server| match server.parse() {
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        unsupported
+                            .push(format!("the nameserver {server:?} (not an IPv6 address)"));
+                        None
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
         servers: dns
             .v4
             .iter()
@@ -214,15 +229,6 @@ fn not_honoured(capture: &Capture) -> Vec<&'static str> {
             capture.tproxy,
             "-m TPROXY (TPROXY needs netfilter: the mark 1337 rules, the fwmark route to the local \
              table and CONNMARK for the app's replies)",
-        ),
-        (
-            capture.ipv6
-                && capture
-                    .dns
-                    .as_ref()
-                    .is_some_and(|dns| dns.capture_all || !dns.v6.is_empty()),
-            "IPv6 DNS capture (--capture-all-dns, or an IPv6 nameserver, with IPv6 rules: \
-             eBPF mode captures IPv4 DNS only)",
         ),
         (
             capture.ipv6

@@ -186,7 +186,7 @@ pub const SENDMSG6: Hook = Hook {
     attach_type: 15, // BPF_CGROUP_UDP6_SENDMSG
     min_kernel: (4, 18),
     optional: false,
-    mirrors: "the same for dual-stack sockets to ::ffff:a.b.c.d",
+    mirrors: "the same for dual-stack sockets to ::ffff:a.b.c.d; ip6tables' for IPv6",
 };
 
 pub const RECVMSG4: Hook = Hook {
@@ -208,7 +208,7 @@ pub const RECVMSG6: Hook = Hook {
     attach_type: 20, // BPF_CGROUP_UDP6_RECVMSG
     min_kernel: (5, 2),
     optional: false,
-    mirrors: "the same for dual-stack sockets",
+    mirrors: "the same for dual-stack sockets and IPv6",
 };
 
 /// The inbound hook, attached to the pod's network namespace (not its
