@@ -12,14 +12,14 @@
 
 use std::{
     io::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use redirect_sandbox::{
-    APP, Group, Net, PEER_IP, PROXY, ROOT, Sandbox,
+    APP, Group, Net, PEER_IP, PEER_IP6, PROXY, ROOT, Sandbox,
     cli::{Outcome, outcome, redirect, redirect_bin},
     cni::Plugin,
     require_root,
@@ -29,6 +29,11 @@ use serde_json::{Value, json};
 /// Where the app connects when capture is on: a server in the peer that
 /// is never reached while capture works.
 const UPSTREAM: SocketAddrV4 = SocketAddrV4::new(PEER_IP, 9080);
+/// The same upstream over IPv6.
+const UPSTREAM6: SocketAddrV6 = SocketAddrV6::new(PEER_IP6, 9080, 0, 0);
+/// The proxy stand-in's IPv6 listener (where ip6tables' REDIRECT and eBPF
+/// send IPv6 connections).
+const PROXY6: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::LOCALHOST, 15001, 0, 0);
 /// An HTTP server in the peer: the real destination of the request benchmark.
 const HTTP_UPSTREAM: SocketAddrV4 = SocketAddrV4::new(PEER_IP, 8080);
 /// The proxy stand-in for connection setup: accepts, answers, closes.
@@ -225,6 +230,12 @@ impl Bench {
         sandbox
             .serve(Net::Peer, Group::Outside, APP, UPSTREAM, "upstream")
             .expect("upstream");
+        sandbox
+            .serve(Net::Peer, Group::Outside, APP, UPSTREAM6, "upstream")
+            .expect("IPv6 upstream");
+        sandbox
+            .serve(Net::Pod, Group::Proxy, PROXY, PROXY6, "proxy")
+            .expect("IPv6 proxy stand-in");
         let mut http = sandbox.agent(Net::Peer, Group::Outside, APP);
         http.args(["serve", "--listen", &HTTP_UPSTREAM.to_string()])
             .args(["--reply", "upstream", "--http"]);
@@ -287,7 +298,14 @@ impl Bench {
             "nftables" => ["--mode", "iptables", "--native-nftables"].as_slice(),
             _ => &["--mode", mode],
         };
-        cmd.args(["istio-iptables", "--ipv6=false"])
+        // `--ipv6=true` in `extra` asks for Istio's IPv6 table too.
+        let ipv6 = if extra.contains(&"--ipv6=true") {
+            None
+        } else {
+            Some("--ipv6=false")
+        };
+        cmd.arg("istio-iptables")
+            .args(ipv6)
             .args(backend)
             .args(["--netns", &self.sandbox.netns_path(Net::Pod)])
             .args(["--cgroup", &cgroup, "--instance", self.sandbox.name()])
@@ -314,9 +332,15 @@ impl Bench {
 
     /// Runs `count` timed connections from the app (`kind`: `""`, or
     /// `--request` or `--dns`: see the agent's `bench`).
-    fn sample(&self, to: SocketAddrV4, count: usize, kind: &str, expect: &str) -> Sample {
+    fn sample(
+        &self,
+        to: impl Into<std::net::SocketAddr>,
+        count: usize,
+        kind: &str,
+        expect: &str,
+    ) -> Sample {
         let count = count.to_string();
-        let to = to.to_string();
+        let to = to.into().to_string();
         let mut args = vec!["bench", "--to", to.as_str(), "--count", count.as_str()];
         if !kind.is_empty() {
             args.push(kind);
@@ -466,6 +490,18 @@ impl Bench {
 }
 
 impl Bench {
+    /// IPv6 connection setup with `mode`'s IPv6 table in place (`direct`:
+    /// no capture, the app connects to the proxy's IPv6 listener).
+    fn setup6_sample(&self, mode: &str, count: usize) -> Sample {
+        if mode == "direct" {
+            return self.sample(PROXY6, count, "", "proxy");
+        }
+        self.istio_with(mode, PROXY_PORT, "", &["--ipv6=true"], false);
+        let sample = self.sample(UPSTREAM6, count, "", "proxy");
+        self.istio_with(mode, PROXY_PORT, "", &["--ipv6=true"], true);
+        sample
+    }
+
     /// DNS queries from the app (a fresh connected UDP socket each, as a
     /// libc resolver sends them) with `mode`'s `--redirect-dns` in place;
     /// `direct`: no capture, the app queries the proxy's DNS listener.
@@ -752,6 +788,24 @@ fn bench_capture_costs() {
             last("iptables")
         );
     }
+    // 6: IPv6 connection setup (Istio's IPv6 table), interleaved.
+    for round in 1..=sizes.rounds {
+        let mut modes = ["direct", "ebpf", "iptables"];
+        let first = round % modes.len();
+        modes.rotate_left(first);
+        for mode in modes {
+            let s = bench.setup6_sample(mode, sizes.setup_connections);
+            results.add_sample("connect6", mode, "conn", &s);
+        }
+        let last = |mode| *results.get("connect6_rate", mode).last().unwrap_or(&0.0);
+        println!(
+            "ipv6 round {round}/{}: connect/s direct {:.0}, ebpf {:.0}, iptables {:.0}",
+            sizes.rounds,
+            last("direct"),
+            last("ebpf"),
+            last("iptables")
+        );
+    }
     // 7: DNS query round trip (--redirect-dns), interleaved.
     for round in 1..=sizes.rounds {
         let mut modes = ["direct", "ebpf", "iptables"];
@@ -836,6 +890,16 @@ fn bench_capture_costs() {
             (&name, "iptables"),
         );
     }
+    results.ratio(
+        "ebpf_over_direct_connect6_rate",
+        ("connect6_rate", "ebpf"),
+        ("connect6_rate", "direct"),
+    );
+    results.ratio(
+        "ebpf_over_iptables_connect6_rate",
+        ("connect6_rate", "ebpf"),
+        ("connect6_rate", "iptables"),
+    );
     results.ratio(
         "ebpf_over_direct_dns_rate",
         ("dns_query_rate", "ebpf"),

@@ -162,6 +162,18 @@ fn check_complete(figures: &[Figure]) -> Result<()> {
             wanted.push((name.into(), mode));
         }
     }
+    for mode in ["direct", "ebpf", "iptables"] {
+        for name in [
+            "connect6_rate",
+            "connect6_cpu",
+            "connect6_p50",
+            "connect6_p99",
+        ] {
+            wanted.push((name.into(), mode));
+        }
+    }
+    wanted.push(("ebpf_over_direct_connect6_rate".into(), "ratio"));
+    wanted.push(("ebpf_over_iptables_connect6_rate".into(), "ratio"));
     wanted.push(("ebpf_over_direct_dns_rate".into(), "ratio"));
     wanted.push(("ebpf_over_iptables_dns_rate".into(), "ratio"));
     for mode in ["cni-ebpf", "cni-iptables", "iptables-restore"] {
