@@ -1,7 +1,8 @@
 //! Differential fuzzing: random istio-iptables configurations (from the
 //! flag space eBPF mode claims to honour: `-i`, `-x`, `-q`, `-o`, `-b`,
 //! `-d`, `-u`, `-g`, `-e`, `-c` (the second link, `lo`, or both), DNS
-//! capture, the owner-group and loopback variables; always REDIRECT) × random connections, each configuration applied once with
+//! capture, the owner-group and loopback variables, IPv6 rules with IPv6
+//! networks in `-i` and `-x`; always REDIRECT) × random connections, each configuration applied once with
 //! `--mode iptables` and once with `--mode ebpf` on the same sandbox pod,
 //! and everything the app and the proxy can observe compared: where the
 //! connection lands, how connect (blocking, non-blocking, a fast-open
@@ -13,7 +14,9 @@
 //! The connections vary the identity (uid, gid, supplementary groups; and
 //! switched credentials: effective ids other than the real ones, a socket
 //! made under one identity and connected under another), the family (v4,
-//! or v4-mapped on AF_INET6), the destination (the pod's address,
+//! v4-mapped on AF_INET6, or IPv6: the pod's and the peer's IPv6
+//! addresses, `::1`, `::`, `::6`, an address without a route, multicast),
+//! the destination (the pod's address,
 //! 127.0.0.1, other 127/8, 127.0.0.6, 0.0.0.0, the peer's addresses, the
 //! pod's and the peer's addresses on a second link (`nic2`), an address
 //! without a route, the limited and the subnet broadcast,
@@ -59,14 +62,15 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     io::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     process::{Command, Stdio},
     sync::atomic::{AtomicU64, Ordering},
     time::Instant,
 };
 
 use redirect_sandbox::{
-    Group, Identity, Net, PEER_IP, PEER_NIC2_IP, POD_IP, POD_NIC2_IP, PROXY, ROOT, Sandbox,
+    Group, Identity, Net, PEER_IP, PEER_IP6, PEER_NIC2_IP, POD_IP, POD_IP6, POD_NIC2_IP, PROXY,
+    ROOT, Sandbox,
     agent::{ConnectMode, Cred, Device, Spec},
     cli::{outcome, redirect_bin},
     peer_ip, require_root,
@@ -176,6 +180,18 @@ const CIDRS: &[&str] = &[
     "0.0.0.0/0",
 ];
 
+/// IPv6 networks `-i` and `-x` are drawn from with IPv6 rules.
+const CIDRS6: &[&str] = &[
+    "fd00:198:18::/64",
+    "fd00:198:18::2/128",
+    "fd00:198:18::1/128",
+    "fd00::/8",
+    "::1/128",
+    "::/0",
+    "2001:db8::/32",
+    "ff00::/8",
+];
+
 /// Ports the flags and the connections are drawn from.
 const PORTS: &[&str] = &[
     "80", "81", "22", "15008", "15090", "9090", "15001", "15006", "15021", "7", "53",
@@ -223,20 +239,37 @@ const FIXED: &[&str] = &["-p", "15001", "-z", "15006", "-m", "REDIRECT"];
 struct Config {
     flags: Vec<(&'static str, String)>,
     env: Vec<(&'static str, String)>,
+    /// Istio's IPv6 table (`--ipv6=true`).
+    ipv6: bool,
 }
 
 impl Config {
     fn random(rng: &mut Rng) -> Self {
         let mut flags = Vec::new();
         let mut env = Vec::new();
+        let ipv6 = rng.chance(35);
+        // With IPv6 rules, now and then IPv6 networks beside the IPv4 ones.
+        let cidrs = |rng: &mut Rng, max: usize| {
+            let v4 = rng.list(CIDRS, max);
+            if ipv6 && rng.chance(60) {
+                let v6 = rng.list(CIDRS6, max);
+                if rng.chance(30) {
+                    v6
+                } else {
+                    format!("{v4},{v6}")
+                }
+            } else {
+                v4
+            }
+        };
         let include = match rng.below(100) {
             0..30 => "*".to_owned(),
             30..45 => String::new(),
-            _ => rng.list(CIDRS, 3),
+            _ => cidrs(rng, 3),
         };
         flags.push(("-i", include));
         if rng.chance(50) {
-            flags.push(("-x", rng.list(CIDRS, 2)));
+            flags.push(("-x", cidrs(rng, 2)));
         }
         if rng.chance(30) {
             flags.push(("-q", rng.port_list(2)));
@@ -303,8 +336,10 @@ impl Config {
             }
         }
         // Excluded interfaces: the second link (which some destinations
-        // and inbound connections use), `lo`, or both.
-        if rng.chance(20) {
+        // and inbound connections use), `lo`, or both (not with inbound
+        // capture and IPv6 rules, which eBPF mode refuses).
+        let inbound_on = flags.iter().any(|(f, v)| *f == "-b" && !v.is_empty());
+        if rng.chance(20) && !(ipv6 && inbound_on) {
             flags.push((
                 "-c",
                 rng.pick(&["nic2", "nic2", "lo", "nic2,lo"]).to_owned(),
@@ -317,7 +352,7 @@ impl Config {
                     .to_owned(),
             ));
         }
-        Self { flags, env }
+        Self { flags, env, ipv6 }
     }
 
     fn args(&self) -> Vec<String> {
@@ -350,8 +385,8 @@ impl Config {
         }
         let _ = write!(
             line,
-            "redirect istio-iptables --ipv6=false --mode {mode} --resolv-conf <nameserver {} and {}> --netns <pod> --cgroup <pod> --instance <name>",
-            NAMESERVERS[0], NAMESERVERS[1]
+            "redirect istio-iptables --ipv6={} --mode {mode} --resolv-conf <nameserver {} and {}> --netns <pod> --cgroup <pod> --instance <name>",
+            self.ipv6, NAMESERVERS[0], NAMESERVERS[1]
         );
         for arg in self.args() {
             let _ = write!(line, " {}", quote(&arg));
@@ -507,12 +542,35 @@ fn destinations() -> Vec<(Ipv4Addr, &'static str)> {
 /// The class of a case's destination, for grouping differences.
 fn destination_class(case: &Case) -> &'static str {
     if CLIENTS[case.client].peer {
-        return "inbound";
+        return if case.spec.to.is_ipv6() {
+            "inbound6"
+        } else {
+            "inbound"
+        };
     }
     destinations()
         .into_iter()
-        .find(|(ip, _)| std::net::IpAddr::V4(*ip) == case.spec.to.ip())
+        .map(|(ip, class)| (IpAddr::V4(ip), class))
+        .chain(destinations6())
+        .find(|(ip, _)| *ip == case.spec.to.ip())
         .map_or("other", |(_, class)| class)
+}
+
+/// IPv6 destinations of the pod's connections, with their classes.
+fn destinations6() -> Vec<(IpAddr, &'static str)> {
+    let v6 = |text: &str| IpAddr::V6(text.parse::<Ipv6Addr>().expect("address"));
+    vec![
+        (POD_IP6.into(), "pod-ip6"),
+        (v6("::1"), "::1"),
+        (v6("::"), "::"),
+        (v6("::6"), "::6"),
+        (PEER_IP6.into(), "peer6"),
+        (PEER_IP6.into(), "peer6"),
+        (v6("2001:db8::2"), "no-route6"),
+        (v6("ff02::1"), "multicast6"),
+        (v6("ff05::1"), "multicast6"),
+        (v6("fe80::2"), "link-local6"),
+    ]
 }
 
 /// User and group ids the switching client's credentials are drawn from.
@@ -579,7 +637,13 @@ fn random_case(rng: &mut Rng, creds: bool) -> Case {
         spec.sport = 20_000 + 10 * client as u16 + rng.pick(&[0, 1, 2]);
     }
     if CLIENTS[client].peer {
-        // A third of inbound connections arrive on the second link.
+        // A third of inbound connections arrive on the second link, a
+        // fifth over IPv6.
+        if rng.chance(20) {
+            spec.to = SocketAddr::new(POD_IP6.into(), port);
+            spec.bind = None;
+            return Case { client, spec };
+        }
         if rng.chance(33) {
             spec.to = SocketAddrV4::new(POD_NIC2_IP, port).into();
         }
@@ -587,6 +651,21 @@ fn random_case(rng: &mut Rng, creds: bool) -> Case {
             0..8 => None,
             8 => Some(PEER_IP.into()),
             _ => Some(peer_ip(1).into()),
+        };
+        return Case { client, spec };
+    }
+    if rng.chance(25) {
+        let (ip, _) = rng.pick(&destinations6());
+        spec.to = SocketAddr::new(ip, port);
+        spec.bind = match rng.below(10) {
+            0..6 => None,
+            6 => Some(Ipv6Addr::LOCALHOST.into()),
+            7 | 8 => Some("::6".parse::<Ipv6Addr>().expect("::6").into()),
+            _ => Some(POD_IP6.into()),
+        };
+        spec.dev = match rng.below(100) {
+            0..8 => Device::Lo,
+            _ => Device::None,
         };
         return Case { client, spec };
     }
@@ -622,23 +701,57 @@ fn pod_with_servers() -> Sandbox {
     let sandbox = Sandbox::for_tests().expect("sandbox");
     sandbox.add_peer_addresses(2).expect("peer addresses");
     sandbox.add_second_link().expect("second link");
-    let serve = |net: Net, group: Group, who: Identity, ports: &[u16], reply: &str| {
-        let listen: Vec<String> = ports
-            .iter()
-            .map(|p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, *p).to_string())
-            .collect();
-        let mut cmd = sandbox.agent(net, group, who);
-        cmd.args(["serve", "--listen", &listen.join(",")])
-            .args(["--report", "observe", "--reply", reply]);
-        sandbox.start(cmd).expect("listener");
-    };
-    serve(Net::Pod, Group::Proxy, PROXY, &[15001], "proxy");
-    serve(Net::Pod, Group::Proxy, PROXY, &[15006], "inbound");
-    serve(Net::Pod, Group::App, ROOT, &POD_SERVER_PORTS, "pod");
-    serve(Net::Peer, Group::Outside, ROOT, &PEER_SERVER_PORTS, "peer");
+    // Istio's inbound passthrough source on lo, as in an IPv6 pod.
+    sandbox
+        .ip_batch(Net::Pod, "addr add ::6/128 dev lo\n")
+        .expect("::6 on lo");
+    // Each server on every IPv4 address and on the IPv6 addresses a
+    // connection may reach it at (`v6`): the IPv4 wildcard and IPv6
+    // addresses of their own do not collide.
+    let serve =
+        |net: Net, group: Group, who: Identity, ports: &[u16], v6: &[IpAddr], reply: &str| {
+            let listen: Vec<String> = ports
+                .iter()
+                .flat_map(|p| {
+                    std::iter::once(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), *p))
+                        .chain(v6.iter().map(move |ip| SocketAddr::new(*ip, *p)))
+                })
+                .map(|a| a.to_string())
+                .collect();
+            let mut cmd = sandbox.agent(net, group, who);
+            cmd.args(["serve", "--listen", &listen.join(",")])
+                .args(["--report", "observe", "--reply", reply]);
+            sandbox.start(cmd).expect("listener");
+        };
+    let (lo6, pod6) = (IpAddr::from(Ipv6Addr::LOCALHOST), IpAddr::from(POD_IP6));
+    serve(Net::Pod, Group::Proxy, PROXY, &[15001], &[lo6], "proxy");
+    serve(
+        Net::Pod,
+        Group::Proxy,
+        PROXY,
+        &[15006],
+        &[lo6, pod6],
+        "inbound",
+    );
+    serve(
+        Net::Pod,
+        Group::App,
+        ROOT,
+        &POD_SERVER_PORTS,
+        &[lo6, pod6],
+        "pod",
+    );
+    serve(
+        Net::Peer,
+        Group::Outside,
+        ROOT,
+        &PEER_SERVER_PORTS,
+        &[PEER_IP6.into()],
+        "peer",
+    );
     // DNS stand-ins (UDP and TCP port 53): the proxy's DNS listener, the
     // local resolver, the nameserver and a server resolv.conf does not list.
-    let dns = |net: Net, group: Group, who: Identity, at: SocketAddrV4, name: &str| {
+    let dns = |net: Net, group: Group, who: Identity, at: SocketAddr, name: &str| {
         let mut cmd = sandbox.agent(net, group, who);
         cmd.args(["dns-serve", "--listen", &at.to_string(), "--reply", name]);
         sandbox.start(cmd).expect(name);
@@ -647,28 +760,35 @@ fn pod_with_servers() -> Sandbox {
         Net::Pod,
         Group::Proxy,
         PROXY,
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053),
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053).into(),
+        "dns-proxy",
+    );
+    dns(
+        Net::Pod,
+        Group::Proxy,
+        PROXY,
+        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 15053),
         "dns-proxy",
     );
     dns(
         Net::Pod,
         Group::App,
         ROOT,
-        SocketAddrV4::new(NAMESERVERS[1], 53),
+        SocketAddrV4::new(NAMESERVERS[1], 53).into(),
         "local-resolver",
     );
     dns(
         Net::Peer,
         Group::Outside,
         ROOT,
-        SocketAddrV4::new(NAMESERVERS[0], 53),
+        SocketAddrV4::new(NAMESERVERS[0], 53).into(),
         "nameserver",
     );
     dns(
         Net::Peer,
         Group::Outside,
         ROOT,
-        SocketAddrV4::new(peer_ip(1), 53),
+        SocketAddrV4::new(peer_ip(1), 53).into(),
         "other-dns",
     );
     let resolv: String = NAMESERVERS
@@ -846,7 +966,8 @@ fn against() -> Mode {
 fn istio_iptables(sandbox: &Sandbox, mode: Mode, config: &Config, cleanup: bool) -> (bool, String) {
     let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
     let mut cmd = Command::new(redirect_bin());
-    cmd.args(["istio-iptables", "--ipv6=false", "--mode", mode.mode])
+    cmd.args(["istio-iptables", "--mode", mode.mode])
+        .arg(format!("--ipv6={}", config.ipv6))
         .arg("--resolv-conf")
         .arg(resolv_conf(sandbox))
         .args(["--netns", &sandbox.netns_path(Net::Pod)])
@@ -1296,10 +1417,17 @@ fn ebpf_and_iptables_agree_on_random_cases() {
             for (name, _) in config.flags.iter().chain(&config.env) {
                 *drawn.entry(name).or_default() += 1;
             }
+            if config.ipv6 {
+                *drawn.entry("--ipv6=true").or_default() += 1;
+            }
         }
         let cases: Vec<Case> = (0..per_config.min(total - generated))
             .map(|_| random_case(&mut rng, creds))
             .collect();
+        if only_round.is_none_or(|r| r == round) {
+            let ipv6 = cases.iter().filter(|c| c.spec.to.is_ipv6()).count();
+            *drawn.entry("(IPv6 connections)").or_default() += ipv6;
+        }
         let this = round;
         round += 1;
         generated += cases.len();
@@ -1407,7 +1535,7 @@ fn ebpf_and_iptables_agree_on_random_cases() {
     );
     println!("\n{summary}");
     println!("fuzz-diff: landings from the pod: {landed_out:?}; from the peer: {landed_in:?}");
-    println!("fuzz-diff: configurations drawing each flag: {drawn:?}");
+    println!("fuzz-diff: configurations drawing each flag, and IPv6 connections: {drawn:?}");
     println!(
         "fuzz-diff: {:.0} s applying and removing configurations, {:.0} s observing",
         APPLY_NS.load(Ordering::Relaxed) as f64 / 1e9,

@@ -83,11 +83,19 @@ pub trait Addr: Copy + PartialEq {
     fn is_multicast(self) -> bool;
     /// 255.255.255.255 (IPv6 has none).
     fn is_broadcast(self) -> bool;
-    /// fe80::/10: a connect to it names its interface (the scope), which
-    /// the connect hooks cannot see (IPv4 has none).
-    fn is_link_local(self) -> bool;
+    /// An address a connect must name an interface for (its scope, which
+    /// the connect hooks cannot see), unless the socket is bound to one:
+    /// link-local unicast (fe80::/10) and interface- or link-local
+    /// multicast (ffx1::/16, ffx2::/16), as the kernel's
+    /// `__ipv6_addr_needs_scope_id` says. IPv4 has none.
+    fn needs_scope(self) -> bool;
     /// `-s 127.0.0.6/32`, `-s ::6/128`: the proxy's passthrough source.
     fn is_passthrough(self) -> bool;
+    /// The source the kernel gives an unbound socket connecting to `dst`,
+    /// one of the pod's own addresses: 127.0.0.1 for 127.0.0.0/8 (the
+    /// preferred source of its local route), else `dst` itself (IPv6 always:
+    /// RFC 6724's first rule prefers the destination).
+    fn local_source(dst: Self) -> Self;
     /// `-d 127.0.0.1/32` (the configured IPv4 loopback network), `-d ::1/128`.
     fn in_loopback_cidr(self, cfg: &RedirectConfig) -> bool;
     /// `-d NS` for a resolv.conf nameserver of this family.
@@ -126,13 +134,18 @@ impl Addr for u32 {
     }
 
     #[inline(always)]
-    fn is_link_local(self) -> bool {
+    fn needs_scope(self) -> bool {
         false
     }
 
     #[inline(always)]
     fn is_passthrough(self) -> bool {
         self == PASSTHROUGH_SRC
+    }
+
+    #[inline(always)]
+    fn local_source(dst: Self) -> Self {
+        if dst.is_loopback() { LOCALHOST } else { dst }
     }
 
     #[inline(always)]
@@ -185,14 +198,21 @@ impl Addr for Ip6 {
     }
 
     #[inline(always)]
-    fn is_link_local(self) -> bool {
+    fn needs_scope(self) -> bool {
         let b = self.0[0].to_ne_bytes();
-        b[0] == 0xfe && b[1] & 0xc0 == 0x80
+        let link_local = b[0] == 0xfe && b[1] & 0xc0 == 0x80;
+        let scope = b[1] & 0x0f;
+        link_local || (b[0] == 0xff && (scope == 1 || scope == 2))
     }
 
     #[inline(always)]
     fn is_passthrough(self) -> bool {
         self == Self::PASSTHROUGH
+    }
+
+    #[inline(always)]
+    fn local_source(dst: Self) -> Self {
+        dst
     }
 
     #[inline(always)]

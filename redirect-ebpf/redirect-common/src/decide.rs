@@ -206,7 +206,7 @@ pub fn redirect_source<A: Addr>(
     if dst.is_loopback() {
         return Source::Kernel;
     }
-    if dst.is_link_local() {
+    if dst.needs_scope() && input.bound_dev == 0 {
         return Source::LinkLocal;
     }
     // The limited broadcast address: `tcp_v4_connect` refuses it, and
@@ -242,10 +242,14 @@ pub fn redirect_source<A: Addr>(
         return Source::Bind(dst);
     }
     if input.dev_lo {
-        // Routed through `lo` whatever the tables say ("assume on link").
+        // IPv4: routed through `lo` whatever the tables say ("assume on
+        // link"). IPv6: the source the kernel gave such a socket at
+        // install, where it found a route at all (none: it refuses).
         let src = A::lo_source(cfg);
         return if src != A::UNSPECIFIED {
             Source::Bind(src)
+        } else if A::IS_V6 {
+            Source::Refused
         } else {
             Source::Kernel
         };
@@ -279,7 +283,14 @@ fn decide_nat<A: Addr>(
     }
     let dst = input.effective_dst();
     let local = leaves_by_lo(input, dst, maps);
-    if local && input.src_ip.is_passthrough() {
+    // `-s` sees the source the kernel picks: an unbound socket connecting
+    // to one of the pod's addresses leaves from [`Addr::local_source`].
+    let src = if input.src_ip == A::UNSPECIFIED && is_local(dst, maps) {
+        A::local_source(dst)
+    } else {
+        input.src_ip
+    };
+    if local && src.is_passthrough() {
         return Verdict::Bypass(Counter::BypassPassthrough);
     }
     let in_loopback = dst.in_loopback_cidr(cfg);

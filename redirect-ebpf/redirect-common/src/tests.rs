@@ -1500,7 +1500,7 @@ fn ipv6_cidrs_and_the_kernels_refusals() {
     let all = istio_default6();
     // TCP to multicast: tcp_v6_connect's ENETUNREACH, before any rule.
     assert_eq!(
-        decide_outcome(&app6("ff02::1"), &all, &pod6()),
+        decide_outcome(&app6("ff05::1"), &all, &pod6()),
         outcome6(0, Counter::KernelRefuses, "::")
     );
     // No route.
@@ -1549,5 +1549,64 @@ fn ipv6_dns_goes_to_the_dns_port_for_ipv6_nameservers() {
     assert_eq!(
         decide_connect(&dns("fd00::54", SOCK_DGRAM), &all, &pod6()),
         to_dns
+    );
+}
+
+#[test]
+fn ipv6_rules_see_the_source_the_kernel_picks() {
+    let cfg = istio_default6();
+    let pod = Sets6 {
+        local: vec![ip6("fd00::1"), ip6("::6")],
+        ..pod6()
+    };
+    // An unbound socket to ::6 leaves from ::6: `-o lo -s ::6/128 -j RETURN`.
+    let proxy_gid = ConnectInput {
+        uid: 4242,
+        gid: 1337,
+        ..app6("::6")
+    };
+    assert_eq!(
+        decide_connect(&proxy_gid, &cfg, &pod),
+        Verdict::Bypass(Counter::BypassPassthrough)
+    );
+    // IPv4's 127.0.0.6 is left from 127.0.0.1: the hairpin still applies.
+    let v4 = ConnectInput {
+        uid: 4242,
+        gid: 1337,
+        ..app(PASSTHROUGH_SRC)
+    };
+    assert_ne!(
+        decide_connect(&v4, &istio_default(), &Sets::default()),
+        Verdict::Bypass(Counter::BypassPassthrough)
+    );
+    // Link- and interface-local multicast need a scope, as link-local does.
+    let udp = |dst: &str| ConnectInput {
+        sock_type: SOCK_DGRAM,
+        dst_port: 53,
+        ..app6(dst)
+    };
+    let dns_all = RedirectConfig {
+        flags: CFG_IPV6 | CFG_DNS | CFG_DNS_ALL,
+        ..istio_default()
+    };
+    for dst in ["ff02::1", "ff01::1", "ff12::1", "fe80::1"] {
+        assert_eq!(
+            decide_outcome(&udp(dst), &dns_all, &pod),
+            outcome6(0, Counter::LinkLocal, "::"),
+            "{dst}"
+        );
+    }
+    assert!(!ip6("ff05::1").needs_scope() && !ip6("fd00::1").needs_scope());
+    // A socket bound to lo reaches no IPv6 network address where the
+    // kernel gave no source for it at install.
+    let lo_bound = ConnectInput {
+        uid: 1337,
+        dev_lo: true,
+        bound_dev: LOOPBACK_IFINDEX,
+        ..app6("2001:db8::2")
+    };
+    assert_eq!(
+        decide_outcome(&lo_bound, &cfg, &pod),
+        outcome6(0, Counter::KernelRefuses, "::")
     );
 }
