@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 use redirect_common::{
     Addr, ConnectInput, Counter, Event, Ip6, LOCALHOST, LOG_DEBUG, LOG_TRACE, LOOPBACK_IFINDEX,
-    OUTCOME_INACTIVE, OrigDst, Outcome, decide_outcome, to_v4_mapped, v4_mapped,
+    OUTCOME_INACTIVE, OrigDst, Outcome, Source, decide_connect, outcome_of, redirect_source,
+    to_v4_mapped, v4_mapped,
 };
 
 use crate::{
@@ -108,7 +109,24 @@ pub extern "C" fn redirect_decide(owner: u64, dst: u64, src: u64) -> u64 {
         return OUTCOME_INACTIVE;
     };
     let input = ConnectInput::<u32>::unpack(owner, dst, src);
-    decide_outcome(&input, cfg, &maps).pack(cfg.log_level)
+    let verdict = decide_connect(&input, cfg, &maps);
+    outcome_of(verdict, || {
+        Source::unpack(redirect_source4(owner, dst, src))
+    })
+    .pack(cfg.log_level)
+}
+
+/// [`redirect_source`] for a redirected IPv4 connect, as a global function
+/// of its own: the verifier checks it once, not once for every rule of
+/// the decision that redirects. Returns [`Source::pack`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_source4(owner: u64, dst: u64, src: u64) -> u64 {
+    let Some((cfg, maps)) = active() else {
+        return Source::<u32>::Refused.pack();
+    };
+    let input = ConnectInput::<u32>::unpack(owner, dst, src);
+    redirect_source(&input, cfg, &maps).pack()
 }
 
 /// [`redirect_decide`] for IPv6 destinations: five scalars in (the input
@@ -131,15 +149,52 @@ pub extern "C" fn redirect_decide6(
         bpf_get_current_uid_gid(),
         [meta, dst_hi, dst_lo, src_hi, src_lo],
     );
-    let outcome = decide_outcome(&input, cfg, &maps);
-    if outcome.source != Ip6::UNSPECIFIED {
+    let verdict = decide_connect(&input, cfg, &maps);
+    let outcome = outcome_of(verdict, || {
+        let kind = redirect_source6(meta, dst_hi, dst_lo, src_hi, src_lo);
+        Source::from_kind(kind, source6())
+    });
+    outcome.pack_head(cfg.log_level)
+}
+
+/// [`redirect_source4`] for IPv6: returns [`Source::kind`] and leaves the
+/// address to bind in `RDR_SOURCE6` (see [`source6`]).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_source6(
+    meta: u64,
+    dst_hi: u64,
+    dst_lo: u64,
+    src_hi: u64,
+    src_lo: u64,
+) -> u64 {
+    let Some((cfg, maps)) = active() else {
+        return Source::<Ip6>::Refused.kind();
+    };
+    let input = ConnectInput::<Ip6>::unpack(
+        bpf_get_current_uid_gid(),
+        [meta, dst_hi, dst_lo, src_hi, src_lo],
+    );
+    let source = redirect_source(&input, cfg, &maps);
+    // Written for a bind only: any other kind leaves its (undefined)
+    // address alone, which the verifier would refuse to see read.
+    if let Source::Bind(addr) = source {
         let Some(slot) = RDR_SOURCE6.get_ptr_mut(0) else {
-            return OUTCOME_INACTIVE;
+            return Source::<Ip6>::Refused.kind();
         };
         // This CPU's slot, valid for the program's run.
-        write_ip6(slot.cast(), outcome.source.0);
+        write_ip6(slot.cast(), addr.0);
     }
-    outcome.pack_head(cfg.log_level)
+    source.kind()
+}
+
+/// The address [`redirect_source6`] left on this CPU.
+#[inline(always)]
+fn source6() -> Ip6 {
+    match RDR_SOURCE6.get_ptr(0) {
+        Some(slot) => Ip6(read_ip6(slot.cast())),
+        None => Ip6::UNSPECIFIED,
+    }
 }
 
 /// Decides one connect (or UDP send) to `dst_ip` (network order;
@@ -223,13 +278,7 @@ pub(crate) fn capture6(
     };
     let [meta, dst_hi, dst_lo, src_hi, src_lo] = input.pack();
     let packed = redirect_decide6(meta, dst_hi, dst_lo, src_hi, src_lo);
-    let source = match RDR_SOURCE6.get_ptr(0) {
-        // SAFETY: this CPU's slot, which the decision just wrote if it
-        // named a source.
-        Some(slot) => Ip6(read_ip6(slot.cast())),
-        None => Ip6::UNSPECIFIED,
-    };
-    let (outcome, level) = Outcome::<Ip6>::unpack_head(packed, source)?;
+    let (outcome, level) = Outcome::<Ip6>::unpack_head(packed, source6())?;
     let source = if outcome.port != 0 && outcome.source != Ip6::UNSPECIFIED {
         outcome.source
     } else {

@@ -91,11 +91,6 @@ pub trait Addr: Copy + PartialEq {
     fn needs_scope(self) -> bool;
     /// `-s 127.0.0.6/32`, `-s ::6/128`: the proxy's passthrough source.
     fn is_passthrough(self) -> bool;
-    /// The source the kernel gives an unbound socket connecting to `dst`,
-    /// one of the pod's own addresses: 127.0.0.1 for 127.0.0.0/8 (the
-    /// preferred source of its local route), else `dst` itself (IPv6 always:
-    /// RFC 6724's first rule prefers the destination).
-    fn local_source(dst: Self) -> Self;
     /// `-d 127.0.0.1/32` (the configured IPv4 loopback network), `-d ::1/128`.
     fn in_loopback_cidr(self, cfg: &RedirectConfig) -> bool;
     /// `-d NS` for a resolv.conf nameserver of this family.
@@ -141,11 +136,6 @@ impl Addr for u32 {
     #[inline(always)]
     fn is_passthrough(self) -> bool {
         self == PASSTHROUGH_SRC
-    }
-
-    #[inline(always)]
-    fn local_source(dst: Self) -> Self {
-        if dst.is_loopback() { LOCALHOST } else { dst }
     }
 
     #[inline(always)]
@@ -208,11 +198,6 @@ impl Addr for Ip6 {
     #[inline(always)]
     fn is_passthrough(self) -> bool {
         self == Self::PASSTHROUGH
-    }
-
-    #[inline(always)]
-    fn local_source(dst: Self) -> Self {
-        dst
     }
 
     #[inline(always)]

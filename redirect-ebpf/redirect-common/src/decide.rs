@@ -283,14 +283,17 @@ fn decide_nat<A: Addr>(
     }
     let dst = input.effective_dst();
     let local = leaves_by_lo(input, dst, maps);
-    // `-s` sees the source the kernel picks: an unbound socket connecting
-    // to one of the pod's addresses leaves from [`Addr::local_source`].
-    let src = if input.src_ip == A::UNSPECIFIED && is_local(dst, maps) {
-        A::local_source(dst)
-    } else {
-        input.src_ip
-    };
-    if local && src.is_passthrough() {
+    // `-s` sees the source the kernel picks. An unbound IPv6 socket
+    // connecting to one of the pod's addresses leaves from that address
+    // (RFC 6724's first rule), so from `::6` to `::6`; IPv4 leaves 127/8
+    // from 127.0.0.1 (the preferred source of its local route) and any
+    // other address of the pod from itself, never from 127.0.0.6.
+    let passthrough = input.src_ip.is_passthrough()
+        || (A::IS_V6
+            && input.src_ip == A::UNSPECIFIED
+            && dst.is_passthrough()
+            && maps.pod_address(dst));
+    if local && passthrough {
         return Verdict::Bypass(Counter::BypassPassthrough);
     }
     let in_loopback = dst.in_loopback_cidr(cfg);

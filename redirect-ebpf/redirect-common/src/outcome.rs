@@ -32,14 +32,24 @@ pub fn decide_outcome<A: Addr>(
     cfg: &RedirectConfig,
     maps: &impl Lookups<A>,
 ) -> Outcome<A> {
+    outcome_of(decide_connect(input, cfg, maps), || {
+        redirect_source(input, cfg, maps)
+    })
+}
+
+/// The outcome of `verdict`, asking `source` ([`redirect_source`]) only for
+/// a redirect (the programs ask it through a global function of its own,
+/// which the verifier then checks once, not once per rule that redirects).
+#[inline(always)]
+pub fn outcome_of<A: Addr>(verdict: Verdict, source: impl FnOnce() -> Source<A>) -> Outcome<A> {
     let left = |counter: Counter| Outcome {
         port: 0,
         counter: counter as u32,
         source: A::UNSPECIFIED,
     };
-    match decide_connect(input, cfg, maps) {
+    match verdict {
         Verdict::Bypass(counter) => left(counter),
-        Verdict::Redirect { port, counter } => match redirect_source(input, cfg, maps) {
+        Verdict::Redirect { port, counter } => match source() {
             Source::Refused => left(Counter::KernelRefuses),
             Source::LinkLocal => left(Counter::LinkLocal),
             Source::Bind(source) => Outcome {
@@ -190,5 +200,49 @@ impl ConnectInput<Ip6> {
             dev_lo: bound_dev == crate::LOOPBACK_IFINDEX,
             bound_dev,
         }
+    }
+}
+
+impl<A> Source<A> {
+    /// This source's kind as the source's global function returns it (the
+    /// address apart): 0 kernel, 1 bind, 2 refused, 3 link-local.
+    #[inline(always)]
+    pub const fn kind(&self) -> u64 {
+        match self {
+            Self::Kernel => 0,
+            Self::Bind(_) => 1,
+            Self::Refused => 2,
+            Self::LinkLocal => 3,
+        }
+    }
+
+    /// The source of kind `kind` ([`Source::kind`]) binding to `addr`.
+    #[inline(always)]
+    pub fn from_kind(kind: u64, addr: A) -> Self {
+        match kind {
+            0 => Self::Kernel,
+            1 => Self::Bind(addr),
+            3 => Self::LinkLocal,
+            _ => Self::Refused,
+        }
+    }
+}
+
+impl Source {
+    /// An IPv4 source as one scalar: its kind in the low byte, its address
+    /// in the high half.
+    #[inline(always)]
+    pub const fn pack(&self) -> u64 {
+        let addr = match self {
+            Self::Bind(addr) => *addr,
+            _ => 0,
+        };
+        self.kind() | (addr as u64) << 32
+    }
+
+    /// The source [`Source::pack`] packed.
+    #[inline(always)]
+    pub fn unpack(packed: u64) -> Self {
+        Self::from_kind(packed & 0xff, (packed >> 32) as u32)
     }
 }

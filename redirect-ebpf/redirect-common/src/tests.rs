@@ -1610,3 +1610,27 @@ fn ipv6_rules_see_the_source_the_kernel_picks() {
         outcome6(0, Counter::KernelRefuses, "::")
     );
 }
+
+#[test]
+fn sources_cross_their_global_function_unchanged() {
+    for source in [
+        Source::Kernel,
+        Source::Bind(ip(10, 0, 0, 1)),
+        Source::Bind(u32::MAX),
+        Source::Refused,
+        Source::LinkLocal,
+    ] {
+        assert_eq!(Source::unpack(source.pack()), source);
+        let six = match source {
+            Source::Bind(_) => Source::Bind(ip6("fd00::1")),
+            Source::Kernel => Source::Kernel,
+            Source::Refused => Source::Refused,
+            Source::LinkLocal => Source::LinkLocal,
+        };
+        let addr = match six {
+            Source::Bind(a) => a,
+            _ => Ip6::UNSPECIFIED,
+        };
+        assert_eq!(Source::from_kind(six.kind(), addr), six);
+    }
+}
