@@ -309,9 +309,13 @@ pub(crate) fn capture6(
 /// destination, so the connect is left alone rather than broken.
 #[inline(always)]
 fn record<A: Addr>(ctx: &SockAddrContext, dst: A, port: u16, via: u16) -> bool {
-    let mut orig = OrigDst::new(dst.words(), port, via);
-    // SAFETY: the context's socket; the value is copied in when created.
-    let slot = unsafe { RDR_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
+    let orig = OrigDst::new(dst.words(), port, via);
+    // Field by field into the buffer the helper reads (see `maps::store`).
+    let mut copy = core::mem::MaybeUninit::<OrigDst>::uninit();
+    store(copy.as_mut_ptr(), &orig);
+    // SAFETY: the context's socket; the value (every byte written) is
+    // copied in when created.
+    let slot = unsafe { RDR_SOCK.get_or_insert_ptr_mut(ctx, Some(copy.assume_init_mut())) };
     if slot.is_null() {
         count(Counter::RecordFailed);
         return false;

@@ -79,6 +79,7 @@ pub(crate) fn store(slot: *mut OrigDst, orig: &OrigDst) {
         core::ptr::write_volatile(&raw mut (*slot).port, orig.port);
         core::ptr::write_volatile(&raw mut (*slot).via, orig.via);
         core::ptr::write_volatile(&raw mut (*slot).kind, orig.kind);
+        core::ptr::write_volatile(&raw mut (*slot)._pad, 0);
     }
 }
 
@@ -121,13 +122,19 @@ pub(crate) fn keep_in_socket(sk: *mut bpf_sock, value: &OrigDst) -> bool {
     if sk.is_null() {
         return false;
     }
-    let mut value = *value;
-    // SAFETY: a full socket from the context; the value is copied in.
+    // Copied onto the stack field by field (see [`store`]), into the very
+    // buffer the helper reads: a plain copy of a record that is mostly
+    // zeros (an accepted socket's mark) compiles to a `memset` loop, which
+    // the verifier refuses without CAP_PERFMON.
+    let mut copy = core::mem::MaybeUninit::<OrigDst>::uninit();
+    store(copy.as_mut_ptr(), value);
+    // SAFETY: a full socket from the context; the value (every byte
+    // written) is copied in.
     let slot = unsafe {
         bpf_sk_storage_get(
             sock_map(),
             sk.cast(),
-            (&raw mut value).cast(),
+            copy.as_mut_ptr().cast(),
             u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE),
         )
     };

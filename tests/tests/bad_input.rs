@@ -53,7 +53,10 @@ fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
             &["-c", "eth1"],
             "-c eth1 naming an interface the pod does not have",
         ),
-        (&["-x", "fd00::/8"], "IPv6 CIDRs in -i/-x"),
+        (
+            &["-x", "fd00::/8"],
+            "IPv6 networks in -i/-x are rules of Istio's IPv6 table, which install and run add with --dual-stack",
+        ),
         (
             &["-b", "9080", "-m", "TPROXY"],
             "-m TPROXY (TPROXY needs netfilter",
@@ -64,9 +67,11 @@ fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
         assert_fails(&redirect(&args).expect("run"), 1, needle);
         assert!(!sandbox.is_pinned(), "{extra:?} left a pin");
     }
-    // Istio's flags that only matter for those are accepted on their own.
+    // Istio's flags that only matter for those are accepted on their own,
+    // and IPv6 networks with IPv6 rules.
     let mut args = install_args(&sandbox, &cg);
     args.extend_from_slice(&["-t", "1337", "-r", "133", "--redirect-dns=false"]);
+    args.extend_from_slice(&["--dual-stack", "-x", "fd00::/8"]);
     let out = redirect(&args).expect("run");
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(

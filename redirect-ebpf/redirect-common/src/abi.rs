@@ -288,9 +288,9 @@ pub const PASSTHROUGH_SRC: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
 /// as conntrack's entry lives as long as the connection; no close has to
 /// be watched.
 ///
-/// Field order matters to the verifier: constructing this struct must not
-/// put zero stores next to each other, or LLVM fuses them into a `memset`
-/// call whose loop the verifier refuses without CAP_PERFMON.
+/// The programs copy it field by field (`maps::store`):
+/// a plain copy of one that is mostly zeros compiles to a `memset` loop,
+/// which the verifier refuses without CAP_PERFMON.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]

@@ -65,6 +65,13 @@ fn checked(capture: Capture) -> Result<Capture> {
             "install and run do not read the pod's resolv.conf: capture DNS with `redirect istio-iptables --redirect-dns` (eBPF mode included)"
         );
     }
+    // istio-iptables takes them silently and leaves them unused without
+    // its IPv6 table; a command of this project's own says so.
+    if !capture.ipv6 && (!capture.include.v6.is_empty() || !capture.exclude.v6.is_empty()) {
+        bail!(
+            "IPv6 networks in -i/-x are rules of Istio's IPv6 table, which install and run add with --dual-stack: add --dual-stack, or drop them"
+        );
+    }
     Ok(capture)
 }
 
