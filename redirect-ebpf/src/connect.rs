@@ -142,6 +142,11 @@ pub extern "C" fn redirect_decide6(
     src_hi: u64,
     src_lo: u64,
 ) -> u64 {
+    // This CPU's slot holds the last bind's address until cleared: clear
+    // it, so that only this decision's bind is read back.
+    if let Some(slot) = RDR_SOURCE6.get_ptr_mut(0) {
+        write_ip6(slot.cast(), Ip6::UNSPECIFIED.0);
+    }
     let Some((cfg, maps)) = active() else {
         return OUTCOME_INACTIVE;
     };

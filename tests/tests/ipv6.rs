@@ -234,3 +234,79 @@ fn ipv6_connections_are_observed_as_with_ip6tables() {
     }
     println!("{compared} observations alike under ip6tables and eBPF: {landed:?}");
 }
+
+/// A redirect the kernel picks the source of (an IPv6 DNS query to `::`,
+/// which is `::1`) right after one bound to the route's source (a
+/// connection to the peer), many times over on one thread: each keeps the
+/// source ip6tables gives it, `::1`, never the earlier one's (the IPv6
+/// decision hands its source over in a per-CPU slot, cleared per decision).
+#[test]
+fn an_ipv6_redirect_never_takes_an_earlier_ones_source() {
+    require_root!();
+    use std::io::Write as _;
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let resolv = std::env::temp_dir().join(format!("{}-resolv6.conf", sandbox.name()));
+    std::fs::write(&resolv, format!("nameserver {PEER_IP6}\n")).expect("resolv.conf");
+    let mut dns = sandbox.agent(Net::Pod, Group::Proxy, PROXY);
+    dns.args([
+        "dns-serve",
+        "--listen",
+        "[::1]:15053",
+        "--reply",
+        "dns-proxy",
+    ]);
+    sandbox.start(dns).expect("DNS proxy");
+    sandbox
+        .serve_observing(&[(Net::Pod, Group::Proxy, PROXY, "[::]:15001".into(), "proxy")])
+        .expect("proxy");
+    let resolv_path = resolv.to_string_lossy().into_owned();
+    let flags = Flags {
+        name: "ipv6-capture-all-dns",
+        args: &["-i", "*", "-b", "", "--redirect-dns", "--capture-all-dns"],
+    };
+    let out = istio_iptables(&sandbox, "ebpf", &flags, &["--resolv-conf", &resolv_path]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let pairs = 20;
+    let specs: String = (0..pairs)
+        .map(|_| {
+            format!(
+                "to=[{PEER_IP6}]:{UPSTREAM_PORT} family=6 bind=none dev=none mode=block\n\
+                 to=[::]:53 family=6 bind=none dev=none mode=udp\n"
+            )
+        })
+        .collect();
+    let mut agent = sandbox.agent(Net::Pod, Group::App, APP);
+    let mut child = agent
+        .args(["observe", "--parallel", "1", "--timeout-ms", "3000"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("agent observe");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(specs.as_bytes())
+        .expect("specs");
+    let seen = child.wait_with_output().expect("agent observe");
+    let text = String::from_utf8_lossy(&seen.stdout);
+    let queries: Vec<&str> = text.lines().filter(|l| l.contains("udp-connect")).collect();
+    assert_eq!(queries.len(), pairs, "{text}");
+    for query in &queries {
+        assert!(query.contains("local=[::1]:"), "{query}\n{text}");
+        assert!(query.contains("| dns-proxy"), "{query}");
+    }
+    let bound = text.lines().filter(|l| l.contains("| proxy")).count();
+    assert_eq!(
+        bound, pairs,
+        "every connection to the peer was captured: {text}"
+    );
+    let out = istio_iptables(
+        &sandbox,
+        "ebpf",
+        &flags,
+        &["--cleanup-only", "--resolv-conf", &resolv_path],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let _ = std::fs::remove_file(&resolv);
+}
