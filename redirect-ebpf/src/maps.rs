@@ -15,10 +15,10 @@ use aya_ebpf::{
 };
 use redirect_common::{
     CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, Counter, InstanceMeta, Ip6,
-    LISTENER_SLOTS, Lookups, MAX_CIDRS, MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS, MAX_LOCAL_ADDRS,
-    MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, OrigDst, PORT_RANGE_SLOT_BITS, ROUTE_EXCLUDED_IFACE,
-    RedirectConfig, RouteEntry, RouteEntry6, active_slot, cidr_key, cidr6_key, local6_key,
-    port_key, port_range_key, slot_key,
+    LISTENER_SLOTS, Lookups, MAX_CIDRS, MAX_CIDRS6, MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS,
+    MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, OrigDst,
+    PORT_RANGE_SLOT_BITS, ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry, RouteEntry6,
+    active_slot, cidr_key, cidr6_key, local6_key, port_key, port_range_key, slot_key,
 };
 
 /// Largest number of redirected handshakes in flight at once (user space
@@ -201,18 +201,18 @@ pub(crate) static RDR_LOCAL6: HashMap<[u32; 5], u8> =
 /// [`RDR_EXCLUDE`] for IPv6 networks.
 #[map]
 pub(crate) static RDR_EXCLUDE6: LpmTrie<[u8; 20], u8> =
-    LpmTrie::pinned(MAX_CIDRS * CONFIG_SLOTS, 0);
+    LpmTrie::pinned(MAX_CIDRS6 * CONFIG_SLOTS, 0);
 
 /// [`RDR_INCLUDE`] for IPv6 networks.
 #[map]
 pub(crate) static RDR_INCLUDE6: LpmTrie<[u8; 20], u8> =
-    LpmTrie::pinned(MAX_CIDRS * CONFIG_SLOTS, 0);
+    LpmTrie::pinned(MAX_CIDRS6 * CONFIG_SLOTS, 0);
 
 /// [`RDR_ROUTE`] for IPv6: each route's source as the pod's kernel picked
 /// it at install.
 #[map]
 pub(crate) static RDR_ROUTE6: LpmTrie<[u8; 20], RouteEntry6> =
-    LpmTrie::pinned(MAX_ROUTES * CONFIG_SLOTS, 0);
+    LpmTrie::pinned(MAX_ROUTES6 * CONFIG_SLOTS, 0);
 
 /// Where the IPv6 decision's global function leaves the source of a
 /// redirect (a global function returns one scalar), for its caller on the

@@ -508,9 +508,10 @@ fn max_connections_sizes_the_maps_and_is_fixed_at_first_install() {
     // its accounting differs between versions, so only the order of
     // magnitude is checked. Kernels before 5.11 charge the LPM tries at
     // their full size: the two CIDR sets (2 x 16,384 entries a slot) alone
-    // are about 3 MB there, the port ranges and routes some 0.2 MB more.
+    // are about 3 MB there, the port ranges and routes some 0.2 MB more,
+    // the IPv6 CIDR sets (2 x 1,024 a slot) and routes about 0.3 MB.
     let bytes = instance["map_memory_bytes"].as_u64().expect("bytes");
-    assert!(bytes < 4_500_000, "a small instance: {bytes} bytes");
+    assert!(bytes < 5_000_000, "a small instance: {bytes} bytes");
     let tuple_bytes = tuple["bytes"].as_u64().expect("tuple map bytes");
     assert!(
         tuple_bytes < 1_000_000,

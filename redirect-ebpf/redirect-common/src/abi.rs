@@ -26,6 +26,15 @@ pub const MAX_IN_HITS: u32 = 1024;
 pub const MAX_PORT_BLOCKS: u32 = 1024;
 /// How many CIDRs one configuration's set (`-x`, `-i`) can hold.
 pub const MAX_CIDRS: u32 = 16384;
+/// How many IPv6 networks one configuration's `-i` (and, separately, `-x`)
+/// can hold: fewer than IPv4's, as Istio configurations list few, and
+/// kernels before 5.11 charge an LPM trie at its full size (some 60 bytes
+/// an entry for these keys) to every instance, IPv6 rules or not. More
+/// send auto mode to iptables.
+pub const MAX_CIDRS6: u32 = 1024;
+/// How many routes one configuration's IPv6 routing view can hold (a pod
+/// has a handful).
+pub const MAX_ROUTES6: u32 = 256;
 /// How many pod addresses one configuration can hold.
 pub const MAX_LOCAL_ADDRS: u32 = 256;
 /// How many routes (and fixed broadcast and multicast entries) one

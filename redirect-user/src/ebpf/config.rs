@@ -7,8 +7,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use redirect_common::{
     ABI_VERSION, CFG_DNS, CFG_DNS_ALL, CFG_EXCLUDE_IFACES, CFG_GROUPS_ONLY, CFG_INBOUND,
     CFG_INBOUND_ALL, CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, CFG_IPV6, CFG_LEGACY, CFG_PORT_RANGES,
-    DNS_PROXY_PORT, MAX_CIDRS, MAX_DNS_SERVERS, MAX_EXCLUDE_IFACES, MAX_GROUPS, MAX_LOCAL_ADDRS,
-    MAX_OWNERS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, RedirectConfig,
+    DNS_PROXY_PORT, MAX_CIDRS, MAX_CIDRS6, MAX_DNS_SERVERS, MAX_EXCLUDE_IFACES, MAX_GROUPS,
+    MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6,
+    RedirectConfig,
 };
 
 pub use super::{routes::RouteSource, routes6::RouteSource6};
@@ -295,12 +296,12 @@ impl Config {
             (
                 "included IPv6 CIDRs",
                 self.ipv6.as_ref().map_or(0, |v6| v6.include.len()),
-                MAX_CIDRS as usize,
+                MAX_CIDRS6 as usize,
             ),
             (
                 "excluded IPv6 CIDRs",
                 self.ipv6.as_ref().map_or(0, |v6| v6.exclude.len()),
-                MAX_CIDRS as usize,
+                MAX_CIDRS6 as usize,
             ),
             (
                 "pod IPv6 addresses",
@@ -310,7 +311,7 @@ impl Config {
             (
                 "IPv6 routes",
                 self.ipv6.as_ref().map_or(0, |v6| v6.routes.len()),
-                MAX_ROUTES as usize,
+                MAX_ROUTES6 as usize,
             ),
         ];
         for (what, n, max) in limits {
