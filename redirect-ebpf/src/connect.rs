@@ -96,8 +96,10 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// The whole outbound decision, [`decide_outcome`], as a BPF global
-/// function (kernel 5.6): the verifier checks it once per program, for any
+/// The whole outbound decision ([`redirect_common::decide_outcome`]:
+/// [`decide_connect`], then for a redirect [`redirect_source4`], a global
+/// function of its own) as a BPF global function (kernel 5.6): the
+/// verifier checks it once per program, for any
 /// input, and the paths of the program around it once, instead of every
 /// path of the decision times every path after it (which took 0.4 s of an
 /// install). It takes and returns scalars only, as global functions must
@@ -150,16 +152,20 @@ pub extern "C" fn redirect_decide6(
     let Some((cfg, maps)) = active() else {
         return OUTCOME_INACTIVE;
     };
-    let input = ConnectInput::<Ip6>::unpack(
-        bpf_get_current_uid_gid(),
-        [meta, dst_hi, dst_lo, src_hi, src_lo],
-    );
+    let input = input6([meta, dst_hi, dst_lo, src_hi, src_lo]);
     let verdict = decide_connect(&input, cfg, &maps);
     let outcome = outcome_of(verdict, || {
         let kind = redirect_source6(meta, dst_hi, dst_lo, src_hi, src_lo);
         Source::from_kind(kind, source6())
     });
     outcome.pack_head(cfg.log_level)
+}
+
+/// The IPv6 input the global functions take as five scalars
+/// ([`ConnectInput::<Ip6>::pack`]), with the caller's uid and gid.
+#[inline(always)]
+fn input6(packed: [u64; 5]) -> ConnectInput<Ip6> {
+    ConnectInput::<Ip6>::unpack(bpf_get_current_uid_gid(), packed)
 }
 
 /// [`redirect_source4`] for IPv6: returns [`Source::kind`] and leaves the
@@ -176,10 +182,7 @@ pub extern "C" fn redirect_source6(
     let Some((cfg, maps)) = active() else {
         return Source::<Ip6>::Refused.kind();
     };
-    let input = ConnectInput::<Ip6>::unpack(
-        bpf_get_current_uid_gid(),
-        [meta, dst_hi, dst_lo, src_hi, src_lo],
-    );
+    let input = input6([meta, dst_hi, dst_lo, src_hi, src_lo]);
     let source = redirect_source(&input, cfg, &maps);
     // Written for a bind only: any other kind leaves its (undefined)
     // address alone, which the verifier would refuse to see read.
