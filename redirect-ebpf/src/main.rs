@@ -19,6 +19,9 @@
 //!   peer address unchanged.
 //! - [`sk_lookup`] (`sk_lookup`, on the pod's network namespace): Istio's
 //!   `ISTIO_INBOUND` chain, connections handed to the proxy's listener.
+//! - [`virt`] (`tc` ingress and egress of each `-k` interface): Istio's
+//!   `PREROUTING -i X -j ISTIO_REDIRECT`, REDIRECT's rewrite and
+//!   conntrack's reverse one.
 //!
 //! The maps ([`maps`]) are pinned by user space; the configuration in force
 //! is read through [`maps::active`]; every decision is counted in
@@ -40,6 +43,7 @@ mod maps;
 mod net;
 mod sk_lookup;
 mod sockops;
+mod virt;
 
 #[cfg(not(test))]
 #[panic_handler]

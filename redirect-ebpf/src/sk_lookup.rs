@@ -12,11 +12,12 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use redirect_common::{
-    Counter, InboundInput, InboundVerdict, Ip6, LISTENER_SLOTS, decide_inbound, in_bypass_key,
+    CFG_VIRT_IFACES, Counter, InboundInput, InboundVerdict, Ip6, LISTENER_SLOTS, decide_inbound,
+    in_bypass_key, to_v4_mapped, virt_nat_key,
 };
 
 use crate::{
-    maps::{RDR_IN_BYPASS, RDR_IN_HITS, RDR_LISTENER, active, count},
+    maps::{RDR_IN_BYPASS, RDR_IN_HITS, RDR_LISTENER, RDR_ORIG_TUPLE, active, count},
     net::{AF_INET, AF_INET6, IPPROTO_TCP, read_ip6},
 };
 
@@ -69,6 +70,11 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
         0
     };
     let dst_port = lookup.local_port as u16;
+    if cfg.flags & CFG_VIRT_IFACES != 0 && redirected_from_virt_iface(lookup, dst_port) {
+        // `PREROUTING -i X -j ISTIO_REDIRECT` came first: its REDIRECT
+        // is terminal, so the inbound rules never see the connection.
+        return SK_PASS;
+    }
     let verdict = if lookup.family == AF_INET {
         let input = InboundInput {
             src_ip: lookup.remote_ip4,
@@ -109,15 +115,41 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
 }
 
+/// Whether the tc program of a `-k` interface sent this connection here
+/// (see [`crate::virt`]).
+#[inline(always)]
+fn redirected_from_virt_iface(lookup: &aya_ebpf::bindings::bpf_sk_lookup, local_port: u16) -> bool {
+    let (vm_ip, to_ip) = if lookup.family == AF_INET {
+        (
+            to_v4_mapped(lookup.remote_ip4),
+            to_v4_mapped(lookup.local_ip4),
+        )
+    } else {
+        (
+            read_ip6(&raw const lookup.remote_ip6),
+            read_ip6(&raw const lookup.local_ip6),
+        )
+    };
+    let key = virt_nat_key(vm_ip, remote_port(lookup), to_ip, local_port);
+    // SAFETY: only tested for presence.
+    unsafe { RDR_ORIG_TUPLE.get(key) }.is_some()
+}
+
+/// The connection's remote port, host order. It is a __be16 in the low
+/// half of a 32-bit word (a 4-byte load, which every kernel allows;
+/// narrower ones came in 5.18).
+#[inline(always)]
+fn remote_port(lookup: &aya_ebpf::bindings::bpf_sk_lookup) -> u16 {
+    // SAFETY: the context's field, read as a whole word.
+    let word = unsafe { core::ptr::read_volatile((&raw const lookup.remote_port).cast::<u32>()) };
+    u16::from_be(word as u16)
+}
+
 /// Remembers a connection left alone for its interface until it is
 /// accepted (see `RDR_IN_BYPASS`).
 #[inline(always)]
 fn remember_bypass(lookup: &aya_ebpf::bindings::bpf_sk_lookup, local_port: u16) {
-    // The remote port is a __be16 in the low half of a 32-bit word (a
-    // 4-byte load, which every kernel allows; narrower ones came in 5.18).
-    // SAFETY: the context's field, read as a whole word.
-    let word = unsafe { core::ptr::read_volatile((&raw const lookup.remote_port).cast::<u32>()) };
-    let key = in_bypass_key(lookup.remote_ip4, u16::from_be(word as u16), local_port);
+    let key = in_bypass_key(lookup.remote_ip4, remote_port(lookup), local_port);
     let _ = RDR_IN_BYPASS.insert(key, 1, 0);
 }
 

@@ -103,6 +103,9 @@ pub trait Host {
     /// The index of the interface `name` in the calling thread's network
     /// namespace (`None`: no such interface).
     fn ifindex(&self, name: &str) -> Option<u32>;
+    /// The interface `name` with its link type and addresses (`None`: no
+    /// such interface).
+    fn interface(&self, name: &str) -> std::io::Result<Option<crate::ebpf::virt::Interface>>;
 
     /// An environment variable as text, `None` when unset. A value that is
     /// not UTF-8 is an error naming the variable, never taken as unset: a
@@ -150,6 +153,9 @@ impl Host for RealHost {
         // SAFETY: a NUL-terminated string that outlives the call.
         let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
         (index != 0).then_some(index)
+    }
+    fn interface(&self, name: &str) -> std::io::Result<Option<crate::ebpf::virt::Interface>> {
+        crate::ebpf::virt::read(name)
     }
 }
 
@@ -344,6 +350,23 @@ pub(crate) mod fake {
                 "eth0" => Some(2),
                 _ => None,
             }
+        }
+        fn interface(&self, name: &str) -> std::io::Result<Option<crate::ebpf::virt::Interface>> {
+            Ok(match name {
+                "eth0" | "eth1" => Some(crate::ebpf::virt::Interface {
+                    ifindex: if name == "eth0" { 2 } else { 3 },
+                    ethernet: true,
+                    v4: vec![std::net::Ipv4Addr::new(10, 0, 0, 5)],
+                    v6: vec![("fd00::5".parse().unwrap(), 0x80)],
+                }),
+                "lo" => Some(crate::ebpf::virt::Interface {
+                    ifindex: 1,
+                    ethernet: false,
+                    v4: vec![std::net::Ipv4Addr::LOCALHOST],
+                    v6: vec![],
+                }),
+                _ => None,
+            })
         }
     }
 

@@ -250,7 +250,7 @@ impl Sandbox {
 
     /// A veth pair named `name` on both sides, from the pod to the peer,
     /// with these addresses (IPv6 ones without duplicate detection), up.
-    fn link(&self, name: &str, pod: &[String], peer: &[String]) -> Result<()> {
+    pub fn link(&self, name: &str, pod: &[String], peer: &[String]) -> Result<()> {
         let peer_ns = format!(
             "/proc/{}/fd/{}",
             std::process::id(),

@@ -48,7 +48,10 @@ fn istio_flags_ebpf_cannot_honour_are_refused_with_the_way_out() {
             &["--redirect-dns"][..],
             "install and run do not read the pod's resolv.conf: capture DNS with `redirect istio-iptables --redirect-dns`",
         ),
-        (&["-k", "eth1"], "-k/--kube-virt-interfaces"),
+        (
+            &["-k", "eth1"],
+            "-k eth1 naming an interface the pod does not have",
+        ),
         (
             &["-c", "eth1"],
             "-c eth1 naming an interface the pod does not have",

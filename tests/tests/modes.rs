@@ -248,7 +248,7 @@ fn the_network_namespace_comes_from_istios_variable() {
 
 /// The golden configurations auto mode installs with eBPF on a kernel that
 /// has every eBPF feature (the others name, in auto's reason, what eBPF
-/// mode lacks for them: TPROXY, `-k`).
+/// mode lacks for them: TPROXY).
 const EBPF_GOLDENS: &[&str] = &[
     "basic-exclude-nic",
     "ipv6-empty-inbound-ports",
@@ -271,6 +271,16 @@ const EBPF_GOLDENS: &[&str] = &[
     "loopback-outbound-iprange",
 ];
 
+/// The golden configurations with `-k`: eBPF where the kernel has TCX
+/// links (6.6), else iptables, auto's reason naming TCX.
+const TCX_GOLDENS: &[&str] = &[
+    "kube-virt-interfaces",
+    "ipnets-with-kube-virt-interfaces",
+    "ipv6-virt-interfaces",
+    "ipv6-ipnets",
+    "ipv6-uid-gid",
+];
+
 /// Each of Istio's golden configurations with `--mode auto` in a sandbox
 /// pod on this machine: what auto installs, and its reason when that is
 /// not eBPF. Owner group names the goldens use and this machine lacks
@@ -287,13 +297,16 @@ fn auto_mode_over_istios_golden_configurations() {
         return;
     };
     let sandbox = Sandbox::for_tests().expect("sandbox");
-    // The interface `-c` names in the goldens, as a pod that names it has it.
+    // The interfaces `-c` and `-k` name in the goldens (besides the pod's
+    // eth0), as a pod that names them has them.
     sandbox
         .ip_batch(
             Net::Pod,
-            "link add not-istio-nic type veth peer name not-istio-peer\n",
+            "link add not-istio-nic type veth peer name not-istio-peer\n\
+             link add eth1 type veth peer name eth1-peer\n\
+             link add eth2 type veth peer name eth2-peer\n",
         )
-        .expect("not-istio-nic");
+        .expect("not-istio-nic, eth1, eth2");
     let scratch = std::env::temp_dir().join(format!("{}-goldens", sandbox.name()));
     std::fs::create_dir_all(&scratch).expect("scratch");
     // This machine's groups, and the goldens' names it lacks.
@@ -365,9 +378,24 @@ fn auto_mode_over_istios_golden_configurations() {
         cases.len(),
         report.join("\n")
     );
-    let missing: Vec<&&str> = EBPF_GOLDENS.iter().filter(|c| !ebpf.contains(c)).collect();
+    let tcx = redirect_sandbox::cli::feature_present("tcx/ingress");
+    let expected: Vec<&str> = EBPF_GOLDENS
+        .iter()
+        .chain(TCX_GOLDENS.iter().filter(|_| tcx))
+        .copied()
+        .collect();
+    if !tcx {
+        for case in TCX_GOLDENS {
+            let line = report
+                .iter()
+                .find(|l| l.trim_start().starts_with(&format!("{case}:")))
+                .unwrap_or_else(|| panic!("{case} is a golden"));
+            assert!(line.contains("TCX links"), "{line}");
+        }
+    }
+    let missing: Vec<&&str> = expected.iter().filter(|c| !ebpf.contains(c)).collect();
     assert!(missing.is_empty(), "no longer eBPF: {missing:?}");
-    let unlisted: Vec<&&str> = ebpf.iter().filter(|c| !EBPF_GOLDENS.contains(c)).collect();
+    let unlisted: Vec<&&str> = ebpf.iter().filter(|c| !expected.contains(c)).collect();
     assert!(
         unlisted.is_empty(),
         "eBPF now, add to EBPF_GOLDENS: {unlisted:?}"

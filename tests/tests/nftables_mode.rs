@@ -196,7 +196,8 @@ fn auto_mode_with_native_nftables_prefers_ebpf_then_nftables() {
     assert_eq!(istio_iptables(&sandbox, &[], &args).code, 0);
     assert!(!sandbox.is_pinned());
 
-    // A virtual interface, which eBPF mode lacks: nftables, and why.
+    // A virtual interface the pod lacks, which eBPF mode cannot attach
+    // to: nftables, and why.
     let mut args = with(&["--mode", "auto", "--native-nftables", "-k", "eth1"]);
     let out = istio_iptables(&sandbox, &[], &args);
     assert_eq!(out.code, 0, "{out:?}");
@@ -233,7 +234,8 @@ fn auto_mode_without_iptables_uses_nft() {
     symlink(nft().expect("nft"), dir.join("nft")).expect("nft link");
     let path = dir.to_string_lossy().into_owned();
     let env = [("PATH", path.as_str()), ("REDIRECT_TEST_PATH_ONLY", "1")];
-    // eBPF mode cannot honour a virtual interface: the netfilter fallback.
+    // eBPF mode cannot attach to a virtual interface the pod lacks: the
+    // netfilter fallback.
     let mut args = with(&["--mode", "auto", "-k", "eth1"]);
     let out = istio_iptables(&sandbox, &env, &args);
     args.push("--cleanup-only");

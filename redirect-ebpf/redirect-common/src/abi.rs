@@ -12,7 +12,7 @@ pub const MAX_GROUPS: usize = 64;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 15;
+pub const ABI_VERSION: u32 = 16;
 
 /// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
 /// ports together).
@@ -43,6 +43,9 @@ pub const MAX_ROUTES: u32 = 1024;
 /// How many interfaces `-c` can name (Istio has no limit; more send auto
 /// mode to iptables).
 pub const MAX_EXCLUDE_IFACES: usize = 8;
+/// How many interfaces `-k` can name (Istio has no limit; more send auto
+/// mode to iptables).
+pub const MAX_VIRT_IFACES: usize = 8;
 /// How many nameservers of each family (`--redirect-dns`: resolv.conf's)
 /// the config can hold. glibc reads three; more send auto mode to iptables.
 pub const MAX_DNS_SERVERS: usize = 8;
@@ -195,6 +198,30 @@ pub struct RedirectConfig {
     /// resolv.conf's IPv6 nameservers whose port 53 is captured (with
     /// [`CFG_IPV6`], without [`CFG_DNS_ALL`]), as [`crate::Ip6`] words.
     pub dns_servers6: [[u32; 4]; MAX_DNS_SERVERS],
+    /// Number of valid entries in `virt_ifaces`.
+    pub virt_iface_count: u32,
+    /// `-k`: the KubeVirt interfaces whose inbound TCP is sent to the
+    /// proxy port as outbound, with [`CFG_VIRT_IFACES`].
+    pub virt_ifaces: [VirtIface; MAX_VIRT_IFACES],
+}
+
+/// One `-k` interface as REDIRECT in `PREROUTING` sees it: where it sends a
+/// connection that arrives there (the interface's first address of the
+/// connection's family, read at install).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct VirtIface {
+    /// The interface's index in the pod's network namespace at install.
+    pub ifindex: u32,
+    /// Its first IPv4 address (network order); 0: none, and REDIRECT drops
+    /// what arrives.
+    pub addr4: u32,
+    /// Its first usable IPv6 address ([`crate::Ip6`] words; `::`: none).
+    pub addr6: [u32; 4],
+    /// Its first usable link-local IPv6 address, for link-local
+    /// destinations (`::`: none).
+    pub addr6_link: [u32; 4],
 }
 
 /// `-i '*'`: every destination not excluded is captured.
@@ -234,6 +261,10 @@ pub const CFG_EXCLUDE_IFACES: u32 = 512;
 /// the IPv6 CIDRs) and sent to `[::1]:<port>`. Without it they are left
 /// alone, as Istio leaves them without ip6tables rules.
 pub const CFG_IPV6: u32 = 1024;
+
+/// `-k` names interfaces: `PREROUTING -i X -j ISTIO_REDIRECT` comes first,
+/// so TCP arriving there goes to the proxy port, as outbound.
+pub const CFG_VIRT_IFACES: u32 = 2048;
 
 /// One entry of the routing view (`RDR_ROUTE`): connects to its prefix
 /// leave from `src` (network order; 0: the kernel refuses them), through
@@ -484,6 +515,12 @@ pub enum Counter {
     /// the kernel (which refuses it without a scope; ip6tables captures
     /// it with one).
     LinkLocal = 36,
+    /// `-k`: a TCP connection arriving on a KubeVirt interface sent to the
+    /// proxy port (`PREROUTING -i X -j ISTIO_REDIRECT`).
+    VirtRedirected = 37,
+    /// `-k`: a TCP connection arriving on a KubeVirt interface without an
+    /// address of its family, dropped as REDIRECT drops it.
+    VirtDropped = 38,
 }
 
 impl Counter {
@@ -525,6 +562,8 @@ impl Counter {
         Self::BypassInterface,
         Self::InboundBypassInterface,
         Self::LinkLocal,
+        Self::VirtRedirected,
+        Self::VirtDropped,
     ];
 
     /// Stable name used in `redirect status` and its JSON.
@@ -567,12 +606,14 @@ impl Counter {
             Self::BypassInterface => "bypass_interface",
             Self::InboundBypassInterface => "inbound_bypass_interface",
             Self::LinkLocal => "link_local",
+            Self::VirtRedirected => "virt_redirected",
+            Self::VirtDropped => "virt_dropped",
         }
     }
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 37;
+pub const COUNTER_COUNT: u32 = 39;
 
 /// 127.0.0.1 in network byte order: where redirected connects are sent.
 pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);

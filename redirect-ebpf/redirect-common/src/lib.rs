@@ -19,12 +19,14 @@ pub mod addr;
 pub mod decide;
 pub mod outcome;
 pub mod sockopt;
+pub mod virt;
 
 pub use abi::*;
 pub use addr::*;
 pub use decide::*;
 pub use outcome::*;
 pub use sockopt::*;
+pub use virt::*;
 
 #[cfg(feature = "user")]
 mod user {
@@ -35,6 +37,7 @@ mod user {
     unsafe impl aya::Pod for super::ConnTuple {}
     unsafe impl aya::Pod for super::RouteEntry6 {}
     unsafe impl aya::Pod for super::InstanceMeta {}
+    unsafe impl aya::Pod for super::VirtIface {}
 }
 
 #[cfg(test)]

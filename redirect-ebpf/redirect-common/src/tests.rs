@@ -33,6 +33,8 @@ fn istio_default() -> RedirectConfig {
         lo_source6: [0; 4],
         dns_server6_count: 0,
         dns_servers6: [[0; 4]; MAX_DNS_SERVERS],
+        virt_iface_count: 0,
+        virt_ifaces: [VirtIface::default(); MAX_VIRT_IFACES],
     };
     cfg.proxy_uids[0] = 1337;
     cfg.proxy_gids[0] = 1337;

@@ -190,6 +190,17 @@ fn choose_mode(
                 missing.first_kernel
             ));
         }
+        if !config.virt_ifaces.is_empty()
+            && let Some(missing) = report
+                .features
+                .iter()
+                .find(|f| ebpf::VIRT_HOOKS.iter().any(|h| h.feature == f.name) && !f.present)
+        {
+            return Err(format!(
+                "-k needs tc programs on TCX links ({}, kernel {}), missing here",
+                missing.name, missing.first_kernel
+            ));
+        }
         let cgroup = cgroup::resolve(&args.cgroup).map_err(|err| format!("{err:#}"))?;
         Ok((config, cgroup))
     };

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::{
     bpffs,
     cli::StatusArgs,
-    ebpf::{Kind, SK_LOOKUP, all_hooks, config::Config, features, maps, sys},
+    ebpf::{Kind, SK_LOOKUP, VIRT_HOOKS, all_hooks, config::Config, features, maps, sys},
     instance::InstanceName,
     iptables::legacy,
 };
@@ -84,6 +84,10 @@ pub struct Program {
     /// First kernel with the hook, "major.minor".
     pub min_kernel: String,
     pub mirrors: &'static str,
+    /// The interface a `-k` hook's link is for (its index in the pod's
+    /// network namespace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -101,6 +105,8 @@ pub struct ConfigView {
     /// DNS capture, `None` without `--redirect-dns`: `*` (every
     /// destination) or the nameservers.
     pub dns: Option<String>,
+    /// `-k`: the KubeVirt interfaces' indexes in the pod's network namespace.
+    pub kube_virt_interfaces: Vec<u32>,
 }
 
 #[derive(Serialize)]
@@ -166,11 +172,20 @@ pub fn collect(only: Option<&InstanceName>) -> Result<Status> {
         }
         let whole = instance(&name).and_then(|found| {
             let inbound = found.config.as_ref().is_some_and(|c| c.inbound.is_some());
+            let virt: Vec<u32> = found
+                .config
+                .as_ref()
+                .map(|c| c.kube_virt_interfaces.clone())
+                .unwrap_or_default();
             let missing: Vec<&str> = found
                 .programs
                 .iter()
                 .filter(|p| p.available && p.link_id.is_none())
-                .filter(|p| !p.optional || (inbound && p.hook == SK_LOOKUP.name))
+                .filter(|p| {
+                    !p.optional
+                        || (inbound && p.hook == SK_LOOKUP.name)
+                        || p.interface.is_some_and(|i| virt.contains(&i))
+                })
                 .map(|p| p.hook)
                 .collect();
             if found.config.is_none() {
@@ -226,7 +241,11 @@ fn instance(name: &InstanceName) -> Result<Instance> {
     let handshakes = maps::tracked(&dir)?;
     let port_list = |flag: u8| sets.ports_with(flag);
     let legacy = config.as_ref().is_some_and(|c| c.legacy);
-    let programs = programs(&dir, &meta, legacy);
+    let virt: Vec<u32> = config
+        .as_ref()
+        .map(|c| c.virt_ifaces.iter().map(|v| v.ifindex).collect())
+        .unwrap_or_default();
+    let programs = programs(&dir, &meta, legacy, &virt);
     let prog_ids: Vec<u32> = programs.iter().filter_map(|p| p.program_id).collect();
     let maps = maps::memory(&dir, &prog_ids)?;
     Ok(Instance {
@@ -238,6 +257,7 @@ fn instance(name: &InstanceName) -> Result<Instance> {
         maps,
         programs,
         config: config.map(|c| ConfigView {
+            kube_virt_interfaces: virt.clone(),
             inbound: c.inbound.as_ref().map(|i| InboundView {
                 ports: if i.all {
                     "*".to_owned()
@@ -283,10 +303,13 @@ fn instance(name: &InstanceName) -> Result<Instance> {
 const LEGACY_INBOUND_MIRRORS: &str =
     "nat PREROUTING -> ISTIO_REDIRECT (istio/install-istio-prerouting)";
 
-fn programs(dir: &Path, meta: &InstanceMeta, legacy: bool) -> Vec<Program> {
-    all_hooks()
+fn programs(dir: &Path, meta: &InstanceMeta, legacy: bool, virt: &[u32]) -> Vec<Program> {
+    let mut out: Vec<Program> = all_hooks()
         .filter(|hook| {
-            hook.kind != Kind::SkLookup || meta.netns_ino != 0 || dir.join(hook.pin_name()).exists()
+            hook.kind != Kind::SchedCls
+                && (hook.kind != Kind::SkLookup
+                    || meta.netns_ino != 0
+                    || dir.join(hook.pin_name()).exists())
         })
         .map(|hook| {
             let target = if hook.kind == Kind::SkLookup {
@@ -310,9 +333,50 @@ fn programs(dir: &Path, meta: &InstanceMeta, legacy: bool) -> Vec<Program> {
                 } else {
                     hook.mirrors
                 },
+                interface: None,
             }
         })
-        .collect()
+        .collect();
+    out.extend(virt_programs(dir, virt));
+    out
+}
+
+/// The `-k` hooks: a link per interface, those the configuration in force
+/// names (a missing pin shows) and any an earlier install left (still
+/// attached, unused); one line each without `-k`.
+fn virt_programs(dir: &Path, virt: &[u32]) -> Vec<Program> {
+    let mut out = Vec::new();
+    for hook in VIRT_HOOKS {
+        let mut ifindexes = virt.to_vec();
+        ifindexes.extend(
+            crate::ebpf::loader::virt_pins(dir, hook)
+                .into_iter()
+                .filter(|i| !virt.contains(i)),
+        );
+        let entry = |interface: Option<u32>| {
+            let info = interface.and_then(|ifindex| {
+                sys::obj_get(&dir.join(hook.virt_pin_name(ifindex)))
+                    .and_then(|fd| sys::link_info(fd.as_fd()))
+                    .ok()
+            });
+            Program {
+                hook: hook.name,
+                link_id: info.map(|i| i.link_id),
+                program_id: info.map(|i| i.prog_id),
+                attached: info.is_some_and(|i| Some(i.target) == interface.map(u64::from)),
+                available: features::hook_present(&hook),
+                optional: hook.optional,
+                min_kernel: hook.first_kernel(),
+                mirrors: hook.mirrors,
+                interface,
+            }
+        };
+        if ifindexes.is_empty() {
+            out.push(entry(None));
+        }
+        out.extend(ifindexes.into_iter().map(|i| entry(Some(i))));
+    }
+    out
 }
 
 /// The iptables rule (or conntrack event) a counter stands for; with IPv6
@@ -529,6 +593,29 @@ fn mirrors4(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String
             "(IPv6 link-local destination: its scope decides, which the hook cannot see; left to the kernel)"
                 .into()
         }
+        Counter::VirtRedirected => virt_rule(
+            cfg,
+            &format!("-I PREROUTING 1 -i X -j ISTIO_REDIRECT  (REDIRECT --to-ports {port})"),
+        ),
+        Counter::VirtDropped => virt_rule(
+            cfg,
+            "(a -k interface without an address of the connection's family: REDIRECT drops it)",
+        ),
+    }
+}
+
+/// `rule` for the interfaces `-k` names, as the pod's interface indexes.
+fn virt_rule(cfg: Option<&Config>, rule: &str) -> String {
+    match cfg.map(|c| c.virt_ifaces.as_slice()) {
+        None | Some([]) => "(no -k interfaces: rule absent)".into(),
+        Some(ifaces) => format!(
+            "{rule}  (X: the pod's interface {})",
+            ifaces
+                .iter()
+                .map(|i| format!("#{}", i.ifindex))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -620,8 +707,16 @@ pub fn render(status: &Status) -> String {
             inst.instance, inst.cgroup, inst.cgroup_id
         );
         for p in &inst.programs {
+            let on = p
+                .interface
+                .map_or_else(String::new, |i| format!(" to interface #{i}"));
             let state = match (p.attached, p.program_id, p.link_id) {
-                (true, Some(prog), Some(link)) => format!("attached, program {prog}, link {link}"),
+                _ if p.interface.is_none() && VIRT_HOOKS.iter().any(|h| h.name == p.hook) => {
+                    "unused: no -k interfaces".to_owned()
+                }
+                (true, Some(prog), Some(link)) => {
+                    format!("attached{on}, program {prog}, link {link}")
+                }
                 (false, Some(prog), Some(link)) => {
                     format!("NOT attached (cgroup gone?), program {prog}, link {link}")
                 }

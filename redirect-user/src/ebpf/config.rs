@@ -7,9 +7,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use redirect_common::{
     ABI_VERSION, CFG_DNS, CFG_DNS_ALL, CFG_EXCLUDE_IFACES, CFG_GROUPS_ONLY, CFG_INBOUND,
     CFG_INBOUND_ALL, CFG_INCLUDE_ALL, CFG_INCLUDE_LOOPBACK, CFG_IPV6, CFG_LEGACY, CFG_PORT_RANGES,
-    DNS_PROXY_PORT, MAX_CIDRS, MAX_CIDRS6, MAX_DNS_SERVERS, MAX_EXCLUDE_IFACES, MAX_GROUPS,
-    MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6,
-    RedirectConfig,
+    CFG_VIRT_IFACES, DNS_PROXY_PORT, MAX_CIDRS, MAX_CIDRS6, MAX_DNS_SERVERS, MAX_EXCLUDE_IFACES,
+    MAX_GROUPS, MAX_LOCAL_ADDRS, MAX_OWNERS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6,
+    MAX_VIRT_IFACES, RedirectConfig,
 };
 
 pub use super::{routes::RouteSource, routes6::RouteSource6};
@@ -68,6 +68,9 @@ pub struct Config {
     /// `-c`: the indexes of the excluded interfaces in the pod's network
     /// namespace at install (their routes are marked in `routes`).
     pub exclude_ifindexes: Vec<u32>,
+    /// `-k`: the KubeVirt interfaces, as REDIRECT in `PREROUTING` sees
+    /// them at install.
+    pub virt_ifaces: Vec<VirtIface>,
     /// Inbound capture (`-b` not empty), or `None`.
     pub inbound: Option<Inbound>,
     /// DNS capture (`--redirect-dns`), or `None`.
@@ -103,6 +106,46 @@ pub struct Ipv6 {
     pub routes: Vec<RouteSource6>,
     /// The source the pod's kernel gives a socket bound to `lo`.
     pub lo_source: Option<Ipv6Addr>,
+}
+
+/// One `-k` interface: its index in the pod's network namespace and the
+/// addresses REDIRECT sends its connections to (see
+/// [`redirect_common::redirect_target`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtIface {
+    pub ifindex: u32,
+    /// Its first IPv4 address.
+    pub addr4: Option<Ipv4Addr>,
+    /// Its first usable IPv6 address (any scope).
+    pub addr6: Option<Ipv6Addr>,
+    /// Its first usable link-local IPv6 address.
+    pub addr6_link: Option<Ipv6Addr>,
+}
+
+impl VirtIface {
+    fn to_bpf(self) -> redirect_common::VirtIface {
+        let v6 = |a: Option<Ipv6Addr>| {
+            a.map_or([0; 4], |a| redirect_common::Ip6::from_octets(a.octets()).0)
+        };
+        redirect_common::VirtIface {
+            ifindex: self.ifindex,
+            addr4: self.addr4.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            addr6: v6(self.addr6),
+            addr6_link: v6(self.addr6_link),
+        }
+    }
+
+    fn from_bpf(raw: &redirect_common::VirtIface) -> Self {
+        let v6 = |w: [u32; 4]| {
+            Some(Ipv6Addr::from(redirect_common::Ip6(w).octets())).filter(|a| !a.is_unspecified())
+        };
+        Self {
+            ifindex: raw.ifindex,
+            addr4: Some(Ipv4Addr::from(raw.addr4.to_ne_bytes())).filter(|a| !a.is_unspecified()),
+            addr6: v6(raw.addr6),
+            addr6_link: v6(raw.addr6_link),
+        }
+    }
 }
 
 /// One `a:b` range of a port list, and which list (its `PORT_*` flag).
@@ -161,6 +204,7 @@ impl Default for Config {
             local_addrs: Vec::new(),
             routes: Vec::new(),
             exclude_ifindexes: Vec::new(),
+            virt_ifaces: Vec::new(),
             inbound: None,
             dns: None,
             ipv6: None,
@@ -202,6 +246,7 @@ impl Config {
                 (self.legacy, CFG_LEGACY),
                 (!self.exclude_ifindexes.is_empty(), CFG_EXCLUDE_IFACES),
                 (self.ipv6.is_some(), CFG_IPV6),
+                (!self.virt_ifaces.is_empty(), CFG_VIRT_IFACES),
             ]
             .iter()
             .filter(|(on, _)| *on)
@@ -223,7 +268,12 @@ impl Config {
                 .as_ref()
                 .and_then(|v6| v6.lo_source)
                 .map_or([0; 4], |a| redirect_common::Ip6::from_octets(a.octets()).0),
+            virt_iface_count: self.virt_ifaces.len() as u32,
+            virt_ifaces: [redirect_common::VirtIface::default(); MAX_VIRT_IFACES],
         };
+        for (slot, iface) in out.virt_ifaces.iter_mut().zip(&self.virt_ifaces) {
+            *slot = iface.to_bpf();
+        }
         out.exclude_ifindex[..self.exclude_ifindexes.len()]
             .copy_from_slice(&self.exclude_ifindexes);
         out.proxy_uids[..self.proxy_uids.len()].copy_from_slice(&self.proxy_uids);
@@ -277,6 +327,11 @@ impl Config {
                 "excluded interfaces (-c)",
                 self.exclude_ifindexes.len(),
                 MAX_EXCLUDE_IFACES,
+            ),
+            (
+                "KubeVirt interfaces (-k)",
+                self.virt_ifaces.len(),
+                MAX_VIRT_IFACES,
             ),
             (
                 "aligned blocks of port ranges",
@@ -369,6 +424,10 @@ impl Config {
             exclude_ifindexes: raw.exclude_ifindex
                 [..(raw.exclude_iface_count as usize).min(MAX_EXCLUDE_IFACES)]
                 .to_vec(),
+            virt_ifaces: raw.virt_ifaces[..(raw.virt_iface_count as usize).min(MAX_VIRT_IFACES)]
+                .iter()
+                .map(VirtIface::from_bpf)
+                .collect(),
             ..Self::default()
         }
     }

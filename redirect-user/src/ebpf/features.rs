@@ -196,8 +196,17 @@ pub fn ingress_ifindex_present() -> bool {
 /// Whether this kernel has `hook` (probed once per process, and subject
 /// to `--assume-missing`).
 pub fn hook_present(hook: &Hook) -> bool {
-    !assumed_missing(hook.feature)
-        && sys::probe_hook(hook.kind.prog_type(), hook.attach_type).is_ok()
+    !assumed_missing(hook.feature) && probe(hook).is_ok()
+}
+
+/// The kernel's answer for `hook`: a program for it loads (and, for a TCX
+/// hook, may be linked, see [`sys::probe_tcx`]).
+fn probe(hook: &Hook) -> std::io::Result<()> {
+    if hook.kind == super::Kind::SchedCls {
+        sys::probe_tcx(hook.kind.prog_type(), hook.attach_type)
+    } else {
+        sys::probe_hook(hook.kind.prog_type(), hook.attach_type)
+    }
 }
 
 fn detect(spec: &Spec) -> (bool, String) {
@@ -277,7 +286,7 @@ fn detect(spec: &Spec) -> (bool, String) {
             let Some(hook) = all_hooks().find(|h| h.feature == name) else {
                 return (false, "unknown feature".into());
             };
-            match sys::probe_hook(hook.kind.prog_type(), hook.attach_type) {
+            match probe(&hook) {
                 Ok(()) => (true, "a program for it loads".into()),
                 Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
                     (false, "cannot tell without privileges".into())

@@ -39,14 +39,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::SockMap,
     maps::{Array, MapData},
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SchedClassifier, SkLookup, SockOps},
     util::KernelVersion,
 };
 use redirect_common::{ABI_VERSION, InstanceMeta, LISTENER_SLOTS, META_PATH_MAX};
 
 use super::{
-    HOOKS, Hook, Kind, MIN_KERNEL, OBJECT, SK_LOOKUP, config::Config, listener, maps, privilege,
-    sys,
+    HOOKS, Hook, Kind, MIN_KERNEL, OBJECT, SK_LOOKUP, VIRT_HOOKS, config::Config, listener, maps,
+    privilege, sys,
 };
 use super::{
     instances::{check_conflicts, check_owner},
@@ -284,7 +284,7 @@ fn install_steps(
             to_update.push((hook, pin));
         } else {
             let _ = fs::remove_file(&pin); // a defunct link of a removed cgroup
-            attach_and_pin(&ebpf, hook, &cgroup, &pin)?;
+            attach_and_pin(&ebpf, hook, Target::File(&cgroup), &pin)?;
             fault_point(&format!("after-attach-{}", hook.name))?;
         }
         phases.mark(|| format!("attach {}", hook.name));
@@ -308,9 +308,12 @@ fn install_steps(
             to_update.push((SK_LOOKUP, pin));
         } else {
             let _ = fs::remove_file(&pin); // a defunct link of a removed namespace
-            attach_and_pin(&ebpf, SK_LOOKUP, &netns, &pin)?;
+            attach_and_pin(&ebpf, SK_LOOKUP, Target::File(&netns), &pin)?;
         }
     }
+    // `-k` after inbound: what its programs send to the proxy port is
+    // answered for by the hooks above.
+    attach_virt(&mut ebpf, req, dir, &mut to_update, phases)?;
     for (hook, pin) in to_update {
         let link = sys::obj_get(&pin)?;
         // Keep the program being replaced alive: the link holds its last
@@ -329,6 +332,63 @@ fn install_steps(
         maps::activate(dir, slot)?;
     }
     Ok(ebpf)
+}
+
+/// Attaches the `-k` programs to each KubeVirt interface, one pinned TCX
+/// link per interface and direction, or replaces their program in place
+/// (`to_update`). The links of interfaces an earlier install named stay
+/// and get the new program too (it ignores interfaces the configuration
+/// in force does not name), until uninstall; those whose interface is
+/// gone are unpinned.
+fn attach_virt(
+    ebpf: &mut Ebpf,
+    req: &Request<'_>,
+    dir: &Path,
+    to_update: &mut Vec<(Hook, PathBuf)>,
+    phases: &mut super::timing::Phases,
+) -> Result<()> {
+    let wanted: Vec<u32> = req.config.virt_ifaces.iter().map(|v| v.ifindex).collect();
+    for hook in VIRT_HOOKS {
+        let earlier = virt_pins(dir, hook);
+        if wanted.is_empty() && earlier.is_empty() {
+            continue;
+        }
+        if !available(&hook) {
+            let (major, minor) = hook.min_kernel;
+            bail!(
+                "-k needs tc programs on TCX links ({}, kernel {major}.{minor}), missing here: \
+                 use `redirect istio-iptables` (its auto mode programs iptables for it) or drop -k",
+                hook.feature
+            );
+        }
+        load_program(ebpf, hook)?;
+        phases.mark(|| format!("verify {}", hook.name));
+        let mut ifindexes = wanted.clone();
+        ifindexes.extend(earlier.iter().filter(|i| !wanted.contains(i)));
+        for ifindex in ifindexes {
+            let pin = dir.join(hook.virt_pin_name(ifindex));
+            if pin_is_live(&pin, u64::from(ifindex)) {
+                to_update.push((hook, pin));
+            } else {
+                let _ = fs::remove_file(&pin); // a defunct link of a removed interface
+                if wanted.contains(&ifindex) {
+                    attach_and_pin(ebpf, hook, Target::Ifindex(ifindex), &pin)?;
+                }
+            }
+        }
+        phases.mark(|| format!("attach {}", hook.name));
+    }
+    Ok(())
+}
+
+/// The interfaces `hook` has a pinned link for in `dir`.
+pub fn virt_pins(dir: &Path, hook: Hook) -> Vec<u32> {
+    let mut found: Vec<u32> = pin_names(dir)
+        .iter()
+        .filter_map(|name| hook.virt_pin_ifindex(name))
+        .collect();
+    found.sort_unstable();
+    found
 }
 
 /// The calling thread's network namespace: where the inbound hook goes.
@@ -463,6 +523,7 @@ fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
         Kind::SockOps => <&mut SockOps>::try_from(program)?.load(),
         Kind::Sockopt => <&mut CgroupSockopt>::try_from(program)?.load(),
         Kind::SkLookup => <&mut SkLookup>::try_from(program)?.load(),
+        Kind::SchedCls => <&mut SchedClassifier>::try_from(program)?.load(),
     };
     result.map_err(|err| rejected(hook, err))
 }
@@ -523,13 +584,22 @@ fn verifier_complaint(log: &str) -> &str {
 /// uninstall with the other pins. The alternative, a legacy
 /// `BPF_PROG_ATTACH` with `BPF_F_ALLOW_MULTI`, cannot be pinned and would
 /// need de-duplicating on every re-install.
-fn attach_and_pin(ebpf: &Ebpf, hook: Hook, target: &File, pin: &Path) -> Result<()> {
+fn attach_and_pin(ebpf: &Ebpf, hook: Hook, target: Target<'_>, pin: &Path) -> Result<()> {
     let program = ebpf
         .program(hook.program)
         .with_context(|| format!("program {} missing from the object", hook.program))?;
-    let link = sys::link_create(program.fd()?.as_fd(), target.as_fd(), hook.attach_type)
+    let prog = program.fd()?.as_fd();
+    let link = match target {
+        Target::File(file) => sys::link_create(prog, file.as_fd(), hook.attach_type),
+        Target::Ifindex(ifindex) => sys::link_create_ifindex(prog, ifindex, hook.attach_type),
+    }
         .map_err(|err| {
-            if hook.kind == Kind::SkLookup {
+            if let Target::Ifindex(ifindex) = target {
+                anyhow!(err).context(format!(
+                    "attaching the {} program to interface #{ifindex}",
+                    hook.name
+                ))
+            } else if hook.kind == Kind::SkLookup {
                 anyhow!(err).context("attaching the sk_lookup program to the network namespace")
             } else if err.raw_os_error() == Some(libc::EPERM) {
                 anyhow!(
@@ -543,6 +613,14 @@ fn attach_and_pin(ebpf: &Ebpf, hook: Hook, target: &File, pin: &Path) -> Result<
             }
         })?;
     sys::obj_pin(link.as_fd(), pin).with_context(|| format!("pinning the {} link", hook.name))
+}
+
+/// What a link is attached to: a cgroup or network namespace (by an open
+/// descriptor), or an interface.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    File(&'a File),
+    Ifindex(u32),
 }
 
 /// Whether `pin` holds a link still attached to `target` (a cgroup id, or

@@ -123,6 +123,7 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
             index
         })
         .collect();
+    let virt_ifaces = virt_ifaces(capture, host, &mut unsupported);
     let ipv6 = capture.ipv6.then(|| ipv6(capture, host, &mut unsupported));
     let mut to_host = |kind: userns::Ids, ids: Vec<u32>| {
         userns::to_host(kind, &ids).unwrap_or_else(|err| {
@@ -152,6 +153,7 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
         local_addrs: capture.pod_addresses.clone(),
         routes,
         exclude_ifindexes,
+        virt_ifaces,
         inbound,
         dns,
         ipv6,
@@ -167,6 +169,36 @@ pub fn lower(capture: &Capture, host: &dyn Host) -> Result<Config, Vec<String>> 
     } else {
         Err(unsupported)
     }
+}
+
+/// `-k`'s interfaces as REDIRECT sees them, each once. eBPF mode attaches
+/// to them at install, so each must be there then (iptables would match
+/// one created later), and Ethernet (the tc programs read its frames).
+fn virt_ifaces(
+    capture: &Capture,
+    host: &dyn Host,
+    unsupported: &mut Vec<String>,
+) -> Vec<super::config::VirtIface> {
+    let mut out: Vec<super::config::VirtIface> = Vec::new();
+    for nic in &capture.kube_virt_interfaces {
+        match host.interface(nic) {
+            Ok(Some(iface)) if iface.ethernet => {
+                if !out.iter().any(|v| v.ifindex == iface.ifindex) {
+                    out.push(iface.redirect_targets());
+                }
+            }
+            Ok(Some(_)) => unsupported.push(format!(
+                "-k {nic} naming an interface that is not Ethernet (eBPF mode's tc programs \
+                 read Ethernet frames)"
+            )),
+            Ok(None) => unsupported.push(format!(
+                "-k {nic} naming an interface the pod does not have (eBPF mode attaches to \
+                 the interfaces present at install; iptables would match one created later)"
+            )),
+            Err(err) => unsupported.push(format!("-k {nic}: listing its addresses: {err}")),
+        }
+    }
+    out
 }
 
 /// What Istio's IPv6 table needs: the IPv6 networks of `-i` and `-x`, and
@@ -221,10 +253,6 @@ fn split_ports(list: &PortList, flag: u8, ranges: &mut Vec<PortRange>) -> Vec<u1
 /// The flags of `capture` that need rules eBPF mode does not have yet.
 fn not_honoured(capture: &Capture) -> Vec<&'static str> {
     [
-        (
-            !capture.kube_virt_interfaces.is_empty(),
-            "-k/--kube-virt-interfaces",
-        ),
         (
             capture.tproxy,
             "-m TPROXY (TPROXY needs netfilter: the mark 1337 rules, the fwmark route to the local \
@@ -331,8 +359,25 @@ mod tests {
         let inbound = cfg.inbound.expect("-b '*' is inbound capture");
         assert!(inbound.all);
         assert_eq!(inbound.exclude, vec![15090, 15021, 15020]);
-        let why = lower(&istio(&["-b", "9080", "-c", "lo", "-k", "eth2"]), &RealHost).unwrap_err();
-        assert_eq!(why, vec!["-k/--kube-virt-interfaces"]);
+        // -k's interfaces must be there, and Ethernet.
+        let why = lower(&istio(&["-k", "not-a-nic0,lo"]), &RealHost).unwrap_err();
+        assert_eq!(
+            why,
+            vec![
+                "-k not-a-nic0 naming an interface the pod does not have (eBPF mode attaches to \
+                 the interfaces present at install; iptables would match one created later)",
+                "-k lo naming an interface that is not Ethernet (eBPF mode's tc programs read \
+                 Ethernet frames)"
+            ]
+        );
+        let host = crate::host::fake::FakeHost::new(&[]);
+        let cfg = lower(&istio(&["-k", "eth1,eth0,eth1"]), &host).unwrap();
+        let indexes: Vec<u32> = cfg.virt_ifaces.iter().map(|v| v.ifindex).collect();
+        assert_eq!(indexes, vec![3, 2]);
+        assert_eq!(
+            cfg.virt_ifaces[0].addr4,
+            Some(std::net::Ipv4Addr::new(10, 0, 0, 5))
+        );
         // -c's interfaces are taken by index; one the pod lacks is refused.
         let cfg = lower(&istio(&["-b", "", "-c", "lo"]), &RealHost).unwrap();
         assert_eq!(cfg.exclude_ifindexes, vec![1]);

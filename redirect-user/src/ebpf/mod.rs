@@ -14,6 +14,7 @@ pub mod routes;
 pub mod routes6;
 pub mod sys;
 mod timing;
+pub mod virt;
 
 /// The oldest kernel eBPF mode runs on: cgroup bpf_links (attach without
 /// exclusive flags, pinnable, replaceable in place) arrived in 5.7, the
@@ -31,6 +32,8 @@ pub enum Kind {
     SockOps,
     Sockopt,
     SkLookup,
+    /// A tc program on an interface (a TCX link).
+    SchedCls,
 }
 
 impl Kind {
@@ -41,6 +44,7 @@ impl Kind {
             Self::SockOps => 13,  // BPF_PROG_TYPE_SOCK_OPS
             Self::Sockopt => 25,  // BPF_PROG_TYPE_CGROUP_SOCKOPT
             Self::SkLookup => 30, // BPF_PROG_TYPE_SK_LOOKUP
+            Self::SchedCls => 3,  // BPF_PROG_TYPE_SCHED_CLS
         }
     }
 }
@@ -224,9 +228,57 @@ pub const SK_LOOKUP: Hook = Hook {
     mirrors: "nat PREROUTING -> ISTIO_INBOUND -> ISTIO_IN_REDIRECT",
 };
 
-/// Every hook, the cgroup ones and then the network namespace's.
+/// `-k`'s hooks, attached to each KubeVirt interface (one link per
+/// interface, see [`Hook::virt_pin_name`]): REDIRECT's rewrite of what
+/// arrives there, and conntrack's reverse one of the replies. TCX links
+/// (kernel 6.6) are what makes them pinnable and replaceable in place as
+/// every other hook is; before 6.6 `-k` is refused and auto mode programs
+/// iptables.
+pub const VIRT_INGRESS: Hook = Hook {
+    program: "redirect_virt_ingress",
+    name: "virt_ingress",
+    feature: "tcx/ingress",
+    kind: Kind::SchedCls,
+    attach_type: 46, // BPF_TCX_INGRESS
+    min_kernel: (6, 6),
+    optional: true,
+    mirrors: "nat PREROUTING -i X -j ISTIO_REDIRECT (-k)",
+};
+
+pub const VIRT_EGRESS: Hook = Hook {
+    program: "redirect_virt_egress",
+    name: "virt_egress",
+    feature: "tcx/egress",
+    kind: Kind::SchedCls,
+    attach_type: 47, // BPF_TCX_EGRESS
+    min_kernel: (6, 6),
+    optional: true,
+    mirrors: "conntrack's reverse NAT of what -k's REDIRECT took",
+};
+
+/// The two `-k` hooks.
+pub const VIRT_HOOKS: [Hook; 2] = [VIRT_INGRESS, VIRT_EGRESS];
+
+impl Hook {
+    /// File name of the pinned link of a `-k` hook on interface `ifindex`
+    /// (bpffs refuses names with a dot).
+    pub fn virt_pin_name(&self, ifindex: u32) -> String {
+        format!("{}_if{ifindex}", self.pin_name())
+    }
+
+    /// The interface index a pin file of this `-k` hook is for.
+    pub fn virt_pin_ifindex(&self, file: &str) -> Option<u32> {
+        file.strip_prefix(&self.pin_name())?
+            .strip_prefix("_if")?
+            .parse()
+            .ok()
+    }
+}
+
+/// Every hook, the cgroup ones, then the network namespace's, then the
+/// interfaces'.
 pub fn all_hooks() -> impl Iterator<Item = Hook> {
-    HOOKS.into_iter().chain([SK_LOOKUP])
+    HOOKS.into_iter().chain([SK_LOOKUP]).chain(VIRT_HOOKS)
 }
 
 /// Every cgroup hook an instance attaches, in attach order: the ones that track

@@ -7,9 +7,9 @@ use std::{fs, os::fd::AsFd as _, os::unix::fs::MetadataExt as _, path::Path};
 use anyhow::{Context as _, Result};
 
 use super::{
-    HOOKS, SK_LOOKUP, all_hooks,
+    HOOKS, Hook, SK_LOOKUP, VIRT_HOOKS, all_hooks,
     instances::meta_path,
-    loader::{fault_point, is_installed},
+    loader::{fault_point, is_installed, virt_pins},
     maps, privilege, sys,
 };
 use crate::{
@@ -18,20 +18,40 @@ use crate::{
     signals::HoldSignals,
 };
 
-/// Every file an instance directory can hold: the pinned maps and links.
-fn pin_files() -> Vec<String> {
+/// Every file the instance directory `dir` can hold: the pinned maps and
+/// links (the `-k` ones, one per interface, as found there).
+fn pin_files(dir: &Path) -> Vec<String> {
     all_hooks()
         .map(|hook| hook.pin_name())
+        .chain(virt_pin_files(dir))
         .chain(maps::LAYOUT.iter().map(|(name, ..)| (*name).to_owned()))
         .collect()
 }
 
-/// Detaches the links pinned in `dir` (inbound first, then the cgroup
-/// hooks, connect4 first: capture stops before the tracking goes away),
-/// even if some process still holds one open.
+/// The `-k` link pins in `dir`.
+fn virt_pin_files(dir: &Path) -> Vec<String> {
+    VIRT_HOOKS
+        .iter()
+        .flat_map(|hook| {
+            virt_pins(dir, *hook)
+                .into_iter()
+                .map(|ifindex| hook.virt_pin_name(ifindex))
+        })
+        .collect()
+}
+
+/// Detaches the links pinned in `dir` (the interfaces' and inbound first,
+/// then the cgroup hooks, connect4 first: capture stops before the
+/// tracking goes away), even if some process still holds one open.
 fn detach_all(dir: &Path) {
-    for hook in [SK_LOOKUP].iter().chain(HOOKS.iter().rev()) {
-        if let Ok(link) = sys::obj_get(&dir.join(hook.pin_name())) {
+    let pins = virt_pin_files(dir).into_iter().chain(
+        [SK_LOOKUP]
+            .iter()
+            .chain(HOOKS.iter().rev())
+            .map(Hook::pin_name),
+    );
+    for pin in pins {
+        if let Ok(link) = sys::obj_get(&dir.join(pin)) {
             let _ = sys::link_detach(link.as_fd());
         }
     }
@@ -40,8 +60,9 @@ fn detach_all(dir: &Path) {
 /// Detaches and removes the directory `name` of the instances' directory
 /// (an instance, or a staging directory): only the pins redirect creates.
 pub(super) fn remove_instance_dir(name: &str) -> Result<()> {
-    detach_all(&bpffs::root().join(name));
-    bpffs::remove_dir(name, &pin_files())
+    let dir = bpffs::root().join(name);
+    detach_all(&dir);
+    bpffs::remove_dir(name, &pin_files(&dir))
 }
 
 /// Removes what installs and uninstalls killed half-way left: their

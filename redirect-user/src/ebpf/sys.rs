@@ -11,7 +11,7 @@
 
 use std::{
     ffi::CString,
-    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::Path,
 };
 
@@ -58,6 +58,23 @@ pub fn link_create(
     target: BorrowedFd<'_>,
     attach_type: u32,
 ) -> std::io::Result<OwnedFd> {
+    link_create_on(prog, target.as_raw_fd() as u32, attach_type)
+}
+
+/// Attaches a tc program to interface `ifindex` of the calling thread's
+/// network namespace with a TCX link (kernel >= 6.6), after the
+/// interface's other programs.
+pub fn link_create_ifindex(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> std::io::Result<OwnedFd> {
+    link_create_on(prog, ifindex, attach_type)
+}
+
+/// `BPF_LINK_CREATE` with `target` (a descriptor, or an interface index:
+/// the same field of `bpf_attr`).
+fn link_create_on(prog: BorrowedFd<'_>, target: u32, attach_type: u32) -> std::io::Result<OwnedFd> {
     #[repr(C)]
     struct Attr {
         prog_fd: u32,
@@ -67,7 +84,7 @@ pub fn link_create(
     }
     let mut attr = Attr {
         prog_fd: prog.as_raw_fd() as u32,
-        target_fd: target.as_raw_fd() as u32,
+        target_fd: target,
         attach_type,
         flags: 0,
     };
@@ -165,8 +182,9 @@ pub struct LinkInfo {
     pub link_id: u32,
     pub prog_id: u32,
     /// What the link is attached to: the cgroup id for a cgroup link, the
-    /// namespace's inode number for a netns link. 0 once the cgroup or
-    /// namespace is gone (the link is then defunct).
+    /// namespace's inode number for a netns link, the interface index for
+    /// a TCX link. 0 once the cgroup, namespace or interface is gone (the
+    /// link is then defunct).
     pub target: u64,
 }
 
@@ -174,7 +192,8 @@ pub struct LinkInfo {
 pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
     // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
     // whose cgroup member starts with the u64 cgroup_id, and whose netns
-    // member with the u32 netns_ino (then the u32 attach type).
+    // member with the u32 netns_ino (then the u32 attach type), and whose
+    // tcx member with the u32 ifindex.
     let mut info = [0u64; 16];
     #[repr(C)]
     struct Attr {
@@ -189,11 +208,15 @@ pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD on a link")?;
     const BPF_LINK_TYPE_NETNS: u64 = 5;
-    let netns = info[0] & 0xffff_ffff == BPF_LINK_TYPE_NETNS;
+    const BPF_LINK_TYPE_TCX: u64 = 11;
+    let one_word = matches!(
+        info[0] & 0xffff_ffff,
+        BPF_LINK_TYPE_NETNS | BPF_LINK_TYPE_TCX
+    );
     Ok(LinkInfo {
         link_id: (info[0] >> 32) as u32,
         prog_id: info[1] as u32,
-        target: if netns {
+        target: if one_word {
             info[2] & 0xffff_ffff
         } else {
             info[2]
@@ -229,8 +252,33 @@ pub fn probe_sk_lookup_ifindex(prog_type: u32, attach_type: u32) -> std::io::Res
     )
 }
 
+/// Whether the kernel has the TCX hook `attach_type` (kernel 6.6): it
+/// refuses a link of a tc program to interface 0 as a missing device
+/// (`ENODEV`), where a kernel without TCX refuses the attach type itself
+/// (`EINVAL`). Nothing is attached.
+pub fn probe_tcx(prog_type: u32, attach_type: u32) -> std::io::Result<()> {
+    // r0 = -1 (TC_ACT_UNSPEC); exit
+    let prog = load_program(
+        prog_type,
+        attach_type,
+        &[0xffff_ffff_0000_00b7, 0x0000_0000_0000_0095],
+    )?;
+    match link_create_ifindex(prog.as_fd(), 0, attach_type) {
+        Err(err) if err.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+        Err(err) => Err(err),
+        Ok(_) => Err(std::io::Error::other(
+            "a TCX link to interface 0 was created",
+        )),
+    }
+}
+
 /// Loads (and drops) a program of `insns`: whether the kernel accepts it.
 fn probe_program(prog_type: u32, attach_type: u32, insns: &[u64]) -> std::io::Result<()> {
+    load_program(prog_type, attach_type, insns).map(drop)
+}
+
+/// Loads a program of `insns`.
+fn load_program(prog_type: u32, attach_type: u32, insns: &[u64]) -> std::io::Result<OwnedFd> {
     let license = c"GPL";
     #[repr(C)]
     struct Attr {
@@ -261,5 +309,5 @@ fn probe_program(prog_type: u32, attach_type: u32, insns: &[u64]) -> std::io::Re
         prog_ifindex: 0,
         expected_attach_type: attach_type,
     };
-    bpf(BPF_PROG_LOAD, &mut attr).map(|fd| drop(owned(fd)))
+    bpf(BPF_PROG_LOAD, &mut attr).map(owned)
 }
