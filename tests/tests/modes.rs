@@ -49,8 +49,9 @@ fn ebpf_mode_refuses_what_it_cannot_honour_yet() {
     let out = istio_iptables(&sandbox, &args);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
-        out.stderr
-            .contains("eBPF mode cannot honour -k/--kube-virt-interfaces yet"),
+        out.stderr.contains(
+            "eBPF mode cannot honour -k eth1 naming an interface the pod does not have"
+        ),
         "{out:?}"
     );
     assert!(
@@ -119,15 +120,16 @@ fn auto_mode_prefers_ebpf_and_falls_back_to_iptables_saying_why() {
     assert_eq!(istio_iptables(&sandbox, &args).code, 0);
     assert!(!has_istio_chains(&sandbox));
 
-    // Istio's sidecar flags with a virtual interface, which eBPF mode
-    // lacks: iptables, and why.
+    // Istio's sidecar flags with a virtual interface the pod lacks, which
+    // eBPF mode cannot attach to: iptables, and why.
     let mut virt = SIDECAR.to_vec();
     virt.extend(["-k", "eth1"]);
     let out = istio_iptables(&sandbox, &virt);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
-        out.stderr
-            .contains("because eBPF mode cannot honour -k/--kube-virt-interfaces"),
+        out.stderr.contains(
+            "because eBPF mode cannot honour -k eth1 naming an interface the pod does not have"
+        ),
         "{out:?}"
     );
     assert!(has_istio_chains(&sandbox));
