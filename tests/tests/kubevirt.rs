@@ -225,6 +225,17 @@ fn kubevirt_interfaces_are_observed_as_with_iptables() {
             if mode == "ebpf" {
                 let status = sandbox.status().expect("status");
                 assert!(counter(&status, "virt_redirected") >= 4, "{status}");
+                let programs = status["instances"][0]["programs"]
+                    .as_array()
+                    .expect("programs");
+                for hook in ["virt_ingress", "virt_egress"] {
+                    assert!(
+                        programs.iter().any(|p| p["hook"] == hook
+                            && p["attached"] == true
+                            && p["interface"].is_u64()),
+                        "{hook}: {status}"
+                    );
+                }
             }
             let removed = istio_iptables(&sandbox, mode, flags.args, &["--cleanup-only"]);
             assert_eq!(removed.code, 0, "{removed:?}");

@@ -49,9 +49,8 @@ fn ebpf_mode_refuses_what_it_cannot_honour_yet() {
     let out = istio_iptables(&sandbox, &args);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
-        out.stderr.contains(
-            "eBPF mode cannot honour -k eth1 naming an interface the pod does not have"
-        ),
+        out.stderr
+            .contains("eBPF mode cannot honour -k eth1 naming an interface the pod does not have"),
         "{out:?}"
     );
     assert!(

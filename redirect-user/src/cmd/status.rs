@@ -343,7 +343,7 @@ fn programs(dir: &Path, meta: &InstanceMeta, legacy: bool, virt: &[u32]) -> Vec<
 
 /// The `-k` hooks: a link per interface, those the configuration in force
 /// names (a missing pin shows) and any an earlier install left (still
-/// attached, unused); one line each without `-k`.
+/// attached, unused); none without `-k`.
 fn virt_programs(dir: &Path, virt: &[u32]) -> Vec<Program> {
     let mut out = Vec::new();
     for hook in VIRT_HOOKS {
@@ -353,28 +353,22 @@ fn virt_programs(dir: &Path, virt: &[u32]) -> Vec<Program> {
                 .into_iter()
                 .filter(|i| !virt.contains(i)),
         );
-        let entry = |interface: Option<u32>| {
-            let info = interface.and_then(|ifindex| {
-                sys::obj_get(&dir.join(hook.virt_pin_name(ifindex)))
-                    .and_then(|fd| sys::link_info(fd.as_fd()))
-                    .ok()
-            });
+        out.extend(ifindexes.into_iter().map(|ifindex| {
+            let info = sys::obj_get(&dir.join(hook.virt_pin_name(ifindex)))
+                .and_then(|fd| sys::link_info(fd.as_fd()))
+                .ok();
             Program {
                 hook: hook.name,
                 link_id: info.map(|i| i.link_id),
                 program_id: info.map(|i| i.prog_id),
-                attached: info.is_some_and(|i| Some(i.target) == interface.map(u64::from)),
+                attached: info.is_some_and(|i| i.target == u64::from(ifindex)),
                 available: features::hook_present(&hook),
                 optional: hook.optional,
                 min_kernel: hook.first_kernel(),
                 mirrors: hook.mirrors,
-                interface,
+                interface: Some(ifindex),
             }
-        };
-        if ifindexes.is_empty() {
-            out.push(entry(None));
-        }
-        out.extend(ifindexes.into_iter().map(|i| entry(Some(i))));
+        }));
     }
     out
 }
@@ -711,14 +705,11 @@ pub fn render(status: &Status) -> String {
                 .interface
                 .map_or_else(String::new, |i| format!(" to interface #{i}"));
             let state = match (p.attached, p.program_id, p.link_id) {
-                _ if p.interface.is_none() && VIRT_HOOKS.iter().any(|h| h.name == p.hook) => {
-                    "unused: no -k interfaces".to_owned()
-                }
                 (true, Some(prog), Some(link)) => {
                     format!("attached{on}, program {prog}, link {link}")
                 }
                 (false, Some(prog), Some(link)) => {
-                    format!("NOT attached (cgroup gone?), program {prog}, link {link}")
+                    format!("NOT attached{on} (cgroup gone?), program {prog}, link {link}")
                 }
                 _ if !p.available => format!("skipped: this kernel is older than {}", p.min_kernel),
                 _ => "NOT attached (link pin missing)".to_owned(),
@@ -809,7 +800,7 @@ mod tests {
 
     use super::mirrors;
     use crate::ebpf::{
-        all_hooks,
+        VIRT_HOOKS, all_hooks,
         config::{Config, Inbound},
         maps::Sets,
     };
@@ -863,6 +854,11 @@ mod tests {
             Counter::ALL.len(),
             "every counter is in the example"
         );
-        assert_eq!(hooks, all_hooks().count(), "every hook is in the example");
+        // The demo has no -k: its hooks are listed only when used.
+        assert_eq!(
+            hooks,
+            all_hooks().filter(|h| !VIRT_HOOKS.contains(h)).count(),
+            "every hook is in the example"
+        );
     }
 }
