@@ -238,7 +238,7 @@ pub(crate) static RDR_IN_HITS: HashMap<u16, u64> = HashMap::pinned(MAX_IN_HITS, 
 /// the SYN only, and such a connection must not read as the proxy's end
 /// of a capture.
 #[map]
-pub(crate) static RDR_IN_BYPASS: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_IN_BYPASS, 0);
+pub(crate) static RDR_IN_BYPASS: LruHashMap<[u32; 5], u8> = LruHashMap::pinned(MAX_IN_BYPASS, 0);
 
 /// The decision's view of the set maps above: one slot's entries.
 pub(crate) struct Maps {

@@ -93,10 +93,7 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     match verdict {
         InboundVerdict::Bypass(Counter::InboundBypassInterface) => {
             count(Counter::InboundBypassInterface);
-            // IPv6 with `-c` and inbound capture is refused before install.
-            if lookup.family == AF_INET {
-                remember_bypass(lookup, dst_port);
-            }
+            remember_bypass(lookup, dst_port);
             SK_PASS
         }
         InboundVerdict::Bypass(counter) => {
@@ -149,7 +146,12 @@ fn remote_port(lookup: &aya_ebpf::bindings::bpf_sk_lookup) -> u16 {
 /// accepted (see `RDR_IN_BYPASS`).
 #[inline(always)]
 fn remember_bypass(lookup: &aya_ebpf::bindings::bpf_sk_lookup, local_port: u16) {
-    let key = in_bypass_key(lookup.remote_ip4, remote_port(lookup), local_port);
+    let remote_ip = if lookup.family == AF_INET {
+        to_v4_mapped(lookup.remote_ip4)
+    } else {
+        read_ip6(&raw const lookup.remote_ip6)
+    };
+    let key = in_bypass_key(remote_ip, remote_port(lookup), local_port);
     let _ = RDR_IN_BYPASS.insert(key, 1, 0);
 }
 

@@ -236,10 +236,6 @@ fn take(sk: *mut bpf_sock, tuple: &ConnTuple, orig: &OrigDst) {
 /// interface it arrived on (which only its SYN tells); the entry goes.
 #[inline(always)]
 fn arrived_on_excluded(ends: &Ends) -> bool {
-    // IPv6 with `-c` and inbound capture is refused before install.
-    let Some(remote_ip) = v4_mapped(&ends.remote_ip) else {
-        return false;
-    };
-    let key = in_bypass_key(remote_ip, ends.remote_port, ends.local_port);
+    let key = in_bypass_key(ends.remote_ip, ends.remote_port, ends.local_port);
     RDR_IN_BYPASS.remove(key).is_ok()
 }

@@ -336,10 +336,8 @@ impl Config {
             }
         }
         // Excluded interfaces: the second link (which some destinations
-        // and inbound connections use), `lo`, or both (not with inbound
-        // capture and IPv6 rules, which eBPF mode refuses).
-        let inbound_on = flags.iter().any(|(f, v)| *f == "-b" && !v.is_empty());
-        if rng.chance(20) && !(ipv6 && inbound_on) {
+        // and inbound connections use), `lo`, or both.
+        if rng.chance(20) {
             flags.push((
                 "-c",
                 rng.pick(&["nic2", "nic2", "lo", "nic2,lo"]).to_owned(),

@@ -310,3 +310,102 @@ fn an_ipv6_redirect_never_takes_an_earlier_ones_source() {
     assert_eq!(out.code, 0, "{out:?}");
     let _ = std::fs::remove_file(&resolv);
 }
+
+/// `-c nic2` with IPv6 rules, observed whole under ip6tables and eBPF: the
+/// app's calls through `nic2` and `eth0`, the peer's calls to the pod's
+/// IPv6 address on each, with and without inbound capture; alike, and not
+/// vacuous (through `nic2` nothing is captured, through `eth0` everything
+/// is).
+#[test]
+fn an_excluded_interface_is_observed_as_with_ip6tables() {
+    require_root!();
+    const NIC2: &str = "nic2";
+    const POD_NIC2: &str = "fd00:192:2::1";
+    const PEER_NIC2: &str = "fd00:192:2::2";
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    sandbox
+        .link(
+            NIC2,
+            &[format!("{POD_NIC2}/64")],
+            &[format!("{PEER_NIC2}/64")],
+        )
+        .expect("second link");
+    let dual = |port: u16| format!("[::]:{port}");
+    sandbox
+        .serve_observing(&[
+            (Net::Pod, Group::Proxy, PROXY, dual(15001), "proxy"),
+            (Net::Pod, Group::Proxy, PROXY, dual(15006), "inbound"),
+            (Net::Pod, Group::App, APP, dual(APP_PORT), "app"),
+            (
+                Net::Peer,
+                Group::Outside,
+                ROOT,
+                dual(UPSTREAM_PORT),
+                "upstream",
+            ),
+        ])
+        .expect("servers");
+    let v6 = |text: &str, port: u16| {
+        SocketAddr::new(text.parse::<Ipv6Addr>().expect("address").into(), port)
+    };
+    let spec = |to: SocketAddr| format!("to={to} family=6 bind=none dev=none mode=block");
+    let observe = || -> BTreeMap<String, String> {
+        let mut seen = BTreeMap::new();
+        for to in [
+            v6(PEER_NIC2, UPSTREAM_PORT),
+            SocketAddr::new(PEER_IP6.into(), UPSTREAM_PORT),
+        ] {
+            let got = observe_one(sandbox.agent(Net::Pod, Group::App, APP), &spec(to));
+            seen.insert(format!("app -> {to}"), canonical_ports(&got, &FIXED_PORTS));
+        }
+        for to in [
+            v6(POD_NIC2, APP_PORT),
+            SocketAddr::new(POD_IP6.into(), APP_PORT),
+        ] {
+            let got = observe_one(sandbox.agent(Net::Peer, Group::Outside, ROOT), &spec(to));
+            seen.insert(format!("peer -> {to}"), canonical_ports(&got, &FIXED_PORTS));
+        }
+        seen
+    };
+    let outbound_only = Flags {
+        name: "ipv6-excluded-interface",
+        args: &["-i", "*", "-b", "", "-c", NIC2],
+    };
+    let inbound = Flags {
+        name: "ipv6-excluded-interface-inbound",
+        args: &["-i", "*", "-b", "*", "-c", NIC2],
+    };
+    let mut configs = vec![&outbound_only];
+    if redirect_sandbox::cli::feature_present("sk_lookup/ingress_ifindex") {
+        configs.push(&inbound);
+    } else {
+        println!("-c with -b not compared: eBPF mode needs kernel 5.17 for it");
+    }
+    for flags in configs {
+        let mut views = Vec::new();
+        for (mode, says) in [("iptables", "(iptables-"), ("ebpf", "with eBPF")] {
+            let applied = istio_iptables(&sandbox, mode, flags, &[]);
+            assert_eq!(applied.code, 0, "{mode} {}: {applied:?}", flags.name);
+            assert!(
+                applied.stdout.contains(says),
+                "{mode} {}: {applied:?}",
+                flags.name
+            );
+            views.push(observe());
+            let removed = istio_iptables(&sandbox, mode, flags, &["--cleanup-only"]);
+            assert_eq!(removed.code, 0, "{removed:?}");
+        }
+        println!("{}: {:#?}", flags.name, views[0]);
+        assert_eq!(views[0], views[1], "{}: ip6tables, then eBPF", flags.name);
+        let seen = |case: String| views[0][&case].clone();
+        assert!(seen(format!("app -> {}", v6(PEER_NIC2, UPSTREAM_PORT))).contains("| upstream"));
+        assert!(seen(format!("app -> [{PEER_IP6}]:{UPSTREAM_PORT}")).contains("| proxy"));
+        assert!(seen(format!("peer -> {}", v6(POD_NIC2, APP_PORT))).contains("| app"));
+        let through_eth0 = if flags.name == inbound.name {
+            "| inbound"
+        } else {
+            "| app"
+        };
+        assert!(seen(format!("peer -> [{POD_IP6}]:{APP_PORT}")).contains(through_eth0));
+    }
+}

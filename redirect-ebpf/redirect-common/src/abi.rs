@@ -84,11 +84,18 @@ pub const fn slot_key(slot: u32, value: u32) -> u64 {
     ((slot as u64) << 32) | value as u64
 }
 
-/// Key of `RDR_IN_BYPASS`: an inbound connection's remote address
-/// (network order), remote port and local port (host order).
+/// Key of `RDR_IN_BYPASS`: an inbound connection's remote address (an
+/// IPv6 one, or an IPv4 one mapped, as in [`OrigDst::ip`]), then its
+/// remote port and local port (host order) in one word.
 #[inline(always)]
-pub const fn in_bypass_key(remote_ip: u32, remote_port: u16, local_port: u16) -> u64 {
-    ((local_port as u64) << 48) | ((remote_port as u64) << 32) | remote_ip as u64
+pub const fn in_bypass_key(remote_ip: [u32; 4], remote_port: u16, local_port: u16) -> [u32; 5] {
+    [
+        remote_ip[0],
+        remote_ip[1],
+        remote_ip[2],
+        remote_ip[3],
+        ((remote_port as u32) << 16) | local_port as u32,
+    ]
 }
 
 /// How many connections from excluded interfaces (`-c`) awaiting their

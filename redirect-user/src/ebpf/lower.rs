@@ -252,20 +252,11 @@ fn split_ports(list: &PortList, flag: u8, ranges: &mut Vec<PortRange>) -> Vec<u1
 
 /// The flags of `capture` that need rules eBPF mode does not have yet.
 fn not_honoured(capture: &Capture) -> Vec<&'static str> {
-    [
-        (
-            capture.tproxy,
-            "-m TPROXY (TPROXY needs netfilter: the mark 1337 rules, the fwmark route to the local \
+    [(
+        capture.tproxy,
+        "-m TPROXY (TPROXY needs netfilter: the mark 1337 rules, the fwmark route to the local \
              table and CONNMARK for the app's replies)",
-        ),
-        (
-            capture.ipv6
-                && !capture.exclude_interfaces.is_empty()
-                && capture.inbound != InboundPorts::Off,
-            "-c with inbound capture and IPv6 rules (eBPF mode tells an IPv6 connection \
-             from an excluded interface at its SYN only)",
-        ),
-    ]
+    )]
     .into_iter()
     .filter_map(|(on, flag)| on.then_some(flag))
     .collect()

@@ -41,7 +41,7 @@ pub const LAYOUT: [(&str, MapType, usize, usize); 20] = [
     (ROUTE, MapType::LpmTrie, 12, size_of::<RouteEntry>()),
     (PORT_RANGES, MapType::LpmTrie, 8, 1),
     (GROUPS, MapType::Hash, 8, 1),
-    (IN_BYPASS, MapType::LruHash, 8, 1),
+    (IN_BYPASS, MapType::LruHash, 20, 1),
     (LOCAL6, MapType::Hash, 20, 1),
     (EXCLUDE6, MapType::LpmTrie, 24, 1),
     (INCLUDE6, MapType::LpmTrie, 24, 1),
