@@ -46,6 +46,13 @@ const CIDR_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
 const PROXY_DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053);
 /// The pod's resolv.conf nameserver, across the network.
 const NAMESERVER: SocketAddrV4 = SocketAddrV4::new(PEER_IP, 53);
+/// `-k`'s interface in the bench pod: the peer plays a KubeVirt VM behind
+/// it, with these addresses.
+const KV: &str = "kv0";
+const POD_KV: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const PEER_KV: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+/// Where the VM connects, beyond the pod (routed through it over `kv0`).
+const VM_REMOTE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 9080);
 /// The pod UID the CNI plugin is called with.
 const POD_UID: &str = "b3c4a1d2-0000-4000-8000-00000000be4c";
 /// Pod counts of the per-pod memory figure (`--quick`: the first only).
@@ -221,12 +228,34 @@ impl Bench {
         // client retries a second later. A bench artifact (a live pod moved
         // from iptables to eBPF meets it for at most TIME_WAIT's minute),
         // not a capture cost.
-        let tw = sandbox
-            .command(Net::Pod, Group::Outside, redirect_sandbox::ROOT, "sysctl")
-            .args(["-q", "-w", "net.ipv4.tcp_max_tw_buckets=0"])
-            .status()
-            .expect("sysctl");
-        assert!(tw.success(), "sysctl tcp_max_tw_buckets");
+        // The peer too: it plays the VM, whose connections through `kv0`
+        // the interleaved rounds compare.
+        for net in [Net::Pod, Net::Peer] {
+            let tw = sandbox
+                .command(net, Group::Outside, redirect_sandbox::ROOT, "sysctl")
+                .args(["-q", "-w", "net.ipv4.tcp_max_tw_buckets=0"])
+                .status()
+                .expect("sysctl");
+            assert!(tw.success(), "sysctl tcp_max_tw_buckets");
+        }
+        sandbox
+            .link(KV, &[format!("{POD_KV}/24")], &[format!("{PEER_KV}/24")])
+            .expect("the KubeVirt link");
+        sandbox
+            .ip_batch(
+                Net::Peer,
+                &format!("route add 198.51.100.0/25 via {POD_KV} dev {KV}\n"),
+            )
+            .expect("the VM's route");
+        sandbox
+            .serve(
+                Net::Pod,
+                Group::Proxy,
+                PROXY,
+                SocketAddrV4::new(POD_KV, PROXY_PORT),
+                "proxy",
+            )
+            .expect("proxy stand-in on kv0");
         sandbox
             .serve(Net::Peer, Group::Outside, APP, UPSTREAM, "upstream")
             .expect("upstream");
@@ -349,22 +378,53 @@ impl Bench {
             .sandbox
             .agent_output(Group::App, APP, &args)
             .expect("agent bench");
-        let v: Value = serde_json::from_str(out.trim()).expect("agent bench JSON");
-        assert_eq!(v["errors"], 0, "{v}");
-        let reply = v["reply"].as_str().unwrap_or("");
-        assert!(
-            reply.contains(expect),
-            "landed at {reply:?}, expected {expect:?}"
-        );
-        let n = v["count"].as_f64().unwrap_or(0.0);
-        Sample {
-            rate: n / v["secs"].as_f64().unwrap_or(f64::NAN),
-            cpu_us: v["cpu_secs"].as_f64().unwrap_or(f64::NAN) * 1e6 / n,
-            p50_us: v["p50_us"].as_f64().unwrap_or(f64::NAN),
-            p99_us: v["p99_us"].as_f64().unwrap_or(f64::NAN),
-        }
+        sample_of(&out, expect)
     }
 
+    /// [`Bench::sample`] of connections from the VM (the peer) through
+    /// `kv0`.
+    fn vm_sample(&self, to: SocketAddrV4, count: usize) -> Sample {
+        let (to, count) = (to.to_string(), count.to_string());
+        let out = self
+            .sandbox
+            .peer_output(&["bench", "--to", &to, "--count", &count])
+            .expect("agent bench");
+        sample_of(&out, "proxy")
+    }
+
+    /// A VM's connection setup through a `-k` interface with `mode`'s
+    /// capture in place (`direct`: no capture, the VM connects to the
+    /// proxy stand-in on the interface's address, where REDIRECT sends it).
+    fn virt_sample(&self, mode: &str, count: usize) -> Sample {
+        if mode == "direct" {
+            return self.vm_sample(SocketAddrV4::new(POD_KV, PROXY_PORT), count);
+        }
+        self.istio_with(mode, PROXY_PORT, "", &["-k", KV], false);
+        let sample = self.vm_sample(VM_REMOTE, count);
+        self.istio_with(mode, PROXY_PORT, "", &["-k", KV], true);
+        sample
+    }
+}
+
+/// The agent's `bench` report, landed at `expect`.
+fn sample_of(out: &str, expect: &str) -> Sample {
+    let v: Value = serde_json::from_str(out.trim()).expect("agent bench JSON");
+    assert_eq!(v["errors"], 0, "{v}");
+    let reply = v["reply"].as_str().unwrap_or("");
+    assert!(
+        reply.contains(expect),
+        "landed at {reply:?}, expected {expect:?}"
+    );
+    let n = v["count"].as_f64().unwrap_or(0.0);
+    Sample {
+        rate: n / v["secs"].as_f64().unwrap_or(f64::NAN),
+        cpu_us: v["cpu_secs"].as_f64().unwrap_or(f64::NAN) * 1e6 / n,
+        p50_us: v["p50_us"].as_f64().unwrap_or(f64::NAN),
+        p99_us: v["p99_us"].as_f64().unwrap_or(f64::NAN),
+    }
+}
+
+impl Bench {
     /// The eBPF programs' run time and run count per redirected request
     /// (the app through the relay to the HTTP upstream) and per bypassed
     /// connection (the proxy's own, straight to the upstream), with the
@@ -825,6 +885,35 @@ fn bench_capture_costs() {
         );
     }
 
+    // 7b: a KubeVirt VM's connection setup through a `-k` interface
+    // (kernel 6.6 for eBPF mode's TCX links), interleaved.
+    if redirect_sandbox::cli::feature_present("tcx/ingress") {
+        for round in 1..=sizes.rounds {
+            let mut modes = ["direct", "ebpf", "iptables"];
+            let first = round % modes.len();
+            modes.rotate_left(first);
+            for mode in modes {
+                let s = bench.virt_sample(mode, sizes.setup_connections);
+                results.add_sample("virt_connect", mode, "conn", &s);
+            }
+            let last = |mode| {
+                *results
+                    .get("virt_connect_rate", mode)
+                    .last()
+                    .unwrap_or(&0.0)
+            };
+            println!(
+                "-k round {round}/{}: VM connect/s direct {:.0}, ebpf {:.0}, iptables {:.0}",
+                sizes.rounds,
+                last("direct"),
+                last("ebpf"),
+                last("iptables")
+            );
+        }
+    } else {
+        println!("-k not measured: this kernel has no TCX links (6.6)");
+    }
+
     // 8: one pod's set-up by the CNI plugin, and iptables-restore.
     let plugin = Plugin::new(&bench.sandbox, POD_UID);
     let rules = planned_rules(&bench.sandbox);
@@ -910,6 +999,18 @@ fn bench_capture_costs() {
         ("dns_query_rate", "ebpf"),
         ("dns_query_rate", "iptables"),
     );
+    if !results.get("virt_connect_rate", "ebpf").is_empty() {
+        results.ratio(
+            "ebpf_over_direct_virt_connect_rate",
+            ("virt_connect_rate", "ebpf"),
+            ("virt_connect_rate", "direct"),
+        );
+        results.ratio(
+            "ebpf_over_iptables_virt_connect_rate",
+            ("virt_connect_rate", "ebpf"),
+            ("virt_connect_rate", "iptables"),
+        );
+    }
     results.ratio(
         "iptables_over_ebpf_request_p50",
         ("request_p50", "iptables"),

@@ -598,26 +598,25 @@ fn mirrors4(counter: Counter, cfg: Option<&Config>, sets: &maps::Sets) -> String
     }
 }
 
-/// `rule` for the interfaces `-k` names, as the pod's interface indexes.
-fn virt_rule(cfg: Option<&Config>, rule: &str) -> String {
-    match cfg.map(|c| c.virt_ifaces.as_slice()) {
-        None | Some([]) => "(no -k interfaces: rule absent)".into(),
-        Some(ifaces) => format!(
-            "{rule}  (X: the pod's interface {})",
-            ifaces
-                .iter()
-                .map(|i| format!("#{}", i.ifindex))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-}
-
 /// `rule` for the interfaces `-c` names, as the pod's interface indexes
 /// (the names are the pod's, not readable from here).
 fn interface_rule(cfg: Option<&Config>, rule: &str) -> String {
-    match cfg.map(|c| c.exclude_ifindexes.as_slice()) {
-        None | Some([]) => "(no -c interfaces: rule absent)".into(),
+    rule_on_interfaces(cfg.map(|c| c.exclude_ifindexes.clone()), "-c", rule)
+}
+
+/// `rule` for the interfaces `-k` names, likewise.
+fn virt_rule(cfg: Option<&Config>, rule: &str) -> String {
+    rule_on_interfaces(
+        cfg.map(|c| c.virt_ifaces.iter().map(|v| v.ifindex).collect()),
+        "-k",
+        rule,
+    )
+}
+
+/// `rule` with its `X` the interfaces of `indexes` (`flag`'s).
+fn rule_on_interfaces(indexes: Option<Vec<u32>>, flag: &str, rule: &str) -> String {
+    match indexes.as_deref() {
+        None | Some([]) => format!("(no {flag} interfaces: rule absent)"),
         Some(indexes) => format!(
             "{rule}  (X: the pod's interface {})",
             indexes
