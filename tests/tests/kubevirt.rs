@@ -109,17 +109,28 @@ fn observe_all(sandbox: &Sandbox) -> BTreeMap<String, String> {
 
 /// Waits (at most 10 s) until no address of `kv0` is still in duplicate
 /// address detection: REDIRECT picks among the usable ones when a packet
-/// arrives, eBPF mode when it installs, and both must see the same.
+/// arrives, eBPF mode when it installs, and both must see the same. Read
+/// from `/proc/net/if_inet6` (flag 0x40, `IFA_F_TENTATIVE`): older `ip`
+/// has no filter for it.
 fn wait_for_dad(sandbox: &Sandbox) {
     let started = Instant::now();
     loop {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", sandbox.netns_path(Net::Pod)))
-            .args(["ip", "-6", "addr", "show", "dev", KV, "tentative"])
+            .args(["cat", "/proc/net/if_inet6"])
             .output()
-            .expect("ip addr");
+            .expect("if_inet6");
         assert!(out.status.success(), "{out:?}");
-        if out.stdout.is_empty() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tentative = text.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(5) == Some(&KV)
+                && fields
+                    .get(4)
+                    .and_then(|f| u32::from_str_radix(f, 16).ok())
+                    .is_some_and(|flags| flags & 0x40 != 0)
+        });
+        if !tentative {
             return;
         }
         assert!(
