@@ -147,8 +147,12 @@ pub fn vm_test(opts: &Options) -> Result<()> {
     };
     let commit = git(&["rev-parse", "--short", "HEAD"]);
     let date = git(&["log", "-1", "--format=%cs"]);
-    let payload = payload(&opts.tests)?;
     fs::create_dir_all(&root)?;
+    // The binaries as built now, copied: every kernel of the run tests
+    // the same build, even if the tree is rebuilt meanwhile (a `cargo
+    // test` overwrites target/debug/deps in place).
+    let snapshot = root.join(format!("payload-{}", std::process::id()));
+    let payload = snapshot_payload(payload(&opts.tests)?, &snapshot)?;
     let mut runs = Vec::new();
     let mut accel = qemu::Accel::detect();
     for spec in &specs {
@@ -170,6 +174,7 @@ pub fn vm_test(opts: &Options) -> Result<()> {
         );
         runs.push(run);
     }
+    let _ = fs::remove_dir_all(&snapshot);
     let table = matrix_markdown(&runs);
     println!("{table}");
     if !opts.tests.is_empty() {
@@ -353,6 +358,30 @@ fn payload(only: &[String]) -> Result<initramfs::Payload> {
         redirect: workspace_root().join("target/debug/redirect"),
         tests,
         conformance,
+    })
+}
+
+/// `payload` with its binaries copied into `dir`.
+fn snapshot_payload(
+    payload: initramfs::Payload,
+    dir: &std::path::Path,
+) -> Result<initramfs::Payload> {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let copy = |from: &std::path::Path, name: &str| -> Result<PathBuf> {
+        let to = dir.join(name);
+        fs::copy(from, &to)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        Ok(to)
+    };
+    Ok(initramfs::Payload {
+        redirect: copy(&payload.redirect, "redirect")?,
+        tests: payload
+            .tests
+            .iter()
+            .map(|(name, exe)| Ok((name.clone(), copy(exe, &format!("test-{name}"))?)))
+            .collect::<Result<_>>()?,
+        conformance: payload.conformance,
     })
 }
 
