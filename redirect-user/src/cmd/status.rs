@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::{
     bpffs,
     cli::StatusArgs,
-    ebpf::{Kind, SK_LOOKUP, VIRT_HOOKS, all_hooks, config::Config, features, maps, sys},
+    ebpf::{Hook, Kind, SK_LOOKUP, VIRT_HOOKS, all_hooks, config::Config, features, maps, sys},
     instance::InstanceName,
     iptables::legacy,
 };
@@ -317,28 +317,43 @@ fn programs(dir: &Path, meta: &InstanceMeta, legacy: bool, virt: &[u32]) -> Vec<
             } else {
                 meta.cgroup_id
             };
-            let info = sys::obj_get(&dir.join(hook.pin_name()))
-                .and_then(|fd| sys::link_info(fd.as_fd()))
-                .ok();
-            Program {
-                hook: hook.name,
-                link_id: info.map(|i| i.link_id),
-                program_id: info.map(|i| i.prog_id),
-                attached: info.is_some_and(|i| i.target == target && target != 0),
-                available: features::hook_present(&hook),
-                optional: hook.optional,
-                min_kernel: hook.first_kernel(),
-                mirrors: if legacy && hook.kind == Kind::SkLookup {
-                    LEGACY_INBOUND_MIRRORS
-                } else {
-                    hook.mirrors
-                },
-                interface: None,
-            }
+            let mirrors = if legacy && hook.kind == Kind::SkLookup {
+                LEGACY_INBOUND_MIRRORS
+            } else {
+                hook.mirrors
+            };
+            program(dir, hook, &hook.pin_name(), target, mirrors, None)
         })
         .collect();
     out.extend(virt_programs(dir, virt));
     out
+}
+
+/// `hook`'s entry from its link pinned in `dir` as `pin`: attached when
+/// the link's target is `target` (a cgroup id, namespace inode or
+/// interface index; 0: none).
+fn program(
+    dir: &Path,
+    hook: Hook,
+    pin: &str,
+    target: u64,
+    mirrors: &'static str,
+    interface: Option<u32>,
+) -> Program {
+    let info = sys::obj_get(&dir.join(pin))
+        .and_then(|fd| sys::link_info(fd.as_fd()))
+        .ok();
+    Program {
+        hook: hook.name,
+        link_id: info.map(|i| i.link_id),
+        program_id: info.map(|i| i.prog_id),
+        attached: info.is_some_and(|i| i.target == target && target != 0),
+        available: features::hook_present(&hook),
+        optional: hook.optional,
+        min_kernel: hook.first_kernel(),
+        mirrors,
+        interface,
+    }
 }
 
 /// The `-k` hooks: a link per interface, those the configuration in force
@@ -354,20 +369,15 @@ fn virt_programs(dir: &Path, virt: &[u32]) -> Vec<Program> {
                 .filter(|i| !virt.contains(i)),
         );
         out.extend(ifindexes.into_iter().map(|ifindex| {
-            let info = sys::obj_get(&dir.join(hook.virt_pin_name(ifindex)))
-                .and_then(|fd| sys::link_info(fd.as_fd()))
-                .ok();
-            Program {
-                hook: hook.name,
-                link_id: info.map(|i| i.link_id),
-                program_id: info.map(|i| i.prog_id),
-                attached: info.is_some_and(|i| i.target == u64::from(ifindex)),
-                available: features::hook_present(&hook),
-                optional: hook.optional,
-                min_kernel: hook.first_kernel(),
-                mirrors: hook.mirrors,
-                interface: Some(ifindex),
-            }
+            let pin = hook.virt_pin_name(ifindex);
+            program(
+                dir,
+                hook,
+                &pin,
+                u64::from(ifindex),
+                hook.mirrors,
+                Some(ifindex),
+            )
         }));
     }
     out
