@@ -17,7 +17,7 @@ use redirect_common::{
 };
 
 use crate::{
-    maps::{RDR_EVENTS, RDR_SOCK, RDR_SOURCE6, active, count, count_index, store},
+    maps::{RDR_EVENTS, RDR_SOCK, RDR_SOURCE6, active, count, count_index, pod_of, store},
     net::{AF_INET, AF_INET6, ALLOW, read_ip6, write_ip6},
 };
 
@@ -47,11 +47,20 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
     let sk = unsafe { &*addr.__bindgen_anon_1.sk };
     let src_ip = sk.src_ip4;
-    if let Some((port, source)) =
-        capture(&ctx, sk, addr.type_, addr.user_ip4, addr.user_port, src_ip)
-    {
+    let Some(pod) = pod_of(ctx.sock_addr) else {
+        return ALLOW;
+    };
+    if let Some((port, source)) = capture(
+        &ctx,
+        pod,
+        sk,
+        addr.type_,
+        addr.user_ip4,
+        addr.user_port,
+        src_ip,
+    ) {
         if source != 0 {
-            keep_source(bind_source(&ctx, sk.family, source));
+            keep_source(pod, bind_source(&ctx, sk.family, source));
         }
         addr.user_ip4 = LOCALHOST;
         addr.user_port = u32::from(port.to_be());
@@ -73,12 +82,16 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
     let sk = unsafe { &*addr.__bindgen_anon_1.sk };
     let dst6 = read_ip6(&raw const addr.user_ip6);
+    let Some(pod) = pod_of(ctx.sock_addr) else {
+        return ALLOW;
+    };
     let Some(dst) = v4_mapped(&dst6) else {
         let src = Ip6(read_ip6(&raw const sk.src_ip6));
-        if let Some((port, source)) = capture6(&ctx, sk, addr.type_, Ip6(dst6), addr.user_port, src)
+        if let Some((port, source)) =
+            capture6(&ctx, pod, sk, addr.type_, Ip6(dst6), addr.user_port, src)
         {
             if source != Ip6::UNSPECIFIED {
-                keep_source(bind_source6(&ctx, source));
+                keep_source(pod, bind_source6(&ctx, source));
             }
             write_ip6((&raw mut addr.user_ip6).cast(), Ip6::LOOPBACK.0);
             addr.user_port = u32::from(port.to_be());
@@ -86,9 +99,9 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     let src_ip = v4_mapped(&read_ip6(&raw const sk.src_ip6)).unwrap_or(0);
-    if let Some((port, source)) = capture(&ctx, sk, addr.type_, dst, addr.user_port, src_ip) {
+    if let Some((port, source)) = capture(&ctx, pod, sk, addr.type_, dst, addr.user_port, src_ip) {
         if source != 0 {
-            keep_source(bind_source(&ctx, sk.family, source));
+            keep_source(pod, bind_source(&ctx, sk.family, source));
         }
         write_ip6((&raw mut addr.user_ip6).cast(), to_v4_mapped(LOCALHOST));
         addr.user_port = u32::from(port.to_be());
@@ -107,10 +120,10 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn redirect_decide(owner: u64, dst: u64, src: u64) -> u64 {
-    let Some((cfg, maps)) = active() else {
+    let input = ConnectInput::<u32>::unpack(owner, dst, src);
+    let Some((cfg, maps)) = active(input.pod) else {
         return OUTCOME_INACTIVE;
     };
-    let input = ConnectInput::<u32>::unpack(owner, dst, src);
     let verdict = decide_connect(&input, cfg, &maps);
     outcome_of(verdict, || {
         Source::unpack(redirect_source4(owner, dst, src))
@@ -124,10 +137,10 @@ pub extern "C" fn redirect_decide(owner: u64, dst: u64, src: u64) -> u64 {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn redirect_source4(owner: u64, dst: u64, src: u64) -> u64 {
-    let Some((cfg, maps)) = active() else {
+    let input = ConnectInput::<u32>::unpack(owner, dst, src);
+    let Some((cfg, maps)) = active(input.pod) else {
         return Source::<u32>::Refused.pack();
     };
-    let input = ConnectInput::<u32>::unpack(owner, dst, src);
     redirect_source(&input, cfg, &maps).pack()
 }
 
@@ -149,10 +162,10 @@ pub extern "C" fn redirect_decide6(
     if let Some(slot) = RDR_SOURCE6.get_ptr_mut(0) {
         write_ip6(slot.cast(), Ip6::UNSPECIFIED.0);
     }
-    let Some((cfg, maps)) = active() else {
+    let input = input6([meta, dst_hi, dst_lo, src_hi, src_lo]);
+    let Some((cfg, maps)) = active(input.pod) else {
         return OUTCOME_INACTIVE;
     };
-    let input = input6([meta, dst_hi, dst_lo, src_hi, src_lo]);
     let verdict = decide_connect(&input, cfg, &maps);
     let outcome = outcome_of(verdict, || {
         let kind = redirect_source6(meta, dst_hi, dst_lo, src_hi, src_lo);
@@ -179,10 +192,10 @@ pub extern "C" fn redirect_source6(
     src_hi: u64,
     src_lo: u64,
 ) -> u64 {
-    let Some((cfg, maps)) = active() else {
+    let input = input6([meta, dst_hi, dst_lo, src_hi, src_lo]);
+    let Some((cfg, maps)) = active(input.pod) else {
         return Source::<Ip6>::Refused.kind();
     };
-    let input = input6([meta, dst_hi, dst_lo, src_hi, src_lo]);
     let source = redirect_source(&input, cfg, &maps);
     // Written for a bind only: any other kind leaves its (undefined)
     // address alone, which the verifier would refuse to see read.
@@ -217,6 +230,7 @@ fn source6() -> Ip6 {
 #[inline(always)]
 pub(crate) fn capture(
     ctx: &SockAddrContext,
+    pod: u32,
     sk: &bpf_sock,
     sock_type: u32,
     dst_ip: u32,
@@ -233,6 +247,7 @@ pub(crate) fn capture(
         src_ip,
         dev_lo: sk.bound_dev_if == LOOPBACK_IFINDEX,
         bound_dev: sk.bound_dev_if,
+        pod,
     };
     let [owner, dst, src] = input.pack();
     let (outcome, level) = Outcome::unpack(redirect_decide(owner, dst, src))?;
@@ -250,14 +265,20 @@ pub(crate) fn capture(
         }
     };
     if outcome.port == 0 {
-        count_index(outcome.counter);
+        count_index(pod, outcome.counter);
         report(outcome.counter, 0);
         return None;
     }
-    if !record(ctx, input.effective_dst(), input.dst_port, outcome.port) {
+    if !record(
+        ctx,
+        pod,
+        input.effective_dst(),
+        input.dst_port,
+        outcome.port,
+    ) {
         return None;
     }
-    count_index(outcome.counter);
+    count_index(pod, outcome.counter);
     report(outcome.counter, outcome.port);
     Some((outcome.port, outcome.source))
 }
@@ -268,6 +289,7 @@ pub(crate) fn capture(
 #[inline(always)]
 pub(crate) fn capture6(
     ctx: &SockAddrContext,
+    pod: u32,
     sk: &bpf_sock,
     sock_type: u32,
     dst_ip: Ip6,
@@ -283,6 +305,7 @@ pub(crate) fn capture6(
         src_ip,
         dev_lo: sk.bound_dev_if == LOOPBACK_IFINDEX,
         bound_dev: sk.bound_dev_if,
+        pod,
     };
     let [meta, dst_hi, dst_lo, src_hi, src_lo] = input.pack();
     let packed = redirect_decide6(meta, dst_hi, dst_lo, src_hi, src_lo);
@@ -292,10 +315,18 @@ pub(crate) fn capture6(
     } else {
         Ip6::UNSPECIFIED
     };
-    if outcome.port != 0 && !record(ctx, input.effective_dst(), input.dst_port, outcome.port) {
+    if outcome.port != 0
+        && !record(
+            ctx,
+            pod,
+            input.effective_dst(),
+            input.dst_port,
+            outcome.port,
+        )
+    {
         return None;
     }
-    count_index(outcome.counter);
+    count_index(pod, outcome.counter);
     if level >= LOG_TRACE || (level >= LOG_DEBUG && outcome.port != 0) {
         let uid_gid = bpf_get_current_uid_gid();
         let event = Event {
@@ -316,7 +347,7 @@ pub(crate) fn capture6(
 /// storage: without a record the proxy could not learn the original
 /// destination, so the connect is left alone rather than broken.
 #[inline(always)]
-fn record<A: Addr>(ctx: &SockAddrContext, dst: A, port: u16, via: u16) -> bool {
+fn record<A: Addr>(ctx: &SockAddrContext, pod: u32, dst: A, port: u16, via: u16) -> bool {
     let orig = OrigDst::new(dst.words(), port, via);
     // Field by field into the buffer the helper reads (see `maps::store`).
     let mut copy = core::mem::MaybeUninit::<OrigDst>::uninit();
@@ -325,7 +356,7 @@ fn record<A: Addr>(ctx: &SockAddrContext, dst: A, port: u16, via: u16) -> bool {
     // copied in when created.
     let slot = unsafe { RDR_SOCK.get_or_insert_ptr_mut(ctx, Some(copy.assume_init_mut())) };
     if slot.is_null() {
-        count(Counter::RecordFailed);
+        count(pod, Counter::RecordFailed);
         return false;
     }
     // A socket that connects (or sends) again keeps its storage:
@@ -334,12 +365,12 @@ fn record<A: Addr>(ctx: &SockAddrContext, dst: A, port: u16, via: u16) -> bool {
     true
 }
 
-/// Counts a redirected socket that could not be given its source
+/// Counts a redirected socket of `pod` that could not be given its source
 /// (`rc`: what setting it returned, 0 for success).
 #[inline(always)]
-pub(crate) fn keep_source(rc: i64) {
+pub(crate) fn keep_source(pod: u32, rc: i64) {
     if rc != 0 {
-        count(Counter::SourceNotKept);
+        count(pod, Counter::SourceNotKept);
     }
 }
 

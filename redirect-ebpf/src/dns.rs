@@ -17,7 +17,7 @@ use redirect_common::{
 
 use crate::{
     connect::{capture, capture6},
-    maps::{active, count, load, sock_record},
+    maps::{active, count, load, pod_of, sock_record},
     net::{ALLOW, read_ip6, write_ip6},
 };
 
@@ -42,9 +42,18 @@ pub fn redirect_sendmsg4(ctx: SockAddrContext) -> i32 {
         0 => sk.src_ip4,
         chosen => chosen,
     };
-    if let Some((port, source)) =
-        capture(&ctx, sk, addr.type_, addr.user_ip4, addr.user_port, src_ip)
-    {
+    let Some(pod) = pod_of(ctx.sock_addr) else {
+        return ALLOW;
+    };
+    if let Some((port, source)) = capture(
+        &ctx,
+        pod,
+        sk,
+        addr.type_,
+        addr.user_ip4,
+        addr.user_port,
+        src_ip,
+    ) {
         if source != 0 {
             addr.msg_src_ip4 = source;
         }
@@ -68,6 +77,9 @@ pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
     // SAFETY: `sk` is always a valid socket in a sock_addr context.
     let sk = unsafe { &*addr.__bindgen_anon_1.sk };
     let dst6 = read_ip6(&raw const addr.user_ip6);
+    let Some(pod) = pod_of(ctx.sock_addr) else {
+        return ALLOW;
+    };
     let Some(dst) = v4_mapped(&dst6) else {
         let chosen = Ip6(read_ip6(&raw const addr.msg_src_ip6));
         let src = if chosen == Ip6([0; 4]) {
@@ -75,7 +87,8 @@ pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
         } else {
             chosen
         };
-        if let Some((port, source)) = capture6(&ctx, sk, addr.type_, Ip6(dst6), addr.user_port, src)
+        if let Some((port, source)) =
+            capture6(&ctx, pod, sk, addr.type_, Ip6(dst6), addr.user_port, src)
         {
             if source != Ip6([0; 4]) {
                 write_ip6((&raw mut addr.msg_src_ip6).cast(), source.0);
@@ -89,7 +102,7 @@ pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
         .filter(|ip| *ip != 0)
         .or_else(|| v4_mapped(&read_ip6(&raw const sk.src_ip6)))
         .unwrap_or(0);
-    if let Some((port, source)) = capture(&ctx, sk, addr.type_, dst, addr.user_port, src_ip) {
+    if let Some((port, source)) = capture(&ctx, pod, sk, addr.type_, dst, addr.user_port, src_ip) {
         if source != 0 {
             write_ip6((&raw mut addr.msg_src_ip6).cast(), to_v4_mapped(source));
         }
@@ -112,7 +125,10 @@ pub fn redirect_recvmsg4(ctx: SockAddrContext) -> i32 {
     }
     // SAFETY: reading the union member the kernel filled in.
     let sk = unsafe { addr.__bindgen_anon_1.sk };
-    if let Some(ns) = nameserver(sk, addr.user_port, false) {
+    let Some(pod) = pod_of(ctx.sock_addr) else {
+        return ALLOW;
+    };
+    if let Some(ns) = nameserver(pod, sk, addr.user_port, false) {
         addr.user_ip4 = ns.ip[3];
         addr.user_port = u32::from(ns.port.to_be());
     }
@@ -135,7 +151,10 @@ pub fn redirect_recvmsg6(ctx: SockAddrContext) -> i32 {
     };
     // SAFETY: reading the union member the kernel filled in.
     let sk = unsafe { addr.__bindgen_anon_1.sk };
-    if let Some(ns) = nameserver(sk, addr.user_port, v6) {
+    let Some(pod) = pod_of(ctx.sock_addr) else {
+        return ALLOW;
+    };
+    if let Some(ns) = nameserver(pod, sk, addr.user_port, v6) {
         // The record holds an IPv4 nameserver mapped, as the source reads.
         write_ip6((&raw mut addr.user_ip6).cast(), ns.ip);
         addr.user_port = u32::from(ns.port.to_be());
@@ -151,12 +170,12 @@ fn may_be_dns(user_port: u32) -> bool {
 }
 
 /// The nameserver a datagram from `127.0.0.1:<user_port>` (`[::1]` for
-/// `v6`) to `sk` stands for: the socket's captured destination, when DNS
+/// `v6`) to `sk`, a socket of `pod`, stands for: the socket's captured destination, when DNS
 /// capture is on, the port is the proxy's DNS port and the nameserver is
 /// of the datagram's family.
 #[inline(always)]
-fn nameserver(sk: *mut bpf_sock, user_port: u32, v6: bool) -> Option<OrigDst> {
-    let (cfg, _) = active()?;
+fn nameserver(pod: u32, sk: *mut bpf_sock, user_port: u32, v6: bool) -> Option<OrigDst> {
+    let (cfg, _) = active(pod)?;
     if cfg.flags & CFG_DNS == 0 || u16::from_be(user_port as u16) != cfg.dns_port {
         return None;
     }
@@ -168,6 +187,6 @@ fn nameserver(sk: *mut bpf_sock, user_port: u32, v6: bool) -> Option<OrigDst> {
     if record.kind != OrigDst::REDIRECTED || v4_mapped(&record.ip).is_none() != v6 {
         return None;
     }
-    count(Counter::DnsReplyRestored);
+    count(pod, Counter::DnsReplyRestored);
     Some(record)
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock_addr, programs::SockAddrC
 use redirect_common::{Counter, Ip6, LOCALHOST, OrigDst, v4_mapped};
 
 use crate::{
-    maps::{active, count, load, sock_record},
+    maps::{active, count, load, pod_of, sock_record},
     net::{ALLOW, read_ip6, write_ip6},
 };
 
@@ -43,7 +43,7 @@ pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = peer_record(sk, addr.user_ip4 == LOCALHOST, addr.user_port) {
         addr.user_ip4 = orig.ip[3];
         addr.user_port = u32::from(orig.port.to_be());
-        count(Counter::PeernameRestored);
+        count_for(&ctx, Counter::PeernameRestored);
     }
     ALLOW
 }
@@ -64,19 +64,28 @@ pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
         // The record holds an IPv4 destination mapped, as the peer reads.
         write_ip6((&raw mut addr.user_ip6).cast(), orig.ip);
         addr.user_port = u32::from(orig.port.to_be());
-        count(Counter::PeernameRestored);
+        count_for(&ctx, Counter::PeernameRestored);
     }
     ALLOW
 }
 
-/// The inbound port, when `sk` is the proxy's end of an inbound capture.
+/// Counts a decision for the pod of `ctx`'s socket.
 #[inline(always)]
-fn redirected_port(sk: *mut bpf_sock) -> Option<u16> {
+fn count_for(ctx: &SockAddrContext, counter: Counter) {
+    if let Some(pod) = pod_of(ctx.sock_addr) {
+        count(pod, counter);
+    }
+}
+
+/// The inbound port, when `sk` is the proxy's end of an inbound capture
+/// in `pod`.
+#[inline(always)]
+fn redirected_port(pod: u32, sk: *mut bpf_sock) -> Option<u16> {
     let own = sock_record(sk);
     if own.is_null() || load(own).kind != OrigDst::INBOUND {
         return None;
     }
-    let (cfg, _) = active()?;
+    let (cfg, _) = active(pod)?;
     Some(cfg.inbound_port)
 }
 
@@ -89,9 +98,12 @@ pub fn redirect_getsockname4(ctx: SockAddrContext) -> i32 {
     let addr = unsafe { &mut *ctx.sock_addr };
     // SAFETY: reading the union member the kernel filled in.
     let sk = unsafe { addr.__bindgen_anon_1.sk };
-    if let Some(port) = redirected_port(sk) {
+    let Some(pod) = pod_of(ctx.sock_addr) else {
+        return ALLOW;
+    };
+    if let Some(port) = redirected_port(pod, sk) {
         addr.user_port = u32::from(port.to_be());
-        count(Counter::SocknameRedirected);
+        count(pod, Counter::SocknameRedirected);
     }
     ALLOW
 }
@@ -103,9 +115,12 @@ pub fn redirect_getsockname6(ctx: SockAddrContext) -> i32 {
     let addr = unsafe { &mut *ctx.sock_addr };
     // SAFETY: reading the union member the kernel filled in.
     let sk = unsafe { addr.__bindgen_anon_1.sk };
-    if let Some(port) = redirected_port(sk) {
+    let Some(pod) = pod_of(ctx.sock_addr) else {
+        return ALLOW;
+    };
+    if let Some(port) = redirected_port(pod, sk) {
         addr.user_port = u32::from(port.to_be());
-        count(Counter::SocknameRedirected);
+        count(pod, Counter::SocknameRedirected);
     }
     ALLOW
 }

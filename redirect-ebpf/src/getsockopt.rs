@@ -15,7 +15,7 @@ use redirect_common::{
 };
 
 use crate::{
-    maps::{RDR_ORIG_TUPLE, active, count, load, sock_record},
+    maps::{RDR_ORIG_TUPLE, active, count, load, pod_of, sock_record},
     net::{IPPROTO_TCP, sock_ends},
 };
 
@@ -32,8 +32,12 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/getsockopt program a valid context.
     let opt = unsafe { &mut *ctx.sockopt };
     let answered = match classify_getsockopt(opt.level, opt.optname) {
-        SockoptAction::AnswerOriginalDst => answer_original_dst::<false>(opt),
-        SockoptAction::AnswerOriginalDst6 => answer_original_dst::<true>(opt),
+        SockoptAction::AnswerOriginalDst => {
+            pod_of(ctx.sockopt).is_some_and(|pod| answer_original_dst::<false>(pod, opt))
+        }
+        SockoptAction::AnswerOriginalDst6 => {
+            pod_of(ctx.sockopt).is_some_and(|pod| answer_original_dst::<true>(pod, opt))
+        }
         SockoptAction::PassThrough => false,
     };
     if answered {
@@ -46,14 +50,14 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
-/// Writes the answer's `sockaddr_in` (`sockaddr_in6` for `V6`) and clears
-/// the error; `false` when there is none (or no room), leaving the call to
+/// Writes the answer's `sockaddr_in` (`sockaddr_in6` for `V6`) for a
+/// socket of `pod` and clears the error; `false` when there is none (or no room), leaving the call to
 /// the kernel. Each family's option answers for connections of its family
 /// only: conntrack finds no IPv4 entry for an IPv6 socket's connection, and
 /// no IPv6 one for an IPv4 connection of a dual-stack socket, nor any IPv6
 /// one without Istio's IPv6 rules.
 #[inline(always)]
-fn answer_original_dst<const V6: bool>(opt: &mut bpf_sockopt) -> bool {
+fn answer_original_dst<const V6: bool>(pod: u32, opt: &mut bpf_sockopt) -> bool {
     let len = if V6 {
         SOCKADDR_IN6_LEN
     } else {
@@ -74,13 +78,14 @@ fn answer_original_dst<const V6: bool>(opt: &mut bpf_sockopt) -> bool {
         return false;
     };
     if v4_mapped(&local_ip).is_none() != V6
-        || (V6 && !active().is_some_and(|(cfg, _)| cfg.flags & CFG_IPV6 != 0))
+        || (V6 && !active(pod).is_some_and(|(cfg, _)| cfg.flags & CFG_IPV6 != 0))
     {
         return false;
     }
     // SAFETY: copied out before use.
     let kernel_answered = opt.retval == 0;
     let orig = match original(
+        pod,
         sk,
         kernel_answered,
         local_ip,
@@ -93,7 +98,7 @@ fn answer_original_dst<const V6: bool>(opt: &mut bpf_sockopt) -> bool {
         // ran before this one) and this capture knows no better: keep it.
         None if kernel_answered => return false,
         None => {
-            count(Counter::OrigDstMissed);
+            count(pod, Counter::OrigDstMissed);
             return false;
         }
     };
@@ -137,6 +142,7 @@ fn answer_original_dst<const V6: bool>(opt: &mut bpf_sockopt) -> bool {
 /// gets the same answer from conntrack as from here: the kernel's stands.
 #[inline(always)]
 fn original(
+    pod: u32,
     sk: *mut bpf_sock,
     kernel_answered: bool,
     local_ip: [u32; 4],
@@ -152,25 +158,25 @@ fn original(
     if !own.is_null() {
         let record = load(own);
         if record.kind == OrigDst::REDIRECTED || record.kind == OrigDst::PROXY {
-            count(Counter::OrigDstAnswered);
+            count(pod, Counter::OrigDstAnswered);
             return Some(record);
         }
-        if kernel_answered && active().is_some_and(|(cfg, _)| local_port == cfg.proxy_port) {
+        if kernel_answered && active(pod).is_some_and(|(cfg, _)| local_port == cfg.proxy_port) {
             return None;
         }
-        count(Counter::OrigDstInbound);
+        count(pod, Counter::OrigDstInbound);
         return Some(OrigDst::new(local_ip, local_port, 0));
     }
-    let tuple = tuple_from_server_side(local_ip, local_port, remote_ip, remote_port);
+    let tuple = tuple_from_server_side(pod, local_ip, local_port, remote_ip, remote_port);
     // SAFETY: copied out before use.
     if let Some(orig) = unsafe { RDR_ORIG_TUPLE.get(tuple) }.copied() {
-        count(Counter::OrigDstAnswered);
+        count(pod, Counter::OrigDstAnswered);
         return Some(orig);
     }
-    let (cfg, _) = active()?;
+    let (cfg, _) = active(pod)?;
     if kernel_answered || local_port == cfg.proxy_port {
         return None;
     }
-    count(Counter::OrigDstUnredirected);
+    count(pod, Counter::OrigDstUnredirected);
     Some(OrigDst::new(remote_ip, remote_port, 0))
 }

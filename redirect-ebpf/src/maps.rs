@@ -7,39 +7,48 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::bpf_sock,
+    bindings::{BPF_F_NO_PREALLOC, bpf_sock},
     btf_maps::SkStorage,
-    helpers::generated::bpf_sk_storage_get,
+    helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
 };
 use redirect_common::{
-    CIDR_SLOT_BITS, CONFIG_SLOTS, COUNTER_COUNT, ConnTuple, Counter, InstanceMeta, Ip6,
+    CIDR_SLOT_BITS, COUNTER_COUNT, ConnTuple, Counter, INSTANCE_POD, InstanceMeta, Ip6,
     LISTENER_SLOTS, Lookups, MAX_CIDRS, MAX_CIDRS6, MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS,
     MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, OrigDst,
-    PORT_RANGE_SLOT_BITS, ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry, RouteEntry6,
-    active_slot, cidr_key, cidr6_key, local6_key, port_key, port_range_key, slot_key,
+    PORT_RANGE_SLOT_BITS, PodMeta, ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry, RouteEntry6,
+    SLOTS_PER_POD, cidr_key, cidr6_key, counter_index, local6_key, port_key, port_range_key,
+    slot_key, slot_of_pod,
 };
 
 /// Largest number of redirected handshakes in flight at once (user space
 /// sets the actual size: `--max-connections`).
 const MAX_TRACKED: u32 = 65536;
 
-/// The capture configurations, one per slot, written by user space; the
-/// one `RDR_ACTIVE` selects is in force (see [`active`]).
-#[map]
-pub(crate) static RDR_CONFIG: Array<RedirectConfig> = Array::pinned(CONFIG_SLOTS, 0);
+// Sizes below are those of a per-pod instance (one pod); user space sizes
+// the maps of a program set for the pods it serves.
 
-/// Which slot of `RDR_CONFIG` (and of every set map) is in force: an
-/// upgrade writes the other slot, then switches this one value.
+/// The capture configurations, two slots per pod (see
+/// [`redirect_common::pod_slot`]), written by user space; the one a pod's
+/// `RDR_ACTIVE` entry selects is in force for it (see [`active`]).
+#[map]
+pub(crate) static RDR_CONFIG: Array<RedirectConfig> = Array::pinned(SLOTS_PER_POD, 0);
+
+/// Which slot of `RDR_CONFIG` (and of every set map) is in force for each
+/// pod: an upgrade writes the pod's other slot, then switches this one
+/// value.
 #[map]
 pub(crate) static RDR_ACTIVE: Array<u32> = Array::pinned(1, 0);
 
-/// The configuration in force and the view of the set maps that goes with
-/// it; `None` before the first install finished writing one.
+/// The configuration in force for `pod` and the view of the set maps that
+/// goes with it; `None` before the first install finished writing one.
 #[inline(always)]
-pub(crate) fn active() -> Option<(&'static RedirectConfig, Maps)> {
-    let slot = active_slot(*RDR_ACTIVE.get(0)?);
+pub(crate) fn active(pod: u32) -> Option<(&'static RedirectConfig, Maps)> {
+    let slot = *RDR_ACTIVE.get(pod)?;
+    if !slot_of_pod(slot, pod) {
+        return None;
+    }
     let cfg = RDR_CONFIG.get(slot)?;
     if cfg.abi_version == 0 {
         return None;
@@ -47,7 +56,68 @@ pub(crate) fn active() -> Option<(&'static RedirectConfig, Maps)> {
     Some((cfg, Maps { slot }))
 }
 
-/// Decision counters, indexed by [`Counter`].
+/// Set to 1 by the loader in a node's program set, which serves every pod
+/// of the node whose network namespace [`RDR_PODS`] lists; 0 (a per-pod
+/// instance) serves [`INSTANCE_POD`] only. A frozen read-only global, so
+/// the verifier of a per-pod instance never sees the node branch (whose
+/// helper sockops and cgroup sockopt programs only have from 5.15).
+#[unsafe(no_mangle)]
+static NODE_SET: u32 = 0;
+
+/// Flags of the hash maps that hold sets: entries are allocated as they
+/// are added, so a map costs what its entries need, not its capacity
+/// (a node set's capacity is its pods' times theirs).
+const SET_FLAGS: u32 = BPF_F_NO_PREALLOC;
+
+/// A node set's pods by network namespace cookie (`SO_NETNS_COOKIE`).
+#[map]
+pub(crate) static RDR_PODS: HashMap<u64, u32> = HashMap::pinned(1, SET_FLAGS);
+
+/// A node set's pods by their addresses (IPv4 mapped), for `sk_lookup`,
+/// which has no namespace cookie: it runs on a SYN for one of the pod's
+/// own addresses, and pod addresses are unique on a node.
+#[map]
+pub(crate) static RDR_POD_ADDRS: HashMap<[u32; 4], u32> = HashMap::pinned(1, SET_FLAGS);
+
+/// A node set's record of each pod (user space only; see `PodMeta`).
+#[map]
+pub(crate) static RDR_POD_META: Array<PodMeta> = Array::pinned(1, 0);
+
+#[inline(always)]
+fn node_set() -> bool {
+    // SAFETY: a global of this program, read as the kernel froze it.
+    let node = unsafe { core::ptr::read_volatile(&raw const NODE_SET) };
+    node != 0
+}
+
+/// The pod a program's context (a `bpf_sock_addr`, `bpf_sock_ops` or
+/// `bpf_sockopt`) belongs to: a per-pod instance's one, or the pod of a
+/// node set whose network namespace it is in; `None` for any other
+/// namespace's sockets, which a node set leaves alone.
+#[inline(always)]
+pub(crate) fn pod_of<T>(ctx: *mut T) -> Option<u32> {
+    if !node_set() {
+        return Some(INSTANCE_POD);
+    }
+    // SAFETY: the program's own context, as the helper takes it.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.cast()) };
+    // SAFETY: copied out at once.
+    unsafe { RDR_PODS.get(cookie) }.copied()
+}
+
+/// The pod whose address `ip` (IPv4 mapped) is, for a program that has no
+/// namespace cookie (see [`RDR_POD_ADDRS`]).
+#[inline(always)]
+pub(crate) fn pod_at(ip: [u32; 4]) -> Option<u32> {
+    if !node_set() {
+        return Some(INSTANCE_POD);
+    }
+    // SAFETY: copied out at once.
+    unsafe { RDR_POD_ADDRS.get(ip) }.copied()
+}
+
+/// Decision counters, each pod's indexed by [`Counter`] from
+/// [`counter_index`]`(pod, 0)`.
 #[map]
 pub(crate) static RDR_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
 
@@ -157,33 +227,35 @@ pub(crate) static RDR_ORIG_TUPLE: LruHashMap<ConnTuple, OrigDst> =
 
 /// `PORT_*` flags of ports (Istio `-o`, `-q`, `-b`, `-d`).
 #[map]
-pub(crate) static RDR_PORTS: HashMap<u32, u8> = HashMap::pinned(MAX_PORTS * CONFIG_SLOTS, 0);
+pub(crate) static RDR_PORTS: HashMap<u32, u8> =
+    HashMap::pinned(MAX_PORTS * SLOTS_PER_POD, SET_FLAGS);
 
 /// `PORT_*` flags of port ranges (`a:b` in `-o`, `-q`, `-b`, `-d`), as
 /// aligned blocks of ports that do not overlap (user space merges the
 /// lists' ranges first), so the longest match is the only one.
 #[map]
 pub(crate) static RDR_PORT_RANGES: LpmTrie<[u8; 4], u8> =
-    LpmTrie::pinned(MAX_PORT_BLOCKS * CONFIG_SLOTS, 0);
+    LpmTrie::pinned(MAX_PORT_BLOCKS * SLOTS_PER_POD, 0);
 
 /// The owner groups (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`); any value
 /// means "in the set".
 #[map]
 pub(crate) static RDR_GROUPS: HashMap<u64, u8> =
-    HashMap::pinned(MAX_GROUPS as u32 * CONFIG_SLOTS, 0);
+    HashMap::pinned(MAX_GROUPS as u32 * SLOTS_PER_POD, SET_FLAGS);
 
 /// Excluded destination networks (Istio `-x`); any value means "in the set".
 #[map]
-pub(crate) static RDR_EXCLUDE: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(MAX_CIDRS * CONFIG_SLOTS, 0);
+pub(crate) static RDR_EXCLUDE: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(MAX_CIDRS * SLOTS_PER_POD, 0);
 
 /// Included destination networks (Istio `-i`, unless it is `*`).
 #[map]
-pub(crate) static RDR_INCLUDE: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(MAX_CIDRS * CONFIG_SLOTS, 0);
+pub(crate) static RDR_INCLUDE: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(MAX_CIDRS * SLOTS_PER_POD, 0);
 
 /// The pod's own non-loopback addresses: connects to them leave through
 /// `lo`, which Istio's `-o lo` rules test.
 #[map]
-pub(crate) static RDR_LOCAL: HashMap<u64, u8> = HashMap::pinned(MAX_LOCAL_ADDRS * CONFIG_SLOTS, 0);
+pub(crate) static RDR_LOCAL: HashMap<u64, u8> =
+    HashMap::pinned(MAX_LOCAL_ADDRS * SLOTS_PER_POD, SET_FLAGS);
 
 /// The pod's routing view for redirected connects: each route's source
 /// address (network order) under the route's destination, 0 for a
@@ -191,28 +263,28 @@ pub(crate) static RDR_LOCAL: HashMap<u64, u8> = HashMap::pinned(MAX_LOCAL_ADDRS 
 /// its device is one `-c` names.
 #[map]
 pub(crate) static RDR_ROUTE: LpmTrie<[u8; 8], RouteEntry> =
-    LpmTrie::pinned(MAX_ROUTES * CONFIG_SLOTS, 0);
+    LpmTrie::pinned(MAX_ROUTES * SLOTS_PER_POD, 0);
 
 /// [`RDR_LOCAL`] for the pod's IPv6 addresses (with IPv6 rules).
 #[map]
 pub(crate) static RDR_LOCAL6: HashMap<[u32; 5], u8> =
-    HashMap::pinned(MAX_LOCAL_ADDRS * CONFIG_SLOTS, 0);
+    HashMap::pinned(MAX_LOCAL_ADDRS * SLOTS_PER_POD, SET_FLAGS);
 
 /// [`RDR_EXCLUDE`] for IPv6 networks.
 #[map]
 pub(crate) static RDR_EXCLUDE6: LpmTrie<[u8; 20], u8> =
-    LpmTrie::pinned(MAX_CIDRS6 * CONFIG_SLOTS, 0);
+    LpmTrie::pinned(MAX_CIDRS6 * SLOTS_PER_POD, 0);
 
 /// [`RDR_INCLUDE`] for IPv6 networks.
 #[map]
 pub(crate) static RDR_INCLUDE6: LpmTrie<[u8; 20], u8> =
-    LpmTrie::pinned(MAX_CIDRS6 * CONFIG_SLOTS, 0);
+    LpmTrie::pinned(MAX_CIDRS6 * SLOTS_PER_POD, 0);
 
 /// [`RDR_ROUTE`] for IPv6: each route's source as the pod's kernel picked
 /// it at install.
 #[map]
 pub(crate) static RDR_ROUTE6: LpmTrie<[u8; 20], RouteEntry6> =
-    LpmTrie::pinned(MAX_ROUTES6 * CONFIG_SLOTS, 0);
+    LpmTrie::pinned(MAX_ROUTES6 * SLOTS_PER_POD, 0);
 
 /// Where the IPv6 decision's global function leaves the source of a
 /// redirect (a global function returns one scalar), for its caller on the
@@ -222,15 +294,17 @@ pub(crate) static RDR_SOURCE6: PerCpuArray<Ip6> = PerCpuArray::with_max_entries(
 
 /// The proxy's inbound listeners, put here by [`redirect_sockops`] when a
 /// socket of the cgroup listens on the inbound port (or by user space, for
-/// listeners that existed before the install), each in the first free
-/// slot; the kernel empties a slot when its socket closes.
+/// listeners that existed before the install), each in its pod's first
+/// free slot (see [`redirect_common::listener_index`]); the kernel empties
+/// a slot when its socket closes.
 #[map]
 pub(crate) static RDR_LISTENER: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 
-/// Inbound connections captured, per destination port. When every slot is
-/// taken, further ports are only counted in `inbound_captured`.
+/// Inbound connections captured, per pod and destination port (see
+/// [`redirect_common::in_hits_key`]). When every entry is taken, further
+/// ports are only counted in `inbound_captured`.
 #[map]
-pub(crate) static RDR_IN_HITS: HashMap<u16, u64> = HashMap::pinned(MAX_IN_HITS, 0);
+pub(crate) static RDR_IN_HITS: HashMap<u32, u64> = HashMap::pinned(MAX_IN_HITS, SET_FLAGS);
 
 /// Inbound connections [`crate::sk_lookup`] left alone because they arrived
 /// on an interface `-c` names, under [`redirect_common::in_bypass_key`],
@@ -238,7 +312,7 @@ pub(crate) static RDR_IN_HITS: HashMap<u16, u64> = HashMap::pinned(MAX_IN_HITS, 
 /// the SYN only, and such a connection must not read as the proxy's end
 /// of a capture.
 #[map]
-pub(crate) static RDR_IN_BYPASS: LruHashMap<[u32; 5], u8> = LruHashMap::pinned(MAX_IN_BYPASS, 0);
+pub(crate) static RDR_IN_BYPASS: LruHashMap<[u32; 6], u8> = LruHashMap::pinned(MAX_IN_BYPASS, 0);
 
 /// The decision's view of the set maps above: one slot's entries.
 pub(crate) struct Maps {
@@ -395,15 +469,20 @@ pub(crate) static RDR_META: Array<InstanceMeta> = Array::pinned(1, 0);
 #[map]
 pub(crate) static RDR_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
+/// Counts one decision of `pod`.
 #[inline(always)]
-pub(crate) fn count(counter: Counter) {
-    count_index(counter as u32);
+pub(crate) fn count(pod: u32, counter: Counter) {
+    count_index(pod, counter as u32);
 }
 
-/// Counts under a [`Counter`]'s index (an out-of-range one counts nothing).
+/// Counts under `pod`'s [`Counter`] index `counter` (an out-of-range one
+/// counts nothing).
 #[inline(always)]
-pub(crate) fn count_index(counter: u32) {
-    if let Some(slot) = RDR_STATS.get_ptr_mut(counter) {
+pub(crate) fn count_index(pod: u32, counter: u32) {
+    if counter >= COUNTER_COUNT {
+        return;
+    }
+    if let Some(slot) = RDR_STATS.get_ptr_mut(counter_index(pod, counter)) {
         // Atomic (a BPF XADD, the result unused): a sockops callback in
         // softirq can interrupt a syscall-context increment on this CPU.
         // SAFETY: a valid, aligned map value that lives as long as the map.

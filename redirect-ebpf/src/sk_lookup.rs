@@ -13,11 +13,11 @@ use aya_ebpf::{
 };
 use redirect_common::{
     CFG_VIRT_IFACES, Counter, InboundInput, InboundVerdict, Ip6, LISTENER_SLOTS, decide_inbound,
-    in_bypass_key, to_v4_mapped, virt_nat_key,
+    in_bypass_key, in_hits_key, listener_index, to_v4_mapped, virt_nat_key,
 };
 
 use crate::{
-    maps::{RDR_IN_BYPASS, RDR_IN_HITS, RDR_LISTENER, RDR_ORIG_TUPLE, active, count},
+    maps::{RDR_IN_BYPASS, RDR_IN_HITS, RDR_LISTENER, RDR_ORIG_TUPLE, active, count, pod_at},
     net::{AF_INET, AF_INET6, IPPROTO_TCP, read_ip6},
 };
 
@@ -58,7 +58,17 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     if (lookup.family != AF_INET && lookup.family != AF_INET6) || lookup.protocol != IPPROTO_TCP {
         return SK_PASS;
     }
-    let Some((cfg, maps)) = active() else {
+    let local_ip = if lookup.family == AF_INET {
+        to_v4_mapped(lookup.local_ip4)
+    } else {
+        read_ip6(&raw const lookup.local_ip6)
+    };
+    // In a node set, a connection to no pod's address (one to 127.0.0.1,
+    // which only the pod itself makes) is none of its business.
+    let Some(pod) = pod_at(local_ip) else {
+        return SK_PASS;
+    };
+    let Some((cfg, maps)) = active(pod) else {
         return SK_PASS;
     };
     // SAFETY: a global of this program, read as the kernel froze it.
@@ -70,7 +80,7 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
         0
     };
     let dst_port = lookup.local_port as u16;
-    if cfg.flags & CFG_VIRT_IFACES != 0 && redirected_from_virt_iface(lookup, dst_port) {
+    if cfg.flags & CFG_VIRT_IFACES != 0 && redirected_from_virt_iface(pod, lookup, dst_port) {
         // `PREROUTING -i X -j ISTIO_REDIRECT` came first: its REDIRECT
         // is terminal, so the inbound rules never see the connection.
         return SK_PASS;
@@ -92,21 +102,21 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     };
     match verdict {
         InboundVerdict::Bypass(Counter::InboundBypassInterface) => {
-            count(Counter::InboundBypassInterface);
-            remember_bypass(lookup, dst_port);
+            count(pod, Counter::InboundBypassInterface);
+            remember_bypass(pod, lookup, dst_port);
             SK_PASS
         }
         InboundVerdict::Bypass(counter) => {
-            count(counter);
+            count(pod, counter);
             SK_PASS
         }
         InboundVerdict::Capture => {
-            if !assign_listener(&ctx) {
-                count(Counter::InboundRefused);
+            if !assign_listener(&ctx, pod) {
+                count(pod, Counter::InboundRefused);
                 return SK_DROP;
             }
-            count(Counter::InboundCaptured);
-            count_port(dst_port);
+            count(pod, Counter::InboundCaptured);
+            count_port(pod, dst_port);
             SK_PASS
         }
     }
@@ -115,7 +125,11 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
 /// Whether the tc program of a `-k` interface sent this connection here
 /// (see [`crate::virt`]).
 #[inline(always)]
-fn redirected_from_virt_iface(lookup: &aya_ebpf::bindings::bpf_sk_lookup, local_port: u16) -> bool {
+fn redirected_from_virt_iface(
+    pod: u32,
+    lookup: &aya_ebpf::bindings::bpf_sk_lookup,
+    local_port: u16,
+) -> bool {
     let (vm_ip, to_ip) = if lookup.family == AF_INET {
         (
             to_v4_mapped(lookup.remote_ip4),
@@ -127,7 +141,7 @@ fn redirected_from_virt_iface(lookup: &aya_ebpf::bindings::bpf_sk_lookup, local_
             read_ip6(&raw const lookup.local_ip6),
         )
     };
-    let key = virt_nat_key(vm_ip, remote_port(lookup), to_ip, local_port);
+    let key = virt_nat_key(pod, vm_ip, remote_port(lookup), to_ip, local_port);
     // SAFETY: only tested for presence.
     unsafe { RDR_ORIG_TUPLE.get(key) }.is_some()
 }
@@ -145,13 +159,13 @@ fn remote_port(lookup: &aya_ebpf::bindings::bpf_sk_lookup) -> u16 {
 /// Remembers a connection left alone for its interface until it is
 /// accepted (see `RDR_IN_BYPASS`).
 #[inline(always)]
-fn remember_bypass(lookup: &aya_ebpf::bindings::bpf_sk_lookup, local_port: u16) {
+fn remember_bypass(pod: u32, lookup: &aya_ebpf::bindings::bpf_sk_lookup, local_port: u16) {
     let remote_ip = if lookup.family == AF_INET {
         to_v4_mapped(lookup.remote_ip4)
     } else {
         read_ip6(&raw const lookup.remote_ip6)
     };
-    let key = in_bypass_key(remote_ip, remote_port(lookup), local_port);
+    let key = in_bypass_key(pod, remote_ip, remote_port(lookup), local_port);
     let _ = RDR_IN_BYPASS.insert(key, 1, 0);
 }
 
@@ -159,10 +173,13 @@ fn remember_bypass(lookup: &aya_ebpf::bindings::bpf_sk_lookup, local_port: u16) 
 /// its family (an IPv4 one takes no IPv6 connection; a dual-stack IPv6
 /// one takes both).
 #[inline(always)]
-fn assign_listener(ctx: &SkLookupContext) -> bool {
+fn assign_listener(ctx: &SkLookupContext, pod: u32) -> bool {
     let mut slot = 0;
     while slot < LISTENER_SLOTS {
-        if RDR_LISTENER.redirect_sk_lookup(ctx, slot, 0).is_ok() {
+        if RDR_LISTENER
+            .redirect_sk_lookup(ctx, listener_index(pod, slot), 0)
+            .is_ok()
+        {
             return true;
         }
         slot += 1;
@@ -170,14 +187,15 @@ fn assign_listener(ctx: &SkLookupContext) -> bool {
     false
 }
 
-/// Adds one to the inbound capture count of `port`.
+/// Adds one to the inbound capture count of `pod`'s `port`.
 #[inline(always)]
-fn count_port(port: u16) {
-    if let Some(slot) = RDR_IN_HITS.get_ptr_mut(port) {
+fn count_port(pod: u32, port: u16) {
+    let key = in_hits_key(pod, port);
+    if let Some(slot) = RDR_IN_HITS.get_ptr_mut(key) {
         // SAFETY: a valid, aligned map value (see `count`).
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
-    } else if RDR_IN_HITS.insert(port, 1, u64::from(BPF_NOEXIST)).is_err()
-        && let Some(slot) = RDR_IN_HITS.get_ptr_mut(port)
+    } else if RDR_IN_HITS.insert(key, 1, u64::from(BPF_NOEXIST)).is_err()
+        && let Some(slot) = RDR_IN_HITS.get_ptr_mut(key)
     {
         // Another CPU created the entry first.
         // SAFETY: as above.

@@ -14,13 +14,13 @@ use aya_ebpf::{
 };
 use redirect_common::{
     CFG_EXCLUDE_IFACES, CFG_INBOUND, ConnTuple, Counter, InboundInput, InboundVerdict, Ip6,
-    LISTENER_SLOTS, OrigDst, decide_inbound, in_bypass_key, to_v4_mapped, tuple_from_client_side,
-    tuple_from_server_side, v4_mapped,
+    LISTENER_SLOTS, OrigDst, decide_inbound, in_bypass_key, listener_index, to_v4_mapped,
+    tuple_from_client_side, tuple_from_server_side, v4_mapped,
 };
 
 use crate::{
     maps::{
-        RDR_IN_BYPASS, RDR_LISTENER, RDR_ORIG_TUPLE, active, count, keep_in_socket, load,
+        RDR_IN_BYPASS, RDR_LISTENER, RDR_ORIG_TUPLE, active, count, keep_in_socket, load, pod_of,
         sock_record,
     },
     net::{AF_INET, AF_INET6, read_ip6},
@@ -35,10 +35,20 @@ use crate::{
 /// connection costs sockops nothing after its handshake.
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
-        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_LISTEN_CB
+        && op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+    {
+        return 1;
+    }
+    let Some(pod) = pod_of(ctx.ops) else {
+        return 1;
+    };
+    match op {
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx, pod),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx, pod),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx, pod),
         _ => {}
     }
     1
@@ -83,8 +93,9 @@ impl Ends {
 
     /// The connection's tuple when this socket is the app's (client) end.
     #[inline(always)]
-    fn as_app(&self) -> ConnTuple {
+    fn as_app(&self, pod: u32) -> ConnTuple {
         tuple_from_client_side(
+            pod,
             self.local_ip,
             self.local_port,
             self.remote_ip,
@@ -94,8 +105,9 @@ impl Ends {
 
     /// The connection's tuple when this socket is the proxy's (server) end.
     #[inline(always)]
-    fn as_proxy(&self) -> ConnTuple {
+    fn as_proxy(&self, pod: u32) -> ConnTuple {
         tuple_from_server_side(
+            pod,
             self.local_ip,
             self.local_port,
             self.remote_ip,
@@ -121,8 +133,8 @@ fn sock(ctx: &SockOpsContext) -> *mut bpf_sock {
 /// closes, so the others keep receiving, as iptables' REDIRECT reaches
 /// whichever listeners remain.
 #[inline(always)]
-fn on_listen(ctx: &SockOpsContext) {
-    let Some((cfg, _)) = active() else {
+fn on_listen(ctx: &SockOpsContext, pod: u32) {
+    let Some((cfg, _)) = active(pod) else {
         return;
     };
     if cfg.flags & CFG_INBOUND == 0 || ctx.local_port() != u32::from(cfg.inbound_port) {
@@ -136,8 +148,10 @@ fn on_listen(ctx: &SockOpsContext) {
             BPF_NOEXIST
         };
         // SAFETY: the context is the listening socket's, valid for this call.
-        if unsafe { RDR_LISTENER.update(slot, ctx.ops, u64::from(flags)) }.is_ok() {
-            count(Counter::ListenerRegistered);
+        if unsafe { RDR_LISTENER.update(listener_index(pod, slot), ctx.ops, u64::from(flags)) }
+            .is_ok()
+        {
+            count(pod, Counter::ListenerRegistered);
             return;
         }
         slot += 1;
@@ -153,7 +167,7 @@ fn on_listen(ctx: &SockOpsContext) {
 /// side). A connect that then fails leaves its tuple record to the LRU
 /// map, as conntrack keeps an unanswered SYN's entry until it times out.
 #[inline(always)]
-fn on_connect(ctx: &SockOpsContext) {
+fn on_connect(ctx: &SockOpsContext, pod: u32) {
     let record = sock_record(sock(ctx));
     if record.is_null() {
         return;
@@ -162,10 +176,10 @@ fn on_connect(ctx: &SockOpsContext) {
         return;
     };
     if RDR_ORIG_TUPLE
-        .insert(ends.as_app(), load(record), 0)
+        .insert(ends.as_app(pod), load(record), 0)
         .is_ok()
     {
-        count(Counter::TupleRecorded);
+        count(pod, Counter::TupleRecorded);
     }
 }
 
@@ -179,17 +193,17 @@ fn on_connect(ctx: &SockOpsContext) {
 /// [`crate::sk_lookup`] handed it to the proxy), for the local port
 /// REDIRECT would show.
 #[inline(always)]
-fn on_passive_established(ctx: &SockOpsContext) {
+fn on_passive_established(ctx: &SockOpsContext, pod: u32) {
     let Some(ends) = Ends::of(ctx) else {
         return;
     };
-    let tuple = ends.as_proxy();
+    let tuple = ends.as_proxy(pod);
     // SAFETY: copied out before use.
     if let Some(orig) = unsafe { RDR_ORIG_TUPLE.get(tuple) }.copied() {
-        take(sock(ctx), &tuple, &orig);
+        take(pod, sock(ctx), &tuple, &orig);
         return;
     }
-    let Some((cfg, maps)) = active() else {
+    let Some((cfg, maps)) = active(pod) else {
         return;
     };
     let verdict = match v4_mapped(&ends.remote_ip) {
@@ -213,7 +227,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
         ),
     };
     let captured = verdict == InboundVerdict::Capture
-        && !(cfg.flags & CFG_EXCLUDE_IFACES != 0 && arrived_on_excluded(&ends));
+        && !(cfg.flags & CFG_EXCLUDE_IFACES != 0 && arrived_on_excluded(pod, &ends));
     let kind = if captured {
         OrigDst::INBOUND
     } else {
@@ -226,16 +240,16 @@ fn on_passive_established(ctx: &SockOpsContext) {
 /// end. Should the kernel fail to create the storage, the record stays in
 /// the tuple map, where SO_ORIGINAL_DST still finds it.
 #[inline(always)]
-fn take(sk: *mut bpf_sock, tuple: &ConnTuple, orig: &OrigDst) {
+fn take(pod: u32, sk: *mut bpf_sock, tuple: &ConnTuple, orig: &OrigDst) {
     if keep_in_socket(sk, &orig.for_proxy()) && RDR_ORIG_TUPLE.remove(tuple).is_ok() {
-        count(Counter::TupleReleased);
+        count(pod, Counter::TupleReleased);
     }
 }
 
 /// Whether [`crate::sk_lookup`] left this connection alone for the
 /// interface it arrived on (which only its SYN tells); the entry goes.
 #[inline(always)]
-fn arrived_on_excluded(ends: &Ends) -> bool {
-    let key = in_bypass_key(ends.remote_ip, ends.remote_port, ends.local_port);
+fn arrived_on_excluded(pod: u32, ends: &Ends) -> bool {
+    let key = in_bypass_key(pod, ends.remote_ip, ends.remote_port, ends.local_port);
     RDR_IN_BYPASS.remove(key).is_ok()
 }

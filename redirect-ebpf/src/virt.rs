@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use redirect_common::{
-    CFG_IPV6, CFG_VIRT_IFACES, ConnTuple, Counter, OrigDst, is_loopback6, redirect_target,
-    to_v4_mapped, v4_mapped, virt_iface, virt_nat_key,
+    CFG_IPV6, CFG_VIRT_IFACES, ConnTuple, Counter, INSTANCE_POD, OrigDst, is_loopback6,
+    redirect_target, to_v4_mapped, v4_mapped, virt_iface, virt_nat_key,
 };
 
 use crate::maps::{RDR_ORIG_TUPLE, active, count};
@@ -115,7 +115,7 @@ fn segment(ctx: &TcContext) -> Option<Segment> {
 /// has rules.
 #[inline(always)]
 fn on_virt_iface(ctx: &TcContext, seg: &Segment) -> Option<(redirect_common::VirtIface, u16)> {
-    let (cfg, _) = active()?;
+    let (cfg, _) = active(INSTANCE_POD)?;
     if cfg.flags & CFG_VIRT_IFACES == 0 || (seg.v6 && cfg.flags & CFG_IPV6 == 0) {
         return None;
     }
@@ -141,12 +141,12 @@ pub fn redirect_virt_ingress(ctx: TcContext) -> i32 {
     }
     let Some(to) = redirect_target(&iface, &seg.dst) else {
         if seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            count(Counter::VirtDropped);
+            count(INSTANCE_POD, Counter::VirtDropped);
             return TC_ACT_SHOT;
         }
         return NEXT;
     };
-    let nat = virt_nat_key(seg.src, seg.sport, to, proxy_port);
+    let nat = virt_nat_key(INSTANCE_POD, seg.src, seg.sport, to, proxy_port);
     if seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         let orig = OrigDst::new(seg.dst, seg.dport, proxy_port);
         if RDR_ORIG_TUPLE.insert(nat, orig, 0).is_err() {
@@ -159,11 +159,12 @@ pub fn redirect_virt_ingress(ctx: TcContext) -> i32 {
             server_ip: to,
             client_port: seg.sport,
             server_port: proxy_port,
+            pod: INSTANCE_POD,
         };
         if RDR_ORIG_TUPLE.insert(tuple, orig, 0).is_ok() {
-            count(Counter::TupleRecorded);
+            count(INSTANCE_POD, Counter::TupleRecorded);
         }
-        count(Counter::VirtRedirected);
+        count(INSTANCE_POD, Counter::VirtRedirected);
     } else {
         // SAFETY: copied out before use.
         let Some(orig) = (unsafe { RDR_ORIG_TUPLE.get(nat) }).copied() else {
@@ -199,7 +200,7 @@ pub fn redirect_virt_egress(ctx: TcContext) -> i32 {
     if seg.sport != proxy_port {
         return NEXT;
     }
-    let nat = virt_nat_key(seg.dst, seg.dport, seg.src, seg.sport);
+    let nat = virt_nat_key(INSTANCE_POD, seg.dst, seg.dport, seg.src, seg.sport);
     // SAFETY: copied out before use.
     let Some(orig) = (unsafe { RDR_ORIG_TUPLE.get(nat) }).copied() else {
         return NEXT;

@@ -38,6 +38,8 @@ const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
 pub const NEW_PREFIX: &str = "@new-";
 /// Prefix of an instance's directory while it is being removed.
 pub const DEL_PREFIX: &str = "@del-";
+/// Prefix of a node set's directory.
+pub const SET_PREFIX: &str = "@set-";
 
 /// Directory that holds every instance.
 pub fn root() -> PathBuf {
@@ -211,6 +213,8 @@ pub struct Listing {
     pub instances: Vec<InstanceName>,
     /// Staging directories (`@new-*`, `@del-*`) of installs and uninstalls.
     pub staging: Vec<String>,
+    /// Node sets (`@set-*`, see `ebpf::node_set`).
+    pub sets: Vec<String>,
     /// Anything else: not redirect's, never touched.
     pub foreign: Vec<String>,
 }
@@ -228,6 +232,8 @@ pub fn list() -> Result<Listing> {
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
         if is_dir && (name.starts_with(NEW_PREFIX) || name.starts_with(DEL_PREFIX)) {
             listing.staging.push(name);
+        } else if is_dir && name.starts_with(SET_PREFIX) {
+            listing.sets.push(name);
         } else if let (true, Ok(instance)) = (is_dir, InstanceName::parse(&name)) {
             listing.instances.push(instance);
         } else {

@@ -219,6 +219,11 @@ pub struct IstioArgs {
     /// eBPF mode's instance name [default: derived from the cgroup]
     #[arg(long, value_name = "NAME", value_parser = crate::instance::parse_arg)]
     pub instance: Option<crate::instance::InstanceName>,
+    /// eBPF mode: add the pod (its network namespace) to this loaded node
+    /// set (`redirect node-set load`) as --instance, instead of loading
+    /// programs for it; no cgroup is used (kernel 5.15)
+    #[arg(long, value_name = "SET", value_parser = crate::instance::parse_arg, requires = "instance")]
+    pub node_set: Option<crate::instance::InstanceName>,
     /// eBPF mode: how many redirected connections can be in their
     /// handshake at once, from the app's SYN until the proxy's end is
     /// established (sizes the original-destination tuple map: about

@@ -134,6 +134,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::IstioIptables(args) => cmd::istio_iptables::istio_iptables(&args),
         Command::CniPlan(args) => cmd::cni_plan::cni_plan(&args),
         Command::Node { action } => cmd::node::node(&action),
+        Command::NodeSet { action } => cmd::node_set::node_set(&action),
         #[cfg(feature = "sandbox")]
         Command::SandboxAgent { args } => {
             let code = redirect_sandbox::agent::main(&args);

@@ -326,3 +326,74 @@ fn with_a_kubeconfig_the_pod_comes_from_the_api() {
     assert!(!pinned(&sandbox) && !istio_chains(&sandbox));
     drop(server);
 }
+
+/// With `node_set` in its configuration, the plugin puts the pod in that
+/// node set (map entries, no programs of its own: nothing pinned for it)
+/// when the set is loaded, and auto mode falls back to Istio's iptables
+/// rules when it is not; DEL takes the pod out of the set.
+#[test]
+fn add_check_del_in_a_node_set() {
+    require_root!();
+    if !redirect_sandbox::cli::feature_present("helper/get_netns_cookie") {
+        println!("no node sets on this kernel (5.15)");
+        return;
+    }
+    let sandbox = pod();
+    let uid = "5f1c-set";
+    let plugin = Plugin::new(&sandbox, uid);
+    let set = format!("{}-set", sandbox.name());
+    let mut config = plugin.config("auto", sidecar());
+    config["node_set"] = json!(set);
+
+    // The set is not loaded: auto mode says so and uses iptables.
+    let add = plugin.call(&sandbox, "ADD", uid, &config);
+    assert!(add.ok(), "{add:?}");
+    assert!(add.stderr.contains("is not loaded"), "{add:?}");
+    assert!(istio_chains(&sandbox) && !pinned(&sandbox));
+    assert_eq!(landings(&sandbox), captured());
+    let del = plugin.call(&sandbox, "DEL", uid, &config);
+    assert!(del.ok(), "{del:?}");
+    assert!(!istio_chains(&sandbox));
+
+    let load = redirect_sandbox::cli::redirect(&[
+        "node-set",
+        "load",
+        "--set",
+        &set,
+        "--cgroup",
+        &sandbox.pod_cgroup().to_string_lossy(),
+        "--max-pods",
+        "4",
+    ])
+    .expect("run redirect");
+    assert!(load.ok(), "{load:?}");
+    let unload = Unload(set.clone());
+    let add = plugin.call(&sandbox, "ADD", uid, &config);
+    assert!(add.ok(), "{add:?}");
+    let result: Value = serde_json::from_str(&add.stdout).expect("ADD's result");
+    assert_eq!(result, config["prevResult"], "prevResult passes through");
+    assert!(!pinned(&sandbox) && !istio_chains(&sandbox));
+    assert_eq!(landings(&sandbox), captured());
+    let again = plugin.call(&sandbox, "ADD", uid, &config);
+    assert!(again.ok(), "a second ADD: {again:?}");
+    let check = plugin.call(&sandbox, "CHECK", uid, &config);
+    assert!(check.ok() && check.stdout.is_empty(), "{check:?}");
+
+    let del = plugin.call(&sandbox, "DEL", uid, &config);
+    assert!(del.ok() && del.stdout.is_empty(), "{del:?}");
+    assert_eq!(landings(&sandbox), direct());
+    let del = plugin.call(&sandbox, "DEL", uid, &config);
+    assert!(del.ok(), "DEL with nothing to delete: {del:?}");
+    let check = plugin.call(&sandbox, "CHECK", uid, &config);
+    assert_eq!(check.code, 1, "{check:?}");
+    drop(unload);
+}
+
+/// Unloads a test's node set when dropped (also when the test fails).
+struct Unload(String);
+
+impl Drop for Unload {
+    fn drop(&mut self) {
+        let _ = redirect_sandbox::cli::redirect(&["node-set", "unload", "--set", &self.0]);
+    }
+}

@@ -585,3 +585,78 @@ fn an_excluded_interface_is_observed_as_with_iptables() {
         assert!(seen(format!("peer -> {POD_IP}:{APP_PORT}")).contains(through_eth0));
     }
 }
+
+/// A node set loaded on `cgroup` for one test, unloaded when dropped
+/// (also when the test fails).
+struct NodeSet(String);
+
+impl NodeSet {
+    fn load(name: &str, cgroup: &std::path::Path) -> Self {
+        let set = NodeSet(name.to_owned());
+        let cgroup = cgroup.to_string_lossy();
+        let out = redirect_sandbox::cli::redirect(&[
+            "node-set",
+            "load",
+            "--set",
+            name,
+            "--cgroup",
+            &cgroup,
+            "--max-pods",
+            "4",
+        ])
+        .expect("run redirect");
+        assert_eq!(out.code, 0, "node-set load: {out:?}");
+        set
+    }
+}
+
+impl Drop for NodeSet {
+    fn drop(&mut self) {
+        let out = redirect_sandbox::cli::redirect(&["node-set", "unload", "--set", &self.0]);
+        assert!(
+            out.as_ref().is_ok_and(|o| o.code == 0) || std::thread::panicking(),
+            "node-set unload: {out:?}"
+        );
+    }
+}
+
+/// A node set (one program set for the node, the pod found by its network
+/// namespace) decides every connection as iptables does, for every
+/// configuration; each configuration adds the pod to the set and removes
+/// it again, so the pod's slots are reused. (Kernels before 5.15 have no
+/// node sets.)
+#[test]
+fn a_node_set_and_iptables_capture_the_same_connections() {
+    require_root!();
+    let sandbox = pod_with_servers();
+    let name = format!("{}-set", sandbox.name());
+    if !redirect_sandbox::cli::feature_present("helper/get_netns_cookie") {
+        println!("no node sets on this kernel (node_set's refusal test checks that)");
+        return;
+    }
+    let _set = NodeSet::load(&name, sandbox.pod_cgroup());
+    let extra: &'static [&'static str] =
+        Box::leak(vec!["--node-set", Box::leak(name.clone().into_boxed_str())].into_boxed_slice());
+    let node_set = Backend {
+        name: "node set",
+        mode: "ebpf",
+        extra,
+        says: "with eBPF in node set",
+    };
+    let ifindex = redirect_sandbox::cli::feature_present("sk_lookup/ingress_ifindex");
+    let configs: Vec<&Flags> = CONFIGS
+        .iter()
+        .filter(|f| ifindex || f.name != INBOUND_EXCLUDED_INTERFACE)
+        .collect();
+    same_connections(&sandbox, &configs, (&IPTABLES, &node_set), || {
+        let status =
+            redirect_sandbox::cli::redirect(&["node-set", "status", "--json", "--set", &name])
+                .expect("run redirect");
+        let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
+        assert_eq!(
+            status["pods"],
+            serde_json::json!([]),
+            "the pod left the set"
+        );
+    });
+}

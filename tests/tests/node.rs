@@ -281,15 +281,25 @@ fn the_node_agent_installs_and_serves_every_instances_counters() {
         )
         .expect("connect");
 
-    let agent = Agent::start(
-        Command::new(redirect_sandbox::cli::redirect_bin())
-            .args(["node", "run", "--cni-bin-dir"])
-            .arg(dirs.bin())
-            .arg("--cni-conf-dir")
-            .arg(dirs.conf())
-            .args(["--metrics-listen", "127.0.0.1:0", "--gc-interval", "3600"])
-            .stdin(Stdio::null()),
-    );
+    // And, where the kernel can have one, a node set the agent loads,
+    // with the peer namespace in it as a pod.
+    let set = format!("{}-set", sandbox.name());
+    let with_set = redirect_sandbox::cli::feature_present("helper/get_netns_cookie");
+    let _unload = Unload(set.clone());
+    let mut agent_cmd = Command::new(redirect_sandbox::cli::redirect_bin());
+    agent_cmd
+        .args(["node", "run", "--cni-bin-dir"])
+        .arg(dirs.bin())
+        .arg("--cni-conf-dir")
+        .arg(dirs.conf())
+        .args(["--metrics-listen", "127.0.0.1:0", "--gc-interval", "3600"])
+        .stdin(Stdio::null());
+    if with_set {
+        agent_cmd
+            .args(["--node-set", &set, "--node-set-cgroup"])
+            .arg(sandbox.pod_cgroup());
+    }
+    let agent = Agent::start(&mut agent_cmd);
     let addr = agent
         .line_with("http://")
         .and_then(|line| {
@@ -300,6 +310,23 @@ fn the_node_agent_installs_and_serves_every_instances_counters() {
         })
         .expect("the agent says where its metrics are");
     let chained = fs::read_to_string(dirs.conf().join("10-pods.conflist")).expect("conflist");
+    if with_set {
+        let peer = sandbox.netns_path(redirect_sandbox::Net::Peer);
+        let out = redirect_sandbox::cli::redirect(&[
+            "node-set",
+            "add",
+            "--set",
+            &set,
+            "--instance",
+            "agent-pod",
+            "--netns",
+            &peer,
+            "-i",
+            "*",
+        ])
+        .expect("node-set add");
+        assert!(out.ok(), "{out:?}");
+    }
     let (status, body) = http_get(&addr, "/metrics");
     let (missing, _) = http_get(&addr, "/");
     let exit = agent.stop().expect("the agent stops on SIGTERM");
@@ -311,12 +338,31 @@ fn the_node_agent_installs_and_serves_every_instances_counters() {
     );
     assert!(body.lines().any(|l| l == line), "{line} in\n{body}");
     assert!(body.contains("# TYPE redirect_instances gauge"), "{body}");
+    if with_set {
+        for line in [
+            format!(
+                "redirect_decisions_total{{instance=\"agent-pod\",node_set=\"{set}\",decision=\"redirected\"}} 0"
+            ),
+            format!("redirect_node_set_pods{{node_set=\"{set}\"}} 1"),
+        ] {
+            assert!(body.lines().any(|l| l == line), "{line} in\n{body}");
+        }
+    }
     assert_eq!(missing, "HTTP/1.1 404 Not Found");
     assert!(exit.success(), "{exit:?}");
     // The plugin stays chained after the agent stops.
     let after = fs::read_to_string(dirs.conf().join("10-pods.conflist")).expect("conflist");
     assert!(after.contains("redirect-cni"));
     assert!(dirs.node("uninstall", &[]).ok());
+}
+
+/// Unloads node set `.0` when dropped (`node uninstall` leaves it).
+struct Unload(String);
+
+impl Drop for Unload {
+    fn drop(&mut self) {
+        let _ = redirect_sandbox::cli::redirect(&["node-set", "unload", "--set", &self.0]);
+    }
 }
 
 /// A service account as Kubernetes mounts it, with token `token`.
@@ -482,4 +528,54 @@ fn concurrent_installs_all_succeed_and_chain_the_plugin_once() {
         .filter(|n| n.ends_with(".redirect-tmp"))
         .collect();
     assert!(stray.is_empty(), "temporary files left: {stray:?}");
+}
+
+/// `node install --node-set`: the set loaded once on the pods' cgroup and
+/// named in the plugin's entry; installing again finds it loaded;
+/// uninstall leaves it (its pods keep their capture) until `node-set
+/// unload`. Where the kernel cannot have one, the entry names none and
+/// install says why.
+#[test]
+fn install_with_a_node_set_loads_it_once_and_names_it_to_the_plugin() {
+    redirect_sandbox::require_root!();
+    let sandbox = redirect_sandbox::Sandbox::for_tests().expect("sandbox");
+    let dirs = Dirs::new("set");
+    fs::write(dirs.conf().join("10-pods.conflist"), BRIDGE).expect("conf");
+    let set = format!("{}-set", sandbox.name());
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let args = [
+        "--node-set",
+        set.as_str(),
+        "--node-set-cgroup",
+        cgroup.as_str(),
+    ];
+    let pinned = || {
+        Path::new("/sys/fs/bpf/redirect")
+            .join(format!("@set-{set}"))
+            .is_dir()
+    };
+    let unload = || redirect(&["node-set", "unload", "--set", &set]).expect("unload");
+    let present = redirect_sandbox::cli::feature_present("helper/get_netns_cookie");
+    let first = dirs.node("install", &args);
+    let second = dirs.node("install", &args);
+    let entry = json_of(&dirs.conf().join("10-pods.conflist"))["plugins"][2].clone();
+    let uninstall = dirs.node("uninstall", &[]);
+    let left = pinned();
+    let unloaded = unload();
+    assert!(first.ok() && second.ok(), "{first:?} {second:?}");
+    assert!(uninstall.ok(), "{uninstall:?}");
+    if present {
+        assert_eq!(entry["node_set"], json!(set), "{entry}");
+        assert!(
+            first.stdout.contains(&format!("in node set {set}")),
+            "{first:?}"
+        );
+        assert!(left, "uninstall leaves the set");
+        assert!(unloaded.stdout.contains("unloaded"), "{unloaded:?}");
+    } else {
+        assert!(entry.get("node_set").is_none(), "{entry}");
+        assert!(first.stdout.contains("no node set here"), "{first:?}");
+        assert!(!left);
+    }
+    assert!(!pinned());
 }

@@ -122,6 +122,8 @@ pub fn pinned_instances(matches: impl Fn(&str) -> bool) -> Vec<String> {
                 .iter()
                 .find_map(|prefix| name.strip_prefix(prefix))
                 .unwrap_or(&name);
+            // A node set (tests name theirs after their sandbox).
+            let base = base.strip_prefix("@set-").unwrap_or(base);
             matches(base).then(|| format!("pin directory {}", entry.path().display()))
         })
         .collect()

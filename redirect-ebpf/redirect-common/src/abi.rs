@@ -12,7 +12,7 @@ pub const MAX_GROUPS: usize = 64;
 
 /// Version of the map layouts below. A reinstall reuses pinned maps only when
 /// the pinned config carries the same version.
-pub const ABI_VERSION: u32 = 16;
+pub const ABI_VERSION: u32 = 17;
 
 /// How many ports one configuration can flag (`-o`, `-q`, `-b` and `-d`
 /// ports together).
@@ -56,19 +56,60 @@ pub const DNS_PROXY_PORT: u16 = 15053;
 /// group, or listeners on several addresses): any live one receives.
 pub const LISTENER_SLOTS: u32 = 16;
 
-/// Configurations held at once: the active one and the one an upgrade
-/// writes beside it. The config array has one entry per slot, and every set
-/// map's key starts with its slot, so each set map holds `CONFIG_SLOTS`
-/// times its per-configuration capacity. An upgrade fills the inactive slot
-/// and then switches `RDR_ACTIVE` to it in one 4-byte write: a decision
-/// reads either the whole old configuration or the whole new one, never a
-/// mix (see [`active_slot`]).
-pub const CONFIG_SLOTS: u32 = 2;
+/// Configurations each pod holds at once: the active one and the one an
+/// upgrade writes beside it. The config array has one entry per slot, and
+/// every set map's key starts with its slot, so each set map holds
+/// `SLOTS_PER_POD` times its per-configuration capacity for each pod. An
+/// upgrade fills the pod's inactive slot and then switches the pod's
+/// `RDR_ACTIVE` entry to it in one 4-byte write: a decision reads either
+/// the whole old configuration or the whole new one, never a mix.
+pub const SLOTS_PER_POD: u32 = 2;
 
-/// The slot a value of `RDR_ACTIVE` selects (always below [`CONFIG_SLOTS`]).
+/// Most pods one program set can serve. A per-pod instance serves one,
+/// [`INSTANCE_POD`]; the maps are sized by user space for the pods they
+/// serve. A pod's index must fit the 12 bits the decision's packed input
+/// carries it in (see `ConnectInput::pack`), and its slots the 16 bits
+/// the set keys give them.
+pub const MAX_PODS: u32 = 4096;
+
+/// The pod of a per-pod instance: the only one its maps hold.
+pub const INSTANCE_POD: u32 = 0;
+
+/// Slot `which` (0 or 1) of `pod`'s two configuration slots.
 #[inline(always)]
-pub const fn active_slot(active: u32) -> u32 {
-    active & (CONFIG_SLOTS - 1)
+pub const fn pod_slot(pod: u32, which: u32) -> u32 {
+    pod * SLOTS_PER_POD + (which & 1)
+}
+
+/// Whether `slot` (a value of `RDR_ACTIVE`) is one of `pod`'s: a decision
+/// never reads another pod's configuration, whatever the map holds.
+#[inline(always)]
+pub const fn slot_of_pod(slot: u32, pod: u32) -> bool {
+    slot / SLOTS_PER_POD == pod
+}
+
+/// The other of a pod's two slots: the one an upgrade writes.
+#[inline(always)]
+pub const fn spare_slot(active: u32) -> u32 {
+    active ^ 1
+}
+
+/// Index of `counter` of `pod` in the per-CPU counter array.
+#[inline(always)]
+pub const fn counter_index(pod: u32, counter: u32) -> u32 {
+    pod * COUNTER_COUNT + counter
+}
+
+/// Index of `pod`'s listener slot `slot` in the inbound listener map.
+#[inline(always)]
+pub const fn listener_index(pod: u32, slot: u32) -> u32 {
+    pod * LISTENER_SLOTS + slot
+}
+
+/// Key of the per-port inbound capture counters: the pod, then the port.
+#[inline(always)]
+pub const fn in_hits_key(pod: u32, port: u16) -> u32 {
+    (pod << 16) | port as u32
 }
 
 /// Key of the port-flags map: the configuration slot, then the port.
@@ -84,12 +125,18 @@ pub const fn slot_key(slot: u32, value: u32) -> u64 {
     ((slot as u64) << 32) | value as u64
 }
 
-/// Key of `RDR_IN_BYPASS`: an inbound connection's remote address (an
+/// Key of `RDR_IN_BYPASS`: the pod, an inbound connection's remote address (an
 /// IPv6 one, or an IPv4 one mapped, as in [`OrigDst::ip`]), then its
 /// remote port and local port (host order) in one word.
 #[inline(always)]
-pub const fn in_bypass_key(remote_ip: [u32; 4], remote_port: u16, local_port: u16) -> [u32; 5] {
+pub const fn in_bypass_key(
+    pod: u32,
+    remote_ip: [u32; 4],
+    remote_port: u16,
+    local_port: u16,
+) -> [u32; 6] {
     [
+        pod,
         remote_ip[0],
         remote_ip[1],
         remote_ip[2],
@@ -103,28 +150,37 @@ pub const fn in_bypass_key(remote_ip: [u32; 4], remote_port: u16, local_port: u1
 /// leaves an entry the next ones push out).
 pub const MAX_IN_BYPASS: u32 = 1024;
 
-/// Bits of a port-range (LPM trie) key taken by the slot byte before the port.
-pub const PORT_RANGE_SLOT_BITS: u32 = 8;
+/// Bits of a port-range (LPM trie) key taken by the slot before the port.
+pub const PORT_RANGE_SLOT_BITS: u32 = 16;
 
-/// Data of a port-range key: the slot byte, then the port big-endian (so
-/// that a block of 2^n ports aligned on 2^n is one prefix); the key's
-/// prefix length is [`PORT_RANGE_SLOT_BITS`] plus the block's.
+/// Data of a port-range key: the slot (16 bits, big-endian), then the port
+/// big-endian (so that a block of 2^n ports aligned on 2^n is one prefix);
+/// the key's prefix length is [`PORT_RANGE_SLOT_BITS`] plus the block's.
 #[inline(always)]
 pub const fn port_range_key(slot: u32, port: u16) -> [u8; 4] {
+    let s = (slot as u16).to_be_bytes();
     let b = port.to_be_bytes();
-    [slot as u8, b[0], b[1], 0]
+    [s[0], s[1], b[0], b[1]]
 }
 
-/// Bits of a CIDR-set key taken by the slot byte before the address.
-pub const CIDR_SLOT_BITS: u32 = 8;
+/// Bits of a CIDR-set key taken by the slot before the address.
+pub const CIDR_SLOT_BITS: u32 = 16;
 
-/// Data of a CIDR-set (LPM trie) key: the slot byte, then the address in
-/// network order; the key's prefix length is [`CIDR_SLOT_BITS`] plus the
-/// CIDR's, so a slot's entries never match another slot's lookups.
+/// Data of a CIDR-set (LPM trie) key: the slot (16 bits, big-endian), then
+/// the address in network order; the key's prefix length is
+/// [`CIDR_SLOT_BITS`] plus the CIDR's, so a slot's entries never match
+/// another slot's lookups.
 #[inline(always)]
 pub const fn cidr_key(slot: u32, ip: u32) -> [u8; 8] {
+    let s = (slot as u16).to_be_bytes();
     let b = ip.to_ne_bytes();
-    [slot as u8, b[0], b[1], b[2], b[3], 0, 0, 0]
+    [s[0], s[1], b[0], b[1], b[2], b[3], 0, 0]
+}
+
+/// The slot a CIDR-set, route or port-range key's data starts with.
+#[inline(always)]
+pub const fn key_slot(data: &[u8]) -> u32 {
+    u16::from_be_bytes([data[0], data[1]]) as u32
 }
 
 /// How many entries the LRU original-destination map needs so that
@@ -297,15 +353,16 @@ pub struct RouteEntry6 {
     pub flags: u32,
 }
 
-/// Data of an IPv6 CIDR-set or route (LPM trie) key: the slot byte, the
-/// address's 16 bytes, then padding; the key's prefix length is
-/// [`CIDR_SLOT_BITS`] plus the network's.
+/// Data of an IPv6 CIDR-set or route (LPM trie) key: the slot (16 bits,
+/// big-endian), the address's 16 bytes, then padding; the key's prefix
+/// length is [`CIDR_SLOT_BITS`] plus the network's.
 #[inline(always)]
 pub const fn cidr6_key(slot: u32, ip: crate::Ip6) -> [u8; 20] {
+    let s = (slot as u16).to_be_bytes();
     let o = ip.octets();
     [
-        slot as u8, o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11],
-        o[12], o[13], o[14], o[15], 0, 0, 0,
+        s[0], s[1], o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11],
+        o[12], o[13], o[14], o[15], 0, 0,
     ]
 }
 
@@ -419,6 +476,9 @@ pub struct ConnTuple {
     pub client_port: u16,
     /// Server port, host byte order.
     pub server_port: u16,
+    /// The pod whose network namespace holds the connection: two pods can
+    /// hold the same tuple at once (both from 127.0.0.1, say).
+    pub pod: u32,
 }
 
 /// Indices of the per-CPU decision counters (`RDR_STATS`).
@@ -652,6 +712,32 @@ pub struct Event {
 /// Longest cgroup path (relative to the cgroup2 mount) an instance records.
 pub const META_PATH_MAX: usize = 1024;
 
+/// Longest name a node set's pod is added under (a CNI container id is 64
+/// hex digits).
+pub const POD_NAME_MAX: usize = 64;
+
+/// A node set's record of one of its pods, one entry of the pinned
+/// `RDR_POD_META` array per pod index (a zero cookie: a free index). Only
+/// user space reads or writes it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PodMeta {
+    /// The pod's network namespace cookie (`SO_NETNS_COOKIE`), the key
+    /// the programs find the pod by.
+    pub netns_cookie: u64,
+    /// Inode number of the pod's network namespace (for `status` and gc).
+    pub netns_ino: u64,
+    /// Seconds since the Unix epoch of the pod's last add.
+    pub added_at: u64,
+    /// Number of valid bytes in `name`.
+    pub name_len: u32,
+    /// Number of the pod's addresses in `RDR_POD_ADDRS`.
+    pub addr_count: u32,
+    /// The name the pod was added under.
+    pub name: [u8; POD_NAME_MAX],
+}
+
 /// What `redirect status` needs to know about an installed instance and that
 /// must survive the loader's exit: one entry in the pinned `RDR_META` array.
 /// Only user space reads or writes it.
@@ -699,4 +785,7 @@ pub mod map_names {
     pub const EXCLUDE6: &str = "RDR_EXCLUDE6";
     pub const INCLUDE6: &str = "RDR_INCLUDE6";
     pub const ROUTE6: &str = "RDR_ROUTE6";
+    pub const PODS: &str = "RDR_PODS";
+    pub const POD_ADDRS: &str = "RDR_POD_ADDRS";
+    pub const POD_META: &str = "RDR_POD_META";
 }

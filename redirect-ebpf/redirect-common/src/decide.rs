@@ -23,6 +23,8 @@ pub struct ConnectInput<A = u32> {
     pub dev_lo: bool,
     /// The device the socket is bound to (`SO_BINDTODEVICE`; 0: none).
     pub bound_dev: u32,
+    /// The pod whose configuration decides (below [`crate::MAX_PODS`]).
+    pub pod: u32,
 }
 
 impl<A: Addr> ConnectInput<A> {

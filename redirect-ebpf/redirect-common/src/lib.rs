@@ -37,6 +37,7 @@ mod user {
     unsafe impl aya::Pod for super::ConnTuple {}
     unsafe impl aya::Pod for super::RouteEntry6 {}
     unsafe impl aya::Pod for super::InstanceMeta {}
+    unsafe impl aya::Pod for super::PodMeta {}
     unsafe impl aya::Pod for super::VirtIface {}
 }
 

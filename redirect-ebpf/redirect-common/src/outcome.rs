@@ -134,15 +134,15 @@ impl Outcome {
 impl ConnectInput {
     /// This input as the decision's global function takes it: the
     /// `bpf_get_current_uid_gid()` value (gid << 32 | uid), the destination
-    /// (address << 32 | port << 16 | socket type) and the socket's own end
-    /// (bound address << 32 | bound device).
+    /// (address << 32 | port << 16 | [`type_and_pod`]) and the socket's
+    /// own end (bound address << 32 | bound device).
     #[inline(always)]
     pub const fn pack(&self) -> [u64; 3] {
         [
             (self.gid as u64) << 32 | self.uid as u64,
             (self.dst_ip as u64) << 32
                 | (self.dst_port as u64) << 16
-                | (self.sock_type & 0xffff) as u64,
+                | type_and_pod(self.sock_type, self.pod) as u64,
             (self.src_ip as u64) << 32 | self.bound_dev as u64,
         ]
     }
@@ -151,8 +151,9 @@ impl ConnectInput {
     #[inline(always)]
     pub const fn unpack(owner: u64, dst: u64, src: u64) -> Self {
         let bound_dev = src as u32;
+        let (sock_type, pod) = type_and_pod_of(dst as u16);
         Self {
-            sock_type: (dst & 0xffff) as u32,
+            sock_type,
             uid: owner as u32,
             gid: (owner >> 32) as u32,
             dst_ip: (dst >> 32) as u32,
@@ -160,21 +161,35 @@ impl ConnectInput {
             src_ip: (src >> 32) as u32,
             dev_lo: bound_dev == crate::LOOPBACK_IFINDEX,
             bound_dev,
+            pod,
         }
     }
 }
 
+/// The socket type (4 bits, the kernel's `SOCK_TYPE_MASK`) and the pod (12 bits, below [`crate::MAX_PODS`]) in one 16-bit field of
+/// the decision's packed input.
+#[inline(always)]
+pub const fn type_and_pod(sock_type: u32, pod: u32) -> u16 {
+    ((pod & 0xfff) << 4 | (sock_type & 0xf)) as u16
+}
+
+/// The socket type and pod [`type_and_pod`] packed.
+#[inline(always)]
+pub const fn type_and_pod_of(packed: u16) -> (u32, u32) {
+    ((packed & 0xf) as u32, (packed >> 4) as u32)
+}
+
 impl ConnectInput<Ip6> {
     /// This input as the IPv6 decision's global function takes it (the
-    /// caller's uid and gid it reads itself): the socket type, port and
-    /// bound device (type << 48 | port << 32 | device), then the
-    /// destination's and the bound address's halves.
+    /// caller's uid and gid it reads itself): the socket type and pod, port
+    /// and bound device ([`type_and_pod`] << 48 | port << 32 | device),
+    /// then the destination's and the bound address's halves.
     #[inline(always)]
     pub const fn pack(&self) -> [u64; 5] {
         let [dst_hi, dst_lo] = self.dst_ip.halves();
         let [src_hi, src_lo] = self.src_ip.halves();
         [
-            ((self.sock_type & 0xffff) as u64) << 48
+            (type_and_pod(self.sock_type, self.pod) as u64) << 48
                 | (self.dst_port as u64) << 32
                 | self.bound_dev as u64,
             dst_hi,
@@ -190,8 +205,9 @@ impl ConnectInput<Ip6> {
     pub const fn unpack(owner: u64, packed: [u64; 5]) -> Self {
         let [meta, dst_hi, dst_lo, src_hi, src_lo] = packed;
         let bound_dev = meta as u32;
+        let (sock_type, pod) = type_and_pod_of((meta >> 48) as u16);
         Self {
-            sock_type: (meta >> 48) as u32,
+            sock_type,
             uid: owner as u32,
             gid: (owner >> 32) as u32,
             dst_ip: Ip6::from_halves(dst_hi, dst_lo),
@@ -199,6 +215,7 @@ impl ConnectInput<Ip6> {
             src_ip: Ip6::from_halves(src_hi, src_lo),
             dev_lo: bound_dev == crate::LOOPBACK_IFINDEX,
             bound_dev,
+            pod,
         }
     }
 }

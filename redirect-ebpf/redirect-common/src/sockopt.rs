@@ -9,6 +9,7 @@ use crate::abi::{ConnTuple, OrigDst};
 /// accepted socket): its remote end is the client.
 #[inline(always)]
 pub const fn tuple_from_server_side(
+    pod: u32,
     local_ip: [u32; 4],
     local_port: u16,
     remote_ip: [u32; 4],
@@ -19,6 +20,7 @@ pub const fn tuple_from_server_side(
         server_ip: local_ip,
         client_port: remote_port,
         server_port: local_port,
+        pod,
     }
 }
 
@@ -153,6 +155,7 @@ pub fn to_v4_mapped(ip: u32) -> [u32; 4] {
 /// The tuple of a client-side socket (the app's connected socket).
 #[inline(always)]
 pub const fn tuple_from_client_side(
+    pod: u32,
     local_ip: [u32; 4],
     local_port: u16,
     remote_ip: [u32; 4],
@@ -163,5 +166,6 @@ pub const fn tuple_from_client_side(
         server_ip: remote_ip,
         client_port: local_port,
         server_port: remote_port,
+        pod,
     }
 }

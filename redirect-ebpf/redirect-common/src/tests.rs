@@ -51,6 +51,7 @@ fn app(dst_ip: u32) -> ConnectInput {
         src_ip: 0,
         dev_lo: false,
         bound_dev: 0,
+        pod: INSTANCE_POD,
     }
 }
 
@@ -416,9 +417,11 @@ fn empty_owner_sets_exempt_nobody() {
 #[test]
 fn tuples_from_both_sides_of_a_connection_agree() {
     let lo = to_v4_mapped(ip(127, 0, 0, 1));
-    let app_side = tuple_from_client_side(lo, 40000, lo, 15001);
-    let proxy_side = tuple_from_server_side(lo, 15001, lo, 40000);
+    let app_side = tuple_from_client_side(3, lo, 40000, lo, 15001);
+    let proxy_side = tuple_from_server_side(3, lo, 15001, lo, 40000);
     assert_eq!(app_side, proxy_side);
+    // Another pod's connection with the same addresses is another record.
+    assert_ne!(app_side, tuple_from_server_side(4, lo, 15001, lo, 40000));
 }
 
 #[test]
@@ -469,11 +472,37 @@ fn slot_keys_never_meet() {
     assert_ne!(port_key(0, 80), port_key(1, 80));
     assert_eq!(port_key(1, 80) & 0xffff, 80);
     assert_ne!(slot_key(0, a), slot_key(1, a));
-    assert_eq!(cidr_key(1, a)[0], 1);
-    assert_eq!(&cidr_key(1, a)[1..5], &[10, 0, 0, 1]);
-    for raw in [0, 1, 2, 3, u32::MAX] {
-        assert!(active_slot(raw) < CONFIG_SLOTS);
+    assert_eq!(key_slot(&cidr_key(1, a)), 1);
+    assert_eq!(&cidr_key(1, a)[2..6], &[10, 0, 0, 1]);
+    let last = pod_slot(MAX_PODS - 1, 1);
+    assert_eq!(key_slot(&cidr_key(last, a)), last);
+    assert_eq!(key_slot(&cidr6_key(last, Ip6::LOOPBACK)), last);
+    assert_eq!(key_slot(&port_range_key(last, 80)), last);
+    assert_ne!(port_key(last, 80), port_key(last - 1, 80));
+}
+
+#[test]
+fn each_pod_has_two_slots_of_its_own() {
+    for pod in [0, 1, 7, MAX_PODS - 1] {
+        for which in [0, 1] {
+            let slot = pod_slot(pod, which);
+            assert!(slot_of_pod(slot, pod));
+            assert!(!slot_of_pod(slot, pod + 1));
+            assert!(slot_of_pod(spare_slot(slot), pod));
+            assert_ne!(spare_slot(slot), slot);
+        }
+        assert_eq!(
+            counter_index(pod, COUNTER_COUNT - 1) + 1,
+            counter_index(pod + 1, 0)
+        );
+        assert_eq!(
+            listener_index(pod, LISTENER_SLOTS - 1) + 1,
+            listener_index(pod + 1, 0)
+        );
+        assert_ne!(in_hits_key(pod, 80), in_hits_key(pod + 1, 80));
     }
+    // A slot (and so a CIDR key's) fits the 16 bits the keys give it.
+    assert!(pod_slot(MAX_PODS - 1, 1) <= u32::from(u16::MAX));
 }
 
 #[test]
@@ -1215,13 +1244,14 @@ fn connect_inputs_cross_the_global_function_unchanged() {
             src_ip: pick(&mut draw),
             dev_lo: bound_dev == LOOPBACK_IFINDEX,
             bound_dev,
+            pod: (draw.next() % u64::from(MAX_PODS)) as u32,
         };
         let [owner, dst, src] = input.pack();
         assert_eq!(ConnectInput::<u32>::unpack(owner, dst, src), input);
         let words = |a: u32, b: u32| Ip6([a, b, a ^ b, b.rotate_left(7)]);
         let input6 = ConnectInput {
-            // The type crosses in 16 bits, as in the IPv4 packing.
-            sock_type: input.sock_type & 0xffff,
+            // The type crosses in 4 bits, as in the IPv4 packing.
+            sock_type: input.sock_type,
             uid: input.uid,
             gid: input.gid,
             dst_ip: words(input.dst_ip, input.uid),
@@ -1229,6 +1259,7 @@ fn connect_inputs_cross_the_global_function_unchanged() {
             src_ip: words(input.src_ip, input.gid),
             dev_lo: input.dev_lo,
             bound_dev: input.bound_dev,
+            pod: input.pod,
         };
         assert_eq!(
             ConnectInput::<Ip6>::unpack(owner, input6.pack()),
@@ -1377,6 +1408,7 @@ fn app6(dst: &str) -> ConnectInput<Ip6> {
         src_ip: Ip6::UNSPECIFIED,
         dev_lo: false,
         bound_dev: 0,
+        pod: INSTANCE_POD,
     }
 }
 

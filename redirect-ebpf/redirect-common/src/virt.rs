@@ -53,6 +53,7 @@ pub fn redirect_target(iface: &VirtIface, dst: &[u32; 4]) -> Option<[u32; 4]> {
 /// proxy listens there, so it cannot be another connection's record.
 #[inline(always)]
 pub const fn virt_nat_key(
+    pod: u32,
     vm_ip: [u32; 4],
     vm_port: u16,
     to_ip: [u32; 4],
@@ -63,6 +64,7 @@ pub const fn virt_nat_key(
         server_ip: vm_ip,
         client_port: to_port,
         server_port: vm_port,
+        pod,
     }
 }
 

@@ -114,6 +114,13 @@ pub enum Command {
         capture to that pod. A bad annotation value is an error in Istio's words, exit 1."
     )]
     CniPlan(CniPlanArgs),
+    /// One program set for the whole node: load it on the cgroup holding
+    /// the node's pods, add and remove pods (each by its network
+    /// namespace, with install's capture flags), show it, unload it
+    NodeSet {
+        #[command(subcommand)]
+        action: NodeSetAction,
+    },
     /// The CNI plugin on this node: install (copy `redirect-cni` into the CNI
     /// bin dir and chain it into the runtime's network configuration),
     /// uninstall, status

@@ -19,6 +19,74 @@ pub enum NodeAction {
     Run(NodeRunArgs),
 }
 
+#[derive(Subcommand)]
+pub enum NodeSetAction {
+    /// Load the programs and maps once, attach them to --cgroup, pin them
+    /// under /sys/fs/bpf/redirect/@set-<SET>/; again on the same cgroup:
+    /// nothing
+    Load(NodeSetLoadArgs),
+    /// Detach and unpin the node set, and every pod's capture with it
+    Unload(SetName),
+    /// Capture the pod whose network namespace is --netns (or this
+    /// process's) as --instance NAME; again for the same pod: its
+    /// configuration replaced in place
+    Add(Box<NodeSetAddArgs>),
+    /// Stop capturing pod --instance NAME
+    Remove {
+        #[command(flatten)]
+        set: SetName,
+        #[arg(long, value_name = "NAME", value_parser = crate::instance::parse_arg)]
+        instance: crate::instance::InstanceName,
+    },
+    /// The node set's pods and their decision counters
+    Status {
+        #[command(flatten)]
+        set: SetName,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which node set (a node has one; tests load their own).
+#[derive(Args)]
+pub struct SetName {
+    /// The node set's name
+    #[arg(long = "set", value_name = "NAME", default_value = "node", value_parser = crate::instance::parse_arg)]
+    pub name: crate::instance::InstanceName,
+}
+
+#[derive(Args)]
+pub struct NodeSetLoadArgs {
+    #[command(flatten)]
+    pub set: SetName,
+    /// The cgroup whose processes the programs see: the one holding the
+    /// node's pods (kubepods under the cgroup2 mount)
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: String,
+    /// Most pods the set holds at once
+    #[arg(long, value_name = "N", default_value = "512")]
+    pub max_pods: u32,
+    /// Redirected handshakes in flight at once on the node
+    #[arg(long, value_name = "N", default_value = "16384", value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
+    pub max_connections: u32,
+}
+
+#[derive(Args)]
+pub struct NodeSetAddArgs {
+    #[command(flatten)]
+    pub set: SetName,
+    /// The name the pod is added (and later removed) under
+    #[arg(long, value_name = "NAME", value_parser = crate::instance::parse_arg)]
+    pub instance: crate::instance::InstanceName,
+    /// The pod's network namespace (/proc/PID/ns/net or /run/netns/NAME)
+    /// [default: this process's]
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub capture: super::CaptureArgs,
+}
+
 #[derive(Args)]
 pub struct NodeRunArgs {
     #[command(flatten)]
@@ -79,6 +147,16 @@ pub struct NodeInstallArgs {
     /// plugin's stderr only when it fails
     #[arg(long, value_name = "FILE")]
     pub cni_log_file: Option<std::path::PathBuf>,
+    /// Capture pods in one program set for the node, loaded (once) as this
+    /// set on --node-set-cgroup, where the kernel has what it needs (5.15;
+    /// else each pod gets its own programs, as without this flag)
+    #[arg(long, value_name = "NAME", value_parser = crate::instance::parse_arg)]
+    pub node_set: Option<crate::instance::InstanceName>,
+    /// The cgroup holding the node's pods, which the node set's programs
+    /// see [default: --pod-cgroup-root, else kubepods under the cgroup2
+    /// mount]
+    #[arg(long, value_name = "DIR", requires = "node_set")]
+    pub node_set_cgroup: Option<std::path::PathBuf>,
     /// The proxy's uid (what Istio's plugin reads from the istio-proxy
     /// container's runAsUser)
     #[arg(long, value_name = "UID", default_value = "1337")]

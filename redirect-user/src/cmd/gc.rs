@@ -10,11 +10,11 @@ use crate::ebpf::loader;
 pub fn gc(dry_run: bool) -> Result<ExitCode> {
     let removed = loader::gc(dry_run)?;
     if removed.is_empty() {
-        outln!("redirect: no instance of a deleted pod");
+        outln!("redirect: no instance or node-set pod of a deleted pod");
     }
     for (name, why) in removed {
         outln!(
-            "redirect: {} instance {name}: {why}",
+            "redirect: {} {name}: {why}",
             if dry_run { "would remove" } else { "removed" }
         );
     }

@@ -59,7 +59,7 @@ pub fn resolve(
 
 /// What no lowering of `install` and `run` takes: DNS capture (they do
 /// not read resolv.conf).
-fn checked(capture: Capture) -> Result<Capture> {
+pub fn checked(capture: Capture) -> Result<Capture> {
     if capture.dns.is_some() {
         bail!(
             "install and run do not read the pod's resolv.conf: capture DNS with `redirect istio-iptables --redirect-dns` (eBPF mode included)"

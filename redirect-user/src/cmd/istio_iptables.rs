@@ -95,8 +95,11 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         Ok(choice) => choice,
         Err(err) => return refuse(&format!("{err:#}")),
     };
-    if let Some((config, cgroup)) = ebpf {
-        let code = with_ebpf(args, &actions, &config, &cgroup)?;
+    if let Some((config, target)) = ebpf {
+        let code = match &target {
+            EbpfTarget::Cgroup(cgroup) => with_ebpf(args, &actions, &config, cgroup)?,
+            EbpfTarget::NodeSet(set) => in_node_set(args, &actions, &config, set)?,
+        };
         return validated(args, &actions, &capture, code);
     }
     if native {
@@ -148,20 +151,50 @@ fn validated(
     }
 }
 
-/// `--mode`: the eBPF configuration and pod cgroup when eBPF capture is
-/// chosen, `None` for the netfilter backend, `fallback` (auto mode says
+/// Where eBPF mode puts a pod's capture.
+enum EbpfTarget {
+    /// Programs of its own, on its cgroup.
+    Cgroup(Cgroup),
+    /// Entries of a loaded node set (`--node-set`).
+    NodeSet(InstanceName),
+}
+
+/// `--mode`: the eBPF configuration and where it goes when eBPF capture
+/// is chosen, `None` for the netfilter backend, `fallback` (auto mode says
 /// why on stderr). `--mode ebpf` errs with what stands in the way.
 fn choose_mode(
     args: &IstioArgs,
     capture: &Capture,
     fallback: &str,
-) -> Result<Option<(Config, Cgroup)>> {
+) -> Result<Option<(Config, EbpfTarget)>> {
     if args.mode == Mode::Iptables {
         return Ok(None);
     }
-    let why_not = || -> Result<(Config, Cgroup), String> {
+    let why_not = || -> Result<(Config, EbpfTarget), String> {
         let config = ebpf::lower::lower(capture, &RealHost)
             .map_err(|flags| format!("eBPF mode cannot honour {} yet", flags.join(", ")))?;
+        if let Some(set) = &args.node_set {
+            // A loaded set is the kernel's proof: its load probed and
+            // attached every hook, so a pod's ADD runs no probes (they
+            // cost tens of milliseconds); `node_set::add` refuses what
+            // the set lacks for this pod.
+            if !ebpf::node_set::is_loaded(set) {
+                return Err(format!(
+                    "node set {set} is not loaded (`redirect node-set load --set {set}`)"
+                ));
+            }
+            if !config.virt_ifaces.is_empty() {
+                return Err("-k is not supported in a node set".into());
+            }
+            if config.inbound.is_some() && !ebpf::node_set::has_sk_lookup(set) {
+                return Err(format!(
+                    "inbound capture (-b) needs sk_lookup (kernel {}), which node set {set} \
+                     could not load here",
+                    ebpf::SK_LOOKUP.first_kernel()
+                ));
+            }
+            return Ok((config, EbpfTarget::NodeSet(set.clone())));
+        }
         let report = features::run();
         if report.mode != Probed::Ebpf {
             return Err(report.reason);
@@ -202,7 +235,7 @@ fn choose_mode(
             ));
         }
         let cgroup = cgroup::resolve(&args.cgroup).map_err(|err| format!("{err:#}"))?;
-        Ok((config, cgroup))
+        Ok((config, EbpfTarget::Cgroup(cgroup)))
     };
     match (args.mode, why_not()) {
         (_, Ok(choice)) => Ok(Some(choice)),
@@ -267,6 +300,39 @@ fn netfilter(
         "redirect: {} ({label}, IPv6 {})",
         applied.describe(),
         if capture.ipv6 { "on" } else { "off" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// eBPF mode in a node set: add the pod (or with --cleanup-only, remove
+/// it).
+fn in_node_set(
+    args: &IstioArgs,
+    actions: &Actions,
+    config: &Config,
+    set: &InstanceName,
+) -> Result<ExitCode> {
+    let Some(instance) = &args.instance else {
+        anyhow::bail!("--node-set needs --instance NAME, the name the pod is added under");
+    };
+    if actions.cleanup_only {
+        let removed = ebpf::node_set::remove(set, instance)?;
+        outln!(
+            "redirect: {} (eBPF, node set {set}, pod {instance})",
+            if removed {
+                "removed the capture"
+            } else {
+                "no capture to remove"
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let replaced = ebpf::node_set::add(set, instance, config)?;
+    outln!(
+        "redirect: {} the capture with eBPF in node set {set} (pod {instance}): outbound TCP -> 127.0.0.1:{}{}",
+        if replaced { "updated" } else { "installed" },
+        config.proxy_port,
+        inbound_summary(config)
     );
     Ok(ExitCode::SUCCESS)
 }

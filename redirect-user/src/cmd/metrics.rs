@@ -1,10 +1,12 @@
 //! The node agent's Prometheus endpoint: every instance's decision
-//! counters (the `redirect status` counters, per pod instance) in the
-//! Prometheus text exposition format, and the agent's own figures.
+//! counters (the `redirect status` counters, per pod instance) and every
+//! node-set pod's (labelled with its set), in the Prometheus text
+//! exposition format, and the agent's own figures.
 
 use std::fmt::Write as _;
 
 use super::status::Status;
+use crate::ebpf::node_set::SetView;
 
 /// What the agent adds to the instances' figures.
 #[derive(Default, Clone, Copy)]
@@ -18,8 +20,9 @@ pub struct AgentFigures {
     pub kubeconfig_errors: u64,
 }
 
-/// The exposition text for `status` and the agent's figures.
-pub fn render(status: &Status, agent: AgentFigures) -> String {
+/// The exposition text for `status`, the node sets `sets` and the agent's
+/// figures.
+pub fn render(status: &Status, sets: &[SetView], agent: AgentFigures) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -36,6 +39,30 @@ pub fn render(status: &Status, agent: AgentFigures) -> String {
                 counter.value
             );
         }
+    }
+    for set in sets {
+        for pod in &set.pods {
+            for (decision, value) in &pod.counters {
+                let _ = writeln!(
+                    out,
+                    "redirect_decisions_total{{instance=\"{}\",node_set=\"{}\",decision=\"{decision}\"}} {value}",
+                    label(&pod.pod.name),
+                    label(&set.set),
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP redirect_node_set_pods Pods in each loaded node set.\n# TYPE redirect_node_set_pods gauge"
+    );
+    for set in sets {
+        let _ = writeln!(
+            out,
+            "redirect_node_set_pods{{node_set=\"{}\"}} {}",
+            label(&set.set),
+            set.pods.len()
+        );
     }
     let gauges = [
         (
@@ -70,7 +97,7 @@ pub fn render(status: &Status, agent: AgentFigures) -> String {
     let counters = [
         (
             "redirect_gc_removed_total",
-            "Instances of deleted pods removed by the agent.",
+            "Instances and node-set pods of deleted pods removed by the agent.",
             agent.gc_removed,
         ),
         (
@@ -113,6 +140,7 @@ mod tests {
         };
         let text = render(
             &status,
+            &[],
             AgentFigures {
                 gc_removed: 2,
                 gc_errors: 0,
@@ -126,6 +154,35 @@ mod tests {
             "redirect_gc_removed_total 2",
             "redirect_gc_errors_total 0",
             "redirect_kubeconfig_errors_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn node_set_pods_carry_their_set() {
+        let status = Status {
+            instances: Vec::new(),
+            incomplete: Vec::new(),
+        };
+        let sets = [SetView {
+            set: "node".into(),
+            map_memory_bytes: 0,
+            pods: vec![crate::ebpf::node_set::PodView {
+                pod: crate::ebpf::node_set::Pod {
+                    index: 3,
+                    name: "cni-abc".into(),
+                    netns_cookie: 7,
+                    netns_ino: 8,
+                    added_at: 0,
+                },
+                counters: [("redirected", 5)].into_iter().collect(),
+            }],
+        }];
+        let text = render(&status, &sets, AgentFigures::default());
+        for line in [
+            "redirect_decisions_total{instance=\"cni-abc\",node_set=\"node\",decision=\"redirected\"} 5",
+            "redirect_node_set_pods{node_set=\"node\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

@@ -10,6 +10,7 @@ pub mod install;
 pub mod istio_iptables;
 pub mod metrics;
 pub mod node;
+pub mod node_set;
 pub mod probe;
 pub mod run;
 pub mod status;

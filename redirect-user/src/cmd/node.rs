@@ -4,8 +4,10 @@
 //! container and would not resolve on the host) and chained into the
 //! runtime's network configuration ([`crate::cni::conflist`]); uninstall
 //! unchains and removes it. Pods then get their capture from the plugin at
-//! ADD, per pod. The shared per-node program set (node mode proper) is not
-//! built yet.
+//! ADD: per pod, or with `--node-set` as entries of one program set
+//! for the node ([`crate::ebpf::node_set`]), which install loads. Uninstall
+//! leaves a loaded set (its pods keep their capture): `redirect node-set
+//! unload` removes it.
 
 use std::{
     fs,
@@ -23,6 +25,7 @@ use crate::{
         conflist::{self, PLUGIN_TYPE},
         kubeconfig,
     },
+    instance::InstanceName,
 };
 
 pub fn node(action: &NodeAction) -> Result<ExitCode> {
@@ -36,7 +39,11 @@ pub fn node(action: &NodeAction) -> Result<ExitCode> {
 
 /// The plugin's entry in the conflist; `kubeconfig`: the one written
 /// from the service account, as the host names it.
-fn plugin_entry(args: &NodeInstallArgs, kubeconfig: Option<&Path>) -> Value {
+fn plugin_entry(
+    args: &NodeInstallArgs,
+    kubeconfig: Option<&Path>,
+    node_set: Option<&InstanceName>,
+) -> Value {
     let mut entry = json!({
         "type": PLUGIN_TYPE,
         "mode": args.mode,
@@ -46,6 +53,9 @@ fn plugin_entry(args: &NodeInstallArgs, kubeconfig: Option<&Path>) -> Value {
     });
     if let Some(root) = &args.pod_cgroup_root {
         entry["pod_cgroup_root"] = json!(root);
+    }
+    if let Some(set) = node_set {
+        entry["node_set"] = json!(set.as_str());
     }
     if let Some(kubeconfig) = args.kubeconfig.as_deref().or(kubeconfig) {
         entry["kubeconfig"] = json!(kubeconfig);
@@ -103,8 +113,12 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
             .unwrap_or(&dirs.cni_conf_dir)
             .join(kubeconfig::FILE)
     });
-    let conf = conflist::chained(&text, &plugin_entry(args, host_kubeconfig.as_deref()))
-        .with_context(|| format!("chaining redirect-cni into {}", file.display()))?;
+    let node_set = load_node_set(args)?;
+    let conf = conflist::chained(
+        &text,
+        &plugin_entry(args, host_kubeconfig.as_deref(), node_set.as_ref()),
+    )
+    .with_context(|| format!("chaining redirect-cni into {}", file.display()))?;
     let plugin = plugin_path(dirs);
     let had_plugin = plugin.exists();
     copy_self(&plugin)?;
@@ -151,11 +165,52 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
         return Err(err);
     }
     outln!(
-        "redirect: node install: {} in place, chained into {} (pods get their capture from it at ADD, per pod)",
+        "redirect: node install: {} in place, chained into {} (pods get their capture from it at ADD, {})",
         plugin.display(),
-        target.display()
+        target.display(),
+        match &node_set {
+            Some(set) => format!("in node set {set}"),
+            None => "per pod".to_owned(),
+        }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--node-set`: the set loaded (or found loaded) on the pods' cgroup, or
+/// `None` (said why) where the kernel cannot have one. A set that stays
+/// loaded when the install fails later holds no pod, and the next install
+/// finds it.
+fn load_node_set(args: &NodeInstallArgs) -> Result<Option<InstanceName>> {
+    let Some(set) = &args.node_set else {
+        return Ok(None);
+    };
+    if let Some(why) = crate::ebpf::features::netns_cookie_missing() {
+        outln!(
+            "redirect: node install: no node set here ({}: {why}, kernel 5.15): each pod gets its own programs",
+            crate::ebpf::features::NETNS_COOKIE
+        );
+        return Ok(None);
+    }
+    let dir = match (&args.node_set_cgroup, &args.pod_cgroup_root) {
+        (Some(dir), _) | (None, Some(dir)) => dir.clone(),
+        (None, None) => crate::cgroup::cgroup2_mounts()?
+            .first()
+            .context("no cgroup2 hierarchy in /proc/mounts")?
+            .join("kubepods"),
+    };
+    let cgroup = crate::cgroup::resolve(&dir.to_string_lossy()).with_context(|| {
+        format!(
+            "the node set's cgroup {}: pass --node-set-cgroup DIR",
+            dir.display()
+        )
+    })?;
+    crate::ebpf::node_set::load(&crate::ebpf::node_set::LoadRequest {
+        set,
+        cgroup: &cgroup,
+        max_pods: 512,
+        max_connections: 16384,
+    })?;
+    Ok(Some(set.clone()))
 }
 
 /// Writes the plugin's kubeconfig again when the service account's token
@@ -334,7 +389,7 @@ fn run(args: &NodeRunArgs) -> Result<ExitCode> {
                 match crate::ebpf::loader::gc(false) {
                     Ok(removed) => {
                         for (name, why) in &removed {
-                            outln!("redirect: node agent: removed instance {name}: {why}");
+                            outln!("redirect: node agent: removed {name}: {why}");
                         }
                         now.gc_removed += removed.len() as u64;
                     }
@@ -389,8 +444,10 @@ async fn serve_metrics(mut stream: tokio::net::TcpStream, figures: super::metric
     let (status, body) = if !wanted {
         ("404 Not Found", "GET /metrics\n".to_owned())
     } else {
-        match super::status::collect(None) {
-            Ok(now) => ("200 OK", super::metrics::render(&now, figures)),
+        let now = super::status::collect(None)
+            .and_then(|status| Ok((status, crate::ebpf::node_set::views(None)?)));
+        match now {
+            Ok((now, sets)) => ("200 OK", super::metrics::render(&now, &sets, figures)),
             Err(err) => ("500 Internal Server Error", format!("{err:#}\n")),
         }
     };

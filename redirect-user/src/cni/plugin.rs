@@ -26,6 +26,7 @@
 //!   "mode": "auto",                       // or "ebpf", "iptables"
 //!   "exclude_namespaces": ["kube-system"],
 //!   "pod_cgroup_root": "/sys/fs/cgroup/kubepods",   // where pod cgroups are found by UID
+//!   "node_set": "node",                   // optional: pods go in this node set (no cgroup needed)
 //!   "kubeconfig": "/etc/cni/net.d/redirect-cni.kubeconfig", // optional: the pod from the API
 //!   "log_file": "/var/log/redirect-cni.log",  // optional: one line per command
 //!   "proxy": { "uid": 1337, "gid": 1337, "dns_capture": false,
@@ -104,6 +105,9 @@ pub struct PluginConfig {
     pub mode: String,
     pub scope: Scope,
     pub pod_cgroup_root: Option<PathBuf>,
+    /// Capture pods in this node set (`redirect node-set`) rather than with
+    /// programs of their own, when it is loaded.
+    pub node_set: Option<crate::instance::InstanceName>,
     /// Read the pod from the Kubernetes API with this kubeconfig (else:
     /// annotations from the runtime, the proxy from `proxy`).
     pub kubeconfig: Option<PathBuf>,
@@ -276,7 +280,7 @@ pub fn run(inv: &Invocation) -> Result<Option<Value>, CniError> {
             required("CNI_NETNS", &inv.netns)?;
             setup::check(inv, &conf, &instance).map(|()| None)
         }
-        "DEL" => setup::del(inv, &instance).map(|()| None),
+        "DEL" => setup::del(inv, &conf, &instance).map(|()| None),
         other => Err(CniError::new(
             code::INVALID_ENVIRONMENT,
             format!("unknown CNI_COMMAND {other:?}"),
@@ -334,6 +338,14 @@ pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
     };
     let kubeconfig = absolute("kubeconfig")?;
     let pod_cgroup_root = absolute("pod_cgroup_root")?;
+    let node_set = match config.get("node_set") {
+        None => None,
+        Some(Value::String(name)) => Some(
+            crate::instance::InstanceName::parse(name)
+                .map_err(|why| invalid(format!("node_set {name:?}: {why}")))?,
+        ),
+        Some(other) => return Err(invalid(format!("node_set {other} is not a set name"))),
+    };
     let log_file = absolute("log_file")?;
     let proxy = config.get("proxy").cloned().unwrap_or_else(|| json!({}));
     let id = |key: &str| -> Result<Option<i64>, CniError> {
@@ -373,6 +385,7 @@ pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
             exclude_namespaces: strings("exclude_namespaces")?,
         },
         pod_cgroup_root,
+        node_set,
         kubeconfig,
         log_file,
         proxy: Container {

@@ -117,6 +117,12 @@ pub(super) fn add(
         Ok(Plan::Capture(flags)) => flags,
     };
     let uid = inv.args.get("K8S_POD_UID").cloned().unwrap_or_default();
+    if let Some(set) = conf.node_set.as_ref().filter(|_| conf.mode != "iptables") {
+        // A node set finds the pod by its network namespace: no cgroup.
+        let mut argv = istio_argv(flags, &conf.mode, inv, instance);
+        argv.extend([OsString::from("--node-set"), OsString::from(set.as_str())]);
+        return run_istio_iptables(&argv);
+    }
     let cgroup = pod_cgroup(conf.pod_cgroup_root.as_deref(), &uid);
     let mode = match (&cgroup, conf.mode.as_str()) {
         (Some(_), mode) => mode.to_owned(),
@@ -134,12 +140,27 @@ pub(super) fn add(
             "iptables".to_owned()
         }
     };
+    let mut argv = istio_argv(flags, &mode, inv, instance);
+    if let Some(cg) = &cgroup {
+        argv.extend([OsString::from("--cgroup"), cg.clone().into_os_string()]);
+    }
+    run_istio_iptables(&argv)
+}
+
+/// `redirect istio-iptables FLAGS --mode MODE --netns <the pod's>
+/// --instance INSTANCE`.
+fn istio_argv(
+    flags: Vec<String>,
+    mode: &str,
+    inv: &Invocation,
+    instance: &InstanceName,
+) -> Vec<OsString> {
     let mut argv: Vec<OsString> = ["redirect", "istio-iptables"].map(OsString::from).to_vec();
     argv.extend(flags.into_iter().map(OsString::from));
     argv.extend(
         [
             "--mode",
-            &mode,
+            mode,
             "--netns",
             &inv.netns,
             "--instance",
@@ -147,9 +168,12 @@ pub(super) fn add(
         ]
         .map(OsString::from),
     );
-    if let Some(cg) = &cgroup {
-        argv.extend([OsString::from("--cgroup"), cg.clone().into_os_string()]);
-    }
+    argv
+}
+
+/// Runs istio-iptables in this process with `argv`: the pod's capture in
+/// place, or the error that fails ADD.
+fn run_istio_iptables(argv: &[OsString]) -> Result<(), CniError> {
     let capture_error = |detail: String| {
         CniError::new(
             code::CAPTURE,
@@ -157,7 +181,7 @@ pub(super) fn add(
             detail,
         )
     };
-    let cli = Cli::try_parse_from(&argv).map_err(|err| capture_error(err.to_string()))?;
+    let cli = Cli::try_parse_from(argv).map_err(|err| capture_error(err.to_string()))?;
     let Command::IstioIptables(args) = cli.command else {
         return Err(capture_error(
             "the plan did not parse as istio-iptables".into(),
@@ -195,6 +219,12 @@ pub(super) fn check(
     }
     let not_in_place =
         |detail: String| CniError::new(code::CAPTURE, "the pod's capture is not in place", detail);
+    if let Some(set) = &conf.node_set
+        && crate::ebpf::node_set::has_pod(set, instance)
+            .map_err(|e| not_in_place(format!("{e:#}")))?
+    {
+        return Ok(());
+    }
     if crate::bpffs::instance_dir(instance).exists() {
         let status = crate::cmd::status::collect(Some(instance))
             .map_err(|e| not_in_place(format!("{e:#}")))?;
@@ -221,7 +251,11 @@ pub(super) fn check(
     }
 }
 
-pub(super) fn del(inv: &Invocation, instance: &InstanceName) -> Result<(), CniError> {
+pub(super) fn del(
+    inv: &Invocation,
+    conf: &PluginConfig,
+    instance: &InstanceName,
+) -> Result<(), CniError> {
     let failed = |detail: String| {
         CniError::new(
             code::CAPTURE,
@@ -229,6 +263,12 @@ pub(super) fn del(inv: &Invocation, instance: &InstanceName) -> Result<(), CniEr
             detail,
         )
     };
+    // Out of the node set first (a map write), when it is in one.
+    if let Some(set) = &conf.node_set
+        && crate::ebpf::node_set::is_loaded(set)
+    {
+        crate::ebpf::node_set::remove(set, instance).map_err(|e| failed(format!("{e:#}")))?;
+    }
     // Only a pod captured with eBPF has an instance (and needs the bpf
     // privileges and lock its removal takes).
     if crate::ebpf::loader::is_installed(instance) {

@@ -158,6 +158,12 @@ fn catalogue() -> Vec<Spec> {
         });
     }
     specs.push(Spec {
+        name: NETNS_COOKIE,
+        needed_for: "node sets (`redirect node-set`): a socket's pod by its network namespace",
+        first_kernel: "5.15".into(),
+        required: false,
+    });
+    specs.push(Spec {
         name: INGRESS_IFINDEX,
         needed_for: "-c with inbound capture: the interface an inbound connection arrived on",
         first_kernel: "5.17".into(),
@@ -180,6 +186,30 @@ fn catalogue() -> Vec<Spec> {
         });
     }
     specs
+}
+
+/// The feature node sets need: `bpf_get_netns_cookie` in sockops and
+/// cgroup sockopt programs (kernel 5.15; sock_addr ones have it from 5.7).
+pub const NETNS_COOKIE: &str = "helper/get_netns_cookie";
+
+/// Whether sockops and cgroup sockopt programs may ask a socket's network
+/// namespace cookie (subject to `--assume-missing`): `None` when they may,
+/// else why not.
+pub fn netns_cookie_missing() -> Option<String> {
+    if assumed_missing(NETNS_COOKIE) {
+        return Some("assumed missing (--assume-missing)".into());
+    }
+    for (kind, name) in [
+        (aya::programs::ProgramType::SockOps, "sockops"),
+        (aya::programs::ProgramType::CgroupSockopt, "cgroup sockopt"),
+    ] {
+        match aya::sys::is_helper_supported(kind, aya::sys::BpfHelper::BPF_FUNC_get_netns_cookie) {
+            Ok(true) => {}
+            Ok(false) => return Some(format!("{name} programs cannot call it here")),
+            Err(err) => return Some(format!("cannot tell ({err})")),
+        }
+    }
+    None
 }
 
 /// The feature sk_lookup's `ingress_ifindex` field is.
@@ -260,6 +290,13 @@ fn detect(spec: &Spec) -> (bool, String) {
             Ok(true) => (true, "a cgroup/connect4 program may call it".into()),
             Ok(false) => (false, "cgroup/connect4 programs cannot call it here".into()),
             Err(err) => (false, format!("cannot tell ({err})")),
+        },
+        NETNS_COOKIE => match netns_cookie_missing() {
+            None => (
+                true,
+                "sockops and cgroup sockopt programs may call it".into(),
+            ),
+            Some(why) => (false, why),
         },
         INGRESS_IFINDEX => {
             let hook = super::SK_LOOKUP;

@@ -42,7 +42,9 @@ use aya::{
     programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SchedClassifier, SkLookup, SockOps},
     util::KernelVersion,
 };
-use redirect_common::{ABI_VERSION, InstanceMeta, LISTENER_SLOTS, META_PATH_MAX};
+use redirect_common::{
+    ABI_VERSION, INSTANCE_POD, InstanceMeta, LISTENER_SLOTS, META_PATH_MAX, listener_index,
+};
 
 use super::{
     HOOKS, Hook, Kind, MIN_KERNEL, OBJECT, SK_LOOKUP, VIRT_HOOKS, config::Config, listener, maps,
@@ -406,7 +408,7 @@ fn netns_ino() -> Result<u64> {
 /// hook every connection to the node (ssh included). The host's namespace
 /// is known by its fixed inode number (kernel 6.18 and later), or as PID
 /// 1's when this process sees the host's PID 1.
-fn refuse_host_netns(netns_ino: u64) -> Result<()> {
+pub(super) fn refuse_host_netns(netns_ino: u64) -> Result<()> {
     const PROC_NET_INIT_INO: u64 = 0xEFFF_FFF9;
     const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
     let ino = |path: &str| fs::metadata(path).map(|m| m.ino()).ok();
@@ -442,7 +444,7 @@ fn take_over_listener(ebpf: &mut Ebpf, port: u16, notes: &mut Vec<String>) -> Re
     let mut listeners: SockMap<&mut MapData> = SockMap::try_from(map)?;
     for (slot, socket) in (0..LISTENER_SLOTS).zip(&sockets) {
         listeners
-            .set(slot, &socket.as_raw_fd(), 0)
+            .set(listener_index(INSTANCE_POD, slot), &socket.as_raw_fd(), 0)
             .with_context(|| format!("registering the listener on port {port}"))?;
     }
     Ok(())
@@ -514,7 +516,7 @@ pub fn available(hook: &Hook) -> bool {
     super::features::hook_present(hook)
 }
 
-fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
+pub(super) fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
     let program = ebpf
         .program_mut(hook.program)
         .with_context(|| format!("program {} missing from the object", hook.program))?;
@@ -613,6 +615,11 @@ fn attach_and_pin(ebpf: &Ebpf, hook: Hook, target: Target<'_>, pin: &Path) -> Re
             }
         })?;
     sys::obj_pin(link.as_fd(), pin).with_context(|| format!("pinning the {} link", hook.name))
+}
+
+/// [`attach_and_pin`] to a cgroup or network namespace.
+pub(super) fn attach_and_pin_to(ebpf: &Ebpf, hook: Hook, target: &File, pin: &Path) -> Result<()> {
+    attach_and_pin(ebpf, hook, Target::File(target), pin)
 }
 
 /// What a link is attached to: a cgroup or network namespace (by an open

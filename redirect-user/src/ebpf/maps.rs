@@ -8,10 +8,11 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use redirect_common::{
-    CIDR_SLOT_BITS, CONFIG_SLOTS, ConnTuple, Counter, InstanceMeta, Ip6, OrigDst, PORT_EXCLUDE,
-    PORT_IN_EXCLUDE, PORT_IN_INCLUDE, PORT_INCLUDE, PORT_RANGE_SLOT_BITS, ROUTE_EXCLUDED_IFACE,
-    RedirectConfig, RouteEntry, RouteEntry6, active_slot, cidr_key, cidr6_key, local6_key,
-    lru_entries, port_key, port_range_key, slot_key,
+    CIDR_SLOT_BITS, ConnTuple, Counter, INSTANCE_POD, InstanceMeta, Ip6, OrigDst, PORT_EXCLUDE,
+    PORT_IN_EXCLUDE, PORT_IN_INCLUDE, PORT_INCLUDE, PORT_RANGE_SLOT_BITS, PodMeta,
+    ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry, RouteEntry6, cidr_key, cidr6_key,
+    counter_index, in_hits_key, key_slot, local6_key, lru_entries, port_key, port_range_key,
+    slot_key, slot_of_pod,
 };
 
 use super::config::{Config, Ipv4Cidr, Ipv6Cidr, PortRange};
@@ -20,7 +21,7 @@ pub use redirect_common::map_names::*;
 
 /// Every pinned map with the type, key size and value size this build of
 /// the programs expects.
-pub const LAYOUT: [(&str, MapType, usize, usize); 20] = [
+pub const LAYOUT: [(&str, MapType, usize, usize); 23] = [
     (CONFIG, MapType::Array, 4, size_of::<RedirectConfig>()),
     (ACTIVE, MapType::Array, 4, 4),
     (STATS, MapType::PerCpuArray, 4, size_of::<u64>()),
@@ -37,15 +38,18 @@ pub const LAYOUT: [(&str, MapType, usize, usize); 20] = [
     (INCLUDE, MapType::LpmTrie, 12, 1),
     (LOCAL, MapType::Hash, 8, 1),
     (LISTENER, MapType::SockMap, 4, 4),
-    (IN_HITS, MapType::Hash, 2, 8),
+    (IN_HITS, MapType::Hash, 4, 8),
     (ROUTE, MapType::LpmTrie, 12, size_of::<RouteEntry>()),
     (PORT_RANGES, MapType::LpmTrie, 8, 1),
     (GROUPS, MapType::Hash, 8, 1),
-    (IN_BYPASS, MapType::LruHash, 20, 1),
+    (IN_BYPASS, MapType::LruHash, 24, 1),
     (LOCAL6, MapType::Hash, 20, 1),
     (EXCLUDE6, MapType::LpmTrie, 24, 1),
     (INCLUDE6, MapType::LpmTrie, 24, 1),
     (ROUTE6, MapType::LpmTrie, 24, size_of::<RouteEntry6>()),
+    (PODS, MapType::Hash, 8, 4),
+    (POD_ADDRS, MapType::Hash, 16, 4),
+    (POD_META, MapType::Array, 4, size_of::<PodMeta>()),
 ];
 
 /// Checks that the maps pinned in `dir` have the layouts this build uses,
@@ -105,7 +109,7 @@ pub fn check_capacity(dir: &Path, wanted: u32) -> Result<()> {
     Ok(())
 }
 
-fn open(dir: &Path, name: &str) -> Result<MapData> {
+pub(super) fn open(dir: &Path, name: &str) -> Result<MapData> {
     let path = dir.join(name);
     MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
 }
@@ -118,10 +122,22 @@ fn active(dir: &Path) -> Result<Array<MapData, u32>> {
     Ok(Array::try_from(Map::Array(open(dir, ACTIVE)?))?)
 }
 
-/// The configuration slot in force.
+/// The configuration slot in force (one of the instance's pod's two).
 pub fn active_slot_of(dir: &Path) -> Result<u32> {
-    let raw = active(dir)?.get(&0, 0).context("reading the active slot")?;
-    Ok(active_slot(raw))
+    pod_active_slot(dir, INSTANCE_POD)
+}
+
+/// The configuration slot in force for `pod` (one of its two).
+pub fn pod_active_slot(dir: &Path, pod: u32) -> Result<u32> {
+    let slot = active(dir)?
+        .get(&pod, 0)
+        .context("reading the active slot")?;
+    if !slot_of_pod(slot, pod) {
+        bail!(
+            "the active slot {slot} is not one of pod {pod}'s: the maps are damaged; remove them (`redirect uninstall`, `redirect node-set unload`) and install again"
+        );
+    }
+    Ok(slot)
 }
 
 /// The slot in force and its configuration (`abi_version` 0: none written).
@@ -133,10 +149,7 @@ pub fn active_config(dir: &Path) -> Result<(u32, RedirectConfig)> {
     Ok((slot, config))
 }
 
-/// The slot an upgrade writes: the one not in force.
-pub fn spare_slot(active: u32) -> u32 {
-    (active + 1) % CONFIG_SLOTS
-}
+pub use redirect_common::spare_slot;
 
 /// Writes `config` into `slot` (not yet in force).
 pub fn write_config(dir: &Path, slot: u32, config: RedirectConfig) -> Result<()> {
@@ -148,8 +161,13 @@ pub fn write_config(dir: &Path, slot: u32, config: RedirectConfig) -> Result<()>
 /// Puts `slot` in force: one 4-byte array write, so every decision after it
 /// reads the new configuration and sets, and none reads a mix.
 pub fn activate(dir: &Path, slot: u32) -> Result<()> {
+    activate_pod(dir, INSTANCE_POD, slot)
+}
+
+/// [`activate`] for `pod` of a node set.
+pub fn activate_pod(dir: &Path, pod: u32, slot: u32) -> Result<()> {
     active(dir)?
-        .set(0, slot, 0)
+        .set(pod, slot, 0)
         .context("switching the active configuration")
 }
 
@@ -159,12 +177,19 @@ pub fn meta(dir: &Path) -> Result<Array<MapData, InstanceMeta>> {
 
 /// Sums each counter over all CPUs.
 pub fn counters(dir: &Path) -> Result<Vec<(Counter, u64)>> {
+    pod_counters(dir, INSTANCE_POD)
+}
+
+/// [`counters`] of `pod` of a node set.
+pub fn pod_counters(dir: &Path, pod: u32) -> Result<Vec<(Counter, u64)>> {
     let stats: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(Map::PerCpuArray(open(dir, STATS)?))?;
     Counter::ALL
         .iter()
         .map(|c| {
-            let per_cpu = stats.get(&(*c as u32), 0).context("reading counters")?;
+            let per_cpu = stats
+                .get(&counter_index(pod, *c as u32), 0)
+                .context("reading counters")?;
             Ok((*c, per_cpu.iter().sum()))
         })
         .collect()
@@ -172,11 +197,21 @@ pub fn counters(dir: &Path) -> Result<Vec<(Counter, u64)>> {
 
 /// Inbound connections captured per destination port, by port.
 pub fn inbound_hits(dir: &Path) -> Result<Vec<(u16, u64)>> {
-    let hits: HashMap<MapData, u16, u64> = HashMap::try_from(Map::HashMap(open(dir, IN_HITS)?))?;
+    pod_inbound_hits(dir, INSTANCE_POD)
+}
+
+/// [`inbound_hits`] of `pod` of a node set.
+pub fn pod_inbound_hits(dir: &Path, pod: u32) -> Result<Vec<(u16, u64)>> {
+    let hits: HashMap<MapData, u32, u64> = HashMap::try_from(Map::HashMap(open(dir, IN_HITS)?))?;
+    let pod = in_hits_key(pod, 0);
     let mut out = hits
         .iter()
         .collect::<Result<Vec<_>, _>>()
-        .context("reading the inbound counters")?;
+        .context("reading the inbound counters")?
+        .into_iter()
+        .filter(|(key, _)| key & !0xffff == pod)
+        .map(|(key, hits)| (key as u16, hits))
+        .collect::<Vec<_>>();
     out.sort_unstable();
     Ok(out)
 }
@@ -506,13 +541,13 @@ fn slot_entries<V: aya::Pod>(dir: &Path, name: &str, slot: u32) -> Result<Vec<((
         .with_context(|| format!("reading {name}"))?;
     Ok(entries
         .iter()
-        .filter(|(k, _)| u32::from(k.data()[0]) == slot && k.prefix_len() >= CIDR_SLOT_BITS)
+        .filter(|(k, _)| key_slot(&k.data()) == slot && k.prefix_len() >= CIDR_SLOT_BITS)
         .map(|(k, v)| {
             let d = k.data();
             (
                 (
                     k.prefix_len() - CIDR_SLOT_BITS,
-                    u32::from_ne_bytes([d[1], d[2], d[3], d[4]]),
+                    u32::from_ne_bytes([d[2], d[3], d[4], d[5]]),
                 ),
                 *v,
             )
@@ -542,11 +577,11 @@ fn slot_entries6<V: aya::Pod>(dir: &Path, name: &str, slot: u32) -> Result<Vec<(
         .with_context(|| format!("reading {name}"))?;
     Ok(entries
         .iter()
-        .filter(|(k, _)| u32::from(k.data()[0]) == slot && k.prefix_len() >= CIDR_SLOT_BITS)
+        .filter(|(k, _)| key_slot(&k.data()) == slot && k.prefix_len() >= CIDR_SLOT_BITS)
         .map(|(k, v)| {
             let d = k.data();
             let mut octets = [0; 16];
-            octets.copy_from_slice(&d[1..17]);
+            octets.copy_from_slice(&d[2..18]);
             (
                 (k.prefix_len() - CIDR_SLOT_BITS, Ip6::from_octets(octets)),
                 *v,
@@ -587,13 +622,13 @@ pub fn read_sets(dir: &Path, slot: u32) -> Result<Sets> {
         .collect::<Result<Vec<_>, _>>()
         .context("reading the port-range map")?
         .into_iter()
-        .filter(|(k, _)| u32::from(k.data()[0]) == slot && k.prefix_len() >= PORT_RANGE_SLOT_BITS)
+        .filter(|(k, _)| key_slot(&k.data()) == slot && k.prefix_len() >= PORT_RANGE_SLOT_BITS)
         .map(|(k, flags)| {
             let d = k.data();
             (
                 (
                     k.prefix_len() - PORT_RANGE_SLOT_BITS,
-                    u16::from_be_bytes([d[1], d[2]]),
+                    u16::from_be_bytes([d[2], d[3]]),
                 ),
                 flags,
             )

@@ -8,6 +8,7 @@ pub mod listener;
 pub mod loader;
 pub mod lower;
 pub mod maps;
+pub mod node_set;
 pub mod privilege;
 mod removal;
 pub mod routes;

@@ -60,6 +60,9 @@ fn detach_all(dir: &Path) {
 /// Detaches and removes the directory `name` of the instances' directory
 /// (an instance, or a staging directory): only the pins redirect creates.
 pub(super) fn remove_instance_dir(name: &str) -> Result<()> {
+    if name.contains(super::node_set::DIR_PREFIX) {
+        return super::node_set::remove_dir(name);
+    }
     let dir = bpffs::root().join(name);
     detach_all(&dir);
     bpffs::remove_dir(name, &pin_files(&dir))
@@ -70,7 +73,7 @@ pub(super) fn remove_instance_dir(name: &str) -> Result<()> {
 /// (nothing else is then building or removing one). Returns the names
 /// removed; one that cannot be removed (someone put files of their own in
 /// it) is reported on stderr and does not stop the caller's own work.
-pub fn repair() -> Result<Vec<String>> {
+pub(crate) fn repair() -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for name in bpffs::list()?.staging {
         match remove_instance_dir(&name) {
@@ -130,7 +133,8 @@ fn stale(instance: &InstanceName) -> Option<String> {
 }
 
 /// Removes (or with `dry_run` only lists) every instance whose pod cgroup
-/// no longer exists: deleting a pod detaches its cgroup programs with the
+/// no longer exists, and every node-set pod whose network namespace is
+/// gone: deleting a pod detaches its cgroup programs with the
 /// cgroup, but the pins under /sys/fs/bpf/redirect/ (and an inbound link on
 /// a namespace that outlives the pod) stay until removed. Also removes
 /// what installs and uninstalls killed half-way left. Returns each with
@@ -151,7 +155,7 @@ pub fn gc(dry_run: bool) -> Result<Vec<(String, String)>> {
     };
     for name in left {
         removed.push((
-            name,
+            format!("instance {name}"),
             "left by an interrupted install or uninstall".to_owned(),
         ));
     }
@@ -162,7 +166,8 @@ pub fn gc(dry_run: bool) -> Result<Vec<(String, String)>> {
         if !dry_run {
             uninstall_locked(&name).with_context(|| format!("removing instance {name}"))?;
         }
-        removed.push((name.to_string(), why));
+        removed.push((format!("instance {name}"), why));
     }
+    removed.extend(super::node_set::gc_locked(dry_run)?);
     Ok(removed)
 }

@@ -1,0 +1,728 @@
+//! A node's program set: the programs and maps loaded and pinned once per
+//! node (`redirect node-set load`), attached to a cgroup that holds the
+//! node's pods, serving every pod that `add` lists by its network
+//! namespace. A pod costs map entries (its configuration in two slots of
+//! the shared maps, its sets, its counters) and, with inbound capture, one
+//! `sk_lookup` link into its network namespace: no program is loaded or
+//! verified for it, so adding one takes map writes only.
+//!
+//! The programs find a socket's pod by its network namespace cookie
+//! (`RDR_PODS`, `bpf_get_netns_cookie`: sockops and cgroup sockopt have it
+//! from kernel 5.15) and an inbound SYN's by the pod address it is for
+//! (`RDR_POD_ADDRS`). Sockets of any other namespace are left alone.
+//!
+//! Layout: `/sys/fs/bpf/redirect/@set-<NAME>/` (`node` unless `--set`
+//! names another; tests load sets of their own) holds the maps (`RDR_*`),
+//! one link per cgroup hook (`link_<hook>`), the `sk_lookup` program
+//! (`prog_sk_lookup`) and each pod's inbound link (`pod<N>_sk_lookup`).
+//! Its staging names are an instance's (`@new-@set-<NAME>`,
+//! `@del-@set-<NAME>`), so an interrupted load or unload is removed by the
+//! next run's repair.
+
+use std::{
+    fs::{self, File},
+    os::{
+        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues, SockMap},
+};
+use redirect_common::{
+    COUNTER_COUNT, LISTENER_SLOTS, MAX_CIDRS, MAX_CIDRS6, MAX_GROUPS, MAX_IN_HITS, MAX_LOCAL_ADDRS,
+    MAX_PODS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, POD_NAME_MAX, PodMeta,
+    SLOTS_PER_POD, counter_index, in_hits_key, listener_index, pod_slot, spare_slot,
+};
+
+use super::{HOOKS, OBJECT, SK_LOOKUP, config::Config, listener, loader, maps, privilege, sys};
+use crate::{
+    bpffs::{self, DEL_PREFIX, Lock, NEW_PREFIX},
+    cgroup::Cgroup,
+    instance::InstanceName,
+    signals::HoldSignals,
+};
+
+pub use crate::bpffs::SET_PREFIX as DIR_PREFIX;
+/// Pin of the `sk_lookup` program that each pod's inbound link runs.
+const PROG_SK_LOOKUP: &str = "prog_sk_lookup";
+/// First kernel whose sockops and cgroup sockopt programs can ask a
+/// socket's network namespace cookie.
+pub const MIN_KERNEL: (u8, u8) = (5, 15);
+/// `SO_NETNS_COOKIE` (kernel 5.14).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+/// The calling thread's network namespace.
+const NETNS: &str = "/proc/thread-self/ns/net";
+
+/// The name of node set `set`'s directory.
+fn dir_name(set: &InstanceName) -> String {
+    format!("{DIR_PREFIX}{set}")
+}
+
+/// Node set `set`'s directory.
+pub fn dir(set: &InstanceName) -> PathBuf {
+    bpffs::root().join(dir_name(set))
+}
+
+/// Whether node set `set` is loaded.
+pub fn is_loaded(set: &InstanceName) -> bool {
+    bpffs::is_mounted() && fs::symlink_metadata(dir(set)).is_ok_and(|m| m.is_dir())
+}
+
+/// Pin name of pod `pod`'s inbound link.
+fn pod_link(pod: u32) -> String {
+    format!("pod{pod}_sk_lookup")
+}
+
+/// Every file a node set's directory can hold (for [`bpffs::remove_dir`]).
+pub fn pin_files(dir: &Path) -> Vec<String> {
+    let mut files = vec![PROG_SK_LOOKUP.to_owned()];
+    files.extend(HOOKS.iter().map(|hook| hook.pin_name()));
+    files.extend(maps::LAYOUT.iter().map(|(name, ..)| (*name).to_owned()));
+    if let Ok(entries) = fs::read_dir(dir) {
+        files.extend(entries.flatten().filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let index = name.strip_prefix("pod")?.strip_suffix("_sk_lookup")?;
+            index.parse::<u32>().is_ok().then_some(name)
+        }));
+    }
+    files
+}
+
+/// What `load` makes.
+pub struct LoadRequest<'a> {
+    /// The set's name.
+    pub set: &'a InstanceName,
+    /// The cgroup whose processes (the node's pods) the programs see.
+    pub cgroup: &'a Cgroup,
+    /// How many pods the set can hold at once.
+    pub max_pods: u32,
+    /// Redirected handshakes in flight at once on the whole node.
+    pub max_connections: u32,
+}
+
+/// Loads, attaches and pins the node set. `Ok(false)`: one is loaded on
+/// that cgroup already (nothing changed).
+pub fn load(req: &LoadRequest<'_>) -> Result<bool> {
+    privilege::check_ebpf()?;
+    check_kernel()?;
+    if !(1..=MAX_PODS).contains(&req.max_pods) {
+        bail!(
+            "--max-pods {} is out of range: a node set holds 1 to {MAX_PODS} pods",
+            req.max_pods
+        );
+    }
+    privilege::raise_memlock();
+    bpffs::ensure_mounted()?;
+    let _hold = HoldSignals::new();
+    let _lock = Lock::exclusive()?;
+    super::removal::repair()?;
+    if is_loaded(req.set) {
+        let cgroup = attached_cgroup(req.set)?;
+        if cgroup == req.cgroup.id {
+            return Ok(false);
+        }
+        bail!(
+            "node set {} is loaded already, on another cgroup (id {cgroup}): `redirect node-set unload --set {}` first",
+            req.set,
+            req.set
+        );
+    }
+    let name = dir_name(req.set);
+    let staging = format!("{NEW_PREFIX}{name}");
+    let build = bpffs::root().join(&staging);
+    let result = build_set(req, &build).and_then(|()| bpffs::rename(&staging, &name));
+    if let Err(err) = result {
+        if let Err(undo) = bpffs::remove_dir(&staging, &pin_files(&build)) {
+            return Err(err.context(format!("and the rollback failed: {undo:#}")));
+        }
+        return Err(err);
+    }
+    Ok(true)
+}
+
+/// Refuses kernels whose sockops or cgroup sockopt programs cannot ask a
+/// socket's network namespace cookie.
+fn check_kernel() -> Result<()> {
+    if let Some(why) = super::features::netns_cookie_missing() {
+        let (major, minor) = MIN_KERNEL;
+        bail!(
+            "this kernel is too old for a node set: its programs find a socket's pod by network \
+             namespace cookie, which sockops and cgroup sockopt programs have from {major}.{minor} \
+             ({}: {why}); capture each pod on its own (`redirect install`, or the CNI plugin's \
+             per-pod mode)",
+            super::features::NETNS_COOKIE
+        );
+    }
+    Ok(())
+}
+
+/// The id of the cgroup the loaded set's connect4 link is attached to.
+fn attached_cgroup(set: &InstanceName) -> Result<u64> {
+    let pin = dir(set).join(super::CONNECT4.pin_name());
+    let link = sys::obj_get(&pin)?;
+    Ok(sys::link_info(link.as_fd())?.target)
+}
+
+/// Each map's capacity in a set of `pods` pods: a per-pod instance's times
+/// the pods (the tuple and bypass maps are per node).
+fn capacities(pods: u32) -> Vec<(&'static str, u32)> {
+    let slots = SLOTS_PER_POD * pods;
+    vec![
+        (maps::CONFIG, slots),
+        (maps::ACTIVE, pods),
+        (maps::STATS, COUNTER_COUNT * pods),
+        (maps::LISTENER, LISTENER_SLOTS * pods),
+        (maps::IN_HITS, MAX_IN_HITS * pods),
+        (maps::PORTS, MAX_PORTS * slots),
+        (maps::PORT_RANGES, MAX_PORT_BLOCKS * slots),
+        (maps::GROUPS, MAX_GROUPS as u32 * slots),
+        (maps::EXCLUDE, MAX_CIDRS * slots),
+        (maps::INCLUDE, MAX_CIDRS * slots),
+        (maps::LOCAL, MAX_LOCAL_ADDRS * slots),
+        (maps::ROUTE, MAX_ROUTES * slots),
+        (maps::LOCAL6, MAX_LOCAL_ADDRS * slots),
+        (maps::EXCLUDE6, MAX_CIDRS6 * slots),
+        (maps::INCLUDE6, MAX_CIDRS6 * slots),
+        (maps::ROUTE6, MAX_ROUTES6 * slots),
+        (maps::PODS, pods),
+        (maps::POD_ADDRS, MAX_LOCAL_ADDRS * pods),
+        (maps::POD_META, pods),
+    ]
+}
+
+fn build_set(req: &LoadRequest<'_>, build: &Path) -> Result<()> {
+    fs::create_dir_all(build).with_context(|| format!("creating {}", build.display()))?;
+    let sock_pin = build.join(maps::SOCK);
+    let mut loader = EbpfLoader::new();
+    loader.override_global("NODE_SET", &1u32, true);
+    if super::features::ingress_ifindex_present() {
+        loader.override_global("INGRESS_IFINDEX", &1u32, true);
+    }
+    loader
+        .default_map_pin_directory(build)
+        .map_pin_path(maps::SOCK, sock_pin.as_path())
+        .map_max_entries(
+            maps::ORIG_TUPLE,
+            maps::tuple_map_entries(req.max_connections),
+        );
+    for (name, entries) in capacities(req.max_pods) {
+        loader.map_max_entries(name, entries);
+    }
+    let mut ebpf = loader
+        .load(OBJECT)
+        .context("loading the eBPF object (maps)")?;
+    let cgroup = File::open(&req.cgroup.path)
+        .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
+    for hook in HOOKS {
+        if !loader::available(&hook) {
+            if hook.optional {
+                continue;
+            }
+            let (major, minor) = hook.min_kernel;
+            bail!(
+                "the {} hook needs kernel {major}.{minor} or later",
+                hook.name
+            );
+        }
+        loader::load_program(&mut ebpf, hook)?;
+        loader::attach_and_pin_to(&ebpf, hook, &cgroup, &build.join(hook.pin_name()))?;
+    }
+    if loader::available(&SK_LOOKUP) {
+        loader::load_program(&mut ebpf, SK_LOOKUP)?;
+        let program = ebpf
+            .program(SK_LOOKUP.program)
+            .context("the sk_lookup program is missing from the object")?;
+        sys::obj_pin(program.fd()?.as_fd(), &build.join(PROG_SK_LOOKUP))
+            .context("pinning the sk_lookup program")?;
+    }
+    Ok(())
+}
+
+/// Removes node set `set` (links detached first, then every pin).
+/// `false`: it was not loaded.
+pub fn unload(set: &InstanceName) -> Result<bool> {
+    privilege::check_ebpf()?;
+    if !bpffs::is_mounted() {
+        return Ok(false);
+    }
+    let _hold = HoldSignals::new();
+    let _lock = Lock::exclusive()?;
+    super::removal::repair()?;
+    if !is_loaded(set) {
+        return Ok(false);
+    }
+    let removing = format!("{DEL_PREFIX}{}", dir_name(set));
+    bpffs::rename(&dir_name(set), &removing)?;
+    remove_dir(&removing)?;
+    Ok(true)
+}
+
+/// Detaches and removes a node set's directory `name` (or a staging one).
+pub fn remove_dir(name: &str) -> Result<()> {
+    let dir = bpffs::root().join(name);
+    let files = pin_files(&dir);
+    for pin in files
+        .iter()
+        .filter(|f| f.starts_with("pod") || f.starts_with("link_"))
+    {
+        if let Ok(link) = sys::obj_get(&dir.join(pin)) {
+            let _ = sys::link_detach(link.as_fd());
+        }
+    }
+    bpffs::remove_dir(name, &files)
+}
+
+/// One pod of the set, as `RDR_POD_META` records it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Pod {
+    pub index: u32,
+    pub name: String,
+    pub netns_cookie: u64,
+    pub netns_ino: u64,
+    pub added_at: u64,
+}
+
+fn meta_map(dir: &Path) -> Result<Array<MapData, PodMeta>> {
+    Ok(Array::try_from(Map::Array(maps::open(
+        dir,
+        maps::POD_META,
+    )?))?)
+}
+
+/// The pods of the set pinned in `dir`.
+pub fn pods(dir: &Path) -> Result<Vec<Pod>> {
+    let meta = meta_map(dir)?;
+    let mut pods = Vec::new();
+    for index in 0..meta.len() {
+        let entry = meta.get(&index, 0).context("reading the pod records")?;
+        if entry.netns_cookie == 0 {
+            continue;
+        }
+        let len = (entry.name_len as usize).min(POD_NAME_MAX);
+        pods.push(Pod {
+            index,
+            name: String::from_utf8_lossy(&entry.name[..len]).into_owned(),
+            netns_cookie: entry.netns_cookie,
+            netns_ino: entry.netns_ino,
+            added_at: entry.added_at,
+        });
+    }
+    Ok(pods)
+}
+
+/// A pod of a loaded set with its decision counters (all of them, zero
+/// ones included).
+#[derive(serde::Serialize)]
+pub struct PodView {
+    #[serde(flatten)]
+    pub pod: Pod,
+    pub counters: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// A loaded set as `node-set status` and the agent's metrics show it.
+#[derive(serde::Serialize)]
+pub struct SetView {
+    pub set: String,
+    /// What the kernel charges for the set's maps; their hash maps
+    /// allocate per entry, so this grows with the pods (the kernel counts
+    /// entries from 6.4; before, it charges their full size).
+    pub map_memory_bytes: u64,
+    pub pods: Vec<PodView>,
+}
+
+/// Every loaded set (`None`) or set `only`, with its pods.
+pub fn views(only: Option<&InstanceName>) -> Result<Vec<SetView>> {
+    if !bpffs::is_mounted() {
+        return Ok(Vec::new());
+    }
+    let _lock = Lock::shared()?;
+    let mut views = Vec::new();
+    for dir_name in bpffs::list()?.sets {
+        let set = dir_name.strip_prefix(DIR_PREFIX).unwrap_or(&dir_name);
+        if only.is_some_and(|o| o.as_str() != set) {
+            continue;
+        }
+        let dir = bpffs::root().join(&dir_name);
+        let mut pod_views = Vec::new();
+        for pod in pods(&dir).with_context(|| format!("reading node set {set}"))? {
+            let counters = maps::pod_counters(&dir, pod.index)?
+                .into_iter()
+                .map(|(c, n)| (c.name(), n))
+                .collect();
+            pod_views.push(PodView { pod, counters });
+        }
+        views.push(SetView {
+            set: set.to_owned(),
+            map_memory_bytes: maps::memory(&dir, &[])?.iter().map(|m| m.bytes).sum(),
+            pods: pod_views,
+        });
+    }
+    Ok(views)
+}
+
+/// Whether node set `set` is loaded and holds pod `name`.
+pub fn has_pod(set: &InstanceName, name: &InstanceName) -> Result<bool> {
+    if !is_loaded(set) {
+        return Ok(false);
+    }
+    let _lock = Lock::shared()?;
+    Ok(pods(&dir(set))?.iter().any(|p| p.name == name.as_str()))
+}
+
+/// Whether loaded set `set` has the sk_lookup program inbound capture
+/// links into each pod (not before kernel 5.9).
+pub fn has_sk_lookup(set: &InstanceName) -> bool {
+    dir(set).join(PROG_SK_LOOKUP).exists()
+}
+
+/// The cookie of the calling thread's network namespace.
+fn netns_cookie() -> Result<u64> {
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("opening a socket in the pod's network namespace");
+    }
+    // SAFETY: a descriptor this call just opened.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the buffer and its length are this function's.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading the pod's network namespace cookie (SO_NETNS_COOKIE, kernel 5.14)");
+    }
+    Ok(cookie)
+}
+
+/// Adds the pod whose network namespace the calling thread is in to the
+/// node set under `name`, capturing as `config` says; a pod added before
+/// under that name gets `config` in place (its other slot written, then
+/// switched to, as an instance's upgrade). Returns whether it was there.
+/// On an error nothing of a new pod is left.
+pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<bool> {
+    privilege::check_ebpf()?;
+    if !is_loaded(set) {
+        bail!("node set {set} is not loaded: run `redirect node-set load --set {set}` first");
+    }
+    if !config.virt_ifaces.is_empty() {
+        bail!(
+            "-k is not supported in a node set (its tc programs are per interface): capture this pod on its own (`redirect install`)"
+        );
+    }
+    if config.inbound.is_some()
+        && !config.exclude_ifindexes.is_empty()
+        && !super::features::ingress_ifindex_present()
+    {
+        bail!(
+            "-c with inbound capture (-b) needs the interface an inbound connection arrived on, \
+             which sk_lookup gives from kernel 5.17: drop -c or -b, or use iptables"
+        );
+    }
+    config.check_limits().map_err(|limit| anyhow!("{limit}"))?;
+    let netns = File::open(NETNS).with_context(|| format!("opening {NETNS}"))?;
+    let netns_ino = netns.metadata()?.ino();
+    loader::refuse_host_netns(netns_ino)?;
+    let cookie = netns_cookie()?;
+    let _hold = HoldSignals::new();
+    let _lock = Lock::exclusive()?;
+    let dir = dir(set);
+    let pods = pods(&dir)?;
+    if let Some(other) = pods
+        .iter()
+        .find(|p| p.netns_cookie == cookie && p.name != name.as_str())
+    {
+        bail!(
+            "this network namespace is in the node set already, as pod {}: remove it first (`redirect node-set remove --set {set} --instance {}`)",
+            other.name,
+            other.name
+        );
+    }
+    if let Some(pod) = pods.iter().find(|p| p.name == name.as_str()) {
+        if pod.netns_cookie != cookie {
+            bail!(
+                "pod {name} is in the node set with another network namespace: remove it first (`redirect node-set remove --set {set} --instance {name}`)"
+            );
+        }
+        write_pod(
+            &dir, pod.index, config, cookie, netns_ino, name, &netns, false,
+        )?;
+        return Ok(true);
+    }
+    let capacity = meta_map(&dir)?.len();
+    let used: Vec<u32> = pods.iter().map(|p| p.index).collect();
+    let Some(index) = (0..capacity).find(|i| !used.contains(i)) else {
+        bail!(
+            "the node set holds {capacity} pods already: remove pods, or load the set again with a larger --max-pods"
+        );
+    };
+    if let Err(err) = write_pod(&dir, index, config, cookie, netns_ino, name, &netns, true) {
+        if let Err(undo) = clear_pod(&dir, index, cookie) {
+            return Err(err.context(format!("and the rollback failed: {undo:#}")));
+        }
+        return Err(err);
+    }
+    Ok(false)
+}
+
+/// Writes pod `index`'s configuration and puts it in force (the last
+/// writes: the pod's cookie for a new pod, its active slot for one there).
+#[allow(clippy::too_many_arguments)]
+fn write_pod(
+    dir: &Path,
+    index: u32,
+    config: &Config,
+    cookie: u64,
+    netns_ino: u64,
+    name: &InstanceName,
+    netns: &File,
+    fresh: bool,
+) -> Result<()> {
+    let slot = if fresh {
+        pod_slot(index, 0)
+    } else {
+        spare_slot(maps::pod_active_slot(dir, index)?)
+    };
+    maps::write_sets(dir, slot, &maps::Sets::of(config))?;
+    maps::write_config(dir, slot, config.to_bpf())?;
+    write_addresses(dir, index, config)?;
+    if config.inbound.is_some() {
+        take_over_listener(dir, index, config.inbound_port)?;
+    }
+    // Every pod's netns gets the sk_lookup link, inbound capture or not:
+    // the link is also how gc sees the namespace go (the kernel detaches
+    // it then). A fresh pod's index may hold a link a killed add left.
+    let link = dir.join(pod_link(index));
+    if fresh {
+        remove_link(&link)?;
+    }
+    if !link.exists() {
+        let prog = sys::obj_get(&dir.join(PROG_SK_LOOKUP))
+            .context("the node set has no sk_lookup program (kernel before 5.9)")?;
+        let fd = sys::link_create(prog.as_fd(), netns.as_fd(), SK_LOOKUP.attach_type)
+            .context("attaching the sk_lookup program to the pod's network namespace")?;
+        sys::obj_pin(fd.as_fd(), &link).context("pinning the pod's sk_lookup link")?;
+    }
+    maps::activate_pod(dir, index, slot)?;
+    if fresh {
+        let mut pods: HashMap<MapData, u64, u32> =
+            HashMap::try_from(Map::HashMap(maps::open(dir, maps::PODS)?))?;
+        pods.insert(cookie, index, 0)
+            .context("adding the pod to the node set")?;
+    }
+    let bytes = name.as_str().as_bytes();
+    let mut entry = PodMeta {
+        netns_cookie: cookie,
+        netns_ino,
+        added_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        name_len: bytes.len() as u32,
+        addr_count: 0,
+        name: [0; POD_NAME_MAX],
+    };
+    entry.name[..bytes.len().min(POD_NAME_MAX)]
+        .copy_from_slice(&bytes[..bytes.len().min(POD_NAME_MAX)]);
+    meta_map(dir)?
+        .set(index, entry, 0)
+        .context("writing the pod record")
+}
+
+/// The pod's addresses (IPv4 ones mapped), as `RDR_POD_ADDRS` keys them.
+fn address_keys(config: &Config) -> Vec<[u32; 4]> {
+    let v4 = config
+        .local_addrs
+        .iter()
+        .map(|ip| redirect_common::to_v4_mapped(u32::from_ne_bytes(ip.octets())));
+    let v6 = config
+        .ipv6
+        .iter()
+        .flat_map(|v6| v6.local_addrs.iter())
+        .map(|ip| redirect_common::Ip6::from_octets(ip.octets()).0);
+    v4.chain(v6).collect()
+}
+
+fn addr_map(dir: &Path) -> Result<HashMap<MapData, [u32; 4], u32>> {
+    Ok(HashMap::try_from(Map::HashMap(maps::open(
+        dir,
+        maps::POD_ADDRS,
+    )?))?)
+}
+
+/// Makes `RDR_POD_ADDRS` list exactly the pod's addresses under `index`;
+/// refuses an address another pod of the set has.
+fn write_addresses(dir: &Path, index: u32, config: &Config) -> Result<()> {
+    let mut map = addr_map(dir)?;
+    let entries = map
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the pod addresses")?;
+    let wanted = address_keys(config);
+    for key in &wanted {
+        if let Some((_, owner)) = entries.iter().find(|(k, v)| k == key && *v != index) {
+            bail!(
+                "the pod's address {} is pod #{owner}'s in the node set: pod addresses must be unique on a node",
+                show_key(key)
+            );
+        }
+    }
+    for (key, owner) in &entries {
+        if *owner == index && !wanted.contains(key) {
+            map.remove(key).context("removing a pod address")?;
+        }
+    }
+    for key in wanted {
+        map.insert(key, index, 0).context("writing a pod address")?;
+    }
+    Ok(())
+}
+
+fn show_key(key: &[u32; 4]) -> String {
+    match redirect_common::v4_mapped(key) {
+        Some(ip) => std::net::Ipv4Addr::from(ip.to_ne_bytes()).to_string(),
+        None => std::net::Ipv6Addr::from(redirect_common::Ip6(*key).octets()).to_string(),
+    }
+}
+
+/// Registers the proxy's existing inbound listeners in the pod's slots.
+fn take_over_listener(dir: &Path, index: u32, port: u16) -> Result<()> {
+    let sockets = listener::take_over(port, LISTENER_SLOTS as usize)?;
+    let mut listeners: SockMap<MapData> =
+        SockMap::try_from(Map::SockMap(maps::open(dir, maps::LISTENER)?))?;
+    for (slot, socket) in (0..LISTENER_SLOTS).zip(&sockets) {
+        listeners
+            .set(listener_index(index, slot), &socket.as_raw_fd(), 0)
+            .with_context(|| format!("registering the listener on port {port}"))?;
+    }
+    Ok(())
+}
+
+/// Removes pod `name` from node set `set`. `false`: it is not there.
+pub fn remove(set: &InstanceName, name: &InstanceName) -> Result<bool> {
+    privilege::check_ebpf()?;
+    if !is_loaded(set) {
+        return Ok(false);
+    }
+    let _hold = HoldSignals::new();
+    let _lock = Lock::exclusive()?;
+    let dir = dir(set);
+    let Some(pod) = pods(&dir)?.into_iter().find(|p| p.name == name.as_str()) else {
+        return Ok(false);
+    };
+    clear_pod(&dir, pod.index, pod.netns_cookie)?;
+    Ok(true)
+}
+
+/// Detaches and unpins a pod's sk_lookup link, if there is one.
+fn remove_link(link: &Path) -> Result<()> {
+    if let Ok(fd) = sys::obj_get(link) {
+        let _ = sys::link_detach(fd.as_fd());
+    }
+    match fs::remove_file(link) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("removing {}", link.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes (or with `dry_run` only lists) the pods of every loaded node
+/// set whose network namespace is gone: the kernel detached their
+/// sk_lookup link when it went. Returns "pod P of node set S" and why, for
+/// each. The caller holds the install lock.
+pub fn gc_locked(dry_run: bool) -> Result<Vec<(String, String)>> {
+    let mut removed = Vec::new();
+    for dir_name in bpffs::list()?.sets {
+        let dir = bpffs::root().join(&dir_name);
+        let set = dir_name.strip_prefix(DIR_PREFIX).unwrap_or(&dir_name);
+        for pod in pods(&dir).with_context(|| format!("reading node set {set}"))? {
+            let link = sys::obj_get(&dir.join(pod_link(pod.index)))
+                .and_then(|fd| sys::link_info(fd.as_fd()));
+            let why = match link {
+                Ok(info) if info.target != 0 => continue,
+                Ok(_) => "its network namespace is gone (its link is defunct)",
+                Err(_) => "it has no sk_lookup link (pins removed by hand)",
+            };
+            if !dry_run {
+                clear_pod(&dir, pod.index, pod.netns_cookie)
+                    .with_context(|| format!("removing pod {} from node set {set}", pod.name))?;
+            }
+            removed.push((
+                format!("pod {} of node set {set}", pod.name),
+                why.to_owned(),
+            ));
+        }
+    }
+    Ok(removed)
+}
+
+/// Takes pod `index` out of the set: first out of `RDR_PODS` (its sockets
+/// are left alone from then on) and its inbound link, then everything else
+/// it had, so that the index starts clean for the next pod.
+fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
+    let mut pods: HashMap<MapData, u64, u32> =
+        HashMap::try_from(Map::HashMap(maps::open(dir, maps::PODS)?))?;
+    if pods.get(&cookie, 0).is_ok_and(|owner| owner == index) {
+        pods.remove(&cookie).context("removing the pod")?;
+    }
+    remove_link(&dir.join(pod_link(index)))?;
+    let mut addrs = addr_map(dir)?;
+    let owned: Vec<[u32; 4]> = addrs
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, owner)| *owner == index)
+        .map(|(key, _)| key)
+        .collect();
+    for key in owned {
+        addrs.remove(&key).context("removing a pod address")?;
+    }
+    for which in 0..SLOTS_PER_POD {
+        let slot = pod_slot(index, which);
+        maps::write_sets(dir, slot, &maps::Sets::default())?;
+        maps::write_config(dir, slot, bytemuck::Zeroable::zeroed())?;
+    }
+    maps::activate_pod(dir, index, 0)?;
+    let mut listeners: SockMap<MapData> =
+        SockMap::try_from(Map::SockMap(maps::open(dir, maps::LISTENER)?))?;
+    for slot in 0..LISTENER_SLOTS {
+        let _ = listeners.clear_index(&listener_index(index, slot));
+    }
+    let mut hits: HashMap<MapData, u32, u64> =
+        HashMap::try_from(Map::HashMap(maps::open(dir, maps::IN_HITS)?))?;
+    let base = in_hits_key(index, 0);
+    let ports: Vec<u32> = hits
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| key & !0xffff == base)
+        .collect();
+    for key in ports {
+        hits.remove(&key).context("removing an inbound counter")?;
+    }
+    let mut stats: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(maps::open(dir, maps::STATS)?))?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, err)| anyhow!(err))?;
+    for counter in 0..COUNTER_COUNT {
+        let zeros = PerCpuValues::try_from(vec![0u64; cpus]).context("zeroing counters")?;
+        stats
+            .set(counter_index(index, counter), zeros, 0)
+            .context("zeroing the pod's counters")?;
+    }
+    meta_map(dir)?
+        .set(index, <PodMeta as bytemuck::Zeroable>::zeroed(), 0)
+        .context("clearing the pod record")
+}

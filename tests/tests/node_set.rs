@@ -1,0 +1,307 @@
+//! Node sets: one program set serves every pod it lists, each by its
+//! network namespace, whatever the cgroup of the process (here: the
+//! sandbox's pod and peer namespaces, both with processes in the pod
+//! cgroup the set is attached to, each with a configuration of its own).
+//! The full comparison with iptables is `differential::a_node_set_*`.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsRawFd as _,
+    process::Stdio,
+};
+
+use redirect_sandbox::{
+    APP, Group, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
+    agent::Tally,
+    cli::{Outcome, feature_present, redirect},
+    require_root,
+};
+
+/// A node set loaded for one test, unloaded when dropped (also when the
+/// test fails).
+struct Set {
+    name: String,
+}
+
+impl Set {
+    fn load(sandbox: &Sandbox) -> Self {
+        let set = Set {
+            name: format!("{}-set", sandbox.name()),
+        };
+        let out = set.run(&[
+            "load",
+            "--cgroup",
+            &sandbox.pod_cgroup().to_string_lossy(),
+            "--max-pods",
+            "2",
+        ]);
+        assert_eq!(out.code, 0, "node-set load: {out:?}");
+        set
+    }
+
+    /// `redirect node-set <args> --set <name>`.
+    fn run(&self, args: &[&str]) -> Outcome {
+        let mut all = vec!["node-set"];
+        all.extend_from_slice(args);
+        all.extend(["--set", &self.name]);
+        redirect(&all).expect("run redirect")
+    }
+
+    /// Adds the pod in `netns` as `name` with istio-iptables' flags `flags`.
+    fn add(&self, name: &str, netns: &str, flags: &[&str]) -> Outcome {
+        let mut args = vec!["add", "--instance", name, "--netns", netns];
+        args.extend_from_slice(flags);
+        self.run(&args)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = self.run(&["status", "--json"]);
+        assert_eq!(out.code, 0, "node-set status: {out:?}");
+        serde_json::from_str(&out.stdout).expect("status JSON")
+    }
+}
+
+impl Drop for Set {
+    fn drop(&mut self) {
+        let out = self.run(&["unload"]);
+        assert!(
+            out.code == 0 || std::thread::panicking(),
+            "node-set unload: {out:?}"
+        );
+    }
+}
+
+/// Where one connection from `net` (a process of cgroup `group`) to `to`
+/// lands.
+fn lands(sandbox: &Sandbox, net: Net, group: Group, to: SocketAddrV4) -> String {
+    let mut cmd = sandbox.agent(net, group, APP);
+    cmd.args(["connect", "--to", &to.to_string()]);
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the agent");
+    assert!(out.status.success(), "{cmd:?}: {}", out.status);
+    let tally = Tally::parse(&String::from_utf8_lossy(&out.stdout)).expect("tally");
+    tally.0.into_keys().next().expect("one connection")
+}
+
+/// The pod's counter `name` in a node set status.
+fn counter(status: &serde_json::Value, pod: &str, name: &str) -> u64 {
+    status["pods"]
+        .as_array()
+        .and_then(|pods| pods.iter().find(|p| p["name"] == pod))
+        .and_then(|p| p["counters"][name].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn pods_of_one_set_are_decided_by_their_own_network_namespace() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    if !feature_present("helper/get_netns_cookie") {
+        println!("no node sets on this kernel (see the refusal test)");
+        return;
+    }
+    let local = |port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    // Each namespace's "proxy", and a server on 80 and 81 in each.
+    sandbox
+        .serve(Net::Pod, Group::Proxy, PROXY, local(15001), "pod proxy")
+        .expect("pod proxy");
+    sandbox
+        .serve(Net::Peer, Group::Proxy, PROXY, local(15001), "peer proxy")
+        .expect("peer proxy");
+    for port in [80, 81] {
+        for (net, ip, name) in [(Net::Pod, POD_IP, "pod"), (Net::Peer, PEER_IP, "peer")] {
+            sandbox
+                .serve(
+                    net,
+                    Group::Outside,
+                    ROOT,
+                    SocketAddrV4::new(ip, port),
+                    &format!("{name} {port}"),
+                )
+                .expect("server");
+        }
+    }
+    let (to_peer, to_pod) = (
+        |port| SocketAddrV4::new(PEER_IP, port),
+        |port| SocketAddrV4::new(POD_IP, port),
+    );
+    let set = Set::load(&sandbox);
+    let peer_netns = sandbox.netns_path(Net::Peer);
+    let a = set.add("pod-a", sandbox.pod_netns(), &["-i", "*", "-b", ""]);
+    assert_eq!(a.code, 0, "{a:?}");
+    let b = set.add("pod-b", &peer_netns, &["-i", "", "-q", "81", "-b", ""]);
+    assert_eq!(b.code, 0, "{b:?}");
+
+    // Each namespace by its own configuration, in the same cgroup.
+    assert_eq!(
+        lands(&sandbox, Net::Pod, Group::App, to_peer(80)),
+        "pod proxy"
+    );
+    assert_eq!(lands(&sandbox, Net::Peer, Group::App, to_pod(80)), "pod 80");
+    assert_eq!(
+        lands(&sandbox, Net::Peer, Group::App, to_pod(81)),
+        "peer proxy"
+    );
+    // A process outside the set's cgroup runs none of its programs.
+    assert_eq!(
+        lands(&sandbox, Net::Peer, Group::Outside, to_pod(81)),
+        "pod 81"
+    );
+    let status = set.status();
+    assert_eq!(counter(&status, "pod-a", "redirected"), 1, "{status}");
+    assert_eq!(counter(&status, "pod-b", "redirected"), 1, "{status}");
+
+    // Bad input, refused with one line each, nothing changed.
+    let third = redirect_sandbox::netns::create().expect("a third namespace");
+    let third_netns = format!("/proc/{}/fd/{}", std::process::id(), third.as_raw_fd());
+    for (why, needle, out) in [
+        (
+            "a namespace added twice",
+            "already, as pod pod-a",
+            set.add("pod-c", sandbox.pod_netns(), &["-i", "*"]),
+        ),
+        (
+            "-k",
+            "-k is not supported in a node set",
+            set.add("pod-a", sandbox.pod_netns(), &["-k", "eth0"]),
+        ),
+        (
+            "a set not loaded",
+            "is not loaded",
+            redirect(&[
+                "node-set",
+                "add",
+                "--set",
+                &format!("{}-none", sandbox.name()),
+                "--instance",
+                "pod-c",
+                "--netns",
+                sandbox.pod_netns(),
+            ])
+            .expect("run redirect"),
+        ),
+        (
+            "a third pod in a set of two",
+            "holds 2 pods already",
+            set.add("pod-c", &third_netns, &["-i", "*"]),
+        ),
+    ] {
+        assert_ne!(out.code, 0, "{why}: {out:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{why}: {out:?}");
+        assert!(out.stderr.contains(needle), "{why}: {out:?}");
+    }
+    assert_eq!(set.status()["pods"].as_array().map(Vec::len), Some(2));
+
+    // Pod B's configuration replaced in place, then B removed: A stays.
+    let b = set.add("pod-b", &peer_netns, &["-i", "", "-q", "80", "-b", ""]);
+    assert_eq!(b.code, 0, "{b:?}");
+    assert!(b.stdout.contains("updated pod pod-b"), "{b:?}");
+    assert_eq!(lands(&sandbox, Net::Peer, Group::App, to_pod(81)), "pod 81");
+    assert_eq!(
+        lands(&sandbox, Net::Peer, Group::App, to_pod(80)),
+        "peer proxy"
+    );
+    let removed = set.run(&["remove", "--instance", "pod-b"]);
+    assert_eq!(removed.code, 0, "{removed:?}");
+    assert_eq!(lands(&sandbox, Net::Peer, Group::App, to_pod(80)), "pod 80");
+    assert_eq!(
+        lands(&sandbox, Net::Pod, Group::App, to_peer(80)),
+        "pod proxy"
+    );
+    let again = set.run(&["remove", "--instance", "pod-b"]);
+    assert!(
+        again.code == 0 && again.stdout.contains("not in node set"),
+        "{again:?}"
+    );
+    // The freed index starts clean for the next pod.
+    let b = set.add("pod-b", &peer_netns, &["-i", "", "-b", ""]);
+    assert_eq!(b.code, 0, "{b:?}");
+    assert_eq!(counter(&set.status(), "pod-b", "redirected"), 0);
+    assert_eq!(lands(&sandbox, Net::Peer, Group::App, to_pod(80)), "pod 80");
+}
+
+/// Where sockops cannot ask a socket's namespace (kernels before 5.15, or
+/// told so), loading a set is refused with one line naming the kernel and
+/// the way out, and nothing is pinned.
+#[test]
+fn a_kernel_without_the_namespace_cookie_refuses_a_node_set() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    let name = format!("{}-set", sandbox.name());
+    let out = redirect(&[
+        "--assume-missing",
+        "helper/get_netns_cookie",
+        "node-set",
+        "load",
+        "--set",
+        &name,
+        "--cgroup",
+        &sandbox.pod_cgroup().to_string_lossy(),
+    ])
+    .expect("run redirect");
+    assert_ne!(out.code, 0, "{out:?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(
+        out.stderr.contains("too old for a node set") && out.stderr.contains("5.15"),
+        "{out:?}"
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/redirect")
+            .join(format!("@set-{name}"))
+            .exists()
+    );
+}
+
+/// A pod whose network namespace goes away (deleted without a CNI DEL) is
+/// taken out of the set by `redirect gc`, as the node agent runs it: the
+/// kernel detached its sk_lookup link when the namespace went. A live pod
+/// of the same set stays.
+#[test]
+fn gc_takes_out_the_pods_whose_namespace_is_gone() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    if !feature_present("helper/get_netns_cookie") {
+        println!("no node sets on this kernel (see the refusal test)");
+        return;
+    }
+    let set = Set::load(&sandbox);
+    let live = set.add("live", sandbox.pod_netns(), &["-i", "*", "-b", ""]);
+    assert_eq!(live.code, 0, "{live:?}");
+    let doomed = redirect_sandbox::netns::create().expect("a namespace");
+    let doomed_netns = format!("/proc/{}/fd/{}", std::process::id(), doomed.as_raw_fd());
+    // Outbound only: the pod has the link all the same.
+    let out = set.add("doomed", &doomed_netns, &["-i", "*", "-b", ""]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let line = format!("pod doomed of node set {}", set.name);
+    let dry = redirect(&["gc", "--dry-run"]).expect("gc --dry-run");
+    assert!(!dry.stdout.contains(&line), "a live namespace: {dry:?}");
+
+    drop(doomed);
+    // The kernel frees a namespace in a work item after its last
+    // reference: poll, bounded.
+    let mut collected = None;
+    for _ in 0..50 {
+        let out = redirect(&["gc"]).expect("gc");
+        assert_eq!(out.code, 0, "{out:?}");
+        if out.stdout.contains(&line) {
+            collected = Some(out);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = collected.expect("gc removed the pod within 5 s");
+    assert!(
+        out.stdout
+            .contains(&format!("removed {line}: its network namespace is gone")),
+        "{out:?}"
+    );
+    let pods: Vec<String> = set.status()["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(pods, ["live"]);
+}
