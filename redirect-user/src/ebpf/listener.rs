@@ -6,7 +6,7 @@
 //! sockops program registers its listener when it calls `listen()`. A
 //! listener that already exists never makes that callback, so the loader
 //! takes it over instead: it finds the socket listening on the inbound port
-//! in the pod's network namespace (`/proc/thread-self/net/tcp{,6}`), the
+//! in the pod's network namespace (`sock_diag`), the
 //! process holding it (`/proc/<pid>/fd`), and duplicates it with
 //! `pidfd_getfd` (kernel 5.6, needs ptrace rights over that process) to put
 //! it in the listener map.
@@ -18,37 +18,99 @@ use std::{
     os::unix::fs::MetadataExt as _,
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 /// The inodes of the TCP sockets listening on `port` in the calling
-/// thread's network namespace.
-fn listening_inodes(port: u16) -> HashSet<u64> {
+/// thread's network namespace, asked of `sock_diag` (IPv4 and IPv6). The
+/// kernel walks only its listening sockets for a LISTEN-only dump filtered
+/// by source port, where `/proc/net/tcp` walks every socket of the host
+/// (milliseconds on a busy node, each pod's ADD).
+fn listening_inodes(port: u16) -> Result<HashSet<u64>> {
+    let socket = diag_socket()?;
     let mut found = HashSet::new();
-    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-        let Ok(text) = fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-            let (Some(local), Some(state), Some(inode)) =
-                (fields.get(1), fields.get(3), fields.get(9))
-            else {
-                continue;
-            };
-            let local_port = local
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if *state == "0A"
-                && local_port == Some(port)
-                && let Ok(inode) = inode.parse()
-            {
-                found.insert(inode);
-            }
-        }
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        dump_listeners(&socket, family as u8, port, &mut found)
+            .with_context(|| format!("listing the sockets listening on port {port} (sock_diag)"))?;
     }
     found.remove(&0);
-    found
+    Ok(found)
+}
+
+fn diag_socket() -> Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening a sock_diag socket");
+    }
+    // SAFETY: a descriptor this call just opened.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// `SOCK_DIAG_BY_FAMILY` with an `inet_diag_req_v2` asking for TCP
+/// sockets in LISTEN with source port `port`.
+fn diag_request(family: u8, port: u16) -> [u8; 72] {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const TCP_LISTEN: u32 = 10;
+    let mut req = [0u8; 72];
+    req[0..4].copy_from_slice(&72u32.to_ne_bytes()); // nlmsg_len
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    req[6..8].copy_from_slice(&flags.to_ne_bytes());
+    // inet_diag_req_v2 at 16: family, protocol, ext, pad, states, id.
+    req[16] = family;
+    req[17] = libc::IPPROTO_TCP as u8;
+    req[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    req[24..26].copy_from_slice(&port.to_be_bytes()); // id.idiag_sport
+    req
+}
+
+fn dump_listeners(socket: &OwnedFd, family: u8, port: u16, found: &mut HashSet<u64>) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let req = diag_request(family, port);
+    // SAFETY: the buffer and its length are this function's; the kernel
+    // is the default destination of a netlink socket.
+    let sent = unsafe { libc::send(socket.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let mut buf = vec![0u8; 32 * 1024];
+    // A dump ends with NLMSG_DONE; bounded in case the kernel never says so.
+    for _ in 0..10_000 {
+        // SAFETY: as above, into this function's buffer.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let mut msgs = &buf[..n as usize];
+        while msgs.len() >= 16 {
+            let len = u32::from_ne_bytes(msgs[0..4].try_into()?) as usize;
+            let kind = u16::from_ne_bytes(msgs[4..6].try_into()?);
+            if len < 16 || len > msgs.len() {
+                bail!("a malformed sock_diag reply");
+            }
+            match i32::from(kind) {
+                libc::NLMSG_DONE => return Ok(()),
+                libc::NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(msgs[16..20].try_into()?);
+                    return Err(std::io::Error::from_raw_os_error(-errno).into());
+                }
+                // inet_diag_msg: the inode is its last field, at 68.
+                _ if len >= 16 + 72 => {
+                    let inode = u32::from_ne_bytes(msgs[16 + 68..16 + 72].try_into()?);
+                    found.insert(u64::from(inode));
+                }
+                _ => {}
+            }
+            msgs = &msgs[((len + 3) & !3).min(msgs.len())..];
+        }
+    }
+    bail!("the sock_diag dump did not end")
 }
 
 /// Duplicates of the sockets listening on `port` in the calling thread's
@@ -56,7 +118,7 @@ fn listening_inodes(port: u16) -> HashSet<u64> {
 /// when nothing listens there. Errs when listeners exist but no process
 /// holding one can be reached.
 pub fn take_over(port: u16, limit: usize) -> Result<Vec<OwnedFd>> {
-    let mut inodes = listening_inodes(port);
+    let mut inodes = listening_inodes(port)?;
     let mut taken = Vec::new();
     if inodes.is_empty() {
         return Ok(taken);
