@@ -580,10 +580,24 @@ impl Bench {
     /// own log (process start excluded), per-pod eBPF and iptables; and
     /// `iptables-restore` of the rules the plugin's plan gives the pod (a
     /// process, as Istio applies them; its start included). Milliseconds.
-    fn pod_setup(&self, plugin: &Plugin, rules: &str, results: &mut Results) {
+    fn pod_setup(
+        &self,
+        plugin: &Plugin,
+        rules: &str,
+        node_set: Option<&str>,
+        results: &mut Results,
+    ) {
         let log = std::env::temp_dir().join(format!("{}-cni.log", self.sandbox.name()));
-        for mode in ["ebpf", "iptables"] {
-            let mut config = plugin.config(mode, injected());
+        let modes = ["ebpf", "iptables", "node-set"];
+        for mode in modes
+            .into_iter()
+            .filter(|m| *m != "node-set" || node_set.is_some())
+        {
+            let mut config =
+                plugin.config(if mode == "node-set" { "ebpf" } else { mode }, injected());
+            if mode == "node-set" {
+                config["node_set"] = json!(node_set);
+            }
             config["log_file"] = json!(log);
             let _ = std::fs::remove_file(&log);
             let add = plugin.call(&self.sandbox, "ADD", POD_UID, &config);
@@ -696,6 +710,126 @@ impl Bench {
             "bytes/pod",
             bytes as f64 / count as f64,
         );
+    }
+}
+
+impl Bench {
+    /// Kernel memory per pod with `count` pods in node set `set` (each pod
+    /// a network namespace of its own, with only `lo`; Istio's sidecar
+    /// flags, outbound only): what the set's maps grew by, per pod. Also
+    /// the milliseconds of one `node-set add` (process start included).
+    fn pod_memory_in_set(&self, set: &str, count: usize, results: &mut Results) {
+        let memory = || {
+            let out = redirect(&["node-set", "status", "--json", "--set", set]).expect("status");
+            let status: Value = serde_json::from_str(&out.stdout).expect("status JSON");
+            status["map_memory_bytes"].as_u64().expect("map memory")
+        };
+        let before = memory();
+        // What the set costs before any pod: its maps, sized for
+        // SET_PODS pods (arrays whole, hash maps their buckets).
+        results.add(
+            "node_set_memory",
+            &format!("{SET_PODS}-pod set"),
+            "bytes",
+            before as f64,
+        );
+        let mut namespaces = Vec::new();
+        let started = Instant::now();
+        for i in 0..count {
+            let ns = redirect_sandbox::netns::create().expect("a pod namespace");
+            let path = format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                std::os::fd::AsRawFd::as_raw_fd(&ns)
+            );
+            namespaces.push(ns);
+            let name = format!("mem{i}");
+            let out = redirect(&[
+                "node-set",
+                "add",
+                "--set",
+                set,
+                "--instance",
+                &name,
+                "--netns",
+                &path,
+                "-p",
+                "15001",
+                "-u",
+                "1337",
+                "-g",
+                "1337",
+                "-i",
+                "*",
+                "-b",
+                "",
+            ])
+            .expect("node-set add");
+            assert!(out.ok(), "pod {i}: {out:?}");
+        }
+        let took = started.elapsed();
+        let after = memory();
+        for i in 0..count {
+            let out = redirect(&[
+                "node-set",
+                "remove",
+                "--set",
+                set,
+                "--instance",
+                &format!("mem{i}"),
+            ])
+            .expect("node-set remove");
+            assert!(out.ok(), "pod {i}: {out:?}");
+        }
+        results.add(
+            &format!("pod_memory_at_{count}_pods"),
+            "node-set",
+            "bytes/pod",
+            after.saturating_sub(before) as f64 / count as f64,
+        );
+        results.add(
+            "node_set_add",
+            "process",
+            "ms",
+            took.as_secs_f64() * 1e3 / count as f64,
+        );
+    }
+}
+
+/// The pods the benchmarks' node set is sized for (`node install`'s
+/// default).
+const SET_PODS: u32 = 256;
+
+/// A node set loaded for the benchmarks on the sandbox's pod cgroup,
+/// unloaded when dropped.
+struct BenchSet(String);
+
+impl BenchSet {
+    /// `None` where the kernel cannot have one (5.15).
+    fn load(sandbox: &Sandbox) -> Option<Self> {
+        if !redirect_sandbox::cli::feature_present("helper/get_netns_cookie") {
+            return None;
+        }
+        let name = format!("{}-set", sandbox.name());
+        let out = redirect(&[
+            "node-set",
+            "load",
+            "--set",
+            &name,
+            "--cgroup",
+            &sandbox.pod_cgroup().to_string_lossy(),
+            "--max-pods",
+            &SET_PODS.to_string(),
+        ])
+        .expect("node-set load");
+        assert!(out.ok(), "{out:?}");
+        Some(Self(name))
+    }
+}
+
+impl Drop for BenchSet {
+    fn drop(&mut self) {
+        let _ = redirect(&["node-set", "unload", "--set", &self.0]);
     }
 }
 
@@ -917,29 +1051,50 @@ fn bench_capture_costs() {
     // 8: one pod's set-up by the CNI plugin, and iptables-restore.
     let plugin = Plugin::new(&bench.sandbox, POD_UID);
     let rules = planned_rules(&bench.sandbox);
+    let set = BenchSet::load(&bench.sandbox);
+    let set_name = set.as_ref().map(|s| s.0.as_str());
     for round in 1..=sizes.rounds {
-        bench.pod_setup(&plugin, &rules, &mut results);
+        bench.pod_setup(&plugin, &rules, set_name, &mut results);
         let last = |mode| *results.get("pod_setup", mode).last().unwrap_or(&0.0);
         println!(
-            "pod set-up round {round}/{}: ADD ebpf {:.1} ms, ADD iptables {:.1} ms, iptables-restore {:.1} ms",
+            "pod set-up round {round}/{}: ADD ebpf {:.1} ms, ADD in a node set {:.2} ms, ADD iptables {:.1} ms, iptables-restore {:.1} ms",
             sizes.rounds,
             last("cni-ebpf"),
+            last("cni-node-set"),
             last("cni-iptables"),
             last("iptables-restore")
         );
     }
 
-    // 9: kernel memory per pod in per-pod mode at each pod count.
+    // 9: kernel memory per pod in per-pod mode and in a node set at each
+    // pod count.
     for &count in sizes.pod_counts {
         bench.pod_memory(count, &mut results);
+        let key = format!("pod_memory_at_{count}_pods");
         println!(
             "{count} pods: {:.0} bytes of kernel memory per pod",
-            results
-                .get(&format!("pod_memory_at_{count}_pods"), "per-pod")
-                .last()
-                .unwrap_or(&0.0)
+            results.get(&key, "per-pod").last().unwrap_or(&0.0)
         );
+        if let Some(set) = set_name.filter(|_| count <= SET_PODS as usize) {
+            bench.pod_memory_in_set(set, count, &mut results);
+            let set_bytes = *results
+                .get("node_set_memory", &format!("{SET_PODS}-pod set"))
+                .last()
+                .unwrap_or(&0.0);
+            println!(
+                "{count} pods in a node set: a set for {SET_PODS} pods holds {:.1} MB of maps ({:.0} bytes a pod), \
+                 each pod added grows them by {:.0} bytes; node-set add {:.1} ms",
+                set_bytes / 1e6,
+                set_bytes / f64::from(SET_PODS),
+                results.get(&key, "node-set").last().unwrap_or(&0.0),
+                results
+                    .get("node_set_add", "process")
+                    .last()
+                    .unwrap_or(&0.0)
+            );
+        }
     }
+    drop(set);
 
     results.ratio(
         "ebpf_over_direct_connect_rate",

@@ -174,6 +174,14 @@ fn the_node_agent_runs_node_run_with_the_host_directories_it_needs() {
     // (where the plugin runs) names the conf dir.
     assert!(args.contains(&"--service-account-dir=/var/run/secrets/kubernetes.io/serviceaccount"));
     assert!(args.contains(&"--host-cni-conf-dir=/etc/cni/net.d"));
+    // One program set for the node, on the pods' cgroup (seen through the
+    // host's cgroup2 mount above).
+    assert!(args.contains(&"--node-set=node"), "{args:?}");
+    assert!(
+        args.iter()
+            .any(|a| a.starts_with("--pod-cgroup-root=/sys/fs/cgroup/")),
+        "{args:?}"
+    );
     let port = args
         .iter()
         .find_map(|a| a.strip_prefix("--metrics-listen="))

@@ -64,8 +64,9 @@ pub struct NodeSetLoadArgs {
     /// node's pods (kubepods under the cgroup2 mount)
     #[arg(long, value_name = "PATH")]
     pub cgroup: String,
-    /// Most pods the set holds at once
-    #[arg(long, value_name = "N", default_value = "512")]
+    /// Most pods the set holds at once (its maps are sized for them: about
+    /// 80 KB of kernel memory each)
+    #[arg(long, value_name = "N", default_value = "256")]
     pub max_pods: u32,
     /// Redirected handshakes in flight at once on the node
     #[arg(long, value_name = "N", default_value = "16384", value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
@@ -157,6 +158,14 @@ pub struct NodeInstallArgs {
     /// mount]
     #[arg(long, value_name = "DIR", requires = "node_set")]
     pub node_set_cgroup: Option<std::path::PathBuf>,
+    /// Most pods the node set holds at once (its maps are sized for them:
+    /// about 80 KB of kernel memory each)
+    #[arg(long, value_name = "N", default_value = "256", requires = "node_set")]
+    pub node_set_max_pods: u32,
+    /// Redirected handshakes in flight at once on the node (the node
+    /// set's original-destination map)
+    #[arg(long, value_name = "N", default_value = "16384", requires = "node_set", value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
+    pub node_set_max_connections: u32,
     /// The proxy's uid (what Istio's plugin reads from the istio-proxy
     /// container's runAsUser)
     #[arg(long, value_name = "UID", default_value = "1337")]

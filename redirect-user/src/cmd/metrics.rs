@@ -168,6 +168,7 @@ mod tests {
         let sets = [SetView {
             set: "node".into(),
             map_memory_bytes: 0,
+            maps: Vec::new(),
             pods: vec![crate::ebpf::node_set::PodView {
                 pod: crate::ebpf::node_set::Pod {
                     index: 3,

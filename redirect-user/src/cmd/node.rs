@@ -207,8 +207,8 @@ fn load_node_set(args: &NodeInstallArgs) -> Result<Option<InstanceName>> {
     crate::ebpf::node_set::load(&crate::ebpf::node_set::LoadRequest {
         set,
         cgroup: &cgroup,
-        max_pods: 512,
-        max_connections: 16384,
+        max_pods: args.node_set_max_pods,
+        max_connections: args.node_set_max_connections,
     })?;
     Ok(Some(set.clone()))
 }

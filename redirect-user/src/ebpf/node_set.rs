@@ -333,6 +333,8 @@ pub struct SetView {
     /// allocate per entry, so this grows with the pods (the kernel counts
     /// entries from 6.4; before, it charges their full size).
     pub map_memory_bytes: u64,
+    /// Each map's share of it.
+    pub maps: Vec<maps::MapMemory>,
     pub pods: Vec<PodView>,
 }
 
@@ -357,9 +359,11 @@ pub fn views(only: Option<&InstanceName>) -> Result<Vec<SetView>> {
                 .collect();
             pod_views.push(PodView { pod, counters });
         }
+        let memory = maps::memory(&dir, &[])?;
         views.push(SetView {
             set: set.to_owned(),
-            map_memory_bytes: maps::memory(&dir, &[])?.iter().map(|m| m.bytes).sum(),
+            map_memory_bytes: memory.iter().map(|m| m.bytes).sum(),
+            maps: memory,
             pods: pod_views,
         });
     }

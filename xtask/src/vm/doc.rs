@@ -17,7 +17,7 @@ do not edit it by hand.
 
 `cargo xtask vm-test [--kernel 5.10|6.1|6.12|sid ...] [--test BINARY ...]
 [--keep]` boots real Debian kernels under QEMU and runs the end-to-end suite
-(or the named test binaries) inside each. `cargo xtask test` runs eight of
+(or the named test binaries) inside each. `cargo xtask test` runs nine of
 the binaries on 5.10 (see [testing.md](testing.md)). For each kernel it:
 1. resolves the newest cloud kernel of its Debian suite with apt, through a
    private configuration under `target/vm-test/apt/` (nothing is installed

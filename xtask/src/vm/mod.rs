@@ -67,7 +67,8 @@ pub struct Options {
 /// every program through that kernel's verifier and exercise each hook
 /// (connect, sockops, getsockopt and getpeername in `original_dst`;
 /// sendmsg and recvmsg in `dns`; sk_lookup in `legacy`), the probe, the
-/// run loop, the hostile-input checks, gc and the node agent.
+/// run loop, the hostile-input checks, gc, the node agent and node sets'
+/// refusal there.
 pub const OLDEST_KERNEL_TESTS: &[&str] = &[
     "original_dst",
     "dns",
@@ -77,6 +78,7 @@ pub const OLDEST_KERNEL_TESTS: &[&str] = &[
     "hostile_input",
     "gc",
     "node",
+    "node_set",
 ];
 
 /// The oldest kernel of the matrix, which `cargo xtask test` also boots.
