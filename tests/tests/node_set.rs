@@ -271,10 +271,12 @@ fn gc_takes_out_the_pods_whose_namespace_is_gone() {
     assert_eq!(live.code, 0, "{live:?}");
     let doomed = redirect_sandbox::netns::create().expect("a namespace");
     let doomed_netns = format!("/proc/{}/fd/{}", std::process::id(), doomed.as_raw_fd());
-    // Outbound only: the pod has the link all the same.
-    let out = set.add("doomed", &doomed_netns, &["-i", "*", "-b", ""]);
+    // Outbound only: the pod has the link all the same. Named as the CNI
+    // plugin names pods (cni-<64 hex digits>), whole in its record.
+    let doomed_name = format!("cni-{}", "0123456789abcdef".repeat(4));
+    let out = set.add(&doomed_name, &doomed_netns, &["-i", "*", "-b", ""]);
     assert_eq!(out.code, 0, "{out:?}");
-    let line = format!("pod doomed of node set {}", set.name);
+    let line = format!("pod {doomed_name} of node set {}", set.name);
     let dry = redirect(&["gc", "--dry-run"]).expect("gc --dry-run");
     assert!(!dry.stdout.contains(&line), "a live namespace: {dry:?}");
 

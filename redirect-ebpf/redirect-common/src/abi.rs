@@ -712,9 +712,9 @@ pub struct Event {
 /// Longest cgroup path (relative to the cgroup2 mount) an instance records.
 pub const META_PATH_MAX: usize = 1024;
 
-/// Longest name a node set's pod is added under (a CNI container id is 64
-/// hex digits).
-pub const POD_NAME_MAX: usize = 64;
+/// Longest name a node set's pod is added under: an instance name's
+/// longest (the CNI plugin's are `cni-` and a 64-hex-digit container id).
+pub const POD_NAME_MAX: usize = 256;
 
 /// A node set's record of one of its pods, one entry of the pinned
 /// `RDR_POD_META` array per pod index (a zero cookie: a free index). Only

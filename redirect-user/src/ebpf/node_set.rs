@@ -60,6 +60,10 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 const NETNS: &str = "/proc/thread-self/ns/net";
 
 /// The name of node set `set`'s directory.
+// A pod's record holds its whole name: status, CHECK and DEL find the
+// pod by it.
+const _: () = assert!(POD_NAME_MAX >= crate::instance::MAX_LEN);
+
 fn dir_name(set: &InstanceName) -> String {
     format!("{DIR_PREFIX}{set}")
 }
@@ -123,6 +127,13 @@ pub fn load(req: &LoadRequest<'_>) -> Result<bool> {
     let _lock = Lock::exclusive()?;
     super::removal::repair()?;
     if is_loaded(req.set) {
+        if let Err(err) = pods(&dir(req.set)) {
+            bail!(
+                "node set {} is loaded by another release of redirect ({err:#}): `redirect node-set unload --set {}` (its pods lose their capture until added again), then load it",
+                req.set,
+                req.set
+            );
+        }
         let cgroup = attached_cgroup(req.set)?;
         if cgroup == req.cgroup.id {
             return Ok(false);
@@ -654,7 +665,16 @@ pub fn gc_locked(dry_run: bool) -> Result<Vec<(String, String)>> {
     for dir_name in bpffs::list()?.sets {
         let dir = bpffs::root().join(&dir_name);
         let set = dir_name.strip_prefix(DIR_PREFIX).unwrap_or(&dir_name);
-        for pod in pods(&dir).with_context(|| format!("reading node set {set}"))? {
+        // A set this build cannot read (another release's layout) is
+        // left alone, said once per pass: the others are still collected.
+        let listed = match pods(&dir) {
+            Ok(listed) => listed,
+            Err(err) => {
+                eprintln!("redirect: gc: skipping node set {set}: {err:#}");
+                continue;
+            }
+        };
+        for pod in listed {
             let link = sys::obj_get(&dir.join(pod_link(pod.index)))
                 .and_then(|fd| sys::link_info(fd.as_fd()));
             let why = match link {
