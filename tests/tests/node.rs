@@ -559,10 +559,16 @@ fn install_with_a_node_set_loads_it_once_and_names_it_to_the_plugin() {
     let first = dirs.node("install", &args);
     let second = dirs.node("install", &args);
     let entry = json_of(&dirs.conf().join("10-pods.conflist"))["plugins"][2].clone();
+    let status = dirs.node("status", &[]);
     let uninstall = dirs.node("uninstall", &[]);
     let left = pinned();
+    // Installed again, then the set unloaded under the entry naming it.
+    let reinstall = dirs.node("install", &args);
     let unloaded = unload();
+    let orphaned = dirs.node("status", &[]);
+    let _ = dirs.node("uninstall", &[]);
     assert!(first.ok() && second.ok(), "{first:?} {second:?}");
+    assert!(reinstall.ok(), "{reinstall:?}");
     assert!(uninstall.ok(), "{uninstall:?}");
     if present {
         assert_eq!(entry["node_set"], json!(set), "{entry}");
@@ -572,6 +578,20 @@ fn install_with_a_node_set_loads_it_once_and_names_it_to_the_plugin() {
         );
         assert!(left, "uninstall leaves the set");
         assert!(unloaded.stdout.contains("unloaded"), "{unloaded:?}");
+        assert!(
+            status.ok()
+                && status
+                    .stdout
+                    .contains(&format!("node set {set}: loaded, 0 pods")),
+            "{status:?}"
+        );
+        assert!(
+            orphaned.code == 1
+                && orphaned
+                    .stdout
+                    .contains(&format!("node set {set}: not loaded")),
+            "{orphaned:?}"
+        );
     } else {
         assert!(entry.get("node_set").is_none(), "{entry}");
         assert!(first.stdout.contains("no node set here"), "{first:?}");

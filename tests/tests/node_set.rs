@@ -269,6 +269,21 @@ fn gc_takes_out_the_pods_whose_namespace_is_gone() {
     let set = Set::load(&sandbox);
     let live = set.add("live", sandbox.pod_netns(), &["-i", "*", "-b", ""]);
     assert_eq!(live.code, 0, "{live:?}");
+    // An add killed midway (SIGKILL while it holds its claim on an index)
+    // is not a pod; gc, or the next add, clears what it left.
+    let held = redirect_sandbox::netns::create().expect("a namespace");
+    let held_netns = format!("/proc/{}/fd/{}", std::process::id(), held.as_raw_fd());
+    killed_midway(&set, "killed", &held_netns);
+    let dry = redirect(&["gc", "--dry-run"]).expect("gc --dry-run");
+    assert!(
+        dry.stdout.contains(&format!(
+            "would remove pod #1 of node set {}: left by an interrupted add",
+            set.name
+        )),
+        "{dry:?}"
+    );
+    assert_eq!(set.status()["pods"].as_array().map(Vec::len), Some(1));
+
     let doomed = redirect_sandbox::netns::create().expect("a namespace");
     let doomed_netns = format!("/proc/{}/fd/{}", std::process::id(), doomed.as_raw_fd());
     // Outbound only: the pod has the link all the same. Named as the CNI
@@ -306,4 +321,41 @@ fn gc_takes_out_the_pods_whose_namespace_is_gone() {
         .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
         .collect();
     assert_eq!(pods, ["live"]);
+    // The next add (doomed's, which took that index) cleared the claim:
+    // the namespace it held can be added, and gets that index again.
+    let revived = set.add("revived", &held_netns, &["-i", "*", "-b", ""]);
+    assert_eq!(revived.code, 0, "{revived:?}");
+    let status = set.status();
+    let index = status["pods"]
+        .as_array()
+        .and_then(|pods| pods.iter().find(|p| p["name"] == "revived"))
+        .and_then(|p| p["index"].as_u64());
+    assert_eq!(index, Some(1), "{status}");
+}
+
+/// Runs `node-set add` of the pod in `netns` as `name` and kills it with
+/// SIGKILL once it has attached the pod's link (the test pause there).
+fn killed_midway(set: &Set, name: &str, netns: &str) {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = std::process::Command::new(redirect_sandbox::cli::redirect_bin())
+        .args(["node-set", "add", "--set", &set.name, "--instance", name])
+        .args(["--netns", netns, "-i", "*"])
+        .env("REDIRECT_TEST_PAUSE", "node-set-add-after-link")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn redirect");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("test pause at") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let paused = rx.recv_timeout(std::time::Duration::from_secs(30));
+    let _ = child.kill();
+    let _ = child.wait();
+    paused.expect("the add reached its pause");
 }

@@ -716,9 +716,17 @@ pub const META_PATH_MAX: usize = 1024;
 /// longest (the CNI plugin's are `cni-` and a 64-hex-digit container id).
 pub const POD_NAME_MAX: usize = 256;
 
+/// A free pod index of a node set: never used, or its pod removed whole.
+pub const POD_FREE: u32 = 0;
+/// A pod index an add has claimed and not finished: under the install
+/// lock, an add in progress; seen by anyone else who holds the lock, one
+/// that was killed, whose entries must be cleared before the index is used.
+pub const POD_CLAIMED: u32 = 1;
+/// A pod index holding a pod.
+pub const POD_ACTIVE: u32 = 2;
+
 /// A node set's record of one of its pods, one entry of the pinned
-/// `RDR_POD_META` array per pod index (a zero cookie: a free index). Only
-/// user space reads or writes it.
+/// `RDR_POD_META` array per pod index. Only user space reads or writes it.
 #[repr(C)]
 #[derive(Clone, Copy)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -732,8 +740,8 @@ pub struct PodMeta {
     pub added_at: u64,
     /// Number of valid bytes in `name`.
     pub name_len: u32,
-    /// Number of the pod's addresses in `RDR_POD_ADDRS`.
-    pub addr_count: u32,
+    /// `POD_FREE`, `POD_CLAIMED` or `POD_ACTIVE`.
+    pub state: u32,
     /// The name the pod was added under.
     pub name: [u8; POD_NAME_MAX],
 }

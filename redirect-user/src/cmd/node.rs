@@ -348,7 +348,31 @@ fn status(dirs: &NodeDirs) -> Result<ExitCode> {
             (None, _) => "no (no network configuration)".to_owned(),
         }
     );
-    Ok(if plugin == chained {
+    // The node set the plugin's entry names: a set not loaded means its
+    // pods get Istio's rules instead (auto) or fail to start (ebpf).
+    let set = active
+        .as_ref()
+        .and_then(|f| fs::read_to_string(f).ok())
+        .and_then(|text| conflist::our_entry(&text))
+        .and_then(|entry| entry.get("node_set")?.as_str().map(str::to_owned));
+    let mut set_ok = true;
+    if let Some(set) = set {
+        let name = crate::instance::InstanceName::parse(&set).map_err(|e| anyhow::anyhow!(e))?;
+        match crate::ebpf::node_set::views(Some(&name))?.first() {
+            Some(view) => outln!(
+                "node set {set}: loaded, {} pods, {} KiB of maps",
+                view.pods.len(),
+                view.map_memory_bytes / 1024
+            ),
+            None => {
+                set_ok = false;
+                outln!(
+                    "node set {set}: not loaded (`redirect node install --node-set {set}` loads it)"
+                );
+            }
+        }
+    }
+    Ok(if plugin == chained && set_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -93,6 +93,16 @@ pub fn is_chained(text: &str) -> bool {
     })
 }
 
+/// Our plugin's entry in the configuration, if it lists it.
+pub fn our_entry(text: &str) -> Option<Value> {
+    let conf = serde_json::from_str::<Value>(text).ok()?;
+    conf.get("plugins")?
+        .as_array()?
+        .iter()
+        .find(|p| ours(p))
+        .cloned()
+}
+
 fn ours(plugin: &Value) -> bool {
     plugin.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE)
 }

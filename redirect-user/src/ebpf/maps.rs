@@ -664,7 +664,13 @@ fn keys_of<K, V>(entries: Vec<(K, V)>) -> Vec<K> {
 /// not in force while this runs (see [`activate`]), so the order of the
 /// writes does not matter to the programs.
 pub fn write_sets(dir: &Path, slot: u32, sets: &Sets) -> Result<()> {
-    let old = read_sets(dir, slot)?;
+    write_sets_over(dir, slot, sets, &read_sets(dir, slot)?)
+}
+
+/// [`write_sets`] into a slot known to hold `old` (an empty slot: nothing),
+/// without reading the maps to find out: reading a slot walks every entry
+/// of every set map, and their hash maps' empty buckets too.
+pub fn write_sets_over(dir: &Path, slot: u32, sets: &Sets, old: &Sets) -> Result<()> {
     let mut ports = hash::<u32>(dir, PORTS)?;
     for (port, _) in &old.ports {
         ports
@@ -726,7 +732,7 @@ pub fn write_sets(dir: &Path, slot: u32, sets: &Sets) -> Result<()> {
             .insert(&cidr(slot, *key), *entry, 0)
             .context("writing the route map")?;
     }
-    write_sets6(dir, slot, sets, &old)
+    write_sets6(dir, slot, sets, old)
 }
 
 /// The IPv6 part of [`write_sets`].

@@ -36,8 +36,9 @@ use aya::{
 };
 use redirect_common::{
     COUNTER_COUNT, LISTENER_SLOTS, MAX_CIDRS, MAX_CIDRS6, MAX_GROUPS, MAX_IN_HITS, MAX_LOCAL_ADDRS,
-    MAX_PODS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, POD_NAME_MAX, PodMeta,
-    SLOTS_PER_POD, counter_index, in_hits_key, listener_index, pod_slot, spare_slot,
+    MAX_PODS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, POD_ACTIVE, POD_CLAIMED,
+    POD_NAME_MAX, PodMeta, SLOTS_PER_POD, counter_index, in_hits_key, listener_index, pod_slot,
+    spare_slot,
 };
 
 use super::{HOOKS, OBJECT, SK_LOOKUP, config::Config, listener, loader, maps, privilege, sys};
@@ -308,11 +309,25 @@ fn meta_map(dir: &Path) -> Result<Array<MapData, PodMeta>> {
 
 /// The pods of the set pinned in `dir`.
 pub fn pods(dir: &Path) -> Result<Vec<Pod>> {
+    Ok(scan(dir)?.0)
+}
+
+/// A pod index an add killed midway claimed, and the cookie it claimed it
+/// for.
+type Claim = (u32, u64);
+
+/// The pods of the set pinned in `dir`, and the claims of adds killed
+/// midway.
+fn scan(dir: &Path) -> Result<(Vec<Pod>, Vec<Claim>)> {
     let meta = meta_map(dir)?;
     let mut pods = Vec::new();
+    let mut claims = Vec::new();
     for index in 0..meta.len() {
         let entry = meta.get(&index, 0).context("reading the pod records")?;
-        if entry.netns_cookie == 0 {
+        if entry.state == POD_CLAIMED {
+            claims.push((index, entry.netns_cookie));
+        }
+        if entry.state != POD_ACTIVE {
             continue;
         }
         let len = (entry.name_len as usize).min(POD_NAME_MAX);
@@ -324,7 +339,7 @@ pub fn pods(dir: &Path) -> Result<Vec<Pod>> {
             added_at: entry.added_at,
         });
     }
-    Ok(pods)
+    Ok((pods, claims))
 }
 
 /// A pod of a loaded set with its decision counters (all of them, zero
@@ -457,7 +472,12 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
     let _hold = HoldSignals::new();
     let _lock = Lock::exclusive()?;
     let dir = dir(set);
-    let pods = pods(&dir)?;
+    let (pods, claims) = scan(&dir)?;
+    // Under the lock, a claim is an add that was killed midway: clear
+    // what it left, so that every free index is clean.
+    for (index, cookie) in claims {
+        clear_pod(&dir, index, cookie).context("clearing what a killed add left")?;
+    }
     if let Some(other) = pods
         .iter()
         .find(|p| p.netns_cookie == cookie && p.name != name.as_str())
@@ -495,8 +515,28 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
     Ok(false)
 }
 
+/// A pod's record in `state`.
+fn record(name: &InstanceName, cookie: u64, netns_ino: u64, state: u32) -> PodMeta {
+    let bytes = name.as_str().as_bytes();
+    let len = bytes.len().min(POD_NAME_MAX);
+    let mut entry = PodMeta {
+        netns_cookie: cookie,
+        netns_ino,
+        added_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        name_len: len as u32,
+        state,
+        name: [0; POD_NAME_MAX],
+    };
+    entry.name[..len].copy_from_slice(&bytes[..len]);
+    entry
+}
+
 /// Writes pod `index`'s configuration and puts it in force (the last
 /// writes: the pod's cookie for a new pod, its active slot for one there).
+/// A fresh pod's index is clean (see [`add`]), so it is written without
+/// reading what it holds: reading would walk every pod's entries.
 #[allow(clippy::too_many_arguments)]
 fn write_pod(
     dir: &Path,
@@ -513,19 +553,26 @@ fn write_pod(
     } else {
         spare_slot(maps::pod_active_slot(dir, index)?)
     };
-    maps::write_sets(dir, slot, &maps::Sets::of(config))?;
+    let sets = maps::Sets::of(config);
+    if fresh {
+        // The claim: a kill from here on leaves it for the next add, or
+        // gc, to clear.
+        meta_map(dir)?
+            .set(index, record(name, cookie, netns_ino, POD_CLAIMED), 0)
+            .context("claiming a pod record")?;
+        maps::write_sets_over(dir, slot, &sets, &maps::Sets::default())?;
+    } else {
+        maps::write_sets(dir, slot, &sets)?;
+    }
     maps::write_config(dir, slot, config.to_bpf())?;
-    write_addresses(dir, index, config)?;
+    write_addresses(dir, index, config, fresh)?;
     if config.inbound.is_some() {
         take_over_listener(dir, index, config.inbound_port)?;
     }
     // Every pod's netns gets the sk_lookup link, inbound capture or not:
     // the link is also how gc sees the namespace go (the kernel detaches
-    // it then). A fresh pod's index may hold a link a killed add left.
+    // it then).
     let link = dir.join(pod_link(index));
-    if fresh {
-        remove_link(&link)?;
-    }
     if !link.exists() {
         let prog = sys::obj_get(&dir.join(PROG_SK_LOOKUP))
             .context("the node set has no sk_lookup program (kernel before 5.9)")?;
@@ -533,6 +580,7 @@ fn write_pod(
             .context("attaching the sk_lookup program to the pod's network namespace")?;
         sys::obj_pin(fd.as_fd(), &link).context("pinning the pod's sk_lookup link")?;
     }
+    super::loader::fault_point("node-set-add-after-link")?;
     maps::activate_pod(dir, index, slot)?;
     if fresh {
         let mut pods: HashMap<MapData, u64, u32> =
@@ -540,21 +588,8 @@ fn write_pod(
         pods.insert(cookie, index, 0)
             .context("adding the pod to the node set")?;
     }
-    let bytes = name.as_str().as_bytes();
-    let mut entry = PodMeta {
-        netns_cookie: cookie,
-        netns_ino,
-        added_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        name_len: bytes.len() as u32,
-        addr_count: 0,
-        name: [0; POD_NAME_MAX],
-    };
-    entry.name[..bytes.len().min(POD_NAME_MAX)]
-        .copy_from_slice(&bytes[..bytes.len().min(POD_NAME_MAX)]);
     meta_map(dir)?
-        .set(index, entry, 0)
+        .set(index, record(name, cookie, netns_ino, POD_ACTIVE), 0)
         .context("writing the pod record")
 }
 
@@ -579,26 +614,31 @@ fn addr_map(dir: &Path) -> Result<HashMap<MapData, [u32; 4], u32>> {
     )?))?)
 }
 
-/// Makes `RDR_POD_ADDRS` list exactly the pod's addresses under `index`;
-/// refuses an address another pod of the set has.
-fn write_addresses(dir: &Path, index: u32, config: &Config) -> Result<()> {
+/// Makes `RDR_POD_ADDRS` list exactly the pod's addresses under `index`
+/// (`clean`: it lists none there yet); refuses an address another pod of
+/// the set has.
+fn write_addresses(dir: &Path, index: u32, config: &Config, clean: bool) -> Result<()> {
     let mut map = addr_map(dir)?;
-    let entries = map
-        .iter()
-        .collect::<Result<Vec<_>, _>>()
-        .context("reading the pod addresses")?;
     let wanted = address_keys(config);
     for key in &wanted {
-        if let Some((_, owner)) = entries.iter().find(|(k, v)| k == key && *v != index) {
-            bail!(
+        match map.get(key, 0) {
+            Ok(owner) if owner != index => bail!(
                 "the pod's address {} is pod #{owner}'s in the node set: pod addresses must be unique on a node",
                 show_key(key)
-            );
+            ),
+            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(err) => return Err(err).context("reading the pod addresses"),
         }
     }
-    for (key, owner) in &entries {
-        if *owner == index && !wanted.contains(key) {
-            map.remove(key).context("removing a pod address")?;
+    if !clean {
+        let entries = map
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading the pod addresses")?;
+        for (key, owner) in &entries {
+            if *owner == index && !wanted.contains(key) {
+                map.remove(key).context("removing a pod address")?;
+            }
         }
     }
     for key in wanted {
@@ -667,13 +707,24 @@ pub fn gc_locked(dry_run: bool) -> Result<Vec<(String, String)>> {
         let set = dir_name.strip_prefix(DIR_PREFIX).unwrap_or(&dir_name);
         // A set this build cannot read (another release's layout) is
         // left alone, said once per pass: the others are still collected.
-        let listed = match pods(&dir) {
-            Ok(listed) => listed,
+        let (listed, claims) = match scan(&dir) {
+            Ok(found) => found,
             Err(err) => {
                 eprintln!("redirect: gc: skipping node set {set}: {err:#}");
                 continue;
             }
         };
+        // Under the lock, a claim is an add that was killed midway.
+        for (index, cookie) in claims {
+            if !dry_run {
+                clear_pod(&dir, index, cookie)
+                    .with_context(|| format!("clearing pod #{index} of node set {set}"))?;
+            }
+            removed.push((
+                format!("pod #{index} of node set {set}"),
+                "left by an interrupted add".to_owned(),
+            ));
+        }
         for pod in listed {
             let link = sys::obj_get(&dir.join(pod_link(pod.index)))
                 .and_then(|fd| sys::link_info(fd.as_fd()));
