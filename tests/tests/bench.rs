@@ -652,7 +652,7 @@ impl Bench {
             let name = format!("{}-mem{i}", self.sandbox.name());
             pods.0.push((name.clone(), cgroup.clone()));
             let cg = cgroup.to_string_lossy().into_owned();
-            let out = redirect(&[
+            let mut args = vec![
                 "istio-iptables",
                 "--ipv6=false",
                 "--mode",
@@ -663,18 +663,9 @@ impl Bench {
                 &cg,
                 "--instance",
                 &name,
-                "-p",
-                "15001",
-                "-u",
-                "1337",
-                "-g",
-                "1337",
-                "-i",
-                "*",
-                "-b",
-                "",
-            ])
-            .expect("install");
+            ];
+            args.extend(MEMORY_POD_FLAGS);
+            let out = redirect(&args).expect("install");
             assert!(out.ok(), "pod {i}: {out:?}");
         }
         let status = redirect(&["status", "--json"]).expect("status");
@@ -744,7 +735,7 @@ impl Bench {
             );
             namespaces.push(ns);
             let name = format!("mem{i}");
-            let out = redirect(&[
+            let mut args = vec![
                 "node-set",
                 "add",
                 "--set",
@@ -753,18 +744,9 @@ impl Bench {
                 &name,
                 "--netns",
                 &path,
-                "-p",
-                "15001",
-                "-u",
-                "1337",
-                "-g",
-                "1337",
-                "-i",
-                "*",
-                "-b",
-                "",
-            ])
-            .expect("node-set add");
+            ];
+            args.extend(MEMORY_POD_FLAGS);
+            let out = redirect(&args).expect("node-set add");
             assert!(out.ok(), "pod {i}: {out:?}");
         }
         let took = started.elapsed();
@@ -795,6 +777,12 @@ impl Bench {
         );
     }
 }
+
+/// The capture of the memory benchmarks' pods: Istio's sidecar flags,
+/// outbound only.
+const MEMORY_POD_FLAGS: [&str; 10] = [
+    "-p", "15001", "-u", "1337", "-g", "1337", "-i", "*", "-b", "",
+];
 
 /// The pods the benchmarks' node set is sized for (`node install`'s
 /// default).

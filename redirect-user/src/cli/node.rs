@@ -65,7 +65,7 @@ pub struct NodeSetLoadArgs {
     #[arg(long, value_name = "PATH")]
     pub cgroup: String,
     /// Most pods the set holds at once (its maps are sized for them: about
-    /// 80 KB of kernel memory each)
+    /// 84 KB of kernel memory each)
     #[arg(long, value_name = "N", default_value = "256")]
     pub max_pods: u32,
     /// Redirected handshakes in flight at once on the node
@@ -159,7 +159,7 @@ pub struct NodeInstallArgs {
     #[arg(long, value_name = "DIR", requires = "node_set")]
     pub node_set_cgroup: Option<std::path::PathBuf>,
     /// Most pods the node set holds at once (its maps are sized for them:
-    /// about 80 KB of kernel memory each)
+    /// about 84 KB of kernel memory each)
     #[arg(long, value_name = "N", default_value = "256", requires = "node_set")]
     pub node_set_max_pods: u32,
     /// Redirected handshakes in flight at once on the node (the node

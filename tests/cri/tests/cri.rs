@@ -146,6 +146,49 @@ fn start_app(runtime: &Runtime, pod: &Pod, listen: &str, reply: &str) -> String 
         .expect("app container")
 }
 
+/// What an injected pod with `excludeOutboundPorts: 8081` and
+/// `excludeInboundPorts: 9081` shows once its containers run: Istio's
+/// validation passes, the app's outbound reaches the proxy with its
+/// original destination, the excluded port and the proxy's own call go
+/// straight out, inbound reaches 15006 with its destination, the excluded
+/// inbound port reaches the app.
+fn observe_captured(
+    sandbox: &Sandbox,
+    runtime: &Runtime,
+    pod: &Pod,
+    upstream: SocketAddrV4,
+    excluded: SocketAddrV4,
+) {
+    // Istio's validation, as the injector runs it before the pod's
+    // containers, finds the capture in place.
+    let (code, log) = validation(runtime, pod);
+    assert_eq!(code, 0, "istio-validation in the captured pod: {log}");
+    let proxy = start_proxy(runtime, pod);
+    let app = start_app(runtime, pod, "0.0.0.0:9080,0.0.0.0:9081", "app");
+    // Outbound: the app's call reaches the proxy, which learns where it went.
+    assert_eq!(
+        lands_from(runtime, &app, upstream),
+        format!("1\t{upstream}")
+    );
+    // excludeOutboundPorts: not captured.
+    assert_eq!(lands_from(runtime, &app, excluded), "1\texcluded-port");
+    // The proxy's own connections leave as they are.
+    assert_eq!(lands_from(runtime, &proxy, upstream), "1\tupstream");
+    // Inbound: a call from the network reaches 15006 with its destination.
+    let inbound = SocketAddrV4::new(pod.ip, 9080);
+    assert_eq!(
+        sandbox.lands_from_peer(inbound).expect("inbound"),
+        inbound.to_string()
+    );
+    // excludeInboundPorts: straight to the app.
+    assert_eq!(
+        sandbox
+            .lands_from_peer(SocketAddrV4::new(pod.ip, 9081))
+            .expect("inbound"),
+        "app"
+    );
+}
+
 /// The pods of node set `set` (`redirect node-set status`).
 fn set_pods(set: &str) -> BTreeSet<String> {
     let out = redirect(&["node-set", "status", "--json", "--set", set]).expect("node-set status");
@@ -284,27 +327,7 @@ fn node_set_pods(
         !instances().contains(&instance_of(&pod)),
         "and loaded no programs of its own"
     );
-    let (code, log) = validation(runtime, &pod);
-    assert_eq!(code, 0, "istio-validation in the set's pod: {log}");
-    let proxy = start_proxy(runtime, &pod);
-    let app = start_app(runtime, &pod, "0.0.0.0:9080,0.0.0.0:9081", "app");
-    assert_eq!(
-        lands_from(runtime, &app, upstream),
-        format!("1\t{upstream}")
-    );
-    assert_eq!(lands_from(runtime, &app, excluded), "1\texcluded-port");
-    assert_eq!(lands_from(runtime, &proxy, upstream), "1\tupstream");
-    let inbound = SocketAddrV4::new(pod.ip, 9080);
-    assert_eq!(
-        sandbox.lands_from_peer(inbound).expect("inbound"),
-        inbound.to_string()
-    );
-    assert_eq!(
-        sandbox
-            .lands_from_peer(SocketAddrV4::new(pod.ip, 9081))
-            .expect("inbound"),
-        "app"
-    );
+    observe_captured(sandbox, runtime, &pod, upstream, excluded);
     runtime.remove_pod(&pod).expect("remove pod");
     assert!(
         !set_pods(&set).contains(&instance_of(&pod)),
@@ -362,34 +385,7 @@ fn pods_through_containerd_cri() {
         "ADD installed the pod's eBPF capture: {:?}",
         instances()
     );
-    // Istio's validation, as the injector runs it before the pod's
-    // containers, finds the capture in place.
-    let (code, log) = validation(&runtime, &pod);
-    assert_eq!(code, 0, "istio-validation in the captured pod: {log}");
-    let proxy = start_proxy(&runtime, &pod);
-    let app = start_app(&runtime, &pod, "0.0.0.0:9080,0.0.0.0:9081", "app");
-    // Outbound: the app's call reaches the proxy, which learns where it went.
-    assert_eq!(
-        lands_from(&runtime, &app, upstream),
-        format!("1\t{upstream}")
-    );
-    // excludeOutboundPorts: not captured.
-    assert_eq!(lands_from(&runtime, &app, excluded), "1\texcluded-port");
-    // The proxy's own connections leave as they are.
-    assert_eq!(lands_from(&runtime, &proxy, upstream), "1\tupstream");
-    // Inbound: a call from the network reaches 15006 with its destination.
-    let inbound = SocketAddrV4::new(pod.ip, 9080);
-    assert_eq!(
-        sandbox.lands_from_peer(inbound).expect("inbound"),
-        inbound.to_string()
-    );
-    // excludeInboundPorts: straight to the app.
-    assert_eq!(
-        sandbox
-            .lands_from_peer(SocketAddrV4::new(pod.ip, 9081))
-            .expect("inbound"),
-        "app"
-    );
+    observe_captured(&sandbox, &runtime, &pod, upstream, excluded);
 
     // A pod without the sidecar annotation: no capture.
     let plain = runtime
