@@ -784,9 +784,9 @@ const MEMORY_POD_FLAGS: [&str; 10] = [
     "-p", "15001", "-u", "1337", "-g", "1337", "-i", "*", "-b", "",
 ];
 
-/// The pods the benchmarks' node set is sized for (`node install`'s
-/// default).
-const SET_PODS: u32 = 256;
+/// The pods the benchmarks' node set is sized for: the largest of
+/// `POD_COUNTS` fits.
+const SET_PODS: u32 = 512;
 
 /// A node set loaded for the benchmarks on the sandbox's pod cgroup,
 /// unloaded when dropped.

@@ -6,8 +6,9 @@
 //! sockops program registers its listener when it calls `listen()`. A
 //! listener that already exists never makes that callback, so the loader
 //! takes it over instead: it finds the socket listening on the inbound port
-//! in the pod's network namespace (`sock_diag`), the
-//! process holding it (`/proc/<pid>/fd`), and duplicates it with
+//! in the pod's network namespace (`sock_diag`; `/proc/net/tcp` where the
+//! kernel has no `tcp_diag`), the process holding it (`/proc/<pid>/fd`),
+//! and duplicates it with
 //! `pidfd_getfd` (kernel 5.6, needs ptrace rights over that process) to put
 //! it in the listener map.
 
@@ -25,14 +26,47 @@ use anyhow::{Context as _, Result, bail};
 /// kernel walks only its listening sockets for a LISTEN-only dump filtered
 /// by source port, where `/proc/net/tcp` walks every socket of the host
 /// (milliseconds on a busy node, each pod's ADD).
+/// Where the kernel has no TCP sock_diag (its `tcp_diag` module missing
+/// and not loadable), `/proc/thread-self/net/tcp{,6}` instead.
 fn listening_inodes(port: u16) -> Result<HashSet<u64>> {
-    let socket = diag_socket()?;
     let mut found = HashSet::new();
-    for family in [libc::AF_INET, libc::AF_INET6] {
-        dump_listeners(&socket, family as u8, port, &mut found)
-            .with_context(|| format!("listing the sockets listening on port {port} (sock_diag)"))?;
+    let asked = diag_socket().and_then(|socket| {
+        for family in [libc::AF_INET, libc::AF_INET6] {
+            dump_listeners(&socket, family as u8, port, &mut found)?;
+        }
+        Ok(())
+    });
+    if asked.is_err() {
+        found = proc_listening_inodes(port)?;
     }
     found.remove(&0);
+    Ok(found)
+}
+
+/// [`listening_inodes`] from `/proc/thread-self/net/tcp{,6}`.
+fn proc_listening_inodes(port: u16) -> Result<HashSet<u64>> {
+    let mut found = HashSet::new();
+    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        let text = fs::read_to_string(table).with_context(|| format!("reading {table}"))?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let local_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == "0A"
+                && local_port == Some(port)
+                && let Ok(inode) = inode.parse()
+            {
+                found.insert(inode);
+            }
+        }
+    }
     Ok(found)
 }
 

@@ -96,6 +96,10 @@ const WANTED_MODULES: &[&str] = &[
     "xt_CONNMARK",
     // the legacy profile's table names its rules (`-m comment`)
     "xt_comment",
+    // sock_diag for TCP: how the loader finds a proxy already listening
+    // (a node's modprobe loads them on first use; the VM has none)
+    "inet_diag",
+    "tcp_diag",
     // Istio's native nftables rules: ct state/mark/zone, TPROXY, socket
     "nft_ct",
     "nft_tproxy",
