@@ -307,7 +307,8 @@ impl Bench {
 
     /// `redirect istio-iptables --mode MODE ...` for the pod: the same
     /// command line for every backend (`nftables`: `--mode iptables
-    /// --native-nftables`). Returns its wall time.
+    /// --native-nftables`; `node-set`: `--mode ebpf --node-set`, into the
+    /// set [`BenchSet`] loads). Returns its wall time.
     fn istio(&self, mode: &str, port: u16, exclude: &str, cleanup: bool) -> Duration {
         self.istio_with(mode, port, exclude, &[], cleanup)
     }
@@ -323,8 +324,10 @@ impl Bench {
     ) -> Duration {
         let cgroup = self.sandbox.pod_cgroup().to_string_lossy().into_owned();
         let mut cmd = Command::new(redirect_bin());
+        let set = BenchSet::name(&self.sandbox);
         let backend = match mode {
             "nftables" => ["--mode", "iptables", "--native-nftables"].as_slice(),
+            "node-set" => &["--mode", "ebpf", "--node-set", &set],
             _ => &["--mode", mode],
         };
         // `--ipv6=true` in `extra` asks for Istio's IPv6 table too.
@@ -522,7 +525,9 @@ impl Bench {
     }
 
     /// Connection setup with `mode` in place (`direct`: no capture, the app
-    /// connects straight to the proxy port).
+    /// connects straight to the proxy port; `node-set`: the pod in a node
+    /// set loaded for this sample only, so that its programs never run
+    /// beside another mode's).
     fn setup_sample(
         &self,
         mode: &str,
@@ -534,10 +539,13 @@ impl Bench {
             let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT);
             return self.sample(to, count, "", "proxy");
         }
+        let set = (mode == "node-set")
+            .then(|| BenchSet::load(&self.sandbox).expect("a node set on this kernel"));
         let install = self.istio(mode, PROXY_PORT, exclude, false);
         let phases = self.phases.take();
         let sample = self.sample(UPSTREAM, count, "", "proxy");
         let uninstall = self.istio(mode, PROXY_PORT, exclude, true);
+        drop(set);
         if exclude.is_empty() {
             results.add("install_time", mode, "ms", install.as_secs_f64() * 1e3);
             results.add("uninstall_time", mode, "ms", uninstall.as_secs_f64() * 1e3);
@@ -793,12 +801,22 @@ const SET_PODS: u32 = 512;
 struct BenchSet(String);
 
 impl BenchSet {
-    /// `None` where the kernel cannot have one (5.15).
+    /// The set's name for `sandbox`.
+    fn name(sandbox: &Sandbox) -> String {
+        format!("{}-set", sandbox.name())
+    }
+
+    /// Whether this kernel can have one (5.15).
+    fn possible() -> bool {
+        redirect_sandbox::cli::feature_present("helper/get_netns_cookie")
+    }
+
+    /// `None` where the kernel cannot have one.
     fn load(sandbox: &Sandbox) -> Option<Self> {
-        if !redirect_sandbox::cli::feature_present("helper/get_netns_cookie") {
+        if !Self::possible() {
             return None;
         }
-        let name = format!("{}-set", sandbox.name());
+        let name = Self::name(sandbox);
         let out = redirect(&[
             "node-set",
             "load",
@@ -920,7 +938,10 @@ fn bench_capture_costs() {
     for round in 1..=sizes.setup_rounds {
         // Each round starts with another setup, so that no setup always
         // runs first (or last) in a round.
-        let mut modes = ["direct", "ebpf", "iptables", "nftables"];
+        let mut modes = vec!["direct", "ebpf", "iptables", "nftables"];
+        if BenchSet::possible() {
+            modes.push("node-set");
+        }
         let first = round % modes.len();
         modes.rotate_left(first);
         for mode in modes {
@@ -929,12 +950,13 @@ fn bench_capture_costs() {
         }
         let last = |mode| *results.get("connect_rate", mode).last().unwrap_or(&0.0);
         println!(
-            "setup round {round}/{}: connect/s direct {:.0}, ebpf {:.0}, iptables {:.0}, nftables {:.0}",
+            "setup round {round}/{}: connect/s direct {:.0}, ebpf {:.0}, iptables {:.0}, nftables {:.0}, node set {:.0}",
             sizes.setup_rounds,
             last("direct"),
             last("ebpf"),
             last("iptables"),
-            last("nftables")
+            last("nftables"),
+            last("node-set")
         );
     }
     for round in 1..=sizes.rounds {
@@ -1108,6 +1130,23 @@ fn bench_capture_costs() {
         "ebpf_over_nftables_connect_rate",
         ("connect_rate", "ebpf"),
         ("connect_rate", "nftables"),
+    );
+    // A node set's connections against per-pod eBPF and no capture (none
+    // where the kernel cannot have a set).
+    results.ratio(
+        "node_set_over_direct_connect_rate",
+        ("connect_rate", "node-set"),
+        ("connect_rate", "direct"),
+    );
+    results.ratio(
+        "node_set_over_ebpf_connect_rate",
+        ("connect_rate", "node-set"),
+        ("connect_rate", "ebpf"),
+    );
+    results.ratio(
+        "node_set_over_direct_connect_cpu",
+        ("connect_cpu", "node-set"),
+        ("connect_cpu", "direct"),
     );
     for n in CIDR_COUNTS {
         let name = format!("scaling_{n}");
