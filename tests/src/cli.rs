@@ -292,3 +292,13 @@ pub fn canonical_ports(seen: &str, fixed: &[u16]) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// Unloads node set `.0` when dropped, also when the test fails (`node
+/// uninstall` leaves a set loaded).
+pub struct UnloadSet(pub String);
+
+impl Drop for UnloadSet {
+    fn drop(&mut self) {
+        let _ = redirect(&["node-set", "unload", "--set", &self.0]);
+    }
+}

@@ -367,7 +367,7 @@ fn add_check_del_in_a_node_set() {
     ])
     .expect("run redirect");
     assert!(load.ok(), "{load:?}");
-    let unload = Unload(set.clone());
+    let unload = redirect_sandbox::cli::UnloadSet(set.clone());
     let add = plugin.call(&sandbox, "ADD", uid, &config);
     assert!(add.ok(), "{add:?}");
     let result: Value = serde_json::from_str(&add.stdout).expect("ADD's result");
@@ -387,13 +387,4 @@ fn add_check_del_in_a_node_set() {
     let check = plugin.call(&sandbox, "CHECK", uid, &config);
     assert_eq!(check.code, 1, "{check:?}");
     drop(unload);
-}
-
-/// Unloads a test's node set when dropped (also when the test fails).
-struct Unload(String);
-
-impl Drop for Unload {
-    fn drop(&mut self) {
-        let _ = redirect_sandbox::cli::redirect(&["node-set", "unload", "--set", &self.0]);
-    }
 }

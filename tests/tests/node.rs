@@ -285,7 +285,7 @@ fn the_node_agent_installs_and_serves_every_instances_counters() {
     // with the peer namespace in it as a pod.
     let set = format!("{}-set", sandbox.name());
     let with_set = redirect_sandbox::cli::feature_present("helper/get_netns_cookie");
-    let _unload = Unload(set.clone());
+    let _unload = redirect_sandbox::cli::UnloadSet(set.clone());
     let mut agent_cmd = Command::new(redirect_sandbox::cli::redirect_bin());
     agent_cmd
         .args(["node", "run", "--cni-bin-dir"])
@@ -354,15 +354,6 @@ fn the_node_agent_installs_and_serves_every_instances_counters() {
     let after = fs::read_to_string(dirs.conf().join("10-pods.conflist")).expect("conflist");
     assert!(after.contains("redirect-cni"));
     assert!(dirs.node("uninstall", &[]).ok());
-}
-
-/// Unloads node set `.0` when dropped (`node uninstall` leaves it).
-struct Unload(String);
-
-impl Drop for Unload {
-    fn drop(&mut self) {
-        let _ = redirect_sandbox::cli::redirect(&["node-set", "unload", "--set", &self.0]);
-    }
 }
 
 /// A service account as Kubernetes mounts it, with token `token`.

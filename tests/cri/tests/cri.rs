@@ -201,15 +201,6 @@ fn set_pods(set: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Unloads node set `.0` when dropped (`node uninstall` leaves it).
-struct Unload(String);
-
-impl Drop for Unload {
-    fn drop(&mut self) {
-        let _ = redirect(&["node-set", "unload", "--set", &self.0]);
-    }
-}
-
 /// 100 injected pods `<prefix>-N` created in a row, each captured (named
 /// in `captures()`), with the plugin's own ADD times and the runtime's
 /// RunPodSandbox times printed; then removed, a DEL each, leaving no
@@ -304,7 +295,7 @@ fn node_set_pods(
         return;
     }
     let set = format!("{}-cri", sandbox.name());
-    let _unload = Unload(set.clone());
+    let _unload = redirect_sandbox::cli::UnloadSet(set.clone());
     runtime
         .node_install(&["--node-set", &set])
         .expect("node install --node-set");
