@@ -64,8 +64,8 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         out!("{}", nftables::rules::rules(&capture).render());
         return Ok(ExitCode::SUCCESS);
     }
-    let rules = iptables::rules::rules(&capture);
     if actions.dry_run {
+        let rules = iptables::rules::rules(&capture);
         out!("{}", rules.render(Family::V4));
         out!("{}", rules.render(Family::V6));
         return Ok(ExitCode::SUCCESS);
@@ -115,6 +115,7 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         Some(forced) => forced,
         None => Backend::detect()?,
     };
+    let rules = iptables::rules::rules(&capture);
     let label = format!("iptables-{}", backend.name());
     let code = netfilter(
         &actions,

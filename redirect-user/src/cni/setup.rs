@@ -17,10 +17,7 @@ use super::{
     plugin::{CniError, Invocation, POD_ANNOTATIONS, PluginConfig, code},
     pod::{Plan, Pod, plan},
 };
-use crate::{
-    cli::{Cli, Command},
-    instance::InstanceName,
-};
+use crate::{cli::IstioIptablesCommand, instance::InstanceName};
 
 /// The pod as the plugin sees it: with a kubeconfig, the API's object of
 /// the pod `CNI_ARGS` names (ADD fails when it cannot be read); else its
@@ -155,7 +152,7 @@ fn istio_argv(
     inv: &Invocation,
     instance: &InstanceName,
 ) -> Vec<OsString> {
-    let mut argv: Vec<OsString> = ["redirect", "istio-iptables"].map(OsString::from).to_vec();
+    let mut argv = vec![OsString::from("istio-iptables")];
     argv.extend(flags.into_iter().map(OsString::from));
     argv.extend(
         [
@@ -181,13 +178,9 @@ fn run_istio_iptables(argv: &[OsString]) -> Result<(), CniError> {
             detail,
         )
     };
-    let cli = Cli::try_parse_from(argv).map_err(|err| capture_error(err.to_string()))?;
-    let Command::IstioIptables(args) = cli.command else {
-        return Err(capture_error(
-            "the plan did not parse as istio-iptables".into(),
-        ));
-    };
-    match crate::cmd::istio_iptables::istio_iptables(&args) {
+    let command =
+        IstioIptablesCommand::try_parse_from(argv).map_err(|err| capture_error(err.to_string()))?;
+    match crate::cmd::istio_iptables::istio_iptables(&command.args) {
         Ok(code) if code == ExitCode::SUCCESS => Ok(()),
         Ok(_) => Err(capture_error(
             "istio-iptables refused it (its message is on stderr)".into(),
@@ -264,15 +257,23 @@ pub(super) fn del(
         )
     };
     // Out of the node set first (a map write), when it is in one.
+    let mut in_ebpf = false;
     if let Some(set) = &conf.node_set
         && crate::ebpf::node_set::is_loaded(set)
     {
-        crate::ebpf::node_set::remove(set, instance).map_err(|e| failed(format!("{e:#}")))?;
+        in_ebpf =
+            crate::ebpf::node_set::remove(set, instance).map_err(|e| failed(format!("{e:#}")))?;
     }
     // Only a pod captured with eBPF has an instance (and needs the bpf
     // privileges and lock its removal takes).
     if crate::ebpf::loader::is_installed(instance) {
         crate::ebpf::loader::uninstall(instance).map_err(|e| failed(format!("{e:#}")))?;
+        in_ebpf = true;
+    }
+    // ADD captured the pod one way: with eBPF there are no rules to look
+    // for (a dozen iptables processes, ~15 ms of a node-set pod's DEL).
+    if in_ebpf {
+        return Ok(());
     }
     // The rules go with the namespace when it is gone already.
     if inv.netns.is_empty() || !Path::new(&inv.netns).exists() {

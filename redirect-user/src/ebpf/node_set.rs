@@ -32,7 +32,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues, SockMap},
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues, SockMap},
 };
 use redirect_common::{
     COUNTER_COUNT, LISTENER_SLOTS, MAX_CIDRS, MAX_CIDRS6, MAX_GROUPS, MAX_IN_HITS, MAX_LOCAL_ADDRS,
@@ -320,10 +320,11 @@ type Claim = (u32, u64);
 /// midway.
 fn scan(dir: &Path) -> Result<(Vec<Pod>, Vec<Claim>)> {
     let meta = meta_map(dir)?;
+    let records: Vec<PodMeta> = sys::array_values(meta.map().fd().as_fd(), meta.len())
+        .context("reading the pod records")?;
     let mut pods = Vec::new();
     let mut claims = Vec::new();
-    for index in 0..meta.len() {
-        let entry = meta.get(&index, 0).context("reading the pod records")?;
+    for (index, entry) in (0..).zip(records) {
         if entry.state == POD_CLAIMED {
             claims.push((index, entry.netns_cookie));
         }
@@ -446,7 +447,7 @@ fn netns_cookie() -> Result<u64> {
 /// switched to, as an instance's upgrade). Returns whether it was there.
 /// On an error nothing of a new pod is left.
 pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<bool> {
-    privilege::check_ebpf()?;
+    privilege::check_map_access()?;
     if !is_loaded(set) {
         bail!("node set {set} is not loaded: run `redirect node-set load --set {set}` first");
     }
@@ -472,7 +473,7 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
     let _hold = HoldSignals::new();
     let _lock = Lock::exclusive()?;
     let dir = dir(set);
-    let (pods, claims) = scan(&dir)?;
+    let (pods, claims) = scan(&dir).map_err(privilege::explain_denied)?;
     // Under the lock, a claim is an add that was killed midway: clear
     // what it left, so that every free index is clean.
     for (index, cookie) in claims {
@@ -669,14 +670,15 @@ fn take_over_listener(dir: &Path, index: u32, port: u16) -> Result<()> {
 
 /// Removes pod `name` from node set `set`. `false`: it is not there.
 pub fn remove(set: &InstanceName, name: &InstanceName) -> Result<bool> {
-    privilege::check_ebpf()?;
+    privilege::check_map_access()?;
     if !is_loaded(set) {
         return Ok(false);
     }
     let _hold = HoldSignals::new();
     let _lock = Lock::exclusive()?;
     let dir = dir(set);
-    let Some(pod) = pods(&dir)?.into_iter().find(|p| p.name == name.as_str()) else {
+    let pods = pods(&dir).map_err(privilege::explain_denied)?;
+    let Some(pod) = pods.into_iter().find(|p| p.name == name.as_str()) else {
         return Ok(false);
     };
     clear_pod(&dir, pod.index, pod.netns_cookie)?;

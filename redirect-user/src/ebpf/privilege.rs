@@ -33,11 +33,41 @@ fn effective() -> u64 {
 /// with CAP_NET_ADMIN, plus CAP_PERFMON on kernels older than 6.12 (see
 /// [`LEAST_PRIVILEGE_KERNEL`]).
 pub fn check_ebpf() -> Result<()> {
-    check_capabilities()?;
+    check_capabilities(true)?;
     check_bpf_syscall()
 }
 
-fn check_capabilities() -> Result<()> {
+/// Writing a loaded node set's maps and linking its pinned sk_lookup
+/// program into a pod's namespace (a pod's add or removal) needs
+/// CAP_SYS_ADMIN, or CAP_BPF with CAP_NET_ADMIN: nothing is verified, so
+/// no CAP_PERFMON, and no probe load (a tenth of a millisecond of each
+/// pod's add). A seccomp profile refusing `bpf()` shows in the first map
+/// opened: see [`explain_denied`].
+pub fn check_map_access() -> Result<()> {
+    check_capabilities(false)
+}
+
+/// `err` from a `bpf()` call after [`check_map_access`] passed: an EPERM
+/// there is a seccomp profile, said as [`check_ebpf`] says it.
+pub fn explain_denied(err: anyhow::Error) -> anyhow::Error {
+    let denied = err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.raw_os_error() == Some(libc::EPERM));
+    if denied {
+        anyhow::anyhow!(SECCOMP_DENIED)
+    } else {
+        err
+    }
+}
+
+const SECCOMP_DENIED: &str = "permission denied: the bpf() system call is refused although the \
+    capabilities are there, so a seccomp profile blocks it: run the container with a profile that \
+    allows bpf(), or add CAP_SYS_ADMIN (the runtimes' default profiles allow bpf() with it)";
+
+/// `verifier`: the caller loads programs, which kernels before
+/// [`LEAST_PRIVILEGE_KERNEL`] verify only with CAP_PERFMON too.
+fn check_capabilities(verifier: bool) -> Result<()> {
     let caps = effective();
     let has = |cap: u32| caps & (1 << cap) != 0;
     if has(CAP_SYS_ADMIN) {
@@ -52,7 +82,7 @@ fn check_capabilities() -> Result<()> {
     let (major, minor) = LEAST_PRIVILEGE_KERNEL;
     let old = aya::util::KernelVersion::current()
         .is_ok_and(|k| k < aya::util::KernelVersion::new(major, minor, 0));
-    if old && !has(CAP_PERFMON) {
+    if verifier && old && !has(CAP_PERFMON) {
         bail!(
             "permission denied: on kernels older than {major}.{minor} the verifier also needs CAP_PERFMON \
              to accept these programs: grant CAP_PERFMON as well, or run as root"
@@ -75,11 +105,7 @@ fn check_bpf_syscall() -> Result<()> {
              RLIMIT_MEMLOCK, and this process's limit is too low and cannot be raised: raise it \
              (`ulimit -l unlimited`, or a container's `--ulimit memlock=-1`) or grant CAP_SYS_RESOURCE"
         ),
-        Err(err) if err.raw_os_error() == Some(libc::EPERM) => bail!(
-            "permission denied: the bpf() system call is refused although the capabilities are \
-             there, so a seccomp profile blocks it: run the container with a profile that allows \
-             bpf(), or add CAP_SYS_ADMIN (the runtimes' default profiles allow bpf() with it)"
-        ),
+        Err(err) if err.raw_os_error() == Some(libc::EPERM) => bail!(SECCOMP_DENIED),
         _ => Ok(()),
     }
 }
@@ -106,4 +132,24 @@ pub fn raise_memlock() {
     };
     // SAFETY: valid rlimit struct; failure is harmless (5.11+ does not need it).
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context as _;
+
+    use super::*;
+
+    #[test]
+    fn an_eperm_from_bpf_after_the_capability_check_is_the_seccomp_profile() {
+        let denied: Result<()> = Err(std::io::Error::from_raw_os_error(libc::EPERM))
+            .context("opening pinned map /sys/fs/bpf/redirect/@set-node/RDR_POD_META");
+        let said = explain_denied(denied.unwrap_err()).to_string();
+        assert!(said.contains("a seccomp profile blocks it"), "{said}");
+
+        let missing: Result<()> = Err(std::io::Error::from_raw_os_error(libc::ENOENT))
+            .context("opening pinned map /sys/fs/bpf/redirect/@set-node/RDR_POD_META");
+        let said = format!("{:#}", explain_denied(missing.unwrap_err()));
+        assert!(said.starts_with("opening pinned map"), "{said}");
+    }
 }
