@@ -222,6 +222,83 @@ fn pods_of_one_set_are_decided_by_their_own_network_namespace() {
     assert_eq!(lands(&sandbox, Net::Peer, Group::App, to_pod(80)), "pod 80");
 }
 
+/// `istio-iptables --node-set` and `node-set add` decide alike what a set
+/// cannot do for a pod (one function): `-c` with inbound capture where
+/// sk_lookup has no interface index (kernel 5.17; told so here) makes auto
+/// mode take iptables, saying why, and `--mode ebpf` and `node-set add`
+/// refuse in one line; the set gets no pod.
+#[test]
+fn what_a_set_cannot_do_for_a_pod_is_auto_modes_fallback_and_adds_refusal() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    if !feature_present("helper/get_netns_cookie") {
+        println!("no node sets on this kernel (see the refusal test)");
+        return;
+    }
+    let set = Set::load(&sandbox);
+    let netns = sandbox.pod_netns().to_owned();
+    let why = "-c with inbound capture (-b) needs the interface an inbound connection arrived \
+               on, which sk_lookup gives from kernel 5.17";
+    let istio = |mode: &str, cleanup: bool| {
+        let mut args = vec![
+            "--assume-missing",
+            "sk_lookup/ingress_ifindex",
+            "istio-iptables",
+            "--ipv6=false",
+            "--mode",
+            mode,
+            "--netns",
+            &netns,
+            "--node-set",
+            &set.name,
+            "--instance",
+            "pod-a",
+            "-i",
+            "*",
+            "-b",
+            "*",
+            "-c",
+            "eth0",
+        ];
+        if cleanup {
+            args.push("--cleanup-only");
+        }
+        redirect(&args).expect("run redirect")
+    };
+    let refused = istio("ebpf", false);
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert_eq!(refused.stderr.lines().count(), 1, "{refused:?}");
+    assert!(refused.stderr.contains(why), "{refused:?}");
+
+    let mut add = vec![
+        "--assume-missing",
+        "sk_lookup/ingress_ifindex",
+        "node-set",
+        "add",
+    ];
+    add.extend(["--set", &set.name, "--instance", "pod-a", "--netns", &netns]);
+    add.extend(["-i", "*", "-b", "*", "-c", "eth0"]);
+    let refused = redirect(&add).expect("run redirect");
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert_eq!(refused.stderr.lines().count(), 1, "{refused:?}");
+    assert!(refused.stderr.contains(why), "{refused:?}");
+    assert_eq!(set.status()["pods"].as_array().map(Vec::len), Some(0));
+
+    let auto = istio("auto", false);
+    assert_eq!(auto.code, 0, "{auto:?}");
+    assert!(
+        auto.stderr
+            .contains(&format!("auto mode: using iptables, because {why}")),
+        "{auto:?}"
+    );
+    assert_eq!(set.status()["pods"].as_array().map(Vec::len), Some(0));
+    assert!(
+        auto.stdout.contains("applied the Istio rules (iptables"),
+        "{auto:?}"
+    );
+    assert_eq!(istio("auto", true).code, 0);
+}
+
 /// Where sockops cannot ask a socket's namespace (kernels before 5.15, or
 /// told so), loading a set is refused with one line naming the kernel and
 /// the way out, and nothing is pinned.

@@ -175,24 +175,10 @@ fn choose_mode(
         let config = ebpf::lower::lower(capture, &RealHost)
             .map_err(|flags| format!("eBPF mode cannot honour {} yet", flags.join(", ")))?;
         if let Some(set) = &args.node_set {
-            // A loaded set is the kernel's proof: its load probed and
-            // attached every hook, so a pod's ADD runs no probes (they
-            // cost tens of milliseconds); `node_set::add` refuses what
-            // the set lacks for this pod.
-            if !ebpf::node_set::is_loaded(set) {
-                return Err(format!(
-                    "node set {set} is not loaded (`redirect node-set load --set {set}`)"
-                ));
-            }
-            if !config.virt_ifaces.is_empty() {
-                return Err("-k is not supported in a node set".into());
-            }
-            if config.inbound.is_some() && !ebpf::node_set::has_sk_lookup(set) {
-                return Err(format!(
-                    "inbound capture (-b) needs sk_lookup (kernel {}), which node set {set} \
-                     could not load here",
-                    ebpf::SK_LOOKUP.first_kernel()
-                ));
+            // A loaded set is the kernel's proof: a pod's ADD runs none of
+            // the probes below (they cost tens of milliseconds).
+            if let Some(why) = ebpf::node_set::refusal(set, &config) {
+                return Err(why);
             }
             return Ok((config, EbpfTarget::NodeSet(set.clone())));
         }

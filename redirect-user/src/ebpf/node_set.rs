@@ -441,6 +441,44 @@ fn netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
+/// Why node set `set` cannot capture a pod as `config` says (`None`: it
+/// can). `istio-iptables --node-set` asks before choosing eBPF, so that
+/// auto mode falls back with this reason, and [`add`] refuses with it. No
+/// feature probes: the set's load probed and attached every hook, so what
+/// it lacks shows in its pins; the one per-pod need the pins cannot show,
+/// sk_lookup's interface index for `-c`, is probed only when asked for.
+pub fn refusal(set: &InstanceName, config: &Config) -> Option<String> {
+    if !is_loaded(set) {
+        return Some(format!(
+            "node set {set} is not loaded: run `redirect node-set load --set {set}` first"
+        ));
+    }
+    if !config.virt_ifaces.is_empty() {
+        return Some(
+            "-k is not supported in a node set (its tc programs are per interface): capture \
+             this pod on its own (`redirect install`)"
+                .into(),
+        );
+    }
+    // The rest is inbound capture's.
+    config.inbound.as_ref()?;
+    if !has_sk_lookup(set) {
+        return Some(format!(
+            "inbound capture (-b) needs sk_lookup (kernel {}), which node set {set} could not \
+             load here",
+            super::SK_LOOKUP.first_kernel()
+        ));
+    }
+    if !config.exclude_ifindexes.is_empty() && !super::features::ingress_ifindex_present() {
+        return Some(
+            "-c with inbound capture (-b) needs the interface an inbound connection arrived \
+             on, which sk_lookup gives from kernel 5.17: drop -c or -b, or use iptables"
+                .into(),
+        );
+    }
+    None
+}
+
 /// Adds the pod whose network namespace the calling thread is in to the
 /// node set under `name`, capturing as `config` says; a pod added before
 /// under that name gets `config` in place (its other slot written, then
@@ -448,22 +486,8 @@ fn netns_cookie() -> Result<u64> {
 /// On an error nothing of a new pod is left.
 pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<bool> {
     privilege::check_map_access()?;
-    if !is_loaded(set) {
-        bail!("node set {set} is not loaded: run `redirect node-set load --set {set}` first");
-    }
-    if !config.virt_ifaces.is_empty() {
-        bail!(
-            "-k is not supported in a node set (its tc programs are per interface): capture this pod on its own (`redirect install`)"
-        );
-    }
-    if config.inbound.is_some()
-        && !config.exclude_ifindexes.is_empty()
-        && !super::features::ingress_ifindex_present()
-    {
-        bail!(
-            "-c with inbound capture (-b) needs the interface an inbound connection arrived on, \
-             which sk_lookup gives from kernel 5.17: drop -c or -b, or use iptables"
-        );
+    if let Some(why) = refusal(set, config) {
+        bail!("{why}");
     }
     config.check_limits().map_err(|limit| anyhow!("{limit}"))?;
     let netns = File::open(NETNS).with_context(|| format!("opening {NETNS}"))?;
