@@ -533,18 +533,22 @@ fn cidr(slot: u32, (prefix, net): (u32, u32)) -> Key<[u8; 8]> {
     Key::new(CIDR_SLOT_BITS + prefix, cidr_key(slot, net))
 }
 
-/// Every entry of `slot` in a CIDR-keyed trie, its key decoded.
-fn slot_entries<V: aya::Pod>(dir: &Path, name: &str, slot: u32) -> Result<Vec<((u32, u32), V)>> {
+/// An entry of a slot-keyed map: (slot, its key decoded, value).
+type SlotEntry<K, V> = (u32, K, V);
+
+/// Every entry of a CIDR-keyed trie, its key (prefix length, network).
+fn slot_entries<V: aya::Pod>(dir: &Path, name: &str) -> Result<Vec<SlotEntry<(u32, u32), V>>> {
     let entries = trie::<V>(dir, name)?
         .iter()
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("reading {name}"))?;
     Ok(entries
         .iter()
-        .filter(|(k, _)| key_slot(&k.data()) == slot && k.prefix_len() >= CIDR_SLOT_BITS)
+        .filter(|(k, _)| k.prefix_len() >= CIDR_SLOT_BITS)
         .map(|(k, v)| {
             let d = k.data();
             (
+                key_slot(&d),
                 (
                     k.prefix_len() - CIDR_SLOT_BITS,
                     u32::from_ne_bytes([d[2], d[3], d[4], d[5]]),
@@ -555,21 +559,13 @@ fn slot_entries<V: aya::Pod>(dir: &Path, name: &str, slot: u32) -> Result<Vec<((
         .collect())
 }
 
-/// Every key of `slot` in a CIDR set, decoded.
-fn slot_cidrs(dir: &Path, name: &str, slot: u32) -> Result<Vec<(u32, u32)>> {
-    Ok(slot_entries::<u8>(dir, name, slot)?
-        .into_iter()
-        .map(|(key, _)| key)
-        .collect())
-}
-
 /// An IPv6 CIDR-set (or route) key of `slot`.
 fn cidr6(slot: u32, (prefix, net): (u32, Ip6)) -> Key<[u8; 20]> {
     Key::new(CIDR_SLOT_BITS + prefix, cidr6_key(slot, net))
 }
 
-/// Every entry of `slot` in an IPv6-keyed trie, its key decoded.
-fn slot_entries6<V: aya::Pod>(dir: &Path, name: &str, slot: u32) -> Result<Vec<((u32, Ip6), V)>> {
+/// Every entry of an IPv6-keyed trie, its key (prefix length, network).
+fn slot_entries6<V: aya::Pod>(dir: &Path, name: &str) -> Result<Vec<SlotEntry<(u32, Ip6), V>>> {
     let trie: LpmTrie<MapData, [u8; 20], V> = LpmTrie::try_from(Map::LpmTrie(open(dir, name)?))?;
     let entries = trie
         .iter()
@@ -577,12 +573,13 @@ fn slot_entries6<V: aya::Pod>(dir: &Path, name: &str, slot: u32) -> Result<Vec<(
         .with_context(|| format!("reading {name}"))?;
     Ok(entries
         .iter()
-        .filter(|(k, _)| key_slot(&k.data()) == slot && k.prefix_len() >= CIDR_SLOT_BITS)
+        .filter(|(k, _)| k.prefix_len() >= CIDR_SLOT_BITS)
         .map(|(k, v)| {
             let d = k.data();
             let mut octets = [0; 16];
             octets.copy_from_slice(&d[2..18]);
             (
+                key_slot(&d),
                 (k.prefix_len() - CIDR_SLOT_BITS, Ip6::from_octets(octets)),
                 *v,
             )
@@ -595,69 +592,106 @@ fn port_block(slot: u32, (bits, first): (u32, u16)) -> Key<[u8; 4]> {
     Key::new(PORT_RANGE_SLOT_BITS + bits, port_range_key(slot, first))
 }
 
-/// The 32-bit values of `slot` in a set keyed by [`slot_key`].
-fn slot_values(dir: &Path, name: &str, slot: u32) -> Result<Vec<u32>> {
+/// The 32-bit values in a set keyed by [`slot_key`]: (slot, value).
+fn slot_values(dir: &Path, name: &str) -> Result<Vec<(u32, u32)>> {
     Ok(hash::<u64>(dir, name)?
         .keys()
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("reading {name}"))?
         .into_iter()
-        .filter(|key| key >> 32 == u64::from(slot))
-        .map(|key| key as u32)
+        .map(|key| ((key >> 32) as u32, key as u32))
         .collect())
+}
+
+/// The sets of `out` that are `slot`'s, when `slots` lists it.
+fn slot_of<'a>(out: &'a mut [Sets], slots: &[u32], slot: u32) -> Option<&'a mut Sets> {
+    slots.iter().position(|s| *s == slot).map(|i| &mut out[i])
 }
 
 /// Reads the set maps of `slot` of the instance pinned in `dir`.
 pub fn read_sets(dir: &Path, slot: u32) -> Result<Sets> {
-    let ports = hash::<u32>(dir, PORTS)?
+    Ok(read_slots(dir, &[slot])?.pop().unwrap_or_default())
+}
+
+/// Reads the set maps of each of `slots`, walking each map once for all
+/// of them (a walk reads every pod's entries, so a pod's removal reads its
+/// two slots at the cost of one).
+pub fn read_slots(dir: &Path, slots: &[u32]) -> Result<Vec<Sets>> {
+    let mut out: Vec<Sets> = slots.iter().map(|_| Sets::default()).collect();
+    for (key, flags) in hash::<u32>(dir, PORTS)?
         .iter()
         .collect::<Result<Vec<_>, _>>()
         .context("reading the port map")?
-        .into_iter()
-        .filter(|(key, _)| key >> 16 == slot)
-        .map(|(key, flags)| ((key & 0xffff) as u16, flags))
-        .collect();
-    let port_blocks = port_trie(dir)?
+    {
+        if let Some(sets) = slot_of(&mut out, slots, key >> 16) {
+            sets.ports.push(((key & 0xffff) as u16, flags));
+        }
+    }
+    for (k, flags) in port_trie(dir)?
         .iter()
         .collect::<Result<Vec<_>, _>>()
         .context("reading the port-range map")?
-        .into_iter()
-        .filter(|(k, _)| key_slot(&k.data()) == slot && k.prefix_len() >= PORT_RANGE_SLOT_BITS)
-        .map(|(k, flags)| {
-            let d = k.data();
-            (
-                (
-                    k.prefix_len() - PORT_RANGE_SLOT_BITS,
-                    u16::from_be_bytes([d[2], d[3]]),
-                ),
-                flags,
-            )
-        })
-        .collect();
-    Ok(Sets {
-        ports,
-        exclude: slot_cidrs(dir, EXCLUDE, slot)?,
-        include: slot_cidrs(dir, INCLUDE, slot)?,
-        local: slot_values(dir, LOCAL, slot)?,
-        routes: slot_entries::<[u32; 2]>(dir, ROUTE, slot)?,
-        port_blocks,
-        groups: slot_values(dir, GROUPS, slot)?,
-        exclude6: keys_of(slot_entries6::<u8>(dir, EXCLUDE6, slot)?),
-        include6: keys_of(slot_entries6::<u8>(dir, INCLUDE6, slot)?),
-        local6: hash::<[u32; 5]>(dir, LOCAL6)?
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .context("reading the IPv6 pod addresses")?
-            .into_iter()
-            .filter(|key| key[0] == slot)
-            .map(|key| Ip6([key[1], key[2], key[3], key[4]]))
-            .collect(),
-        routes6: slot_entries6::<RouteEntry6>(dir, ROUTE6, slot)?,
-    })
-}
-
-fn keys_of<K, V>(entries: Vec<(K, V)>) -> Vec<K> {
-    entries.into_iter().map(|(key, _)| key).collect()
+    {
+        let d = k.data();
+        if k.prefix_len() >= PORT_RANGE_SLOT_BITS
+            && let Some(sets) = slot_of(&mut out, slots, key_slot(&d))
+        {
+            let block = (
+                k.prefix_len() - PORT_RANGE_SLOT_BITS,
+                u16::from_be_bytes([d[2], d[3]]),
+            );
+            sets.port_blocks.push((block, flags));
+        }
+    }
+    type Field<T> = fn(&mut Sets) -> &mut Vec<T>;
+    let cidrs: [(&str, Field<(u32, u32)>); 2] =
+        [(EXCLUDE, |s| &mut s.exclude), (INCLUDE, |s| &mut s.include)];
+    for (name, field) in cidrs {
+        for (slot, key, _) in slot_entries::<u8>(dir, name)? {
+            if let Some(sets) = slot_of(&mut out, slots, slot) {
+                field(sets).push(key);
+            }
+        }
+    }
+    let values: [(&str, Field<u32>); 2] = [(LOCAL, |s| &mut s.local), (GROUPS, |s| &mut s.groups)];
+    for (name, field) in values {
+        for (slot, value) in slot_values(dir, name)? {
+            if let Some(sets) = slot_of(&mut out, slots, slot) {
+                field(sets).push(value);
+            }
+        }
+    }
+    for (slot, key, entry) in slot_entries::<[u32; 2]>(dir, ROUTE)? {
+        if let Some(sets) = slot_of(&mut out, slots, slot) {
+            sets.routes.push((key, entry));
+        }
+    }
+    let cidrs6: [(&str, Field<(u32, Ip6)>); 2] = [
+        (EXCLUDE6, |s| &mut s.exclude6),
+        (INCLUDE6, |s| &mut s.include6),
+    ];
+    for (name, field) in cidrs6 {
+        for (slot, key, _) in slot_entries6::<u8>(dir, name)? {
+            if let Some(sets) = slot_of(&mut out, slots, slot) {
+                field(sets).push(key);
+            }
+        }
+    }
+    for key in hash::<[u32; 5]>(dir, LOCAL6)?
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the IPv6 pod addresses")?
+    {
+        if let Some(sets) = slot_of(&mut out, slots, key[0]) {
+            sets.local6.push(Ip6([key[1], key[2], key[3], key[4]]));
+        }
+    }
+    for (slot, key, entry) in slot_entries6::<RouteEntry6>(dir, ROUTE6)? {
+        if let Some(sets) = slot_of(&mut out, slots, slot) {
+            sets.routes6.push((key, entry));
+        }
+    }
+    Ok(out)
 }
 
 /// Makes `slot` of the set maps of `dir` hold exactly `sets`. The slot is

@@ -792,10 +792,10 @@ fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
     for key in owned {
         addrs.remove(&key).context("removing a pod address")?;
     }
-    for which in 0..SLOTS_PER_POD {
-        let slot = pod_slot(index, which);
-        maps::write_sets(dir, slot, &maps::Sets::default())?;
-        maps::write_config(dir, slot, bytemuck::Zeroable::zeroed())?;
+    let slots: Vec<u32> = (0..SLOTS_PER_POD).map(|w| pod_slot(index, w)).collect();
+    for (slot, old) in slots.iter().zip(maps::read_slots(dir, &slots)?) {
+        maps::write_sets_over(dir, *slot, &maps::Sets::default(), &old)?;
+        maps::write_config(dir, *slot, bytemuck::Zeroable::zeroed())?;
     }
     maps::activate_pod(dir, index, 0)?;
     let mut listeners: SockMap<MapData> =
