@@ -222,6 +222,119 @@ fn pods_of_one_set_are_decided_by_their_own_network_namespace() {
     assert_eq!(lands(&sandbox, Net::Peer, Group::App, to_pod(80)), "pod 80");
 }
 
+/// The programs of every hook and every pod's sk_lookup link (ids), from
+/// `node-set status --json`.
+fn programs(status: &serde_json::Value) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let pods = status["pods"]
+        .as_array()
+        .map(|pods| {
+            pods.iter()
+                .map(|p| p["sk_lookup_program"].clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    (status["programs"].clone(), pods)
+}
+
+/// Loading a set again on its cgroup upgrades it in place: this build's
+/// programs replace every hook's and every pod's link's, one atomic swap
+/// each, while an app connects in a loop (bounded: 10 upgrades or 60 s):
+/// every connection reaches the proxy, and the pod and its counters stay.
+/// An upgrade that fails midway (an injected fault after the first swap)
+/// puts the old programs back and says nothing changed.
+#[test]
+fn loading_a_set_again_upgrades_it_in_place_under_load() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    if !feature_present("helper/get_netns_cookie") {
+        println!("no node sets on this kernel (see the refusal test)");
+        return;
+    }
+    let local = |port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    sandbox
+        .serve(Net::Pod, Group::Proxy, PROXY, local(15001), "pod proxy")
+        .expect("pod proxy");
+    let set = Set::load(&sandbox);
+    let a = set.add("pod-a", sandbox.pod_netns(), &["-i", "*", "-b", ""]);
+    assert_eq!(a.code, 0, "{a:?}");
+    let to_peer = SocketAddrV4::new(PEER_IP, 80);
+    assert_eq!(lands(&sandbox, Net::Pod, Group::App, to_peer), "pod proxy");
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let load_again = |fault: Option<&str>| {
+        let mut cmd = std::process::Command::new(redirect_sandbox::cli::redirect_bin());
+        cmd.args(["node-set", "load", "--set", &set.name, "--cgroup", &cgroup]);
+        cmd.args(["--max-pods", "2"]);
+        if let Some(point) = fault {
+            cmd.env("REDIRECT_TEST_FAULT", point);
+        }
+        let out = cmd.output().expect("run redirect");
+        Outcome {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+
+    let before = programs(&set.status());
+    assert!(before.1.iter().all(serde_json::Value::is_u64), "{before:?}");
+    let failed = load_again(Some("node-set-upgrade-after-swap"));
+    assert_ne!(failed.code, 0, "{failed:?}");
+    assert_eq!(failed.stderr.lines().count(), 1, "{failed:?}");
+    assert!(failed.stderr.contains("nothing changed"), "{failed:?}");
+    assert_eq!(programs(&set.status()), before, "the old programs are back");
+    assert_eq!(lands(&sandbox, Net::Pod, Group::App, to_peer), "pod proxy");
+    let redirected = counter(&set.status(), "pod-a", "redirected");
+
+    let stop = std::env::temp_dir().join(format!("{}-stop", sandbox.name()));
+    let _ = std::fs::remove_file(&stop);
+    let mut upgrades = 0;
+    let load = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            let mut cmd = sandbox.agent(Net::Pod, Group::App, APP);
+            cmd.args(["connect", "--to", &to_peer.to_string()]);
+            cmd.args(["--count", "20000000", "--duration-ms", "120000"]);
+            cmd.args(["--until-file", &stop.to_string_lossy()]);
+            let out = cmd.output().expect("load loop");
+            Tally::parse(&String::from_utf8_lossy(&out.stdout)).expect("tally")
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while upgrades < 10 && std::time::Instant::now() < deadline {
+            let out = load_again(None);
+            assert_eq!(out.code, 0, "{out:?}");
+            assert!(
+                out.stdout.contains("upgraded in place") && out.stdout.contains("its 1 pods"),
+                "{out:?}"
+            );
+            upgrades += 1;
+        }
+        std::fs::write(&stop, "").expect("stop file");
+        load.join().expect("load thread")
+    });
+    let _ = std::fs::remove_file(&stop);
+    eprintln!("{upgrades} set upgrades under load: {load:?}");
+    assert!(load.total() > 0);
+    assert_eq!(
+        load.get("pod proxy"),
+        load.total(),
+        "every connection reaches the proxy, none escapes or fails: {load:?}"
+    );
+    let after = programs(&set.status());
+    assert_ne!(after.0, before.0, "every hook runs new programs");
+    assert!(
+        after
+            .1
+            .iter()
+            .zip(&before.1)
+            .all(|(a, b)| a.is_u64() && a != b),
+        "the pod's sk_lookup link runs the new program: {after:?} {before:?}"
+    );
+    assert_eq!(after.1.first(), after.0.get("sk_lookup"));
+    assert!(
+        counter(&set.status(), "pod-a", "redirected") >= redirected + load.total(),
+        "the counters stay"
+    );
+}
+
 /// `istio-iptables --node-set` and `node-set add` decide alike what a set
 /// cannot do for a pod (one function): `-c` with inbound capture where
 /// sk_lookup has no interface index (kernel 5.17; told so here) makes auto

@@ -23,7 +23,8 @@ pub enum NodeAction {
 pub enum NodeSetAction {
     /// Load the programs and maps once, attach them to --cgroup, pin them
     /// under /sys/fs/bpf/redirect/@set-<SET>/; again on the same cgroup:
-    /// nothing
+    /// an upgrade in place (this build's programs swapped in on the same
+    /// maps, each link atomically; the pods keep their capture)
     Load(NodeSetLoadArgs),
     /// Detach and unpin the node set, and every pod's capture with it
     Unload(SetName),

@@ -169,6 +169,7 @@ mod tests {
             set: "node".into(),
             map_memory_bytes: 0,
             maps: Vec::new(),
+            programs: Default::default(),
             pods: vec![crate::ebpf::node_set::PodView {
                 pod: crate::ebpf::node_set::Pod {
                     index: 3,
@@ -178,6 +179,7 @@ mod tests {
                     added_at: 0,
                 },
                 counters: [("redirected", 5)].into_iter().collect(),
+                sk_lookup_program: Some(9),
             }],
         }];
         let text = render(&status, &sets, AgentFigures::default());

@@ -204,12 +204,17 @@ fn load_node_set(args: &NodeInstallArgs) -> Result<Option<InstanceName>> {
             dir.display()
         )
     })?;
-    crate::ebpf::node_set::load(&crate::ebpf::node_set::LoadRequest {
+    let loaded = crate::ebpf::node_set::load(&crate::ebpf::node_set::LoadRequest {
         set,
         cgroup: &cgroup,
         max_pods: args.node_set_max_pods,
         max_connections: args.node_set_max_connections,
     })?;
+    if let crate::ebpf::node_set::Loaded::Upgraded { pods } = loaded {
+        outln!(
+            "redirect: node install: node set {set} upgraded in place (this build's programs; its {pods} pods kept their capture)"
+        );
+    }
     Ok(Some(set.clone()))
 }
 

@@ -13,6 +13,7 @@ pub mod privilege;
 mod removal;
 pub mod routes;
 pub mod routes6;
+mod set_upgrade;
 pub mod sys;
 mod timing;
 pub mod virt;

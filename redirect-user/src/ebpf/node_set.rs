@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues, SockMap},
 };
 use redirect_common::{
@@ -51,7 +51,7 @@ use crate::{
 
 pub use crate::bpffs::SET_PREFIX as DIR_PREFIX;
 /// Pin of the `sk_lookup` program that each pod's inbound link runs.
-const PROG_SK_LOOKUP: &str = "prog_sk_lookup";
+pub(super) const PROG_SK_LOOKUP: &str = "prog_sk_lookup";
 /// First kernel whose sockops and cgroup sockopt programs can ask a
 /// socket's network namespace cookie.
 pub const MIN_KERNEL: (u8, u8) = (5, 15);
@@ -80,7 +80,7 @@ pub fn is_loaded(set: &InstanceName) -> bool {
 }
 
 /// Pin name of pod `pod`'s inbound link.
-fn pod_link(pod: u32) -> String {
+pub(super) fn pod_link(pod: u32) -> String {
     format!("pod{pod}_sk_lookup")
 }
 
@@ -111,9 +111,19 @@ pub struct LoadRequest<'a> {
     pub max_connections: u32,
 }
 
-/// Loads, attaches and pins the node set. `Ok(false)`: one is loaded on
-/// that cgroup already (nothing changed).
-pub fn load(req: &LoadRequest<'_>) -> Result<bool> {
+/// What [`load`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loaded {
+    /// Loaded, attached and pinned a new set.
+    New,
+    /// The set was loaded on that cgroup: its programs were replaced in
+    /// place with this build's, and its pods kept their capture.
+    Upgraded { pods: usize },
+}
+
+/// Loads, attaches and pins the node set; over one loaded on that cgroup
+/// already, replaces its programs in place (see [`super::set_upgrade`]).
+pub fn load(req: &LoadRequest<'_>) -> Result<Loaded> {
     privilege::check_ebpf()?;
     check_kernel()?;
     if !(1..=MAX_PODS).contains(&req.max_pods) {
@@ -128,16 +138,10 @@ pub fn load(req: &LoadRequest<'_>) -> Result<bool> {
     let _lock = Lock::exclusive()?;
     super::removal::repair()?;
     if is_loaded(req.set) {
-        if let Err(err) = pods(&dir(req.set)) {
-            bail!(
-                "node set {} is loaded by another release of redirect ({err:#}): `redirect node-set unload --set {}` (its pods lose their capture until added again), then load it",
-                req.set,
-                req.set
-            );
-        }
         let cgroup = attached_cgroup(req.set)?;
         if cgroup == req.cgroup.id {
-            return Ok(false);
+            let pods = super::set_upgrade::upgrade(req, &dir(req.set))?;
+            return Ok(Loaded::Upgraded { pods });
         }
         bail!(
             "node set {} is loaded already, on another cgroup (id {cgroup}): `redirect node-set unload --set {}` first",
@@ -155,7 +159,7 @@ pub fn load(req: &LoadRequest<'_>) -> Result<bool> {
         }
         return Err(err);
     }
-    Ok(true)
+    Ok(Loaded::New)
 }
 
 /// Refuses kernels whose sockops or cgroup sockopt programs cannot ask a
@@ -208,16 +212,18 @@ fn capacities(pods: u32) -> Vec<(&'static str, u32)> {
     ]
 }
 
-fn build_set(req: &LoadRequest<'_>, build: &Path) -> Result<()> {
-    fs::create_dir_all(build).with_context(|| format!("creating {}", build.display()))?;
-    let sock_pin = build.join(maps::SOCK);
+/// The set's object loaded with its maps pinned in `dir`: created there
+/// for a new set, the pinned ones reused by an upgrade (aya opens a map
+/// pinned by name instead of creating it).
+pub(super) fn load_object(req: &LoadRequest<'_>, dir: &Path) -> Result<Ebpf> {
+    let sock_pin = dir.join(maps::SOCK);
     let mut loader = EbpfLoader::new();
     loader.override_global("NODE_SET", &1u32, true);
     if super::features::ingress_ifindex_present() {
         loader.override_global("INGRESS_IFINDEX", &1u32, true);
     }
     loader
-        .default_map_pin_directory(build)
+        .default_map_pin_directory(dir)
         .map_pin_path(maps::SOCK, sock_pin.as_path())
         .map_max_entries(
             maps::ORIG_TUPLE,
@@ -226,9 +232,14 @@ fn build_set(req: &LoadRequest<'_>, build: &Path) -> Result<()> {
     for (name, entries) in capacities(req.max_pods) {
         loader.map_max_entries(name, entries);
     }
-    let mut ebpf = loader
+    loader
         .load(OBJECT)
-        .context("loading the eBPF object (maps)")?;
+        .context("loading the eBPF object (maps)")
+}
+
+fn build_set(req: &LoadRequest<'_>, build: &Path) -> Result<()> {
+    fs::create_dir_all(build).with_context(|| format!("creating {}", build.display()))?;
+    let mut ebpf = load_object(req, build)?;
     let cgroup = File::open(&req.cgroup.path)
         .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
     for hook in HOOKS {
@@ -300,7 +311,7 @@ pub struct Pod {
     pub added_at: u64,
 }
 
-fn meta_map(dir: &Path) -> Result<Array<MapData, PodMeta>> {
+pub(super) fn meta_map(dir: &Path) -> Result<Array<MapData, PodMeta>> {
     Ok(Array::try_from(Map::Array(maps::open(
         dir,
         maps::POD_META,
@@ -350,6 +361,8 @@ pub struct PodView {
     #[serde(flatten)]
     pub pod: Pod,
     pub counters: std::collections::BTreeMap<&'static str, u64>,
+    /// The program the pod's sk_lookup link runs (its id).
+    pub sk_lookup_program: Option<u32>,
 }
 
 /// A loaded set as `node-set status` and the agent's metrics show it.
@@ -362,6 +375,8 @@ pub struct SetView {
     pub map_memory_bytes: u64,
     /// Each map's share of it.
     pub maps: Vec<maps::MapMemory>,
+    /// The id of each hook's program (an upgrade changes them all).
+    pub programs: std::collections::BTreeMap<&'static str, u32>,
     pub pods: Vec<PodView>,
 }
 
@@ -384,17 +399,38 @@ pub fn views(only: Option<&InstanceName>) -> Result<Vec<SetView>> {
                 .into_iter()
                 .map(|(c, n)| (c.name(), n))
                 .collect();
-            pod_views.push(PodView { pod, counters });
+            let sk_lookup_program = linked_program(&dir.join(pod_link(pod.index)));
+            pod_views.push(PodView {
+                pod,
+                counters,
+                sk_lookup_program,
+            });
         }
         let memory = maps::memory(&dir, &[])?;
+        let mut programs: std::collections::BTreeMap<&'static str, u32> = HOOKS
+            .iter()
+            .filter_map(|hook| Some((hook.name, linked_program(&dir.join(hook.pin_name()))?)))
+            .collect();
+        if let Ok(id) =
+            sys::obj_get(&dir.join(PROG_SK_LOOKUP)).and_then(|prog| sys::prog_id(prog.as_fd()))
+        {
+            programs.insert(SK_LOOKUP.name, id);
+        }
         views.push(SetView {
             set: set.to_owned(),
             map_memory_bytes: memory.iter().map(|m| m.bytes).sum(),
             maps: memory,
+            programs,
             pods: pod_views,
         });
     }
     Ok(views)
+}
+
+/// The id of the program the link pinned at `pin` runs.
+fn linked_program(pin: &Path) -> Option<u32> {
+    let link = sys::obj_get(pin).ok()?;
+    sys::link_info(link.as_fd()).ok().map(|info| info.prog_id)
 }
 
 /// Whether node set `set` is loaded and holds pod `name`.

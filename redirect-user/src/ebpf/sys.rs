@@ -273,6 +273,25 @@ pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
     })
 }
 
+/// The id of the program `prog` (`BPF_OBJ_GET_INFO_BY_FD`: struct
+/// bpf_prog_info starts with its type, then its id).
+pub fn prog_id(prog: BorrowedFd<'_>) -> Result<u32> {
+    let mut info = [0u32; 2];
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = Attr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD on a program")?;
+    Ok(info[1])
+}
+
 /// Whether the kernel loads a program of `prog_type` for the hook
 /// `attach_type` (a two-instruction program that allows everything): the
 /// exact test of "this kernel has this hook", as opposed to its version.

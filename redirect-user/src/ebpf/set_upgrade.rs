@@ -1,0 +1,227 @@
+//! Upgrading a loaded node set in place: `node-set load` (and so `node
+//! install`, which the node agent runs at every start) over a set loaded
+//! on the same cgroup replaces its programs with this build's without a
+//! moment of its pods uncaptured, as an instance's reinstall does.
+//!
+//! The maps stay, with every pod's configuration, counters and
+//! original destinations: the new programs are loaded onto the pinned
+//! maps and each link (one per cgroup hook, one `sk_lookup` link per pod)
+//! is switched to its new program with `BPF_LINK_UPDATE`, one atomic swap
+//! each. Between two swaps old and new programs run side by side on the
+//! same maps, which is sound because both builds read them alike: the
+//! maps' layouts and every pod's configuration ABI must be this build's,
+//! or the upgrade is refused before anything changes. A failure midway
+//! puts every swapped link back on its old program. The caller holds the
+//! exclusive lock, so no pod is added or removed meanwhile.
+
+use std::{
+    fs,
+    os::fd::{AsFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{Ebpf, maps::MapData};
+use redirect_common::ABI_VERSION;
+
+use super::{
+    HOOKS, Hook, SK_LOOKUP, loader,
+    maps::{self, ORIG_TUPLE},
+    node_set::{self, LoadRequest, PROG_SK_LOOKUP, pod_link},
+    sys,
+};
+
+/// Replaces the programs of the set pinned in `dir` with this build's;
+/// returns how many pods it holds (all kept).
+pub(super) fn upgrade(req: &LoadRequest<'_>, dir: &Path) -> Result<usize> {
+    let pods = check_compatible(req, dir)?;
+    let mut ebpf = node_set::load_object(req, dir)?;
+    let mut swapped = Swapped::default();
+    match swap_programs(&mut ebpf, req, dir, &pods, &mut swapped) {
+        Ok(()) => Ok(pods.len()),
+        Err(err) => match swapped.undo() {
+            Ok(()) => Err(err.context(format!("upgrading node set {}: nothing changed", req.set))),
+            Err(undo) => Err(err.context(format!(
+                "and putting back the old programs failed: {undo:#}"
+            ))),
+        },
+    }
+}
+
+/// Refuses a set this build cannot take over: maps of another layout or
+/// size, or a pod whose configuration another ABI wrote. Returns the
+/// set's pods.
+fn check_compatible(req: &LoadRequest<'_>, dir: &Path) -> Result<Vec<node_set::Pod>> {
+    let set = req.set;
+    let reload = format!(
+        "`redirect node-set unload --set {set}` (its pods lose their capture until added again), then load it"
+    );
+    let another_release = |why: String| {
+        anyhow!("node set {set} is loaded by another release of redirect ({why}): {reload}")
+    };
+    maps::check_layout(dir).map_err(|err| another_release(format!("{err:#}")))?;
+    let pods = node_set::pods(dir).map_err(|err| another_release(format!("{err:#}")))?;
+    let config = maps::config(dir)?;
+    for pod in &pods {
+        let slot = maps::pod_active_slot(dir, pod.index)?;
+        let abi = config
+            .get(&slot, 0)
+            .with_context(|| format!("reading pod {}'s configuration", pod.name))?
+            .abi_version;
+        if abi != ABI_VERSION {
+            return Err(another_release(format!(
+                "pod {} was added with configuration ABI {abi}, this build's is {ABI_VERSION}",
+                pod.name
+            )));
+        }
+    }
+    let capacity = node_set::meta_map(dir)?.len();
+    if capacity != req.max_pods {
+        bail!(
+            "node set {set} is sized for {capacity} pods: keep --max-pods {capacity}, or resize it: {reload}"
+        );
+    }
+    let tuples = MapData::from_pin(dir.join(ORIG_TUPLE))
+        .and_then(|map| map.info())
+        .context("reading the original-destination map's size")?
+        .max_entries();
+    if tuples != maps::tuple_map_entries(req.max_connections) {
+        bail!(
+            "node set {set}'s original-destination map holds {tuples} entries, --max-connections {} \
+             would size it otherwise: pass the value it was loaded with, or resize it: {reload}",
+            req.max_connections
+        );
+    }
+    Ok(pods)
+}
+
+/// The links switched to a new program so far, each with its old program
+/// (open: the link held its last reference), and the `sk_lookup` program
+/// pin replaced.
+#[derive(Default)]
+struct Swapped {
+    links: Vec<(PathBuf, OwnedFd)>,
+    /// Links of hooks this build has and the set did not (attached anew).
+    new_links: Vec<PathBuf>,
+    /// The `sk_lookup` program pin and the program it held.
+    prog_pin: Option<(PathBuf, OwnedFd)>,
+}
+
+impl Swapped {
+    /// Puts every link back on its old program, in reverse order.
+    fn undo(self) -> Result<()> {
+        let mut problems = Vec::new();
+        if let Some((pin, old)) = &self.prog_pin {
+            // The new program's pin, if it was made.
+            let _ = fs::remove_file(pin);
+            if let Err(err) = sys::obj_pin(old.as_fd(), pin) {
+                problems.push(format!("{err:#}"));
+            }
+        }
+        for pin in &self.new_links {
+            if let Ok(link) = sys::obj_get(pin) {
+                let _ = sys::link_detach(link.as_fd());
+            }
+            if let Err(err) = fs::remove_file(pin) {
+                problems.push(format!("removing {}: {err}", pin.display()));
+            }
+        }
+        for (pin, old) in self.links.iter().rev() {
+            let back =
+                sys::obj_get(pin).and_then(|link| sys::link_update(link.as_fd(), old.as_fd()));
+            if let Err(err) = back {
+                problems.push(format!("restoring {}: {err:#}", pin.display()));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", problems.join("; "))
+        }
+    }
+}
+
+/// Loads (verifies) every program first, then swaps the links: the cgroup
+/// hooks, then each pod's `sk_lookup` link and the program pin new pods
+/// link to.
+fn swap_programs(
+    ebpf: &mut Ebpf,
+    req: &LoadRequest<'_>,
+    dir: &Path,
+    pods: &[node_set::Pod],
+    swapped: &mut Swapped,
+) -> Result<()> {
+    let mut hooks = Vec::new();
+    for hook in HOOKS {
+        if !loader::available(&hook) {
+            if hook.optional {
+                continue;
+            }
+            let (major, minor) = hook.min_kernel;
+            bail!(
+                "the {} hook needs kernel {major}.{minor} or later",
+                hook.name
+            );
+        }
+        loader::load_program(ebpf, hook)?;
+        hooks.push(hook);
+    }
+    // As a new set has it: where the kernel has the hook (the pin may be
+    // missing if an upgrade was killed between its unpin and pin).
+    let sk_lookup = loader::available(&SK_LOOKUP);
+    if sk_lookup {
+        loader::load_program(ebpf, SK_LOOKUP)?;
+    }
+    let mut cgroup = None;
+    for hook in hooks {
+        let pin = dir.join(hook.pin_name());
+        if pin.exists() {
+            swap(ebpf, hook, &pin, swapped)?;
+        } else {
+            // A hook this build has and the set's did not: attach it to
+            // the set's cgroup (the one its connect4 link is on, checked
+            // by the caller).
+            let target = match &cgroup {
+                Some(file) => file,
+                None => cgroup
+                    .insert(fs::File::open(&req.cgroup.path).with_context(|| {
+                        format!("opening cgroup {}", req.cgroup.path.display())
+                    })?),
+            };
+            loader::attach_and_pin_to(ebpf, hook, target, &pin)?;
+            swapped.new_links.push(pin);
+        }
+        loader::fault_point("node-set-upgrade-after-swap")?;
+    }
+    if !sk_lookup {
+        return Ok(());
+    }
+    for pod in pods {
+        let pin = dir.join(pod_link(pod.index));
+        if pin.exists() {
+            swap(ebpf, SK_LOOKUP, &pin, swapped)?;
+        }
+    }
+    let pin = dir.join(PROG_SK_LOOKUP);
+    if let Ok(old) = sys::obj_get(&pin) {
+        fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
+        swapped.prog_pin = Some((pin.clone(), old));
+    }
+    let program = ebpf
+        .program(SK_LOOKUP.program)
+        .context("the sk_lookup program is missing from the object")?;
+    sys::obj_pin(program.fd()?.as_fd(), &pin).context("pinning the new sk_lookup program")
+}
+
+/// Switches the link pinned at `pin` to `hook`'s program of `ebpf`.
+fn swap(ebpf: &Ebpf, hook: Hook, pin: &Path, swapped: &mut Swapped) -> Result<()> {
+    let link = sys::obj_get(pin)?;
+    let old = sys::prog_fd_by_id(sys::link_info(link.as_fd())?.prog_id)?;
+    let program = ebpf
+        .program(hook.program)
+        .with_context(|| format!("program {} missing from the object", hook.program))?;
+    sys::link_update(link.as_fd(), program.fd()?.as_fd())
+        .with_context(|| format!("replacing the {} program in place", hook.name))?;
+    swapped.links.push((pin.to_owned(), old));
+    Ok(())
+}
