@@ -522,7 +522,8 @@ fn concurrent_installs_all_succeed_and_chain_the_plugin_once() {
 }
 
 /// `node install --node-set`: the set loaded once on the pods' cgroup and
-/// named in the plugin's entry; installing again finds it loaded;
+/// named in the plugin's entry (and unloaded again when the install fails
+/// after loading it); installing again finds it loaded;
 /// uninstall leaves it (its pods keep their capture) until `node-set
 /// unload`. Where the kernel cannot have one, the entry names none and
 /// install says why.
@@ -547,6 +548,13 @@ fn install_with_a_node_set_loads_it_once_and_names_it_to_the_plugin() {
     };
     let unload = || redirect(&["node-set", "unload", "--set", &set]).expect("unload");
     let present = redirect_sandbox::cli::feature_present("helper/get_netns_cookie");
+    // An install that fails after loading the set (the plugin's place is
+    // a directory) takes the set back.
+    let blocker = dirs.bin().join("redirect-cni");
+    fs::create_dir(&blocker).expect("blocker");
+    let failed = dirs.node("install", &args);
+    let left_by_failure = pinned();
+    fs::remove_dir(&blocker).expect("blocker removed");
     let first = dirs.node("install", &args);
     let second = dirs.node("install", &args);
     let entry = json_of(&dirs.conf().join("10-pods.conflist"))["plugins"][2].clone();
@@ -558,6 +566,14 @@ fn install_with_a_node_set_loads_it_once_and_names_it_to_the_plugin() {
     let unloaded = unload();
     let orphaned = dirs.node("status", &[]);
     let _ = dirs.node("uninstall", &[]);
+    assert!(
+        failed.code == 1 && failed.stderr.contains("placing") && failed.stderr.lines().count() == 1,
+        "{failed:?}"
+    );
+    assert!(
+        !left_by_failure,
+        "a failed install left node set {set} loaded"
+    );
     assert!(first.ok() && second.ok(), "{first:?} {second:?}");
     assert!(reinstall.ok(), "{reinstall:?}");
     assert!(uninstall.ok(), "{uninstall:?}");

@@ -85,6 +85,26 @@ fn lands(sandbox: &Sandbox, net: Net, group: Group, to: SocketAddrV4) -> String 
     tally.0.into_keys().next().expect("one connection")
 }
 
+/// A sandbox for a test of node sets, or `None` (said why) where the
+/// kernel cannot have one.
+fn sandbox_for_a_set() -> Option<Sandbox> {
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    if feature_present("helper/get_netns_cookie") {
+        Some(sandbox)
+    } else {
+        println!("no node sets on this kernel (see the refusal test)");
+        None
+    }
+}
+
+/// The pod's "proxy": 127.0.0.1:15001, as the proxy's uid.
+fn serve_pod_proxy(sandbox: &Sandbox) {
+    let proxy = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001);
+    sandbox
+        .serve(Net::Pod, Group::Proxy, PROXY, proxy, "pod proxy")
+        .expect("pod proxy");
+}
+
 /// The pod's counter `name` in a node set status.
 fn counter(status: &serde_json::Value, pod: &str, name: &str) -> u64 {
     status["pods"]
@@ -97,16 +117,12 @@ fn counter(status: &serde_json::Value, pod: &str, name: &str) -> u64 {
 #[test]
 fn pods_of_one_set_are_decided_by_their_own_network_namespace() {
     require_root!();
-    let sandbox = Sandbox::for_tests().expect("sandbox");
-    if !feature_present("helper/get_netns_cookie") {
-        println!("no node sets on this kernel (see the refusal test)");
+    let Some(sandbox) = sandbox_for_a_set() else {
         return;
-    }
+    };
     let local = |port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
     // Each namespace's "proxy", and a server on 80 and 81 in each.
-    sandbox
-        .serve(Net::Pod, Group::Proxy, PROXY, local(15001), "pod proxy")
-        .expect("pod proxy");
+    serve_pod_proxy(&sandbox);
     sandbox
         .serve(Net::Peer, Group::Proxy, PROXY, local(15001), "peer proxy")
         .expect("peer proxy");
@@ -245,15 +261,10 @@ fn programs(status: &serde_json::Value) -> (serde_json::Value, Vec<serde_json::V
 #[test]
 fn loading_a_set_again_upgrades_it_in_place_under_load() {
     require_root!();
-    let sandbox = Sandbox::for_tests().expect("sandbox");
-    if !feature_present("helper/get_netns_cookie") {
-        println!("no node sets on this kernel (see the refusal test)");
+    let Some(sandbox) = sandbox_for_a_set() else {
         return;
-    }
-    let local = |port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
-    sandbox
-        .serve(Net::Pod, Group::Proxy, PROXY, local(15001), "pod proxy")
-        .expect("pod proxy");
+    };
+    serve_pod_proxy(&sandbox);
     let set = Set::load(&sandbox);
     let a = set.add("pod-a", sandbox.pod_netns(), &["-i", "*", "-b", ""]);
     assert_eq!(a.code, 0, "{a:?}");
@@ -302,7 +313,8 @@ fn loading_a_set_again_upgrades_it_in_place_under_load() {
             let out = load_again(None);
             assert_eq!(out.code, 0, "{out:?}");
             assert!(
-                out.stdout.contains("upgraded in place") && out.stdout.contains("its 1 pods"),
+                out.stdout.contains("upgraded in place")
+                    && out.stdout.contains("its 1 pod kept its capture"),
                 "{out:?}"
             );
             upgrades += 1;
@@ -343,11 +355,9 @@ fn loading_a_set_again_upgrades_it_in_place_under_load() {
 #[test]
 fn what_a_set_cannot_do_for_a_pod_is_auto_modes_fallback_and_adds_refusal() {
     require_root!();
-    let sandbox = Sandbox::for_tests().expect("sandbox");
-    if !feature_present("helper/get_netns_cookie") {
-        println!("no node sets on this kernel (see the refusal test)");
+    let Some(sandbox) = sandbox_for_a_set() else {
         return;
-    }
+    };
     let set = Set::load(&sandbox);
     let netns = sandbox.pod_netns().to_owned();
     let why = "-c with inbound capture (-b) needs the interface an inbound connection arrived \
@@ -451,11 +461,9 @@ fn a_kernel_without_the_namespace_cookie_refuses_a_node_set() {
 #[test]
 fn gc_takes_out_the_pods_whose_namespace_is_gone() {
     require_root!();
-    let sandbox = Sandbox::for_tests().expect("sandbox");
-    if !feature_present("helper/get_netns_cookie") {
-        println!("no node sets on this kernel (see the refusal test)");
+    let Some(sandbox) = sandbox_for_a_set() else {
         return;
-    }
+    };
     let set = Set::load(&sandbox);
     let live = set.add("live", sandbox.pod_netns(), &["-i", "*", "-b", ""]);
     assert_eq!(live.code, 0, "{live:?}");

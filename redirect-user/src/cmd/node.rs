@@ -5,7 +5,8 @@
 //! runtime's network configuration ([`crate::cni::conflist`]); uninstall
 //! unchains and removes it. Pods then get their capture from the plugin at
 //! ADD: per pod, or with `--node-set` as entries of one program set
-//! for the node ([`crate::ebpf::node_set`]), which install loads. Uninstall
+//! for the node ([`crate::ebpf::node_set`]), which install loads (and
+//! unloads again if the install fails after it loaded it). Uninstall
 //! leaves a loaded set (its pods keep their capture): `redirect node-set
 //! unload` removes it.
 
@@ -25,6 +26,7 @@ use crate::{
         conflist::{self, PLUGIN_TYPE},
         kubeconfig,
     },
+    ebpf::node_set::Loaded,
     instance::InstanceName,
 };
 
@@ -107,16 +109,42 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
     let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     // Read before anything is written: a bad service account changes nothing.
     let account = service_account_kubeconfig(args)?;
+    let node_set = load_node_set(args)?;
+    let result = chain_plugin(
+        args,
+        &file,
+        &text,
+        account,
+        node_set.as_ref().map(|(set, _)| set),
+    );
+    if let (Err(_), Some((set, Loaded::New))) = (&result, &node_set) {
+        // Nothing was chained, so no pod is in the set: take it back
+        // rather than leave programs on the pods' cgroup.
+        let _ = crate::ebpf::node_set::unload(set);
+    }
+    result
+}
+
+/// Puts the plugin in the CNI bin dir and chains it into `file` (read as
+/// `text`), with the service account's kubeconfig where there is one; on
+/// failure puts back what it wrote.
+fn chain_plugin(
+    args: &NodeInstallArgs,
+    file: &Path,
+    text: &str,
+    account: Option<String>,
+    node_set: Option<&InstanceName>,
+) -> Result<ExitCode> {
+    let dirs = &args.dirs;
     let host_kubeconfig = account.as_ref().map(|_| {
         args.host_cni_conf_dir
             .as_deref()
             .unwrap_or(&dirs.cni_conf_dir)
             .join(kubeconfig::FILE)
     });
-    let node_set = load_node_set(args)?;
     let conf = conflist::chained(
-        &text,
-        &plugin_entry(args, host_kubeconfig.as_deref(), node_set.as_ref()),
+        text,
+        &plugin_entry(args, host_kubeconfig.as_deref(), node_set),
     )
     .with_context(|| format!("chaining redirect-cni into {}", file.display()))?;
     let plugin = plugin_path(dirs);
@@ -145,13 +173,13 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
     // A single plugin's conf becomes a list: written as .conflist, and the
     // .conf removed, so that the runtime reads the list.
     let target = if file.extension().is_some_and(|e| e == "conflist") {
-        file.clone()
+        file.to_owned()
     } else {
         file.with_extension("conflist")
     };
     let written = conflist::write(&target, &conf).and_then(|()| {
         if target != file
-            && let Err(err) = fs::remove_file(&file)
+            && let Err(err) = fs::remove_file(file)
         {
             // Both files would stay, the runtime reading the .conf: take
             // the new list back rather than leave it half-installed.
@@ -176,11 +204,9 @@ fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--node-set`: the set loaded (or found loaded) on the pods' cgroup, or
-/// `None` (said why) where the kernel cannot have one. A set that stays
-/// loaded when the install fails later holds no pod, and the next install
-/// finds it.
-fn load_node_set(args: &NodeInstallArgs) -> Result<Option<InstanceName>> {
+/// `--node-set`: the set loaded (or upgraded in place) on the pods'
+/// cgroup, or `None` (said why) where the kernel cannot have one.
+fn load_node_set(args: &NodeInstallArgs) -> Result<Option<(InstanceName, Loaded)>> {
     let Some(set) = &args.node_set else {
         return Ok(None);
     };
@@ -210,12 +236,10 @@ fn load_node_set(args: &NodeInstallArgs) -> Result<Option<InstanceName>> {
         max_pods: args.node_set_max_pods,
         max_connections: args.node_set_max_connections,
     })?;
-    if let crate::ebpf::node_set::Loaded::Upgraded { pods } = loaded {
-        outln!(
-            "redirect: node install: node set {set} upgraded in place (this build's programs; its {pods} pods kept their capture)"
-        );
+    if let Loaded::Upgraded { .. } = loaded {
+        outln!("redirect: node install: node set {set} {loaded}");
     }
-    Ok(Some(set.clone()))
+    Ok(Some((set.clone(), loaded)))
 }
 
 /// Writes the plugin's kubeconfig again when the service account's token

@@ -23,14 +23,8 @@ pub fn node_set(action: &NodeSetAction) -> Result<ExitCode> {
                 max_pods: args.max_pods,
                 max_connections: args.max_connections,
             })?;
-            let done = match loaded {
-                node_set::Loaded::New => "loaded".to_owned(),
-                node_set::Loaded::Upgraded { pods } => format!(
-                    "upgraded in place (this build's programs; its {pods} pods kept their capture)"
-                ),
-            };
             outln!(
-                "redirect: node set {} {done} on {} (up to {} pods)",
+                "redirect: node set {} {loaded} on {} (up to {} pods)",
                 args.set.name,
                 cgroup.path.display(),
                 args.max_pods

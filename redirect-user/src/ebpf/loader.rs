@@ -269,17 +269,9 @@ fn install_steps(
         .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
     let mut to_update = Vec::new();
     for hook in HOOKS {
-        if !available(&hook) {
-            if hook.optional {
-                continue; // reported by `redirect status`
-            }
-            let (major, minor) = hook.min_kernel;
-            bail!(
-                "the {} hook needs kernel {major}.{minor} or later",
-                hook.name
-            );
+        if !load_hook(&mut ebpf, hook)? {
+            continue;
         }
-        load_program(&mut ebpf, hook)?;
         phases.mark(|| format!("verify {}", hook.name));
         let pin = dir.join(hook.pin_name());
         if pin_is_live(&pin, req.cgroup.id) {
@@ -317,15 +309,7 @@ fn install_steps(
     // answered for by the hooks above.
     attach_virt(&mut ebpf, req, dir, &mut to_update, phases)?;
     for (hook, pin) in to_update {
-        let link = sys::obj_get(&pin)?;
-        // Keep the program being replaced alive: the link holds its last
-        // reference, and a rollback must be able to put it back.
-        let before = sys::prog_fd_by_id(sys::link_info(link.as_fd())?.prog_id)?;
-        let prog = ebpf
-            .program(hook.program)
-            .with_context(|| format!("program {} missing from the object", hook.program))?;
-        sys::link_update(link.as_fd(), prog.fd()?.as_fd())
-            .with_context(|| format!("replacing the {} program in place", hook.name))?;
+        let before = swap_program(&ebpf, hook, &pin)?;
         undo.updated.push((pin, before));
         fault_point("after-first-link-update")?;
     }
@@ -514,6 +498,38 @@ fn write_config(
 /// (see [`crate::probe`], which also honours `--assume-missing`).
 pub fn available(hook: &Hook) -> bool {
     super::features::hook_present(hook)
+}
+
+/// Switches the link pinned at `pin` to `hook`'s program of `ebpf` in
+/// place (`BPF_LINK_UPDATE`, atomic), and returns the program it ran,
+/// open: the link held its last reference, and a rollback puts it back.
+pub(super) fn swap_program(ebpf: &Ebpf, hook: Hook, pin: &Path) -> Result<OwnedFd> {
+    let link = sys::obj_get(pin)?;
+    let before = sys::prog_fd_by_id(sys::link_info(link.as_fd())?.prog_id)?;
+    let prog = ebpf
+        .program(hook.program)
+        .with_context(|| format!("program {} missing from the object", hook.program))?;
+    sys::link_update(link.as_fd(), prog.fd()?.as_fd())
+        .with_context(|| format!("replacing the {} program in place", hook.name))?;
+    Ok(before)
+}
+
+/// Loads `hook`'s program (the verifier's turn) where this kernel has the
+/// hook: `false` for an optional hook it lacks (`redirect status` reports
+/// it), an error naming the kernel for a required one.
+pub(super) fn load_hook(ebpf: &mut Ebpf, hook: Hook) -> Result<bool> {
+    if !available(&hook) {
+        if hook.optional {
+            return Ok(false);
+        }
+        let (major, minor) = hook.min_kernel;
+        bail!(
+            "the {} hook needs kernel {major}.{minor} or later",
+            hook.name
+        );
+    }
+    load_program(ebpf, hook)?;
+    Ok(true)
 }
 
 pub(super) fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {

@@ -121,6 +121,24 @@ pub enum Loaded {
     Upgraded { pods: usize },
 }
 
+impl std::fmt::Display for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::New => f.write_str("loaded"),
+            Self::Upgraded { pods } => write!(
+                f,
+                "upgraded in place (this build's programs; {} kept {} capture)",
+                match pods {
+                    0 => "no pod".to_owned(),
+                    1 => "its 1 pod".to_owned(),
+                    n => format!("its {n} pods"),
+                },
+                if pods == 1 { "its" } else { "their" }
+            ),
+        }
+    }
+}
+
 /// Loads, attaches and pins the node set; over one loaded on that cgroup
 /// already, replaces its programs in place (see [`super::set_upgrade`]).
 pub fn load(req: &LoadRequest<'_>) -> Result<Loaded> {
@@ -243,17 +261,9 @@ fn build_set(req: &LoadRequest<'_>, build: &Path) -> Result<()> {
     let cgroup = File::open(&req.cgroup.path)
         .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
     for hook in HOOKS {
-        if !loader::available(&hook) {
-            if hook.optional {
-                continue;
-            }
-            let (major, minor) = hook.min_kernel;
-            bail!(
-                "the {} hook needs kernel {major}.{minor} or later",
-                hook.name
-            );
+        if !loader::load_hook(&mut ebpf, hook)? {
+            continue;
         }
-        loader::load_program(&mut ebpf, hook)?;
         loader::attach_and_pin_to(&ebpf, hook, &cgroup, &build.join(hook.pin_name()))?;
     }
     if loader::available(&SK_LOOKUP) {

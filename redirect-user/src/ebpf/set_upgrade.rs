@@ -25,7 +25,7 @@ use aya::{Ebpf, maps::MapData};
 use redirect_common::ABI_VERSION;
 
 use super::{
-    HOOKS, Hook, SK_LOOKUP, loader,
+    HOOKS, SK_LOOKUP, loader,
     maps::{self, ORIG_TUPLE},
     node_set::{self, LoadRequest, PROG_SK_LOOKUP, pod_link},
     sys,
@@ -153,18 +153,9 @@ fn swap_programs(
 ) -> Result<()> {
     let mut hooks = Vec::new();
     for hook in HOOKS {
-        if !loader::available(&hook) {
-            if hook.optional {
-                continue;
-            }
-            let (major, minor) = hook.min_kernel;
-            bail!(
-                "the {} hook needs kernel {major}.{minor} or later",
-                hook.name
-            );
+        if loader::load_hook(ebpf, hook)? {
+            hooks.push(hook);
         }
-        loader::load_program(ebpf, hook)?;
-        hooks.push(hook);
     }
     // As a new set has it: where the kernel has the hook (the pin may be
     // missing if an upgrade was killed between its unpin and pin).
@@ -176,7 +167,9 @@ fn swap_programs(
     for hook in hooks {
         let pin = dir.join(hook.pin_name());
         if pin.exists() {
-            swap(ebpf, hook, &pin, swapped)?;
+            swapped
+                .links
+                .push((pin.clone(), loader::swap_program(ebpf, hook, &pin)?));
         } else {
             // A hook this build has and the set's did not: attach it to
             // the set's cgroup (the one its connect4 link is on, checked
@@ -199,7 +192,9 @@ fn swap_programs(
     for pod in pods {
         let pin = dir.join(pod_link(pod.index));
         if pin.exists() {
-            swap(ebpf, SK_LOOKUP, &pin, swapped)?;
+            swapped
+                .links
+                .push((pin.clone(), loader::swap_program(ebpf, SK_LOOKUP, &pin)?));
         }
     }
     let pin = dir.join(PROG_SK_LOOKUP);
@@ -211,17 +206,4 @@ fn swap_programs(
         .program(SK_LOOKUP.program)
         .context("the sk_lookup program is missing from the object")?;
     sys::obj_pin(program.fd()?.as_fd(), &pin).context("pinning the new sk_lookup program")
-}
-
-/// Switches the link pinned at `pin` to `hook`'s program of `ebpf`.
-fn swap(ebpf: &Ebpf, hook: Hook, pin: &Path, swapped: &mut Swapped) -> Result<()> {
-    let link = sys::obj_get(pin)?;
-    let old = sys::prog_fd_by_id(sys::link_info(link.as_fd())?.prog_id)?;
-    let program = ebpf
-        .program(hook.program)
-        .with_context(|| format!("program {} missing from the object", hook.program))?;
-    sys::link_update(link.as_fd(), program.fd()?.as_fd())
-        .with_context(|| format!("replacing the {} program in place", hook.name))?;
-    swapped.links.push((pin.to_owned(), old));
-    Ok(())
 }

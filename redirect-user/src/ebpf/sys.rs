@@ -244,18 +244,7 @@ pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
     // member with the u32 netns_ino (then the u32 attach type), and whose
     // tcx member with the u32 ifindex.
     let mut info = [0u64; 16];
-    #[repr(C)]
-    struct Attr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut attr = Attr {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD on a link")?;
+    obj_info(link, &mut info).context("BPF_OBJ_GET_INFO_BY_FD on a link")?;
     const BPF_LINK_TYPE_NETNS: u64 = 5;
     const BPF_LINK_TYPE_TCX: u64 = 11;
     let one_word = matches!(
@@ -273,10 +262,17 @@ pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
     })
 }
 
-/// The id of the program `prog` (`BPF_OBJ_GET_INFO_BY_FD`: struct
-/// bpf_prog_info starts with its type, then its id).
+/// The id of the program `prog` (struct bpf_prog_info starts with its
+/// type, then its id).
 pub fn prog_id(prog: BorrowedFd<'_>) -> Result<u32> {
     let mut info = [0u32; 2];
+    obj_info(prog, &mut info).context("BPF_OBJ_GET_INFO_BY_FD on a program")?;
+    Ok(info[1])
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD`: the first `size_of::<T>()` bytes of the info
+/// struct of the object `fd` into `info`.
+fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> std::io::Result<()> {
     #[repr(C)]
     struct Attr {
         bpf_fd: u32,
@@ -284,12 +280,11 @@ pub fn prog_id(prog: BorrowedFd<'_>) -> Result<u32> {
         info: u64,
     }
     let mut attr = Attr {
-        bpf_fd: prog.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<T>() as u32,
+        info: std::ptr::from_mut(info) as u64,
     };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD on a program")?;
-    Ok(info[1])
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(|_| ())
 }
 
 /// Whether the kernel loads a program of `prog_type` for the hook
