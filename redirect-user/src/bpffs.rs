@@ -256,8 +256,34 @@ pub fn instances() -> Result<Vec<InstanceName>> {
 /// holder). Held until dropped.
 pub struct Lock(#[allow(dead_code)] File);
 
-/// How long a command waits for another redirect to finish.
-const LOCK_WAIT: Duration = Duration::from_secs(30);
+/// How long one holder may keep the lock before a waiter gives up on it
+/// (installs take milliseconds; a holder this slow is stuck or stopped),
+/// unless `REDIRECT_LOCK_WAIT` gives other seconds.
+const HOLDER_WAIT: Duration = Duration::from_secs(30);
+
+/// [`HOLDER_WAIT`], or the seconds `REDIRECT_LOCK_WAIT` names.
+fn holder_wait() -> Result<Duration> {
+    match std::env::var_os("REDIRECT_LOCK_WAIT") {
+        None => Ok(HOLDER_WAIT),
+        Some(value) => value
+            .to_str()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&secs| secs > 0)
+            .map(Duration::from_secs)
+            .with_context(|| {
+                format!(
+                    "REDIRECT_LOCK_WAIT={}: not a whole number of seconds above 0 (how long to wait for \
+                     another redirect holding the lock): set it to one, or unset it for {} s",
+                    value.to_string_lossy(),
+                    HOLDER_WAIT.as_secs()
+                )
+            }),
+    }
+}
+
+/// How long a command waits in all while the lock passes from one holder
+/// to the next (a burst of pod starts: each ADD waits its turn).
+const TOTAL_WAIT: Duration = Duration::from_secs(300);
 
 impl Lock {
     /// Takes the lock for changing instances.
@@ -285,7 +311,15 @@ impl Lock {
             );
         }
         let dir = File::open(&root).with_context(|| format!("opening {}", root.display()))?;
+        let meta = dir
+            .metadata()
+            .with_context(|| format!("reading {}", root.display()))?;
+        let holder_wait = holder_wait()?;
         let started = Instant::now();
+        // The holders seen last, and since when: the wait on one holder
+        // starts again whenever the lock changes hands.
+        let mut holders = Vec::new();
+        let mut held_since = started;
         loop {
             // SAFETY: flock on a descriptor we own.
             if unsafe { libc::flock(dir.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
@@ -295,17 +329,70 @@ impl Lock {
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(err).with_context(|| format!("locking {}", root.display()));
             }
-            if started.elapsed() > LOCK_WAIT {
+            let now_holding = fs::read_to_string("/proc/locks")
+                .map(|text| lock_holders(&text, meta.dev(), meta.ino()))
+                .unwrap_or_default();
+            if now_holding != holders {
+                holders = now_holding;
+                held_since = Instant::now();
+            }
+            if held_since.elapsed() > holder_wait {
+                let who = match holders.as_slice() {
+                    [] => "another redirect".to_owned(),
+                    pids => format!(
+                        "process {}",
+                        pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                    ),
+                };
                 bail!(
-                    "another redirect has been installing or removing instances for over {} s \
-                     (it holds the lock on {}): wait for it to finish, or stop it",
-                    LOCK_WAIT.as_secs(),
+                    "{who} has held the lock on {} for over {} s (installing or removing \
+                     instances): wait for it to finish, or stop it",
+                    root.display(),
+                    holder_wait.as_secs()
+                );
+            }
+            if started.elapsed() > TOTAL_WAIT {
+                bail!(
+                    "waited over {} s for the lock on {} while other redirects installed or \
+                     removed instances one after another: run again when they are done",
+                    TOTAL_WAIT.as_secs(),
                     root.display()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The processes holding a `flock` on the file `dev`:`ino`, from the text
+/// of `/proc/locks` (lines `N: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<ino>
+/// 0 EOF`, majors and minors in hex; waiters' lines carry `->` and are
+/// skipped), sorted. A holder in a process namespace the reader cannot see
+/// shows as pid 0 (or -1), and is left out.
+fn lock_holders(text: &str, dev: u64, ino: u64) -> Vec<u32> {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let mut pids: Vec<u32> = text
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [_, "FLOCK", _, _, pid, file, ..] = fields.as_slice() else {
+                return None;
+            };
+            let mut parts = file.split(':');
+            let held = (
+                parts.next().and_then(|p| u32::from_str_radix(p, 16).ok()),
+                parts.next().and_then(|p| u32::from_str_radix(p, 16).ok()),
+                parts.next().and_then(|p| p.parse::<u64>().ok()),
+            );
+            (held == (Some(major), Some(minor), Some(ino)))
+                .then(|| pid.parse::<u32>().ok())
+                .flatten()
+                .filter(|&pid| pid != 0)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 /// Opens a directory without following a symbolic link at its last
@@ -395,4 +482,32 @@ pub fn rename(from: &str, to: &str) -> Result<()> {
     let root = root();
     fs::rename(root.join(from), root.join(to))
         .with_context(|| format!("renaming {from} to {to} in {}", root.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lock_holders;
+
+    const LOCKS: &str = "\
+1: FLOCK  ADVISORY  WRITE 4242 00:1f:1 0 EOF
+1: -> FLOCK  ADVISORY  WRITE 4343 00:1f:1 0 EOF
+2: POSIX  ADVISORY  WRITE 77 00:1f:1 0 EOF
+3: FLOCK  ADVISORY  READ 12 00:1f:1 0 EOF
+4: FLOCK  ADVISORY  READ 11 00:1f:1 0 EOF
+5: FLOCK  ADVISORY  WRITE 99 08:01:1 0 EOF
+6: FLOCK  ADVISORY  WRITE 98 00:1f:10 0 EOF
+7: FLOCK  ADVISORY  WRITE 0 00:1f:1 0 EOF
+8: OFDLCK ADVISORY  WRITE -1 00:1f:1 0 EOF
+";
+
+    #[test]
+    fn holders_are_the_flock_owners_of_that_file_only() {
+        let dev = libc::makedev(0, 0x1f);
+        assert_eq!(lock_holders(LOCKS, dev, 1), vec![11, 12, 4242]);
+        assert_eq!(lock_holders(LOCKS, dev, 10), vec![98]);
+        assert_eq!(lock_holders(LOCKS, libc::makedev(8, 1), 1), vec![99]);
+        assert!(lock_holders(LOCKS, dev, 2).is_empty());
+        assert!(lock_holders("", dev, 1).is_empty());
+        assert!(lock_holders("garbage\n1: FLOCK\n", dev, 1).is_empty());
+    }
 }

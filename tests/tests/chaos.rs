@@ -503,8 +503,8 @@ fn concurrent_installs_serialise_and_only_one_instance_owns_a_cgroup() {
     let _node = shared();
     let sandbox = pod();
     // Four installs of the same instance at once: all succeed, one set of
-    // pins. (Each waits for the others under the install lock, at most 30 s:
-    // under software emulation an install takes several seconds.)
+    // pins. (Each waits for the others under the install lock, 30 s at most
+    // for each holder: under software emulation an install takes seconds.)
     let children: Vec<Child> = (0..4)
         .map(|_| {
             install_cmd(&sandbox, sandbox.pod_cgroup(), sandbox.name(), &[])
@@ -680,4 +680,90 @@ fn hostile_paths_get_one_clear_error() {
     assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
     assert!(!out.stderr.contains("rollback"), "{out:?}");
     assert!(pins_of(sandbox.name()).is_empty());
+}
+
+/// A `flock` holder of the node's lock (`shared`: a reader's), for
+/// `seconds`; its pid is the one `/proc/locks` names.
+fn hold_node_lock(shared: bool, seconds: f64) -> Child {
+    Command::new("flock")
+        .arg(if shared { "-s" } else { "-x" })
+        .arg("/sys/fs/bpf/redirect")
+        .args(["sleep", &seconds.to_string()])
+        .spawn()
+        .expect("flock")
+}
+
+/// Waits (at most 5 s) until `pid` holds a lock.
+fn wait_for_holder(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+        if locks
+            .lines()
+            .any(|l| !l.contains("->") && l.split_whitespace().nth(4) == Some(&pid.to_string()))
+        {
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    panic!("process {pid} did not take the lock");
+}
+
+#[test]
+fn a_waiter_gives_up_on_a_stuck_holder_only_not_on_a_queue() {
+    require_root!();
+    // The node's lock is held here on purpose: no other test of this
+    // binary runs meanwhile.
+    let _node = exclusive();
+    fs::create_dir_all("/sys/fs/bpf/redirect").expect("bpffs directory");
+    let uninstall = |wait: &str| {
+        let mut cmd = Command::new(redirect_bin());
+        cmd.args(["uninstall", "--instance", "lock-waiter-none"])
+            .env("REDIRECT_LOCK_WAIT", wait)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let finish = |child: Child| {
+        let out = child.wait_with_output().expect("uninstall");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // One holder past the limit: the error names it.
+    let mut stuck = hold_node_lock(false, 4.0);
+    wait_for_holder(stuck.id());
+    let (code, stderr) = finish(uninstall("1").spawn().expect("uninstall"));
+    let _ = stuck.kill();
+    let _ = stuck.wait();
+    assert_eq!(code, 1, "{stderr}");
+    let said = format!("process {} has held the lock on", stuck.id());
+    assert!(stderr.contains(&said), "{stderr}");
+    // Holders that overlap, each for less than the limit (one after
+    // another every 0.7 s, each for 1 s) and together for three times it:
+    // the waiter waits for them all, then goes on.
+    let started = Instant::now();
+    let mut holders = vec![hold_node_lock(true, 1.0)];
+    wait_for_holder(holders[0].id());
+    let waiter = uninstall("1").spawn().expect("uninstall");
+    for _ in 0..3 {
+        thread::sleep(Duration::from_millis(700));
+        let holder = hold_node_lock(true, 1.0);
+        wait_for_holder(holder.id());
+        holders.push(holder);
+    }
+    let (code, stderr) = finish(waiter);
+    let waited = started.elapsed();
+    for mut holder in holders {
+        let _ = holder.kill();
+        let _ = holder.wait();
+    }
+    assert_eq!(code, 0, "{stderr}");
+    assert!(waited >= Duration::from_millis(2_500), "{waited:?}");
+    // A value that is not seconds is refused, naming the variable.
+    let (code, stderr) = finish(uninstall("soon").spawn().expect("uninstall"));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("REDIRECT_LOCK_WAIT=soon"), "{stderr}");
 }
