@@ -495,7 +495,23 @@ fn gc_takes_out_the_pods_whose_namespace_is_gone() {
 
     drop(doomed);
     // The kernel frees a namespace in a work item after its last
-    // reference: poll, bounded.
+    // reference: poll, bounded, until gc sees it gone.
+    let mut gone = false;
+    for _ in 0..50 {
+        let dry = redirect(&["gc", "--dry-run"]).expect("gc --dry-run");
+        if dry.stdout.contains(&format!("would remove {line}")) {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(gone, "the namespace was freed within 5 s");
+    // Its link is severed and the pod not yet removed: an upgrade of the
+    // set goes past it (nothing runs there to upgrade).
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let again = set.run(&["load", "--cgroup", &cgroup, "--max-pods", "2"]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(again.stdout.contains("upgraded in place"), "{again:?}");
     let mut collected = None;
     for _ in 0..50 {
         let out = redirect(&["gc"]).expect("gc");

@@ -52,6 +52,10 @@ use crate::{
 pub use crate::bpffs::SET_PREFIX as DIR_PREFIX;
 /// Pin of the `sk_lookup` program that each pod's inbound link runs.
 pub(super) const PROG_SK_LOOKUP: &str = "prog_sk_lookup";
+/// Where an upgrade pins the new `sk_lookup` program before renaming it
+/// over [`PROG_SK_LOOKUP`] (left only by an upgrade killed in between;
+/// bpffs refuses names with a dot).
+pub(super) const PROG_SK_LOOKUP_NEW: &str = "prog_sk_lookup_new";
 /// First kernel whose sockops and cgroup sockopt programs can ask a
 /// socket's network namespace cookie.
 pub const MIN_KERNEL: (u8, u8) = (5, 15);
@@ -86,7 +90,7 @@ pub(super) fn pod_link(pod: u32) -> String {
 
 /// Every file a node set's directory can hold (for [`bpffs::remove_dir`]).
 pub fn pin_files(dir: &Path) -> Vec<String> {
-    let mut files = vec![PROG_SK_LOOKUP.to_owned()];
+    let mut files = vec![PROG_SK_LOOKUP.to_owned(), PROG_SK_LOOKUP_NEW.to_owned()];
     files.extend(HOOKS.iter().map(|hook| hook.pin_name()));
     files.extend(maps::LAYOUT.iter().map(|(name, ..)| (*name).to_owned()));
     if let Ok(entries) = fs::read_dir(dir) {

@@ -27,7 +27,7 @@ use redirect_common::ABI_VERSION;
 use super::{
     HOOKS, SK_LOOKUP, loader,
     maps::{self, ORIG_TUPLE},
-    node_set::{self, LoadRequest, PROG_SK_LOOKUP, pod_link},
+    node_set::{self, LoadRequest, PROG_SK_LOOKUP, PROG_SK_LOOKUP_NEW, pod_link},
     sys,
 };
 
@@ -39,11 +39,16 @@ pub(super) fn upgrade(req: &LoadRequest<'_>, dir: &Path) -> Result<usize> {
     let mut swapped = Swapped::default();
     match swap_programs(&mut ebpf, req, dir, &pods, &mut swapped) {
         Ok(()) => Ok(pods.len()),
-        Err(err) => match swapped.undo() {
+        Err(err) => match swapped.undo(dir) {
             Ok(()) => Err(err.context(format!("upgrading node set {}: nothing changed", req.set))),
-            Err(undo) => Err(err.context(format!(
-                "and putting back the old programs failed: {undo:#}"
-            ))),
+            // Each link runs the old program or the new one, both sound on
+            // these maps: a load that succeeds puts them all on the new.
+            Err(undo) => Err(anyhow!(
+                "upgrading node set {set} failed ({err:#}) and putting back the old programs \
+                 failed too ({undo:#}): its pods stay captured, some by the old programs and some \
+                 by the new; load the set again to finish the upgrade",
+                set = req.set
+            )),
         },
     }
 }
@@ -103,18 +108,16 @@ struct Swapped {
     links: Vec<(PathBuf, OwnedFd)>,
     /// Links of hooks this build has and the set did not (attached anew).
     new_links: Vec<PathBuf>,
-    /// The `sk_lookup` program pin and the program it held.
-    prog_pin: Option<(PathBuf, OwnedFd)>,
+    /// The program the `sk_lookup` program pin held before it was replaced.
+    prog_pin: Option<OwnedFd>,
 }
 
 impl Swapped {
     /// Puts every link back on its old program, in reverse order.
-    fn undo(self) -> Result<()> {
+    fn undo(self, dir: &Path) -> Result<()> {
         let mut problems = Vec::new();
-        if let Some((pin, old)) = &self.prog_pin {
-            // The new program's pin, if it was made.
-            let _ = fs::remove_file(pin);
-            if let Err(err) = sys::obj_pin(old.as_fd(), pin) {
+        if let Some(old) = &self.prog_pin {
+            if let Err(err) = pin_sk_lookup(dir, old.as_fd()) {
                 problems.push(format!("{err:#}"));
             }
         }
@@ -129,8 +132,11 @@ impl Swapped {
         for (pin, old) in self.links.iter().rev() {
             let back =
                 sys::obj_get(pin).and_then(|link| sys::link_update(link.as_fd(), old.as_fd()));
-            if let Err(err) = back {
-                problems.push(format!("restoring {}: {err:#}", pin.display()));
+            match back {
+                Err(err) if !severed(&err) => {
+                    problems.push(format!("restoring {}: {err:#}", pin.display()));
+                }
+                _ => {}
             }
         }
         if problems.is_empty() {
@@ -191,19 +197,44 @@ fn swap_programs(
     }
     for pod in pods {
         let pin = dir.join(pod_link(pod.index));
-        if pin.exists() {
-            swapped
-                .links
-                .push((pin.clone(), loader::swap_program(ebpf, SK_LOOKUP, &pin)?));
+        if !pin.exists() {
+            continue;
+        }
+        match loader::swap_program(ebpf, SK_LOOKUP, &pin) {
+            Ok(old) => swapped.links.push((pin, old)),
+            // The pod's network namespace is gone and gc has not removed
+            // the pod yet: nothing runs there to upgrade.
+            Err(err) if severed(&err) => {}
+            Err(err) => return Err(err.context(format!("pod {}", pod.name))),
         }
     }
-    let pin = dir.join(PROG_SK_LOOKUP);
-    if let Ok(old) = sys::obj_get(&pin) {
-        fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
-        swapped.prog_pin = Some((pin.clone(), old));
-    }
+    swapped.prog_pin = sys::obj_get(&dir.join(PROG_SK_LOOKUP)).ok();
     let program = ebpf
         .program(SK_LOOKUP.program)
         .context("the sk_lookup program is missing from the object")?;
-    sys::obj_pin(program.fd()?.as_fd(), &pin).context("pinning the new sk_lookup program")
+    pin_sk_lookup(dir, program.fd()?.as_fd()).context("pinning the new sk_lookup program")
+}
+
+/// Pins `program` as the set's `sk_lookup` program in one step: pinned
+/// under a name of its own, then renamed over the old pin, so that an ADD
+/// (which links each new pod to that pin, under the lock) and `status`
+/// (which reads it without) never find it missing, even if this process
+/// is killed in between.
+fn pin_sk_lookup(dir: &Path, program: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    let staging = dir.join(PROG_SK_LOOKUP_NEW);
+    let _ = fs::remove_file(&staging); // left by an upgrade killed here
+    sys::obj_pin(program, &staging)?;
+    fs::rename(&staging, dir.join(PROG_SK_LOOKUP))
+        .with_context(|| format!("renaming {} into place", staging.display()))
+}
+
+/// Whether `err` is `BPF_LINK_UPDATE` on a link the kernel severed (its
+/// network namespace is gone).
+fn severed(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            == Some(libc::ENOLINK)
+    })
 }
