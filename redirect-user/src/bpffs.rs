@@ -1,8 +1,8 @@
 //! The BPF filesystem, where installed instances are pinned.
 //!
 //! Layout: `/sys/fs/bpf/redirect/<instance>/` holds the instance's maps
-//! (`RDR_*`, pinned by name) and one pinned bpf_link per program
-//! (`link_<hook>`). An instance directory appears whole: a fresh install
+//! (`RDR_*`, pinned by name), one pinned bpf_link per program
+//! (`link_<hook>`) and the program it runs (`prog_<hook>`). An instance directory appears whole: a fresh install
 //! builds it as `@new-<instance>` and renames it into place last, and an
 //! uninstall renames it to `@del-<instance>` first (`@` is never in an
 //! instance name). Those staging
@@ -341,7 +341,10 @@ impl Lock {
                     [] => "another redirect".to_owned(),
                     pids => format!(
                         "process {}",
-                        pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                        pids.iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 };
                 bail!(

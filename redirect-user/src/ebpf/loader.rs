@@ -28,7 +28,7 @@
 use std::{
     collections::HashSet,
     fs::{self, File},
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
@@ -47,8 +47,8 @@ use redirect_common::{
 };
 
 use super::{
-    HOOKS, Hook, Kind, MIN_KERNEL, OBJECT, SK_LOOKUP, VIRT_HOOKS, config::Config, listener, maps,
-    privilege, sys,
+    HOOKS, Hook, Kind, MIN_KERNEL, OBJECT, SK_LOOKUP, VIRT_HOOKS, all_hooks, config::Config,
+    listener, maps, privilege, sys,
 };
 use super::{
     instances::{check_conflicts, check_owner},
@@ -163,6 +163,7 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
         fresh: !upgraded,
         pins_before: pin_names(&build_dir),
         updated: Vec::new(),
+        programs: Vec::new(),
     };
     let mut notes = Vec::new();
     phases.mark(|| "checks (lock, repair, conflicts)".into());
@@ -313,6 +314,8 @@ fn install_steps(
         undo.updated.push((pin, before));
         fault_point("after-first-link-update")?;
     }
+    // Each link's program beside it, for the next upgrade's rollback.
+    undo.programs = pin_programs(&ebpf, all_hooks(), dir)?;
     if !undo.fresh {
         // The one step that changes what the programs decide.
         maps::activate(dir, slot)?;
@@ -503,15 +506,89 @@ pub fn available(hook: &Hook) -> bool {
 /// Switches the link pinned at `pin` to `hook`'s program of `ebpf` in
 /// place (`BPF_LINK_UPDATE`, atomic), and returns the program it ran,
 /// open: the link held its last reference, and a rollback puts it back.
+/// That program is the one pinned beside the link ([`Hook::prog_pin_name`];
+/// [`pin_programs`] replaces the pin only once every link is swapped);
+/// a directory of an earlier release without it needs CAP_SYS_ADMIN to
+/// open the program by id.
 pub(super) fn swap_program(ebpf: &Ebpf, hook: Hook, pin: &Path) -> Result<OwnedFd> {
     let link = sys::obj_get(pin)?;
-    let before = sys::prog_fd_by_id(sys::link_info(link.as_fd())?.prog_id)?;
+    let running = sys::link_info(link.as_fd())?.prog_id;
+    let dir = pin.parent().unwrap_or(Path::new("/"));
+    let pinned = sys::obj_get(&dir.join(hook.prog_pin_name()))
+        .ok()
+        .filter(|prog| sys::prog_id(prog.as_fd()).is_ok_and(|id| id == running));
+    let before = match pinned {
+        Some(prog) => prog,
+        None => sys::prog_fd_by_id(running).map_err(|err| {
+            if err.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .and_then(std::io::Error::raw_os_error)
+                    == Some(libc::EPERM)
+            }) {
+                anyhow!(
+                    "replacing the {} program in place: {} was set up by an earlier release, \
+                     which pinned no program beside its link, and opening the running one needs \
+                     CAP_SYS_ADMIN: run this once with it, or remove and set up again",
+                    hook.name,
+                    dir.display()
+                )
+            } else {
+                err
+            }
+        })?,
+    };
     let prog = ebpf
         .program(hook.program)
         .with_context(|| format!("program {} missing from the object", hook.program))?;
     sys::link_update(link.as_fd(), prog.fd()?.as_fd())
         .with_context(|| format!("replacing the {} program in place", hook.name))?;
     Ok(before)
+}
+
+/// Pins each program of `ebpf` that `hooks` names and that is loaded,
+/// beside its links in `dir` (see [`Hook::prog_pin_name`]), each in one
+/// step (pinned under a name of its own, then renamed over the old pin, so
+/// that a reader never finds it missing); returns what each pin held
+/// before (`None`: no pin), for a rollback ([`restore_programs`]).
+pub(super) fn pin_programs(
+    ebpf: &Ebpf,
+    hooks: impl IntoIterator<Item = Hook>,
+    dir: &Path,
+) -> Result<Vec<(Hook, Option<OwnedFd>)>> {
+    let mut before = Vec::new();
+    for hook in hooks {
+        let Some(fd) = ebpf.program(hook.program).and_then(|p| p.fd().ok()) else {
+            continue;
+        };
+        before.push((hook, sys::obj_get(&dir.join(hook.prog_pin_name())).ok()));
+        pin_program(fd.as_fd(), hook, dir)?;
+    }
+    Ok(before)
+}
+
+/// Puts back what [`pin_programs`] replaced (a pin it made anew goes);
+/// returns what failed.
+pub(super) fn restore_programs(before: &[(Hook, Option<OwnedFd>)], dir: &Path) -> Vec<String> {
+    before
+        .iter()
+        .filter_map(|(hook, old)| match old {
+            Some(old) => pin_program(old.as_fd(), *hook, dir).err(),
+            None => fs::remove_file(dir.join(hook.prog_pin_name()))
+                .err()
+                .filter(|err| err.kind() != std::io::ErrorKind::NotFound)
+                .map(|err| anyhow!(err).context(format!("removing the {} program pin", hook.name))),
+        })
+        .map(|err| format!("{err:#}"))
+        .collect()
+}
+
+fn pin_program(program: BorrowedFd<'_>, hook: Hook, dir: &Path) -> Result<()> {
+    let staging = dir.join(hook.prog_staging_name());
+    let _ = fs::remove_file(&staging); // left by a run killed here
+    sys::obj_pin(program, &staging)
+        .with_context(|| format!("pinning the {} program", hook.name))?;
+    fs::rename(&staging, dir.join(hook.prog_pin_name()))
+        .with_context(|| format!("renaming {} into place", staging.display()))
 }
 
 /// Loads `hook`'s program (the verifier's turn) where this kernel has the
@@ -674,6 +751,9 @@ struct Undo {
     pins_before: HashSet<String>,
     /// Links whose program was replaced, with the previous program (open).
     updated: Vec<(PathBuf, OwnedFd)>,
+    /// The programs pinned beside the links before this install replaced
+    /// the pins.
+    programs: Vec<(Hook, Option<OwnedFd>)>,
 }
 
 impl Undo {
@@ -689,6 +769,7 @@ impl Undo {
                 problems.push(format!("restoring {}: {err:#}", pin.display()));
             }
         }
+        problems.extend(restore_programs(&self.programs, &self.dir));
         let name = self
             .dir
             .file_name()

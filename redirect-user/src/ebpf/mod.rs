@@ -79,6 +79,20 @@ impl Hook {
         format!("link_{}", self.name)
     }
 
+    /// File name of the pinned program its links run: what an upgrade
+    /// holds open to put back on a failure (opening a link's program by
+    /// id would need CAP_SYS_ADMIN).
+    pub fn prog_pin_name(&self) -> String {
+        format!("prog_{}", self.name)
+    }
+
+    /// Where an upgrade pins the new program before renaming it over
+    /// [`Self::prog_pin_name`] (left only by one killed in between; bpffs
+    /// takes no dots in names).
+    pub fn prog_staging_name(&self) -> String {
+        format!("prog_{}_new", self.name)
+    }
+
     /// The first kernel with the hook, "major.minor".
     pub fn first_kernel(&self) -> String {
         format!("{}.{}", self.min_kernel.0, self.min_kernel.1)

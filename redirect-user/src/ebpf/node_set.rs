@@ -51,11 +51,8 @@ use crate::{
 
 pub use crate::bpffs::SET_PREFIX as DIR_PREFIX;
 /// Pin of the `sk_lookup` program that each pod's inbound link runs.
+/// ([`Hook::prog_pin_name`] of [`SK_LOOKUP`]).
 pub(super) const PROG_SK_LOOKUP: &str = "prog_sk_lookup";
-/// Where an upgrade pins the new `sk_lookup` program before renaming it
-/// over [`PROG_SK_LOOKUP`] (left only by an upgrade killed in between;
-/// bpffs refuses names with a dot).
-pub(super) const PROG_SK_LOOKUP_NEW: &str = "prog_sk_lookup_new";
 /// First kernel whose sockops and cgroup sockopt programs can ask a
 /// socket's network namespace cookie.
 pub const MIN_KERNEL: (u8, u8) = (5, 15);
@@ -90,8 +87,17 @@ pub(super) fn pod_link(pod: u32) -> String {
 
 /// Every file a node set's directory can hold (for [`bpffs::remove_dir`]).
 pub fn pin_files(dir: &Path) -> Vec<String> {
-    let mut files = vec![PROG_SK_LOOKUP.to_owned(), PROG_SK_LOOKUP_NEW.to_owned()];
-    files.extend(HOOKS.iter().map(|hook| hook.pin_name()));
+    let mut files: Vec<String> = HOOKS
+        .iter()
+        .chain([&SK_LOOKUP])
+        .flat_map(|hook| {
+            [
+                hook.pin_name(),
+                hook.prog_pin_name(),
+                hook.prog_staging_name(),
+            ]
+        })
+        .collect();
     files.extend(maps::LAYOUT.iter().map(|(name, ..)| (*name).to_owned()));
     if let Ok(entries) = fs::read_dir(dir) {
         files.extend(entries.flatten().filter_map(|e| {
@@ -270,14 +276,11 @@ fn build_set(req: &LoadRequest<'_>, build: &Path) -> Result<()> {
         }
         loader::attach_and_pin_to(&ebpf, hook, &cgroup, &build.join(hook.pin_name()))?;
     }
+    // Each pod's inbound link is made from the pinned sk_lookup program.
     if loader::available(&SK_LOOKUP) {
         loader::load_program(&mut ebpf, SK_LOOKUP)?;
-        let program = ebpf
-            .program(SK_LOOKUP.program)
-            .context("the sk_lookup program is missing from the object")?;
-        sys::obj_pin(program.fd()?.as_fd(), &build.join(PROG_SK_LOOKUP))
-            .context("pinning the sk_lookup program")?;
     }
+    loader::pin_programs(&ebpf, HOOKS.into_iter().chain([SK_LOOKUP]), build)?;
     Ok(())
 }
 

@@ -18,11 +18,17 @@ use crate::{
     signals::HoldSignals,
 };
 
-/// Every file the instance directory `dir` can hold: the pinned maps and
-/// links (the `-k` ones, one per interface, as found there).
+/// Every file the instance directory `dir` can hold: the pinned maps,
+/// links (the `-k` ones, one per interface, as found there) and programs.
 fn pin_files(dir: &Path) -> Vec<String> {
     all_hooks()
-        .map(|hook| hook.pin_name())
+        .flat_map(|hook| {
+            [
+                hook.pin_name(),
+                hook.prog_pin_name(),
+                hook.prog_staging_name(),
+            ]
+        })
         .chain(virt_pin_files(dir))
         .chain(maps::LAYOUT.iter().map(|(name, ..)| (*name).to_owned()))
         .collect()

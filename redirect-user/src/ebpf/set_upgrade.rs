@@ -25,9 +25,9 @@ use aya::{Ebpf, maps::MapData};
 use redirect_common::ABI_VERSION;
 
 use super::{
-    HOOKS, SK_LOOKUP, loader,
+    HOOKS, Hook, SK_LOOKUP, loader,
     maps::{self, ORIG_TUPLE},
-    node_set::{self, LoadRequest, PROG_SK_LOOKUP, PROG_SK_LOOKUP_NEW, pod_link},
+    node_set::{self, LoadRequest, pod_link},
     sys,
 };
 
@@ -108,19 +108,15 @@ struct Swapped {
     links: Vec<(PathBuf, OwnedFd)>,
     /// Links of hooks this build has and the set did not (attached anew).
     new_links: Vec<PathBuf>,
-    /// The program the `sk_lookup` program pin held before it was replaced.
-    prog_pin: Option<OwnedFd>,
+    /// The programs pinned beside the links before they were replaced
+    /// (the `sk_lookup` one is what new pods link to).
+    programs: Vec<(Hook, Option<OwnedFd>)>,
 }
 
 impl Swapped {
     /// Puts every link back on its old program, in reverse order.
     fn undo(self, dir: &Path) -> Result<()> {
-        let mut problems = Vec::new();
-        if let Some(old) = &self.prog_pin {
-            if let Err(err) = pin_sk_lookup(dir, old.as_fd()) {
-                problems.push(format!("{err:#}"));
-            }
-        }
+        let mut problems = loader::restore_programs(&self.programs, dir);
         for pin in &self.new_links {
             if let Ok(link) = sys::obj_get(pin) {
                 let _ = sys::link_detach(link.as_fd());
@@ -163,8 +159,7 @@ fn swap_programs(
             hooks.push(hook);
         }
     }
-    // As a new set has it: where the kernel has the hook (the pin may be
-    // missing if an upgrade was killed between its unpin and pin).
+    // As a new set has it: where the kernel has the hook.
     let sk_lookup = loader::available(&SK_LOOKUP);
     if sk_lookup {
         loader::load_program(ebpf, SK_LOOKUP)?;
@@ -192,10 +187,7 @@ fn swap_programs(
         }
         loader::fault_point("node-set-upgrade-after-swap")?;
     }
-    if !sk_lookup {
-        return Ok(());
-    }
-    for pod in pods {
+    for pod in pods.iter().filter(|_| sk_lookup) {
         let pin = dir.join(pod_link(pod.index));
         if !pin.exists() {
             continue;
@@ -208,24 +200,11 @@ fn swap_programs(
             Err(err) => return Err(err.context(format!("pod {}", pod.name))),
         }
     }
-    swapped.prog_pin = sys::obj_get(&dir.join(PROG_SK_LOOKUP)).ok();
-    let program = ebpf
-        .program(SK_LOOKUP.program)
-        .context("the sk_lookup program is missing from the object")?;
-    pin_sk_lookup(dir, program.fd()?.as_fd()).context("pinning the new sk_lookup program")
-}
-
-/// Pins `program` as the set's `sk_lookup` program in one step: pinned
-/// under a name of its own, then renamed over the old pin, so that an ADD
-/// (which links each new pod to that pin, under the lock) and `status`
-/// (which reads it without) never find it missing, even if this process
-/// is killed in between.
-fn pin_sk_lookup(dir: &Path, program: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-    let staging = dir.join(PROG_SK_LOOKUP_NEW);
-    let _ = fs::remove_file(&staging); // left by an upgrade killed here
-    sys::obj_pin(program, &staging)?;
-    fs::rename(&staging, dir.join(PROG_SK_LOOKUP))
-        .with_context(|| format!("renaming {} into place", staging.display()))
+    // Pinned once every link is swapped: until then each pin is the
+    // program its links ran, held for the rollback.
+    let hooks = HOOKS.into_iter().chain([SK_LOOKUP]);
+    swapped.programs = loader::pin_programs(ebpf, hooks, dir)?;
+    Ok(())
 }
 
 /// Whether `err` is `BPF_LINK_UPDATE` on a link the kernel severed (its
