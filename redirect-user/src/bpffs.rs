@@ -2,7 +2,8 @@
 //!
 //! Layout: `/sys/fs/bpf/redirect/<instance>/` holds the instance's maps
 //! (`RDR_*`, pinned by name), one pinned bpf_link per program
-//! (`link_<hook>`) and the program it runs (`prog_<hook>`). An instance directory appears whole: a fresh install
+//! (`link_<hook>`) and the program it runs (`prog_<hook>`). An instance
+//! directory appears whole: a fresh install
 //! builds it as `@new-<instance>` and renames it into place last, and an
 //! uninstall renames it to `@del-<instance>` first (`@` is never in an
 //! instance name). Those staging

@@ -573,3 +573,95 @@ fn killed_midway(set: &Set, name: &str, netns: &str) {
     let _ = child.wait();
     paused.expect("the add reached its pause");
 }
+
+/// Creates a hash map (`key`- and `value`-byte entries, `entries` of them)
+/// and pins it at `path` (`BPF_MAP_CREATE`, `BPF_OBJ_PIN`).
+fn pin_hash_map(path: &std::path::Path, key: u32, value: u32, entries: u32) {
+    use std::os::unix::ffi::OsStrExt as _;
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    let mut create = Create {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size: key,
+        value_size: value,
+        max_entries: entries,
+        map_flags: 0,
+    };
+    // SAFETY: a BPF_MAP_CREATE attribute prefix and its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &mut create as *mut Create,
+            size_of::<Create>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    let mut pin = Pin {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: a BPF_OBJ_PIN attribute prefix naming a NUL-terminated path
+    // that outlives the call.
+    let pinned = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &mut pin as *mut Pin,
+            size_of::<Pin>(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: the descriptor BPF_MAP_CREATE returned, closed once.
+    unsafe { libc::close(fd as libc::c_int) };
+    assert_eq!(pinned, 0, "BPF_OBJ_PIN {}: {err}", path.display());
+}
+
+#[test]
+fn an_upgrade_over_maps_of_other_sizes_is_refused_before_anything_changes() {
+    require_root!();
+    let Some(sandbox) = sandbox_for_a_set() else {
+        return;
+    };
+    let set = Set::load(&sandbox);
+    let before = programs(&set.status());
+    // The ports map as a release with another per-pod port limit sized it.
+    let ports = std::path::Path::new("/sys/fs/bpf/redirect")
+        .join(format!("@set-{}", set.name))
+        .join("RDR_PORTS");
+    std::fs::remove_file(&ports).expect("unpinning RDR_PORTS");
+    pin_hash_map(&ports, 4, 1, 7);
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let again = set.run(&["load", "--cgroup", &cgroup, "--max-pods", "2"]);
+    assert_eq!(again.code, 1, "{again:?}");
+    assert_eq!(again.stderr.lines().count(), 1, "{again:?}");
+    assert!(
+        again.stderr.contains(
+            "is loaded by another release of redirect (its map RDR_PORTS holds 7 entries"
+        ),
+        "{again:?}"
+    );
+    assert!(again.stderr.contains("node-set unload --set"), "{again:?}");
+    assert_eq!(programs(&set.status()), before, "nothing changed");
+}

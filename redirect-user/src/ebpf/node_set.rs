@@ -135,15 +135,15 @@ impl std::fmt::Display for Loaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
             Self::New => f.write_str("loaded"),
+            Self::Upgraded { pods: 0 } => {
+                f.write_str("upgraded in place (this build's programs; no pods yet)")
+            }
+            Self::Upgraded { pods: 1 } => {
+                f.write_str("upgraded in place (this build's programs; its 1 pod kept its capture)")
+            }
             Self::Upgraded { pods } => write!(
                 f,
-                "upgraded in place (this build's programs; {} kept {} capture)",
-                match pods {
-                    0 => "no pod".to_owned(),
-                    1 => "its 1 pod".to_owned(),
-                    n => format!("its {n} pods"),
-                },
-                if pods == 1 { "its" } else { "their" }
+                "upgraded in place (this build's programs; its {pods} pods kept their capture)"
             ),
         }
     }
@@ -215,7 +215,7 @@ fn attached_cgroup(set: &InstanceName) -> Result<u64> {
 
 /// Each map's capacity in a set of `pods` pods: a per-pod instance's times
 /// the pods (the tuple and bypass maps are per node).
-fn capacities(pods: u32) -> Vec<(&'static str, u32)> {
+pub(super) fn capacities(pods: u32) -> Vec<(&'static str, u32)> {
     let slots = SLOTS_PER_POD * pods;
     vec![
         (maps::CONFIG, slots),

@@ -35,8 +35,22 @@ use super::{
 /// returns how many pods it holds (all kept).
 pub(super) fn upgrade(req: &LoadRequest<'_>, dir: &Path) -> Result<usize> {
     let pods = check_compatible(req, dir)?;
+    let pinned_before: Vec<bool> = maps::LAYOUT
+        .iter()
+        .map(|(name, ..)| dir.join(name).exists())
+        .collect();
     let mut ebpf = node_set::load_object(req, dir)?;
-    let mut swapped = Swapped::default();
+    let mut swapped = Swapped {
+        // Maps this build has and the set did not, which loading the
+        // object created (only this build's programs use them).
+        new_maps: maps::LAYOUT
+            .iter()
+            .zip(pinned_before)
+            .filter(|(_, before)| !before)
+            .map(|((name, ..), _)| dir.join(name))
+            .collect(),
+        ..Swapped::default()
+    };
     match swap_programs(&mut ebpf, req, dir, &pods, &mut swapped) {
         Ok(()) => Ok(pods.len()),
         Err(err) => match swapped.undo(dir) {
@@ -86,6 +100,23 @@ fn check_compatible(req: &LoadRequest<'_>, dir: &Path) -> Result<Vec<node_set::P
             "node set {set} is sized for {capacity} pods: keep --max-pods {capacity}, or resize it: {reload}"
         );
     }
+    // Every other map as this build sizes a set of that many pods (a
+    // release with other per-pod limits sized them otherwise).
+    for (name, wanted) in node_set::capacities(req.max_pods) {
+        let pinned = dir.join(name);
+        if !pinned.exists() {
+            continue;
+        }
+        let entries = MapData::from_pin(&pinned)
+            .and_then(|map| map.info())
+            .with_context(|| format!("reading map {name}'s size"))?
+            .max_entries();
+        if entries != wanted {
+            return Err(another_release(format!(
+                "its map {name} holds {entries} entries, this build's {wanted}"
+            )));
+        }
+    }
     let tuples = MapData::from_pin(dir.join(ORIG_TUPLE))
         .and_then(|map| map.info())
         .context("reading the original-destination map's size")?
@@ -108,6 +139,8 @@ struct Swapped {
     links: Vec<(PathBuf, OwnedFd)>,
     /// Links of hooks this build has and the set did not (attached anew).
     new_links: Vec<PathBuf>,
+    /// Maps this build has and the set did not (created anew).
+    new_maps: Vec<PathBuf>,
     /// The programs pinned beside the links before they were replaced
     /// (the `sk_lookup` one is what new pods link to).
     programs: Vec<(Hook, Option<OwnedFd>)>,
@@ -123,6 +156,14 @@ impl Swapped {
             }
             if let Err(err) = fs::remove_file(pin) {
                 problems.push(format!("removing {}: {err}", pin.display()));
+            }
+        }
+        for pin in &self.new_maps {
+            match fs::remove_file(pin) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                    problems.push(format!("removing {}: {err}", pin.display()));
+                }
+                _ => {}
             }
         }
         for (pin, old) in self.links.iter().rev() {
