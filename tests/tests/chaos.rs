@@ -682,15 +682,50 @@ fn hostile_paths_get_one_clear_error() {
     assert!(pins_of(sandbox.name()).is_empty());
 }
 
-/// A `flock` holder of the node's lock (`shared`: a reader's), for
-/// `seconds`; its pid is the one `/proc/locks` names.
-fn hold_node_lock(shared: bool, seconds: f64) -> Child {
-    Command::new("flock")
-        .arg(if shared { "-s" } else { "-x" })
-        .arg("/sys/fs/bpf/redirect")
-        .args(["sleep", &seconds.to_string()])
-        .spawn()
-        .expect("flock")
+/// A process holding the node's lock (`shared`: a reader's) for
+/// `seconds`, killed and reaped when dropped; its pid is the one
+/// `/proc/locks` names. A fork of this process (no `flock` program is
+/// needed, which the kernel matrix's VMs do not have): the child calls only
+/// async-signal-safe functions.
+struct Holder(libc::pid_t);
+
+impl Holder {
+    fn id(&self) -> u32 {
+        self.0 as u32
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        // SAFETY: our own child, reaped once.
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+            libc::waitpid(self.0, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+fn hold_node_lock(shared: bool, seconds: f64) -> Holder {
+    let path = std::ffi::CString::new("/sys/fs/bpf/redirect").expect("path");
+    let how = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
+    let hold = libc::timespec {
+        tv_sec: seconds.trunc() as libc::time_t,
+        tv_nsec: (seconds.fract() * 1e9) as libc::c_long,
+    };
+    // SAFETY: the child only opens, locks, sleeps and exits, all
+    // async-signal-safe, with memory prepared before the fork.
+    match unsafe { libc::fork() } {
+        0 => unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+            if fd < 0 || libc::flock(fd, how) != 0 {
+                libc::_exit(1);
+            }
+            libc::nanosleep(&hold, std::ptr::null_mut());
+            libc::_exit(0)
+        },
+        pid if pid > 0 => Holder(pid),
+        _ => panic!("fork: {}", std::io::Error::last_os_error()),
+    }
 }
 
 /// Waits (at most 5 s) until `pid` holds a lock.
@@ -733,13 +768,13 @@ fn a_waiter_gives_up_on_a_stuck_holder_only_not_on_a_queue() {
         )
     };
     // One holder past the limit: the error names it.
-    let mut stuck = hold_node_lock(false, 4.0);
+    let stuck = hold_node_lock(false, 4.0);
     wait_for_holder(stuck.id());
     let (code, stderr) = finish(uninstall("1").spawn().expect("uninstall"));
-    let _ = stuck.kill();
-    let _ = stuck.wait();
+    let stuck_pid = stuck.id();
+    drop(stuck);
     assert_eq!(code, 1, "{stderr}");
-    let said = format!("process {} has held the lock on", stuck.id());
+    let said = format!("process {stuck_pid} has held the lock on");
     assert!(stderr.contains(&said), "{stderr}");
     // Readers that overlap (one more every 0.5 s, each for 1.5 s, so that
     // even a slow start under emulation leaves no gap), the set of holders
@@ -758,10 +793,7 @@ fn a_waiter_gives_up_on_a_stuck_holder_only_not_on_a_queue() {
     }
     let (code, stderr) = finish(waiter);
     let waited = started.elapsed();
-    for mut holder in holders {
-        let _ = holder.kill();
-        let _ = holder.wait();
-    }
+    drop(holders);
     assert_eq!(code, 0, "{stderr}");
     assert!(waited >= Duration::from_millis(3_000), "{waited:?}");
     // A value that is not seconds is refused, naming the variable.
