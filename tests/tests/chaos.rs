@@ -574,17 +574,21 @@ fn upgrades_under_a_connect_loop_never_let_a_connection_escape() {
                 "--count",
                 "20000000",
                 "--duration-ms",
-                "120000",
+                "320000",
                 "--until-file",
                 &stop.to_string_lossy(),
             ]);
             let out = cmd.output().expect("load loop");
             Tally::parse(&String::from_utf8_lossy(&out.stdout)).expect("tally")
         });
-        // 300 alternating upgrades (bounded: 90 s; about 60 s here).
-        let deadline = Instant::now() + Duration::from_secs(90);
+        // 300 alternating upgrades, or as many as 90 s allow (about 60 s
+        // for 300 here) but at least 8: a kernel emulated by QEMU gets
+        // fewer in the time, and 8 still alternate the configuration
+        // under load. Bounded: 300 upgrades, 300 s.
+        let start = Instant::now();
         for i in 0..300 {
-            if Instant::now() > deadline {
+            let past = start.elapsed();
+            if past > Duration::from_secs(300) || (past > Duration::from_secs(90) && i >= 8) {
                 break;
             }
             let include = if i % 2 == 0 { "*" } else { "198.18.0.0/15" };
@@ -602,9 +606,7 @@ fn upgrades_under_a_connect_loop_never_let_a_connection_escape() {
         load.total(),
         "every connection reaches the proxy, none escapes or fails: {load:?}"
     );
-    // 300 on a real machine; a kernel emulated by QEMU gets a dozen or so
-    // in the time, which still alternates the configuration under load.
-    assert!(upgrades >= 8, "only {upgrades} upgrades ran");
+    assert!(upgrades >= 8, "only {upgrades} upgrades ran in 300 s");
 }
 
 #[test]
