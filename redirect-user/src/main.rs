@@ -82,6 +82,7 @@ fn main() -> ExitCode {
     }
     // As bytes: `std::env::args` panics on an argument that is not UTF-8.
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    ebpf::timing::start();
     let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
         Err(err) => {
@@ -112,7 +113,10 @@ fn main() -> ExitCode {
         eprintln!("redirect: error: {err:#}");
         return ExitCode::from(2);
     }
-    match dispatch(cli.command) {
+    ebpf::timing::mark(|| "command line".into());
+    let outcome = dispatch(cli.command);
+    ebpf::timing::print();
+    match outcome {
         Ok(code) => code,
         Err(err) => {
             eprintln!("redirect: error: {err:#}");

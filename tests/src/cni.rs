@@ -23,6 +23,8 @@ pub struct Plugin {
     pub cgroup_root: PathBuf,
     /// The instance ADD makes for the sandbox (`cni-<sandbox name>`).
     instance: String,
+    /// Variables every command gets besides the `CNI_*` ones.
+    pub env: Vec<(&'static str, &'static str)>,
 }
 
 impl Drop for Plugin {
@@ -46,6 +48,7 @@ impl Plugin {
             exe,
             cgroup_root,
             instance: format!("cni-{}", sandbox.name()),
+            env: Vec::new(),
         }
     }
 
@@ -64,6 +67,7 @@ impl Plugin {
         config: &Value,
     ) -> Outcome {
         let mut child = Command::new(&self.exe)
+            .envs(self.env.iter().copied())
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", sandbox.name())
             .env("CNI_NETNS", netns)

@@ -619,6 +619,11 @@ impl Bench {
             let del = plugin.call(&self.sandbox, "DEL", POD_UID, &config);
             assert!(del.ok(), "DEL {mode}: {del:?}");
             results.add("pod_setup", &format!("cni-{mode}"), "ms", micros / 1e3);
+            if mode == "node-set" {
+                for (phase, ms) in install_phases(&add.stderr) {
+                    results.add(&format!("add_phase {phase}"), "cni-node-set", "ms", ms);
+                }
+            }
         }
         let mut restore = self
             .sandbox
@@ -881,7 +886,7 @@ fn planned_rules(sandbox: &Sandbox) -> String {
     out.stdout
 }
 
-/// The install phases `REDIRECT_TIMING=1` printed (`redirect: timing
+/// The install (or ADD) phases `REDIRECT_TIMING=1` printed (`redirect: timing
 /// <phase> <ms>`), the four sock_addr programs' verification summed as
 /// `verify connect4/6 sendmsg4/6` and the other programs' as `verify
 /// others`.
@@ -1059,7 +1064,8 @@ fn bench_capture_costs() {
     }
 
     // 8: one pod's set-up by the CNI plugin, and iptables-restore.
-    let plugin = Plugin::new(&bench.sandbox, POD_UID);
+    let mut plugin = Plugin::new(&bench.sandbox, POD_UID);
+    plugin.env.push(("REDIRECT_TIMING", "1"));
     let rules = planned_rules(&bench.sandbox);
     let set = BenchSet::load(&bench.sandbox);
     let set_name = set.as_ref().map(|s| s.0.as_str());

@@ -179,6 +179,16 @@ fn check_complete(figures: &[Figure]) -> Result<()> {
     for mode in ["cni-ebpf", "cni-iptables", "iptables-restore"] {
         wanted.push(("pod_setup".into(), mode));
     }
+    if value(figures, "pod_setup", "cni-node-set").is_some() {
+        // Where a node set's ADD goes (kernel 5.15 for node sets).
+        for phase in [
+            "istio-iptables command line",
+            "read the set's pods",
+            "activate",
+        ] {
+            wanted.push((format!("add_phase {phase}"), "cni-node-set"));
+        }
+    }
     // `--quick` measures one pod; the full run 1, 110 and 500.
     wanted.push(("pod_memory_at_1_pods".into(), "per-pod"));
     let missing: Vec<String> = wanted

@@ -55,11 +55,13 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         // Before anything else: IPv6 detection and the pod's addresses
         // are this namespace's.
         netns::enter(path)?;
+        ebpf::timing::mark(|| "enter the pod's network namespace".into());
     }
     let capture = match args.resolve(&RealHost) {
         Ok(capture) => capture,
         Err(err) => return reject(err),
     };
+    ebpf::timing::mark(|| "resolve (pod addresses, IPv6)".into());
     if actions.dry_run && actions.native_nftables {
         out!("{}", nftables::rules::rules(&capture).render());
         return Ok(ExitCode::SUCCESS);
@@ -95,6 +97,7 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         Ok(choice) => choice,
         Err(err) => return refuse(&format!("{err:#}")),
     };
+    ebpf::timing::mark(|| "choose the mode (lowering, probes)".into());
     if let Some((config, target)) = ebpf {
         let code = match &target {
             EbpfTarget::Cgroup(cgroup) => with_ebpf(args, &actions, &config, cgroup)?,

@@ -138,9 +138,11 @@ pub fn main() -> ExitCode {
         .unwrap_or("1.0.0")
         .to_owned();
     let started = Instant::now();
+    crate::ebpf::timing::start();
     let outcome = match &invocation {
         Ok(inv) => {
             let outcome = run(inv);
+            crate::ebpf::timing::print();
             log_command(inv, &outcome, started.elapsed());
             outcome
         }

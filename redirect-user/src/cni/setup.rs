@@ -178,8 +178,10 @@ fn run_istio_iptables(argv: &[OsString]) -> Result<(), CniError> {
             detail,
         )
     };
+    crate::ebpf::timing::mark(|| "pod and plan".into());
     let command =
         IstioIptablesCommand::try_parse_from(argv).map_err(|err| capture_error(err.to_string()))?;
+    crate::ebpf::timing::mark(|| "istio-iptables command line".into());
     match crate::cmd::istio_iptables::istio_iptables(&command.args) {
         Ok(code) if code == ExitCode::SUCCESS => Ok(()),
         Ok(_) => Err(capture_error(

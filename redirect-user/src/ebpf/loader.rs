@@ -48,7 +48,7 @@ use redirect_common::{
 
 use super::{
     HOOKS, Hook, Kind, MIN_KERNEL, OBJECT, SK_LOOKUP, VIRT_HOOKS, all_hooks, config::Config,
-    listener, maps, privilege, sys,
+    listener, maps, privilege, sys, timing,
 };
 use super::{
     instances::{check_conflicts, check_owner},
@@ -126,7 +126,7 @@ pub fn is_installed(instance: &InstanceName) -> bool {
 /// Installs (or upgrades in place) an instance. On any error, everything
 /// this call changed is undone before the error is returned.
 pub fn install(req: &Request<'_>) -> Result<Installed> {
-    let mut phases = super::timing::Phases::start();
+    timing::mark(|| "configuration".into());
     preflight(req)?;
     let _hold = crate::signals::HoldSignals::new();
     let _lock = Lock::exclusive()?;
@@ -166,20 +166,18 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
         programs: Vec::new(),
     };
     let mut notes = Vec::new();
-    phases.mark(|| "checks (lock, repair, conflicts)".into());
-    let result =
-        install_steps(req, &build_dir, &mut undo, &mut notes, &mut phases).and_then(|ebpf| {
-            if !upgraded {
-                fault_point("before-rename")?;
-                bpffs::rename(
-                    &format!("{NEW_PREFIX}{}", req.instance),
-                    req.instance.as_str(),
-                )?;
-            }
-            Ok(ebpf)
-        });
-    phases.mark(|| "commit".into());
-    phases.print();
+    timing::mark(|| "checks (lock, repair, conflicts)".into());
+    let result = install_steps(req, &build_dir, &mut undo, &mut notes).and_then(|ebpf| {
+        if !upgraded {
+            fault_point("before-rename")?;
+            bpffs::rename(
+                &format!("{NEW_PREFIX}{}", req.instance),
+                req.instance.as_str(),
+            )?;
+        }
+        Ok(ebpf)
+    });
+    timing::mark(|| "commit".into());
     match result {
         Ok(ebpf) => Ok(Installed {
             ebpf,
@@ -224,7 +222,6 @@ fn install_steps(
     dir: &Path,
     undo: &mut Undo,
     notes: &mut Vec<String>,
-    phases: &mut super::timing::Phases,
 ) -> Result<Ebpf> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // The socket-storage map is a BTF map, which the pin directory does
@@ -243,7 +240,7 @@ fn install_steps(
     if ingress_ifindex {
         loader.override_global("INGRESS_IFINDEX", &1u32, true);
     }
-    phases.mark(|| "kernel BTF parse (aya)".into());
+    timing::mark(|| "kernel BTF parse (aya)".into());
     let mut ebpf = loader
         .default_map_pin_directory(dir)
         .map_pin_path(maps::SOCK, sock_pin.as_path())
@@ -254,7 +251,7 @@ fn install_steps(
         .load(OBJECT)
         .context("loading the eBPF object (maps)")?;
     fault_point("after-maps")?;
-    phases.mark(|| "object and maps".into());
+    timing::mark(|| "object and maps".into());
 
     let netns = File::open(NETNS).with_context(|| format!("opening {NETNS}"))?;
     let netns_ino = netns.metadata()?.ino();
@@ -264,7 +261,7 @@ fn install_steps(
         // programs are attached, so that they capture from their first run.
         maps::activate(dir, slot)?;
     }
-    phases.mark(|| "configuration and sets".into());
+    timing::mark(|| "configuration and sets".into());
 
     let cgroup = File::open(&req.cgroup.path)
         .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
@@ -273,7 +270,7 @@ fn install_steps(
         if !load_hook(&mut ebpf, hook)? {
             continue;
         }
-        phases.mark(|| format!("verify {}", hook.name));
+        timing::mark(|| format!("verify {}", hook.name));
         let pin = dir.join(hook.pin_name());
         if pin_is_live(&pin, req.cgroup.id) {
             to_update.push((hook, pin));
@@ -282,7 +279,7 @@ fn install_steps(
             attach_and_pin(&ebpf, hook, Target::File(&cgroup), &pin)?;
             fault_point(&format!("after-attach-{}", hook.name))?;
         }
-        phases.mark(|| format!("attach {}", hook.name));
+        timing::mark(|| format!("attach {}", hook.name));
     }
     // Inbound last: the sockops program that registers listeners runs by now.
     let pin = dir.join(SK_LOOKUP.pin_name());
@@ -296,9 +293,9 @@ fn install_steps(
         if req.config.inbound.is_some() {
             take_over_listener(&mut ebpf, req.config.inbound_port, notes)?;
         }
-        phases.mark(|| "inbound listener search".into());
+        timing::mark(|| "inbound listener search".into());
         load_program(&mut ebpf, SK_LOOKUP)?;
-        phases.mark(|| format!("verify {}", SK_LOOKUP.name));
+        timing::mark(|| format!("verify {}", SK_LOOKUP.name));
         if pin_is_live(&pin, netns_ino) {
             to_update.push((SK_LOOKUP, pin));
         } else {
@@ -308,7 +305,7 @@ fn install_steps(
     }
     // `-k` after inbound: what its programs send to the proxy port is
     // answered for by the hooks above.
-    attach_virt(&mut ebpf, req, dir, &mut to_update, phases)?;
+    attach_virt(&mut ebpf, req, dir, &mut to_update)?;
     for (hook, pin) in to_update {
         let before = swap_program(&ebpf, hook, &pin)?;
         undo.updated.push((pin, before));
@@ -334,7 +331,6 @@ fn attach_virt(
     req: &Request<'_>,
     dir: &Path,
     to_update: &mut Vec<(Hook, PathBuf)>,
-    phases: &mut super::timing::Phases,
 ) -> Result<()> {
     let wanted: Vec<u32> = req.config.virt_ifaces.iter().map(|v| v.ifindex).collect();
     for hook in VIRT_HOOKS {
@@ -351,7 +347,7 @@ fn attach_virt(
             );
         }
         load_program(ebpf, hook)?;
-        phases.mark(|| format!("verify {}", hook.name));
+        timing::mark(|| format!("verify {}", hook.name));
         let mut ifindexes = wanted.clone();
         ifindexes.extend(earlier.iter().filter(|i| !wanted.contains(i)));
         for ifindex in ifindexes {
@@ -365,7 +361,7 @@ fn attach_virt(
                 }
             }
         }
-        phases.mark(|| format!("attach {}", hook.name));
+        timing::mark(|| format!("attach {}", hook.name));
     }
     Ok(())
 }

@@ -15,7 +15,7 @@ pub mod routes;
 pub mod routes6;
 mod set_upgrade;
 pub mod sys;
-mod timing;
+pub mod timing;
 pub mod virt;
 
 /// The oldest kernel eBPF mode runs on: cgroup bpf_links (attach without

@@ -41,7 +41,9 @@ use redirect_common::{
     spare_slot,
 };
 
-use super::{HOOKS, OBJECT, SK_LOOKUP, config::Config, listener, loader, maps, privilege, sys};
+use super::{
+    HOOKS, OBJECT, SK_LOOKUP, config::Config, listener, loader, maps, privilege, sys, timing,
+};
 use crate::{
     bpffs::{self, DEL_PREFIX, Lock, NEW_PREFIX},
     cgroup::Cgroup,
@@ -547,10 +549,13 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
     let netns_ino = netns.metadata()?.ino();
     loader::refuse_host_netns(netns_ino)?;
     let cookie = netns_cookie()?;
+    timing::mark(|| "checks (limits, netns cookie)".into());
     let _hold = HoldSignals::new();
     let _lock = Lock::exclusive()?;
+    timing::mark(|| "lock".into());
     let dir = dir(set);
     let (pods, claims) = scan(&dir).map_err(privilege::explain_denied)?;
+    timing::mark(|| "read the set's pods".into());
     // Under the lock, a claim is an add that was killed midway: clear
     // what it left, so that every free index is clean.
     for (index, cookie) in claims {
@@ -642,10 +647,13 @@ fn write_pod(
     } else {
         maps::write_sets(dir, slot, &sets)?;
     }
+    timing::mark(|| "claim and write the sets".into());
     maps::write_config(dir, slot, config.to_bpf())?;
     write_addresses(dir, index, config, fresh)?;
+    timing::mark(|| "configuration and addresses".into());
     if config.inbound.is_some() {
         take_over_listener(dir, index, config.inbound_port)?;
+        timing::mark(|| "inbound listener".into());
     }
     // Every pod's netns gets the sk_lookup link, inbound capture or not:
     // the link is also how gc sees the namespace go (the kernel detaches
@@ -657,6 +665,7 @@ fn write_pod(
         let fd = sys::link_create(prog.as_fd(), netns.as_fd(), SK_LOOKUP.attach_type)
             .context("attaching the sk_lookup program to the pod's network namespace")?;
         sys::obj_pin(fd.as_fd(), &link).context("pinning the pod's sk_lookup link")?;
+        timing::mark(|| "sk_lookup link".into());
     }
     super::loader::fault_point("node-set-add-after-link")?;
     maps::activate_pod(dir, index, slot)?;
@@ -668,7 +677,9 @@ fn write_pod(
     }
     meta_map(dir)?
         .set(index, record(name, cookie, netns_ino, POD_ACTIVE), 0)
-        .context("writing the pod record")
+        .context("writing the pod record")?;
+    timing::mark(|| "activate".into());
+    Ok(())
 }
 
 /// The pod's addresses (IPv4 ones mapped), as `RDR_POD_ADDRS` keys them.

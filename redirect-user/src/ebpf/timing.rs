@@ -1,39 +1,54 @@
-//! Where an install's time goes: with `REDIRECT_TIMING=1` the loader
-//! prints the wall time of each phase to stderr, one
+//! Where an install's or a pod's ADD's time goes: with `REDIRECT_TIMING=1`
+//! each phase's wall time is printed to stderr, one
 //! `redirect: timing <phase> <ms>` line each, which `cargo xtask bench`
-//! collects into its install breakdown.
+//! collects into its install and ADD breakdowns.
+//!
+//! One recorder per process: [`start`] begins it (and says whether it is
+//! on), [`mark`] ends a phase anywhere below, [`print`] reports them.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
-/// The phases measured so far, each from the end of the one before.
-pub struct Phases {
-    enabled: bool,
+struct Phases {
     last: Instant,
     done: Vec<(String, Duration)>,
 }
 
-impl Phases {
-    /// Starts timing when `REDIRECT_TIMING` is `1`.
-    pub fn start() -> Self {
-        Self {
-            enabled: std::env::var_os("REDIRECT_TIMING").is_some_and(|v| v == "1"),
-            last: Instant::now(),
-            done: Vec::new(),
-        }
-    }
+static PHASES: Mutex<Option<Phases>> = Mutex::new(None);
 
-    /// Ends the phase `name` now.
-    pub fn mark(&mut self, name: impl FnOnce() -> String) {
-        if self.enabled {
-            let now = Instant::now();
-            self.done.push((name(), now - self.last));
-            self.last = now;
-        }
-    }
+fn phases() -> std::sync::MutexGuard<'static, Option<Phases>> {
+    // A panic while holding it leaves timing data only: still usable.
+    PHASES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
-    /// Prints every phase (nothing unless enabled).
-    pub fn print(&self) {
-        for (name, took) in &self.done {
+/// Starts timing when `REDIRECT_TIMING` is `1` (dropping phases marked
+/// before): the first phase runs from now.
+pub fn start() {
+    let on = std::env::var_os("REDIRECT_TIMING").is_some_and(|v| v == "1");
+    *phases() = on.then(|| Phases {
+        last: Instant::now(),
+        done: Vec::new(),
+    });
+}
+
+/// Ends the phase `name` now (nothing unless started).
+pub fn mark(name: impl FnOnce() -> String) {
+    if let Some(phases) = phases().as_mut() {
+        let now = Instant::now();
+        let took = now - phases.last;
+        phases.done.push((name(), took));
+        phases.last = now;
+    }
+}
+
+/// Prints every phase marked since [`start`], and stops timing.
+pub fn print() {
+    if let Some(phases) = phases().take() {
+        for (name, took) in &phases.done {
             eprintln!("redirect: timing {name} {:.3}", took.as_secs_f64() * 1000.0);
         }
     }
