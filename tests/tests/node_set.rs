@@ -665,3 +665,45 @@ fn an_upgrade_over_maps_of_other_sizes_is_refused_before_anything_changes() {
     assert!(again.stderr.contains("node-set unload --set"), "{again:?}");
     assert_eq!(programs(&set.status()), before, "nothing changed");
 }
+
+#[test]
+fn a_set_whose_cgroup_is_gone_says_so_and_unloads() {
+    require_root!();
+    let Some(sandbox) = sandbox_for_a_set() else {
+        return;
+    };
+    let gone = sandbox.pod_cgroup().join("set-gone");
+    std::fs::create_dir(&gone).expect("a cgroup for the set");
+    let set = Set {
+        name: format!("{}-set", sandbox.name()),
+    };
+    let out = set.run(&[
+        "load",
+        "--cgroup",
+        &gone.to_string_lossy(),
+        "--max-pods",
+        "2",
+    ]);
+    assert_eq!(out.code, 0, "node-set load: {out:?}");
+    std::fs::remove_dir(&gone).expect("removing the set's cgroup");
+    // The kernel detaches the set's links once the cgroup is released,
+    // shortly after the rmdir: asked again until it has (bounded: 10 s).
+    let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let again = loop {
+        let again = set.run(&["load", "--cgroup", &cgroup, "--max-pods", "2"]);
+        if !again.stderr.contains("on another cgroup") || std::time::Instant::now() > deadline {
+            break again;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(again.code, 1, "{again:?}");
+    assert_eq!(again.stderr.lines().count(), 1, "{again:?}");
+    assert!(
+        again
+            .stderr
+            .contains("the cgroup it was attached to is gone (its programs no longer run)"),
+        "{again:?}"
+    );
+    // `set` unloads when dropped, and asserts that it could.
+}

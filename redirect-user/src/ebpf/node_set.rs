@@ -173,6 +173,14 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Loaded> {
             let pods = super::set_upgrade::upgrade(req, &dir(req.set))?;
             return Ok(Loaded::Upgraded { pods });
         }
+        if cgroup == 0 {
+            // The kernel detaches a cgroup link when its cgroup goes.
+            bail!(
+                "node set {} is loaded, but the cgroup it was attached to is gone (its programs no longer run): `redirect node-set unload --set {}` first, then load it again",
+                req.set,
+                req.set
+            );
+        }
         bail!(
             "node set {} is loaded already, on another cgroup (id {cgroup}): `redirect node-set unload --set {}` first",
             req.set,
