@@ -574,7 +574,7 @@ fn upgrades_under_a_connect_loop_never_let_a_connection_escape() {
                 "--count",
                 "20000000",
                 "--duration-ms",
-                "320000",
+                "400000",
                 "--until-file",
                 &stop.to_string_lossy(),
             ]);

@@ -672,20 +672,28 @@ fn a_set_whose_cgroup_is_gone_says_so_and_unloads() {
     let Some(sandbox) = sandbox_for_a_set() else {
         return;
     };
-    let gone = sandbox.pod_cgroup().join("set-gone");
-    std::fs::create_dir(&gone).expect("a cgroup for the set");
+    // Removed by the test; the guard removes it too if the test fails
+    // before that (the sandbox's cgroup cannot go while it is there).
+    struct Cgroup(std::path::PathBuf);
+    impl Drop for Cgroup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let gone = Cgroup(sandbox.pod_cgroup().join("set-gone"));
+    std::fs::create_dir(&gone.0).expect("a cgroup for the set");
     let set = Set {
         name: format!("{}-set", sandbox.name()),
     };
     let out = set.run(&[
         "load",
         "--cgroup",
-        &gone.to_string_lossy(),
+        &gone.0.to_string_lossy(),
         "--max-pods",
         "2",
     ]);
     assert_eq!(out.code, 0, "node-set load: {out:?}");
-    std::fs::remove_dir(&gone).expect("removing the set's cgroup");
+    std::fs::remove_dir(&gone.0).expect("removing the set's cgroup");
     // The kernel detaches the set's links once the cgroup is released,
     // shortly after the rmdir: asked again until it has (bounded: 10 s).
     let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();

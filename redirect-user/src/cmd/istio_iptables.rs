@@ -97,7 +97,7 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         Ok(choice) => choice,
         Err(err) => return refuse(&format!("{err:#}")),
     };
-    ebpf::timing::mark(|| "choose the mode (lowering, probes)".into());
+    ebpf::timing::mark(|| "choose the mode (lowering; probes unless in a node set)".into());
     if let Some((config, target)) = ebpf {
         let code = match &target {
             EbpfTarget::Cgroup(cgroup) => with_ebpf(args, &actions, &config, cgroup)?,

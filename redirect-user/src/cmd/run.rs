@@ -38,6 +38,8 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             cgroup: &cgroup,
             instance: &instance,
         })?;
+        // The install's phases now, not when the run ends.
+        crate::ebpf::timing::print();
         installed.print_notes();
         // From here on, any way out detaches (unless --persist).
         let guard = Detach {

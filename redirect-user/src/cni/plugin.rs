@@ -142,8 +142,9 @@ pub fn main() -> ExitCode {
     let outcome = match &invocation {
         Ok(inv) => {
             let outcome = run(inv);
+            let took = started.elapsed();
             crate::ebpf::timing::print();
-            log_command(inv, &outcome, started.elapsed());
+            log_command(inv, &outcome, took);
             outcome
         }
         Err(err) => Err(CniError::new(err.code, &err.msg, &err.details)),

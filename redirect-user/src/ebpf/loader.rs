@@ -126,7 +126,7 @@ pub fn is_installed(instance: &InstanceName) -> bool {
 /// Installs (or upgrades in place) an instance. On any error, everything
 /// this call changed is undone before the error is returned.
 pub fn install(req: &Request<'_>) -> Result<Installed> {
-    timing::mark(|| "configuration".into());
+    timing::mark(|| "before install (the caller's configuration)".into());
     preflight(req)?;
     let _hold = crate::signals::HoldSignals::new();
     let _lock = Lock::exclusive()?;

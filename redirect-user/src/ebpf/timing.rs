@@ -35,7 +35,8 @@ pub fn start() {
     });
 }
 
-/// Ends the phase `name` now (nothing unless started).
+/// Ends the phase `name` now (nothing unless started). The recorder is
+/// held while `name` runs: it must not mark.
 pub fn mark(name: impl FnOnce() -> String) {
     if let Some(phases) = phases().as_mut() {
         let now = Instant::now();
@@ -47,9 +48,19 @@ pub fn mark(name: impl FnOnce() -> String) {
 
 /// Prints every phase marked since [`start`], and stops timing.
 pub fn print() {
-    if let Some(phases) = phases().take() {
-        for (name, took) in &phases.done {
-            eprintln!("redirect: timing {name} {:.3}", took.as_secs_f64() * 1000.0);
-        }
-    }
+    let Some(phases) = phases().take() else {
+        return;
+    };
+    // One write for all lines (stderr is unbuffered).
+    let text: String = phases
+        .done
+        .iter()
+        .map(|(name, took)| {
+            format!(
+                "redirect: timing {name} {:.3}\n",
+                took.as_secs_f64() * 1000.0
+            )
+        })
+        .collect();
+    eprint!("{text}");
 }
