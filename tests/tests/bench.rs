@@ -210,7 +210,7 @@ impl Results {
 /// The sandbox pod and the commands the benchmarks drive in it.
 struct Bench {
     sandbox: Sandbox,
-    /// The last install's phases (see [`install_phases`]).
+    /// The last install's phases (see [`timing_phases`]).
     phases: std::cell::RefCell<Vec<(String, f64)>>,
     /// The pod's resolv.conf (a scratch file the sandbox removes).
     resolv: String,
@@ -358,7 +358,7 @@ impl Bench {
             "{mode} {}: {out:?}",
             if cleanup { "cleanup" } else { "install" }
         );
-        self.phases.replace(install_phases(&out.stderr));
+        self.phases.replace(timing_phases(&out.stderr));
         took
     }
 
@@ -620,7 +620,7 @@ impl Bench {
             assert!(del.ok(), "DEL {mode}: {del:?}");
             results.add("pod_setup", &format!("cni-{mode}"), "ms", micros / 1e3);
             if mode == "node-set" {
-                for (phase, ms) in install_phases(&add.stderr) {
+                for (phase, ms) in timing_phases(&add.stderr) {
                     results.add(&format!("add_phase {phase}"), "cni-node-set", "ms", ms);
                 }
             }
@@ -890,7 +890,7 @@ fn planned_rules(sandbox: &Sandbox) -> String {
 /// <phase> <ms>`), the four sock_addr programs' verification summed as
 /// `verify connect4/6 sendmsg4/6` and the other programs' as `verify
 /// others`.
-fn install_phases(stderr: &str) -> Vec<(String, f64)> {
+fn timing_phases(stderr: &str) -> Vec<(String, f64)> {
     let mut phases: Vec<(String, f64)> = Vec::new();
     for line in stderr.lines() {
         let Some((phase, ms)) = line

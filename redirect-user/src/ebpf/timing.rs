@@ -3,8 +3,8 @@
 //! `redirect: timing <phase> <ms>` line each, which `cargo xtask bench`
 //! collects into its install and ADD breakdowns.
 //!
-//! One recorder per process: [`start`] begins it (and says whether it is
-//! on), [`mark`] ends a phase anywhere below, [`print`] reports them.
+//! One recorder per process: [`start`] begins it (when the variable says
+//! so), [`mark`] ends a phase anywhere below, [`print`] reports them.
 
 use std::{
     sync::Mutex,
