@@ -282,7 +282,16 @@ fn detect(spec: &Spec) -> (bool, String) {
         "map/lru_hash" => map(MapType::LruHash),
         "map/percpu_array" => map(MapType::PerCpuArray),
         "map/ringbuf" => map(MapType::RingBuf),
-        "map/sk_storage" => map(MapType::SkStorage),
+        "map/sk_storage" => match sys::probe_sk_storage_map() {
+            Ok(()) => (true, "the kernel knows the map type".into()),
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                (false, "the kernel has no such map type".into())
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
+                (false, "cannot tell without privileges".into())
+            }
+            Err(err) => (false, format!("cannot tell ({err})")),
+        },
         "helper/sk_storage_get" => match aya::sys::is_helper_supported(
             aya::programs::ProgramType::CgroupSockAddr,
             aya::sys::BpfHelper::BPF_FUNC_sk_storage_get,

@@ -9,7 +9,9 @@
 //! - `BPF_LINK_DETACH`: force-detaching a link;
 //! - `BPF_OBJ_GET_INFO_BY_FD`: reading a cgroup link's program and target;
 //! - `BPF_MAP_LOOKUP_BATCH`: reading a whole array in one call (a node
-//!   set's pod records, read on every pod's add).
+//!   set's pod records, read on every pod's add);
+//! - `BPF_MAP_CREATE`: asking whether the kernel has socket storage without
+//!   creating (and, slowly, freeing) one (see [`probe_sk_storage_map`]).
 
 use std::{
     ffi::CString,
@@ -19,6 +21,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
+const BPF_MAP_CREATE: u32 = 0;
 const BPF_PROG_LOAD: u32 = 5;
 const BPF_OBJ_PIN: u32 = 6;
 const BPF_OBJ_GET: u32 = 7;
@@ -332,6 +335,59 @@ pub fn probe_tcx(prog_type: u32, attach_type: u32) -> std::io::Result<()> {
         Ok(_) => Err(std::io::Error::other(
             "a TCX link to interface 0 was created",
         )),
+    }
+}
+
+/// Whether the kernel has socket-storage maps (`BPF_MAP_TYPE_SK_STORAGE`,
+/// kernel 5.2), asked so that nothing is allocated: a create whose only
+/// fault is a value too large for socket storage fails with `E2BIG` in the
+/// map type's own check, which runs before any allocation, where a kernel
+/// without the type answers `EINVAL`. (Creating one that fails later, as
+/// aya's probe does, makes the kernel free it synchronously, waiting for an
+/// RCU grace period: 10-40 ms per install on a 2-core machine.) Every field
+/// passed exists from kernel 4.18, so an `E2BIG` cannot be the kernel
+/// refusing unknown fields.
+pub fn probe_sk_storage_map() -> std::io::Result<()> {
+    const BPF_MAP_TYPE_SK_STORAGE: u32 = 24;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    #[repr(C)]
+    struct Attr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+        map_ifindex: u32,
+        btf_fd: u32,
+        btf_key_type_id: u32,
+        btf_value_type_id: u32,
+    }
+    let mut attr = Attr {
+        map_type: BPF_MAP_TYPE_SK_STORAGE,
+        key_size: 4,
+        value_size: u32::MAX,
+        max_entries: 0,
+        map_flags: BPF_F_NO_PREALLOC,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name: [0; 16],
+        map_ifindex: 0,
+        btf_fd: 0,
+        btf_key_type_id: 1,
+        btf_value_type_id: 1,
+    };
+    match bpf(BPF_MAP_CREATE, &mut attr) {
+        Err(err) if err.raw_os_error() == Some(libc::E2BIG) => Ok(()),
+        Err(err) => Err(err),
+        Ok(fd) => {
+            drop(owned(fd));
+            Err(std::io::Error::other(
+                "the kernel created a socket-storage map of 4 GiB values",
+            ))
+        }
     }
 }
 
