@@ -5,7 +5,7 @@
 //! `--assume-missing` (hidden) makes features count as absent, so that
 //! every fallback path can be exercised on a kernel that has everything.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use aya::{maps::MapType, sys::is_map_supported, util::KernelVersion};
 use serde::Serialize;
@@ -218,9 +218,7 @@ pub const INGRESS_IFINDEX: &str = "sk_lookup/ingress_ifindex";
 /// Whether sk_lookup programs may read the interface a connection arrived
 /// on (subject to `--assume-missing`).
 pub fn ingress_ifindex_present() -> bool {
-    let hook = super::SK_LOOKUP;
-    !assumed_missing(INGRESS_IFINDEX)
-        && sys::probe_sk_lookup_ifindex(hook.kind.prog_type(), hook.attach_type).is_ok()
+    !assumed_missing(INGRESS_IFINDEX) && probe_ingress_ifindex().is_ok()
 }
 
 /// Whether this kernel has `hook` (probed once per process, and subject
@@ -232,11 +230,58 @@ pub fn hook_present(hook: &Hook) -> bool {
 /// The kernel's answer for `hook`: a program for it loads (and, for a TCX
 /// hook, may be linked, see [`sys::probe_tcx`]).
 fn probe(hook: &Hook) -> std::io::Result<()> {
-    if hook.kind == super::Kind::SchedCls {
-        sys::probe_tcx(hook.kind.prog_type(), hook.attach_type)
-    } else {
-        sys::probe_hook(hook.kind.prog_type(), hook.attach_type)
+    remembered(hook.feature, || {
+        if hook.kind == super::Kind::SchedCls {
+            sys::probe_tcx(hook.kind.prog_type(), hook.attach_type)
+        } else {
+            sys::probe_hook(hook.kind.prog_type(), hook.attach_type)
+        }
+    })
+}
+
+/// Whether sk_lookup programs may read `ingress_ifindex`, asked once.
+fn probe_ingress_ifindex() -> std::io::Result<()> {
+    let hook = super::SK_LOOKUP;
+    remembered(INGRESS_IFINDEX, || {
+        sys::probe_sk_lookup_ifindex(hook.kind.prog_type(), hook.attach_type)
+    })
+}
+
+/// The kernel's answers so far, by feature: an install asks for each
+/// hook once to choose the mode and again for the programs it attaches.
+/// Kept for the process only; the kernel's features do not change under it.
+static ANSWERS: Mutex<Vec<(&'static str, Option<i32>)>> = Mutex::new(Vec::new());
+
+/// `ask`'s answer for `feature`, asking the kernel the first time only.
+/// An error is kept as its errno (one without an errno is asked again).
+fn remembered(
+    feature: &'static str,
+    ask: impl FnOnce() -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let answer =
+        |errno: Option<i32>| errno.map_or(Ok(()), |e| Err(std::io::Error::from_raw_os_error(e)));
+    let known = ANSWERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .iter()
+        .find(|(name, _)| *name == feature)
+        .map(|(_, errno)| *errno);
+    if let Some(errno) = known {
+        return answer(errno);
     }
+    let result = ask();
+    let errno = match &result {
+        Ok(()) => None,
+        Err(err) => match err.raw_os_error() {
+            Some(e) => Some(e),
+            None => return result,
+        },
+    };
+    ANSWERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push((feature, errno));
+    result
 }
 
 fn detect(spec: &Spec) -> (bool, String) {
@@ -307,16 +352,13 @@ fn detect(spec: &Spec) -> (bool, String) {
             ),
             Some(why) => (false, why),
         },
-        INGRESS_IFINDEX => {
-            let hook = super::SK_LOOKUP;
-            match sys::probe_sk_lookup_ifindex(hook.kind.prog_type(), hook.attach_type) {
-                Ok(()) => (true, "an sk_lookup program may read it".into()),
-                Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
-                    (false, "cannot tell without privileges".into())
-                }
-                Err(err) => (false, format!("the kernel refuses it ({err})")),
+        INGRESS_IFINDEX => match probe_ingress_ifindex() {
+            Ok(()) => (true, "an sk_lookup program may read it".into()),
+            Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
+                (false, "cannot tell without privileges".into())
             }
-        }
+            Err(err) => (false, format!("the kernel refuses it ({err})")),
+        },
         "iptables-nft" | "iptables-legacy" | "nft" => {
             let (program, package) = match spec.name {
                 "nft" => ("nft", "nftables"),
