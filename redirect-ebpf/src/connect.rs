@@ -125,19 +125,20 @@ pub extern "C" fn redirect_decide(owner: u64, dst: u64, src: u64) -> u64 {
         return OUTCOME_INACTIVE;
     };
     let verdict = decide_connect(&input, cfg, &maps);
-    outcome_of(verdict, || {
-        Source::unpack(redirect_source4(owner, dst, src))
-    })
-    .pack(cfg.log_level)
+    outcome_of(verdict, || Source::unpack(redirect_source4(dst, src))).pack(cfg.log_level)
 }
 
 /// [`redirect_source`] for a redirected IPv4 connect, as a global function
 /// of its own: the verifier checks it once, not once for every rule of
-/// the decision that redirects. Returns [`Source::pack`].
+/// the decision that redirects. Returns [`Source::pack`]. It takes the
+/// packed input but its owner, which the source does not depend on: the
+/// compiler may pass an argument the callee never reads as whatever the
+/// register holds, a pointer the verifier refuses as a global function's
+/// argument.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn redirect_source4(owner: u64, dst: u64, src: u64) -> u64 {
-    let input = ConnectInput::<u32>::unpack(owner, dst, src);
+pub extern "C" fn redirect_source4(dst: u64, src: u64) -> u64 {
+    let input = ConnectInput::<u32>::unpack(0, dst, src);
     let Some((cfg, maps)) = active(input.pod) else {
         return Source::<u32>::Refused.pack();
     };

@@ -14,12 +14,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
 };
 use redirect_common::{
-    CIDR_SLOT_BITS, COUNTER_COUNT, ConnTuple, Counter, INSTANCE_POD, InstanceMeta, Ip6,
+    Addr, CIDR_SLOT_BITS, COUNTER_COUNT, ConnTuple, Counter, INSTANCE_POD, InstanceMeta, Ip6,
     LISTENER_SLOTS, Lookups, MAX_CIDRS, MAX_CIDRS6, MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS,
-    MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, OrigDst,
-    PORT_RANGE_SLOT_BITS, PodMeta, ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry, RouteEntry6,
-    SLOTS_PER_POD, cidr_key, cidr6_key, counter_index, local6_key, port_key, port_range_key,
-    slot_key, slot_of_pod,
+    MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, OrigDst, OwnerFacts,
+    OwnerMatch, PORT_RANGE_SLOT_BITS, PodMeta, ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry,
+    RouteEntry6, SLOTS_PER_POD, cidr_key, cidr6_key, counter_index, local6_key, owner_match,
+    port_key, port_range_key, slot_key, slot_of_pod,
 };
 
 /// Largest number of redirected handshakes in flight at once (user space
@@ -344,6 +344,53 @@ impl Maps {
         // SAFETY: only presence is used.
         unsafe { RDR_GROUPS.get(slot_key(self.slot, gid)) }.is_some()
     }
+
+    /// [`redirect_common::owner_match`], run by [`redirect_owner_match`].
+    #[inline(always)]
+    fn owners(&self, facts: OwnerFacts) -> OwnerMatch {
+        let (owner, flags) = facts.pack(self.slot);
+        OwnerMatch::from_u64(redirect_owner_match(owner, flags))
+    }
+}
+
+/// The owner rules of the proxy's UIDs and GIDs
+/// ([`redirect_common::owner_match`]: per UID and GID
+/// `-o lo ... -j ISTIO_IN_REDIRECT`, `-o lo ! --uid-owner -j RETURN`,
+/// `--uid-owner -j RETURN`) as a BPF global function (kernel 5.6): its
+/// loops over the owner lists are verified once per program, not once for
+/// every path of the decision that reaches them (which was a third of an
+/// install's verification). Scalars in ([`OwnerFacts::pack`], with the
+/// slot in force), the [`OwnerMatch`] out.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_owner_match(owner: u64, flags: u64) -> u64 {
+    let (facts, slot) = OwnerFacts::unpack(owner, flags);
+    match RDR_CONFIG.get(slot) {
+        Some(cfg) => owner_match(cfg, facts) as u64,
+        None => OwnerMatch::None as u64,
+    }
+}
+
+/// `-d NS` for each nameserver of the pod's resolv.conf (Istio's
+/// `ISTIO_OUTPUT_DNS` rules, [`Addr::is_nameserver`]) as a global
+/// function, for the reason [`redirect_owner_match`] is one: the slot in
+/// force << 32 | the IPv4 address in, 1 (a nameserver) or 0 out.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_nameserver4(slot_and_ip: u64) -> u64 {
+    RDR_CONFIG
+        .get((slot_and_ip >> 32) as u32)
+        .is_some_and(|cfg| (slot_and_ip as u32).is_nameserver(cfg)) as u64
+}
+
+/// [`redirect_nameserver4`] for IPv6: the slot, then the address's halves
+/// ([`Ip6::halves`]).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_nameserver6(slot: u64, hi: u64, lo: u64) -> u64 {
+    RDR_CONFIG
+        .get(slot as u32)
+        .is_some_and(|cfg| Ip6::from_halves(hi, lo).is_nameserver(cfg)) as u64
 }
 
 impl Lookups for Maps {
@@ -360,6 +407,16 @@ impl Lookups for Maps {
     #[inline(always)]
     fn owner_group(&self, gid: u32) -> bool {
         self.group(gid)
+    }
+
+    #[inline(always)]
+    fn owner_match(&self, _: &RedirectConfig, facts: OwnerFacts) -> OwnerMatch {
+        self.owners(facts)
+    }
+
+    #[inline(always)]
+    fn nameserver(&self, _: &RedirectConfig, ip: u32) -> bool {
+        redirect_nameserver4(u64::from(self.slot) << 32 | u64::from(ip)) != 0
     }
 
     #[inline(always)]
@@ -408,6 +465,17 @@ impl Lookups<Ip6> for Maps {
     #[inline(always)]
     fn owner_group(&self, gid: u32) -> bool {
         self.group(gid)
+    }
+
+    #[inline(always)]
+    fn owner_match(&self, _: &RedirectConfig, facts: OwnerFacts) -> OwnerMatch {
+        self.owners(facts)
+    }
+
+    #[inline(always)]
+    fn nameserver(&self, _: &RedirectConfig, ip: Ip6) -> bool {
+        let [hi, lo] = ip.halves();
+        redirect_nameserver6(u64::from(self.slot), hi, lo) != 0
     }
 
     #[inline(always)]

@@ -68,6 +68,22 @@ pub trait Lookups<A = u32> {
     /// Whether the pod's route to `ip` leaves through an interface `-c`
     /// names.
     fn route_excluded(&self, ip: A) -> bool;
+    /// The first `-o lo` owner rule of the proxy's UIDs and GIDs that
+    /// matches ([`owner_match`], which is what this does unless an
+    /// implementation runs it out of line: the eBPF programs run it as a
+    /// global function, which the verifier checks once, not once for each
+    /// path into it).
+    fn owner_match(&self, cfg: &RedirectConfig, facts: OwnerFacts) -> OwnerMatch {
+        owner_match(cfg, facts)
+    }
+    /// Whether `ip` is a nameserver of the pod's resolv.conf (what
+    /// [`Addr::is_nameserver`] says, unless run out of line as above).
+    fn nameserver(&self, cfg: &RedirectConfig, ip: A) -> bool
+    where
+        A: Addr,
+    {
+        ip.is_nameserver(cfg)
+    }
 }
 
 /// Decides one outbound `connect()` (or, for UDP, `sendmsg()`) by walking
@@ -300,7 +316,9 @@ fn decide_nat<A: Addr>(
     }
     let in_loopback = dst.in_loopback_cidr(cfg);
     let hairpin = tcp && local && !in_loopback && input.dst_port != cfg.tunnel_port;
-    let lo = LoRules {
+    let facts = OwnerFacts {
+        uid: input.uid,
+        gid: input.gid,
         // With DNS capture the UID form also spares TCP DNS
         // (`-m multiport ! --dports 53,15008`); the GID form does not.
         hairpin_uid: hairpin && !(dns && input.dst_port == DNS_PORT),
@@ -309,27 +327,18 @@ fn decide_nat<A: Addr>(
         return_others: local
             && cfg.flags & CFG_INCLUDE_LOOPBACK == 0
             && (!dns || (tcp && input.dst_port != DNS_PORT)),
-        inbound_port: cfg.inbound_port,
     };
-    // Two calls rather than a loop over (ids, ...) pairs: an array of
-    // references on the stack trips the verifier without CAP_PERFMON.
-    if let Some(verdict) = lo.owner_rules(
-        &cfg.proxy_uids,
-        cfg.uid_count,
-        input.uid,
-        lo.hairpin_uid,
-        Counter::BypassUid,
-    ) {
-        return verdict;
-    }
-    if let Some(verdict) = lo.owner_rules(
-        &cfg.proxy_gids,
-        cfg.gid_count,
-        input.gid,
-        lo.hairpin_gid,
-        Counter::BypassGid,
-    ) {
-        return verdict;
+    match maps.owner_match(cfg, facts) {
+        OwnerMatch::None => {}
+        OwnerMatch::Hairpin => {
+            return Verdict::Redirect {
+                port: separate_load(&cfg.inbound_port),
+                counter: Counter::Hairpin,
+            };
+        }
+        OwnerMatch::ReturnOthers => return Verdict::Bypass(Counter::BypassLocal),
+        OwnerMatch::ProxyUid => return Verdict::Bypass(Counter::BypassUid),
+        OwnerMatch::ProxyGid => return Verdict::Bypass(Counter::BypassGid),
     }
     let in_groups = cfg.group_count != 0 && maps.owner_group(input.gid);
     if cfg.flags & CFG_GROUPS_ONLY != 0 {
@@ -339,7 +348,9 @@ fn decide_nat<A: Addr>(
     } else if in_groups {
         return Verdict::Bypass(Counter::BypassGroup);
     }
-    if dns && input.dst_port == DNS_PORT && (cfg.flags & CFG_DNS_ALL != 0 || dst.is_nameserver(cfg))
+    if dns
+        && input.dst_port == DNS_PORT
+        && (cfg.flags & CFG_DNS_ALL != 0 || maps.nameserver(cfg, dst))
     {
         return Verdict::Redirect {
             port: separate_load(&cfg.dns_port),
@@ -520,52 +531,133 @@ fn inbound_port_rules<A>(
 }
 
 /// What the `-o lo` owner rules need to know about one connect.
-struct LoRules {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnerFacts {
+    pub uid: u32,
+    pub gid: u32,
     /// `-o lo ! -d LO -p tcp ! --dport TUNNEL` (and, with DNS capture,
     /// `! --dport 53`) holds, in the UID form.
-    hairpin_uid: bool,
+    pub hairpin_uid: bool,
     /// The same in the GID form.
-    hairpin_gid: bool,
+    pub hairpin_gid: bool,
     /// `-o lo -m owner ! --uid-owner X -j RETURN` is in the chain (and `-o lo` holds).
-    return_others: bool,
-    inbound_port: u16,
+    pub return_others: bool,
 }
 
-impl LoRules {
-    /// The three rules istio-iptables adds for each proxy UID (or GID) `X`,
-    /// in order, for each of the first `count` entries of `ids`: the
-    /// hairpin to the inbound port (when `hairpin` holds), the return of
-    /// other owners' local traffic, the return of the proxy's own. `None`:
-    /// no rule matched.
+impl OwnerFacts {
+    /// As two scalars, for a BPF global function: the owner, and the
+    /// flags beside `extra` (which the caller passes through).
     #[inline(always)]
-    fn owner_rules(
-        &self,
-        ids: &[u32; MAX_OWNERS],
-        count: u32,
-        id: u32,
-        hairpin: bool,
-        bypass: Counter,
-    ) -> Option<Verdict> {
-        let mut i = 0;
-        while i < MAX_OWNERS {
-            if (i as u32) < count {
-                let owner = ids[i] == id;
-                if owner && hairpin {
-                    return Some(Verdict::Redirect {
-                        port: self.inbound_port,
-                        counter: Counter::Hairpin,
-                    });
-                }
-                if !owner && self.return_others {
-                    return Some(Verdict::Bypass(Counter::BypassLocal));
-                }
-                if owner {
-                    return Some(Verdict::Bypass(bypass));
-                }
-            }
-            i += 1;
+    pub fn pack(self, extra: u32) -> (u64, u64) {
+        let flags = u64::from(self.hairpin_uid)
+            | u64::from(self.hairpin_gid) << 1
+            | u64::from(self.return_others) << 2;
+        (
+            u64::from(self.uid) << 32 | u64::from(self.gid),
+            u64::from(extra) << 8 | flags,
+        )
+    }
+
+    /// The facts of [`Self::pack`], and its `extra`.
+    #[inline(always)]
+    pub fn unpack(owner: u64, flags: u64) -> (Self, u32) {
+        let facts = Self {
+            uid: (owner >> 32) as u32,
+            gid: owner as u32,
+            hairpin_uid: flags & 1 != 0,
+            hairpin_gid: flags & 2 != 0,
+            return_others: flags & 4 != 0,
+        };
+        (facts, (flags >> 8) as u32)
+    }
+}
+
+/// Which of the proxy's owner rules a connect meets first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OwnerMatch {
+    /// None: the chain goes on.
+    None = 0,
+    /// `-o lo ! -d LO -m owner --uid-owner X -j ISTIO_IN_REDIRECT` (or
+    /// `--gid-owner`).
+    Hairpin = 1,
+    /// `-o lo -m owner ! --uid-owner X -j RETURN` (or `--gid-owner`).
+    ReturnOthers = 2,
+    /// `-m owner --uid-owner X -j RETURN`.
+    ProxyUid = 3,
+    /// `-m owner --gid-owner X -j RETURN`.
+    ProxyGid = 4,
+}
+
+impl OwnerMatch {
+    /// The match a global function returned as [`OwnerMatch`]`as u64`.
+    #[inline(always)]
+    pub fn from_u64(value: u64) -> Self {
+        match value {
+            1 => Self::Hairpin,
+            2 => Self::ReturnOthers,
+            3 => Self::ProxyUid,
+            4 => Self::ProxyGid,
+            _ => Self::None,
         }
-        None
+    }
+}
+
+/// The three rules istio-iptables adds for each proxy UID `X`, in order
+/// (the hairpin to the inbound port when `hairpin_uid` holds, the return
+/// of other owners' local traffic, the return of the proxy's own), then
+/// the same three for each proxy GID: the first that matches.
+#[inline(always)]
+pub fn owner_match(cfg: &RedirectConfig, facts: OwnerFacts) -> OwnerMatch {
+    let by_uid = owner_rules(
+        (&cfg.proxy_uids, cfg.uid_count, facts.uid),
+        facts.hairpin_uid,
+        facts.return_others,
+        OwnerMatch::ProxyUid,
+    );
+    if by_uid != OwnerMatch::None {
+        return by_uid;
+    }
+    owner_rules(
+        (&cfg.proxy_gids, cfg.gid_count, facts.gid),
+        facts.hairpin_gid,
+        facts.return_others,
+        OwnerMatch::ProxyGid,
+    )
+}
+
+/// The three rules for each of the first `count` entries of `ids`, walked
+/// in order (`owners_own`: the last one's match), come down to this: with the return of other owners' traffic
+/// in the chain, the first entry decides (its own rules if it is the
+/// owner, else `! --uid-owner X -j RETURN`); without it, any entry that is
+/// the owner does. (Written so rather than as the walk, whose three exits
+/// per entry the verifier followed for every path into it; the walk is
+/// the reference of a property test.)
+#[inline(always)]
+fn owner_rules(
+    (ids, count, id): (&[u32; MAX_OWNERS], u32, u32),
+    hairpin: bool,
+    return_others: bool,
+    owners_own: OwnerMatch,
+) -> OwnerMatch {
+    if count == 0 {
+        return OwnerMatch::None;
+    }
+    let owner = if return_others {
+        ids[0] == id
+    } else {
+        contains(ids, count, id)
+    };
+    if !owner {
+        if return_others {
+            OwnerMatch::ReturnOthers
+        } else {
+            OwnerMatch::None
+        }
+    } else if hairpin {
+        OwnerMatch::Hairpin
+    } else {
+        owners_own
     }
 }
 

@@ -1668,3 +1668,115 @@ fn sources_cross_their_global_function_unchanged() {
         assert_eq!(Source::from_kind(six.kind(), addr), six);
     }
 }
+
+/// Istio's owner rules as istio-iptables writes them, walked one by one:
+/// for each UID `X` the hairpin, `! --uid-owner X -j RETURN` and
+/// `--uid-owner X -j RETURN`, then the same for each GID.
+fn owner_rules_walked(cfg: &RedirectConfig, facts: OwnerFacts) -> OwnerMatch {
+    let lists = [
+        (
+            &cfg.proxy_uids,
+            cfg.uid_count,
+            facts.uid,
+            facts.hairpin_uid,
+            OwnerMatch::ProxyUid,
+        ),
+        (
+            &cfg.proxy_gids,
+            cfg.gid_count,
+            facts.gid,
+            facts.hairpin_gid,
+            OwnerMatch::ProxyGid,
+        ),
+    ];
+    for (ids, count, id, hairpin, own) in lists {
+        for &x in &ids[..count as usize] {
+            if x == id && hairpin {
+                return OwnerMatch::Hairpin;
+            }
+            if x != id && facts.return_others {
+                return OwnerMatch::ReturnOthers;
+            }
+            if x == id {
+                return own;
+            }
+        }
+    }
+    OwnerMatch::None
+}
+
+/// Every list of up to four owners from three ids, every owner and every
+/// combination of the rules' conditions: `owner_match` (what the programs
+/// run) meets the same rule first as the walk of the rules.
+#[test]
+fn owner_match_is_the_walk_of_istios_owner_rules() {
+    let lists: Vec<([u32; MAX_OWNERS], u32)> = (0..81u32)
+        .flat_map(|digits| {
+            let mut ids = [0; MAX_OWNERS];
+            for (i, id) in ids.iter_mut().take(4).enumerate() {
+                *id = 1 + digits / 3u32.pow(i as u32) % 3;
+            }
+            (0..=4).map(move |count| (ids, count))
+        })
+        .collect();
+    let gid_lists = [
+        ([0; MAX_OWNERS], 0),
+        ([1; MAX_OWNERS], 1),
+        ([2; MAX_OWNERS], 1),
+        ([2, 1, 0, 0, 0, 0, 0, 0], 2),
+        ([3, 2, 1, 1, 1, 1, 1, 1], MAX_OWNERS as u32),
+    ];
+    let mut checked = 0u32;
+    for &(uids, uid_count) in &lists {
+        for &(gids, gid_count) in &gid_lists {
+            let mut cfg = istio_default();
+            (cfg.proxy_uids, cfg.uid_count) = (uids, uid_count);
+            (cfg.proxy_gids, cfg.gid_count) = (gids, gid_count);
+            for (uid, gid, conditions) in
+                (1..=4).flat_map(|u| (1..=4).flat_map(move |g| (0..8u8).map(move |c| (u, g, c))))
+            {
+                let facts = OwnerFacts {
+                    uid,
+                    gid,
+                    hairpin_uid: conditions & 1 != 0,
+                    hairpin_gid: conditions & 2 != 0,
+                    return_others: conditions & 4 != 0,
+                };
+                assert_eq!(
+                    owner_match(&cfg, facts),
+                    owner_rules_walked(&cfg, facts),
+                    "{facts:?} uids {:?} gids {:?}",
+                    &uids[..uid_count as usize],
+                    &gids[..gid_count as usize]
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 81 * 5 * 5 * 4 * 4 * 8);
+}
+
+/// A global function's two scalars carry the facts and the caller's slot.
+#[test]
+fn owner_facts_survive_packing() {
+    for conditions in 0..8u8 {
+        let facts = OwnerFacts {
+            uid: 1337,
+            gid: u32::MAX,
+            hairpin_uid: conditions & 1 != 0,
+            hairpin_gid: conditions & 2 != 0,
+            return_others: conditions & 4 != 0,
+        };
+        let (owner, flags) = facts.pack(0x00ff_fffe);
+        assert_eq!(OwnerFacts::unpack(owner, flags), (facts, 0x00ff_fffe));
+    }
+    for m in [
+        OwnerMatch::None,
+        OwnerMatch::Hairpin,
+        OwnerMatch::ReturnOthers,
+        OwnerMatch::ProxyUid,
+        OwnerMatch::ProxyGid,
+    ] {
+        assert_eq!(OwnerMatch::from_u64(m as u64), m);
+    }
+}
