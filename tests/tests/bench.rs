@@ -887,9 +887,7 @@ fn planned_rules(sandbox: &Sandbox) -> String {
 }
 
 /// The install (or ADD) phases `REDIRECT_TIMING=1` printed (`redirect: timing
-/// <phase> <ms>`), the four sock_addr programs' verification summed as
-/// `verify connect4/6 sendmsg4/6` and the other programs' as `verify
-/// others`.
+/// <phase> <ms>`), the attaches summed as `attach`.
 fn timing_phases(stderr: &str) -> Vec<(String, f64)> {
     let mut phases: Vec<(String, f64)> = Vec::new();
     for line in stderr.lines() {
@@ -900,13 +898,10 @@ fn timing_phases(stderr: &str) -> Vec<(String, f64)> {
             continue;
         };
         let Ok(ms) = ms.parse::<f64>() else { continue };
-        let phase = match phase.strip_prefix("verify ") {
-            Some("connect4" | "connect6" | "sendmsg4" | "sendmsg6") => {
-                "verify connect4/6 sendmsg4/6"
-            }
-            Some(_) => "verify others",
-            None if phase.starts_with("attach ") => "attach",
-            None => phase,
+        let phase = if phase.starts_with("attach ") {
+            "attach"
+        } else {
+            phase
         };
         match phases.iter_mut().find(|(p, _)| p == phase) {
             Some((_, total)) => *total += ms,

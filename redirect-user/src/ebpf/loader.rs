@@ -39,7 +39,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::SockMap,
     maps::{Array, MapData},
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SchedClassifier, SkLookup, SockOps},
+    programs::{
+        CgroupSockAddr, CgroupSockopt, Program, ProgramError, SchedClassifier, SkLookup, SockOps,
+    },
     util::KernelVersion,
 };
 use redirect_common::{
@@ -265,12 +267,29 @@ fn install_steps(
 
     let cgroup = File::open(&req.cgroup.path)
         .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
-    let mut to_update = Vec::new();
+    let mut hooks = Vec::new();
     for hook in HOOKS {
-        if !load_hook(&mut ebpf, hook)? {
-            continue;
+        if hook_wanted(hook)? {
+            hooks.push(hook);
         }
-        timing::mark(|| format!("verify {}", hook.name));
+    }
+    let inbound_pin = dir.join(SK_LOOKUP.pin_name());
+    let inbound = req.config.inbound.is_some() || inbound_pin.exists();
+    if inbound && !available(&SK_LOOKUP) {
+        let (major, minor) = SK_LOOKUP.min_kernel;
+        bail!(
+            "inbound capture (-b) needs the sk_lookup hook of kernel {major}.{minor} or later: use `redirect istio-iptables` (its auto mode programs iptables for it) or drop -b"
+        );
+    }
+    let to_load: Vec<Hook> = hooks
+        .iter()
+        .copied()
+        .chain(inbound.then_some(SK_LOOKUP))
+        .collect();
+    load_programs(&mut ebpf, &to_load)?;
+    timing::mark(|| "verify the programs (side by side)".into());
+    let mut to_update = Vec::new();
+    for hook in hooks {
         let pin = dir.join(hook.pin_name());
         if pin_is_live(&pin, req.cgroup.id) {
             to_update.push((hook, pin));
@@ -282,20 +301,12 @@ fn install_steps(
         timing::mark(|| format!("attach {}", hook.name));
     }
     // Inbound last: the sockops program that registers listeners runs by now.
-    let pin = dir.join(SK_LOOKUP.pin_name());
-    if req.config.inbound.is_some() || pin.exists() {
-        if !available(&SK_LOOKUP) {
-            let (major, minor) = SK_LOOKUP.min_kernel;
-            bail!(
-                "inbound capture (-b) needs the sk_lookup hook of kernel {major}.{minor} or later: use `redirect istio-iptables` (its auto mode programs iptables for it) or drop -b"
-            );
-        }
+    if inbound {
+        let pin = inbound_pin;
         if req.config.inbound.is_some() {
             take_over_listener(&mut ebpf, req.config.inbound_port, notes)?;
         }
         timing::mark(|| "inbound listener search".into());
-        load_program(&mut ebpf, SK_LOOKUP)?;
-        timing::mark(|| format!("verify {}", SK_LOOKUP.name));
         if pin_is_live(&pin, netns_ino) {
             to_update.push((SK_LOOKUP, pin));
         } else {
@@ -590,25 +601,74 @@ fn pin_program(program: BorrowedFd<'_>, hook: Hook, dir: &Path) -> Result<()> {
 /// Loads `hook`'s program (the verifier's turn) where this kernel has the
 /// hook: `false` for an optional hook it lacks (`redirect status` reports
 /// it), an error naming the kernel for a required one.
-pub(super) fn load_hook(ebpf: &mut Ebpf, hook: Hook) -> Result<bool> {
-    if !available(&hook) {
-        if hook.optional {
-            return Ok(false);
-        }
-        let (major, minor) = hook.min_kernel;
-        bail!(
-            "the {} hook needs kernel {major}.{minor} or later",
-            hook.name
-        );
+/// Whether `hook`'s program is to be loaded: the kernel has the hook, or
+/// it is optional (`false`); an error names the kernel a required hook
+/// needs.
+pub(super) fn hook_wanted(hook: Hook) -> Result<bool> {
+    if available(&hook) {
+        return Ok(true);
     }
-    load_program(ebpf, hook)?;
-    Ok(true)
+    if hook.optional {
+        return Ok(false);
+    }
+    let (major, minor) = hook.min_kernel;
+    bail!(
+        "the {} hook needs kernel {major}.{minor} or later",
+        hook.name
+    );
 }
 
 pub(super) fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
     let program = ebpf
         .program_mut(hook.program)
         .with_context(|| format!("program {} missing from the object", hook.program))?;
+    load_one(hook, program)
+}
+
+/// Loads (the kernel verifies) the programs of `hooks`, each on a thread
+/// of its own. The kernel verifies privileged loads side by side, so an
+/// install waits for the slowest program rather than for all of them in
+/// turn (connect6 and sendmsg6 are most of it). An error is that of the
+/// first of `hooks` that failed; programs loaded by then stay loaded, as
+/// they do when one fails in turn (the caller's rollback drops them).
+pub(super) fn load_programs(ebpf: &mut Ebpf, hooks: &[Hook]) -> Result<()> {
+    let mut programs: Vec<(Hook, &mut Program)> = Vec::new();
+    for (name, program) in ebpf.programs_mut() {
+        if let Some(hook) = hooks.iter().find(|h| h.program == name) {
+            programs.push((*hook, program));
+        }
+    }
+    if let Some(missing) = hooks
+        .iter()
+        .find(|h| !programs.iter().any(|(p, _)| p.program == h.program))
+    {
+        bail!("program {} missing from the object", missing.program);
+    }
+    let results: Vec<(Hook, Result<()>)> = std::thread::scope(|scope| {
+        let running: Vec<_> = programs
+            .into_iter()
+            .map(|(hook, program)| (hook, scope.spawn(move || load_one(hook, program))))
+            .collect();
+        running
+            .into_iter()
+            .map(|(hook, thread)| {
+                let result = thread
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow!("loading the {} program panicked", hook.name)));
+                (hook, result)
+            })
+            .collect()
+    });
+    let mut results = results;
+    for hook in hooks {
+        if let Some(at) = results.iter().position(|(h, _)| h.program == hook.program) {
+            results.swap_remove(at).1?;
+        }
+    }
+    Ok(())
+}
+
+fn load_one(hook: Hook, program: &mut Program) -> Result<()> {
     let result = match hook.kind {
         Kind::SockAddr => <&mut CgroupSockAddr>::try_from(program)?.load(),
         Kind::SockOps => <&mut SockOps>::try_from(program)?.load(),

@@ -42,7 +42,7 @@ use redirect_common::{
 };
 
 use super::{
-    HOOKS, OBJECT, SK_LOOKUP, config::Config, listener, loader, maps, privilege, sys, timing,
+    HOOKS, Hook, OBJECT, SK_LOOKUP, config::Config, listener, loader, maps, privilege, sys, timing,
 };
 use crate::{
     bpffs::{self, DEL_PREFIX, Lock, NEW_PREFIX},
@@ -280,15 +280,18 @@ fn build_set(req: &LoadRequest<'_>, build: &Path) -> Result<()> {
     let mut ebpf = load_object(req, build)?;
     let cgroup = File::open(&req.cgroup.path)
         .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
+    let mut hooks = Vec::new();
     for hook in HOOKS {
-        if !loader::load_hook(&mut ebpf, hook)? {
-            continue;
+        if loader::hook_wanted(hook)? {
+            hooks.push(hook);
         }
-        loader::attach_and_pin_to(&ebpf, hook, &cgroup, &build.join(hook.pin_name()))?;
     }
     // Each pod's inbound link is made from the pinned sk_lookup program.
-    if loader::available(&SK_LOOKUP) {
-        loader::load_program(&mut ebpf, SK_LOOKUP)?;
+    let sk_lookup = loader::available(&SK_LOOKUP).then_some(SK_LOOKUP);
+    let to_load: Vec<Hook> = hooks.iter().copied().chain(sk_lookup).collect();
+    loader::load_programs(&mut ebpf, &to_load)?;
+    for hook in hooks {
+        loader::attach_and_pin_to(&ebpf, hook, &cgroup, &build.join(hook.pin_name()))?;
     }
     loader::pin_programs(&ebpf, HOOKS.into_iter().chain([SK_LOOKUP]), build)?;
     Ok(())

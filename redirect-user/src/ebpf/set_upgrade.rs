@@ -196,15 +196,18 @@ fn swap_programs(
 ) -> Result<()> {
     let mut hooks = Vec::new();
     for hook in HOOKS {
-        if loader::load_hook(ebpf, hook)? {
+        if loader::hook_wanted(hook)? {
             hooks.push(hook);
         }
     }
     // As a new set has it: where the kernel has the hook.
     let sk_lookup = loader::available(&SK_LOOKUP);
-    if sk_lookup {
-        loader::load_program(ebpf, SK_LOOKUP)?;
-    }
+    let to_load: Vec<Hook> = hooks
+        .iter()
+        .copied()
+        .chain(sk_lookup.then_some(SK_LOOKUP))
+        .collect();
+    loader::load_programs(ebpf, &to_load)?;
     let mut cgroup = None;
     for hook in hooks {
         let pin = dir.join(hook.pin_name());
