@@ -470,6 +470,22 @@ impl Bench {
                 ))
             })
             .collect();
+        // What verifying each program cost, in the kernel's own count of the
+        // instructions it walked (kernel 5.16+; none before).
+        for (hook, id) in &programs {
+            let verified = aya::programs::loaded_programs()
+                .flatten()
+                .find(|p| p.id() == *id)
+                .and_then(|p| p.verified_instruction_count());
+            if let Some(insns) = verified {
+                results.add(
+                    &format!("verified_insns_{hook}"),
+                    "ebpf",
+                    "insns",
+                    f64::from(insns),
+                );
+            }
+        }
         let snapshot = || -> Vec<(u64, u64)> {
             programs
                 .iter()
