@@ -598,12 +598,9 @@ fn pin_program(program: BorrowedFd<'_>, hook: Hook, dir: &Path) -> Result<()> {
         .with_context(|| format!("renaming {} into place", staging.display()))
 }
 
-/// Loads `hook`'s program (the verifier's turn) where this kernel has the
-/// hook: `false` for an optional hook it lacks (`redirect status` reports
+/// Whether `hook`'s program is to be loaded: where this kernel has the
+/// hook; `false` for an optional hook it lacks (`redirect status` reports
 /// it), an error naming the kernel for a required one.
-/// Whether `hook`'s program is to be loaded: the kernel has the hook, or
-/// it is optional (`false`); an error names the kernel a required hook
-/// needs.
 pub(super) fn hook_wanted(hook: Hook) -> Result<bool> {
     if available(&hook) {
         return Ok(true);
@@ -644,7 +641,7 @@ pub(super) fn load_programs(ebpf: &mut Ebpf, hooks: &[Hook]) -> Result<()> {
     {
         bail!("program {} missing from the object", missing.program);
     }
-    let results: Vec<(Hook, Result<()>)> = std::thread::scope(|scope| {
+    let mut results: Vec<(Hook, Result<()>)> = std::thread::scope(|scope| {
         let running: Vec<_> = programs
             .into_iter()
             .map(|(hook, program)| (hook, scope.spawn(move || load_one(hook, program))))
@@ -659,7 +656,6 @@ pub(super) fn load_programs(ebpf: &mut Ebpf, hooks: &[Hook]) -> Result<()> {
             })
             .collect()
     });
-    let mut results = results;
     for hook in hooks {
         if let Some(at) = results.iter().position(|(h, _)| h.program == hook.program) {
             results.swap_remove(at).1?;
