@@ -4,6 +4,18 @@ use std::{fs::File, os::fd::OwnedFd};
 
 use anyhow::{Context as _, Result, anyhow};
 
+/// TIME_WAIT sockets a sandbox namespace may hold. A namespace gets its
+/// limit from the size of the kernel's socket hash, which is small in a
+/// VM of the kernel matrix: the connect loops (thousands of connections a
+/// second, both ends in the pod) overflowed it
+/// (`TcpExt:TCPTimeWaitOverflow` by tens of thousands), and then the
+/// kernel closes a socket without TIME_WAIT and answers the peer's late
+/// ACK with a reset, which a client still in `connect()` sees as EPIPE
+/// (`Tcp:EstabResets`), with or without capture. That is a limit of the
+/// test machine, not what the tests measure. 262,144 is what the kernel
+/// gives a host with a few GB of memory.
+const MAX_TIME_WAIT: &str = "262144";
+
 /// Creates a new network namespace and returns a descriptor that keeps it
 /// alive. It is never named under `/run/netns`: it disappears once this
 /// descriptor and every process inside it are gone.
@@ -15,6 +27,9 @@ pub fn create() -> Result<OwnedFd> {
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
         }
+        // The thread's own namespace, as /proc/sys/net is its opener's.
+        std::fs::write("/proc/sys/net/ipv4/tcp_max_tw_buckets", MAX_TIME_WAIT)
+            .context("raising the new netns's TIME_WAIT limit")?;
         let file = File::open("/proc/thread-self/ns/net").context("opening the new netns")?;
         Ok(OwnedFd::from(file))
     })
