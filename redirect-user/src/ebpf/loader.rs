@@ -242,7 +242,6 @@ fn install_steps(
     if ingress_ifindex {
         loader.override_global("INGRESS_IFINDEX", &1u32, true);
     }
-    timing::mark(|| "kernel BTF parse (aya)".into());
     let mut ebpf = loader
         .default_map_pin_directory(dir)
         .map_pin_path(maps::SOCK, sock_pin.as_path())
@@ -854,6 +853,50 @@ impl Undo {
 #[cfg(test)]
 mod tests {
     use super::verifier_complaint;
+
+    /// Bytes this thread has read (`rchar` of /proc/thread-self/io).
+    fn bytes_read() -> u64 {
+        let io =
+            std::fs::read_to_string("/proc/thread-self/io").expect("reading /proc/thread-self/io");
+        io.lines()
+            .find_map(|line| line.strip_prefix("rchar: "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("rchar in /proc/thread-self/io")
+    }
+
+    /// The kernel's BTF costs 22-24 ms to parse and our programs have no
+    /// CO-RE relocations, so no install may read it: the carried aya patch
+    /// (vendor/aya) makes the loader read it only for an object that has
+    /// some. Fails if the patch is lost (an aya without it reads the whole
+    /// file in `EbpfLoader::new()`) or if the programs gain relocations.
+    #[test]
+    fn the_loader_reads_no_kernel_btf() {
+        const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+        let Ok(meta) = std::fs::metadata(VMLINUX) else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{VMLINUX} is missing: this kernel has no BTF (CONFIG_DEBUG_INFO_BTF)"
+            );
+            eprintln!("skipped: {VMLINUX} is missing (a kernel without CONFIG_DEBUG_INFO_BTF)");
+            return;
+        };
+        // sysfs reports no size for it; read it once to know it.
+        let size = std::fs::read(VMLINUX).map_or(meta.len(), |b| b.len() as u64);
+        assert!(size > 100_000, "{VMLINUX} is only {size} bytes");
+        let before = bytes_read();
+        let loader = aya::EbpfLoader::new();
+        let read = bytes_read() - before;
+        drop(loader);
+        assert!(
+            read < size / 2,
+            "EbpfLoader::new() read {read} bytes (the kernel's BTF is {size}): the vendor/aya patch is not in use"
+        );
+        let object = aya_obj::Object::parse(super::super::OBJECT).expect("parsing the eBPF object");
+        assert!(
+            !object.has_btf_relocations(),
+            "the eBPF object has CO-RE relocations: every load now parses the kernel's BTF"
+        );
+    }
 
     #[test]
     fn the_verifier_complaint_is_found_among_its_log() {

@@ -116,7 +116,7 @@ pub fn features() -> &'static Features {
 /// ```
 #[derive(Debug)]
 pub struct EbpfLoader<'a> {
-    btf: Option<Cow<'a, Btf>>,
+    btf: TargetBtf<'a>,
     default_map_pin_directory: Option<PathBuf>,
     globals: HashMap<&'a str, (&'a [u8], bool)>,
     // Max entries overrides the max_entries field of the map that matches the provided name
@@ -156,11 +156,22 @@ impl Default for VerifierLogLevel {
     }
 }
 
+/// The BTF an [`EbpfLoader`] relocates the object against.
+#[derive(Debug)]
+enum TargetBtf<'a> {
+    /// The kernel's (`/sys/kernel/btf/vmlinux`), read by `load` and only
+    /// when the object has BTF relocations: reading it costs tens of
+    /// milliseconds, which an object without relocations need not pay.
+    Kernel,
+    /// What [`EbpfLoader::btf`] was given (`None`: no BTF relocations).
+    Given(Option<Cow<'a, Btf>>),
+}
+
 impl<'a> EbpfLoader<'a> {
     /// Creates a new loader instance.
     pub fn new() -> Self {
         Self {
-            btf: Btf::from_sys_fs().ok().map(Cow::Owned),
+            btf: TargetBtf::Kernel,
             default_map_pin_directory: None,
             globals: HashMap::new(),
             max_entries: HashMap::new(),
@@ -173,7 +184,8 @@ impl<'a> EbpfLoader<'a> {
 
     /// Sets the target [BTF](Btf) info.
     ///
-    /// The loader defaults to loading `BTF` info using [`Btf::from_sys_fs`].
+    /// The loader defaults to loading `BTF` info using [`Btf::from_sys_fs`],
+    /// when the object being loaded has `BTF` relocations to apply.
     /// Use this method if you want to load `BTF` from a custom location or
     /// pass `None` to disable `BTF` relocations entirely.
     /// # Example
@@ -189,7 +201,7 @@ impl<'a> EbpfLoader<'a> {
     /// # Ok::<(), aya::EbpfError>(())
     /// ```
     pub fn btf(&mut self, btf: Option<&'a Btf>) -> &mut Self {
-        self.btf = btf.map(Cow::Borrowed);
+        self.btf = TargetBtf::Given(btf.map(Cow::Borrowed));
         self
     }
 
@@ -492,7 +504,16 @@ impl<'a> EbpfLoader<'a> {
             None
         };
 
-        if let Some(btf) = &btf {
+        let kernel_btf;
+        let btf = match btf {
+            TargetBtf::Given(btf) => btf.as_deref(),
+            TargetBtf::Kernel if obj.has_btf_relocations() => {
+                kernel_btf = Btf::from_sys_fs().ok();
+                kernel_btf.as_ref()
+            }
+            TargetBtf::Kernel => None,
+        };
+        if let Some(btf) = btf {
             obj.relocate_btf(btf)?;
         }
 
@@ -988,9 +1009,7 @@ impl Ebpf {
     /// # Ok::<(), aya::EbpfError>(())
     /// ```
     pub fn load_file<P: AsRef<Path>>(path: P) -> Result<Self, EbpfError> {
-        EbpfLoader::new()
-            .btf(Btf::from_sys_fs().ok().as_ref())
-            .load_file(path)
+        EbpfLoader::new().load_file(path)
     }
 
     /// Loads eBPF bytecode from a buffer.
@@ -1017,9 +1036,7 @@ impl Ebpf {
     /// # Ok::<(), aya::EbpfError>(())
     /// ```
     pub fn load(data: &[u8]) -> Result<Self, EbpfError> {
-        EbpfLoader::new()
-            .btf(Btf::from_sys_fs().ok().as_ref())
-            .load(data)
+        EbpfLoader::new().load(data)
     }
 
     /// Returns a reference to the map with the given name.
