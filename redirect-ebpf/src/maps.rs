@@ -14,12 +14,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
 };
 use redirect_common::{
-    Addr, CIDR_SLOT_BITS, COUNTER_COUNT, ConnTuple, Counter, INSTANCE_POD, InstanceMeta, Ip6,
-    LISTENER_SLOTS, Lookups, MAX_CIDRS, MAX_CIDRS6, MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS,
+    Addr, CIDR_SLOT_BITS, COUNTER_COUNT, ChainTail, ConnTuple, Counter, INSTANCE_POD, InstanceMeta,
+    Ip6, LISTENER_SLOTS, Lookups, MAX_CIDRS, MAX_CIDRS6, MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS,
     MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, OrigDst, OwnerFacts,
     OwnerMatch, PORT_RANGE_SLOT_BITS, PodMeta, ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry,
-    RouteEntry6, SLOTS_PER_POD, cidr_key, cidr6_key, counter_index, local6_key, owner_match,
-    port_key, port_range_key, slot_key, slot_of_pod,
+    RouteEntry6, SLOTS_PER_POD, TailFacts, cidr_key, cidr6_key, counter_index, local6_key,
+    owner_match, port_key, port_range_key, slot_key, slot_of_pod,
 };
 
 /// Largest number of redirected handshakes in flight at once (user space
@@ -393,6 +393,33 @@ pub extern "C" fn redirect_nameserver6(slot: u64, hi: u64, lo: u64) -> u64 {
         .is_some_and(|cfg| Ip6::from_halves(hi, lo).is_nameserver(cfg)) as u64
 }
 
+/// The chain after the owner rules ([`redirect_common::chain_tail`]: the
+/// owner groups, DNS, the loopback CIDR, `-x`, `-i`) as a global function,
+/// for the reason [`redirect_owner_match`] is one: its lookups are
+/// verified once, not once for every path of the chain's head that reaches
+/// them. [`TailFacts::pack`] in, with the slot in force; the
+/// [`ChainTail`] out.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_chain_tail4(head: u64, rest: u64) -> u64 {
+    let (facts, slot) = TailFacts::<u32>::unpack(head, rest);
+    match RDR_CONFIG.get(slot) {
+        Some(cfg) => redirect_common::chain_tail(cfg, facts, &Maps { slot }) as u64,
+        None => ChainTail::NotIncluded as u64,
+    }
+}
+
+/// [`redirect_chain_tail4`] for IPv6.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_chain_tail6(head: u64, low: u64, hi: u64, lo: u64) -> u64 {
+    let (facts, slot) = TailFacts::<Ip6>::unpack(head, low, hi, lo);
+    match RDR_CONFIG.get(slot) {
+        Some(cfg) => redirect_common::chain_tail(cfg, facts, &Maps { slot }) as u64,
+        None => ChainTail::NotIncluded as u64,
+    }
+}
+
 impl Lookups for Maps {
     #[inline(always)]
     fn port_flags(&self, port: u16) -> u8 {
@@ -417,6 +444,12 @@ impl Lookups for Maps {
     #[inline(always)]
     fn nameserver(&self, _: &RedirectConfig, ip: u32) -> bool {
         redirect_nameserver4(u64::from(self.slot) << 32 | u64::from(ip)) != 0
+    }
+
+    #[inline(always)]
+    fn chain_tail(&self, _: &RedirectConfig, facts: TailFacts) -> ChainTail {
+        let (head, rest) = facts.pack(self.slot);
+        ChainTail::from_u64(redirect_chain_tail4(head, rest))
     }
 
     #[inline(always)]
@@ -476,6 +509,12 @@ impl Lookups<Ip6> for Maps {
     fn nameserver(&self, _: &RedirectConfig, ip: Ip6) -> bool {
         let [hi, lo] = ip.halves();
         redirect_nameserver6(u64::from(self.slot), hi, lo) != 0
+    }
+
+    #[inline(always)]
+    fn chain_tail(&self, _: &RedirectConfig, facts: TailFacts<Ip6>) -> ChainTail {
+        let (head, low, hi, lo) = facts.pack(self.slot);
+        ChainTail::from_u64(redirect_chain_tail6(head, low, hi, lo))
     }
 
     #[inline(always)]

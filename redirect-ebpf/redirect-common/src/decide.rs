@@ -84,6 +84,15 @@ pub trait Lookups<A = u32> {
     {
         ip.is_nameserver(cfg)
     }
+    /// Where the chain after the owner rules sends the connect (what
+    /// [`chain_tail`] says, unless run out of line as above).
+    fn chain_tail(&self, cfg: &RedirectConfig, facts: TailFacts<A>) -> ChainTail
+    where
+        A: Addr,
+        Self: Sized,
+    {
+        chain_tail(cfg, facts, self)
+    }
 }
 
 /// Decides one outbound `connect()` (or, for UDP, `sendmsg()`) by walking
@@ -340,40 +349,189 @@ fn decide_nat<A: Addr>(
         OwnerMatch::ProxyUid => return Verdict::Bypass(Counter::BypassUid),
         OwnerMatch::ProxyGid => return Verdict::Bypass(Counter::BypassGid),
     }
-    let in_groups = cfg.group_count != 0 && maps.owner_group(input.gid);
+    let tail = TailFacts {
+        gid: input.gid,
+        dst,
+        dst_port: input.dst_port,
+        tcp,
+        in_loopback,
+        port_include: ports & PORT_INCLUDE != 0,
+    };
+    maps.chain_tail(cfg, tail).verdict(cfg)
+}
+
+/// The facts the chain after the owner rules depends on ([`chain_tail`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TailFacts<A = u32> {
+    pub gid: u32,
+    /// The effective destination ([`ConnectInput::effective_dst`]).
+    pub dst: A,
+    pub dst_port: u16,
+    pub tcp: bool,
+    /// The destination is in the loopback CIDR (`-d LO`).
+    pub in_loopback: bool,
+    /// The destination port is one `-q` names.
+    pub port_include: bool,
+}
+
+impl<A> TailFacts<A> {
+    /// The flags of [`Self::pack`]'s low word, beside the port.
+    #[inline(always)]
+    fn low_word(&self) -> u64 {
+        u64::from(self.dst_port) << 16
+            | u64::from(self.tcp)
+            | u64::from(self.in_loopback) << 1
+            | u64::from(self.port_include) << 2
+    }
+
+    #[inline(always)]
+    fn from_words(head: u64, low: u64, dst: A) -> (Self, u32) {
+        let facts = Self {
+            gid: head as u32,
+            dst,
+            dst_port: (low >> 16) as u16,
+            tcp: low & 1 != 0,
+            in_loopback: low & 2 != 0,
+            port_include: low & 4 != 0,
+        };
+        (facts, (head >> 32) as u32)
+    }
+}
+
+impl TailFacts<u32> {
+    /// As two scalars, for a BPF global function: `extra` (which the
+    /// caller passes through) and the GID; the destination, the port and
+    /// the flags.
+    #[inline(always)]
+    pub fn pack(self, extra: u32) -> (u64, u64) {
+        (
+            u64::from(extra) << 32 | u64::from(self.gid),
+            u64::from(self.dst) << 32 | self.low_word(),
+        )
+    }
+
+    /// The facts of [`Self::pack`], and its `extra`.
+    #[inline(always)]
+    pub fn unpack(head: u64, rest: u64) -> (Self, u32) {
+        Self::from_words(head, rest & 0xffff_ffff, (rest >> 32) as u32)
+    }
+}
+
+impl TailFacts<crate::Ip6> {
+    /// As four scalars: `extra` and the GID; the port and the flags; the
+    /// destination's halves ([`crate::Ip6::halves`]).
+    #[inline(always)]
+    pub fn pack(self, extra: u32) -> (u64, u64, u64, u64) {
+        let [hi, lo] = self.dst.halves();
+        (
+            u64::from(extra) << 32 | u64::from(self.gid),
+            self.low_word(),
+            hi,
+            lo,
+        )
+    }
+
+    /// The facts of [`Self::pack`], and its `extra`.
+    #[inline(always)]
+    pub fn unpack(head: u64, low: u64, hi: u64, lo: u64) -> (Self, u32) {
+        Self::from_words(head, low, crate::Ip6::from_halves(hi, lo))
+    }
+}
+
+/// Where the rest of the chain after the owner rules sends a connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChainTail {
+    /// `-m owner --gid-owner G -j RETURN` for an owner group (with
+    /// `--include-groups`: `! --gid-owner`).
+    BypassGroup = 0,
+    /// `-d NS -p udp --dport 53 -j REDIRECT --to-ports 15053` (and TCP).
+    Dns = 1,
+    /// Not TCP: the rest of the chain jumps only to `-p tcp` rules.
+    NotTcp = 2,
+    /// `-d LO -j RETURN`.
+    Loopback = 3,
+    /// `-d X -j RETURN` for a CIDR of `-x`.
+    ExcludedCidr = 4,
+    /// `-j ISTIO_REDIRECT` for a CIDR of `-i` or a port of `-q`.
+    Redirect = 5,
+    /// The end of the chain: left alone.
+    NotIncluded = 6,
+}
+
+impl ChainTail {
+    /// The tail a global function returned as [`ChainTail`]`as u64`
+    /// (anything else: [`ChainTail::NotIncluded`]).
+    #[inline(always)]
+    pub fn from_u64(value: u64) -> Self {
+        match value {
+            0 => Self::BypassGroup,
+            1 => Self::Dns,
+            2 => Self::NotTcp,
+            3 => Self::Loopback,
+            4 => Self::ExcludedCidr,
+            5 => Self::Redirect,
+            _ => Self::NotIncluded,
+        }
+    }
+
+    /// The connect's verdict.
+    #[inline(always)]
+    pub fn verdict(self, cfg: &RedirectConfig) -> Verdict {
+        match self {
+            Self::BypassGroup => Verdict::Bypass(Counter::BypassGroup),
+            Self::Dns => Verdict::Redirect {
+                port: separate_load(&cfg.dns_port),
+                counter: Counter::DnsRedirected,
+            },
+            Self::NotTcp => Verdict::Bypass(Counter::NotTcp),
+            Self::Loopback => Verdict::Bypass(Counter::BypassLoopback),
+            Self::ExcludedCidr => Verdict::Bypass(Counter::BypassCidr),
+            Self::Redirect => Verdict::Redirect {
+                port: separate_load(&cfg.proxy_port),
+                counter: Counter::Redirected,
+            },
+            Self::NotIncluded => Verdict::Bypass(Counter::NotIncluded),
+        }
+    }
+}
+
+/// `ISTIO_OUTPUT` after the owner rules (see [`decide_connect`]): the
+/// owner groups, the DNS rules, then (TCP only) the loopback CIDR, `-x`,
+/// and `-i`/`-q`.
+#[inline(always)]
+pub fn chain_tail<A: Addr>(
+    cfg: &RedirectConfig,
+    facts: TailFacts<A>,
+    maps: &impl Lookups<A>,
+) -> ChainTail {
+    let in_groups = cfg.group_count != 0 && maps.owner_group(facts.gid);
     if cfg.flags & CFG_GROUPS_ONLY != 0 {
         if !in_groups {
-            return Verdict::Bypass(Counter::BypassGroup);
+            return ChainTail::BypassGroup;
         }
     } else if in_groups {
-        return Verdict::Bypass(Counter::BypassGroup);
+        return ChainTail::BypassGroup;
     }
-    if dns
-        && input.dst_port == DNS_PORT
-        && (cfg.flags & CFG_DNS_ALL != 0 || maps.nameserver(cfg, dst))
+    if cfg.flags & CFG_DNS != 0
+        && facts.dst_port == DNS_PORT
+        && (cfg.flags & CFG_DNS_ALL != 0 || maps.nameserver(cfg, facts.dst))
     {
-        return Verdict::Redirect {
-            port: separate_load(&cfg.dns_port),
-            counter: Counter::DnsRedirected,
-        };
+        return ChainTail::Dns;
     }
-    // The rest of the chain jumps only to `-p tcp` REDIRECT rules.
-    if !tcp {
-        return Verdict::Bypass(Counter::NotTcp);
+    if !facts.tcp {
+        return ChainTail::NotTcp;
     }
-    if in_loopback {
-        return Verdict::Bypass(Counter::BypassLoopback);
+    if facts.in_loopback {
+        return ChainTail::Loopback;
     }
-    if maps.excluded(dst) {
-        return Verdict::Bypass(Counter::BypassCidr);
+    if maps.excluded(facts.dst) {
+        return ChainTail::ExcludedCidr;
     }
-    if ports & PORT_INCLUDE != 0 || cfg.flags & CFG_INCLUDE_ALL != 0 || maps.included(dst) {
-        return Verdict::Redirect {
-            port: cfg.proxy_port,
-            counter: Counter::Redirected,
-        };
+    if facts.port_include || cfg.flags & CFG_INCLUDE_ALL != 0 || maps.included(facts.dst) {
+        return ChainTail::Redirect;
     }
-    Verdict::Bypass(Counter::NotIncluded)
+    ChainTail::NotIncluded
 }
 
 /// Reads a config field with a load of its own. Without it the compiler

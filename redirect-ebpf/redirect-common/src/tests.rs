@@ -1780,3 +1780,40 @@ fn owner_facts_survive_packing() {
         assert_eq!(OwnerMatch::from_u64(m as u64), m);
     }
 }
+
+/// What the chain's tail needs crosses a global function's scalars
+/// unchanged, for both families, and so does its answer.
+#[test]
+fn tail_facts_survive_packing() {
+    for conditions in 0..8u8 {
+        for (gid, port) in [(0, 0), (1337, 53), (u32::MAX, u16::MAX)] {
+            fn facts<A>(dst: A, gid: u32, port: u16, conditions: u8) -> TailFacts<A> {
+                TailFacts {
+                    gid,
+                    dst,
+                    dst_port: port,
+                    tcp: conditions & 1 != 0,
+                    in_loopback: conditions & 2 != 0,
+                    port_include: conditions & 4 != 0,
+                }
+            }
+            let v4 = facts(0xfffe_0a01u32, gid, port, conditions);
+            let (head, rest) = v4.pack(0x00ff_fffe);
+            assert_eq!(TailFacts::<u32>::unpack(head, rest), (v4, 0x00ff_fffe));
+            let v6 = facts(Ip6([0x2001_0db8, 0, 0xffff_ffff, 6]), gid, port, conditions);
+            let (head, low, hi, lo) = v6.pack(7);
+            assert_eq!(TailFacts::<Ip6>::unpack(head, low, hi, lo), (v6, 7));
+        }
+    }
+    for tail in [
+        ChainTail::BypassGroup,
+        ChainTail::Dns,
+        ChainTail::NotTcp,
+        ChainTail::Loopback,
+        ChainTail::ExcludedCidr,
+        ChainTail::Redirect,
+        ChainTail::NotIncluded,
+    ] {
+        assert_eq!(ChainTail::from_u64(tail as u64), tail);
+    }
+}
