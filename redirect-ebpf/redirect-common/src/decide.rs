@@ -475,20 +475,25 @@ impl ChainTail {
         }
     }
 
-    /// The connect's verdict.
+    /// The connect's verdict. The two ports are read before the match, so
+    /// that no path reads a port through a pointer chosen by the path
+    /// (see [`separate_load`]; the verifier refuses that without
+    /// CAP_PERFMON).
     #[inline(always)]
     pub fn verdict(self, cfg: &RedirectConfig) -> Verdict {
+        let dns_port = separate_load(&cfg.dns_port);
+        let proxy_port = separate_load(&cfg.proxy_port);
         match self {
             Self::BypassGroup => Verdict::Bypass(Counter::BypassGroup),
             Self::Dns => Verdict::Redirect {
-                port: separate_load(&cfg.dns_port),
+                port: dns_port,
                 counter: Counter::DnsRedirected,
             },
             Self::NotTcp => Verdict::Bypass(Counter::NotTcp),
             Self::Loopback => Verdict::Bypass(Counter::BypassLoopback),
             Self::ExcludedCidr => Verdict::Bypass(Counter::BypassCidr),
             Self::Redirect => Verdict::Redirect {
-                port: separate_load(&cfg.proxy_port),
+                port: proxy_port,
                 counter: Counter::Redirected,
             },
             Self::NotIncluded => Verdict::Bypass(Counter::NotIncluded),
