@@ -374,67 +374,34 @@ pub struct TailFacts<A = u32> {
     pub port_include: bool,
 }
 
-impl<A> TailFacts<A> {
-    /// The flags of [`Self::pack`]'s low word, beside the port.
-    #[inline(always)]
-    fn low_word(&self) -> u64 {
-        u64::from(self.dst_port) << 16
-            | u64::from(self.tcp)
-            | u64::from(self.in_loopback) << 1
-            | u64::from(self.port_include) << 2
-    }
-
-    #[inline(always)]
-    fn from_words(head: u64, low: u64, dst: A) -> (Self, u32) {
-        let facts = Self {
-            gid: head as u32,
-            dst,
-            dst_port: (low >> 16) as u16,
-            tcp: low & 1 != 0,
-            in_loopback: low & 2 != 0,
-            port_include: low & 4 != 0,
-        };
-        (facts, (head >> 32) as u32)
-    }
-}
-
 impl TailFacts<u32> {
-    /// As two scalars, for a BPF global function: `extra` (which the
-    /// caller passes through) and the GID; the destination, the port and
-    /// the flags.
+    /// As two scalars, for a BPF global function (IPv4 only, see
+    /// `redirect_chain_tail4`): `extra` (which the caller passes through)
+    /// and the GID; the destination, the port and the flags.
     #[inline(always)]
     pub fn pack(self, extra: u32) -> (u64, u64) {
+        let low = u64::from(self.dst_port) << 16
+            | u64::from(self.tcp)
+            | u64::from(self.in_loopback) << 1
+            | u64::from(self.port_include) << 2;
         (
             u64::from(extra) << 32 | u64::from(self.gid),
-            u64::from(self.dst) << 32 | self.low_word(),
+            u64::from(self.dst) << 32 | low,
         )
     }
 
     /// The facts of [`Self::pack`], and its `extra`.
     #[inline(always)]
     pub fn unpack(head: u64, rest: u64) -> (Self, u32) {
-        Self::from_words(head, rest & 0xffff_ffff, (rest >> 32) as u32)
-    }
-}
-
-impl TailFacts<crate::Ip6> {
-    /// As four scalars: `extra` and the GID; the port and the flags; the
-    /// destination's halves ([`crate::Ip6::halves`]).
-    #[inline(always)]
-    pub fn pack(self, extra: u32) -> (u64, u64, u64, u64) {
-        let [hi, lo] = self.dst.halves();
-        (
-            u64::from(extra) << 32 | u64::from(self.gid),
-            self.low_word(),
-            hi,
-            lo,
-        )
-    }
-
-    /// The facts of [`Self::pack`], and its `extra`.
-    #[inline(always)]
-    pub fn unpack(head: u64, low: u64, hi: u64, lo: u64) -> (Self, u32) {
-        Self::from_words(head, low, crate::Ip6::from_halves(hi, lo))
+        let facts = Self {
+            gid: head as u32,
+            dst: (rest >> 32) as u32,
+            dst_port: (rest >> 16) as u16,
+            tcp: rest & 1 != 0,
+            in_loopback: rest & 2 != 0,
+            port_include: rest & 4 != 0,
+        };
+        (facts, (head >> 32) as u32)
     }
 }
 
