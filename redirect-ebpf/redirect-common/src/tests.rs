@@ -1787,17 +1787,14 @@ fn owner_facts_survive_packing() {
 fn tail_facts_survive_packing() {
     for conditions in 0..8u8 {
         for (gid, port) in [(0, 0), (1337, 53), (u32::MAX, u16::MAX)] {
-            fn facts<A>(dst: A, gid: u32, port: u16, conditions: u8) -> TailFacts<A> {
-                TailFacts {
-                    gid,
-                    dst,
-                    dst_port: port,
-                    tcp: conditions & 1 != 0,
-                    in_loopback: conditions & 2 != 0,
-                    port_include: conditions & 4 != 0,
-                }
-            }
-            let v4 = facts(0xfffe_0a01u32, gid, port, conditions);
+            let v4 = TailFacts {
+                gid,
+                dst: 0xfffe_0a01u32,
+                dst_port: port,
+                tcp: conditions & 1 != 0,
+                in_loopback: conditions & 2 != 0,
+                port_include: conditions & 4 != 0,
+            };
             let (head, rest) = v4.pack(0x00ff_fffe);
             assert_eq!(TailFacts::<u32>::unpack(head, rest), (v4, 0x00ff_fffe));
         }
