@@ -360,7 +360,11 @@ type Claim = (u32, u64);
 /// The pods of the set pinned in `dir`, and the claims of adds killed
 /// midway.
 fn scan(dir: &Path) -> Result<(Vec<Pod>, Vec<Claim>)> {
-    let meta = meta_map(dir)?;
+    scan_records(&meta_map(dir)?)
+}
+
+/// [`scan`] of the set's records map, opened by the caller.
+fn scan_records(meta: &Array<MapData, PodMeta>) -> Result<(Vec<Pod>, Vec<Claim>)> {
     let records: Vec<PodMeta> = sys::array_values(meta.map().fd().as_fd(), meta.len())
         .context("reading the pod records")?;
     let mut pods = Vec::new();
@@ -565,7 +569,10 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
     let _lock = Lock::exclusive()?;
     timing::mark(|| "lock".into());
     let dir = dir(set);
-    let (pods, claims) = scan(&dir).map_err(privilege::explain_denied)?;
+    // Opened once for the whole add: each opening is a path lookup and an
+    // info query.
+    let mut meta = meta_map(&dir).map_err(privilege::explain_denied)?;
+    let (pods, claims) = scan_records(&meta).map_err(privilege::explain_denied)?;
     timing::mark(|| "read the set's pods".into());
     // Under the lock, a claim is an add that was killed midway: clear
     // what it left, so that every free index is clean.
@@ -589,18 +596,20 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
             );
         }
         write_pod(
-            &dir, pod.index, config, cookie, netns_ino, name, &netns, false,
+            &dir, &mut meta, pod.index, config, cookie, netns_ino, name, &netns, false,
         )?;
         return Ok(true);
     }
-    let capacity = meta_map(&dir)?.len();
+    let capacity = meta.len();
     let used: Vec<u32> = pods.iter().map(|p| p.index).collect();
     let Some(index) = (0..capacity).find(|i| !used.contains(i)) else {
         bail!(
             "the node set holds {capacity} pods already: remove pods, or load the set again with a larger --max-pods"
         );
     };
-    if let Err(err) = write_pod(&dir, index, config, cookie, netns_ino, name, &netns, true) {
+    if let Err(err) = write_pod(
+        &dir, &mut meta, index, config, cookie, netns_ino, name, &netns, true,
+    ) {
         if let Err(undo) = clear_pod(&dir, index, cookie) {
             return Err(err.context(format!("and the rollback failed: {undo:#}")));
         }
@@ -634,6 +643,7 @@ fn record(name: &InstanceName, cookie: u64, netns_ino: u64, state: u32) -> PodMe
 #[allow(clippy::too_many_arguments)]
 fn write_pod(
     dir: &Path,
+    meta: &mut Array<MapData, PodMeta>,
     index: u32,
     config: &Config,
     cookie: u64,
@@ -651,8 +661,7 @@ fn write_pod(
     if fresh {
         // The claim: a kill from here on leaves it for the next add, or
         // gc, to clear.
-        meta_map(dir)?
-            .set(index, record(name, cookie, netns_ino, POD_CLAIMED), 0)
+        meta.set(index, record(name, cookie, netns_ino, POD_CLAIMED), 0)
             .context("claiming a pod record")?;
         maps::write_sets_over(dir, slot, &sets, &maps::Sets::default())?;
     } else {
@@ -686,8 +695,7 @@ fn write_pod(
         pods.insert(cookie, index, 0)
             .context("adding the pod to the node set")?;
     }
-    meta_map(dir)?
-        .set(index, record(name, cookie, netns_ino, POD_ACTIVE), 0)
+    meta.set(index, record(name, cookie, netns_ino, POD_ACTIVE), 0)
         .context("writing the pod record")?;
     timing::mark(|| "activate".into());
     Ok(())
@@ -901,4 +909,26 @@ fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
     meta_map(dir)?
         .set(index, <PodMeta as bytemuck::Zeroable>::zeroed(), 0)
         .context("clearing the pod record")
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every pod's add reads all the set's records ([`super::scan`]); a
+    /// mappable map lets it read them in place (see
+    /// [`super::sys::array_values`]), which keeps an add's cost from
+    /// growing with `--max-pods`.
+    #[test]
+    fn the_pod_records_are_mappable() {
+        const BPF_F_MMAPABLE: u32 = 1 << 10;
+        let object = aya_obj::Object::parse(super::super::OBJECT).expect("parsing the eBPF object");
+        let map = object
+            .maps
+            .get(super::maps::POD_META)
+            .expect("the object declares the pod records");
+        assert_ne!(
+            map.map_flags() & BPF_F_MMAPABLE,
+            0,
+            "RDR_POD_META lost BPF_F_MMAPABLE"
+        );
+    }
 }

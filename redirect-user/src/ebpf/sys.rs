@@ -9,7 +9,8 @@
 //! - `BPF_LINK_DETACH`: force-detaching a link;
 //! - `BPF_OBJ_GET_INFO_BY_FD`: reading a cgroup link's program and target;
 //! - `BPF_MAP_LOOKUP_BATCH`: reading a whole array in one call (a node
-//!   set's pod records, read on every pod's add);
+//!   set's pod records, read on every pod's add, where the set's records
+//!   are not memory-mapped: see [`array_values`]);
 //! - `BPF_MAP_CREATE`: asking whether the kernel has socket storage without
 //!   creating (and, slowly, freeing) one (see [`probe_sk_storage_map`]).
 
@@ -164,11 +165,74 @@ pub fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
     bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
 
-/// Every element of the array map `map` of `len` entries in one
-/// `BPF_MAP_LOOKUP_BATCH` (kernel 5.6) instead of a lookup each: for 256
-/// pod records, ~15 µs instead of ~0.4 ms. `V` must be the map's value
-/// type (the kernel writes `len` values of its value size).
+/// Every element of the array map `map` of `len` entries (`V` must be the
+/// map's value type): read in place through a read-only mapping of the
+/// map when it is memory-mappable (`BPF_F_MMAPABLE`, kernel 5.5; a node
+/// set's pod records from this release on), else in one
+/// `BPF_MAP_LOOKUP_BATCH` (kernel 5.6; a set an earlier release loaded).
+/// The batch costs about 0.3 µs an element whatever its size (75 µs for
+/// 256 records, measured), the mapping a few microseconds in all.
 pub fn array_values<V: aya::Pod>(map: BorrowedFd<'_>, len: u32) -> std::io::Result<Vec<V>> {
+    // Any failure to map (EINVAL: the map is not mappable) leaves the
+    // answer to the batch, whose error is the one reported.
+    mapped_array_values(map, len).or_else(|_| batch_array_values(map, len))
+}
+
+/// An array map's value area mapped read-only, unmapped on drop.
+struct MappedArray {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Drop for MappedArray {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this value owns, unmapped once.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+/// [`array_values`] through a mapping: the kernel lays a mappable array's
+/// values out from the mapping's start, each rounded up to 8 bytes.
+fn mapped_array_values<V: aya::Pod>(map: BorrowedFd<'_>, len: u32) -> std::io::Result<Vec<V>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let stride = size_of::<V>().next_multiple_of(8);
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .map_err(|_| std::io::Error::other("no page size"))?;
+    let bytes = (len as usize * stride).next_multiple_of(page);
+    // SAFETY: a new read-only shared mapping of the map's descriptor; the
+    // kernel refuses (EINVAL) a map that is not mappable or a length past
+    // its values.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            map.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mapped = MappedArray { addr, len: bytes };
+    Ok((0..len as usize)
+        .map(|i| {
+            // SAFETY: value i lies at i * stride, inside the mapping (len
+            // values of `stride` bytes were mapped); V is plain data.
+            unsafe {
+                std::ptr::read_unaligned(mapped.addr.cast::<u8>().add(i * stride).cast::<V>())
+            }
+        })
+        .collect())
+}
+
+/// [`array_values`] in one `BPF_MAP_LOOKUP_BATCH`: the kernel writes `len`
+/// values of the map's value size.
+fn batch_array_values<V: aya::Pod>(map: BorrowedFd<'_>, len: u32) -> std::io::Result<Vec<V>> {
     #[repr(C)]
     struct Attr {
         in_batch: u64,
@@ -429,4 +493,107 @@ fn load_program(prog_type: u32, attach_type: u32, insns: &[u64]) -> std::io::Res
         expected_attach_type: attach_type,
     };
     bpf(BPF_PROG_LOAD, &mut attr).map(owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    const BPF_MAP_UPDATE_ELEM: u32 = 2;
+    const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+    /// A value of an odd size, so that the mapping's 8-byte stride shows.
+    type Value = [u8; 12];
+
+    fn array(entries: u32, flags: u32) -> std::io::Result<OwnedFd> {
+        #[repr(C)]
+        struct Attr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        let mut attr = Attr {
+            map_type: BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size: size_of::<Value>() as u32,
+            max_entries: entries,
+            map_flags: flags,
+        };
+        bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+    }
+
+    fn set(map: &OwnedFd, key: u32, value: &Value) {
+        #[repr(C)]
+        struct Attr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let mut attr = Attr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(&key) as u64,
+            value: value.as_ptr() as u64,
+            flags: 0,
+        };
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).expect("writing an element");
+    }
+
+    /// Pod records are read through a mapping when the set's map is
+    /// mappable and through the batch when it is not (a set an earlier
+    /// release loaded): both give every value, in order.
+    #[test]
+    fn array_values_are_the_same_mapped_or_batched() {
+        let entries = 700; // more than a page of 12-byte values at stride 16
+        let (mappable, plain) = match (array(entries, BPF_F_MMAPABLE), array(entries, 0)) {
+            (Ok(m), Ok(p)) => (m, p),
+            (Err(err), _) | (_, Err(err)) => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "creating array maps: {err} (the unit tests run as root in CI)"
+                );
+                eprintln!("skipped: creating array maps needs CAP_BPF or root ({err})");
+                return;
+            }
+        };
+        let value = |i: u32| -> Value {
+            let mut v = [0u8; 12];
+            v[..4].copy_from_slice(&i.to_ne_bytes());
+            v[8..].copy_from_slice(&(i * 7 + 1).to_ne_bytes());
+            v
+        };
+        for i in (0..entries).step_by(3) {
+            set(&mappable, i, &value(i));
+            set(&plain, i, &value(i));
+        }
+        let expected: Vec<Value> = (0..entries)
+            .map(|i| if i % 3 == 0 { value(i) } else { [0; 12] })
+            .collect();
+        let mapped: Vec<Value> =
+            mapped_array_values(mappable.as_fd(), entries).expect("mapping a mappable array");
+        assert_eq!(mapped, expected);
+        let plain_mapping = mapped_array_values::<Value>(plain.as_fd(), entries);
+        assert!(
+            plain_mapping.is_err(),
+            "the kernel mapped an array created without BPF_F_MMAPABLE"
+        );
+        assert_eq!(
+            array_values::<Value>(plain.as_fd(), entries).expect("batch"),
+            expected
+        );
+        assert_eq!(
+            array_values::<Value>(mappable.as_fd(), entries).expect("mapped"),
+            expected
+        );
+        assert!(
+            mapped_array_values::<Value>(mappable.as_fd(), 0)
+                .expect("none")
+                .is_empty()
+        );
+    }
 }
