@@ -365,11 +365,13 @@ fn scan(dir: &Path) -> Result<(Vec<Pod>, Vec<Claim>)> {
 
 /// [`scan`] of the set's records map, opened by the caller.
 fn scan_records(meta: &Array<MapData, PodMeta>) -> Result<(Vec<Pod>, Vec<Claim>)> {
-    let records: Vec<PodMeta> = sys::array_values(meta.map().fd().as_fd(), meta.len())
-        .context("reading the pod records")?;
+    let records = sys::array_values_where(meta.map().fd().as_fd(), meta.len(), |r: &PodMeta| {
+        r.state == POD_ACTIVE || r.state == POD_CLAIMED
+    })
+    .context("reading the pod records")?;
     let mut pods = Vec::new();
     let mut claims = Vec::new();
-    for (index, entry) in (0..).zip(records) {
+    for (index, entry) in records {
         if entry.state == POD_CLAIMED {
             claims.push((index, entry.netns_cookie));
         }

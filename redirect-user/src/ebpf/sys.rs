@@ -10,7 +10,7 @@
 //! - `BPF_OBJ_GET_INFO_BY_FD`: reading a cgroup link's program and target;
 //! - `BPF_MAP_LOOKUP_BATCH`: reading a whole array in one call (a node
 //!   set's pod records, read on every pod's add, where the set's records
-//!   are not memory-mapped: see [`array_values`]);
+//!   are not memory-mapped: see [`array_values_where`]);
 //! - `BPF_MAP_CREATE`: asking whether the kernel has socket storage without
 //!   creating (and, slowly, freeing) one (see [`probe_sk_storage_map`]).
 
@@ -165,17 +165,27 @@ pub fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
     bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
 
-/// Every element of the array map `map` of `len` entries (`V` must be the
-/// map's value type): read in place through a read-only mapping of the
-/// map when it is memory-mappable (`BPF_F_MMAPABLE`, kernel 5.5; a node
-/// set's pod records from this release on), else in one
-/// `BPF_MAP_LOOKUP_BATCH` (kernel 5.6; a set an earlier release loaded).
-/// The batch costs about 0.3 µs an element whatever its size (75 µs for
-/// 256 records, measured), the mapping a few microseconds in all.
-pub fn array_values<V: aya::Pod>(map: BorrowedFd<'_>, len: u32) -> std::io::Result<Vec<V>> {
+/// The elements of the array map `map` of `len` entries that `keep`
+/// accepts, with their indexes (`V` must be the map's value type): read in
+/// place through a read-only mapping of the map when it is
+/// memory-mappable (`BPF_F_MMAPABLE`, kernel 5.5; a node set's pod records
+/// from this release on), else in one `BPF_MAP_LOOKUP_BATCH` (kernel 5.6;
+/// a set an earlier release loaded). The batch costs about 0.3 µs an
+/// element whatever its size (75 µs for 256 records, measured); the
+/// mapping a few microseconds, and only kept elements are copied out.
+pub fn array_values_where<V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    len: u32,
+    keep: impl Fn(&V) -> bool,
+) -> std::io::Result<Vec<(u32, V)>> {
     // Any failure to map (EINVAL: the map is not mappable) leaves the
     // answer to the batch, whose error is the one reported.
-    mapped_array_values(map, len).or_else(|_| batch_array_values(map, len))
+    mapped_array_values(map, len, &keep).or_else(|_| {
+        Ok((0..)
+            .zip(batch_array_values(map, len)?)
+            .filter(|(_, value)| keep(value))
+            .collect())
+    })
 }
 
 /// An array map's value area mapped read-only, unmapped on drop.
@@ -191,9 +201,14 @@ impl Drop for MappedArray {
     }
 }
 
-/// [`array_values`] through a mapping: the kernel lays a mappable array's
-/// values out from the mapping's start, each rounded up to 8 bytes.
-fn mapped_array_values<V: aya::Pod>(map: BorrowedFd<'_>, len: u32) -> std::io::Result<Vec<V>> {
+/// [`array_values_where`] through a mapping: the kernel lays a mappable
+/// array's values out from the mapping's start, each rounded up to 8
+/// bytes.
+fn mapped_array_values<V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    len: u32,
+    keep: &impl Fn(&V) -> bool,
+) -> std::io::Result<Vec<(u32, V)>> {
     if len == 0 {
         return Ok(Vec::new());
     }
@@ -219,19 +234,28 @@ fn mapped_array_values<V: aya::Pod>(map: BorrowedFd<'_>, len: u32) -> std::io::R
         return Err(std::io::Error::last_os_error());
     }
     let mapped = MappedArray { addr, len: bytes };
-    Ok((0..len as usize)
+    Ok((0..len)
         .map(|i| {
             // SAFETY: value i lies at i * stride, inside the mapping (len
             // values of `stride` bytes were mapped); V is plain data.
-            unsafe {
-                std::ptr::read_unaligned(mapped.addr.cast::<u8>().add(i * stride).cast::<V>())
-            }
+            let value = unsafe {
+                std::ptr::read_unaligned(
+                    mapped
+                        .addr
+                        .cast::<u8>()
+                        .add(i as usize * stride)
+                        .cast::<V>(),
+                )
+            };
+            (i, value)
         })
+        .filter(|(_, value)| keep(value))
         .collect())
 }
 
-/// [`array_values`] in one `BPF_MAP_LOOKUP_BATCH`: the kernel writes `len`
-/// values of the map's value size.
+/// Every element of the array map `map` of `len` entries in one
+/// `BPF_MAP_LOOKUP_BATCH`: the kernel writes `len` values of the map's
+/// value size.
 fn batch_array_values<V: aya::Pod>(map: BorrowedFd<'_>, len: u32) -> std::io::Result<Vec<V>> {
     #[repr(C)]
     struct Attr {
@@ -574,24 +598,29 @@ mod tests {
         let expected: Vec<Value> = (0..entries)
             .map(|i| if i % 3 == 0 { value(i) } else { [0; 12] })
             .collect();
-        let mapped: Vec<Value> =
-            mapped_array_values(mappable.as_fd(), entries).expect("mapping a mappable array");
-        assert_eq!(mapped, expected);
-        let plain_mapping = mapped_array_values::<Value>(plain.as_fd(), entries);
+        let every = |_: &Value| true;
+        let indexed = |values: Vec<Value>| -> Vec<(u32, Value)> { (0..).zip(values).collect() };
+        let mapped = mapped_array_values(mappable.as_fd(), entries, &every)
+            .expect("mapping a mappable array");
+        assert_eq!(mapped, indexed(expected.clone()));
         assert!(
-            plain_mapping.is_err(),
+            mapped_array_values(plain.as_fd(), entries, &every).is_err(),
             "the kernel mapped an array created without BPF_F_MMAPABLE"
         );
-        assert_eq!(
-            array_values::<Value>(plain.as_fd(), entries).expect("batch"),
-            expected
-        );
-        assert_eq!(
-            array_values::<Value>(mappable.as_fd(), entries).expect("mapped"),
-            expected
-        );
+        let set = |v: &Value| v[8..] != [0; 4];
+        let wanted: Vec<(u32, Value)> = (0..entries).step_by(3).map(|i| (i, value(i))).collect();
+        for map in [&plain, &mappable] {
+            assert_eq!(
+                array_values_where(map.as_fd(), entries, every).expect("reading"),
+                indexed(expected.clone())
+            );
+            assert_eq!(
+                array_values_where(map.as_fd(), entries, set).expect("reading"),
+                wanted
+            );
+        }
         assert!(
-            mapped_array_values::<Value>(mappable.as_fd(), 0)
+            mapped_array_values(mappable.as_fd(), 0, &every)
                 .expect("none")
                 .is_empty()
         );
