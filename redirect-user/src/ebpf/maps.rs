@@ -703,23 +703,30 @@ pub fn write_sets(dir: &Path, slot: u32, sets: &Sets) -> Result<()> {
 
 /// [`write_sets`] into a slot known to hold `old` (an empty slot: nothing),
 /// without reading the maps to find out: reading a slot walks every entry
-/// of every set map, and their hash maps' empty buckets too.
+/// of every set map, and their hash maps' empty buckets too. A map with
+/// nothing to remove or add is not even opened (a path lookup and an info
+/// query each; most pods use a few of the eleven).
 pub fn write_sets_over(dir: &Path, slot: u32, sets: &Sets, old: &Sets) -> Result<()> {
-    let mut ports = hash::<u32>(dir, PORTS)?;
-    for (port, _) in &old.ports {
-        ports
-            .remove(&port_key(slot, *port))
-            .context("removing a port")?;
-    }
-    for (port, flags) in &sets.ports {
-        ports
-            .insert(port_key(slot, *port), flags, 0)
-            .with_context(|| format!("writing port {port}"))?;
+    if !(old.ports.is_empty() && sets.ports.is_empty()) {
+        let mut ports = hash::<u32>(dir, PORTS)?;
+        for (port, _) in &old.ports {
+            ports
+                .remove(&port_key(slot, *port))
+                .context("removing a port")?;
+        }
+        for (port, flags) in &sets.ports {
+            ports
+                .insert(port_key(slot, *port), flags, 0)
+                .with_context(|| format!("writing port {port}"))?;
+        }
     }
     for (name, new, old) in [
         (EXCLUDE, &sets.exclude, &old.exclude),
         (INCLUDE, &sets.include, &old.include),
     ] {
+        if new.is_empty() && old.is_empty() {
+            continue;
+        }
         let mut map = trie::<u8>(dir, name)?;
         for key in old {
             map.remove(&cidr(slot, *key))
@@ -734,6 +741,9 @@ pub fn write_sets_over(dir: &Path, slot: u32, sets: &Sets, old: &Sets) -> Result
         (LOCAL, &sets.local, &old.local),
         (GROUPS, &sets.groups, &old.groups),
     ] {
+        if new.is_empty() && old.is_empty() {
+            continue;
+        }
         let mut map = hash::<u64>(dir, name)?;
         for value in old {
             map.remove(&slot_key(slot, *value))
@@ -744,27 +754,31 @@ pub fn write_sets_over(dir: &Path, slot: u32, sets: &Sets, old: &Sets) -> Result
                 .with_context(|| format!("writing {name}"))?;
         }
     }
-    let mut blocks = port_trie(dir)?;
-    for (key, _) in &old.port_blocks {
-        blocks
-            .remove(&port_block(slot, *key))
-            .context("removing a port range")?;
+    if !(old.port_blocks.is_empty() && sets.port_blocks.is_empty()) {
+        let mut blocks = port_trie(dir)?;
+        for (key, _) in &old.port_blocks {
+            blocks
+                .remove(&port_block(slot, *key))
+                .context("removing a port range")?;
+        }
+        for (key, flags) in &sets.port_blocks {
+            blocks
+                .insert(&port_block(slot, *key), *flags, 0)
+                .context("writing the port-range map")?;
+        }
     }
-    for (key, flags) in &sets.port_blocks {
-        blocks
-            .insert(&port_block(slot, *key), *flags, 0)
-            .context("writing the port-range map")?;
-    }
-    let mut routes = trie::<[u32; 2]>(dir, ROUTE)?;
-    for (key, _) in &old.routes {
-        routes
-            .remove(&cidr(slot, *key))
-            .context("removing a route")?;
-    }
-    for (key, entry) in &sets.routes {
-        routes
-            .insert(&cidr(slot, *key), *entry, 0)
-            .context("writing the route map")?;
+    if !(old.routes.is_empty() && sets.routes.is_empty()) {
+        let mut routes = trie::<[u32; 2]>(dir, ROUTE)?;
+        for (key, _) in &old.routes {
+            routes
+                .remove(&cidr(slot, *key))
+                .context("removing a route")?;
+        }
+        for (key, entry) in &sets.routes {
+            routes
+                .insert(&cidr(slot, *key), *entry, 0)
+                .context("writing the route map")?;
+        }
     }
     write_sets6(dir, slot, sets, old)
 }
@@ -775,6 +789,9 @@ fn write_sets6(dir: &Path, slot: u32, sets: &Sets, old: &Sets) -> Result<()> {
         (EXCLUDE6, &sets.exclude6, &old.exclude6),
         (INCLUDE6, &sets.include6, &old.include6),
     ] {
+        if new.is_empty() && old.is_empty() {
+            continue;
+        }
         let mut map: LpmTrie<MapData, [u8; 20], u8> =
             LpmTrie::try_from(Map::LpmTrie(open(dir, name)?))?;
         for key in old {
@@ -786,28 +803,32 @@ fn write_sets6(dir: &Path, slot: u32, sets: &Sets, old: &Sets) -> Result<()> {
                 .with_context(|| format!("writing {name}"))?;
         }
     }
-    let mut local = hash::<[u32; 5]>(dir, LOCAL6)?;
-    for ip in &old.local6 {
-        local
-            .remove(&local6_key(slot, *ip))
-            .context("removing a pod IPv6 address")?;
+    if !(old.local6.is_empty() && sets.local6.is_empty()) {
+        let mut local = hash::<[u32; 5]>(dir, LOCAL6)?;
+        for ip in &old.local6 {
+            local
+                .remove(&local6_key(slot, *ip))
+                .context("removing a pod IPv6 address")?;
+        }
+        for ip in &sets.local6 {
+            local
+                .insert(local6_key(slot, *ip), 1, 0)
+                .context("writing the pod IPv6 addresses")?;
+        }
     }
-    for ip in &sets.local6 {
-        local
-            .insert(local6_key(slot, *ip), 1, 0)
-            .context("writing the pod IPv6 addresses")?;
-    }
-    let mut routes: LpmTrie<MapData, [u8; 20], RouteEntry6> =
-        LpmTrie::try_from(Map::LpmTrie(open(dir, ROUTE6)?))?;
-    for (key, _) in &old.routes6 {
-        routes
-            .remove(&cidr6(slot, *key))
-            .context("removing an IPv6 route")?;
-    }
-    for (key, entry) in &sets.routes6 {
-        routes
-            .insert(&cidr6(slot, *key), *entry, 0)
-            .context("writing the IPv6 route map")?;
+    if !(old.routes6.is_empty() && sets.routes6.is_empty()) {
+        let mut routes: LpmTrie<MapData, [u8; 20], RouteEntry6> =
+            LpmTrie::try_from(Map::LpmTrie(open(dir, ROUTE6)?))?;
+        for (key, _) in &old.routes6 {
+            routes
+                .remove(&cidr6(slot, *key))
+                .context("removing an IPv6 route")?;
+        }
+        for (key, entry) in &sets.routes6 {
+            routes
+                .insert(&cidr6(slot, *key), *entry, 0)
+                .context("writing the IPv6 route map")?;
+        }
     }
     Ok(())
 }
