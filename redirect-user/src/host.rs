@@ -120,8 +120,30 @@ pub trait Host {
     }
 }
 
-/// The real environment, files and interfaces of this process.
-pub struct RealHost;
+/// The real environment, files and interfaces of this process. The
+/// interfaces are read once, at the first question about them, in the
+/// network namespace the thread is in then: make a new one after entering
+/// another namespace (each install makes its own).
+#[derive(Default)]
+pub struct RealHost {
+    interfaces: std::cell::OnceCell<Vec<crate::ifaddrs::Entry>>,
+}
+
+impl RealHost {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The namespace's interfaces and addresses (see [`crate::ifaddrs`]),
+    /// read on first use; a failed read is not kept.
+    fn interfaces(&self) -> std::io::Result<&[crate::ifaddrs::Entry]> {
+        if let Some(entries) = self.interfaces.get() {
+            return Ok(entries);
+        }
+        let entries = crate::ifaddrs::read()?;
+        Ok(self.interfaces.get_or_init(|| entries))
+    }
+}
 
 impl Host for RealHost {
     fn env_os(&self, name: &str) -> Option<OsString> {
@@ -133,11 +155,15 @@ impl Host for RealHost {
     }
 
     fn addresses(&self) -> std::io::Result<Vec<IpAddr>> {
-        interface_addresses()
+        Ok(interface_addresses(self.interfaces()?))
     }
 
     fn routes(&self, excluded: &[String]) -> anyhow::Result<Vec<crate::ebpf::routes::RouteSource>> {
-        crate::ebpf::routes::read(excluded)
+        use anyhow::Context as _;
+        let interfaces = self
+            .interfaces()
+            .context("listing the pod's interface addresses")?;
+        crate::ebpf::routes::read(excluded, interfaces)
     }
     fn routes6(
         &self,
@@ -155,7 +181,7 @@ impl Host for RealHost {
         (index != 0).then_some(index)
     }
     fn interface(&self, name: &str) -> std::io::Result<Option<crate::ebpf::virt::Interface>> {
-        crate::ebpf::virt::read(name)
+        crate::ebpf::virt::read(name, self.interfaces()?)
     }
 }
 
@@ -223,43 +249,12 @@ pub fn pod_ipv4(addrs: &[IpAddr]) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// The addresses of this network namespace's interfaces, IPv4 first (the
-/// order of the kernel's address dump).
-fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let (mut v4, mut v6) = (Vec::new(), Vec::new());
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points at a sockaddr of the family it names.
-            unsafe {
-                match i32::from((*ifa.ifa_addr).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
-                        v4.push(IpAddr::from(
-                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                        ));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
-                        v6.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: the list getifaddrs allocated.
-    unsafe { libc::freeifaddrs(head) };
-    v4.extend(v6);
-    Ok(v4)
+/// The addresses of `interfaces`, IPv4 first (the order of the kernel's
+/// address dump).
+fn interface_addresses(interfaces: &[crate::ifaddrs::Entry]) -> Vec<IpAddr> {
+    let v4 = interfaces.iter().filter_map(|e| e.v4().map(IpAddr::V4));
+    let v6 = interfaces.iter().filter_map(|e| e.v6().map(IpAddr::V6));
+    v4.chain(v6).collect()
 }
 
 /// A host with given files and environment, for the tests of every

@@ -45,6 +45,7 @@ mod cmd;
 mod cni;
 mod ebpf;
 mod host;
+mod ifaddrs;
 mod instance;
 mod iptables;
 mod istio;

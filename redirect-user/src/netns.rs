@@ -27,7 +27,7 @@ pub fn enter(path: &Path) -> Result<()> {
 /// The IPv4 addresses of the calling thread's network namespace outside
 /// 127/8: the pod's own addresses when run in the pod.
 pub fn pod_addresses() -> Result<Vec<Ipv4Addr>> {
-    let all = RealHost
+    let all = RealHost::new()
         .addresses()
         .context("listing the pod's addresses")?;
     Ok(pod_ipv4(&all))

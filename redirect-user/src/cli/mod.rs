@@ -532,7 +532,7 @@ fn parse_owner_groups(s: &str) -> Result<GroupList, String> {
 fn parse_groups(s: &str) -> Result<GroupList, String> {
     let groups = parse::split(s);
     for g in &groups {
-        if resolve_owner(&RealHost, "/etc/group", g).is_none() {
+        if resolve_owner(&RealHost::new(), "/etc/group", g).is_none() {
             return Err(format!("'{g}' is neither a GID nor a group in /etc/group"));
         }
     }

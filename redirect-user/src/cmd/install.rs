@@ -119,7 +119,7 @@ pub fn profile_name(capture: &Capture) -> &'static str {
 /// The eBPF lowering, or one error naming what it cannot honour and the
 /// way out (`install` and `run` are eBPF only).
 pub fn lower(capture: &Capture) -> Result<Config> {
-    ebpf::lower::lower(capture, &RealHost).map_err(|why| {
+    ebpf::lower::lower(capture, &RealHost::new()).map_err(|why| {
         anyhow!(
             "eBPF capture cannot honour {} yet: run `redirect istio-iptables` with the same flags (its auto mode programs iptables for them)",
             why.join(", ")

@@ -43,7 +43,7 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         eprintln!("redirect: error: {err}");
         Ok(ExitCode::from(err.exit_code))
     };
-    let actions = match args.actions(&RealHost) {
+    let actions = match args.actions(&RealHost::new()) {
         Ok(actions) => actions,
         Err(err) => return reject(err),
     };
@@ -57,7 +57,10 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         netns::enter(path)?;
         ebpf::timing::mark(|| "enter the pod's network namespace".into());
     }
-    let capture = match args.resolve(&RealHost) {
+    // The pod's interfaces are read once, here, for resolution and the
+    // lowering alike.
+    let host = RealHost::new();
+    let capture = match args.resolve(&host) {
         Ok(capture) => capture,
         Err(err) => return reject(err),
     };
@@ -75,7 +78,7 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
     if actions.skip_rule_apply {
         return validated(args, &actions, &capture, ExitCode::SUCCESS);
     }
-    if let Err(err) = istio::check_owners(&capture, &RealHost) {
+    if let Err(err) = istio::check_owners(&capture, &host) {
         return reject(err);
     }
     // The netfilter backend: Istio's native nftables rules when asked
@@ -93,7 +96,7 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
     } else {
         "iptables"
     };
-    let ebpf = match choose_mode(args, &capture, fallback) {
+    let ebpf = match choose_mode(args, &capture, &host, fallback) {
         Ok(choice) => choice,
         Err(err) => return refuse(&format!("{err:#}")),
     };
@@ -169,13 +172,14 @@ enum EbpfTarget {
 fn choose_mode(
     args: &IstioArgs,
     capture: &Capture,
+    host: &RealHost,
     fallback: &str,
 ) -> Result<Option<(Config, EbpfTarget)>> {
     if args.mode == Mode::Iptables {
         return Ok(None);
     }
     let why_not = || -> Result<(Config, EbpfTarget), String> {
-        let config = ebpf::lower::lower(capture, &RealHost)
+        let config = ebpf::lower::lower(capture, host)
             .map_err(|flags| format!("eBPF mode cannot honour {} yet", flags.join(", ")))?;
         if let Some(set) = &args.node_set {
             // A loaded set is the kernel's proof: a pod's ADD runs none of

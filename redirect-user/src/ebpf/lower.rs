@@ -280,7 +280,7 @@ mod tests {
         Cli::try_parse_from(all)
             .unwrap()
             .args
-            .resolve(&RealHost)
+            .resolve(&RealHost::new())
             .unwrap()
     }
 
@@ -288,7 +288,7 @@ mod tests {
     fn default_outbound_capture_lowers() {
         let cfg = lower(
             &istio(&["-p", "15002", "-u", "1337,1338", "-g", "7", "-i", "*"]),
-            &RealHost,
+            &RealHost::new(),
         )
         .unwrap();
         assert_eq!(cfg.proxy_port, 15002);
@@ -300,11 +300,19 @@ mod tests {
     #[test]
     fn lists_with_spaces_lower_like_iptables_reads_them() {
         // istio-iptables renders `--dport  5000`, which iptables reads as 5000.
-        let cfg = lower(&istio(&["-q", "4000, 5000", "-o", " 22,"]), &RealHost).unwrap();
+        let cfg = lower(
+            &istio(&["-q", "4000, 5000", "-o", " 22,"]),
+            &RealHost::new(),
+        )
+        .unwrap();
         assert_eq!(cfg.ports_include, vec![4000, 5000]);
         assert_eq!(cfg.ports_exclude, vec![22]);
         // Ranges are kept apart, with their list's flag.
-        let cfg = lower(&istio(&["-q", "4000:4010,80", "-o", "22:23"]), &RealHost).unwrap();
+        let cfg = lower(
+            &istio(&["-q", "4000:4010,80", "-o", "22:23"]),
+            &RealHost::new(),
+        )
+        .unwrap();
         assert_eq!(cfg.ports_include, vec![80]);
         assert_eq!(
             cfg.port_ranges,
@@ -344,14 +352,14 @@ mod tests {
                 "-d",
                 "15090,15021,15020",
             ]),
-            &RealHost,
+            &RealHost::new(),
         )
         .unwrap();
         let inbound = cfg.inbound.expect("-b '*' is inbound capture");
         assert!(inbound.all);
         assert_eq!(inbound.exclude, vec![15090, 15021, 15020]);
         // -k's interfaces must be there, and Ethernet.
-        let why = lower(&istio(&["-k", "not-a-nic0,lo"]), &RealHost).unwrap_err();
+        let why = lower(&istio(&["-k", "not-a-nic0,lo"]), &RealHost::new()).unwrap_err();
         assert_eq!(
             why,
             vec![
@@ -370,20 +378,20 @@ mod tests {
             Some(std::net::Ipv4Addr::new(10, 0, 0, 5))
         );
         // -c's interfaces are taken by index; one the pod lacks is refused.
-        let cfg = lower(&istio(&["-b", "", "-c", "lo"]), &RealHost).unwrap();
+        let cfg = lower(&istio(&["-b", "", "-c", "lo"]), &RealHost::new()).unwrap();
         assert_eq!(cfg.exclude_ifindexes, vec![1]);
         assert_eq!(
-            lower(&istio(&["-b", "", "-c", "not-a-nic0"]), &RealHost).unwrap_err(),
+            lower(&istio(&["-b", "", "-c", "not-a-nic0"]), &RealHost::new()).unwrap_err(),
             vec![
                 "-c not-a-nic0 naming an interface the pod does not have (eBPF mode matches \
                  the interfaces present at install; iptables would match one created later)"
             ]
         );
-        let cfg = lower(&istio(&["-b", "9080,9090"]), &RealHost).unwrap();
+        let cfg = lower(&istio(&["-b", "9080,9090"]), &RealHost::new()).unwrap();
         let inbound = cfg.inbound.expect("-b list");
         assert!(!inbound.all);
         assert_eq!(inbound.ports, vec![9080, 9090]);
-        let why = lower(&istio(&["-b", "9080", "-m", "TPROXY"]), &RealHost).unwrap_err();
+        let why = lower(&istio(&["-b", "9080", "-m", "TPROXY"]), &RealHost::new()).unwrap_err();
         assert!(
             why[0].starts_with("-m TPROXY (TPROXY needs netfilter"),
             "{why:?}"
@@ -399,14 +407,14 @@ mod tests {
                 "-o",
                 "22",
             ]),
-            &RealHost,
+            &RealHost::new(),
         )
         .unwrap();
         assert!(!cfg.include_all);
         assert_eq!(cfg.include[0].to_string(), "10.0.0.0/8");
         assert_eq!(cfg.exclude[0].to_string(), "10.1.0.0/16");
         assert_eq!((cfg.ports_include, cfg.ports_exclude), (vec![80], vec![22]));
-        let why = lower(&istio(&["-u", "nosuchuser"]), &RealHost).unwrap_err();
+        let why = lower(&istio(&["-u", "nosuchuser"]), &RealHost::new()).unwrap_err();
         // -g defaults to -u, as in istio-iptables.
         assert_eq!(
             why,

@@ -8,7 +8,7 @@
 //! (where a CNI plugin left them before any init container runs). Policy
 //! routing (`ip rule`) is not mirrored.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, Result, bail};
 
@@ -47,12 +47,11 @@ pub struct MainRoute {
 
 /// The routing view of the calling thread's network namespace, each route
 /// marked when its interface is one of `excluded` (`-c`).
-pub fn read(excluded: &[String]) -> Result<Vec<RouteSource>> {
+pub fn read(excluded: &[String], interfaces: &[crate::ifaddrs::Entry]) -> Result<Vec<RouteSource>> {
     let table = std::fs::read_to_string("/proc/thread-self/net/route")
         .context("reading the pod's routes (/proc/thread-self/net/route)")?;
     let routes = parse_proc_route(&table)?;
-    let addrs = if_addrs().context("listing the pod's interface addresses")?;
-    Ok(view(&routes, &addrs, excluded))
+    Ok(view(&routes, &if_addrs(interfaces), excluded))
 }
 
 /// The view of `routes` and `addrs`: each route with the source the
@@ -155,52 +154,28 @@ pub fn parse_proc_route(text: &str) -> Result<Vec<MainRoute>> {
     Ok(out)
 }
 
-/// The IPv4 addresses of this network namespace's interfaces outside
-/// 127/8, in the kernel's order.
-fn if_addrs() -> std::io::Result<Vec<IfAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut out = Vec::new();
-    let mut cur = head;
-    let v4 = |sa: *const libc::sockaddr| -> Option<Ipv4Addr> {
-        // SAFETY: a sockaddr getifaddrs filled in, read as the family it names.
-        unsafe {
-            (!sa.is_null() && i32::from((*sa).sa_family) == libc::AF_INET).then(|| {
-                let sin = &*sa.cast::<libc::sockaddr_in>();
-                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes())
-            })
-        }
-    };
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        if let (Some(addr), Some(mask)) = (v4(ifa.ifa_addr), v4(ifa.ifa_netmask))
-            && !addr.is_loopback()
-        {
-            // SAFETY: a NUL-terminated name from getifaddrs.
-            let iface = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
-                .to_string_lossy()
-                .into_owned();
-            let broadcast = if ifa.ifa_flags & libc::IFF_BROADCAST as u32 != 0 {
-                v4(ifa.ifa_ifu)
-            } else {
-                None
+/// The IPv4 addresses of `interfaces` outside 127/8, in the kernel's
+/// order.
+fn if_addrs(interfaces: &[crate::ifaddrs::Entry]) -> Vec<IfAddr> {
+    interfaces
+        .iter()
+        .filter_map(|entry| {
+            let addr = entry.v4().filter(|a| !a.is_loopback())?;
+            let IpAddr::V4(mask) = entry.netmask? else {
+                return None;
             };
-            out.push(IfAddr {
-                iface,
+            let broadcast = match entry.broadcast {
+                Some(IpAddr::V4(b)) if !b.is_unspecified() => Some(b),
+                _ => None,
+            };
+            Some(IfAddr {
+                iface: entry.iface.clone(),
                 addr,
                 prefix: u32::from_be_bytes(mask.octets()).leading_ones() as u8,
-                broadcast: broadcast.filter(|b| !b.is_unspecified()),
-            });
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: the list getifaddrs allocated.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(out)
+                broadcast,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -322,7 +297,8 @@ mod tests {
 
     #[test]
     fn this_namespace_reads() {
-        // Whatever this machine's table holds, it parses.
-        read(&[]).unwrap();
+        // Whatever this machine's table and addresses hold, they parse.
+        let interfaces = crate::ifaddrs::read().unwrap();
+        read(&[], &interfaces).unwrap();
     }
 }

@@ -4,7 +4,9 @@
 //! interface's first IPv4 address; its first usable IPv6 one, and first
 //! usable link-local one for link-local destinations).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::ifaddrs::Addr;
 
 use super::config::VirtIface;
 
@@ -46,51 +48,28 @@ impl Interface {
     }
 }
 
-/// The interface `name` of the calling thread's network namespace, `None`
-/// when there is none.
-pub fn read(name: &str) -> std::io::Result<Option<Interface>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+/// The interface `name` among `interfaces` (the calling thread's network
+/// namespace's), `None` when there is none.
+pub fn read(
+    name: &str,
+    interfaces: &[crate::ifaddrs::Entry],
+) -> std::io::Result<Option<Interface>> {
     let mut found: Option<Interface> = None;
     let mut v6 = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        // SAFETY: a NUL-terminated name.
-        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if ifname.to_bytes() != name.as_bytes() || ifa.ifa_addr.is_null() {
+    for entry in interfaces.iter().filter(|e| e.iface == name) {
+        let Some(addr) = entry.addr else {
             continue;
-        }
-        let entry = found.get_or_insert_with(Interface::default);
-        // SAFETY: ifa_addr points at a sockaddr of the family it names.
-        unsafe {
-            match i32::from((*ifa.ifa_addr).sa_family) {
-                libc::AF_PACKET => {
-                    let sll = &*ifa.ifa_addr.cast::<libc::sockaddr_ll>();
-                    entry.ifindex = sll.sll_ifindex as u32;
-                    entry.ethernet = sll.sll_hatype == ARPHRD_ETHER;
-                }
-                libc::AF_INET => {
-                    let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
-                    entry
-                        .v4
-                        .push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-                }
-                libc::AF_INET6 => {
-                    let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
-                    v6.push(Ipv6Addr::from(sin6.sin6_addr.s6_addr));
-                }
-                _ => {}
+        };
+        let iface = found.get_or_insert_with(Interface::default);
+        match addr {
+            Addr::Link { ifindex, hatype } => {
+                iface.ifindex = ifindex;
+                iface.ethernet = hatype == ARPHRD_ETHER;
             }
+            Addr::Ip(IpAddr::V4(a)) => iface.v4.push(a),
+            Addr::Ip(IpAddr::V6(a)) => v6.push(a),
         }
     }
-    // SAFETY: the list getifaddrs allocated.
-    unsafe { libc::freeifaddrs(head) };
     let Some(mut iface) = found else {
         return Ok(None);
     };
