@@ -7,7 +7,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, bpf_sock},
+    bindings::{BPF_F_NO_PREALLOC, bpf_sock},
     btf_maps::SkStorage,
     helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
     macros::{btf_map, map},
@@ -79,12 +79,12 @@ pub(crate) static RDR_PODS: HashMap<u64, u32> = HashMap::pinned(1, SET_FLAGS);
 #[map]
 pub(crate) static RDR_POD_ADDRS: HashMap<[u32; 4], u32> = HashMap::pinned(1, SET_FLAGS);
 
-/// A node set's record of each pod (user space only; see `PodMeta`).
-/// Memory-mappable (kernel 5.5), so that a pod's add reads every record
-/// in place instead of one by one through the system call (0.3 µs a
-/// record, 0.15 ms of each add at 512 pods).
+/// A node set's record of each pod (user space only; see `PodMeta`). A
+/// node set's is created memory-mappable by user space before the object
+/// loads (`node_set::load_object` in redirect-user), so that a per-pod
+/// instance does not pay the mapping's pages for it.
 #[map]
-pub(crate) static RDR_POD_META: Array<PodMeta> = Array::pinned(1, BPF_F_MMAPABLE);
+pub(crate) static RDR_POD_META: Array<PodMeta> = Array::pinned(1, 0);
 
 #[inline(always)]
 fn node_set() -> bool {

@@ -254,6 +254,7 @@ pub(super) fn capacities(pods: u32) -> Vec<(&'static str, u32)> {
 /// for a new set, the pinned ones reused by an upgrade (aya opens a map
 /// pinned by name instead of creating it).
 pub(super) fn load_object(req: &LoadRequest<'_>, dir: &Path) -> Result<Ebpf> {
+    create_pod_records(dir, req.max_pods)?;
     let sock_pin = dir.join(maps::SOCK);
     let mut loader = EbpfLoader::new();
     loader.override_global("NODE_SET", &1u32, true);
@@ -273,6 +274,26 @@ pub(super) fn load_object(req: &LoadRequest<'_>, dir: &Path) -> Result<Ebpf> {
     loader
         .load(OBJECT)
         .context("loading the eBPF object (maps)")
+}
+
+/// Creates the set's pod records (`RDR_POD_META`) in `dir` unless they
+/// are pinned there already, memory-mappable so that every pod's add reads
+/// them in place (see [`scan`]): aya then reuses this map as it reuses any
+/// pinned by name, and cannot create one with that flag itself. A set an
+/// earlier release loaded keeps its records, read through the batch.
+fn create_pod_records(dir: &Path, pods: u32) -> Result<()> {
+    let pin = dir.join(maps::POD_META);
+    if pin.exists() {
+        return Ok(());
+    }
+    let map = sys::create_array(
+        maps::POD_META,
+        size_of::<PodMeta>() as u32,
+        pods,
+        sys::BPF_F_MMAPABLE,
+    )
+    .context("creating the pod records map")?;
+    sys::obj_pin(map.as_fd(), &pin)
 }
 
 fn build_set(req: &LoadRequest<'_>, build: &Path) -> Result<()> {
@@ -915,22 +936,44 @@ fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    /// Every pod's add reads all the set's records ([`super::scan`]); a
-    /// mappable map lets it read them in place (see
-    /// [`super::sys::array_values`]), which keeps an add's cost from
-    /// growing with `--max-pods`.
+    use aya::maps::IterableMap as _;
+
+    /// Every pod's add reads all the set's records ([`super::scan`]); the
+    /// set creates them mappable (see [`super::sys::array_values_where`]),
+    /// which keeps an add's cost from growing with `--max-pods`, and a
+    /// second load (an upgrade) keeps the ones pinned.
     #[test]
-    fn the_pod_records_are_mappable() {
-        const BPF_F_MMAPABLE: u32 = 1 << 10;
-        let object = aya_obj::Object::parse(super::super::OBJECT).expect("parsing the eBPF object");
-        let map = object
-            .maps
-            .get(super::maps::POD_META)
-            .expect("the object declares the pod records");
-        assert_ne!(
-            map.map_flags() & BPF_F_MMAPABLE,
-            0,
-            "RDR_POD_META lost BPF_F_MMAPABLE"
-        );
+    fn a_sets_pod_records_are_created_mappable_once() {
+        let dir = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/redirect-unit-{}-records",
+            std::process::id()
+        ));
+        if let Err(err) = std::fs::create_dir_all(&dir) {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "creating {}: {err} (the unit tests run as root in CI)",
+                dir.display()
+            );
+            eprintln!("skipped: needs root and bpffs ({err})");
+            return;
+        }
+        let checked = (|| -> anyhow::Result<(u32, u32, u32)> {
+            super::create_pod_records(&dir, 7)?;
+            let first = super::meta_map(&dir)?;
+            super::create_pod_records(&dir, 9)?;
+            let again = super::meta_map(&dir)?;
+            let info = again.map().info()?;
+            assert_eq!(
+                first.map().info()?.id(),
+                info.id(),
+                "the pinned map was replaced"
+            );
+            Ok((info.max_entries(), info.value_size(), info.map_flags()))
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        let (entries, value_size, flags) = checked.expect("creating the pod records");
+        assert_eq!(entries, 7);
+        assert_eq!(value_size as usize, size_of::<super::PodMeta>());
+        assert_ne!(flags & super::sys::BPF_F_MMAPABLE, 0, "not mappable");
     }
 }

@@ -12,7 +12,8 @@
 //!   set's pod records, read on every pod's add, where the set's records
 //!   are not memory-mapped: see [`array_values_where`]);
 //! - `BPF_MAP_CREATE`: asking whether the kernel has socket storage without
-//!   creating (and, slowly, freeing) one (see [`probe_sk_storage_map`]).
+//!   creating (and, slowly, freeing) one (see [`probe_sk_storage_map`]), and
+//!   a map whose flags aya cannot set (see [`create_array`]).
 
 use std::{
     ffi::CString,
@@ -426,6 +427,47 @@ pub fn probe_tcx(prog_type: u32, attach_type: u32) -> std::io::Result<()> {
     }
 }
 
+/// `BPF_F_MMAPABLE`: an array whose values user space can map (kernel 5.5).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Creates an array map named `name` of `entries` values of `value_size`
+/// bytes with `flags`: a map of user space's own, which the programs never
+/// name (aya 0.14 cannot set the flags of a map the object declares).
+pub fn create_array(
+    name: &str,
+    value_size: u32,
+    entries: u32,
+    flags: u32,
+) -> std::io::Result<OwnedFd> {
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    #[repr(C)]
+    struct Attr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+    }
+    let mut map_name = [0u8; 16];
+    for (to, from) in map_name[..15].iter_mut().zip(name.bytes()) {
+        *to = from;
+    }
+    let mut attr = Attr {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size,
+        max_entries: entries,
+        map_flags: flags,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name,
+    };
+    bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+}
+
 /// Whether the kernel has socket-storage maps (`BPF_MAP_TYPE_SK_STORAGE`,
 /// kernel 5.2), asked so that nothing is allocated: a create whose only
 /// fault is a value too large for socket storage fails with `E2BIG` in the
@@ -523,30 +565,13 @@ fn load_program(prog_type: u32, attach_type: u32, insns: &[u64]) -> std::io::Res
 mod tests {
     use super::*;
 
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
     const BPF_MAP_UPDATE_ELEM: u32 = 2;
-    const BPF_F_MMAPABLE: u32 = 1 << 10;
 
     /// A value of an odd size, so that the mapping's 8-byte stride shows.
     type Value = [u8; 12];
 
     fn array(entries: u32, flags: u32) -> std::io::Result<OwnedFd> {
-        #[repr(C)]
-        struct Attr {
-            map_type: u32,
-            key_size: u32,
-            value_size: u32,
-            max_entries: u32,
-            map_flags: u32,
-        }
-        let mut attr = Attr {
-            map_type: BPF_MAP_TYPE_ARRAY,
-            key_size: 4,
-            value_size: size_of::<Value>() as u32,
-            max_entries: entries,
-            map_flags: flags,
-        };
-        bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+        create_array("test", size_of::<Value>() as u32, entries, flags)
     }
 
     fn set(map: &OwnedFd, key: u32, value: &Value) {
