@@ -430,6 +430,25 @@ pub fn probe_tcx(prog_type: u32, attach_type: u32) -> std::io::Result<()> {
 /// `BPF_F_MMAPABLE`: an array whose values user space can map (kernel 5.5).
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
+/// The `BPF_MAP_CREATE` part of `union bpf_attr` this module fills: every
+/// field up to `btf_value_type_id` exists from kernel 4.18.
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    map_ifindex: u32,
+    btf_fd: u32,
+    btf_key_type_id: u32,
+    btf_value_type_id: u32,
+}
+
 /// Creates an array map named `name` of `entries` values of `value_size`
 /// bytes with `flags`: a map of user space's own, which the programs never
 /// name (aya 0.14 cannot set the flags of a map the object declares).
@@ -440,30 +459,18 @@ pub fn create_array(
     flags: u32,
 ) -> std::io::Result<OwnedFd> {
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    #[repr(C)]
-    struct Attr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-        inner_map_fd: u32,
-        numa_node: u32,
-        map_name: [u8; 16],
-    }
     let mut map_name = [0u8; 16];
     for (to, from) in map_name[..15].iter_mut().zip(name.bytes()) {
         *to = from;
     }
-    let mut attr = Attr {
+    let mut attr = MapCreateAttr {
         map_type: BPF_MAP_TYPE_ARRAY,
         key_size: 4,
         value_size,
         max_entries: entries,
         map_flags: flags,
-        inner_map_fd: 0,
-        numa_node: 0,
         map_name,
+        ..MapCreateAttr::default()
     };
     bpf(BPF_MAP_CREATE, &mut attr).map(owned)
 }
@@ -480,34 +487,14 @@ pub fn create_array(
 pub fn probe_sk_storage_map() -> std::io::Result<()> {
     const BPF_MAP_TYPE_SK_STORAGE: u32 = 24;
     const BPF_F_NO_PREALLOC: u32 = 1;
-    #[repr(C)]
-    struct Attr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-        inner_map_fd: u32,
-        numa_node: u32,
-        map_name: [u8; 16],
-        map_ifindex: u32,
-        btf_fd: u32,
-        btf_key_type_id: u32,
-        btf_value_type_id: u32,
-    }
-    let mut attr = Attr {
+    let mut attr = MapCreateAttr {
         map_type: BPF_MAP_TYPE_SK_STORAGE,
         key_size: 4,
         value_size: u32::MAX,
-        max_entries: 0,
         map_flags: BPF_F_NO_PREALLOC,
-        inner_map_fd: 0,
-        numa_node: 0,
-        map_name: [0; 16],
-        map_ifindex: 0,
-        btf_fd: 0,
         btf_key_type_id: 1,
         btf_value_type_id: 1,
+        ..MapCreateAttr::default()
     };
     match bpf(BPF_MAP_CREATE, &mut attr) {
         Err(err) if err.raw_os_error() == Some(libc::E2BIG) => Ok(()),
