@@ -552,8 +552,6 @@ fn load_program(prog_type: u32, attach_type: u32, insns: &[u64]) -> std::io::Res
 mod tests {
     use super::*;
 
-    const BPF_MAP_UPDATE_ELEM: u32 = 2;
-
     /// A value of an odd size, so that the mapping's 8-byte stride shows.
     type Value = [u8; 12];
 
@@ -561,23 +559,14 @@ mod tests {
         create_array("test", size_of::<Value>() as u32, entries, flags)
     }
 
+    /// Writes `value` at `key` through aya, as the node set's records are
+    /// written.
     fn set(map: &OwnedFd, key: u32, value: &Value) {
-        #[repr(C)]
-        struct Attr {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            value: u64,
-            flags: u64,
-        }
-        let mut attr = Attr {
-            map_fd: map.as_raw_fd() as u32,
-            _pad: 0,
-            key: std::ptr::from_ref(&key) as u64,
-            value: value.as_ptr() as u64,
-            flags: 0,
-        };
-        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).expect("writing an element");
+        let fd = map.try_clone().expect("duplicating the map's descriptor");
+        let data = aya::maps::MapData::from_fd(fd).expect("opening the map");
+        let mut array: aya::maps::Array<_, Value> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array map");
+        array.set(key, value, 0).expect("writing an element");
     }
 
     /// Pod records are read through a mapping when the set's map is
