@@ -283,3 +283,76 @@ fn dns_capture_without_outbound_capture_in_ebpf_mode_is_observed_as_with_iptable
     args[at] = "";
     ebpf_is_iptables(&args);
 }
+
+/// The hooks the eBPF instance in the sandbox has attached.
+fn attached_hooks(sandbox: &Sandbox) -> Vec<String> {
+    let status = sandbox.status().expect("status");
+    assert_eq!(status["incomplete"], serde_json::json!([]), "{status}");
+    status["instances"][0]["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter(|p| p["attached"] == true)
+        .map(|p| p["hook"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+/// The DNS programs are loaded for a configuration with DNS capture only:
+/// Istio's sidecar flags leave them out, and the app's DNS reads as with
+/// iptables and the same flags. The instance updated in place with
+/// `--redirect-dns` attaches them (before the new configuration is in
+/// force) and reads as iptables with DNS capture; updated back, they stay
+/// attached until uninstall, doing nothing, and it reads as without again.
+#[test]
+fn dns_programs_come_with_dns_capture_in_place_and_stay_until_uninstall() {
+    require_root!();
+    const DNS_HOOKS: [&str; 4] = ["sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"];
+    let sandbox = pod();
+    let plain = ISTIO_SIDECAR_ARGS;
+    let dns = sidecar_dns();
+    istio(&sandbox, "ebpf", plain, false);
+    let hooks = attached_hooks(&sandbox);
+    assert!(hooks.iter().any(|h| h == "connect4"), "{hooks:?}");
+    assert!(
+        !hooks.iter().any(|h| DNS_HOOKS.contains(&h.as_str())),
+        "{hooks:?}"
+    );
+    let ebpf_plain = observe(&sandbox);
+    istio(&sandbox, "ebpf", &dns, false);
+    let hooks = attached_hooks(&sandbox);
+    for hook in DNS_HOOKS {
+        assert!(hooks.iter().any(|h| h == hook), "{hook}: {hooks:?}");
+    }
+    let ebpf_dns = observe(&sandbox);
+    istio(&sandbox, "ebpf", plain, false);
+    let hooks = attached_hooks(&sandbox);
+    for hook in DNS_HOOKS {
+        assert!(hooks.iter().any(|h| h == hook), "kept {hook}: {hooks:?}");
+    }
+    let ebpf_back = observe(&sandbox);
+    istio(&sandbox, "ebpf", plain, true);
+    istio(&sandbox, "iptables", plain, false);
+    let iptables_plain = observe(&sandbox);
+    istio(&sandbox, "iptables", plain, true);
+    istio(&sandbox, "iptables", &dns, false);
+    let iptables_dns = observe(&sandbox);
+    istio(&sandbox, "iptables", &dns, true);
+    // Not vacuous: DNS capture changes what the app sees.
+    assert_ne!(iptables_plain, iptables_dns);
+    for (what, ebpf, iptables) in [
+        ("without DNS capture", &ebpf_plain, &iptables_plain),
+        (
+            "with DNS capture, updated in place",
+            &ebpf_dns,
+            &iptables_dns,
+        ),
+        ("without it again", &ebpf_back, &iptables_plain),
+    ] {
+        let differ: Vec<String> = iptables
+            .iter()
+            .filter(|(k, v)| ebpf.get(*k) != Some(*v))
+            .map(|(k, v)| format!("{k}:\n  iptables: {v}\n  eBPF:     {}", ebpf[k]))
+            .collect();
+        assert!(differ.is_empty(), "{what}: {}", differ.join("\n"));
+    }
+}

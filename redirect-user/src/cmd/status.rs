@@ -240,12 +240,11 @@ fn instance(name: &InstanceName) -> Result<Instance> {
         .collect();
     let handshakes = maps::tracked(&dir)?;
     let port_list = |flag: u8| sets.ports_with(flag);
-    let legacy = config.as_ref().is_some_and(|c| c.legacy);
     let virt: Vec<u32> = config
         .as_ref()
         .map(|c| c.virt_ifaces.iter().map(|v| v.ifindex).collect())
         .unwrap_or_default();
-    let programs = programs(&dir, &meta, legacy, &virt);
+    let programs = programs(&dir, &meta, config.as_ref(), &virt);
     let prog_ids: Vec<u32> = programs.iter().filter_map(|p| p.program_id).collect();
     let maps = maps::memory(&dir, &prog_ids)?;
     Ok(Instance {
@@ -296,20 +295,33 @@ fn instance(name: &InstanceName) -> Result<Instance> {
     })
 }
 
-/// The instance's hooks; sk_lookup only when inbound capture was ever
-/// installed (its pin exists, or the instance records a namespace).
 /// What sk_lookup mirrors under `--profile legacy`: the first table sends
 /// every inbound connection to the proxy port.
 const LEGACY_INBOUND_MIRRORS: &str =
     "nat PREROUTING -> ISTIO_REDIRECT (istio/install-istio-prerouting)";
 
-fn programs(dir: &Path, meta: &InstanceMeta, legacy: bool, virt: &[u32]) -> Vec<Program> {
+/// The instance's hooks: those its configuration needs ([`Hook::needed_by`];
+/// sk_lookup when the instance records a namespace) and any with a link
+/// pin.
+fn programs(
+    dir: &Path,
+    meta: &InstanceMeta,
+    config: Option<&Config>,
+    virt: &[u32],
+) -> Vec<Program> {
+    let legacy = config.is_some_and(|c| c.legacy);
     let mut out: Vec<Program> = all_hooks()
         .filter(|hook| {
-            hook.kind != Kind::SchedCls
-                && (hook.kind != Kind::SkLookup
-                    || meta.netns_ino != 0
-                    || dir.join(hook.pin_name()).exists())
+            // The hooks the configuration in force needs, and any an
+            // earlier install attached; sk_lookup also where the instance
+            // records a namespace. Without a configuration: every hook.
+            let pinned = dir.join(hook.pin_name()).exists();
+            let needed = if hook.kind == Kind::SkLookup {
+                meta.netns_ino != 0
+            } else {
+                config.is_none_or(|c| hook.needed_by(c))
+            };
+            hook.kind != Kind::SchedCls && (needed || pinned)
         })
         .map(|hook| {
             let target = if hook.kind == Kind::SkLookup {

@@ -266,14 +266,18 @@ fn install_steps(
 
     let cgroup = File::open(&req.cgroup.path)
         .with_context(|| format!("opening cgroup {}", req.cgroup.path.display()))?;
+    // The hooks the configuration gives work, and those an earlier
+    // install attached (kept, with this build's program, until uninstall:
+    // sockets it acted on may still ask it).
     let mut hooks = Vec::new();
     for hook in HOOKS {
-        if hook_wanted(hook)? {
+        let needed = hook.needed_by(req.config) || dir.join(hook.pin_name()).exists();
+        if needed && hook_wanted(hook)? {
             hooks.push(hook);
         }
     }
     let inbound_pin = dir.join(SK_LOOKUP.pin_name());
-    let inbound = req.config.inbound.is_some() || inbound_pin.exists();
+    let inbound = SK_LOOKUP.needed_by(req.config) || inbound_pin.exists();
     if inbound && !available(&SK_LOOKUP) {
         let (major, minor) = SK_LOOKUP.min_kernel;
         bail!(

@@ -51,6 +51,22 @@ impl Kind {
     }
 }
 
+/// The configurations a hook's program has work in. Each program decides
+/// from the configuration in force, so one that a configuration gives no
+/// work returns at once; not loading it spares the install its
+/// verification (the DNS programs are a third of it) and every send and
+/// receive its run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needs {
+    Always,
+    /// `--redirect-dns`: the sendmsg and recvmsg programs.
+    DnsCapture,
+    /// `-b`: sk_lookup, and getsockname for the inbound port.
+    InboundCapture,
+    /// `-k`: the tc programs.
+    KubeVirt,
+}
+
 /// A program of the object and the hook it is attached to: a cgroup hook
 /// (every one in [`HOOKS`]) or the network namespace's [`SK_LOOKUP`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +85,9 @@ pub struct Hook {
     pub min_kernel: (u8, u8),
     /// Whether capture works without it (it is then skipped and reported).
     pub optional: bool,
+    /// Which configurations run it (an instance loads and attaches only
+    /// those its configuration needs).
+    pub needs: Needs,
     /// What it replaces in Istio's rule set.
     pub mirrors: &'static str,
 }
@@ -93,6 +112,16 @@ impl Hook {
         format!("prog_{}_new", self.name)
     }
 
+    /// Whether `config` gives the hook's program work ([`Needs`]).
+    pub fn needed_by(&self, config: &config::Config) -> bool {
+        match self.needs {
+            Needs::Always => true,
+            Needs::DnsCapture => config.dns.is_some(),
+            Needs::InboundCapture => config.inbound.is_some(),
+            Needs::KubeVirt => !config.virt_ifaces.is_empty(),
+        }
+    }
+
     /// The first kernel with the hook, "major.minor".
     pub fn first_kernel(&self) -> String {
         format!("{}.{}", self.min_kernel.0, self.min_kernel.1)
@@ -107,6 +136,7 @@ pub const CONNECT4: Hook = Hook {
     attach_type: 10, // BPF_CGROUP_INET4_CONNECT
     min_kernel: (4, 17),
     optional: false,
+    needs: Needs::Always,
     mirrors: "nat OUTPUT -> ISTIO_OUTPUT -> ISTIO_REDIRECT",
 };
 
@@ -118,6 +148,7 @@ pub const SOCKOPS: Hook = Hook {
     attach_type: 3, // BPF_CGROUP_SOCK_OPS
     min_kernel: (4, 13),
     optional: false,
+    needs: Needs::Always,
     mirrors: "conntrack entries of redirected connections",
 };
 
@@ -129,6 +160,7 @@ pub const GETSOCKOPT: Hook = Hook {
     attach_type: 21, // BPF_CGROUP_GETSOCKOPT
     min_kernel: (5, 3),
     optional: false,
+    needs: Needs::Always,
     mirrors: "conntrack's SO_ORIGINAL_DST answer",
 };
 
@@ -140,6 +172,7 @@ pub const CONNECT6: Hook = Hook {
     attach_type: 11, // BPF_CGROUP_INET6_CONNECT
     min_kernel: (4, 17),
     optional: false,
+    needs: Needs::Always,
     mirrors: "the same for dual-stack sockets to ::ffff:a.b.c.d; ip6tables' ISTIO_OUTPUT for IPv6",
 };
 
@@ -151,6 +184,7 @@ pub const GETPEERNAME6: Hook = Hook {
     attach_type: 30, // BPF_CGROUP_INET6_GETPEERNAME
     min_kernel: (5, 8),
     optional: true,
+    needs: Needs::Always,
     mirrors: "REDIRECT leaves the app's peer address unchanged",
 };
 
@@ -162,6 +196,7 @@ pub const GETPEERNAME4: Hook = Hook {
     attach_type: 29, // BPF_CGROUP_INET4_GETPEERNAME
     min_kernel: (5, 8),
     optional: true,
+    needs: Needs::Always,
     mirrors: "REDIRECT leaves the app's peer address unchanged",
 };
 
@@ -173,6 +208,7 @@ pub const GETSOCKNAME4: Hook = Hook {
     attach_type: 31, // BPF_CGROUP_INET4_GETSOCKNAME
     min_kernel: (5, 8),
     optional: true,
+    needs: Needs::InboundCapture,
     mirrors: "REDIRECT moves inbound connections to the inbound port",
 };
 
@@ -184,6 +220,7 @@ pub const GETSOCKNAME6: Hook = Hook {
     attach_type: 32, // BPF_CGROUP_INET6_GETSOCKNAME
     min_kernel: (5, 8),
     optional: true,
+    needs: Needs::InboundCapture,
     mirrors: "REDIRECT moves inbound connections to the inbound port",
 };
 
@@ -195,6 +232,7 @@ pub const SENDMSG4: Hook = Hook {
     attach_type: 14, // BPF_CGROUP_UDP4_SENDMSG
     min_kernel: (4, 18),
     optional: false,
+    needs: Needs::DnsCapture,
     mirrors: "nat ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT (unconnected UDP)",
 };
 
@@ -206,6 +244,7 @@ pub const SENDMSG6: Hook = Hook {
     attach_type: 15, // BPF_CGROUP_UDP6_SENDMSG
     min_kernel: (4, 18),
     optional: false,
+    needs: Needs::DnsCapture,
     mirrors: "the same for dual-stack sockets to ::ffff:a.b.c.d; ip6tables' for IPv6",
 };
 
@@ -217,6 +256,7 @@ pub const RECVMSG4: Hook = Hook {
     attach_type: 19, // BPF_CGROUP_UDP4_RECVMSG
     min_kernel: (5, 2),
     optional: false,
+    needs: Needs::DnsCapture,
     mirrors: "conntrack's reverse NAT of captured DNS replies",
 };
 
@@ -228,6 +268,7 @@ pub const RECVMSG6: Hook = Hook {
     attach_type: 20, // BPF_CGROUP_UDP6_RECVMSG
     min_kernel: (5, 2),
     optional: false,
+    needs: Needs::DnsCapture,
     mirrors: "the same for dual-stack sockets and IPv6",
 };
 
@@ -241,6 +282,7 @@ pub const SK_LOOKUP: Hook = Hook {
     attach_type: 36, // BPF_SK_LOOKUP
     min_kernel: (5, 9),
     optional: true,
+    needs: Needs::InboundCapture,
     mirrors: "nat PREROUTING -> ISTIO_INBOUND -> ISTIO_IN_REDIRECT",
 };
 
@@ -258,6 +300,7 @@ pub const VIRT_INGRESS: Hook = Hook {
     attach_type: 46, // BPF_TCX_INGRESS
     min_kernel: (6, 6),
     optional: true,
+    needs: Needs::KubeVirt,
     mirrors: "nat PREROUTING -i X -j ISTIO_REDIRECT (-k)",
 };
 
@@ -269,6 +312,7 @@ pub const VIRT_EGRESS: Hook = Hook {
     attach_type: 47, // BPF_TCX_EGRESS
     min_kernel: (6, 6),
     optional: true,
+    needs: Needs::KubeVirt,
     mirrors: "conntrack's reverse NAT of what -k's REDIRECT took",
 };
 
@@ -314,3 +358,70 @@ pub const HOOKS: [Hook; 12] = [
     CONNECT6,
     CONNECT4,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        HOOKS, SK_LOOKUP, VIRT_HOOKS, all_hooks,
+        config::{Config, Dns, Inbound},
+    };
+
+    fn needed(config: &Config) -> Vec<&'static str> {
+        all_hooks()
+            .filter(|h| h.needed_by(config))
+            .map(|h| h.name)
+            .collect()
+    }
+
+    #[test]
+    fn a_configuration_needs_the_hooks_it_gives_work() {
+        let always = [
+            "sockops",
+            "getsockopt",
+            "getpeername4",
+            "getpeername6",
+            "connect6",
+            "connect4",
+        ];
+        let plain = Config::default();
+        assert_eq!(needed(&plain), always);
+        let dns = Config {
+            dns: Some(Dns::default()),
+            ..Config::default()
+        };
+        let mut with_dns = needed(&dns);
+        with_dns.retain(|h| !always.contains(h));
+        assert_eq!(with_dns, ["recvmsg4", "recvmsg6", "sendmsg6", "sendmsg4"]);
+        let inbound = Config {
+            inbound: Some(Inbound::default()),
+            ..Config::default()
+        };
+        let mut with_inbound = needed(&inbound);
+        with_inbound.retain(|h| !always.contains(h));
+        assert_eq!(
+            with_inbound,
+            ["getsockname4", "getsockname6", SK_LOOKUP.name]
+        );
+        let virt = Config {
+            virt_ifaces: vec![super::config::VirtIface {
+                ifindex: 2,
+                addr4: None,
+                addr6: None,
+                addr6_link: None,
+            }],
+            ..Config::default()
+        };
+        assert!(VIRT_HOOKS.iter().all(|h| h.needed_by(&virt)));
+        assert!(VIRT_HOOKS.iter().all(|h| !h.needed_by(&plain)));
+        // Every hook has some configuration that needs it.
+        let all = Config {
+            dns: Some(Dns::default()),
+            ..virt.clone()
+        };
+        let all = Config {
+            inbound: Some(Inbound::default()),
+            ..all
+        };
+        assert!(HOOKS.iter().all(|h| h.needed_by(&all)));
+    }
+}
