@@ -184,6 +184,19 @@ fn observe(sandbox: &Sandbox) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The queries whose observation in eBPF mode is not iptables mode's,
+/// each with both observations.
+fn differences(
+    ebpf: &BTreeMap<String, String>,
+    iptables: &BTreeMap<String, String>,
+) -> Vec<String> {
+    iptables
+        .iter()
+        .filter(|(k, v)| ebpf.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}:\n  iptables: {v}\n  eBPF:     {}", ebpf[k]))
+        .collect()
+}
+
 /// Applies `args` in eBPF mode, observes, removes; then the same in
 /// iptables mode (eBPF first: its run leaves no conntrack entry behind
 /// that could meet the iptables run's); every observation must match.
@@ -200,11 +213,7 @@ fn ebpf_is_iptables(args: &[&str]) -> BTreeMap<String, String> {
     istio(&sandbox, "iptables", args, false);
     let iptables = observe(&sandbox);
     istio(&sandbox, "iptables", args, true);
-    let differ: Vec<String> = iptables
-        .iter()
-        .filter(|(k, v)| ebpf.get(*k) != Some(*v))
-        .map(|(k, v)| format!("{k}:\n  iptables: {v}\n  eBPF:     {}", ebpf[k]))
-        .collect();
+    let differ = differences(&ebpf, &iptables);
     assert!(
         differ.is_empty(),
         "{args:?}: {} of {} queries differ:\n{}",
@@ -348,11 +357,7 @@ fn dns_programs_come_with_dns_capture_in_place_and_stay_until_uninstall() {
         ),
         ("without it again", &ebpf_back, &iptables_plain),
     ] {
-        let differ: Vec<String> = iptables
-            .iter()
-            .filter(|(k, v)| ebpf.get(*k) != Some(*v))
-            .map(|(k, v)| format!("{k}:\n  iptables: {v}\n  eBPF:     {}", ebpf[k]))
-            .collect();
+        let differ = differences(ebpf, iptables);
         assert!(differ.is_empty(), "{what}: {}", differ.join("\n"));
     }
 }
