@@ -493,7 +493,7 @@ fn write_config(
         cgroup_path_len: bytes.len() as u32,
         // Where the inbound link is (or stays, inert, after an upgrade
         // that turned inbound capture off).
-        netns_ino: if req.config.inbound.is_some() || dir.join(SK_LOOKUP.pin_name()).exists() {
+        netns_ino: if SK_LOOKUP.needed_by(req.config) || dir.join(SK_LOOKUP.pin_name()).exists() {
             netns_ino as u32
         } else {
             0
