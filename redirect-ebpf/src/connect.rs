@@ -98,15 +98,73 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
         }
         return ALLOW;
     };
+    connect_mapped(&ctx, pod, dst);
+    ALLOW
+}
+
+/// [`redirect_connect6`] for a pod without Istio's IPv6 table, which
+/// leaves every native IPv6 connection alone: an IPv4-mapped address is
+/// decided as there, and an IPv6 one is only counted, as
+/// [`decide_connect`]'s first rule counts it without IPv6 rules
+/// ([`pass_ipv6`]). Without the IPv6 decision its verification is a third
+/// of the other's. The loader attaches it only while neither the
+/// configuration in force nor the one being put in force has IPv6 rules,
+/// where the two programs decide alike.
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_conn6_v4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/connect6 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    let dst6 = read_ip6(&raw const addr.user_ip6);
+    let Some(pod) = pod_of(ctx.sock_addr) else {
+        return ALLOW;
+    };
+    match v4_mapped(&dst6) {
+        Some(dst) => connect_mapped(&ctx, pod, dst),
+        None => pass_ipv6(pod, dst6, addr.user_port),
+    }
+    ALLOW
+}
+
+/// An AF_INET6 socket's connect to `::ffff:<dst>`, decided by Istio's
+/// IPv4 rules and sent to `::ffff:127.0.0.1:<proxy port>` when captured.
+#[inline(always)]
+fn connect_mapped(ctx: &SockAddrContext, pod: u32, dst: u32) {
+    // SAFETY: the kernel hands every cgroup/connect6 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: `sk` is always a valid socket in a sock_addr context (>= 5.3).
+    let sk = unsafe { &*addr.__bindgen_anon_1.sk };
     let src_ip = v4_mapped(&read_ip6(&raw const sk.src_ip6)).unwrap_or(0);
-    if let Some((port, source)) = capture(&ctx, pod, sk, addr.type_, dst, addr.user_port, src_ip) {
+    if let Some((port, source)) = capture(ctx, pod, sk, addr.type_, dst, addr.user_port, src_ip) {
         if source != 0 {
-            keep_source(pod, bind_source(&ctx, sk.family, source));
+            keep_source(pod, bind_source(ctx, sk.family, source));
         }
         write_ip6((&raw mut addr.user_ip6).cast(), to_v4_mapped(LOCALHOST));
         addr.user_port = u32::from(port.to_be());
     }
-    ALLOW
+}
+
+/// A native IPv6 connect or send of a pod whose configuration in force
+/// has no IPv6 rules: left alone and counted as `not_ipv4`, reported at
+/// trace level, exactly as [`capture6`] does for the decision's
+/// `Bypass(NotIpv4)` (nothing for a pod with no configuration in force).
+#[inline(always)]
+pub(crate) fn pass_ipv6(pod: u32, dst: [u32; 4], user_port: u32) {
+    let Some((cfg, _)) = active(pod) else {
+        return;
+    };
+    count(pod, Counter::NotIpv4);
+    if cfg.log_level >= LOG_TRACE {
+        let uid_gid = bpf_get_current_uid_gid();
+        let event = Event {
+            counter: Counter::NotIpv4 as u32,
+            uid: uid_gid as u32,
+            gid: (uid_gid >> 32) as u32,
+            dst_ip: dst,
+            dst_port: u16::from_be(user_port as u16),
+            proxy_port: 0,
+        };
+        let _ = RDR_EVENTS.output::<Event>(&event, 0);
+    }
 }
 
 /// The whole outbound decision ([`redirect_common::decide_outcome`]:

@@ -16,7 +16,7 @@ use redirect_common::{
 };
 
 use crate::{
-    connect::{capture, capture6},
+    connect::{capture, capture6, pass_ipv6},
     maps::{active, count, load, pod_of, sock_record},
     net::{ALLOW, read_ip6, write_ip6},
 };
@@ -98,18 +98,50 @@ pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
         }
         return ALLOW;
     };
+    send_mapped(&ctx, pod, dst);
+    ALLOW
+}
+
+/// [`redirect_sendmsg6`] for a pod without Istio's IPv6 table (see
+/// [`crate::connect::redirect_conn6_v4`], whose terms the loader attaches
+/// it on): a datagram to an IPv6 nameserver is only counted.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn redirect_send6_v4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/sendmsg6 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if !may_be_dns(addr.user_port) {
+        return ALLOW;
+    }
+    let dst6 = read_ip6(&raw const addr.user_ip6);
+    let Some(pod) = pod_of(ctx.sock_addr) else {
+        return ALLOW;
+    };
+    match v4_mapped(&dst6) {
+        Some(dst) => send_mapped(&ctx, pod, dst),
+        None => pass_ipv6(pod, dst6, addr.user_port),
+    }
+    ALLOW
+}
+
+/// An AF_INET6 socket's datagram to `::ffff:<dst>`, decided by Istio's
+/// IPv4 rules and sent to `::ffff:127.0.0.1:15053` when captured.
+#[inline(always)]
+fn send_mapped(ctx: &SockAddrContext, pod: u32, dst: u32) {
+    // SAFETY: the kernel hands every cgroup/sendmsg6 program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: `sk` is always a valid socket in a sock_addr context.
+    let sk = unsafe { &*addr.__bindgen_anon_1.sk };
     let src_ip = v4_mapped(&read_ip6(&raw const addr.msg_src_ip6))
         .filter(|ip| *ip != 0)
         .or_else(|| v4_mapped(&read_ip6(&raw const sk.src_ip6)))
         .unwrap_or(0);
-    if let Some((port, source)) = capture(&ctx, pod, sk, addr.type_, dst, addr.user_port, src_ip) {
+    if let Some((port, source)) = capture(ctx, pod, sk, addr.type_, dst, addr.user_port, src_ip) {
         if source != 0 {
             write_ip6((&raw mut addr.msg_src_ip6).cast(), to_v4_mapped(source));
         }
         write_ip6((&raw mut addr.user_ip6).cast(), to_v4_mapped(LOCALHOST));
         addr.user_port = u32::from(port.to_be());
     }
-    ALLOW
 }
 
 /// Conntrack's reverse NAT of a captured DNS socket's replies: a datagram

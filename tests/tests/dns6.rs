@@ -97,6 +97,11 @@ fn pod() -> Sandbox {
 /// `redirect istio-iptables --ipv6=true` in the pod with `args` and a
 /// resolv.conf naming the peer's IPv6 and IPv4 addresses.
 fn istio(sandbox: &Sandbox, mode: &str, args: &[&str], cleanup: bool) {
+    istio_ipv6(sandbox, mode, true, args, cleanup);
+}
+
+/// [`istio`] with IPv6 rules or without (`--ipv6=<ipv6>`).
+fn istio_ipv6(sandbox: &Sandbox, mode: &str, ipv6: bool, args: &[&str], cleanup: bool) {
     let resolv = std::env::temp_dir().join(format!("{}-resolv6.conf", sandbox.name()));
     fs::write(
         &resolv,
@@ -105,7 +110,8 @@ fn istio(sandbox: &Sandbox, mode: &str, args: &[&str], cleanup: bool) {
     .expect("resolv.conf");
     let cgroup = sandbox.pod_cgroup().to_string_lossy().into_owned();
     let resolv_path = resolv.to_string_lossy().into_owned();
-    let mut argv = vec!["istio-iptables", "--ipv6=true", "--mode", mode];
+    let family = if ipv6 { "--ipv6=true" } else { "--ipv6=false" };
+    let mut argv = vec!["istio-iptables", family, "--mode", mode];
     argv.extend(["--netns", sandbox.pod_netns(), "--cgroup", &cgroup]);
     argv.extend(["--instance", sandbox.name(), "--resolv-conf", &resolv_path]);
     argv.extend(args);
@@ -203,4 +209,88 @@ fn ipv6_capture_all_dns_in_ebpf_mode_is_observed_as_with_ip6tables() {
     let seen = ebpf_is_iptables(&args);
     let other = &seen[&format!("app tcp -> [{}]:53", other6())];
     assert!(other.contains("| dns-proxy6"), "every server's: {other}");
+}
+
+/// The kernel's name (its first 15 bytes) of the program `hook` runs in
+/// the sandbox's instance.
+fn running_program(sandbox: &Sandbox, hook: &str) -> String {
+    let status = sandbox.status().expect("status");
+    let id = status["instances"][0]["programs"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["hook"] == hook))
+        .and_then(|p| p["program_id"].as_u64())
+        .unwrap_or_else(|| panic!("no {hook} program in {status}"));
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| u64::from(p.id()) == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("program {id} of {hook} not found"))
+}
+
+/// Without IPv6 rules, connect6 and sendmsg6 run the programs without the
+/// IPv6 decision; updated in place with `--ipv6=true` they run the whole
+/// ones, which stay through an update back (the configuration in force
+/// until it lands has IPv6 rules) and give way at the next. At each step
+/// every query reads as iptables mode's with the same IPv6 setting, and
+/// the native IPv6 queries are counted as not captured (`not_ipv4`) alike
+/// by both programs.
+#[test]
+fn the_ipv6_decision_runs_while_ipv6_rules_may_be_in_force() {
+    require_root!();
+    let mut args = ISTIO_SIDECAR_ARGS.to_vec();
+    args.push("--redirect-dns");
+    let sandbox = pod();
+    let kernel_name = |program: &str| program[..program.len().min(15)].to_owned();
+    let without = [
+        kernel_name("redirect_conn6_v4"),
+        kernel_name("redirect_send6_v4"),
+    ];
+    let whole = [
+        kernel_name("redirect_connect6"),
+        kernel_name("redirect_sendmsg6"),
+    ];
+    let mut ebpf = Vec::new();
+    let mut not_captured = Vec::new();
+    for (step, ipv6, programs) in [
+        ("without IPv6 rules", false, &without),
+        ("with them, updated in place", true, &whole),
+        ("without them again", false, &whole),
+        ("without them, updated once more", false, &without),
+    ] {
+        istio_ipv6(&sandbox, "ebpf", ipv6, &args, false);
+        let running = [
+            running_program(&sandbox, "connect6"),
+            running_program(&sandbox, "sendmsg6"),
+        ];
+        assert_eq!(&running, programs, "{step}");
+        let before = counter(&sandbox.status().expect("status"), "not_ipv4");
+        let seen = observe(&sandbox);
+        let after = counter(&sandbox.status().expect("status"), "not_ipv4");
+        if !ipv6 {
+            not_captured.push(after - before);
+        }
+        ebpf.push((step, ipv6, seen));
+    }
+    istio_ipv6(&sandbox, "ebpf", false, &args, true);
+    let mut iptables = BTreeMap::new();
+    for ipv6 in [false, true] {
+        istio_ipv6(&sandbox, "iptables", ipv6, &args, false);
+        iptables.insert(ipv6, observe(&sandbox));
+        istio_ipv6(&sandbox, "iptables", ipv6, &args, true);
+    }
+    // Not vacuous: IPv6 rules change what the app sees.
+    assert_ne!(iptables[&false], iptables[&true]);
+    for (step, ipv6, seen) in &ebpf {
+        let differ: Vec<String> = iptables[ipv6]
+            .iter()
+            .filter(|(k, v)| seen.get(*k) != Some(*v))
+            .map(|(k, v)| format!("{k}:\n  iptables: {v}\n  eBPF:     {}", seen[k]))
+            .collect();
+        assert!(differ.is_empty(), "{step}: {}", differ.join("\n"));
+    }
+    assert!(not_captured[0] > 0, "{not_captured:?}");
+    assert!(
+        not_captured.iter().all(|n| *n == not_captured[0]),
+        "counted alike by both programs: {not_captured:?}"
+    );
 }

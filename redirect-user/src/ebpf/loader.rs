@@ -45,7 +45,8 @@ use aya::{
     util::KernelVersion,
 };
 use redirect_common::{
-    ABI_VERSION, INSTANCE_POD, InstanceMeta, LISTENER_SLOTS, META_PATH_MAX, listener_index,
+    ABI_VERSION, CFG_IPV6, INSTANCE_POD, InstanceMeta, LISTENER_SLOTS, META_PATH_MAX,
+    listener_index,
 };
 
 use super::{
@@ -256,6 +257,10 @@ fn install_steps(
 
     let netns = File::open(NETNS).with_context(|| format!("opening {NETNS}"))?;
     let netns_ino = netns.metadata()?.ino();
+    // Whether IPv6 rules are in force before or after this install: the
+    // programs without the IPv6 decision serve only where they are in
+    // force neither (see `Hook::serving`).
+    let ipv6 = req.config.ipv6.is_some() || maps::active_config(dir)?.1.flags & CFG_IPV6 != 0;
     let slot = write_config(&mut ebpf, req, dir, undo, netns_ino)?;
     if undo.fresh {
         // Nothing runs yet: put the configuration in force before the
@@ -273,7 +278,7 @@ fn install_steps(
     for hook in HOOKS {
         let needed = hook.needed_by(req.config) || dir.join(hook.pin_name()).exists();
         if needed && hook_wanted(hook)? {
-            hooks.push(hook);
+            hooks.push(hook.serving(ipv6));
         }
     }
     let inbound_pin = dir.join(SK_LOOKUP.pin_name());
@@ -326,7 +331,7 @@ fn install_steps(
         fault_point("after-first-link-update")?;
     }
     // Each link's program beside it, for the next upgrade's rollback.
-    undo.programs = pin_programs(&ebpf, all_hooks(), dir)?;
+    undo.programs = pin_programs(&ebpf, all_hooks().map(|h| h.serving(ipv6)), dir)?;
     if !undo.fresh {
         // The one step that changes what the programs decide.
         maps::activate(dir, slot)?;
