@@ -576,11 +576,13 @@ impl Bench {
 impl Bench {
     /// IPv6 connection setup with `mode`'s IPv6 table in place (`direct`:
     /// no capture, the app connects to the proxy's IPv6 listener).
-    fn setup6_sample(&self, mode: &str, count: usize) -> Sample {
+    /// Records the install's time as `install_time_ipv6`.
+    fn setup6_sample(&self, mode: &str, count: usize, results: &mut Results) -> Sample {
         if mode == "direct" {
             return self.sample(PROXY6, count, "", "proxy");
         }
-        self.istio_with(mode, PROXY_PORT, "", &["--ipv6=true"], false);
+        let install = self.istio_with(mode, PROXY_PORT, "", &["--ipv6=true"], false);
+        results.add("install_time_ipv6", mode, "ms", install.as_secs_f64() * 1e3);
         let sample = self.sample(UPSTREAM6, count, "", "proxy");
         self.istio_with(mode, PROXY_PORT, "", &["--ipv6=true"], true);
         sample
@@ -589,12 +591,14 @@ impl Bench {
     /// DNS queries from the app (a fresh connected UDP socket each, as a
     /// libc resolver sends them) with `mode`'s `--redirect-dns` in place;
     /// `direct`: no capture, the app queries the proxy's DNS listener.
-    fn dns_sample(&self, mode: &str, count: usize) -> Sample {
+    /// Records the install's time as `install_time_dns`.
+    fn dns_sample(&self, mode: &str, count: usize, results: &mut Results) -> Sample {
         if mode == "direct" {
             return self.sample(PROXY_DNS, count, "--dns", "dns-proxy");
         }
         let extra = ["--redirect-dns", "--resolv-conf", self.resolv.as_str()];
-        self.istio_with(mode, PROXY_PORT, "", &extra, false);
+        let install = self.istio_with(mode, PROXY_PORT, "", &extra, false);
+        results.add("install_time_dns", mode, "ms", install.as_secs_f64() * 1e3);
         let sample = self.sample(NAMESERVER, count, "--dns", "dns-proxy");
         self.istio_with(mode, PROXY_PORT, "", &extra, true);
         sample
@@ -1014,7 +1018,7 @@ fn bench_capture_costs() {
         let first = round % modes.len();
         modes.rotate_left(first);
         for mode in modes {
-            let s = bench.setup6_sample(mode, sizes.setup_connections);
+            let s = bench.setup6_sample(mode, sizes.setup_connections, &mut results);
             results.add_sample("connect6", mode, "conn", &s);
         }
         let last = |mode| *results.get("connect6_rate", mode).last().unwrap_or(&0.0);
@@ -1032,7 +1036,7 @@ fn bench_capture_costs() {
         let first = round % modes.len();
         modes.rotate_left(first);
         for mode in modes {
-            let s = bench.dns_sample(mode, sizes.requests);
+            let s = bench.dns_sample(mode, sizes.requests, &mut results);
             results.add_sample("dns_query", mode, "query", &s);
         }
         let last = |mode| *results.get("dns_query_p50", mode).last().unwrap_or(&0.0);

@@ -113,6 +113,8 @@ fn check_complete(figures: &[Figure]) -> Result<()> {
     for mode in ["ebpf", "iptables"] {
         for name in [
             "install_time",
+            "install_time_ipv6",
+            "install_time_dns",
             "uninstall_time",
             "request_p50",
             "request_p99",
