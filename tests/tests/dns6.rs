@@ -157,6 +157,19 @@ fn observe(sandbox: &Sandbox) -> BTreeMap<String, String> {
     seen
 }
 
+/// The queries whose observation in eBPF mode is not iptables mode's,
+/// each with both observations.
+fn differences(
+    ebpf: &BTreeMap<String, String>,
+    iptables: &BTreeMap<String, String>,
+) -> Vec<String> {
+    iptables
+        .iter()
+        .filter(|(k, v)| ebpf.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}:\n  iptables: {v}\n  eBPF:     {}", ebpf[k]))
+        .collect()
+}
+
 /// `args` in eBPF mode, then in iptables mode: every observation alike.
 fn ebpf_is_iptables(args: &[&str]) -> BTreeMap<String, String> {
     let sandbox = pod();
@@ -170,11 +183,7 @@ fn ebpf_is_iptables(args: &[&str]) -> BTreeMap<String, String> {
     istio(&sandbox, "iptables", args, false);
     let iptables = observe(&sandbox);
     istio(&sandbox, "iptables", args, true);
-    let differ: Vec<String> = iptables
-        .iter()
-        .filter(|(k, v)| ebpf.get(*k) != Some(*v))
-        .map(|(k, v)| format!("{k}:\n  iptables: {v}\n  eBPF:     {}", ebpf[k]))
-        .collect();
+    let differ = differences(&ebpf, &iptables);
     assert!(
         differ.is_empty(),
         "{args:?}: {} of {} queries differ:\n{}",
@@ -281,11 +290,7 @@ fn the_ipv6_decision_runs_while_ipv6_rules_may_be_in_force() {
     // Not vacuous: IPv6 rules change what the app sees.
     assert_ne!(iptables[&false], iptables[&true]);
     for (step, ipv6, seen) in &ebpf {
-        let differ: Vec<String> = iptables[ipv6]
-            .iter()
-            .filter(|(k, v)| seen.get(*k) != Some(*v))
-            .map(|(k, v)| format!("{k}:\n  iptables: {v}\n  eBPF:     {}", seen[k]))
-            .collect();
+        let differ = differences(seen, &iptables[ipv6]);
         assert!(differ.is_empty(), "{step}: {}", differ.join("\n"));
     }
     assert!(not_captured[0] > 0, "{not_captured:?}");
