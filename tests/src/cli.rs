@@ -302,3 +302,19 @@ impl Drop for UnloadSet {
         let _ = redirect(&["node-set", "unload", "--set", &self.0]);
     }
 }
+
+/// The observations (by case) that eBPF mode saw otherwise than iptables
+/// mode, each with both: what a differential test reports.
+pub fn differences(
+    ebpf: &std::collections::BTreeMap<String, String>,
+    iptables: &std::collections::BTreeMap<String, String>,
+) -> Vec<String> {
+    iptables
+        .iter()
+        .filter(|(k, v)| ebpf.get(*k) != Some(*v))
+        .map(|(k, v)| {
+            let seen = ebpf.get(k).map_or("(none)", String::as_str);
+            format!("{k}:\n  iptables: {v}\n  eBPF:     {seen}")
+        })
+        .collect()
+}

@@ -15,7 +15,7 @@ use std::{
 
 use redirect_sandbox::{
     APP, Group, Identity, Net, PEER_IP, POD_IP, PROXY, ROOT, Sandbox,
-    cli::{ISTIO_SIDECAR_ARGS, Outcome, canonical_ports, counter, redirect},
+    cli::{ISTIO_SIDECAR_ARGS, Outcome, canonical_ports, counter, differences, redirect},
     peer_ip, require_root,
 };
 
@@ -181,19 +181,6 @@ fn observe(sandbox: &Sandbox) -> BTreeMap<String, String> {
                 .expect("dns-query");
             (query.key(), canonical(out.trim()))
         })
-        .collect()
-}
-
-/// The queries whose observation in eBPF mode is not iptables mode's,
-/// each with both observations.
-fn differences(
-    ebpf: &BTreeMap<String, String>,
-    iptables: &BTreeMap<String, String>,
-) -> Vec<String> {
-    iptables
-        .iter()
-        .filter(|(k, v)| ebpf.get(*k) != Some(*v))
-        .map(|(k, v)| format!("{k}:\n  iptables: {v}\n  eBPF:     {}", ebpf[k]))
         .collect()
 }
 

@@ -15,7 +15,7 @@ use std::{
 
 use redirect_sandbox::{
     APP, Group, Identity, Net, PEER_IP, PEER_IP6, PROXY, ROOT, Sandbox,
-    cli::{ISTIO_SIDECAR_ARGS, canonical_ports, counter, redirect},
+    cli::{ISTIO_SIDECAR_ARGS, canonical_ports, counter, differences, redirect},
     require_root,
 };
 
@@ -155,19 +155,6 @@ fn observe(sandbox: &Sandbox) -> BTreeMap<String, String> {
         }
     }
     seen
-}
-
-/// The queries whose observation in eBPF mode is not iptables mode's,
-/// each with both observations.
-fn differences(
-    ebpf: &BTreeMap<String, String>,
-    iptables: &BTreeMap<String, String>,
-) -> Vec<String> {
-    iptables
-        .iter()
-        .filter(|(k, v)| ebpf.get(*k) != Some(*v))
-        .map(|(k, v)| format!("{k}:\n  iptables: {v}\n  eBPF:     {}", ebpf[k]))
-        .collect()
 }
 
 /// `args` in eBPF mode, then in iptables mode: every observation alike.
