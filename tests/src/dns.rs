@@ -19,8 +19,15 @@ use socket2::{Domain, Socket, Type};
 
 use crate::agent::{errno_name, original_dst};
 
-/// How long a query waits for its answer.
+/// How long a UDP query waits for its answer: some get none by design
+/// (multicast nobody answers), so each of those costs this long.
 const ANSWER_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long a TCP query waits to connect and for its answer. Every
+/// connection a query makes either fails at once or reaches a server that
+/// answers, so this bounds only a broken path, and is generous: under
+/// software emulation the proxy's answer has taken more than 1.5 s.
+const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves DNS stand-in answers on `listen`, UDP and TCP, until killed.
 /// Prints "ready" once both are bound.
@@ -57,7 +64,7 @@ pub fn serve(listen: SocketAddr, name: &str) -> Result<()> {
 
 /// Answers one TCP query: `NAME peer=<peer> odst=<SO_ORIGINAL_DST>`.
 fn answer_tcp(mut stream: TcpStream, name: &str) {
-    let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
+    let _ = stream.set_read_timeout(Some(TCP_TIMEOUT));
     // The query is one read; what follows until the client closes is
     // drained after the answer (nothing left unread resets the connection
     // before the answer is read).
@@ -160,7 +167,7 @@ fn query_inner(
     if how == How::Tcp {
         let socket = Socket::new(domain, Type::STREAM, None)?;
         bind(&socket)?;
-        if let Err(err) = socket.connect_timeout(&to.into(), ANSWER_TIMEOUT) {
+        if let Err(err) = socket.connect_timeout(&to.into(), TCP_TIMEOUT) {
             return Ok(format!("connect={}", errno_name(&err)));
         }
         let seen = format!(
@@ -169,7 +176,7 @@ fn query_inner(
             name(socket.peer_addr())
         );
         let mut stream = TcpStream::from(socket);
-        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        stream.set_read_timeout(Some(TCP_TIMEOUT))?;
         stream.write_all(b"query\n")?;
         // The server reads to the end: nothing it leaves unread resets the
         // connection before its answer is read.
