@@ -595,3 +595,23 @@ pub fn render(report: &Report) -> String {
     ));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_recordable_feature_has_a_bit_of_its_own_in_the_record() {
+        let names = recordable();
+        assert!(names.len() <= 64, "{} features: {names:?}", names.len());
+        let known: Vec<&str> = catalogue().iter().map(|s| s.name).collect();
+        for (i, name) in names.iter().enumerate() {
+            assert!(known.contains(name), "{name} is not in the catalogue");
+            assert_eq!(bit(name), 1 << i, "{name}");
+        }
+        // What depends on the caller is never recorded.
+        for name in ["privileges", "cgroup2", "bpffs", "kernel", "nft"] {
+            assert_eq!(bit(name), 0, "{name}");
+        }
+    }
+}
