@@ -235,8 +235,6 @@ pub fn list() -> Result<Listing> {
             listing.staging.push(name);
         } else if is_dir && name.starts_with(SET_PREFIX) {
             listing.sets.push(name);
-        } else if name == crate::ebpf::probe_record::PIN {
-            // This boot's probe record: redirect's, no instance.
         } else if let (true, Ok(instance)) = (is_dir, InstanceName::parse(&name)) {
             listing.instances.push(instance);
         } else {

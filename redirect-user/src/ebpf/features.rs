@@ -4,16 +4,8 @@
 //!
 //! `--assume-missing` (hidden) makes features count as absent, so that
 //! every fallback path can be exercised on a kernel that has everything.
-//!
-//! What the kernel has does not change until it reboots: a feature an
-//! earlier install found present this boot is taken from its record (see
-//! [`super::probe_record`]) instead of being asked again, except by
-//! `redirect probe`, which always asks.
 
-use std::sync::{
-    Mutex, OnceLock,
-    atomic::{AtomicBool, AtomicU64, Ordering},
-};
+use std::sync::{Mutex, OnceLock};
 
 use aya::{maps::MapType, sys::is_map_supported, util::KernelVersion};
 use serde::Serialize;
@@ -36,85 +28,6 @@ pub fn assume_missing(names: Vec<String>) -> anyhow::Result<()> {
     }
     let _ = ASSUMED_MISSING.set(names);
     Ok(())
-}
-
-/// Whether features may be taken from this boot's record (`redirect
-/// probe` turns it off).
-static USE_RECORD: AtomicBool = AtomicBool::new(true);
-
-/// The record's features present, read once per process.
-static RECORDED: OnceLock<u64> = OnceLock::new();
-
-/// Recordable features this process found present itself.
-static FOUND: AtomicU64 = AtomicU64::new(0);
-
-/// Every feature from now on is asked of the kernel, none taken from the
-/// record.
-pub fn ask_the_kernel_only() {
-    USE_RECORD.store(false, Ordering::Relaxed);
-}
-
-/// The features whose presence is the kernel's alone (not the caller's
-/// privileges, mounts or tools), in the record's bit order.
-fn recordable() -> Vec<&'static str> {
-    let mut names = vec![
-        "map/lru_hash",
-        "map/percpu_array",
-        "map/ringbuf",
-        "map/sk_storage",
-        "helper/sk_storage_get",
-        NETNS_COOKIE,
-        INGRESS_IFINDEX,
-    ];
-    for hook in all_hooks() {
-        if !names.contains(&hook.feature) {
-            names.push(hook.feature);
-        }
-    }
-    names
-}
-
-fn bit(name: &str) -> u64 {
-    recordable()
-        .iter()
-        .position(|n| *n == name)
-        .map_or(0, |i| 1 << i)
-}
-
-fn recorded_bits() -> u64 {
-    *RECORDED.get_or_init(|| super::probe_record::read(&recordable()))
-}
-
-/// Whether this boot's record says `name` is present.
-fn recorded_present(name: &str) -> bool {
-    USE_RECORD.load(Ordering::Relaxed) && recorded_bits() & bit(name) != 0
-}
-
-/// Notes that the kernel answered `name` present.
-fn found_present(name: &str) {
-    FOUND.fetch_or(bit(name), Ordering::Relaxed);
-}
-
-/// The features this boot's record holds (present by an earlier install's
-/// probe), whether or not this process reads it.
-pub fn recorded() -> Vec<&'static str> {
-    let bits = recorded_bits();
-    recordable()
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| bits & (1 << i) != 0)
-        .map(|(_, name)| name)
-        .collect()
-}
-
-/// Adds what this process found present to this boot's record: called
-/// by a successful install, under the node's lock. A record that cannot
-/// be written costs later installs their probes, nothing else.
-pub fn record_for_this_boot() {
-    let found = FOUND.load(Ordering::Relaxed);
-    if found & !recorded_bits() != 0 {
-        let _ = super::probe_record::write(&recordable(), found);
-    }
 }
 
 fn assumed_missing(name: &str) -> bool {
@@ -144,9 +57,6 @@ pub struct Report {
     pub features: Vec<Feature>,
     pub mode: Mode,
     pub reason: String,
-    /// The features this boot's record holds (see
-    /// [`super::probe_record`]): each one the kernel answers present.
-    pub recorded: Vec<&'static str>,
 }
 
 /// The capture mode the probe's findings lead to.
@@ -289,9 +199,6 @@ pub fn netns_cookie_missing() -> Option<String> {
     if assumed_missing(NETNS_COOKIE) {
         return Some("assumed missing (--assume-missing)".into());
     }
-    if recorded_present(NETNS_COOKIE) {
-        return None;
-    }
     for (kind, name) in [
         (aya::programs::ProgramType::SockOps, "sockops"),
         (aya::programs::ProgramType::CgroupSockopt, "cgroup sockopt"),
@@ -302,7 +209,6 @@ pub fn netns_cookie_missing() -> Option<String> {
             Err(err) => return Some(format!("cannot tell ({err})")),
         }
     }
-    found_present(NETNS_COOKIE);
     None
 }
 
@@ -363,14 +269,7 @@ fn remembered(
     if let Some(errno) = known {
         return answer(errno);
     }
-    let result = if recorded_present(feature) {
-        Ok(())
-    } else {
-        ask()
-    };
-    if result.is_ok() {
-        found_present(feature);
-    }
+    let result = ask();
     let errno = match &result {
         Ok(()) => None,
         Err(err) => match err.raw_os_error() {
@@ -389,18 +288,6 @@ fn detect(spec: &Spec) -> (bool, String) {
     if assumed_missing(spec.name) {
         return (false, "assumed missing (--assume-missing)".into());
     }
-    if recorded_present(spec.name) {
-        return (true, "found present earlier this boot".into());
-    }
-    let (present, detail) = ask(spec);
-    if present {
-        found_present(spec.name);
-    }
-    (present, detail)
-}
-
-/// What the kernel (or the node) answers for `spec`.
-fn ask(spec: &Spec) -> (bool, String) {
     let found = |ok: bool, yes: &str, no: String| {
         if ok {
             (true, yes.to_owned())
@@ -559,7 +446,6 @@ pub fn run() -> Report {
         features,
         mode,
         reason,
-        recorded: recorded(),
     }
 }
 
@@ -584,34 +470,5 @@ pub fn render(report: &Report) -> String {
         ));
     }
     out.push_str(&format!("mode: {} ({})\n", report.mode, report.reason));
-    out.push_str(&format!(
-        "recorded this boot for installs ({}): {}\n",
-        super::probe_record::path().display(),
-        if report.recorded.is_empty() {
-            "nothing".to_owned()
-        } else {
-            report.recorded.join(", ")
-        }
-    ));
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_recordable_feature_has_a_bit_of_its_own_in_the_record() {
-        let names = recordable();
-        assert!(names.len() <= 64, "{} features: {names:?}", names.len());
-        let known: Vec<&str> = catalogue().iter().map(|s| s.name).collect();
-        for (i, name) in names.iter().enumerate() {
-            assert!(known.contains(name), "{name} is not in the catalogue");
-            assert_eq!(bit(name), 1 << i, "{name}");
-        }
-        // What depends on the caller is never recorded.
-        for name in ["privileges", "cgroup2", "bpffs", "kernel", "nft"] {
-            assert_eq!(bit(name), 0, "{name}");
-        }
-    }
 }
