@@ -235,6 +235,8 @@ pub fn list() -> Result<Listing> {
             listing.staging.push(name);
         } else if is_dir && name.starts_with(SET_PREFIX) {
             listing.sets.push(name);
+        } else if name.starts_with(crate::ebpf::probe_record::PIN_PREFIX) {
+            // This boot's probe record: redirect's, no instance.
         } else if let (true, Ok(instance)) = (is_dir, InstanceName::parse(&name)) {
             listing.instances.push(instance);
         } else {

@@ -118,3 +118,49 @@ fn a_missing_optional_hook_is_skipped_and_reported() {
     );
     sandbox.uninstall().expect("uninstall");
 }
+
+/// An install records the features it found present, so that the boot's
+/// later installs need not ask the kernel again (bpffs lives in memory:
+/// the record goes with the boot). The record holds nothing the kernel
+/// lacks: every feature it names, `probe` (which always asks the kernel)
+/// finds present, on every kernel of the VM matrix. Other tests install
+/// beside this one and add to the same record, with the same facts.
+#[test]
+fn an_install_records_only_features_the_kernel_has() {
+    require_root!();
+    let sandbox = Sandbox::for_tests().expect("sandbox");
+    sandbox.install(&[]).expect("install");
+    // The text names this build's record (one per build layout).
+    let out = redirect(&["probe"]).expect("probe");
+    let line = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("recorded this boot for installs ("))
+        .unwrap_or_else(|| panic!("no record line: {out:?}"));
+    let pin = line.split_once("): ").map_or("", |(pin, _)| pin);
+    assert!(pin.starts_with("/sys/fs/bpf/redirect/@probes-"), "{out:?}");
+    assert!(
+        std::path::Path::new(pin).exists(),
+        "the install pinned its record at {pin}"
+    );
+    let report = probe(&[]);
+    let recorded: Vec<&str> = report["recorded"]
+        .as_array()
+        .expect("recorded")
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    for attached in ["sockops", "cgroup/connect4", "cgroup/getsockopt"] {
+        assert!(recorded.contains(&attached), "{attached}: {report}");
+    }
+    let features = report["features"].as_array().expect("features");
+    for name in &recorded {
+        let found = features.iter().find(|f| f["name"] == *name);
+        assert_eq!(
+            found.and_then(|f| f["present"].as_bool()),
+            Some(true),
+            "recorded {name}, which the kernel does not have: {report}"
+        );
+    }
+    sandbox.uninstall().expect("uninstall");
+}

@@ -8,6 +8,7 @@ use anyhow::Result;
 use crate::ebpf::features;
 
 pub fn probe(json: bool) -> Result<ExitCode> {
+    features::ask_the_kernel_only();
     let report = features::run();
     if json {
         outln!("{}", serde_json::to_string_pretty(&report)?);

@@ -4,8 +4,16 @@
 //!
 //! `--assume-missing` (hidden) makes features count as absent, so that
 //! every fallback path can be exercised on a kernel that has everything.
+//!
+//! What the kernel has does not change until it reboots: a feature an
+//! earlier install found present this boot is taken from its record (see
+//! [`super::probe_record`]) instead of being asked again, except by
+//! `redirect probe`, which always asks.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::{
+    Mutex, OnceLock,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
 
 use aya::{maps::MapType, sys::is_map_supported, util::KernelVersion};
 use serde::Serialize;
@@ -28,6 +36,109 @@ pub fn assume_missing(names: Vec<String>) -> anyhow::Result<()> {
     }
     let _ = ASSUMED_MISSING.set(names);
     Ok(())
+}
+
+/// Whether features may be taken from this boot's record (`redirect
+/// probe` turns it off).
+static USE_RECORD: AtomicBool = AtomicBool::new(true);
+
+/// The record's features present, read once per process.
+static RECORDED: OnceLock<u64> = OnceLock::new();
+
+/// Recordable features this process found present itself.
+static FOUND: AtomicU64 = AtomicU64::new(0);
+
+/// Every feature from now on is asked of the kernel, none taken from the
+/// record.
+pub fn ask_the_kernel_only() {
+    USE_RECORD.store(false, Ordering::Relaxed);
+}
+
+/// The features whose presence is the kernel's alone (not the caller's
+/// privileges, mounts or tools), in the record's bit order.
+fn recordable() -> Vec<&'static str> {
+    let mut names = vec![
+        "map/lru_hash",
+        "map/percpu_array",
+        "map/ringbuf",
+        "map/sk_storage",
+        "helper/sk_storage_get",
+        NETNS_COOKIE,
+        INGRESS_IFINDEX,
+    ];
+    for hook in all_hooks() {
+        if !names.contains(&hook.feature) {
+            names.push(hook.feature);
+        }
+    }
+    names
+}
+
+/// [`recordable`], each hook with how it is probed (its program and attach
+/// types): what the record's revision digests, so that a build probing a
+/// hook another way reads and writes another record.
+fn record_keys() -> Vec<String> {
+    recordable()
+        .into_iter()
+        .map(|name| match all_hooks().find(|h| h.feature == name) {
+            Some(hook) => format!("{name}:{}:{}", hook.kind.prog_type(), hook.attach_type),
+            None => name.to_owned(),
+        })
+        .collect()
+}
+
+fn bit(name: &str) -> u64 {
+    recordable()
+        .iter()
+        .position(|n| *n == name)
+        .map_or(0, |i| 1 << i)
+}
+
+fn recorded_bits() -> u64 {
+    *RECORDED.get_or_init(|| super::probe_record::read(&record_keys()))
+}
+
+/// Whether this boot's record says `name` is present: only to a process
+/// with eBPF privileges, whose own probes would tell (without them a
+/// probe answers "cannot tell", and so does the record).
+fn recorded_present(name: &str) -> bool {
+    USE_RECORD.load(Ordering::Relaxed)
+        && bit(name) != 0
+        && privileges().is_ok()
+        && recorded_bits() & bit(name) != 0
+}
+
+/// This process's eBPF privileges, checked once.
+fn privileges() -> &'static Result<(), String> {
+    static CHECKED: OnceLock<Result<(), String>> = OnceLock::new();
+    CHECKED.get_or_init(|| privilege::check_ebpf().map_err(|err| err.to_string()))
+}
+
+/// Notes that the kernel answered `name` present.
+fn found_present(name: &str) {
+    FOUND.fetch_or(bit(name), Ordering::Relaxed);
+}
+
+/// The features this boot's record holds (present by an earlier install's
+/// probe), whether or not this process reads it.
+pub fn recorded() -> Vec<&'static str> {
+    let bits = recorded_bits();
+    recordable()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .map(|(_, name)| name)
+        .collect()
+}
+
+/// Adds what this process found present to this boot's record: called
+/// by a successful install, under the node's lock. A record that cannot
+/// be written costs later installs their probes, nothing else.
+pub fn record_for_this_boot() {
+    let found = FOUND.load(Ordering::Relaxed);
+    if found & !recorded_bits() != 0 {
+        let _ = super::probe_record::write(&record_keys(), found);
+    }
 }
 
 fn assumed_missing(name: &str) -> bool {
@@ -57,6 +168,9 @@ pub struct Report {
     pub features: Vec<Feature>,
     pub mode: Mode,
     pub reason: String,
+    /// The features this boot's record holds (see
+    /// [`super::probe_record`]): each one the kernel answers present.
+    pub recorded: Vec<&'static str>,
 }
 
 /// The capture mode the probe's findings lead to.
@@ -199,6 +313,9 @@ pub fn netns_cookie_missing() -> Option<String> {
     if assumed_missing(NETNS_COOKIE) {
         return Some("assumed missing (--assume-missing)".into());
     }
+    if recorded_present(NETNS_COOKIE) {
+        return None;
+    }
     for (kind, name) in [
         (aya::programs::ProgramType::SockOps, "sockops"),
         (aya::programs::ProgramType::CgroupSockopt, "cgroup sockopt"),
@@ -209,6 +326,7 @@ pub fn netns_cookie_missing() -> Option<String> {
             Err(err) => return Some(format!("cannot tell ({err})")),
         }
     }
+    found_present(NETNS_COOKIE);
     None
 }
 
@@ -269,7 +387,14 @@ fn remembered(
     if let Some(errno) = known {
         return answer(errno);
     }
-    let result = ask();
+    let result = if recorded_present(feature) {
+        Ok(())
+    } else {
+        ask()
+    };
+    if result.is_ok() {
+        found_present(feature);
+    }
     let errno = match &result {
         Ok(()) => None,
         Err(err) => match err.raw_os_error() {
@@ -288,6 +413,18 @@ fn detect(spec: &Spec) -> (bool, String) {
     if assumed_missing(spec.name) {
         return (false, "assumed missing (--assume-missing)".into());
     }
+    if recorded_present(spec.name) {
+        return (true, "found present earlier this boot".into());
+    }
+    let (present, detail) = ask(spec);
+    if present {
+        found_present(spec.name);
+    }
+    (present, detail)
+}
+
+/// What the kernel (or the node) answers for `spec`.
+fn ask(spec: &Spec) -> (bool, String) {
     let found = |ok: bool, yes: &str, no: String| {
         if ok {
             (true, yes.to_owned())
@@ -296,9 +433,9 @@ fn detect(spec: &Spec) -> (bool, String) {
         }
     };
     match spec.name {
-        "privileges" => match privilege::check_ebpf() {
+        "privileges" => match privileges() {
             Ok(()) => (true, "effective capabilities suffice".into()),
-            Err(err) => (false, err.to_string()),
+            Err(err) => (false, err.clone()),
         },
         "cgroup2" => match cgroup::cgroup2_mounts() {
             Ok(m) if !m.is_empty() => (true, format!("mounted at {}", m[0].display())),
@@ -446,6 +583,7 @@ pub fn run() -> Report {
         features,
         mode,
         reason,
+        recorded: recorded(),
     }
 }
 
@@ -470,5 +608,34 @@ pub fn render(report: &Report) -> String {
         ));
     }
     out.push_str(&format!("mode: {} ({})\n", report.mode, report.reason));
+    out.push_str(&format!(
+        "recorded this boot for installs ({}): {}\n",
+        super::probe_record::path(&record_keys()).display(),
+        if report.recorded.is_empty() {
+            "nothing".to_owned()
+        } else {
+            report.recorded.join(", ")
+        }
+    ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_recordable_feature_has_a_bit_of_its_own_in_the_record() {
+        let names = recordable();
+        assert!(names.len() <= 64, "{} features: {names:?}", names.len());
+        let known: Vec<&str> = catalogue().iter().map(|s| s.name).collect();
+        for (i, name) in names.iter().enumerate() {
+            assert!(known.contains(name), "{name} is not in the catalogue");
+            assert_eq!(bit(name), 1 << i, "{name}");
+        }
+        // What depends on the caller is never recorded.
+        for name in ["privileges", "cgroup2", "bpffs", "kernel", "nft"] {
+            assert_eq!(bit(name), 0, "{name}");
+        }
+    }
 }

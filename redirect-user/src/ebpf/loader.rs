@@ -182,11 +182,14 @@ pub fn install(req: &Request<'_>) -> Result<Installed> {
     });
     timing::mark(|| "commit".into());
     match result {
-        Ok(ebpf) => Ok(Installed {
-            ebpf,
-            upgraded,
-            notes,
-        }),
+        Ok(ebpf) => {
+            super::features::record_for_this_boot();
+            Ok(Installed {
+                ebpf,
+                upgraded,
+                notes,
+            })
+        }
         Err(err) => {
             let problems = undo.run();
             if problems.is_empty() {

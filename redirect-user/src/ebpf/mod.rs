@@ -10,6 +10,7 @@ pub mod lower;
 pub mod maps;
 pub mod node_set;
 pub mod privilege;
+pub mod probe_record;
 mod removal;
 pub mod routes;
 pub mod routes6;

@@ -197,6 +197,7 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Loaded> {
         }
         return Err(err);
     }
+    super::features::record_for_this_boot();
     Ok(Loaded::New)
 }
 
