@@ -83,20 +83,28 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
     }
     // The netfilter backend: Istio's native nftables rules when asked
     // for, or in auto mode on a node with nft but no iptables at all.
-    let no_iptables = !actions.native_nftables
-        && args.mode == Mode::Auto
-        && backend.is_none()
-        && ![Backend::Nft, Backend::Legacy]
-            .iter()
-            .any(|b| b.installed())
-        && crate::host::on_path("nft");
-    let native = actions.native_nftables || no_iptables;
-    let fallback = if native {
-        "Istio's native nftables rules"
-    } else {
-        "iptables"
+    // Looked for on PATH only when eBPF is not chosen.
+    let no_iptables = std::cell::OnceCell::new();
+    let no_iptables = || {
+        *no_iptables.get_or_init(|| {
+            !actions.native_nftables
+                && args.mode == Mode::Auto
+                && backend.is_none()
+                && ![Backend::Nft, Backend::Legacy]
+                    .iter()
+                    .any(|b| b.installed())
+                && crate::host::on_path("nft")
+        })
     };
-    let ebpf = match choose_mode(args, &capture, &host, fallback) {
+    let native = || actions.native_nftables || no_iptables();
+    let fallback = || {
+        if native() {
+            "Istio's native nftables rules"
+        } else {
+            "iptables"
+        }
+    };
+    let ebpf = match choose_mode(args, &capture, &host, &fallback) {
         Ok(choice) => choice,
         Err(err) => return refuse(&format!("{err:#}")),
     };
@@ -108,8 +116,8 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
         };
         return validated(args, &actions, &capture, code);
     }
-    if native {
-        if no_iptables {
+    if native() {
+        if no_iptables() {
             eprintln!(
                 "redirect: auto mode: no iptables binary here; using Istio's native nftables rules (nft)"
             );
@@ -167,13 +175,13 @@ enum EbpfTarget {
 }
 
 /// `--mode`: the eBPF configuration and where it goes when eBPF capture
-/// is chosen, `None` for the netfilter backend, `fallback` (auto mode says
-/// why on stderr). `--mode ebpf` errs with what stands in the way.
+/// is chosen, `None` for the netfilter backend, `fallback()` (auto mode
+/// says why on stderr). `--mode ebpf` errs with what stands in the way.
 fn choose_mode(
     args: &IstioArgs,
     capture: &Capture,
     host: &RealHost,
-    fallback: &str,
+    fallback: &dyn Fn() -> &'static str,
 ) -> Result<Option<(Config, EbpfTarget)>> {
     if args.mode == Mode::Iptables {
         return Ok(None);
@@ -237,7 +245,7 @@ fn choose_mode(
             anyhow::bail!("--mode ebpf: {why}: use --mode iptables (or auto)")
         }
         (_, Err(why)) => {
-            eprintln!("redirect: auto mode: using {fallback}, because {why}");
+            eprintln!("redirect: auto mode: using {}, because {why}", fallback());
             Ok(None)
         }
     }
