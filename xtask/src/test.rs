@@ -38,6 +38,7 @@ pub fn test(opts: &Options) -> Result<()> {
         oldest_kernel,
     } = *opts;
     sysdeps::ensure_tools(SANDBOX_TOOLS)?;
+    let _records = ProbeRecords::now();
     sysdeps::ensure_tools(TEST_TOOLS)?;
     if lint {
         run_checked(&mut cargo(&["fmt", "--all", "--", "--check"])?)
@@ -127,6 +128,46 @@ pub fn pinned_instances(matches: impl Fn(&str) -> bool) -> Vec<String> {
             matches(base).then(|| format!("pin directory {}", entry.path().display()))
         })
         .collect()
+}
+
+/// The kernel-feature records (`@probes-<revision>` pins, the user
+/// space's `ebpf::probe_record`) present when the run starts. The suite's
+/// installs write one, which a later install on this boot would take its
+/// answers from; dropping this removes those the run wrote, so the
+/// machine is left as the run found it (a record there before stays).
+struct ProbeRecords(Vec<std::ffi::OsString>);
+
+impl ProbeRecords {
+    const DIR: &str = "/sys/fs/bpf/redirect";
+    const PREFIX: &str = "@probes-";
+
+    fn list() -> Vec<std::ffi::OsString> {
+        let Ok(entries) = fs::read_dir(Self::DIR) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .map(|entry| entry.file_name())
+            .filter(|name| name.to_string_lossy().starts_with(Self::PREFIX))
+            .collect()
+    }
+
+    fn now() -> Self {
+        Self(Self::list())
+    }
+}
+
+impl Drop for ProbeRecords {
+    fn drop(&mut self) {
+        for name in Self::list() {
+            if !self.0.contains(&name) {
+                let path = Path::new(Self::DIR).join(&name);
+                if let Err(err) = fs::remove_file(&path) {
+                    eprintln!("xtask: could not remove {}: {err}", path.display());
+                }
+            }
+        }
+    }
 }
 
 /// `ran`, failed also when `what` left state behind; a failed run names

@@ -33,9 +33,43 @@ use crate::bpffs;
 /// with `@`); the revision follows, in hex.
 pub const PIN_PREFIX: &str = "@probes-";
 
-/// Bump when what a probe means changes, so that records written by
-/// earlier builds are ignored.
+/// Bump when what a probe means changes outside [`PROBE_SOURCES`], so
+/// that records written by earlier builds are ignored.
 const REVISION: u64 = 1;
+
+/// The source of the probes and of what answers them (the privilege
+/// check, the probe programs and syscalls, the pinned aya's feature
+/// probes): a build whose probes differ in any way, even a comment, has a
+/// revision of its own, so that no build takes another's answers. A
+/// comment's change costs one probe run a boot.
+const PROBE_SOURCES: u64 = fnv1a(
+    FNV_OFFSET,
+    &[
+        include_str!("features.rs").as_bytes(),
+        include_str!("sys.rs").as_bytes(),
+        include_str!("privilege.rs").as_bytes(),
+        include_str!("../../../vendor/aya/src/sys/feature_probe.rs").as_bytes(),
+    ],
+);
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a over `parts` from `hash`, each part followed by a zero byte.
+const fn fnv1a(mut hash: u64, parts: &[&[u8]]) -> u64 {
+    let mut p = 0;
+    while p < parts.len() {
+        let part = parts[p];
+        let mut i = 0;
+        while i <= part.len() {
+            let byte = if i < part.len() { part[i] } else { 0 };
+            hash ^= byte as u64;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+            i += 1;
+        }
+        p += 1;
+    }
+    hash
+}
 
 /// The record's one value.
 #[repr(C)]
@@ -57,22 +91,17 @@ pub fn path(names: &[String]) -> PathBuf {
 
 /// Which builds share a record: a digest (FNV-1a) of `names` in their
 /// order (each naming a feature and how it is probed, see
-/// `features::recordable`), this build's version and [`REVISION`].
+/// `features::recordable`), this build's version, [`REVISION`] and
+/// [`PROBE_SOURCES`].
 pub fn revision(names: &[String]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let version = env!("CARGO_PKG_VERSION");
     let revision = REVISION.to_le_bytes();
-    for part in names
-        .iter()
-        .map(|n| n.as_bytes())
-        .chain([version.as_bytes(), &revision[..]])
-    {
-        for byte in part.iter().chain(&[0u8]) {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
+    let sources = PROBE_SOURCES.to_le_bytes();
+    let mut hash = FNV_OFFSET;
+    for name in names {
+        hash = fnv1a(hash, &[name.as_bytes()]);
     }
-    hash
+    fnv1a(hash, &[version.as_bytes(), &revision[..], &sources[..]])
 }
 
 /// The features of `names` the record says are present (none without a
@@ -149,6 +178,26 @@ mod tests {
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_revision_digests_the_probes_source_as_built() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let files = [
+            "src/ebpf/features.rs",
+            "src/ebpf/sys.rs",
+            "src/ebpf/privilege.rs",
+            "../vendor/aya/src/sys/feature_probe.rs",
+        ]
+        .map(|f| std::fs::read(dir.join(f)).expect("a probe source"));
+        let parts: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
+        assert_eq!(PROBE_SOURCES, fnv1a(FNV_OFFSET, &parts));
+        let mut changed = files[0].clone();
+        changed.push(b'\n');
+        assert_ne!(
+            PROBE_SOURCES,
+            fnv1a(FNV_OFFSET, &[&changed, &files[1], &files[2], &files[3]])
+        );
     }
 
     #[test]
