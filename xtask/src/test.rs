@@ -112,21 +112,31 @@ pub fn test(opts: &Options) -> Result<()> {
 /// The pin directories of instances whose name `matches` (and the staging
 /// directories, `@new-` and `@del-`, of such instances).
 pub fn pinned_instances(matches: impl Fn(&str) -> bool) -> Vec<String> {
-    let Ok(entries) = fs::read_dir("/sys/fs/bpf/redirect") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().into_owned();
+    pin_names()
+        .into_iter()
+        .filter_map(|name| {
             let base = ["@new-", "@del-"]
                 .iter()
                 .find_map(|prefix| name.strip_prefix(prefix))
                 .unwrap_or(&name);
             // A node set (tests name theirs after their sandbox).
             let base = base.strip_prefix("@set-").unwrap_or(base);
-            matches(base).then(|| format!("pin directory {}", entry.path().display()))
+            matches(base).then(|| format!("pin directory {PIN_ROOT}/{name}"))
         })
+        .collect()
+}
+
+/// Where redirect pins its instances, node sets and probe records.
+const PIN_ROOT: &str = "/sys/fs/bpf/redirect";
+
+/// The names in [`PIN_ROOT`] (none when it is not there).
+fn pin_names() -> Vec<String> {
+    let Ok(entries) = fs::read_dir(PIN_ROOT) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .collect()
 }
 
@@ -135,20 +145,15 @@ pub fn pinned_instances(matches: impl Fn(&str) -> bool) -> Vec<String> {
 /// installs write one, which a later install on this boot would take its
 /// answers from; dropping this removes those the run wrote, so the
 /// machine is left as the run found it (a record there before stays).
-struct ProbeRecords(Vec<std::ffi::OsString>);
+struct ProbeRecords(Vec<String>);
 
 impl ProbeRecords {
-    const DIR: &str = "/sys/fs/bpf/redirect";
     const PREFIX: &str = "@probes-";
 
-    fn list() -> Vec<std::ffi::OsString> {
-        let Ok(entries) = fs::read_dir(Self::DIR) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .map(|entry| entry.file_name())
-            .filter(|name| name.to_string_lossy().starts_with(Self::PREFIX))
+    fn list() -> Vec<String> {
+        pin_names()
+            .into_iter()
+            .filter(|name| name.starts_with(Self::PREFIX))
             .collect()
     }
 
@@ -161,7 +166,7 @@ impl Drop for ProbeRecords {
     fn drop(&mut self) {
         for name in Self::list() {
             if !self.0.contains(&name) {
-                let path = Path::new(Self::DIR).join(&name);
+                let path = Path::new(PIN_ROOT).join(&name);
                 if let Err(err) = fs::remove_file(&path) {
                     eprintln!("xtask: could not remove {}: {err}", path.display());
                 }

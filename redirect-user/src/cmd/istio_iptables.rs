@@ -81,43 +81,40 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
     if let Err(err) = istio::check_owners(&capture, &host) {
         return reject(err);
     }
-    // The netfilter backend: Istio's native nftables rules when asked
-    // for, or in auto mode on a node with nft but no iptables at all.
-    // Looked for on PATH only when eBPF is not chosen.
-    let no_iptables = std::cell::OnceCell::new();
-    let no_iptables = || {
-        *no_iptables.get_or_init(|| {
-            !actions.native_nftables
-                && args.mode == Mode::Auto
-                && backend.is_none()
-                && ![Backend::Nft, Backend::Legacy]
-                    .iter()
-                    .any(|b| b.installed())
-                && crate::host::on_path("nft")
-        })
+    let choice = choose_mode(args, &capture, &host);
+    ebpf::timing::mark(|| "choose the mode (lowering; probes unless in a node set)".into());
+    let fallback_reason = match choice {
+        Ok(Ok((config, target))) => {
+            let code = match &target {
+                EbpfTarget::Cgroup(cgroup) => with_ebpf(args, &actions, &config, cgroup)?,
+                EbpfTarget::NodeSet(set) => in_node_set(args, &actions, &config, set)?,
+            };
+            return validated(args, &actions, &capture, code);
+        }
+        Ok(Err(why)) => why,
+        Err(err) => return refuse(&format!("{err:#}")),
     };
-    let native = || actions.native_nftables || no_iptables();
-    let fallback = || {
-        if native() {
+    // The netfilter backend (looked for only now, eBPF not chosen):
+    // Istio's native nftables rules when asked for, or in auto mode on a
+    // node with nft but no iptables at all.
+    let no_iptables = !actions.native_nftables
+        && args.mode == Mode::Auto
+        && backend.is_none()
+        && ![Backend::Nft, Backend::Legacy]
+            .iter()
+            .any(|b| b.installed())
+        && crate::host::on_path("nft");
+    let native = actions.native_nftables || no_iptables;
+    if let Some(why) = fallback_reason {
+        let fallback = if native {
             "Istio's native nftables rules"
         } else {
             "iptables"
-        }
-    };
-    let ebpf = match choose_mode(args, &capture, &host, &fallback) {
-        Ok(choice) => choice,
-        Err(err) => return refuse(&format!("{err:#}")),
-    };
-    ebpf::timing::mark(|| "choose the mode (lowering; probes unless in a node set)".into());
-    if let Some((config, target)) = ebpf {
-        let code = match &target {
-            EbpfTarget::Cgroup(cgroup) => with_ebpf(args, &actions, &config, cgroup)?,
-            EbpfTarget::NodeSet(set) => in_node_set(args, &actions, &config, set)?,
         };
-        return validated(args, &actions, &capture, code);
+        eprintln!("redirect: auto mode: using {fallback}, because {why}");
     }
-    if native() {
-        if no_iptables() {
+    if native {
+        if no_iptables {
             eprintln!(
                 "redirect: auto mode: no iptables binary here; using Istio's native nftables rules (nft)"
             );
@@ -175,16 +172,16 @@ enum EbpfTarget {
 }
 
 /// `--mode`: the eBPF configuration and where it goes when eBPF capture
-/// is chosen, `None` for the netfilter backend, `fallback()` (auto mode
-/// says why on stderr). `--mode ebpf` errs with what stands in the way.
+/// is chosen; otherwise the netfilter backend, with auto mode's reason
+/// (`None` for `--mode iptables`). `--mode ebpf` errs with what stands in
+/// the way.
 fn choose_mode(
     args: &IstioArgs,
     capture: &Capture,
     host: &RealHost,
-    fallback: &dyn Fn() -> &'static str,
-) -> Result<Option<(Config, EbpfTarget)>> {
+) -> Result<Result<(Config, EbpfTarget), Option<String>>> {
     if args.mode == Mode::Iptables {
-        return Ok(None);
+        return Ok(Err(None));
     }
     let why_not = || -> Result<(Config, EbpfTarget), String> {
         let config = ebpf::lower::lower(capture, host)
@@ -240,14 +237,11 @@ fn choose_mode(
         Ok((config, EbpfTarget::Cgroup(cgroup)))
     };
     match (args.mode, why_not()) {
-        (_, Ok(choice)) => Ok(Some(choice)),
+        (_, Ok(choice)) => Ok(Ok(choice)),
         (Mode::Ebpf, Err(why)) => {
             anyhow::bail!("--mode ebpf: {why}: use --mode iptables (or auto)")
         }
-        (_, Err(why)) => {
-            eprintln!("redirect: auto mode: using {}, because {why}", fallback());
-            Ok(None)
-        }
+        (_, Err(why)) => Ok(Err(Some(why))),
     }
 }
 
