@@ -13,7 +13,10 @@
 use std::{io::Write as _, net::SocketAddrV4, path::Path};
 
 use redirect_sandbox::{
-    APP, Group, Net, PEER_IP, POD_IP, Sandbox, cli::UPSTREAM, cni::Plugin, require_root,
+    APP, Group, Net, PEER_IP, POD_IP, Sandbox,
+    cli::UPSTREAM,
+    cni::{NodeAgent, Plugin},
+    require_root,
 };
 use serde_json::{Value, json};
 
@@ -387,4 +390,156 @@ fn add_check_del_in_a_node_set() {
     let check = plugin.call(&sandbox, "CHECK", uid, &config);
     assert_eq!(check.code, 1, "{check:?}");
     drop(unload);
+}
+
+/// The plugin's log line for its last command: (`via=` who did it, the
+/// result).
+fn last_logged(log: &Path) -> (String, String) {
+    let text = std::fs::read_to_string(log).expect("the plugin's log");
+    let line = text.lines().last().expect("a line").to_owned();
+    let field = |key: &str| {
+        line.split('\t')
+            .find_map(|f| f.strip_prefix(key))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (
+        field("via="),
+        line.rsplit('\t').next().unwrap_or_default().to_owned(),
+    )
+}
+
+/// With `agent_socket` in its configuration (what `node run --cni-socket`
+/// chains in), the plugin hands ADD, CHECK and DEL to the node agent,
+/// which does them in its own process, each on a thread of its own in the
+/// pod's namespace: the same capture and the same answers as the plugin's
+/// own, for eBPF (in a node set where the kernel has them, else on the pod
+/// cgroup) and for iptables (rules written into the pod's namespace by a
+/// process the agent's thread starts). A bad annotation's error is the
+/// plugin's, word for word. Stopped, the agent removes its socket and the
+/// plugin does the commands itself.
+#[test]
+fn the_node_agent_does_the_commands_and_the_plugin_does_them_without_it() {
+    require_root!();
+    let sandbox = pod();
+    let uid = "5f1c-agent";
+    let plugin = Plugin::new(&sandbox, uid);
+    let dir = std::env::temp_dir().join(format!("{}-agent", sandbox.name()));
+    let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    std::fs::create_dir_all(&conf).expect("conf dir");
+    // (Removed with the sandbox, as every `<temp>/<sandbox name>-*`.)
+    std::fs::write(
+        conf.join("10-pods.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#,
+    )
+    .expect("conflist");
+    let socket = dir.join("run/cni.sock");
+    let log = dir.join("cni.log");
+    let set = format!("{}-set", sandbox.name());
+    let with_set = redirect_sandbox::cli::feature_present("helper/get_netns_cookie");
+    let _unload = redirect_sandbox::cli::UnloadSet(set.clone());
+    let mut cmd = std::process::Command::new(redirect_sandbox::cli::redirect_bin());
+    cmd.args(["node", "run", "--cni-bin-dir"])
+        .arg(&bin)
+        .arg("--cni-conf-dir")
+        .arg(&conf)
+        .arg("--cni-socket")
+        .arg(&socket)
+        .args(["--metrics-listen", "127.0.0.1:0", "--gc-interval", "3600"])
+        .stdin(std::process::Stdio::null());
+    if with_set {
+        cmd.args(["--node-set", &set, "--node-set-cgroup"])
+            .arg(sandbox.pod_cgroup());
+    }
+    let agent = NodeAgent::start(&mut cmd);
+    let metrics = agent.metrics_addr().expect("the agent's metrics address");
+    let chained: Value = serde_json::from_str(
+        &std::fs::read_to_string(conf.join("10-pods.conflist")).expect("conflist"),
+    )
+    .expect("JSON");
+    assert_eq!(
+        chained["plugins"][1]["agent_socket"],
+        json!(socket),
+        "{chained}"
+    );
+
+    let with = |mode: &str, annotations: Value, agent: bool| {
+        let mut config = plugin.config(mode, annotations);
+        config["log_file"] = json!(log);
+        if agent {
+            config["agent_socket"] = json!(socket);
+        }
+        if with_set && mode != "iptables" {
+            config["node_set"] = json!(set);
+        }
+        config
+    };
+    // eBPF (a node set's entries, or the pod cgroup's programs).
+    let config = with("auto", sidecar(), true);
+    let add = plugin.call(&sandbox, "ADD", uid, &config);
+    assert!(add.ok(), "{add:?}");
+    assert_eq!(last_logged(&log), ("agent".into(), "ok".into()));
+    let result: Value = serde_json::from_str(&add.stdout).expect("ADD's result");
+    assert_eq!(result, config["prevResult"], "prevResult passes through");
+    assert!(pinned(&sandbox) != with_set && !istio_chains(&sandbox));
+    assert_eq!(landings(&sandbox), captured());
+    let check = plugin.call(&sandbox, "CHECK", uid, &config);
+    assert!(check.ok() && check.stdout.is_empty(), "{check:?}");
+    assert_eq!(last_logged(&log).0, "agent");
+    let del = plugin.call(&sandbox, "DEL", uid, &config);
+    assert!(del.ok() && del.stdout.is_empty(), "{del:?}");
+    assert_eq!(landings(&sandbox), direct());
+    assert!(!pinned(&sandbox));
+
+    // iptables: the rules go into the pod's namespace, not the agent's.
+    let config = with("iptables", sidecar(), true);
+    let add = plugin.call(&sandbox, "ADD", uid, &config);
+    assert!(add.ok(), "{add:?}");
+    assert_eq!(last_logged(&log), ("agent".into(), "ok".into()));
+    assert!(istio_chains(&sandbox) && !pinned(&sandbox));
+    assert_eq!(landings(&sandbox), captured());
+    let check = plugin.call(&sandbox, "CHECK", uid, &config);
+    assert!(check.ok(), "{check:?}");
+    let del = plugin.call(&sandbox, "DEL", uid, &config);
+    assert!(del.ok(), "{del:?}");
+    assert!(!istio_chains(&sandbox));
+
+    // A bad annotation: the plugin's own error, word for word.
+    let mut bad = sidecar();
+    bad["traffic.sidecar.istio.io/includeOutboundIPRanges"] = json!("10.0.0.0/33");
+    let by_agent = plugin.call(&sandbox, "ADD", uid, &with("auto", bad.clone(), true));
+    assert_eq!(last_logged(&log).0, "agent");
+    let by_plugin = plugin.call(&sandbox, "ADD", uid, &with("auto", bad, false));
+    assert_eq!(last_logged(&log).0, "plugin");
+    assert_eq!(by_agent.code, 1, "{by_agent:?}");
+    assert_eq!(by_agent.stdout, by_plugin.stdout);
+    assert!(!pinned(&sandbox) && !istio_chains(&sandbox));
+
+    let (status, body) = redirect_sandbox::cni::http_get(&metrics, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    for line in [
+        "redirect_cni_commands_total 7",
+        "redirect_cni_command_errors_total 1",
+    ] {
+        assert!(body.lines().any(|l| l == line), "{line} in\n{body}");
+    }
+
+    // Stopped: the socket goes, the plugin does the commands itself.
+    let exit = agent.stop().expect("the agent stops on SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+    assert!(!socket.exists());
+    let config = with("auto", sidecar(), true);
+    let add = plugin.call(&sandbox, "ADD", uid, &config);
+    assert!(add.ok(), "{add:?}");
+    assert!(
+        add.stderr.contains("the node agent was not asked"),
+        "{}",
+        add.stderr
+    );
+    assert_eq!(last_logged(&log), ("plugin".into(), "ok".into()));
+    assert_eq!(landings(&sandbox), captured());
+    let del = plugin.call(&sandbox, "DEL", uid, &config);
+    assert!(del.ok(), "{del:?}");
+    assert_eq!(landings(&sandbox), direct());
 }
