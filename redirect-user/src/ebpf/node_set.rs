@@ -807,8 +807,10 @@ pub fn remove(set: &InstanceName, name: &InstanceName) -> Result<bool> {
     }
     let _hold = HoldSignals::new();
     let _lock = Lock::exclusive()?;
+    timing::mark(|| "remove: lock".into());
     let dir = dir(set);
     let pods = pods(&dir).map_err(privilege::explain_denied)?;
+    timing::mark(|| "remove: read the set's pods".into());
     let Some(pod) = pods.into_iter().find(|p| p.name == name.as_str()) else {
         return Ok(false);
     };
@@ -889,6 +891,7 @@ fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
         pods.remove(&cookie).context("removing the pod")?;
     }
     remove_link(&dir.join(pod_link(index)))?;
+    timing::mark(|| "clear: pod entry and sk_lookup link".into());
     let mut addrs = addr_map(dir)?;
     let owned: Vec<[u32; 4]> = addrs
         .iter()
@@ -899,17 +902,20 @@ fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
     for key in owned {
         addrs.remove(&key).context("removing a pod address")?;
     }
+    timing::mark(|| "clear: addresses".into());
     let slots: Vec<u32> = (0..SLOTS_PER_POD).map(|w| pod_slot(index, w)).collect();
     for (slot, old) in slots.iter().zip(maps::read_slots(dir, &slots)?) {
         maps::write_sets_over(dir, *slot, &maps::Sets::default(), &old)?;
         maps::write_config(dir, *slot, bytemuck::Zeroable::zeroed())?;
     }
     maps::activate_pod(dir, index, 0)?;
+    timing::mark(|| "clear: slots".into());
     let mut listeners: SockMap<MapData> =
         SockMap::try_from(Map::SockMap(maps::open(dir, maps::LISTENER)?))?;
     for slot in 0..LISTENER_SLOTS {
         let _ = listeners.clear_index(&listener_index(index, slot));
     }
+    timing::mark(|| "clear: listeners".into());
     let mut hits: HashMap<MapData, u32, u64> =
         HashMap::try_from(Map::HashMap(maps::open(dir, maps::IN_HITS)?))?;
     let base = in_hits_key(index, 0);
@@ -921,6 +927,7 @@ fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
     for key in ports {
         hits.remove(&key).context("removing an inbound counter")?;
     }
+    timing::mark(|| "clear: inbound counters".into());
     let mut stats: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(Map::PerCpuArray(maps::open(dir, maps::STATS)?))?;
     let cpus = aya::util::nr_cpus().map_err(|(_, err)| anyhow!(err))?;
