@@ -14,7 +14,7 @@ use std::{
     io::Write as _,
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     os::fd::OwnedFd,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -22,7 +22,7 @@ use std::{
 use redirect_sandbox::{
     APP, Group, Net, PEER_IP, PEER_IP6, PROXY, ROOT, Sandbox,
     cli::{Outcome, outcome, redirect, redirect_bin},
-    cni::{NodeAgent, Plugin},
+    cni::Plugin,
     require_root,
 };
 use serde_json::{Value, json};
@@ -609,57 +609,40 @@ impl Bench {
     /// own log (process start excluded), per-pod eBPF and iptables; and
     /// `iptables-restore` of the rules the plugin's plan gives the pod (a
     /// process, as Istio applies them; its start included). Milliseconds.
-    /// `node_set`: the set's name and the socket of a node agent serving
-    /// the plugin's commands (`node run --cni-socket`): `cni-node-set` is
-    /// the plugin's own ADD into the set, `cni-node-set-agent` the same
-    /// ADD done by the agent.
     fn pod_setup(
         &self,
         plugin: &Plugin,
         rules: &str,
-        node_set: Option<(&str, &Path)>,
+        node_set: Option<&str>,
         results: &mut Results,
     ) {
         let log = std::env::temp_dir().join(format!("{}-cni.log", self.sandbox.name()));
-        let modes = ["ebpf", "iptables", "node-set", "node-set-agent"];
+        let modes = ["ebpf", "iptables", "node-set"];
         for mode in modes
             .into_iter()
-            .filter(|m| !m.starts_with("node-set") || node_set.is_some())
+            .filter(|m| *m != "node-set" || node_set.is_some())
         {
-            let in_set = mode.starts_with("node-set");
-            let mut config = plugin.config(if in_set { "ebpf" } else { mode }, injected());
-            if let Some((set, socket)) = node_set.filter(|_| in_set) {
-                config["node_set"] = json!(set);
-                if mode == "node-set-agent" {
-                    config["agent_socket"] = json!(socket);
-                }
+            let mut config =
+                plugin.config(if mode == "node-set" { "ebpf" } else { mode }, injected());
+            if mode == "node-set" {
+                config["node_set"] = json!(node_set);
             }
             config["log_file"] = json!(log);
             let _ = std::fs::remove_file(&log);
             let add = plugin.call(&self.sandbox, "ADD", POD_UID, &config);
             assert!(add.ok(), "ADD {mode}: {add:?}");
             let text = std::fs::read_to_string(&log).expect("the plugin's log");
-            let field = |key: &str| text.split('\t').find_map(|f| f.strip_prefix(key));
-            let micros: f64 = field("micros=")
+            let micros: f64 = text
+                .split('\t')
+                .find_map(|f| f.strip_prefix("micros="))
                 .and_then(|m| m.parse().ok())
                 .expect("micros in the plugin's log");
-            let via = if mode == "node-set-agent" {
-                "agent"
-            } else {
-                "plugin"
-            };
-            assert_eq!(field("via="), Some(via), "ADD {mode}: {text}");
             let del = plugin.call(&self.sandbox, "DEL", POD_UID, &config);
             assert!(del.ok(), "DEL {mode}: {del:?}");
             results.add("pod_setup", &format!("cni-{mode}"), "ms", micros / 1e3);
-            if in_set {
+            if mode == "node-set" {
                 for (phase, ms) in timing_phases(&add.stderr) {
-                    results.add(
-                        &format!("add_phase {phase}"),
-                        &format!("cni-{mode}"),
-                        "ms",
-                        ms,
-                    );
+                    results.add(&format!("add_phase {phase}"), "cni-node-set", "ms", ms);
                 }
             }
         }
@@ -841,40 +824,6 @@ const SET_PODS: u32 = 512;
 
 /// A node set loaded for the benchmarks on the sandbox's pod cgroup,
 /// unloaded when dropped.
-impl Bench {
-    /// A node agent (`redirect node run`) serving the plugin's commands on
-    /// a socket of its own, with scratch CNI directories (removed with the
-    /// sandbox): the agent and its socket.
-    fn node_agent(&self) -> (NodeAgent, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("{}-agent", self.sandbox.name()));
-        let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
-        std::fs::create_dir_all(&bin).expect("bin dir");
-        std::fs::create_dir_all(&conf).expect("conf dir");
-        std::fs::write(
-            conf.join("10-pods.conflist"),
-            r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#,
-        )
-        .expect("conflist");
-        let socket = dir.join("cni.sock");
-        let agent = NodeAgent::start(
-            Command::new(redirect_bin())
-                .args(["node", "run", "--cni-bin-dir"])
-                .arg(&bin)
-                .arg("--cni-conf-dir")
-                .arg(&conf)
-                .arg("--cni-socket")
-                .arg(&socket)
-                .args(["--metrics-listen", "127.0.0.1:0", "--gc-interval", "3600"])
-                .stdin(Stdio::null()),
-        );
-        assert!(
-            agent.line_with("the plugin's commands on").is_some(),
-            "the node agent did not start"
-        );
-        (agent, socket)
-    }
-}
-
 struct BenchSet(String);
 
 impl BenchSet {
@@ -1190,24 +1139,19 @@ fn bench_capture_costs() {
     // with pods: the first sk_lookup link on a node also switches the
     // kernel's sk_lookup dispatch on (a code patch on every CPU), once.
     let resident = set.as_ref().map(BenchSet::resident_pod);
-    // The node agent doing the plugin's commands (it serves; the set is
-    // the bench's).
-    let agent = set.as_ref().map(|_| bench.node_agent());
-    let with_agent = set_name.zip(agent.as_ref().map(|(_, socket)| socket.as_path()));
     for round in 1..=sizes.rounds {
-        bench.pod_setup(&plugin, &rules, with_agent, &mut results);
+        bench.pod_setup(&plugin, &rules, set_name, &mut results);
         let last = |mode| *results.get("pod_setup", mode).last().unwrap_or(&0.0);
         println!(
-            "pod set-up round {round}/{}: ADD ebpf {:.1} ms, ADD in a node set {:.2} ms (by the node agent {:.2} ms), ADD iptables {:.1} ms, iptables-restore {:.1} ms",
+            "pod set-up round {round}/{}: ADD ebpf {:.1} ms, ADD in a node set {:.2} ms, ADD iptables {:.1} ms, iptables-restore {:.1} ms",
             sizes.rounds,
             last("cni-ebpf"),
             last("cni-node-set"),
-            last("cni-node-set-agent"),
             last("cni-iptables"),
             last("iptables-restore")
         );
     }
-    drop(agent);
+
     drop(resident);
 
     // 9: kernel memory per pod in per-pod mode and in a node set at each

@@ -11,10 +11,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use redirect_sandbox::{
-    cli::{Outcome, redirect},
-    cni::{NodeAgent, http_get},
-};
+use redirect_sandbox::cli::{Outcome, redirect};
 use serde_json::{Value, json};
 
 const BRIDGE: &str = r#"{"cniVersion":"1.0.0","name":"pods","plugins":[
@@ -186,6 +183,87 @@ fn directories_it_cannot_use_are_refused_in_one_line() {
     assert!(!dirs.bin().join("redirect-cni").exists());
 }
 
+/// A running `redirect node run`, killed when dropped (also when the test
+/// fails), its stdout lines read on a thread.
+struct Agent {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Agent {
+    fn start(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("redirect node run");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The first line it prints that contains `text`, within 30 s.
+    fn line_with(&self, text: &str) -> Option<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// SIGTERM, and how it exited (within 30 s, else it is killed).
+    fn stop(mut self) -> Option<std::process::ExitStatus> {
+        // SAFETY: signalling the child this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP GET of `path` from `addr`: the status line and the body.
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
 #[test]
 fn the_node_agent_installs_and_serves_every_instances_counters() {
     redirect_sandbox::require_root!();
@@ -221,9 +299,15 @@ fn the_node_agent_installs_and_serves_every_instances_counters() {
             .args(["--node-set", &set, "--node-set-cgroup"])
             .arg(sandbox.pod_cgroup());
     }
-    let agent = NodeAgent::start(&mut agent_cmd);
+    let agent = Agent::start(&mut agent_cmd);
     let addr = agent
-        .metrics_addr()
+        .line_with("http://")
+        .and_then(|line| {
+            line.split("http://")
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .map(str::to_owned)
+        })
         .expect("the agent says where its metrics are");
     let chained = fs::read_to_string(dirs.conf().join("10-pods.conflist")).expect("conflist");
     if with_set {
@@ -354,7 +438,7 @@ fn the_agent_writes_the_plugin_a_kubeconfig_from_its_service_account() {
 
     if redirect_sandbox::missing_privilege().is_none() {
         // The agent follows the token's rotation.
-        let agent = NodeAgent::start(&mut node_in_pod(
+        let agent = Agent::start(&mut node_in_pod(
             &dirs,
             "run",
             &[

@@ -177,22 +177,14 @@ fn check_complete(figures: &[Figure]) -> Result<()> {
         wanted.push(("pod_setup".into(), mode));
     }
     if value(figures, "pod_setup", "cni-node-set").is_some() {
-        // Where a node set's ADD goes (kernel 5.15 for node sets), in the
-        // plugin and in the node agent.
-        wanted.push(("pod_setup".into(), "cni-node-set-agent"));
-        for mode in ["cni-node-set", "cni-node-set-agent"] {
-            for phase in [
-                "istio-iptables command line",
-                "read the set's pods",
-                "activate",
-            ] {
-                wanted.push((format!("add_phase {phase}"), mode));
-            }
+        // Where a node set's ADD goes (kernel 5.15 for node sets).
+        for phase in [
+            "istio-iptables command line",
+            "read the set's pods",
+            "activate",
+        ] {
+            wanted.push((format!("add_phase {phase}"), "cni-node-set"));
         }
-        wanted.push((
-            "add_phase agent: the command, sent and answered".into(),
-            "cni-node-set-agent",
-        ));
     }
     // `--quick` measures one pod; the full run 1, 110 and 500.
     wanted.push(("pod_memory_at_1_pods".into(), "per-pod"));

@@ -14,9 +14,8 @@ pub enum NodeAction {
     /// one of the two
     Status(NodeDirs),
     /// The node agent (a DaemonSet's process): install as above, then
-    /// remove the instances of deleted pods every --gc-interval, serve
-    /// every instance's decision counters for Prometheus and, with
-    /// --cni-socket, do the plugin's commands, until SIGTERM
+    /// remove the instances of deleted pods every --gc-interval and serve
+    /// every instance's decision counters for Prometheus, until SIGTERM
     Run(NodeRunArgs),
 }
 
@@ -100,12 +99,6 @@ pub struct NodeRunArgs {
     /// Where to serve the Prometheus metrics (GET /metrics)
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9798")]
     pub metrics_listen: std::net::SocketAddr,
-    /// Do the plugin's ADD, CHECK and DEL in this warm process: listen on
-    /// this Unix socket (root only) and name it in the plugin's entry;
-    /// the plugin does a command itself when the agent does not answer.
-    /// The same path on the host and in the agent's container
-    #[arg(long, value_name = "PATH")]
-    pub cni_socket: Option<std::path::PathBuf>,
 }
 
 /// The runtime's CNI directories.

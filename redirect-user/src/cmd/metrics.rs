@@ -18,10 +18,6 @@ pub struct AgentFigures {
     /// Refreshes of the plugin's kubeconfig (`--service-account-dir`)
     /// that failed.
     pub kubeconfig_errors: u64,
-    /// Plugin commands the agent did (`--cni-socket`).
-    pub cni_answered: u64,
-    /// Of those, the ones that failed.
-    pub cni_failed: u64,
 }
 
 /// The exposition text for `status`, the node sets `sets` and the agent's
@@ -114,16 +110,6 @@ pub fn render(status: &Status, sets: &[SetView], agent: AgentFigures) -> String 
             "Refreshes of the plugin's kubeconfig from the service account that failed.",
             agent.kubeconfig_errors,
         ),
-        (
-            "redirect_cni_commands_total",
-            "CNI commands (ADD, CHECK, DEL) the plugin handed to the agent and the agent did.",
-            agent.cni_answered,
-        ),
-        (
-            "redirect_cni_command_errors_total",
-            "Of those, the ones that failed (the pod's ADD failing closed, say).",
-            agent.cni_failed,
-        ),
     ];
     for (name, help, value) in counters {
         let _ = writeln!(
@@ -159,8 +145,6 @@ mod tests {
                 gc_removed: 2,
                 gc_errors: 0,
                 kubeconfig_errors: 1,
-                cni_answered: 40,
-                cni_failed: 3,
             },
         );
         for line in [
@@ -170,8 +154,6 @@ mod tests {
             "redirect_gc_removed_total 2",
             "redirect_gc_errors_total 0",
             "redirect_kubeconfig_errors_total 1",
-            "redirect_cni_commands_total 40",
-            "redirect_cni_command_errors_total 3",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

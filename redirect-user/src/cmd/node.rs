@@ -15,7 +15,6 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::atomic::Ordering,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -33,7 +32,7 @@ use crate::{
 
 pub fn node(action: &NodeAction) -> Result<ExitCode> {
     match action {
-        NodeAction::Install(args) => install(args, None),
+        NodeAction::Install(args) => install(args),
         NodeAction::Uninstall(dirs) => uninstall(dirs),
         NodeAction::Status(dirs) => status(dirs),
         NodeAction::Run(args) => run(args),
@@ -46,7 +45,6 @@ fn plugin_entry(
     args: &NodeInstallArgs,
     kubeconfig: Option<&Path>,
     node_set: Option<&InstanceName>,
-    agent_socket: Option<&Path>,
 ) -> Value {
     let mut entry = json!({
         "type": PLUGIN_TYPE,
@@ -66,9 +64,6 @@ fn plugin_entry(
     }
     if let Some(log) = &args.cni_log_file {
         entry["log_file"] = json!(log);
-    }
-    if let Some(socket) = agent_socket {
-        entry["agent_socket"] = json!(socket);
     }
     entry
 }
@@ -92,9 +87,7 @@ fn plugin_path(dirs: &NodeDirs) -> PathBuf {
     dirs.cni_bin_dir.join(PLUGIN_TYPE)
 }
 
-/// `node install`; `agent_socket`: the socket the node agent serves the
-/// plugin's commands on (`node run --cni-socket`), named to the plugin.
-fn install(args: &NodeInstallArgs, agent_socket: Option<&Path>) -> Result<ExitCode> {
+fn install(args: &NodeInstallArgs) -> Result<ExitCode> {
     let dirs = &args.dirs;
     check_dirs(dirs)?;
     for (flag, path) in [
@@ -123,7 +116,6 @@ fn install(args: &NodeInstallArgs, agent_socket: Option<&Path>) -> Result<ExitCo
         &text,
         account,
         node_set.as_ref().map(|(set, _)| set),
-        agent_socket,
     );
     if let (Err(_), Some((set, Loaded::New))) = (&result, &node_set) {
         // Nothing was chained, so no pod is in the set: take it back
@@ -142,7 +134,6 @@ fn chain_plugin(
     text: &str,
     account: Option<String>,
     node_set: Option<&InstanceName>,
-    agent_socket: Option<&Path>,
 ) -> Result<ExitCode> {
     let dirs = &args.dirs;
     let host_kubeconfig = account.as_ref().map(|_| {
@@ -153,7 +144,7 @@ fn chain_plugin(
     });
     let conf = conflist::chained(
         text,
-        &plugin_entry(args, host_kubeconfig.as_deref(), node_set, agent_socket),
+        &plugin_entry(args, host_kubeconfig.as_deref(), node_set),
     )
     .with_context(|| format!("chaining redirect-cni into {}", file.display()))?;
     let plugin = plugin_path(dirs);
@@ -417,11 +408,10 @@ fn status(dirs: &NodeDirs) -> Result<ExitCode> {
     })
 }
 
-/// The node agent: install, then garbage-collect every `gc_interval`,
-/// serve the metrics and (with `--cni-socket`) do the plugin's commands,
-/// until SIGTERM or SIGINT. The plugin stays chained when the agent stops,
-/// so that pods created while it restarts are still captured (by the
-/// plugin itself; `node uninstall` removes it).
+/// The node agent: install, then garbage-collect every `gc_interval` and
+/// serve the metrics, until SIGTERM or SIGINT. The plugin stays chained
+/// when the agent stops, so that pods created while it restarts are still
+/// captured (`node uninstall` removes it).
 fn run(args: &NodeRunArgs) -> Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -434,20 +424,11 @@ fn run(args: &NodeRunArgs) -> Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(args.metrics_listen)
             .await
             .with_context(|| format!("listening for metrics on {}", args.metrics_listen))?;
-        // Listening before the plugin's entry names the socket.
-        let cni = match &args.cni_socket {
-            Some(path) => Some((path, crate::cni::agent::Server::start(crate::cni::agent::bind(path)?))),
-            None => None,
-        };
-        install(&args.install, args.cni_socket.as_deref())?;
+        install(&args.install)?;
         outln!(
-            "redirect: node agent: metrics on http://{}/metrics, gc every {} s{}",
+            "redirect: node agent: metrics on http://{}/metrics, gc every {} s",
             listener.local_addr()?,
-            args.gc_interval,
-            match &args.cni_socket {
-                Some(path) => format!(", the plugin's commands on {}", path.display()),
-                None => String::new(),
-            }
+            args.gc_interval
         );
         let figures = std::cell::Cell::new(super::metrics::AgentFigures::default());
         let gc_loop = async {
@@ -476,25 +457,9 @@ fn run(args: &NodeRunArgs) -> Result<ExitCode> {
         let serve = async {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 };
-                let mut now = figures.get();
-                if let Some((_, server)) = &cni {
-                    now.cni_answered = server.tally().answered.load(Ordering::Relaxed);
-                    now.cni_failed = server.tally().failed.load(Ordering::Relaxed);
-                }
-                serve_metrics(stream, now).await;
-            }
-        };
-        let cni_threads = async {
-            let Some((_, server)) = &cni else {
-                return std::future::pending().await;
-            };
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
-            loop {
-                every.tick().await;
-                server.top_up();
+                serve_metrics(stream, figures.get()).await;
             }
         };
         tokio::select! {
@@ -502,12 +467,6 @@ fn run(args: &NodeRunArgs) -> Result<ExitCode> {
             _ = int.recv() => {},
             () = gc_loop => {},
             () = serve => {},
-            () = cni_threads => {},
-        }
-        if let Some((path, server)) = &cni
-            && !server.stop(path, std::time::Duration::from_secs(30))
-        {
-            eprintln!("redirect: node agent: CNI commands still running after 30 s; stopping anyway");
         }
         outln!("redirect: node agent: stopping (the plugin stays chained; `redirect node uninstall` removes it)");
         Ok(ExitCode::SUCCESS)

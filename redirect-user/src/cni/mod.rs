@@ -3,7 +3,6 @@
 //! `redirect-cni` plugin that applies it when the runtime creates a pod
 //! ([`plugin`]).
 
-pub mod agent;
 pub mod conflist;
 pub mod kube;
 pub mod kubeconfig;

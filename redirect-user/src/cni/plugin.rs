@@ -29,7 +29,6 @@
 //!   "node_set": "node",                   // optional: pods go in this node set (no cgroup needed)
 //!   "kubeconfig": "/etc/cni/net.d/redirect-cni.kubeconfig", // optional: the pod from the API
 //!   "log_file": "/var/log/redirect-cni.log",  // optional: one line per command
-//!   "agent_socket": "/var/run/redirect/cni.sock", // optional: the node agent does the commands
 //!   "proxy": { "uid": 1337, "gid": 1337, "dns_capture": false,
 //!              "invalid_drop": false, "dual_stack": false },
 //!   "capabilities": { "io.kubernetes.cri.pod-annotations": true } }
@@ -114,9 +113,6 @@ pub struct PluginConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Append one line per command here ([`log_command`]).
     pub log_file: Option<PathBuf>,
-    /// Hand ADD, CHECK and DEL to the node agent listening here
-    /// ([`super::agent`]); done in the plugin when it does not answer.
-    pub agent_socket: Option<PathBuf>,
     pub proxy: Container,
 }
 
@@ -145,13 +141,10 @@ pub fn main() -> ExitCode {
     crate::ebpf::timing::start();
     let outcome = match &invocation {
         Ok(inv) => {
-            let (outcome, via) = match by_agent(inv) {
-                Some(outcome) => (outcome, "agent"),
-                None => (run(inv), "plugin"),
-            };
+            let outcome = run(inv);
             let took = started.elapsed();
             crate::ebpf::timing::print();
-            log_command(inv, &outcome, via, took);
+            log_command(inv, &outcome, took);
             outcome
         }
         Err(err) => Err(CniError::new(err.code, &err.msg, &err.details)),
@@ -175,43 +168,12 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// `inv` done by the node agent, when the configuration names its socket
-/// (`agent_socket`) and the agent answers; `None`: do it here (see
-/// [`super::agent`]). The agent's timing lines are printed as this
-/// process's.
-fn by_agent(inv: &Invocation) -> Option<Result<Option<Value>, CniError>> {
-    if !matches!(inv.command.as_str(), "ADD" | "CHECK" | "DEL") {
-        return None;
-    }
-    let socket = plugin_config(&inv.config).ok()?.agent_socket?;
-    let timing = std::env::var_os("REDIRECT_TIMING").is_some_and(|v| v == "1");
-    match super::agent::ask(&socket, inv, timing) {
-        Ok((outcome, phases)) => {
-            eprint!("{phases}");
-            Some(outcome)
-        }
-        Err(why) => {
-            eprintln!(
-                "redirect-cni: the node agent was not asked ({why}): doing {} in the plugin",
-                inv.command
-            );
-            None
-        }
-    }
-}
-
 /// Appends one line for the command to the configuration's `log_file`,
 /// if it names one: the time, the command, the container, the pod, the
 /// microseconds the command took (from the configuration read to its
-/// result, process start excluded), who did it (`via=agent` or
-/// `via=plugin`) and its result. Best effort: a log that cannot be
-/// written never fails a pod.
-fn log_command(
-    inv: &Invocation,
-    outcome: &Result<Option<Value>, CniError>,
-    via: &str,
-    took: Duration,
-) {
+/// result, process start excluded) and its result. Best effort: a log that
+/// cannot be written never fails a pod.
+fn log_command(inv: &Invocation, outcome: &Result<Option<Value>, CniError>, took: Duration) {
     if inv.command == "VERSION" {
         return;
     }
@@ -227,7 +189,7 @@ fn log_command(
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     let line = format!(
-        "{now:.3}\t{}\tcontainer={}\tpod={}/{}\tuid={}\tmicros={}\tvia={via}\t{}\n",
+        "{now:.3}\t{}\tcontainer={}\tpod={}/{}\tuid={}\tmicros={}\t{}\n",
         inv.command,
         inv.container_id,
         arg("K8S_POD_NAMESPACE"),
@@ -388,7 +350,6 @@ pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
         Some(other) => return Err(invalid(format!("node_set {other} is not a set name"))),
     };
     let log_file = absolute("log_file")?;
-    let agent_socket = absolute("agent_socket")?;
     let proxy = config.get("proxy").cloned().unwrap_or_else(|| json!({}));
     let id = |key: &str| -> Result<Option<i64>, CniError> {
         match proxy.get(key) {
@@ -430,7 +391,6 @@ pub fn plugin_config(config: &Value) -> Result<PluginConfig, CniError> {
         node_set,
         kubeconfig,
         log_file,
-        agent_socket,
         proxy: Container {
             name: "istio-proxy".into(),
             args: Vec::new(),
@@ -537,9 +497,9 @@ mod tests {
         let inv = invocation(&conf, env(&vars)).unwrap();
         // No prevResult: ADD fails before it touches anything.
         let outcome = run(&inv);
-        log_command(&inv, &outcome, "plugin", Duration::from_micros(1234));
+        log_command(&inv, &outcome, Duration::from_micros(1234));
         let version = invocation("", env(&[("CNI_COMMAND", "VERSION")])).unwrap();
-        log_command(&version, &run(&version), "plugin", Duration::ZERO);
+        log_command(&version, &run(&version), Duration::ZERO);
         let text = std::fs::read_to_string(&log).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         let lines: Vec<&str> = text.lines().collect();
@@ -553,7 +513,6 @@ mod tests {
                 "pod=ns/web",
                 "uid=u1",
                 "micros=1234",
-                "via=plugin",
                 "error 7: redirect-cni is a chained plugin and got no prevResult: \
                  list it after the pod network's plugins in the conflist",
             ]

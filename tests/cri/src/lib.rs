@@ -178,52 +178,12 @@ impl Runtime {
     /// `redirect node install [MODE...]` into the private CNI directories
     /// (again: the plugin's entry is replaced, as on a node).
     pub fn node_install(&self, extra: &[&str]) -> Result<()> {
-        let out = self.node(&self.install_args("install", extra)?)?;
-        if !out.ok() {
-            bail!("redirect node install failed: {out:?}");
-        }
-        Ok(())
-    }
-
-    /// `redirect node run [MODE...]`, the node agent as the DaemonSet runs
-    /// it, with the plugin's commands on a socket in the private
-    /// directory (`--cni-socket`): installed as by [`Self::node_install`],
-    /// the plugin then hands its commands to the agent. Stopped when
-    /// dropped.
-    pub fn node_run(&self, extra: &[&str]) -> Result<redirect_sandbox::cni::NodeAgent> {
-        let socket = self.path("run/cni.sock");
-        let mut args = self.install_args("run", extra)?;
-        args.extend(
-            [
-                "--cni-socket",
-                &socket.to_string_lossy(),
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--gc-interval",
-                "3600",
-            ]
-            .map(str::to_owned),
-        );
-        let agent = redirect_sandbox::cni::NodeAgent::start(
-            Command::new(&self.plugin_binary)
-                .arg("node")
-                .args(&args)
-                .stdin(std::process::Stdio::null()),
-        );
-        if agent.line_with("the plugin's commands on").is_none() {
-            bail!("redirect node run did not start serving the plugin's commands");
-        }
-        Ok(agent)
-    }
-
-    /// The arguments of `node ACTION` for the private directories.
-    fn install_args(&self, action: &str, extra: &[&str]) -> Result<Vec<String>> {
         let root = cgroup2_mount()?.join(&self.cgroup_parent);
         fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let bin = self.path("bin");
         let conf = self.path("net.d");
         let mut args = vec![
-            action.to_owned(),
+            "install".to_owned(),
             "--cni-bin-dir".to_owned(),
             bin.to_string_lossy().into_owned(),
             "--cni-conf-dir".to_owned(),
@@ -234,11 +194,16 @@ impl Runtime {
             self.cni_log.to_string_lossy().into_owned(),
         ];
         args.extend(extra.iter().map(|a| (*a).to_owned()));
-        Ok(args)
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.node(&args)?;
+        if !out.ok() {
+            bail!("redirect node install failed: {out:?}");
+        }
+        Ok(())
     }
 
     /// Runs `<plugin binary> node ARGS`.
-    fn node(&self, args: &[String]) -> Result<redirect_sandbox::cli::Outcome> {
+    fn node(&self, args: &[&str]) -> Result<redirect_sandbox::cli::Outcome> {
         redirect_sandbox::cli::outcome(Command::new(&self.plugin_binary).arg("node").args(args))
     }
 
@@ -740,16 +705,13 @@ impl Drop for Runtime {
         }
         let conf = self.path("net.d");
         let bin = self.path("bin");
-        let _ = self.node(
-            &[
-                "uninstall",
-                "--cni-bin-dir",
-                &bin.to_string_lossy(),
-                "--cni-conf-dir",
-                &conf.to_string_lossy(),
-            ]
-            .map(str::to_owned),
-        );
+        let _ = self.node(&[
+            "uninstall",
+            "--cni-bin-dir",
+            &bin.to_string_lossy(),
+            "--cni-conf-dir",
+            &conf.to_string_lossy(),
+        ]);
         if let Some(mut child) = self.containerd.take() {
             // SIGTERM, then SIGKILL after 10 s.
             let pid = child.id() as libc::pid_t;
