@@ -10,7 +10,7 @@ use std::{
     process::ExitCode,
 };
 
-use clap::{CommandFactory as _, FromArgMatches as _};
+use clap::Parser as _;
 use serde_json::Value;
 
 use super::{
@@ -179,13 +179,8 @@ fn run_istio_iptables(argv: &[OsString]) -> Result<(), CniError> {
         )
     };
     crate::ebpf::timing::mark(|| "pod and plan".into());
-    // The pod's flags only: no flag is read from the environment (the
-    // runtime's, or the node agent's), as Istio's plugin reads none.
-    let command = IstioIptablesCommand::command()
-        .mut_args(|arg| arg.env(None::<&'static str>))
-        .try_get_matches_from(argv)
-        .and_then(|matches| IstioIptablesCommand::from_arg_matches(&matches))
-        .map_err(|err| capture_error(err.to_string()))?;
+    let command =
+        IstioIptablesCommand::try_parse_from(argv).map_err(|err| capture_error(err.to_string()))?;
     crate::ebpf::timing::mark(|| "istio-iptables command line".into());
     match crate::cmd::istio_iptables::istio_iptables(&command.args) {
         Ok(code) if code == ExitCode::SUCCESS => Ok(()),
