@@ -386,5 +386,14 @@ fn add_check_del_in_a_node_set() {
     assert!(del.ok(), "DEL with nothing to delete: {del:?}");
     let check = plugin.call(&sandbox, "CHECK", uid, &config);
     assert_eq!(check.code, 1, "{check:?}");
+    // The pod again at once (a restarted sandbox keeps its address): the
+    // DEL let go of its addresses, though its index waits for gc, so the
+    // ADD takes a free index with them.
+    let add = plugin.call(&sandbox, "ADD", uid, &config);
+    assert!(add.ok(), "ADD after DEL: {add:?}");
+    assert_eq!(landings(&sandbox), captured());
+    let del = plugin.call(&sandbox, "DEL", uid, &config);
+    assert!(del.ok(), "{del:?}");
+    assert_eq!(landings(&sandbox), direct());
     drop(unload);
 }

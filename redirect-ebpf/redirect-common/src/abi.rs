@@ -721,6 +721,10 @@ pub const POD_FREE: u32 = 0;
 /// A pod index an add has claimed and not finished: under the install
 /// lock, an add in progress; seen by anyone else who holds the lock, one
 /// that was killed, whose entries must be cleared before the index is used.
+/// With a zero `netns_cookie` (no namespace has cookie 0), a removed pod's
+/// index: the removal took the pod out of every decision and left its
+/// entries for gc, or an add that needs the index, to clear (builds before
+/// this one clear it as a killed add's).
 pub const POD_CLAIMED: u32 = 1;
 /// A pod index holding a pod.
 pub const POD_ACTIVE: u32 = 2;

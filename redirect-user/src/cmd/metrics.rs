@@ -64,6 +64,18 @@ pub fn render(status: &Status, sets: &[SetView], agent: AgentFigures) -> String 
             set.pods.len()
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP redirect_node_set_released_indexes Removed pods' indexes in each loaded node set whose entries gc has still to clear.\n# TYPE redirect_node_set_released_indexes gauge"
+    );
+    for set in sets {
+        let _ = writeln!(
+            out,
+            "redirect_node_set_released_indexes{{node_set=\"{}\"}} {}",
+            label(&set.set),
+            set.released_indexes
+        );
+    }
     let gauges = [
         (
             "redirect_instances",
@@ -181,11 +193,13 @@ mod tests {
                 counters: [("redirected", 5)].into_iter().collect(),
                 sk_lookup_program: Some(9),
             }],
+            released_indexes: 2,
         }];
         let text = render(&status, &sets, AgentFigures::default());
         for line in [
             "redirect_decisions_total{instance=\"cni-abc\",node_set=\"node\",decision=\"redirected\"} 5",
             "redirect_node_set_pods{node_set=\"node\"} 1",
+            "redirect_node_set_released_indexes{node_set=\"node\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

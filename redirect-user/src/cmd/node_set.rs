@@ -90,9 +90,10 @@ fn status(set: &InstanceName, json: bool) -> Result<()> {
         return Ok(());
     }
     outln!(
-        "node set {set}: {} ({} pods, {} KiB of maps)",
+        "node set {set}: {} ({} pods, {} removed pods' indexes to clear, {} KiB of maps)",
         node_set::dir(set).display(),
         view.pods.len(),
+        view.released_indexes,
         view.map_memory_bytes / 1024
     );
     for pod in view.pods {

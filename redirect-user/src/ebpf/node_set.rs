@@ -372,36 +372,50 @@ pub(super) fn meta_map(dir: &Path) -> Result<Array<MapData, PodMeta>> {
 
 /// The pods of the set pinned in `dir`.
 pub fn pods(dir: &Path) -> Result<Vec<Pod>> {
-    Ok(scan(dir)?.0)
+    Ok(scan(dir)?.pods)
 }
 
 /// A pod index an add killed midway claimed, and the cookie it claimed it
 /// for.
 type Claim = (u32, u64);
 
-/// The pods of the set pinned in `dir`, and the claims of adds killed
-/// midway.
-fn scan(dir: &Path) -> Result<(Vec<Pod>, Vec<Claim>)> {
+/// What a set's records say of its pod indexes; the ones in none of these
+/// lists are free and clean.
+struct Records {
+    pods: Vec<Pod>,
+    /// Claims of adds killed midway.
+    claims: Vec<Claim>,
+    /// Indexes of removed pods whose entries are still to be cleared.
+    released: Vec<u32>,
+}
+
+/// The records of the set pinned in `dir`.
+fn scan(dir: &Path) -> Result<Records> {
     scan_records(&meta_map(dir)?)
 }
 
 /// [`scan`] of the set's records map, opened by the caller.
-fn scan_records(meta: &Array<MapData, PodMeta>) -> Result<(Vec<Pod>, Vec<Claim>)> {
+fn scan_records(meta: &Array<MapData, PodMeta>) -> Result<Records> {
     let records = sys::array_values_where(meta.map().fd().as_fd(), meta.len(), |r: &PodMeta| {
         r.state == POD_ACTIVE || r.state == POD_CLAIMED
     })
     .context("reading the pod records")?;
-    let mut pods = Vec::new();
-    let mut claims = Vec::new();
+    let mut found = Records {
+        pods: Vec::new(),
+        claims: Vec::new(),
+        released: Vec::new(),
+    };
     for (index, entry) in records {
-        if entry.state == POD_CLAIMED {
-            claims.push((index, entry.netns_cookie));
+        match (entry.state, entry.netns_cookie) {
+            (POD_CLAIMED, 0) => found.released.push(index),
+            (POD_CLAIMED, cookie) => found.claims.push((index, cookie)),
+            _ => {}
         }
         if entry.state != POD_ACTIVE {
             continue;
         }
         let len = (entry.name_len as usize).min(POD_NAME_MAX);
-        pods.push(Pod {
+        found.pods.push(Pod {
             index,
             name: String::from_utf8_lossy(&entry.name[..len]).into_owned(),
             netns_cookie: entry.netns_cookie,
@@ -409,7 +423,7 @@ fn scan_records(meta: &Array<MapData, PodMeta>) -> Result<(Vec<Pod>, Vec<Claim>)
             added_at: entry.added_at,
         });
     }
-    Ok((pods, claims))
+    Ok(found)
 }
 
 /// A pod of a loaded set with its decision counters (all of them, zero
@@ -436,6 +450,9 @@ pub struct SetView {
     /// The id of each hook's program (an upgrade changes them all).
     pub programs: std::collections::BTreeMap<&'static str, u32>,
     pub pods: Vec<PodView>,
+    /// Indexes of removed pods whose entries gc (or an add that needs the
+    /// index) has still to clear.
+    pub released_indexes: usize,
 }
 
 /// Every loaded set (`None`) or set `only`, with its pods.
@@ -452,7 +469,8 @@ pub fn views(only: Option<&InstanceName>) -> Result<Vec<SetView>> {
         }
         let dir = bpffs::root().join(&dir_name);
         let mut pod_views = Vec::new();
-        for pod in pods(&dir).with_context(|| format!("reading node set {set}"))? {
+        let records = scan(&dir).with_context(|| format!("reading node set {set}"))?;
+        for pod in records.pods {
             let counters = maps::pod_counters(&dir, pod.index)?
                 .into_iter()
                 .map(|(c, n)| (c.name(), n))
@@ -480,6 +498,7 @@ pub fn views(only: Option<&InstanceName>) -> Result<Vec<SetView>> {
             maps: memory,
             programs,
             pods: pod_views,
+            released_indexes: records.released.len(),
         });
     }
     Ok(views)
@@ -596,7 +615,11 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
     // Opened once for the whole add: each opening is a path lookup and an
     // info query.
     let mut meta = meta_map(&dir).map_err(privilege::explain_denied)?;
-    let (pods, claims) = scan_records(&meta).map_err(privilege::explain_denied)?;
+    let Records {
+        pods,
+        claims,
+        released,
+    } = scan_records(&meta).map_err(privilege::explain_denied)?;
     timing::mark(|| "read the set's pods".into());
     // Under the lock, a claim is an add that was killed midway: clear
     // what it left, so that every free index is clean.
@@ -626,10 +649,19 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
     }
     let capacity = meta.len();
     let used: Vec<u32> = pods.iter().map(|p| p.index).collect();
-    let Some(index) = (0..capacity).find(|i| !used.contains(i)) else {
-        bail!(
+    // A free index is clean; a removed pod's is cleared here only when no
+    // free one is left (gc clears them otherwise, off the pod's path).
+    let free = (0..capacity).find(|i| !used.contains(i) && !released.contains(i));
+    let index = match (free, released.first()) {
+        (Some(index), _) => index,
+        (None, Some(&index)) => {
+            clear_pod(&dir, index, 0).context("clearing a removed pod's entries")?;
+            timing::mark(|| "clear a removed pod's index".into());
+            index
+        }
+        (None, None) => bail!(
             "the node set holds {capacity} pods already: remove pods, or load the set again with a larger --max-pods"
-        );
+        ),
     };
     if let Err(err) = write_pod(
         &dir, &mut meta, index, config, cookie, netns_ino, name, &netns, true,
@@ -814,7 +846,7 @@ pub fn remove(set: &InstanceName, name: &InstanceName) -> Result<bool> {
     let Some(pod) = pods.into_iter().find(|p| p.name == name.as_str()) else {
         return Ok(false);
     };
-    clear_pod(&dir, pod.index, pod.netns_cookie)?;
+    release_pod(&dir, pod.index, pod.netns_cookie)?;
     Ok(true)
 }
 
@@ -842,13 +874,25 @@ pub fn gc_locked(dry_run: bool) -> Result<Vec<(String, String)>> {
         let set = dir_name.strip_prefix(DIR_PREFIX).unwrap_or(&dir_name);
         // A set this build cannot read (another release's layout) is
         // left alone, said once per pass: the others are still collected.
-        let (listed, claims) = match scan(&dir) {
+        let Records {
+            pods: listed,
+            claims,
+            released,
+        } = match scan(&dir) {
             Ok(found) => found,
             Err(err) => {
                 eprintln!("redirect: gc: skipping node set {set}: {err:#}");
                 continue;
             }
         };
+        // Removed pods' entries, left by their removal to be cleared here:
+        // housekeeping, not a pod taken out, so not listed.
+        if !dry_run {
+            for index in released {
+                clear_pod(&dir, index, 0)
+                    .with_context(|| format!("clearing removed pod #{index} of node set {set}"))?;
+            }
+        }
         // Under the lock, a claim is an add that was killed midway.
         for (index, cookie) in claims {
             if !dry_run {
@@ -881,13 +925,30 @@ pub fn gc_locked(dry_run: bool) -> Result<Vec<(String, String)>> {
     Ok(removed)
 }
 
-/// Takes pod `index` out of the set: first out of `RDR_PODS` (its sockets
-/// are left alone from then on) and its inbound link, then everything else
-/// it had, so that the index starts clean for the next pod.
-fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
+/// A removal: takes pod `index` out of every decision ([`unlink_pod`]) and
+/// marks its index released, leaving the rest of its entries (its slots'
+/// sets and configuration, its counters) to [`clear_pod`], which gc or an
+/// add that needs the index runs. Clearing them walks every pod's entries,
+/// so a removal that did it would cost more the more pods the set holds.
+fn release_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
+    unlink_pod(dir, index, cookie)?;
+    let mut released = <PodMeta as bytemuck::Zeroable>::zeroed();
+    released.state = POD_CLAIMED;
+    meta_map(dir)?
+        .set(index, released, 0)
+        .context("releasing the pod record")?;
+    timing::mark(|| "release: the pod record".into());
+    Ok(())
+}
+
+/// Takes pod `index` out of every decision: out of `RDR_PODS` (its sockets
+/// are left alone from then on), its inbound link detached, its addresses
+/// (another pod may get them next) and the proxy listeners it registered
+/// let go. `cookie` 0: the pod is out of `RDR_PODS` already.
+fn unlink_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
     let mut pods: HashMap<MapData, u64, u32> =
         HashMap::try_from(Map::HashMap(maps::open(dir, maps::PODS)?))?;
-    if pods.get(&cookie, 0).is_ok_and(|owner| owner == index) {
+    if cookie != 0 && pods.get(&cookie, 0).is_ok_and(|owner| owner == index) {
         pods.remove(&cookie).context("removing the pod")?;
     }
     remove_link(&dir.join(pod_link(index)))?;
@@ -903,6 +964,20 @@ fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
         addrs.remove(&key).context("removing a pod address")?;
     }
     timing::mark(|| "clear: addresses".into());
+    let mut listeners: SockMap<MapData> =
+        SockMap::try_from(Map::SockMap(maps::open(dir, maps::LISTENER)?))?;
+    for slot in 0..LISTENER_SLOTS {
+        let _ = listeners.clear_index(&listener_index(index, slot));
+    }
+    timing::mark(|| "clear: listeners".into());
+    Ok(())
+}
+
+/// Takes pod `index` (a pod's, a killed add's claim, or a removed pod's)
+/// out of the set whole ([`unlink_pod`], then its slots, counters and
+/// record), so that the index starts clean for the next pod.
+fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
+    unlink_pod(dir, index, cookie)?;
     let slots: Vec<u32> = (0..SLOTS_PER_POD).map(|w| pod_slot(index, w)).collect();
     for (slot, old) in slots.iter().zip(maps::read_slots(dir, &slots)?) {
         maps::write_sets_over(dir, *slot, &maps::Sets::default(), &old)?;
@@ -910,12 +985,6 @@ fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
     }
     maps::activate_pod(dir, index, 0)?;
     timing::mark(|| "clear: slots".into());
-    let mut listeners: SockMap<MapData> =
-        SockMap::try_from(Map::SockMap(maps::open(dir, maps::LISTENER)?))?;
-    for slot in 0..LISTENER_SLOTS {
-        let _ = listeners.clear_index(&listener_index(index, slot));
-    }
-    timing::mark(|| "clear: listeners".into());
     let mut hits: HashMap<MapData, u32, u64> =
         HashMap::try_from(Map::HashMap(maps::open(dir, maps::IN_HITS)?))?;
     let base = in_hits_key(index, 0);
