@@ -254,7 +254,7 @@ impl Sandbox {
 
     /// Whether the sandbox's instance has a pin directory.
     pub fn is_pinned(&self) -> bool {
-        std::path::Path::new("/sys/fs/bpf/redirect")
+        std::path::Path::new(crate::PIN_ROOT)
             .join(self.name())
             .exists()
     }

@@ -31,7 +31,7 @@ impl Drop for Plugin {
     /// Removes the instance a failed test left between ADD and DEL (its
     /// pins: the links go with them).
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf/redirect").join(&self.instance));
+        let _ = std::fs::remove_dir_all(Path::new(crate::PIN_ROOT).join(&self.instance));
     }
 }
 

@@ -17,6 +17,9 @@
 //! when the `Sandbox` is dropped, also when a test panics. Every sandbox is
 //! independent: tests can run in parallel.
 
+/// Where redirect pins its instances and node sets (bpffs).
+pub const PIN_ROOT: &str = "/sys/fs/bpf/redirect";
+
 pub mod agent;
 pub mod cgroup;
 pub mod cli;
@@ -524,7 +527,7 @@ impl Drop for Sandbox {
             }
         }
         // Detach the sandbox's redirect instance, if a test left it installed.
-        let _ = fs::remove_dir_all(Path::new("/sys/fs/bpf/redirect").join(&self.name));
+        let _ = fs::remove_dir_all(Path::new(PIN_ROOT).join(&self.name));
         cgroup::remove_pod(&self.cgroup);
         // Scratch files tests name after the sandbox (`<temp>/<name>-*`),
         // also when the test failed before removing them.

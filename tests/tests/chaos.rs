@@ -25,7 +25,7 @@ use redirect_sandbox::{
 };
 use serde_json::Value;
 
-const PINS: &str = "/sys/fs/bpf/redirect";
+use redirect_sandbox::PIN_ROOT as PINS;
 
 /// The usual pod: upstream in the peer, stand-in proxy on 15001.
 fn pod() -> Sandbox {
@@ -708,7 +708,7 @@ impl Drop for Holder {
 }
 
 fn hold_node_lock(shared: bool, seconds: f64) -> Holder {
-    let path = std::ffi::CString::new("/sys/fs/bpf/redirect").expect("path");
+    let path = std::ffi::CString::new(PINS).expect("path");
     let how = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
     let hold = libc::timespec {
         tv_sec: seconds.trunc() as libc::time_t,
@@ -752,7 +752,7 @@ fn a_waiter_gives_up_on_a_stuck_holder_only_not_on_a_queue() {
     // The node's lock is held here on purpose: no other test of this
     // binary runs meanwhile.
     let _node = exclusive();
-    fs::create_dir_all("/sys/fs/bpf/redirect").expect("bpffs directory");
+    fs::create_dir_all(PINS).expect("bpffs directory");
     let uninstall = |wait: &str| {
         let mut cmd = Command::new(redirect_bin());
         cmd.args(["uninstall", "--instance", "lock-waiter-none"])

@@ -82,7 +82,7 @@ fn istio_chains(sandbox: &Sandbox) -> bool {
 }
 
 fn pinned(sandbox: &Sandbox) -> bool {
-    Path::new("/sys/fs/bpf/redirect")
+    Path::new(redirect_sandbox::PIN_ROOT)
         .join(format!("cni-{}", sandbox.name()))
         .exists()
 }

@@ -34,7 +34,9 @@ impl Drop for OwnCgroup {
 }
 
 fn pinned(instance: &str) -> bool {
-    Path::new("/sys/fs/bpf/redirect").join(instance).exists()
+    Path::new(redirect_sandbox::PIN_ROOT)
+        .join(instance)
+        .exists()
 }
 
 #[test]

@@ -542,7 +542,7 @@ fn install_with_a_node_set_loads_it_once_and_names_it_to_the_plugin() {
         cgroup.as_str(),
     ];
     let pinned = || {
-        Path::new("/sys/fs/bpf/redirect")
+        Path::new(redirect_sandbox::PIN_ROOT)
             .join(format!("@set-{set}"))
             .is_dir()
     };

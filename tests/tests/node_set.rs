@@ -450,7 +450,7 @@ fn a_kernel_without_the_namespace_cookie_refuses_a_node_set() {
         "{out:?}"
     );
     assert!(
-        !std::path::Path::new("/sys/fs/bpf/redirect")
+        !std::path::Path::new(redirect_sandbox::PIN_ROOT)
             .join(format!("@set-{name}"))
             .exists()
     );
@@ -674,7 +674,7 @@ fn an_upgrade_over_maps_of_other_sizes_is_refused_before_anything_changes() {
     let set = Set::load(&sandbox);
     let before = programs(&set.status());
     // The ports map as a release with another per-pod port limit sized it.
-    let ports = std::path::Path::new("/sys/fs/bpf/redirect")
+    let ports = std::path::Path::new(redirect_sandbox::PIN_ROOT)
         .join(format!("@set-{}", set.name))
         .join("RDR_PORTS");
     std::fs::remove_file(&ports).expect("unpinning RDR_PORTS");

@@ -138,7 +138,10 @@ fn an_install_records_only_features_the_kernel_has() {
         .find_map(|l| l.strip_prefix("recorded this boot for installs ("))
         .unwrap_or_else(|| panic!("no record line: {out:?}"));
     let pin = line.split_once("): ").map_or("", |(pin, _)| pin);
-    assert!(pin.starts_with("/sys/fs/bpf/redirect/@probes-"), "{out:?}");
+    assert!(
+        pin.starts_with(&format!("{}/@probes-", redirect_sandbox::PIN_ROOT)),
+        "{out:?}"
+    );
     assert!(
         std::path::Path::new(pin).exists(),
         "the install pinned its record at {pin}"

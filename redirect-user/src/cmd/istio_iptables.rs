@@ -84,14 +84,14 @@ pub fn istio_iptables(args: &IstioArgs) -> Result<ExitCode> {
     let choice = choose_mode(args, &capture, &host);
     ebpf::timing::mark(|| "choose the mode (lowering; probes unless in a node set)".into());
     let fallback_reason = match choice {
-        Ok(Ok((config, target))) => {
+        Ok(Choice::Ebpf(config, target)) => {
             let code = match &target {
                 EbpfTarget::Cgroup(cgroup) => with_ebpf(args, &actions, &config, cgroup)?,
                 EbpfTarget::NodeSet(set) => in_node_set(args, &actions, &config, set)?,
             };
             return validated(args, &actions, &capture, code);
         }
-        Ok(Err(why)) => why,
+        Ok(Choice::Netfilter { why }) => why,
         Err(err) => return refuse(&format!("{err:#}")),
     };
     // The netfilter backend (looked for only now, eBPF not chosen):
@@ -171,17 +171,20 @@ enum EbpfTarget {
     NodeSet(InstanceName),
 }
 
-/// `--mode`: the eBPF configuration and where it goes when eBPF capture
-/// is chosen; otherwise the netfilter backend, with auto mode's reason
-/// (`None` for `--mode iptables`). `--mode ebpf` errs with what stands in
-/// the way.
-fn choose_mode(
-    args: &IstioArgs,
-    capture: &Capture,
-    host: &RealHost,
-) -> Result<Result<(Config, EbpfTarget), Option<String>>> {
+/// What `--mode` chose for a pod.
+enum Choice {
+    /// eBPF capture: its configuration (boxed: the larger variant by far)
+    /// and where it goes.
+    Ebpf(Box<Config>, EbpfTarget),
+    /// A netfilter backend, with auto mode's reason for not using eBPF
+    /// (`None`: `--mode iptables` asked for it).
+    Netfilter { why: Option<String> },
+}
+
+/// `--mode`'s [`Choice`]; `--mode ebpf` errs with what stands in the way.
+fn choose_mode(args: &IstioArgs, capture: &Capture, host: &RealHost) -> Result<Choice> {
     if args.mode == Mode::Iptables {
-        return Ok(Err(None));
+        return Ok(Choice::Netfilter { why: None });
     }
     let why_not = || -> Result<(Config, EbpfTarget), String> {
         let config = ebpf::lower::lower(capture, host)
@@ -237,11 +240,11 @@ fn choose_mode(
         Ok((config, EbpfTarget::Cgroup(cgroup)))
     };
     match (args.mode, why_not()) {
-        (_, Ok(choice)) => Ok(Ok(choice)),
+        (_, Ok((config, target))) => Ok(Choice::Ebpf(Box::new(config), target)),
         (Mode::Ebpf, Err(why)) => {
             anyhow::bail!("--mode ebpf: {why}: use --mode iptables (or auto)")
         }
-        (_, Err(why)) => Ok(Err(Some(why))),
+        (_, Err(why)) => Ok(Choice::Netfilter { why: Some(why) }),
     }
 }
 

@@ -697,7 +697,10 @@ impl Drop for Runtime {
             }
             // The capture of a pod whose DEL did not run.
             let instance = format!("cni-{id}");
-            if Path::new("/sys/fs/bpf/redirect").join(&instance).exists() {
+            if Path::new(redirect_sandbox::PIN_ROOT)
+                .join(&instance)
+                .exists()
+            {
                 let _ = Command::new(&self.plugin_binary)
                     .args(["uninstall", "--instance", &instance])
                     .output();

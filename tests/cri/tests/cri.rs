@@ -473,7 +473,7 @@ fn pods_through_containerd_cri() {
     let after = instances();
     assert!(!after.contains(&instance_of(&pod)), "{after:?}");
     assert!(
-        !std::path::Path::new("/sys/fs/bpf/redirect")
+        !std::path::Path::new(redirect_sandbox::PIN_ROOT)
             .join(instance_of(&pod))
             .exists()
     );
@@ -490,7 +490,7 @@ fn pods_through_containerd_cri() {
         .chain([&pod, &plain])
         .map(instance_of)
         .filter(|i| {
-            std::path::Path::new("/sys/fs/bpf/redirect")
+            std::path::Path::new(redirect_sandbox::PIN_ROOT)
                 .join(i)
                 .exists()
         })
