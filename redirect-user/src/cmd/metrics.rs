@@ -20,6 +20,9 @@ pub struct AgentFigures {
     pub kubeconfig_errors: u64,
 }
 
+/// One figure of a loaded node set.
+type SetFigure = fn(&SetView) -> usize;
+
 /// The exposition text for `status`, the node sets `sets` and the agent's
 /// figures.
 pub fn render(status: &Status, sets: &[SetView], agent: AgentFigures) -> String {
@@ -52,29 +55,28 @@ pub fn render(status: &Status, sets: &[SetView], agent: AgentFigures) -> String 
             }
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP redirect_node_set_pods Pods in each loaded node set.\n# TYPE redirect_node_set_pods gauge"
-    );
-    for set in sets {
-        let _ = writeln!(
-            out,
-            "redirect_node_set_pods{{node_set=\"{}\"}} {}",
-            label(&set.set),
-            set.pods.len()
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP redirect_node_set_released_indexes Removed pods' indexes in each loaded node set whose entries gc has still to clear.\n# TYPE redirect_node_set_released_indexes gauge"
-    );
-    for set in sets {
-        let _ = writeln!(
-            out,
-            "redirect_node_set_released_indexes{{node_set=\"{}\"}} {}",
-            label(&set.set),
-            set.released_indexes
-        );
+    let set_gauges: [(&str, &str, SetFigure); 2] = [
+        (
+            "redirect_node_set_pods",
+            "Pods in each loaded node set.",
+            |set| set.pods.len(),
+        ),
+        (
+            "redirect_node_set_released_indexes",
+            "Removed pods' indexes in each loaded node set whose entries gc has still to clear.",
+            |set| set.released_indexes,
+        ),
+    ];
+    for (name, help, value) in set_gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for set in sets {
+            let _ = writeln!(
+                out,
+                "{name}{{node_set=\"{}\"}} {}",
+                label(&set.set),
+                value(set)
+            );
+        }
     }
     let gauges = [
         (
