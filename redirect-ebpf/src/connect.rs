@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use redirect_common::{
     Addr, ConnectInput, Counter, Event, Ip6, LOCALHOST, LOG_DEBUG, LOG_TRACE, LOOPBACK_IFINDEX,
-    OUTCOME_INACTIVE, OrigDst, Outcome, Source, decide_connect, outcome_of, redirect_source,
-    to_v4_mapped, v4_mapped,
+    OUTCOME_INACTIVE, OrigDst, Outcome, Source, decide_connect, leaves_excluded, outcome_of,
+    redirect_source, to_v4_mapped, v4_mapped,
 };
 
 use crate::{
@@ -201,6 +201,23 @@ pub extern "C" fn redirect_source4(dst: u64, src: u64) -> u64 {
         return Source::<u32>::Refused.pack();
     };
     redirect_source(&input, cfg, &maps).pack()
+}
+
+/// `-o X -j RETURN` for the interfaces of `-c`
+/// ([`redirect_common::leaves_excluded`]: the device a connect's packets
+/// leave through) as a global function of its own, for the reason
+/// [`redirect_source4`] is one: the verifier checks its loop over the
+/// interfaces and its lookups once, and each of the paths out of it is
+/// one scalar to the decision, where they were as many states for every
+/// rule after it. Takes what [`redirect_source4`] takes; 1 (excluded) or 0.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_interface_excluded4(dst: u64, src: u64) -> u64 {
+    let input = ConnectInput::<u32>::unpack(0, dst, src);
+    match active(input.pod) {
+        Some((cfg, maps)) => u64::from(leaves_excluded(&input, cfg, &maps)),
+        None => 0,
+    }
 }
 
 /// [`redirect_decide`] for IPv6 destinations: five scalars in (the input

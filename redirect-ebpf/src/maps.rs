@@ -14,12 +14,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
 };
 use redirect_common::{
-    Addr, CIDR_SLOT_BITS, COUNTER_COUNT, ChainTail, ConnTuple, Counter, INSTANCE_POD, InstanceMeta,
-    Ip6, LISTENER_SLOTS, Lookups, MAX_CIDRS, MAX_CIDRS6, MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS,
-    MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, OrigDst, OwnerFacts,
-    OwnerMatch, PORT_RANGE_SLOT_BITS, PodMeta, ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry,
-    RouteEntry6, SLOTS_PER_POD, TailFacts, cidr_key, cidr6_key, counter_index, local6_key,
-    owner_match, port_key, port_range_key, slot_key, slot_of_pod,
+    Addr, CFG_PORT_RANGES, CIDR_SLOT_BITS, COUNTER_COUNT, ChainTail, ConnTuple, ConnectInput,
+    Counter, INSTANCE_POD, InstanceMeta, Ip6, LISTENER_SLOTS, Lookups, MAX_CIDRS, MAX_CIDRS6,
+    MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS, MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS, MAX_PORTS,
+    MAX_ROUTES, MAX_ROUTES6, OrigDst, OwnerFacts, OwnerMatch, PORT_RANGE_SLOT_BITS, PodMeta,
+    ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry, RouteEntry6, SLOTS_PER_POD, TailFacts,
+    cidr_key, cidr6_key, counter_index, local6_key, owner_match, port_key, port_range_key,
+    slot_key, slot_of_pod,
 };
 
 /// Largest number of redirected handshakes in flight at once (user space
@@ -419,10 +420,57 @@ pub extern "C" fn redirect_chain_tail4(head: u64, rest: u64) -> u64 {
     }
 }
 
+/// The `PORT_*` lists of a destination port
+/// ([`redirect_common::port_lists`]: its own entry, then the ranges when
+/// the configuration has some) as a global function, for the reason
+/// [`redirect_owner_match`] is one: each way into the port rules differs
+/// from the others in constants the verifier keeps exactly (the socket
+/// type's class, what the interface test found), so their lookups were
+/// walked once for each of them. The slot << 32 | the [`CFG_PORT_RANGES`]
+/// bit << 16 | the port in, the lists out.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_port_lists(key: u64) -> u64 {
+    let maps = Maps {
+        slot: (key >> 32) as u32,
+    };
+    let ranges = key & PORT_LISTS_RANGES != 0;
+    u64::from(redirect_common::port_lists::<u32>(
+        key as u16, ranges, &maps,
+    ))
+}
+
+/// The bit of [`redirect_port_lists`]'s argument that asks for the ranges.
+const PORT_LISTS_RANGES: u64 = 1 << 16;
+
+impl Maps {
+    /// [`redirect_port_lists`] for this slot.
+    #[inline(always)]
+    fn lists(&self, cfg: &RedirectConfig, port: u16) -> u8 {
+        let ranges = if cfg.flags & CFG_PORT_RANGES != 0 {
+            PORT_LISTS_RANGES
+        } else {
+            0
+        };
+        redirect_port_lists(u64::from(self.slot) << 32 | ranges | u64::from(port)) as u8
+    }
+}
+
 impl Lookups for Maps {
     #[inline(always)]
     fn port_flags(&self, port: u16) -> u8 {
         self.ports(port)
+    }
+
+    #[inline(always)]
+    fn port_lists(&self, cfg: &RedirectConfig, port: u16) -> u8 {
+        self.lists(cfg, port)
+    }
+
+    #[inline(always)]
+    fn interface_excluded(&self, _: &RedirectConfig, input: &ConnectInput) -> bool {
+        let [_, dst, src] = input.pack();
+        crate::connect::redirect_interface_excluded4(dst, src) != 0
     }
 
     #[inline(always)]
@@ -478,8 +526,11 @@ impl Lookups for Maps {
 
     #[inline(always)]
     fn route_excluded(&self, ip: u32) -> bool {
-        self.route(ip)
-            .is_some_and(|route| route.flags & ROUTE_EXCLUDED_IFACE != 0)
+        // The flags, or 0 without a route, then the test: `is_some_and`
+        // may compile to "found & flags", reading the flags' register
+        // on the path that loaded none, which the verifier refuses.
+        let flags = self.route(ip).map_or(0, |route| route.flags);
+        flags & ROUTE_EXCLUDED_IFACE != 0
     }
 }
 
@@ -487,6 +538,11 @@ impl Lookups<Ip6> for Maps {
     #[inline(always)]
     fn port_flags(&self, port: u16) -> u8 {
         self.ports(port)
+    }
+
+    #[inline(always)]
+    fn port_lists(&self, cfg: &RedirectConfig, port: u16) -> u8 {
+        self.lists(cfg, port)
     }
 
     #[inline(always)]

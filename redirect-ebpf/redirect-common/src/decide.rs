@@ -84,6 +84,23 @@ pub trait Lookups<A = u32> {
     {
         ip.is_nameserver(cfg)
     }
+    /// The `PORT_*` lists a destination port is in (what [`port_lists`]
+    /// says, unless run out of line as above).
+    fn port_lists(&self, cfg: &RedirectConfig, port: u16) -> u8
+    where
+        Self: Sized,
+    {
+        port_lists(port, cfg.flags & CFG_PORT_RANGES != 0, self)
+    }
+    /// `-o X -j RETURN` for an interface of `-c` (what [`leaves_excluded`]
+    /// says, unless run out of line as above).
+    fn interface_excluded(&self, cfg: &RedirectConfig, input: &ConnectInput<A>) -> bool
+    where
+        A: Addr,
+        Self: Sized,
+    {
+        leaves_excluded(input, cfg, self)
+    }
     /// Where the chain after the owner rules sends the connect (what
     /// [`chain_tail`] says, unless run out of line as above).
     fn chain_tail(&self, cfg: &RedirectConfig, facts: TailFacts<A>) -> ChainTail
@@ -294,7 +311,7 @@ fn decide_nat<A: Addr>(
     cfg: &RedirectConfig,
     maps: &impl Lookups<A>,
 ) -> Verdict {
-    if cfg.flags & CFG_EXCLUDE_IFACES != 0 && leaves_excluded(input, cfg, maps) {
+    if cfg.flags & CFG_EXCLUDE_IFACES != 0 && maps.interface_excluded(cfg, input) {
         return Verdict::Bypass(Counter::BypassInterface);
     }
     let tcp = input.sock_type == SOCK_STREAM;
@@ -304,7 +321,7 @@ fn decide_nat<A: Addr>(
     if !tcp && !dns_udp {
         return Verdict::Bypass(Counter::NotTcp);
     }
-    let ports = port_flags(input.dst_port, cfg, maps);
+    let ports = maps.port_lists(cfg, input.dst_port);
     if ports & PORT_EXCLUDE != 0 {
         return Verdict::Bypass(Counter::BypassPort);
     }
@@ -520,11 +537,12 @@ fn separate_load<T: Copy>(field: &T) -> T {
 pub const DNS_PORT: u16 = 53;
 
 /// The `PORT_*` lists (`-o`, `-q`, `-b`, `-d`) `port` is in: as a port of
-/// its own, or in a range (looked up only when the configuration has one).
+/// its own, or in a range (looked up only when the configuration has one,
+/// `ranges`: [`CFG_PORT_RANGES`]).
 #[inline(always)]
-fn port_flags<A>(port: u16, cfg: &RedirectConfig, maps: &impl Lookups<A>) -> u8 {
+pub fn port_lists<A>(port: u16, ranges: bool, maps: &impl Lookups<A>) -> u8 {
     let single = maps.port_flags(port);
-    if cfg.flags & CFG_PORT_RANGES != 0 {
+    if ranges {
         single | maps.range_flags(port)
     } else {
         single
@@ -553,7 +571,7 @@ fn leaves_by_lo<A: Addr>(input: &ConnectInput<A>, dst: A, maps: &impl Lookups<A>
 /// leave through: `lo` for what [`leaves_by_lo`] sends there, else the
 /// device the socket is bound to, else its route's.
 #[inline(always)]
-fn leaves_excluded<A: Addr>(
+pub fn leaves_excluded<A: Addr>(
     input: &ConnectInput<A>,
     cfg: &RedirectConfig,
     maps: &impl Lookups<A>,
@@ -647,7 +665,7 @@ fn inbound_port_rules<A>(
     if port == cfg.tunnel_port {
         return InboundVerdict::Bypass(Counter::InboundBypassTunnel);
     }
-    let ports = port_flags(port, cfg, maps);
+    let ports = port_lists(port, cfg.flags & CFG_PORT_RANGES != 0, maps);
     if cfg.flags & CFG_INBOUND_ALL != 0 {
         if ports & PORT_IN_EXCLUDE != 0 {
             return InboundVerdict::Bypass(Counter::InboundBypassPort);
