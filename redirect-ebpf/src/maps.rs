@@ -15,12 +15,12 @@ use aya_ebpf::{
 };
 use redirect_common::{
     Addr, CFG_PORT_RANGES, CIDR_SLOT_BITS, COUNTER_COUNT, ChainTail, ConnTuple, ConnectInput,
-    Counter, INSTANCE_POD, InstanceMeta, Ip6, LISTENER_SLOTS, Lookups, MAX_CIDRS, MAX_CIDRS6,
-    MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS, MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS, MAX_PORTS,
-    MAX_ROUTES, MAX_ROUTES6, OrigDst, OwnerFacts, OwnerMatch, PORT_RANGE_SLOT_BITS, PodMeta,
-    ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry, RouteEntry6, SLOTS_PER_POD, TailFacts,
-    cidr_key, cidr6_key, counter_index, local6_key, owner_match, port_key, port_range_key,
-    slot_key, slot_of_pod,
+    Counter, INSTANCE_POD, InboundVerdict, InstanceMeta, Ip6, LISTENER_SLOTS, Lookups, MAX_CIDRS,
+    MAX_CIDRS6, MAX_GROUPS, MAX_IN_BYPASS, MAX_IN_HITS, MAX_LOCAL_ADDRS, MAX_PORT_BLOCKS,
+    MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, OrigDst, OwnerFacts, OwnerMatch, PORT_RANGE_SLOT_BITS,
+    PodMeta, ROUTE_EXCLUDED_IFACE, RedirectConfig, RouteEntry, RouteEntry6, SLOTS_PER_POD,
+    TailFacts, cidr_key, cidr6_key, counter_index, inbound_port_rules, local6_key, owner_match,
+    port_key, port_range_key, slot_key, slot_of_pod,
 };
 
 /// Largest number of redirected handshakes in flight at once (user space
@@ -456,10 +456,40 @@ impl Maps {
     }
 }
 
+/// The inbound chain's port rules ([`redirect_common::inbound_port_rules`]:
+/// the tunnel port, `-d`, `-b`) as a global function, for the reason
+/// [`redirect_owner_match`] is one: `sockops` and `sk_lookup` run them for
+/// an IPv4 and an IPv6 source, each path of the source rules with its own
+/// copy, which the verifier walked once for each. The slot << 32 | the
+/// port in, [`InboundVerdict::port_rule_code`] out.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_inbound_ports(key: u64) -> u64 {
+    let slot = (key >> 32) as u32;
+    match RDR_CONFIG.get(slot) {
+        Some(cfg) => inbound_port_rules::<u32>(key as u16, cfg, &Maps { slot }).port_rule_code(),
+        None => InboundVerdict::Bypass(Counter::InboundNotIncluded).port_rule_code(),
+    }
+}
+
+impl Maps {
+    /// [`redirect_inbound_ports`] for this slot.
+    #[inline(always)]
+    fn inbound(&self, port: u16) -> InboundVerdict {
+        let code = redirect_inbound_ports(u64::from(self.slot) << 32 | u64::from(port));
+        InboundVerdict::from_port_rule_code(code)
+    }
+}
+
 impl Lookups for Maps {
     #[inline(always)]
     fn port_flags(&self, port: u16) -> u8 {
         self.ports(port)
+    }
+
+    #[inline(always)]
+    fn inbound_ports(&self, _: &RedirectConfig, port: u16) -> InboundVerdict {
+        self.inbound(port)
     }
 
     #[inline(always)]
@@ -538,6 +568,11 @@ impl Lookups<Ip6> for Maps {
     #[inline(always)]
     fn port_flags(&self, port: u16) -> u8 {
         self.ports(port)
+    }
+
+    #[inline(always)]
+    fn inbound_ports(&self, _: &RedirectConfig, port: u16) -> InboundVerdict {
+        self.inbound(port)
     }
 
     #[inline(always)]
@@ -632,11 +667,23 @@ pub(crate) fn count(pod: u32, counter: Counter) {
 }
 
 /// Counts under `pod`'s [`Counter`] index `counter` (an out-of-range one
-/// counts nothing).
+/// counts nothing), through [`redirect_count`].
 #[inline(always)]
 pub(crate) fn count_index(pod: u32, counter: u32) {
+    redirect_count(u64::from(pod) << 32 | u64::from(counter));
+}
+
+/// Counts one decision (the pod << 32 | its [`Counter`] index) as a
+/// global function: each counter is a constant to the verifier, so the
+/// paths that count different ones could not be taken for one another
+/// after the count, and an increment in line was walked again for each
+/// (20 times on one `sk_lookup` path). Returns 0.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn redirect_count(key: u64) -> u64 {
+    let (pod, counter) = ((key >> 32) as u32, key as u32);
     if counter >= COUNTER_COUNT {
-        return;
+        return 0;
     }
     if let Some(slot) = RDR_STATS.get_ptr_mut(counter_index(pod, counter)) {
         // Atomic (a BPF XADD, the result unused): a sockops callback in
@@ -644,4 +691,5 @@ pub(crate) fn count_index(pod: u32, counter: u32) {
         // SAFETY: a valid, aligned map value that lives as long as the map.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
     }
+    0
 }

@@ -101,6 +101,14 @@ pub trait Lookups<A = u32> {
     {
         leaves_excluded(input, cfg, self)
     }
+    /// The inbound chain's port rules (what [`inbound_port_rules`] says,
+    /// unless run out of line as above).
+    fn inbound_ports(&self, cfg: &RedirectConfig, port: u16) -> InboundVerdict
+    where
+        Self: Sized,
+    {
+        inbound_port_rules(port, cfg, self)
+    }
     /// Where the chain after the owner rules sends the connect (what
     /// [`chain_tail`] says, unless run out of line as above).
     fn chain_tail(&self, cfg: &RedirectConfig, facts: TailFacts<A>) -> ChainTail
@@ -652,12 +660,12 @@ pub fn decide_inbound<A: Addr>(
     if is_local(input.src_ip, maps) {
         return InboundVerdict::Bypass(Counter::InboundLocal);
     }
-    inbound_port_rules(input.dst_port, cfg, maps)
+    maps.inbound_ports(cfg, input.dst_port)
 }
 
 /// The port rules of the inbound chain (after its source rules).
 #[inline(always)]
-fn inbound_port_rules<A>(
+pub fn inbound_port_rules<A>(
     port: u16,
     cfg: &RedirectConfig,
     maps: &impl Lookups<A>,
@@ -676,6 +684,33 @@ fn inbound_port_rules<A>(
         return InboundVerdict::Capture;
     }
     InboundVerdict::Bypass(Counter::InboundNotIncluded)
+}
+
+impl InboundVerdict {
+    /// What [`inbound_port_rules`] returned, as one scalar (for a BPF
+    /// global function): 0 capture, 1 the tunnel port, 2 a port of `-d`,
+    /// 3 not included.
+    #[inline(always)]
+    pub fn port_rule_code(self) -> u64 {
+        match self {
+            Self::Capture => 0,
+            Self::Bypass(Counter::InboundBypassTunnel) => 1,
+            Self::Bypass(Counter::InboundBypassPort) => 2,
+            Self::Bypass(_) => 3,
+        }
+    }
+
+    /// The verdict of [`Self::port_rule_code`] (anything else: not
+    /// included).
+    #[inline(always)]
+    pub fn from_port_rule_code(code: u64) -> Self {
+        match code {
+            0 => Self::Capture,
+            1 => Self::Bypass(Counter::InboundBypassTunnel),
+            2 => Self::Bypass(Counter::InboundBypassPort),
+            _ => Self::Bypass(Counter::InboundNotIncluded),
+        }
+    }
 }
 
 /// What the `-o lo` owner rules need to know about one connect.

@@ -1811,3 +1811,20 @@ fn tail_facts_survive_packing() {
         assert_eq!(ChainTail::from_u64(tail as u64), tail);
     }
 }
+
+/// Every verdict of the inbound port rules survives the scalar the
+/// programs' global function returns it as.
+#[test]
+fn inbound_port_rule_codes_round_trip() {
+    for verdict in [
+        InboundVerdict::Capture,
+        InboundVerdict::Bypass(Counter::InboundBypassTunnel),
+        InboundVerdict::Bypass(Counter::InboundBypassPort),
+        InboundVerdict::Bypass(Counter::InboundNotIncluded),
+    ] {
+        assert_eq!(
+            InboundVerdict::from_port_rule_code(verdict.port_rule_code()),
+            verdict
+        );
+    }
+}
