@@ -12,12 +12,12 @@ use aya_ebpf::{
 };
 use redirect_common::{
     Addr, ConnectInput, Counter, Event, Ip6, LOCALHOST, LOG_DEBUG, LOG_TRACE, LOOPBACK_IFINDEX,
-    OUTCOME_INACTIVE, OrigDst, Outcome, Source, decide_connect, leaves_excluded, outcome_of,
-    redirect_source, to_v4_mapped, v4_mapped,
+    OUTCOME_INACTIVE, OrigDst, Outcome, Source, decide_connect, leaves_excluded, meta_with_slot,
+    outcome_of, redirect_source, slot_of_meta, to_v4_mapped, v4_mapped,
 };
 
 use crate::{
-    maps::{RDR_EVENTS, RDR_SOCK, RDR_SOURCE6, active, count, count_index, pod_of, store},
+    maps::{RDR_EVENTS, RDR_SOCK, RDR_SOURCE6, active, count, count_index, in_slot, pod_of, store},
     net::{AF_INET, AF_INET6, ALLOW, read_ip6, write_ip6},
 };
 
@@ -183,21 +183,22 @@ pub extern "C" fn redirect_decide(owner: u64, dst: u64, src: u64) -> u64 {
         return OUTCOME_INACTIVE;
     };
     let verdict = decide_connect(&input, cfg, &maps);
-    outcome_of(verdict, || Source::unpack(redirect_source4(dst, src))).pack(cfg.log_level)
+    let slot = u64::from(maps.slot);
+    outcome_of(verdict, || Source::unpack(redirect_source4(slot, dst, src))).pack(cfg.log_level)
 }
 
 /// [`redirect_source`] for a redirected IPv4 connect, as a global function
 /// of its own: the verifier checks it once, not once for every rule of
 /// the decision that redirects. Returns [`Source::pack`]. It takes the
-/// packed input but its owner, which the source does not depend on: the
-/// compiler may pass an argument the callee never reads as whatever the
-/// register holds, a pointer the verifier refuses as a global function's
-/// argument.
+/// slot the decision read (see [`in_slot`]) and the packed input but its
+/// owner, which the source does not depend on: the compiler may pass an
+/// argument the callee never reads as whatever the register holds, a
+/// pointer the verifier refuses as a global function's argument.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn redirect_source4(dst: u64, src: u64) -> u64 {
+pub extern "C" fn redirect_source4(slot: u64, dst: u64, src: u64) -> u64 {
     let input = ConnectInput::<u32>::unpack(0, dst, src);
-    let Some((cfg, maps)) = active(input.pod) else {
+    let Some((cfg, maps)) = in_slot(slot as u32, input.pod) else {
         return Source::<u32>::Refused.pack();
     };
     redirect_source(&input, cfg, &maps).pack()
@@ -212,9 +213,9 @@ pub extern "C" fn redirect_source4(dst: u64, src: u64) -> u64 {
 /// rule after it. Takes what [`redirect_source4`] takes; 1 (excluded) or 0.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn redirect_interface_excluded4(dst: u64, src: u64) -> u64 {
+pub extern "C" fn redirect_interface_excluded4(slot: u64, dst: u64, src: u64) -> u64 {
     let input = ConnectInput::<u32>::unpack(0, dst, src);
-    match active(input.pod) {
+    match in_slot(slot as u32, input.pod) {
         Some((cfg, maps)) => u64::from(leaves_excluded(&input, cfg, &maps)),
         None => 0,
     }
@@ -244,6 +245,7 @@ pub extern "C" fn redirect_decide6(
     };
     let verdict = decide_connect(&input, cfg, &maps);
     let outcome = outcome_of(verdict, || {
+        let meta = meta_with_slot(meta, maps.slot);
         let kind = redirect_source6(meta, dst_hi, dst_lo, src_hi, src_lo);
         Source::from_kind(kind, source6())
     });
@@ -258,7 +260,8 @@ fn input6(packed: [u64; 5]) -> ConnectInput<Ip6> {
 }
 
 /// [`redirect_source4`] for IPv6: returns [`Source::kind`] and leaves the
-/// address to bind in `RDR_SOURCE6` (see [`source6`]).
+/// address to bind in `RDR_SOURCE6` (see [`source6`]). `meta` carries the
+/// slot the decision read in its port's bits ([`meta_with_slot`]).
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn redirect_source6(
@@ -269,7 +272,7 @@ pub extern "C" fn redirect_source6(
     src_lo: u64,
 ) -> u64 {
     let input = input6([meta, dst_hi, dst_lo, src_hi, src_lo]);
-    let Some((cfg, maps)) = active(input.pod) else {
+    let Some((cfg, maps)) = in_slot(slot_of_meta(meta), input.pod) else {
         return Source::<Ip6>::Refused.kind();
     };
     let source = redirect_source(&input, cfg, &maps);

@@ -46,7 +46,16 @@ pub(crate) static RDR_ACTIVE: Array<u32> = Array::pinned(1, 0);
 /// goes with it; `None` before the first install finished writing one.
 #[inline(always)]
 pub(crate) fn active(pod: u32) -> Option<(&'static RedirectConfig, Maps)> {
-    let slot = *RDR_ACTIVE.get(pod)?;
+    in_slot(*RDR_ACTIVE.get(pod)?, pod)
+}
+
+/// The configuration in `slot` and its view of the set maps, if the slot
+/// is one of `pod`'s and written: what a global function of the decision
+/// reads, given the slot its caller's [`active`] chose, so that one
+/// decision reads one configuration whatever an upgrade switches in
+/// between.
+#[inline(always)]
+pub(crate) fn in_slot(slot: u32, pod: u32) -> Option<(&'static RedirectConfig, Maps)> {
     if !slot_of_pod(slot, pod) {
         return None;
     }
@@ -320,7 +329,7 @@ pub(crate) static RDR_IN_BYPASS: LruHashMap<[u32; 6], u8> = LruHashMap::pinned(M
 
 /// The decision's view of the set maps above: one slot's entries.
 pub(crate) struct Maps {
-    slot: u32,
+    pub(crate) slot: u32,
 }
 
 impl Maps {
@@ -500,7 +509,7 @@ impl Lookups for Maps {
     #[inline(always)]
     fn interface_excluded(&self, _: &RedirectConfig, input: &ConnectInput) -> bool {
         let [_, dst, src] = input.pack();
-        crate::connect::redirect_interface_excluded4(dst, src) != 0
+        crate::connect::redirect_interface_excluded4(u64::from(self.slot), dst, src) != 0
     }
 
     #[inline(always)]

@@ -166,6 +166,22 @@ impl ConnectInput {
     }
 }
 
+/// The first word of [`ConnectInput::<Ip6>::pack`] with its port's bits
+/// carrying `slot` instead: what the IPv6 source's global function takes
+/// (it has no sixth argument for the slot, and the source does not
+/// depend on the port), so that it reads the configuration the decision
+/// read. Slots are below 2 × [`crate::MAX_PODS`], well within 16 bits.
+#[inline(always)]
+pub const fn meta_with_slot(meta: u64, slot: u32) -> u64 {
+    meta & !(0xffff << 32) | ((slot & 0xffff) as u64) << 32
+}
+
+/// The slot [`meta_with_slot`] put in `meta`.
+#[inline(always)]
+pub const fn slot_of_meta(meta: u64) -> u32 {
+    (meta >> 32) as u16 as u32
+}
+
 /// The socket type (4 bits, the kernel's `SOCK_TYPE_MASK`) and the pod (12 bits, below [`crate::MAX_PODS`]) in one 16-bit field of
 /// the decision's packed input.
 #[inline(always)]

@@ -1266,6 +1266,19 @@ fn connect_inputs_cross_the_global_function_unchanged() {
             input6,
             "{input6:?}"
         );
+        // The IPv6 source's input: the slot in the port's bits, the rest
+        // as packed.
+        let slot = pod_slot(input.pod, draw.next() as u32);
+        let [meta, dst_hi, dst_lo, src_hi, src_lo] = input6.pack();
+        let meta = meta_with_slot(meta, slot);
+        assert_eq!(slot_of_meta(meta), slot);
+        assert_eq!(
+            ConnectInput::<Ip6>::unpack(owner, [meta, dst_hi, dst_lo, src_hi, src_lo]),
+            ConnectInput {
+                dst_port: slot as u16,
+                ..input6
+            }
+        );
     }
     // The owner word is bpf_get_current_uid_gid()'s own layout.
     let [owner, _, _] = app(ip(10, 0, 0, 1)).pack();
@@ -1462,6 +1475,27 @@ fn ipv6_app_traffic_goes_to_the_proxy_from_its_routes_source() {
         decide_outcome(&proxy, &cfg, &pod6()),
         outcome6(0, Counter::BypassUid, "::")
     );
+}
+
+/// The IPv6 source's global function gets the slot in the port's bits
+/// (`meta_with_slot`): the source must not depend on the port.
+#[test]
+fn the_source_of_a_redirect_does_not_depend_on_the_port() {
+    let cfg = istio_default6();
+    for dst in ["2001:db8::2", "fd00::1", "fe80::1", "::1", "::", "ff02::1"] {
+        for bound_dev in [0, LOOPBACK_IFINDEX, 7] {
+            let input = ConnectInput {
+                bound_dev,
+                dev_lo: bound_dev == LOOPBACK_IFINDEX,
+                ..app6(dst)
+            };
+            let source = redirect_source(&input, &cfg, &pod6());
+            for dst_port in [0, 1, 53, 15001, 8191, u16::MAX] {
+                let other = ConnectInput { dst_port, ..input };
+                assert_eq!(redirect_source(&other, &cfg, &pod6()), source, "{other:?}");
+            }
+        }
+    }
 }
 
 #[test]
