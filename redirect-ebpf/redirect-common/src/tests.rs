@@ -1481,18 +1481,31 @@ fn ipv6_app_traffic_goes_to_the_proxy_from_its_routes_source() {
 /// (`meta_with_slot`): the source must not depend on the port.
 #[test]
 fn the_source_of_a_redirect_does_not_depend_on_the_port() {
-    let cfg = istio_default6();
-    for dst in ["2001:db8::2", "fd00::1", "fe80::1", "::1", "::", "ff02::1"] {
-        for bound_dev in [0, LOOPBACK_IFINDEX, 7] {
-            let input = ConnectInput {
-                bound_dev,
-                dev_lo: bound_dev == LOOPBACK_IFINDEX,
-                ..app6(dst)
-            };
-            let source = redirect_source(&input, &cfg, &pod6());
-            for dst_port in [0, 1, 53, 15001, 8191, u16::MAX] {
-                let other = ConnectInput { dst_port, ..input };
-                assert_eq!(redirect_source(&other, &cfg, &pod6()), source, "{other:?}");
+    // Every branch of the source: with and without a source for sockets
+    // bound to `lo`, TCP and UDP (multicast), bound to an address or not.
+    let with_lo_source = RedirectConfig {
+        lo_source6: ip6("fd00::1").0,
+        ..istio_default6()
+    };
+    for cfg in [istio_default6(), with_lo_source] {
+        for dst in ["2001:db8::2", "fd00::1", "fe80::1", "::1", "::", "ff02::1"] {
+            for sock_type in [SOCK_STREAM, SOCK_DGRAM] {
+                for src_ip in ["::", "fd00::1", "::1", "2001:db8::9"] {
+                    for bound_dev in [0, LOOPBACK_IFINDEX, 7] {
+                        let input = ConnectInput {
+                            sock_type,
+                            src_ip: ip6(src_ip),
+                            bound_dev,
+                            dev_lo: bound_dev == LOOPBACK_IFINDEX,
+                            ..app6(dst)
+                        };
+                        let source = redirect_source(&input, &cfg, &pod6());
+                        for dst_port in [0, 1, 53, 15001, 8191, u16::MAX] {
+                            let other = ConnectInput { dst_port, ..input };
+                            assert_eq!(redirect_source(&other, &cfg, &pod6()), source, "{other:?}");
+                        }
+                    }
+                }
             }
         }
     }
