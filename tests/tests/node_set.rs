@@ -240,6 +240,102 @@ fn pods_of_one_set_are_decided_by_their_own_network_namespace() {
     assert_eq!(lands(&sandbox, Net::Peer, Group::App, to_pod(80)), "pod 80");
 }
 
+/// Gives the namespace at `netns` exactly `addr`, on one end of a veth
+/// pair of its own (created the first time).
+fn readdress(netns: &str, addr: Ipv4Addr) {
+    let script = format!(
+        "ip link show d0 >/dev/null 2>&1 || ip link add d0 type veth peer name d1; ip link set d0 up && ip link set d1 up && ip addr flush dev d0 && ip addr add {addr}/32 dev d0"
+    );
+    let out = std::process::Command::new("nsenter")
+        .args([&format!("--net={netns}"), "sh", "-c", &script])
+        .output()
+        .expect("run nsenter (util-linux)");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Changes the peer namespace's extra addresses ([`peer_ip`]`(n)`).
+fn peer_addresses(sandbox: &Sandbox, verb: &str, ns: std::ops::RangeInclusive<u8>) {
+    let batch: String = ns
+        .map(|n| format!("addr {verb} {}/32 dev eth0\n", redirect_sandbox::peer_ip(n)))
+        .collect();
+    sandbox.ip_batch(Net::Peer, &batch).expect("peer addresses");
+}
+
+/// A pod's addresses are its own in the set for as long as it is there
+/// (inbound capture finds the pod by them): a namespace with one of them
+/// is refused, and is added once the pod is removed or no longer has it.
+/// Each path that takes them out is taken: a removal deleting the ones its
+/// record lists, a removal walking the map for a pod with more than its
+/// record holds, and a pod added again with fewer.
+#[test]
+fn a_pods_addresses_are_its_own_until_it_is_removed() {
+    require_root!();
+    let Some(sandbox) = sandbox_for_a_set() else {
+        return;
+    };
+    let set = Set::load(&sandbox);
+    let peer_netns = sandbox.netns_path(Net::Peer);
+    let twin = redirect_sandbox::netns::create().expect("a namespace");
+    let twin_netns = format!("/proc/{}/fd/{}", std::process::id(), twin.as_raw_fd());
+    let flags = ["-i", "*", "-b", ""];
+    let refused = |why: &str| {
+        let out = set.add("twin", &twin_netns, &flags);
+        assert_ne!(out.code, 0, "{why}: {out:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{why}: {out:?}");
+        assert!(
+            out.stderr
+                .contains("pod addresses must be unique on a node"),
+            "{why}: {out:?}"
+        );
+    };
+    let added = |why: &str| {
+        let out = set.add("twin", &twin_netns, &flags);
+        assert_eq!(out.code, 0, "{why}: {out:?}");
+        let out = set.run(&["remove", "--instance", "twin"]);
+        assert_eq!(out.code, 0, "{why}: {out:?}");
+    };
+    let remove = |name: &str| {
+        let out = set.run(&["remove", "--instance", name]);
+        assert_eq!(out.code, 0, "{out:?}");
+    };
+
+    // A pod with one address, listed in its record.
+    let a = set.add("pod-a", sandbox.pod_netns(), &flags);
+    assert_eq!(a.code, 0, "{a:?}");
+    readdress(&twin_netns, POD_IP);
+    refused("the pod's address");
+    remove("pod-a");
+    added("the removed pod's address");
+
+    // A pod with five addresses, more than its record holds.
+    peer_addresses(&sandbox, "add", 1..=4);
+    let b = set.add("pod-b", &peer_netns, &flags);
+    assert_eq!(b.code, 0, "{b:?}");
+    readdress(&twin_netns, redirect_sandbox::peer_ip(4));
+    refused("the fifth address");
+    // Added again with two: the three it lost are free at once.
+    peer_addresses(&sandbox, "del", 2..=4);
+    let b = set.add("pod-b", &peer_netns, &flags);
+    assert!(
+        b.code == 0 && b.stdout.contains("updated pod pod-b"),
+        "{b:?}"
+    );
+    added("an address the pod lost");
+    readdress(&twin_netns, redirect_sandbox::peer_ip(1));
+    refused("an address the pod kept");
+    remove("pod-b");
+    added("the removed pod's second address");
+
+    // Five again, then removed: found by the walk.
+    peer_addresses(&sandbox, "add", 2..=4);
+    let b = set.add("pod-b", &peer_netns, &flags);
+    assert_eq!(b.code, 0, "{b:?}");
+    readdress(&twin_netns, redirect_sandbox::peer_ip(3));
+    refused("the third address of five");
+    remove("pod-b");
+    added("an address of a removed pod of five");
+}
+
 /// The programs of every hook and every pod's sk_lookup link (ids), from
 /// `node-set status --json`.
 fn programs(status: &serde_json::Value) -> (serde_json::Value, Vec<serde_json::Value>) {

@@ -714,7 +714,21 @@ pub const META_PATH_MAX: usize = 1024;
 
 /// Longest name a node set's pod is added under: an instance name's
 /// longest (the CNI plugin's are `cni-` and a 64-hex-digit container id).
-pub const POD_NAME_MAX: usize = 256;
+pub const POD_NAME_MAX: usize = 200;
+
+/// How many of a pod's addresses its record keeps ([`PodMeta::addrs`]):
+/// an IPv4 and an IPv6 one, and one more. A pod with more is found by
+/// walking `RDR_POD_ADDRS` instead.
+pub const POD_ADDRS_KEPT: usize = 3;
+
+/// [`PodMeta::addrs_kept`]: `addrs` holds every address of the pod's in
+/// `RDR_POD_ADDRS`, the first `addr_count`.
+pub const POD_ADDRS_LISTED: u32 = 1;
+
+/// Size of a [`PodMeta`], as every build since node sets began pins it:
+/// the addresses took bytes the name never used, so sets loaded by an
+/// older build are read and written by this one, and the other way round.
+pub const POD_META_SIZE: usize = 288;
 
 /// A free pod index of a node set: never used, or its pod removed whole.
 pub const POD_FREE: u32 = 0;
@@ -748,7 +762,20 @@ pub struct PodMeta {
     pub state: u32,
     /// The name the pod was added under.
     pub name: [u8; POD_NAME_MAX],
+    /// The pod's addresses, as `RDR_POD_ADDRS` keys them (an IPv4 one
+    /// mapped), when [`Self::addrs_kept`] says they are all here: a
+    /// removal deletes them without walking that map.
+    pub addrs: [[u32; 4]; POD_ADDRS_KEPT],
+    /// Number of valid entries in `addrs`.
+    pub addr_count: u32,
+    /// [`POD_ADDRS_LISTED`], or 0: not listed (a record of a build before
+    /// this field, a pod with more than [`POD_ADDRS_KEPT`] addresses, or
+    /// an add in progress changing them), so found by walking
+    /// `RDR_POD_ADDRS` for entries of the pod's index.
+    pub addrs_kept: u32,
 }
+
+const _: () = assert!(core::mem::size_of::<PodMeta>() == POD_META_SIZE);
 
 /// What `redirect status` needs to know about an installed instance and that
 /// must survive the loader's exit: one entry in the pinned `RDR_META` array.

@@ -191,6 +191,7 @@ mod tests {
                     netns_cookie: 7,
                     netns_ino: 8,
                     added_at: 0,
+                    addrs: None,
                 },
                 counters: [("redirected", 5)].into_iter().collect(),
                 sk_lookup_program: Some(9),

@@ -36,9 +36,9 @@ use aya::{
 };
 use redirect_common::{
     COUNTER_COUNT, LISTENER_SLOTS, MAX_CIDRS, MAX_CIDRS6, MAX_GROUPS, MAX_IN_HITS, MAX_LOCAL_ADDRS,
-    MAX_PODS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, POD_ACTIVE, POD_CLAIMED,
-    POD_NAME_MAX, PodMeta, SLOTS_PER_POD, counter_index, in_hits_key, listener_index, pod_slot,
-    spare_slot,
+    MAX_PODS, MAX_PORT_BLOCKS, MAX_PORTS, MAX_ROUTES, MAX_ROUTES6, POD_ACTIVE, POD_ADDRS_KEPT,
+    POD_ADDRS_LISTED, POD_CLAIMED, POD_NAME_MAX, PodMeta, SLOTS_PER_POD, counter_index,
+    in_hits_key, listener_index, pod_slot, spare_slot,
 };
 
 use super::{
@@ -361,6 +361,18 @@ pub struct Pod {
     pub netns_cookie: u64,
     pub netns_ino: u64,
     pub added_at: u64,
+    /// Its addresses in `RDR_POD_ADDRS`, as its record lists them (see
+    /// [`listed_addrs`]).
+    #[serde(skip)]
+    pub addrs: Option<Vec<[u32; 4]>>,
+}
+
+/// The addresses a record lists for its pod; `None`: it does not list
+/// them (see [`PodMeta::addrs_kept`]), so they are found by walking
+/// `RDR_POD_ADDRS`.
+fn listed_addrs(entry: &PodMeta) -> Option<Vec<[u32; 4]>> {
+    (entry.addrs_kept == POD_ADDRS_LISTED && entry.addr_count as usize <= POD_ADDRS_KEPT)
+        .then(|| entry.addrs[..entry.addr_count as usize].to_vec())
 }
 
 pub(super) fn meta_map(dir: &Path) -> Result<Array<MapData, PodMeta>> {
@@ -375,9 +387,13 @@ pub fn pods(dir: &Path) -> Result<Vec<Pod>> {
     Ok(scan(dir)?.pods)
 }
 
-/// A pod index an add killed midway claimed, and the cookie it claimed it
-/// for.
-type Claim = (u32, u64);
+/// A pod index an add killed midway claimed: the cookie it claimed it for
+/// and the addresses it was adding.
+struct Claim {
+    index: u32,
+    cookie: u64,
+    addrs: Option<Vec<[u32; 4]>>,
+}
 
 /// What a set's records say of its pod indexes; the ones in none of these
 /// lists are free and clean.
@@ -385,8 +401,8 @@ struct Records {
     pods: Vec<Pod>,
     /// Claims of adds killed midway.
     claims: Vec<Claim>,
-    /// Indexes of removed pods whose entries are still to be cleared.
-    released: Vec<u32>,
+    /// Removed pods whose entries are still to be cleared (cookie 0).
+    released: Vec<Claim>,
 }
 
 /// The records of the set pinned in `dir`.
@@ -406,10 +422,16 @@ fn scan_records(meta: &Array<MapData, PodMeta>) -> Result<Records> {
         released: Vec::new(),
     };
     for (index, entry) in records {
-        match (entry.state, entry.netns_cookie) {
-            (POD_CLAIMED, 0) => found.released.push(index),
-            (POD_CLAIMED, cookie) => found.claims.push((index, cookie)),
-            _ => {}
+        if entry.state == POD_CLAIMED {
+            let claim = Claim {
+                index,
+                cookie: entry.netns_cookie,
+                addrs: listed_addrs(&entry),
+            };
+            match claim.cookie {
+                0 => found.released.push(claim),
+                _ => found.claims.push(claim),
+            }
         }
         if entry.state != POD_ACTIVE {
             continue;
@@ -421,6 +443,7 @@ fn scan_records(meta: &Array<MapData, PodMeta>) -> Result<Records> {
             netns_cookie: entry.netns_cookie,
             netns_ino: entry.netns_ino,
             added_at: entry.added_at,
+            addrs: listed_addrs(&entry),
         });
     }
     Ok(found)
@@ -606,7 +629,15 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
     let netns = File::open(NETNS).with_context(|| format!("opening {NETNS}"))?;
     let netns_ino = netns.metadata()?.ino();
     loader::refuse_host_netns(netns_ino)?;
-    let cookie = netns_cookie()?;
+    let new = NewPod {
+        name,
+        config,
+        cookie: netns_cookie()?,
+        netns_ino,
+        netns: &netns,
+        addrs: address_keys(config),
+    };
+    let cookie = new.cookie;
     timing::mark(|| "checks (limits, netns cookie)".into());
     let _hold = HoldSignals::new();
     let _lock = Lock::exclusive()?;
@@ -623,8 +654,8 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
     timing::mark(|| "read the set's pods".into());
     // Under the lock, a claim is an add that was killed midway: clear
     // what it left, so that every free index is clean.
-    for (index, cookie) in claims {
-        clear_pod(&dir, index, cookie).context("clearing what a killed add left")?;
+    for claim in claims {
+        clear_pod(&dir, &claim).context("clearing what a killed add left")?;
     }
     if let Some(other) = pods
         .iter()
@@ -642,31 +673,32 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
                 "pod {name} is in the node set with another network namespace: remove it first (`redirect node-set remove --set {set} --instance {name}`)"
             );
         }
-        write_pod(
-            &dir, &mut meta, pod.index, config, cookie, netns_ino, name, &netns, false,
-        )?;
+        write_pod(&dir, &mut meta, pod.index, &new, Some(pod))?;
         return Ok(true);
     }
     let capacity = meta.len();
     let used: Vec<u32> = pods.iter().map(|p| p.index).collect();
     // A free index is clean; a removed pod's is cleared here only when no
     // free one is left (gc clears them otherwise, off the pod's path).
-    let free = (0..capacity).find(|i| !used.contains(i) && !released.contains(i));
+    let free = (0..capacity).find(|i| !used.contains(i) && !released.iter().any(|r| r.index == *i));
     let index = match (free, released.first()) {
         (Some(index), _) => index,
-        (None, Some(&index)) => {
-            clear_pod(&dir, index, 0).context("clearing a removed pod's entries")?;
+        (None, Some(removed)) => {
+            clear_pod(&dir, removed).context("clearing a removed pod's entries")?;
             timing::mark(|| "clear a removed pod's index".into());
-            index
+            removed.index
         }
         (None, None) => bail!(
             "the node set holds {capacity} pods already: remove pods, or load the set again with a larger --max-pods"
         ),
     };
-    if let Err(err) = write_pod(
-        &dir, &mut meta, index, config, cookie, netns_ino, name, &netns, true,
-    ) {
-        if let Err(undo) = clear_pod(&dir, index, cookie) {
+    if let Err(err) = write_pod(&dir, &mut meta, index, &new, None) {
+        let written = Claim {
+            index,
+            cookie,
+            addrs: Some(new.addrs),
+        };
+        if let Err(undo) = clear_pod(&dir, &written) {
             return Err(err.context(format!("and the rollback failed: {undo:#}")));
         }
         return Err(err);
@@ -674,58 +706,86 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
     Ok(false)
 }
 
-/// A pod's record in `state`.
-fn record(name: &InstanceName, cookie: u64, netns_ino: u64, state: u32) -> PodMeta {
-    let bytes = name.as_str().as_bytes();
-    let len = bytes.len().min(POD_NAME_MAX);
-    let mut entry = PodMeta {
-        netns_cookie: cookie,
-        netns_ino,
-        added_at: SystemTime::now()
+/// What an add writes for its pod.
+struct NewPod<'a> {
+    name: &'a InstanceName,
+    config: &'a Config,
+    cookie: u64,
+    netns_ino: u64,
+    netns: &'a File,
+    /// Its addresses, as `RDR_POD_ADDRS` keys them ([`address_keys`]).
+    addrs: Vec<[u32; 4]>,
+}
+
+impl NewPod<'_> {
+    /// The pod's record in `state`; `listed`: with its addresses (when
+    /// they fit), which a removal then deletes without walking
+    /// `RDR_POD_ADDRS`.
+    fn record(&self, state: u32, listed: bool) -> PodMeta {
+        let mut entry: PodMeta = bytemuck::Zeroable::zeroed();
+        entry.netns_cookie = self.cookie;
+        entry.netns_ino = self.netns_ino;
+        entry.added_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        name_len: len as u32,
-        state,
-        name: [0; POD_NAME_MAX],
-    };
-    entry.name[..len].copy_from_slice(&bytes[..len]);
-    entry
+            .map_or(0, |d| d.as_secs());
+        entry.state = state;
+        let bytes = self.name.as_str().as_bytes();
+        let len = bytes.len().min(POD_NAME_MAX);
+        entry.name_len = len as u32;
+        entry.name[..len].copy_from_slice(&bytes[..len]);
+        if listed && self.addrs.len() <= POD_ADDRS_KEPT {
+            entry.addrs[..self.addrs.len()].copy_from_slice(&self.addrs);
+            entry.addr_count = self.addrs.len() as u32;
+            entry.addrs_kept = POD_ADDRS_LISTED;
+        }
+        entry
+    }
 }
 
 /// Writes pod `index`'s configuration and puts it in force (the last
 /// writes: the pod's cookie for a new pod, its active slot for one there).
-/// A fresh pod's index is clean (see [`add`]), so it is written without
-/// reading what it holds: reading would walk every pod's entries.
-#[allow(clippy::too_many_arguments)]
+/// `before`: the pod as the set holds it, or `None` for a new pod, whose
+/// index is clean (see [`add`]) and so is written without reading what
+/// it holds: reading would walk every pod's entries.
 fn write_pod(
     dir: &Path,
     meta: &mut Array<MapData, PodMeta>,
     index: u32,
-    config: &Config,
-    cookie: u64,
-    netns_ino: u64,
-    name: &InstanceName,
-    netns: &File,
-    fresh: bool,
+    pod: &NewPod<'_>,
+    before: Option<&Pod>,
 ) -> Result<()> {
-    let slot = if fresh {
-        pod_slot(index, 0)
-    } else {
-        spare_slot(maps::pod_active_slot(dir, index)?)
+    let config = pod.config;
+    let slot = match before {
+        None => pod_slot(index, 0),
+        Some(_) => spare_slot(maps::pod_active_slot(dir, index)?),
     };
     let sets = maps::Sets::of(config);
-    if fresh {
-        // The claim: a kill from here on leaves it for the next add, or
-        // gc, to clear.
-        meta.set(index, record(name, cookie, netns_ino, POD_CLAIMED), 0)
-            .context("claiming a pod record")?;
-        maps::write_sets_over(dir, slot, &sets, &maps::Sets::default())?;
-    } else {
-        maps::write_sets(dir, slot, &sets)?;
+    match before {
+        None => {
+            // The claim, listing the addresses about to be written: a
+            // kill from here on leaves it for the next add, or gc, to
+            // clear.
+            meta.set(index, pod.record(POD_CLAIMED, true), 0)
+                .context("claiming a pod record")?;
+            maps::write_sets_over(dir, slot, &sets, &maps::Sets::default())?;
+        }
+        Some(old) => {
+            if old.addrs.as_ref() != Some(&pod.addrs) {
+                // Its addresses change: until the record below lists the
+                // new ones, a removal walks `RDR_POD_ADDRS` for them.
+                meta.set(index, pod.record(POD_ACTIVE, false), 0)
+                    .context("writing the pod record")?;
+            }
+            maps::write_sets(dir, slot, &sets)?;
+        }
     }
     timing::mark(|| "claim and write the sets".into());
     maps::write_config(dir, slot, config.to_bpf())?;
-    write_addresses(dir, index, config, fresh)?;
+    let listed_before: Option<&[[u32; 4]]> = match before {
+        None => Some(&[]),
+        Some(old) => old.addrs.as_deref(),
+    };
+    write_addresses(dir, index, &pod.addrs, listed_before)?;
     timing::mark(|| "configuration and addresses".into());
     if config.inbound.is_some() {
         take_over_listener(dir, index, config.inbound_port)?;
@@ -738,20 +798,20 @@ fn write_pod(
     if !link.exists() {
         let prog = sys::obj_get(&dir.join(PROG_SK_LOOKUP))
             .context("the node set has no sk_lookup program (kernel before 5.9)")?;
-        let fd = sys::link_create(prog.as_fd(), netns.as_fd(), SK_LOOKUP.attach_type)
+        let fd = sys::link_create(prog.as_fd(), pod.netns.as_fd(), SK_LOOKUP.attach_type)
             .context("attaching the sk_lookup program to the pod's network namespace")?;
         sys::obj_pin(fd.as_fd(), &link).context("pinning the pod's sk_lookup link")?;
         timing::mark(|| "sk_lookup link".into());
     }
     super::loader::fault_point("node-set-add-after-link")?;
     maps::activate_pod(dir, index, slot)?;
-    if fresh {
+    if before.is_none() {
         let mut pods: HashMap<MapData, u64, u32> =
             HashMap::try_from(Map::HashMap(maps::open(dir, maps::PODS)?))?;
-        pods.insert(cookie, index, 0)
+        pods.insert(pod.cookie, index, 0)
             .context("adding the pod to the node set")?;
     }
-    meta.set(index, record(name, cookie, netns_ino, POD_ACTIVE), 0)
+    meta.set(index, pod.record(POD_ACTIVE, true), 0)
         .context("writing the pod record")?;
     timing::mark(|| "activate".into());
     Ok(())
@@ -778,13 +838,17 @@ fn addr_map(dir: &Path) -> Result<HashMap<MapData, [u32; 4], u32>> {
     )?))?)
 }
 
-/// Makes `RDR_POD_ADDRS` list exactly the pod's addresses under `index`
-/// (`clean`: it lists none there yet); refuses an address another pod of
-/// the set has.
-fn write_addresses(dir: &Path, index: u32, config: &Config, clean: bool) -> Result<()> {
+/// Makes `RDR_POD_ADDRS` list exactly `wanted` under `index`; refuses an
+/// address another pod of the set has. `before`: what it lists under
+/// `index` now (`None`: not known, so found by walking the map).
+fn write_addresses(
+    dir: &Path,
+    index: u32,
+    wanted: &[[u32; 4]],
+    before: Option<&[[u32; 4]]>,
+) -> Result<()> {
     let mut map = addr_map(dir)?;
-    let wanted = address_keys(config);
-    for key in &wanted {
+    for key in wanted {
         match map.get(key, 0) {
             Ok(owner) if owner != index => bail!(
                 "the pod's address {} is pod #{owner}'s in the node set: pod addresses must be unique on a node",
@@ -794,21 +858,44 @@ fn write_addresses(dir: &Path, index: u32, config: &Config, clean: bool) -> Resu
             Err(err) => return Err(err).context("reading the pod addresses"),
         }
     }
-    if !clean {
-        let entries = map
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .context("reading the pod addresses")?;
-        for (key, owner) in &entries {
-            if *owner == index && !wanted.contains(key) {
-                map.remove(key).context("removing a pod address")?;
-            }
-        }
+    let stale: Vec<[u32; 4]> = match before {
+        Some(listed) => listed.to_vec(),
+        None => owned_addresses(&map, index)?,
+    };
+    for key in stale.iter().filter(|key| !wanted.contains(key)) {
+        remove_owned(&mut map, key, index)?;
     }
     for key in wanted {
         map.insert(key, index, 0).context("writing a pod address")?;
     }
     Ok(())
+}
+
+/// Every address `RDR_POD_ADDRS` lists under `index`: a walk of the whole
+/// map, for a pod whose record does not list them.
+fn owned_addresses(map: &HashMap<MapData, [u32; 4], u32>, index: u32) -> Result<Vec<[u32; 4]>> {
+    let entries = map
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the pod addresses")?;
+    Ok(entries
+        .into_iter()
+        .filter(|(_, owner)| *owner == index)
+        .map(|(key, _)| key)
+        .collect())
+}
+
+/// Deletes address `key` from `RDR_POD_ADDRS` if pod `index` has it.
+fn remove_owned(
+    map: &mut HashMap<MapData, [u32; 4], u32>,
+    key: &[u32; 4],
+    index: u32,
+) -> Result<()> {
+    match map.get(key, 0) {
+        Ok(owner) if owner == index => map.remove(key).context("removing a pod address"),
+        Ok(_) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(err) => Err(err).context("reading the pod addresses"),
+    }
 }
 
 fn show_key(key: &[u32; 4]) -> String {
@@ -846,7 +933,7 @@ pub fn remove(set: &InstanceName, name: &InstanceName) -> Result<bool> {
     let Some(pod) = pods.into_iter().find(|p| p.name == name.as_str()) else {
         return Ok(false);
     };
-    release_pod(&dir, pod.index, pod.netns_cookie)?;
+    release_pod(&dir, pod.index, pod.netns_cookie, pod.addrs.as_deref())?;
     Ok(true)
 }
 
@@ -888,15 +975,17 @@ pub fn gc_locked(dry_run: bool) -> Result<Vec<(String, String)>> {
         // Removed pods' entries, left by their removal to be cleared here:
         // housekeeping, not a pod taken out, so not listed.
         if !dry_run {
-            for index in released {
-                clear_pod(&dir, index, 0)
-                    .with_context(|| format!("clearing removed pod #{index} of node set {set}"))?;
+            for removed in released {
+                clear_pod(&dir, &removed).with_context(|| {
+                    format!("clearing removed pod #{} of node set {set}", removed.index)
+                })?;
             }
         }
         // Under the lock, a claim is an add that was killed midway.
-        for (index, cookie) in claims {
+        for claim in claims {
+            let index = claim.index;
             if !dry_run {
-                clear_pod(&dir, index, cookie)
+                clear_pod(&dir, &claim)
                     .with_context(|| format!("clearing pod #{index} of node set {set}"))?;
             }
             removed.push((
@@ -913,7 +1002,12 @@ pub fn gc_locked(dry_run: bool) -> Result<Vec<(String, String)>> {
                 Err(_) => "it has no sk_lookup link (pins removed by hand)",
             };
             if !dry_run {
-                clear_pod(&dir, pod.index, pod.netns_cookie)
+                let gone = Claim {
+                    index: pod.index,
+                    cookie: pod.netns_cookie,
+                    addrs: pod.addrs.clone(),
+                };
+                clear_pod(&dir, &gone)
                     .with_context(|| format!("removing pod {} from node set {set}", pod.name))?;
             }
             removed.push((
@@ -930,10 +1024,12 @@ pub fn gc_locked(dry_run: bool) -> Result<Vec<(String, String)>> {
 /// sets and configuration, its counters) to [`clear_pod`], which gc or an
 /// add that needs the index runs. Clearing them walks every pod's entries,
 /// so a removal that did it would cost more the more pods the set holds.
-fn release_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
-    unlink_pod(dir, index, cookie)?;
+fn release_pod(dir: &Path, index: u32, cookie: u64, addrs: Option<&[[u32; 4]]>) -> Result<()> {
+    unlink_pod(dir, index, cookie, addrs)?;
     let mut released = <PodMeta as bytemuck::Zeroable>::zeroed();
     released.state = POD_CLAIMED;
+    // Its addresses are gone: none listed, none to walk for.
+    released.addrs_kept = POD_ADDRS_LISTED;
     meta_map(dir)?
         .set(index, released, 0)
         .context("releasing the pod record")?;
@@ -944,8 +1040,10 @@ fn release_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
 /// Takes pod `index` out of every decision: out of `RDR_PODS` (its sockets
 /// are left alone from then on), its inbound link detached, its addresses
 /// (another pod may get them next) and the proxy listeners it registered
-/// let go. `cookie` 0: the pod is out of `RDR_PODS` already.
-fn unlink_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
+/// let go. `cookie` 0: the pod is out of `RDR_PODS` already. `addrs`: its
+/// addresses as its record lists them (`None`: found by walking
+/// `RDR_POD_ADDRS`).
+fn unlink_pod(dir: &Path, index: u32, cookie: u64, addrs: Option<&[[u32; 4]]>) -> Result<()> {
     let mut pods: HashMap<MapData, u64, u32> =
         HashMap::try_from(Map::HashMap(maps::open(dir, maps::PODS)?))?;
     if cookie != 0 && pods.get(&cookie, 0).is_ok_and(|owner| owner == index) {
@@ -953,15 +1051,13 @@ fn unlink_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
     }
     remove_link(&dir.join(pod_link(index)))?;
     timing::mark(|| "clear: pod entry and sk_lookup link".into());
-    let mut addrs = addr_map(dir)?;
-    let owned: Vec<[u32; 4]> = addrs
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, owner)| *owner == index)
-        .map(|(key, _)| key)
-        .collect();
-    for key in owned {
-        addrs.remove(&key).context("removing a pod address")?;
+    let mut map = addr_map(dir)?;
+    let owned = match addrs {
+        Some(listed) => listed.to_vec(),
+        None => owned_addresses(&map, index)?,
+    };
+    for key in &owned {
+        remove_owned(&mut map, key, index)?;
     }
     timing::mark(|| "clear: addresses".into());
     let mut listeners: SockMap<MapData> =
@@ -973,11 +1069,12 @@ fn unlink_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
     Ok(())
 }
 
-/// Takes pod `index` (a pod's, a killed add's claim, or a removed pod's)
+/// Takes a pod index (a pod's, a killed add's claim, or a removed pod's)
 /// out of the set whole ([`unlink_pod`], then its slots, counters and
 /// record), so that the index starts clean for the next pod.
-fn clear_pod(dir: &Path, index: u32, cookie: u64) -> Result<()> {
-    unlink_pod(dir, index, cookie)?;
+fn clear_pod(dir: &Path, pod: &Claim) -> Result<()> {
+    let index = pod.index;
+    unlink_pod(dir, index, pod.cookie, pod.addrs.as_deref())?;
     let slots: Vec<u32> = (0..SLOTS_PER_POD).map(|w| pod_slot(index, w)).collect();
     for (slot, old) in slots.iter().zip(maps::read_slots(dir, &slots)?) {
         maps::write_sets_over(dir, *slot, &maps::Sets::default(), &old)?;
@@ -1052,5 +1149,49 @@ mod tests {
         assert_eq!(entries, 7);
         assert_eq!(value_size as usize, size_of::<super::PodMeta>());
         assert_ne!(flags & super::sys::BPF_F_MMAPABLE, 0, "not mappable");
+    }
+
+    /// A record lists a pod's addresses when they fit, and a record of a
+    /// build from before the list (the same bytes, the name's unused
+    /// ones zero) lists none, so its pod's are found by the walk.
+    #[test]
+    fn a_record_lists_the_addresses_that_fit_and_an_older_ones_none() {
+        use super::{NewPod, POD_ACTIVE, PodMeta, listed_addrs};
+        let name = crate::instance::InstanceName::parse(&format!("cni-{}", "ab".repeat(32)))
+            .expect("a CNI pod name");
+        let config = super::Config::default();
+        let netns = std::fs::File::open("/dev/null").expect("a file");
+        let keys: Vec<[u32; 4]> = (1..=4).map(|n| [0, 0, 0xffff_u32.to_be(), n]).collect();
+        let pod = |count: usize| NewPod {
+            name: &name,
+            config: &config,
+            cookie: 9,
+            netns_ino: 10,
+            netns: &netns,
+            addrs: keys[..count].to_vec(),
+        };
+        for count in 0..=3 {
+            let record = pod(count).record(POD_ACTIVE, true);
+            assert_eq!(listed_addrs(&record), Some(keys[..count].to_vec()));
+            assert_eq!(listed_addrs(&pod(count).record(POD_ACTIVE, false)), None);
+        }
+        assert_eq!(listed_addrs(&pod(4).record(POD_ACTIVE, true)), None);
+
+        // An older build's record: cookie, inode, time, name length,
+        // state, then the name in 256 bytes.
+        let mut old = Vec::new();
+        for field in [9u64, 10, 1_700_000_000] {
+            old.extend_from_slice(&field.to_ne_bytes());
+        }
+        old.extend_from_slice(&(name.as_str().len() as u32).to_ne_bytes());
+        old.extend_from_slice(&POD_ACTIVE.to_ne_bytes());
+        let mut name_bytes = [0u8; 256];
+        name_bytes[..name.as_str().len()].copy_from_slice(name.as_str().as_bytes());
+        old.extend_from_slice(&name_bytes);
+        let record: PodMeta = bytemuck::pod_read_unaligned(&old);
+        assert_eq!(listed_addrs(&record), None);
+        assert_eq!(record.netns_cookie, 9);
+        let len = record.name_len as usize;
+        assert_eq!(&record.name[..len], name.as_str().as_bytes());
     }
 }
