@@ -234,12 +234,15 @@ pub extern "C" fn redirect_decide6(
     src_hi: u64,
     src_lo: u64,
 ) -> u64 {
-    // This CPU's slot holds the last bind's address until cleared: clear
+    // This CPU's entry holds the last bind's address until cleared: clear
     // it, so that only this decision's bind is read back.
-    if let Some(slot) = RDR_SOURCE6.get_ptr_mut(0) {
-        write_ip6(slot.cast(), Ip6::UNSPECIFIED.0);
+    if let Some(bind) = RDR_SOURCE6.get_ptr_mut(0) {
+        write_ip6(bind.cast(), Ip6::UNSPECIFIED.0);
     }
-    let input = input6([meta, dst_hi, dst_lo, src_hi, src_lo]);
+    let input = ConnectInput::<Ip6>::unpack(
+        bpf_get_current_uid_gid(),
+        [meta, dst_hi, dst_lo, src_hi, src_lo],
+    );
     let Some((cfg, maps)) = active(input.pod) else {
         return OUTCOME_INACTIVE;
     };
@@ -250,13 +253,6 @@ pub extern "C" fn redirect_decide6(
         Source::from_kind(kind, source6())
     });
     outcome.pack_head(cfg.log_level)
-}
-
-/// The IPv6 input the global functions take as five scalars
-/// ([`ConnectInput::<Ip6>::pack`]), with the caller's uid and gid.
-#[inline(always)]
-fn input6(packed: [u64; 5]) -> ConnectInput<Ip6> {
-    ConnectInput::<Ip6>::unpack(bpf_get_current_uid_gid(), packed)
 }
 
 /// [`redirect_source4`] for IPv6: returns [`Source::kind`] and leaves the
@@ -271,7 +267,8 @@ pub extern "C" fn redirect_source6(
     src_hi: u64,
     src_lo: u64,
 ) -> u64 {
-    let input = input6([meta, dst_hi, dst_lo, src_hi, src_lo]);
+    // The source reads no uid or gid: none is asked.
+    let input = ConnectInput::<Ip6>::unpack(0, [meta, dst_hi, dst_lo, src_hi, src_lo]);
     let Some((cfg, maps)) = in_slot(slot_of_meta(meta), input.pod) else {
         return Source::<Ip6>::Refused.kind();
     };
@@ -279,11 +276,11 @@ pub extern "C" fn redirect_source6(
     // Written for a bind only: any other kind leaves its (undefined)
     // address alone, which the verifier would refuse to see read.
     if let Source::Bind(addr) = source {
-        let Some(slot) = RDR_SOURCE6.get_ptr_mut(0) else {
+        let Some(bind) = RDR_SOURCE6.get_ptr_mut(0) else {
             return Source::<Ip6>::Refused.kind();
         };
-        // This CPU's slot, valid for the program's run.
-        write_ip6(slot.cast(), addr.0);
+        // This CPU's entry, valid for the program's run.
+        write_ip6(bind.cast(), addr.0);
     }
     source.kind()
 }
@@ -292,7 +289,7 @@ pub extern "C" fn redirect_source6(
 #[inline(always)]
 fn source6() -> Ip6 {
     match RDR_SOURCE6.get_ptr(0) {
-        Some(slot) => Ip6(read_ip6(slot.cast())),
+        Some(bind) => Ip6(read_ip6(bind.cast())),
         None => Ip6::UNSPECIFIED,
     }
 }

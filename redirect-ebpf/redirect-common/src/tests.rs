@@ -1478,9 +1478,10 @@ fn ipv6_app_traffic_goes_to_the_proxy_from_its_routes_source() {
 }
 
 /// The IPv6 source's global function gets the slot in the port's bits
-/// (`meta_with_slot`): the source must not depend on the port.
+/// (`meta_with_slot`) and asks no uid or gid: the source must depend on
+/// neither the port nor the owner.
 #[test]
-fn the_source_of_a_redirect_does_not_depend_on_the_port() {
+fn the_source_of_a_redirect_does_not_depend_on_the_port_or_owner() {
     // Every branch of the source: with and without a source for sockets
     // bound to `lo`, TCP and UDP (multicast), bound to an address or not.
     let with_lo_source = RedirectConfig {
@@ -1502,6 +1503,10 @@ fn the_source_of_a_redirect_does_not_depend_on_the_port() {
                         let source = redirect_source(&input, &cfg, &pod6());
                         for dst_port in [0, 1, 53, 15001, 8191, u16::MAX] {
                             let other = ConnectInput { dst_port, ..input };
+                            assert_eq!(redirect_source(&other, &cfg, &pod6()), source, "{other:?}");
+                        }
+                        for (uid, gid) in [(0, 0), (1337, 1000), (1000, 1337), (u32::MAX, 7)] {
+                            let other = ConnectInput { uid, gid, ..input };
                             assert_eq!(redirect_source(&other, &cfg, &pod6()), source, "{other:?}");
                         }
                     }
