@@ -240,17 +240,30 @@ fn pods_of_one_set_are_decided_by_their_own_network_namespace() {
     assert_eq!(lands(&sandbox, Net::Peer, Group::App, to_pod(80)), "pod 80");
 }
 
-/// Gives the namespace at `netns` exactly `addr`, on one end of a veth
-/// pair of its own (created the first time).
+/// Runs `ip -batch -` with `commands` in the namespace at `netns` (not a
+/// shell: the VMs' busybox shell would run its own `ip`).
+fn ip_in(netns: &str, commands: &str) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("nsenter")
+        .args([&format!("--net={netns}"), "ip", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nsenter (util-linux) and ip (iproute2)");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(commands.as_bytes()).expect("ip's input");
+    }
+    let out = child.wait_with_output().expect("ip");
+    assert!(out.status.success(), "{commands}: {out:?}");
+}
+
+/// Gives the namespace at `netns` exactly `addr`, on `d0`.
 fn readdress(netns: &str, addr: Ipv4Addr) {
-    let script = format!(
-        "ip link show d0 >/dev/null 2>&1 || ip link add d0 type veth peer name d1; ip link set d0 up && ip link set d1 up && ip addr flush dev d0 && ip addr add {addr}/32 dev d0"
+    ip_in(
+        netns,
+        &format!("addr flush dev d0\naddr add {addr}/32 dev d0\n"),
     );
-    let out = std::process::Command::new("nsenter")
-        .args([&format!("--net={netns}"), "sh", "-c", &script])
-        .output()
-        .expect("run nsenter (util-linux)");
-    assert!(out.status.success(), "{out:?}");
 }
 
 /// Changes the peer namespace's extra addresses ([`peer_ip`]`(n)`).
@@ -277,6 +290,10 @@ fn a_pods_addresses_are_its_own_until_it_is_removed() {
     let peer_netns = sandbox.netns_path(Net::Peer);
     let twin = redirect_sandbox::netns::create().expect("a namespace");
     let twin_netns = format!("/proc/{}/fd/{}", std::process::id(), twin.as_raw_fd());
+    ip_in(
+        &twin_netns,
+        "link add d0 type veth peer name d1\nlink set d0 up\nlink set d1 up\n",
+    );
     let flags = ["-i", "*", "-b", ""];
     let refused = |why: &str| {
         let out = set.add("twin", &twin_netns, &flags);
