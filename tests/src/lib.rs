@@ -304,24 +304,7 @@ impl Sandbox {
 
     /// Runs `ip -batch -` with `commands` inside a namespace.
     pub fn ip_batch(&self, net: Net, commands: &str) -> Result<()> {
-        use std::io::Write as _;
-        let mut cmd = self.command(net, Group::Outside, ROOT, "ip");
-        cmd.args(["-batch", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("starting ip (install iproute2)")?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(commands.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "ip -batch failed: {}\n{commands}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        netns::run_ip_batch(self.command(net, Group::Outside, ROOT, "ip"), commands)
     }
 
     /// A command that starts `program` in network namespace `net`, cgroup

@@ -1,8 +1,12 @@
 //! Anonymous network namespaces held by a file descriptor.
 
-use std::{fs::File, os::fd::OwnedFd};
+use std::{
+    fs::File,
+    os::fd::{AsRawFd as _, BorrowedFd, OwnedFd},
+    process::{Command, Stdio},
+};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 
 /// TIME_WAIT sockets a sandbox namespace may hold. A namespace gets its
 /// limit from the size of the kernel's socket hash, which is small in a
@@ -35,4 +39,45 @@ pub fn create() -> Result<OwnedFd> {
     })
     .join()
     .map_err(|_| anyhow!("netns thread panicked"))?
+}
+
+/// Runs `ip -batch -` with `commands` in network namespace `ns` (iproute2's
+/// `ip`, entered by this process's child itself: a VM's busybox `nsenter`
+/// or shell would run busybox's own `ip`).
+pub fn ip_batch(ns: BorrowedFd<'_>, commands: &str) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let fd = ns.as_raw_fd();
+    let mut cmd = Command::new("ip");
+    // SAFETY: the closure only makes an async-signal-safe system call.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run_ip_batch(cmd, commands)
+}
+
+/// Runs `cmd` (an `ip` made to enter its namespace) as `ip -batch -` with
+/// `commands` on its input.
+pub(crate) fn run_ip_batch(mut cmd: Command, commands: &str) -> Result<()> {
+    use std::io::Write as _;
+    cmd.args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("starting ip (install iproute2)")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(commands.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "ip -batch failed: {}\n{commands}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }

@@ -240,30 +240,11 @@ fn pods_of_one_set_are_decided_by_their_own_network_namespace() {
     assert_eq!(lands(&sandbox, Net::Peer, Group::App, to_pod(80)), "pod 80");
 }
 
-/// Runs `ip -batch -` with `commands` in the namespace at `netns` (not a
-/// shell: the VMs' busybox shell would run its own `ip`).
-fn ip_in(netns: &str, commands: &str) {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("nsenter")
-        .args([&format!("--net={netns}"), "ip", "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run nsenter (util-linux) and ip (iproute2)");
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(commands.as_bytes()).expect("ip's input");
-    }
-    let out = child.wait_with_output().expect("ip");
-    assert!(out.status.success(), "{commands}: {out:?}");
-}
-
-/// Gives the namespace at `netns` exactly `addr`, on `d0`.
-fn readdress(netns: &str, addr: Ipv4Addr) {
-    ip_in(
-        netns,
-        &format!("addr flush dev d0\naddr add {addr}/32 dev d0\n"),
-    );
+/// Gives the namespace `ns` exactly `addr`, on `d0`.
+fn readdress(ns: &std::os::fd::OwnedFd, addr: Ipv4Addr) {
+    use std::os::fd::AsFd as _;
+    let batch = format!("addr flush dev d0\naddr add {addr}/32 dev d0\n");
+    redirect_sandbox::netns::ip_batch(ns.as_fd(), &batch).expect("the twin's address");
 }
 
 /// Changes the peer namespace's extra addresses ([`peer_ip`]`(n)`).
@@ -290,10 +271,11 @@ fn a_pods_addresses_are_its_own_until_it_is_removed() {
     let peer_netns = sandbox.netns_path(Net::Peer);
     let twin = redirect_sandbox::netns::create().expect("a namespace");
     let twin_netns = format!("/proc/{}/fd/{}", std::process::id(), twin.as_raw_fd());
-    ip_in(
-        &twin_netns,
+    redirect_sandbox::netns::ip_batch(
+        std::os::fd::AsFd::as_fd(&twin),
         "link add d0 type veth peer name d1\nlink set d0 up\nlink set d1 up\n",
-    );
+    )
+    .expect("the twin's link");
     let flags = ["-i", "*", "-b", ""];
     let refused = |why: &str| {
         let out = set.add("twin", &twin_netns, &flags);
@@ -319,7 +301,7 @@ fn a_pods_addresses_are_its_own_until_it_is_removed() {
     // A pod with one address, listed in its record.
     let a = set.add("pod-a", sandbox.pod_netns(), &flags);
     assert_eq!(a.code, 0, "{a:?}");
-    readdress(&twin_netns, POD_IP);
+    readdress(&twin, POD_IP);
     refused("the pod's address");
     remove("pod-a");
     added("the removed pod's address");
@@ -328,7 +310,7 @@ fn a_pods_addresses_are_its_own_until_it_is_removed() {
     peer_addresses(&sandbox, "add", 1..=4);
     let b = set.add("pod-b", &peer_netns, &flags);
     assert_eq!(b.code, 0, "{b:?}");
-    readdress(&twin_netns, redirect_sandbox::peer_ip(4));
+    readdress(&twin, redirect_sandbox::peer_ip(4));
     refused("the fifth address");
     // Added again with two: the three it lost are free at once.
     peer_addresses(&sandbox, "del", 2..=4);
@@ -338,7 +320,7 @@ fn a_pods_addresses_are_its_own_until_it_is_removed() {
         "{b:?}"
     );
     added("an address the pod lost");
-    readdress(&twin_netns, redirect_sandbox::peer_ip(1));
+    readdress(&twin, redirect_sandbox::peer_ip(1));
     refused("an address the pod kept");
     remove("pod-b");
     added("the removed pod's second address");
@@ -347,7 +329,7 @@ fn a_pods_addresses_are_its_own_until_it_is_removed() {
     peer_addresses(&sandbox, "add", 2..=4);
     let b = set.add("pod-b", &peer_netns, &flags);
     assert_eq!(b.code, 0, "{b:?}");
-    readdress(&twin_netns, redirect_sandbox::peer_ip(3));
+    readdress(&twin, redirect_sandbox::peer_ip(3));
     refused("the third address of five");
     remove("pod-b");
     added("an address of a removed pod of five");
