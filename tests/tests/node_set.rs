@@ -260,7 +260,8 @@ fn peer_addresses(sandbox: &Sandbox, verb: &str, ns: std::ops::RangeInclusive<u8
 /// is refused, and is added once the pod is removed or no longer has it.
 /// Each path that takes them out is taken: a removal deleting the ones its
 /// record lists, a removal walking the map for a pod with more than its
-/// record holds, and a pod added again with fewer.
+/// record holds or whose add failed midway, and a pod added again with
+/// fewer (its record listing them, or not).
 #[test]
 fn a_pods_addresses_are_its_own_until_it_is_removed() {
     require_root!();
@@ -298,11 +299,13 @@ fn a_pods_addresses_are_its_own_until_it_is_removed() {
         assert_eq!(out.code, 0, "{out:?}");
     };
 
-    // A pod with one address, listed in its record.
+    // A pod with one address, listed in its record. A refused add is
+    // rolled back without taking the owner's address: refused twice.
     let a = set.add("pod-a", sandbox.pod_netns(), &flags);
     assert_eq!(a.code, 0, "{a:?}");
     readdress(&twin, POD_IP);
     refused("the pod's address");
+    refused("the pod's address, after a refused add");
     remove("pod-a");
     added("the removed pod's address");
 
@@ -312,18 +315,42 @@ fn a_pods_addresses_are_its_own_until_it_is_removed() {
     assert_eq!(b.code, 0, "{b:?}");
     readdress(&twin, redirect_sandbox::peer_ip(4));
     refused("the fifth address");
-    // Added again with two: the three it lost are free at once.
+    // Added again with two (found by the walk: its record listed none):
+    // the three it lost are free at once.
+    let readd = || {
+        let b = set.add("pod-b", &peer_netns, &flags);
+        assert!(
+            b.code == 0 && b.stdout.contains("updated pod pod-b"),
+            "{b:?}"
+        );
+    };
     peer_addresses(&sandbox, "del", 2..=4);
-    let b = set.add("pod-b", &peer_netns, &flags);
-    assert!(
-        b.code == 0 && b.stdout.contains("updated pod pod-b"),
-        "{b:?}"
-    );
+    readd();
     added("an address the pod lost");
     readdress(&twin, redirect_sandbox::peer_ip(1));
     refused("an address the pod kept");
+    // Added again with one (its record listed two): the other is free.
+    peer_addresses(&sandbox, "del", 1..=1);
+    readd();
+    added("an address the listed pod lost");
+    // An add changing its addresses that fails midway leaves the record
+    // listing none (not the old ones): the removal finds the new one.
+    peer_addresses(&sandbox, "add", 1..=1);
+    let failed = std::process::Command::new(redirect_sandbox::cli::redirect_bin())
+        .args(["node-set", "add", "--set", &set.name, "--instance", "pod-b"])
+        .args(["--netns", &peer_netns])
+        .args(flags)
+        .env("REDIRECT_TEST_FAULT", "node-set-add-after-link")
+        .output()
+        .expect("run redirect");
+    assert!(
+        !failed.status.success()
+            && String::from_utf8_lossy(&failed.stderr).contains("injected fault"),
+        "{failed:?}"
+    );
+    refused("an address a failed add wrote");
     remove("pod-b");
-    added("the removed pod's second address");
+    added("an address a failed add wrote, its pod removed");
 
     // Five again, then removed: found by the walk.
     peer_addresses(&sandbox, "add", 2..=4);

@@ -1026,10 +1026,13 @@ pub fn gc_locked(dry_run: bool) -> Result<Vec<(String, String)>> {
 /// so a removal that did it would cost more the more pods the set holds.
 fn release_pod(dir: &Path, index: u32, cookie: u64, addrs: Option<&[[u32; 4]]>) -> Result<()> {
     unlink_pod(dir, index, cookie, addrs)?;
+    // Not listed (zeroed): gc, or an add that needs the index, walks
+    // `RDR_POD_ADDRS` for it, off the removal's path. The list just
+    // deleted was right unless an older build changed the pod's addresses
+    // and was killed before writing its record (it writes that last):
+    // the walk finds what such a list missed.
     let mut released = <PodMeta as bytemuck::Zeroable>::zeroed();
     released.state = POD_CLAIMED;
-    // Its addresses are gone: none listed, none to walk for.
-    released.addrs_kept = POD_ADDRS_LISTED;
     meta_map(dir)?
         .set(index, released, 0)
         .context("releasing the pod record")?;
