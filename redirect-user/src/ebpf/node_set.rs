@@ -387,9 +387,11 @@ pub fn pods(dir: &Path) -> Result<Vec<Pod>> {
     Ok(scan(dir)?.pods)
 }
 
-/// A pod index an add killed midway claimed: the cookie it claimed it for
-/// and the addresses it was adding.
-struct Claim {
+/// A pod index whose entries are to be cleared (an add killed midway, a
+/// removed pod's, a pod whose namespace is gone, a failed add's): the
+/// cookie it holds in `RDR_PODS` (0: none) and its addresses as its record
+/// lists them (`None`: found by walking `RDR_POD_ADDRS`).
+struct ToClear {
     index: u32,
     cookie: u64,
     addrs: Option<Vec<[u32; 4]>>,
@@ -400,9 +402,9 @@ struct Claim {
 struct Records {
     pods: Vec<Pod>,
     /// Claims of adds killed midway.
-    claims: Vec<Claim>,
+    claims: Vec<ToClear>,
     /// Removed pods whose entries are still to be cleared (cookie 0).
-    released: Vec<Claim>,
+    released: Vec<ToClear>,
 }
 
 /// The records of the set pinned in `dir`.
@@ -423,14 +425,14 @@ fn scan_records(meta: &Array<MapData, PodMeta>) -> Result<Records> {
     };
     for (index, entry) in records {
         if entry.state == POD_CLAIMED {
-            let claim = Claim {
+            let to_clear = ToClear {
                 index,
                 cookie: entry.netns_cookie,
                 addrs: listed_addrs(&entry),
             };
-            match claim.cookie {
-                0 => found.released.push(claim),
-                _ => found.claims.push(claim),
+            match to_clear.cookie {
+                0 => found.released.push(to_clear),
+                _ => found.claims.push(to_clear),
             }
         }
         if entry.state != POD_ACTIVE {
@@ -693,7 +695,7 @@ pub fn add(set: &InstanceName, name: &InstanceName, config: &Config) -> Result<b
         ),
     };
     if let Err(err) = write_pod(&dir, &mut meta, index, &new, None) {
-        let written = Claim {
+        let written = ToClear {
             index,
             cookie,
             addrs: Some(new.addrs),
@@ -858,10 +860,7 @@ fn write_addresses(
             Err(err) => return Err(err).context("reading the pod addresses"),
         }
     }
-    let stale: Vec<[u32; 4]> = match before {
-        Some(listed) => listed.to_vec(),
-        None => owned_addresses(&map, index)?,
-    };
+    let stale = addresses_of(&map, index, before)?;
     for key in stale.iter().filter(|key| !wanted.contains(key)) {
         remove_owned(&mut map, key, index)?;
     }
@@ -871,9 +870,16 @@ fn write_addresses(
     Ok(())
 }
 
-/// Every address `RDR_POD_ADDRS` lists under `index`: a walk of the whole
-/// map, for a pod whose record does not list them.
-fn owned_addresses(map: &HashMap<MapData, [u32; 4], u32>, index: u32) -> Result<Vec<[u32; 4]>> {
+/// The addresses `RDR_POD_ADDRS` lists under `index`: `listed`, as the
+/// pod's record lists them, or else found by a walk of the whole map.
+fn addresses_of(
+    map: &HashMap<MapData, [u32; 4], u32>,
+    index: u32,
+    listed: Option<&[[u32; 4]]>,
+) -> Result<Vec<[u32; 4]>> {
+    if let Some(listed) = listed {
+        return Ok(listed.to_vec());
+    }
     let entries = map
         .iter()
         .collect::<Result<Vec<_>, _>>()
@@ -1002,7 +1008,7 @@ pub fn gc_locked(dry_run: bool) -> Result<Vec<(String, String)>> {
                 Err(_) => "it has no sk_lookup link (pins removed by hand)",
             };
             if !dry_run {
-                let gone = Claim {
+                let gone = ToClear {
                     index: pod.index,
                     cookie: pod.netns_cookie,
                     addrs: pod.addrs.clone(),
@@ -1055,10 +1061,7 @@ fn unlink_pod(dir: &Path, index: u32, cookie: u64, addrs: Option<&[[u32; 4]]>) -
     remove_link(&dir.join(pod_link(index)))?;
     timing::mark(|| "clear: pod entry and sk_lookup link".into());
     let mut map = addr_map(dir)?;
-    let owned = match addrs {
-        Some(listed) => listed.to_vec(),
-        None => owned_addresses(&map, index)?,
-    };
+    let owned = addresses_of(&map, index, addrs)?;
     for key in &owned {
         remove_owned(&mut map, key, index)?;
     }
@@ -1075,7 +1078,7 @@ fn unlink_pod(dir: &Path, index: u32, cookie: u64, addrs: Option<&[[u32; 4]]>) -
 /// Takes a pod index (a pod's, a killed add's claim, or a removed pod's)
 /// out of the set whole ([`unlink_pod`], then its slots, counters and
 /// record), so that the index starts clean for the next pod.
-fn clear_pod(dir: &Path, pod: &Claim) -> Result<()> {
+fn clear_pod(dir: &Path, pod: &ToClear) -> Result<()> {
     let index = pod.index;
     unlink_pod(dir, index, pod.cookie, pod.addrs.as_deref())?;
     let slots: Vec<u32> = (0..SLOTS_PER_POD).map(|w| pod_slot(index, w)).collect();
